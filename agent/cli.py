@@ -1,0 +1,105 @@
+"""``edge-agent``: the command line over ``agent.commands``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from agent import __version__, commands
+from agent.errors import EdgefleetError, InvalidInput, InvalidOptions
+
+console = Console()
+
+
+def _fail(exc: EdgefleetError) -> None:
+    click.echo(f"error[{exc.code}]: {exc}", err=True)
+    attempts = getattr(exc, "attempts", None)
+    for what, why in attempts or []:
+        click.echo(f"  - {what}: {why}", err=True)
+    sys.exit(2 if isinstance(exc, (InvalidInput, InvalidOptions)) else 1)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="edge-agent")
+def main() -> None:
+    """edgefleet's device agent."""
+
+
+@main.command("hardware")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Read the hardware from this tree instead of the real one.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def hardware_cmd(root: Path, as_json: bool) -> None:
+    """Show the hardware profile and the runtimes ranked for it, with reasons."""
+    report = commands.hardware(root)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    p = report.profile
+    console.print(f"[bold]{p.summary()}[/bold]")
+    console.print(f"memory {p.memory_bytes / 2**30:.1f} GiB, cores {p.cpu.cores}, flags {' '.join(p.cpu.flags) or '-'}")
+    for w in p.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    rt = Table("runtime", "available", "version", "devices", "note", title="runtimes")
+    for name, pr in report.probes.items():
+        rt.add_row(name, "yes" if pr.available else "no", pr.version or "-", ", ".join(pr.devices) or "-", pr.reason)
+    console.print(rt)
+    ranked = Table("#", "runtime", "device", "format", "reason", title="ranking (best first)")
+    for i, c in enumerate(report.ranking.candidates, 1):
+        ranked.add_row(str(i), c.runtime, c.device, c.variant.format, c.reason)
+    console.print(ranked)
+    for what, why in report.ranking.excluded:
+        console.print(f"[dim]left out {what}: {why}[/dim]")
+
+
+@main.command("infer")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--input",
+    "input_file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help=".npy (one input), .npz (named inputs) or .json (object of name -> nested list, or a list).",
+)
+@click.option("--runtime", help="Force a runtime: litert, openvino, onnx, tensorrt.")
+@click.option("--device", help="Force a device, e.g. CPU, GPU.0, NPU, EDGETPU, CUDA.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 100000), default=1, show_default=True)
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"))
+@click.option("--json", "as_json", is_flag=True)
+def infer_cmd(
+    model: Path, input_file: Path, runtime: str | None, device: str | None, precision: str, repeat: int, root: Path, as_json: bool
+) -> None:
+    """Run one inference locally and print the outputs and the latency."""
+    try:
+        result = commands.infer(model, input_file, runtime=runtime, device=device, precision=precision, root=root, repeat=repeat)
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    data: dict[str, Any] = result.to_json()
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    m = data["model"]
+    console.print(f"[bold]{m['runtime']}[/bold] {m['runtime_version']} on {m['device']}")
+    for name, value in data["outputs"].items():
+        console.print(f"{name} = {value}")
+    lat = data["latency_ms"]
+    console.print(f"latency: first {lat['first']:.3f} ms, median {lat['median']:.3f} ms over {lat['runs']} run(s)")
+    for item in data["passed_over"]:
+        console.print(f"[dim]passed over {item['candidate']}: {item['why']}[/dim]")
+
+
+if __name__ == "__main__":
+    main()

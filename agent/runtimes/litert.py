@@ -1,0 +1,123 @@
+"""LiteRT (TensorFlow Lite): the runtime for ARM boards and the Coral Edge TPU.
+
+Imports ``ai_edge_litert`` and falls back to ``tflite_runtime`` (armv7 and older
+Pythons, where ai-edge-litert has no wheel). int8 models take and return floats:
+inputs are quantized and outputs dequantized with each tensor's own parameters.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import RuntimeUnavailable
+from agent.runtimes.base import ProbeResult, Runtime, RuntimeOptions, TensorSpec, dequantize, quantize
+
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+
+
+class LiteRTOptions(RuntimeOptions):
+    num_threads: int | None = None  # None: the interpreter's default
+    edgetpu_library: str = EDGETPU_LIBRARY
+    edgetpu_device: str | None = None  # "usb", "usb:0", "pci:0"; None: the first found
+
+
+@cache
+def _interpreter_module() -> tuple[Any, str, str]:
+    """(module, distribution, version) of the first LiteRT interpreter that imports."""
+    try:
+        from importlib.metadata import version
+
+        from ai_edge_litert import interpreter as mod
+
+        return mod, "ai-edge-litert", version("ai-edge-litert")
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        from tflite_runtime import interpreter as mod  # type: ignore[import-not-found,no-redef]
+
+        return mod, "tflite-runtime", version("tflite-runtime")
+    except ImportError as exc:
+        raise RuntimeUnavailable("neither ai-edge-litert nor tflite-runtime is installed (extra: litert)") from exc
+
+
+def _edgetpu_present(library: str = EDGETPU_LIBRARY) -> bool:
+    return ctypes.util.find_library("edgetpu") is not None or Path("/usr/lib", library).exists()
+
+
+class LiteRTRuntime(Runtime):
+    name = "litert"
+    formats = frozenset({"tflite"})
+    Options = LiteRTOptions
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        try:
+            _, dist, version = _interpreter_module()
+        except RuntimeUnavailable as exc:
+            return ProbeResult(cls.name, False, reason=str(exc))
+        devices = ("CPU", "EDGETPU") if _edgetpu_present() else ("CPU",)
+        return ProbeResult(cls.name, True, version, devices, reason=f"via {dist}")
+
+    def _load(self, path: Path, fmt: str, device: str | None, options: Any) -> None:
+        mod, _, _ = _interpreter_module()
+        opts: LiteRTOptions = options
+        device = (device or "CPU").upper()
+        delegates = []
+        if device == "EDGETPU":
+            try:
+                dev_opts = {"device": opts.edgetpu_device} if opts.edgetpu_device else {}
+                delegates.append(mod.load_delegate(opts.edgetpu_library, dev_opts))
+            except (OSError, ValueError) as exc:  # what load_delegate raises when the library or device is missing
+                raise RuntimeUnavailable(f"Edge TPU delegate unavailable: {exc}") from exc
+        elif device != "CPU":
+            raise RuntimeUnavailable(f"litert runs on CPU or EDGETPU, not {device}")
+        interp = mod.Interpreter(model_path=str(path), num_threads=opts.num_threads, experimental_delegates=delegates or None)
+        interp.allocate_tensors()
+        self._interp = interp
+        self._in_index = [d["index"] for d in interp.get_input_details()]
+        self._out_index = [d["index"] for d in interp.get_output_details()]
+        self._inputs = tuple(_spec(d) for d in interp.get_input_details())
+        self._outputs = tuple(_spec(d) for d in interp.get_output_details())
+        self._shapes = [tuple(int(x) for x in d["shape"]) for d in interp.get_input_details()]
+        self._quantized = any(s.quantization for s in self._inputs + self._outputs)
+        self._device = device
+        self._details = {"num_threads": opts.num_threads, "delegates": [opts.edgetpu_library] if delegates else []}
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        interp = self._interp
+        resized = False
+        for i, arr in enumerate(arrays):
+            if arr.shape != self._shapes[i]:  # dynamic dims; validation already refused changes to static ones
+                interp.resize_tensor_input(self._in_index[i], list(arr.shape), strict=True)
+                self._shapes[i] = arr.shape
+                resized = True
+        if resized:
+            interp.allocate_tensors()
+        if self._quantized:
+            for i, arr in enumerate(arrays):
+                interp.set_tensor(self._in_index[i], quantize(arr, self._inputs[i]))
+            interp.invoke()
+            return [dequantize(interp.get_tensor(idx), spec) for idx, spec in zip(self._out_index, self._outputs)]
+        for idx, arr in zip(self._in_index, arrays):
+            interp.set_tensor(idx, arr)
+        interp.invoke()
+        return [interp.get_tensor(idx) for idx in self._out_index]
+
+    def _close(self) -> None:
+        self._interp = None
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    signature = detail.get("shape_signature")
+    shape = signature if signature is not None and len(signature) else detail["shape"]
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    dtype = np.dtype(detail["dtype"])
+    quant = (float(scale), int(zero_point)) if scale and dtype.kind in "iu" else None
+    return TensorSpec(detail["name"], tuple(int(d) for d in shape), dtype, quant)

@@ -1,0 +1,121 @@
+"""ONNX Runtime: the universal fallback, on every architecture.
+
+The execution providers are ordered from the hardware: TensorRT and CUDA on an
+NVIDIA GPU, OpenVINO on Intel, and always the CPU last so a model the faster
+provider cannot take still runs.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import RuntimeUnavailable
+from agent.runtimes.base import ProbeResult, Runtime, RuntimeOptions, TensorSpec
+
+# Device names we accept (as in selection's candidates) and the providers they put first.
+DEVICE_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "TENSORRT": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
+    "CUDA": ("CUDAExecutionProvider",),
+    "OPENVINO": ("OpenVINOExecutionProvider",),
+    "CPU": (),
+}
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider")
+CPU = "CPUExecutionProvider"
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
+
+
+class OnnxOptions(RuntimeOptions):
+    providers: list[str] | None = None  # an explicit provider list overrides the device
+    intra_op_threads: int = 0  # 0: onnxruntime's default
+    graph_optimization: str = "all"  # disable | basic | extended | all
+
+
+@cache
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeUnavailable("onnxruntime is not installed (extra: onnx)") from exc
+    onnxruntime.set_default_logger_severity(3)  # errors only: our own logs say what matters
+    return onnxruntime
+
+
+def provider_order(device: str | None, available: list[str]) -> list[str]:
+    """Providers for a device: the device's own first, CPU last, only what is installed."""
+    device = (device or "AUTO").upper()
+    if device == "AUTO":
+        wanted = [p for p in PREFERENCE if p in available]
+    elif device in DEVICE_PROVIDERS:
+        wanted = list(DEVICE_PROVIDERS[device])
+        missing = [p for p in wanted[:1] if p not in available]
+        if missing:
+            raise RuntimeUnavailable(f"onnxruntime provider {missing[0]} is not installed (available: {', '.join(available)})")
+        wanted = [p for p in wanted if p in available]
+    else:
+        raise RuntimeUnavailable(f"onnxruntime device must be one of AUTO, {', '.join(DEVICE_PROVIDERS)}; got {device}")
+    return [*wanted, CPU]
+
+
+class OnnxRuntime(Runtime):
+    name = "onnx"
+    formats = frozenset({"onnx"})
+    Options = OnnxOptions
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        try:
+            ort = _ort()
+        except RuntimeUnavailable as exc:
+            return ProbeResult(cls.name, False, reason=str(exc))
+        providers = ort.get_available_providers()
+        devices = tuple(d for d, ps in DEVICE_PROVIDERS.items() if not ps or ps[0] in providers)
+        return ProbeResult(cls.name, True, ort.__version__, devices, reason="providers: " + ", ".join(providers))
+
+    def _load(self, path: Path, fmt: str, device: str | None, options: Any) -> None:
+        ort = _ort()
+        opts: OnnxOptions = options
+        providers = opts.providers or provider_order(device, ort.get_available_providers())
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = opts.intra_op_threads
+        so.log_severity_level = 3
+        levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels.get(opts.graph_optimization, "ORT_ENABLE_ALL"))
+        sess = ort.InferenceSession(str(path), so, providers=providers)
+        self._session = sess
+        self._inputs = tuple(_spec(a) for a in sess.get_inputs())
+        self._outputs = tuple(_spec(a) for a in sess.get_outputs())
+        self._in_names = [s.name for s in self._inputs]
+        self._out_names = [s.name for s in self._outputs]
+        used = sess.get_providers()
+        self._device = used[0] if used else CPU
+        self._details = {"providers": used, "requested_device": device or "AUTO"}
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return self._session.run(self._out_names, dict(zip(self._in_names, arrays)))  # type: ignore[no-any-return]
+
+    def _close(self) -> None:
+        self._session = None
+
+
+def _spec(arg: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise RuntimeUnavailable(f"tensor {arg.name!r} has type {arg.type}, which edgefleet does not serve")
+    return TensorSpec(arg.name, shape, np.dtype(dtype))

@@ -1,0 +1,295 @@
+"""Choose the runtime, device and model variant for this device.
+
+Why rank then validate: a static policy (hardware x installed runtimes x the
+variants a bundle offers) gives a sensible order with a reason for every place,
+but only a real load + warm-up + golden sample proves a choice works, so the top
+candidate is validated and the next one tried on any failure, each fallback
+logged with its cause. A runtime forced in the settings replaces the policy.
+
+Policy:
+- NVIDIA GPU or Jetson: TensorRT -> ONNX Runtime (CUDA) -> the CPU order.
+- Coral Edge TPU with an ``edgetpu`` variant: LiteRT with the Edge TPU delegate.
+- Intel NPU: OpenVINO on the NPU for static-shape variants; Intel GPU: OpenVINO GPU.
+- CPU, ARM: LiteRT -> ONNX Runtime -> OpenVINO.
+- CPU, x86: OpenVINO (IR) -> ONNX Runtime -> OpenVINO (ONNX) -> LiteRT -> OpenVINO (TFLite).
+Within one runtime and device, int8 comes first where the hardware accelerates it
+(NPU, Edge TPU, VNNI/AMX, ARM dot-product), fp16 first on GPUs, fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from agent import logs
+from agent.errors import EdgefleetError, HealthCheckFailed, NoUsableRuntime
+from agent.hardware import HardwareProfile
+from agent.runtimes import get_runtime
+from agent.runtimes.base import ProbeResult, Runtime, model_format
+
+__all__ = ["ModelVariant", "Candidate", "Ranking", "GoldenSample", "Selection", "rank", "select", "choose"]
+
+log = logging.getLogger("edgefleet.selection")
+
+Precision = Literal["fp32", "fp16", "int8"]
+EDGETPU = "edgetpu"
+
+
+class ModelVariant(BaseModel):
+    """One file of a model for one runtime family and precision (a bundle lists several)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    format: Literal["tflite", "openvino", "onnx"]
+    precision: Precision = "fp32"
+    hints: frozenset[str] = frozenset()  # e.g. {"edgetpu"}: compiled for the Edge TPU, useless without it
+    static_shapes: bool | None = None  # None: unknown (the NPU needs static shapes)
+
+    @classmethod
+    def from_path(
+        cls, path: str | Path, precision: Precision = "fp32", hints: Iterable[str] = (), static_shapes: bool | None = None
+    ) -> ModelVariant:
+        p = Path(path)
+        hint_set = frozenset(hints) | ({EDGETPU} if p.stem.endswith("_edgetpu") else frozenset())
+        return cls(path=p, format=model_format(p), precision=precision, hints=hint_set, static_shapes=static_shapes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    runtime: str
+    device: str
+    variant: ModelVariant
+    reason: str
+
+    def label(self) -> str:
+        return f"{self.runtime}:{self.device} {self.variant.format}/{self.variant.precision}"
+
+
+@dataclass(frozen=True)
+class Ranking:
+    candidates: list[Candidate]
+    excluded: list[tuple[str, str]]  # (what, why): runtimes or variants left out, for the operator
+
+
+@dataclass(frozen=True)
+class _Tier:
+    runtime: str
+    device: str
+    formats: tuple[str, ...]
+    reason: str
+    precisions: tuple[Precision, ...]
+    edgetpu: bool = False  # True: only edgetpu variants; False: never edgetpu variants
+    static_only: bool = False
+
+
+def _cpu_precisions(profile: HardwareProfile) -> tuple[Precision, ...]:
+    int8_fast = profile.cpu.avx512_vnni or profile.cpu.amx or "avx_vnni" in profile.cpu.flags or profile.cpu.arm_dotprod
+    return ("int8", "fp32", "fp16") if int8_fast else ("fp32", "fp16", "int8")
+
+
+def _tiers(profile: HardwareProfile) -> list[_Tier]:
+    tiers: list[_Tier] = []
+    gpu_prec: tuple[Precision, ...] = ("fp16", "fp32", "int8")
+    if profile.has_cuda_gpu:
+        what = f"Jetson {profile.jetson_model}" if profile.is_jetson else "NVIDIA GPU"
+        tiers.append(_Tier("tensorrt", "GPU.0", ("onnx",), f"{what}: a TensorRT engine built on the device is the fastest path", gpu_prec))
+        tiers.append(_Tier("onnx", "CUDA", ("onnx",), f"{what}: ONNX Runtime on CUDA needs no engine build", gpu_prec))
+    if profile.has_coral:
+        tiers.append(_Tier("litert", "EDGETPU", ("tflite",), "Coral Edge TPU with an Edge TPU compiled variant", ("int8",), edgetpu=True))
+    if profile.intel_npu:
+        tiers.append(
+            _Tier(
+                "openvino",
+                "NPU",
+                ("openvino", "onnx"),
+                "Intel NPU: OpenVINO with a static-shape variant",
+                ("int8", "fp16", "fp32"),
+                static_only=True,
+            )
+        )
+    if profile.intel_gpu:
+        tiers.append(_Tier("openvino", "GPU", ("openvino", "onnx"), "Intel GPU: OpenVINO", gpu_prec))
+    cpu = _cpu_precisions(profile)
+    if profile.is_arm:
+        tiers += [
+            _Tier("litert", "CPU", ("tflite",), "ARM CPU: LiteRT with XNNPACK is the native runtime", cpu),
+            _Tier("onnx", "CPU", ("onnx",), "ARM CPU: ONNX Runtime, the universal fallback", cpu),
+            _Tier("openvino", "CPU", ("openvino", "onnx", "tflite"), "ARM CPU: OpenVINO's ARM plugin", cpu),
+        ]
+    else:
+        isa = "+".join(f for f in ("avx2", "avx512_vnni", "amx_int8") if f in profile.cpu.flags) or "baseline"
+        tiers += [
+            _Tier("openvino", "CPU", ("openvino",), f"x86 CPU ({isa}): OpenVINO IR on oneDNN kernels", cpu),
+            _Tier("onnx", "CPU", ("onnx",), f"x86 CPU ({isa}): ONNX Runtime on its MLAS kernels", cpu),
+            _Tier("openvino", "CPU", ("onnx",), f"x86 CPU ({isa}): OpenVINO reading ONNX", cpu),
+            _Tier("litert", "CPU", ("tflite",), f"x86 CPU ({isa}): LiteRT with XNNPACK", cpu),
+            _Tier("openvino", "CPU", ("tflite",), f"x86 CPU ({isa}): OpenVINO reading TFLite", cpu),
+        ]
+    return tiers
+
+
+def rank(
+    profile: HardwareProfile,
+    probes: Mapping[str, ProbeResult],
+    variants: Iterable[ModelVariant],
+    force_runtime: str | None = None,
+    force_device: str | None = None,
+) -> Ranking:
+    """Order every workable (runtime, device, variant) for this device, best first, each with its reason."""
+    variants = list(variants)
+    excluded: list[tuple[str, str]] = []
+    if force_runtime:
+        return _forced(probes, variants, force_runtime.lower(), force_device)
+    seen: set[tuple[str, str, Path]] = set()
+    out: list[Candidate] = []
+    for tier in _tiers(profile):
+        probe = probes.get(tier.runtime)
+        where = f"{tier.runtime}:{tier.device}"
+        if probe is None or not probe.available:
+            excluded.append((where, probe.reason if probe else "runtime unknown"))
+            continue
+        if tier.device not in {"CPU"} and not probe.has_device(tier.device):
+            excluded.append(
+                (where, f"{tier.runtime} {probe.version} does not offer {tier.device} here (has {', '.join(probe.devices) or 'none'})")
+            )
+            continue
+        fits = [v for v in variants if v.format in tier.formats and (EDGETPU in v.hints) == tier.edgetpu]
+        if tier.static_only:
+            for v in fits:
+                if v.static_shapes is not True:
+                    excluded.append((f"{where} {v.path.name}", "shapes dynamic or unknown; the NPU needs static shapes"))
+            fits = [v for v in fits if v.static_shapes is True]
+        fits.sort(key=lambda v: (tier.formats.index(v.format), _precision_index(tier.precisions, v.precision)))
+        for v in fits:
+            if (tier.runtime, tier.device, v.path) in seen:
+                continue
+            seen.add((tier.runtime, tier.device, v.path))
+            out.append(Candidate(tier.runtime, tier.device, v, f"{tier.reason}; {v.precision}"))
+    for v in variants:
+        if EDGETPU in v.hints and not profile.has_coral:
+            excluded.append((v.path.name, "compiled for the Edge TPU, and no Coral is attached"))
+    return Ranking(out, excluded)
+
+
+def _precision_index(order: tuple[Precision, ...], precision: str) -> int:
+    return order.index(precision) if precision in order else len(order)  # type: ignore[arg-type]
+
+
+def _forced(probes: Mapping[str, ProbeResult], variants: list[ModelVariant], runtime: str, device: str | None) -> Ranking:
+    cls = get_runtime(runtime)
+    probe = probes.get(runtime)
+    excluded = [] if probe is None or probe.available else [(runtime, probe.reason)]
+    dev = (device or _default_device(runtime)).upper()
+    chosen = [Candidate(runtime, dev, v, "forced by settings") for v in variants if v.format in cls.formats]
+    if not chosen:
+        excluded.append((runtime, f"reads {', '.join(sorted(cls.formats))}; no such variant"))
+    return Ranking(chosen, excluded)
+
+
+def _default_device(runtime: str) -> str:
+    return {"openvino": "AUTO", "onnx": "AUTO", "tensorrt": "GPU.0"}.get(runtime, "CPU")
+
+
+# ------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class GoldenSample:
+    """Known inputs and the outputs a correct variant gives, with the tolerance allowed."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def check(self, got: Mapping[str, np.ndarray]) -> None:
+        for name, want in self.outputs.items():
+            if name not in got:
+                raise HealthCheckFailed(f"golden sample: output {name!r} missing")
+            have = np.asarray(got[name], dtype=np.float64)
+            if have.shape != want.shape:
+                raise HealthCheckFailed(f"golden sample: output {name!r} has shape {list(have.shape)}, expected {list(want.shape)}")
+            err = float(np.max(np.abs(have - want))) if want.size else 0.0
+            if not np.allclose(have, want, atol=self.atol, rtol=self.rtol):
+                raise HealthCheckFailed(f"golden sample: output {name!r} max abs error {err:.3g} exceeds atol={self.atol} rtol={self.rtol}")
+
+
+@dataclass
+class Selection:
+    runtime: Runtime
+    candidate: Candidate
+    attempts: list[tuple[str, str]] = field(default_factory=list)  # (candidate label, why it was passed over)
+    warmup_seconds: float = 0.0
+
+
+def select(
+    candidates: Iterable[Candidate],
+    golden: Iterable[GoldenSample] = (),
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    latency_budget_s: float | None = None,
+) -> Selection:
+    """Load, warm up and check each candidate in order; return the first that passes."""
+    attempts: list[tuple[str, str]] = []
+    golden = list(golden)
+    for cand in candidates:
+        rt: Runtime | None = None
+        try:
+            rt = get_runtime(cand.runtime)()
+            rt.load(cand.variant.path, cand.device, (options or {}).get(cand.runtime))
+            warm = rt.warmup()
+            for sample in golden:
+                sample.check(rt.infer(sample.inputs))
+            if latency_budget_s is not None and warm > latency_budget_s:
+                raise HealthCheckFailed(f"warm latency {warm * 1e3:.2f} ms exceeds the budget {latency_budget_s * 1e3:.2f} ms")
+        except EdgefleetError as exc:
+            _give_up(rt, cand, exc, attempts)
+            continue
+        except Exception as exc:  # a backend bug must cost one candidate, not the agent
+            _give_up(rt, cand, exc, attempts)
+            continue
+        logs.event(log, "selection.chosen", candidate=cand.label(), reason=cand.reason, passed_over=len(attempts))
+        return Selection(rt, cand, attempts, warm)
+    raise NoUsableRuntime(
+        "no runtime could run this model: " + ("; ".join(f"{c}: {why}" for c, why in attempts) or "no candidates"),
+        attempts,
+    )
+
+
+def _give_up(rt: Runtime | None, cand: Candidate, exc: BaseException, attempts: list[tuple[str, str]]) -> None:
+    why = f"{type(exc).__name__}: {exc}"
+    attempts.append((cand.label(), why))
+    logs.event(log, "selection.fallback", logging.WARNING, candidate=cand.label(), reason=why)
+    if rt is not None:
+        try:
+            rt.close()
+        except Exception as close_exc:  # closing a half-loaded backend may fail too; the fallback goes on
+            logs.event(log, "selection.close_failed", logging.WARNING, candidate=cand.label(), reason=str(close_exc))
+
+
+def choose(
+    profile: HardwareProfile,
+    probes: Mapping[str, ProbeResult],
+    variants: Iterable[ModelVariant],
+    golden: Iterable[GoldenSample] = (),
+    force_runtime: str | None = None,
+    force_device: str | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[Selection, Ranking]:
+    """Rank and validate in one call: what the agent does when it activates a model."""
+    ranking = rank(profile, probes, variants, force_runtime, force_device)
+    t0 = time.perf_counter()
+    try:
+        sel = select(ranking.candidates, golden, options)
+    except NoUsableRuntime as exc:
+        exc.attempts = ranking.excluded + exc.attempts
+        raise
+    logs.event(log, "selection.done", seconds=f"{time.perf_counter() - t0:.3f}")
+    return sel, ranking
