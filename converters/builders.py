@@ -12,6 +12,8 @@ TFLite files are assembled with the flatbuffer object API that ships inside
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,12 +145,26 @@ def write_onnx_add_mul(path: Path, features: int = 4) -> Path:
 
 
 def write_openvino_ir(onnx_path: Path, xml_path: Path, compress_to_fp16: bool = False) -> Path:
-    """Convert an ONNX file to OpenVINO IR (``.xml`` + ``.bin``)."""
-    import openvino as ov
+    """Convert an ONNX file to OpenVINO IR (``.xml`` + ``.bin``), in a child process.
 
-    model = ov.convert_model(str(onnx_path))
+    Why a child: after ``openvino.convert_model`` the calling process's OpenBLAS
+    (numpy's scipy-openblas 0.3.31) intermittently deadlocks on its next
+    multi-threaded matmul, so the conversion never runs in a process that goes on
+    to use numpy.
+    """
     xml_path.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, str(xml_path), compress_to_fp16=compress_to_fp16)
+    script = (
+        "import sys, openvino as ov\n"
+        "ov.save_model(ov.convert_model(sys.argv[1]), sys.argv[2], compress_to_fp16=sys.argv[3] == '1')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(onnx_path), str(xml_path), "1" if compress_to_fp16 else "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"OpenVINO conversion of {onnx_path.name} failed: {done.stderr.strip()[-2000:]}")
     return xml_path
 
 

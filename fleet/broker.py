@@ -1,0 +1,172 @@
+"""Start and stop a local MQTT broker: mosquitto when installed, else the pure-Python amqtt.
+
+Why here and not only in the tests: ``fleet demo`` needs exactly the same thing
+the tests need — a private broker on a free loopback port, with a generated
+config, stopped by its pid — so both use this module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["RunningBroker", "BrokerStartError", "free_port", "start_broker", "mosquitto_binary"]
+
+BrokerKind = Literal["mosquitto", "amqtt"]
+
+
+class BrokerStartError(RuntimeError):
+    """The broker process exited or never accepted connections; the message has its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
+
+
+@dataclass
+class RunningBroker:
+    kind: BrokerKind
+    host: str
+    port: int
+    workdir: Path
+    config: Path
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.kind}.log"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM by pid, then SIGKILL if it lingers."""
+        if self.process.poll() is not None:
+            return
+        os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait(timeout)
+
+    def start_again(self, timeout: float = 10.0) -> None:
+        """Restart on the same port with the same config (for outage tests)."""
+        self.stop()
+        self.process = _spawn(self.kind, self.config, self.log_path)
+        _wait_ready(self, timeout)
+
+    def __enter__(self) -> RunningBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _mosquitto_config(port: int, host: str, workdir: Path, extra: list[str]) -> str:
+    lines = [
+        f"listener {port} {host}",
+        "allow_anonymous true",
+        "persistence false",
+        "set_tcp_nodelay true",
+        # The default (1000) silently drops QoS 1 messages past the queue; see DESIGN.md.
+        "max_queued_messages 10000",
+        f"log_dest file {workdir / 'mosquitto.log'}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        *extra,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _amqtt_config(port: int, host: str) -> str:
+    return (
+        "listeners:\n"
+        "  default:\n"
+        "    type: tcp\n"
+        f"    bind: {host}:{port}\n"
+        "plugins:\n"
+        "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+        "    allow_anonymous: true\n"
+    )
+
+
+def _spawn(kind: BrokerKind, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        if kind == "mosquitto":
+            binary = mosquitto_binary()
+            if binary is None:
+                raise BrokerStartError("mosquitto is not installed")
+            cmd = [binary, "-c", str(config)]
+        else:
+            cmd = [sys.executable, "-c", "from amqtt.scripts.broker_script import main; main()", "-c", str(config)]
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_ready(broker: RunningBroker, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if broker.process.poll() is not None:
+            tail = broker.log_path.read_text(errors="replace")[-2000:] if broker.log_path.exists() else ""
+            raise BrokerStartError(f"{broker.kind} exited with {broker.process.returncode}: {tail}")
+        try:
+            with socket.create_connection((broker.host, broker.port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    broker.stop()
+    raise BrokerStartError(f"{broker.kind} did not accept connections on {broker.host}:{broker.port} within {timeout}s")
+
+
+def start_broker(
+    workdir: Path,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    prefer: BrokerKind = "mosquitto",
+    extra_config: list[str] | None = None,
+    timeout: float = 15.0,
+) -> RunningBroker:
+    """A broker on ``host:port`` (a free port by default) with a config generated in ``workdir``.
+
+    ``prefer="mosquitto"`` falls back to amqtt when no mosquitto binary exists;
+    ``extra_config`` lines are mosquitto-only (TLS, ACLs) and refused for amqtt.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    kind: BrokerKind = prefer if prefer == "amqtt" or mosquitto_binary() else "amqtt"
+    if kind == "amqtt" and extra_config:
+        raise BrokerStartError("extra mosquitto config lines need mosquitto, which is not installed")
+    attempts = 1 if port else 3  # a free port can be taken between the probe and the bind
+    last: BrokerStartError | None = None
+    for _ in range(attempts):
+        p = port or free_port(host)
+        config = workdir / ("mosquitto.conf" if kind == "mosquitto" else "amqtt.yaml")
+        text = _mosquitto_config(p, host, workdir, extra_config or []) if kind == "mosquitto" else _amqtt_config(p, host)
+        config.write_text(text)
+        log = workdir / f"{kind}.log"
+        broker = RunningBroker(kind, host, p, workdir, config, _spawn(kind, config, log))
+        try:
+            _wait_ready(broker, timeout)
+            return broker
+        except BrokerStartError as exc:
+            last = exc
+    assert last is not None
+    raise last

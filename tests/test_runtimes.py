@@ -1,0 +1,266 @@
+"""Every installed runtime runs real models and agrees with numpy; bad input gets typed errors."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ModelFiles
+
+from agent.errors import (
+    DtypeMismatch,
+    EmptyInput,
+    InvalidOptions,
+    MissingInput,
+    ModelLoadError,
+    NonFiniteInput,
+    RuntimeClosed,
+    ShapeMismatch,
+    UnknownInput,
+    UnsupportedModelFormat,
+)
+from agent.runtimes import get_runtime, probe_all, runtime_classes
+from agent.runtimes.base import Runtime, model_format
+from converters.builders import add_mul_reference
+
+# (runtime, file suffix): every pairing a runtime reads. CI installs litert, openvino and onnx, so none is skipped.
+PAIRS = [("litert", "tflite"), ("openvino", "xml"), ("openvino", "onnx"), ("openvino", "tflite"), ("onnx", "onnx")]
+IDS = [f"{r}-{s}" for r, s in PAIRS]
+
+
+def load(runtime: str, path: Path, **options: object) -> Runtime:
+    rt = get_runtime(runtime)()
+    rt.load(path, options=options or None)
+    return rt
+
+
+def test_registry_finds_one_class_per_file() -> None:
+    assert set(runtime_classes()) == {"litert", "openvino", "onnx", "tensorrt"}
+    probes = probe_all()
+    for name in ("litert", "openvino", "onnx"):
+        assert probes[name].available, probes[name].reason
+        assert probes[name].version and "CPU" in probes[name].devices
+
+
+@pytest.mark.parametrize(("runtime", "suffix"), PAIRS, ids=IDS)
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_mlp_matches_numpy(models: ModelFiles, runtime: str, suffix: str, batch: int) -> None:
+    x = np.random.default_rng(batch).standard_normal((batch, 64)).astype(np.float32)
+    with load(runtime, models.path(f"mlp.{suffix}")) as rt:
+        out = rt.infer({"x": x})
+    assert set(out) == {"y"}
+    assert out["y"].shape == (batch, 10) and out["y"].dtype == np.float32
+    np.testing.assert_allclose(out["y"], models.mlp.reference(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("runtime", "suffix"), PAIRS, ids=IDS)
+def test_tiny_model_and_description(models: ModelFiles, runtime: str, suffix: str) -> None:
+    with load(runtime, models.path(f"tiny.{suffix}")) as rt:
+        d = rt.describe()
+        assert d.runtime == runtime and d.runtime_version == probe_all()[runtime].version
+        assert [(t.name, t.shape, t.dtype.name) for t in d.inputs] == [("x", (-1, 4), "float32")]
+        assert [(t.name, t.shape, t.dtype.name) for t in d.outputs] == [("y", (-1, 4), "float32")]
+        assert "CPU" in d.device.upper()
+        assert rt.warmup() > 0
+        x = np.array([[1.0, -2.0, 3.0, 0.5]], dtype=np.float32)
+        np.testing.assert_allclose(rt.infer({"x": x})["y"], models.tiny.reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("runtime", "suffix"), PAIRS, ids=IDS)
+def test_two_inputs_two_outputs_by_name(models: ModelFiles, runtime: str, suffix: str) -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+    with load(runtime, models.path(f"add_mul.{suffix}")) as rt:
+        assert [t.name for t in rt.inputs] == ["a", "b"]
+        out = rt.infer({"b": b, "a": a})  # order of the mapping must not matter
+    want = add_mul_reference(a, b)
+    assert set(out) == {"sum", "product"}
+    for name in want:
+        np.testing.assert_allclose(out[name], want[name], rtol=1e-6)
+
+
+def test_int8_tflite_quantizes_and_dequantizes(models: ModelFiles) -> None:
+    x = models.calibration[:32]
+    with load("litert", models.path("mlp_int8.tflite")) as rt:
+        (spec,) = rt.inputs
+        assert spec.dtype == np.int8 and spec.quantization is not None and spec.shape == (-1, 64)
+        assert rt.outputs[0].quantization is not None
+        y = rt.infer({"x": x})["y"]
+        raw = rt.infer({"x": np.clip(np.round(x / spec.quantization[0]) + spec.quantization[1], -128, 127).astype(np.int8)})["y"]
+    assert y.dtype == np.float32 and y.shape == (32, 10)
+    ref = models.mlp.reference(x)
+    out_scale = rt.outputs[0].quantization[0]  # type: ignore[index]
+    # int8 through three layers: within a few output quantization steps, and the same ranking of classes.
+    assert np.max(np.abs(y - ref)) < 8 * out_scale
+    assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    np.testing.assert_array_equal(raw, y)  # raw int8 input passes through unquantized
+
+
+def test_static_model_refuses_other_batch(models: ModelFiles) -> None:
+    for runtime in ("onnx", "openvino"):
+        with load(runtime, models.path("mlp_static.onnx")) as rt:
+            assert rt.inputs[0].shape == (1, 64) and rt.inputs[0].is_static
+            with pytest.raises(ShapeMismatch, match=r"expected shape \[1x64\], got \[2, 64\]"):
+                rt.infer({"x": np.zeros((2, 64), np.float32)})
+
+
+def test_litert_batch_changes_back_and_forth(models: ModelFiles) -> None:
+    with load("litert", models.path("mlp.tflite"), num_threads=1) as rt:
+        for batch in (4, 1, 7, 4):
+            x = np.full((batch, 64), 0.1, np.float32)
+            np.testing.assert_allclose(rt.infer({"x": x})["y"], models.mlp.reference(x), rtol=1e-4, atol=1e-5)
+
+
+BAD_INPUTS = [
+    ({"nope": np.zeros((1, 64), np.float32)}, UnknownInput, "unknown input 'nope'"),
+    ({}, MissingInput, "missing input 'x'"),
+    ({"x": np.zeros((1, 64)), "extra": 1}, UnknownInput, "unknown input 'extra'"),
+    ({"x": np.zeros((64,), np.float32)}, ShapeMismatch, r"expected shape \[\?x64\], got \[64\]"),
+    ({"x": np.zeros((1, 63), np.float32)}, ShapeMismatch, "got \\[1, 63\\]"),
+    ({"x": np.zeros((1, 64, 1), np.float32)}, ShapeMismatch, "expected shape"),
+    ({"x": np.zeros((0, 64), np.float32)}, EmptyInput, "empty"),
+    ({"x": np.full((1, 64), np.nan, np.float32)}, NonFiniteInput, "NaN"),
+    ({"x": np.full((1, 64), np.inf)}, NonFiniteInput, "infinity"),
+    ({"x": np.array([["a"] * 64])}, DtypeMismatch, "expected numbers"),
+    ({"x": [[1.0, 2.0], [3.0]]}, DtypeMismatch, "rectangular"),
+    ({"x": None}, DtypeMismatch, "expected numbers"),
+    ({"x": np.zeros((1, 64), np.complex64)}, DtypeMismatch, "expected numbers"),
+]
+
+
+@pytest.mark.parametrize(("runtime", "suffix"), PAIRS, ids=IDS)
+def test_bad_inputs_get_typed_errors_and_the_runtime_keeps_serving(models: ModelFiles, runtime: str, suffix: str) -> None:
+    good = np.ones((2, 64), np.float32)
+    with load(runtime, models.path(f"mlp.{suffix}")) as rt:
+        for inputs, error, message in BAD_INPUTS:
+            with pytest.raises(error, match=message):
+                rt.infer(inputs)  # type: ignore[arg-type]
+            np.testing.assert_allclose(rt.infer({"x": good})["y"], models.mlp.reference(good), rtol=1e-4, atol=1e-4)
+        with pytest.raises(UnknownInput, match="mapping"):
+            rt.infer([good])  # type: ignore[arg-type]
+
+
+def test_lists_and_wider_types_are_converted(models: ModelFiles) -> None:
+    with load("onnx", models.path("tiny.onnx")) as rt:
+        as_list = rt.infer({"x": [[1, 2, 3, 4]]})["y"]  # ints in a nested list (as JSON gives them)
+        as_f64 = rt.infer({"x": np.array([[1.0, 2.0, 3.0, 4.0]])})["y"]
+        strided = rt.infer({"x": np.arange(8, dtype=np.float32).reshape(4, 2).T[:1] * 0 + np.array([[1, 2, 3, 4]], np.float32)})["y"]
+    np.testing.assert_allclose(as_list, models.tiny.reference(np.array([[1, 2, 3, 4]], np.float32)), rtol=1e-6)
+    np.testing.assert_array_equal(as_list, as_f64)
+    np.testing.assert_array_equal(as_list, strided)
+
+
+def _corruptions(data: bytes) -> dict[str, bytes]:
+    n = len(data)
+    return {
+        "empty": b"",
+        "one byte": data[:1],
+        "header only": data[:16],
+        "quarter": data[: n // 4],
+        "half": data[: n // 2],
+        "all but the last 16 bytes": data[: n - 16],
+        "random": np.random.default_rng(0).bytes(n),
+        "text": b"this is not a model\n" * 50,
+    }
+
+
+@pytest.mark.parametrize(("runtime", "suffix"), PAIRS, ids=IDS)
+def test_corrupt_and_truncated_models_raise_model_load_error(models: ModelFiles, runtime: str, suffix: str, tmp_path: Path) -> None:
+    src = models.path(f"mlp.{suffix}")
+    failures = {}
+    for label, blob in _corruptions(src.read_bytes()).items():
+        p = tmp_path / f"{label.replace(' ', '_')}.{suffix}"
+        p.write_bytes(blob)
+        if suffix == "xml":
+            shutil.copy(src.with_suffix(".bin"), p.with_suffix(".bin"))
+        rt = get_runtime(runtime)()
+        with pytest.raises(ModelLoadError) as info:
+            rt.load(p)
+        failures[label] = str(info.value)
+        with pytest.raises(RuntimeClosed):
+            rt.infer({"x": np.zeros((1, 64), np.float32)})
+    assert all(msg for msg in failures.values())
+
+
+def test_openvino_ir_without_its_weights(models: ModelFiles, tmp_path: Path) -> None:
+    shutil.copy(models.path("mlp.xml"), tmp_path / "m.xml")
+    with pytest.raises(ModelLoadError, match=r"openvino could not load m\.xml"):
+        load("openvino", tmp_path / "m.xml")
+    (tmp_path / "m.bin").write_bytes(models.path("mlp.bin").read_bytes()[:100])  # truncated weights
+    with pytest.raises(ModelLoadError):
+        load("openvino", tmp_path / "m.xml")
+
+
+def test_wrong_format_for_runtime_and_unknown_files(models: ModelFiles, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedModelFormat, match="litert cannot read onnx"):
+        load("litert", models.path("mlp.onnx"))
+    with pytest.raises(UnsupportedModelFormat, match="onnx cannot read tflite"):
+        load("onnx", models.path("mlp.tflite"))
+    (tmp_path / "model.pt").write_bytes(b"\x80\x02pickle")
+    with pytest.raises(UnsupportedModelFormat, match="unknown model format"):
+        load("onnx", tmp_path / "model.pt")
+    with pytest.raises(ModelLoadError, match="not found"):
+        load("onnx", tmp_path / "missing.onnx")
+    # TFLite content under an .onnx name is recognised by its magic and refused by onnxruntime.
+    shutil.copy(models.path("mlp.tflite"), tmp_path / "renamed.onnx")
+    assert model_format(tmp_path / "renamed.onnx") == "tflite"
+
+
+def test_unknown_options_are_refused_by_name(models: ModelFiles) -> None:
+    with pytest.raises(InvalidOptions, match="num_thread"):
+        load("litert", models.path("tiny.tflite"), num_thread=2)
+    with pytest.raises(InvalidOptions, match="performance_hint='FAST'"):
+        load("openvino", models.path("tiny.xml"), performance_hint="FAST")
+
+
+def test_unavailable_device_is_a_clear_error(models: ModelFiles) -> None:
+    from agent.errors import RuntimeUnavailable
+
+    with pytest.raises(RuntimeUnavailable, match="NPU not present"):
+        get_runtime("openvino")().load(models.path("tiny.xml"), device="NPU")
+    with pytest.raises(RuntimeUnavailable, match="CUDAExecutionProvider is not installed"):
+        get_runtime("onnx")().load(models.path("tiny.onnx"), device="CUDA")
+    with pytest.raises(RuntimeUnavailable, match="Edge TPU delegate unavailable"):
+        get_runtime("litert")().load(models.path("tiny.tflite"), device="EDGETPU")
+
+
+def test_openvino_compiled_model_cache(models: ModelFiles, tmp_path: Path) -> None:
+    cache = tmp_path / "ov-cache"
+    with load("openvino", models.path("mlp.xml"), cache_dir=cache, performance_hint="THROUGHPUT") as rt:
+        assert rt.describe().details["cache_dir"] == str(cache)
+        rt.infer({"x": np.ones((1, 64), np.float32)})
+    assert any(cache.iterdir()), "OpenVINO wrote no compiled blob"
+
+
+def test_closed_runtime_refuses_work(models: ModelFiles) -> None:
+    rt = load("onnx", models.path("tiny.onnx"))
+    rt.close()
+    rt.close()  # idempotent
+    with pytest.raises(RuntimeClosed):
+        rt.infer({"x": np.zeros((1, 4), np.float32)})
+    with pytest.raises(RuntimeClosed):
+        rt.describe()
+
+
+@pytest.mark.parametrize(("runtime", "suffix"), PAIRS, ids=IDS)
+def test_concurrent_callers_get_their_own_answers(models: ModelFiles, runtime: str, suffix: str) -> None:
+    errors: list[str] = []
+    with load(runtime, models.path(f"mlp.{suffix}")) as rt:
+
+        def worker(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            for _ in range(30):
+                x = rng.standard_normal((int(rng.integers(1, 5)), 64)).astype(np.float32)
+                y = rt.infer({"x": x})["y"]
+                if not np.allclose(y, models.mlp.reference(x), rtol=1e-4, atol=1e-4):
+                    errors.append(f"thread {seed}: wrong answer")
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
