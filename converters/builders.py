@@ -153,10 +153,7 @@ def write_openvino_ir(onnx_path: Path, xml_path: Path, compress_to_fp16: bool = 
     to use numpy.
     """
     xml_path.parent.mkdir(parents=True, exist_ok=True)
-    script = (
-        "import sys, openvino as ov\n"
-        "ov.save_model(ov.convert_model(sys.argv[1]), sys.argv[2], compress_to_fp16=sys.argv[3] == '1')\n"
-    )
+    script = "import sys, openvino as ov\nov.save_model(ov.convert_model(sys.argv[1]), sys.argv[2], compress_to_fp16=sys.argv[3] == '1')\n"
     done = subprocess.run(
         [sys.executable, "-c", script, str(onnx_path), str(xml_path), "1" if compress_to_fp16 else "0"],
         capture_output=True,

@@ -77,8 +77,11 @@ def jetson_orin(root: Path) -> Path:
     write(root, "/proc/meminfo", MEMINFO.format(kb=64 * 1024 * 1024))
     write(root, "/proc/device-tree/model", board.encode() + b"\x00")
     write(root, "/proc/device-tree/compatible", b"nvidia,p3737-0000+p3701-0005\x00nvidia,tegra234\x00")
-    write(root, "/etc/nv_tegra_release",
-          "# R36 (release), REVISION: 3.0, GCID: 36923193, BOARD: generic, EABI: aarch64, DATE: Fri Jul 19 23:24:25 UTC 2024\n")
+    write(
+        root,
+        "/etc/nv_tegra_release",
+        "# R36 (release), REVISION: 3.0, GCID: 36923193, BOARD: generic, EABI: aarch64, DATE: Fri Jul 19 23:24:25 UTC 2024\n",
+    )
     write(root, "/dev/nvhost-ctrl-gpu", "")
     return root
 

@@ -116,9 +116,16 @@ def test_huge_file_is_read_bounded(tmp_path: Path) -> None:
     assert 0 < p.cpu.cores < 1_000_000
 
 
-FILES = ["/proc/cpuinfo", "/proc/meminfo", "/proc/device-tree/model", "/etc/nv_tegra_release",
-         "/sys/class/drm/renderD128/device/vendor", "/sys/bus/usb/devices/1-1/idVendor",
-         "/sys/bus/usb/devices/1-1/idProduct", "/proc/driver/nvidia/gpus/0/information"]
+FILES = [
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/device-tree/model",
+    "/etc/nv_tegra_release",
+    "/sys/class/drm/renderD128/device/vendor",
+    "/sys/bus/usb/devices/1-1/idVendor",
+    "/sys/bus/usb/devices/1-1/idProduct",
+    "/proc/driver/nvidia/gpus/0/information",
+]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -137,8 +144,13 @@ def test_garbage_root_never_raises(tmp_path_factory: object, contents: list[byte
 
 def test_cli_hardware_on_fake_root(tmp_path: Path) -> None:
     fake_roots.jetson_orin(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "hardware", "--root", str(tmp_path), "--json"],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "hardware", "--root", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     report = json.loads(out.stdout)
     assert report["profile"]["jetson_model"] == "AGX Orin Developer Kit"
     assert report["profile"]["l4t_release"] == "36.3.0"
