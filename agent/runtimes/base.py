@@ -8,11 +8,13 @@ Runtimes know tensors, not models: no pre- or post-processing lives here.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -71,7 +73,7 @@ class ProbeResult:
         return any(d.upper() == device.upper() or d.split(".")[0].upper() == family for d in self.devices)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=True)
 class TensorSpec:
     """One input or output tensor. ``shape`` uses -1 for a dynamic dimension.
 
@@ -87,6 +89,19 @@ class TensorSpec:
     @property
     def is_static(self) -> bool:
         return all(d >= 0 for d in self.shape)
+
+    @cached_property
+    def accepts(self) -> np.dtype[Any]:
+        """The dtype callers send: float32 for a quantized tensor, else the tensor's own."""
+        return np.dtype(np.float32) if self.quantization is not None else self.dtype
+
+    @cached_property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @cached_property
+    def static_dims(self) -> tuple[tuple[int, int], ...]:
+        return tuple((i, d) for i, d in enumerate(self.shape) if d >= 0)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -137,6 +152,36 @@ def model_format(path: Path) -> str:
 
 
 def _validate_array(spec: TensorSpec, value: object) -> np.ndarray:
+    # Fast path: the array already has the dtype the runtime takes and is contiguous,
+    # which is what the agent's own decoder produces. Only shape, size and finiteness
+    # are left to check.
+    if type(value) is np.ndarray and value.dtype == spec.accepts and value.flags.c_contiguous:
+        arr = value
+    else:
+        arr = _convert(spec, value)
+    if arr.ndim != spec.ndim or any(arr.shape[i] != d for i, d in spec.static_dims):
+        want = "x".join("?" if d < 0 else str(d) for d in spec.shape)
+        raise ShapeMismatch(f"input '{spec.name}': expected shape [{want}], got {list(arr.shape)}")
+    if arr.size == 0:
+        raise EmptyInput(f"input '{spec.name}': empty array of shape {arr.shape}")
+    if arr.dtype.kind == "f" and not _all_finite(arr):
+        raise NonFiniteInput(f"input '{spec.name}': contains NaN or infinity")
+    return arr
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """One BLAS dot instead of ``isfinite(...).all()``: no temporary array on the hot path.
+
+    NaN or infinity anywhere makes the dot product non-finite; a finite array whose
+    dot overflows is rare and gets the exact check.
+    """
+    flat = arr.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        dot = float(np.dot(flat, flat))
+    return math.isfinite(dot) or bool(np.isfinite(arr).all())
+
+
+def _convert(spec: TensorSpec, value: object) -> np.ndarray:
     if isinstance(value, np.ndarray):
         arr = value
     else:
@@ -147,23 +192,14 @@ def _validate_array(spec: TensorSpec, value: object) -> np.ndarray:
     kind = arr.dtype.kind
     if kind not in "biuf":
         raise DtypeMismatch(f"input '{spec.name}': expected numbers ({spec.dtype.name}), got {arr.dtype}")
-    target = np.dtype(np.float32) if spec.quantization is not None and kind == "f" else spec.dtype
+    target = spec.accepts if kind == "f" else spec.dtype
     if arr.dtype != target:
         tkind = target.kind
         if tkind == "f" or (tkind in "iu" and kind in "biu" and _fits(arr, target)) or (tkind == "b" and kind == "b"):
             arr = arr.astype(target)
         else:
             raise DtypeMismatch(f"input '{spec.name}': expected {target.name}, got {arr.dtype} (would lose values)")
-    if arr.size == 0:
-        raise EmptyInput(f"input '{spec.name}': empty array of shape {arr.shape}")
-    if arr.ndim != len(spec.shape) or any(d >= 0 and d != a for d, a in zip(spec.shape, arr.shape)):
-        want = "x".join("?" if d < 0 else str(d) for d in spec.shape)
-        raise ShapeMismatch(f"input '{spec.name}': expected shape [{want}], got {list(arr.shape)}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise NonFiniteInput(f"input '{spec.name}': contains NaN or infinity")
-    if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
-    return arr
+    return np.ascontiguousarray(arr)
 
 
 def _fits(arr: np.ndarray, target: np.dtype[Any]) -> bool:
@@ -173,18 +209,28 @@ def _fits(arr: np.ndarray, target: np.dtype[Any]) -> bool:
     return arr.size == 0 or (int(arr.min()) >= info.min and int(arr.max()) <= info.max)
 
 
+_MISSING = object()
+
+
 def validate_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) -> list[np.ndarray]:
     """Arrays in the model's input order, converted to what the runtime takes; typed error otherwise."""
     if not isinstance(inputs, Mapping):
         raise UnknownInput(f"inputs must be a mapping of tensor name to array, got {type(inputs).__name__}")
-    if len(inputs) != len(specs) or any(s.name not in inputs for s in specs):
-        names = [s.name for s in specs]
-        unknown = sorted(str(k) for k in inputs if k not in names)
-        if unknown:
-            raise UnknownInput(f"unknown input {unknown[0]!r}; the model's inputs are {names}")
-        missing = [n for n in names if n not in inputs]
-        raise MissingInput(f"missing input {missing[0]!r}; the model's inputs are {names}")
-    return [_validate_array(s, inputs[s.name]) for s in specs]
+    if len(inputs) == len(specs):
+        arrays = []
+        for spec in specs:
+            value = inputs.get(spec.name, _MISSING)
+            if value is _MISSING:
+                break
+            arrays.append(_validate_array(spec, value))
+        else:
+            return arrays
+    names = [s.name for s in specs]
+    unknown = sorted(str(k) for k in inputs if k not in names)
+    if unknown:
+        raise UnknownInput(f"unknown input {unknown[0]!r}; the model's inputs are {names}")
+    missing = [n for n in names if n not in inputs]
+    raise MissingInput(f"missing input {missing[0]!r}; the model's inputs are {names}")
 
 
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -303,7 +349,7 @@ class Runtime(ABC):
         request must not.
         """
         self._require_loaded()
-        sample = {s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=_caller_dtype(s)) for s in self._inputs}
+        sample = {s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=s.accepts) for s in self._inputs}
         elapsed = 0.0
         for _ in range(max(1, runs)):
             t0 = time.perf_counter()
@@ -347,10 +393,6 @@ class Runtime(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _caller_dtype(spec: TensorSpec) -> np.dtype[Any]:
-    return np.dtype(np.float32) if spec.quantization is not None else spec.dtype
 
 
 def _one_line(exc: BaseException) -> str:
