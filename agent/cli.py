@@ -13,6 +13,7 @@ from rich.table import Table
 
 from agent import __version__, commands
 from agent.errors import EdgefleetError, InvalidInput, InvalidOptions
+from agent.settings import load_settings
 
 console = Console()
 
@@ -76,14 +77,36 @@ def hardware_cmd(root: Path, as_json: bool) -> None:
 @click.option("--device", help="Force a device, e.g. CPU, GPU.0, NPU, EDGETPU, CUDA.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 100000), default=1, show_default=True)
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"))
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Hardware tree (default: the settings' hardware_root, i.e. /).",
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Settings file (default: $EDGEFLEET_CONFIG or /etc/edgefleet/agent.toml).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def infer_cmd(
-    model: Path, input_file: Path, runtime: str | None, device: str | None, precision: str, repeat: int, root: Path, as_json: bool
+    model: Path,
+    input_file: Path,
+    runtime: str | None,
+    device: str | None,
+    precision: str,
+    repeat: int,
+    root: Path | None,
+    config: Path | None,
+    as_json: bool,
 ) -> None:
     """Run one inference locally and print the outputs and the latency."""
     try:
-        result = commands.infer(model, input_file, runtime=runtime, device=device, precision=precision, root=root, repeat=repeat)
+        settings = load_settings(config)
+        result = commands.infer(
+            model, input_file, runtime=runtime, device=device, precision=precision, root=root, repeat=repeat, settings=settings
+        )
     except EdgefleetError as exc:
         _fail(exc)
         return

@@ -20,6 +20,7 @@ from agent.hardware import HardwareProfile, detect
 from agent.runtimes import probe_all
 from agent.runtimes.base import MODEL_FORMATS, ModelDescription, ProbeResult
 from agent.selection import ModelVariant, Ranking, choose, rank
+from agent.settings import AgentSettings, load_settings
 
 __all__ = ["HardwareReport", "InferResult", "hardware", "infer", "load_inputs"]
 
@@ -107,18 +108,31 @@ def infer(
     runtime: str | None = None,
     device: str | None = None,
     precision: str = "fp32",
-    root: str | Path = "/",
+    root: str | Path | None = None,
     repeat: int = 1,
     options: dict[str, dict[str, Any]] | None = None,
+    settings: AgentSettings | None = None,
 ) -> InferResult:
-    """Run one request locally on the runtime that selection picks (or the one forced)."""
+    """Run one request locally on the runtime that selection picks (or the one forced).
+
+    Arguments win over ``settings`` (default: the agent's settings file and environment).
+    """
+    settings = settings or load_settings()
+    rs = settings.runtime
+    runtime = runtime or rs.force_runtime
+    device = device or (rs.force_device if runtime == rs.force_runtime else None)
+    options = {**rs.options, **(options or {})}
+    root = settings.hardware_root if root is None else root
+    budget = rs.latency_budget_ms / 1e3 if rs.latency_budget_ms is not None else None
     model = Path(model)
     if not model.is_file():
         raise ModelLoadError(f"model file not found: {model}")
     if isinstance(inputs, (str, Path)):
         inputs = load_inputs(inputs)
     variant = ModelVariant.from_path(model, precision=precision)  # type: ignore[arg-type]
-    sel, _ = choose(detect(root), probe_all(), [variant], force_runtime=runtime, force_device=device, options=options)
+    sel, _ = choose(
+        detect(root), probe_all(), [variant], force_runtime=runtime, force_device=device, options=options, latency_budget_s=budget
+    )
     rt = sel.runtime
     try:
         if isinstance(inputs, np.ndarray):

@@ -257,10 +257,11 @@ def select(
             continue
         logs.event(log, "selection.chosen", candidate=cand.label(), reason=cand.reason, passed_over=len(attempts))
         return Selection(rt, cand, attempts, warm)
-    raise NoUsableRuntime(
-        "no runtime could run this model: " + ("; ".join(f"{c}: {why}" for c, why in attempts) or "no candidates"),
-        attempts,
-    )
+    raise NoUsableRuntime(_nothing_works(attempts), attempts)
+
+
+def _nothing_works(attempts: list[tuple[str, str]]) -> str:
+    return "no runtime could run this model: " + ("; ".join(f"{c}: {why}" for c, why in attempts) or "no candidates")
 
 
 def _give_up(rt: Runtime | None, cand: Candidate, exc: BaseException, attempts: list[tuple[str, str]]) -> None:
@@ -282,14 +283,15 @@ def choose(
     force_runtime: str | None = None,
     force_device: str | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    latency_budget_s: float | None = None,
 ) -> tuple[Selection, Ranking]:
     """Rank and validate in one call: what the agent does when it activates a model."""
     ranking = rank(profile, probes, variants, force_runtime, force_device)
     t0 = time.perf_counter()
     try:
-        sel = select(ranking.candidates, golden, options)
+        sel = select(ranking.candidates, golden, options, latency_budget_s)
     except NoUsableRuntime as exc:
-        exc.attempts = ranking.excluded + exc.attempts
-        raise
+        attempts = ranking.excluded + exc.attempts
+        raise NoUsableRuntime(_nothing_works(attempts), attempts) from None
     logs.event(log, "selection.done", seconds=f"{time.perf_counter() - t0:.3f}")
     return sel, ranking
