@@ -193,3 +193,22 @@ def test_latency_budget(models: ModelFiles) -> None:
         select(ranking.candidates, latency_budget_s=0.0)
     sel = select(ranking.candidates, latency_budget_s=5.0)
     sel.runtime.close()
+
+
+def test_onnxruntime_provider_order_follows_the_hardware(tmp_path: Path) -> None:
+    from agent.errors import RuntimeUnavailable
+    from agent.runtimes.onnx import provider_order
+
+    installed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"]
+    jetson = detect(fake_roots.jetson_orin(tmp_path / "jetson"))
+    intel = detect(fake_roots.intel_core_ultra(tmp_path / "intel"))
+    pi = detect(fake_roots.raspberry_pi_5(tmp_path / "pi"))
+    assert provider_order("AUTO", installed, jetson) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_order("AUTO", installed, intel) == ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
+    assert provider_order(None, installed, pi) == ["CPUExecutionProvider"]
+    assert provider_order("CUDA", installed, pi) == ["CUDAExecutionProvider", "CPUExecutionProvider"]  # forced: the user knows
+    assert provider_order("TENSORRT", installed) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(RuntimeUnavailable, match="CUDAExecutionProvider is not installed"):
+        provider_order("CUDA", ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeUnavailable, match="got NPU"):
+        provider_order("NPU", installed)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from agent.errors import RuntimeUnavailable
+from agent.hardware import HardwareProfile, detect
 from agent.runtimes.base import ProbeResult, Runtime, RuntimeOptions, TensorSpec
 
 # Device names we accept (as in selection's candidates) and the providers they put first.
@@ -43,7 +44,8 @@ _ORT_TYPES = {
 class OnnxOptions(RuntimeOptions):
     providers: list[str] | None = None  # an explicit provider list overrides the device
     intra_op_threads: int = 0  # 0: onnxruntime's default
-    graph_optimization: str = "all"  # disable | basic | extended | all
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    hardware_root: Path = Path("/")  # where AUTO reads the hardware profile from
 
 
 @cache
@@ -56,11 +58,16 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def provider_order(device: str | None, available: list[str]) -> list[str]:
-    """Providers for a device: the device's own first, CPU last, only what is installed."""
+def provider_order(device: str | None, available: list[str], profile: HardwareProfile | None = None) -> list[str]:
+    """Providers for a device: the device's own first, CPU last, only what is installed.
+
+    With ``AUTO`` the hardware decides: GPU providers only where a CUDA GPU (or a
+    Jetson) exists, the OpenVINO provider only on Intel hardware — an installed
+    provider without its hardware only costs a failed initialisation.
+    """
     device = (device or "AUTO").upper()
     if device == "AUTO":
-        wanted = [p for p in PREFERENCE if p in available]
+        wanted = [p for p in PREFERENCE if p in available and _fits_hardware(p, profile)]
     elif device in DEVICE_PROVIDERS:
         wanted = list(DEVICE_PROVIDERS[device])
         missing = [p for p in wanted[:1] if p not in available]
@@ -70,6 +77,16 @@ def provider_order(device: str | None, available: list[str]) -> list[str]:
     else:
         raise RuntimeUnavailable(f"onnxruntime device must be one of AUTO, {', '.join(DEVICE_PROVIDERS)}; got {device}")
     return [*wanted, CPU]
+
+
+def _fits_hardware(provider: str, profile: HardwareProfile | None) -> bool:
+    if profile is None:
+        return True
+    if provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+        return profile.has_cuda_gpu
+    if provider == "OpenVINOExecutionProvider":
+        return profile.intel_npu or profile.intel_gpu or "intel" in profile.cpu.model.lower()
+    return True
 
 
 class OnnxRuntime(Runtime):
@@ -90,12 +107,12 @@ class OnnxRuntime(Runtime):
     def _load(self, path: Path, fmt: str, device: str | None, options: Any) -> None:
         ort = _ort()
         opts: OnnxOptions = options
-        providers = opts.providers or provider_order(device, ort.get_available_providers())
+        providers = opts.providers or provider_order(device, ort.get_available_providers(), detect(opts.hardware_root))
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.intra_op_threads
         so.log_severity_level = 3
         levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels.get(opts.graph_optimization, "ORT_ENABLE_ALL"))
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[opts.graph_optimization])
         sess = ort.InferenceSession(str(path), so, providers=providers)
         self._session = sess
         self._inputs = tuple(_spec(a) for a in sess.get_inputs())
