@@ -1,20 +1,118 @@
 """``fleet``: the controller's command line.
 
-Commands arrive with their issues (build, keys, release, assign, rollout, demo);
-each is a thin layer over a function of the same name in ``fleet``.
+Each command is a thin layer over a Python function of the same name
+(``fleet build`` -> ``converters.build``); commands for keys, releases, rollouts
+and the demo arrive with their issues.
 """
 
 from __future__ import annotations
 
-import click
+import sys
+from pathlib import Path
 
+import click
+from rich.console import Console
+from rich.table import Table
+
+from agent.errors import EdgefleetError
 from fleet import __version__
+
+console = Console(stderr=True)
 
 
 @click.group()
 @click.version_option(__version__, prog_name="fleet")
 def main() -> None:
     """edgefleet's fleet controller."""
+
+
+def _tolerances(values: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: expected VARIANT_OR_PRECISION=ATOL, e.g. int8=0.2", param_hint="--tolerance") from None
+    return out
+
+
+@main.command("build")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Model name (letters, digits, . _ -).")
+@click.option("--version", "version", required=True, help="Model version, e.g. 1.0.0.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to create.")
+@click.option("--samples", type=click.Path(path_type=Path), help=".npy (one input) or .npz (per input), stacked on dim 0.")
+@click.option(
+    "--variants",
+    help="Comma-separated variant ids (default: all): "
+    + ", ".join(["tflite-fp32", "tflite-int8", "openvino-fp32", "openvino-fp16", "openvino-int8", "onnx-fp32", "onnx-int8"]),
+)
+@click.option("--tolerance", multiple=True, help="VARIANT_OR_PRECISION=ATOL, repeatable (e.g. int8=0.2, onnx-int8=0.05).")
+@click.option("--drop-failing", is_flag=True, help="Leave out variants outside tolerance instead of failing the build.")
+@click.option("--archive", is_flag=True, help="Also write OUT.tar.gz, the bundle as one file.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at OUT (only once the new one is complete).")
+def build_cmd(
+    source: Path,
+    name: str,
+    version: str,
+    out: Path,
+    samples: Path | None,
+    variants: str | None,
+    tolerance: tuple[str, ...],
+    drop_failing: bool,
+    archive: bool,
+    force: bool,
+) -> None:
+    """Convert SOURCE into a bundle of verified variants, one per runtime and precision."""
+    from converters.build import BuildReport, build
+
+    def progress(variant: str, state: str, detail: str) -> None:
+        colour = {"ok": "green", "skipped": "yellow", "failed": "red", "error": "red", "dropped": "yellow"}.get(state, "cyan")
+        console.print(f"[{colour}]{variant:<14} {state}[/{colour}] {detail}")
+
+    report: BuildReport | None = None
+    try:
+        report = build(
+            source,
+            name,
+            version,
+            out,
+            samples=samples,
+            variants=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
+            tolerances=_tolerances(tolerance),
+            drop_failing=drop_failing,
+            archive=archive,
+            force=force,
+            progress=progress,
+        )
+    except EdgefleetError as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            _table(report)
+        click.echo(f"error[{exc.code}]: {exc}", err=True)
+        sys.exit(1)
+    _table(report)
+    if report.synthetic_samples:
+        console.print("[yellow]parity was checked on synthetic samples; pass --samples with real data for a meaningful check[/yellow]")
+    console.print(f"bundle written to {report.out}" + (f" and {report.archive}" if report.archive else ""))
+
+
+def _table(report: object) -> None:
+    table = Table("variant", "size", "latency (ms)", "max error", "top-1", "verdict", title="fleet build")
+    for v in getattr(report, "variants", []):
+        p = v.parity
+        table.add_row(
+            v.id,
+            f"{v.size / 1024:.1f} KiB" if v.size else "-",
+            f"{v.latency_ms:.3f}" if v.latency_ms is not None else "-",
+            f"{p.max_abs_error:.3g}" if p else "-",
+            f"{p.top1_agreement:.1%}" if p and p.top1_agreement is not None else "-",
+            v.state if not v.reason else f"{v.state}: {v.reason}",
+        )
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""The model bundle: one model, several verified variants, and golden samples — ``bundle.json``.
+
+Why here, in the agent: the device reads the same file the converters write, so
+the one pydantic model both validate against lives with the smaller install.
+Unknown fields are refused: a bundle from a newer, incompatible writer fails
+loudly instead of being half understood.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.errors import EdgefleetError
+from agent.selection import GoldenSample, ModelVariant
+
+__all__ = ["BUNDLE_FILE", "SCHEMA_VERSION", "Bundle", "BundleError", "Parity", "TensorSignature", "Variant", "load_bundle", "verify_files"]
+
+BUNDLE_FILE = "bundle.json"
+SCHEMA_VERSION = 1
+MAX_BUNDLE_JSON_BYTES = 4 * 1024 * 1024
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class BundleError(EdgefleetError):
+    """A bundle that is missing, malformed, or whose files do not match their record."""
+
+    code = "bad_bundle"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _safe_relative(value: str) -> str:
+    """Bundle paths are plain file names inside the bundle: no directories, no '..', no absolute paths."""
+    if not _SAFE_NAME.match(value):
+        raise ValueError(f"{value!r} is not a plain file name")
+    return value
+
+
+class TensorSignature(_Strict):
+    name: str
+    shape: list[int]  # -1 for a dynamic dimension
+    dtype: str
+    quantization: tuple[float, int] | None = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        try:
+            np.dtype(v)
+        except TypeError:
+            raise ValueError(f"unknown dtype {v!r}") from None
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d < -1 for d in v) or len(v) > 8:
+            raise ValueError(f"bad shape {v}")
+        return v
+
+
+class Parity(_Strict):
+    """How a variant's answers compare to the source model's on the samples."""
+
+    max_abs_error: float
+    mean_abs_error: float
+    top1_agreement: float | None = None  # when outputs look like class scores
+    samples: int
+    atol: float
+    min_top1: float | None = None
+    passed: bool
+
+
+class Variant(_Strict):
+    id: str  # e.g. "onnx-int8"
+    format: Literal["tflite", "openvino", "onnx"]
+    precision: Literal["fp32", "fp16", "int8"]
+    file: str
+    extra_files: list[str] = []  # e.g. OpenVINO's .bin beside the .xml
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    parity: Parity
+    min_runtime_version: dict[str, str] = {}  # runtime name -> version the variant was verified with
+    hints: list[str] = []  # "edgetpu", ...
+    static_shapes: bool
+    golden: str  # .npz with in:<name> and out:<name> arrays
+
+    @field_validator("file", "golden")
+    @classmethod
+    def _plain_names(cls, v: str) -> str:
+        return _safe_relative(v)
+
+    @field_validator("extra_files")
+    @classmethod
+    def _extras(cls, v: list[str]) -> list[str]:
+        return [_safe_relative(x) for x in v]
+
+
+class Bundle(_Strict):
+    schema_version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
+    created: datetime
+    source_format: Literal["onnx", "tflite", "keras", "savedmodel", "pytorch"]
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    inputs: list[TensorSignature]
+    outputs: list[TensorSignature]
+    variants: list[Variant]
+    synthetic_samples: bool  # True: parity was checked on generated inputs, not the user's data
+    skipped: dict[str, str] = {}  # variant id -> why it was not produced
+
+    def model_variants(self, root: Path) -> list[ModelVariant]:
+        """The variants as selection ranks them, with paths under ``root``."""
+        return [
+            ModelVariant(
+                path=root / v.file, format=v.format, precision=v.precision, hints=frozenset(v.hints), static_shapes=v.static_shapes
+            )
+            for v in self.variants
+        ]
+
+    def variant_for(self, path: Path) -> Variant:
+        for v in self.variants:
+            if v.file == path.name:
+                return v
+        raise BundleError(f"{path.name} is not a variant of {self.name} {self.version}")
+
+    def golden_samples(self, root: Path, variant: Variant) -> list[GoldenSample]:
+        """The variant's golden pairs, with its own verified tolerance (never tighter than measured)."""
+        path = root / variant.golden
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                ins = {k[3:]: z[k] for k in z.files if k.startswith("in:")}
+                outs = {k[4:]: z[k] for k in z.files if k.startswith("out:")}
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"golden samples {variant.golden}: {exc}") from exc
+        if set(ins) != {t.name for t in self.inputs} or not outs:
+            raise BundleError(f"golden samples {variant.golden} do not match the bundle's signature")
+        atol = max(variant.parity.atol, variant.parity.max_abs_error * 1.5)
+        return [GoldenSample(ins, outs, atol=atol, rtol=0.0)]
+
+
+def verify_files(bundle: Bundle, root: Path) -> None:
+    """Every variant file is present with its recorded size and sha256 (extra files present)."""
+    import hashlib
+
+    for v in bundle.variants:
+        path = root / v.file
+        try:
+            size = path.stat().st_size
+            if size != v.size:
+                raise BundleError(f"{v.file}: {size} bytes, the bundle says {v.size}")
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            raise BundleError(f"{v.file}: {exc.strerror or exc}") from exc
+        if h.hexdigest() != v.sha256:
+            raise BundleError(f"{v.file}: sha256 does not match the bundle")
+        for extra in [*v.extra_files, v.golden]:
+            if not (root / extra).is_file():
+                raise BundleError(f"{extra} is missing from the bundle")
+
+
+def load_bundle(root: str | Path) -> Bundle:
+    """Read and validate ``root/bundle.json``; every failure is a ``BundleError`` naming the problem."""
+    path = Path(root) / BUNDLE_FILE
+    try:
+        size = path.stat().st_size
+        if size > MAX_BUNDLE_JSON_BYTES:
+            raise BundleError(f"{path} is {size} bytes; the limit is {MAX_BUNDLE_JSON_BYTES}")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return Bundle.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise BundleError(f"{path} is not a valid bundle: {problems}") from exc
