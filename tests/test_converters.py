@@ -1,0 +1,261 @@
+"""`fleet build`: real conversions, parity against independent numpy references, atomic output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ModelFiles
+
+from agent.bundle import BundleError, load_bundle, verify_files
+from agent.hardware import detect
+from agent.runtimes import get_runtime, probe_all
+from agent.selection import choose
+from converters import builders
+from converters.build import build
+from converters.errors import BuildError, MissingExtra, SamplesError, SourceError
+from converters.parity import RUNTIME_FOR_FORMAT
+
+FAST = ["onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-fp16"]
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(models: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "mlp"
+    np.save(out.parent / "samples.npy", models.calibration)
+    build(models.path("mlp.onnx"), "mlp", "1.0.0", out, samples=out.parent / "samples.npy", variants=FAST, archive=True)
+    return out
+
+
+def test_bundle_from_onnx_passes_parity_checked_independently(onnx_bundle: Path, models: ModelFiles) -> None:
+    bundle = load_bundle(onnx_bundle)
+    verify_files(bundle, onnx_bundle)
+    assert [v.id for v in bundle.variants] == FAST
+    assert bundle.synthetic_samples is False and bundle.source_format == "onnx"
+    assert [(t.name, t.shape, t.dtype) for t in bundle.inputs] == [("x", [-1, 64], "float32")]
+    x = models.calibration
+    truth = models.mlp.reference(x)  # numpy, independent of every runtime
+    for v in bundle.variants:
+        with get_runtime(RUNTIME_FOR_FORMAT[v.format])() as rt:
+            rt.load(onnx_bundle / v.file)
+            got = rt.infer({"x": x})["y"]
+        err = float(np.abs(got - truth).max())
+        assert abs(err - v.parity.max_abs_error) <= 1e-4 + 0.01 * err, v.id  # the report tells the truth
+        assert v.parity.passed and v.parity.samples == len(x)
+        assert v.parity.top1_agreement is not None and v.parity.top1_agreement >= 0.9
+        assert v.min_runtime_version[RUNTIME_FOR_FORMAT[v.format]] == probe_all()[RUNTIME_FOR_FORMAT[v.format]].version
+    assert bundle.variants[0].parity.max_abs_error < 1e-5  # fp32 copy
+    assert 0 < bundle.variants[1].parity.max_abs_error < 0.5  # int8 is close, not exact
+    assert bundle.skipped == {}  # every requested variant has a path from ONNX
+    for v in bundle.variants:
+        assert v.golden in os.listdir(onnx_bundle)
+
+
+def test_agent_selects_from_the_bundle_with_its_golden_samples(onnx_bundle: Path) -> None:
+    bundle = load_bundle(onnx_bundle)
+    variants = bundle.model_variants(onnx_bundle)
+    sel, _ = choose(detect(), probe_all(), variants)
+    v = bundle.variant_for(sel.candidate.variant.path)
+    golden = bundle.golden_samples(onnx_bundle, v)
+    for g in golden:
+        g.check(sel.runtime.infer(g.inputs))
+    sel.runtime.close()
+
+
+def test_archive_holds_the_bundle(onnx_bundle: Path) -> None:
+    with tarfile.open(onnx_bundle.parent / "mlp.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert names == set(os.listdir(onnx_bundle))
+
+
+def test_tflite_sources(models: ModelFiles, tmp_path: Path) -> None:
+    report = build(models.path("mlp.tflite"), "mlp", "2", tmp_path / "fp32", variants=["tflite-fp32", "onnx-fp32", "openvino-fp32"])
+    states = {v.id: v.state for v in report.variants}
+    assert states == {"tflite-fp32": "ok", "onnx-fp32": "skipped", "openvino-fp32": "ok"}
+    assert "tf2onnx" in load_bundle(tmp_path / "fp32").skipped["onnx-fp32"]
+    assert report.synthetic_samples
+    report = build(
+        models.path("mlp_int8.tflite"), "mlp", "3", tmp_path / "int8", variants=["tflite-fp32", "tflite-int8"], tolerances={"int8": 0.5}
+    )
+    assert {v.id: v.state for v in report.variants} == {"tflite-fp32": "skipped", "tflite-int8": "ok"}
+    b = load_bundle(tmp_path / "int8")
+    assert b.inputs[0].quantization is not None and b.variants[0].precision == "int8"
+
+
+def test_failing_variant_fails_the_build_or_is_dropped(models: ModelFiles, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    with pytest.raises(BuildError, match="onnx-int8: max abs error") as info:
+        build(models.path("mlp.onnx"), "m", "1", out, variants=["onnx-fp32", "onnx-int8"], tolerances={"onnx-int8": 1e-7})
+    assert not out.exists() and not list(tmp_path.glob(".b.building-*"))
+    report = info.value.report
+    assert [v.state for v in report.variants] == ["ok", "failed"]  # type: ignore[attr-defined]
+    report = build(
+        models.path("mlp.onnx"), "m", "1", out, variants=["onnx-fp32", "onnx-int8"], tolerances={"int8": 1e-7}, drop_failing=True
+    )
+    assert [v.id for v in load_bundle(out).variants] == ["onnx-fp32"]
+    assert [v.state for v in report.variants] == ["ok", "dropped"]
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "error", "message"),
+    [
+        (b"", ".onnx", SourceError, "cannot load"),
+        (b"garbage" * 100, ".onnx", SourceError, "cannot load"),
+        (None, ".onnx", SourceError, "cannot load"),  # truncated real model
+        (b"x", ".pt", SourceError, "unsupported source"),
+        (b"x", ".keras", MissingExtra, "Keras"),
+    ],
+)
+def test_bad_sources(models: ModelFiles, tmp_path: Path, content: bytes | None, suffix: str, error: type, message: str) -> None:
+    src = tmp_path / f"model{suffix}"
+    src.write_bytes(models.path("mlp.onnx").read_bytes()[:300] if content is None else content)
+    with pytest.raises(error, match=message):
+        build(src, "m", "1", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_samples_and_options(models: ModelFiles, tmp_path: Path) -> None:
+    src = models.path("add_mul.onnx")
+    np.savez(tmp_path / "wrong_names.npz", a=np.ones((4, 4), np.float32), c=np.ones((4, 4), np.float32))
+    np.savez(tmp_path / "wrong_shape.npz", a=np.ones((4, 3), np.float32), b=np.ones((4, 3), np.float32))
+    np.savez(tmp_path / "counts.npz", a=np.ones((4, 4), np.float32), b=np.ones((5, 4), np.float32))
+    np.savez(tmp_path / "nan.npz", a=np.full((4, 4), np.nan, np.float32), b=np.ones((4, 4), np.float32))
+    np.save(tmp_path / "one.npy", np.ones((4, 4), np.float32))
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04junk")
+    cases = {
+        "wrong_names.npz": "the model's inputs are",
+        "wrong_shape.npz": "have shape",
+        "counts.npz": "different sample counts",
+        "nan.npz": "NaN",
+        "one.npy": "give samples as .npz",
+        "junk.npz": "cannot read samples",
+    }
+    for name, message in cases.items():
+        with pytest.raises(SamplesError, match=message):
+            build(src, "m", "1", tmp_path / "out", samples=tmp_path / name)
+    with pytest.raises(BuildError, match="unknown variant 'onnx-int4'"):
+        build(src, "m", "1", tmp_path / "out", variants=["onnx-int4"])
+    with pytest.raises(BuildError, match=r"name '\.\./etc'"):
+        build(src, "../etc", "1", tmp_path / "out")
+    with pytest.raises(BuildError, match="version 'v 1'"):
+        build(src, "m", "v 1", tmp_path / "out")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(BuildError, match="already exists"):
+        build(src, "m", "1", tmp_path / "exists")
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_leaves_nothing(models: ModelFiles, tmp_path: Path) -> None:
+    """A file-size cap (RLIMIT_FSIZE) makes every write past 4 KiB fail as a full disk would."""
+    script = (
+        "import resource, signal, sys\n"
+        "from converters.build import build\n"
+        "from converters.errors import BuildError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        "    build(sys.argv[1], 'm', '1', sys.argv[2], variants=['onnx-fp32'])\n"
+        "except BuildError as e:\n"
+        "    print('BUILD ERROR', e); sys.exit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(models.path("mlp.onnx")), str(tmp_path / "out")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "no space left" in done.stdout or "I/O error" in done.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_kill_9_mid_build_leaves_no_bundle_and_the_next_build_cleans_up(models: ModelFiles, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "build",
+            str(models.path("mlp.onnx")),
+            "--name",
+            "m",
+            "--version",
+            "1",
+            "--out",
+            str(out),
+            "--variants",
+            "openvino-fp32,openvino-fp16,onnx-fp32",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.building-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(tmp_path.glob(".out.building-*")), "the build never started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    build(models.path("mlp.onnx"), "m", "1", out, variants=["onnx-fp32"])
+    assert load_bundle(out).variants[0].id == "onnx-fp32"
+    assert not list(tmp_path.glob(".out.building-*"))  # the dead build's temp dir is gone
+
+
+def test_bundle_json_is_strict(onnx_bundle: Path, tmp_path: Path) -> None:
+    data = json.loads((onnx_bundle / "bundle.json").read_text())
+    for mutate, message in [
+        (lambda d: d.update(surprise=1), "surprise"),
+        (lambda d: d["variants"][0].update(file="../../etc/passwd"), "not a plain file name"),
+        (lambda d: d["variants"][0].update(sha256="xyz"), "sha256"),
+        (lambda d: d.update(schema_version=2), "schema_version"),
+        (lambda d: d["inputs"][0].update(dtype="float1024"), "unknown dtype"),
+    ]:
+        d = json.loads(json.dumps(data))
+        mutate(d)
+        (tmp_path / "bundle.json").write_text(json.dumps(d))
+        with pytest.raises(BundleError, match=message):
+            load_bundle(tmp_path)
+    (tmp_path / "bundle.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(BundleError, match="not a valid bundle"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="cannot read"):
+        load_bundle(tmp_path / "missing")
+
+
+def test_tampered_variant_file_is_detected(onnx_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(onnx_bundle, copy)
+    bundle = load_bundle(copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 does not match"):
+        verify_files(bundle, copy)
+
+
+def test_cli_build_and_bad_options(models: ModelFiles, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "fleet.cli", "build", str(models.path("tiny.onnx")), "--name", "tiny", "--version", "1"]
+    done = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "ok"), "--variants", "onnx-fp32,openvino-fp32"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fleet build" in done.stderr and "onnx-fp32" in done.stderr and "synthetic samples" in done.stderr
+    assert load_bundle(tmp_path / "ok").synthetic_samples
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "x"), "--tolerance", "int8"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "expected VARIANT_OR_PRECISION=ATOL" in done.stderr
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "ok")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "error[build_failed]" in done.stderr and "already exists" in done.stderr
+
+
+def test_builders_int8_reference_matches_numpy(models: ModelFiles) -> None:
+    q = builders.Quantization.for_range(-1.0, 3.0)
+    x = np.linspace(-1, 3, 50, dtype=np.float32)
+    assert np.abs(q.dequantize(q.quantize(x)) - x).max() <= q.scale / 2 + 1e-6
