@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import EdgefleetError
+from agent.files import sha256_file
 from agent.selection import GoldenSample, ModelVariant
 
 __all__ = ["BUNDLE_FILE", "SCHEMA_VERSION", "Bundle", "BundleError", "Parity", "TensorSignature", "Variant", "load_bundle", "verify_files"]
@@ -149,21 +150,16 @@ class Bundle(_Strict):
 
 def verify_files(bundle: Bundle, root: Path) -> None:
     """Every variant file is present with its recorded size and sha256 (extra files present)."""
-    import hashlib
-
     for v in bundle.variants:
         path = root / v.file
         try:
             size = path.stat().st_size
             if size != v.size:
                 raise BundleError(f"{v.file}: {size} bytes, the bundle says {v.size}")
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            digest = sha256_file(path)
         except OSError as exc:
             raise BundleError(f"{v.file}: {exc.strerror or exc}") from exc
-        if h.hexdigest() != v.sha256:
+        if digest != v.sha256:
             raise BundleError(f"{v.file}: sha256 does not match the bundle")
         for extra in [*v.extra_files, v.golden]:
             if not (root / extra).is_file():

@@ -24,10 +24,11 @@ from pydantic import ValidationError
 
 from agent.bundle import BUNDLE_FILE, Bundle, Parity, Variant
 from agent.errors import EdgefleetError
+from agent.files import sha256_file
 from converters import samples as sample_io
 from converters.errors import BuildError, SkipVariant
 from converters.parity import RUNTIME_FOR_FORMAT, compare, run_variant
-from converters.source import open_source, sha256_file
+from converters.source import open_source
 from converters.variants import KINDS
 
 __all__ = ["BuildReport", "VariantReport", "build", "DEFAULT_VARIANTS", "GOLDEN_COUNT"]

@@ -7,7 +7,6 @@ judged against them.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,20 +14,13 @@ import numpy as np
 
 from agent.bundle import TensorSignature
 from agent.errors import EdgefleetError
+from agent.files import sha256_file
 from agent.runtimes import get_runtime
 from agent.runtimes.base import Runtime, TensorSpec
 from converters.errors import MissingExtra, SourceError
 from converters.samples import batches
 
 SOURCE_FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".keras": "keras", ".h5": "keras"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def signature(spec: TensorSpec) -> TensorSignature:

@@ -107,9 +107,10 @@ def test_static_model_refuses_other_batch(models: ModelFiles) -> None:
                 rt.infer({"x": np.zeros((2, 64), np.float32)})
 
 
-def test_litert_batch_changes_back_and_forth(models: ModelFiles) -> None:
-    with load("litert", models.path("mlp.tflite"), num_threads=1) as rt:
-        for batch in (4, 1, 7, 4):
+@pytest.mark.parametrize(("runtime", "suffix"), PAIRS, ids=IDS)
+def test_batch_changes_back_and_forth(models: ModelFiles, runtime: str, suffix: str) -> None:
+    with load(runtime, models.path(f"mlp.{suffix}")) as rt:
+        for batch in (4, 1, 7, 4, 1):
             x = np.full((batch, 64), 0.1, np.float32)
             np.testing.assert_allclose(rt.infer({"x": x})["y"], models.mlp.reference(x), rtol=1e-4, atol=1e-5)
 
@@ -141,6 +142,22 @@ def test_bad_inputs_get_typed_errors_and_the_runtime_keeps_serving(models: Model
             np.testing.assert_allclose(rt.infer({"x": good})["y"], models.mlp.reference(good), rtol=1e-4, atol=1e-4)
         with pytest.raises(UnknownInput, match="mapping"):
             rt.infer([good])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch", [1, 16])  # 64 floats take the Python-sum check, 1024 the BLAS dot
+def test_finiteness_check_on_small_and_large_inputs(models: ModelFiles, batch: int) -> None:
+    with load("onnx", models.path("mlp.onnx")) as rt:
+        big = np.full((batch, 64), 3e38, np.float32)  # finite, but its sum or dot overflows
+        assert rt.infer({"x": big})["y"].shape == (batch, 10)
+        for bad in (np.nan, np.inf, -np.inf):
+            x = np.zeros((batch, 64), np.float32)
+            x[-1, -1] = bad
+            with pytest.raises(NonFiniteInput):
+                rt.infer({"x": x})
+        mixed = np.zeros((batch, 64), np.float32)
+        mixed[0, 0], mixed[-1, -1] = np.inf, -np.inf  # inf - inf: the sum is NaN, still refused
+        with pytest.raises(NonFiniteInput):
+            rt.infer({"x": mixed})
 
 
 def test_lists_and_wider_types_are_converted(models: ModelFiles) -> None:

@@ -52,8 +52,6 @@ class OpenVINORuntime(Runtime):
         return ProbeResult(cls.name, True, version, devices)
 
     def _load(self, path: Path, fmt: str, device: str | None, options: Any) -> None:
-        import openvino as ov
-
         opts: OpenVINOOptions = options
         core = _core()
         device = (device or "AUTO").upper()
@@ -73,7 +71,12 @@ class OpenVINORuntime(Runtime):
         self._request = compiled.create_infer_request()
         self._inputs = tuple(_spec(p) for p in compiled.inputs)
         self._outputs = tuple(_spec(p) for p in compiled.outputs)
-        self._tensor = ov.Tensor
+        # Inputs are copied into the request's own (plugin-allocated) tensors: cheaper than
+        # binding the caller's memory with set_input_tensor (measured ~6 us less on a tiny
+        # model, ~10 us on a 512-wide MLP), and the request never keeps a pointer into an
+        # array the caller may free (that ended in heap corruption in a test).
+        self._in_views: list[np.ndarray | None] = [None] * len(self._inputs)
+        self._n_out = len(self._outputs)
         try:
             used = compiled.get_property("EXECUTION_DEVICES")
             self._device = ",".join(used) if isinstance(used, list) else str(used)
@@ -87,13 +90,23 @@ class OpenVINORuntime(Runtime):
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         req = self._request
+        views = self._in_views
         for i, arr in enumerate(arrays):
-            req.set_input_tensor(i, self._tensor(arr, shared_memory=True))
-        req.infer()
-        # The request owns its output buffers and reuses them next call: hand out copies.
-        return [req.get_output_tensor(i).data.copy() for i in range(len(self._outputs))]
+            view = views[i]
+            if view is None or view.shape != arr.shape:  # first call, or a dynamic dim changed
+                tensor = req.get_input_tensor(i)
+                if tuple(tensor.shape) != arr.shape:  # a fresh request's dynamic tensor is 0-sized
+                    tensor.shape = arr.shape
+                view = views[i] = tensor.data
+            np.copyto(view, arr)
+        # share_outputs: skip the OVDict of output copies; we copy what we hand out below,
+        # because the request reuses its output buffers on the next call.
+        req.infer(share_outputs=True)
+        get = req.get_output_tensor
+        return [get(i).data.copy() for i in range(self._n_out)]
 
     def _close(self) -> None:
+        self._in_views = []
         self._request = None
         self._compiled = None
 

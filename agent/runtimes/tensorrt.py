@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agent.errors import ModelLoadError, RuntimeUnavailable, ShapeMismatch
+from agent.files import atomic_write, sha256_file
 from agent.runtimes.base import ProbeResult, Runtime, RuntimeOptions, TensorSpec
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("EDGEFLEET_TRT_CACHE", "/var/cache/edgefleet/tensorrt"))
@@ -87,31 +87,10 @@ class EngineCache:
     def put(self, key: EngineKey, blob: bytes) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         engine_path, meta_path = self._paths(key)
-        _atomic_write(engine_path, blob)
+        atomic_write(engine_path, blob)
         meta = {"key": asdict(key), "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
-        _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+        atomic_write(meta_path, json.dumps(meta, indent=1).encode())
         return engine_path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @cache
