@@ -28,7 +28,7 @@ from agent.files import sha256_file
 from converters import samples as sample_io
 from converters.errors import BuildError, SkipVariant
 from converters.parity import RUNTIME_FOR_FORMAT, compare, run_variant
-from converters.source import open_source
+from converters.source import Source, open_source
 from converters.variants import KINDS
 
 __all__ = ["BuildReport", "VariantReport", "build", "DEFAULT_VARIANTS", "GOLDEN_COUNT"]
@@ -108,6 +108,24 @@ def build(
     _clean_stale(out)
 
     src = open_source(Path(source))
+    try:
+        return _build(src, name, version, out, samples, wanted, tolerances or {}, drop_failing, archive, progress)
+    finally:
+        src.close()
+
+
+def _build(
+    src: Source,
+    name: str,
+    version: str,
+    out: Path,
+    samples: str | Path | None,
+    wanted: list[str],
+    tolerances: dict[str, float],
+    drop_failing: bool,
+    archive: bool,
+    progress: Progress,
+) -> BuildReport:
     if samples is not None:
         data = sample_io.load(Path(samples), src.inputs)
         synthetic = False
@@ -115,7 +133,6 @@ def build(
         data = sample_io.synthetic(src.inputs)
         synthetic = True
     reference = src.reference(data)
-    tolerances = tolerances or {}
     report = BuildReport(out, None, synthetic)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     tmp = tmp.rename(out.parent / f".{out.name}.building-{os.getpid()}") if not tmp.name.endswith(str(os.getpid())) else tmp

@@ -7,6 +7,12 @@ judged against them.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +33,32 @@ def signature(spec: TensorSpec) -> TensorSignature:
     return TensorSignature(name=spec.name, shape=list(spec.shape), dtype=spec.dtype.name, quantization=spec.quantization)
 
 
+def tensorflow_child(*args: str, timeout: float = 1800) -> None:
+    """Run ``converters._tensorflow_child``; a missing TensorFlow is a ``MissingExtra``."""
+    done = subprocess.run([sys.executable, "-m", "converters._tensorflow_child", *args], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        if "No module named 'tensorflow'" in done.stderr or "No module named 'keras'" in done.stderr:
+            raise MissingExtra("Keras and SavedModel sources need TensorFlow: pip install 'edgefleet[convert]'")
+        raise SourceError(f"TensorFlow {args[0]} failed: {tail[0]}")
+
+
 @dataclass
 class Source:
-    format: str  # onnx | tflite
-    path: Path
+    format: str  # onnx | tflite | keras | savedmodel
+    path: Path  # the file to convert from: for keras and savedmodel, a SavedModel directory
     sha256: str
     inputs: list[TensorSignature]
     outputs: list[TensorSignature]
+    workdir: Path | None = None  # scratch space owned by this source (an exported SavedModel)
+
+    def close(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def is_tensorflow(self) -> bool:
+        return self.format in ("keras", "savedmodel")
 
     @property
     def static_shapes(self) -> bool:
@@ -54,6 +79,12 @@ class Source:
 
     def reference(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The source model's own answers for the samples (stacked on dim 0)."""
+        if self.is_tensorflow:
+            with tempfile.TemporaryDirectory() as d:
+                np.savez(Path(d) / "in.npz", **data)  # type: ignore[arg-type]
+                tensorflow_child("reference", str(self.path), str(Path(d) / "in.npz"), str(Path(d) / "out.npz"))
+                with np.load(Path(d) / "out.npz", allow_pickle=False) as z:
+                    return {k: z[k] for k in z.files}
         try:
             with self._runtime() as rt:
                 size = next(iter(data.values())).shape[0] if self.batch_dynamic else 1
@@ -67,16 +98,16 @@ def open_source(path: Path) -> Source:
     """Identify and load the source; a corrupt or unsupported file is a ``SourceError``."""
     path = Path(path)
     if path.is_dir():
-        if (path / "saved_model.pb").exists():
-            raise MissingExtra("TensorFlow SavedModel sources are not supported by this build yet (see the README)")
-        raise SourceError(f"{path} is a directory without a saved_model.pb")
+        if not (path / "saved_model.pb").exists():
+            raise SourceError(f"{path} is a directory without a saved_model.pb")
+        return _open_tensorflow(path, "savedmodel", _sha256_dir(path))
     if not path.is_file():
         raise SourceError(f"source model not found: {path}")
     fmt = SOURCE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise SourceError(f"{path.name}: unsupported source (expected .onnx, .tflite, .keras, .h5 or a SavedModel directory)")
     if fmt == "keras":
-        raise MissingExtra("Keras sources are not supported by this build yet (see the README)")
+        return _open_tensorflow(path, "keras", sha256_file(path))
     src = Source(fmt, path, sha256_file(path), [], [])
     try:
         with src._runtime() as rt:
@@ -85,3 +116,30 @@ def open_source(path: Path) -> Source:
     except EdgefleetError as exc:
         raise SourceError(f"cannot load {path.name}: {exc}") from exc
     return src
+
+
+def _open_tensorflow(path: Path, fmt: str, digest: str) -> Source:
+    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-tf-"))
+    try:
+        tensorflow_child("prepare", str(path), str(workdir))
+        sig = json.loads((workdir / "signature.json").read_text())
+        return Source(
+            fmt,
+            Path(sig["saved_model"]),
+            digest,
+            [TensorSignature(**t) for t in sig["inputs"]],
+            [TensorSignature(**t) for t in sig["outputs"]],
+            workdir,
+        )
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _sha256_dir(root: Path) -> str:
+    """One hash over a SavedModel directory: relative paths and contents, in sorted order."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()

@@ -86,7 +86,24 @@ def _openvino(precision: str) -> Producer:
     return produce
 
 
+def _tflite_from_tensorflow(src: Source, out: Path, samples: dict[str, np.ndarray], precision: str) -> list[Path]:
+    from converters.source import tensorflow_child
+
+    dest = out / ("model.tflite" if precision == "fp32" else "model_int8.tflite")
+    args = ["tflite", str(src.path), str(dest), precision]
+    if precision == "int8":
+        np.savez(out / ".calibration.npz", **samples)  # type: ignore[arg-type]
+        args.append(str(out / ".calibration.npz"))
+    try:
+        tensorflow_child(*args)
+    finally:
+        (out / ".calibration.npz").unlink(missing_ok=True)
+    return [dest]
+
+
 def _tflite_fp32(src: Source, out: Path, samples: dict[str, np.ndarray]) -> list[Path]:
+    if src.is_tensorflow:
+        return _tflite_from_tensorflow(src, out, samples, "fp32")
     if src.format != "tflite":
         raise SkipVariant("ONNX -> TFLite needs a TensorFlow-based converter (onnx2tf), which edgefleet does not ship")
     if any(t.quantization for t in src.inputs):
@@ -97,6 +114,8 @@ def _tflite_fp32(src: Source, out: Path, samples: dict[str, np.ndarray]) -> list
 
 
 def _tflite_int8(src: Source, out: Path, samples: dict[str, np.ndarray]) -> list[Path]:
+    if src.is_tensorflow:
+        return _tflite_from_tensorflow(src, out, samples, "int8")
     if src.format == "tflite" and any(t.quantization for t in src.inputs):
         dest = out / "model_int8.tflite"
         shutil.copyfile(src.path, dest)

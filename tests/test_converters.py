@@ -21,7 +21,7 @@ from agent.runtimes import get_runtime, probe_all
 from agent.selection import choose
 from converters import builders
 from converters.build import build
-from converters.errors import BuildError, MissingExtra, SamplesError, SourceError
+from converters.errors import BuildError, SamplesError, SourceError
 from converters.parity import RUNTIME_FOR_FORMAT
 
 FAST = ["onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-fp16"]
@@ -111,7 +111,7 @@ def test_failing_variant_fails_the_build_or_is_dropped(models: ModelFiles, tmp_p
         (b"garbage" * 100, ".onnx", SourceError, "cannot load"),
         (None, ".onnx", SourceError, "cannot load"),  # truncated real model
         (b"x", ".pt", SourceError, "unsupported source"),
-        (b"x", ".keras", MissingExtra, "Keras"),
+        (b"x", ".keras", SourceError, "TensorFlow prepare failed"),
     ],
 )
 def test_bad_sources(models: ModelFiles, tmp_path: Path, content: bytes | None, suffix: str, error: type, message: str) -> None:
@@ -259,3 +259,68 @@ def test_builders_int8_reference_matches_numpy(models: ModelFiles) -> None:
     q = builders.Quantization.for_range(-1.0, 3.0)
     x = np.linspace(-1, 3, 50, dtype=np.float32)
     assert np.abs(q.dequantize(q.quantize(x)) - x).max() <= q.scale / 2 + 1e-6
+
+
+KERAS_SCRIPT = """
+import sys
+import keras
+from converters import builders
+mlp = builders.random_mlp([16, 32, 5], seed=7)
+m = keras.Sequential([keras.Input((16,), name="x"), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(5)])
+for layer, dense in zip(m.layers, mlp.layers):
+    layer.set_weights([dense.weight.T, dense.bias])
+m.save(sys.argv[1] + "/model.keras")
+m.export(sys.argv[1] + "/saved_model")
+"""
+
+
+@pytest.fixture(scope="module")
+def keras_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, builders.Mlp]:
+    """A Keras MLP with the same weights as a numpy MLP, saved as .keras and as a SavedModel (in a child: TF is heavy)."""
+    root = tmp_path_factory.mktemp("keras")
+    done = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, str(root)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, builders.random_mlp([16, 32, 5], seed=7)
+
+
+def test_keras_source_to_tflite_and_openvino(keras_model: tuple[Path, builders.Mlp], tmp_path: Path) -> None:
+    root, mlp = keras_model
+    x = np.random.default_rng(0).uniform(-1, 1, (64, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    report = build(
+        root / "model.keras",
+        "k",
+        "1",
+        tmp_path / "out",
+        samples=tmp_path / "x.npy",
+        variants=["tflite-fp32", "tflite-int8", "openvino-fp32", "onnx-fp32"],
+    )
+    assert {v.id: v.state for v in report.variants} == {
+        "tflite-fp32": "ok",
+        "tflite-int8": "ok",
+        "openvino-fp32": "ok",
+        "onnx-fp32": "skipped",
+    }
+    bundle = load_bundle(tmp_path / "out")
+    assert bundle.source_format == "keras" and [t.name for t in bundle.inputs] == ["x"]
+    out_name = bundle.outputs[0].name
+    truth = mlp.reference(x)
+    for v in bundle.variants:  # every variant answers by the same tensor names, close to the numpy truth
+        with get_runtime(RUNTIME_FOR_FORMAT[v.format])() as rt:
+            rt.load(tmp_path / "out" / v.file)
+            got = rt.infer({"x": x})[out_name]
+        assert np.abs(got - truth).max() < (1e-4 if v.precision == "fp32" else 0.3), v.id
+    int8 = next(v for v in bundle.variants if v.id == "tflite-int8")
+    assert int8.parity.max_abs_error > 0 and int8.parity.top1_agreement is not None
+
+
+def test_savedmodel_source(keras_model: tuple[Path, builders.Mlp], tmp_path: Path) -> None:
+    root, _ = keras_model
+    report = build(root / "saved_model", "sm", "1", tmp_path / "out", variants=["tflite-fp32", "openvino-fp32"])
+    assert [v.state for v in report.variants] == ["ok", "ok"]
+    bundle = load_bundle(tmp_path / "out")
+    assert bundle.source_format == "savedmodel" and bundle.synthetic_samples
+    empty = tmp_path / "not_a_saved_model"
+    empty.mkdir()
+    with pytest.raises(SourceError, match=r"without a saved_model\.pb"):
+        build(empty, "sm", "1", tmp_path / "out2")

@@ -83,8 +83,9 @@ class LiteRTRuntime(Runtime):
         self._interp = interp
         self._in_index = [d["index"] for d in interp.get_input_details()]
         self._out_index = [d["index"] for d in interp.get_output_details()]
-        self._inputs = tuple(_spec(d) for d in interp.get_input_details())
-        self._outputs = tuple(_spec(d) for d in interp.get_output_details())
+        names = _signature_names(interp)
+        self._inputs = tuple(_spec(d, names) for d in interp.get_input_details())
+        self._outputs = tuple(_spec(d, names) for d in interp.get_output_details())
         self._shapes = [tuple(int(x) for x in d["shape"]) for d in interp.get_input_details()]
         self._quantized = any(s.quantization for s in self._inputs + self._outputs)
         self._device = device
@@ -114,10 +115,29 @@ class LiteRTRuntime(Runtime):
         self._interp = None
 
 
-def _spec(detail: dict[str, Any]) -> TensorSpec:
+def _signature_names(interp: Any) -> dict[int, str]:
+    """Tensor index -> name from the model's only SignatureDef, when it has exactly one.
+
+    Why: a TFLite file converted from TensorFlow names its tensors
+    ``serving_default_x:0`` and ``StatefulPartitionedCall:0``; the signature keeps
+    the names the model was built with (``x``, ``output_0``), which are the names
+    the OpenVINO and ONNX variants of the same model use.
+    """
+    try:
+        signatures = interp.get_signature_list()
+        if len(signatures) != 1:
+            return {}
+        runner = interp.get_signature_runner(next(iter(signatures)))
+        details = {**runner.get_input_details(), **runner.get_output_details()}
+    except (AttributeError, ValueError, RuntimeError):  # old tflite-runtime, or a malformed signature
+        return {}
+    return {int(d["index"]): str(name) for name, d in details.items()}
+
+
+def _spec(detail: dict[str, Any], names: dict[int, str]) -> TensorSpec:
     signature = detail.get("shape_signature")
     shape = signature if signature is not None and len(signature) else detail["shape"]
     scale, zero_point = detail.get("quantization", (0.0, 0))
     dtype = np.dtype(detail["dtype"])
     quant = (float(scale), int(zero_point)) if scale and dtype.kind in "iu" else None
-    return TensorSpec(detail["name"], tuple(int(d) for d in shape), dtype, quant)
+    return TensorSpec(names.get(int(detail["index"]), detail["name"]), tuple(int(d) for d in shape), dtype, quant)
