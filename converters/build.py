@@ -84,6 +84,7 @@ def build(
     archive: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    source_format: str | None = None,
 ) -> BuildReport:
     """Build the bundle ``out`` from ``source``; see the module docstring for the guarantees.
 
@@ -108,6 +109,8 @@ def build(
     _clean_stale(out)
 
     src = open_source(Path(source))
+    if source_format is not None:  # e.g. "pytorch" for a module exported to ONNX on the way in
+        src.origin = source_format
     try:
         return _build(src, name, version, out, samples, wanted, tolerances or {}, drop_failing, archive, progress)
     finally:
@@ -221,7 +224,7 @@ def _build(
             name=name,
             version=version,
             created=datetime.now(timezone.utc),
-            source_format=src.format,  # type: ignore[arg-type]
+            source_format=src.origin or src.format,  # type: ignore[arg-type]
             source_sha256=src.sha256,
             inputs=src.inputs,
             outputs=src.outputs,

@@ -51,6 +51,7 @@ class Source:
     inputs: list[TensorSignature]
     outputs: list[TensorSignature]
     workdir: Path | None = None  # scratch space owned by this source (an exported SavedModel)
+    origin: str | None = None  # what the user handed us when it is not ``format`` (a PyTorch module exported to ONNX)
 
     def close(self) -> None:
         if self.workdir is not None:

@@ -324,3 +324,63 @@ def test_savedmodel_source(keras_model: tuple[Path, builders.Mlp], tmp_path: Pat
     empty.mkdir()
     with pytest.raises(SourceError, match=r"without a saved_model\.pb"):
         build(empty, "sm", "1", tmp_path / "out2")
+
+
+def test_pytorch_module_to_bundle(tmp_path: Path) -> None:
+    import torch
+
+    from converters.pytorch import build_pytorch
+
+    torch.manual_seed(0)
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+            self.cls = torch.nn.Linear(16, 4)
+            self.reg = torch.nn.Linear(16, 1)
+
+        def forward(self, features: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.body(features) + bias
+            return self.cls(h), self.reg(h)
+
+    module = TwoHeads()
+    report = build_pytorch(
+        module,
+        (torch.randn(1, 8), torch.zeros(1, 16)),
+        "heads",
+        "1",
+        tmp_path / "out",
+        input_names=["features", "bias"],
+        output_names=["scores", "value"],
+        variants=["onnx-fp32", "openvino-fp32"],
+    )
+    assert [v.state for v in report.variants] == ["ok", "ok"]
+    bundle = load_bundle(tmp_path / "out")
+    assert bundle.source_format == "pytorch"
+    assert [t.name for t in bundle.inputs] == ["features", "bias"] and bundle.inputs[0].shape == [-1, 8]
+    features, bias = torch.randn(5, 8), torch.randn(5, 16)
+    with torch.no_grad():
+        scores, value = module(features, bias)
+    for v in bundle.variants:  # batch 5 through a model exported at batch 1: the batch is dynamic
+        with get_runtime(RUNTIME_FOR_FORMAT[v.format])() as rt:
+            rt.load(tmp_path / "out" / v.file)
+            got = rt.infer({"features": features.numpy(), "bias": bias.numpy()})
+        np.testing.assert_allclose(got["scores"], scores.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["value"], value.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_pytorch_export_errors(tmp_path: Path) -> None:
+    import torch
+
+    from converters.pytorch import export_onnx
+
+    with pytest.raises(SourceError, match="takes 1 inputs and returns 1 outputs"):
+        export_onnx(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), tmp_path / "m.onnx", input_names=["a", "b"])
+
+    class Bad(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.fft.fft(x).real  # complex intermediates have no ONNX export
+
+    with pytest.raises(SourceError, match=r"torch\.onnx\.export failed"):
+        export_onnx(Bad(), (torch.zeros(1, 4),), tmp_path / "bad.onnx")
