@@ -25,8 +25,14 @@ def main(argv: list[str]) -> int:
             data = {k: z[k] for k in z.files}
         names = [p.get_any_name() for p in model.inputs]
         count = next(iter(data.values())).shape[0]
-        items = [{n: data[n][i : i + 1] for n in names} for i in range(count)]
-        model = nncf.quantize(model, nncf.Dataset(items), subset_size=min(300, count))
+        # NNCF averages each item's min and max: items of one sample would shrink every
+        # range towards the mean (a scalar input calibrated to ~[0, 0.6] for data in
+        # [-1, 1]). Batches of many samples, where the batch dimension allows, keep the
+        # ranges honest.
+        dynamic_batch = all(p.get_partial_shape()[0].is_dynamic for p in model.inputs)
+        step = min(count, 64) if dynamic_batch else 1
+        items = [{n: data[n][i : i + step] for n in names} for i in range(0, count, step)]
+        model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items))
     ov.save_model(model, out, compress_to_fp16=precision == "fp16")
     return 0
 

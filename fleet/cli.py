@@ -100,6 +100,18 @@ def build_cmd(
     console.print(f"bundle written to {report.out}" + (f" and {report.archive}" if report.archive else ""))
 
 
+@main.command("demo-model")
+@click.argument("kind", type=click.Choice(["linear", "logistic", "mlp"]))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_model_cmd(kind: str, out: Path, seed: int) -> None:
+    """Train a small demo model with numpy (linear: y = 2x + 1) and write it as ONNX to OUT."""
+    from converters.demo_models import write_demo_model
+
+    write_demo_model(kind, out, seed)
+    console.print(f"wrote {out}")
+
+
 def _table(report: object) -> None:
     table = Table("variant", "size", "latency (ms)", "max error", "top-1", "verdict", title="fleet build")
     for v in getattr(report, "variants", []):

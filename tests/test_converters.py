@@ -24,14 +24,24 @@ from converters.build import build
 from converters.errors import BuildError, SamplesError, SourceError
 from converters.parity import RUNTIME_FOR_FORMAT
 
-FAST = ["onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-fp16"]
+FAST = ["onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-int8"]
 
 
 @pytest.fixture(scope="module")
 def onnx_bundle(models: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "mlp"
     np.save(out.parent / "samples.npy", models.calibration)
-    build(models.path("mlp.onnx"), "mlp", "1.0.0", out, samples=out.parent / "samples.npy", variants=FAST, archive=True)
+    # NNCF's int8 of this random 3-layer MLP is ~0.45 off at worst (top-1 ~91%): allowed explicitly, as a user would.
+    build(
+        models.path("mlp.onnx"),
+        "mlp",
+        "1.0.0",
+        out,
+        samples=out.parent / "samples.npy",
+        variants=FAST,
+        archive=True,
+        tolerances={"openvino-int8": 0.3},
+    )
     return out
 
 
@@ -54,6 +64,7 @@ def test_bundle_from_onnx_passes_parity_checked_independently(onnx_bundle: Path,
         assert v.min_runtime_version[RUNTIME_FOR_FORMAT[v.format]] == probe_all()[RUNTIME_FOR_FORMAT[v.format]].version
     assert bundle.variants[0].parity.max_abs_error < 1e-5  # fp32 copy
     assert 0 < bundle.variants[1].parity.max_abs_error < 0.5  # int8 is close, not exact
+    assert 0 < bundle.variants[4].parity.max_abs_error < 1.0 and bundle.variants[4].parity.atol == 0.3
     assert bundle.skipped == {}  # every requested variant has a path from ONNX
     for v in bundle.variants:
         assert v.golden in os.listdir(onnx_bundle)
@@ -384,3 +395,97 @@ def test_pytorch_export_errors(tmp_path: Path) -> None:
 
     with pytest.raises(SourceError, match=r"torch\.onnx\.export failed"):
         export_onnx(Bad(), (torch.zeros(1, 4),), tmp_path / "bad.onnx")
+
+
+def test_readme_demo_model_builds_every_variant_it_can(tmp_path: Path) -> None:
+    from converters.demo_models import linear_regression, logistic_regression, mlp_classifier
+
+    fit = linear_regression()
+    assert abs(float(fit.layers[0].weight[0, 0]) - 2.0) < 0.02 and abs(float(fit.layers[0].bias[0]) - 1.0) < 0.02
+    blobs = np.array([[-1.5, -1.5], [1.5, 1.5]], np.float32)
+    for clf in (logistic_regression(), mlp_classifier()):
+        assert list(clf.reference(blobs).argmax(1)) == [0, 1]
+    fleet = [sys.executable, "-m", "fleet.cli"]
+    done = subprocess.run([*fleet, "demo-model", "linear", str(tmp_path / "demo.onnx")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [
+            *fleet,
+            "build",
+            str(tmp_path / "demo.onnx"),
+            "--name",
+            "demo",
+            "--version",
+            "1.0.0",
+            "--out",
+            str(tmp_path / "demo-1.0.0"),
+            "--archive",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    bundle = load_bundle(tmp_path / "demo-1.0.0")
+    assert [v.id for v in bundle.variants] == ["openvino-fp32", "openvino-fp16", "openvino-int8", "onnx-fp32", "onnx-int8"]
+    assert set(bundle.skipped) == {"tflite-fp32", "tflite-int8"}
+    assert (tmp_path / "demo-1.0.0.tar.gz").is_file()
+
+
+def test_unsupported_operator_is_a_source_error(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("FluxCapacitor", ["x"], ["y"], domain="com.example")],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    with pytest.raises(SourceError, match="FluxCapacitor"):
+        build(tmp_path / "custom.onnx", "c", "1", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+BLOCK_IMPORTS = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras", "torch"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, builders.Mlp], tmp_path: Path) -> None:
+    """Where TensorFlow or torch is absent (here: hidden by an import blocker) the error names the extra."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_IMPORTS)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    script = (
+        "import sys\n"
+        "from converters.build import build\n"
+        "from converters.pytorch import export_onnx\n"
+        "from converters.errors import MissingExtra\n"
+        "try:\n"
+        "    build(sys.argv[1], 'k', '1', sys.argv[2])\n"
+        "except MissingExtra as e:\n"
+        "    print('KERAS:', e)\n"
+        "try:\n"
+        "    export_onnx(object(), (), sys.argv[2] + '.onnx')\n"
+        "except MissingExtra as e:\n"
+        "    print('TORCH:', e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(keras_model[0] / "model.keras"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert "KERAS: Keras and SavedModel sources need TensorFlow: pip install 'edgefleet[convert]'" in done.stdout, done.stderr[-2000:]
+    assert "TORCH: PyTorch sources need torch: pip install 'edgefleet[pytorch]'" in done.stdout
+    assert not (tmp_path / "out").exists()
