@@ -63,7 +63,7 @@ def reference(saved: str, inputs: str, out: str) -> None:
     for i in range(n) if static_batch else [None]:
         feed = {k: tf.constant(v if i is None else v[i : i + 1]) for k, v in data.items()}
         parts.append({k: v.numpy() for k, v in fn(**feed).items()})
-    np.savez(out, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    np.savez(out, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})  # type: ignore[arg-type]
 
 
 def tflite(saved: str, out: str, precision: str, samples: str | None) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def add_mul_reference(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- ONNX
 
 
-def _save_onnx(graph: object, path: Path, opset: int = 17) -> Path:
+def _save_onnx(graph: Any, path: Path, opset: int = 17) -> Path:
     import onnx
     from onnx import helper
 
@@ -268,7 +269,7 @@ class _FlatModel:
         return path
 
 
-def _schema() -> object:
+def _schema() -> Any:
     try:
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:  # tflite-runtime does not ship the schema; the tests install ai-edge-litert
