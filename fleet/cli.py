@@ -112,6 +112,89 @@ def demo_model_cmd(kind: str, out: Path, seed: int) -> None:
     console.print(f"wrote {out}")
 
 
+def _fail(exc: EdgefleetError) -> None:
+    click.echo(f"error[{exc.code}]: {exc}", err=True)
+    sys.exit(1)
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """Signing keys: root and targets (keep offline), snapshot, timestamp and director (online)."""
+
+
+@keys_group.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--root-threshold", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--root-keys", type=click.IntRange(1, 16), help="How many root keys (default: the threshold).")
+def keys_init_cmd(directory: Path, root_threshold: int, root_keys: int | None) -> None:
+    """Create Ed25519 keys for every role in DIRECTORY (private keys 0600; refuses to overwrite)."""
+    from fleet.keys import init_keys
+
+    try:
+        store = init_keys(directory, root_threshold, root_keys)
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    for role, entry in store.index().items():
+        console.print(f"{role:<10} threshold {entry['threshold']}  keys {', '.join(k['keyid'][:16] for k in entry['keys'])}")
+
+
+@keys_group.command("rotate-root")
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--new-keys", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--threshold", type=click.IntRange(1, 16), default=1, show_default=True)
+def rotate_root_cmd(keys_dir: Path, repo: Path, new_keys: int, threshold: int) -> None:
+    """Replace the root keys: the new root is signed by the old keys (threshold) and the new ones."""
+    from fleet.image_repo import ImageRepository
+    from fleet.keys import KeyStore
+
+    try:
+        md = ImageRepository(repo).rotate_root(KeyStore(keys_dir), new_keys, threshold)
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    console.print(f"root version {md.signed.version}: {new_keys} new key(s), threshold {threshold}")
+
+
+@main.group("repo")
+def repo_group() -> None:
+    """The image repository: which releases exist, signed with TUF."""
+
+
+@repo_group.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def repo_init_cmd(directory: Path, keys_dir: Path) -> None:
+    """Create an empty image repository signed with the keys in --keys."""
+    from fleet.image_repo import ImageRepository
+    from fleet.keys import KeyStore
+
+    try:
+        ImageRepository.create(directory, KeyStore(keys_dir))
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    console.print(f"image repository created in {directory}")
+
+
+@main.command("release")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def release_cmd(bundle: Path, repo: Path, keys_dir: Path) -> None:
+    """Add BUNDLE (a `fleet build` directory or .tar.gz) to the image repository as a signed target."""
+    from fleet.image_repo import ImageRepository
+    from fleet.keys import KeyStore
+
+    try:
+        r = ImageRepository(repo).release(bundle, KeyStore(keys_dir))
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    console.print(f"released {r.model} {r.version} as {r.target_path} (release_counter {r.release_counter}, {r.length} bytes)")
+
+
 def _table(report: object) -> None:
     table = Table("variant", "size", "latency (ms)", "max error", "top-1", "verdict", title="fleet build")
     for v in getattr(report, "variants", []):

@@ -1,0 +1,259 @@
+"""The image repository (Uptane's name for it): which releases exist, signed with python-tuf.
+
+Layout (consistent snapshots, as ``tuf.ngclient`` fetches them):
+``metadata/{N}.root.json``, ``metadata/timestamp.json``, ``metadata/{N}.snapshot.json``,
+``metadata/{N}.targets.json`` and ``targets/{model}/{sha256}.{version}.tar.gz``.
+A target is a bundle archive; its custom fields carry the model name, version,
+variants (format, precision, sha256, length, hints) and a per-model
+``release_counter`` the agent uses to refuse rollbacks.
+Trust state changes in exactly one place: ``ImageRepository`` writes and signs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import Signer
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+
+from agent.bundle import Bundle, BundleError, load_bundle, verify_files
+from agent.errors import EdgefleetError
+from agent.files import atomic_write
+from fleet.keys import KeyStore
+
+__all__ = ["Expiry", "ImageRepository", "ReleaseError", "Release"]
+
+
+class ReleaseError(EdgefleetError):
+    """A release that cannot be added; the repository is unchanged."""
+
+    code = "bad_release"
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """How long each role's metadata stays valid; timestamp and snapshot are re-signed online."""
+
+    root: timedelta = timedelta(days=365)
+    targets: timedelta = timedelta(days=90)
+    snapshot: timedelta = timedelta(days=7)
+    timestamp: timedelta = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Release:
+    target_path: str
+    model: str
+    version: str
+    release_counter: int
+    length: int
+    sha256: str
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class ImageRepository:
+    def __init__(self, directory: str | Path, expiry: Expiry | None = None) -> None:
+        self.directory = Path(directory)
+        self.metadata = self.directory / "metadata"
+        self.targets_dir = self.directory / "targets"
+        self.expiry = expiry or Expiry()
+
+    # -- reading ---------------------------------------------------------------
+
+    def _load(self, name: str) -> Metadata[Any]:
+        try:
+            return Metadata.from_file(str(self.metadata / name))
+        except Exception as exc:  # python-tuf raises several types for unreadable metadata
+            raise ReleaseError(f"cannot read {name}: {exc}") from exc
+
+    def root(self) -> Metadata[Root]:
+        versions = sorted(int(p.name.split(".")[0]) for p in self.metadata.glob("*.root.json"))
+        if not versions:
+            raise ReleaseError(f"{self.directory} is not an image repository (run `fleet repo init`)")
+        return self._load(f"{versions[-1]}.root.json")
+
+    def timestamp(self) -> Metadata[Timestamp]:
+        return self._load("timestamp.json")
+
+    def snapshot(self) -> Metadata[Snapshot]:
+        return self._load(f"{self.timestamp().signed.snapshot_meta.version}.snapshot.json")
+
+    def targets(self) -> Metadata[Targets]:
+        return self._load(f"{self.snapshot().signed.meta['targets.json'].version}.targets.json")
+
+    def releases(self) -> list[Release]:
+        out = []
+        for path, tf in self.targets().signed.targets.items():
+            custom = tf.unrecognized_fields.get("custom", {})
+            out.append(
+                Release(
+                    path,
+                    custom.get("model", ""),
+                    custom.get("version", ""),
+                    int(custom.get("release_counter", 0)),
+                    tf.length,
+                    tf.hashes["sha256"],
+                )
+            )
+        return sorted(out, key=lambda r: (r.model, r.release_counter))
+
+    # -- writing ---------------------------------------------------------------
+
+    def _write(self, md: Metadata[Any], name: str) -> None:
+        atomic_write(self.metadata / name, md.to_bytes(JSONSerializer(compact=False)))
+
+    @staticmethod
+    def _sign(md: Metadata[Any], signers: Sequence[Signer]) -> None:
+        md.signatures.clear()
+        for s in signers:
+            md.sign(s, append=True)
+
+    @classmethod
+    def create(cls, directory: str | Path, keys: KeyStore, expiry: Expiry | None = None) -> ImageRepository:
+        repo = cls(directory, expiry)
+        if repo.metadata.exists() and any(repo.metadata.iterdir()):
+            raise ReleaseError(f"{repo.directory} already holds a repository")
+        repo.metadata.mkdir(parents=True, exist_ok=True)
+        repo.targets_dir.mkdir(parents=True, exist_ok=True)
+        now = _now()
+        root = Root(expires=now + repo.expiry.root, consistent_snapshot=True)
+        for role in ("root", "targets", "snapshot", "timestamp"):
+            for key in keys.public_keys(role):
+                root.add_key(key, role)
+            root.roles[role].threshold = keys.threshold(role)
+        root_md = Metadata(root)
+        repo._sign(root_md, keys.signers("root"))
+        repo._write(root_md, "1.root.json")
+        targets_md = Metadata(Targets(expires=now + repo.expiry.targets))
+        repo._publish(targets_md, keys)
+        return repo
+
+    def _publish(self, targets_md: Metadata[Targets], keys: KeyStore) -> None:
+        """Sign and write targets, then a snapshot naming it, then a timestamp naming that."""
+        now = _now()
+        self._sign(targets_md, keys.signers("targets"))
+        self._write(targets_md, f"{targets_md.signed.version}.targets.json")
+        try:
+            old_snapshot_version = self.snapshot().signed.version
+        except ReleaseError:
+            old_snapshot_version = 0
+        snapshot_md = Metadata(
+            Snapshot(
+                version=old_snapshot_version + 1,
+                expires=now + self.expiry.snapshot,
+                meta={"targets.json": MetaFile(version=targets_md.signed.version)},
+            )
+        )
+        self._sign(snapshot_md, keys.signers("snapshot"))
+        self._write(snapshot_md, f"{snapshot_md.signed.version}.snapshot.json")
+        self._write_timestamp(snapshot_md.signed.version, keys)
+
+    def _write_timestamp(self, snapshot_version: int, keys: KeyStore) -> None:
+        try:
+            version = self.timestamp().signed.version + 1
+        except ReleaseError:
+            version = 1
+        ts = Metadata(Timestamp(version=version, expires=_now() + self.expiry.timestamp, snapshot_meta=MetaFile(version=snapshot_version)))
+        self._sign(ts, keys.signers("timestamp"))
+        self._write(ts, "timestamp.json")
+
+    def refresh_timestamp(self, keys: KeyStore) -> None:
+        """Re-sign the timestamp (online key) so devices do not see the repository as frozen."""
+        self._write_timestamp(self.snapshot().signed.version, keys)
+
+    def release(self, bundle: str | Path, keys: KeyStore) -> Release:
+        """Add a bundle (directory or ``.tar.gz`` from ``fleet build --archive``) as a signed target."""
+        archive, manifest = _bundle_archive(Path(bundle))
+        digest = hashlib.sha256(archive).hexdigest()
+        target_path = f"{manifest.name}/{manifest.version}.tar.gz"
+        targets_md = self.targets()
+        existing = targets_md.signed.targets.get(target_path)
+        if existing is not None:
+            raise ReleaseError(f"{manifest.name} {manifest.version} is already released (sha256 {existing.hashes['sha256'][:12]}…)")
+        counter = 1 + max((r.release_counter for r in self.releases() if r.model == manifest.name), default=0)
+        hints = sorted({h for v in manifest.variants for h in v.hints})
+        custom = {
+            "model": manifest.name,
+            "version": manifest.version,
+            "release_counter": counter,
+            "hardware": hints,
+            "variants": [
+                {
+                    "id": v.id,
+                    "format": v.format,
+                    "precision": v.precision,
+                    "file": v.file,
+                    "sha256": v.sha256,
+                    "length": v.size,
+                    "hints": v.hints,
+                }
+                for v in manifest.variants
+            ],
+        }
+        tf = TargetFile.from_data(target_path, archive, ["sha256"])
+        tf.unrecognized_fields["custom"] = custom
+        stored = self.targets_dir / manifest.name / f"{digest}.{manifest.version}.tar.gz"
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(stored, archive)
+        targets_md.signed.targets[target_path] = tf
+        targets_md.signed.version += 1
+        targets_md.signed.expires = _now() + self.expiry.targets
+        self._publish(targets_md, keys)
+        return Release(target_path, manifest.name, manifest.version, counter, len(archive), digest)
+
+    def rotate_root(self, keys: KeyStore, new_root_keys: int = 1, new_threshold: int = 1) -> Metadata[Root]:
+        """A new root with fresh root keys, signed by the old root keys (threshold) and the new ones."""
+        current = self.root()
+        old_signers = keys.signers("root")
+        new_signers = keys.add("root", new_root_keys, new_threshold)
+        root = current.signed
+        for keyid in list(root.roles["root"].keyids):
+            root.revoke_key(keyid, "root")
+        for s in new_signers:
+            root.add_key(s.public_key, "root")
+        root.roles["root"].threshold = new_threshold
+        root.version += 1
+        root.expires = _now() + self.expiry.root
+        md = Metadata(root)
+        self._sign(md, [*old_signers, *new_signers])
+        self._write(md, f"{root.version}.root.json")
+        for s in old_signers:  # the old root keys are retired: keep no private copies
+            (keys.directory / f"root-{s.public_key.keyid[:16]}.pem").unlink(missing_ok=True)
+        return md
+
+
+def _bundle_archive(path: Path) -> tuple[bytes, Bundle]:
+    """The archive bytes and the validated manifest; a bad bundle is a ``ReleaseError``."""
+    try:
+        if path.is_dir():
+            manifest = load_bundle(path)
+            verify_files(manifest, path)
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+                for p in sorted(path.iterdir()):
+                    info = tar.gettarinfo(str(p), arcname=p.name)
+                    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                    with open(p, "rb") as f:
+                        tar.addfile(info, f)
+            return buf.getvalue(), manifest
+        data = path.read_bytes()
+        with tempfile.TemporaryDirectory() as d:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+                tar.extractall(d, filter="data")
+            manifest = load_bundle(d)
+            verify_files(manifest, Path(d))
+        return data, manifest
+    except (BundleError, OSError, tarfile.TarError, ValueError) as exc:
+        raise ReleaseError(f"{path} is not a valid bundle: {exc}") from exc
