@@ -1,0 +1,126 @@
+"""A python-tuf fetcher that pulls repository files over MQTT, a window of chunks at a time.
+
+``tuf.ngclient.Updater`` asks for URLs; this maps ``base_url + path`` to repository
+requests (see ``agent.protocol``), keeps up to ``window`` chunk requests in flight,
+yields the bytes in order and turns a missing file into ``DownloadHTTPError(404)``
+as the Updater expects. A lost reply (broker restart) is re-requested.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from tuf.api import exceptions as tuf_errors
+from tuf.ngclient.fetcher import FetcherInterface
+
+from agent.protocol import MAX_CHUNK, REPO_REQUEST, ProtocolError, RepoReply, RepoRequest, repo_reply_topic, tcp_nodelay
+
+__all__ = ["MqttFetcher"]
+
+
+class MqttFetcher(FetcherInterface):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        device_id: str,
+        base_url: str,
+        chunk_size: int = MAX_CHUNK,
+        window: int = 4,
+        timeout: float = 10.0,
+        retries: int = 3,
+    ) -> None:
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.reply_topic = repo_reply_topic(device_id)
+        self.chunk_size = max(1, min(chunk_size, MAX_CHUNK))
+        self.window, self.timeout, self.retries = max(1, window), timeout, retries
+        self._pending: dict[str, queue.Queue[RepoReply]] = {}
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device_id}-fetch", protocol=mqtt.MQTTv311)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.on_socket_open = tcp_nodelay
+        self._client.connect(host, port, keepalive=30)
+        self._client.loop_start()
+        if not self._ready.wait(timeout):
+            self.close()
+            raise ConnectionError(f"no MQTT connection to {host}:{port}")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        client.subscribe(self.reply_topic, qos=1)
+        self._ready.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            reply = RepoReply.decode(bytes(msg.payload))
+        except ProtocolError:
+            return  # not ours to answer; the request it belonged to will time out and be retried
+        with self._lock:
+            waiter = self._pending.get(reply.request_id)
+        if waiter is not None:
+            waiter.put(reply)
+
+    def _send(self, path: str, offset: int) -> tuple[str, queue.Queue[RepoReply]]:
+        rid = uuid.uuid4().hex
+        waiter: queue.Queue[RepoReply] = queue.Queue(maxsize=1)
+        with self._lock:
+            self._pending[rid] = waiter
+        req = RepoRequest(rid, self.reply_topic, path, offset, self.chunk_size)
+        self._client.publish(REPO_REQUEST, req.encode(), qos=1)
+        return rid, waiter
+
+    def _await(self, path: str, offset: int, sent: tuple[str, queue.Queue[RepoReply]]) -> RepoReply:
+        rid, waiter = sent
+        for attempt in range(self.retries + 1):
+            try:
+                reply = waiter.get(timeout=self.timeout)
+                break
+            except queue.Empty:
+                with self._lock:
+                    self._pending.pop(rid, None)
+                if attempt == self.retries:
+                    raise tuf_errors.DownloadError(f"no reply for {path} at offset {offset} after {self.retries + 1} tries") from None
+                rid, waiter = self._send(path, offset)
+        with self._lock:
+            self._pending.pop(rid, None)
+        if reply.status == 404:
+            raise tuf_errors.DownloadHTTPError(f"{path}: not found", 404)
+        if reply.status != 200:
+            raise tuf_errors.DownloadHTTPError(f"{path}: {reply.error or 'error'}", reply.status)
+        if reply.offset != offset:
+            raise tuf_errors.DownloadError(f"{path}: reply for offset {reply.offset}, expected {offset}")
+        return reply
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith(self.base_url):
+            raise tuf_errors.DownloadHTTPError(f"{url} is outside {self.base_url}", 404)
+        path = url[len(self.base_url) :]
+        first = self._await(path, 0, self._send(path, 0))
+        total = first.total
+        return self._stream(path, first, total)
+
+    def _stream(self, path: str, first: RepoReply, total: int) -> Iterator[bytes]:
+        yield first.data
+        offset = len(first.data)
+        inflight: list[tuple[int, tuple[str, queue.Queue[RepoReply]]]] = []
+        next_offset = offset
+        while offset < total:
+            while len(inflight) < self.window and next_offset < total:
+                inflight.append((next_offset, self._send(path, next_offset)))
+                next_offset += self.chunk_size
+            chunk_offset, sent = inflight.pop(0)
+            reply = self._await(path, chunk_offset, sent)
+            if len(reply.data) != min(self.chunk_size, total - chunk_offset) or reply.total != total:
+                raise tuf_errors.DownloadError(f"{path}: chunk at {chunk_offset} has {len(reply.data)} bytes (file {reply.total})")
+            offset = chunk_offset + len(reply.data)
+            yield reply.data
