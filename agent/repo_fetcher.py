@@ -12,6 +12,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -20,7 +21,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.protocol import MAX_CHUNK, REPO_REQUEST, ProtocolError, RepoReply, RepoRequest, repo_reply_topic, tcp_nodelay
 
-__all__ = ["MqttFetcher"]
+__all__ = ["DirectoryFetcher", "MqttFetcher"]
 
 
 class MqttFetcher(FetcherInterface):
@@ -124,3 +125,19 @@ class MqttFetcher(FetcherInterface):
                 raise tuf_errors.DownloadError(f"{path}: chunk at {chunk_offset} has {len(reply.data)} bytes (file {reply.total})")
             offset = chunk_offset + len(reply.data)
             yield reply.data
+
+
+class DirectoryFetcher(FetcherInterface):
+    """Serves a repository from a local directory (a USB stick, a mounted share) with the same 404 semantics."""
+
+    def __init__(self, root: str | Path, base_url: str) -> None:
+        self.root = Path(root).resolve()
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        path = (self.root / url.removeprefix(self.base_url)).resolve()
+        if not url.startswith(self.base_url) or not path.is_relative_to(self.root) or not path.is_file():
+            raise tuf_errors.DownloadHTTPError(f"not found: {url}", 404)
+        with open(path, "rb") as f:
+            while block := f.read(MAX_CHUNK):
+                yield block

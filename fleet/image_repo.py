@@ -116,9 +116,7 @@ class ImageRepository:
 
     @staticmethod
     def _sign(md: Metadata[Any], signers: Sequence[Signer]) -> None:
-        md.signatures.clear()
-        for s in signers:
-            md.sign(s, append=True)
+        sign_metadata(md, signers)
 
     @classmethod
     def create(cls, directory: str | Path, keys: KeyStore, expiry: Expiry | None = None) -> ImageRepository:
@@ -232,6 +230,13 @@ class ImageRepository:
         for s in old_signers:  # the old root keys are retired: keep no private copies
             (keys.directory / f"root-{s.public_key.keyid[:16]}.pem").unlink(missing_ok=True)
         return md
+
+
+def sign_metadata(md: Metadata[Any], signers: Sequence[Signer]) -> None:
+    """Replace every signature with one from each signer (threshold signing)."""
+    md.signatures.clear()
+    for s in signers:
+        md.sign(s, append=True)
 
 
 def _bundle_archive(path: Path) -> tuple[bytes, Bundle]:

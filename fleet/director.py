@@ -1,0 +1,118 @@
+"""The director repository: what each device must run, signed online (Uptane's second repository).
+
+One TUF repository per device under ``DIR/{device}/metadata``; they share one root
+(signed by the offline root keys once, at ``Director.create``) that gives the
+online ``director`` key the targets, snapshot and timestamp roles. A device's
+targets name exactly one bundle (by the image repository's path, length and
+hashes) and the variant it should install; the agent installs only what both
+repositories agree on.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+
+from agent.errors import EdgefleetError
+from agent.files import atomic_write
+from agent.protocol import valid_device_id
+from fleet.image_repo import ImageRepository, sign_metadata
+from fleet.keys import KeyStore
+
+__all__ = ["AssignError", "Director"]
+
+ROOT_FILE = "1.root.json"
+
+
+class AssignError(EdgefleetError):
+    code = "bad_assignment"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class Director:
+    def __init__(
+        self, directory: str | Path, targets_expiry: timedelta = timedelta(days=7), timestamp_expiry: timedelta = timedelta(days=1)
+    ) -> None:
+        self.directory = Path(directory)
+        self.targets_expiry = targets_expiry
+        self.timestamp_expiry = timestamp_expiry
+
+    @classmethod
+    def create(cls, directory: str | Path, keys: KeyStore, root_expiry: timedelta = timedelta(days=365)) -> Director:
+        d = cls(directory)
+        if (d.directory / ROOT_FILE).exists():
+            raise AssignError(f"{d.directory} already holds a director")
+        d.directory.mkdir(parents=True, exist_ok=True)
+        root = Root(expires=_now() + root_expiry, consistent_snapshot=True)
+        for key in keys.public_keys("root"):
+            root.add_key(key, "root")
+        root.roles["root"].threshold = keys.threshold("root")
+        for role in ("targets", "snapshot", "timestamp"):
+            for key in keys.public_keys("director"):
+                root.add_key(key, role)
+        md = Metadata(root)
+        sign_metadata(md, keys.signers("root"))
+        atomic_write(d.directory / ROOT_FILE, md.to_bytes(JSONSerializer(compact=False)))
+        return d
+
+    def device_metadata(self, device: str) -> Path:
+        return self.directory / valid_device_id(device) / "metadata"
+
+    def assign(self, device: str, image: ImageRepository, model: str, version: str, variant: str, keys: KeyStore) -> TargetFile:
+        """Point ``device`` at ``model`` ``version`` (variant ``variant``), as the image repository lists it."""
+        path = f"{model}/{version}.tar.gz"
+        released = image.targets().signed.targets.get(path)
+        if released is None:
+            raise AssignError(f"{model} {version} is not in the image repository")
+        custom = released.unrecognized_fields.get("custom", {})
+        if variant not in {v["id"] for v in custom.get("variants", [])}:
+            raise AssignError(f"{model} {version} has no variant {variant!r}")
+        meta = self.device_metadata(device)
+        meta.mkdir(parents=True, exist_ok=True)
+        if not (meta / ROOT_FILE).exists():
+            shutil.copy(self.directory / ROOT_FILE, meta / ROOT_FILE)
+        target = TargetFile(released.length, dict(released.hashes), path)
+        target.unrecognized_fields["custom"] = {
+            "model": model,
+            "version": version,
+            "variant": variant,
+            "release_counter": custom.get("release_counter", 0),
+        }
+        version_now = self._current_version(meta, "targets")
+        targets = Targets(version=version_now + 1, expires=_now() + self.targets_expiry, targets={path: target})
+        self._publish(meta, Metadata(targets), keys)
+        return target
+
+    @staticmethod
+    def _current_version(meta: Path, role: str) -> int:
+        versions = [int(p.name.split(".")[0]) for p in meta.glob(f"*.{role}.json")]
+        return max(versions, default=0)
+
+    def _publish(self, meta: Path, targets_md: Metadata[Targets], keys: KeyStore) -> None:
+        signers = keys.signers("director")
+        sign_metadata(targets_md, signers)
+        atomic_write(meta / f"{targets_md.signed.version}.targets.json", targets_md.to_bytes(JSONSerializer(compact=False)))
+        snap = Metadata(
+            Snapshot(
+                version=self._current_version(meta, "snapshot") + 1,
+                expires=_now() + self.targets_expiry,
+                meta={"targets.json": MetaFile(version=targets_md.signed.version)},
+            )
+        )
+        sign_metadata(snap, signers)
+        atomic_write(meta / f"{snap.signed.version}.snapshot.json", snap.to_bytes(JSONSerializer(compact=False)))
+        self._timestamp(meta, snap.signed.version, keys)
+
+    def _timestamp(self, meta: Path, snapshot_version: int, keys: KeyStore) -> None:
+        current = meta / "timestamp.json"
+        version = Metadata.from_file(str(current)).signed.version + 1 if current.exists() else 1
+        ts = Metadata(Timestamp(version=version, expires=_now() + self.timestamp_expiry, snapshot_meta=MetaFile(version=snapshot_version)))
+        sign_metadata(ts, keys.signers("director"))
+        atomic_write(meta / "timestamp.json", ts.to_bytes(JSONSerializer(compact=False)))

@@ -1,0 +1,162 @@
+"""The device installs only what the director and the image repository agree on — attacks each refused."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import fake_roots
+import pytest
+from conftest import ModelFiles
+from tuf.api.metadata import Metadata
+
+from agent.hardware import HardwareProfile, detect
+from agent.repo_fetcher import DirectoryFetcher, MqttFetcher
+from agent.update import TrustedRepos, UpdateRejected, check_for_update
+from converters.build import build
+from fleet.broker import RunningBroker
+from fleet.director import AssignError, Director
+from fleet.image_repo import ImageRepository, sign_metadata
+from fleet.keys import KeyStore, init_keys
+from fleet.repo_server import RepositoryServer
+
+
+class Fleet:
+    def __init__(self, root: Path, models: ModelFiles) -> None:
+        self.root = root
+        self.keys = init_keys(root / "keys")
+        self.image = ImageRepository.create(root / "serve" / "image", self.keys)
+        self.director = Director.create(root / "serve" / "director", self.keys)
+        for version in ("1.0.0", "1.1.0"):
+            build(models.path("tiny.onnx"), "tiny", version, root / f"tiny-{version}", variants=["onnx-fp32"])
+            self.image.release(root / f"tiny-{version}", self.keys)
+
+    def device(self, name: str, fetchers: tuple[object, object] | None = None) -> TrustedRepos:
+        d = self.root / "devices" / name
+        for sub in ("image", "director"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.image.metadata / "1.root.json", d / "image" / "root.json")
+        shutil.copy(self.director.directory / "1.root.json", d / "director" / "root.json")
+        image_url, director_url = "repo://image/", f"repo://director/{name}/"
+        image_f, director_f = fetchers or (
+            DirectoryFetcher(self.root / "serve" / "image", image_url),
+            DirectoryFetcher(self.root / "serve" / "director" / name, director_url),
+        )
+        return TrustedRepos(d / "image", d / "director", image_url, director_url, image_f, director_f, d / "downloads")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, models: ModelFiles) -> Fleet:
+    return Fleet(tmp_path, models)
+
+
+def profile(tmp_path: Path) -> HardwareProfile:
+    return detect(fake_roots.plain_x86(tmp_path / "hw"))
+
+
+def test_agreed_update_is_downloaded_and_verified(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    upd = check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+    assert upd is not None and (upd.model, upd.version, upd.variant, upd.release_counter) == ("tiny", "1.1.0", "onnx-fp32", 2)
+    assert upd.archive.is_file()
+    assert check_for_update(fleet.device("dev-1"), {"tiny": 2}, profile(tmp_path)) is None  # already running it
+
+
+def test_rollback_to_a_lower_release_counter_is_refused(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    with pytest.raises(UpdateRejected, match="lower than the installed 2"):
+        check_for_update(fleet.device("dev-1"), {"tiny": 2}, profile(tmp_path))
+
+
+def test_director_naming_a_target_the_image_repository_lacks(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    meta = fleet.director.device_metadata("dev-1")
+    md = Metadata.from_file(str(meta / "1.targets.json"))
+    tf = md.signed.targets.pop("tiny/1.1.0.tar.gz")
+    tf.path = "tiny/9.9.9.tar.gz"
+    md.signed.targets[tf.path] = tf
+    md.signed.version += 1
+    fleet.director._publish(meta, md, fleet.keys)  # a compromised director key signs it properly
+    with pytest.raises(UpdateRejected, match="which the image repository does not have"):
+        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+
+
+def test_mix_and_match_hashes_are_refused(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    meta = fleet.director.device_metadata("dev-1")
+    md = Metadata.from_file(str(meta / "1.targets.json"))
+    md.signed.targets["tiny/1.1.0.tar.gz"].hashes["sha256"] = "0" * 64
+    md.signed.version += 1
+    fleet.director._publish(meta, md, fleet.keys)
+    with pytest.raises(UpdateRejected, match=r"disagree on tiny/1\.1\.0\.tar\.gz"):
+        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+
+
+def test_variant_for_other_hardware_is_refused(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    targets = fleet.image.targets()
+    targets.signed.targets["tiny/1.1.0.tar.gz"].unrecognized_fields["custom"]["variants"][0]["hints"] = ["edgetpu"]
+    targets.signed.version += 1
+    fleet.image._publish(targets, fleet.keys)
+    with pytest.raises(UpdateRejected, match="needs edgetpu"):
+        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+    coral = detect(fake_roots.coral_usb(tmp_path / "coral"))
+    assert check_for_update(fleet.device("dev-1"), {}, coral) is not None  # the same release fits a Coral device
+
+
+def test_tampered_artifact_is_refused(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    stored = next(p for p in (fleet.image.targets_dir / "tiny").iterdir() if p.name.endswith(".1.1.0.tar.gz"))
+    original = stored.read_bytes()
+    stored.write_bytes(original + b"endless data")  # more bytes than signed: the download stops at the signed length
+    with pytest.raises(UpdateRejected, match="exceeding the maximum allowed length"):
+        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    stored.write_bytes(bytes(flipped))  # same length, other bytes: an arbitrary artifact
+    with pytest.raises(UpdateRejected, match="do not match the signed length/hash"):
+        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+
+
+def test_frozen_director_is_refused(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.timestamp_expiry = timedelta(seconds=-60)
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    with pytest.raises(UpdateRejected, match="ExpiredMetadataError"):
+        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+
+
+def test_director_signed_by_a_key_the_root_does_not_name(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    impostor = init_keys(tmp_path / "impostor")
+    meta = fleet.director.device_metadata("dev-1")
+    ts = Metadata.from_file(str(meta / "timestamp.json"))
+    sign_metadata(ts, impostor.signers("director"))
+    ts.to_file(str(meta / "timestamp.json"))
+    with pytest.raises(UpdateRejected, match="UnsignedMetadataError"):
+        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+
+
+def test_assign_refuses_unknown_releases(fleet: Fleet) -> None:
+    with pytest.raises(AssignError, match="not in the image repository"):
+        fleet.director.assign("dev-1", fleet.image, "tiny", "7.0.0", "onnx-fp32", fleet.keys)
+    with pytest.raises(AssignError, match="no variant 'tflite-int8'"):
+        fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "tflite-int8", fleet.keys)
+    with pytest.raises(ValueError, match="bad device id"):
+        fleet.director.assign("../../etc", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    assert isinstance(fleet.keys, KeyStore)
+
+
+def test_end_to_end_over_mqtt(fleet: Fleet, mqtt_broker: RunningBroker, tmp_path: Path) -> None:
+    fleet.director.assign("dev-m", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    with RepositoryServer(fleet.root / "serve", mqtt_broker.host, mqtt_broker.port, client_id="repo-e2e"):
+        # One server serves `serve/`; both fetchers map "repo://<path>" to it: image/... and director/dev-m/...
+        image_f = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dev-m", "repo://", timeout=5)
+        director_f = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dev-m-dir", "repo://", timeout=5)
+        try:
+            repos = fleet.device("dev-m", (image_f, director_f))
+            upd = check_for_update(repos, {"tiny": 1}, profile(tmp_path))
+        finally:
+            image_f.close()
+            director_f.close()
+    assert upd is not None and upd.version == "1.1.0"
