@@ -195,6 +195,49 @@ def release_cmd(bundle: Path, repo: Path, keys_dir: Path) -> None:
     console.print(f"released {r.model} {r.version} as {r.target_path} (release_counter {r.release_counter}, {r.length} bytes)")
 
 
+@main.group("director")
+def director_group() -> None:
+    """The director repository: what each device must run."""
+
+
+@director_group.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def director_init_cmd(directory: Path, keys_dir: Path) -> None:
+    """Create the director's root (signed by the root keys; the online director key signs the rest)."""
+    from fleet.director import Director
+    from fleet.keys import KeyStore
+
+    try:
+        Director.create(directory, KeyStore(keys_dir))
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    console.print(f"director created in {directory}")
+
+
+@main.command("assign")
+@click.argument("device")
+@click.argument("model")
+@click.argument("version")
+@click.option("--variant", required=True, help="Variant id the device installs, e.g. onnx-fp32.")
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path), help="Image repository.")
+@click.option("--director", "director_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def assign_cmd(device: str, model: str, version: str, variant: str, repo: Path, director_dir: Path, keys_dir: Path) -> None:
+    """Point DEVICE at MODEL VERSION: signed director targets naming the image repository's bundle."""
+    from fleet.director import Director
+    from fleet.image_repo import ImageRepository
+    from fleet.keys import KeyStore
+
+    try:
+        target = Director(director_dir).assign(device, ImageRepository(repo), model, version, variant, KeyStore(keys_dir))
+    except (EdgefleetError, ValueError) as exc:
+        click.echo(f"error[bad_assignment]: {exc}", err=True)
+        sys.exit(1)
+    console.print(f"{device} -> {target.path} ({variant}, sha256 {target.hashes['sha256'][:12]}…)")
+
+
 def _table(report: object) -> None:
     table = Table("variant", "size", "latency (ms)", "max error", "top-1", "verdict", title="fleet build")
     for v in getattr(report, "variants", []):

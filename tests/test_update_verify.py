@@ -160,3 +160,25 @@ def test_end_to_end_over_mqtt(fleet: Fleet, mqtt_broker: RunningBroker, tmp_path
             image_f.close()
             director_f.close()
     assert upd is not None and upd.version == "1.1.0"
+
+
+def test_cli_director_and_assign(fleet: Fleet, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "fleet.cli"]
+    director = str(tmp_path / "director2")
+    done = subprocess.run(
+        [*cli, "director", "init", director, "--keys", str(fleet.keys.directory)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    common = ["--repo", str(fleet.image.directory), "--director", director, "--keys", str(fleet.keys.directory)]
+    done = subprocess.run(
+        [*cli, "assign", "dev-9", "tiny", "1.1.0", "--variant", "onnx-fp32", *common], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "dev-9 -> tiny/1.1.0.tar.gz" in done.stderr, done.stderr
+    done = subprocess.run(
+        [*cli, "assign", "dev-9", "tiny", "3.0.0", "--variant", "onnx-fp32", *common], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "error[bad_assignment]" in done.stderr and "not in the image repository" in done.stderr
+    assert (Path(director) / "dev-9" / "metadata" / "timestamp.json").is_file()
