@@ -18,7 +18,8 @@ REPO_REQUEST = f"{ROOT}/repo/req"
 MAX_CHUNK = 256 * 1024
 MAX_PATH = 512
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_REPO_PATH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_REPO_PATH = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")  # '+' as in versions like 1.0+build5
+REPLY_TOPIC = re.compile(rf"^{ROOT}/dev/[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}/repo/reply$")
 
 
 class ProtocolError(ValueError):
@@ -68,13 +69,27 @@ class RepoRequest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"bad field: {exc}") from None
-        if not re.match(rf"^{ROOT}/dev/[^/+#]+/repo/reply$", req.reply_to):
+        if not REPLY_TOPIC.match(req.reply_to):
             raise ProtocolError(f"reply_to must be {ROOT}/dev/<id>/repo/reply")
         if len(req.path) > MAX_PATH or not _REPO_PATH.match(req.path) or ".." in req.path.split("/"):
             raise ProtocolError(f"bad path {req.path[:80]!r}")
         if req.offset < 0 or not 0 < req.length <= MAX_CHUNK or len(req.request_id) > 64:
             raise ProtocolError("offset must be >= 0, 0 < length <= 256 KiB, request_id <= 64 chars")
         return req
+
+
+def reply_address(payload: bytes) -> tuple[str, str] | None:
+    """(request_id, reply_to) of a request that failed validation, when both are usable for a 400 answer."""
+    try:
+        data = json.loads(payload) if len(payload) <= 4096 else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    rid, reply_to = data.get("request_id"), data.get("reply_to")
+    if isinstance(rid, str) and len(rid) <= 64 and isinstance(reply_to, str) and REPLY_TOPIC.match(reply_to):
+        return rid, reply_to
+    return None
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,10 @@ class MqttFetcher(FetcherInterface):
         with self._lock:
             waiter = self._pending.get(reply.request_id)
         if waiter is not None:
-            waiter.put(reply)
+            try:
+                waiter.put_nowait(reply)  # never block paho's network thread: a duplicate (QoS 1 redelivery) is dropped
+            except queue.Full:
+                pass
 
     def _send(self, path: str, offset: int) -> tuple[str, queue.Queue[RepoReply]]:
         rid = uuid.uuid4().hex
@@ -115,16 +118,21 @@ class MqttFetcher(FetcherInterface):
         offset = len(first.data)
         inflight: list[tuple[int, tuple[str, queue.Queue[RepoReply]]]] = []
         next_offset = offset
-        while offset < total:
-            while len(inflight) < self.window and next_offset < total:
-                inflight.append((next_offset, self._send(path, next_offset)))
-                next_offset += self.chunk_size
-            chunk_offset, sent = inflight.pop(0)
-            reply = self._await(path, chunk_offset, sent)
-            if len(reply.data) != min(self.chunk_size, total - chunk_offset) or reply.total != total:
-                raise tuf_errors.DownloadError(f"{path}: chunk at {chunk_offset} has {len(reply.data)} bytes (file {reply.total})")
-            offset = chunk_offset + len(reply.data)
-            yield reply.data
+        try:
+            while offset < total:
+                while len(inflight) < self.window and next_offset < total:
+                    inflight.append((next_offset, self._send(path, next_offset)))
+                    next_offset += self.chunk_size
+                chunk_offset, sent = inflight.pop(0)
+                reply = self._await(path, chunk_offset, sent)
+                if len(reply.data) != min(self.chunk_size, total - chunk_offset) or reply.total != total:
+                    raise tuf_errors.DownloadError(f"{path}: chunk at {chunk_offset} has {len(reply.data)} bytes (file {reply.total})")
+                offset = chunk_offset + len(reply.data)
+                yield reply.data
+        finally:  # an abandoned stream (length cap hit, error) must not leave waiters for late replies
+            with self._lock:
+                for _, (rid, _waiter) in inflight:
+                    self._pending.pop(rid, None)
 
 
 class DirectoryFetcher(FetcherInterface):
@@ -138,6 +146,9 @@ class DirectoryFetcher(FetcherInterface):
         path = (self.root / url.removeprefix(self.base_url)).resolve()
         if not url.startswith(self.base_url) or not path.is_relative_to(self.root) or not path.is_file():
             raise tuf_errors.DownloadHTTPError(f"not found: {url}", 404)
-        with open(path, "rb") as f:
-            while block := f.read(MAX_CHUNK):
-                yield block
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(MAX_CHUNK):
+                    yield block
+        except OSError as exc:  # a pulled USB stick, permissions: a download error like any other
+            raise tuf_errors.DownloadError(f"{url}: {exc}") from exc

@@ -9,11 +9,13 @@ temp directories of dead builds are removed by the next build.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -61,15 +63,25 @@ def _no_progress(variant: str, state: str, detail: str) -> None:
     pass
 
 
+LOCK_FILE = ".lock"
+
+
 def _clean_stale(out: Path) -> None:
+    """Remove temp dirs of dead builds: a live build holds an flock on its ``.lock`` (the kernel drops it on kill -9)."""
     for stale in out.parent.glob(f".{out.name}.building-*"):
+        lock = stale / LOCK_FILE
+        if not lock.exists():
+            if time.time() - stale.stat().st_mtime > 60:  # never got its lock: long dead
+                shutil.rmtree(stale, ignore_errors=True)
+            continue
         try:
-            pid = int(stale.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(stale, ignore_errors=True)
-        except PermissionError:  # another user's live build
-            pass
+            with open(lock, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live build
+            continue
+        except OSError:
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def build(
@@ -138,7 +150,8 @@ def _build(
     reference = src.reference(data)
     report = BuildReport(out, None, synthetic)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    tmp = tmp.rename(out.parent / f".{out.name}.building-{os.getpid()}") if not tmp.name.endswith(str(os.getpid())) else tmp
+    lock = open(tmp / LOCK_FILE, "wb")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         kept: list[Variant] = []
         skipped: dict[str, str] = {}
@@ -236,9 +249,17 @@ def _build(
             manifest.write(json.dumps(json.loads(bundle.model_dump_json()), indent=2) + "\n")
             manifest.flush()
             os.fsync(manifest.fileno())
-        if out.exists():  # --force: the old bundle goes only once the new one is complete
-            shutil.rmtree(out)
+        (tmp / LOCK_FILE).unlink()
+        old: Path | None = None
+        if out.exists() or out.is_symlink():  # --force: the old bundle goes only once the new one is in place
+            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            out.rename(old)
         tmp.rename(out)
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         report.bundle = bundle
         if archive:
             report.archive = _archive(out)
@@ -247,6 +268,7 @@ def _build(
         what = "no space left on the output's disk" if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "I/O error"
         raise BuildError(f"{what} while building {out}: {exc.strerror or exc}", report) from exc
     finally:
+        lock.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

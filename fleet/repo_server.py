@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent import logs
-from agent.protocol import REPO_REQUEST, ProtocolError, RepoReply, RepoRequest, tcp_nodelay
+from agent.protocol import REPO_REQUEST, ProtocolError, RepoReply, RepoRequest, reply_address, tcp_nodelay
 
 log = logging.getLogger("edgefleet.repo_server")
 
@@ -65,6 +65,9 @@ class RepositoryServer:
         except ProtocolError as exc:
             self.counters["bad_request"] += 1
             logs.event(log, "repo.bad_request", logging.WARNING, reason=str(exc), size=len(msg.payload))
+            address = reply_address(bytes(msg.payload))
+            if address is not None:  # the device can be told, instead of waiting out its retries
+                client.publish(address[1], RepoReply(address[0], 400, error=str(exc)[:200]).encode(), qos=1)
             return
         reply = self.serve(req)
         self.counters[f"status_{reply.status}"] += 1

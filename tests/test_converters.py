@@ -489,3 +489,29 @@ def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, b
     assert "KERAS: Keras and SavedModel sources need TensorFlow: pip install 'edgefleet[convert]'" in done.stdout, done.stderr[-2000:]
     assert "TORCH: PyTorch sources need torch: pip install 'edgefleet[pytorch]'" in done.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_force_replaces_a_bundle_only_once_the_new_one_is_complete(models: ModelFiles, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    build(models.path("tiny.onnx"), "tiny", "1", out, variants=["onnx-fp32"])
+    with pytest.raises(BuildError, match="onnx-int8"):  # a failing rebuild leaves the old bundle in place
+        build(models.path("tiny.onnx"), "tiny", "2", out, variants=["onnx-int8"], tolerances={"int8": 1e-9}, force=True)
+    assert load_bundle(out).version == "1"
+    build(models.path("tiny.onnx"), "tiny", "2", out, variants=["onnx-fp32"], force=True)
+    assert load_bundle(out).version == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temp or replaced copies left
+
+
+def test_a_live_build_is_not_mistaken_for_a_stale_one(models: ModelFiles, tmp_path: Path) -> None:
+    import fcntl
+
+    from converters.build import LOCK_FILE
+
+    live = tmp_path / ".b.building-live"
+    live.mkdir()
+    with open(live / LOCK_FILE, "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a concurrent build holds it
+        (tmp_path / ".b.building-dead").mkdir()
+        (tmp_path / ".b.building-dead" / LOCK_FILE).write_bytes(b"")  # its owner was killed: nobody holds the lock
+        build(models.path("tiny.onnx"), "tiny", "1", tmp_path / "b", variants=["onnx-fp32"])
+        assert live.exists() and not (tmp_path / ".b.building-dead").exists()

@@ -372,6 +372,8 @@ class Runtime(ABC):
             raise RuntimeClosed(f"{self.name}: no model loaded")
         arrays = validate_inputs(self._inputs, inputs)
         with self._lock:
+            if not self._loaded:  # closed while this request was being validated
+                raise RuntimeClosed(f"{self.name}: closed")
             try:
                 outputs = self._run(arrays)
             except EdgefleetError:

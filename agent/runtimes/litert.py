@@ -93,14 +93,13 @@ class LiteRTRuntime(Runtime):
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         interp = self._interp
-        resized = False
-        for i, arr in enumerate(arrays):
-            if arr.shape != self._shapes[i]:  # dynamic dims; validation already refused changes to static ones
-                interp.resize_tensor_input(self._in_index[i], list(arr.shape), strict=True)
-                self._shapes[i] = arr.shape
-                resized = True
-        if resized:
+        resized = [i for i, arr in enumerate(arrays) if arr.shape != self._shapes[i]]
+        if resized:  # dynamic dims; validation already refused changes to static ones
+            for i in resized:
+                interp.resize_tensor_input(self._in_index[i], list(arrays[i].shape), strict=True)
             interp.allocate_tensors()
+            for i in resized:  # only once allocation succeeded: a failure retries the resize next call
+                self._shapes[i] = arrays[i].shape
         if self._quantized:
             for i, arr in enumerate(arrays):
                 interp.set_tensor(self._in_index[i], quantize(arr, self._inputs[i]))
