@@ -81,6 +81,15 @@ def _hints_fit(hints: list[str], profile: HardwareProfile) -> str | None:
 
 def check_for_update(repos: TrustedRepos, installed: dict[str, int], profile: HardwareProfile) -> VerifiedUpdate | None:
     """The update this device should install now, verified and downloaded; ``None`` when it runs it already."""
+    try:
+        return _check(repos, installed, profile)
+    except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:  # e.g. a delegated role fetched by get_targetinfo
+        raise UpdateRejected(f"{type(exc).__name__}: {exc}") from exc
+    except (KeyError, ValueError, TypeError) as exc:  # signed, but custom fields not in the shape we publish
+        raise UpdateRejected(f"malformed target metadata: {type(exc).__name__}: {exc}") from exc
+
+
+def _check(repos: TrustedRepos, installed: dict[str, int], profile: HardwareProfile) -> VerifiedUpdate | None:
     image, director = repos.updaters()
     try:
         director.refresh()

@@ -142,15 +142,23 @@ def keys_init_cmd(directory: Path, root_threshold: int, root_keys: int | None) -
 @keys_group.command("rotate-root")
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--director",
+    "director_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The director sharing these root keys: its root rotates too.",
+)
 @click.option("--new-keys", type=click.IntRange(1, 16), default=1, show_default=True)
 @click.option("--threshold", type=click.IntRange(1, 16), default=1, show_default=True)
-def rotate_root_cmd(keys_dir: Path, repo: Path, new_keys: int, threshold: int) -> None:
+def rotate_root_cmd(keys_dir: Path, repo: Path, director_dir: Path | None, new_keys: int, threshold: int) -> None:
     """Replace the root keys: the new root is signed by the old keys (threshold) and the new ones."""
+    from fleet.director import Director
     from fleet.image_repo import ImageRepository
     from fleet.keys import KeyStore
 
     try:
-        md = ImageRepository(repo).rotate_root(KeyStore(keys_dir), new_keys, threshold)
+        director = Director(director_dir) if director_dir else None
+        md = ImageRepository(repo).rotate_root(KeyStore(keys_dir), new_keys, threshold, director=director)
     except EdgefleetError as exc:
         _fail(exc)
         return
@@ -176,6 +184,22 @@ def repo_init_cmd(directory: Path, keys_dir: Path) -> None:
         _fail(exc)
         return
     console.print(f"image repository created in {directory}")
+
+
+@repo_group.command("refresh")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def repo_refresh_cmd(directory: Path, keys_dir: Path) -> None:
+    """Re-sign snapshot and timestamp (online keys); run it more often than the timestamp expires."""
+    from fleet.image_repo import ImageRepository
+    from fleet.keys import KeyStore
+
+    try:
+        ImageRepository(directory).refresh(KeyStore(keys_dir))
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    console.print(f"{directory}: snapshot and timestamp re-signed")
 
 
 @main.command("release")
@@ -214,6 +238,23 @@ def director_init_cmd(directory: Path, keys_dir: Path) -> None:
         _fail(exc)
         return
     console.print(f"director created in {directory}")
+
+
+@director_group.command("refresh")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", "devices", multiple=True, help="Only these devices (default: all).")
+def director_refresh_cmd(directory: Path, keys_dir: Path, devices: tuple[str, ...]) -> None:
+    """Re-sign each device's director metadata (online key) before it expires."""
+    from fleet.director import Director
+    from fleet.keys import KeyStore
+
+    try:
+        Director(directory).refresh(KeyStore(keys_dir), list(devices) or None)
+    except (EdgefleetError, ValueError) as exc:
+        click.echo(f"error[bad_assignment]: {exc}", err=True)
+        sys.exit(1)
+    console.print(f"{directory}: director metadata re-signed")
 
 
 @main.command("assign")

@@ -57,10 +57,38 @@ class Director:
         for role in ("targets", "snapshot", "timestamp"):
             for key in keys.public_keys("director"):
                 root.add_key(key, role)
+            root.roles[role].threshold = keys.threshold("director")
         md = Metadata(root)
         sign_metadata(md, keys.signers("root"))
         atomic_write(d.directory / ROOT_FILE, md.to_bytes(JSONSerializer(compact=False)))
         return d
+
+    def root(self) -> Metadata[Root]:
+        versions = sorted(int(p.name.split(".")[0]) for p in self.directory.glob("*.root.json"))
+        return Metadata.from_file(str(self.directory / f"{versions[-1]}.root.json"))
+
+    def write_root(self, md: Metadata[Root]) -> None:
+        """A new root for every device: each device repository gets a copy (devices walk the root chain)."""
+        data = md.to_bytes(JSONSerializer(compact=False))
+        name = f"{md.signed.version}.root.json"
+        atomic_write(self.directory / name, data)
+        for meta in self.directory.glob("*/metadata"):
+            atomic_write(meta / name, data)
+
+    def devices(self) -> list[str]:
+        return sorted(p.parent.name for p in self.directory.glob("*/metadata"))
+
+    def refresh(self, keys: KeyStore, devices: list[str] | None = None) -> None:
+        """Re-sign each device's targets, snapshot and timestamp (all online) before they expire."""
+        for device in devices or self.devices():
+            meta = self.device_metadata(device)
+            version = self._current_version(meta, "targets")
+            if not version:
+                continue
+            md: Metadata[Targets] = Metadata.from_file(str(meta / f"{version}.targets.json"))
+            md.signed.version += 1
+            md.signed.expires = _now() + self.targets_expiry
+            self._publish(meta, md, keys)
 
     def device_metadata(self, device: str) -> Path:
         return self.directory / valid_device_id(device) / "metadata"
@@ -76,8 +104,9 @@ class Director:
             raise AssignError(f"{model} {version} has no variant {variant!r}")
         meta = self.device_metadata(device)
         meta.mkdir(parents=True, exist_ok=True)
-        if not (meta / ROOT_FILE).exists():
-            shutil.copy(self.directory / ROOT_FILE, meta / ROOT_FILE)
+        for root in self.directory.glob("*.root.json"):  # the whole root chain, so a new device can walk it
+            if not (meta / root.name).exists():
+                shutil.copy(root, meta / root.name)
         target = TargetFile(released.length, dict(released.hashes), path)
         target.unrecognized_fields["custom"] = {
             "model": model,

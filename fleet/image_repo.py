@@ -11,6 +11,7 @@ Trust state changes in exactly one place: ``ImageRepository`` writes and signs.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import tarfile
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
@@ -29,6 +30,9 @@ from agent.bundle import Bundle, BundleError, load_bundle, verify_files
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from fleet.keys import KeyStore
+
+if TYPE_CHECKING:
+    from fleet.director import Director
 
 __all__ = ["Expiry", "ImageRepository", "ReleaseError", "Release"]
 
@@ -167,9 +171,18 @@ class ImageRepository:
         self._sign(ts, keys.signers("timestamp"))
         self._write(ts, "timestamp.json")
 
-    def refresh_timestamp(self, keys: KeyStore) -> None:
-        """Re-sign the timestamp (online key) so devices do not see the repository as frozen."""
-        self._write_timestamp(self.snapshot().signed.version, keys)
+    def refresh(self, keys: KeyStore) -> None:
+        """Re-sign snapshot and timestamp (online keys) so devices never see the repository as frozen.
+
+        Run it well within the timestamp's lifetime (the controller's job); targets are
+        signed offline and last ``Expiry.targets``: release again before that.
+        """
+        snapshot = self.snapshot()
+        snapshot.signed.version += 1
+        snapshot.signed.expires = _now() + self.expiry.snapshot
+        self._sign(snapshot, keys.signers("snapshot"))
+        self._write(snapshot, f"{snapshot.signed.version}.snapshot.json")
+        self._write_timestamp(snapshot.signed.version, keys)
 
     def release(self, bundle: str | Path, keys: KeyStore) -> Release:
         """Add a bundle (directory or ``.tar.gz`` from ``fleet build --archive``) as a signed target."""
@@ -211,25 +224,50 @@ class ImageRepository:
         self._publish(targets_md, keys)
         return Release(target_path, manifest.name, manifest.version, counter, len(archive), digest)
 
-    def rotate_root(self, keys: KeyStore, new_root_keys: int = 1, new_threshold: int = 1) -> Metadata[Root]:
-        """A new root with fresh root keys, signed by the old root keys (threshold) and the new ones."""
-        current = self.root()
+    def rotate_root(
+        self, keys: KeyStore, new_root_keys: int = 1, new_threshold: int = 1, director: Director | None = None
+    ) -> Metadata[Root]:
+        """A new root with fresh root keys, signed by the old root keys (threshold) and the new ones.
+
+        The new root is checked against both the old and the new root before anything
+        is written; ``keys.json`` changes and the old private keys are deleted only after
+        the repositories (this one and, when given, the director that shares the root
+        keys) hold the new root.
+        """
         old_signers = keys.signers("root")
-        new_signers = keys.add("root", new_root_keys, new_threshold)
-        root = current.signed
-        for keyid in list(root.roles["root"].keyids):
-            root.revoke_key(keyid, "root")
-        for s in new_signers:
-            root.add_key(s.public_key, "root")
-        root.roles["root"].threshold = new_threshold
-        root.version += 1
-        root.expires = _now() + self.expiry.root
-        md = Metadata(root)
-        self._sign(md, [*old_signers, *new_signers])
-        self._write(md, f"{root.version}.root.json")
-        for s in old_signers:  # the old root keys are retired: keep no private copies
-            (keys.directory / f"root-{s.public_key.keyid[:16]}.pem").unlink(missing_ok=True)
+        new_signers = keys.generate("root", new_root_keys)
+        try:
+            md = rotated_root(self.root(), old_signers, new_signers, new_threshold, self.expiry.root)
+            director_md = rotated_root(director.root(), old_signers, new_signers, new_threshold, self.expiry.root) if director else None
+        except Exception:
+            keys.forget("root", new_signers)
+            raise
+        self._write(md, f"{md.signed.version}.root.json")
+        if director is not None and director_md is not None:
+            director.write_root(director_md)
+        keys.set_role("root", new_signers, new_threshold)
+        keys.forget("root", old_signers)
         return md
+
+
+def rotated_root(current: Metadata[Root], old: Sequence[Signer], new: Sequence[Any], threshold: int, lifetime: timedelta) -> Metadata[Root]:
+    """The next root version trusting ``new`` keys; raises ``ReleaseError`` unless old and new roots both accept it."""
+    root = Root.from_dict(copy.deepcopy(current.signed.to_dict()))  # to_dict shares lists with `current`
+    for keyid in list(root.roles["root"].keyids):
+        root.revoke_key(keyid, "root")
+    for s in new:
+        root.add_key(s.public_key, "root")
+    root.roles["root"].threshold = threshold
+    root.version += 1
+    root.expires = _now() + lifetime
+    md = Metadata(root)
+    sign_metadata(md, [*old, *new])
+    try:
+        current.verify_delegate("root", md)  # enough old keys signed
+        md.verify_delegate("root", md)  # enough new keys signed
+    except Exception as exc:  # python-tuf's UnsignedMetadataError and friends
+        raise ReleaseError(f"root rotation would not verify ({exc}); bring back enough old root keys") from exc
+    return md
 
 
 def sign_metadata(md: Metadata[Any], signers: Sequence[Signer]) -> None:

@@ -72,15 +72,28 @@ class KeyStore:
 
     def add(self, role: str, count: int, threshold: int) -> list[CryptoSigner]:
         """Generate ``count`` new keys for ``role`` and make them (with ``threshold``) the role's entry."""
-        index = self.index() if (self.directory / INDEX).exists() else {}
+        signers = self.generate(role, count)
+        self.set_role(role, signers, threshold)
+        return signers
+
+    def generate(self, role: str, count: int) -> list[CryptoSigner]:
+        """New private keys on disk, not yet listed in ``keys.json`` (see ``set_role``)."""
         signers = [CryptoSigner.generate_ed25519() for _ in range(count)]
         for s in signers:
             _write_private(self.directory / f"{role}-{s.public_key.keyid[:16]}.pem", s.private_bytes)
+        return signers
+
+    def set_role(self, role: str, signers: list[CryptoSigner], threshold: int) -> None:
+        index = self.index() if (self.directory / INDEX).exists() else {}
         index[role] = {"threshold": threshold, "keys": [{"keyid": s.public_key.keyid, "key": s.public_key.to_dict()} for s in signers]}
         tmp = self.directory / f".{INDEX}.tmp"
         tmp.write_text(json.dumps(index, indent=2))
         os.replace(tmp, self.directory / INDEX)
-        return signers
+
+    def forget(self, role: str, signers: list[CryptoSigner]) -> None:
+        """Delete the private key files of retired keys."""
+        for s in signers:
+            (self.directory / f"{role}-{s.public_key.keyid[:16]}.pem").unlink(missing_ok=True)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -166,7 +166,7 @@ def test_expired_timestamp_means_a_frozen_repository(tmp_path: Path) -> None:
     image = ImageRepository.create(tmp_path / "repo", keys, Expiry(timestamp=timedelta(seconds=-60)))
     with pytest.raises(tuf_errors.ExpiredMetadataError):
         client(image, tmp_path / "device").refresh()
-    ImageRepository(tmp_path / "repo").refresh_timestamp(keys)  # the online key re-signs: devices move again
+    ImageRepository(tmp_path / "repo").refresh(keys)  # the online keys re-sign: devices move again
     client(image, tmp_path / "device").refresh()
 
 
@@ -237,3 +237,25 @@ def test_cli_keys_repo_release(bundles: dict[str, Path], tmp_path: Path) -> None
     image = ImageRepository(repo_dir)
     client(image, tmp_path / "device").refresh()
     assert [r.version for r in image.releases()] == ["1.0.0"]
+
+
+def test_expired_snapshot_until_the_online_keys_refresh(tmp_path: Path) -> None:
+    keys = init_keys(tmp_path / "keys")
+    image = ImageRepository.create(tmp_path / "repo", keys, Expiry(snapshot=timedelta(seconds=-60)))
+    with pytest.raises(tuf_errors.ExpiredMetadataError):
+        client(image, tmp_path / "device").refresh()
+    ImageRepository(tmp_path / "repo").refresh(keys)
+    client(image, tmp_path / "device").refresh()
+
+
+def test_rotation_without_enough_old_root_keys_changes_nothing(tmp_path: Path) -> None:
+    keys = init_keys(tmp_path / "keys", root_threshold=2, root_keys=2)
+    image = ImageRepository.create(tmp_path / "repo", keys)
+    next(keys.directory.glob("root-*.pem")).unlink()  # one root key kept offline
+    index_before = (keys.directory / "keys.json").read_text()
+    pems_before = sorted(p.name for p in keys.directory.glob("*.pem"))
+    with pytest.raises(ReleaseError, match="bring back enough old root keys"):
+        image.rotate_root(keys)
+    assert (keys.directory / "keys.json").read_text() == index_before
+    assert sorted(p.name for p in keys.directory.glob("*.pem")) == pems_before
+    assert not (image.metadata / "2.root.json").exists()

@@ -182,3 +182,31 @@ def test_cli_director_and_assign(fleet: Fleet, tmp_path: Path) -> None:
     )
     assert done.returncode == 1 and "error[bad_assignment]" in done.stderr and "not in the image repository" in done.stderr
     assert (Path(director) / "dev-9" / "metadata" / "timestamp.json").is_file()
+    done = subprocess.run(
+        [*cli, "director", "refresh", director, "--keys", str(fleet.keys.directory)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "re-signed" in done.stderr
+    assert (Path(director) / "dev-9" / "metadata" / "2.targets.json").is_file()
+    done = subprocess.run(
+        [*cli, "repo", "refresh", str(fleet.image.directory), "--keys", str(fleet.keys.directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "re-signed" in done.stderr
+
+
+def test_director_refresh_and_root_rotation_reach_the_device(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.timestamp_expiry = timedelta(seconds=-60)
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    device = fleet.device("dev-1")
+    with pytest.raises(UpdateRejected, match="ExpiredMetadataError"):
+        check_for_update(device, {}, profile(tmp_path))
+    fleet.director.timestamp_expiry = timedelta(days=1)
+    fleet.director.refresh(fleet.keys)  # the controller's periodic job
+    assert check_for_update(device, {}, profile(tmp_path)) is not None
+    fleet.image.rotate_root(fleet.keys, new_root_keys=2, new_threshold=2, director=fleet.director)
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    assert check_for_update(device, {"tiny": 1}, profile(tmp_path)) is not None  # both repositories walked to root v2
+    for repo_dir in (device.image_dir, device.director_dir):
+        assert Metadata.from_file(str(repo_dir / "root.json")).signed.version == 2
