@@ -8,6 +8,8 @@ and the demo arrive with their issues.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -89,9 +91,9 @@ def build_cmd(
             progress=progress,
         )
     except EdgefleetError as exc:
-        report = getattr(exc, "report", None)
-        if report is not None:
-            _table(report)
+        failed = getattr(exc, "report", None)
+        if failed is not None:
+            _table(failed)
         click.echo(f"error[{exc.code}]: {exc}", err=True)
         sys.exit(1)
     _table(report)
@@ -112,9 +114,17 @@ def demo_model_cmd(kind: str, out: Path, seed: int) -> None:
     console.print(f"wrote {out}")
 
 
-def _fail(exc: EdgefleetError) -> None:
-    click.echo(f"error[{exc.code}]: {exc}", err=True)
-    sys.exit(1)
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turn our typed errors into one ``error[code]: message`` line and exit status 1."""
+    try:
+        yield
+    except EdgefleetError as exc:
+        click.echo(f"error[{exc.code}]: {exc}", err=True)
+        sys.exit(1)
+    except ValueError as exc:  # e.g. a malformed device id (agent.protocol.ProtocolError)
+        click.echo(f"error[bad_request]: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.group("keys")
@@ -130,11 +140,8 @@ def keys_init_cmd(directory: Path, root_threshold: int, root_keys: int | None) -
     """Create Ed25519 keys for every role in DIRECTORY (private keys 0600; refuses to overwrite)."""
     from fleet.keys import init_keys
 
-    try:
+    with _reported():
         store = init_keys(directory, root_threshold, root_keys)
-    except EdgefleetError as exc:
-        _fail(exc)
-        return
     for role, entry in store.index().items():
         console.print(f"{role:<10} threshold {entry['threshold']}  keys {', '.join(k['keyid'][:16] for k in entry['keys'])}")
 
@@ -156,12 +163,9 @@ def rotate_root_cmd(keys_dir: Path, repo: Path, director_dir: Path | None, new_k
     from fleet.image_repo import ImageRepository
     from fleet.keys import KeyStore
 
-    try:
+    with _reported():
         director = Director(director_dir) if director_dir else None
         md = ImageRepository(repo).rotate_root(KeyStore(keys_dir), new_keys, threshold, director=director)
-    except EdgefleetError as exc:
-        _fail(exc)
-        return
     console.print(f"root version {md.signed.version}: {new_keys} new key(s), threshold {threshold}")
 
 
@@ -178,11 +182,8 @@ def repo_init_cmd(directory: Path, keys_dir: Path) -> None:
     from fleet.image_repo import ImageRepository
     from fleet.keys import KeyStore
 
-    try:
+    with _reported():
         ImageRepository.create(directory, KeyStore(keys_dir))
-    except EdgefleetError as exc:
-        _fail(exc)
-        return
     console.print(f"image repository created in {directory}")
 
 
@@ -194,11 +195,8 @@ def repo_refresh_cmd(directory: Path, keys_dir: Path) -> None:
     from fleet.image_repo import ImageRepository
     from fleet.keys import KeyStore
 
-    try:
+    with _reported():
         ImageRepository(directory).refresh(KeyStore(keys_dir))
-    except EdgefleetError as exc:
-        _fail(exc)
-        return
     console.print(f"{directory}: snapshot and timestamp re-signed")
 
 
@@ -211,11 +209,8 @@ def release_cmd(bundle: Path, repo: Path, keys_dir: Path) -> None:
     from fleet.image_repo import ImageRepository
     from fleet.keys import KeyStore
 
-    try:
+    with _reported():
         r = ImageRepository(repo).release(bundle, KeyStore(keys_dir))
-    except EdgefleetError as exc:
-        _fail(exc)
-        return
     console.print(f"released {r.model} {r.version} as {r.target_path} (release_counter {r.release_counter}, {r.length} bytes)")
 
 
@@ -232,11 +227,8 @@ def director_init_cmd(directory: Path, keys_dir: Path) -> None:
     from fleet.director import Director
     from fleet.keys import KeyStore
 
-    try:
+    with _reported():
         Director.create(directory, KeyStore(keys_dir))
-    except EdgefleetError as exc:
-        _fail(exc)
-        return
     console.print(f"director created in {directory}")
 
 
@@ -249,11 +241,8 @@ def director_refresh_cmd(directory: Path, keys_dir: Path, devices: tuple[str, ..
     from fleet.director import Director
     from fleet.keys import KeyStore
 
-    try:
+    with _reported():
         Director(directory).refresh(KeyStore(keys_dir), list(devices) or None)
-    except (EdgefleetError, ValueError) as exc:
-        click.echo(f"error[bad_assignment]: {exc}", err=True)
-        sys.exit(1)
     console.print(f"{directory}: director metadata re-signed")
 
 
@@ -271,11 +260,8 @@ def assign_cmd(device: str, model: str, version: str, variant: str, repo: Path, 
     from fleet.image_repo import ImageRepository
     from fleet.keys import KeyStore
 
-    try:
+    with _reported():
         target = Director(director_dir).assign(device, ImageRepository(repo), model, version, variant, KeyStore(keys_dir))
-    except (EdgefleetError, ValueError) as exc:
-        click.echo(f"error[bad_assignment]: {exc}", err=True)
-        sys.exit(1)
     console.print(f"{device} -> {target.path} ({variant}, sha256 {target.hashes['sha256'][:12]}…)")
 
 
