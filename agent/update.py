@@ -13,6 +13,7 @@ Every refusal is an ``UpdateRejected`` with the reason the device reports.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
+from agent import BUILD_DATE
 from agent.errors import EdgefleetError
 from agent.hardware import HardwareProfile
 
-__all__ = ["UpdateRejected", "VerifiedUpdate", "TrustedRepos", "check_for_update"]
+__all__ = ["TrustedRepos", "UpdateRejected", "VerifiedUpdate", "check_clock", "check_for_update"]
 
 
 class UpdateRejected(EdgefleetError):
@@ -79,8 +81,23 @@ def _hints_fit(hints: list[str], profile: HardwareProfile) -> str | None:
     return None
 
 
-def check_for_update(repos: TrustedRepos, installed: dict[str, int], profile: HardwareProfile) -> VerifiedUpdate | None:
+def check_clock(now: datetime | None = None) -> None:
+    """Refuse to judge expiry with a clock that is obviously wrong (earlier than this agent was built).
+
+    Why: a device whose RTC reset to 1970 would take expired (frozen) metadata for
+    fresh, and one far in the future would refuse everything; the first is the attack.
+    """
+    now = now or datetime.now(timezone.utc)
+    built = datetime.fromisoformat(BUILD_DATE).replace(tzinfo=timezone.utc)
+    if now < built:
+        raise UpdateRejected(f"the clock says {now:%Y-%m-%d}, before this agent was built ({BUILD_DATE}): fix the time (NTP) first")
+
+
+def check_for_update(
+    repos: TrustedRepos, installed: dict[str, int], profile: HardwareProfile, now: datetime | None = None
+) -> VerifiedUpdate | None:
     """The update this device should install now, verified and downloaded; ``None`` when it runs it already."""
+    check_clock(now)
     try:
         return _check(repos, installed, profile)
     except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:  # e.g. a delegated role fetched by get_targetinfo

@@ -210,3 +210,12 @@ def test_director_refresh_and_root_rotation_reach_the_device(fleet: Fleet, tmp_p
     assert check_for_update(device, {"tiny": 1}, profile(tmp_path)) is not None  # both repositories walked to root v2
     for repo_dir in (device.image_dir, device.director_dir):
         assert Metadata.from_file(str(repo_dir / "root.json")).signed.version == 2
+
+
+def test_a_clock_before_the_build_date_is_refused(fleet: Fleet, tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    with pytest.raises(UpdateRejected, match="the clock says 1970-01-01, before this agent was built"):
+        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path), now=datetime(1970, 1, 1, tzinfo=timezone.utc))
+    assert check_for_update(fleet.device("dev-1"), {}, profile(tmp_path)) is not None  # the real clock is fine
