@@ -20,7 +20,7 @@ from agent.errors import EdgefleetError
 from agent.files import sha256_file
 from agent.selection import GoldenSample, ModelVariant
 
-__all__ = ["BUNDLE_FILE", "SCHEMA_VERSION", "Bundle", "BundleError", "Parity", "TensorSignature", "Variant", "load_bundle", "verify_files"]
+__all__ = ["BUNDLE_FILE", "SCHEMA_VERSION", "Bundle", "BundleError", "Parity", "TensorSignature", "Variant", "load_bundle", "verify_files", "verify_variant"]
 
 BUNDLE_FILE = "bundle.json"
 SCHEMA_VERSION = 1
@@ -127,6 +127,12 @@ class Bundle(_Strict):
             for v in self.variants
         ]
 
+    def variant(self, variant_id: str) -> Variant:
+        for v in self.variants:
+            if v.id == variant_id:
+                return v
+        raise BundleError(f"{self.name} {self.version} has no variant {variant_id!r}")
+
     def variant_for(self, path: Path) -> Variant:
         for v in self.variants:
             if v.file == path.name:
@@ -151,19 +157,24 @@ class Bundle(_Strict):
 def verify_files(bundle: Bundle, root: Path) -> None:
     """Every variant file is present with its recorded size and sha256 (extra files present)."""
     for v in bundle.variants:
-        path = root / v.file
-        try:
-            size = path.stat().st_size
-            if size != v.size:
-                raise BundleError(f"{v.file}: {size} bytes, the bundle says {v.size}")
-            digest = sha256_file(path)
-        except OSError as exc:
-            raise BundleError(f"{v.file}: {exc.strerror or exc}") from exc
-        if digest != v.sha256:
-            raise BundleError(f"{v.file}: sha256 does not match the bundle")
-        for extra in [*v.extra_files, v.golden]:
-            if not (root / extra).is_file():
-                raise BundleError(f"{extra} is missing from the bundle")
+        verify_variant(v, root)
+
+
+def verify_variant(v: Variant, root: Path) -> None:
+    """One variant's files, as a device that installed only this variant holds them."""
+    path = root / v.file
+    try:
+        size = path.stat().st_size
+        if size != v.size:
+            raise BundleError(f"{v.file}: {size} bytes, the bundle says {v.size}")
+        digest = sha256_file(path)
+    except OSError as exc:
+        raise BundleError(f"{v.file}: {exc.strerror or exc}") from exc
+    if digest != v.sha256:
+        raise BundleError(f"{v.file}: sha256 does not match the bundle")
+    for extra in [*v.extra_files, v.golden]:
+        if not (root / extra).is_file():
+            raise BundleError(f"{extra} is missing from the bundle")
 
 
 def load_bundle(root: str | Path) -> Bundle:

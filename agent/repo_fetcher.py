@@ -23,6 +23,8 @@ from agent.protocol import MAX_CHUNK, REPO_REQUEST, ProtocolError, RepoReply, Re
 
 __all__ = ["DirectoryFetcher", "MqttFetcher"]
 
+REPLY_OVERHEAD = 1024  # MQTT fixed header + topic + properties + our JSON reply header, with room to spare
+
 
 class MqttFetcher(FetcherInterface):
     def __init__(
@@ -35,6 +37,7 @@ class MqttFetcher(FetcherInterface):
         window: int = 4,
         timeout: float = 10.0,
         retries: int = 3,
+        protocol: int = mqtt.MQTTv5,
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.reply_topic = repo_reply_topic(device_id)
@@ -43,7 +46,7 @@ class MqttFetcher(FetcherInterface):
         self._pending: dict[str, queue.Queue[RepoReply]] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device_id}-fetch", protocol=mqtt.MQTTv311)
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device_id}-fetch", protocol=protocol)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_socket_open = tcp_nodelay
@@ -58,6 +61,10 @@ class MqttFetcher(FetcherInterface):
         self._client.loop_stop()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        # paho ignores the broker's MaximumPacketSize (an oversized packet loops reconnecting): ask for chunks that fit.
+        limit = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        if isinstance(limit, int) and limit > REPLY_OVERHEAD:
+            self.chunk_size = min(self.chunk_size, limit - REPLY_OVERHEAD)
         client.subscribe(self.reply_topic, qos=1)
         self._ready.set()
 
@@ -105,17 +112,27 @@ class MqttFetcher(FetcherInterface):
             raise tuf_errors.DownloadError(f"{path}: reply for offset {reply.offset}, expected {offset}")
         return reply
 
-    def _fetch(self, url: str) -> Iterator[bytes]:
+    def _path(self, url: str) -> str:
         if not url.startswith(self.base_url):
             raise tuf_errors.DownloadHTTPError(f"{url} is outside {self.base_url}", 404)
-        path = url[len(self.base_url) :]
+        return url[len(self.base_url) :]
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        path = self._path(url)
         first = self._await(path, 0, self._send(path, 0))
-        total = first.total
-        return self._stream(path, first, total)
+        return self._stream(path, first, first.total)
+
+    def read_range(self, url: str, offset: int, size: int) -> Iterator[bytes]:
+        """Bytes ``offset..size`` of a file whose signed length is ``size``; another size on the server is an error."""
+        path = self._path(url)
+        first = self._await(path, offset, self._send(path, offset))
+        if first.total != size:
+            raise tuf_errors.DownloadLengthMismatchError(f"{path}: {first.total} bytes on the server, the signed length is {size}")
+        return self._stream(path, first, size)
 
     def _stream(self, path: str, first: RepoReply, total: int) -> Iterator[bytes]:
         yield first.data
-        offset = len(first.data)
+        offset = first.offset + len(first.data)
         inflight: list[tuple[int, tuple[str, queue.Queue[RepoReply]]]] = []
         next_offset = offset
         try:
@@ -142,13 +159,27 @@ class DirectoryFetcher(FetcherInterface):
         self.root = Path(root).resolve()
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
 
-    def _fetch(self, url: str) -> Iterator[bytes]:
+    def _local(self, url: str) -> Path:
         path = (self.root / url.removeprefix(self.base_url)).resolve()
         if not url.startswith(self.base_url) or not path.is_relative_to(self.root) or not path.is_file():
             raise tuf_errors.DownloadHTTPError(f"not found: {url}", 404)
+        return path
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        return self._read(self._local(url), url, 0, None)
+
+    def read_range(self, url: str, offset: int, size: int) -> Iterator[bytes]:
+        path = self._local(url)
+        if path.stat().st_size != size:
+            raise tuf_errors.DownloadLengthMismatchError(f"{url}: {path.stat().st_size} bytes, the signed length is {size}")
+        return self._read(path, url, offset, size)
+
+    @staticmethod
+    def _read(path: Path, url: str, offset: int, size: int | None) -> Iterator[bytes]:
         try:
             with open(path, "rb") as f:
-                while block := f.read(MAX_CHUNK):
+                f.seek(offset)
+                while block := f.read(MAX_CHUNK if size is None else min(MAX_CHUNK, size - f.tell())):
                     yield block
         except OSError as exc:  # a pulled USB stick, permissions: a download error like any other
             raise tuf_errors.DownloadError(f"{url}: {exc}") from exc

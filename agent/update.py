@@ -4,9 +4,10 @@
 image repository (what exists), both through ``tuf.ngclient`` — signatures,
 thresholds, versions, expiry and root rotation are python-tuf's job — and then
 applies the rules only edgefleet knows: the two must name the same bundle with
-the same length, hashes and release counter; the release counter must not go
-backwards; the chosen variant's hardware hints must fit this device. Only then is
-the bundle downloaded (length- and hash-checked by the Updater) and returned.
+the same length, hashes, model, version, variant and release counter; the release
+counter must not go backwards; the variant's hardware hints must fit this device.
+The result names the artifact and its verified chunk list; ``agent.download``
+fetches it resumably.
 Every refusal is an ``UpdateRejected`` with the reason the device reports.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from tuf.api import exceptions as tuf_errors
@@ -23,10 +25,11 @@ from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent import BUILD_DATE
+from agent.chunks import CHUNKS_SUFFIX, ChunkManifest, ChunkManifestError
 from agent.errors import EdgefleetError
 from agent.hardware import HardwareProfile
 
-__all__ = ["TrustedRepos", "UpdateRejected", "VerifiedUpdate", "check_clock", "check_for_update"]
+__all__ = ["Installed", "RepositoryUnreachable", "TrustedRepos", "UpdateRejected", "VerifiedUpdate", "check_clock", "check_for_update"]
 
 
 class UpdateRejected(EdgefleetError):
@@ -35,14 +38,33 @@ class UpdateRejected(EdgefleetError):
     code = "rejected"
 
 
+class RepositoryUnreachable(EdgefleetError):
+    """No answer from a repository (broker down, controller away): try again later, nothing is wrong with the update."""
+
+    code = "unreachable"
+
+
 @dataclass(frozen=True)
 class VerifiedUpdate:
+    """What both repositories agree this device must install; the artifact itself is fetched by ``agent.download``."""
+
     target_path: str
     model: str
     version: str
     variant: str
     release_counter: int
-    archive: Path  # the downloaded bundle archive, length- and hash-verified
+    length: int
+    sha256: str
+    url: str  # where the artifact's bytes are, for the fetcher
+    chunks: ChunkManifest  # verified through the image repository
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What a device runs of one model, as ``check_for_update`` compares it."""
+
+    release_counter: int
+    sha256: str
 
 
 @dataclass
@@ -94,19 +116,33 @@ def check_clock(now: datetime | None = None) -> None:
 
 
 def check_for_update(
-    repos: TrustedRepos, installed: dict[str, int], profile: HardwareProfile, now: datetime | None = None
+    repos: TrustedRepos,
+    installed: Mapping[str, Installed],
+    profile: HardwareProfile,
+    now: datetime | None = None,
+    kept: Collection[str] = (),
 ) -> VerifiedUpdate | None:
-    """The update this device should install now, verified and downloaded; ``None`` when it runs it already."""
+    """What this device should install now, verified; ``None`` when it runs it already.
+
+    ``kept`` holds the sha256 of artifacts this device installed before and still
+    keeps: the director may point back at one of those (a fleet rollback) even
+    though its release counter is lower — the device ran those bytes already, so no
+    attacker can use this to install anything new or old it never trusted.
+    """
     check_clock(now)
     try:
-        return _check(repos, installed, profile)
-    except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:  # e.g. a delegated role fetched by get_targetinfo
+        return _check(repos, installed, profile, kept)
+    except tuf_errors.RepositoryError as exc:  # e.g. a delegated role fetched by get_targetinfo
         raise UpdateRejected(f"{type(exc).__name__}: {exc}") from exc
+    except tuf_errors.DownloadHTTPError as exc:
+        raise UpdateRejected(f"{type(exc).__name__}: {exc}") from exc
+    except tuf_errors.DownloadError as exc:  # timeouts: the broker or the controller is away
+        raise RepositoryUnreachable(f"repository unreachable: {exc}") from exc
     except (KeyError, ValueError, TypeError) as exc:  # signed, but custom fields not in the shape we publish
         raise UpdateRejected(f"malformed target metadata: {type(exc).__name__}: {exc}") from exc
 
 
-def _check(repos: TrustedRepos, installed: dict[str, int], profile: HardwareProfile) -> VerifiedUpdate | None:
+def _check(repos: TrustedRepos, installed: Mapping[str, Installed], profile: HardwareProfile, kept: Collection[str]) -> VerifiedUpdate | None:
     image, director = repos.updaters()
     try:
         director.refresh()
@@ -114,7 +150,7 @@ def _check(repos: TrustedRepos, installed: dict[str, int], profile: HardwareProf
     except tuf_errors.RepositoryError as exc:  # bad signatures, expired or rolled-back metadata, root rotation gone wrong
         raise UpdateRejected(f"metadata refused: {type(exc).__name__}: {exc}") from exc
     except tuf_errors.DownloadError as exc:
-        raise UpdateRejected(f"repository unreachable: {exc}") from exc
+        raise RepositoryUnreachable(f"repository unreachable: {exc}") from exc
     # The director's verified targets, as the Updater persisted them after refresh().
     wanted: Metadata[Targets] = Metadata.from_file(str(repos.director_dir / "targets.json"))
     if len(wanted.signed.targets) != 1:
@@ -127,26 +163,35 @@ def _check(repos: TrustedRepos, installed: dict[str, int], profile: HardwareProf
     icustom: dict[str, Any] = itarget.unrecognized_fields.get("custom", {})
     if dtarget.length != itarget.length or dtarget.hashes != itarget.hashes:
         raise UpdateRejected(f"director and image repository disagree on {path} (length or hashes)")
-    counter = int(icustom.get("release_counter", -1))
-    if int(dcustom.get("release_counter", -2)) != counter:
-        raise UpdateRejected(f"director and image repository disagree on the release counter of {path}")
-    model = str(icustom.get("model", ""))
+    counter = int(icustom["release_counter"])
+    for field in ("release_counter", "model", "version", "variant"):
+        if str(dcustom.get(field)) != str(icustom.get(field)):
+            raise UpdateRejected(f"director and image repository disagree on the {field} of {path}")
+    model, sha256 = str(icustom["model"]), itarget.hashes["sha256"]
     current = installed.get(model)
-    if current is not None and counter < current:
-        raise UpdateRejected(f"{path} has release counter {counter}, lower than the installed {current} (rollback)")
-    if current == counter:
+    if current is not None and current.sha256 == sha256:
         return None
-    variants = {v["id"]: v for v in icustom.get("variants", [])}
-    variant = variants.get(str(dcustom.get("variant")))
-    if variant is None:
-        raise UpdateRejected(f"{path} has no variant {dcustom.get('variant')!r}")
-    misfit = _hints_fit(list(variant.get("hints", [])), profile)
+    if current is not None and counter < current.release_counter and sha256 not in kept:
+        raise UpdateRejected(f"{path} has release counter {counter}, lower than the installed {current.release_counter} (rollback)")
+    misfit = _hints_fit(list(icustom.get("hints", [])), profile)
     if misfit is not None:
-        raise UpdateRejected(f"variant {variant['id']} needs {misfit}, which this device does not have")
+        raise UpdateRejected(f"variant {icustom['variant']} needs {misfit}, which this device does not have")
+    chunks = _chunk_manifest(image, path, itarget.length)
+    directory, sep, name = path.rpartition("/")
+    url = f"{repos.image_url}targets/{directory}{sep}{sha256}.{name}"
+    return VerifiedUpdate(path, model, str(icustom["version"]), str(icustom["variant"]), counter, itarget.length, sha256, url, chunks)
+
+
+def _chunk_manifest(image: Updater, path: str, length: int) -> ChunkManifest:
+    info = image.get_targetinfo(path + CHUNKS_SUFFIX)
+    if info is None:
+        raise UpdateRejected(f"the image repository has no chunk list for {path}")
     try:
-        archive = Path(image.download_target(itarget))
+        manifest = ChunkManifest.decode(Path(image.download_target(info)).read_bytes())
     except tuf_errors.LengthOrHashMismatchError as exc:
-        raise UpdateRejected(f"{path}: downloaded bytes do not match the signed length/hash") from exc
-    except tuf_errors.DownloadError as exc:
-        raise UpdateRejected(f"{path}: download failed: {exc}") from exc
-    return VerifiedUpdate(path, model, str(icustom.get("version", "")), variant["id"], counter, archive)
+        raise UpdateRejected(f"{path}{CHUNKS_SUFFIX}: downloaded bytes do not match the signed length/hash") from exc
+    except ChunkManifestError as exc:
+        raise UpdateRejected(str(exc)) from exc
+    if manifest.length != length:
+        raise UpdateRejected(f"the chunk list of {path} is for {manifest.length} bytes, the target has {length}")
+    return manifest

@@ -211,7 +211,9 @@ def release_cmd(bundle: Path, repo: Path, keys_dir: Path) -> None:
 
     with _reported():
         r = ImageRepository(repo).release(bundle, KeyStore(keys_dir))
-    console.print(f"released {r.model} {r.version} as {r.target_path} (release_counter {r.release_counter}, {r.length} bytes)")
+    console.print(f"released {r.model} {r.version} (release_counter {r.release_counter}), one signed target per variant:")
+    for v in r.variants:
+        console.print(f"  {v.id:<14} {v.target_path} {v.length} bytes sha256 {v.sha256[:12]}…")
 
 
 @main.group("director")

@@ -20,7 +20,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from agent.protocol import valid_device_id
-from fleet.image_repo import ImageRepository, sign_metadata
+from fleet.image_repo import ImageRepository, sign_metadata, variant_target_path
 from fleet.keys import KeyStore
 
 __all__ = ["AssignError", "Director"]
@@ -95,13 +95,13 @@ class Director:
 
     def assign(self, device: str, image: ImageRepository, model: str, version: str, variant: str, keys: KeyStore) -> TargetFile:
         """Point ``device`` at ``model`` ``version`` (variant ``variant``), as the image repository lists it."""
-        path = f"{model}/{version}.tar.gz"
+        path = variant_target_path(model, version, variant)
         released = image.targets().signed.targets.get(path)
         if released is None:
-            raise AssignError(f"{model} {version} is not in the image repository")
-        custom = released.unrecognized_fields.get("custom", {})
-        if variant not in {v["id"] for v in custom.get("variants", [])}:
+            if image.release_of(model, version) is None:
+                raise AssignError(f"{model} {version} is not in the image repository")
             raise AssignError(f"{model} {version} has no variant {variant!r}")
+        custom = released.unrecognized_fields.get("custom", {})
         meta = self.device_metadata(device)
         meta.mkdir(parents=True, exist_ok=True)
         for root in self.directory.glob("*.root.json"):  # the whole root chain, so a new device can walk it

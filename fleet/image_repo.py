@@ -2,21 +2,24 @@
 
 Layout (consistent snapshots, as ``tuf.ngclient`` fetches them):
 ``metadata/{N}.root.json``, ``metadata/timestamp.json``, ``metadata/{N}.snapshot.json``,
-``metadata/{N}.targets.json`` and ``targets/{model}/{sha256}.{version}.tar.gz``.
-A target is a bundle archive; its custom fields carry the model name, version,
-variants (format, precision, sha256, length, hints) and a per-model
-``release_counter`` the agent uses to refuse rollbacks.
+``metadata/{N}.targets.json`` and ``targets/{model}/{version}/{sha256}.{variant}.tar``.
+A release is one target per variant — a tar of ``bundle.json``, that variant's
+files and its golden samples — so a Raspberry Pi pulls its int8 TFLite file and
+not every runtime's copy. Each has a companion ``….tar.chunks`` target (per-chunk
+sha256, see ``agent.chunks``). Custom fields carry the model name, version,
+variant (format, precision, hints) and a per-model ``release_counter`` the agent
+uses to refuse rollbacks.
 Trust state changes in exactly one place: ``ImageRepository`` writes and signs.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,7 +29,8 @@ from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.bundle import Bundle, BundleError, load_bundle, verify_files
+from agent.bundle import BUNDLE_FILE, Bundle, BundleError, Variant, load_bundle, verify_files
+from agent.chunks import CHUNKS_SUFFIX, ChunkManifest
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from fleet.keys import KeyStore
@@ -34,7 +38,7 @@ from fleet.keys import KeyStore
 if TYPE_CHECKING:
     from fleet.director import Director
 
-__all__ = ["Expiry", "ImageRepository", "ReleaseError", "Release"]
+__all__ = ["Expiry", "ImageRepository", "Release", "ReleaseError", "ReleasedVariant", "variant_target_path"]
 
 
 class ReleaseError(EdgefleetError):
@@ -54,13 +58,27 @@ class Expiry:
 
 
 @dataclass(frozen=True)
-class Release:
+class ReleasedVariant:
+    id: str
     target_path: str
+    length: int
+    sha256: str
+    hints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Release:
     model: str
     version: str
     release_counter: int
-    length: int
-    sha256: str
+    variants: tuple[ReleasedVariant, ...]
+
+    def variant(self, variant_id: str) -> ReleasedVariant | None:
+        return next((v for v in self.variants if v.id == variant_id), None)
+
+
+def variant_target_path(model: str, version: str, variant: str) -> str:
+    return f"{model}/{version}/{variant}.tar"
 
 
 def _now() -> datetime:
@@ -98,20 +116,18 @@ class ImageRepository:
         return self._load(f"{self.snapshot().signed.meta['targets.json'].version}.targets.json")
 
     def releases(self) -> list[Release]:
-        out = []
+        grouped: dict[tuple[str, str], list[tuple[int, ReleasedVariant]]] = {}
         for path, tf in self.targets().signed.targets.items():
             custom = tf.unrecognized_fields.get("custom", {})
-            out.append(
-                Release(
-                    path,
-                    custom.get("model", ""),
-                    custom.get("version", ""),
-                    int(custom.get("release_counter", 0)),
-                    tf.length,
-                    tf.hashes["sha256"],
-                )
-            )
+            if path.endswith(CHUNKS_SUFFIX) or "variant" not in custom:
+                continue
+            v = ReleasedVariant(custom["variant"], path, tf.length, tf.hashes["sha256"], tuple(custom.get("hints", [])))
+            grouped.setdefault((custom["model"], custom["version"]), []).append((int(custom.get("release_counter", 0)), v))
+        out = [Release(m, ver, vs[0][0], tuple(sorted((v for _, v in vs), key=lambda v: v.id))) for (m, ver), vs in grouped.items()]
         return sorted(out, key=lambda r: (r.model, r.release_counter))
+
+    def release_of(self, model: str, version: str) -> Release | None:
+        return next((r for r in self.releases() if r.model == model and r.version == version), None)
 
     # -- writing ---------------------------------------------------------------
 
@@ -185,44 +201,44 @@ class ImageRepository:
         self._write_timestamp(snapshot.signed.version, keys)
 
     def release(self, bundle: str | Path, keys: KeyStore) -> Release:
-        """Add a bundle (directory or ``.tar.gz`` from ``fleet build --archive``) as a signed target."""
-        archive, manifest = _bundle_archive(Path(bundle))
-        digest = hashlib.sha256(archive).hexdigest()
-        target_path = f"{manifest.name}/{manifest.version}.tar.gz"
-        targets_md = self.targets()
-        existing = targets_md.signed.targets.get(target_path)
-        if existing is not None:
-            raise ReleaseError(f"{manifest.name} {manifest.version} is already released (sha256 {existing.hashes['sha256'][:12]}…)")
-        counter = 1 + max((r.release_counter for r in self.releases() if r.model == manifest.name), default=0)
-        hints = sorted({h for v in manifest.variants for h in v.hints})
-        custom = {
-            "model": manifest.name,
-            "version": manifest.version,
-            "release_counter": counter,
-            "hardware": hints,
-            "variants": [
-                {
-                    "id": v.id,
+        """Add a bundle (directory or ``.tar.gz`` from ``fleet build --archive``): one signed target per variant."""
+        with _bundle_dir(Path(bundle)) as (root, manifest):
+            targets_md = self.targets()
+            prefix = f"{manifest.name}/{manifest.version}/"
+            if any(p.startswith(prefix) for p in targets_md.signed.targets):
+                raise ReleaseError(f"{manifest.name} {manifest.version} is already released")
+            counter = 1 + max((r.release_counter for r in self.releases() if r.model == manifest.name), default=0)
+            released = []
+            for v in manifest.variants:
+                data = _variant_archive(root, v)
+                path = variant_target_path(manifest.name, manifest.version, v.id)
+                tf = TargetFile.from_data(path, data, ["sha256"])
+                tf.unrecognized_fields["custom"] = {
+                    "model": manifest.name,
+                    "version": manifest.version,
+                    "release_counter": counter,
+                    "variant": v.id,
                     "format": v.format,
                     "precision": v.precision,
-                    "file": v.file,
-                    "sha256": v.sha256,
-                    "length": v.size,
-                    "hints": v.hints,
+                    "hints": list(v.hints),
                 }
-                for v in manifest.variants
-            ],
-        }
-        tf = TargetFile.from_data(target_path, archive, ["sha256"])
-        tf.unrecognized_fields["custom"] = custom
-        stored = self.targets_dir / manifest.name / f"{digest}.{manifest.version}.tar.gz"
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(stored, archive)
-        targets_md.signed.targets[target_path] = tf
+                chunks = ChunkManifest.of(data).encode()
+                cf = TargetFile.from_data(path + CHUNKS_SUFFIX, chunks, ["sha256"])
+                for target, content in ((tf, data), (cf, chunks)):
+                    self._store(target, content)
+                    targets_md.signed.targets[target.path] = target
+                released.append(ReleasedVariant(v.id, path, len(data), tf.hashes["sha256"], tuple(v.hints)))
         targets_md.signed.version += 1
         targets_md.signed.expires = _now() + self.expiry.targets
         self._publish(targets_md, keys)
-        return Release(target_path, manifest.name, manifest.version, counter, len(archive), digest)
+        return Release(manifest.name, manifest.version, counter, tuple(released))
+
+    def _store(self, target: TargetFile, data: bytes) -> None:
+        """Where ngclient looks for it with consistent snapshots: ``dir/{sha256}.{name}``."""
+        directory, _, name = target.path.rpartition("/")
+        stored = self.targets_dir / directory / f"{target.hashes['sha256']}.{name}"
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(stored, data)
 
     def rotate_root(
         self, keys: KeyStore, new_root_keys: int = 1, new_threshold: int = 1, director: Director | None = None
@@ -277,26 +293,31 @@ def sign_metadata(md: Metadata[Any], signers: Sequence[Signer]) -> None:
         md.sign(s, append=True)
 
 
-def _bundle_archive(path: Path) -> tuple[bytes, Bundle]:
-    """The archive bytes and the validated manifest; a bad bundle is a ``ReleaseError``."""
+@contextmanager
+def _bundle_dir(path: Path) -> Iterator[tuple[Path, Bundle]]:
+    """The bundle as a verified directory (an archive is unpacked to a temp dir); a bad bundle is a ``ReleaseError``."""
     try:
-        if path.is_dir():
-            manifest = load_bundle(path)
-            verify_files(manifest, path)
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
-                for p in sorted(path.iterdir()):
-                    info = tar.gettarinfo(str(p), arcname=p.name)
-                    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                    with open(p, "rb") as f:
-                        tar.addfile(info, f)
-            return buf.getvalue(), manifest
-        data = path.read_bytes()
         with tempfile.TemporaryDirectory() as d:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-                tar.extractall(d, filter="data")
-            manifest = load_bundle(d)
-            verify_files(manifest, Path(d))
-        return data, manifest
+            if path.is_dir():
+                root = path
+            else:
+                with tarfile.open(path, mode="r:*") as tar:
+                    tar.extractall(d, filter="data")
+                root = Path(d)
+            manifest = load_bundle(root)
+            verify_files(manifest, root)
+            yield root, manifest
     except (BundleError, OSError, tarfile.TarError, ValueError) as exc:
         raise ReleaseError(f"{path} is not a valid bundle: {exc}") from exc
+
+
+def _variant_archive(root: Path, v: Variant) -> bytes:
+    """A deterministic tar (no compression: model weights barely compress) of what a device needs for ``v``."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted({BUNDLE_FILE, v.file, v.golden, *v.extra_files}):
+            info = tar.gettarinfo(str(root / name), arcname=name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
+            with open(root / name, "rb") as f:
+                tar.addfile(info, f)
+    return buf.getvalue()

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import tarfile
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
+from agent.chunks import ChunkManifest
 from converters.build import build
 from fleet.image_repo import Expiry, ImageRepository, ReleaseError
 from fleet.keys import KeyError_, KeyStore, init_keys
@@ -92,21 +94,29 @@ def test_release_reaches_a_device_verified(repo: tuple[ImageRepository, KeyStore
     assert (r1.release_counter, r2.release_counter) == (1, 2)
     updater = client(image, tmp_path / "device")
     updater.refresh()
-    info = updater.get_targetinfo("tiny/1.1.0.tar.gz")
-    assert info is not None and info.length == r2.length and info.hashes["sha256"] == r2.sha256
+    v2 = r2.variant("onnx-fp32")
+    assert v2 is not None and v2.target_path == "tiny/1.1.0/onnx-fp32.tar"
+    info = updater.get_targetinfo(v2.target_path)
+    assert info is not None and info.length == v2.length and info.hashes["sha256"] == v2.sha256
     custom = info.unrecognized_fields["custom"]
     assert custom["model"] == "tiny" and custom["release_counter"] == 2
-    assert custom["variants"][0]["format"] == "onnx" and len(custom["variants"][0]["sha256"]) == 64
+    assert (custom["variant"], custom["format"], custom["precision"]) == ("onnx-fp32", "onnx", "fp32")
     path = updater.download_target(info)
-    assert Path(path).stat().st_size == r2.length
+    assert Path(path).stat().st_size == v2.length
+    with tarfile.open(path) as tar:  # the variant's archive: the manifest, its model and its golden samples only
+        assert sorted(tar.getnames()) == ["bundle.json", "golden_onnx-fp32.npz", "model.onnx"]
+    chunks_info = updater.get_targetinfo(v2.target_path + ".chunks")
+    assert chunks_info is not None
+    chunks = ChunkManifest.decode(Path(updater.download_target(chunks_info)).read_bytes())
+    assert chunks.length == v2.length and len(chunks.sha256) == 1
     with pytest.raises(ReleaseError, match="already released"):
         image.release(bundles["1.1.0"], keys)
 
 
 def test_tampered_target_is_refused(repo: tuple[ImageRepository, KeyStore], bundles: dict[str, Path], tmp_path: Path) -> None:
     image, keys = repo
-    r = image.release(bundles["1.0.0"], keys)
-    stored = next((image.targets_dir / "tiny").glob(f"{r.sha256}.*"))
+    r = image.release(bundles["1.0.0"], keys).variants[0]
+    stored = next((image.targets_dir / "tiny" / "1.0.0").glob(f"{r.sha256}.*"))
     data = bytearray(stored.read_bytes())
     data[100] ^= 0xFF
     stored.write_bytes(bytes(data))
@@ -130,7 +140,7 @@ def test_root_rotation_is_accepted_when_done_right(
     updater.refresh()
     trusted = Metadata.from_file(str(device / "metadata" / "root.json"))
     assert trusted.signed.version == 2 and trusted.signed.roles["root"].threshold == 2
-    assert updater.get_targetinfo("tiny/1.0.0.tar.gz") is not None
+    assert updater.get_targetinfo("tiny/1.0.0/onnx-fp32.tar") is not None
 
 
 @pytest.mark.parametrize("signed_by", ["old only", "new only"])

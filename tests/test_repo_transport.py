@@ -52,7 +52,7 @@ def test_update_over_mqtt_in_small_windowed_chunks(released: ImageRepository, mq
         try:
             up = updater(released, tmp_path / "dev", fetcher)
             up.refresh()  # also asks for 2.root.json, which is a 404: the Updater takes that as "no newer root"
-            info = up.get_targetinfo("mlp/1.0.0.tar.gz")
+            info = up.get_targetinfo("mlp/1.0.0/openvino-fp32.tar")
             assert info is not None and info.length > 3 * 4096  # several windows of chunks
             path = up.download_target(info)
             assert Path(path).stat().st_size == info.length
@@ -141,8 +141,8 @@ def test_broker_restart_mid_download_resumes(released: ImageRepository, tmp_path
         with RepositoryServer(released.directory, broker.host, broker.port, client_id="repo-4"):
             fetcher = MqttFetcher(broker.host, broker.port, "dev-4", BASE, chunk_size=2048, window=2, timeout=2, retries=10)
             try:
-                target = next(p for p in (released.targets_dir / "mlp").iterdir())
-                url = BASE + "targets/mlp/" + target.name
+                target = next((released.targets_dir / "mlp" / "1.0.0").glob("*.openvino-fp32.tar"))
+                url = BASE + "targets/mlp/1.0.0/" + target.name
                 stream = fetcher.fetch(url)
                 first = next(stream)
                 broker.start_again()  # every connection drops; paho reconnects, lost requests are re-sent

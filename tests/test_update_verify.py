@@ -13,7 +13,9 @@ from tuf.api.metadata import Metadata
 
 from agent.hardware import HardwareProfile, detect
 from agent.repo_fetcher import DirectoryFetcher, MqttFetcher
-from agent.update import TrustedRepos, UpdateRejected, check_for_update
+from agent.download import download
+from agent.files import sha256_file
+from agent.update import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_for_update
 from converters.build import build
 from fleet.broker import RunningBroker
 from fleet.director import AssignError, Director
@@ -29,7 +31,7 @@ class Fleet:
         self.image = ImageRepository.create(root / "serve" / "image", self.keys)
         self.director = Director.create(root / "serve" / "director", self.keys)
         for version in ("1.0.0", "1.1.0"):
-            build(models.path("tiny.onnx"), "tiny", version, root / f"tiny-{version}", variants=["onnx-fp32"])
+            build(models.path("tiny.onnx"), "tiny", version, root / f"tiny-{version}", variants=["onnx-fp32", "onnx-int8"])
             self.image.release(root / f"tiny-{version}", self.keys)
 
     def device(self, name: str, fetchers: tuple[object, object] | None = None) -> TrustedRepos:
@@ -46,6 +48,12 @@ class Fleet:
         return TrustedRepos(d / "image", d / "director", image_url, director_url, image_f, director_f, d / "downloads")  # type: ignore[arg-type]
 
 
+def fetch(fleet: Fleet, upd: VerifiedUpdate, dest: Path) -> str:
+    """Download the artifact the way the installer does; its sha256."""
+    download(upd, DirectoryFetcher(fleet.root / "serve" / "image", "repo://image/"), dest, 0, lambda offset: None)
+    return sha256_file(dest)
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, models: ModelFiles) -> Fleet:
     return Fleet(tmp_path, models)
@@ -59,22 +67,32 @@ def test_agreed_update_is_downloaded_and_verified(fleet: Fleet, tmp_path: Path) 
     fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
     upd = check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
     assert upd is not None and (upd.model, upd.version, upd.variant, upd.release_counter) == ("tiny", "1.1.0", "onnx-fp32", 2)
-    assert upd.archive.is_file()
-    assert check_for_update(fleet.device("dev-1"), {"tiny": 2}, profile(tmp_path)) is None  # already running it
+    assert fetch(fleet, upd, tmp_path / "a.tar") == upd.sha256
+    assert check_for_update(fleet.device("dev-1"), {"tiny": Installed(2, upd.sha256)}, profile(tmp_path)) is None  # running it
+    # the same release, another variant: a switch within the release, not a rollback
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-int8", fleet.keys)
+    other = check_for_update(fleet.device("dev-1"), {"tiny": Installed(2, upd.sha256)}, profile(tmp_path))
+    assert other is not None and other.variant == "onnx-int8" and other.sha256 != upd.sha256
 
 
 def test_rollback_to_a_lower_release_counter_is_refused(fleet: Fleet, tmp_path: Path) -> None:
     fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
     with pytest.raises(UpdateRejected, match="lower than the installed 2"):
-        check_for_update(fleet.device("dev-1"), {"tiny": 2}, profile(tmp_path))
+        check_for_update(fleet.device("dev-1"), {"tiny": Installed(2, "0" * 64)}, profile(tmp_path))
+    # unless the device itself ran exactly that artifact and keeps it: a fleet rollback to a version it trusted
+    old = fleet.image.release_of("tiny", "1.0.0")
+    assert old is not None
+    sha = old.variants[0].sha256
+    plan = check_for_update(fleet.device("dev-1"), {"tiny": Installed(2, "0" * 64)}, profile(tmp_path), kept={sha})
+    assert plan is not None and plan.version == "1.0.0"
 
 
 def test_director_naming_a_target_the_image_repository_lacks(fleet: Fleet, tmp_path: Path) -> None:
     fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
     meta = fleet.director.device_metadata("dev-1")
     md = Metadata.from_file(str(meta / "1.targets.json"))
-    tf = md.signed.targets.pop("tiny/1.1.0.tar.gz")
-    tf.path = "tiny/9.9.9.tar.gz"
+    tf = md.signed.targets.pop("tiny/1.1.0/onnx-fp32.tar")
+    tf.path = "tiny/9.9.9/onnx-fp32.tar"
     md.signed.targets[tf.path] = tf
     md.signed.version += 1
     fleet.director._publish(meta, md, fleet.keys)  # a compromised director key signs it properly
@@ -86,17 +104,17 @@ def test_mix_and_match_hashes_are_refused(fleet: Fleet, tmp_path: Path) -> None:
     fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
     meta = fleet.director.device_metadata("dev-1")
     md = Metadata.from_file(str(meta / "1.targets.json"))
-    md.signed.targets["tiny/1.1.0.tar.gz"].hashes["sha256"] = "0" * 64
+    md.signed.targets["tiny/1.1.0/onnx-fp32.tar"].hashes["sha256"] = "0" * 64
     md.signed.version += 1
     fleet.director._publish(meta, md, fleet.keys)
-    with pytest.raises(UpdateRejected, match=r"disagree on tiny/1\.1\.0\.tar\.gz"):
+    with pytest.raises(UpdateRejected, match=r"disagree on tiny/1\.1\.0/onnx-fp32\.tar"):
         check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
 
 
 def test_variant_for_other_hardware_is_refused(fleet: Fleet, tmp_path: Path) -> None:
     fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
     targets = fleet.image.targets()
-    targets.signed.targets["tiny/1.1.0.tar.gz"].unrecognized_fields["custom"]["variants"][0]["hints"] = ["edgetpu"]
+    targets.signed.targets["tiny/1.1.0/onnx-fp32.tar"].unrecognized_fields["custom"]["hints"] = ["edgetpu"]
     targets.signed.version += 1
     fleet.image._publish(targets, fleet.keys)
     with pytest.raises(UpdateRejected, match="needs edgetpu"):
@@ -107,16 +125,18 @@ def test_variant_for_other_hardware_is_refused(fleet: Fleet, tmp_path: Path) -> 
 
 def test_tampered_artifact_is_refused(fleet: Fleet, tmp_path: Path) -> None:
     fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
-    stored = next(p for p in (fleet.image.targets_dir / "tiny").iterdir() if p.name.endswith(".1.1.0.tar.gz"))
+    upd = check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+    assert upd is not None
+    stored = next((fleet.image.targets_dir / "tiny" / "1.1.0").glob("*.onnx-fp32.tar"))
     original = stored.read_bytes()
-    stored.write_bytes(original + b"endless data")  # more bytes than signed: the download stops at the signed length
-    with pytest.raises(UpdateRejected, match="exceeding the maximum allowed length"):
-        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+    stored.write_bytes(original + b"endless data")  # more bytes than signed
+    with pytest.raises(UpdateRejected, match="the signed length is"):
+        fetch(fleet, upd, tmp_path / "b.tar")
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0xFF
     stored.write_bytes(bytes(flipped))  # same length, other bytes: an arbitrary artifact
-    with pytest.raises(UpdateRejected, match="do not match the signed length/hash"):
-        check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+    with pytest.raises(UpdateRejected, match="failed its signed sha256"):
+        fetch(fleet, upd, tmp_path / "c.tar")
 
 
 def test_frozen_director_is_refused(fleet: Fleet, tmp_path: Path) -> None:
@@ -155,7 +175,7 @@ def test_end_to_end_over_mqtt(fleet: Fleet, mqtt_broker: RunningBroker, tmp_path
         director_f = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dev-m-dir", "repo://", timeout=5)
         try:
             repos = fleet.device("dev-m", (image_f, director_f))
-            upd = check_for_update(repos, {"tiny": 1}, profile(tmp_path))
+            upd = check_for_update(repos, {"tiny": Installed(1, "0" * 64)}, profile(tmp_path))
         finally:
             image_f.close()
             director_f.close()
@@ -176,7 +196,7 @@ def test_cli_director_and_assign(fleet: Fleet, tmp_path: Path) -> None:
     done = subprocess.run(
         [*cli, "assign", "dev-9", "tiny", "1.1.0", "--variant", "onnx-fp32", *common], capture_output=True, text=True, timeout=120
     )
-    assert done.returncode == 0 and "dev-9 -> tiny/1.1.0.tar.gz" in done.stderr, done.stderr
+    assert done.returncode == 0 and "dev-9 -> tiny/1.1.0/onnx-fp32.tar" in done.stderr, done.stderr
     done = subprocess.run(
         [*cli, "assign", "dev-9", "tiny", "3.0.0", "--variant", "onnx-fp32", *common], capture_output=True, text=True, timeout=120
     )
@@ -207,7 +227,7 @@ def test_director_refresh_and_root_rotation_reach_the_device(fleet: Fleet, tmp_p
     assert check_for_update(device, {}, profile(tmp_path)) is not None
     fleet.image.rotate_root(fleet.keys, new_root_keys=2, new_threshold=2, director=fleet.director)
     fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
-    assert check_for_update(device, {"tiny": 1}, profile(tmp_path)) is not None  # both repositories walked to root v2
+    assert check_for_update(device, {"tiny": Installed(1, "0" * 64)}, profile(tmp_path)) is not None  # both repositories walked to root v2
     for repo_dir in (device.image_dir, device.director_dir):
         assert Metadata.from_file(str(repo_dir / "root.json")).signed.version == 2
 

@@ -1,0 +1,168 @@
+"""The agent's persistent state: update jobs and installed models, in SQLite (WAL) through sqlite-utils.
+
+Why SQLite: every step of the update state machine is one committed transaction,
+so a ``kill -9`` or a power cut leaves the last step, never half of one. Only
+``agent.installer.Installer`` writes job states; everything else reads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+__all__ = ["AgentStore", "InstalledModel", "Job", "State"]
+
+
+class State:
+    IDLE = "IDLE"
+    DOWNLOADING = "DOWNLOADING"
+    VERIFYING = "VERIFYING"
+    STAGED = "STAGED"
+    HEALTH_CHECK = "HEALTH_CHECK"
+    ACTIVE = "ACTIVE"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+    ROLLED_BACK = "ROLLED_BACK"
+    FINAL = frozenset({ACTIVE, FAILED, REJECTED, ROLLED_BACK})
+
+
+@dataclass
+class Job:
+    id: str
+    target_path: str
+    model: str
+    version: str
+    variant: str
+    release_counter: int
+    length: int
+    sha256: str
+    url: str
+    chunks: str  # ChunkManifest.encode(), as verified when the job started
+    state: str = State.IDLE
+    offset: int = 0
+    reason: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+
+    def report(self) -> dict[str, Any]:
+        """The job as published on ``dev/{id}/jobs/{job}``."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("chunks", "url")}
+        out["status"] = _STATUS.get(self.state, "IN_PROGRESS")
+        return out
+
+
+_STATUS = {State.ACTIVE: "SUCCEEDED", State.FAILED: "FAILED", State.REJECTED: "REJECTED", State.ROLLED_BACK: "ROLLED_BACK"}
+
+
+@dataclass
+class InstalledModel:
+    sha256: str
+    model: str
+    version: str
+    variant: str
+    release_counter: int
+    target_path: str
+    path: str  # the extracted bundle directory
+    status: str  # active | kept | rolled_back
+    activated: float = 0.0
+
+
+class AgentStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the agent's threads, behind a lock; autocommit, transactions made explicit.
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db["jobs"].create({f.name: _sql_type(f.type) for f in fields(Job)}, pk="id", if_not_exists=True)
+        self.db["installed"].create({f.name: _sql_type(f.type) for f in fields(InstalledModel)}, pk="sha256", if_not_exists=True)
+        self.db["refused"].create({"sha256": str, "target_path": str, "reason": str, "at": float}, pk="sha256", if_not_exists=True)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- jobs ------------------------------------------------------------------
+
+    def save_job(self, job: Job) -> None:
+        job.updated = time.time()
+        with self._lock:
+            self.db["jobs"].upsert(asdict(job), pk="id")
+
+    def job(self, job_id: str) -> Job | None:
+        with self._lock:
+            rows = list(self.db["jobs"].rows_where("id = ?", [job_id]))
+        return Job(**rows[0]) if rows else None
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return [Job(**r) for r in self.db["jobs"].rows_where(order_by="created")]
+
+    def unfinished_job(self) -> Job | None:
+        with self._lock:
+            rows = list(self.db["jobs"].rows_where("state NOT IN (?, ?, ?, ?)", sorted(State.FINAL), order_by="created desc", limit=1))
+        return Job(**rows[0]) if rows else None
+
+    # -- installed models ------------------------------------------------------
+
+    def installed(self, model: str | None = None) -> list[InstalledModel]:
+        where, args = ("model = ?", [model]) if model else (None, [])
+        with self._lock:
+            return [InstalledModel(**r) for r in self.db["installed"].rows_where(where, args, order_by="activated desc")]
+
+    def active(self) -> dict[str, InstalledModel]:
+        return {m.model: m for m in self.installed() if m.status == "active"}
+
+    def activate(self, job: Job | None, new: InstalledModel) -> None:
+        """One transaction: the new model active, the old one kept, the job ACTIVE."""
+        with self._lock, self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("UPDATE installed SET status = 'kept' WHERE model = ? AND status = 'active'", [new.model])
+            new.status, new.activated = "active", time.time()
+            self._replace("installed", asdict(new))
+            if job is not None:
+                job.state, job.updated = State.ACTIVE, time.time()
+                self._replace("jobs", asdict(job))
+
+    def roll_back(self, current: InstalledModel, previous: InstalledModel, reason: str) -> None:
+        """One transaction: ``previous`` active again, ``current`` refused until the director names something else."""
+        with self._lock, self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("UPDATE installed SET status = 'rolled_back' WHERE sha256 = ?", [current.sha256])
+            self.db.execute("UPDATE installed SET status = 'active', activated = ? WHERE sha256 = ?", [time.time(), previous.sha256])
+            self._replace("refused", {"sha256": current.sha256, "target_path": current.target_path, "reason": reason, "at": time.time()})
+            self.db.execute(
+                "UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE sha256 = ? AND state = ?",
+                [State.ROLLED_BACK, reason, time.time(), current.sha256, State.ACTIVE],
+            )
+
+    def _replace(self, table: str, row: dict[str, Any]) -> None:
+        """Raw SQL inside our own transactions: sqlite-utils' writers commit on their own."""
+        cols = ", ".join(row)
+        self.db.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({', '.join('?' for _ in row)})", list(row.values()))
+
+    def forget(self, sha256: str) -> None:
+        with self._lock:
+            self.db["installed"].delete_where("sha256 = ?", [sha256])
+
+    # -- refusals --------------------------------------------------------------
+
+    def refuse(self, sha256: str, target_path: str, reason: str) -> None:
+        with self._lock:
+            self.db["refused"].upsert({"sha256": sha256, "target_path": target_path, "reason": reason, "at": time.time()}, pk="sha256")
+
+    def refused(self, sha256: str) -> str | None:
+        with self._lock:
+            rows = list(self.db["refused"].rows_where("sha256 = ?", [sha256]))
+        return str(rows[0]["reason"]) if rows else None
+
+
+def _sql_type(t: Any) -> type:
+    return {"int": int, "float": float}.get(str(t), str)
