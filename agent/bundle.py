@@ -20,7 +20,18 @@ from agent.errors import EdgefleetError
 from agent.files import sha256_file
 from agent.selection import GoldenSample, ModelVariant
 
-__all__ = ["BUNDLE_FILE", "SCHEMA_VERSION", "Bundle", "BundleError", "Parity", "TensorSignature", "Variant", "load_bundle", "verify_files", "verify_variant"]
+__all__ = [
+    "BUNDLE_FILE",
+    "SCHEMA_VERSION",
+    "Bundle",
+    "BundleError",
+    "Parity",
+    "TensorSignature",
+    "Variant",
+    "load_bundle",
+    "verify_files",
+    "verify_variant",
+]
 
 BUNDLE_FILE = "bundle.json"
 SCHEMA_VERSION = 1

@@ -124,5 +124,68 @@ def infer_cmd(
         console.print(f"[dim]passed over {item['candidate']}: {item['why']}[/dim]")
 
 
+_config_option = click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Settings file (default: $EDGEFLEET_CONFIG or /etc/edgefleet/agent.toml).",
+)
+
+
+@main.command("run")
+@_config_option
+def run_cmd(config: Path | None) -> None:
+    """Run the daemon: presence, signed model updates, rollback, commands. SIGTERM stops it cleanly."""
+    from agent import logs
+
+    logs.configure()
+    try:
+        code = commands.run(load_settings(config))
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    sys.exit(code)
+
+
+@main.command("status")
+@_config_option
+@click.option("--json", "as_json", is_flag=True)
+def status_cmd(config: Path | None, as_json: bool) -> None:
+    """Installed model versions and the latest update jobs (read from the agent's state; works while it runs)."""
+    try:
+        data = commands.status(load_settings(config))
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    installed = Table("model", "version", "variant", "status", title=f"{data['device_id']}: installed")
+    for m in data["installed"]:
+        installed.add_row(m["model"], m["version"], m["variant"], m["status"])
+    console.print(installed)
+    jobs = Table("job", "target", "state", "progress", "reason", title="update jobs")
+    for j in data["jobs"]:
+        jobs.add_row(j["id"], j["target_path"], j["state"], f"{j['offset']}/{j['length']}", j["reason"])
+    console.print(jobs)
+
+
+@main.command("rollback")
+@click.argument("model")
+@_config_option
+def rollback_cmd(model: str, config: Path | None) -> None:
+    """Switch MODEL back to the previous version this device keeps (asks the running agent over MQTT)."""
+    try:
+        reply = commands.rollback(model, load_settings(config))
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    if not reply.get("ok"):
+        err = reply.get("error", {})
+        click.echo(f"error[{err.get('code', 'internal')}]: {err.get('message', reply)}", err=True)
+        sys.exit(1)
+    console.print(f"{model} rolled back to {reply['result']['version']}")
+
+
 if __name__ == "__main__":
     main()

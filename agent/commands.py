@@ -7,6 +7,9 @@ with typed results instead of printed text.
 from __future__ import annotations
 
 import json
+import queue
+import signal
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -15,14 +18,30 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import InvalidInput, MissingInput, ModelLoadError
+from agent.errors import EdgefleetError, InvalidInput, MissingInput, ModelLoadError
 from agent.hardware import HardwareProfile, detect
 from agent.runtimes import probe_all
 from agent.runtimes.base import MODEL_FORMATS, ModelDescription, ProbeResult
 from agent.selection import ModelVariant, Ranking, choose, rank
 from agent.settings import AgentSettings, load_settings
 
-__all__ = ["HardwareReport", "InferResult", "hardware", "infer", "load_inputs"]
+__all__ = [
+    "AgentUnreachable",
+    "HardwareReport",
+    "InferResult",
+    "hardware",
+    "infer",
+    "load_inputs",
+    "rollback",
+    "run",
+    "send_command",
+    "status",
+]
+
+
+class AgentUnreachable(EdgefleetError):
+    code = "unreachable"
+
 
 MAX_INPUT_FILE_BYTES = 256 * 1024 * 1024
 
@@ -148,3 +167,86 @@ def infer(
         return InferResult(outputs, latencies, rt.describe(), sel.attempts)
     finally:
         rt.close()
+
+
+def run(settings: AgentSettings | None = None, stop: threading.Event | None = None) -> int:
+    """The daemon: start the agent and serve until SIGTERM/SIGINT (or ``stop``), then shut down cleanly."""
+    from agent.daemon import Agent
+
+    settings = settings or load_settings()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    agent = Agent(settings).start()
+    try:
+        stop.wait()
+    finally:
+        agent.stop()
+    return 0
+
+
+def status(settings: AgentSettings | None = None) -> dict[str, Any]:
+    """What this device has installed and its recent update jobs, read from the agent's store."""
+    from agent.store import AgentStore
+
+    settings = settings or load_settings()
+    db = settings.state_dir / "agent.db"
+    if not db.is_file():
+        return {"device_id": settings.device_id, "installed": [], "jobs": []}
+    store = AgentStore(db)
+    try:
+        return {
+            "device_id": settings.device_id,
+            "installed": [m.__dict__ for m in store.installed()],
+            "jobs": [j.report() for j in store.jobs()[-10:]],
+        }
+    finally:
+        store.close()
+
+
+def rollback(model: str, settings: AgentSettings | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """Ask the running agent (over MQTT, as the controller would) to switch ``model`` back to its previous version."""
+    return send_command(settings or load_settings(), "rollback", {"model": model}, timeout)
+
+
+def send_command(settings: AgentSettings, command: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    import uuid
+
+    import paho.mqtt.client as mqtt
+
+    from agent.protocol import Command, device_topic
+
+    rid = uuid.uuid4().hex
+    replies: queue.Queue[dict[str, Any]] = queue.Queue()
+    subscribed = threading.Event()
+    reply_topic = device_topic(settings.device_id, "cmd", "reply")
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            data = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(data, dict) and data.get("request_id") == rid:
+            replies.put(data)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{settings.device_id}-cli-{rid[:6]}", protocol=mqtt.MQTTv5)
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.on_connect = lambda c, *a: c.subscribe(reply_topic, qos=1)
+    try:
+        client.connect(settings.broker.host, settings.broker.port, keepalive=30)
+    except OSError as exc:
+        raise AgentUnreachable(f"no broker at {settings.broker.host}:{settings.broker.port}: {exc}") from exc
+    client.loop_start()
+    try:
+        if not subscribed.wait(10):
+            raise AgentUnreachable("could not subscribe to the agent's replies")
+        client.publish(device_topic(settings.device_id, "cmd"), Command(rid, command, args).encode(), qos=1)
+        try:
+            return replies.get(timeout=timeout)
+        except queue.Empty:
+            raise AgentUnreachable(f"no answer from {settings.device_id} within {timeout:.0f} s (is edge-agent running?)") from None
+    finally:
+        client.disconnect()
+        client.loop_stop()

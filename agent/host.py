@@ -116,4 +116,3 @@ class ModelHost:
     def close(self) -> None:
         for name in list(self.models()):
             self.remove(name, drain_timeout=5.0)
-

@@ -12,8 +12,10 @@ health check runs again. Files move by rename only, so a directory under
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -37,6 +39,17 @@ from agent.update import Installed, RepositoryUnreachable, UpdateRejected, Verif
 __all__ = ["HealthPolicy", "Installer", "RollbackError"]
 
 log = logging.getLogger("edgefleet.installer")
+
+
+PAUSE_ENV = "EDGEFLEET_FAULT_PAUSE_AT"
+
+
+def _fault_pause(state: str) -> None:
+    """Fault injection for the kill -9 tests: with ``EDGEFLEET_FAULT_PAUSE_AT=<STATE>`` the agent stops dead
+    once that state is committed (DOWNLOADING: after the first verified chunk), so a test can kill it there."""
+    if os.environ.get(PAUSE_ENV) == state:
+        logs.event(log, "fault.paused", logging.WARNING, state=state)
+        threading.Event().wait()
 
 
 class RollbackError(EdgefleetError):
@@ -117,6 +130,16 @@ class Installer:
         self._enter(job, State.IDLE)
         return job
 
+    def resume(self, job: Job, max_health_attempts: int = 2) -> Job:
+        """An unfinished job found at start; one that died in its health check too often is rejected."""
+        if job.state == State.HEALTH_CHECK:
+            job.attempts += 1
+            self.store.save_job(job)
+            if job.attempts > max_health_attempts:
+                self._finish(job, State.REJECTED, f"the agent died {job.attempts} times during the health check of this model", refuse=True)
+        logs.event(log, "update.resume", job=job.id, state=job.state, offset=job.offset)
+        return job
+
     def run(self, job: Job, source: ChunkSource) -> Job:
         """Drive ``job`` to a final state. ``RepositoryUnreachable`` leaves it resumable where it stopped."""
         steps: dict[str, Callable[[Job, ChunkSource], None]] = {
@@ -144,6 +167,8 @@ class Installer:
         self.store.save_job(job)
         logs.event(log, "update.state", job=job.id, state=state, target=job.target_path, offset=job.offset, reason=reason)
         self.report(job)
+        if state != State.DOWNLOADING:
+            _fault_pause(state)
 
     def _finish(self, job: Job, state: str, reason: str, refuse: bool = False) -> None:
         self._cleanup(job)
@@ -181,6 +206,7 @@ class Installer:
         def progress(offset: int) -> None:
             job.offset = offset
             self.store.save_job(job)
+            _fault_pause(State.DOWNLOADING)
 
         download(update, source, self._archive(job), job.offset, progress)
         self._enter(job, State.VERIFYING)
@@ -218,7 +244,14 @@ class Installer:
 
     def _health_check(self, job: Job, source: ChunkSource) -> None:
         installed = InstalledModel(
-            job.sha256, job.model, job.version, job.variant, job.release_counter, job.target_path, str(self._model_dir(job.sha256)), "staged"
+            job.sha256,
+            job.model,
+            job.version,
+            job.variant,
+            job.release_counter,
+            job.target_path,
+            str(self._model_dir(job.sha256)),
+            "staged",
         )
         try:
             serving = self.load(installed)
@@ -229,10 +262,13 @@ class Installer:
         logs.event(log, "update.state", job=job.id, state=State.ACTIVE, target=job.target_path, runtime=serving.runtime.name)
         self.report(job)
         self._prune(job.model)
+        _fault_pause(State.ACTIVE)
 
     def _update(self, job: Job) -> VerifiedUpdate:
         chunks = ChunkManifest.decode(job.chunks.encode())
-        return VerifiedUpdate(job.target_path, job.model, job.version, job.variant, job.release_counter, job.length, job.sha256, job.url, chunks)
+        return VerifiedUpdate(
+            job.target_path, job.model, job.version, job.variant, job.release_counter, job.length, job.sha256, job.url, chunks
+        )
 
     # -- loading, rollback, housekeeping ---------------------------------------
 

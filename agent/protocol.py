@@ -125,3 +125,39 @@ def tcp_nodelay(client: Any, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):  # not a TCP socket (websockets, unix): nothing to do
         pass
+
+
+def device_topic(device_id: str, *parts: str) -> str:
+    """``edgefleet/v1/dev/{id}/...``: every per-device topic (status, reported, director, cmd, jobs, telemetry)."""
+    return "/".join((ROOT, "dev", valid_device_id(device_id), *parts))
+
+
+MAX_COMMAND = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Command:
+    """A controller → device command on ``dev/{id}/cmd``; the answer goes to ``dev/{id}/cmd/reply``."""
+
+    request_id: str
+    command: str  # rollback | check | ping
+    args: dict[str, Any]
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Command:
+        if len(payload) > MAX_COMMAND:
+            raise ProtocolError(f"command of {len(payload)} bytes is over the {MAX_COMMAND}-byte limit")
+        try:
+            data = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"not JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("command"), str):
+            raise ProtocolError("expected an object with a 'command' string")
+        rid = data.get("request_id", "")
+        args = data.get("args", {})
+        if not isinstance(rid, str) or len(rid) > 64 or not isinstance(args, dict):
+            raise ProtocolError("request_id must be a string (<= 64 chars) and args an object")
+        return cls(rid, data["command"], args)
+
+    def encode(self) -> bytes:
+        return json.dumps({"request_id": self.request_id, "command": self.command, "args": self.args}).encode()

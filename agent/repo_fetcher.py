@@ -37,7 +37,7 @@ class MqttFetcher(FetcherInterface):
         window: int = 4,
         timeout: float = 10.0,
         retries: int = 3,
-        protocol: int = mqtt.MQTTv5,
+        protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5,
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.reply_topic = repo_reply_topic(device_id)

@@ -2,17 +2,17 @@
 
 Why pydantic-settings: one typed model is the documentation, the validation and
 the error message — a bad value names its key. Nested keys in the environment use
-``__``: ``EDGEFLEET_RUNTIME__FORCE_RUNTIME=onnx``. Only the runtime part exists
-today; the daemon's settings join it with issue 5.
+``__``: ``EDGEFLEET_RUNTIME__FORCE_RUNTIME=onnx``.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from agent.errors import EdgefleetError, InvalidOptions
@@ -44,11 +44,50 @@ class RuntimeSettings(BaseModel):
         return value
 
 
+class BrokerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+
+
+class UpdateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The repositories' first trusted root.json, installed with the agent (packaging, `fleet provision`).
+    image_root: Path | None = None
+    director_root: Path | None = None
+    image_url: str = "repo://image/"  # how the controller's repository server names the image repository
+    director_url: str = "repo://director/{device_id}/"
+    keep_versions: Annotated[int, Field(ge=1, le=20)] = 2  # the active version and N-1 previous ones stay on disk for rollback
+    disk_reserve_mb: Annotated[int, Field(ge=0)] = 16  # an update never leaves less free than this
+    auto_rollback_failures: Annotated[int, Field(ge=1)] = 5  # inference failures in a row of a new model before it is rolled back
+    check_interval_s: Annotated[float, Field(gt=0)] = 3600.0  # besides every director message
+    retry_s: Annotated[float, Field(gt=0)] = 5.0  # after the repository was unreachable (doubles up to check_interval_s)
+    window: Annotated[int, Field(ge=1, le=64)] = 4  # chunk requests in flight
+    request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", env_nested_delimiter="__", extra="forbid")
 
+    device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
+    state_dir: Path = Path("/var/lib/edgefleet")
     hardware_root: Path = Path("/")
+    broker: BrokerSettings = BrokerSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    update: UpdateSettings = UpdateSettings()
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        from agent.protocol import ProtocolError, valid_device_id
+
+        try:
+            return valid_device_id(value)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
 
     @classmethod
     def settings_customise_sources(

@@ -47,6 +47,7 @@ class Job:
     state: str = State.IDLE
     offset: int = 0
     reason: str = ""
+    attempts: int = 0  # times this job was resumed in HEALTH_CHECK: a model that kills the agent must not loop
     created: float = 0.0
     updated: float = 0.0
 
@@ -82,9 +83,18 @@ class AgentStore:
         self._lock = threading.RLock()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db["jobs"].create({f.name: _sql_type(f.type) for f in fields(Job)}, pk="id", if_not_exists=True)
-        self.db["installed"].create({f.name: _sql_type(f.type) for f in fields(InstalledModel)}, pk="sha256", if_not_exists=True)
-        self.db["refused"].create({"sha256": str, "target_path": str, "reason": str, "at": float}, pk="sha256", if_not_exists=True)
+        self.db.table("jobs").create({f.name: _sql_type(f.type) for f in fields(Job)}, pk="id", if_not_exists=True)
+        self.db.table("installed").create({f.name: _sql_type(f.type) for f in fields(InstalledModel)}, pk="sha256", if_not_exists=True)
+        self.db.table("refused").create({"sha256": str, "target_path": str, "reason": str, "at": float}, pk="sha256", if_not_exists=True)
+        self.db.table("meta").create({"key": str, "value": int}, pk="key", if_not_exists=True)
+
+    def next_session(self) -> int:
+        """Counts agent starts; ``status`` carries it so a stale ``lost`` will is told from a live session."""
+        with self._lock, self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('session', 0)")
+            self.db.execute("UPDATE meta SET value = value + 1 WHERE key = 'session'")
+            return int(self.db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()
@@ -94,20 +104,22 @@ class AgentStore:
     def save_job(self, job: Job) -> None:
         job.updated = time.time()
         with self._lock:
-            self.db["jobs"].upsert(asdict(job), pk="id")
+            self.db.table("jobs").upsert(asdict(job), pk="id")
 
     def job(self, job_id: str) -> Job | None:
         with self._lock:
-            rows = list(self.db["jobs"].rows_where("id = ?", [job_id]))
+            rows = list(self.db.table("jobs").rows_where("id = ?", [job_id]))
         return Job(**rows[0]) if rows else None
 
     def jobs(self) -> list[Job]:
         with self._lock:
-            return [Job(**r) for r in self.db["jobs"].rows_where(order_by="created")]
+            return [Job(**r) for r in self.db.table("jobs").rows_where(order_by="created")]
 
     def unfinished_job(self) -> Job | None:
         with self._lock:
-            rows = list(self.db["jobs"].rows_where("state NOT IN (?, ?, ?, ?)", sorted(State.FINAL), order_by="created desc", limit=1))
+            rows = list(
+                self.db.table("jobs").rows_where("state NOT IN (?, ?, ?, ?)", sorted(State.FINAL), order_by="created desc", limit=1)
+            )
         return Job(**rows[0]) if rows else None
 
     # -- installed models ------------------------------------------------------
@@ -115,7 +127,7 @@ class AgentStore:
     def installed(self, model: str | None = None) -> list[InstalledModel]:
         where, args = ("model = ?", [model]) if model else (None, [])
         with self._lock:
-            return [InstalledModel(**r) for r in self.db["installed"].rows_where(where, args, order_by="activated desc")]
+            return [InstalledModel(**r) for r in self.db.table("installed").rows_where(where, args, order_by="activated desc")]
 
     def active(self) -> dict[str, InstalledModel]:
         return {m.model: m for m in self.installed() if m.status == "active"}
@@ -150,17 +162,19 @@ class AgentStore:
 
     def forget(self, sha256: str) -> None:
         with self._lock:
-            self.db["installed"].delete_where("sha256 = ?", [sha256])
+            self.db.table("installed").delete_where("sha256 = ?", [sha256])
 
     # -- refusals --------------------------------------------------------------
 
     def refuse(self, sha256: str, target_path: str, reason: str) -> None:
         with self._lock:
-            self.db["refused"].upsert({"sha256": sha256, "target_path": target_path, "reason": reason, "at": time.time()}, pk="sha256")
+            self.db.table("refused").upsert(
+                {"sha256": sha256, "target_path": target_path, "reason": reason, "at": time.time()}, pk="sha256"
+            )
 
     def refused(self, sha256: str) -> str | None:
         with self._lock:
-            rows = list(self.db["refused"].rows_where("sha256 = ?", [sha256]))
+            rows = list(self.db.table("refused").rows_where("sha256 = ?", [sha256]))
         return str(rows[0]["reason"]) if rows else None
 
 

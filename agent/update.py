@@ -13,10 +13,10 @@ Every refusal is an ``UpdateRejected`` with the reason the device reports.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Collection, Mapping
 from typing import Any
 
 from tuf.api import exceptions as tuf_errors
@@ -142,7 +142,9 @@ def check_for_update(
         raise UpdateRejected(f"malformed target metadata: {type(exc).__name__}: {exc}") from exc
 
 
-def _check(repos: TrustedRepos, installed: Mapping[str, Installed], profile: HardwareProfile, kept: Collection[str]) -> VerifiedUpdate | None:
+def _check(
+    repos: TrustedRepos, installed: Mapping[str, Installed], profile: HardwareProfile, kept: Collection[str]
+) -> VerifiedUpdate | None:
     image, director = repos.updaters()
     try:
         director.refresh()

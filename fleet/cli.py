@@ -7,6 +7,7 @@ and the demo arrive with their issues.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -248,6 +249,18 @@ def director_refresh_cmd(directory: Path, keys_dir: Path, devices: tuple[str, ..
     console.print(f"{directory}: director metadata re-signed")
 
 
+def _broker(value: str | None) -> tuple[str, int] | None:
+    if not value:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"{value!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+_broker_option = click.option("--broker", help="HOST:PORT of the MQTT broker the devices use.")
+
+
 @main.command("assign")
 @click.argument("device")
 @click.argument("model")
@@ -256,15 +269,93 @@ def director_refresh_cmd(directory: Path, keys_dir: Path, devices: tuple[str, ..
 @click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path), help="Image repository.")
 @click.option("--director", "director_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-def assign_cmd(device: str, model: str, version: str, variant: str, repo: Path, director_dir: Path, keys_dir: Path) -> None:
-    """Point DEVICE at MODEL VERSION: signed director targets naming the image repository's bundle."""
+@_broker_option
+def assign_cmd(
+    device: str, model: str, version: str, variant: str, repo: Path, director_dir: Path, keys_dir: Path, broker: str | None
+) -> None:
+    """Point DEVICE at MODEL VERSION: signed director targets naming the image repository's variant.
+
+    With --broker the device is told at once (a retained message it also gets when it connects later).
+    """
+    from fleet.controller import announce
     from fleet.director import Director
     from fleet.image_repo import ImageRepository
     from fleet.keys import KeyStore
 
+    address = _broker(broker)
     with _reported():
-        target = Director(director_dir).assign(device, ImageRepository(repo), model, version, variant, KeyStore(keys_dir))
+        director = Director(director_dir)
+        target = director.assign(device, ImageRepository(repo), model, version, variant, KeyStore(keys_dir))
+        if address is not None:
+            try:
+                announce(director, [device], *address)
+            except OSError as exc:
+                raise BrokerUnreachable(f"assigned, but the broker at {broker} did not take the announcement: {exc}") from exc
     console.print(f"{device} -> {target.path} ({variant}, sha256 {target.hashes['sha256'][:12]}…)")
+
+
+class BrokerUnreachable(EdgefleetError):
+    code = "unreachable"
+
+
+@main.command("devices")
+@_broker_option
+@click.option("--wait", type=float, default=1.0, show_default=True, help="Seconds to collect the devices' retained reports.")
+@click.option("--json", "as_json", is_flag=True)
+def devices_cmd(broker: str | None, wait: float, as_json: bool) -> None:
+    """Every device's presence and what it reports: hardware, runtimes, active models, its last update."""
+    from fleet.controller import devices
+
+    address = _broker(broker) or ("127.0.0.1", 1883)
+    with _reported():
+        try:
+            found = devices(*address, wait=wait)
+        except OSError as exc:
+            raise BrokerUnreachable(f"no broker at {address[0]}:{address[1]}: {exc}") from exc
+    if as_json:
+        click.echo(json.dumps([d.to_json() for d in found], indent=2))
+        return
+    table = Table("device", "state", "hardware", "models", "update", title=f"{len(found)} device(s)")
+    for d in found:
+        models = ", ".join(f"{n} {m.get('version')} ({m.get('variant')} on {m.get('runtime')})" for n, m in d.reported.get("models", {}).items())
+        upd = d.reported.get("update", {})
+        table.add_row(
+            d.device_id,
+            str(d.status.get("state", "?")),
+            str(d.reported.get("hardware", "?")),
+            models or "-",
+            f"{upd.get('state', '-')} {upd.get('reason', '')}".strip(),
+        )
+    console.print(table)
+
+
+@main.command("serve")
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@_broker_option
+@click.option("--interval", type=float, default=60.0, show_default=True, help="Seconds between re-signing checks.")
+def serve_cmd(root: Path, keys_dir: Path, broker: str | None, interval: float) -> None:
+    """Serve ROOT/image and ROOT/director to devices over MQTT and re-sign online metadata before it expires."""
+    import signal
+    import threading
+
+    from agent import logs
+    from fleet.controller import Controller
+    from fleet.keys import KeyStore
+
+    logs.configure()
+    address = _broker(broker) or ("127.0.0.1", 1883)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with _reported():
+        try:
+            controller = Controller(root, KeyStore(keys_dir), *address, interval_s=interval).start()
+        except OSError as exc:
+            raise BrokerUnreachable(f"no broker at {address[0]}:{address[1]}: {exc}") from exc
+    console.print(f"serving {root} on {address[0]}:{address[1]} (Ctrl-C stops)")
+    stop.wait()
+    controller.stop()
 
 
 def _table(report: object) -> None:

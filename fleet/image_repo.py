@@ -30,7 +30,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.bundle import BUNDLE_FILE, Bundle, BundleError, Variant, load_bundle, verify_files
-from agent.chunks import CHUNKS_SUFFIX, ChunkManifest
+from agent.chunks import CHUNK_SIZE, CHUNKS_SUFFIX, ChunkManifest
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from fleet.keys import KeyStore
@@ -86,7 +86,8 @@ def _now() -> datetime:
 
 
 class ImageRepository:
-    def __init__(self, directory: str | Path, expiry: Expiry | None = None) -> None:
+    def __init__(self, directory: str | Path, expiry: Expiry | None = None, chunk_size: int = CHUNK_SIZE) -> None:
+        self.chunk_size = chunk_size  # of the signed chunk lists; devices verify (and resume) at this granularity
         self.directory = Path(directory)
         self.metadata = self.directory / "metadata"
         self.targets_dir = self.directory / "targets"
@@ -222,7 +223,7 @@ class ImageRepository:
                     "precision": v.precision,
                     "hints": list(v.hints),
                 }
-                chunks = ChunkManifest.of(data).encode()
+                chunks = ChunkManifest.of(data, self.chunk_size).encode()
                 cf = TargetFile.from_data(path + CHUNKS_SUFFIX, chunks, ["sha256"])
                 for target, content in ((tf, data), (cf, chunks)):
                     self._store(target, content)

@@ -11,10 +11,10 @@ import pytest
 from conftest import ModelFiles
 from tuf.api.metadata import Metadata
 
-from agent.hardware import HardwareProfile, detect
-from agent.repo_fetcher import DirectoryFetcher, MqttFetcher
 from agent.download import download
 from agent.files import sha256_file
+from agent.hardware import HardwareProfile, detect
+from agent.repo_fetcher import DirectoryFetcher, MqttFetcher
 from agent.update import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_for_update
 from converters.build import build
 from fleet.broker import RunningBroker

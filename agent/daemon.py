@@ -1,0 +1,299 @@
+"""``edge-agent run``: the device daemon — presence, signed updates, rollback, commands.
+
+Threads, and why: paho's network thread only decodes and enqueues (a slow
+callback would stall every message); one worker thread owns the update state
+machine and the store, so updates, rollbacks and commands never race each
+other; serving threads only touch ``ModelHost``. Publishing goes through one
+lock (paho is not safe to publish from many threads at once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import __version__, logs
+from agent.errors import EdgefleetError
+from agent.hardware import detect
+from agent.host import ModelHost, ServingModel
+from agent.installer import HealthPolicy, Installer, RollbackError
+from agent.protocol import Command, ProtocolError, device_topic, tcp_nodelay
+from agent.repo_fetcher import MqttFetcher
+from agent.runtimes import probe_all
+from agent.settings import AgentSettings
+from agent.store import AgentStore, Job
+from agent.update import RepositoryUnreachable, TrustedRepos, UpdateRejected, check_for_update
+
+__all__ = ["Agent"]
+
+log = logging.getLogger("edgefleet.agent")
+
+SESSION_EXPIRY_S = 24 * 3600  # commands queued while the device is offline survive a day
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.device_id = settings.device_id
+        state = settings.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        self.store = AgentStore(state / "agent.db")
+        self.profile = detect(settings.hardware_root)
+        u, rs = settings.update, settings.runtime
+        self.host = ModelHost(u.auto_rollback_failures, on_failing=self._failing)
+        health = HealthPolicy(
+            rs.latency_budget_ms / 1e3 if rs.latency_budget_ms is not None else None, rs.force_runtime, rs.force_device, rs.options
+        )
+        self.installer = Installer(
+            self.store, state, self.host, self.profile, health, u.keep_versions, u.disk_reserve_mb * 2**20, report=self._report_job
+        )
+        self.trust = state / "trust"
+        self.last_check: dict[str, Any] = {"state": "never"}
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._publish_lock = threading.Lock()
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._session = self.store.next_session()
+        self._client = self._make_client()
+        self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Agent:
+        for problem in self.installer.restore():
+            logs.event(log, "agent.restore_problem", logging.ERROR, reason=problem)
+        b = self.settings.broker
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        self._client.connect_async(b.host, b.port, keepalive=b.keepalive_s, clean_start=False, properties=props)
+        self._client.loop_start()
+        self._worker.start()
+        logs.event(log, "agent.started", device=self.device_id, version=__version__, session=self._session)
+        return self
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        return self._connected.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the current step, say ``disconnected`` (the will only fires on an unclean drop), close models."""
+        self._stopping.set()
+        self._events.put(("stop", None))
+        self._worker.join(timeout)
+        if self._connected.is_set():
+            info = self._publish("status", self._status("disconnected"), retain=True)
+            info.wait_for_publish(timeout=2)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.host.close()
+        self.store.close()
+        logs.event(log, "agent.stopped", device=self.device_id)
+
+    def check_now(self) -> None:
+        self._events.put(("check", None))
+
+    # -- MQTT ----------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=mqtt.MQTTv5)
+        c.will_set(device_topic(self.device_id, "status"), json.dumps(self._status("lost")), qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_socket_open = tcp_nodelay
+        c.reconnect_delay_set(1, 30)
+        return c
+
+    def _status(self, state: str) -> dict[str, Any]:
+        return {"state": state, "session": self._session, "ts": time.time()}
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            logs.event(log, "agent.connect_refused", logging.ERROR, reason=str(reason))
+            return
+        client.subscribe([(device_topic(self.device_id, "director", "#"), 1), (device_topic(self.device_id, "cmd"), 1)])
+        self._connected.set()
+        self._publish("status", self._status("ready"), retain=True)
+        self._publish_reported()
+        self._events.put(("check", None))
+        logs.event(log, "agent.connected", broker=f"{self.settings.broker.host}:{self.settings.broker.port}")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._connected.clear()
+        if not self._stopping.is_set():
+            logs.event(log, "agent.disconnected", logging.WARNING, reason=str(reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == device_topic(self.device_id, "cmd"):
+            self._events.put(("cmd", bytes(msg.payload)))
+        else:  # director/...: a trigger only; what it says is verified through the repositories
+            self._events.put(("check", None))
+
+    def _publish(self, what: str, payload: dict[str, Any], retain: bool = False) -> mqtt.MQTTMessageInfo:
+        with self._publish_lock:
+            return self._client.publish(device_topic(self.device_id, *what.split("/")), json.dumps(payload), qos=1, retain=retain)
+
+    def _publish_reported(self) -> None:
+        models = {
+            name: {
+                "version": m.version,
+                "variant": m.variant,
+                "sha256": m.sha256,
+                "runtime": m.runtime.name,
+                "device": m.runtime.describe().device,
+            }
+            for name, m in self.host.models().items()
+        }
+        installed = [{"model": m.model, "version": m.version, "variant": m.variant, "status": m.status} for m in self.store.installed()]
+        self._publish(
+            "reported",
+            {
+                "device_id": self.device_id,
+                "agent_version": __version__,
+                "hardware": self.profile.summary(),
+                "runtimes": {n: p.version for n, p in probe_all().items() if p.available},
+                "models": models,
+                "installed": installed,
+                "update": self.last_check,
+                "ts": time.time(),
+            },
+            retain=True,
+        )
+
+    def _report_job(self, job: Job) -> None:
+        self.last_check = {"state": job.state, "job": job.id, "target": job.target_path, "reason": job.reason}
+        self._publish(f"jobs/{job.id}", job.report())
+        if job.state in ("ACTIVE", "REJECTED", "FAILED", "ROLLED_BACK"):
+            self._publish_reported()
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        u = self.settings.update
+        next_check = time.monotonic() + u.check_interval_s
+        backoff = u.retry_s
+        while True:
+            try:
+                kind, arg = self._events.get(timeout=max(0.0, next_check - time.monotonic()))
+            except queue.Empty:
+                kind, arg = "check", None
+            if kind == "stop":
+                return
+            try:
+                if kind == "check":
+                    while not self._events.empty() and self._events.queue[0][0] == "check":
+                        self._events.get_nowait()  # a burst of director messages is one check
+                    if self._update():
+                        backoff, next_check = u.retry_s, time.monotonic() + u.check_interval_s
+                    else:
+                        next_check = time.monotonic() + backoff
+                        backoff = min(backoff * 2, u.check_interval_s)
+                elif kind == "cmd":
+                    self._command(arg)
+                elif kind == "rollback":
+                    model, reason = arg
+                    self._rollback(model, reason)
+            except Exception as exc:  # the worker must outlive any one bug
+                logs.event(log, "agent.worker_error", logging.ERROR, kind=kind, reason=f"{type(exc).__name__}: {exc}")
+
+    def _repos(self, fetcher: MqttFetcher) -> TrustedRepos:
+        u = self.settings.update
+        image, director = self.trust / "image", self.trust / "director"
+        for directory, seed in ((image, u.image_root), (director, u.director_root)):
+            directory.mkdir(parents=True, exist_ok=True)
+            if not (directory / "root.json").exists():
+                if seed is None or not Path(seed).is_file():
+                    raise UpdateRejected(f"no trusted root for {directory.name}: set update.{directory.name}_root")
+                shutil.copy(seed, directory / "root.json")
+        director_url = u.director_url.format(device_id=self.device_id)
+        return TrustedRepos(image, director, u.image_url, director_url, fetcher, fetcher, self.settings.state_dir / "metadata-downloads")
+
+    def _update(self) -> bool:
+        """One round: finish an interrupted job, then install what the director names. False: try again soon."""
+        u, b = self.settings.update, self.settings.broker
+        try:
+            fetcher = MqttFetcher(b.host, b.port, self.device_id, "repo://", window=u.window, timeout=u.request_timeout_s)
+        except (ConnectionError, OSError) as exc:
+            logs.event(log, "update.unreachable", logging.WARNING, reason=str(exc))
+            return False
+        try:
+            job = self.store.unfinished_job()
+            if job is not None:
+                self.installer.run(self.installer.resume(job), fetcher)
+            plan = check_for_update(self._repos(fetcher), self.installer.installed(), self.profile, kept=self.installer.kept())
+            if plan is not None:
+                job = self.installer.start(plan)
+                if job is not None:
+                    self.installer.run(job, fetcher)
+            else:
+                self._checked("up_to_date", "")
+            return True
+        except RepositoryUnreachable as exc:
+            logs.event(log, "update.unreachable", logging.WARNING, reason=str(exc))
+            return False
+        except UpdateRejected as exc:
+            self._checked("REJECTED", str(exc))
+            return True
+        finally:
+            fetcher.close()
+
+    def _checked(self, state: str, reason: str) -> None:
+        previous = self.last_check
+        self.last_check = {"state": state, "reason": reason, "ts": time.time()}
+        if state == "REJECTED":
+            logs.event(log, "update.rejected", logging.WARNING, reason=reason)
+            self._publish("jobs/check", {"state": state, "status": "REJECTED", "reason": reason, "ts": time.time()})
+        if (previous.get("state"), previous.get("reason")) != (state, reason):
+            self._publish_reported()
+
+    # -- commands and rollback -----------------------------------------------------------
+
+    def _command(self, payload: bytes) -> None:
+        try:
+            cmd = Command.decode(payload)
+        except ProtocolError as exc:
+            logs.event(log, "cmd.bad_request", logging.WARNING, reason=str(exc), size=len(payload))
+            self._publish("cmd/reply", {"ok": False, "error": {"code": "bad_request", "message": str(exc)}})
+            return
+        reply: dict[str, Any] = {"request_id": cmd.request_id, "command": cmd.command}
+        try:
+            if cmd.command == "ping":
+                reply["result"] = {"session": self._session, "models": sorted(self.host.models())}
+            elif cmd.command == "check":
+                self._events.put(("check", None))
+                reply["result"] = "scheduled"
+            elif cmd.command == "rollback":
+                model = cmd.args.get("model")
+                if not isinstance(model, str):
+                    raise ProtocolError("rollback needs args.model")
+                to = self._rollback(model, str(cmd.args.get("reason", "requested by the controller")))
+                reply["result"] = {"model": model, "version": to}
+            else:
+                raise ProtocolError(f"unknown command {cmd.command!r}")
+            reply["ok"] = True
+        except EdgefleetError as exc:
+            reply.update(ok=False, error={"code": exc.code, "message": str(exc)})
+        except ProtocolError as exc:
+            reply.update(ok=False, error={"code": "bad_request", "message": str(exc)})
+        self._publish("cmd/reply", reply)
+
+    def _failing(self, model: ServingModel, reason: str) -> None:
+        self._events.put(("rollback", (model.name, reason)))
+
+    def _rollback(self, model: str, reason: str) -> str:
+        try:
+            previous = self.installer.rollback(model, reason)
+        except RollbackError as exc:
+            logs.event(log, "rollback.failed", logging.ERROR, model=model, reason=str(exc))
+            raise
+        self._publish_reported()
+        return previous.version

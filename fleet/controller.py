@@ -1,0 +1,150 @@
+"""The controller's online side: serve both repositories over MQTT, keep their online metadata fresh, tell devices.
+
+Devices learn that the director changed from a retained message on
+``dev/{id}/director/timestamp`` (the signed timestamp, so a device that connects
+later still sees it); they then fetch and verify everything through the
+repository server, so the message is a hint and never trusted by itself.
+Online metadata (image snapshot/timestamp, every device's director metadata) is
+re-signed when less than half of its lifetime is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from tuf.api.metadata import Metadata
+
+from agent import logs
+from agent.protocol import ROOT, device_topic, tcp_nodelay
+from fleet.director import Director
+from fleet.image_repo import ImageRepository
+from fleet.keys import KeyStore
+from fleet.repo_server import RepositoryServer
+
+__all__ = ["Controller", "DeviceReport", "announce", "devices"]
+
+log = logging.getLogger("edgefleet.controller")
+
+
+def _client(client_id: str) -> mqtt.Client:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.on_socket_open = tcp_nodelay
+    return c
+
+
+def announce(director: Director, device_ids: Iterable[str], host: str, port: int, timeout: float = 10.0) -> None:
+    """Publish each device's current signed director timestamp, retained, so the device checks for an update."""
+    c = _client(f"edgefleet-announce-{time.monotonic_ns() % 10**9}")
+    c.connect(host, port, keepalive=30)
+    c.loop_start()
+    try:
+        infos = []
+        for device in device_ids:
+            ts = director.device_metadata(device) / "timestamp.json"
+            if ts.is_file():
+                infos.append(c.publish(device_topic(device, "director", "timestamp"), ts.read_bytes(), qos=1, retain=True))
+        for info in infos:
+            info.wait_for_publish(timeout)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+@dataclass
+class DeviceReport:
+    device_id: str
+    status: dict[str, Any] = field(default_factory=dict)
+    reported: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "status": self.status, "reported": self.reported}
+
+
+def devices(host: str, port: int, wait: float = 1.0) -> list[DeviceReport]:
+    """What every device last said about itself (its retained ``status`` and ``reported`` messages)."""
+    found: dict[str, DeviceReport] = {}
+    lock = threading.Lock()
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        parts = msg.topic.split("/")  # edgefleet/v1/dev/{id}/{status|reported}
+        try:
+            data = json.loads(msg.payload)
+        except ValueError:
+            return
+        if len(parts) == 5 and isinstance(data, dict):
+            with lock:
+                report = found.setdefault(parts[3], DeviceReport(parts[3]))
+                setattr(report, parts[4], data)
+
+    c = _client(f"edgefleet-devices-{time.monotonic_ns() % 10**9}")
+    c.on_message = on_message
+    c.on_connect = lambda cl, *a: cl.subscribe([(f"{ROOT}/dev/+/status", 1), (f"{ROOT}/dev/+/reported", 1)])
+    c.connect(host, port, keepalive=30)
+    c.loop_start()
+    time.sleep(wait)  # retained messages arrive right after the subscription
+    c.disconnect()
+    c.loop_stop()
+    with lock:
+        return sorted(found.values(), key=lambda d: d.device_id)
+
+
+def _expires_soon(md: Metadata[Any], lifetime_s: float, now: datetime) -> bool:
+    return (md.signed.expires - now).total_seconds() < lifetime_s / 2
+
+
+class Controller:
+    """``fleet serve``: the repository server plus the re-signing loop."""
+
+    def __init__(self, root: Path, keys: KeyStore, host: str, port: int, interval_s: float = 60.0) -> None:
+        self.image = ImageRepository(root / "image")
+        self.director = Director(root / "director")
+        self.keys, self.host, self.port, self.interval_s = keys, host, port, interval_s
+        self.server = RepositoryServer(root, host, port)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="controller-refresh", daemon=True)
+
+    def start(self) -> Controller:
+        self.server.start()
+        self.tick()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.server.stop()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception as exc:  # a failed round is logged and retried; the server keeps serving
+                logs.event(log, "controller.refresh_failed", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
+
+    def tick(self) -> list[str]:
+        """Re-sign what is past half its lifetime; announce every device whose director metadata changed."""
+        now = datetime.now(timezone.utc)
+        if _expires_soon(self.image.timestamp(), self.image.expiry.timestamp.total_seconds(), now) or _expires_soon(
+            self.image.snapshot(), self.image.expiry.snapshot.total_seconds(), now
+        ):
+            self.image.refresh(self.keys)
+            logs.event(log, "controller.image_refreshed")
+        stale = []
+        for device in self.director.devices():
+            ts = self.director.device_metadata(device) / "timestamp.json"
+            if ts.is_file() and _expires_soon(Metadata.from_file(str(ts)), self.director.timestamp_expiry.total_seconds(), now):
+                stale.append(device)
+        if stale:
+            self.director.refresh(self.keys, stale)
+            announce(self.director, stale, self.host, self.port)
+            logs.event(log, "controller.director_refreshed", devices=len(stale))
+        return stale

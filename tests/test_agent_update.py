@@ -1,0 +1,249 @@
+"""The agent's update state machine end to end: real mosquitto, real signatures, real models, the real daemon class."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import ModelFiles
+from update_rig import MODEL, Rig, fails_beyond_batch_one, unloadable_model, wait_for, wrong_golden_outputs
+
+from agent import commands
+from agent.daemon import Agent
+from agent.errors import EdgefleetError
+from agent.protocol import REPO_REQUEST, RepoReply, RepoRequest, device_topic
+from agent.store import State
+from fleet.broker import RunningBroker
+from fleet.controller import devices
+
+
+@pytest.fixture(scope="module")
+def rig(models: ModelFiles, mqtt_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    r = Rig(tmp_path_factory.mktemp("fleet"), models.path("mlp.onnx"), mqtt_broker)
+    for version in ("1.0.0", "1.1.0"):
+        r.release(version)
+    r.controller.server.start()
+    yield r
+    r.controller.server.stop()
+
+
+class JobWatcher:
+    """Everything a device publishes on its job topics, in order."""
+
+    def __init__(self, broker: RunningBroker, device: str) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watch-{device}")
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(device_topic(device, "jobs", "#"), qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(json.loads(msg.payload))
+
+    def states(self, target: str | None = None) -> list[str]:
+        with self._lock:
+            return [m["state"] for m in self.messages if target is None or m.get("target_path") == target]
+
+    def last(self, state: str) -> dict[str, Any] | None:
+        with self._lock:
+            return next((m for m in reversed(self.messages) if m["state"] == state), None)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def agent_for(rig: Rig) -> Iterator[Any]:
+    started: list[tuple[Agent, JobWatcher]] = []
+
+    def start(device: str, **update: Any) -> tuple[Agent, JobWatcher]:
+        watcher = JobWatcher(rig.broker, device)
+        agent = Agent(rig.settings(device, **update)).start()
+        assert agent.wait_connected()
+        started.append((agent, watcher))
+        return agent, watcher
+
+    yield start
+    for agent, watcher in started:
+        agent.stop()
+        watcher.close()
+
+
+def serving(agent: Agent, version: str) -> bool:
+    m = agent.host.get(MODEL)
+    return m is not None and m.version == version
+
+
+def x(rows: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(rows).uniform(-1, 1, (rows, 64)).astype(np.float32)}
+
+
+def test_assigned_model_is_installed_and_reported_active(rig: Rig, agent_for: Any) -> None:
+    agent, jobs = agent_for("dev-a")
+    rig.assign("dev-a", "1.0.0")
+    wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving")
+    target = "mlp/1.0.0/onnx-fp32.tar"
+    wait_for(lambda: "ACTIVE" in jobs.states(target), what="ACTIVE on the job topic")
+    assert jobs.states(target) == ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "ACTIVE"]
+    assert jobs.last("ACTIVE")["status"] == "SUCCEEDED"  # type: ignore[index]
+    assert agent.host.infer(MODEL, x(3))["y"].shape == (3, 10)
+    # the controller sees it: `fleet devices` reads the retained status and reported messages
+    report = wait_for(lambda: next((d for d in devices(rig.broker.host, rig.broker.port, 0.5) if d.device_id == "dev-a"
+                                    and d.reported.get("models")), None), what="dev-a's report")
+    assert report.status["state"] == "ready" and report.reported["models"][MODEL]["version"] == "1.0.0"
+    status = commands.status(agent.settings)
+    assert [(m["version"], m["status"]) for m in status["installed"]] == [("1.0.0", "active")]
+    leftovers = [p for d in ("downloads", "staging") for p in (agent.settings.state_dir / d).iterdir()]
+    assert leftovers == []
+
+
+def test_hot_swap_under_steady_load_fails_no_request(rig: Rig, agent_for: Any) -> None:
+    agent, _ = agent_for("dev-b")
+    rig.assign("dev-b", "1.0.0")
+    wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving")
+    old_runtime = agent.host.get(MODEL).runtime  # type: ignore[union-attr]
+    stop, errors, served = threading.Event(), [], {"1.0.0": 0, "1.1.0": 0}
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                m = agent.host.get(MODEL)
+                agent.host.infer(MODEL, x(2))
+                with lock:
+                    served[m.version] += 1  # type: ignore[union-attr]
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: served["1.0.0"] > 50, what="load on 1.0.0")
+        rig.assign("dev-b", "1.1.0")
+        wait_for(lambda: serving(agent, "1.1.0"), what="1.1.0 serving")
+        wait_for(lambda: served["1.1.0"] > 50, what="load on 1.1.0")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    with pytest.raises(EdgefleetError):
+        old_runtime.infer(x())  # the old model was closed after its last request
+    def installed() -> dict[str, str]:
+        return {m["version"]: m["status"] for m in commands.status(agent.settings)["installed"]}
+
+    wait_for(lambda: installed() == {"1.1.0": "active", "1.0.0": "kept"}, what="1.1.0 active, 1.0.0 kept")
+
+
+@pytest.mark.parametrize(
+    ("version", "tamper", "reason"),
+    [("2.0.0", wrong_golden_outputs, "golden sample"), ("2.1.0", unloadable_model, "no runtime could run this model")],
+)
+def test_a_model_failing_its_health_check_is_rejected_and_the_old_one_keeps_serving(
+    rig: Rig, agent_for: Any, version: str, tamper: Any, reason: str
+) -> None:
+    device = f"dev-h{version.replace('.', '')}"
+    agent, jobs = agent_for(device)
+    rig.assign(device, "1.0.0")
+    wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving")
+    rig.release(version, tamper)
+    rig.assign(device, version)
+    rejected = wait_for(lambda: jobs.last("REJECTED"), what="REJECTED")
+    assert rejected["status"] == "REJECTED" and reason in rejected["reason"]
+    assert serving(agent, "1.0.0") and agent.host.infer(MODEL, x())["y"].shape == (1, 10)
+    agent.check_now()  # asked again, the same artifact is not tried a second time
+    wait_for(lambda: agent._events.empty(), what="the check")
+    assert jobs.states().count("REJECTED") == 1
+    assert not any((agent.settings.state_dir / "models").glob("*")) or len(list((agent.settings.state_dir / "models").iterdir())) == 1
+
+
+def test_rollback_command_and_automatic_rollback(rig: Rig, agent_for: Any) -> None:
+    agent, jobs = agent_for("dev-r", auto_rollback_failures=3)
+    rig.assign("dev-r", "1.0.0")
+    wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving")
+    rig.assign("dev-r", "1.1.0")
+    wait_for(lambda: serving(agent, "1.1.0"), what="1.1.0 serving")
+    reply = commands.rollback(MODEL, agent.settings)  # over MQTT, as `edge-agent rollback` and the controller do
+    assert reply["ok"] and reply["result"]["version"] == "1.0.0" and serving(agent, "1.0.0")
+    assert wait_for(lambda: jobs.last("ROLLED_BACK"), what="ROLLED_BACK")["version"] == "1.1.0"
+    agent.check_now()  # the director still names 1.1.0, but the device rolled it back: it stays on 1.0.0
+    wait_for(lambda: agent._events.empty(), what="the check")
+    assert serving(agent, "1.0.0")
+    bad = commands.send_command(agent.settings, "rollback", {"model": "nope"})
+    assert not bad["ok"] and bad["error"]["code"] == "rollback_failed"
+    assert not commands.send_command(agent.settings, "explode", {})["ok"]
+
+    # a release that passes its health check but fails in service is rolled back by itself
+    rig.release("3.0.0", fails_beyond_batch_one)
+    rig.assign("dev-r", "3.0.0")
+    wait_for(lambda: serving(agent, "3.0.0"), what="3.0.0 serving")
+    assert agent.host.infer(MODEL, x(1))["y"].shape == (1, 10)
+    for _ in range(3):
+        with pytest.raises(EdgefleetError):
+            agent.host.infer(MODEL, x(4))
+    wait_for(lambda: serving(agent, "1.0.0"), what="automatic rollback to 1.0.0")
+    assert agent.host.infer(MODEL, x(4))["y"].shape == (4, 10)
+    assert "inference failures in a row" in wait_for(lambda: jobs.last("ROLLED_BACK") if jobs.last("ROLLED_BACK")["version"] == "3.0.0" else None)["reason"]  # type: ignore[index]
+
+
+def test_corrupted_chunks_are_detected_and_requested_again(rig: Rig, agent_for: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """An attacker on the broker answers the device's chunk requests first, with flipped bytes."""
+    corrupted = []
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        req = RepoRequest.decode(msg.payload)
+        if req.path.endswith(".onnx-fp32.tar") and "dev-c" in req.reply_to and len(corrupted) < 3:
+            good = rig.controller.server.serve(req)
+            data = bytearray(good.data)
+            data[len(data) // 2] ^= 0xFF
+            corrupted.append(req.offset)
+            client.publish(req.reply_to, RepoReply(req.request_id, 200, good.total, req.offset, bytes(data)).encode(), qos=1)
+
+    attacker = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="mitm")
+    attacker.on_message = on_message
+    attacker.connect(rig.broker.host, rig.broker.port)
+    attacker.subscribe(REPO_REQUEST, qos=1)
+    attacker.loop_start()
+    try:
+        agent, jobs = agent_for("dev-c")
+        rig.assign("dev-c", "1.0.0")
+        wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving despite the corruption")
+    finally:
+        attacker.disconnect()
+        attacker.loop_stop()
+    detected = [r for r in caplog.records if "event=download.bad_chunk" in r.getMessage()]
+    assert corrupted and len(detected) >= 1  # the forged reply won the race at least once and was caught
+    assert jobs.states().count("REJECTED") == 0
+
+
+def test_metadata_refusal_is_reported_and_the_model_keeps_serving(rig: Rig, agent_for: Any) -> None:
+    from fleet.image_repo import sign_metadata
+    from fleet.keys import init_keys
+    from tuf.api.metadata import Metadata
+
+    agent, jobs = agent_for("dev-m")
+    rig.assign("dev-m", "1.0.0")
+    wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving")
+    rig.director.assign("dev-m", rig.image, MODEL, "1.1.0", "onnx-fp32", rig.keys)
+    ts_path = rig.director.device_metadata("dev-m") / "timestamp.json"
+    ts = Metadata.from_file(str(ts_path))
+    sign_metadata(ts, init_keys(rig.root / "impostor").signers("director"))  # a key the root does not name
+    ts.to_file(str(ts_path))
+    agent.check_now()
+    refused = wait_for(lambda: jobs.last("REJECTED"), what="the refusal")
+    assert "UnsignedMetadataError" in refused["reason"]
+    assert serving(agent, "1.0.0")
+    rig.director.refresh(rig.keys, ["dev-m"])  # the controller re-signs with the right key: the update goes through
+    rig.assign("dev-m", "1.1.0")
+    wait_for(lambda: serving(agent, "1.1.0"), what="1.1.0 after the fix")

@@ -1,0 +1,129 @@
+"""A small real fleet for the agent tests: keys, both repositories, a repository server, bundles good and bad."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from agent.files import sha256_file
+from agent.settings import AgentSettings, load_settings
+from converters.build import build
+from fleet.broker import RunningBroker
+from fleet.controller import Controller, announce
+from fleet.director import Director
+from fleet.image_repo import ImageRepository
+from fleet.keys import KeyStore, init_keys
+
+MODEL = "mlp"
+VARIANT = "onnx-fp32"
+
+
+class Rig:
+    def __init__(self, root: Path, source: Path, broker: RunningBroker) -> None:
+        self.root, self.source, self.broker = root, source, broker
+        self.keys: KeyStore = init_keys(root / "keys")
+        self.serve = root / "serve"
+        self.image = ImageRepository.create(self.serve / "image", self.keys)
+        self.image.chunk_size = 4096  # ~27 chunks per artifact: resumes and windows get exercised
+        self.director = Director.create(self.serve / "director", self.keys)
+        self.controller = Controller(self.serve, self.keys, broker.host, broker.port)
+
+    def bundle(self, version: str, tamper: Callable[[Path], None] | None = None) -> Path:
+        out = self.root / "bundles" / f"{MODEL}-{version}"
+        if not out.exists():
+            build(self.source, MODEL, version, out, variants=[VARIANT])
+            if tamper is not None:
+                tamper(out)
+        return out
+
+    def release(self, version: str, tamper: Callable[[Path], None] | None = None) -> None:
+        if self.image.release_of(MODEL, version) is None:
+            self.image.release(self.bundle(version, tamper), self.keys)
+
+    def assign(self, device: str, version: str) -> None:
+        self.director.assign(device, self.image, MODEL, version, VARIANT, self.keys)
+        announce(self.director, [device], self.broker.host, self.broker.port)
+
+    def settings(self, device: str, **update: Any) -> AgentSettings:
+        return load_settings(self.write_config(device, **update))
+
+    def write_config(self, device: str, **update: Any) -> Path:
+        """The TOML a packaged agent would read (used by the subprocess tests)."""
+        state = self.root / "devices" / device
+        state.mkdir(parents=True, exist_ok=True)
+        extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in update.items())
+        config = state / "agent.toml"
+        config.write_text(
+            f'device_id = "{device}"\nstate_dir = "{state}"\n'
+            f'[broker]\nhost = "{self.broker.host}"\nport = {self.broker.port}\n'
+            f'[update]\nimage_root = "{self.image.metadata / "1.root.json"}"\n'
+            f'director_root = "{self.director.directory / "1.root.json"}"\n'
+            f"retry_s = 0.3\nrequest_timeout_s = 2.0\n{extra}"
+        )
+        return config
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# -- bad bundles, each the kind of mistake a real pipeline makes ---------------------------
+
+
+def _rewrite_variant_file(bundle: Path, data: bytes) -> None:
+    """Replace the model file and fix its record, as a converter with a bug would have written it."""
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    variant = manifest["variants"][0]
+    (bundle / variant["file"]).write_bytes(data)
+    variant["sha256"], variant["size"] = sha256_file(bundle / variant["file"]), len(data)
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+
+
+def wrong_golden_outputs(bundle: Path) -> None:
+    """A model that loads but answers wrongly: its golden outputs no longer match what it computes."""
+    golden = next(bundle.glob("golden_*.npz"))
+    with np.load(golden) as z:
+        data = {k: (z[k] + 1.0 if k.startswith("out:") else z[k]) for k in z.files}
+    np.savez(golden, **data)  # type: ignore[arg-type]
+
+
+def unloadable_model(bundle: Path) -> None:
+    """A model file no runtime can parse (a truncated export)."""
+    model = next(bundle.glob("*.onnx"))
+    _rewrite_variant_file(bundle, model.read_bytes()[: model.stat().st_size // 3])
+
+
+def fails_beyond_batch_one(bundle: Path) -> None:
+    """Right answers for one row (so it passes the health check), an error for any larger batch: fails in service."""
+    path = next(bundle.glob("*.onnx"))
+    m = onnx.load(str(path))
+    out = m.graph.output[0]
+    width = out.type.tensor_type.shape.dim[-1].dim_value
+    inner = out.name + "_inner"
+    for node in m.graph.node:
+        node.output[:] = [inner if o == out.name else o for o in node.output]
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1, width], dtype=np.int64), "one_row"))
+    m.graph.node.append(helper.make_node("Reshape", [inner, "one_row"], [out.name]))
+    _rewrite_variant_file(bundle, m.SerializeToString())
+    golden = next(bundle.glob("golden_*.npz"))
+    with np.load(golden) as z:
+        data = {k: z[k][:1] for k in z.files}
+    np.savez(golden, **data)  # type: ignore[arg-type]
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
