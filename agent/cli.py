@@ -136,9 +136,14 @@ _config_option = click.option(
 @_config_option
 def run_cmd(config: Path | None) -> None:
     """Run the daemon: presence, signed model updates, rollback, commands. SIGTERM stops it cleanly."""
+    import faulthandler
+    import signal
+
     from agent import logs
 
     logs.configure()
+    faulthandler.enable()  # a crash in a runtime's native code leaves a Python stack in the journal
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack: where is it stuck?
     try:
         code = commands.run(load_settings(config))
     except EdgefleetError as exc:

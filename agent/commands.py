@@ -180,7 +180,10 @@ def run(settings: AgentSettings | None = None, stop: threading.Event | None = No
             signal.signal(sig, lambda *_: stop.set())
     agent = Agent(settings).start()
     try:
-        stop.wait()
+        # Not a bare wait(): the kernel may deliver SIGTERM to a paho or runtime thread, and Python runs the
+        # handler only when the main thread next runs bytecode — a main thread blocked for good never would.
+        while not stop.wait(0.2):
+            pass
     finally:
         agent.stop()
     return 0

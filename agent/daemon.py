@@ -59,6 +59,7 @@ class Agent:
         )
         self.trust = state / "trust"
         self.last_check: dict[str, Any] = {"state": "never"}
+        self.rounds = 0  # update rounds finished (whatever their outcome): tests and `ping` can wait on it
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._publish_lock = threading.Lock()
         self._connected = threading.Event()
@@ -221,7 +222,9 @@ class Agent:
         """One round: finish an interrupted job, then install what the director names. False: try again soon."""
         u, b = self.settings.update, self.settings.broker
         try:
-            fetcher = MqttFetcher(b.host, b.port, self.device_id, "repo://", window=u.window, timeout=u.request_timeout_s)
+            fetcher = MqttFetcher(
+                b.host, b.port, self.device_id, "repo://", u.request_chunk_kb * 1024, window=u.window, timeout=u.request_timeout_s
+            )
         except (ConnectionError, OSError) as exc:
             logs.event(log, "update.unreachable", logging.WARNING, reason=str(exc))
             return False
@@ -245,6 +248,7 @@ class Agent:
             return True
         finally:
             fetcher.close()
+            self.rounds += 1
 
     def _checked(self, state: str, reason: str) -> None:
         previous = self.last_check

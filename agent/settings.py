@@ -67,6 +67,8 @@ class UpdateSettings(BaseModel):
     retry_s: Annotated[float, Field(gt=0)] = 5.0  # after the repository was unreachable (doubles up to check_interval_s)
     window: Annotated[int, Field(ge=1, le=64)] = 4  # chunk requests in flight
     request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Bytes per chunk request, at most 256 KiB; also capped by the broker's MaximumPacketSize (MQTT 5 CONNACK).
+    request_chunk_kb: Annotated[int, Field(ge=1, le=256)] = 256
 
 
 class AgentSettings(BaseSettings):

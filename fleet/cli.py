@@ -317,7 +317,9 @@ def devices_cmd(broker: str | None, wait: float, as_json: bool) -> None:
         return
     table = Table("device", "state", "hardware", "models", "update", title=f"{len(found)} device(s)")
     for d in found:
-        models = ", ".join(f"{n} {m.get('version')} ({m.get('variant')} on {m.get('runtime')})" for n, m in d.reported.get("models", {}).items())
+        models = ", ".join(
+            f"{n} {m.get('version')} ({m.get('variant')} on {m.get('runtime')})" for n, m in d.reported.get("models", {}).items()
+        )
         upd = d.reported.get("update", {})
         table.add_row(
             d.device_id,
@@ -354,7 +356,8 @@ def serve_cmd(root: Path, keys_dir: Path, broker: str | None, interval: float) -
         except OSError as exc:
             raise BrokerUnreachable(f"no broker at {address[0]}:{address[1]}: {exc}") from exc
     console.print(f"serving {root} on {address[0]}:{address[1]} (Ctrl-C stops)")
-    stop.wait()
+    while not stop.wait(0.2):  # see agent.commands.run: a signal may land on another thread
+        pass
     controller.stop()
 
 
