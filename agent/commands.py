@@ -210,7 +210,7 @@ def status(settings: AgentSettings | None = None) -> dict[str, Any]:
 
 def rollback(model: str, settings: AgentSettings | None = None, timeout: float = 60.0) -> dict[str, Any]:
     """Ask the running agent (over MQTT, as the controller would) to switch ``model`` back to its previous version."""
-    return send_command(settings or load_settings(), "rollback", {"model": model}, timeout)
+    return send_command(settings or load_settings(), "rollback", {"model": model, "reason": "requested with edge-agent rollback"}, timeout)
 
 
 def send_command(settings: AgentSettings, command: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:

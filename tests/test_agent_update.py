@@ -206,8 +206,9 @@ def test_rollback_command_and_automatic_rollback(rig: Rig, agent_for: Any) -> No
 
 
 def test_corrupted_chunks_are_detected_and_requested_again(rig: Rig, agent_for: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """A relay between device and repository (a compromised bridge) flips bytes in the first two artifact chunks."""
+    """A relay between device and repository (a compromised bridge) flips bytes in two chunks, then truncates one."""
     corrupted: list[int] = []
+    truncated: list[int] = []
 
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         req = RepoRequest.decode(msg.payload)
@@ -217,6 +218,9 @@ def test_corrupted_chunks_are_detected_and_requested_again(rig: Rig, agent_for: 
             data[len(data) // 2] ^= 0xFF  # ...tampered with on the way
             corrupted.append(req.offset)
             reply = RepoReply(req.request_id, 200, reply.total, req.offset, bytes(data))
+        elif req.path.endswith(".onnx-fp32.tar") and not truncated:
+            truncated.append(req.offset)
+            reply = RepoReply(req.request_id, 200, reply.total, req.offset, reply.data[: len(reply.data) // 2])
         client.publish(req.reply_to, reply.encode(), qos=1)
 
     rig.controller.server.stop()  # only the relay answers now
@@ -234,7 +238,9 @@ def test_corrupted_chunks_are_detected_and_requested_again(rig: Rig, agent_for: 
         relay.loop_stop()
         rig.controller.server.start()
     detected = [r.getMessage() for r in caplog.records if "event=download.bad_chunk" in r.getMessage()]
-    assert len(corrupted) == 2 and len(detected) == 2  # each caught on arrival and fetched again
+    assert len(corrupted) == 2 and len(truncated) == 1
+    assert len(detected) == 2  # each flipped chunk caught on arrival and fetched again from the last verified chunk
+    # the truncated reply is a short read: the rest was requested from where it ended, and every byte still checked
     assert jobs.states().count("REJECTED") == 0
 
 
@@ -252,3 +258,31 @@ def test_metadata_refusal_is_reported_and_the_model_keeps_serving(rig: Rig, agen
     assert serving(agent, "1.0.0") and agent.host.infer(MODEL, x())["y"].shape == (1, 10)
     rig.assign("dev-m", "1.1.0")  # the controller signs with the right key: the update goes through
     wait_for(lambda: serving(agent, "1.1.0"), what="1.1.0 after the fix")
+
+
+def test_controller_re_signs_online_metadata_before_it_expires_and_tells_the_device(rig: Rig) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from tuf.api.metadata import Metadata
+
+    from fleet.director import Director
+
+    short = Director(rig.director.directory, timestamp_expiry=timedelta(seconds=30))
+    short.assign("dev-t", rig.image, MODEL, "1.0.0", "onnx-fp32", rig.keys)
+    ts_path = rig.director.device_metadata("dev-t") / "timestamp.json"
+    before = Metadata.from_file(str(ts_path)).signed
+    retained: list[bytes] = []
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="watch-dev-t")
+    watcher.on_message = lambda c, u, m: retained.append(bytes(m.payload))
+    watcher.connect(rig.broker.host, rig.broker.port)
+    watcher.subscribe(device_topic("dev-t", "director", "#"), qos=1)
+    watcher.loop_start()
+    try:
+        assert "dev-t" in rig.controller.tick()  # 30 s left of a 1-day lifetime: re-signed now
+        after = Metadata.from_file(str(ts_path)).signed
+        assert after.version > before.version and after.expires - datetime.now(timezone.utc) > timedelta(hours=23)
+        wait_for(lambda: any(json.loads(p)["signed"]["version"] == after.version for p in retained), 10, "the announcement")
+        assert "dev-t" not in rig.controller.tick()  # fresh now: left alone
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()

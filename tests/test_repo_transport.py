@@ -150,3 +150,19 @@ def test_broker_restart_mid_download_resumes(released: ImageRepository, tmp_path
                 assert first + rest == target.read_bytes()
             finally:
                 fetcher.close()
+
+
+def test_chunks_fit_the_brokers_maximum_packet_size(released: ImageRepository, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """paho would loop reconnecting on an oversized packet: the fetcher asks for chunks the broker can carry."""
+    from fleet.broker import start_broker
+
+    with start_broker(tmp_path_factory.mktemp("small-packets"), extra_config=["max_packet_size 16384"]) as broker:
+        with RepositoryServer(released.directory, broker.host, broker.port, client_id="repo-5"):
+            fetcher = MqttFetcher(broker.host, broker.port, "dev-5", BASE, timeout=5)
+            try:
+                assert fetcher.chunk_size <= 16384 - 1024
+                target = next((released.targets_dir / "mlp" / "1.0.0").glob("*.openvino-fp32.tar"))
+                data = b"".join(fetcher.read_range(BASE + "targets/mlp/1.0.0/" + target.name, 0, target.stat().st_size))
+                assert data == target.read_bytes() and len(data) > 16384
+            finally:
+                fetcher.close()
