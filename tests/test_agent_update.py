@@ -64,9 +64,9 @@ class JobWatcher:
 def agent_for(rig: Rig) -> Iterator[Any]:
     started: list[tuple[Agent, JobWatcher]] = []
 
-    def start(device: str, **update: Any) -> tuple[Agent, JobWatcher]:
+    def start(device: str, runtime: str = "", **update: Any) -> tuple[Agent, JobWatcher]:
         watcher = JobWatcher(rig.broker, device)
-        agent = Agent(rig.settings(device, **update)).start()
+        agent = Agent(rig.settings(device, runtime, **update)).start()
         assert agent.wait_connected()
         started.append((agent, watcher))
         return agent, watcher
@@ -170,6 +170,13 @@ def test_a_model_failing_its_health_check_is_rejected_and_the_old_one_keeps_serv
     wait_for(lambda: agent.rounds > rounds, what="the check")
     assert jobs.states().count("REJECTED") == 1
     assert len(list((agent.settings.state_dir / "models").iterdir())) == 1  # nothing of the rejected model stays
+
+
+def test_a_model_slower_than_the_latency_budget_is_rejected(rig: Rig, agent_for: Any) -> None:
+    agent, jobs = agent_for("dev-slow", runtime="latency_budget_ms = 0.000001")  # no model is this fast
+    rig.assign("dev-slow", "1.0.0")
+    rejected = wait_for(lambda: jobs.last("REJECTED"), what="REJECTED")
+    assert "exceeds the budget" in rejected["reason"] and agent.host.get(MODEL) is None
 
 
 def test_rollback_command_and_automatic_rollback(rig: Rig, agent_for: Any) -> None:

@@ -52,10 +52,10 @@ class Rig:
         self.director.assign(device, self.image, MODEL, version, VARIANT, self.keys)
         announce(self.director, [device], self.broker.host, self.broker.port)
 
-    def settings(self, device: str, **update: Any) -> AgentSettings:
-        return load_settings(self.write_config(device, **update))
+    def settings(self, device: str, runtime: str = "", **update: Any) -> AgentSettings:
+        return load_settings(self.write_config(device, runtime, **update))
 
-    def write_config(self, device: str, **update: Any) -> Path:
+    def write_config(self, device: str, runtime: str = "", **update: Any) -> Path:
         """The TOML a packaged agent would read (used by the subprocess tests)."""
         state = self.root / "devices" / device
         state.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ class Rig:
             f'[broker]\nhost = "{self.broker.host}"\nport = {self.broker.port}\n'
             f'[update]\nimage_root = "{self.image.metadata / "1.root.json"}"\n'
             f'director_root = "{self.director.directory / "1.root.json"}"\n'
-            f"retry_s = 0.3\nrequest_timeout_s = 2.0\n{extra}"
+            f"retry_s = 0.3\nrequest_timeout_s = 2.0\n{extra}" + (f"[runtime]\n{runtime}\n" if runtime else "")
         )
         return config
 
