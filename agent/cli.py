@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -145,11 +146,30 @@ def run_cmd(config: Path | None) -> None:
     faulthandler.enable()  # a crash in a runtime's native code leaves a Python stack in the journal
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack: where is it stuck?
     try:
-        code = commands.run(load_settings(config))
+        settings = load_settings(config)
+        logging.getLogger().setLevel(settings.log_level)
+        code = commands.run(settings, config=config)
     except EdgefleetError as exc:
         _fail(exc)
         return
     sys.exit(code)
+
+
+@main.group("config")
+def config_group() -> None:
+    """The agent's settings."""
+
+
+@config_group.command("check")
+@_config_option
+def config_check_cmd(config: Path | None) -> None:
+    """Print the effective settings (file + environment + defaults), or the exact key and value that is wrong."""
+    try:
+        settings = load_settings(config)
+    except EdgefleetError as exc:
+        _fail(exc)
+        return
+    click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
 
 
 @main.command("status")

@@ -7,6 +7,7 @@ with typed results instead of printed text.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import signal
 import threading
@@ -169,21 +170,34 @@ def infer(
         rt.close()
 
 
-def run(settings: AgentSettings | None = None, stop: threading.Event | None = None) -> int:
-    """The daemon: start the agent and serve until SIGTERM/SIGINT (or ``stop``), then shut down cleanly."""
+def run(settings: AgentSettings | None = None, stop: threading.Event | None = None, config: str | Path | None = None) -> int:
+    """The daemon: start the agent and serve until SIGTERM/SIGINT (or ``stop``), then shut down cleanly.
+
+    SIGHUP re-reads the settings (``config``, else ``$EDGEFLEET_CONFIG`` or the default file); a file that
+    does not validate is reported and the running settings stay.
+    """
+    from agent import logs
     from agent.daemon import Agent
 
-    settings = settings or load_settings()
+    log = logging.getLogger("edgefleet.agent")
+    settings = settings or load_settings(config)
     stop = stop or threading.Event()
+    reload = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
     agent = Agent(settings).start()
     try:
         # Not a bare wait(): the kernel may deliver SIGTERM to a paho or runtime thread, and Python runs the
         # handler only when the main thread next runs bytecode — a main thread blocked for good never would.
         while not stop.wait(0.2):
-            pass
+            if reload.is_set():
+                reload.clear()
+                try:
+                    agent.reload(load_settings(config))
+                except EdgefleetError as exc:
+                    logs.event(log, "agent.reload_refused", logging.ERROR, reason=str(exc))
     finally:
         agent.stop()
     return 0

@@ -19,19 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psutil
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import __version__, logs
+from agent import __version__, logs, systemd
 from agent.errors import EdgefleetError
 from agent.hardware import detect
 from agent.host import ModelHost, ServingModel
 from agent.installer import HealthPolicy, Installer, RollbackError
-from agent.protocol import Command, ProtocolError, device_topic, tcp_nodelay
+from agent.mqtt import make_client
+from agent.protocol import Command, ProtocolError, device_topic
 from agent.repo_fetcher import MqttFetcher
 from agent.runtimes import probe_all
+from agent.serving import Serving, serving_summary
 from agent.settings import AgentSettings
 from agent.store import AgentStore, Job
+from agent.telemetry import Telemetry, system_metrics
 from agent.update import RepositoryUnreachable, TrustedRepos, UpdateRejected, check_for_update
 
 __all__ = ["Agent"]
@@ -58,6 +62,7 @@ class Agent:
             self.store, state, self.host, self.profile, health, u.keep_versions, u.disk_reserve_mb * 2**20, report=self._report_job
         )
         self.trust = state / "trust"
+        self._infer_prefix = device_topic(self.device_id, "infer") + "/"
         self.last_check: dict[str, Any] = {"state": "never"}
         self.rounds = 0  # update rounds finished (whatever their outcome): tests and `ping` can wait on it
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -67,6 +72,29 @@ class Agent:
         self._session = self.store.next_session()
         self._client = self._make_client()
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
+        sv, tm = settings.serving, settings.telemetry
+        self.serving = Serving(
+            self.device_id,
+            self.host,
+            self._publish_raw,
+            sv.workers,
+            sv.queue_size,
+            sv.max_payload_kb * 1024,
+            sv.max_batch_rows,
+            sv.micro_batch,
+            sv.micro_batch_wait_ms,
+        )
+        self.telemetry = Telemetry(
+            self.store,
+            self._telemetry,
+            lambda payload: self._publish_raw(device_topic(self.device_id, "telemetry"), payload, 1),
+            self._connected.is_set,
+            tm.interval_s,
+            tm.outbox_max_batches,
+            tm.outbox_max_age_s,
+        )
+        self._process = psutil.Process()
+        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -76,9 +104,14 @@ class Agent:
         b = self.settings.broker
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
+        self.serving.start()
+        self.telemetry.start()
         self._client.connect_async(b.host, b.port, keepalive=b.keepalive_s, clean_start=False, properties=props)
         self._client.loop_start()
         self._worker.start()
+        self._watchdog.start()
+        models = ", ".join(f"{n} {m.version}" for n, m in self.host.models().items()) or "no model yet"
+        systemd.notify("READY=1", f"STATUS=serving {models}; broker {b.host}:{b.port}")
         logs.event(log, "agent.started", device=self.device_id, version=__version__, session=self._session)
         return self
 
@@ -86,10 +119,16 @@ class Agent:
         return self._connected.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the current step, say ``disconnected`` (the will only fires on an unclean drop), close models."""
+        """Answer in-flight requests, flush telemetry, say ``disconnected`` (the will only fires on an unclean
+        drop), then close models — within about ``timeout`` seconds."""
+        systemd.notify("STOPPING=1", "STATUS=stopping")
         self._stopping.set()
+        if self._connected.is_set():
+            self._client.unsubscribe(device_topic(self.device_id, "infer", "+"))
+        self.serving.stop(timeout / 2)
         self._events.put(("stop", None))
-        self._worker.join(timeout)
+        self._worker.join(timeout / 2)
+        self.telemetry.stop(flush_timeout=timeout / 4)
         if self._connected.is_set():
             info = self._publish("status", self._status("disconnected"), retain=True)
             info.wait_for_publish(timeout=2)
@@ -105,13 +144,12 @@ class Agent:
     # -- MQTT ----------------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=mqtt.MQTTv5)
+        c = make_client(self.settings.broker, self.device_id)
         c.will_set(device_topic(self.device_id, "status"), json.dumps(self._status("lost")), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
-        c.on_socket_open = tcp_nodelay
-        c.reconnect_delay_set(1, 30)
+        c.reconnect_delay_set(1, 30)  # exponential backoff between reconnects, 1 s to 30 s
         return c
 
     def _status(self, state: str) -> dict[str, Any]:
@@ -121,8 +159,15 @@ class Agent:
         if reason.is_failure:
             logs.event(log, "agent.connect_refused", logging.ERROR, reason=str(reason))
             return
-        client.subscribe([(device_topic(self.device_id, "director", "#"), 1), (device_topic(self.device_id, "cmd"), 1)])
+        client.subscribe(
+            [
+                (device_topic(self.device_id, "director", "#"), 1),
+                (device_topic(self.device_id, "cmd"), 1),
+                (device_topic(self.device_id, "infer", "+"), 1),
+            ]
+        )
         self._connected.set()
+        self.telemetry.kick()
         self._publish("status", self._status("ready"), retain=True)
         self._publish_reported()
         self._events.put(("check", None))
@@ -134,14 +179,80 @@ class Agent:
             logs.event(log, "agent.disconnected", logging.WARNING, reason=str(reason))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic == device_topic(self.device_id, "cmd"):
+        if msg.topic.startswith(self._infer_prefix):
+            self.serving.submit(msg.topic, bytes(msg.payload), msg.qos)
+        elif msg.topic == device_topic(self.device_id, "cmd"):
             self._events.put(("cmd", bytes(msg.payload)))
         else:  # director/...: a trigger only; what it says is verified through the repositories
             self._events.put(("check", None))
 
     def _publish(self, what: str, payload: dict[str, Any], retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self._publish_raw(device_topic(self.device_id, *what.split("/")), json.dumps(payload).encode(), 1, retain)
+
+    def _publish_raw(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
         with self._publish_lock:
-            return self._client.publish(device_topic(self.device_id, *what.split("/")), json.dumps(payload), qos=1, retain=retain)
+            return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def _telemetry(self) -> dict[str, Any]:
+        latencies, errors = self.serving.stats.take()
+        summary = serving_summary(latencies)
+        models = {}
+        for name, m in self.host.models().items():
+            models[name] = {
+                "version": m.version,
+                "variant": m.variant,
+                "runtime": m.runtime.name,
+                "device": m.runtime.describe().device,
+                **summary.get(name, {"count": 0}),
+            }
+        window = self.settings.telemetry.interval_s
+        return {
+            "device_id": self.device_id,
+            "session": self._session,
+            "models": models,
+            "throughput_rps": round(sum(len(v) for v in latencies.values()) / window, 3),
+            "errors": errors,
+            "queue_depth": self.serving.queue_depth(),
+            "system": system_metrics(self._process),
+            "update": self.last_check,
+        }
+
+    def _watch(self) -> None:
+        """WATCHDOG=1 only while the threads that do the work are alive: systemd restarts a wedged agent."""
+        interval = systemd.watchdog_interval()
+        if interval is None:
+            return
+        while not self._stopping.wait(interval):
+            if self._worker.is_alive() and self.serving.healthy():
+                systemd.notify("WATCHDOG=1")
+            else:
+                logs.event(log, "agent.unhealthy", logging.ERROR, worker=self._worker.is_alive(), serving=self.serving.healthy())
+
+    def reload(self, settings: AgentSettings) -> list[str]:
+        """SIGHUP: take what can change live; say which changes need a restart."""
+        needs_restart = [
+            k for k in ("device_id", "state_dir", "broker", "hardware_root", "serving") if getattr(settings, k) != getattr(self.settings, k)
+        ]
+        self.settings = self.settings.model_copy(
+            update={
+                "log_level": settings.log_level,
+                "update": settings.update,
+                "runtime": settings.runtime,
+                "telemetry": settings.telemetry,
+            }
+        )
+        logging.getLogger().setLevel(settings.log_level)
+        u, rs = settings.update, settings.runtime
+        self.host.failure_threshold = u.auto_rollback_failures
+        self.installer.keep_versions, self.installer.disk_reserve = u.keep_versions, u.disk_reserve_mb * 2**20
+        self.installer.health = HealthPolicy(
+            rs.latency_budget_ms / 1e3 if rs.latency_budget_ms is not None else None, rs.force_runtime, rs.force_device, rs.options
+        )
+        self.telemetry.interval_s = settings.telemetry.interval_s
+        self.telemetry.max_batches, self.telemetry.max_age_s = settings.telemetry.outbox_max_batches, settings.telemetry.outbox_max_age_s
+        logs.event(log, "agent.reloaded", needs_restart=",".join(needs_restart) or "-")
+        systemd.notify("STATUS=settings reloaded" + (f"; restart to apply {', '.join(needs_restart)}" if needs_restart else ""))
+        return needs_restart
 
     def _publish_reported(self) -> None:
         models = {
@@ -223,7 +334,14 @@ class Agent:
         u, b = self.settings.update, self.settings.broker
         try:
             fetcher = MqttFetcher(
-                b.host, b.port, self.device_id, "repo://", u.request_chunk_kb * 1024, window=u.window, timeout=u.request_timeout_s
+                b.host,
+                b.port,
+                self.device_id,
+                "repo://",
+                u.request_chunk_kb * 1024,
+                window=u.window,
+                timeout=u.request_timeout_s,
+                client=make_client(b, f"{self.device_id}-fetch"),
             )
         except (ConnectionError, OSError) as exc:
             logs.event(log, "update.unreachable", logging.WARNING, reason=str(exc))

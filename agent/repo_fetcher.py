@@ -38,6 +38,7 @@ class MqttFetcher(FetcherInterface):
         timeout: float = 10.0,
         retries: int = 3,
         protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5,
+        client: mqtt.Client | None = None,
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.reply_topic = repo_reply_topic(device_id)
@@ -46,7 +47,8 @@ class MqttFetcher(FetcherInterface):
         self._pending: dict[str, queue.Queue[RepoReply]] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device_id}-fetch", protocol=protocol)
+        # A client made by agent.mqtt.make_client carries the device's credentials and TLS.
+        self._client = client or mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device_id}-fetch", protocol=protocol)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_socket_open = tcp_nodelay

@@ -50,6 +50,30 @@ class BrokerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    username: str | None = None  # default: none; `fleet provision` makes one per device
+    password_file: Path | None = None  # the password, in a file only the agent reads (not in the TOML)
+    tls_ca: Path | None = None  # the fleet CA: TLS on when set
+    tls_cert: Path | None = None  # client certificate and key for mutual TLS
+    tls_key: Path | None = None
+
+
+class ServingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workers: Annotated[int, Field(ge=1, le=64)] = 1  # inference threads (a runtime serializes its own calls)
+    queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64  # beyond it requests are answered `overloaded`
+    max_payload_kb: Annotated[int, Field(ge=1, le=256 * 1024)] = 4096
+    max_batch_rows: Annotated[int, Field(ge=1)] = 1024  # rows per request
+    micro_batch: Annotated[int, Field(ge=1, le=1024)] = 1  # requests joined into one runtime call (1: off)
+    micro_batch_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0  # how long to wait for more
+
+
+class TelemetrySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    interval_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
+    outbox_max_batches: Annotated[int, Field(ge=1)] = 10_000  # kept while the broker is away; the oldest go first
+    outbox_max_age_s: Annotated[float, Field(gt=0)] = 7 * 86400
 
 
 class UpdateSettings(BaseModel):
@@ -77,9 +101,12 @@ class AgentSettings(BaseSettings):
     device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
     state_dir: Path = Path("/var/lib/edgefleet")
     hardware_root: Path = Path("/")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     broker: BrokerSettings = BrokerSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     update: UpdateSettings = UpdateSettings()
+    serving: ServingSettings = ServingSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @field_validator("device_id")
     @classmethod

@@ -87,14 +87,51 @@ class AgentStore:
         self.db.table("installed").create({f.name: _sql_type(f.type) for f in fields(InstalledModel)}, pk="sha256", if_not_exists=True)
         self.db.table("refused").create({"sha256": str, "target_path": str, "reason": str, "at": float}, pk="sha256", if_not_exists=True)
         self.db.table("meta").create({"key": str, "value": int}, pk="key", if_not_exists=True)
+        self.db.table("outbox").create({"seq": int, "payload": str, "created": float}, pk="seq", if_not_exists=True)
 
     def next_session(self) -> int:
         """Counts agent starts; ``status`` carries it so a stale ``lost`` will is told from a live session."""
+        return self._bump("session")
+
+    def _bump(self, key: str, by: int = 1) -> int:
         with self._lock, self.db.conn:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('session', 0)")
-            self.db.execute("UPDATE meta SET value = value + 1 WHERE key = 'session'")
-            return int(self.db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()[0])
+            self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, 0)", [key])
+            self.db.execute("UPDATE meta SET value = value + ? WHERE key = ?", [by, key])
+            return int(self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()[0])
+
+    # -- telemetry outbox (store-and-forward) --------------------------------------------
+
+    def outbox_add(self, make: Any, max_batches: int, max_age_s: float) -> tuple[int, int]:
+        """Append ``make(seq, dropped_so_far)`` under the next sequence number; drop the oldest beyond the limits.
+
+        Returns (seq, batches dropped now). One transaction, so a crash never leaves a gap or a reused number.
+        """
+        with self._lock, self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            for key in ("telemetry_seq", "telemetry_dropped"):
+                self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, 0)", [key])
+            self.db.execute("UPDATE meta SET value = value + 1 WHERE key = 'telemetry_seq'")
+            seq = int(self.db.execute("SELECT value FROM meta WHERE key = 'telemetry_seq'").fetchone()[0])
+            dropped_total = int(self.db.execute("SELECT value FROM meta WHERE key = 'telemetry_dropped'").fetchone()[0])
+            now = time.time()
+            self._replace("outbox", {"seq": seq, "payload": make(seq, dropped_total), "created": now})
+            old = self.db.execute("DELETE FROM outbox WHERE created < ? OR seq <= ? - ?", [now - max_age_s, seq, max_batches]).rowcount
+            if old:
+                self.db.execute("UPDATE meta SET value = value + ? WHERE key = 'telemetry_dropped'", [old])
+            return seq, int(old)
+
+    def outbox_oldest(self, limit: int = 100) -> list[tuple[int, str]]:
+        with self._lock:
+            return [(int(r[0]), str(r[1])) for r in self.db.execute("SELECT seq, payload FROM outbox ORDER BY seq LIMIT ?", [limit])]
+
+    def outbox_sent(self, seq: int) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM outbox WHERE seq = ?", [seq])
+
+    def outbox_size(self) -> int:
+        with self._lock:
+            return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()

@@ -1,0 +1,289 @@
+"""Serve predictions over MQTT: ``dev/{id}/infer/{model}`` → ``dev/{id}/pred/{model}`` (or the request's reply_to).
+
+Overload policy: paho's network thread only puts the raw payload into a bounded
+queue; when it is full the request is answered at once with ``overloaded`` —
+never dropped silently, never queued without bound. Worker threads decode, check
+the deadline, run the model (optionally a micro-batch of several requests for the
+same model in one call) and answer. Every failure is a typed error on the reply
+topic with the request_id; nothing a client sends can stop the workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent import logs
+from agent.errors import EdgefleetError, InvalidInput
+from agent.host import ModelHost, UnknownModel
+from agent.payloads import PayloadError, Reply, Request, decode_request, encode_reply
+from agent.protocol import ROOT, device_topic
+
+__all__ = ["Serving", "ServingStats", "serving_summary"]
+
+log = logging.getLogger("edgefleet.serving")
+
+
+@dataclass
+class _Item:
+    model: str
+    payload: bytes
+    received: float  # time.monotonic()
+    qos: int = 1  # the reply goes with the request's QoS
+
+
+@dataclass
+class ServingStats:
+    """What telemetry reports; reset by ``take()`` every telemetry window."""
+
+    latencies_ms: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ok(self, model: str, ms: float) -> None:
+        with self._lock:
+            self.latencies_ms[model].append(ms)
+
+    def error(self, code: str) -> None:
+        with self._lock:
+            self.errors[code] += 1
+
+    def take(self) -> tuple[dict[str, list[float]], dict[str, int]]:
+        with self._lock:
+            lat, err = dict(self.latencies_ms), dict(self.errors)
+            self.latencies_ms = collections.defaultdict(list)
+            self.errors = collections.Counter()
+        return lat, err
+
+
+class Serving:
+    def __init__(
+        self,
+        device_id: str,
+        host: ModelHost,
+        publish: Callable[[str, bytes, int], object],
+        workers: int = 1,
+        queue_size: int = 64,
+        max_payload_bytes: int = 4 << 20,
+        max_batch_rows: int = 1024,
+        micro_batch: int = 1,
+        micro_batch_wait_ms: float = 2.0,
+    ) -> None:
+        self.device_id, self.host, self.publish = device_id, host, publish
+        self.max_payload_bytes, self.max_batch_rows = max_payload_bytes, max_batch_rows
+        self.micro_batch, self.micro_batch_wait = max(1, micro_batch), micro_batch_wait_ms / 1e3
+        self.stats = ServingStats()
+        self.reply_prefix = device_topic(device_id, "pred") + "/"
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
+        self._closing = False
+        self._threads = [threading.Thread(target=self._work, name=f"serving-{i}", daemon=True) for i in range(max(1, workers))]
+
+    def healthy(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def start(self) -> Serving:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Answer what is queued and running, then stop the workers."""
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        for _ in self._threads:
+            try:
+                self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                break
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    # -- network thread ------------------------------------------------------------------
+
+    def submit(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Called from paho's thread for ``dev/{id}/infer/{model}``: enqueue, or answer ``overloaded`` now."""
+        model = topic.rsplit("/", 1)[-1]
+        try:
+            if self._closing:
+                raise queue.Full
+            self._queue.put_nowait(_Item(model, payload, time.monotonic(), qos))
+        except queue.Full:
+            self.stats.error("overloaded")
+            try:
+                req = decode_request(payload, self.max_payload_bytes)
+            except PayloadError as exc:
+                self._answer_error(model, None, exc.request_id, "overloaded", "the inference queue is full", qos)
+                return
+            self._answer_error(model, req, req.request_id, "overloaded", f"the inference queue is full ({self._queue.maxsize})", qos)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        held: collections.deque[_Item] = collections.deque()
+        while True:
+            item = held.popleft() if held else self._queue.get()
+            if item is None:
+                return
+            try:
+                batch = [item]
+                if self.micro_batch > 1:
+                    self._gather(batch, held)
+                self._serve(batch)
+            except Exception as exc:  # a bug in serving must cost a request, never the worker
+                logs.event(log, "serving.internal_error", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
+
+    def _gather(self, batch: list[_Item], held: collections.deque[_Item]) -> None:
+        """More requests for the same model, waiting at most ``micro_batch_wait`` for them."""
+        until = time.monotonic() + self.micro_batch_wait
+        while len(batch) < self.micro_batch:
+            try:
+                nxt = self._queue.get(timeout=max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                return
+            if nxt is None or nxt.model != batch[0].model:
+                held.append(nxt)  # type: ignore[arg-type]
+                return
+            batch.append(nxt)
+
+    def _serve(self, items: list[_Item]) -> None:
+        ready: list[tuple[_Item, Request]] = []
+        for item in items:
+            try:
+                req = decode_request(item.payload, self.max_payload_bytes)
+            except PayloadError as exc:
+                self._fail(item, None, exc.request_id, exc)
+                continue
+            if req.deadline_ms is not None and (time.monotonic() - item.received) * 1e3 > req.deadline_ms:
+                self.stats.error("deadline_exceeded")
+                self._answer_error(
+                    item.model, req, req.request_id, "deadline_exceeded", f"waited past its {req.deadline_ms:g} ms deadline", item.qos
+                )
+                continue
+            ready.append((item, req))
+        if len(ready) > 1 and self._batchable([r for _, r in ready]):
+            self._run_batch(ready)
+        else:
+            for item, req in ready:
+                self._run_one(item, req)
+
+    def _inputs(self, model: str, req: Request) -> dict[str, np.ndarray]:
+        if isinstance(req.inputs, dict):
+            inputs = req.inputs
+        else:
+            m = self.host.get(model)
+            if m is None:
+                raise UnknownModel(f"no model {model!r} on this device")
+            names = [s.name for s in m.runtime.inputs]
+            if len(names) != 1:
+                raise PayloadError(f"the model has inputs {names}: give them by name", req.request_id)
+            inputs = {names[0]: req.inputs}
+        for name, arr in inputs.items():
+            if arr.ndim and arr.shape[0] > self.max_batch_rows:
+                raise PayloadError(f"input {name!r} has {arr.shape[0]} rows; at most {self.max_batch_rows} per request", req.request_id)
+        return inputs
+
+    def _run_one(self, item: _Item, req: Request) -> None:
+        try:
+            outputs = self.host.infer(item.model, self._inputs(item.model, req))
+        except Exception as exc:
+            self._fail(item, req, req.request_id, exc)
+            return
+        self._answer(item, req, outputs)
+
+    @staticmethod
+    def _batchable(reqs: list[Request]) -> bool:
+        first = reqs[0].inputs
+        if not isinstance(first, dict):
+            return False
+        for r in reqs[1:]:
+            if not isinstance(r.inputs, dict) or r.inputs.keys() != first.keys():
+                return False
+            for k, a in r.inputs.items():
+                b = first[k]
+                if a.ndim == 0 or a.ndim != b.ndim or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+                    return False
+        return True
+
+    def _run_batch(self, ready: list[tuple[_Item, Request]]) -> None:
+        model = ready[0][0].model
+        try:
+            inputs = [self._inputs(model, r) for _, r in ready]
+            rows = [next(iter(i.values())).shape[0] for i in inputs]
+            joined = {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]}
+            out = self.host.infer(model, joined)
+            if any(v.ndim == 0 or v.shape[0] != sum(rows) for v in out.values()):
+                raise ValueError("outputs are not per row")
+        except (InvalidInput, ValueError, PayloadError):  # one bad request must not fail the others: one by one
+            for item, req in ready:
+                self._run_one(item, req)
+            return
+        except Exception as exc:
+            for item, req in ready:
+                self._fail(item, req, req.request_id, exc)
+            return
+        start = 0
+        for (item, req), n in zip(ready, rows):
+            self._answer(item, req, {k: v[start : start + n] for k, v in out.items()})
+            start += n
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def _topic(self, model: str, req: Request | None) -> str:
+        """The request's reply_to when it stays in this device's pred/ tree (what its ACL allows), else the default."""
+        if (
+            req is not None
+            and req.reply_to
+            and req.reply_to.startswith(self.reply_prefix)
+            and "#" not in req.reply_to
+            and "+" not in req.reply_to
+        ):
+            return req.reply_to
+        return self.reply_prefix + model if _safe_model(model) else f"{ROOT}/dev/{self.device_id}/pred/_"
+
+    def _answer(self, item: _Item, req: Request, outputs: dict[str, np.ndarray]) -> None:
+        m = self.host.get(item.model)
+        ms = (time.monotonic() - item.received) * 1e3
+        reply = Reply(req.request_id, item.model, m.version if m else "", outputs, ms)
+        self.publish(self._topic(item.model, req), encode_reply(reply, req.binary, req.b64), item.qos)
+        self.stats.ok(item.model, ms)
+
+    def _fail(self, item: _Item, req: Request | None, request_id: str, exc: BaseException) -> None:
+        if isinstance(exc, EdgefleetError):
+            code = exc.code if exc.code in ("bad_request", "unknown_model", "shape_mismatch") else "internal"
+            message = str(exc)
+        else:
+            code, message = "internal", f"{type(exc).__name__}: {exc}"
+        self.stats.error(code)
+        level = logging.WARNING if code != "internal" else logging.ERROR
+        logs.event(log, "serving.error", level, model=item.model, request_id=request_id, code=code, reason=message[:300])
+        self._answer_error(item.model, req, request_id, code, message, item.qos)
+
+    def _answer_error(self, model: str, req: Request | None, request_id: str, code: str, message: str, qos: int) -> None:
+        reply = Reply(request_id, error_code=code, error_message=message[:500])
+        binary = bool(req and req.binary)
+        self.publish(self._topic(model, req), encode_reply(reply, binary), qos)
+
+
+def _safe_model(model: str) -> bool:
+    return 0 < len(model) <= 64 and all(c.isalnum() or c in "._-" for c in model)
+
+
+def serving_summary(stats: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """p50/p95/p99 and count per model from a window's latencies."""
+    out = {}
+    for model, values in stats.items():
+        if values:
+            p50, p95, p99 = np.percentile(np.asarray(values), [50, 95, 99]).tolist()
+            out[model] = {"count": len(values), "p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "p99_ms": round(p99, 3)}
+    return out

@@ -1,0 +1,128 @@
+"""Telemetry batches with a sequence number, store-and-forward through a bounded SQLite outbox.
+
+Every ``interval_s`` one batch is written to the outbox (one transaction: number and
+content together), then the outbox is sent oldest first while the broker is there; a
+batch leaves the outbox only after the broker acknowledged it (QoS 1 PUBACK). So an
+outage loses nothing within the limits (``outbox_max_batches``, ``outbox_max_age_s``);
+beyond them the oldest go first and the next batch says how many (``dropped_total``).
+A batch re-sent after a lost acknowledgement arrives twice with the same ``seq``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+
+from agent import logs
+from agent.store import AgentStore
+
+__all__ = ["Telemetry", "system_metrics"]
+
+log = logging.getLogger("edgefleet.telemetry")
+
+
+def system_metrics(process: psutil.Process) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "cpu_percent": psutil.cpu_percent(None),
+        "process_cpu_percent": process.cpu_percent(None),
+        "rss_bytes": process.memory_info().rss,
+        "memory_percent": psutil.virtual_memory().percent,
+    }
+    try:
+        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
+    except OSError:  # unreadable thermal zones
+        temps = {}
+    readings = [t.current for entries in temps.values() for t in entries if t.current]
+    if readings:
+        out["temperature_c"] = max(readings)
+    return out
+
+
+class Telemetry:
+    def __init__(
+        self,
+        store: AgentStore,
+        collect: Callable[[], dict[str, Any]],
+        publish: Callable[[bytes], mqtt.MQTTMessageInfo],
+        connected: Callable[[], bool],
+        interval_s: float = 10.0,
+        max_batches: int = 10_000,
+        max_age_s: float = 7 * 86400,
+    ) -> None:
+        self.store, self.collect, self.publish, self.connected = store, collect, publish, connected
+        self.interval_s, self.max_batches, self.max_age_s = interval_s, max_batches, max_age_s
+        self.sent = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
+
+    def start(self) -> Telemetry:
+        self._thread.start()
+        return self
+
+    def stop(self, flush_timeout: float = 5.0) -> None:
+        """One last batch, then as much of the outbox as the broker takes within ``flush_timeout``."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(10)
+        try:
+            self.record()
+            self.flush(deadline=time.monotonic() + flush_timeout)
+        except Exception as exc:  # shutting down: report, never hang
+            logs.event(log, "telemetry.final_flush_failed", logging.WARNING, reason=str(exc))
+
+    def kick(self) -> None:
+        """Send the outbox now (called on reconnect)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        next_batch = time.monotonic() + self.interval_s
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, next_batch - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if time.monotonic() >= next_batch:
+                    next_batch += self.interval_s
+                    self.record()
+                self.flush(deadline=time.monotonic() + self.interval_s)
+            except Exception as exc:  # the outbox keeps the batches; the next round tries again
+                logs.event(log, "telemetry.error", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
+
+    def record(self) -> int:
+        def make(seq: int, dropped_total: int) -> str:
+            return json.dumps(
+                {"seq": seq, "ts": time.time(), "interval_s": self.interval_s, "dropped_total": dropped_total, **self.collect()}
+            )
+
+        seq, dropped = self.store.outbox_add(make, self.max_batches, self.max_age_s)
+        if dropped:
+            logs.event(log, "telemetry.dropped", logging.WARNING, batches=dropped, reason="outbox limits")
+        return seq
+
+    def flush(self, deadline: float) -> int:
+        sent = 0
+        while self.connected() and time.monotonic() < deadline:
+            batch = self.store.outbox_oldest(50)
+            if not batch:
+                break
+            for seq, payload in batch:
+                try:
+                    info = self.publish(payload.encode())
+                    info.wait_for_publish(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                except (RuntimeError, ValueError):  # paho: not queued (connection gone meanwhile)
+                    return sent
+                if not info.is_published():
+                    return sent  # not acknowledged: stays in the outbox, sent again later
+                self.store.outbox_sent(seq)
+                sent += 1
+                self.sent += 1
+        return sent
