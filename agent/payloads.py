@@ -231,7 +231,7 @@ def encode_reply(reply: Reply, binary: bool = False, b64: bool = False) -> bytes
 
 def encode_request(
     request_id: str,
-    inputs: dict[str, np.ndarray],
+    inputs: dict[str, np.ndarray] | np.ndarray,
     binary: bool = False,
     b64: bool = False,
     reply_to: str | None = None,
@@ -244,8 +244,13 @@ def encode_request(
     if deadline_ms:
         head["deadline_ms"] = deadline_ms
     if not binary:
-        head["inputs"] = {k: _tensor_json(np.asarray(v), b64) for k, v in inputs.items()}
+        if isinstance(inputs, dict):
+            head["inputs"] = {k: _tensor_json(np.asarray(v), b64) for k, v in inputs.items()}
+        else:  # the model's only input
+            head["inputs"] = _tensor_json(np.asarray(inputs), b64)
         return json.dumps(head).encode()
+    if not isinstance(inputs, dict):
+        raise ValueError("the binary form names every tensor: pass a dict")
     arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
     head["tensors"] = [{"name": k, "dtype": a.dtype.name, "shape": list(a.shape)} for k, a in arrays.items()]
     h = json.dumps(head).encode()

@@ -206,7 +206,8 @@ def _convert(spec: TensorSpec, value: object) -> np.ndarray:
     if arr.dtype != target:
         tkind = target.kind
         if tkind == "f" or (tkind in "iu" and kind in "biu" and _fits(arr, target)) or (tkind == "b" and kind == "b"):
-            arr = arr.astype(target)
+            with np.errstate(over="ignore"):  # 1e300 -> float32 is inf, which the finiteness check then refuses
+                arr = arr.astype(target)
         else:
             raise DtypeMismatch(f"input '{spec.name}': expected {target.name}, got {arr.dtype} (would lose values)")
     return np.ascontiguousarray(arr)

@@ -1,0 +1,252 @@
+"""Predictions over a real mosquitto through the real daemon class: formats, typed errors, overload, batching."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import ModelFiles
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from update_rig import MODEL, Rig, wait_for
+
+from agent.client import EdgeClient, RemoteError
+from agent.daemon import Agent
+from agent.payloads import BINARY_MAGIC, PayloadError, decode_reply, decode_request
+from agent.protocol import device_topic
+from fleet.broker import RunningBroker
+
+
+@pytest.fixture(scope="module")
+def rig(models: ModelFiles, mqtt_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    r = Rig(tmp_path_factory.mktemp("fleet"), models.path("mlp.onnx"), mqtt_broker)
+    r.release("1.0.0")
+    r.controller.server.start()
+    yield r
+    r.controller.server.stop()
+
+
+def start_agent(rig: Rig, device: str, serving: str = "") -> Agent:
+    config = rig.write_config(device)
+    if serving:
+        config.write_text(config.read_text() + f"[serving]\n{serving}\n")
+    from agent.settings import load_settings
+
+    agent = Agent(load_settings(config)).start()
+    assert agent.wait_connected()
+    rig.assign(device, "1.0.0")
+    wait_for(lambda: agent.host.get(MODEL) is not None, what="the model installed")
+    return agent
+
+
+@pytest.fixture(scope="module")
+def agent(rig: Rig) -> Iterator[Agent]:
+    a = start_agent(rig, "srv-1")
+    yield a
+    a.stop()
+
+
+@pytest.fixture(scope="module")
+def client(mqtt_broker: RunningBroker) -> Iterator[EdgeClient]:
+    with EdgeClient(mqtt_broker.host, mqtt_broker.port) as c:
+        yield c
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (n, 64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("form", ["json", "b64", "binary", "bare"])
+def test_each_payload_form_gives_the_models_answer(agent: Agent, client: EdgeClient, models: ModelFiles, form: str) -> None:
+    x = rows(5)
+    if form == "bare":
+        out = client.infer("srv-1", MODEL, x)
+    else:
+        out = client.infer("srv-1", MODEL, {"x": x}, binary=form == "binary", b64=form == "b64")
+    np.testing.assert_allclose(out["y"], models.mlp.reference(x), atol=1e-4)
+    assert out.version == "1.0.0" and out.model == MODEL and out.latency_ms > 0
+
+
+class RawApp:
+    """An application that writes its own payloads, so every malformed kind can be sent."""
+
+    def __init__(self, broker: RunningBroker, device: str) -> None:
+        self.device = device
+        self.replies: list[bytes] = []
+        self._lock = threading.Lock()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{device}")
+        self.c.on_message = self._on
+        self.c.connect(broker.host, broker.port)
+        self.c.subscribe(device_topic(device, "pred", "#"), qos=1)
+        self.c.loop_start()
+
+    def _on(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.replies.append(bytes(msg.payload))
+
+    def send(self, payload: bytes, model: str = MODEL, qos: int = 1) -> None:
+        self.c.publish(device_topic(self.device, "infer", model), payload, qos=qos)
+
+    def answer(self, request_id: str) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            with self._lock:
+                for raw in self.replies:
+                    r = decode_reply(raw)
+                    if r.request_id == request_id:
+                        return {"code": r.error_code, "message": r.error_message, "outputs": r.outputs}
+            return None
+
+        return wait_for(find, 10, f"the answer to {request_id}")
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+BAD = [
+    ("b1", b'{"request_id": "b1", "inputs": {"x": [[1, 2]]}}', "shape_mismatch"),
+    ("b2", b'{"request_id": "b2", "inputs": {"nope": [[0.5]]}}', "bad_request"),
+    ("b3", b'{"request_id": "b3"}', "bad_request"),
+    ("b4", b'{"request_id": "b4", "inputs": {"x": "text"}}', "bad_request"),
+    ("b5", b'{"request_id": "b5", "inputs": {"x": [[NaN' + b", 0.0" * 63 + b"]]}}", "bad_request"),
+    ("b6", b'{"request_id": "b6", "inputs": {"x": [[1], [1, 2]]}}', "bad_request"),
+    ("b7", b'{"request_id": "b7", "inputs": {"x": {"dtype": "float32", "shape": [1, 64], "b64": "AAAA"}}}', "bad_request"),
+    ("b8", b'{"request_id": "b8", "inputs": {"x": [[0.1]]}, "deadline_ms": -5}', "bad_request"),
+    ("b9", b'{"request_id": "b9", "inputs": [[0.0]], "surprise": 1}', "bad_request"),
+    ("b10", b'{"request_id": "b10", "inputs": {"x": [[1e300' + b", 0.0" * 63 + b"]]}}", "bad_request"),
+]
+
+
+@pytest.mark.parametrize(("rid", "payload", "code"), BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_a_typed_error_and_the_agent_keeps_serving(
+    agent: Agent, client: EdgeClient, mqtt_broker: RunningBroker, rid: str, payload: bytes, code: str
+) -> None:
+    app = RawApp(mqtt_broker, "srv-1")
+    try:
+        app.send(payload)
+        got = app.answer(rid)
+        assert got["code"] == code, got
+    finally:
+        app.close()
+    assert client.infer("srv-1", MODEL, rows(1))["y"].shape == (1, 10)
+
+
+def test_unknown_model_oversized_huge_batch_and_binary_garbage(agent: Agent, mqtt_broker: RunningBroker, client: EdgeClient) -> None:
+    app = RawApp(mqtt_broker, "srv-1")
+    try:
+        app.send(b'{"request_id": "u1", "inputs": [[0.0]]}', model="no-such-model")
+        assert app.answer("u1")["code"] == "unknown_model"
+        big = b'{"request_id": "o1", "inputs": [' + b"0.0, " * 1_000_000 + b"0.0]}"  # ~5 MB > the 4 MiB limit
+        app.send(big)
+        assert "limit" in app.answer("o1")["message"]
+        header = json.dumps({"request_id": "h1", "tensors": [{"name": "x", "dtype": "float32", "shape": [2000, 64]}]}).encode()
+        app.send(BINARY_MAGIC + struct.pack(">I", len(header)) + header + np.zeros((2000, 64), np.float32).tobytes())
+        assert "at most 1024 per request" in app.answer("h1")["message"]
+        header = json.dumps({"request_id": "t1", "tensors": [{"name": "x", "dtype": "float32", "shape": [1, 64]}]}).encode()
+        app.send(BINARY_MAGIC + struct.pack(">I", len(header)) + header + b"\0" * 10)  # truncated tensor bytes
+        assert app.answer("t1")["code"] == "bad_request"
+        before = dict(agent.serving.stats.errors)
+        app.send(b"\xff\xfe\x00garbage")  # no request_id to answer: logged and counted
+        wait_for(lambda: agent.serving.stats.errors.get("bad_request", 0) > before.get("bad_request", 0), 10, "the count")
+    finally:
+        app.close()
+    with pytest.raises(RemoteError) as info:
+        client.infer("srv-1", MODEL, {"x": rows(1)[:, :3]})
+    assert info.value.code == "shape_mismatch"
+    assert client.infer("srv-1", MODEL, rows(2))["y"].shape == (2, 10)
+
+
+def test_a_reply_to_outside_the_devices_tree_is_not_used(agent: Agent, mqtt_broker: RunningBroker) -> None:
+    app = RawApp(mqtt_broker, "srv-1")
+    spy: list[bytes] = []
+    other = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="spy")
+    other.on_message = lambda c, u, m: spy.append(bytes(m.payload))
+    other.connect(mqtt_broker.host, mqtt_broker.port)
+    other.subscribe("edgefleet/v1/dev/victim/#", qos=1)
+    other.loop_start()
+    try:
+        req = {"request_id": "rt1", "inputs": rows(1).tolist(), "reply_to": "edgefleet/v1/dev/victim/cmd"}
+        app.send(json.dumps(req).encode())
+        assert app.answer("rt1")["code"] == ""  # answered on the default topic instead
+        assert spy == []
+    finally:
+        other.disconnect()
+        other.loop_stop()
+        app.close()
+
+
+def test_a_flood_beyond_the_queue_is_answered_overloaded_never_dropped(rig: Rig, mqtt_broker: RunningBroker) -> None:
+    agent = start_agent(rig, "srv-flood", "queue_size = 2\nworkers = 1")
+    app = RawApp(mqtt_broker, "srv-flood")
+    try:
+        x = rows(64).tolist()
+        n = 300
+        for i in range(n):
+            app.send(json.dumps({"request_id": f"f{i}", "inputs": x}).encode(), qos=0)
+        wait_for(lambda: len(app.replies) >= n, 30, "every request answered")
+        codes = [decode_reply(r).error_code for r in app.replies]
+        assert len(app.replies) == n and set(codes) <= {"", "overloaded"}
+        assert codes.count("overloaded") > 0 and codes.count("") > 0
+        assert agent.serving.stats.errors["overloaded"] == codes.count("overloaded")
+    finally:
+        app.close()
+        agent.stop()
+
+
+def test_deadlines_and_micro_batching(rig: Rig, mqtt_broker: RunningBroker, models: ModelFiles) -> None:
+    agent = start_agent(rig, "srv-batch", "micro_batch = 16\nmicro_batch_wait_ms = 5")
+    try:
+        with EdgeClient(mqtt_broker.host, mqtt_broker.port) as c:
+            inputs = [rows(1 + i % 3, seed=i) for i in range(40)]
+            futures = [c.submit("srv-batch", MODEL, {"x": x}) for x in inputs]
+            for x, f in zip(inputs, futures):
+                np.testing.assert_allclose(c.result(f.result(10))["y"], models.mlp.reference(x), atol=1e-4)
+            with pytest.raises(RemoteError) as info:
+                c.infer("srv-batch", MODEL, rows(1), deadline_ms=1e-6)
+            assert info.value.code == "deadline_exceeded"
+    finally:
+        agent.stop()
+
+
+tensors = st.dictionaries(
+    st.text(max_size=5),
+    st.one_of(
+        st.recursive(st.floats(allow_nan=True) | st.integers(-(2**70), 2**70), lambda c: st.lists(c, max_size=3), max_leaves=8),
+        st.fixed_dictionaries(
+            {
+                "dtype": st.sampled_from(["float32", "int8", "complex64", 5]),
+                "shape": st.lists(st.integers(-2, 4)),
+                "b64": st.text(max_size=12),
+            }
+        ),
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.builds(
+            lambda rid, ins: json.dumps({"request_id": rid, "inputs": ins}).encode(),
+            st.one_of(st.text(max_size=70), st.integers()),
+            tensors,
+        ),
+        st.builds(
+            lambda head, body: BINARY_MAGIC + struct.pack(">I", len(head)) + head + body, st.binary(max_size=60), st.binary(max_size=60)
+        ),
+    )
+)
+def test_the_request_decoder_raises_only_its_own_typed_error(payload: bytes) -> None:
+    try:
+        req = decode_request(payload, 4096)
+    except PayloadError:
+        return
+    assert 0 < len(req.request_id) <= 64
