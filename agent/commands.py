@@ -232,6 +232,7 @@ def send_command(settings: AgentSettings, command: str, args: dict[str, Any], ti
 
     import paho.mqtt.client as mqtt
 
+    from agent.mqtt import make_client
     from agent.protocol import Command, device_topic
 
     rid = uuid.uuid4().hex
@@ -247,7 +248,7 @@ def send_command(settings: AgentSettings, command: str, args: dict[str, Any], ti
         if isinstance(data, dict) and data.get("request_id") == rid:
             replies.put(data)
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{settings.device_id}-cli-{rid[:6]}", protocol=mqtt.MQTTv5)
+    client = make_client(settings.broker, f"{settings.device_id}-cli-{rid[:6]}")
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
     client.on_connect = lambda c, *a: c.subscribe(reply_topic, qos=1)
