@@ -90,6 +90,9 @@ def _mosquitto_config(port: int, host: str, workdir: Path, extra: list[str]) -> 
         # The default (1000) silently drops QoS 1 messages past the queue; see DESIGN.md.
         "max_queued_messages 10000",
         f"log_dest file {workdir / 'mosquitto.log'}",
+        # Started as root, mosquitto switches to the `mosquitto` user, which cannot read the private (0700)
+        # working directory: its log, or a test's password file and keys. This broker is private; keep the user.
+        *(["user root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
         "log_type error",
         "log_type warning",
         "log_type notice",

@@ -331,6 +331,53 @@ def devices_cmd(broker: str | None, wait: float, as_json: bool) -> None:
     console.print(table)
 
 
+@main.command("provision")
+@click.argument("name", required=False)
+@click.option("--broker-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The fleet CA, passwords, ACL.")
+@click.option("--init", "init_", is_flag=True, help="Create the fleet CA and the broker's certificate first.")
+@click.option("--hostname", "hostnames", multiple=True, help="The broker's DNS names / IPs (with --init).")
+@click.option("--role", type=click.Choice(["device", "app", "controller"]), default="device", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write the device's files (agent.toml, credentials) here.")
+@_broker_option
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="Image repository: its root.json goes to the device.")
+@click.option("--director", "director_dir", type=click.Path(file_okay=False, path_type=Path))
+def provision_cmd(
+    name: str | None,
+    broker_dir: Path,
+    init_: bool,
+    hostnames: tuple[str, ...],
+    role: str,
+    out: Path | None,
+    broker: str | None,
+    repo: Path | None,
+    director_dir: Path | None,
+) -> None:
+    """MQTT credentials for NAME (password + client certificate from the fleet CA) and its ACL lines.
+
+    The broker directory also gets mosquitto.conf (TLS + password listener on 8883, mutual TLS on 8884).
+    """
+    from fleet.provision import BrokerAuth, device_bundle
+
+    auth = BrokerAuth(broker_dir)
+    with _reported():
+        if init_:
+            auth.init(list(hostnames) or ["localhost", "127.0.0.1"])
+            (broker_dir / "mosquitto.conf").write_text(auth.mosquitto_config())
+            console.print(f"fleet CA and broker certificate in {broker_dir}; mosquitto config: {broker_dir / 'mosquitto.conf'}")
+        if name is None:
+            return
+        creds = auth.add(name, role)
+        console.print(f"{role} {name}: password and certificate issued; ACL: {broker_dir / 'acl'} (send mosquitto SIGHUP to reload)")
+        if out is not None:
+            host, port = _broker(broker) or ("localhost", 8883)
+            image_root = repo / "metadata" / "1.root.json" if repo else None
+            director_root = director_dir / "1.root.json" if director_dir else None
+            device_bundle(creds, out, host, port, image_root, director_root)
+            console.print(f"device files in {out}: copy them to /etc/edgefleet/ on {name}")
+        else:
+            console.print(f"password: {creds.password}")
+
+
 @main.command("serve")
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))

@@ -1,0 +1,260 @@
+"""Broker credentials for devices: a fleet CA, per-device passwords and client certificates, mosquitto ACLs.
+
+Transport security is an extra layer (DESIGN.md): even a device that leaks its
+credentials cannot install anything unsigned. What it buys: a device connects only
+with its own credentials, reads only its own inference inputs and commands, and
+publishes only under its own ``edgefleet/v1/dev/{id}/`` tree (plus repository
+requests) — it cannot impersonate another device's status or answers.
+
+Layout of the broker directory ``fleet provision --broker-dir B``::
+
+    B/ca.pem, B/ca.key            the fleet CA (ECDSA P-256: every TLS stack on a Pi or Jetson takes it)
+    B/server.pem, B/server.key    the broker's certificate
+    B/certs/{name}.pem|key        client certificates (CN = the MQTT user name)
+    B/passwords                   mosquitto password file (PBKDF2-SHA512, mosquitto's $7$ format)
+    B/acl                         mosquitto ACL, regenerated from B/principals.json
+    B/mosquitto.conf              listeners: TLS + password (8883), mutual TLS (8884)
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.errors import EdgefleetError
+from agent.files import atomic_write
+from agent.protocol import ROOT, valid_device_id
+
+__all__ = ["BrokerAuth", "Credentials", "ProvisionError", "mosquitto_password_hash"]
+
+CONTROLLER = "edgefleet-controller"
+
+
+class ProvisionError(EdgefleetError):
+    code = "bad_provision"
+
+
+def mosquitto_password_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
+    """mosquitto 2's ``$7$`` entry: PBKDF2-HMAC-SHA512 (what ``mosquitto_passwd`` writes)."""
+    salt = salt or os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    name: str
+    role: str  # device | app | controller
+    password: str
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    atomic_write(path, data)
+    path.chmod(0o600)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+class BrokerAuth:
+    """The broker side of fleet security; every change rewrites the password and ACL files atomically."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    @property
+    def ca_pem(self) -> Path:
+        return self.directory / "ca.pem"
+
+    def init(self, hostnames: list[str], days: int = 3650) -> None:
+        if self.ca_pem.exists():
+            raise ProvisionError(f"{self.directory} already holds a fleet CA")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefleet fleet CA")])
+        now = dt.datetime.now(dt.timezone.utc)
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(self.directory / "ca.key", _key_pem(key))
+        atomic_write(self.ca_pem, ca.public_bytes(serialization.Encoding.PEM))
+        self._issue("server", hostnames, server=True)
+        self._save({})
+        self.add(CONTROLLER, "controller")
+
+    def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        try:
+            cert = x509.load_pem_x509_certificate(self.ca_pem.read_bytes())
+            key = serialization.load_pem_private_key((self.directory / "ca.key").read_bytes(), None)
+        except (OSError, ValueError) as exc:
+            raise ProvisionError(f"{self.directory}: no usable fleet CA ({exc}); run `fleet provision --init` first") from exc
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cert, key
+
+    def _issue(self, name: str, hostnames: list[str] | None = None, server: bool = False, days: int = 825) -> tuple[Path, Path]:
+        ca, ca_key = self._ca()
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            )
+        )
+        if server:
+            import ipaddress
+
+            alt: list[x509.GeneralName] = []
+            for h in hostnames or ["localhost"]:
+                try:
+                    alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+                except ValueError:
+                    alt.append(x509.DNSName(h))
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        certs = self.directory / ("." if server else "certs")
+        certs.mkdir(exist_ok=True)
+        cert_path, key_path = certs / f"{name}.pem", certs / f"{name}.key"
+        _write_private(key_path, _key_pem(key))
+        atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return cert_path, key_path
+
+    def _principals(self) -> dict[str, dict[str, str]]:
+        path = self.directory / "principals.json"
+        if not path.exists():
+            raise ProvisionError(f"{self.directory}: not initialised; run `fleet provision --init` first")
+        data: dict[str, dict[str, str]] = json.loads(path.read_text())
+        return data
+
+    def _save(self, principals: dict[str, dict[str, str]]) -> None:
+        _write_private(self.directory / "principals.json", json.dumps(principals, indent=1, sort_keys=True).encode())
+        lines = [f"{name}:{p['hash']}" for name, p in sorted(principals.items())]
+        _write_private(self.directory / "passwords", ("\n".join(lines) + "\n").encode())
+        _write_private(self.directory / "acl", acl(principals).encode())
+
+    def add(self, name: str, role: str = "device") -> Credentials:
+        """New (or replaced) credentials for ``name``: a password and a client certificate; the ACL follows."""
+        if role == "device":
+            valid_device_id(name)
+        elif role not in ("app", "controller") or not name.replace("-", "").replace("_", "").isalnum():
+            raise ProvisionError(f"bad principal {role} {name!r}")
+        principals = self._principals()
+        password = secrets.token_urlsafe(24)
+        cert, key = self._issue(name)  # CN = the user name: on the mutual-TLS listener the identity is the user
+        principals[name] = {"role": role, "hash": mosquitto_password_hash(password)}
+        self._save(principals)
+        return Credentials(name, role, password, cert, key, self.ca_pem)
+
+    def revoke(self, name: str) -> None:
+        """Remove the password and ACL entry (the broker rereads them on SIGHUP). Certificates need the CRL (not built)."""
+        principals = self._principals()
+        if principals.pop(name, None) is None:
+            raise ProvisionError(f"{name} is not provisioned")
+        self._save(principals)
+
+    def global_config(self) -> list[str]:
+        d = self.directory
+        return ["allow_anonymous false", f"password_file {d / 'passwords'}", f"acl_file {d / 'acl'}"]
+
+    def listener_config(self, mutual_tls: bool = False) -> list[str]:
+        """TLS options for the listener line above them; ``mutual_tls``: a client certificate is the identity."""
+        d = self.directory
+        lines = [f"cafile {d / 'ca.pem'}", f"certfile {d / 'server.pem'}", f"keyfile {d / 'server.key'}", "tls_version tlsv1.2"]
+        return lines + (["require_certificate true", "use_identity_as_username true"] if mutual_tls else [])
+
+    def mosquitto_config(self, tls_port: int = 8883, mtls_port: int = 8884, host: str = "0.0.0.0") -> str:
+        """A whole mosquitto.conf: TLS + password on ``tls_port``, mutual TLS on ``mtls_port``."""
+        lines = [
+            *self.global_config(),
+            "set_tcp_nodelay true",
+            "max_queued_messages 10000",
+            f"listener {tls_port} {host}",
+            *self.listener_config(),
+            f"listener {mtls_port} {host}",
+            *self.listener_config(mutual_tls=True),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def acl(principals: dict[str, dict[str, str]]) -> str:
+    """mosquitto ACL: devices confined to their own tree plus repository requests; apps may ask any device."""
+    out = ["# generated by `fleet provision`; edits are overwritten"]
+    for name, p in sorted(principals.items()):
+        role = p["role"]
+        out.append(f"\nuser {name}")
+        if role == "controller":
+            out.append(f"topic readwrite {ROOT}/#")
+        elif role == "device":
+            out += [f"topic readwrite {ROOT}/dev/{name}/#", f"topic write {ROOT}/repo/req"]
+        else:  # app: send inference requests to any device and read the answers addressed to it
+            out += [f"topic write {ROOT}/dev/+/infer/#", f"topic read {ROOT}/dev/+/pred/+/{name}"]
+    return "\n".join(out) + "\n"
+
+
+def device_bundle(
+    creds: Credentials,
+    out: Path,
+    broker_host: str,
+    broker_port: int,
+    image_root: Path | None = None,
+    director_root: Path | None = None,
+) -> Path:
+    """What goes onto the device: credentials, the fleet CA, the trusted roots and an agent.toml using them."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)
+    _write_private(out / "broker-password", creds.password.encode())
+    shutil.copy(creds.cert, out / "device.pem")
+    _write_private(out / "device.key", creds.key.read_bytes())
+    shutil.copy(creds.ca, out / "fleet-ca.pem")
+    lines = [
+        f'device_id = "{creds.name}"',
+        "[broker]",
+        f'host = "{broker_host}"',
+        f"port = {broker_port}",
+        f'username = "{creds.name}"',
+        'password_file = "/etc/edgefleet/broker-password"',
+        'tls_ca = "/etc/edgefleet/fleet-ca.pem"',
+        'tls_cert = "/etc/edgefleet/device.pem"',
+        'tls_key = "/etc/edgefleet/device.key"',
+        "[update]",
+    ]
+    for name, root in (("image_root", image_root), ("director_root", director_root)):
+        if root is not None:
+            shutil.copy(root, out / f"{name.split('_')[0]}-root.json")
+            lines.append(f'{name} = "/etc/edgefleet/{name.split("_")[0]}-root.json"')
+    (out / "agent.toml").write_text("\n".join(lines) + "\n")
+    return out
