@@ -1,0 +1,234 @@
+"""Inference through the broker: the agent against a raw MQTT echo, same broker, same payloads, same client.
+
+Baseline: an echo process that subscribes to ``dev/echo/infer/+``, reads each request's
+``reply_to`` and publishes the request back unchanged — MQTT and JSON parsing, no
+inference. Contender: ``edge-agent run`` in its own process serving the model. The client
+is the same code for both: throughput with a window of requests in flight, latency with
+one at a time. Goals (issue 5): agent throughput >= 80% of the echo's; agent p50 within
+1 ms of the echo's p50.
+
+Run: ``python -m benchmarks.serving [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from rich.console import Console
+from rich.table import Table
+
+from agent.protocol import device_topic, tcp_nodelay
+from benchmarks.common import machine, write
+
+MODELS = {"tiny": [4, 4], "medium": [64, 128, 128, 10]}
+
+ECHO = r"""
+import json, sys, paho.mqtt.client as mqtt
+from agent.protocol import tcp_nodelay
+host, port = sys.argv[1], int(sys.argv[2])
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="echo", protocol=mqtt.MQTTv5)
+c.on_socket_open = tcp_nodelay
+def on_message(client, userdata, msg):
+    client.publish(json.loads(msg.payload)["reply_to"], msg.payload, qos=msg.qos)
+c.on_message = on_message
+c.on_connect = lambda cl, *a: (cl.subscribe("edgefleet/v1/dev/echo/infer/+", qos=1), print("ready", flush=True))
+c.connect(host, port)
+c.loop_forever()
+"""
+
+
+class Client:
+    """One paho client, replies matched by request_id; the same for echo and agent."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.id = f"bench-{uuid.uuid4().hex[:6]}"
+        self.done: dict[str, float] = {}
+        self.cond = threading.Condition()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.id, protocol=mqtt.MQTTv5)
+        self.c.on_socket_open = tcp_nodelay
+        self.c.on_message = self._on
+        ready = threading.Event()
+        self.c.on_subscribe = lambda *a: ready.set()
+        self.c.connect(host, port)
+        self.c.subscribe(f"edgefleet/v1/dev/+/pred/+/{self.id}", qos=1)
+        self.c.loop_start()
+        ready.wait(10)
+
+    def _on(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        rid = json.loads(msg.payload)["request_id"]
+        with self.cond:
+            self.done[rid] = time.perf_counter()
+            self.cond.notify_all()
+
+    def payload(self, device: str, x: list[list[float]]) -> tuple[str, bytes]:
+        rid = uuid.uuid4().hex[:16]
+        body = {"request_id": rid, "inputs": {"x": x}, "reply_to": device_topic(device, "pred", "m", self.id)}
+        return rid, json.dumps(body).encode()
+
+    def run(self, device: str, x: list[list[float]], n: int, window: int) -> tuple[float, list[float]]:
+        """(requests per second, per-request round trips in ms) for ``n`` requests, ``window`` in flight."""
+        topic = device_topic(device, "infer", "m")
+        sent: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for _ in range(n):
+            rid, body = self.payload(device, x)
+            with self.cond:
+                self.cond.wait_for(lambda: len(sent) - len(self.done) < window, 30)
+            sent[rid] = time.perf_counter()
+            self.c.publish(topic, body, qos=1)
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(self.done) >= len(sent), 60):
+                raise RuntimeError(f"{device}: {len(sent) - len(self.done)} requests unanswered")
+        elapsed = time.perf_counter() - t0
+        rtts = [(self.done[r] - t) * 1e3 for r, t in sent.items()]
+        self.done.clear()
+        return n / elapsed, rtts
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def _fleet(work: Path, host: str, port: int, model: str) -> tuple[Any, Path]:
+    """Keys, both repositories, the model released and assigned: what a device needs to serve it."""
+    from converters import builders
+    from converters.build import build
+    from fleet.controller import Controller, announce
+    from fleet.director import Director
+    from fleet.image_repo import ImageRepository
+    from fleet.keys import init_keys
+
+    keys = init_keys(work / "keys")
+    image = ImageRepository.create(work / "serve" / "image", keys)
+    director = Director.create(work / "serve" / "director", keys)
+    onnx = builders.write_onnx_mlp(builders.random_mlp(MODELS[model], seed=1), work / f"{model}.onnx")
+    build(onnx, "m", "1.0.0", work / "bundle", variants=["onnx-fp32"])
+    image.release(work / "bundle", keys)
+    controller = Controller(work / "serve", keys, host, port)
+    controller.server.start()
+    director.assign("bench", image, "m", "1.0.0", "onnx-fp32", keys)
+    announce(director, ["bench"], host, port)
+    config = work / "agent.toml"
+    config.write_text(
+        f'device_id = "bench"\nstate_dir = "{work / "state"}"\nlog_level = "WARNING"\n'
+        f'[broker]\nhost = "{host}"\nport = {port}\n'
+        f'[update]\nimage_root = "{image.metadata / "1.root.json"}"\ndirector_root = "{director.directory / "1.root.json"}"\n'
+        "[serving]\nqueue_size = 4096\n[telemetry]\ninterval_s = 60\n"
+    )
+    return controller, config
+
+
+def _wait_model(client: Client, x: list[list[float]]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            client.run("bench", x, 1, 1)
+            return
+        except RuntimeError:
+            continue
+    raise RuntimeError("the agent never served the model")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    n_tp, n_lat, window = (2000, 300, 32) if args.quick else (10000, 2000, 64)
+    from fleet.broker import start_broker
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        broker = start_broker(work / "broker")
+        echo = subprocess.Popen([sys.executable, "-c", ECHO, broker.host, str(broker.port)], stdout=subprocess.PIPE, text=True)
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+        try:
+            for model, widths in MODELS.items():
+                mwork = work / model
+                mwork.mkdir()
+                controller, config = _fleet(mwork, broker.host, broker.port, model)
+                agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], env=os.environ)
+                client = Client(broker.host, broker.port)
+                try:
+                    x = np.random.default_rng(0).uniform(-1, 1, (1, widths[0])).astype(np.float32).tolist()
+                    _wait_model(client, x)
+                    results: dict[str, dict[str, float]] = {}
+                    for target in ("echo", "bench", "echo", "bench"):  # interleaved, the second pass counts
+                        rps, _ = client.run(target, x, n_tp, window)
+                        _, rtts = client.run(target, x, n_lat, 1)
+                        results[target] = {"rps": rps, "p50_ms": statistics.median(rtts), "p99_ms": float(np.percentile(rtts, 99))}
+                finally:
+                    client.close()
+                    agent.send_signal(signal.SIGTERM)
+                    agent.wait(30)
+                    controller.server.stop()
+                e, a = results["echo"], results["bench"]
+                rows.append(
+                    {
+                        "model": model,
+                        "echo_rps": round(e["rps"]),
+                        "agent_rps": round(a["rps"]),
+                        "throughput_ratio": round(a["rps"] / e["rps"], 3),
+                        "echo_p50_ms": round(e["p50_ms"], 3),
+                        "agent_p50_ms": round(a["p50_ms"], 3),
+                        "p50_added_ms": round(a["p50_ms"] - e["p50_ms"], 3),
+                        "echo_p99_ms": round(e["p99_ms"], 3),
+                        "agent_p99_ms": round(a["p99_ms"], 3),
+                        "throughput_goal_met": a["rps"] >= 0.8 * e["rps"],
+                        "latency_goal_met": a["p50_ms"] - e["p50_ms"] <= 1.0,
+                    }
+                )
+        finally:
+            echo.terminate()
+            broker.stop()
+    table = Table(title="serving through mosquitto: agent vs raw echo (JSON, batch 1, QoS 1)")
+    header = [
+        "model",
+        "echo req/s",
+        "agent req/s",
+        "ratio (goal >= 0.8)",
+        "echo p50 ms",
+        "agent p50 ms",
+        "added (goal <= 1 ms)",
+        "echo p99",
+        "agent p99",
+    ]
+    for h in header:
+        table.add_column(h)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            r["model"],
+            str(r["echo_rps"]),
+            str(r["agent_rps"]),
+            f"{r['throughput_ratio']:.2f} {'yes' if r['throughput_goal_met'] else 'NO'}",
+            f"{r['echo_p50_ms']:.3f}",
+            f"{r['agent_p50_ms']:.3f}",
+            f"{r['p50_added_ms']:.3f} {'yes' if r['latency_goal_met'] else 'NO'}",
+            f"{r['echo_p99_ms']:.3f}",
+            f"{r['agent_p99_ms']:.3f}",
+        ]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    Console().print(table)
+    meta = machine()
+    paths = write("serving", {"machine": meta, "window": window, "requests": n_tp, "rows": rows}, "\n".join(md) + "\n")
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()
