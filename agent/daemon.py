@@ -83,6 +83,7 @@ class Agent:
             sv.max_batch_rows,
             sv.micro_batch,
             sv.micro_batch_wait_ms,
+            sv.inline_below_ms,
         )
         self.telemetry = Telemetry(
             self.store,

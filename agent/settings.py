@@ -66,6 +66,9 @@ class ServingSettings(BaseModel):
     max_batch_rows: Annotated[int, Field(ge=1)] = 1024  # rows per request
     micro_batch: Annotated[int, Field(ge=1, le=1024)] = 1  # requests joined into one runtime call (1: off)
     micro_batch_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0  # how long to wait for more
+    # A model averaging under this per call is run on the MQTT thread when the queue is empty (no thread
+    # hand-offs); slower models always go through the queue so the MQTT thread never stalls. 0: never.
+    inline_below_ms: Annotated[float, Field(ge=0, le=10)] = 0.5
 
 
 class TelemetrySettings(BaseModel):

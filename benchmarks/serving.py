@@ -103,7 +103,10 @@ class Client:
         self.c.loop_stop()
 
 
-def _fleet(work: Path, host: str, port: int, model: str) -> tuple[Any, Path]:
+CONFIGS = {"default": "", "always queued": "inline_below_ms = 0"}
+
+
+def _fleet(work: Path, host: str, port: int, model: str, serving: str) -> tuple[Any, Path]:
     """Keys, both repositories, the model released and assigned: what a device needs to serve it."""
     from converters import builders
     from converters.build import build
@@ -127,7 +130,7 @@ def _fleet(work: Path, host: str, port: int, model: str) -> tuple[Any, Path]:
         f'device_id = "bench"\nstate_dir = "{work / "state"}"\nlog_level = "WARNING"\n'
         f'[broker]\nhost = "{host}"\nport = {port}\n'
         f'[update]\nimage_root = "{image.metadata / "1.root.json"}"\ndirector_root = "{director.directory / "1.root.json"}"\n'
-        "[serving]\nqueue_size = 4096\n[telemetry]\ninterval_s = 60\n"
+        f"[serving]\nqueue_size = 4096\n{serving}\n[telemetry]\ninterval_s = 60\n"
     )
     return controller, config
 
@@ -158,46 +161,49 @@ def main() -> None:
         assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
         try:
             for model, widths in MODELS.items():
-                mwork = work / model
-                mwork.mkdir()
-                controller, config = _fleet(mwork, broker.host, broker.port, model)
-                agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], env=os.environ)
-                client = Client(broker.host, broker.port)
-                try:
-                    x = np.random.default_rng(0).uniform(-1, 1, (1, widths[0])).astype(np.float32).tolist()
-                    _wait_model(client, x)
-                    results: dict[str, dict[str, float]] = {}
-                    for target in ("echo", "bench", "echo", "bench"):  # interleaved, the second pass counts
-                        rps, _ = client.run(target, x, n_tp, window)
-                        _, rtts = client.run(target, x, n_lat, 1)
-                        results[target] = {"rps": rps, "p50_ms": statistics.median(rtts), "p99_ms": float(np.percentile(rtts, 99))}
-                finally:
-                    client.close()
-                    agent.send_signal(signal.SIGTERM)
-                    agent.wait(30)
-                    controller.server.stop()
-                e, a = results["echo"], results["bench"]
-                rows.append(
-                    {
-                        "model": model,
-                        "echo_rps": round(e["rps"]),
-                        "agent_rps": round(a["rps"]),
-                        "throughput_ratio": round(a["rps"] / e["rps"], 3),
-                        "echo_p50_ms": round(e["p50_ms"], 3),
-                        "agent_p50_ms": round(a["p50_ms"], 3),
-                        "p50_added_ms": round(a["p50_ms"] - e["p50_ms"], 3),
-                        "echo_p99_ms": round(e["p99_ms"], 3),
-                        "agent_p99_ms": round(a["p99_ms"], 3),
-                        "throughput_goal_met": a["rps"] >= 0.8 * e["rps"],
-                        "latency_goal_met": a["p50_ms"] - e["p50_ms"] <= 1.0,
-                    }
-                )
+                for label, serving in CONFIGS.items():
+                    mwork = work / f"{model}-{label.split()[0]}"
+                    mwork.mkdir()
+                    controller, config = _fleet(mwork, broker.host, broker.port, model, serving)
+                    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], env=os.environ)
+                    client = Client(broker.host, broker.port)
+                    try:
+                        x = np.random.default_rng(0).uniform(-1, 1, (1, widths[0])).astype(np.float32).tolist()
+                        _wait_model(client, x)
+                        results: dict[str, dict[str, float]] = {}
+                        for target in ("echo", "bench", "echo", "bench"):  # interleaved, the second pass counts
+                            rps, _ = client.run(target, x, n_tp, window)
+                            _, rtts = client.run(target, x, n_lat, 1)
+                            results[target] = {"rps": rps, "p50_ms": statistics.median(rtts), "p99_ms": float(np.percentile(rtts, 99))}
+                    finally:
+                        client.close()
+                        agent.send_signal(signal.SIGTERM)
+                        agent.wait(30)
+                        controller.server.stop()
+                    e, a = results["echo"], results["bench"]
+                    rows.append(
+                        {
+                            "model": model,
+                            "serving": label,
+                            "echo_rps": round(e["rps"]),
+                            "agent_rps": round(a["rps"]),
+                            "throughput_ratio": round(a["rps"] / e["rps"], 3),
+                            "echo_p50_ms": round(e["p50_ms"], 3),
+                            "agent_p50_ms": round(a["p50_ms"], 3),
+                            "p50_added_ms": round(a["p50_ms"] - e["p50_ms"], 3),
+                            "echo_p99_ms": round(e["p99_ms"], 3),
+                            "agent_p99_ms": round(a["p99_ms"], 3),
+                            "throughput_goal_met": a["rps"] >= 0.8 * e["rps"],
+                            "latency_goal_met": a["p50_ms"] - e["p50_ms"] <= 1.0,
+                        }
+                    )
         finally:
             echo.terminate()
             broker.stop()
     table = Table(title="serving through mosquitto: agent vs raw echo (JSON, batch 1, QoS 1)")
     header = [
         "model",
+        "agent serving",
         "echo req/s",
         "agent req/s",
         "ratio (goal >= 0.8)",
@@ -213,6 +219,7 @@ def main() -> None:
     for r in rows:
         cells = [
             r["model"],
+            r["serving"],
             str(r["echo_rps"]),
             str(r["agent_rps"]),
             f"{r['throughput_ratio']:.2f} {'yes' if r['throughput_goal_met'] else 'NO'}",

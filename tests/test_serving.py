@@ -182,7 +182,7 @@ def test_a_reply_to_outside_the_devices_tree_is_not_used(agent: Agent, mqtt_brok
 
 
 def test_a_flood_beyond_the_queue_is_answered_overloaded_never_dropped(rig: Rig, mqtt_broker: RunningBroker) -> None:
-    agent = start_agent(rig, "srv-flood", "queue_size = 2\nworkers = 1")
+    agent = start_agent(rig, "srv-flood", "queue_size = 2\nworkers = 1\ninline_below_ms = 0")  # every request queued
     app = RawApp(mqtt_broker, "srv-flood")
     try:
         x = rows(64).tolist()
@@ -194,9 +194,25 @@ def test_a_flood_beyond_the_queue_is_answered_overloaded_never_dropped(rig: Rig,
         assert len(app.replies) == n and set(codes) <= {"", "overloaded"}
         assert codes.count("overloaded") > 0 and codes.count("") > 0
         assert agent.serving.stats.errors["overloaded"] == codes.count("overloaded")
+        assert agent.serving.inline_served == 0
     finally:
         app.close()
         agent.stop()
+
+
+def test_fast_models_are_answered_on_the_mqtt_thread_slow_ones_queued(agent: Agent, client: EdgeClient) -> None:
+    client.infer("srv-1", MODEL, rows(1))
+    assert agent.serving._call_s[MODEL] < 0.1  # measured: the MLP takes microseconds (a GC pause may add a few ms)
+    agent.serving._call_s[MODEL] = 0.0  # pin it fast for the counts below
+    before = agent.serving.inline_served
+    client.infer("srv-1", MODEL, rows(1))
+    assert agent.serving.inline_served == before + 1  # answered without a thread hand-off
+    agent.serving._call_s[MODEL] = 1.0  # as if the model had become slow: back to the queue and the workers
+    try:
+        client.infer("srv-1", MODEL, rows(1))
+        assert agent.serving.inline_served == before + 1
+    finally:
+        agent.serving._call_s[MODEL] = 0.0
 
 
 def test_deadlines_and_micro_batching(rig: Rig, mqtt_broker: RunningBroker, models: ModelFiles) -> None:
