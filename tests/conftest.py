@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,3 +53,29 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
     builders.write_tflite_add_mul(root / "add_mul.tflite")
     builders.write_openvino_ir(root / "add_mul.onnx", root / "add_mul.xml")
     return ModelFiles(root, tiny, mlp, calibration)
+
+
+@pytest.fixture(scope="module")
+def rig(models: ModelFiles, mqtt_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Keys, both repositories and a repository server on the session broker; mlp 1.0.0 and 1.1.0 released."""
+    from update_rig import Rig
+
+    r = Rig(tmp_path_factory.mktemp("fleet"), models.path("mlp.onnx"), mqtt_broker)
+    for version in ("1.0.0", "1.1.0"):
+        r.release(version)
+    r.controller.server.start()
+    yield r
+    r.controller.server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_outlives_its_test() -> Iterator[None]:
+    """A failed test must not leave an `edge-agent run` behind (it would hold a device id on the broker)."""
+    yield
+    from update_rig import AgentProcess
+
+    for proc in AgentProcess.running:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
+    AgentProcess.running.clear()

@@ -5,65 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import sqlite3
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ModelFiles
-from update_rig import Rig, wait_for
+from update_rig import AgentProcess, Rig, wait_for
 
 from agent.installer import PAUSE_ENV
-from fleet.broker import RunningBroker, start_broker
+from fleet.broker import start_broker
 
 STATES = ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "ACTIVE"]
-
-
-@pytest.fixture(scope="module")
-def rig(models: ModelFiles, mqtt_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("fleet"), models.path("mlp.onnx"), mqtt_broker)
-    r.release("1.0.0")
-    r.controller.server.start()
-    yield r
-    r.controller.server.stop()
-
-
-class AgentProcess:
-    """``edge-agent run`` as systemd would start it, with its log in a file."""
-
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self.stderr = open(log, "ab")  # closed in stop()/kill9()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=self.stderr,
-            env={**os.environ, **(env or {})},
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.stderr.close()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGUSR1)  # thread dump into the log, then fail with it
-            time.sleep(1)
-            self.proc.kill()
-            raise AssertionError("the agent did not stop on SIGTERM:\n" + self.text()[-6000:]) from None
-        finally:
-            self.stderr.close()
 
 
 def store_rows(state_dir: Path, sql: str) -> list[tuple[object, ...]]:

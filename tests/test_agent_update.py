@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import ModelFiles
-from update_rig import MODEL, Rig, fails_beyond_batch_one, unloadable_model, wait_for, wrong_golden_outputs
+from update_rig import MODEL, Rig, Subscriber, fails_beyond_batch_one, unloadable_model, wait_for, wrong_golden_outputs
 
 from agent import commands
 from agent.daemon import Agent
@@ -21,43 +20,17 @@ from fleet.broker import RunningBroker
 from fleet.controller import devices
 
 
-@pytest.fixture(scope="module")
-def rig(models: ModelFiles, mqtt_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("fleet"), models.path("mlp.onnx"), mqtt_broker)
-    for version in ("1.0.0", "1.1.0"):
-        r.release(version)
-    r.controller.server.start()
-    yield r
-    r.controller.server.stop()
-
-
-class JobWatcher:
+class JobWatcher(Subscriber):
     """Everything a device publishes on its job topics, in order."""
 
     def __init__(self, broker: RunningBroker, device: str) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watch-{device}")
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe(device_topic(device, "jobs", "#"), qos=1)
-        self.client.loop_start()
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append(json.loads(msg.payload))
+        super().__init__(broker, [device_topic(device, "jobs", "#")], f"watch-{device}")
 
     def states(self, target: str | None = None) -> list[str]:
-        with self._lock:
-            return [m["state"] for m in self.messages if target is None or m.get("target_path") == target]
+        return [m["state"] for m in self.json() if target is None or m.get("target_path") == target]
 
     def last(self, state: str) -> dict[str, Any] | None:
-        with self._lock:
-            return next((m for m in reversed(self.messages) if m["state"] == state), None)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        return next((m for m in reversed(self.json()) if m["state"] == state), None)
 
 
 @pytest.fixture

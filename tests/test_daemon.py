@@ -8,16 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import ModelFiles
-from test_agent_faults import AgentProcess
-from update_rig import Rig, wait_for
+from update_rig import AgentProcess, Rig, Subscriber, wait_for
 
 from agent.commands import send_command
 from agent.daemon import Agent
@@ -26,40 +23,15 @@ from agent.settings import load_settings
 from fleet.broker import RunningBroker, start_broker
 
 
-class Collector:
-    """A subscriber that keeps everything per topic (persistent session when asked)."""
-
-    def __init__(self, broker: RunningBroker, topics: list[str], client_id: str, persistent: bool = False) -> None:
-        self.messages: dict[str, list[bytes]] = {}
-        self._lock = threading.Lock()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent)
-        self.c.reconnect_delay_set(1, 2)
-        self.c.on_message = self._on
-        self.c.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
-        self.c.connect(broker.host, broker.port)
-        self.c.loop_start()
-
-    def _on(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.setdefault(msg.topic, []).append(bytes(msg.payload))
-
-    def json(self, topic: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [json.loads(p) for p in self.messages.get(topic, []) if p]
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
-
-
 @pytest.fixture
 def rig(models: ModelFiles, mqtt_broker: RunningBroker, tmp_path: Path) -> Rig:
+    """Keys and repositories only: these tests need no model."""
     return Rig(tmp_path, models.path("mlp.onnx"), mqtt_broker)
 
 
 def test_presence_session_counter_will_and_clean_shutdown(rig: Rig, tmp_path: Path) -> None:
     topic = device_topic("pres-1", "status")
-    watch = Collector(rig.broker, [topic, device_topic("pres-1", "reported")], "watch-pres")
+    watch = Subscriber(rig.broker, [topic, device_topic("pres-1", "reported")], "watch-pres")
     config = rig.write_config("pres-1")
     try:
         first = AgentProcess(config, tmp_path / "a.log")
@@ -81,7 +53,7 @@ def test_presence_session_counter_will_and_clean_shutdown(rig: Rig, tmp_path: Pa
 def test_commands_sent_while_the_agent_is_offline_arrive_when_it_returns(rig: Rig, tmp_path: Path) -> None:
     config = rig.write_config("sess-1")
     settings = load_settings(config)
-    replies = Collector(rig.broker, [device_topic("sess-1", "cmd", "reply")], "watch-sess")
+    replies = Subscriber(rig.broker, [device_topic("sess-1", "cmd", "reply")], "watch-sess")
     try:
         agent = AgentProcess(config, tmp_path / "a.log")
         wait_for(lambda: "event=agent.connected" in agent.text(), 30, "connected")
@@ -110,7 +82,7 @@ def test_telemetry_batches_survive_a_broker_outage_none_missing(
         config = rig.write_config("tel-1")
         config.write_text(config.read_text() + "[telemetry]\ninterval_s = 0.2\n")
         topic = device_topic("tel-1", "telemetry")
-        collector = Collector(broker, [topic], "collector", persistent=True)
+        collector = Subscriber(broker, [topic], "collector", persistent=True)
         agent = Agent(load_settings(config)).start()
         try:
             wait_for(lambda: len(collector.json(topic)) >= 3, 30, "telemetry")

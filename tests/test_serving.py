@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,22 +13,13 @@ import pytest
 from conftest import ModelFiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from update_rig import MODEL, Rig, wait_for
+from update_rig import MODEL, Rig, Subscriber, wait_for
 
 from agent.client import EdgeClient, RemoteError
 from agent.daemon import Agent
 from agent.payloads import BINARY_MAGIC, PayloadError, decode_reply, decode_request
 from agent.protocol import device_topic
 from fleet.broker import RunningBroker
-
-
-@pytest.fixture(scope="module")
-def rig(models: ModelFiles, mqtt_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("fleet"), models.path("mlp.onnx"), mqtt_broker)
-    r.release("1.0.0")
-    r.controller.server.start()
-    yield r
-    r.controller.server.stop()
 
 
 def start_agent(rig: Rig, device: str, serving: str = "") -> Agent:
@@ -73,40 +63,29 @@ def test_each_payload_form_gives_the_models_answer(agent: Agent, client: EdgeCli
     assert out.version == "1.0.0" and out.model == MODEL and out.latency_ms > 0
 
 
-class RawApp:
+class RawApp(Subscriber):
     """An application that writes its own payloads, so every malformed kind can be sent."""
 
     def __init__(self, broker: RunningBroker, device: str) -> None:
+        super().__init__(broker, [device_topic(device, "pred", "#")], f"raw-{device}")
         self.device = device
-        self.replies: list[bytes] = []
-        self._lock = threading.Lock()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{device}")
-        self.c.on_message = self._on
-        self.c.connect(broker.host, broker.port)
-        self.c.subscribe(device_topic(device, "pred", "#"), qos=1)
-        self.c.loop_start()
 
-    def _on(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.replies.append(bytes(msg.payload))
+    @property
+    def replies(self) -> list[bytes]:
+        return self.payloads()
 
     def send(self, payload: bytes, model: str = MODEL, qos: int = 1) -> None:
-        self.c.publish(device_topic(self.device, "infer", model), payload, qos=qos)
+        self.client.publish(device_topic(self.device, "infer", model), payload, qos=qos)
 
     def answer(self, request_id: str) -> dict[str, Any]:
         def find() -> dict[str, Any] | None:
-            with self._lock:
-                for raw in self.replies:
-                    r = decode_reply(raw)
-                    if r.request_id == request_id:
-                        return {"code": r.error_code, "message": r.error_message, "outputs": r.outputs}
+            for raw in self.replies:
+                r = decode_reply(raw)
+                if r.request_id == request_id:
+                    return {"code": r.error_code, "message": r.error_message, "outputs": r.outputs}
             return None
 
         return wait_for(find, 10, f"the answer to {request_id}")
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
 
 
 BAD = [

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import paho.mqtt.client as mqtt
 from onnx import helper, numpy_helper
 
 from agent.files import sha256_file
@@ -127,3 +133,73 @@ def fails_beyond_batch_one(bundle: Path) -> None:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+class Subscriber:
+    """A plain MQTT client that keeps every message per topic (a persistent session when asked)."""
+
+    def __init__(self, broker: RunningBroker, topics: list[str], client_id: str, persistent: bool = False) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent)
+        self.client.reconnect_delay_set(1, 2)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        subscribed.wait(10)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+
+    def payloads(self, topic: str | None = None) -> list[bytes]:
+        """Payloads on ``topic`` (every topic when None), in arrival order."""
+        with self._lock:
+            return [p for t, p in self.messages if topic is None or t == topic]
+
+    def json(self, topic: str | None = None) -> list[dict[str, Any]]:
+        return [json.loads(p) for p in self.payloads(topic) if p]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class AgentProcess:
+    """``edge-agent run`` as systemd would start it, with its log in a file."""
+
+    running: list[AgentProcess] = []  # killed after each test by conftest, whatever the test's outcome
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        AgentProcess.running.append(self)
+        self.log = log
+        self.stderr = open(log, "ab")  # closed in stop()/kill9()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+            env={**os.environ, **(env or {})},
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.stderr.close()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # thread dump into the log, then fail with it
+            time.sleep(1)
+            self.proc.kill()
+            raise AssertionError("the agent did not stop on SIGTERM:\n" + self.text()[-6000:]) from None
+        finally:
+            self.stderr.close()
