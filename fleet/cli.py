@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -298,37 +299,341 @@ class BrokerUnreachable(EdgefleetError):
     code = "unreachable"
 
 
+_store_option = click.option(
+    "--store", type=click.Path(dir_okay=False, path_type=Path), default=Path("fleet.db"), show_default=True, help="The controller's store."
+)
+
+
 @main.command("devices")
 @_broker_option
+@click.option("--store", type=click.Path(dir_okay=False, path_type=Path), help="Read the registry (tags, history) instead of the broker.")
+@click.option("--tag", "tags", multiple=True, help="Only devices with this tag, KEY=VALUE (with --store).")
 @click.option("--wait", type=float, default=1.0, show_default=True, help="Seconds to collect the devices' retained reports.")
 @click.option("--json", "as_json", is_flag=True)
-def devices_cmd(broker: str | None, wait: float, as_json: bool) -> None:
+def devices_cmd(broker: str | None, store: Path | None, tags: tuple[str, ...], wait: float, as_json: bool) -> None:
     """Every device's presence and what it reports: hardware, runtimes, active models, its last update."""
     from fleet.controller import devices
+
+    rows: list[dict[str, Any]] = []
+    with _reported():
+        if store is not None:
+            from fleet.store import FleetStore
+
+            wanted = dict(_key_values(tags))
+            fs = FleetStore(store)
+            try:
+                for d in fs.devices():
+                    if all(d.tags.get(k) == v for k, v in wanted.items()):
+                        rows.append(
+                            {
+                                "device_id": d.id,
+                                "online": d.online,
+                                "hardware": d.hardware,
+                                "models": d.models,
+                                "tags": d.tags,
+                                "update": d.update,
+                            }
+                        )
+            finally:
+                fs.close()
+        else:
+            address = _broker(broker) or ("127.0.0.1", 1883)
+            try:
+                found = devices(*address, wait=wait)
+            except OSError as exc:
+                raise BrokerUnreachable(f"no broker at {address[0]}:{address[1]}: {exc}") from exc
+            for rep in found:
+                rows.append(
+                    {
+                        "device_id": rep.device_id,
+                        "online": rep.status.get("state") == "ready",
+                        "state": rep.status.get("state", "?"),
+                        "hardware": rep.reported.get("hardware", "?"),
+                        "models": rep.reported.get("models", {}),
+                        "update": rep.reported.get("update", {}),
+                    }
+                )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("device", "state", "hardware", "models", "tags", "update", title=f"{len(rows)} device(s)")
+    for r in rows:
+        models = ", ".join(f"{n} {m.get('version')} ({m.get('variant')} on {m.get('runtime')})" for n, m in r["models"].items())
+        upd = r.get("update") or {}
+        tags_text = ",".join(f"{k}={v}" for k, v in r.get("tags", {}).items())
+        state = r.get("state") or ("online" if r["online"] else "offline")
+        table.add_row(
+            r["device_id"],
+            state,
+            str(r["hardware"]),
+            models or "-",
+            tags_text or "-",
+            f"{upd.get('state', '-')} {upd.get('reason', '')}".strip(),
+        )
+    console.print(table)
+
+
+def _key_values(items: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE")
+        out.append((key, value))
+    return out
+
+
+@main.command("device")
+@click.argument("device_id")
+@_store_option
+@click.option("--json", "as_json", is_flag=True)
+def device_cmd(device_id: str, store: Path, as_json: bool) -> None:
+    """One device: what it reports, its tags, its update jobs and its recent telemetry."""
+    from fleet.store import FleetStore
+
+    fs = FleetStore(store)
+    try:
+        d = fs.device(device_id)
+        if d is None:
+            click.echo(f"error[unknown_device]: {device_id} is not in {store}", err=True)
+            sys.exit(1)
+        data = {**d.to_json(), "jobs": fs.jobs(device_id)[-10:], "telemetry": fs.recent_telemetry(device_id, 10)}
+    finally:
+        fs.close()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    console.print(f"[bold]{d.id}[/bold] {'online' if d.online else 'offline'} (session {d.session}); {d.hardware}")
+    console.print(f"runtimes: {', '.join(f'{k} {v}' for k, v in d.runtimes.items()) or '-'}; tags: {d.tags or '-'}")
+    for name, m in d.models.items():
+        console.print(f"model {name} {m.get('version')} ({m.get('variant')} on {m.get('runtime')}/{m.get('device')})")
+    jobs = Table("job", "target", "state", "reason", title="update jobs")
+    for j in data["jobs"]:
+        jobs.add_row(j["job"], j["target"], j["state"], j["reason"])
+    console.print(jobs)
+    tel = Table("seq", "model", "version", "requests", "errors", "p95 ms", title="recent telemetry")
+    for t in data["telemetry"]:
+        tel.add_row(
+            str(t["seq"]), t["model"], t["version"], str(t["requests"]), str(t["errors"]), f"{t['p95_ms']:.2f}" if t["p95_ms"] else "-"
+        )
+    console.print(tel)
+
+
+@main.command("tag")
+@click.argument("device_id")
+@click.argument("tags", nargs=-1, required=True)
+@_store_option
+def tag_cmd(device_id: str, tags: tuple[str, ...], store: Path) -> None:
+    """Set tags on a device: KEY=VALUE ... (KEY= removes one). Selectors use them: tag:site=berlin."""
+    from agent.protocol import valid_device_id
+    from fleet.store import FleetStore
+
+    with _reported():
+        valid_device_id(device_id)
+        fs = FleetStore(store)
+        try:
+            d = fs.tag(device_id, dict(_key_values(tags)))
+        finally:
+            fs.close()
+    console.print(f"{device_id}: {d.tags}")
+
+
+@main.group("rollout")
+def rollout_group() -> None:
+    """Wave rollouts gated on installs and on device health; the running `fleet serve --store` carries them out."""
+
+
+def _engine(store: Path, repo: Path | None = None) -> Any:
+    from fleet.image_repo import ImageRepository
+    from fleet.rollout import RolloutEngine
+    from fleet.store import FleetStore
+
+    # start/pause/resume/status need no key: the director work happens in `fleet serve`
+    return RolloutEngine(FleetStore(store), ImageRepository(repo or Path(".")), None, None, "", 0)  # type: ignore[arg-type]
+
+
+@rollout_group.command("start")
+@click.argument("model")
+@click.argument("version")
+@_store_option
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path), help="Image repository.")
+@click.option("--select", "selector", default="", help='Which devices: "hw=jetson,tag:site=berlin,runtime=openvino,device=cam-*".')
+@click.option("--waves", default="1%,10%,50%,100%", show_default=True, help="Cumulative percentages, or counts ending with all.")
+@click.option("--variant", help="Force one variant (default: each device's runtimes choose).")
+@click.option("--max-per-minute", type=click.IntRange(0), default=0, help="Devices moved per minute at most (0: no limit).")
+@click.option("--soak", "soak_s", type=float, default=300.0, show_default=True, help="Seconds each wave runs before the health gate.")
+@click.option(
+    "--wave-timeout", "wave_timeout_s", type=float, default=1800.0, show_default=True, help="Offline devices are waited for this long."
+)
+@click.option("--max-failed", default="0", show_default=True, help="Failed installs per wave before abort: a count or a share (10%).")
+@click.option("--max-error-increase", type=float, default=0.05, show_default=True, help="Error rate rise (absolute) before abort.")
+@click.option("--max-p95-ratio", type=float, default=2.0, show_default=True, help="p95 latency / the old version's before abort.")
+@click.option("--min-requests", type=click.IntRange(0), default=0, help="Answers needed on the new version before judging.")
+# issue 6 also names a shadow mode; it is not built (see the README)
+def rollout_start_cmd(
+    model: str,
+    version: str,
+    store: Path,
+    repo: Path,
+    selector: str,
+    waves: str,
+    variant: str | None,
+    max_per_minute: int,
+    soak_s: float,
+    wave_timeout_s: float,
+    max_failed: str,
+    max_error_increase: float,
+    max_p95_ratio: float,
+    min_requests: int,
+) -> None:
+    """Start rolling MODEL VERSION out to the selected devices, wave by wave."""
+    from fleet.rollout import Gates, RolloutSpec, parse_waves
+
+    with _reported():
+        engine = _engine(store, repo)
+        gates = Gates(max_failed, max_error_increase, max_p95_ratio, min_requests)
+        spec = RolloutSpec(model, version, selector, parse_waves(waves), variant, max_per_minute, soak_s, wave_timeout_s, gates)
+        rid = engine.start(spec)
+    console.print(f"rollout {rid}: {model} {version} over {len(engine.store.rollout_devices(rid))} device(s) in {len(spec.waves)} wave(s)")
+
+
+@rollout_group.command("list")
+@_store_option
+def rollout_list_cmd(store: Path) -> None:
+    """Every rollout with its state."""
+    engine = _engine(store)
+    table = Table("id", "model", "version", "state", "wave", "devices", "reason", title="rollouts")
+    for r in engine.store.rollouts():
+        spec = r["spec"]
+        table.add_row(
+            str(r["id"]),
+            spec["model"],
+            spec["version"],
+            r["state"],
+            f"{r['wave'] + 1}/{len(spec['waves'])}",
+            str(len(engine.store.rollout_devices(r["id"]))),
+            r["reason"],
+        )
+    console.print(table)
+
+
+@rollout_group.command("status")
+@click.argument("rollout_id", type=int)
+@_store_option
+@click.option("--watch", is_flag=True, help="Live progress bars per wave until the rollout ends.")
+@click.option("--json", "as_json", is_flag=True)
+def rollout_status_cmd(rollout_id: int, store: Path, watch: bool, as_json: bool) -> None:
+    """One rollout: per wave, how many devices are pending, assigned, active, failed, rolled back."""
+    import time
+
+    from rich.live import Live
+
+    with _reported():
+        engine = _engine(store)
+        progress = engine.progress(rollout_id)
+    if as_json:
+        click.echo(json.dumps(progress, indent=2, default=str))
+        return
+
+    def render(p: dict[str, Any]) -> Table:
+        spec = p["spec"]
+        t = Table(
+            "wave", "size", "progress", "states", title=f"rollout {p['id']}: {spec['model']} {spec['version']} — {p['state']} {p['reason']}"
+        )
+        for i, w in enumerate(p["waves"]):
+            size = sum(w.values())
+            settled = sum(n for s, n in w.items() if s in ("active", "failed", "timeout", "rolled_back"))
+            bar = "█" * int(20 * settled / size) + "░" * (20 - int(20 * settled / size))
+            marker = " ◀" if i == p["wave"] and p["state"] == "running" else ""
+            t.add_row(
+                f"{i + 1}/{len(spec['waves'])}{marker}",
+                str(size),
+                f"{bar} {settled}/{size}",
+                ", ".join(f"{s} {n}" for s, n in sorted(w.items())),
+            )
+        return t
+
+    if not watch:
+        console.print(render(progress))
+        return
+    with Live(render(progress), console=console, refresh_per_second=4) as live:
+        while progress["state"] in ("running", "paused", "aborting"):
+            time.sleep(0.5)
+            progress = engine.progress(rollout_id)
+            live.update(render(progress))
+
+
+def _rollout_action(name: str, doc: str) -> None:
+    @rollout_group.command(name, help=doc)
+    @click.argument("rollout_id", type=int)
+    @_store_option
+    def action(rollout_id: int, store: Path) -> None:
+        with _reported():
+            engine = _engine(store)
+            {"pause": engine.pause, "resume": engine.resume, "abort": engine.request_abort}[name](rollout_id)
+        console.print(f"rollout {rollout_id}: {name} {'requested (the controller rolls the devices back)' if name == 'abort' else 'done'}")
+
+
+_rollout_action("pause", "Stop moving devices (those already moved stay).")
+_rollout_action("resume", "Go on with a paused rollout.")
+_rollout_action("abort", "Stop and point every device already moved back at its previous version.")
+
+
+@main.command("rollback")
+@click.argument("model")
+@click.option("--to", "version", required=True, help="The version to go back to (devices keep it on disk).")
+@_store_option
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path), help="Image repository.")
+@click.option("--select", "selector", default="", help="Which devices (default: every device running MODEL).")
+def rollback_cmd(model: str, version: str, store: Path, repo: Path, selector: str) -> None:
+    """Point the whole selection back at MODEL VERSION, in one wave, with no health gate."""
+    from fleet.rollout import Gates, RolloutSpec
+
+    with _reported():
+        engine = _engine(store, repo)
+        spec = RolloutSpec(
+            model,
+            version,
+            selector or f"model={model}",
+            ["100%"],
+            soak_s=0,
+            gates=Gates(max_failed="100%", max_error_rate_increase=1.0, max_p95_ratio=1e9),
+        )
+        rid = engine.start(spec)
+    console.print(f"rollout {rid}: {model} back to {version} on {len(engine.store.rollout_devices(rid))} device(s)")
+
+
+@main.command("simulate")
+@click.argument("count", type=click.IntRange(1, 100_000))
+@_broker_option
+@click.option("--prefix", default="sim", show_default=True)
+@click.option("--telemetry", "telemetry_s", type=float, default=10.0, show_default=True, help="Seconds between telemetry batches.")
+@click.option("--running", "initial", multiple=True, help="MODEL=VERSION each device starts with.")
+@click.option("--behaviour", "behaviours", multiple=True, help="VERSION:share=0.4,reject | VERSION:latency=5,errors=0.3")
+def simulate_cmd(
+    count: int, broker: str | None, prefix: str, telemetry_s: float, initial: tuple[str, ...], behaviours: tuple[str, ...]
+) -> None:
+    """COUNT simulated devices speaking the real protocol (only their inference numbers are made up)."""
+    import signal
+    import threading
+
+    from fleet.simulate import Behaviour, Simulator, SimulatorThread
 
     address = _broker(broker) or ("127.0.0.1", 1883)
     with _reported():
         try:
-            found = devices(*address, wait=wait)
-        except OSError as exc:
-            raise BrokerUnreachable(f"no broker at {address[0]}:{address[1]}: {exc}") from exc
-    if as_json:
-        click.echo(json.dumps([d.to_json() for d in found], indent=2))
-        return
-    table = Table("device", "state", "hardware", "models", "update", title=f"{len(found)} device(s)")
-    for d in found:
-        models = ", ".join(
-            f"{n} {m.get('version')} ({m.get('variant')} on {m.get('runtime')})" for n, m in d.reported.get("models", {}).items()
-        )
-        upd = d.reported.get("update", {})
-        table.add_row(
-            d.device_id,
-            str(d.status.get("state", "?")),
-            str(d.reported.get("hardware", "?")),
-            models or "-",
-            f"{upd.get('state', '-')} {upd.get('reason', '')}".strip(),
-        )
-    console.print(table)
+            parsed = [Behaviour.parse(b) for b in behaviours]
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+        sim = Simulator(*address, count, prefix, telemetry_s, parsed, initial=dict(_key_values(initial)))
+        runner = SimulatorThread(sim).start()
+    console.print(f"{count} simulated devices connected to {address[0]}:{address[1]} (Ctrl-C stops)")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.2):
+        pass
+    runner.stop()
 
 
 @main.command("provision")
@@ -383,8 +688,13 @@ def provision_cmd(
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @_broker_option
 @click.option("--interval", type=float, default=60.0, show_default=True, help="Seconds between re-signing checks.")
-def serve_cmd(root: Path, keys_dir: Path, broker: str | None, interval: float) -> None:
-    """Serve ROOT/image and ROOT/director to devices over MQTT and re-sign online metadata before it expires."""
+@click.option("--store", type=click.Path(dir_okay=False, path_type=Path), help="Registry/telemetry/rollout store: ingest and run rollouts.")
+@click.option("--telemetry-days", type=float, default=7.0, show_default=True, help="Telemetry retention in the store.")
+def serve_cmd(root: Path, keys_dir: Path, broker: str | None, interval: float, store: Path | None, telemetry_days: float) -> None:
+    """Serve ROOT/image and ROOT/director to devices over MQTT and re-sign online metadata before it expires.
+
+    With --store it is the whole controller: it also keeps the device registry and telemetry, and runs rollouts.
+    """
     import signal
     import threading
 
@@ -399,7 +709,9 @@ def serve_cmd(root: Path, keys_dir: Path, broker: str | None, interval: float) -
         signal.signal(sig, lambda *_: stop.set())
     with _reported():
         try:
-            controller = Controller(root, KeyStore(keys_dir), *address, interval_s=interval).start()
+            controller = Controller(
+                root, KeyStore(keys_dir), *address, interval_s=interval, store=store, telemetry_keep_s=telemetry_days * 86400
+            ).start()
         except OSError as exc:
             raise BrokerUnreachable(f"no broker at {address[0]}:{address[1]}: {exc}") from exc
     console.print(f"serving {root} on {address[0]}:{address[1]} (Ctrl-C stops)")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from tuf.api.metadata import Metadata
@@ -27,8 +28,13 @@ from agent import logs
 from agent.protocol import ROOT, device_topic, tcp_nodelay
 from fleet.director import Director
 from fleet.image_repo import ImageRepository
+from fleet.ingest import Ingestor
 from fleet.keys import KeyStore
 from fleet.repo_server import RepositoryServer
+from fleet.store import FleetStore
+
+if TYPE_CHECKING:
+    from fleet.rollout import RolloutEngine
 
 __all__ = ["Controller", "DeviceReport", "announce", "devices"]
 
@@ -102,18 +108,41 @@ def _expires_soon(md: Metadata[Any], lifetime_s: float, now: datetime) -> bool:
 
 
 class Controller:
-    """``fleet serve``: the repository server plus the re-signing loop."""
+    """``fleet serve``: the repository server, the re-signing loop and, with a store, ingest and rollouts."""
 
-    def __init__(self, root: Path, keys: KeyStore, host: str, port: int, interval_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        keys: KeyStore,
+        host: str,
+        port: int,
+        interval_s: float = 60.0,
+        store: Path | None = None,
+        tick_s: float = 1.0,
+        telemetry_keep_s: float = 7 * 86400,
+    ) -> None:
         self.image = ImageRepository(root / "image")
         self.director = Director(root / "director")
-        self.keys, self.host, self.port, self.interval_s = keys, host, port, interval_s
-        self.server = RepositoryServer(root, host, port)
+        self.keys, self.host, self.port, self.interval_s, self.tick_s = keys, host, port, interval_s, tick_s
+        self.telemetry_keep_s = telemetry_keep_s
+        # one client id per process: a second controller (or a test's) must not take this one's session over
+        self.server = RepositoryServer(root, host, port, client_id=f"edgefleet-repo-{os.getpid()}")
+        self.store: FleetStore | None = None
+        self.ingest: Ingestor | None = None
+        self.engine: RolloutEngine | None = None
+        if store is not None:
+            self.store = FleetStore(store)
+            self.ingest = Ingestor(self.store, host, port, client_id=f"edgefleet-ingest-{os.getpid()}")
+            from fleet.rollout import RolloutEngine  # it imports announce() from here
+
+            self.engine = RolloutEngine(self.store, self.image, self.director, keys, host, port)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="controller-refresh", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="controller", daemon=True)
 
     def start(self) -> Controller:
         self.server.start()
+        if self.ingest is not None:
+            self.ingest.start()
         self.tick()
         self._thread.start()
         return self
@@ -121,14 +150,25 @@ class Controller:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        if self.ingest is not None:
+            self.ingest.stop()
         self.server.stop()
+        if self.store is not None:
+            self.store.close()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        next_refresh = time.monotonic() + self.interval_s
+        while not self._stop.wait(self.tick_s if self.engine is not None else self.interval_s):
             try:
-                self.tick()
+                if self.engine is not None:
+                    self.engine.tick()
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + self.interval_s
+                    self.tick()
+                    if self.store is not None:
+                        self.store.prune_telemetry(self.telemetry_keep_s)
             except Exception as exc:  # a failed round is logged and retried; the server keeps serving
-                logs.event(log, "controller.refresh_failed", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
+                logs.event(log, "controller.round_failed", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
 
     def tick(self) -> list[str]:
         """Re-sign what is past half its lifetime; announce every device whose director metadata changed."""

@@ -1,0 +1,264 @@
+"""Many simulated devices in one process, speaking the real protocol; only the inference numbers are made up.
+
+Each simulated device has its own MQTT connection (aiomqtt, one asyncio task each):
+retained ``status`` (with a will of ``lost``) and ``reported``; it follows its director
+messages by fetching its director metadata through the repository server (the same
+request/reply messages the agent uses — without checking signatures: it is a stand-in),
+reports every update state on its job topic, and sends telemetry batches. A
+``Behaviour`` makes a share of the devices reject a version, or serve it slowly or
+with errors, to exercise the rollout gates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.protocol import REPO_REQUEST, RepoReply, RepoRequest, device_topic, repo_reply_topic
+
+__all__ = ["Behaviour", "Simulator"]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What a share of the devices does on one version: reject it, or serve it slower / with errors."""
+
+    version: str
+    share: float = 1.0  # of the devices (the first ones by a stable hash of the id)
+    reject: bool = False
+    latency_x: float = 1.0
+    error_rate: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Behaviour:
+        """``VERSION:share=0.4,reject`` or ``VERSION:latency=5,errors=0.3``."""
+        version, _, rest = text.partition(":")
+        kw: dict[str, Any] = {"version": version}
+        for item in filter(None, rest.split(",")):
+            key, _, value = item.partition("=")
+            if key == "reject":
+                kw["reject"] = True
+            elif key in ("share", "latency", "errors"):
+                kw[{"share": "share", "latency": "latency_x", "errors": "error_rate"}[key]] = float(value)
+            else:
+                raise ValueError(f"unknown behaviour {item!r}: share=, reject, latency=, errors=")
+        return cls(**kw)
+
+    def applies(self, device: str, version: str) -> bool:
+        return version == self.version and (hash_share(device) < self.share)
+
+
+def hash_share(device: str) -> float:
+    return (int(uuid.uuid5(uuid.NAMESPACE_DNS, device).hex[:8], 16) % 10000) / 10000
+
+
+@dataclass
+class SimDevice:
+    id: str
+    model_versions: dict[str, str] = field(default_factory=dict)
+    seq: int = 0
+
+
+class Simulator:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        count: int,
+        prefix: str = "sim",
+        telemetry_s: float = 1.0,
+        behaviours: list[Behaviour] | None = None,
+        base_latency_ms: float = 2.0,
+        requests_per_batch: int = 50,
+        hardware: str = "simulated x86_64",
+        runtimes: dict[str, str] | None = None,
+        initial: dict[str, str] | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.devices = [SimDevice(f"{prefix}-{i:04d}", dict(initial or {})) for i in range(count)]
+        self.telemetry_s, self.behaviours = telemetry_s, behaviours or []
+        self.base_latency_ms, self.requests_per_batch = base_latency_ms, requests_per_batch
+        self.hardware, self.runtimes = hardware, runtimes or {"onnx": "1.20"}
+        self.sent = {"telemetry": 0, "jobs": 0}
+        self.connected = 0
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        self._stop = asyncio.Event()
+        tasks = [asyncio.create_task(self._device(d)) for d in self.devices]
+        while self.connected < len(self.devices) and not self._stop.is_set():
+            await asyncio.sleep(0.05)
+            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+            if failed:
+                raise RuntimeError(f"{len(failed)} simulated devices could not connect: {failed[0].exception()}")
+        if on_ready is not None:
+            on_ready()
+        await self._stop.wait()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def _behaviour(self, device: str, version: str) -> Behaviour | None:
+        return next((b for b in self.behaviours if b.applies(device, version)), None)
+
+    async def _device(self, d: SimDevice) -> None:
+        import aiomqtt
+
+        status = device_topic(d.id, "status")
+        will = aiomqtt.Will(status, json.dumps({"state": "lost", "session": 1}), qos=1, retain=True)
+        async with aiomqtt.Client(self.host, self.port, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
+            await client.subscribe([(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)])
+            await client.publish(status, json.dumps({"state": "ready", "session": 1, "ts": time.time()}), qos=1, retain=True)
+            await self._report(client, d)
+            self.connected += 1
+            replies: dict[str, asyncio.Future[RepoReply]] = {}
+            updates: asyncio.Queue[bytes] = asyncio.Queue()
+            workers = [asyncio.create_task(self._telemetry(client, d)), asyncio.create_task(self._updates(client, d, updates, replies))]
+            try:
+                await self._listen(client, replies, updates)
+            except asyncio.CancelledError:  # stopped: say so, as the agent does before a clean disconnect
+                with contextlib.suppress(Exception):
+                    await client.publish(status, json.dumps({"state": "disconnected", "session": 1, "ts": time.time()}), qos=1, retain=True)
+                raise
+            finally:
+                for w in workers:
+                    w.cancel()
+
+    async def _listen(self, client: Any, replies: dict[str, asyncio.Future[RepoReply]], updates: asyncio.Queue[bytes]) -> None:
+        async for message in client.messages:
+            topic = message.topic.value
+            payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
+            if topic.endswith("/repo/reply"):
+                try:
+                    reply = RepoReply.decode(payload)
+                except ValueError:
+                    continue
+                fut = replies.pop(reply.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+            elif "/director/" in topic and payload:
+                updates.put_nowait(payload)
+
+    async def _report(self, client: Any, d: SimDevice) -> None:
+        models = {m: {"version": v, "variant": "onnx-fp32", "runtime": "onnx", "device": "CPU"} for m, v in d.model_versions.items()}
+        body = {
+            "device_id": d.id,
+            "agent_version": "sim",
+            "hardware": self.hardware,
+            "runtimes": self.runtimes,
+            "models": models,
+            "ts": time.time(),
+        }
+        await client.publish(device_topic(d.id, "reported"), json.dumps(body), qos=1, retain=True)
+
+    async def _fetch(self, client: Any, d: SimDevice, replies: dict[str, asyncio.Future[RepoReply]], path: str) -> bytes:
+        rid = uuid.uuid4().hex
+        fut: asyncio.Future[RepoReply] = asyncio.get_running_loop().create_future()
+        replies[rid] = fut
+        await client.publish(REPO_REQUEST, RepoRequest(rid, repo_reply_topic(d.id), path).encode(), qos=1)
+        reply = await asyncio.wait_for(fut, 30)
+        if reply.status != 200:
+            raise LookupError(f"{path}: {reply.status}")
+        return reply.data
+
+    async def _updates(
+        self, client: Any, d: SimDevice, updates: asyncio.Queue[bytes], replies: dict[str, asyncio.Future[RepoReply]]
+    ) -> None:
+        while True:
+            timestamp = json.loads(await updates.get())
+            try:
+                base = f"director/{d.id}/metadata"
+                snapshot = json.loads(
+                    await self._fetch(client, d, replies, f"{base}/{timestamp['signed']['meta']['snapshot.json']['version']}.snapshot.json")
+                )
+                targets = json.loads(
+                    await self._fetch(client, d, replies, f"{base}/{snapshot['signed']['meta']['targets.json']['version']}.targets.json")
+                )
+            except (LookupError, KeyError, ValueError, asyncio.TimeoutError):
+                continue
+            for path, target in targets["signed"]["targets"].items():
+                custom = target.get("custom", {})
+                model, version = custom.get("model", ""), custom.get("version", "")
+                if d.model_versions.get(model) == version:
+                    continue
+                job = f"{time.time():.0f}-{uuid.uuid4().hex[:8]}"
+                behaviour = self._behaviour(d.id, version)
+                states = ["DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK"]
+                for state in states:
+                    await self._job(client, d, job, path, model, version, state, "")
+                if behaviour is not None and behaviour.reject:
+                    await self._job(client, d, job, path, model, version, "REJECTED", "health check: golden sample error (simulated)")
+                    continue
+                d.model_versions[model] = version
+                await self._job(client, d, job, path, model, version, "ACTIVE", "")
+                await self._report(client, d)
+
+    async def _job(self, client: Any, d: SimDevice, job: str, path: str, model: str, version: str, state: str, reason: str) -> None:
+        body = {"id": job, "target_path": path, "model": model, "version": version, "state": state, "reason": reason, "ts": time.time()}
+        await client.publish(device_topic(d.id, "jobs", job), json.dumps(body), qos=1)
+        self.sent["jobs"] += 1
+
+    async def _telemetry(self, client: Any, d: SimDevice) -> None:
+        rng = random.Random(d.id)
+        await asyncio.sleep(rng.uniform(0, self.telemetry_s))  # spread the fleet's batches over the interval
+        while True:
+            d.seq += 1
+            models = {}
+            for model, version in d.model_versions.items():
+                b = self._behaviour(d.id, version)
+                latency = self.base_latency_ms * (b.latency_x if b else 1.0) * rng.uniform(0.9, 1.1)
+                errors = int(self.requests_per_batch * (b.error_rate if b else 0.0))
+                models[model] = {
+                    "version": version,
+                    "count": self.requests_per_batch - errors,
+                    "errors": errors,
+                    "p50_ms": latency * 0.8,
+                    "p95_ms": latency,
+                    "p99_ms": latency * 1.2,
+                }
+            body = {"seq": d.seq, "ts": time.time(), "device_id": d.id, "models": models, "errors": {}, "queue_depth": 0, "simulated": True}
+            await client.publish(device_topic(d.id, "telemetry"), json.dumps(body), qos=1)
+            self.sent["telemetry"] += 1
+            await asyncio.sleep(self.telemetry_s)
+
+
+class SimulatorThread:
+    """A simulator on its own event loop in a background thread (tests, benchmarks, `fleet demo`)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        import threading
+
+        self.sim = sim
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="simulator", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.loop.run_until_complete(self.sim.run(lambda: self.ready.set()))
+        except BaseException as exc:  # reported by start()
+            self.error = exc
+            self.ready.set()
+
+    def start(self, timeout: float = 120.0) -> SimulatorThread:
+        self.thread.start()
+        if not self.ready.wait(timeout) or self.error is not None:
+            raise RuntimeError(f"simulator did not come up: {self.error}")
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.sim.stop)
+        self.thread.join(30)

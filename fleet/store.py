@@ -1,0 +1,358 @@
+"""The controller's store: devices, telemetry, rollouts — SQLite (WAL) through sqlite-utils, behind this one class.
+
+Why one class: everything the controller knows goes through these methods, so a
+fleet that outgrows one machine swaps this module for PostgreSQL and nothing else.
+Telemetry arrives in batches and is written one transaction per batch, never per
+message (10,000+ messages/s on a Pi-class disk needs that).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+__all__ = ["Device", "FleetStore", "Health"]
+
+
+@dataclass
+class Device:
+    id: str
+    online: bool = False
+    session: int = 0
+    last_seen: float = 0.0
+    hardware: str = ""
+    runtimes: dict[str, str] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {version, variant, runtime, ...}
+    tags: dict[str, str] = field(default_factory=dict)
+    update: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass(frozen=True)
+class Health:
+    """One model version over a window: how many answers, how many errors, how slow."""
+
+    requests: int
+    errors: int
+    p95_ms: float | None  # the median of the devices' reported p95s (robust to one outlier device)
+    devices: int
+
+    @property
+    def error_rate(self) -> float:
+        total = self.requests + self.errors
+        return self.errors / total if total else 0.0
+
+
+class FleetStore:
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self.rejected = 0  # malformed messages ingest skipped
+        self.last_rejection = ""
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # the controller can re-derive state from the devices' retained messages
+        t = self.db.table
+        t("devices").create(
+            {
+                "id": str,
+                "online": int,
+                "session": int,
+                "last_seen": float,
+                "hardware": str,
+                "runtimes": str,
+                "models": str,
+                "tags": str,
+                "update": str,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        t("telemetry").create(
+            {"device": str, "seq": int, "ts": float, "model": str, "version": str, "requests": int, "errors": int, "p95_ms": float},
+            if_not_exists=True,
+        )
+        self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_model ON telemetry (model, version, ts)")
+        t("jobs").create(
+            {"device": str, "job": str, "target": str, "state": str, "reason": str, "ts": float}, pk=("device", "job"), if_not_exists=True
+        )
+        t("rollouts").create(
+            {
+                "id": int,
+                "spec": str,
+                "state": str,
+                "wave": int,
+                "reason": str,
+                "created": float,
+                "updated": float,
+                "wave_started": float,
+                "wave_done": float,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        t("rollout_devices").create(
+            {
+                "rollout": int,
+                "device": str,
+                "wave": int,
+                "state": str,
+                "previous": str,
+                "variant": str,
+                "assigned_at": float,
+                "reason": str,
+            },
+            pk=("rollout", "device"),
+            if_not_exists=True,
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- ingest: one transaction per batch ------------------------------------------------
+
+    def ingest(self, messages: Iterable[tuple[str, str, dict[str, Any]]]) -> int:
+        """(device, kind, payload) with kind status | reported | telemetry | job; returns how many were stored.
+
+        One transaction for the batch; a malformed message is skipped and counted (``rejected``), never
+        the batch.
+        """
+        n = 0
+        with self._lock, self.db.conn:
+            self.db.execute("BEGIN")
+            devices: dict[str, Device] = {}
+            for device, kind, data in messages:
+                try:
+                    self._one(devices, device, kind, data)
+                except (TypeError, ValueError, AttributeError) as exc:
+                    self.rejected += 1
+                    self.last_rejection = f"{device} {kind}: {type(exc).__name__}: {exc}"[:300]
+                    continue
+                n += 1
+            for d in devices.values():
+                self._write_device(d)
+        return n
+
+    def _write_device(self, d: Device) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                d.id,
+                int(d.online),
+                d.session,
+                d.last_seen,
+                d.hardware,
+                json.dumps(d.runtimes),
+                json.dumps(d.models),
+                json.dumps(d.tags),
+                json.dumps(d.update),
+            ],
+        )
+
+    def _one(self, devices: dict[str, Device], device: str, kind: str, data: dict[str, Any]) -> None:
+        if kind == "telemetry":
+            self._telemetry(device, data)
+            return
+        if kind == "job":
+            row = [
+                device,
+                str(data.get("id", "")),
+                str(data.get("target_path", "")),
+                str(data.get("state", "")),
+                str(data.get("reason", "")),
+            ]
+            self.db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", [*row, time.time()])
+            return
+        d = devices.get(device) or self._device(device) or Device(device)
+        if kind == "status":
+            session = int(data.get("session", 0))
+            if data.get("state") == "lost" and session < d.session:
+                return  # a late will of an earlier session: the device is back already
+            d.session = max(d.session, session)
+            d.online = data.get("state") == "ready"
+            d.last_seen = time.time()
+        elif kind == "reported":
+            runtimes, models, update = dict(data.get("runtimes", {})), dict(data.get("models", {})), dict(data.get("update", {}))
+            d.hardware, d.runtimes, d.models, d.update = str(data.get("hardware", "")), runtimes, models, update
+            d.last_seen = time.time()
+        devices[device] = d
+
+    def _telemetry(self, device: str, data: dict[str, Any]) -> None:
+        ts = float(data.get("ts", time.time()))
+        errors_total = sum(int(v) for v in dict(data.get("errors", {})).values())
+        models = dict(data.get("models", {}))
+        for name, m in models.items():
+            errors = int(m.get("errors", errors_total if len(models) == 1 else 0))
+            self.db.execute(
+                "INSERT INTO telemetry VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [device, int(data.get("seq", 0)), ts, name, str(m.get("version", "")), int(m.get("count", 0)), errors, m.get("p95_ms")],
+            )
+
+    def prune_telemetry(self, keep_s: float) -> int:
+        with self._lock:
+            return int(self.db.execute("DELETE FROM telemetry WHERE ts < ?", [time.time() - keep_s]).rowcount)
+
+    # -- devices ------------------------------------------------------------------------------
+
+    def _device(self, device_id: str) -> Device | None:
+        row = self.db.execute("SELECT * FROM devices WHERE id = ?", [device_id]).fetchone()
+        return _device(row) if row else None
+
+    def device(self, device_id: str) -> Device | None:
+        with self._lock:
+            return self._device(device_id)
+
+    def devices(self) -> list[Device]:
+        with self._lock:
+            return [_device(r) for r in self.db.execute("SELECT * FROM devices ORDER BY id")]
+
+    def tag(self, device_id: str, tags: dict[str, str]) -> Device:
+        """Set tags (an empty value removes the key); the device need not have reported yet."""
+        with self._lock, self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            d = self._device(device_id) or Device(device_id)
+            d.tags.update({k: v for k, v in tags.items() if v != ""})
+            for k in [k for k, v in tags.items() if v == ""]:
+                d.tags.pop(k, None)
+            self._write_device(d)
+            return d
+
+    def jobs(self, device: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.db.execute("SELECT job, target, state, reason, ts FROM jobs WHERE device = ? ORDER BY ts", [device]).fetchall()
+        return [{"job": r[0], "target": r[1], "state": r[2], "reason": r[3], "ts": r[4]} for r in rows]
+
+    def last_job(self, device: str, target: str) -> dict[str, Any] | None:
+        with self._lock:
+            r = self.db.execute(
+                "SELECT state, reason, ts FROM jobs WHERE device = ? AND target = ? ORDER BY ts DESC LIMIT 1", [device, target]
+            ).fetchone()
+        return {"state": r[0], "reason": r[1], "ts": r[2]} if r else None
+
+    def recent_telemetry(self, device: str, limit: int = 20) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT seq, ts, model, version, requests, errors, p95_ms FROM telemetry WHERE device = ? ORDER BY ts DESC LIMIT ?",
+                [device, limit],
+            ).fetchall()
+        keys = ("seq", "ts", "model", "version", "requests", "errors", "p95_ms")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def telemetry_count(self) -> int:
+        with self._lock:
+            return int(self.db.execute("SELECT count(*) FROM telemetry").fetchone()[0])
+
+    # -- aggregates ---------------------------------------------------------------------------
+
+    def health(self, model: str, version: str, since: float, devices: Iterable[str] | None = None) -> Health:
+        """The model version's requests, errors and p95 since ``since`` (optionally on these devices only)."""
+        where, args = "model = ? AND version = ? AND ts >= ?", [model, version, since]
+        chosen = list(devices) if devices is not None else None
+        with self._lock:
+            if chosen is not None:
+                if not chosen:
+                    return Health(0, 0, None, 0)
+                where += f" AND device IN ({', '.join('?' for _ in chosen)})"
+                args += chosen
+            row = self.db.execute(
+                f"SELECT sum(requests), sum(errors), count(DISTINCT device) FROM telemetry WHERE {where}", args
+            ).fetchone()
+            p95s = sorted(r[0] for r in self.db.execute(f"SELECT p95_ms FROM telemetry WHERE {where} AND p95_ms IS NOT NULL", args))
+        p95 = p95s[len(p95s) // 2] if p95s else None
+        return Health(int(row[0] or 0), int(row[1] or 0), p95, int(row[2] or 0))
+
+    # -- rollouts -----------------------------------------------------------------------------
+
+    def create_rollout(self, spec: dict[str, Any], waves: list[list[tuple[str, str, str]]]) -> int:
+        """A rollout and its devices (per wave: device, previous version, variant), in one transaction."""
+        now = time.time()
+        with self._lock, self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute(
+                "INSERT INTO rollouts (spec, state, wave, reason, created, updated, wave_started, wave_done)"
+                " VALUES (?, 'running', 0, '', ?, ?, ?, 0)",
+                [json.dumps(spec), now, now, now],
+            )
+            rid = int(cur.lastrowid or 0)
+            for w, members in enumerate(waves):
+                for device, previous, variant in members:
+                    self.db.execute(
+                        "INSERT INTO rollout_devices VALUES (?, ?, ?, 'pending', ?, ?, 0, '')", [rid, device, w, previous, variant]
+                    )
+            return rid
+
+    def rollout(self, rid: int) -> dict[str, Any] | None:
+        with self._lock:
+            r = self.db.execute(
+                "SELECT id, spec, state, wave, reason, created, updated, wave_started, wave_done FROM rollouts WHERE id = ?", [rid]
+            ).fetchone()
+        if r is None:
+            return None
+        keys = ("id", "spec", "state", "wave", "reason", "created", "updated", "wave_started", "wave_done")
+        out = dict(zip(keys, r))
+        out["spec"] = json.loads(r[1])
+        return out
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        with self._lock:
+            ids = [r[0] for r in self.db.execute("SELECT id FROM rollouts ORDER BY id")]
+        return [r for r in (self.rollout(i) for i in ids) if r is not None]
+
+    def update_rollout(self, rid: int, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._lock:
+            self.db.execute(f"UPDATE rollouts SET {sets}, updated = ? WHERE id = ?", [*fields.values(), time.time(), rid])
+
+    def rollout_devices(self, rid: int, wave: int | None = None) -> list[dict[str, Any]]:
+        where, args = ("rollout = ?", [rid]) if wave is None else ("rollout = ? AND wave = ?", [rid, wave])
+        with self._lock:
+            rows = self.db.execute(
+                f"SELECT device, wave, state, previous, variant, assigned_at, reason FROM rollout_devices WHERE {where} ORDER BY device",
+                args,
+            ).fetchall()
+        keys = ("device", "wave", "state", "previous", "variant", "assigned_at", "reason")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def set_device_states(self, rid: int, changes: list[tuple[str, str, str, float | None]]) -> None:
+        """(device, state, reason, assigned_at or None to keep) for many devices in one transaction."""
+        if not changes:
+            return
+        with self._lock, self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            for device, state, reason, assigned_at in changes:
+                if assigned_at is None:
+                    self.db.execute(
+                        "UPDATE rollout_devices SET state = ?, reason = ? WHERE rollout = ? AND device = ?", [state, reason, rid, device]
+                    )
+                else:
+                    self.db.execute(
+                        "UPDATE rollout_devices SET state = ?, reason = ?, assigned_at = ? WHERE rollout = ? AND device = ?",
+                        [state, reason, assigned_at, rid, device],
+                    )
+
+
+def _device(row: tuple[Any, ...]) -> Device:
+    return Device(
+        row[0],
+        bool(row[1]),
+        int(row[2]),
+        float(row[3]),
+        row[4],
+        json.loads(row[5]),
+        json.loads(row[6]),
+        json.loads(row[7]),
+        json.loads(row[8]),
+    )

@@ -1,0 +1,299 @@
+"""Rollouts against simulated devices (and a real agent) on a real broker: waves, gates, abort, restart, offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from update_rig import MODEL, Rig, wait_for
+
+from fleet.ingest import Ingestor
+from fleet.rollout import Gates, RolloutEngine, RolloutError, RolloutSpec, parse_selector, parse_waves
+from fleet.simulate import Behaviour, Simulator, SimulatorThread
+from fleet.store import FleetStore
+
+
+class Controller:
+    """Store + ingest + rollout engine ticking in a thread: what `fleet serve --store` runs."""
+
+    def __init__(self, rig: Rig, db: Path) -> None:
+        self.store = FleetStore(db)
+        self.ingest = Ingestor(self.store, rig.broker.host, rig.broker.port, client_id=f"ingest-{db.parent.name}").start()
+        self.engine = RolloutEngine(self.store, rig.image, rig.director, rig.keys, rig.broker.host, rig.broker.port)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            self.engine.tick()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.ingest.stop()
+        self.store.close()
+
+    def state(self, rid: int) -> str:
+        r = self.store.rollout(rid)
+        return r["state"] if r else ""
+
+    def versions(self, prefix: str) -> dict[str, str]:
+        return {d.id: d.models.get(MODEL, {}).get("version", "") for d in self.store.devices() if d.id.startswith(prefix)}
+
+
+@pytest.fixture
+def controller(rig: Rig, tmp_path: Path) -> Iterator[Controller]:
+    c = Controller(rig, tmp_path / "fleet.db")
+    yield c
+    c.stop()
+
+
+def fleet_of(rig: Rig, n: int, prefix: str, behaviours: list[Behaviour] | None = None) -> SimulatorThread:
+    """n simulated devices running mlp 1.0.0, their director pointing at it."""
+    sim = Simulator(rig.broker.host, rig.broker.port, n, prefix, telemetry_s=0.2, behaviours=behaviours, initial={MODEL: "1.0.0"})
+    for d in sim.devices:
+        rig.director.assign(d.id, rig.image, MODEL, "1.0.0", "onnx-fp32", rig.keys)
+    return SimulatorThread(sim).start()
+
+
+def registered(c: Controller, prefix: str, n: int) -> None:
+    wait_for(
+        lambda: sum(1 for d in c.store.devices() if d.id.startswith(prefix) and d.online and d.models) == n, 60, f"{n} devices registered"
+    )
+
+
+def test_a_clean_rollout_reaches_every_device_in_waves(rig: Rig, controller: Controller) -> None:
+    sims = fleet_of(rig, 20, "clean")
+    try:
+        registered(controller, "clean", 20)
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=clean-*,hw=simulated", waves=["10%", "50%", "100%"]))
+        wait_for(lambda: controller.state(rid) == "done", 90, "the rollout done")
+        assert set(controller.versions("clean").values()) == {"1.1.0"}
+        progress = controller.engine.progress(rid)
+        assert [sum(w.values()) for w in progress["waves"]] == [2, 8, 10] and all(set(w) == {"active"} for w in progress["waves"])
+    finally:
+        sims.stop()
+
+
+def test_a_wave_whose_devices_reject_the_model_aborts_and_rolls_back(rig: Rig, controller: Controller) -> None:
+    sims = fleet_of(rig, 10, "rej", [Behaviour("1.1.0", share=1.0, reject=True)])
+    try:
+        registered(controller, "rej", 10)
+        spec = RolloutSpec(MODEL, "1.1.0", selector="device=rej-*", waves=["50%", "100%"], gates=Gates(max_failed="0"))
+        rid = controller.engine.start(spec)
+        wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort")
+        r = controller.store.rollout(rid)
+        assert r is not None and "install gate" in r["reason"] and r["wave"] == 0
+        states = [m["state"] for m in controller.store.rollout_devices(rid)]
+        assert states.count("pending") == 5 and "rolled_back" in states  # the second wave never started
+        wait_for(lambda: set(controller.versions("rej").values()) == {"1.0.0"}, 60, "every device back on 1.0.0")
+    finally:
+        sims.stop()
+
+
+@pytest.mark.parametrize(("behaviour", "reason"), [("1.1.0:latency=5", "p95 latency"), ("1.1.0:errors=0.3", "error rate")])
+def test_a_wave_that_misbehaves_aborts_on_the_health_gate(rig: Rig, controller: Controller, behaviour: str, reason: str) -> None:
+    prefix = "slow" if "latency" in behaviour else "err"
+    sims = fleet_of(rig, 10, prefix, [Behaviour.parse(behaviour)])
+    try:
+        registered(controller, prefix, 10)
+        wait_for(lambda: controller.store.health(MODEL, "1.0.0", 0).requests > 0, 30, "telemetry on 1.0.0")
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector=f"device={prefix}-*", waves=["30%", "100%"], soak_s=1.0))
+        wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort")
+        r = controller.store.rollout(rid)
+        assert r is not None and reason in r["reason"] and r["wave"] == 0, r
+        wait_for(lambda: set(controller.versions(prefix).values()) == {"1.0.0"}, 60, "back on 1.0.0")
+    finally:
+        sims.stop()
+
+
+def test_a_controller_restarted_mid_rollout_goes_on_where_it_was(rig: Rig, tmp_path: Path) -> None:
+    db = tmp_path / "restart" / "fleet.db"
+    first = Controller(rig, db)
+    sims = fleet_of(rig, 8, "rst")
+    try:
+        registered(first, "rst", 8)
+        spec = RolloutSpec(MODEL, "1.1.0", selector="device=rst-*", waves=["25%", "100%"], soak_s=1.5)
+        rid = first.engine.start(spec)
+        wait_for(lambda: (first.store.rollout(rid) or {}).get("wave_done"), 60, "wave 1 settled, soaking")
+        first.stop()  # the controller goes away in the middle of the soak
+        second = Controller(rig, db)
+        try:
+            wait_for(lambda: second.state(rid) == "done", 60, "the rollout done by the new controller")
+            assert set(second.versions("rst").values()) == {"1.1.0"}
+            assert [sum(w.values()) for w in second.engine.progress(rid)["waves"]] == [2, 6]
+        finally:
+            second.stop()
+    finally:
+        sims.stop()
+
+
+def test_an_offline_device_catches_up_when_it_returns(rig: Rig, controller: Controller) -> None:
+    away = fleet_of(rig, 1, "late")
+    registered(controller, "late", 1)
+    away.stop()  # says "disconnected" and goes
+    wait_for(lambda: not controller.store.device("late-0000").online, 30, "late-0000 offline")  # type: ignore[union-attr]
+    sims = fleet_of(rig, 3, "ontime")
+    try:
+        registered(controller, "ontime", 3)
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=*time*,model=mlp@1.0.0", waves=["100%"]))
+        wait_for(lambda: set(controller.versions("ontime").values()) == {"1.1.0"}, 60, "the online devices updated")
+        assert controller.state(rid) == "done"
+    finally:
+        sims.stop()
+    # now one rollout over the late device too: it waits pending while offline, then catches up
+    rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=late-*", waves=["100%"], wave_timeout_s=120))
+    assert [m["state"] for m in controller.store.rollout_devices(rid)] == ["pending"]
+    back = fleet_of(rig, 1, "late")
+    try:
+        wait_for(lambda: controller.state(rid) == "done", 60, "the late device caught up")
+        assert controller.versions("late") == {"late-0000": "1.1.0"}
+    finally:
+        back.stop()
+
+
+def test_bad_rollout_input_is_refused_clearly(rig: Rig, controller: Controller, tmp_path: Path) -> None:
+    with pytest.raises(RolloutError, match="not released"):
+        controller.engine.start(RolloutSpec(MODEL, "9.9.9"))
+    with pytest.raises(RolloutError, match="bad selector term"):
+        parse_selector("hw")
+    with pytest.raises(RolloutError, match="bad selector term"):
+        parse_selector("colour=red")
+    for waves, message in (("10%,5%", "larger than the one before"), ("abc", "bad wave"), ("10%,20", "all percentages"), ("", "no waves")):
+        with pytest.raises(RolloutError, match=message):
+            parse_waves(waves)
+    assert parse_waves("1%,10%,50%") == ["1%", "10%", "50%", "100%"]
+    fleet = [sys.executable, "-m", "fleet.cli"]
+    common = ["--store", str(tmp_path / "cli.db"), "--repo", str(rig.image.directory)]
+    for args, message in (
+        (["rollout", "start", MODEL, "9.9.9"], "not released"),
+        (["rollout", "start", MODEL, "1.1.0", "--waves", "50%,10%"], "larger than the one before"),
+        (["rollout", "start", MODEL, "1.1.0", "--select", "colour=red"], "bad selector term"),
+        (["rollout", "start", MODEL, "1.1.0", "--select", "device=nobody-*"], "no registered device matches"),
+        (["rollout", "start", MODEL, "1.1.0", "--max-failed", "lots"], "bad failure limit"),
+    ):
+        done = subprocess.run([*fleet, *args, *common], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "error[bad_rollout]" in done.stderr and message in done.stderr, (args, done.stderr)
+    done = subprocess.run(
+        [*fleet, "rollout", "pause", "42", "--store", str(tmp_path / "cli.db")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "no rollout 42" in done.stderr
+
+
+def test_registry_tags_and_the_device_view(rig: Rig, controller: Controller) -> None:
+    sims = fleet_of(rig, 2, "tagged")
+    try:
+        registered(controller, "tagged", 2)
+        controller.store.tag("tagged-0000", {"site": "berlin"})
+        wait_for(lambda: controller.store.recent_telemetry("tagged-0000"), 30, "telemetry stored")
+        d = controller.store.device("tagged-0000")
+        assert d is not None and d.tags == {"site": "berlin"} and d.online and d.models[MODEL]["version"] == "1.0.0"
+        from fleet.rollout import matches
+
+        assert matches(d, parse_selector("tag:site=berlin,hw=simulated")) and not matches(d, parse_selector("tag:site=paris"))
+        health = controller.store.health(MODEL, "1.0.0", 0, ["tagged-0000"])
+        assert health.requests > 0 and health.p95_ms is not None and health.error_rate == 0.0
+    finally:
+        sims.stop()
+
+
+def test_ingest_survives_malformed_messages(rig: Rig, controller: Controller) -> None:
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="junk")
+    c.connect(rig.broker.host, rig.broker.port)
+    c.loop_start()
+    for payload in (b"\xff", b"[1,2]", b"{not json", b'{"seq": "x", "models": 5}'):
+        c.publish("edgefleet/v1/dev/junk-1/telemetry", payload, qos=1).wait_for_publish(5)
+    c.publish("edgefleet/v1/dev/junk-1/status", b'{"state": "ready", "session": 1}', qos=1).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+    wait_for(lambda: controller.store.device("junk-1") is not None, 10, "the good message stored")
+    assert controller.ingest.counters["bad"] >= 3
+
+
+def test_fleet_serve_runs_a_rollout_to_a_real_agent_and_survives_kill_9(rig: Rig, tmp_path: Path) -> None:
+    """The whole controller as a process (`fleet serve --store`), a real agent among simulated devices."""
+    import json
+    import signal
+
+    from update_rig import AgentProcess
+
+    agent = AgentProcess(rig.write_config("rl-agent"), tmp_path / "agent.log")
+    rig.assign("rl-agent", "1.0.0")
+    wait_for(lambda: "event=host.swapped model=mlp version=1.0.0" in agent.text(), 60, "the agent on 1.0.0")
+    sims = fleet_of(rig, 4, "rl-sim")
+    store = tmp_path / "fleet.db"
+    fleet = [sys.executable, "-m", "fleet.cli"]
+    serve_cmd = [
+        *fleet,
+        "serve",
+        str(rig.serve),
+        "--keys",
+        str(rig.keys.directory),
+        "--broker",
+        f"{rig.broker.host}:{rig.broker.port}",
+        "--store",
+        str(store),
+    ]
+
+    def serve() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(serve_cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "ab"))
+
+    def status(rid: int) -> dict[str, Any]:
+        done = subprocess.run(
+            [*fleet, "rollout", "status", str(rid), "--store", str(store), "--json"], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    controller = serve()
+    try:
+
+        def listed() -> bool:
+            out = subprocess.run([*fleet, "devices", "--store", str(store), "--json"], capture_output=True, text=True, timeout=60).stdout
+            return sum(1 for d in json.loads(out or "[]") if d["device_id"].startswith("rl-") and d["models"]) == 5
+
+        wait_for(listed, 60, "5 devices in the registry")
+        done = subprocess.run(
+            [
+                *fleet,
+                "rollout",
+                "start",
+                MODEL,
+                "1.1.0",
+                "--store",
+                str(store),
+                "--repo",
+                str(rig.image.directory),
+                "--select",
+                "device=rl-*",
+                "--waves",
+                "1,all",
+                "--soak",
+                "3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        rid = int(done.stderr.split()[1].rstrip(":"))
+        wait_for(lambda: status(rid)["wave_done"], 60, "the first wave settled")
+        controller.send_signal(signal.SIGKILL)  # the controller dies during the soak
+        controller.wait(10)
+        controller = serve()
+        wait_for(lambda: status(rid)["state"] == "done", 90, "the restarted controller finishing the rollout")
+        assert [sum(w.values()) for w in status(rid)["waves"]] == [1, 4]
+        wait_for(lambda: "event=host.swapped model=mlp version=1.1.0" in agent.text(), 60, "the real agent on 1.1.0")
+    finally:
+        controller.send_signal(signal.SIGTERM)
+        controller.wait(20)
+        sims.stop()
+        agent.stop()
