@@ -135,6 +135,7 @@ class Simulator:
             finally:
                 for w in workers:
                     w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
 
     async def _listen(self, client: Any, replies: dict[str, asyncio.Future[RepoReply]], updates: asyncio.Queue[bytes]) -> None:
         async for message in client.messages:

@@ -1,0 +1,267 @@
+"""A 1,000-device fleet on one mosquitto: a 4-wave rollout end to end, and telemetry ingest against a raw subscriber.
+
+Rollout: ``fleet serve --store`` (the controller, its own process, CPU and RSS sampled)
+moves 1,000 simulated devices (one MQTT connection each, the real director and
+repository messages) from v1 to v2 in waves 1%,10%,50%,100% with zero soak. Goal:
+under 30 s on this 2-core machine.
+
+Ingest: the same N telemetry messages (1,000 device ids, QoS 1) published as fast as
+possible, received once by a raw paho subscriber that only counts them (the baseline),
+once by the controller's ``Ingestor`` storing them in SQLite. Goals: at least 10,000
+messages/s stored, zero lost (rows in the store == messages published).
+
+Run: ``python -m benchmarks.rollout [--devices 1000] [--messages 100000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+
+from agent.protocol import device_topic, tcp_nodelay
+from benchmarks.common import machine, write
+
+
+def _setup(work: Path, host: str, port: int, n: int) -> Any:
+    from converters import builders
+    from converters.build import build
+    from fleet.director import Director
+    from fleet.image_repo import ImageRepository
+    from fleet.keys import init_keys
+
+    keys = init_keys(work / "keys")
+    image = ImageRepository.create(work / "serve" / "image", keys)
+    director = Director.create(work / "serve" / "director", keys)
+    onnx = builders.write_onnx_mlp(builders.random_mlp([4, 4], seed=1), work / "m.onnx")
+    for v in ("1.0.0", "2.0.0"):
+        build(onnx, "m", v, work / f"m-{v}", variants=["onnx-fp32"])
+        image.release(work / f"m-{v}", keys)
+    t0 = time.perf_counter()
+    for i in range(n):
+        director.assign(f"sim-{i:04d}", image, "m", "1.0.0", "onnx-fp32", keys)
+    print(f"director metadata for {n} devices signed in {time.perf_counter() - t0:.1f} s", flush=True)
+    return keys, image, director
+
+
+def rollout(n: int) -> dict[str, Any]:
+    from fleet.broker import start_broker
+    from fleet.rollout import RolloutEngine, RolloutSpec
+    from fleet.simulate import Simulator, SimulatorThread
+    from fleet.store import FleetStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        broker = start_broker(work / "broker")
+        keys, image, director = _setup(work, broker.host, broker.port, n)
+        sims = SimulatorThread(Simulator(broker.host, broker.port, n, "sim", telemetry_s=5.0, initial={"m": "1.0.0"})).start(300)
+        db = work / "fleet.db"
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fleet.cli",
+                "serve",
+                str(work / "serve"),
+                "--keys",
+                str(keys.directory),
+                "--broker",
+                f"{broker.host}:{broker.port}",
+                "--store",
+                str(db),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "serve.log", "wb"),
+        )
+        proc = psutil.Process(serve.pid)
+        store = FleetStore(db) if db.exists() else None
+        try:
+            while store is None or sum(1 for d in store.devices() if d.online and d.models) < n:
+                time.sleep(0.5)
+                store = store or (FleetStore(db) if db.exists() else None)
+            engine = RolloutEngine(store, image, director, keys, broker.host, broker.port)
+            proc.cpu_percent(None)
+            rss, cpu = [], []
+            t0 = time.perf_counter()
+            rid = engine.start(RolloutSpec("m", "2.0.0", "device=sim-*", ["1%", "10%", "50%", "100%"], soak_s=0))
+            while (store.rollout(rid) or {})["state"] == "running":
+                time.sleep(0.25)
+                rss.append(proc.memory_info().rss)
+                cpu.append(proc.cpu_percent(None))
+            elapsed = time.perf_counter() - t0
+            state = (store.rollout(rid) or {})["state"]
+            moved = sum(1 for d in store.devices() if d.models.get("m", {}).get("version") == "2.0.0")
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(30)
+            sims.stop()
+            broker.stop()
+    return {
+        "devices": n,
+        "state": state,
+        "devices_on_new_version": moved,
+        "rollout_s": round(elapsed, 2),
+        "controller_cpu_percent_mean": round(sum(cpu) / max(1, len(cpu)), 1),
+        "controller_rss_mb_max": round(max(rss, default=0) / 2**20, 1),
+        "goal_met": state == "done" and moved == n and elapsed < 30,
+    }
+
+
+PUBLISHERS = 2
+
+
+def _publisher(host: str, port: int, first: int, count: int, devices: int) -> None:
+    """One publishing process: ``count`` telemetry messages, QoS 1, as fast as the broker takes them."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{first}", protocol=mqtt.MQTTv5)
+    c.on_socket_open = tcp_nodelay
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    c.connect(host, port)
+    c.loop_start()
+    last = None
+    for i in range(first, first + count):
+        body = {"seq": i // devices + 1, "ts": time.time(), "models": {"m": {"version": "1.0.0", "count": 50, "errors": 0, "p95_ms": 2.0}}}
+        last = c.publish(device_topic(f"sim-{i % devices:04d}", "telemetry"), json.dumps(body), qos=1)
+    if last is not None:
+        last.wait_for_publish(300)
+    c.disconnect()
+    c.loop_stop()
+
+
+def _publish_all(host: str, port: int, n: int, devices: int) -> float:
+    """``n`` telemetry messages from ``devices`` ids, published by separate processes; seconds taken."""
+    share = n // PUBLISHERS
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.rollout",
+                "--publish",
+                host,
+                str(port),
+                str(k * share),
+                str(share if k < PUBLISHERS - 1 else n - k * share),
+                str(devices),
+            ]
+        )
+        for k in range(PUBLISHERS)
+    ]
+    for proc in procs:
+        proc.wait(600)
+    return time.perf_counter() - t0
+
+
+# mosquitto drops QoS 1 messages beyond a client's queue (max_queued_messages, 10,000 in our broker config):
+# a burst of telemetry larger than that, faster than any subscriber, would be lost at the broker before
+# ingest sees it. A controller's broker gives its ingest client room (see the README); so does this one.
+INGEST_BROKER = ["max_queued_messages 0", "max_inflight_messages 1000"]
+
+
+def ingest(n: int, devices: int) -> dict[str, Any]:
+    from fleet.broker import start_broker
+    from fleet.ingest import Ingestor
+    from fleet.store import FleetStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        broker = start_broker(work / "broker", extra_config=INGEST_BROKER)
+        try:
+            # baseline: a subscriber that only counts
+            count = [0]
+            first_last = [0.0, 0.0]
+            done = threading.Event()
+
+            def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+                count[0] += 1
+                if count[0] == 1:
+                    first_last[0] = time.perf_counter()
+                if count[0] == n:
+                    first_last[1] = time.perf_counter()
+                    done.set()
+
+            raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-counter", protocol=mqtt.MQTTv5)
+            raw.on_message = on_message
+            raw.connect(broker.host, broker.port)
+            raw.subscribe("edgefleet/v1/dev/+/telemetry", qos=1)
+            raw.loop_start()
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            _publish_all(broker.host, broker.port, n, devices)
+            done.wait(300)
+            raw_s = time.perf_counter() - t0
+            raw.disconnect()
+            raw.loop_stop()
+            raw_received = count[0]
+            # the controller's ingest into SQLite
+            store = FleetStore(work / "fleet.db")
+            ing = Ingestor(store, broker.host, broker.port).start()
+            proc = psutil.Process()
+            proc.cpu_percent(None)
+            t0 = time.perf_counter()
+            _publish_all(broker.host, broker.port, n, devices)
+            deadline = time.monotonic() + 300
+            while store.telemetry_count() < n and time.monotonic() < deadline:
+                time.sleep(0.05)
+            ingest_s = time.perf_counter() - t0
+            stored = store.telemetry_count()
+            ing.stop()
+            store.close()
+        finally:
+            broker.stop()
+    return {
+        "messages": n,
+        "raw_received": raw_received,
+        "raw_msgs_per_s": round(raw_received / raw_s),
+        "stored": stored,
+        "ingest_msgs_per_s": round(stored / ingest_s),
+        "ratio_to_raw": round((stored / ingest_s) / (raw_received / raw_s), 3),
+        "lost": n - stored,
+        "goal_met": stored == n and stored / ingest_s >= 10_000,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--publish", nargs=5, help=argparse.SUPPRESS)  # internal: one publisher process
+    args = ap.parse_args()
+    if args.publish:
+        host, port, first, count, devices = args.publish
+        _publisher(host, int(port), int(first), int(count), int(devices))
+        return
+    r = rollout(args.devices)
+    print(json.dumps(r), flush=True)
+    i = ingest(args.messages, args.devices)
+    print(json.dumps(i), flush=True)
+    yes = {True: "yes", False: "NO"}
+    moved = f"{r['rollout_s']} s ({r['devices_on_new_version']} moved, {r['state']})"
+    controller = f"CPU {r['controller_cpu_percent_mean']}% mean, RSS {r['controller_rss_mb_max']} MB max"
+    stored = f"{i['ingest_msgs_per_s']} msg/s, {i['lost']} lost"
+    md = [
+        "| figure | value | baseline | ratio | goal | met |",
+        "|---|---|---|---|---|---|",
+        f"| 4-wave rollout, {r['devices']} devices, zero soak | {moved} | - | - | < 30 s | {yes[r['goal_met']]} |",
+        f"| controller during the rollout | {controller} | - | - | - | - |",
+        f"| telemetry ingest into SQLite | {stored} | raw subscriber {i['raw_msgs_per_s']} msg/s | {i['ratio_to_raw']} "
+        f"| >= 10,000 msg/s, 0 lost | {yes[i['goal_met']]} |",
+    ]
+    print("\n".join(md))
+    paths = write("rollout", {"machine": machine(), "rollout": r, "ingest": i}, "\n".join(md) + "\n")
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()
