@@ -62,6 +62,17 @@ class FleetStore:
         self._lock = threading.RLock()
         self.rejected = 0  # malformed messages ingest skipped
         self.last_rejection = ""
+        deadline = time.monotonic() + 30
+        while True:  # another process (the CLI beside `fleet serve`) may be creating the schema right now
+            try:
+                self._schema()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _schema(self) -> None:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # the controller can re-derive state from the devices' retained messages
         t = self.db.table
