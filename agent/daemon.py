@@ -32,6 +32,7 @@ from agent.mqtt import make_client
 from agent.protocol import Command, ProtocolError, device_topic
 from agent.repo_fetcher import MqttFetcher
 from agent.runtimes import probe_all
+from agent.selection import preferred_variants
 from agent.serving import Serving, serving_summary
 from agent.settings import AgentSettings
 from agent.store import AgentStore, Job
@@ -256,6 +257,7 @@ class Agent:
         return needs_restart
 
     def _publish_reported(self) -> None:
+        probes = probe_all()
         models = {
             name: {
                 "version": m.version,
@@ -273,7 +275,8 @@ class Agent:
                 "device_id": self.device_id,
                 "agent_version": __version__,
                 "hardware": self.profile.summary(),
-                "runtimes": {n: p.version for n, p in probe_all().items() if p.available},
+                "runtimes": {n: p.version for n, p in probes.items() if p.available},
+                "preferred_variants": preferred_variants(self.profile, probes),
                 "models": models,
                 "installed": installed,
                 "update": self.last_check,

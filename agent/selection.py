@@ -179,6 +179,28 @@ def rank(
     return Ranking(out, excluded)
 
 
+VARIANT_IDS = ("tflite-fp32", "tflite-int8", "openvino-fp32", "openvino-fp16", "openvino-int8", "onnx-fp32", "onnx-int8")
+
+
+def preferred_variants(profile: HardwareProfile, probes: Mapping[str, ProbeResult]) -> list[str]:
+    """The bundle variant ids this device would run, best first — what it tells the controller in ``reported``.
+
+    Why the device says it: only it knows its hardware and installed runtimes; the controller then
+    assigns the best variant a release has for it.
+    """
+    fake = [
+        ModelVariant.model_validate({"path": f"{v}.model", "format": v.split("-")[0], "precision": v.split("-")[1], "static_shapes": True})
+        for v in VARIANT_IDS
+    ]
+    ranking = rank(profile, probes, fake)
+    order: list[str] = []
+    for cand in ranking.candidates:
+        vid = cand.variant.path.stem
+        if vid not in order:
+            order.append(vid)
+    return order
+
+
 def _precision_index(order: tuple[Precision, ...], precision: str) -> int:
     return order.index(precision) if precision in order else len(order)  # type: ignore[arg-type]
 

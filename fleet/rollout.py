@@ -143,7 +143,11 @@ PREFERENCE = {
 
 
 def pick_variant(available: list[str], device: Device) -> str:
-    """The variant a device's runtimes run best, in the agent's own ranking order (TensorRT, OpenVINO, LiteRT, ONNX)."""
+    """The first variant of the device's own preference (``reported.preferred_variants``) that the release has;
+    for a device that does not say (the simulator, older agents), by its runtimes."""
+    for v in device.preferred_variants:
+        if v in available:
+            return v
     for runtime in ("tensorrt", "openvino", "litert", "onnx"):
         if runtime in device.runtimes:
             for v in PREFERENCE[runtime]:

@@ -33,6 +33,7 @@ class Device:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {version, variant, runtime, ...}
     tags: dict[str, str] = field(default_factory=dict)
     update: dict[str, Any] = field(default_factory=dict)
+    preferred_variants: list[str] = field(default_factory=list)  # what the device says it runs best, best first
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -87,6 +88,7 @@ class FleetStore:
                 "models": str,
                 "tags": str,
                 "update": str,
+                "preferred_variants": str,
             },
             pk="id",
             if_not_exists=True,
@@ -159,7 +161,7 @@ class FleetStore:
 
     def _write_device(self, d: Device) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 d.id,
                 int(d.online),
@@ -170,6 +172,7 @@ class FleetStore:
                 json.dumps(d.models),
                 json.dumps(d.tags),
                 json.dumps(d.update),
+                json.dumps(d.preferred_variants),
             ],
         )
 
@@ -198,6 +201,7 @@ class FleetStore:
         elif kind == "reported":
             runtimes, models, update = dict(data.get("runtimes", {})), dict(data.get("models", {})), dict(data.get("update", {}))
             d.hardware, d.runtimes, d.models, d.update = str(data.get("hardware", "")), runtimes, models, update
+            d.preferred_variants = [str(v) for v in data.get("preferred_variants", [])]
             d.last_seen = time.time()
         devices[device] = d
 
@@ -366,4 +370,5 @@ def _device(row: tuple[Any, ...]) -> Device:
         json.loads(row[6]),
         json.loads(row[7]),
         json.loads(row[8]),
+        json.loads(row[9] or "[]"),
     )
