@@ -265,6 +265,7 @@ class Agent:
                 "sha256": m.sha256,
                 "runtime": m.runtime.name,
                 "device": m.runtime.describe().device,
+                "passed_over": [f"{where}: {why}" for where, why in m.passed_over],
             }
             for name, m in self.host.models().items()
         }

@@ -40,6 +40,7 @@ class ServingModel:
     failures: int = 0  # consecutive inference failures
     served: int = 0
     on_probation: bool = False  # newly activated: repeated failures roll it back
+    passed_over: list[tuple[str, str]] = field(default_factory=list)  # (runtime:device, why) selection skipped
     _retired: bool = field(default=False, repr=False)
 
 

@@ -280,7 +280,7 @@ class Installer:
         verify_variant(variant, root)
         candidates = [mv for mv in bundle.model_variants(root) if mv.path.name == variant.file]
         h = self.health
-        sel, _ = choose(
+        sel, ranking = choose(
             self.profile,
             probe_all(),
             candidates,
@@ -290,7 +290,8 @@ class Installer:
             options=h.options,
             latency_budget_s=h.latency_budget_s,
         )
-        return ServingModel(m.model, m.version, m.variant, m.sha256, sel.runtime, on_probation=probation)
+        passed_over = [(w, why) for w, why in ranking.excluded + sel.attempts if ":" in w][:8]
+        return ServingModel(m.model, m.version, m.variant, m.sha256, sel.runtime, on_probation=probation, passed_over=passed_over)
 
     def restore(self) -> list[str]:
         """At start: serve each model's active version (or, if it no longer loads, the newest kept one)."""

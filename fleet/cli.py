@@ -104,6 +104,17 @@ def build_cmd(
     console.print(f"bundle written to {report.out}" + (f" and {report.archive}" if report.archive else ""))
 
 
+@main.command("demo")
+@click.option("--keep-running", is_flag=True, help="Leave broker, controller and agents up and print how to talk to them.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep every file here (default: a temp dir).")
+def demo_cmd(keep_running: bool, workdir: Path | None) -> None:
+    """Broker, controller and three agents (Pi, Intel NPU, Jetson) on this machine: train, sign, roll out, predict."""
+    from fleet.demo import run_demo
+
+    with _reported():
+        run_demo(workdir, keep_running, console)
+
+
 @main.command("demo-model")
 @click.argument("kind", type=click.Choice(["linear", "logistic", "mlp"]))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
