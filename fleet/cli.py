@@ -701,7 +701,10 @@ def provision_cmd(
 @click.option("--interval", type=float, default=60.0, show_default=True, help="Seconds between re-signing checks.")
 @click.option("--store", type=click.Path(dir_okay=False, path_type=Path), help="Registry/telemetry/rollout store: ingest and run rollouts.")
 @click.option("--telemetry-days", type=float, default=7.0, show_default=True, help="Telemetry retention in the store.")
-def serve_cmd(root: Path, keys_dir: Path, broker: str | None, interval: float, store: Path | None, telemetry_days: float) -> None:
+@click.option("--http", "http", help="Serve the dashboard on [HOST]:PORT (needs --store), e.g. :8080.")
+def serve_cmd(
+    root: Path, keys_dir: Path, broker: str | None, interval: float, store: Path | None, telemetry_days: float, http: str | None
+) -> None:
     """Serve ROOT/image and ROOT/director to devices over MQTT and re-sign online metadata before it expires.
 
     With --store it is the whole controller: it also keeps the device registry and telemetry, and runs rollouts.
@@ -725,9 +728,21 @@ def serve_cmd(root: Path, keys_dir: Path, broker: str | None, interval: float, s
             ).start()
         except OSError as exc:
             raise BrokerUnreachable(f"no broker at {address[0]}:{address[1]}: {exc}") from exc
+    dashboard = None
+    if http:
+        from fleet.dashboard import Dashboard
+
+        if controller.store is None:
+            controller.stop()
+            raise click.UsageError("--http needs --store (the dashboard shows the store)")
+        web_host, _, web_port = http.rpartition(":")
+        dashboard = Dashboard(controller.store, web_host or "0.0.0.0", int(web_port)).start()
+        console.print(f"dashboard on {dashboard.url}")
     console.print(f"serving {root} on {address[0]}:{address[1]} (Ctrl-C stops)")
     while not stop.wait(0.2):  # see agent.commands.run: a signal may land on another thread
         pass
+    if dashboard is not None:
+        dashboard.stop()
     controller.stop()
 
 

@@ -289,6 +289,37 @@ class FleetStore:
         p95 = p95s[len(p95s) // 2] if p95s else None
         return Health(int(row[0] or 0), int(row[1] or 0), p95, int(row[2] or 0))
 
+    def series(self, since: float, bucket_s: float = 10.0) -> list[dict[str, Any]]:
+        """Per model version and time bucket: requests, errors, the median of the devices' p95s (the dashboard's charts)."""
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT model, version, CAST(ts / ? AS INTEGER) AS b, sum(requests), sum(errors), p95_ms FROM telemetry"
+                " WHERE ts >= ? GROUP BY model, version, b, device ORDER BY b",
+                [bucket_s, since],
+            ).fetchall()
+        buckets: dict[tuple[str, str, int], list[Any]] = {}
+        for model, version, b, requests, errors, p95 in rows:
+            acc = buckets.setdefault((model, version, b), [0, 0, []])
+            acc[0] += requests or 0
+            acc[1] += errors or 0
+            if p95 is not None:
+                acc[2].append(p95)
+        out = []
+        for (model, version, b), (requests, errors, p95s) in sorted(buckets.items(), key=lambda kv: kv[0][2]):
+            p95s.sort()
+            total = requests + errors
+            out.append(
+                {
+                    "model": model,
+                    "version": version,
+                    "t": b * bucket_s,
+                    "requests": requests,
+                    "error_rate": errors / total if total else 0.0,
+                    "p95_ms": p95s[len(p95s) // 2] if p95s else None,
+                }
+            )
+        return out
+
     # -- rollouts -----------------------------------------------------------------------------
 
     def create_rollout(self, spec: dict[str, Any], waves: list[list[tuple[str, str, str]]]) -> int:
