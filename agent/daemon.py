@@ -60,7 +60,15 @@ class Agent:
             rs.latency_budget_ms / 1e3 if rs.latency_budget_ms is not None else None, rs.force_runtime, rs.force_device, rs.options
         )
         self.installer = Installer(
-            self.store, state, self.host, self.profile, health, u.keep_versions, u.disk_reserve_mb * 2**20, report=self._report_job
+            self.store,
+            state,
+            self.host,
+            self.profile,
+            health,
+            u.keep_versions,
+            u.disk_reserve_mb * 2**20,
+            report=self._report_job,
+            sync_bytes=u.sync_kb * 1024,
         )
         self.trust = state / "trust"
         self._infer_prefix = device_topic(self.device_id, "infer") + "/"

@@ -1,8 +1,8 @@
 """Fetch a verified update's artifact: chunk by chunk, each checked on arrival, resumable after a crash.
 
 The partial file only ever holds chunks whose sha256 matched the signed chunk list,
-and the offset reported to ``progress`` is written only after those bytes are
-fsynced — so after ``kill -9`` the download restarts from that offset and nothing
+and the offset reported to ``progress`` (every 4 MiB and at the end) covers only bytes
+already fsynced — so after ``kill -9`` the download restarts from that offset and nothing
 unchecked is kept. A chunk that does not match (corrupted, truncated) is requested
 again; a transport error (broker restart) raises ``RepositoryUnreachable`` so the
 caller retries later from the same offset; a full disk raises ``DiskFull``.
@@ -29,6 +29,18 @@ __all__ = ["ChunkSource", "DiskFull", "check_disk_space", "download"]
 log = logging.getLogger("edgefleet.download")
 
 
+SYNC_BYTES = 4 * 1024 * 1024  # fsync (and record the offset) this often: per 256 KiB chunk halved the throughput
+
+
+def _sync(f: BinaryIO, offset: int, synced: int, progress: Callable[[int], None]) -> int:
+    """Make the verified bytes durable, then (only then) record how far they go."""
+    if offset != synced:
+        f.flush()
+        os.fsync(f.fileno())
+        progress(offset)
+    return offset
+
+
 class DiskFull(EdgefleetError):
     code = "disk_full"
 
@@ -51,6 +63,7 @@ def download(
     offset: int,
     progress: Callable[[int], None],
     chunk_retries: int = 3,
+    sync_bytes: int = SYNC_BYTES,
 ) -> None:
     """Continue ``dest`` from ``offset`` (a chunk boundary already verified) to the signed length."""
     chunks = update.chunks
@@ -64,7 +77,7 @@ def download(
             f.truncate(offset)
             f.seek(offset)
             while offset < update.length:
-                bad = _fill(update, source, f, offset, progress)
+                bad = _fill(update, source, f, offset, progress, sync_bytes)
                 if bad is None:
                     break
                 offset = bad
@@ -79,7 +92,9 @@ def download(
         raise
 
 
-def _fill(update: VerifiedUpdate, source: ChunkSource, f: BinaryIO, offset: int, progress: Callable[[int], None]) -> int | None:
+def _fill(
+    update: VerifiedUpdate, source: ChunkSource, f: BinaryIO, offset: int, progress: Callable[[int], None], sync_bytes: int
+) -> int | None:
     """Write verified chunks from ``offset``; the offset of a chunk that failed its hash, or None when done."""
     chunks = update.chunks
     index = offset // chunks.chunk_size
@@ -87,20 +102,27 @@ def _fill(update: VerifiedUpdate, source: ChunkSource, f: BinaryIO, offset: int,
     stream: Iterator[bytes] | None = None
     try:
         stream = source.read_range(update.url, offset, update.length)
+        synced = offset
         for data in stream:
-            pending += data
-            while index < len(chunks.sha256) and len(pending) >= chunks.chunk_length(index):
-                n = chunks.chunk_length(index)
-                chunk = bytes(pending[:n])
-                del pending[:n]
+            if not pending and index < len(chunks.sha256) and len(data) == chunks.chunk_length(index):
+                ready = [data]  # the usual case: one reply is one chunk, no copying
+            else:
+                pending += data
+                ready = []
+                while index + len(ready) < len(chunks.sha256) and len(pending) >= chunks.chunk_length(index + len(ready)):
+                    n = chunks.chunk_length(index + len(ready))
+                    ready.append(bytes(pending[:n]))
+                    del pending[:n]
+            for chunk in ready:
                 if not chunks.check(index, chunk):
+                    _sync(f, offset, synced, progress)
                     return offset
                 f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-                offset += n
+                offset += len(chunk)
                 index += 1
-                progress(offset)
+                if offset - synced >= sync_bytes:
+                    synced = _sync(f, offset, synced, progress)
+        _sync(f, offset, synced, progress)
         if offset != update.length or pending:
             return offset  # the stream ended early or ran long: ask again from the last good chunk
         return None

@@ -77,7 +77,9 @@ class Installer:
         keep_versions: int = 2,
         disk_reserve: int = 16 * 1024 * 1024,
         report: Callable[[Job], None] | None = None,
+        sync_bytes: int = 4 * 1024 * 1024,
     ) -> None:
+        self.sync_bytes = sync_bytes
         self.store, self.host, self.profile = store, host, profile
         self.health = health or HealthPolicy()
         self.keep_versions, self.disk_reserve = max(1, keep_versions), disk_reserve
@@ -208,7 +210,7 @@ class Installer:
             self.store.save_job(job)
             _fault_pause(State.DOWNLOADING)
 
-        download(update, source, self._archive(job), job.offset, progress)
+        download(update, source, self._archive(job), job.offset, progress, sync_bytes=self.sync_bytes)
         self._enter(job, State.VERIFYING)
 
     def _verify(self, job: Job, source: ChunkSource) -> None:

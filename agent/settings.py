@@ -96,6 +96,8 @@ class UpdateSettings(BaseModel):
     request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     # Bytes per chunk request, at most 256 KiB; also capped by the broker's MaximumPacketSize (MQTT 5 CONNACK).
     request_chunk_kb: Annotated[int, Field(ge=1, le=256)] = 256
+    # Downloaded bytes are fsynced and the resume offset saved this often (a restart re-fetches at most this much).
+    sync_kb: Annotated[int, Field(ge=1)] = 4096
 
 
 class AgentSettings(BaseSettings):

@@ -72,7 +72,7 @@ class Rig:
             f'[broker]\nhost = "{self.broker.host}"\nport = {self.broker.port}\n'
             f'[update]\nimage_root = "{self.image.metadata / "1.root.json"}"\n'
             f'director_root = "{self.director.directory / "1.root.json"}"\n'
-            f"retry_s = 0.3\nrequest_timeout_s = 2.0\n{extra}" + (f"[runtime]\n{runtime}\n" if runtime else "")
+            f"retry_s = 0.3\nrequest_timeout_s = 2.0\nsync_kb = 4\n{extra}" + (f"[runtime]\n{runtime}\n" if runtime else "")
         )
         return config
 

@@ -1,0 +1,126 @@
+"""A device's verified download of a 50 MiB variant against raw chunk pub/sub on the same broker.
+
+Contender: ``agent.download.download`` through ``MqttFetcher`` from a ``RepositoryServer`` —
+what the agent runs once TUF has verified the (small) metadata: windowed pull requests,
+every 256 KiB chunk checked against the signed chunk list, written and fsynced, the offset
+saved (here: kept in memory). Baseline: the same bytes in 256 KiB QoS 1 messages published
+by one client and received by another, no requests, no hashing, no disk. Goal (issue 7):
+at least 50% of the baseline's throughput.
+
+Run: ``python -m benchmarks.transfer [--mib 50]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.chunks import CHUNK_SIZE, ChunkManifest
+from agent.protocol import tcp_nodelay
+from benchmarks.common import machine, write
+
+
+def raw_pubsub(host: str, port: int, data: bytes) -> float:
+    """MB/s of publishing ``data`` in 256 KiB QoS 1 messages to a subscriber that only counts them."""
+    chunks = [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+    got = [0]
+    done = threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        got[0] += 1
+        if got[0] == len(chunks):
+            done.set()
+
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-sub", protocol=mqtt.MQTTv5)
+    sub.on_socket_open = tcp_nodelay
+    sub.on_message = on_message
+    sub.connect(host, port)
+    sub.subscribe("bench/raw", qos=1)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=mqtt.MQTTv5)
+    pub.on_socket_open = tcp_nodelay
+    pub.max_inflight_messages_set(64)
+    pub.max_queued_messages_set(0)
+    pub.connect(host, port)
+    pub.loop_start()
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    for c in chunks:
+        pub.publish("bench/raw", c, qos=1)
+    if not done.wait(300):
+        raise RuntimeError(f"raw pub/sub: {got[0]} of {len(chunks)} chunks arrived")
+    elapsed = time.perf_counter() - t0
+    for c in (pub, sub):
+        c.disconnect()
+        c.loop_stop()
+    return len(data) / elapsed / 1e6
+
+
+def verified_download(host: str, port: int, root: Path, data: bytes, dest: Path, window: int) -> float:
+    from agent.download import download
+    from agent.repo_fetcher import MqttFetcher
+    from agent.update import VerifiedUpdate
+    from fleet.repo_server import RepositoryServer
+
+    sha = hashlib.sha256(data).hexdigest()
+    (root / "targets").mkdir(parents=True, exist_ok=True)
+    (root / "targets" / f"{sha}.big.tar").write_bytes(data)
+    update = VerifiedUpdate("big.tar", "big", "1", "onnx-fp32", 1, len(data), sha, f"repo://targets/{sha}.big.tar", ChunkManifest.of(data))
+    with RepositoryServer(root, host, port, client_id="bench-repo"):
+        fetcher = MqttFetcher(host, port, "bench-dev", "repo://", window=window, timeout=30)
+        try:
+            dest.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            download(update, fetcher, dest, 0, lambda offset: None)
+            elapsed = time.perf_counter() - t0
+        finally:
+            fetcher.close()
+    assert dest.stat().st_size == len(data)
+    return len(data) / elapsed / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=50)
+    ap.add_argument("--window", type=int, default=4)
+    args = ap.parse_args()
+    from fleet.broker import start_broker
+
+    data = os.urandom(args.mib * 2**20)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with start_broker(work / "broker") as broker:
+            raws, ours = [], []
+            for _ in range(2):  # interleaved; the second round counts as well (median of each)
+                raws.append(raw_pubsub(broker.host, broker.port, data))
+                ours.append(verified_download(broker.host, broker.port, work / "repo", data, work / "dl.part", args.window))
+    raw, our = sorted(raws)[len(raws) // 2], sorted(ours)[len(ours) // 2]
+    ratio = our / raw
+    row = {
+        "mib": args.mib,
+        "window": args.window,
+        "raw_MBps": round(raw, 1),
+        "verified_MBps": round(our, 1),
+        "ratio": round(ratio, 3),
+        "goal_met": ratio >= 0.5,
+    }
+    met = "yes" if row["goal_met"] else "NO"
+    md = (
+        "| transfer | verified download MB/s | raw pub/sub MB/s | ratio | goal | met |\n|---|---|---|---|---|---|\n"
+        f"| {args.mib} MiB, window {args.window}, 256 KiB chunks | {row['verified_MBps']} | {row['raw_MBps']} | {row['ratio']} | >= 0.5 | {met} |\n"
+    )
+    print(md)
+    paths = write("transfer", {"machine": machine(), **row}, md)
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()
