@@ -115,7 +115,8 @@ def main() -> None:
     met = "yes" if row["goal_met"] else "NO"
     md = (
         "| transfer | verified download MB/s | raw pub/sub MB/s | ratio | goal | met |\n|---|---|---|---|---|---|\n"
-        f"| {args.mib} MiB, window {args.window}, 256 KiB chunks | {row['verified_MBps']} | {row['raw_MBps']} | {row['ratio']} | >= 0.5 | {met} |\n"
+        f"| {args.mib} MiB, window {args.window}, 256 KiB chunks | {row['verified_MBps']} | {row['raw_MBps']} "
+        f"| {row['ratio']} | >= 0.5 | {met} |\n"
     )
     print(md)
     paths = write("transfer", {"machine": machine(), **row}, md)
