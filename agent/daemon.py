@@ -34,7 +34,7 @@ from agent.repo_fetcher import MqttFetcher
 from agent.runtimes import probe_all
 from agent.selection import preferred_variants
 from agent.serving import Serving, serving_summary
-from agent.settings import AgentSettings
+from agent.settings import AgentSettings, RuntimeSettings
 from agent.store import AgentStore, Job
 from agent.telemetry import Telemetry, system_metrics
 from agent.update import RepositoryUnreachable, TrustedRepos, UpdateRejected, check_for_update
@@ -56,9 +56,7 @@ class Agent:
         self.profile = detect(settings.hardware_root)
         u, rs = settings.update, settings.runtime
         self.host = ModelHost(u.auto_rollback_failures, on_failing=self._failing)
-        health = HealthPolicy(
-            rs.latency_budget_ms / 1e3 if rs.latency_budget_ms is not None else None, rs.force_runtime, rs.force_device, rs.options
-        )
+        health = _health_policy(rs)
         self.installer = Installer(
             self.store,
             state,
@@ -255,9 +253,7 @@ class Agent:
         u, rs = settings.update, settings.runtime
         self.host.failure_threshold = u.auto_rollback_failures
         self.installer.keep_versions, self.installer.disk_reserve = u.keep_versions, u.disk_reserve_mb * 2**20
-        self.installer.health = HealthPolicy(
-            rs.latency_budget_ms / 1e3 if rs.latency_budget_ms is not None else None, rs.force_runtime, rs.force_device, rs.options
-        )
+        self.installer.health = _health_policy(rs)
         self.telemetry.interval_s = settings.telemetry.interval_s
         self.telemetry.max_batches, self.telemetry.max_age_s = settings.telemetry.outbox_max_batches, settings.telemetry.outbox_max_age_s
         logs.event(log, "agent.reloaded", needs_restart=",".join(needs_restart) or "-")
@@ -265,7 +261,8 @@ class Agent:
         return needs_restart
 
     def _publish_reported(self) -> None:
-        probes = probe_all()
+        enabled = self.settings.runtime.enabled
+        probes = probe_all(enabled)
         models = {
             name: {
                 "version": m.version,
@@ -432,3 +429,8 @@ class Agent:
             raise
         self._publish_reported()
         return previous.version
+
+
+def _health_policy(rs: RuntimeSettings) -> HealthPolicy:
+    budget = rs.latency_budget_ms / 1e3 if rs.latency_budget_ms is not None else None
+    return HealthPolicy(budget, rs.force_runtime, rs.force_device, rs.options, tuple(rs.enabled) if rs.enabled is not None else None)

@@ -64,6 +64,7 @@ class HealthPolicy:
     force_runtime: str | None = None
     force_device: str | None = None
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    enabled: tuple[str, ...] | None = None  # runtime.enabled
 
 
 class Installer:
@@ -284,7 +285,7 @@ class Installer:
         h = self.health
         sel, ranking = choose(
             self.profile,
-            probe_all(),
+            probe_all(self.health.enabled),
             candidates,
             bundle.golden_samples(root, variant),
             force_runtime=h.force_runtime,

@@ -25,6 +25,8 @@ class RuntimeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     force_runtime: Literal["litert", "openvino", "onnx", "tensorrt"] | None = None  # replaces the ranking policy
+    # Only these runtimes are probed and used (None: every installed one); the others are never imported.
+    enabled: list[Literal["litert", "openvino", "onnx", "tensorrt"]] | None = None
     force_device: str | None = None  # e.g. "CPU", "GPU.0", "NPU", "EDGETPU", "CUDA"
     # Per-runtime options, validated by each runtime's own model: {"litert": {"num_threads": 2}}.
     options: dict[str, dict[str, Any]] = {}

@@ -281,3 +281,15 @@ def test_concurrent_callers_get_their_own_answers(models: ModelFiles, runtime: s
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_runtimes_left_out_of_runtime_enabled_are_never_imported() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from agent.runtimes import probe_all; r = probe_all(['litert']);"
+        "print(r['litert'].available, r['openvino'].reason, 'openvino' in sys.modules, 'onnxruntime' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+    assert out == "True not enabled in the settings (runtime.enabled) False False", out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterable
 from functools import cache
 
 from agent.errors import RuntimeUnavailable
@@ -34,10 +35,18 @@ def get_runtime(name: str) -> type[Runtime]:
         raise RuntimeUnavailable(f"unknown runtime {name!r}; known: {', '.join(sorted(classes))}") from None
 
 
-def probe_all() -> dict[str, ProbeResult]:
-    """Probe every runtime; a probe that blows up counts as unavailable with the reason."""
+def probe_all(enabled: Iterable[str] | None = None) -> dict[str, ProbeResult]:
+    """Probe every runtime (or only ``enabled``); a probe that blows up counts as unavailable with the reason.
+
+    A runtime left out is not imported at all: on a Pi that only runs LiteRT, importing
+    OpenVINO and ONNX Runtime just to report them would cost ~50 MB of RSS.
+    """
+    only = {e.lower() for e in enabled} if enabled is not None else None
     results = {}
     for name, cls in sorted(runtime_classes().items()):
+        if only is not None and name not in only:
+            results[name] = ProbeResult(name, False, reason="not enabled in the settings (runtime.enabled)")
+            continue
         try:
             results[name] = cls.probe()
         except Exception as exc:  # a broken install must not take detection down with it

@@ -1,0 +1,49 @@
+"""``python -m benchmarks``: every benchmark, then one table of every figure against its baseline.
+
+Each benchmark writes ``benchmarks/results/NAME.json`` and ``NAME.md``; this runs them in
+turn (each in its own process, so one's imports and threads do not bend another's
+numbers) and writes ``benchmarks/results/summary.md`` from their tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from benchmarks.common import RESULTS, machine
+
+BENCHMARKS = ["runtime_overhead", "serving", "transfer", "rollout", "hot_swap", "footprint"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these")
+    ap.add_argument("--quick", action="store_true", help="shorter runs where a benchmark has them")
+    args = ap.parse_args()
+    failed = []
+    for name in args.only or BENCHMARKS:
+        extra = ["--quick"] if args.quick and name in ("runtime_overhead", "serving") else []
+        t0 = time.monotonic()
+        print(f"== {name}", flush=True)
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *extra])
+        print(f"== {name}: exit {done.returncode} in {time.monotonic() - t0:.0f} s", flush=True)
+        if done.returncode:
+            failed.append(name)
+    m = machine()
+    parts = [
+        f"# edgefleet benchmarks\n\nMachine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['arch']}, Python {m['python']}.\n"
+    ]
+    for name in BENCHMARKS:
+        md = RESULTS / f"{name}.md"
+        if md.exists():
+            parts.append(f"## {name}\n\n{md.read_text()}")
+    (RESULTS / "summary.md").write_text("\n".join(parts))
+    print(f"wrote {RESULTS / 'summary.md'}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
