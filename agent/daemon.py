@@ -152,7 +152,7 @@ class Agent:
     # -- MQTT ----------------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        c = make_client(self.settings.broker, self.device_id)
+        c = make_client(self.settings.broker, self.device_id, persistent=True)
         c.will_set(device_topic(self.device_id, "status"), json.dumps(self._status("lost")), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect

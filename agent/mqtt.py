@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import paho.mqtt.client as mqtt
@@ -10,11 +11,27 @@ from agent.errors import InvalidOptions
 from agent.protocol import tcp_nodelay
 from agent.settings import BrokerSettings
 
-__all__ = ["make_client"]
+__all__ = ["default_protocol", "make_client", "protocol_of"]
 
 
-def make_client(broker: BrokerSettings, client_id: str, protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5) -> mqtt.Client:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+def protocol_of(version: str) -> mqtt.MQTTProtocolVersion:
+    return mqtt.MQTTv311 if version == "3.1.1" else mqtt.MQTTv5
+
+
+def default_protocol() -> mqtt.MQTTProtocolVersion:
+    """The controller side's MQTT version: ``EDGEFLEET_BROKER__MQTT_VERSION`` (the agents' setting), else 5."""
+    return protocol_of(os.environ.get("EDGEFLEET_BROKER__MQTT_VERSION", "5"))
+
+
+def make_client(broker: BrokerSettings, client_id: str, persistent: bool = False) -> mqtt.Client:
+    """``persistent``: keep the session across reconnects (for 3.1.1 that is chosen here, for 5 at connect)."""
+    v311 = broker.mqtt_version == "3.1.1"
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=protocol_of(broker.mqtt_version),
+        clean_session=(not persistent) if v311 else None,
+    )
     client.on_socket_open = tcp_nodelay
     if broker.username:
         password = None

@@ -90,7 +90,7 @@ def verified_download(host: str, port: int, root: Path, data: bytes, dest: Path,
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=50)
-    ap.add_argument("--window", type=int, default=4)
+    ap.add_argument("--window", type=int, default=8)  # the agent's default (update.window)
     args = ap.parse_args()
     from fleet.broker import start_broker
 

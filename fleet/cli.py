@@ -107,12 +107,20 @@ def build_cmd(
 @main.command("demo")
 @click.option("--keep-running", is_flag=True, help="Leave broker, controller and agents up and print how to talk to them.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep every file here (default: a temp dir).")
-def demo_cmd(keep_running: bool, workdir: Path | None) -> None:
+@click.option(
+    "--broker",
+    "broker_kind",
+    type=click.Choice(["mosquitto", "amqtt"]),
+    default="mosquitto",
+    show_default=True,
+    help="mosquitto when installed, else the embedded amqtt (MQTT 3.1.1).",
+)
+def demo_cmd(keep_running: bool, workdir: Path | None, broker_kind: str) -> None:
     """Broker, controller and three agents (Pi, Intel NPU, Jetson) on this machine: train, sign, roll out, predict."""
     from fleet.demo import run_demo
 
     with _reported():
-        run_demo(workdir, keep_running, console)
+        run_demo(workdir, keep_running, console, broker_kind=broker_kind)
 
 
 @main.command("demo-model")

@@ -25,6 +25,7 @@ import paho.mqtt.client as mqtt
 from tuf.api.metadata import Metadata
 
 from agent import logs
+from agent.mqtt import default_protocol
 from agent.protocol import ROOT, device_topic, tcp_nodelay
 from fleet.director import Director
 from fleet.image_repo import ImageRepository
@@ -42,7 +43,7 @@ log = logging.getLogger("edgefleet.controller")
 
 
 def _client(client_id: str) -> mqtt.Client:
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=default_protocol())
     c.on_socket_open = tcp_nodelay
     return c
 

@@ -11,6 +11,7 @@ first device and the fleet stays on v2.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from rich.console import Console
@@ -83,8 +84,13 @@ def _bundle(work: Path, version: str, seed: int, broken: bool = False) -> Path:
 
 
 def run_demo(
-    workdir: Path | None = None, keep_running: bool = False, console: Console | None = None, stop: threading.Event | None = None
+    workdir: Path | None = None,
+    keep_running: bool = False,
+    console: Console | None = None,
+    stop: threading.Event | None = None,
+    broker_kind: str = "mosquitto",
 ) -> DemoResult:
+    """``broker_kind`` mosquitto falls back to the embedded amqtt when mosquitto is not installed."""
     from agent.client import EdgeClient
     from fleet.broker import start_broker
     from fleet.controller import Controller
@@ -98,12 +104,11 @@ def run_demo(
     work = Path(workdir or tempfile.mkdtemp(prefix="edgefleet-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     say = console.print
-    broker = start_broker(work / "broker")
-    if broker.kind != "mosquitto":
-        broker.stop()
-        raise DemoError("the agents speak MQTT 5, which the embedded amqtt broker does not: install mosquitto (apt install mosquitto)")
+    broker = start_broker(work / "broker", prefer=broker_kind)  # type: ignore[arg-type]
+    mqtt_version: Literal["5", "3.1.1"] = "5" if broker.kind == "mosquitto" else "3.1.1"  # amqtt speaks MQTT 3.1.1 only
+    os.environ["EDGEFLEET_BROKER__MQTT_VERSION"] = mqtt_version  # the controller's clients and the agents read it
     address = f"{broker.host}:{broker.port}"
-    say(f"[bold]broker[/bold] {broker.kind} on {address}")
+    say(f"[bold]broker[/bold] {broker.kind} on {address} (MQTT {mqtt_version})")
     agents: list[subprocess.Popen[bytes]] = []
     controller = None
     client = None
@@ -156,7 +161,9 @@ def run_demo(
 
         result = DemoResult(address, work)
         result.rollouts.append(rollout("1.0.0", ["100%"], 0))
-        client = EdgeClient(broker.host, broker.port)
+        from agent.settings import BrokerSettings
+
+        client = EdgeClient(broker=BrokerSettings(host=broker.host, port=broker.port, mqtt_version=mqtt_version))
         xs = np.array([[0.0], [1.0], [3.0]], np.float32)
         for device in DEVICES:
             out = client.infer(device, MODEL, {"x": xs}, timeout=20)

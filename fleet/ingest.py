@@ -17,6 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent import logs
+from agent.mqtt import default_protocol
 from agent.protocol import ROOT, tcp_nodelay
 from fleet.store import FleetStore
 
@@ -38,7 +39,7 @@ class Ingestor:
         self._full = threading.Event()
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=default_protocol())
         self._client.on_socket_open = tcp_nodelay
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
