@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from update_rig import wait_for
 
 from agent.client import EdgeClient
@@ -17,9 +18,11 @@ from agent.client import EdgeClient
 FLEET = [sys.executable, "-m", "fleet.cli"]
 
 
-def test_fleet_demo_trains_signs_rolls_out_predicts_and_refuses_a_broken_release() -> None:
+@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
+def test_fleet_demo_trains_signs_rolls_out_predicts_and_refuses_a_broken_release(broker: str) -> None:
     t0 = time.monotonic()
-    done = subprocess.run([*FLEET, "demo"], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
+    cmd = [*FLEET, "demo", "--broker", broker]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"})
     took = time.monotonic() - t0
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stderr
@@ -32,6 +35,7 @@ def test_fleet_demo_trains_signs_rolls_out_predicts_and_refuses_a_broken_release
     assert "passed over tensorrt:GPU.0: tensorrt is not installed" in out  # the Jetson's fallback, with the reason
     assert "passed over openvino:NPU" in out
     assert "rollout 2: linear 1.1.0 done" in out and "rollout 3: linear 1.2.0 aborted: install gate" in out
+    assert f"broker {broker} on" in out
 
 
 def test_fleet_demo_keep_running_leaves_a_fleet_to_talk_to(tmp_path: Path) -> None:
