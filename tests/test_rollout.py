@@ -297,3 +297,28 @@ def test_fleet_serve_runs_a_rollout_to_a_real_agent_and_survives_kill_9(rig: Rig
         controller.wait(20)
         sims.stop()
         agent.stop()
+
+
+def test_max_per_minute_limits_how_many_devices_move(rig: Rig, tmp_path: Path) -> None:
+    store = FleetStore(tmp_path / "rate.db")
+    ingest = Ingestor(store, rig.broker.host, rig.broker.port, client_id="ingest-rate").start()
+    sims = fleet_of(rig, 5, "rate")
+    try:
+        wait_for(lambda: sum(1 for d in store.devices() if d.id.startswith("rate") and d.online and d.models) == 5, 60, "5 devices")
+        engine = RolloutEngine(store, rig.image, rig.director, rig.keys, rig.broker.host, rig.broker.port)
+        rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=rate-*", waves=["100%"], max_per_minute=2))
+        engine.tick()
+        engine.tick()
+        states = [m["state"] for m in store.rollout_devices(rid)]
+        assert states.count("pending") == 3 and len(states) == 5  # two moved this minute, three wait
+        engine.pause(rid)
+        with pytest.raises(RolloutError, match="is paused, not running"):
+            engine.pause(rid)
+        engine.resume(rid)
+        engine.abort(rid, "operator says stop")
+        r = store.rollout(rid)
+        assert r is not None and r["state"] == "aborted" and r["reason"] == "operator says stop"
+    finally:
+        sims.stop()
+        ingest.stop()
+        store.close()
