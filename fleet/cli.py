@@ -665,6 +665,7 @@ def simulate_cmd(
 @_broker_option
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="Image repository: its root.json goes to the device.")
 @click.option("--director", "director_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--revoke", is_flag=True, help="Remove NAME's password and ACL entry (send mosquitto SIGHUP after).")
 def provision_cmd(
     name: str | None,
     broker_dir: Path,
@@ -675,6 +676,7 @@ def provision_cmd(
     broker: str | None,
     repo: Path | None,
     director_dir: Path | None,
+    revoke: bool,
 ) -> None:
     """MQTT credentials for NAME (password + client certificate from the fleet CA) and its ACL lines.
 
@@ -689,6 +691,10 @@ def provision_cmd(
             (broker_dir / "mosquitto.conf").write_text(auth.mosquitto_config())
             console.print(f"fleet CA and broker certificate in {broker_dir}; mosquitto config: {broker_dir / 'mosquitto.conf'}")
         if name is None:
+            return
+        if revoke:
+            auth.revoke(name)
+            console.print(f"{name}: password and ACL entry removed (send mosquitto SIGHUP to apply)")
             return
         creds = auth.add(name, role)
         console.print(f"{role} {name}: password and certificate issued; ACL: {broker_dir / 'acl'} (send mosquitto SIGHUP to reload)")

@@ -203,3 +203,23 @@ def test_the_agent_runs_on_provisioned_credentials(secure: Secure, tmp_path: Pat
     finally:
         agent.stop()
         watch.close()
+
+
+def test_a_revoked_device_cannot_connect_after_the_broker_rereads(secure: Secure, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    creds = secure.auth.add("dev-gone")
+    secure.broker.process.send_signal(1)
+    time.sleep(0.5)
+    assert Conn(secure, "dev-gone", creds.password).connected.is_set()
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "provision", "dev-gone", "--broker-dir", str(secure.auth.directory), "--revoke"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    secure.broker.process.send_signal(1)  # SIGHUP: mosquitto rereads passwords and ACL
+    time.sleep(0.5)
+    assert not Conn(secure, "dev-gone", creds.password, wait=5).connected.is_set()
