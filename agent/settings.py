@@ -162,3 +162,26 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> AgentSe
                 os.environ.pop(CONFIG_ENV, None)
             else:
                 os.environ[CONFIG_ENV] = previous
+
+
+def write_config(path: Path, settings: dict[str, Any]) -> Path:
+    """Write an agent.toml from plain values: top-level keys first, then one table per section.
+
+    Why here: the demo, the benchmarks, ``fleet provision`` and the tests all hand agents a
+    config file; one writer keeps them in the shape ``AgentSettings`` reads (checked on load).
+    Values are str, int, float, bool or lists of those (JSON's spelling is TOML's for these).
+    """
+    import json
+
+    def value(v: Any) -> str:
+        return json.dumps(str(v) if isinstance(v, Path) else v)
+
+    top = [f"{k} = {value(v)}" for k, v in settings.items() if not isinstance(v, dict) and v is not None]
+    tables = [
+        f"[{k}]\n" + "".join(f"{kk} = {value(vv)}\n" for kk, vv in v.items() if vv is not None)
+        for k, v in settings.items()
+        if isinstance(v, dict)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(top) + "\n" + "".join(tables))
+    return path

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 
+from agent.settings import write_config
 from benchmarks.common import machine, write
 
 
@@ -44,11 +45,16 @@ def _fleet(work: Path, host: str, port: int) -> Path:
     Controller(work / "serve", keys, host, port).start()
     director.assign("foot", image, "m", "1.0.0", "tflite-fp32", keys)
     announce(director, ["foot"], host, port)
-    config = work / "agent.toml"
-    config.write_text(
-        f'device_id = "foot"\nstate_dir = "{work / "state"}"\nlog_level = "WARNING"\n[broker]\nhost = "{host}"\nport = {port}\n'
-        f'[update]\nimage_root = "{image.metadata / "1.root.json"}"\ndirector_root = "{director.directory / "1.root.json"}"\n'
-        '[runtime]\nenabled = ["litert"]\n'
+    config = write_config(
+        work / "agent.toml",
+        {
+            "device_id": "foot",
+            "state_dir": work / "state",
+            "log_level": "WARNING",
+            "broker": {"host": host, "port": port},
+            "update": {"image_root": image.metadata / "1.root.json", "director_root": director.directory / "1.root.json"},
+            "runtime": {"enabled": ["litert"]},
+        },
     )
     return config
 

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.protocol import device_topic, tcp_nodelay
+from agent.settings import write_config
 from benchmarks.common import machine, write
 
 MODELS = {"tiny": [4, 4], "medium": [64, 128, 128, 10]}
@@ -103,10 +104,10 @@ class Client:
         self.c.loop_stop()
 
 
-CONFIGS = {"default": "", "always queued": "inline_below_ms = 0"}
+CONFIGS: dict[str, dict[str, Any]] = {"default": {}, "always queued": {"inline_below_ms": 0}}
 
 
-def _fleet(work: Path, host: str, port: int, model: str, serving: str) -> tuple[Any, Path]:
+def _fleet(work: Path, host: str, port: int, model: str, serving: dict[str, Any]) -> tuple[Any, Path]:
     """Keys, both repositories, the model released and assigned: what a device needs to serve it."""
     from converters import builders
     from converters.build import build
@@ -125,12 +126,17 @@ def _fleet(work: Path, host: str, port: int, model: str, serving: str) -> tuple[
     controller.server.start()
     director.assign("bench", image, "m", "1.0.0", "onnx-fp32", keys)
     announce(director, ["bench"], host, port)
-    config = work / "agent.toml"
-    config.write_text(
-        f'device_id = "bench"\nstate_dir = "{work / "state"}"\nlog_level = "WARNING"\n'
-        f'[broker]\nhost = "{host}"\nport = {port}\n'
-        f'[update]\nimage_root = "{image.metadata / "1.root.json"}"\ndirector_root = "{director.directory / "1.root.json"}"\n'
-        f"[serving]\nqueue_size = 4096\n{serving}\n[telemetry]\ninterval_s = 60\n"
+    config = write_config(
+        work / "agent.toml",
+        {
+            "device_id": "bench",
+            "state_dir": work / "state",
+            "log_level": "WARNING",
+            "broker": {"host": host, "port": port},
+            "update": {"image_root": image.metadata / "1.root.json", "director_root": director.directory / "1.root.json"},
+            "serving": {"queue_size": 4096, **serving},
+            "telemetry": {"interval_s": 60},
+        },
     )
     return controller, config
 

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.errors import EdgefleetError
+from agent.settings import write_config
 from fleet import hardware_trees
 
 __all__ = ["DemoError", "run_demo"]
@@ -127,12 +128,21 @@ def run_demo(
             root = tree(work / "hardware" / device)
             state = work / "devices" / device
             state.mkdir(parents=True, exist_ok=True)
-            config = state / "agent.toml"
-            config.write_text(
-                f'device_id = "{device}"\nstate_dir = "{state}"\nhardware_root = "{root}"\nlog_level = "WARNING"\n'
-                f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
-                f'[update]\nimage_root = "{image.metadata / "1.root.json"}"\ndirector_root = "{director.directory / "1.root.json"}"\n'
-                "retry_s = 0.5\n[telemetry]\ninterval_s = 1\n"
+            config = write_config(
+                state / "agent.toml",
+                {
+                    "device_id": device,
+                    "state_dir": state,
+                    "hardware_root": root,
+                    "log_level": "WARNING",
+                    "broker": {"host": broker.host, "port": broker.port},
+                    "update": {
+                        "image_root": image.metadata / "1.root.json",
+                        "director_root": director.directory / "1.root.json",
+                        "retry_s": 0.5,
+                    },
+                    "telemetry": {"interval_s": 1},
+                },
             )
             log = open(state / "agent.log", "wb")  # the agent process owns it
             agents.append(

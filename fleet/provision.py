@@ -26,6 +26,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from agent.protocol import ROOT, valid_device_id
+from agent.settings import write_config
 
 __all__ = ["BrokerAuth", "Credentials", "ProvisionError", "mosquitto_password_hash"]
 
@@ -240,21 +242,20 @@ def device_bundle(
     shutil.copy(creds.cert, out / "device.pem")
     _write_private(out / "device.key", creds.key.read_bytes())
     shutil.copy(creds.ca, out / "fleet-ca.pem")
-    lines = [
-        f'device_id = "{creds.name}"',
-        "[broker]",
-        f'host = "{broker_host}"',
-        f"port = {broker_port}",
-        f'username = "{creds.name}"',
-        'password_file = "/etc/edgefleet/broker-password"',
-        'tls_ca = "/etc/edgefleet/fleet-ca.pem"',
-        'tls_cert = "/etc/edgefleet/device.pem"',
-        'tls_key = "/etc/edgefleet/device.key"',
-        "[update]",
-    ]
+    update: dict[str, Any] = {}
     for name, root in (("image_root", image_root), ("director_root", director_root)):
         if root is not None:
             shutil.copy(root, out / f"{name.split('_')[0]}-root.json")
-            lines.append(f'{name} = "/etc/edgefleet/{name.split("_")[0]}-root.json"')
-    (out / "agent.toml").write_text("\n".join(lines) + "\n")
+            update[name] = f"/etc/edgefleet/{name.split('_')[0]}-root.json"
+    etc = "/etc/edgefleet"
+    broker = {
+        "host": broker_host,
+        "port": broker_port,
+        "username": creds.name,
+        "password_file": f"{etc}/broker-password",
+        "tls_ca": f"{etc}/fleet-ca.pem",
+        "tls_cert": f"{etc}/device.pem",
+        "tls_key": f"{etc}/device.key",
+    }
+    write_config(out / "agent.toml", {"device_id": creds.name, "broker": broker, "update": update})
     return out

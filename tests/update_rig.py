@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 from onnx import helper, numpy_helper
 
 from agent.files import sha256_file
-from agent.settings import AgentSettings, load_settings
+from agent.settings import AgentSettings, load_settings, write_config
 from converters.build import build
 from fleet.broker import RunningBroker
 from fleet.controller import Controller, announce
@@ -62,18 +62,26 @@ class Rig:
         return load_settings(self.write_config(device, runtime, **update))
 
     def write_config(self, device: str, runtime: str = "", **update: Any) -> Path:
-        """The TOML a packaged agent would read (used by the subprocess tests)."""
+        """The TOML a packaged agent would read (used by the subprocess tests); ``runtime`` is raw [runtime] TOML."""
         state = self.root / "devices" / device
-        state.mkdir(parents=True, exist_ok=True)
-        extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in update.items())
-        config = state / "agent.toml"
-        config.write_text(
-            f'device_id = "{device}"\nstate_dir = "{state}"\n'
-            f'[broker]\nhost = "{self.broker.host}"\nport = {self.broker.port}\n'
-            f'[update]\nimage_root = "{self.image.metadata / "1.root.json"}"\n'
-            f'director_root = "{self.director.directory / "1.root.json"}"\n'
-            f"retry_s = 0.3\nrequest_timeout_s = 2.0\nsync_kb = 4\n{extra}" + (f"[runtime]\n{runtime}\n" if runtime else "")
+        config = write_config(
+            state / "agent.toml",
+            {
+                "device_id": device,
+                "state_dir": state,
+                "broker": {"host": self.broker.host, "port": self.broker.port},
+                "update": {
+                    "image_root": self.image.metadata / "1.root.json",
+                    "director_root": self.director.directory / "1.root.json",
+                    "retry_s": 0.3,
+                    "request_timeout_s": 2.0,
+                    "sync_kb": 4,
+                    **update,
+                },
+            },
         )
+        if runtime:
+            config.write_text(config.read_text() + f"[runtime]\n{runtime}\n")
         return config
 
 
