@@ -53,6 +53,7 @@ class DemoResult:
     devices: list[dict[str, Any]] = field(default_factory=list)
     rollouts: list[dict[str, Any]] = field(default_factory=list)
     predictions: dict[str, list[float]] = field(default_factory=dict)
+    traffic_errors: int = 0
     seconds: float = 0.0
 
 
@@ -180,13 +181,18 @@ def run_demo(
             result.predictions[f"{device} v1"] = [round(float(v), 3) for v in out["y"].ravel()]
             say(f"  {device:<12} x={xs.ravel().tolist()} → y={result.predictions[f'{device} v1']} (model {out.version})")
 
+        traffic = {"answered": 0, "errors": 0}
+        last_error: list[str] = []
+
         def load() -> None:  # steady traffic, so the health gate has telemetry to compare
             while not load_stop.is_set():
                 for device in DEVICES:
                     try:
                         client.infer(device, MODEL, {"x": xs}, timeout=5)  # type: ignore[union-attr]
-                    except EdgefleetError:
-                        pass
+                        traffic["answered"] += 1
+                    except EdgefleetError as exc:  # counted and shown: the swaps should cost none
+                        traffic["errors"] += 1
+                        last_error[:] = [str(exc)]
                 time.sleep(0.02)
 
         threading.Thread(target=load, daemon=True).start()
@@ -197,6 +203,10 @@ def run_demo(
         image.release(_bundle(work, "1.2.0", seed=2, broken=True), keys)
         result.rollouts.append(rollout("1.2.0", ["1", "all"], 0))
         load_stop.set()
+        say(
+            f"background traffic during the rollouts: {traffic['answered']} answered, {traffic['errors']} errors {traffic.get('last_error', '')}"
+        )
+        result.traffic_errors = traffic["errors"]
         for device in DEVICES:
             out = client.infer(device, MODEL, {"x": xs}, timeout=20)
             result.predictions[f"{device} final"] = [round(float(v), 3) for v in out["y"].ravel()]

@@ -36,6 +36,7 @@ def test_fleet_demo_trains_signs_rolls_out_predicts_and_refuses_a_broken_release
     assert "passed over openvino:NPU" in out
     assert "rollout 2: linear 1.1.0 done" in out and "rollout 3: linear 1.2.0 aborted: install gate" in out
     assert f"broker {broker} on" in out
+    assert re.search(r"background traffic during the rollouts: [1-9]\d* answered, 0 errors", out), out[-2000:]
 
 
 def test_fleet_demo_keep_running_leaves_a_fleet_to_talk_to(tmp_path: Path) -> None:
