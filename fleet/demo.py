@@ -203,9 +203,8 @@ def run_demo(
         image.release(_bundle(work, "1.2.0", seed=2, broken=True), keys)
         result.rollouts.append(rollout("1.2.0", ["1", "all"], 0))
         load_stop.set()
-        say(
-            f"background traffic during the rollouts: {traffic['answered']} answered, {traffic['errors']} errors {traffic.get('last_error', '')}"
-        )
+        answered, errors = traffic["answered"], traffic["errors"]
+        say(f"background traffic during the rollouts: {answered} answered, {errors} errors {' '.join(last_error)}".rstrip())
         result.traffic_errors = traffic["errors"]
         for device in DEVICES:
             out = client.infer(device, MODEL, {"x": xs}, timeout=20)
