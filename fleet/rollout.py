@@ -159,6 +159,8 @@ def pick_variant(available: list[str], device: Device) -> str:
 class RolloutEngine:
     def __init__(self, store: FleetStore, image: ImageRepository, director: Director, keys: KeyStore, host: str, port: int) -> None:
         self.store, self.image, self.director, self.keys, self.host, self.port = store, image, director, keys, host, port
+        self.reannounce_s = 10.0  # a device assigned but silent this long is told again (a lost announcement)
+        self._announced: dict[tuple[int, str], float] = {}
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -271,10 +273,16 @@ class RolloutEngine:
             changes.append((m["device"], "assigned", "", now))
             m["state"] = "assigned"
             budget -= 1
-        for m in members:  # assigned but silent for the whole wave
-            if m["state"] == "assigned" and now - r["wave_started"] > spec.wave_timeout_s:
+        for m in members:
+            if m["state"] != "assigned":
+                continue
+            if now - r["wave_started"] > spec.wave_timeout_s:  # assigned but silent for the whole wave
                 changes.append((m["device"], "timeout", "no report within the wave timeout", None))
                 m["state"] = "timeout"
+            elif m["device"] not in moved and now - self._announced.get((rid, m["device"]), m["assigned_at"]) > self.reannounce_s:
+                moved.append(m["device"])  # the retained announcement may have been lost on the way: say it again
+        for device in moved:
+            self._announced[(rid, device)] = now
         self.store.set_device_states(rid, changes)
         if moved:
             announce(self.director, moved, self.host, self.port)
