@@ -29,15 +29,17 @@ from agent.hardware import detect
 from agent.host import ModelHost, ServingModel
 from agent.installer import HealthPolicy, Installer, RollbackError
 from agent.mqtt import make_client
+from agent.predictions import PredictionStats
 from agent.protocol import Command, ProtocolError, device_topic
 from agent.repo_fetcher import MqttFetcher
 from agent.runtimes import probe_all
 from agent.selection import preferred_variants
 from agent.serving import Serving, serving_summary
 from agent.settings import AgentSettings, RuntimeSettings
+from agent.shadow import ShadowRunner
 from agent.store import AgentStore, Job
 from agent.telemetry import Telemetry, system_metrics
-from agent.update import RepositoryUnreachable, TrustedRepos, UpdateRejected, check_for_update
+from agent.update import DirectorPlan, RepositoryUnreachable, TrustedRepos, UpdateRejected, check_director
 
 __all__ = ["Agent"]
 
@@ -55,7 +57,10 @@ class Agent:
         self.store = AgentStore(state / "agent.db")
         self.profile = detect(settings.hardware_root)
         u, rs = settings.update, settings.runtime
-        self.host = ModelHost(u.auto_rollback_failures, on_failing=self._failing)
+        self.host = ModelHost(u.auto_rollback_failures, on_failing=self._failing, on_served=self._served)
+        sv = settings.serving
+        self.predictions = PredictionStats()
+        self.shadow = ShadowRunner(self.host, sv.shadow_queue, sv.shadow_rtol, sv.shadow_atol)
         health = _health_policy(rs)
         self.installer = Installer(
             self.store,
@@ -79,7 +84,7 @@ class Agent:
         self._session = self.store.next_session()
         self._client = self._make_client()
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
-        sv, tm = settings.serving, settings.telemetry
+        tm = settings.telemetry
         self.serving = Serving(
             self.device_id,
             self.host,
@@ -112,6 +117,7 @@ class Agent:
         b = self.settings.broker
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
+        self.shadow.start()
         self.serving.start()
         self.telemetry.start()
         self._client.connect_async(b.host, b.port, keepalive=b.keepalive_s, clean_start=False, properties=props)
@@ -136,6 +142,7 @@ class Agent:
         self.serving.stop(timeout / 2)
         self._events.put(("stop", None))
         self._worker.join(timeout / 2)
+        self.shadow.stop(timeout / 8)
         self.telemetry.stop(flush_timeout=timeout / 4)
         if self._connected.is_set():
             info = self._publish("status", self._status("disconnected"), retain=True)
@@ -201,9 +208,17 @@ class Agent:
         with self._publish_lock:
             return self._client.publish(topic, payload, qos=qos, retain=retain)
 
+    def _served(self, m: ServingModel, inputs: Any, outputs: dict[str, Any], seconds: float) -> None:
+        """Every answered call (on the serving path: only cheap sums and a non-blocking hand-off to the shadow)."""
+        if self.settings.telemetry.prediction_stats:
+            self.predictions.add(m.name, m.version, outputs)
+        self.shadow.offer(m, inputs, outputs, seconds)
+
     def _telemetry(self) -> dict[str, Any]:
         latencies, errors = self.serving.stats.take()
         summary = serving_summary(latencies)
+        predictions = self.predictions.take()
+        shadows = self.shadow.take()
         models = {}
         for name, m in self.host.models().items():
             models[name] = {
@@ -213,6 +228,10 @@ class Agent:
                 "device": m.runtime.describe().device,
                 **summary.get(name, {"count": 0}),
             }
+            if (name, m.version) in predictions:
+                models[name]["predictions"] = predictions[(name, m.version)]
+            if name in shadows:
+                models[name]["shadow"] = shadows[name]
         window = self.settings.telemetry.interval_s
         return {
             "device_id": self.device_id,
@@ -231,10 +250,17 @@ class Agent:
         if interval is None:
             return
         while not self._stopping.wait(interval):
-            if self._worker.is_alive() and self.serving.healthy():
+            if self._worker.is_alive() and self.serving.healthy() and self.shadow.healthy():
                 systemd.notify("WATCHDOG=1")
             else:
-                logs.event(log, "agent.unhealthy", logging.ERROR, worker=self._worker.is_alive(), serving=self.serving.healthy())
+                logs.event(
+                    log,
+                    "agent.unhealthy",
+                    logging.ERROR,
+                    worker=self._worker.is_alive(),
+                    serving=self.serving.healthy(),
+                    shadow=self.shadow.healthy(),
+                )
 
     def reload(self, settings: AgentSettings) -> list[str]:
         """SIGHUP: take what can change live; say which changes need a restart."""
@@ -263,7 +289,7 @@ class Agent:
     def _publish_reported(self) -> None:
         enabled = self.settings.runtime.enabled
         probes = probe_all(enabled)
-        models = {
+        models: dict[str, dict[str, Any]] = {
             name: {
                 "version": m.version,
                 "variant": m.variant,
@@ -274,6 +300,9 @@ class Agent:
             }
             for name, m in self.host.models().items()
         }
+        for name, sm in self.host.shadows().items():
+            if name in models:
+                models[name]["shadow"] = {"version": sm.version, "variant": sm.variant, "sha256": sm.sha256, "runtime": sm.runtime.name}
         installed = [{"model": m.model, "version": m.version, "variant": m.variant, "status": m.status} for m in self.store.installed()]
         self._publish(
             "reported",
@@ -294,7 +323,7 @@ class Agent:
     def _report_job(self, job: Job) -> None:
         self.last_check = {"state": job.state, "job": job.id, "target": job.target_path, "reason": job.reason}
         self._publish(f"jobs/{job.id}", job.report())
-        if job.state in ("ACTIVE", "REJECTED", "FAILED", "ROLLED_BACK"):
+        if job.state in ("ACTIVE", "SHADOW", "REJECTED", "FAILED", "ROLLED_BACK"):
             self._publish_reported()
 
     # -- the worker ------------------------------------------------------------------------
@@ -360,13 +389,14 @@ class Agent:
             job = self.store.unfinished_job()
             if job is not None:
                 self.installer.run(self.installer.resume(job), fetcher)
-            plan = check_for_update(self._repos(fetcher), self.installer.installed(), self.profile, kept=self.installer.kept())
-            if plan is not None:
-                job = self.installer.start(plan)
+            plan = check_director(self._repos(fetcher), self.installer.installed(), self.profile, kept=self.installer.kept())
+            if plan.update is not None:
+                job = self.installer.start(plan.update)
                 if job is not None:
                     self.installer.run(job, fetcher)
             else:
                 self._checked("up_to_date", "")
+            self._follow_shadow(plan, fetcher)
             return True
         except RepositoryUnreachable as exc:
             logs.event(log, "update.unreachable", logging.WARNING, reason=str(exc))
@@ -377,6 +407,19 @@ class Agent:
         finally:
             fetcher.close()
             self.rounds += 1
+
+    def _follow_shadow(self, plan: DirectorPlan, fetcher: MqttFetcher) -> None:
+        """Run the shadow the director names (installing it like an update); drop one it no longer names."""
+        wanted = plan.shadow
+        for model in self.store.shadows():
+            if wanted is None or wanted.model != model:
+                self.installer.drop_shadow(model, "the director no longer names it")
+                self._publish_reported()
+        current = self.store.shadows().get(wanted.model) if wanted is not None else None
+        if wanted is not None and (current is None or current.sha256 != wanted.sha256):
+            job = self.installer.start(wanted, shadow=True)
+            if job is not None:
+                self.installer.run(job, fetcher)
 
     def _checked(self, state: str, reason: str) -> None:
         previous = self.last_check

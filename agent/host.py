@@ -5,12 +5,18 @@ current one in one step under a lock: requests that start after it get the new
 model, requests already running finish on the old one, which is closed only when
 the last of them returns. Inference failures of a freshly activated model are
 counted; past a threshold the host asks for a rollback (``on_failing``).
+
+A model may also have a *shadow*: another version, loaded and health-checked like
+an update, that answers nobody. ``on_served`` sees every answered call (inputs,
+outputs, seconds) so the agent can run the shadow on the same inputs afterwards and
+keep prediction statistics; it must not block (the reply is waiting).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -20,7 +26,7 @@ from agent import logs
 from agent.errors import EdgefleetError, InvalidInput
 from agent.runtimes.base import Runtime
 
-__all__ = ["ModelHost", "ServingModel", "UnknownModel"]
+__all__ = ["ModelHost", "ServedHook", "ServingModel", "UnknownModel"]
 
 log = logging.getLogger("edgefleet.host")
 
@@ -44,11 +50,21 @@ class ServingModel:
     _retired: bool = field(default=False, repr=False)
 
 
+ServedHook = Callable[[ServingModel, Mapping[str, object], dict[str, np.ndarray], float], None]
+
+
 class ModelHost:
-    def __init__(self, failure_threshold: int = 5, on_failing: Callable[[ServingModel, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        failure_threshold: int = 5,
+        on_failing: Callable[[ServingModel, str], None] | None = None,
+        on_served: ServedHook | None = None,
+    ) -> None:
         self.failure_threshold = failure_threshold
         self.on_failing = on_failing
+        self.on_served = on_served
         self._models: dict[str, ServingModel] = {}
+        self._shadows: dict[str, ServingModel] = {}
         self._cond = threading.Condition()
 
     def models(self) -> dict[str, ServingModel]:
@@ -66,7 +82,9 @@ class ModelHost:
                 raise UnknownModel(f"no model {name!r} on this device")
             m.inflight += 1
         try:
+            t0 = time.perf_counter()
             out = m.runtime.infer(inputs)
+            took = time.perf_counter() - t0
         except InvalidInput:
             raise  # the caller's mistake, not the model's
         except Exception as exc:
@@ -75,7 +93,65 @@ class ModelHost:
         else:
             m.failures = 0
             m.served += 1
+            if self.on_served is not None:
+                self.on_served(m, inputs, out, took)
             return out
+        finally:
+            with self._cond:
+                m.inflight -= 1
+                self._cond.notify_all()
+
+    # -- shadows: a second version beside the active one, fed its inputs, answering nobody --------
+
+    def shadow(self, name: str) -> ServingModel | None:
+        with self._cond:
+            return self._shadows.get(name)
+
+    def shadows(self) -> dict[str, ServingModel]:
+        with self._cond:
+            return dict(self._shadows)
+
+    def set_shadow(self, new: ServingModel, drain_timeout: float = 30.0) -> None:
+        with self._cond:
+            old = self._shadows.get(new.name)
+            self._shadows[new.name] = new
+            if old is not None:
+                old._retired = True
+        if old is not None:
+            self._drain(old, drain_timeout)
+        logs.event(log, "host.shadow_set", model=new.name, version=new.version, variant=new.variant, runtime=new.runtime.name)
+
+    def remove_shadow(self, name: str, drain_timeout: float = 30.0) -> ServingModel | None:
+        with self._cond:
+            old = self._shadows.pop(name, None)
+            if old is not None:
+                old._retired = True
+        if old is not None:
+            self._drain(old, drain_timeout)
+            logs.event(log, "host.shadow_removed", model=name, version=old.version)
+        return old
+
+    def take_shadow(self, name: str, sha256: str) -> ServingModel | None:
+        """The loaded shadow with these bytes, no longer a shadow (promoted: ``swap`` it in without loading again)."""
+        with self._cond:
+            m = self._shadows.get(name)
+            if m is None or m.sha256 != sha256:
+                return None
+            del self._shadows[name]
+            self._cond.wait_for(lambda: m.inflight == 0, 30.0)  # the shadow thread's last call on it
+            return m
+
+    def infer_shadow(self, name: str, version: str, inputs: Mapping[str, object]) -> tuple[dict[str, np.ndarray], float] | None:
+        """Run ``name``'s shadow of ``version`` on ``inputs``: (outputs, seconds), or None when that shadow is gone."""
+        with self._cond:
+            m = self._shadows.get(name)
+            if m is None or m.version != version:
+                return None
+            m.inflight += 1
+        try:
+            t0 = time.perf_counter()
+            out = m.runtime.infer(inputs)
+            return out, time.perf_counter() - t0
         finally:
             with self._cond:
                 m.inflight -= 1
@@ -115,5 +191,7 @@ class ModelHost:
         old.runtime.close()  # a request still running past the timeout gets RuntimeClosed, not a crash
 
     def close(self) -> None:
+        for name in list(self.shadows()):
+            self.remove_shadow(name, drain_timeout=5.0)
         for name in list(self.models()):
             self.remove(name, drain_timeout=5.0)

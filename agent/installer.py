@@ -7,6 +7,13 @@ so after a ``kill -9`` ``resume()`` redoes the interrupted step: a download cont
 from its last verified chunk, verification and staging start that step over, a
 health check runs again. Files move by rename only, so a directory under
 ``models/`` is either a complete verified bundle or not there at all.
+
+A *shadow* job (shadow mode) goes through the same states and ends in ``SHADOW``:
+the model is loaded beside the active version and fed its live inputs, serving
+nobody. When the director later names that artifact to run, its job skips the
+download (the bytes are installed and verified) and the loaded shadow is swapped
+in without loading it again; the same skip makes a fleet rollback to a kept
+version instant.
 """
 
 from __future__ import annotations
@@ -96,7 +103,7 @@ class Installer:
     def installed(self) -> dict[str, Installed]:
         """Per model: the active artifact, with the highest release counter ever installed (anti-rollback)."""
         out: dict[str, Installed] = {}
-        everything = self.store.installed()
+        everything = [m for m in self.store.installed() if m.status != "shadow"]  # a shadow never served: no floor
         for model, m in self.store.active().items():
             highest = max(x.release_counter for x in everything if x.model == model)
             out[model] = Installed(highest, m.sha256)
@@ -107,13 +114,13 @@ class Installer:
 
     # -- driving a job -----------------------------------------------------------
 
-    def start(self, update: VerifiedUpdate) -> Job | None:
+    def start(self, update: VerifiedUpdate, shadow: bool = False) -> Job | None:
         """A new job for ``update`` (``None`` when this artifact was refused before); an unfinished other job is abandoned."""
         if self.store.refused(update.sha256) is not None:
             return None
         current = self.store.unfinished_job()
         if current is not None:
-            if current.sha256 == update.sha256:
+            if current.sha256 == update.sha256 and current.shadow == int(shadow):
                 return current
             self._finish(current, State.FAILED, f"superseded by {update.target_path}")
         now = time.time()
@@ -129,6 +136,7 @@ class Installer:
             url=update.url,
             chunks=update.chunks.encode().decode(),
             created=now,
+            shadow=int(shadow),
         )
         self._enter(job, State.IDLE)
         return job
@@ -198,6 +206,9 @@ class Installer:
     # -- the steps ---------------------------------------------------------------
 
     def _begin_download(self, job: Job, source: ChunkSource) -> None:
+        if any(m.sha256 == job.sha256 for m in self.store.installed()) and self._model_dir(job.sha256).is_dir():
+            self._enter(job, State.STAGED, "installed already (a shadow or a kept version): no download")
+            return
         # The archive and its extracted copy both sit on disk until the archive is deleted after staging.
         check_disk_space(self.downloads, 2 * job.length, self.disk_reserve)
         job.offset = 0
@@ -256,10 +267,22 @@ class Installer:
             str(self._model_dir(job.sha256)),
             "staged",
         )
-        try:
-            serving = self.load(installed)
-        except EdgefleetError as exc:
-            raise UpdateRejected(f"health check: {exc}") from exc
+        serving = None if job.shadow else self.host.take_shadow(job.model, job.sha256)
+        if serving is not None:  # promoted: loaded and health-checked when it became the shadow
+            serving.on_probation = True
+        else:
+            try:
+                serving = self.load(installed, probation=not job.shadow)
+            except EdgefleetError as exc:
+                raise UpdateRejected(f"health check: {exc}") from exc
+        if job.shadow:
+            self.host.set_shadow(serving)
+            replaced = self.store.add_shadow(job, installed)
+            if replaced is not None:
+                self._discard(replaced)
+            logs.event(log, "update.state", job=job.id, state=State.SHADOW, target=job.target_path, runtime=serving.runtime.name)
+            self.report(job)
+            return
         self.host.swap(serving)
         self.store.activate(job, installed)
         logs.event(log, "update.state", job=job.id, state=State.ACTIVE, target=job.target_path, runtime=serving.runtime.name)
@@ -296,9 +319,30 @@ class Installer:
         passed_over = [(w, why) for w, why in ranking.excluded + sel.attempts if ":" in w][:8]
         return ServingModel(m.model, m.version, m.variant, m.sha256, sel.runtime, on_probation=probation, passed_over=passed_over)
 
+    def drop_shadow(self, model: str, reason: str) -> InstalledModel | None:
+        """Stop running ``model``'s shadow (the director no longer names it) and delete it unless it serves now."""
+        shadow = self.store.shadows().get(model)
+        self.host.remove_shadow(model)
+        if shadow is None:
+            return None
+        self.store.forget(shadow.sha256)
+        self._discard(shadow)
+        logs.event(log, "update.shadow_dropped", model=model, version=shadow.version, reason=reason)
+        return shadow
+
+    def _discard(self, m: InstalledModel) -> None:
+        if not any(x.sha256 == m.sha256 for x in self.store.installed()):
+            shutil.rmtree(m.path, ignore_errors=True)
+
     def restore(self) -> list[str]:
-        """At start: serve each model's active version (or, if it no longer loads, the newest kept one)."""
+        """At start: serve each model's active version (or, if it no longer loads, the newest kept one), and its shadow."""
         problems = []
+        for model, m in self.store.shadows().items():
+            try:
+                self.host.set_shadow(self.load(m, probation=False))
+            except EdgefleetError as exc:
+                problems.append(f"shadow {model} {m.version}: {exc}")
+                self.drop_shadow(model, f"no longer loads: {exc}")
         for model, m in self.store.active().items():
             try:
                 self.host.swap(self.load(m, probation=False))
@@ -332,7 +376,7 @@ class Installer:
 
     def _prune(self, model: str) -> None:
         """Keep the active version and ``keep_versions`` - 1 previous ones on disk."""
-        kept = [m for m in self.store.installed(model) if m.status != "active"]
+        kept = [m for m in self.store.installed(model) if m.status not in ("active", "shadow")]
         for m in kept[self.keep_versions - 1 :]:
             self.store.forget(m.sha256)
             shutil.rmtree(m.path, ignore_errors=True)

@@ -73,6 +73,11 @@ class ServingSettings(BaseModel):
     # A model averaging under this per call is run on the MQTT thread when the queue is empty (no thread
     # hand-offs); slower models always go through the queue so the MQTT thread never stalls. 0: never.
     inline_below_ms: Annotated[float, Field(ge=0, le=10)] = 0.5
+    # Shadow mode: answered calls waiting for the shadow model; beyond this they are skipped (counted), never waited for.
+    shadow_queue: Annotated[int, Field(ge=1, le=10_000)] = 16
+    # A shadow's row agrees when the top class is the same (class scores) or every value is within atol + rtol * |active|.
+    shadow_rtol: Annotated[float, Field(ge=0)] = 0.01
+    shadow_atol: Annotated[float, Field(ge=0)] = 1e-3
 
 
 class TelemetrySettings(BaseModel):
@@ -81,6 +86,8 @@ class TelemetrySettings(BaseModel):
     interval_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
     outbox_max_batches: Annotated[int, Field(ge=1)] = 10_000  # kept while the broker is away; the oldest go first
     outbox_max_age_s: Annotated[float, Field(gt=0)] = 7 * 86400
+    # Sums of what each model answered (mean, spread, top-class counts) for the controller's drift gate; no answers leave.
+    prediction_stats: bool = True
 
 
 class UpdateSettings(BaseModel):

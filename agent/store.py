@@ -29,7 +29,8 @@ class State:
     FAILED = "FAILED"
     REJECTED = "REJECTED"
     ROLLED_BACK = "ROLLED_BACK"
-    FINAL = frozenset({ACTIVE, FAILED, REJECTED, ROLLED_BACK})
+    SHADOW = "SHADOW"  # a shadow job's success: loaded and health-checked beside the active version, answering nobody
+    FINAL = frozenset({ACTIVE, FAILED, REJECTED, ROLLED_BACK, SHADOW})
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Job:
     attempts: int = 0  # times this job was resumed in HEALTH_CHECK: a model that kills the agent must not loop
     created: float = 0.0
     updated: float = 0.0
+    shadow: int = 0  # 1: install to run beside the active version on live inputs (shadow mode), not to serve
 
     def report(self) -> dict[str, Any]:
         """The job as published on ``dev/{id}/jobs/{job}``."""
@@ -58,7 +60,13 @@ class Job:
         return out
 
 
-_STATUS = {State.ACTIVE: "SUCCEEDED", State.FAILED: "FAILED", State.REJECTED: "REJECTED", State.ROLLED_BACK: "ROLLED_BACK"}
+_STATUS = {
+    State.ACTIVE: "SUCCEEDED",
+    State.SHADOW: "SUCCEEDED",
+    State.FAILED: "FAILED",
+    State.REJECTED: "REJECTED",
+    State.ROLLED_BACK: "ROLLED_BACK",
+}
 
 
 @dataclass
@@ -70,7 +78,7 @@ class InstalledModel:
     release_counter: int
     target_path: str
     path: str  # the extracted bundle directory
-    status: str  # active | kept | rolled_back
+    status: str  # active | kept | rolled_back | shadow
     activated: float = 0.0
 
 
@@ -83,8 +91,13 @@ class AgentStore:
         self._lock = threading.RLock()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.table("jobs").create({f.name: _sql_type(f.type) for f in fields(Job)}, pk="id", if_not_exists=True)
-        self.db.table("installed").create({f.name: _sql_type(f.type) for f in fields(InstalledModel)}, pk="sha256", if_not_exists=True)
+        for table, cls, pk in (("jobs", Job, "id"), ("installed", InstalledModel, "sha256")):
+            columns = {f.name: _sql_type(f.type) for f in fields(cls)}
+            self.db.table(table).create(columns, pk=pk, if_not_exists=True)
+            have = self.db.table(table).columns_dict
+            for name, kind in columns.items():  # a store written by an older agent: add what it lacks
+                if name not in have:
+                    self.db.table(table).add_column(name, kind, not_null_default=0 if kind in (int, float) else "")
         self.db.table("refused").create({"sha256": str, "target_path": str, "reason": str, "at": float}, pk="sha256", if_not_exists=True)
         self.db.table("meta").create({"key": str, "value": int}, pk="key", if_not_exists=True)
         self.db.table("outbox").create({"seq": int, "payload": str, "created": float}, pk="seq", if_not_exists=True)
@@ -155,7 +168,7 @@ class AgentStore:
     def unfinished_job(self) -> Job | None:
         with self._lock:
             rows = list(
-                self.db.table("jobs").rows_where("state NOT IN (?, ?, ?, ?)", sorted(State.FINAL), order_by="created desc", limit=1)
+                self.db.table("jobs").rows_where(f"state NOT IN ({', '.join('?' for _ in State.FINAL)})", sorted(State.FINAL), order_by="created desc", limit=1)
             )
         return Job(**rows[0]) if rows else None
 
@@ -168,6 +181,22 @@ class AgentStore:
 
     def active(self) -> dict[str, InstalledModel]:
         return {m.model: m for m in self.installed() if m.status == "active"}
+
+    def shadows(self) -> dict[str, InstalledModel]:
+        return {m.model: m for m in self.installed() if m.status == "shadow"}
+
+    def add_shadow(self, job: Job, new: InstalledModel) -> InstalledModel | None:
+        """One transaction: ``new`` is the model's shadow (replacing the one before, returned), the job SHADOW."""
+        with self._lock, self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            rows = list(self.db.table("installed").rows_where("model = ? AND status = 'shadow'", [new.model]))
+            before = InstalledModel(**rows[0]) if rows else None
+            self.db.execute("DELETE FROM installed WHERE model = ? AND status = 'shadow'", [new.model])
+            new.status, new.activated = "shadow", time.time()
+            self._replace("installed", asdict(new))
+            job.state, job.updated = State.SHADOW, time.time()
+            self._replace("jobs", asdict(job))
+        return before if before is not None and before.sha256 != new.sha256 else None
 
     def activate(self, job: Job | None, new: InstalledModel) -> None:
         """One transaction: the new model active, the old one kept, the job ACTIVE."""

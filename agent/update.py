@@ -8,6 +8,10 @@ the same length, hashes, model, version, variant and release counter; the releas
 counter must not go backwards; the variant's hardware hints must fit this device.
 The result names the artifact and its verified chunk list; ``agent.download``
 fetches it resumably.
+Besides the one target a device must run, the director may name one *shadow*
+target of the same model (custom field ``shadow: true``): a candidate the device
+runs beside the active version on live inputs without serving it (shadow mode).
+It is verified exactly like the main target.
 Every refusal is an ``UpdateRejected`` with the reason the device reports.
 """
 
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import Metadata, Targets
+from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
@@ -29,7 +33,17 @@ from agent.chunks import CHUNKS_SUFFIX, ChunkManifest, ChunkManifestError
 from agent.errors import EdgefleetError
 from agent.hardware import HardwareProfile
 
-__all__ = ["Installed", "RepositoryUnreachable", "TrustedRepos", "UpdateRejected", "VerifiedUpdate", "check_clock", "check_for_update"]
+__all__ = [
+    "DirectorPlan",
+    "Installed",
+    "RepositoryUnreachable",
+    "TrustedRepos",
+    "UpdateRejected",
+    "VerifiedUpdate",
+    "check_clock",
+    "check_director",
+    "check_for_update",
+]
 
 
 class UpdateRejected(EdgefleetError):
@@ -65,6 +79,15 @@ class Installed:
 
     release_counter: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class DirectorPlan:
+    """What the director wants, verified: ``update`` to install (None: running it already), and the ``shadow``
+    to run beside it (None: no shadow wanted; named even when already running, so the device can tell)."""
+
+    update: VerifiedUpdate | None
+    shadow: VerifiedUpdate | None = None
 
 
 @dataclass
@@ -122,7 +145,18 @@ def check_for_update(
     now: datetime | None = None,
     kept: Collection[str] = (),
 ) -> VerifiedUpdate | None:
-    """What this device should install now, verified; ``None`` when it runs it already.
+    """What this device should install now, verified; ``None`` when it runs it already (``check_director``'s update)."""
+    return check_director(repos, installed, profile, now, kept).update
+
+
+def check_director(
+    repos: TrustedRepos,
+    installed: Mapping[str, Installed],
+    profile: HardwareProfile,
+    now: datetime | None = None,
+    kept: Collection[str] = (),
+) -> DirectorPlan:
+    """What this device should install and run in shadow now, both verified through both repositories.
 
     ``kept`` holds the sha256 of artifacts this device installed before and still
     keeps: the director may point back at one of those (a fleet rollback) even
@@ -142,9 +176,7 @@ def check_for_update(
         raise UpdateRejected(f"malformed target metadata: {type(exc).__name__}: {exc}") from exc
 
 
-def _check(
-    repos: TrustedRepos, installed: Mapping[str, Installed], profile: HardwareProfile, kept: Collection[str]
-) -> VerifiedUpdate | None:
+def _check(repos: TrustedRepos, installed: Mapping[str, Installed], profile: HardwareProfile, kept: Collection[str]) -> DirectorPlan:
     image, director = repos.updaters()
     try:
         director.refresh()
@@ -155,9 +187,40 @@ def _check(
         raise RepositoryUnreachable(f"repository unreachable: {exc}") from exc
     # The director's verified targets, as the Updater persisted them after refresh().
     wanted: Metadata[Targets] = Metadata.from_file(str(repos.director_dir / "targets.json"))
-    if len(wanted.signed.targets) != 1:
-        raise UpdateRejected(f"the director names {len(wanted.signed.targets)} targets; a device runs exactly one")
-    path, dtarget = next(iter(wanted.signed.targets.items()))
+    main = {p: t for p, t in wanted.signed.targets.items() if t.unrecognized_fields.get("custom", {}).get("shadow") is not True}
+    shadows = {p: t for p, t in wanted.signed.targets.items() if p not in main}
+    if len(main) != 1:
+        raise UpdateRejected(f"the director names {len(main)} targets to run; a device runs exactly one")
+    if len(shadows) > 1:
+        raise UpdateRejected(f"the director names {len(shadows)} shadow targets; a device runs at most one")
+    path, dtarget = next(iter(main.items()))
+    itarget = _agreed(image, path, dtarget)
+    model, sha256, counter = _identity(itarget)
+    current = installed.get(model)
+    update = None
+    if current is None or current.sha256 != sha256:
+        if current is not None and counter < current.release_counter and sha256 not in kept:
+            raise UpdateRejected(f"{path} has release counter {counter}, lower than the installed {current.release_counter} (rollback)")
+        update = _verified(image, repos, profile, path, itarget)
+    shadow = None
+    for spath, starget in shadows.items():
+        sinfo = _agreed(image, spath, starget)
+        smodel, ssha, scounter = _identity(sinfo)
+        if smodel != model or ssha == sha256:
+            raise UpdateRejected(f"shadow target {spath} must be another version of {model}, the model the device runs")
+        if current is not None and scounter < current.release_counter:
+            raise UpdateRejected(f"shadow target {spath} has release counter {scounter}, below the installed {current.release_counter}")
+        shadow = _verified(image, repos, profile, spath, sinfo)
+    return DirectorPlan(update, shadow)
+
+
+def _identity(itarget: TargetFile) -> tuple[str, str, int]:
+    custom: dict[str, Any] = itarget.unrecognized_fields.get("custom", {})
+    return str(custom["model"]), itarget.hashes["sha256"], int(custom["release_counter"])
+
+
+def _agreed(image: Updater, path: str, dtarget: TargetFile) -> TargetFile:
+    """The image repository's target for a director target: the same bytes and the same fields, or refused."""
     dcustom: dict[str, Any] = dtarget.unrecognized_fields.get("custom", {})
     itarget = image.get_targetinfo(path)
     if itarget is None:
@@ -165,23 +228,23 @@ def _check(
     icustom: dict[str, Any] = itarget.unrecognized_fields.get("custom", {})
     if dtarget.length != itarget.length or dtarget.hashes != itarget.hashes:
         raise UpdateRejected(f"director and image repository disagree on {path} (length or hashes)")
-    counter = int(icustom["release_counter"])
     for field in ("release_counter", "model", "version", "variant"):
         if str(dcustom.get(field)) != str(icustom.get(field)):
             raise UpdateRejected(f"director and image repository disagree on the {field} of {path}")
-    model, sha256 = str(icustom["model"]), itarget.hashes["sha256"]
-    current = installed.get(model)
-    if current is not None and current.sha256 == sha256:
-        return None
-    if current is not None and counter < current.release_counter and sha256 not in kept:
-        raise UpdateRejected(f"{path} has release counter {counter}, lower than the installed {current.release_counter} (rollback)")
+    return itarget
+
+
+def _verified(image: Updater, repos: TrustedRepos, profile: HardwareProfile, path: str, itarget: TargetFile) -> VerifiedUpdate:
+    icustom: dict[str, Any] = itarget.unrecognized_fields.get("custom", {})
     misfit = _hints_fit(list(icustom.get("hints", [])), profile)
     if misfit is not None:
         raise UpdateRejected(f"variant {icustom['variant']} needs {misfit}, which this device does not have")
     chunks = _chunk_manifest(image, path, itarget.length)
+    sha256 = itarget.hashes["sha256"]
     directory, sep, name = path.rpartition("/")
     url = f"{repos.image_url}targets/{directory}{sep}{sha256}.{name}"
-    return VerifiedUpdate(path, model, str(icustom["version"]), str(icustom["variant"]), counter, itarget.length, sha256, url, chunks)
+    model, version, variant, counter = (str(icustom[k]) for k in ("model", "version", "variant", "release_counter"))
+    return VerifiedUpdate(path, model, version, variant, int(counter), itarget.length, sha256, url, chunks)
 
 
 def _chunk_manifest(image: Updater, path: str, length: int) -> ChunkManifest:

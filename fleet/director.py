@@ -3,9 +3,9 @@
 One TUF repository per device under ``DIR/{device}/metadata``; they share one root
 (signed by the offline root keys once, at ``Director.create``) that gives the
 online ``director`` key the targets, snapshot and timestamp roles. A device's
-targets name exactly one bundle (by the image repository's path, length and
-hashes) and the variant it should install; the agent installs only what both
-repositories agree on.
+targets name exactly one bundle to run (by the image repository's path, length and
+hashes) and the variant it should install, and at most one more marked as a shadow
+(shadow mode); the agent installs only what both repositories agree on.
 """
 
 from __future__ import annotations
@@ -93,8 +93,40 @@ class Director:
     def device_metadata(self, device: str) -> Path:
         return self.directory / valid_device_id(device) / "metadata"
 
-    def assign(self, device: str, image: ImageRepository, model: str, version: str, variant: str, keys: KeyStore) -> TargetFile:
-        """Point ``device`` at ``model`` ``version`` (variant ``variant``), as the image repository lists it."""
+    def assign(
+        self,
+        device: str,
+        image: ImageRepository,
+        model: str,
+        version: str,
+        variant: str,
+        keys: KeyStore,
+        shadow: tuple[str, str] | None = None,
+    ) -> TargetFile:
+        """Point ``device`` at ``model`` ``version`` (variant ``variant``), as the image repository lists it.
+
+        ``shadow`` = (version, variant) also names a second version of the model for the device to run beside
+        it on live inputs, answering nobody (shadow mode); assigning without it ends a shadow.
+        """
+        target = self._target(image, model, version, variant)
+        targets = {target.path: target}
+        if shadow is not None:
+            candidate = self._target(image, model, *shadow)
+            if candidate.path == target.path:
+                raise AssignError(f"{model} {version} cannot shadow itself")
+            candidate.unrecognized_fields["custom"]["shadow"] = True
+            targets[candidate.path] = candidate
+        meta = self.device_metadata(device)
+        meta.mkdir(parents=True, exist_ok=True)
+        for root in self.directory.glob("*.root.json"):  # the whole root chain, so a new device can walk it
+            if not (meta / root.name).exists():
+                shutil.copy(root, meta / root.name)
+        version_now = self._current_version(meta, "targets")
+        self._publish(meta, Metadata(Targets(version=version_now + 1, expires=_now() + self.targets_expiry, targets=targets)), keys)
+        return target
+
+    @staticmethod
+    def _target(image: ImageRepository, model: str, version: str, variant: str) -> TargetFile:
         path = variant_target_path(model, version, variant)
         released = image.targets().signed.targets.get(path)
         if released is None:
@@ -102,11 +134,6 @@ class Director:
                 raise AssignError(f"{model} {version} is not in the image repository")
             raise AssignError(f"{model} {version} has no variant {variant!r}")
         custom = released.unrecognized_fields.get("custom", {})
-        meta = self.device_metadata(device)
-        meta.mkdir(parents=True, exist_ok=True)
-        for root in self.directory.glob("*.root.json"):  # the whole root chain, so a new device can walk it
-            if not (meta / root.name).exists():
-                shutil.copy(root, meta / root.name)
         target = TargetFile(released.length, dict(released.hashes), path)
         target.unrecognized_fields["custom"] = {
             "model": model,
@@ -114,9 +141,6 @@ class Director:
             "variant": variant,
             "release_counter": custom.get("release_counter", 0),
         }
-        version_now = self._current_version(meta, "targets")
-        targets = Targets(version=version_now + 1, expires=_now() + self.targets_expiry, targets={path: target})
-        self._publish(meta, Metadata(targets), keys)
         return target
 
     @staticmethod

@@ -10,6 +10,18 @@ release counter is lower).
 
 Device states: pending → assigned → active | failed | timeout; after an abort every
 moved device → rolled_back.
+
+Shadow mode (``RolloutSpec.shadow``): the rollout starts in phase "shadow". The first
+wave's devices keep serving their version while the director also names the new one
+as their shadow (pending → assigned → shadowing | failed | timeout); they run it on
+their live inputs and report how often it agrees. Only when the shadow gate passes
+(agreement, mean difference, errors, latency of both) does the phase end: the
+shadowing devices go back to pending and the wave proceeds as any other, the agent
+promoting the shadow it already has loaded.
+
+Prediction drift: devices publish sums of what each version answered
+(``agent.predictions``); the health gate compares the wave's distribution on the new
+version with the rest of the fleet's on the old one (top-class shift, mean shift).
 """
 
 from __future__ import annotations
@@ -33,7 +45,8 @@ __all__ = ["Gates", "RolloutEngine", "RolloutError", "RolloutSpec", "matches", "
 log = logging.getLogger("edgefleet.rollout")
 
 RUNNING, PAUSED, DONE, ABORTED, ABORTING = "running", "paused", "done", "aborted", "aborting"
-SETTLED = {"active", "failed", "timeout"}
+SHADOW = "shadow"  # the rollout's phase while its first wave runs the new version in shadow
+SETTLED = {"active", "shadowing", "failed", "timeout"}
 
 
 class RolloutError(EdgefleetError):
@@ -46,6 +59,13 @@ class Gates:
     max_error_rate_increase: float = 0.05  # new version's error rate minus the old one's
     max_p95_ratio: float = 2.0  # new version's p95 latency / the old one's
     min_requests: int = 0  # below this many answers on the new version the health gate waits (until wave_timeout)
+    # prediction drift (devices that publish prediction sums); None: not checked
+    max_class_shift: float | None = None  # total variation distance of the top-class distribution, 0..1
+    max_mean_shift: float | None = None  # mean output moved by this many of the old version's standard deviations
+    # shadow mode
+    min_agreement: float | None = 0.95  # share of live inputs on which the shadow's answer agrees
+    max_shadow_diff: float | None = None  # mean absolute difference of the outputs
+    shadow_min_compared: int = 100  # live inputs compared before judging (waits until wave_timeout, then aborts)
 
 
 @dataclass
@@ -59,6 +79,7 @@ class RolloutSpec:
     soak_s: float = 0.0
     wave_timeout_s: float = 600.0  # offline devices are retried until then, then counted as timeout
     gates: Gates = field(default_factory=Gates)
+    shadow: bool = False  # the first wave runs the new version in shadow, judged by the shadow gate, before switching
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,7 +209,13 @@ class RolloutEngine:
                 [(d.id, str(d.models.get(spec.model, {}).get("version", "")), spec.variant or pick_variant(available, d)) for d in members]
             )
             start = end
-        rid = self.store.create_rollout(spec.to_json(), waves)
+        if spec.shadow:
+            for device, previous, _ in waves[0]:
+                if not previous:
+                    raise RolloutError(f"--shadow: {device} runs no version of {spec.model}, so nothing to compare the shadow with")
+                if previous == spec.version:
+                    raise RolloutError(f"--shadow: {device} runs {spec.model} {spec.version} already")
+        rid = self.store.create_rollout(spec.to_json(), waves, phase=SHADOW if spec.shadow else "")
         logs.event(log, "rollout.started", id=rid, model=spec.model, version=spec.version, devices=len(chosen), waves=len(waves))
         return rid
 
@@ -233,6 +260,7 @@ class RolloutEngine:
 
     def _step(self, r: dict[str, Any], now: float) -> None:
         rid, spec, wave = r["id"], RolloutSpec.from_json(r["spec"]), r["wave"]
+        shadow = r.get("phase") == SHADOW
         target = lambda variant: variant_target_path(spec.model, spec.version, variant)  # noqa: E731
         members = self.store.rollout_devices(rid, wave)
         devices = {d.id: d for d in self.store.devices()}
@@ -242,9 +270,12 @@ class RolloutEngine:
             d = devices.get(m["device"])
             if m["state"] != "assigned" or d is None:
                 continue
-            if d.models.get(spec.model, {}).get("version") == spec.version:
-                changes.append((m["device"], "active", "", None))
-                m["state"] = "active"
+            running = d.models.get(spec.model, {})
+            reports = (running.get("shadow") or {}) if shadow else running
+            if reports.get("version") == spec.version:
+                done = "shadowing" if shadow else "active"
+                changes.append((m["device"], done, "", None))
+                m["state"] = done
                 continue
             job = self.store.last_job(m["device"], target(m["variant"]))
             if job and job["state"] in ("REJECTED", "FAILED") and job["ts"] >= m["assigned_at"] - 1:
@@ -268,7 +299,12 @@ class RolloutEngine:
                     changes.append((m["device"], "timeout", "offline for the whole wave", None))
                     m["state"] = "timeout"
                 continue
-            self.director.assign(m["device"], self.image, spec.model, spec.version, m["variant"], self.keys)
+            if shadow:  # keep serving what it runs (those exact bytes: its own variant), the new version beside it
+                serving_variant = self._variant_of(spec.model, m["previous"], str(d.models.get(spec.model, {}).get("variant", "")))
+                candidate = (spec.version, m["variant"])
+                self.director.assign(m["device"], self.image, spec.model, m["previous"], serving_variant, self.keys, shadow=candidate)
+            else:
+                self.director.assign(m["device"], self.image, spec.model, spec.version, m["variant"], self.keys)
             moved.append(m["device"])
             changes.append((m["device"], "assigned", "", now))
             m["state"] = "assigned"
@@ -293,11 +329,19 @@ class RolloutEngine:
             r["wave_done"] = now
         if now - r["wave_done"] < spec.soak_s:
             return
-        verdict = self._health_gate(rid, spec, r, now)
+        verdict = self._shadow_gate(spec, r, members, now) if shadow else self._health_gate(rid, spec, r, now)
         if verdict == "wait":
             return
         if verdict:
             self._abort(r, verdict)
+            return
+        if shadow:  # the shadow convinced: the same wave now switches for real
+            back: list[tuple[str, str, str, float | None]] = [
+                (m["device"], "pending", "shadow gate passed", None) for m in members if m["state"] == "shadowing"
+            ]
+            self.store.set_device_states(rid, back)
+            self.store.update_rollout(rid, phase="", wave_started=now, wave_done=0)
+            logs.event(log, "rollout.shadow_passed", id=rid, devices=len(back))
             return
         last = len(spec.waves) - 1
         if wave >= last or not self.store.rollout_devices(rid, wave + 1):
@@ -334,6 +378,62 @@ class RolloutEngine:
             ratio = new.p95_ms / max(old_p95[len(old_p95) // 2], 1e-6)
             if ratio > spec.gates.max_p95_ratio:
                 return f"health gate: p95 latency {ratio:.1f}x the previous version's (limit {spec.gates.max_p95_ratio:g}x)"
+        return self._drift_gate(spec, since, [m["device"] for m in moved], previous)
+
+    def _drift_gate(self, spec: RolloutSpec, since: float, moved: list[str], previous: set[str]) -> str:
+        """The new version's answers on the moved devices against the old version's on the rest of the fleet.
+
+        Skipped when no threshold is set or either side published no prediction sums; against several old
+        versions, the one with the most answers in the window is the baseline.
+        """
+        g = spec.gates
+        if (g.max_class_shift is None and g.max_mean_shift is None) or not previous:
+            return ""
+        new = self.store.distribution(spec.model, spec.version, since, moved)
+        olds = {v: self.store.distribution(spec.model, v, since) for v in sorted(previous)}
+        base, old = max(olds.items(), key=lambda kv: kv[1].rows)
+        if not new.rows or not old.rows:
+            return ""
+        shift = new.class_shift(old)
+        if g.max_class_shift is not None and shift is not None and shift > g.max_class_shift:
+            return (
+                f"health gate: prediction drift: {shift:.1%} of answers moved top class against {base}"
+                f" ({new.rows} answers on {spec.version}; limit {g.max_class_shift:.1%})"
+            )
+        mean_shift = new.mean_shift(old)
+        if g.max_mean_shift is not None and mean_shift is not None and mean_shift > g.max_mean_shift:
+            return (
+                f"health gate: prediction drift: mean output moved {mean_shift:.2f} standard deviations from {base}'s"
+                f" (limit {g.max_mean_shift:g})"
+            )
+        return ""
+
+    def _shadow_gate(self, spec: RolloutSpec, r: dict[str, Any], members: list[dict[str, Any]], now: float) -> str:
+        """'' to switch the wave, 'wait' for more comparisons, or why to abort before any device switched."""
+        g = spec.gates
+        shadowing = [m["device"] for m in members if m["state"] == "shadowing"]
+        if not shadowing:
+            return "shadow gate: no device of the first wave ran the shadow"
+        h = self.store.shadow_health(spec.model, spec.version, r["wave_started"], shadowing)
+        if h.compared < g.shadow_min_compared:
+            if now - r["wave_started"] < spec.wave_timeout_s:
+                return "wait"
+            return f"shadow gate: only {h.compared} live inputs compared within the wave timeout (need {g.shadow_min_compared})"
+        if h.errors / (h.errors + h.compared) > g.max_error_rate_increase:
+            return f"shadow gate: {spec.version} failed {h.errors} calls in shadow against {h.compared} compared"
+        agreement = h.agreement or 0.0
+        if g.min_agreement is not None and agreement < g.min_agreement:
+            return (
+                f"shadow gate: {spec.version} agreed with the serving version on {agreement:.1%} of {h.compared} live inputs"
+                f" (need {g.min_agreement:.1%})"
+            )
+        if g.max_shadow_diff is not None and h.mean_abs_diff is not None and h.mean_abs_diff > g.max_shadow_diff:
+            return f"shadow gate: mean absolute difference {h.mean_abs_diff:.4g} from the serving version (limit {g.max_shadow_diff:g})"
+        if h.p95_ms is not None and h.active_p95_ms:
+            ratio = h.p95_ms / max(h.active_p95_ms, 1e-6)
+            if ratio > g.max_p95_ratio:
+                return f"shadow gate: p95 latency in shadow {ratio:.1f}x the serving version's (limit {g.max_p95_ratio:g}x)"
+        logs.event(log, "rollout.shadow_gate", id=r["id"], compared=h.compared, agreement=f"{agreement:.4f}", devices=h.devices)
         return ""
 
     def _abort(self, r: dict[str, Any], reason: str) -> int:
@@ -342,7 +442,7 @@ class RolloutEngine:
         back: list[str] = []
         changes: list[tuple[str, str, str, float | None]] = []
         for m in self.store.rollout_devices(rid):
-            if m["state"] not in ("assigned", "active", "failed", "timeout") or not m["assigned_at"]:
+            if m["state"] == "rolled_back" or not m["assigned_at"]:  # never moved (a pending one may have shadowed)
                 continue
             if m["previous"]:
                 variant = self._variant_of(spec.model, m["previous"], m["variant"])

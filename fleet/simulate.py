@@ -6,7 +6,10 @@ messages by fetching its director metadata through the repository server (the sa
 request/reply messages the agent uses — without checking signatures: it is a stand-in),
 reports every update state on its job topic, and sends telemetry batches. A
 ``Behaviour`` makes a share of the devices reject a version, or serve it slowly or
-with errors, to exercise the rollout gates.
+with errors, disagree with the version it shadows, or answer with another
+distribution (prediction drift), to exercise the rollout gates. A shadow target in
+the director's metadata is "run" beside the active version and reported as the
+agent reports it.
 """
 
 from __future__ import annotations
@@ -35,20 +38,31 @@ class Behaviour:
     reject: bool = False
     latency_x: float = 1.0
     error_rate: float = 0.0
+    agreement: float = 1.0  # in shadow: the share of live inputs on which it agrees with the serving version
+    class_shift: float = 0.0  # this share of its answers move to class 0 (the others are spread evenly)
+    mean_shift: float = 0.0  # its mean output moves by this many standard deviations
 
     @classmethod
     def parse(cls, text: str) -> Behaviour:
-        """``VERSION:share=0.4,reject`` or ``VERSION:latency=5,errors=0.3``."""
+        """``VERSION:share=0.4,reject`` or ``VERSION:latency=5,errors=0.3,agree=0.6,class_shift=0.5,mean_shift=2``."""
         version, _, rest = text.partition(":")
         kw: dict[str, Any] = {"version": version}
+        names = {
+            "share": "share",
+            "latency": "latency_x",
+            "errors": "error_rate",
+            "agree": "agreement",
+            "class_shift": "class_shift",
+            "mean_shift": "mean_shift",
+        }
         for item in filter(None, rest.split(",")):
             key, _, value = item.partition("=")
             if key == "reject":
                 kw["reject"] = True
-            elif key in ("share", "latency", "errors"):
-                kw[{"share": "share", "latency": "latency_x", "errors": "error_rate"}[key]] = float(value)
+            elif key in names:
+                kw[names[key]] = float(value)
             else:
-                raise ValueError(f"unknown behaviour {item!r}: share=, reject, latency=, errors=")
+                raise ValueError(f"unknown behaviour {item!r}: share=, reject, {'=, '.join(list(names)[1:])}=")
         return cls(**kw)
 
     def applies(self, device: str, version: str) -> bool:
@@ -59,10 +73,14 @@ def hash_share(device: str) -> float:
     return (int(uuid.uuid5(uuid.NAMESPACE_DNS, device).hex[:8], 16) % 10000) / 10000
 
 
+SIM_CLASSES = 4  # the simulated model answers one of four classes, evenly spread unless a behaviour shifts them
+
+
 @dataclass
 class SimDevice:
     id: str
     model_versions: dict[str, str] = field(default_factory=dict)
+    shadows: dict[str, str] = field(default_factory=dict)  # model -> the version it runs in shadow
     seq: int = 0
 
 
@@ -153,7 +171,12 @@ class Simulator:
                 updates.put_nowait(payload)
 
     async def _report(self, client: Any, d: SimDevice) -> None:
-        models = {m: {"version": v, "variant": "onnx-fp32", "runtime": "onnx", "device": "CPU"} for m, v in d.model_versions.items()}
+        models: dict[str, dict[str, Any]] = {
+            m: {"version": v, "variant": "onnx-fp32", "runtime": "onnx", "device": "CPU"} for m, v in d.model_versions.items()
+        }
+        for m, v in d.shadows.items():
+            if m in models:
+                models[m]["shadow"] = {"version": v, "variant": "onnx-fp32", "runtime": "onnx"}
         body = {
             "device_id": d.id,
             "agent_version": "sim",
@@ -189,22 +212,40 @@ class Simulator:
                 )
             except (LookupError, KeyError, ValueError, asyncio.TimeoutError):
                 continue
-            for path, target in targets["signed"]["targets"].items():
-                custom = target.get("custom", {})
+            named = targets["signed"]["targets"].items()
+            main = [(p, t.get("custom", {})) for p, t in named if t.get("custom", {}).get("shadow") is not True]
+            shadows = {t["custom"].get("model", ""): (p, t["custom"]) for p, t in named if t.get("custom", {}).get("shadow") is True}
+            for model in [m for m in d.shadows if m not in shadows]:
+                del d.shadows[model]  # the director no longer names it: dropped
+                await self._report(client, d)
+            for path, custom in main:
                 model, version = custom.get("model", ""), custom.get("version", "")
                 if d.model_versions.get(model) == version:
                     continue
-                job = f"{time.time():.0f}-{uuid.uuid4().hex[:8]}"
-                behaviour = self._behaviour(d.id, version)
-                states = ["DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK"]
-                for state in states:
-                    await self._job(client, d, job, path, model, version, state, "")
-                if behaviour is not None and behaviour.reject:
-                    await self._job(client, d, job, path, model, version, "REJECTED", "health check: golden sample error (simulated)")
+                if await self._install(client, d, path, model, version, "ACTIVE"):
+                    d.model_versions[model] = version
+                    if d.shadows.get(model) == version:
+                        del d.shadows[model]  # promoted
+                    await self._report(client, d)
+            for model, (path, custom) in shadows.items():
+                version = custom.get("version", "")
+                if d.shadows.get(model) == version:
                     continue
-                d.model_versions[model] = version
-                await self._job(client, d, job, path, model, version, "ACTIVE", "")
-                await self._report(client, d)
+                if await self._install(client, d, path, model, version, "SHADOW"):
+                    d.shadows[model] = version
+                    await self._report(client, d)
+
+    async def _install(self, client: Any, d: SimDevice, path: str, model: str, version: str, final: str) -> bool:
+        """Job states up to ``final`` (ACTIVE or SHADOW), or REJECTED when a behaviour says so."""
+        job = f"{time.time():.0f}-{uuid.uuid4().hex[:8]}"
+        for state in ("DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK"):
+            await self._job(client, d, job, path, model, version, state, "")
+        behaviour = self._behaviour(d.id, version)
+        if behaviour is not None and behaviour.reject:
+            await self._job(client, d, job, path, model, version, "REJECTED", "health check: golden sample error (simulated)")
+            return False
+        await self._job(client, d, job, path, model, version, final, "")
+        return True
 
     async def _job(self, client: Any, d: SimDevice, job: str, path: str, model: str, version: str, state: str, reason: str) -> None:
         body = {"id": job, "target_path": path, "model": model, "version": version, "state": state, "reason": reason, "ts": time.time()}
@@ -221,18 +262,48 @@ class Simulator:
                 b = self._behaviour(d.id, version)
                 latency = self.base_latency_ms * (b.latency_x if b else 1.0) * rng.uniform(0.9, 1.1)
                 errors = int(self.requests_per_batch * (b.error_rate if b else 0.0))
+                answered = self.requests_per_batch - errors
                 models[model] = {
                     "version": version,
-                    "count": self.requests_per_batch - errors,
+                    "count": answered,
                     "errors": errors,
                     "p50_ms": latency * 0.8,
                     "p95_ms": latency,
                     "p99_ms": latency * 1.2,
+                    "predictions": _predictions(answered, b),
                 }
+                if model in d.shadows:
+                    models[model]["shadow"] = self._shadow_window(d, d.shadows[model], answered, latency, rng)
             body = {"seq": d.seq, "ts": time.time(), "device_id": d.id, "models": models, "errors": {}, "queue_depth": 0, "simulated": True}
             await client.publish(device_topic(d.id, "telemetry"), json.dumps(body), qos=1)
             self.sent["telemetry"] += 1
             await asyncio.sleep(self.telemetry_s)
+
+
+    def _shadow_window(self, d: SimDevice, version: str, compared: int, active_ms: float, rng: random.Random) -> dict[str, Any]:
+        b = self._behaviour(d.id, version)
+        agreed = round(compared * (b.agreement if b else 1.0))
+        return {
+            "version": version,
+            "kind": "top1",
+            "compared": compared,
+            "agreed": agreed,
+            "abs_diff_sum": 0.5 * (compared - agreed),
+            "values": compared * SIM_CLASSES,
+            "mismatched": 0,
+            "errors": int(compared * (b.error_rate if b else 0.0)),
+            "skipped": 0,
+            "p95_ms": self.base_latency_ms * (b.latency_x if b else 1.0) * rng.uniform(0.9, 1.1),
+            "active_p95_ms": active_ms,
+        }
+
+
+def _predictions(rows: int, b: Behaviour | None) -> dict[str, Any]:
+    """Prediction sums as the agent publishes them: outputs of mean 0 and spread 1, answers spread over the classes."""
+    mean, shift = (b.mean_shift, b.class_shift) if b else (0.0, 0.0)
+    share = [(1 - shift) / SIM_CLASSES + (shift if c == 0 else 0.0) for c in range(SIM_CLASSES)]
+    classes = [round(rows * p) for p in share]
+    return {"output": "y", "rows": rows, "values": rows, "sum": rows * mean, "sumsq": rows * (1 + mean * mean), "classes": classes}
 
 
 class SimulatorThread:

@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlite_utils
 
-__all__ = ["Device", "FleetStore", "Health"]
+__all__ = ["Device", "Distribution", "FleetStore", "Health", "ShadowHealth"]
 
 
 @dataclass
@@ -52,6 +52,52 @@ class Health:
     def error_rate(self) -> float:
         total = self.requests + self.errors
         return self.errors / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """What one model version answered over a window, summed over devices (``agent.predictions``)."""
+
+    rows: int
+    values: int
+    mean: float | None
+    std: float | None
+    classes: list[int] | None  # how often each class came out on top, for class-score outputs
+    devices: int
+
+    def class_shift(self, before: Distribution) -> float | None:
+        """Total variation distance between the two top-class distributions: the share of answers that moved class."""
+        if not self.classes or not before.classes or len(self.classes) != len(before.classes):
+            return None
+        n, m = sum(self.classes), sum(before.classes)
+        if not n or not m:
+            return None
+        return 0.5 * sum(abs(a / n - b / m) for a, b in zip(self.classes, before.classes))
+
+    def mean_shift(self, before: Distribution) -> float | None:
+        """How far the mean output moved, in the earlier version's standard deviations."""
+        if self.mean is None or before.mean is None or before.std is None:
+            return None
+        return abs(self.mean - before.mean) / max(before.std, 1e-12)
+
+
+@dataclass(frozen=True)
+class ShadowHealth:
+    """A shadow version on some devices over a window: how often it agreed with the version serving there."""
+
+    compared: int
+    agreed: int
+    mean_abs_diff: float | None
+    errors: int
+    skipped: int
+    mismatched: int
+    p95_ms: float | None  # the median of the devices' shadow p95s
+    active_p95_ms: float | None  # the same for the version serving, on the same calls
+    devices: int
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.compared if self.compared else None
 
 
 class FleetStore:
@@ -99,6 +145,41 @@ class FleetStore:
         )
         self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts)")
         self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_model ON telemetry (model, version, ts)")
+        t("predictions").create(
+            {
+                "device": str,
+                "ts": float,
+                "model": str,
+                "version": str,
+                "rows": int,
+                "n": int,
+                "total": float,
+                "total_sq": float,
+                "classes": str,
+            },
+            if_not_exists=True,
+        )
+        self.db.execute("CREATE INDEX IF NOT EXISTS predictions_model ON predictions (model, version, ts)")
+        t("shadow").create(
+            {
+                "device": str,
+                "ts": float,
+                "model": str,
+                "version": str,
+                "shadow_version": str,
+                "compared": int,
+                "agreed": int,
+                "abs_diff_sum": float,
+                "n": int,
+                "mismatched": int,
+                "errors": int,
+                "skipped": int,
+                "p95_ms": float,
+                "active_p95_ms": float,
+            },
+            if_not_exists=True,
+        )
+        self.db.execute("CREATE INDEX IF NOT EXISTS shadow_model ON shadow (model, shadow_version, ts)")
         t("jobs").create(
             {"device": str, "job": str, "target": str, "state": str, "reason": str, "ts": float}, pk=("device", "job"), if_not_exists=True
         )
@@ -113,10 +194,13 @@ class FleetStore:
                 "updated": float,
                 "wave_started": float,
                 "wave_done": float,
+                "phase": str,
             },
             pk="id",
             if_not_exists=True,
         )
+        if "phase" not in t("rollouts").columns_dict:  # a store from before shadow mode
+            t("rollouts").add_column("phase", str, not_null_default="")
         t("rollout_devices").create(
             {
                 "rollout": int,
@@ -206,19 +290,64 @@ class FleetStore:
         devices[device] = d
 
     def _telemetry(self, device: str, data: dict[str, Any]) -> None:
+        """Every row of the message is checked before any is written: a malformed message leaves nothing behind."""
         ts = float(data.get("ts", time.time()))
         errors_total = sum(int(v) for v in dict(data.get("errors", {})).values())
         models = dict(data.get("models", {}))
+        rows: list[tuple[str, list[Any]]] = []
         for name, m in models.items():
             errors = int(m.get("errors", errors_total if len(models) == 1 else 0))
-            self.db.execute(
-                "INSERT INTO telemetry VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [device, int(data.get("seq", 0)), ts, name, str(m.get("version", "")), int(m.get("count", 0)), errors, m.get("p95_ms")],
+            version, p95 = str(m.get("version", "")), m.get("p95_ms")
+            rows.append(
+                (
+                    "telemetry",
+                    [device, int(data.get("seq", 0)), ts, str(name), version, int(m.get("count", 0)), errors, _opt_float(p95)],
+                )
             )
+            if m.get("predictions") is not None:
+                p = dict(m["predictions"])
+                classes = p.get("classes")
+                if classes is not None and (not isinstance(classes, list) or len(classes) > 100_000):
+                    raise ValueError("predictions.classes must be a list of counts")
+                counts = json.dumps([int(c) for c in classes]) if classes is not None else None
+                rows.append(
+                    (
+                        "predictions",
+                        [device, ts, str(name), version, int(p["rows"]), int(p["values"]), float(p["sum"]), float(p["sumsq"]), counts],
+                    )
+                )
+            if m.get("shadow") is not None:
+                sh = dict(m["shadow"])
+                rows.append(
+                    (
+                        "shadow",
+                        [
+                            device,
+                            ts,
+                            str(name),
+                            version,
+                            str(sh["version"]),
+                            int(sh.get("compared", 0)),
+                            int(sh.get("agreed", 0)),
+                            float(sh.get("abs_diff_sum", 0.0)),
+                            int(sh.get("values", 0)),
+                            int(sh.get("mismatched", 0)),
+                            int(sh.get("errors", 0)),
+                            int(sh.get("skipped", 0)),
+                            _opt_float(sh.get("p95_ms")),
+                            _opt_float(sh.get("active_p95_ms")),
+                        ],
+                    )
+                )
+        for table, row in rows:
+            self.db.execute(f"INSERT INTO {table} VALUES ({', '.join('?' for _ in row)})", row)
 
     def prune_telemetry(self, keep_s: float) -> int:
         with self._lock:
-            return int(self.db.execute("DELETE FROM telemetry WHERE ts < ?", [time.time() - keep_s]).rowcount)
+            cutoff = time.time() - keep_s
+            for table in ("predictions", "shadow"):
+                self.db.execute(f"DELETE FROM {table} WHERE ts < ?", [cutoff])
+            return int(self.db.execute("DELETE FROM telemetry WHERE ts < ?", [cutoff]).rowcount)
 
     # -- devices ------------------------------------------------------------------------------
 
@@ -274,20 +403,70 @@ class FleetStore:
 
     def health(self, model: str, version: str, since: float, devices: Iterable[str] | None = None) -> Health:
         """The model version's requests, errors and p95 since ``since`` (optionally on these devices only)."""
-        where, args = "model = ? AND version = ? AND ts >= ?", [model, version, since]
-        chosen = list(devices) if devices is not None else None
+        where, args = self._window(model, version, since, devices)
         with self._lock:
-            if chosen is not None:
-                if not chosen:
-                    return Health(0, 0, None, 0)
-                where += f" AND device IN ({', '.join('?' for _ in chosen)})"
-                args += chosen
             row = self.db.execute(
                 f"SELECT sum(requests), sum(errors), count(DISTINCT device) FROM telemetry WHERE {where}", args
             ).fetchone()
             p95s = sorted(r[0] for r in self.db.execute(f"SELECT p95_ms FROM telemetry WHERE {where} AND p95_ms IS NOT NULL", args))
         p95 = p95s[len(p95s) // 2] if p95s else None
         return Health(int(row[0] or 0), int(row[1] or 0), p95, int(row[2] or 0))
+
+    @staticmethod
+    def _window(
+        model: str, version: str, since: float, devices: Iterable[str] | None, version_column: str = "version"
+    ) -> tuple[str, list[Any]]:
+        """The WHERE clause of one model version's rows since ``since``, on ``devices`` when given (none: no rows)."""
+        where, args = f"model = ? AND {version_column} = ? AND ts >= ?", [model, version, since]
+        if devices is not None:
+            chosen = list(devices)
+            where += f" AND device IN ({', '.join('?' for _ in chosen)})" if chosen else " AND 0"
+            args += chosen
+        return where, args
+
+    def distribution(self, model: str, version: str, since: float, devices: Iterable[str] | None = None) -> Distribution:
+        """What ``version`` answered since ``since`` (optionally on these devices only), from the devices' prediction sums."""
+        where, args = self._window(model, version, since, devices)
+        with self._lock:
+            row = self.db.execute(
+                f"SELECT sum(rows), sum(n), sum(total), sum(total_sq), count(DISTINCT device) FROM predictions WHERE {where}", args
+            ).fetchone()
+            class_rows = [r[0] for r in self.db.execute(f"SELECT classes FROM predictions WHERE {where} AND classes IS NOT NULL", args)]
+        rows, n, total, total_sq = int(row[0] or 0), int(row[1] or 0), float(row[2] or 0.0), float(row[3] or 0.0)
+        mean = total / n if n else None
+        std = max(total_sq / n - mean * mean, 0.0) ** 0.5 if n and mean is not None else None
+        classes: list[int] | None = None
+        for counts in (json.loads(text) for text in class_rows):
+            if classes is None:
+                classes = counts
+            elif len(classes) == len(counts):  # another width (a different output shape) is not comparable: left out
+                classes = [a + b for a, b in zip(classes, counts)]
+        return Distribution(rows, n, mean, std, classes, int(row[4] or 0))
+
+    def shadow_health(self, model: str, shadow_version: str, since: float, devices: Iterable[str] | None = None) -> ShadowHealth:
+        """How ``shadow_version``, run in shadow, agreed with the serving version since ``since``."""
+        where, args = self._window(model, shadow_version, since, devices, version_column="shadow_version")
+        with self._lock:
+            row = self.db.execute(
+                "SELECT sum(compared), sum(agreed), sum(abs_diff_sum), sum(n), sum(errors), sum(skipped), sum(mismatched),"
+                f" count(DISTINCT device) FROM shadow WHERE {where}",
+                args,
+            ).fetchone()
+            latencies = self.db.execute(f"SELECT p95_ms, active_p95_ms FROM shadow WHERE {where} AND p95_ms IS NOT NULL", args).fetchall()
+        n = int(row[3] or 0)
+        shadow_p95 = sorted(r[0] for r in latencies)
+        active_p95 = sorted(r[1] for r in latencies if r[1] is not None)
+        return ShadowHealth(
+            int(row[0] or 0),
+            int(row[1] or 0),
+            float(row[2] or 0.0) / n if n else None,
+            int(row[4] or 0),
+            int(row[5] or 0),
+            int(row[6] or 0),
+            shadow_p95[len(shadow_p95) // 2] if shadow_p95 else None,
+            active_p95[len(active_p95) // 2] if active_p95 else None,
+            int(row[7] or 0),
+        )
 
     def series(self, since: float, bucket_s: float = 10.0) -> list[dict[str, Any]]:
         """Per model version and time bucket: requests, errors, the median of the devices' p95s (the dashboard's charts)."""
@@ -322,15 +501,18 @@ class FleetStore:
 
     # -- rollouts -----------------------------------------------------------------------------
 
-    def create_rollout(self, spec: dict[str, Any], waves: list[list[tuple[str, str, str]]]) -> int:
-        """A rollout and its devices (per wave: device, previous version, variant), in one transaction."""
+    def create_rollout(self, spec: dict[str, Any], waves: list[list[tuple[str, str, str]]], phase: str = "") -> int:
+        """A rollout and its devices (per wave: device, previous version, variant), in one transaction.
+
+        ``phase`` "shadow": the first wave runs the new version in shadow before any device switches.
+        """
         now = time.time()
         with self._lock, self.db.conn:
             self.db.execute("BEGIN IMMEDIATE")
             cur = self.db.execute(
-                "INSERT INTO rollouts (spec, state, wave, reason, created, updated, wave_started, wave_done)"
-                " VALUES (?, 'running', 0, '', ?, ?, ?, 0)",
-                [json.dumps(spec), now, now, now],
+                "INSERT INTO rollouts (spec, state, wave, reason, created, updated, wave_started, wave_done, phase)"
+                " VALUES (?, 'running', 0, '', ?, ?, ?, 0, ?)",
+                [json.dumps(spec), now, now, now, phase],
             )
             rid = int(cur.lastrowid or 0)
             for w, members in enumerate(waves):
@@ -343,11 +525,11 @@ class FleetStore:
     def rollout(self, rid: int) -> dict[str, Any] | None:
         with self._lock:
             r = self.db.execute(
-                "SELECT id, spec, state, wave, reason, created, updated, wave_started, wave_done FROM rollouts WHERE id = ?", [rid]
+                "SELECT id, spec, state, wave, reason, created, updated, wave_started, wave_done, phase FROM rollouts WHERE id = ?", [rid]
             ).fetchone()
         if r is None:
             return None
-        keys = ("id", "spec", "state", "wave", "reason", "created", "updated", "wave_started", "wave_done")
+        keys = ("id", "spec", "state", "wave", "reason", "created", "updated", "wave_started", "wave_done", "phase")
         out = dict(zip(keys, r))
         out["spec"] = json.loads(r[1])
         return out
@@ -388,6 +570,10 @@ class FleetStore:
                         "UPDATE rollout_devices SET state = ?, reason = ?, assigned_at = ? WHERE rollout = ? AND device = ?",
                         [state, reason, assigned_at, rid, device],
                     )
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _device(row: tuple[Any, ...]) -> Device:

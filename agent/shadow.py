@@ -1,0 +1,189 @@
+"""Shadow mode: run a candidate version on the live inputs of the active one, after the reply, and compare.
+
+Why: golden samples say a model computes what its converter meant; only the
+fleet's real inputs say whether it agrees with the model it replaces. The shadow
+answers nobody: ``ShadowRunner.offer`` (called by ``ModelHost`` once the active
+model has answered) only queues the inputs and the active outputs; one thread runs
+the shadow and compares. The queue is bounded — when the shadow cannot keep up,
+calls are skipped and counted, never waited for — so a slow candidate costs the
+device spare CPU, not latency.
+
+Agreement is per row: for a class-score output (last dimension 2 or more) the top
+class must be the same (top-1 agreement); otherwise every value must be within
+``atol + rtol * |active|``. A shadow whose outputs have other names or shapes
+disagrees on every row.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent import logs
+from agent.host import ModelHost, ServingModel
+
+__all__ = ["Comparison", "ShadowRunner", "compare_outputs"]
+
+log = logging.getLogger("edgefleet.shadow")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rows: int
+    agreed: int
+    abs_diff_sum: float  # over every compared value
+    values: int
+    kind: str  # "top1" (class scores) or "close" (values within tolerance)
+    mismatched: bool = False  # other output names or shapes
+
+
+def _rows(a: np.ndarray) -> int:
+    return int(a.shape[0]) if a.ndim else 1
+
+
+def compare_outputs(active: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray], rtol: float, atol: float) -> Comparison:
+    first = next(iter(active.values()), np.zeros(0))
+    rows = _rows(first)
+    kind = "top1" if first.ndim >= 2 and first.shape[-1] >= 2 else "close"
+    if set(active) != set(shadow) or any(np.shape(shadow[k]) != a.shape for k, a in active.items()):
+        return Comparison(rows, 0, 0.0, 0, kind, mismatched=True)
+    agree = np.ones(rows, dtype=bool)
+    diff_sum, values = 0.0, 0
+    for name, a in active.items():
+        b = np.asarray(shadow[name])
+        if a.dtype.kind not in "fiub":
+            agree &= (a == b).reshape(rows, -1).all(axis=1)
+            continue
+        af, bf = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
+        diff = np.abs(af - bf)
+        finite = np.isfinite(diff)
+        diff_sum += float(diff[finite].sum())
+        values += int(finite.sum())
+        if a.ndim >= 2 and a.shape[-1] >= 2:
+            width = a.shape[-1]
+            same_top = af.reshape(-1, width).argmax(axis=1) == bf.reshape(-1, width).argmax(axis=1)
+            agree &= same_top.reshape(rows, -1).all(axis=1)
+        else:
+            close = (diff <= atol + rtol * np.abs(af)) | (af == bf)  # == also for equal infinities
+            agree &= close.reshape(rows, -1).all(axis=1) if a.ndim else bool(close)
+    return Comparison(rows, int(agree.sum()), diff_sum, values, kind)
+
+
+@dataclass
+class _Window:
+    version: str
+    kind: str = ""
+    compared: int = 0  # rows
+    agreed: int = 0
+    abs_diff_sum: float = 0.0
+    values: int = 0
+    mismatched: int = 0  # calls whose outputs had other names or shapes
+    errors: int = 0  # calls the shadow failed
+    skipped: int = 0  # calls not compared because the shadow was behind
+    shadow_ms: list[float] = field(default_factory=list)
+    active_ms: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "version": self.version,
+            "kind": self.kind,
+            "compared": self.compared,
+            "agreed": self.agreed,
+            "agreement": round(self.agreed / self.compared, 6) if self.compared else None,
+            "abs_diff_sum": self.abs_diff_sum,
+            "values": self.values,
+            "mean_abs_diff": self.abs_diff_sum / self.values if self.values else None,
+            "mismatched": self.mismatched,
+            "errors": self.errors,
+            "skipped": self.skipped,
+        }
+        for key, ms in (("p95_ms", self.shadow_ms), ("active_p95_ms", self.active_ms)):
+            out[key] = round(float(np.percentile(ms, 95)), 3) if ms else None
+        return out
+
+
+class ShadowRunner:
+    def __init__(self, host: ModelHost, queue_size: int = 16, rtol: float = 0.01, atol: float = 1e-3) -> None:
+        self.host, self.rtol, self.atol = host, rtol, atol
+        self._queue: queue.Queue[tuple[str, str, Mapping[str, object], dict[str, np.ndarray], float] | None] = queue.Queue(queue_size)
+        self._windows: dict[str, _Window] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="shadow", daemon=True)
+
+    def start(self) -> ShadowRunner:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
+    def offer(self, active: ServingModel, inputs: Mapping[str, object], outputs: dict[str, np.ndarray], active_s: float) -> None:
+        """From the serving path, after the active model answered: queue the comparison, or count it skipped."""
+        shadow = self.host.shadow(active.name)
+        if shadow is None:
+            return
+        try:
+            self._queue.put_nowait((active.name, shadow.version, inputs, outputs, active_s))
+        except queue.Full:
+            with self._lock:
+                self._window(active.name, shadow.version).skipped += 1
+
+    def _window(self, model: str, version: str) -> _Window:
+        w = self._windows.get(model)
+        if w is None or w.version != version:
+            w = self._windows[model] = _Window(version)
+        return w
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            model, version, inputs, active_out, active_s = item
+            try:
+                ran = self.host.infer_shadow(model, version, inputs)
+            except Exception as exc:  # the candidate failing is a finding, not a crash
+                with self._lock:
+                    self._window(model, version).errors += 1
+                logs.event(log, "shadow.inference_failed", logging.WARNING, model=model, version=version, reason=str(exc)[:300])
+                continue
+            if ran is None:
+                continue  # the shadow went away (removed or promoted) meanwhile
+            shadow_out, shadow_s = ran
+            try:
+                c = compare_outputs(active_out, shadow_out, self.rtol, self.atol)
+            except Exception as exc:  # a comparison bug must cost one comparison, never the thread
+                logs.event(log, "shadow.compare_failed", logging.ERROR, model=model, reason=f"{type(exc).__name__}: {exc}")
+                continue
+            with self._lock:
+                w = self._window(model, version)
+                w.kind = c.kind
+                w.compared += c.rows
+                w.agreed += c.agreed
+                w.abs_diff_sum += c.abs_diff_sum
+                w.values += c.values
+                w.mismatched += int(c.mismatched)
+                w.shadow_ms.append(shadow_s * 1e3)
+                w.active_ms.append(active_s * 1e3)
+
+    def take(self) -> dict[str, dict[str, Any]]:
+        """Per model, the shadow's comparison over the window since the last take (for telemetry)."""
+        with self._lock:
+            windows, self._windows = self._windows, {}
+        return {model: w.to_json() for model, w in windows.items()}
+
+    def idle(self) -> bool:
+        return self._queue.empty()
