@@ -488,7 +488,22 @@ def _engine(store: Path, repo: Path | None = None) -> Any:
 @click.option("--max-error-increase", type=float, default=0.05, show_default=True, help="Error rate rise (absolute) before abort.")
 @click.option("--max-p95-ratio", type=float, default=2.0, show_default=True, help="p95 latency / the old version's before abort.")
 @click.option("--min-requests", type=click.IntRange(0), default=0, help="Answers needed on the new version before judging.")
-# issue 6 also names a shadow mode; it is not built (see the README)
+@click.option(
+    "--max-class-shift",
+    type=click.FloatRange(0, 1),
+    help="Prediction drift: share of answers whose top class moved against the old version (total variation) before abort.",
+)
+@click.option(
+    "--max-mean-shift", type=click.FloatRange(0), help="Prediction drift: mean output shift, in the old version's standard deviations."
+)
+@click.option("--shadow", is_flag=True, help="The first wave runs the new version beside the old on live inputs before switching.")
+@click.option(
+    "--min-agreement", type=click.FloatRange(0, 1), default=0.95, show_default=True, help="Shadow gate: share of live inputs agreeing."
+)
+@click.option("--max-shadow-diff", type=click.FloatRange(0), help="Shadow gate: mean absolute output difference before abort.")
+@click.option(
+    "--shadow-min-compared", type=click.IntRange(1), default=100, show_default=True, help="Shadow gate: live inputs compared first."
+)
 def rollout_start_cmd(
     model: str,
     version: str,
@@ -504,16 +519,35 @@ def rollout_start_cmd(
     max_error_increase: float,
     max_p95_ratio: float,
     min_requests: int,
+    max_class_shift: float | None,
+    max_mean_shift: float | None,
+    shadow: bool,
+    min_agreement: float,
+    max_shadow_diff: float | None,
+    shadow_min_compared: int,
 ) -> None:
-    """Start rolling MODEL VERSION out to the selected devices, wave by wave."""
+    """Start rolling MODEL VERSION out to the selected devices, wave by wave (with --shadow, in shadow first)."""
     from fleet.rollout import Gates, RolloutSpec, parse_waves
 
     with _reported():
         engine = _engine(store, repo)
-        gates = Gates(max_failed, max_error_increase, max_p95_ratio, min_requests)
-        spec = RolloutSpec(model, version, selector, parse_waves(waves), variant, max_per_minute, soak_s, wave_timeout_s, gates)
+        gates = Gates(
+            max_failed,
+            max_error_increase,
+            max_p95_ratio,
+            min_requests,
+            max_class_shift,
+            max_mean_shift,
+            min_agreement,
+            max_shadow_diff,
+            shadow_min_compared,
+        )
+        spec = RolloutSpec(model, version, selector, parse_waves(waves), variant, max_per_minute, soak_s, wave_timeout_s, gates, shadow)
         rid = engine.start(spec)
-    console.print(f"rollout {rid}: {model} {version} over {len(engine.store.rollout_devices(rid))} device(s) in {len(spec.waves)} wave(s)")
+    mode = ", the first in shadow" if shadow else ""
+    console.print(
+        f"rollout {rid}: {model} {version} over {len(engine.store.rollout_devices(rid))} device(s) in {len(spec.waves)} wave(s){mode}"
+    )
 
 
 @rollout_group.command("list")
@@ -556,14 +590,19 @@ def rollout_status_cmd(rollout_id: int, store: Path, watch: bool, as_json: bool)
 
     def render(p: dict[str, Any]) -> Table:
         spec = p["spec"]
+        phase = " (shadow)" if p.get("phase") == "shadow" and p["state"] == "running" else ""
         t = Table(
-            "wave", "size", "progress", "states", title=f"rollout {p['id']}: {spec['model']} {spec['version']} — {p['state']} {p['reason']}"
+            "wave",
+            "size",
+            "progress",
+            "states",
+            title=f"rollout {p['id']}: {spec['model']} {spec['version']} — {p['state']}{phase} {p['reason']}",
         )
         for i, w in enumerate(p["waves"]):
             size = sum(w.values())
-            settled = sum(n for s, n in w.items() if s in ("active", "failed", "timeout", "rolled_back"))
+            settled = sum(n for s, n in w.items() if s in ("active", "shadowing", "failed", "timeout", "rolled_back"))
             bar = "█" * int(20 * settled / size) + "░" * (20 - int(20 * settled / size))
-            marker = " ◀" if i == p["wave"] and p["state"] == "running" else ""
+            marker = (" ◀ shadow" if phase else " ◀") if i == p["wave"] and p["state"] == "running" else ""
             t.add_row(
                 f"{i + 1}/{len(spec['waves'])}{marker}",
                 str(size),

@@ -34,6 +34,7 @@ def state(store: FleetStore, window_s: float = 600.0) -> dict[str, Any]:
                 "model": spec["model"],
                 "version": spec["version"],
                 "state": r["state"],
+                "phase": r["phase"],
                 "reason": r["reason"],
                 "wave": r["wave"],
                 "waves": [waves[k] for k in sorted(waves)],

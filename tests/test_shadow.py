@@ -1,0 +1,277 @@
+"""Shadow mode on the device: a second version beside the active one, fed its live inputs, answering nobody.
+
+Real mosquitto, real signed director metadata, real ONNX models (one that agrees with
+the serving version, one trained differently that does not), the real daemon class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import ModelFiles
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from update_rig import MODEL, VARIANT, Rig, Subscriber, fails_beyond_batch_one, wait_for
+
+from agent.client import EdgeClient
+from agent.daemon import Agent
+from agent.host import ModelHost, ServingModel
+from agent.predictions import PredictionStats
+from agent.protocol import device_topic
+from agent.runtimes import get_runtime
+from agent.settings import load_settings
+from agent.shadow import ShadowRunner, compare_outputs
+from converters import builders
+from converters.build import build
+from fleet.controller import announce, devices
+
+OTHER = "1.2.0"  # trained differently: same shapes, other answers
+FAILING = "1.3.0"  # right on one row, an error on any batch
+
+
+@pytest.fixture(scope="module")
+def shadow_rig(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Rig:
+    other = builders.random_mlp([64, 128, 128, 10], seed=9)
+    source = tmp_path_factory.mktemp("other") / "other.onnx"
+    builders.write_onnx_mlp(other, source)
+    out = rig.root / "bundles" / f"{MODEL}-{OTHER}"
+    build(source, MODEL, OTHER, out, variants=[VARIANT])
+    rig.image.release(out, rig.keys)
+    rig.release(FAILING, fails_beyond_batch_one)
+    return rig
+
+
+class Device:
+    """A real agent with fast telemetry, and everything it publishes."""
+
+    def __init__(self, rig: Rig, device: str) -> None:
+        self.rig, self.id = rig, device
+        self.config = rig.write_config(device)
+        self.watch = Subscriber(rig.broker, [device_topic(device, "#")], f"watch-{device}")
+        self.agent = self.start()
+
+    def start(self) -> Agent:
+        agent = Agent(load_settings(self.config, telemetry={"interval_s": 0.3})).start()
+        assert agent.wait_connected()
+        return agent
+
+    def assign(self, version: str, shadow: str | None = None, variant: str = VARIANT) -> None:
+        self.rig.director.assign(
+            self.id, self.rig.image, MODEL, version, variant, self.rig.keys, shadow=(shadow, variant) if shadow else None
+        )
+        announce(self.rig.director, [self.id], self.rig.broker.host, self.rig.broker.port)
+
+    def job_states(self, version: str) -> list[str]:
+        target = f"{MODEL}/{version}/{VARIANT}.tar"
+        return [
+            json.loads(p)["state"]
+            for t, p in self.watch.messages
+            if t.startswith(device_topic(self.id, "jobs") + "/") and json.loads(p).get("target_path") == target
+        ]
+
+    def telemetry(self) -> list[dict[str, Any]]:
+        return self.watch.json(device_topic(self.id, "telemetry"))
+
+    def shadow_windows(self) -> list[dict[str, Any]]:
+        return [b["models"][MODEL]["shadow"] for b in self.telemetry() if "shadow" in b.get("models", {}).get(MODEL, {})]
+
+    def replies(self) -> list[dict[str, Any]]:
+        prefix = device_topic(self.id, "pred") + "/"
+        return [json.loads(p) for t, p in self.watch.messages if t.startswith(prefix)]
+
+    def reported(self) -> dict[str, Any]:
+        found = [d for d in devices(self.rig.broker.host, self.rig.broker.port, 0.5) if d.device_id == self.id]
+        return found[0].reported if found else {}
+
+    def stop(self) -> None:
+        self.agent.stop()
+
+    def close(self) -> None:
+        self.watch.close()
+
+
+@pytest.fixture
+def device(shadow_rig: Rig) -> Iterator[Any]:
+    made: list[Device] = []
+
+    def make(name: str) -> Device:
+        d = Device(shadow_rig, name)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+        d.close()
+
+
+def inputs(rows: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).uniform(-1, 1, (rows, 64)).astype(np.float32)}
+
+
+def send(d: Device, n: int, rows: int = 2) -> list[str]:
+    """n requests through a real MQTT client, one at a time; the version each answer came from."""
+    with EdgeClient(d.rig.broker.host, d.rig.broker.port) as client:
+        return [client.infer(d.id, MODEL, inputs(rows, i)).version for i in range(n)]
+
+
+def shadow_totals(d: Device) -> dict[str, float]:
+    windows = d.shadow_windows()
+    return {k: sum(w[k] for w in windows) for k in ("compared", "agreed", "abs_diff_sum", "values", "errors", "skipped", "mismatched")}
+
+
+def test_a_shadow_runs_on_live_inputs_answers_nobody_and_is_promoted_without_reloading(device: Any) -> None:
+    d = device("sh-promote")
+    d.assign("1.0.0")
+    wait_for(lambda: (m := d.agent.host.get(MODEL)) is not None and m.version == "1.0.0", what="1.0.0 serving")
+    d.assign("1.0.0", shadow="1.1.0")
+    wait_for(lambda: "SHADOW" in d.job_states("1.1.0"), what="the shadow job done")
+    assert d.job_states("1.1.0") == ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "SHADOW"]
+    assert d.agent.host.get(MODEL).version == "1.0.0"  # type: ignore[union-attr]
+    shadow = d.agent.host.shadow(MODEL)
+    assert shadow is not None and shadow.version == "1.1.0"
+    wait_for(lambda: d.reported().get("models", {}).get(MODEL, {}).get("shadow", {}).get("version") == "1.1.0", what="reported")
+
+    versions = send(d, 40, rows=2)
+    assert versions == ["1.0.0"] * 40
+    wait_for(lambda: shadow_totals(d)["compared"] + 2 * shadow_totals(d)["skipped"] == 80, 20, "every call compared or skipped")
+    totals = shadow_totals(d)
+    assert len(d.replies()) == 40  # one answer per request: the shadow published nothing
+    assert totals["compared"] > 0 and totals["agreed"] == totals["compared"]  # same weights: the same top class every time
+    assert totals["abs_diff_sum"] == 0.0 and totals["errors"] == 0 and totals["mismatched"] == 0
+    last = d.shadow_windows()[-1]
+    assert last["version"] == "1.1.0" and last["kind"] == "top1" and last["p95_ms"] > 0 and last["active_p95_ms"] > 0
+    predictions = [b["models"][MODEL]["predictions"] for b in d.telemetry() if "predictions" in b["models"].get(MODEL, {})]
+    assert sum(p["rows"] for p in predictions) == 80 and sum(p["values"] for p in predictions) == 800
+    assert all(len(p["classes"]) == 10 and sum(p["classes"]) == p["rows"] for p in predictions)
+
+    # The director now names 1.1.0 to run: no download, and the loaded shadow itself is swapped in.
+    runtime = shadow.runtime
+    d.assign("1.1.0")
+    wait_for(lambda: d.job_states("1.1.0").count("ACTIVE") == 1, what="1.1.0 active")
+    assert d.job_states("1.1.0")[6:] == ["IDLE", "STAGED", "HEALTH_CHECK", "ACTIVE"]
+    serving = d.agent.host.get(MODEL)
+    assert serving is not None and serving.version == "1.1.0" and serving.runtime is runtime and d.agent.host.shadow(MODEL) is None
+    assert {m.version: m.status for m in d.agent.store.installed()} == {"1.1.0": "active", "1.0.0": "kept"}
+    assert send(d, 3) == ["1.1.0"] * 3
+    wait_for(lambda: "shadow" not in d.reported().get("models", {}).get(MODEL, {"shadow": 1}), what="reported without a shadow")
+
+
+def test_a_disagreeing_shadow_is_measured_survives_a_restart_and_is_dropped(device: Any, shadow_rig: Rig) -> None:
+    d = device("sh-other")
+    d.assign("1.0.0")
+    wait_for(lambda: (m := d.agent.host.get(MODEL)) is not None and m.version == "1.0.0", what="1.0.0 serving")
+    d.assign("1.0.0", shadow=OTHER)
+    wait_for(lambda: "SHADOW" in d.job_states(OTHER), what="the shadow job done")
+    assert send(d, 30, rows=4) == ["1.0.0"] * 30
+    wait_for(lambda: shadow_totals(d)["compared"] + 4 * shadow_totals(d)["skipped"] == 120, 20, "every call compared or skipped")
+    totals = shadow_totals(d)
+    assert totals["compared"] >= 40 and totals["agreed"] < 0.8 * totals["compared"]  # another model: other answers
+    assert totals["abs_diff_sum"] / totals["values"] > 1e-3
+
+    # A restart brings the shadow back from the store, without a new job.
+    d.stop()
+    jobs_before = len(d.job_states(OTHER))
+    d.agent = d.start()
+    shadow = d.agent.host.shadow(MODEL)
+    assert shadow is not None and shadow.version == OTHER and d.agent.host.get(MODEL).version == "1.0.0"  # type: ignore[union-attr]
+    path = Path(d.agent.store.shadows()[MODEL].path)
+    assert path.is_dir()
+
+    # The director stops naming it: dropped from memory, the store and the disk.
+    d.assign("1.0.0")
+    wait_for(lambda: not path.exists(), what="the shadow dropped")
+    assert d.agent.host.shadow(MODEL) is None and d.agent.store.shadows() == {} and len(d.job_states(OTHER)) == jobs_before
+    assert d.agent.host.get(MODEL).version == "1.0.0"  # type: ignore[union-attr]
+    wait_for(lambda: "shadow" not in d.reported().get("models", {}).get(MODEL, {"shadow": 1}), what="reported without a shadow")
+
+
+def test_a_failing_shadow_is_counted_and_costs_the_serving_version_nothing(device: Any) -> None:
+    d = device("sh-fail")
+    d.assign("1.0.0")
+    wait_for(lambda: (m := d.agent.host.get(MODEL)) is not None and m.version == "1.0.0", what="1.0.0 serving")
+    d.assign("1.0.0", shadow=FAILING)
+    wait_for(lambda: "SHADOW" in d.job_states(FAILING), what="the shadow passed its one-row health check")
+    assert send(d, 20, rows=3) == ["1.0.0"] * 20  # every request answered by the serving version
+    wait_for(lambda: shadow_totals(d)["errors"] + shadow_totals(d)["skipped"] == 20, 20, "every shadow call failed or skipped")
+    assert shadow_totals(d)["compared"] == 0 and shadow_totals(d)["errors"] > 0
+    assert len(d.replies()) == 20 and not any("error" in r for r in d.replies())
+    active = d.agent.host.get(MODEL)
+    assert active is not None and active.version == "1.0.0" and active.failures == 0  # no rollback, no failures counted
+
+
+# -- the parts on their own, with real runtimes -----------------------------------------------------
+
+
+def loaded(models: ModelFiles, name: str, version: str) -> ServingModel:
+    rt = get_runtime("onnx")()
+    rt.load(models.path(name))
+    return ServingModel(name, version, "onnx-fp32", version, rt)
+
+
+def test_a_shadow_that_falls_behind_is_skipped_never_waited_for(models: ModelFiles) -> None:
+    host = ModelHost()
+    runner = ShadowRunner(host, queue_size=2)  # not started: nothing drains the queue
+    host.on_served = runner.offer
+    host.swap(loaded(models, "mlp.onnx", "1"))
+    host.set_shadow(loaded(models, "mlp.onnx", "2"))
+    for i in range(6):
+        host.infer("mlp.onnx", inputs(1, i))  # returns at once although the shadow never runs
+    window = runner.take()["mlp.onnx"]
+    assert window["skipped"] == 4 and window["compared"] == 0
+    runner.start()
+    wait_for(runner.idle, 10, "the two queued comparisons")
+    runner.stop()
+    host.close()
+
+
+def test_prediction_sums_add_up_and_leave_non_finite_values_out() -> None:
+    stats = PredictionStats()
+    a = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]], dtype=np.float32)
+    b = np.array([[np.nan, 1.0, 2.0]], dtype=np.float32)
+    stats.add("m", "1", {"y": a})
+    stats.add("m", "1", {"y": a})
+    stats.add("m", "1", {"y": b})
+    stats.add("m", "2", {"y": np.array([1.0, 2.0])})
+    w = stats.take()
+    one = w[("m", "1")]
+    assert one["rows"] == 5 and one["values"] == 14 and one["nonfinite"] == 1
+    assert math.isclose(one["sum"], 2 * float(a.sum()) + 3.0, rel_tol=1e-6)
+    assert math.isclose(one["sumsq"], 2 * float((a.astype(np.float64) ** 2).sum()) + 5.0, rel_tol=1e-6)
+    assert one["classes"] == [2, 2, 0]  # the NaN row is not given a class
+    assert "classes" not in w[("m", "2")] and w[("m", "2")]["rows"] == 2
+    assert stats.take() == {}
+
+
+def test_comparison_rules() -> None:
+    scores = np.array([[0.1, 0.9], [0.7, 0.3], [0.5, 0.6]], dtype=np.float32)
+    flips = np.array([[0.0, 0.0], [0.0, 0.5], [0.2, 0.0]], dtype=np.float32)
+    c = compare_outputs({"y": scores}, {"y": scores + flips}, 0.01, 1e-3)
+    assert (c.kind, c.rows, c.agreed) == ("top1", 3, 1)  # the second row flips, the third flips
+    values = np.array([[1.0], [2.0], [3.0]])
+    c = compare_outputs({"y": values}, {"y": values * np.array([[1.005], [1.02], [1.0]])}, 0.01, 1e-3)
+    assert (c.kind, c.agreed) == ("close", 2) and math.isclose(c.abs_diff_sum, 0.005 + 0.04)
+    c = compare_outputs({"y": values}, {"y": values[:2]}, 0.01, 1e-3)
+    assert c.mismatched and c.agreed == 0 and c.rows == 3
+    c = compare_outputs({"y": values}, {"z": values}, 0.01, 1e-3)
+    assert c.mismatched and c.agreed == 0
+
+
+FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float32, SHAPES, elements=FLOATS), hnp.arrays(np.float32, SHAPES, elements=FLOATS))
+def test_any_outputs_compare_without_error_and_agree_with_themselves(a: np.ndarray, other: np.ndarray) -> None:
+    same = compare_outputs({"y": a}, {"y": a.copy()}, 0.0, 0.0)
+    assert same.agreed == same.rows and not same.mismatched and same.abs_diff_sum == 0.0
+    c = compare_outputs({"y": a}, {"y": other}, 0.01, 1e-3)
+    assert 0 <= c.agreed <= c.rows and c.abs_diff_sum >= 0 and c.mismatched == (a.shape != other.shape)
