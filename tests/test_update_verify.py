@@ -15,7 +15,7 @@ from agent.download import download
 from agent.files import sha256_file
 from agent.hardware import HardwareProfile, detect
 from agent.repo_fetcher import DirectoryFetcher, MqttFetcher
-from agent.update import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_for_update
+from agent.update import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_director, check_for_update
 from converters.build import build
 from fleet.broker import RunningBroker
 from fleet.director import AssignError, Director
@@ -98,6 +98,70 @@ def test_director_naming_a_target_the_image_repository_lacks(fleet: Fleet, tmp_p
     fleet.director._publish(meta, md, fleet.keys)  # a compromised director key signs it properly
     with pytest.raises(UpdateRejected, match="which the image repository does not have"):
         check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
+
+
+def test_a_shadow_target_is_verified_like_the_one_to_run(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys, shadow=("1.1.0", "onnx-int8"))
+    plan = check_director(fleet.device("dev-1"), {}, profile(tmp_path))
+    assert plan.update is not None and (plan.update.version, plan.update.variant) == ("1.0.0", "onnx-fp32")
+    assert plan.shadow is not None and (plan.shadow.version, plan.shadow.variant, plan.shadow.release_counter) == ("1.1.0", "onnx-int8", 2)
+    assert fetch(fleet, plan.shadow, tmp_path / "s.tar") == plan.shadow.sha256
+    running = check_director(fleet.device("dev-1"), {"tiny": Installed(1, plan.update.sha256)}, profile(tmp_path))
+    assert running.update is None and running.shadow == plan.shadow  # named even when running: the device compares
+    assert check_for_update(fleet.device("dev-1"), {"tiny": Installed(1, plan.update.sha256)}, profile(tmp_path)) is None
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)  # no shadow any more
+    assert check_director(fleet.device("dev-1"), {}, profile(tmp_path)).shadow is None
+    with pytest.raises(AssignError, match="cannot shadow itself"):
+        fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys, shadow=("1.0.0", "onnx-fp32"))
+    with pytest.raises(AssignError, match="not in the image repository"):
+        fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys, shadow=("7.0.0", "onnx-fp32"))
+
+
+def _director_targets(fleet: Fleet, device: str, *targets: tuple[str, str, str, bool]) -> None:
+    """(model, version, variant, shadow) targets signed with the director's key: what a compromised key could sign."""
+    meta = fleet.director.device_metadata(device)
+    md = Metadata.from_file(str(meta / "1.targets.json"))
+    md.signed.targets.clear()
+    for model, version, variant, shadow in targets:
+        tf = fleet.director._target(fleet.image, model, version, variant)
+        if shadow:
+            tf.unrecognized_fields["custom"]["shadow"] = True
+        md.signed.targets[tf.path] = tf
+    md.signed.version = fleet.director._current_version(meta, "targets") + 1
+    fleet.director._publish(meta, md, fleet.keys)
+
+
+def test_hostile_shadow_targets_are_refused(fleet: Fleet, tmp_path: Path, models: ModelFiles) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    build(models.path("tiny.onnx"), "other", "1.0.0", tmp_path / "other", variants=["onnx-fp32"])
+    fleet.image.release(tmp_path / "other", fleet.keys)
+    cases = [
+        ([("tiny", "1.1.0", "onnx-fp32", True), ("tiny", "1.1.0", "onnx-int8", True)], "names 0 targets to run"),
+        (
+            [("tiny", "1.0.0", "onnx-fp32", False), ("tiny", "1.1.0", "onnx-fp32", True), ("tiny", "1.1.0", "onnx-int8", True)],
+            "at most one",
+        ),
+        ([("tiny", "1.0.0", "onnx-fp32", False), ("other", "1.0.0", "onnx-fp32", True)], "another version of tiny"),
+    ]
+    for targets, message in cases:
+        _director_targets(fleet, "dev-1", *targets)
+        with pytest.raises(UpdateRejected, match=message):
+            check_director(fleet.device("dev-1"), {}, profile(tmp_path))
+    # a shadow older than what the device has run: refused like a rollback
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys, shadow=("1.0.0", "onnx-fp32"))
+    installed = check_director(fleet.device("dev-1"), {}, profile(tmp_path)).update
+    assert installed is not None
+    with pytest.raises(UpdateRejected, match="below the installed 2"):
+        check_director(fleet.device("dev-1"), {"tiny": Installed(2, installed.sha256)}, profile(tmp_path))
+    # a shadow whose bytes the image repository does not sign
+    _director_targets(fleet, "dev-1", ("tiny", "1.1.0", "onnx-fp32", False), ("tiny", "1.0.0", "onnx-int8", True))
+    meta = fleet.director.device_metadata("dev-1")
+    md = Metadata.from_file(str(meta / f"{fleet.director._current_version(meta, 'targets')}.targets.json"))
+    md.signed.targets["tiny/1.0.0/onnx-int8.tar"].hashes["sha256"] = "0" * 64
+    md.signed.version += 1
+    fleet.director._publish(meta, md, fleet.keys)
+    with pytest.raises(UpdateRejected, match=r"disagree on tiny/1\.0\.0/onnx-int8\.tar"):
+        check_director(fleet.device("dev-1"), {}, profile(tmp_path))
 
 
 def test_mix_and_match_hashes_are_refused(fleet: Fleet, tmp_path: Path) -> None:
