@@ -168,7 +168,9 @@ class AgentStore:
     def unfinished_job(self) -> Job | None:
         with self._lock:
             rows = list(
-                self.db.table("jobs").rows_where(f"state NOT IN ({', '.join('?' for _ in State.FINAL)})", sorted(State.FINAL), order_by="created desc", limit=1)
+                self.db.table("jobs").rows_where(
+                    f"state NOT IN ({', '.join('?' for _ in State.FINAL)})", sorted(State.FINAL), order_by="created desc", limit=1
+                )
             )
         return Job(**rows[0]) if rows else None
 

@@ -279,7 +279,6 @@ class Simulator:
             self.sent["telemetry"] += 1
             await asyncio.sleep(self.telemetry_s)
 
-
     def _shadow_window(self, d: SimDevice, version: str, compared: int, active_ms: float, rng: random.Random) -> dict[str, Any]:
         b = self._behaviour(d.id, version)
         agreed = round(compared * (b.agreement if b else 1.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from update_rig import MODEL, Rig, wait_for
 
@@ -220,7 +222,6 @@ def test_ingest_survives_malformed_messages(rig: Rig, controller: Controller) ->
 
 def test_fleet_serve_runs_a_rollout_to_a_real_agent_and_survives_kill_9(rig: Rig, tmp_path: Path) -> None:
     """The whole controller as a process (`fleet serve --store`), a real agent among simulated devices."""
-    import json
     import signal
 
     from update_rig import AgentProcess
@@ -322,3 +323,191 @@ def test_max_per_minute_limits_how_many_devices_move(rig: Rig, tmp_path: Path) -
         sims.stop()
         ingest.stop()
         store.close()
+
+
+# -- shadow mode and prediction drift ------------------------------------------------------------
+
+
+def shadows(c: Controller, prefix: str) -> dict[str, str]:
+    """The version each device reports running in shadow ('' for none)."""
+    return {
+        d.id: str((d.models.get(MODEL, {}).get("shadow") or {}).get("version", "")) for d in c.store.devices() if d.id.startswith(prefix)
+    }
+
+
+def test_a_shadow_rollout_switches_only_after_the_shadow_agrees(rig: Rig, controller: Controller) -> None:
+    sims = fleet_of(rig, 10, "shok")
+    try:
+        registered(controller, "shok", 10)
+        spec = RolloutSpec(
+            MODEL, "1.1.0", selector="device=shok-*", waves=["20%", "100%"], shadow=True, gates=Gates(shadow_min_compared=200)
+        )
+        rid = controller.engine.start(spec)
+        assert (controller.store.rollout(rid) or {})["phase"] == "shadow"
+        wait_for(lambda: [m["state"] for m in controller.store.rollout_devices(rid, 0)] == ["shadowing"] * 2, 60, "the canaries shadowing")
+        assert set(controller.versions("shok").values()) == {"1.0.0"}  # nobody switched yet
+        assert sorted(shadows(controller, "shok").values()) == [""] * 8 + ["1.1.0"] * 2
+        wait_for(lambda: controller.state(rid) == "done", 90, "the rollout done")
+        assert set(controller.versions("shok").values()) == {"1.1.0"} and set(shadows(controller, "shok").values()) == {""}
+        health = controller.store.shadow_health(MODEL, "1.1.0", 0, ["shok-0000", "shok-0001"])
+        assert health.compared >= 200 and health.agreement == 1.0 and health.devices == 2
+    finally:
+        sims.stop()
+
+
+def test_a_shadow_that_disagrees_blocks_the_rollout_before_any_device_switches(rig: Rig, controller: Controller) -> None:
+    sims = fleet_of(rig, 6, "shno", [Behaviour.parse("1.1.0:agree=0.6")])
+    try:
+        registered(controller, "shno", 6)
+        spec = RolloutSpec(
+            MODEL,
+            "1.1.0",
+            selector="device=shno-*",
+            waves=["50%", "100%"],
+            shadow=True,
+            gates=Gates(min_agreement=0.9, shadow_min_compared=100),
+        )
+        rid = controller.engine.start(spec)
+        wait_for(lambda: controller.state(rid) == "aborted", 60, "the shadow gate's abort")
+        r = controller.store.rollout(rid)
+        assert r is not None and r["phase"] == "shadow" and "shadow gate" in r["reason"] and "60.0%" in r["reason"], r
+        assert set(controller.versions("shno").values()) == {"1.0.0"}
+        assert not any(
+            j["state"] == "ACTIVE" for d in controller.store.devices() if d.id.startswith("shno") for j in controller.store.jobs(d.id)
+        )
+        assert [m["state"] for m in controller.store.rollout_devices(rid, 0)] == ["rolled_back"] * 3
+        wait_for(lambda: set(shadows(controller, "shno").values()) == {""}, 30, "every shadow dropped")
+    finally:
+        sims.stop()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "gates", "reason"),
+    [
+        ("1.1.0:class_shift=0.6", Gates(max_class_shift=0.2), "moved top class"),
+        ("1.1.0:mean_shift=3", Gates(max_mean_shift=1.0), "standard deviations"),
+    ],
+)
+def test_prediction_drift_aborts_on_the_health_gate(rig: Rig, controller: Controller, behaviour: str, gates: Gates, reason: str) -> None:
+    prefix = "drc" if "class" in behaviour else "drm"
+    sims = fleet_of(rig, 10, prefix, [Behaviour.parse(behaviour)])
+    try:
+        registered(controller, prefix, 10)
+        wait_for(lambda: controller.store.distribution(MODEL, "1.0.0", 0).rows > 0, 30, "prediction sums on 1.0.0")
+        rid = controller.engine.start(
+            RolloutSpec(MODEL, "1.1.0", selector=f"device={prefix}-*", waves=["30%", "100%"], soak_s=1.0, gates=gates)
+        )
+        wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort")
+        r = controller.store.rollout(rid)
+        assert r is not None and "prediction drift" in r["reason"] and reason in r["reason"] and r["wave"] == 0, r
+        wait_for(lambda: set(controller.versions(prefix).values()) == {"1.0.0"}, 60, "back on 1.0.0")
+    finally:
+        sims.stop()
+
+
+def test_drift_within_the_limits_lets_the_rollout_through(rig: Rig, controller: Controller) -> None:
+    sims = fleet_of(rig, 6, "drok", [Behaviour.parse("1.1.0:class_shift=0.05,mean_shift=0.1")])
+    try:
+        registered(controller, "drok", 6)
+        wait_for(lambda: controller.store.distribution(MODEL, "1.0.0", 0).rows > 0, 30, "prediction sums on 1.0.0")
+        gates = Gates(max_class_shift=0.2, max_mean_shift=1.0)
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=drok-*", waves=["50%", "100%"], soak_s=1.0, gates=gates))
+        wait_for(lambda: controller.state(rid) == "done", 60, "the rollout done")
+        new, old = controller.store.distribution(MODEL, "1.1.0", 0), controller.store.distribution(MODEL, "1.0.0", 0)
+        shift, moved = new.class_shift(old), new.mean_shift(old)
+        assert shift is not None and 0.01 < shift < 0.2 and moved is not None and 0.05 < moved < 1.0
+    finally:
+        sims.stop()
+
+
+def test_bad_shadow_rollouts_are_refused_clearly(rig: Rig, controller: Controller, tmp_path: Path) -> None:
+    bare = SimulatorThread(Simulator(rig.broker.host, rig.broker.port, 1, "bare", telemetry_s=0.2)).start()
+    try:
+        wait_for(lambda: (d := controller.store.device("bare-0000")) is not None and d.online, 30, "bare-0000 registered")
+        with pytest.raises(RolloutError, match="runs no version of mlp"):
+            controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=bare-*", shadow=True))
+    finally:
+        bare.stop()
+    fleet = [sys.executable, "-m", "fleet.cli", "rollout", "start", MODEL, "1.1.0", "--store", str(tmp_path / "s.db")]
+    for args, message in ((["--min-agreement", "2"], "--min-agreement"), (["--max-class-shift", "-1"], "--max-class-shift")):
+        done = subprocess.run([*fleet, "--repo", str(rig.image.directory), "--shadow", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and message in done.stderr and "Invalid value" in done.stderr, done.stderr
+
+
+def serving_version(agent: Any) -> str:
+    m = agent.host.get(MODEL)
+    return str(m.version) if m is not None else ""
+
+
+def test_shadow_rollouts_on_real_agents_block_a_model_that_disagrees_and_promote_one_that_agrees(
+    rig: Rig, controller: Controller, tmp_path: Path
+) -> None:
+    """Two real agents under live traffic: 1.2.0 (trained differently) is stopped in shadow; 1.1.0 goes through."""
+    from update_rig import Subscriber
+
+    from agent.client import EdgeClient
+    from agent.daemon import Agent
+    from agent.protocol import device_topic
+    from agent.settings import load_settings
+    from converters import builders
+    from converters.build import build
+
+    source = tmp_path / "other.onnx"
+    builders.write_onnx_mlp(builders.random_mlp([64, 128, 128, 10], seed=11), source)
+    build(source, MODEL, "1.2.0", tmp_path / "other-bundle", variants=["onnx-fp32"])
+    if rig.image.release_of(MODEL, "1.2.0") is None:
+        rig.image.release(tmp_path / "other-bundle", rig.keys)
+    ids = ["shr-a", "shr-b"]
+    agents = []
+    watch = Subscriber(rig.broker, [device_topic(i, "jobs", "+") for i in ids], "watch-shr")
+    for device in ids:
+        rig.assign(device, "1.0.0")
+        agents.append(Agent(load_settings(rig.write_config(device), telemetry={"interval_s": 0.3})).start())
+    stop = threading.Event()
+    served: dict[str, set[str]] = {i: set() for i in ids}
+    failures: list[str] = []
+
+    def traffic() -> None:
+        rng = np.random.default_rng(0)
+        with EdgeClient(rig.broker.host, rig.broker.port) as client:
+            while not stop.is_set():
+                for device in ids:
+                    try:
+                        served[device].add(client.infer(device, MODEL, rng.uniform(-1, 1, (4, 64)).astype(np.float32)).version)
+                    except Exception as exc:  # none expected: counted, and the test fails on any
+                        failures.append(f"{device}: {exc}")
+
+    loader = threading.Thread(target=traffic, daemon=True)
+    try:
+        wait_for(lambda: [serving_version(a) for a in agents] == ["1.0.0"] * 2, 60, "both agents on 1.0.0")
+        loader.start()  # once both serve: a request published before a device subscribed would just be lost
+        wait_for(lambda: sum(1 for d in controller.store.devices() if d.id in ids and d.models) == 2, 30, "registered")
+        gates = Gates(min_agreement=0.9, shadow_min_compared=100)
+        spec = RolloutSpec(MODEL, "1.2.0", selector="device=shr-*", waves=["100%"], shadow=True, gates=gates, wave_timeout_s=60)
+        rid = controller.engine.start(spec)
+        wait_for(lambda: controller.state(rid) == "aborted", 90, "the shadow gate stopping 1.2.0")
+        r = controller.store.rollout(rid)
+        assert r is not None and "shadow gate" in r["reason"] and "agreed with the serving version" in r["reason"], r
+        health = controller.store.shadow_health(MODEL, "1.2.0", 0, ids)
+        assert health.compared >= 100 and health.agreement is not None and health.agreement < 0.9 and health.devices == 2
+        wait_for(lambda: all(a.host.shadow(MODEL) is None for a in agents), 30, "the shadows dropped")
+        assert served == {i: {"1.0.0"} for i in ids}  # live traffic all along, and 1.2.0 never answered any of it
+        assert not any(m["state"] == "ACTIVE" and "/1.2.0/" in m["target_path"] for m in watch.json())
+
+        spec = RolloutSpec(MODEL, "1.1.0", selector="device=shr-*", waves=["100%"], shadow=True, gates=gates, soak_s=2.0)
+        rid = controller.engine.start(spec)
+        wait_for(lambda: controller.state(rid) in ("done", "aborted"), 90, "1.1.0 through the shadow gate and the health gate")
+        assert controller.state(rid) == "done", controller.store.rollout(rid)
+        assert [serving_version(a) for a in agents] == ["1.1.0"] * 2
+        for device in ids:  # promoted from the shadow: one download for the shadow job, none for the switch
+            topic = device_topic(device, "jobs") + "/"
+            jobs = [json.loads(p) for t, p in watch.messages if t.startswith(topic)]
+            states = [j["state"] for j in jobs if j.get("target_path") == "mlp/1.1.0/onnx-fp32.tar"]
+            assert states.count("DOWNLOADING") == 1 and states[-1] == "ACTIVE" and "SHADOW" in states, states
+        assert failures == [] and all(len(v) >= 1 for v in served.values())  # not one request failed through both rollouts
+    finally:
+        stop.set()
+        loader.join(15)
+        for a in agents:
+            a.stop()
+        watch.close()
