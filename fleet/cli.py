@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +379,7 @@ def devices_cmd(broker: str | None, store: Path | None, tags: tuple[str, ...], w
         return
     table = Table("device", "state", "hardware", "models", "tags", "update", title=f"{len(rows)} device(s)")
     for r in rows:
-        models = ", ".join(f"{n} {m.get('version')} ({m.get('variant')} on {m.get('runtime')})" for n, m in r["models"].items())
+        models = ", ".join(_model_text(n, m) for n, m in r["models"].items())
         upd = r.get("update") or {}
         tags_text = ",".join(f"{k}={v}" for k, v in r.get("tags", {}).items())
         state = r.get("state") or ("online" if r["online"] else "offline")
@@ -390,6 +392,13 @@ def devices_cmd(broker: str | None, store: Path | None, tags: tuple[str, ...], w
             f"{upd.get('state', '-')} {upd.get('reason', '')}".strip(),
         )
     console.print(table)
+
+
+def _model_text(name: str, m: dict[str, Any], device: bool = False) -> str:
+    shadow = m.get("shadow") or {}
+    beside = f" + shadow {shadow.get('version')}" if shadow else ""
+    where = f"{m.get('runtime')}/{m.get('device')}" if device else m.get("runtime")
+    return f"{name} {m.get('version')} ({m.get('variant')} on {where}){beside}"
 
 
 def _key_values(items: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -417,6 +426,12 @@ def device_cmd(device_id: str, store: Path, as_json: bool) -> None:
             click.echo(f"error[unknown_device]: {device_id} is not in {store}", err=True)
             sys.exit(1)
         data = {**d.to_json(), "jobs": fs.jobs(device_id)[-10:], "telemetry": fs.recent_telemetry(device_id, 10)}
+        since = time.time() - 600
+        data["shadows"] = {
+            name: {"version": version, **asdict(fs.shadow_health(name, version, since, [device_id]))}
+            for name, version in ((n, str((m.get("shadow") or {}).get("version", ""))) for n, m in d.models.items())
+            if version
+        }
     finally:
         fs.close()
     if as_json:
@@ -425,7 +440,13 @@ def device_cmd(device_id: str, store: Path, as_json: bool) -> None:
     console.print(f"[bold]{d.id}[/bold] {'online' if d.online else 'offline'} (session {d.session}); {d.hardware}")
     console.print(f"runtimes: {', '.join(f'{k} {v}' for k, v in d.runtimes.items()) or '-'}; tags: {d.tags or '-'}")
     for name, m in d.models.items():
-        console.print(f"model {name} {m.get('version')} ({m.get('variant')} on {m.get('runtime')}/{m.get('device')})")
+        console.print(f"model {_model_text(name, m, device=True)}")
+    for name, sh in data["shadows"].items():
+        agreement = f"{sh['agreed'] / sh['compared']:.1%}" if sh["compared"] else "-"
+        console.print(
+            f"shadow {name} {sh['version']} (last 10 min): {sh['compared']} compared, {agreement} agreed, {sh['errors']} failed,"
+            f" {sh['skipped']} skipped; p95 {sh['p95_ms']} ms vs {sh['active_p95_ms']} ms serving"
+        )
     jobs = Table("job", "target", "state", "reason", title="update jobs")
     for j in data["jobs"]:
         jobs.add_row(j["job"], j["target"], j["state"], j["reason"])
@@ -577,8 +598,6 @@ def rollout_list_cmd(store: Path) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def rollout_status_cmd(rollout_id: int, store: Path, watch: bool, as_json: bool) -> None:
     """One rollout: per wave, how many devices are pending, assigned, active, failed, rolled back."""
-    import time
-
     from rich.live import Live
 
     with _reported():

@@ -157,9 +157,10 @@ def run_demo(
             lambda: sum(1 for d in store.devices() if d.online and d.preferred_variants) == len(DEVICES), 60, "the three agents to report"
         )
 
-        def rollout(version: str, waves: list[str], soak: float) -> dict[str, Any]:
+        def rollout(version: str, waves: list[str], soak: float, gates: Gates | None = None, shadow: bool = False) -> dict[str, Any]:
+            gates = gates or Gates(max_failed="0")
             rid = engine.start(
-                RolloutSpec(MODEL, version, "device=demo-*", waves, soak_s=soak, wave_timeout_s=60, gates=Gates(max_failed="0"))
+                RolloutSpec(MODEL, version, "device=demo-*", waves, soak_s=soak, wave_timeout_s=60, gates=gates, shadow=shadow)
             )
             r = _wait(
                 lambda: (lambda x: x if x and x["state"] in ("done", "aborted") else None)(store.rollout(rid)), 90, f"the {version} rollout"
@@ -168,6 +169,15 @@ def run_demo(
             say(f"rollout {rid} of {MODEL} {version}: [bold]{r['state']}[/bold] {r['reason']}")
             for m in devices:
                 say(f"  wave {m['wave'] + 1}: {m['device']:<12} {m['variant']:<14} {m['state']} {m['reason']}")
+            if shadow:
+                canaries = [m["device"] for m in devices if m["wave"] == 0]
+                h = store.shadow_health(MODEL, version, r["created"], canaries)
+                diff = f"{h.mean_abs_diff:.4f}" if h.mean_abs_diff is not None else "-"
+                agreement = f"{h.agreement:.1%}" if h.agreement is not None else "-"
+                say(
+                    f"  shadow on {', '.join(canaries)}: {h.compared} live inputs compared, {agreement} within 1%,"
+                    f" mean abs diff {diff}, p95 {h.p95_ms} ms in shadow vs {h.active_p95_ms} ms serving"
+                )
             return {"id": rid, "version": version, "state": r["state"], "reason": r["reason"], "devices": devices}
 
         result = DemoResult(address, work)
@@ -196,9 +206,13 @@ def run_demo(
                 time.sleep(0.02)
 
         threading.Thread(target=load, daemon=True).start()
-        say("retraining: v2 on more data; rolling out in waves (1 device, then the rest) behind the health gate")
+        say(
+            "retraining: v2 on more data; the first device runs it in shadow beside v1 on the live traffic (shadow gate: mean"
+            " difference under 0.1), then waves (1 device, then the rest) behind the health gate"
+        )
         image.release(_bundle(work, "1.1.0", seed=1), keys)
-        result.rollouts.append(rollout("1.1.0", ["1", "all"], 2.0))
+        shadow_gates = Gates(max_failed="0", min_agreement=None, max_shadow_diff=0.1, shadow_min_compared=60)
+        result.rollouts.append(rollout("1.1.0", ["1", "all"], 2.0, shadow_gates, shadow=True))
         say("a deliberately broken v3 (its golden outputs are 3x off): the first device's health check must refuse it")
         image.release(_bundle(work, "1.2.0", seed=2, broken=True), keys)
         result.rollouts.append(rollout("1.2.0", ["1", "all"], 0))

@@ -234,7 +234,7 @@ class FleetStore:
             for device, kind, data in messages:
                 try:
                     self._one(devices, device, kind, data)
-                except (TypeError, ValueError, AttributeError) as exc:
+                except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
                     self.rejected += 1
                     self.last_rejection = f"{device} {kind}: {type(exc).__name__}: {exc}"[:300]
                     continue
@@ -292,16 +292,16 @@ class FleetStore:
     def _telemetry(self, device: str, data: dict[str, Any]) -> None:
         """Every row of the message is checked before any is written: a malformed message leaves nothing behind."""
         ts = float(data.get("ts", time.time()))
-        errors_total = sum(int(v) for v in dict(data.get("errors", {})).values())
+        errors_total = sum(_int(v) for v in dict(data.get("errors", {})).values())
         models = dict(data.get("models", {}))
         rows: list[tuple[str, list[Any]]] = []
         for name, m in models.items():
-            errors = int(m.get("errors", errors_total if len(models) == 1 else 0))
+            errors = _int(m.get("errors", errors_total if len(models) == 1 else 0))
             version, p95 = str(m.get("version", "")), m.get("p95_ms")
             rows.append(
                 (
                     "telemetry",
-                    [device, int(data.get("seq", 0)), ts, str(name), version, int(m.get("count", 0)), errors, _opt_float(p95)],
+                    [device, _int(data.get("seq", 0)), ts, str(name), version, _int(m.get("count", 0)), errors, _opt_float(p95)],
                 )
             )
             if m.get("predictions") is not None:
@@ -309,11 +309,11 @@ class FleetStore:
                 classes = p.get("classes")
                 if classes is not None and (not isinstance(classes, list) or len(classes) > 100_000):
                     raise ValueError("predictions.classes must be a list of counts")
-                counts = json.dumps([int(c) for c in classes]) if classes is not None else None
+                counts = json.dumps([_int(c) for c in classes]) if classes is not None else None
                 rows.append(
                     (
                         "predictions",
-                        [device, ts, str(name), version, int(p["rows"]), int(p["values"]), float(p["sum"]), float(p["sumsq"]), counts],
+                        [device, ts, str(name), version, _int(p["rows"]), _int(p["values"]), float(p["sum"]), float(p["sumsq"]), counts],
                     )
                 )
             if m.get("shadow") is not None:
@@ -327,13 +327,13 @@ class FleetStore:
                             str(name),
                             version,
                             str(sh["version"]),
-                            int(sh.get("compared", 0)),
-                            int(sh.get("agreed", 0)),
+                            _int(sh.get("compared", 0)),
+                            _int(sh.get("agreed", 0)),
                             float(sh.get("abs_diff_sum", 0.0)),
-                            int(sh.get("values", 0)),
-                            int(sh.get("mismatched", 0)),
-                            int(sh.get("errors", 0)),
-                            int(sh.get("skipped", 0)),
+                            _int(sh.get("values", 0)),
+                            _int(sh.get("mismatched", 0)),
+                            _int(sh.get("errors", 0)),
+                            _int(sh.get("skipped", 0)),
                             _opt_float(sh.get("p95_ms")),
                             _opt_float(sh.get("active_p95_ms")),
                         ],
@@ -574,6 +574,14 @@ class FleetStore:
 
 def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _int(value: Any) -> int:
+    """An int SQLite can hold (a bigger one would fail at INSERT time, after other rows of the message went in)."""
+    n = int(value)
+    if not -(2**63) <= n < 2**63:
+        raise ValueError(f"{n} does not fit in 64 bits")
+    return n
 
 
 def _device(row: tuple[Any, ...]) -> Device:
