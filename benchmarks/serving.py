@@ -5,7 +5,9 @@ Baseline: an echo process that subscribes to ``dev/echo/infer/+``, reads each re
 inference. Contender: ``edge-agent run`` in its own process serving the model. The client
 is the same code for both: throughput with a window of requests in flight, latency with
 one at a time. Goals (issue 5): agent throughput >= 80% of the echo's; agent p50 within
-1 ms of the echo's p50.
+1 ms of the echo's p50. The "with a shadow" rows run the same agent with a second version
+in shadow (issue 6): it runs on every answered request after the reply, so it costs CPU
+(throughput on this 2-core machine) but should cost no latency: the p50 goal holds there too.
 
 Run: ``python -m benchmarks.serving [--quick]``.
 """
@@ -104,10 +106,15 @@ class Client:
         self.c.loop_stop()
 
 
-CONFIGS: dict[str, dict[str, Any]] = {"default": {}, "always queued": {"inline_below_ms": 0}}
+# label -> (serving settings, a shadow beside the served version)
+CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
+    "default": ({}, False),
+    "always queued": ({"inline_below_ms": 0}, False),
+    "with a shadow": ({}, True),
+}
 
 
-def _fleet(work: Path, host: str, port: int, model: str, serving: dict[str, Any]) -> tuple[Any, Path]:
+def _fleet(work: Path, host: str, port: int, model: str, serving: dict[str, Any], shadow: bool) -> tuple[Any, Path]:
     """Keys, both repositories, the model released and assigned: what a device needs to serve it."""
     from converters import builders
     from converters.build import build
@@ -120,11 +127,12 @@ def _fleet(work: Path, host: str, port: int, model: str, serving: dict[str, Any]
     image = ImageRepository.create(work / "serve" / "image", keys)
     director = Director.create(work / "serve" / "director", keys)
     onnx = builders.write_onnx_mlp(builders.random_mlp(MODELS[model], seed=1), work / f"{model}.onnx")
-    build(onnx, "m", "1.0.0", work / "bundle", variants=["onnx-fp32"])
-    image.release(work / "bundle", keys)
+    for version in ("1.0.0", "1.1.0") if shadow else ("1.0.0",):
+        build(onnx, "m", version, work / f"bundle-{version}", variants=["onnx-fp32"])
+        image.release(work / f"bundle-{version}", keys)
     controller = Controller(work / "serve", keys, host, port)
     controller.server.start()
-    director.assign("bench", image, "m", "1.0.0", "onnx-fp32", keys)
+    director.assign("bench", image, "m", "1.0.0", "onnx-fp32", keys, shadow=("1.1.0", "onnx-fp32") if shadow else None)
     announce(director, ["bench"], host, port)
     config = write_config(
         work / "agent.toml",
@@ -152,6 +160,22 @@ def _wait_model(client: Client, x: list[list[float]]) -> None:
     raise RuntimeError("the agent never served the model")
 
 
+def _wait_shadow(db: Path) -> None:
+    """Until the agent's store says the shadow is installed (it is loaded in the same step)."""
+    import sqlite3
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(db) as conn:
+                if conn.execute("SELECT count(*) FROM installed WHERE status = 'shadow'").fetchone()[0]:
+                    return
+        except sqlite3.Error:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the agent never ran the shadow")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -167,15 +191,17 @@ def main() -> None:
         assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
         try:
             for model, widths in MODELS.items():
-                for label, serving in CONFIGS.items():
-                    mwork = work / f"{model}-{label.split()[0]}"
+                for label, (serving, shadow) in CONFIGS.items():
+                    mwork = work / f"{model}-{label.replace(' ', '-')}"
                     mwork.mkdir()
-                    controller, config = _fleet(mwork, broker.host, broker.port, model, serving)
+                    controller, config = _fleet(mwork, broker.host, broker.port, model, serving, shadow)
                     agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], env=os.environ)
                     client = Client(broker.host, broker.port)
                     try:
                         x = np.random.default_rng(0).uniform(-1, 1, (1, widths[0])).astype(np.float32).tolist()
                         _wait_model(client, x)
+                        if shadow:
+                            _wait_shadow(mwork / "state" / "agent.db")
                         results: dict[str, dict[str, float]] = {}
                         for target in ("echo", "bench", "echo", "bench"):  # interleaved, the second pass counts
                             rps, _ = client.run(target, x, n_tp, window)

@@ -508,6 +508,13 @@ def _engine(store: Path, repo: Path | None = None) -> Any:
 @click.option("--max-failed", default="0", show_default=True, help="Failed installs per wave before abort: a count or a share (10%).")
 @click.option("--max-error-increase", type=float, default=0.05, show_default=True, help="Error rate rise (absolute) before abort.")
 @click.option("--max-p95-ratio", type=float, default=2.0, show_default=True, help="p95 latency / the old version's before abort.")
+@click.option(
+    "--p95-floor-ms",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="A p95 less than this many ms above the old one never aborts (sub-ms timings are noise).",
+)
 @click.option("--min-requests", type=click.IntRange(0), default=0, help="Answers needed on the new version before judging.")
 @click.option(
     "--max-class-shift",
@@ -539,6 +546,7 @@ def rollout_start_cmd(
     max_failed: str,
     max_error_increase: float,
     max_p95_ratio: float,
+    p95_floor_ms: float,
     min_requests: int,
     max_class_shift: float | None,
     max_mean_shift: float | None,
@@ -556,6 +564,7 @@ def rollout_start_cmd(
             max_failed,
             max_error_increase,
             max_p95_ratio,
+            p95_floor_ms,
             min_requests,
             max_class_shift,
             max_mean_shift,

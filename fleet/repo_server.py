@@ -34,6 +34,7 @@ class RepositoryServer:
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *a: self._connected.set()  # the broker took the subscription: requests reach us
         self._client.on_socket_open = tcp_nodelay
 
     def start(self, timeout: float = 10.0) -> RepositoryServer:
@@ -56,7 +57,6 @@ class RepositoryServer:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         client.subscribe(REPO_REQUEST, qos=1)
-        self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # Runs on paho's network thread, which also publishes: one owner of the connection.

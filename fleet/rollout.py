@@ -58,6 +58,7 @@ class Gates:
     max_failed: str = "0"  # failed+rejected devices per wave before abort: a count ("2") or a share ("10%")
     max_error_rate_increase: float = 0.05  # new version's error rate minus the old one's
     max_p95_ratio: float = 2.0  # new version's p95 latency / the old one's
+    p95_floor_ms: float = 1.0  # a p95 this little above the old one never aborts: sub-ms timings on a busy CPU are noise
     min_requests: int = 0  # below this many answers on the new version the health gate waits (until wave_timeout)
     # prediction drift (devices that publish prediction sums); None: not checked
     max_class_shift: float | None = None  # total variation distance of the top-class distribution, 0..1
@@ -375,8 +376,9 @@ class RolloutEngine:
         if new.error_rate - old_rate > spec.gates.max_error_rate_increase:
             return f"health gate: error rate {new.error_rate:.1%} on {spec.version} against {old_rate:.1%} before"
         if new.p95_ms is not None and old_p95:
-            ratio = new.p95_ms / max(old_p95[len(old_p95) // 2], 1e-6)
-            if ratio > spec.gates.max_p95_ratio:
+            before = old_p95[len(old_p95) // 2]
+            ratio = new.p95_ms / max(before, 1e-6)
+            if ratio > spec.gates.max_p95_ratio and new.p95_ms - before > spec.gates.p95_floor_ms:
                 return f"health gate: p95 latency {ratio:.1f}x the previous version's (limit {spec.gates.max_p95_ratio:g}x)"
         return self._drift_gate(spec, since, [m["device"] for m in moved], previous)
 
@@ -431,7 +433,7 @@ class RolloutEngine:
             return f"shadow gate: mean absolute difference {h.mean_abs_diff:.4g} from the serving version (limit {g.max_shadow_diff:g})"
         if h.p95_ms is not None and h.active_p95_ms:
             ratio = h.p95_ms / max(h.active_p95_ms, 1e-6)
-            if ratio > g.max_p95_ratio:
+            if ratio > g.max_p95_ratio and h.p95_ms - h.active_p95_ms > g.p95_floor_ms:
                 return f"shadow gate: p95 latency in shadow {ratio:.1f}x the serving version's (limit {g.max_p95_ratio:g}x)"
         logs.event(log, "rollout.shadow_gate", id=r["id"], compared=h.compared, agreement=f"{agreement:.4f}", devices=h.devices)
         return ""

@@ -29,12 +29,14 @@ def test_fleet_demo_trains_signs_rolls_out_predicts_and_refuses_a_broken_release
     assert took < 60, f"the demo took {took:.0f} s"
     for device, runtime in (("demo-pi", "litert/CPU"), ("demo-npu", "openvino/CPU"), ("demo-jetson", "litert/CPU")):
         row = next(line for line in out.splitlines() if line.startswith(f"│ {device}"))
-        assert "linear 1.1.0" in row and runtime in row, row  # everyone on v2, each on its own runtime
+        assert "linear 1.1.0" in row and runtime in row, out[-4000:]  # everyone on v2, each on its own runtime
         finals = re.findall(r"→ \[([^\]]*)\]", row)[0].split(", ")
         assert abs(float(finals[2]) - 7.0) < 0.1  # y(3) = 2*3 + 1
     assert "passed over tensorrt:GPU.0: tensorrt is not installed" in out  # the Jetson's fallback, with the reason
     assert "passed over openvino:NPU" in out
     assert "rollout 2: linear 1.1.0 done" in out and "rollout 3: linear 1.2.0 aborted: install gate" in out
+    shadow = re.search(r"shadow on demo-\w+: (\d+) live inputs compared, [\d.]+% within 1%, mean abs diff ([\d.]+)", out)
+    assert shadow and int(shadow[1]) >= 60 and float(shadow[2]) < 0.1, out[-3000:]  # v2 ran in shadow on live traffic first
     assert f"broker {broker} on" in out
     assert re.search(r"background traffic during the rollouts: [1-9]\d* answered, 0 errors", out), out[-2000:]
 

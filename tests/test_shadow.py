@@ -275,3 +275,21 @@ def test_any_outputs_compare_without_error_and_agree_with_themselves(a: np.ndarr
     assert same.agreed == same.rows and not same.mismatched and same.abs_diff_sum == 0.0
     c = compare_outputs({"y": a}, {"y": other}, 0.01, 1e-3)
     assert 0 <= c.agreed <= c.rows and c.abs_diff_sum >= 0 and c.mismatched == (a.shape != other.shape)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # values past 1e154: squared to inf, then left out
+@settings(max_examples=200, deadline=None)
+@given(st.lists(hnp.arrays(st.sampled_from([np.float32, np.float64, np.int64, np.uint8]), SHAPES), min_size=1, max_size=5))
+def test_any_outputs_add_to_finite_prediction_sums(outputs: list[np.ndarray]) -> None:
+    stats = PredictionStats()
+    for out in outputs:
+        stats.add("m", "1", {"y": out})
+    window = stats.take().get(("m", "1"))
+    counted = [o for o in outputs if o.size]
+    if not counted:
+        assert window is None
+        return
+    assert window is not None and window["rows"] == sum(o.shape[0] if o.ndim else 1 for o in counted)
+    assert window["values"] + window["nonfinite"] == sum(o.size for o in counted)
+    assert math.isfinite(window["sum"]) and math.isfinite(window["sumsq"]) and window["sumsq"] >= 0
+    assert json.loads(json.dumps(window, allow_nan=False)) == window  # plain JSON: no NaN or Infinity leaves the device
