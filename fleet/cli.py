@@ -695,7 +695,12 @@ def rollback_cmd(model: str, version: str, store: Path, repo: Path, selector: st
 @click.option("--prefix", default="sim", show_default=True)
 @click.option("--telemetry", "telemetry_s", type=float, default=10.0, show_default=True, help="Seconds between telemetry batches.")
 @click.option("--running", "initial", multiple=True, help="MODEL=VERSION each device starts with.")
-@click.option("--behaviour", "behaviours", multiple=True, help="VERSION:share=0.4,reject | VERSION:latency=5,errors=0.3")
+@click.option(
+    "--behaviour",
+    "behaviours",
+    multiple=True,
+    help="VERSION:share=0.4,reject | VERSION:latency=5,errors=0.3 | VERSION:agree=0.6 (in shadow) | VERSION:class_shift=0.5,mean_shift=2",
+)
 def simulate_cmd(
     count: int, broker: str | None, prefix: str, telemetry_s: float, initial: tuple[str, ...], behaviours: tuple[str, ...]
 ) -> None:

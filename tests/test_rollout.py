@@ -115,20 +115,24 @@ def test_a_wave_that_misbehaves_aborts_on_the_health_gate(rig: Rig, controller: 
         sims.stop()
 
 
-def test_a_controller_restarted_mid_rollout_goes_on_where_it_was(rig: Rig, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shadow", [False, True])
+def test_a_controller_restarted_mid_rollout_goes_on_where_it_was(rig: Rig, tmp_path: Path, shadow: bool) -> None:
     db = tmp_path / "restart" / "fleet.db"
     first = Controller(rig, db)
-    sims = fleet_of(rig, 8, "rst")
+    prefix = "rsts" if shadow else "rst"
+    sims = fleet_of(rig, 8, prefix)
     try:
-        registered(first, "rst", 8)
-        spec = RolloutSpec(MODEL, "1.1.0", selector="device=rst-*", waves=["25%", "100%"], soak_s=1.5)
+        registered(first, prefix, 8)
+        gates = Gates(shadow_min_compared=50)
+        spec = RolloutSpec(MODEL, "1.1.0", selector=f"device={prefix}-*", waves=["25%", "100%"], soak_s=1.5, shadow=shadow, gates=gates)
         rid = first.engine.start(spec)
         wait_for(lambda: (first.store.rollout(rid) or {}).get("wave_done"), 60, "wave 1 settled, soaking")
-        first.stop()  # the controller goes away in the middle of the soak
+        assert (first.store.rollout(rid) or {})["phase"] == ("shadow" if shadow else "")
+        first.stop()  # the controller goes away in the middle of the soak (of the shadow phase, with --shadow)
         second = Controller(rig, db)
         try:
             wait_for(lambda: second.state(rid) == "done", 60, "the rollout done by the new controller")
-            assert set(second.versions("rst").values()) == {"1.1.0"}
+            assert set(second.versions(prefix).values()) == {"1.1.0"}
             assert [sum(w.values()) for w in second.engine.progress(rid)["waves"]] == [2, 6]
         finally:
             second.stop()
