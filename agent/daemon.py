@@ -60,6 +60,7 @@ class Agent:
         self.host = ModelHost(u.auto_rollback_failures, on_failing=self._failing, on_served=self._served)
         sv = settings.serving
         self.predictions = PredictionStats()
+        self._served_calls = 0
         self.shadow = ShadowRunner(self.host, sv.shadow_queue, sv.shadow_rtol, sv.shadow_atol)
         health = _health_policy(rs)
         self.installer = Installer(
@@ -210,8 +211,11 @@ class Agent:
 
     def _served(self, m: ServingModel, inputs: Any, outputs: dict[str, Any], seconds: float) -> None:
         """Every answered call (on the serving path: only cheap sums and a non-blocking hand-off to the shadow)."""
-        if self.settings.telemetry.prediction_stats:
-            self.predictions.add(m.name, m.version, outputs)
+        every = self.settings.telemetry.prediction_every
+        if every:
+            self._served_calls += 1  # not exact across serving threads, and need not be: it picks a sample
+            if self._served_calls % every == 0:
+                self.predictions.add(m.name, m.version, outputs)
         self.shadow.offer(m, inputs, outputs, seconds)
 
     def _telemetry(self) -> dict[str, Any]:

@@ -106,15 +106,19 @@ class Client:
         self.c.loop_stop()
 
 
-# label -> (serving settings, a shadow beside the served version)
-CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
-    "default": ({}, False),
-    "always queued": ({"inline_below_ms": 0}, False),
-    "with a shadow": ({}, True),
+# label -> (serving settings, telemetry settings, a shadow beside the served version)
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
+    "default": ({}, {}, False),
+    "no prediction sums": ({}, {"prediction_every": 0}, False),
+    "sums on every call": ({}, {"prediction_every": 1}, False),
+    "always queued": ({"inline_below_ms": 0}, {}, False),
+    "with a shadow": ({}, {}, True),
 }
 
 
-def _fleet(work: Path, host: str, port: int, model: str, serving: dict[str, Any], shadow: bool) -> tuple[Any, Path]:
+def _fleet(
+    work: Path, host: str, port: int, model: str, serving: dict[str, Any], telemetry: dict[str, Any], shadow: bool
+) -> tuple[Any, Path]:
     """Keys, both repositories, the model released and assigned: what a device needs to serve it."""
     from converters import builders
     from converters.build import build
@@ -143,7 +147,7 @@ def _fleet(work: Path, host: str, port: int, model: str, serving: dict[str, Any]
             "broker": {"host": host, "port": port},
             "update": {"image_root": image.metadata / "1.root.json", "director_root": director.directory / "1.root.json"},
             "serving": {"queue_size": 4096, **serving},
-            "telemetry": {"interval_s": 60},
+            "telemetry": {"interval_s": 60, **telemetry},
         },
     )
     return controller, config
@@ -191,10 +195,10 @@ def main() -> None:
         assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
         try:
             for model, widths in MODELS.items():
-                for label, (serving, shadow) in CONFIGS.items():
+                for label, (serving, telemetry, shadow) in CONFIGS.items():
                     mwork = work / f"{model}-{label.replace(' ', '-')}"
                     mwork.mkdir()
-                    controller, config = _fleet(mwork, broker.host, broker.port, model, serving, shadow)
+                    controller, config = _fleet(mwork, broker.host, broker.port, model, serving, telemetry, shadow)
                     agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], env=os.environ)
                     client = Client(broker.host, broker.port)
                     try:

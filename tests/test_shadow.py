@@ -58,7 +58,7 @@ class Device:
         self.agent = self.start()
 
     def start(self) -> Agent:
-        agent = Agent(load_settings(self.config, telemetry={"interval_s": 0.3})).start()
+        agent = Agent(load_settings(self.config, telemetry={"interval_s": 0.3, "prediction_every": 1})).start()
         assert agent.wait_connected()
         return agent
 
