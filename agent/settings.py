@@ -87,8 +87,8 @@ class TelemetrySettings(BaseModel):
     outbox_max_batches: Annotated[int, Field(ge=1)] = 10_000  # kept while the broker is away; the oldest go first
     outbox_max_age_s: Annotated[float, Field(gt=0)] = 7 * 86400
     # Every Nth answered call adds to the sums of what each model answered (mean, spread, top-class counts) for the
-    # controller's drift gate; no answers leave. A sample, because summing every call cost 4% of a fast model's
-    # throughput (benchmarks/serving.py). 1: every call; 0: off.
+    # controller's drift gate; no answers leave. A sample, because summing every call cost up to 4% of a fast
+    # model's throughput in one run of benchmarks/serving.py. 1: every call; 0: off.
     prediction_every: Annotated[int, Field(ge=0)] = 8
 
 
