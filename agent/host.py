@@ -112,22 +112,12 @@ class ModelHost:
             return dict(self._shadows)
 
     def set_shadow(self, new: ServingModel, drain_timeout: float = 30.0) -> None:
-        with self._cond:
-            old = self._shadows.get(new.name)
-            self._shadows[new.name] = new
-            if old is not None:
-                old._retired = True
-        if old is not None:
-            self._drain(old, drain_timeout)
+        self._replace(self._shadows, new.name, new, drain_timeout)
         logs.event(log, "host.shadow_set", model=new.name, version=new.version, variant=new.variant, runtime=new.runtime.name)
 
     def remove_shadow(self, name: str, drain_timeout: float = 30.0) -> ServingModel | None:
-        with self._cond:
-            old = self._shadows.pop(name, None)
-            if old is not None:
-                old._retired = True
+        old = self._replace(self._shadows, name, None, drain_timeout)
         if old is not None:
-            self._drain(old, drain_timeout)
             logs.event(log, "host.shadow_removed", model=name, version=old.version)
         return old
 
@@ -168,21 +158,24 @@ class ModelHost:
 
     def swap(self, new: ServingModel, drain_timeout: float = 30.0) -> ServingModel | None:
         """Serve ``new`` from now on; close the previous model once its in-flight requests are done."""
-        with self._cond:
-            old = self._models.get(new.name)
-            self._models[new.name] = new
-            if old is not None:
-                old._retired = True
-        if old is not None:
-            self._drain(old, drain_timeout)
+        old = self._replace(self._models, new.name, new, drain_timeout)
         logs.event(log, "host.swapped", model=new.name, version=new.version, variant=new.variant, runtime=new.runtime.name)
         return old
 
     def remove(self, name: str, drain_timeout: float = 30.0) -> None:
+        self._replace(self._models, name, None, drain_timeout)
+
+    def _replace(self, slots: dict[str, ServingModel], name: str, new: ServingModel | None, drain_timeout: float) -> ServingModel | None:
+        """Put ``new`` (None: nothing) in ``name``'s slot in one step; the one it replaced is retired, drained, closed."""
         with self._cond:
-            old = self._models.pop(name, None)
+            old = slots.pop(name, None)
+            if new is not None:
+                slots[name] = new
+            if old is not None:
+                old._retired = True
         if old is not None:
             self._drain(old, drain_timeout)
+        return old
 
     def _drain(self, old: ServingModel, timeout: float) -> None:
         with self._cond:
