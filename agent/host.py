@@ -104,8 +104,8 @@ class ModelHost:
     # -- shadows: a second version beside the active one, fed its inputs, answering nobody --------
 
     def shadow(self, name: str) -> ServingModel | None:
-        with self._cond:
-            return self._shadows.get(name)
+        # No lock: asked on every answered call, and one dict lookup is atomic in CPython; writers still hold it.
+        return self._shadows.get(name)
 
     def shadows(self) -> dict[str, ServingModel]:
         with self._cond:
