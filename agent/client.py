@@ -20,9 +20,9 @@ import paho.mqtt.client as mqtt
 
 from agent.errors import EdgefleetError
 from agent.mqtt import make_client
-from agent.payloads import Reply, decode_reply, encode_request
-from agent.protocol import ROOT, device_topic
 from agent.settings import BrokerSettings
+from agent.wire import ROOT, device_topic
+from agent.wire.inference import Reply, decode_reply, encode_request
 
 __all__ = ["EdgeClient", "Prediction", "RemoteError"]
 

@@ -233,7 +233,7 @@ def send_command(settings: AgentSettings, command: str, args: dict[str, Any], ti
     import paho.mqtt.client as mqtt
 
     from agent.mqtt import make_client
-    from agent.protocol import Command, device_topic
+    from agent.wire import Command, device_topic
 
     rid = uuid.uuid4().hex
     replies: queue.Queue[dict[str, Any]] = queue.Queue()

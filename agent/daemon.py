@@ -9,7 +9,6 @@ lock (paho is not safe to publish from many threads at once).
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import shutil
@@ -23,23 +22,23 @@ import psutil
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import __version__, logs, systemd
+from agent import __version__, logs, systemd, wire
 from agent.errors import EdgefleetError
 from agent.hardware import detect
 from agent.host import ModelHost, ServingModel
 from agent.installer import HealthPolicy, Installer, RollbackError
 from agent.mqtt import make_client
 from agent.predictions import PredictionStats
-from agent.protocol import Command, ProtocolError, device_topic
 from agent.repo_fetcher import MqttFetcher
 from agent.runtimes import probe_all
 from agent.selection import preferred_variants
-from agent.serving import Serving, serving_summary
+from agent.serving import Serving, latency_summary
 from agent.settings import AgentSettings, RuntimeSettings
 from agent.shadow import ShadowRunner
 from agent.store import AgentStore, Job
 from agent.telemetry import Telemetry, system_metrics
 from agent.update import DirectorPlan, RepositoryUnreachable, TrustedRepos, UpdateRejected, check_director
+from agent.wire import Command, WireError, device_topic
 
 __all__ = ["Agent"]
 
@@ -76,7 +75,7 @@ class Agent:
         )
         self.trust = state / "trust"
         self._infer_prefix = device_topic(self.device_id, "infer") + "/"
-        self.last_check: dict[str, Any] = {"state": "never"}
+        self.last_check = wire.UpdateState(state="never")
         self.rounds = 0  # update rounds finished (whatever their outcome): tests and `ping` can wait on it
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._publish_lock = threading.Lock()
@@ -161,15 +160,15 @@ class Agent:
 
     def _make_client(self) -> mqtt.Client:
         c = make_client(self.settings.broker, self.device_id, persistent=True)
-        c.will_set(device_topic(self.device_id, "status"), json.dumps(self._status("lost")), qos=1, retain=True)
+        c.will_set(device_topic(self.device_id, "status"), wire.encode(self._status("lost")), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.reconnect_delay_set(1, 30)  # exponential backoff between reconnects, 1 s to 30 s
         return c
 
-    def _status(self, state: str) -> dict[str, Any]:
-        return {"state": state, "session": self._session, "ts": time.time()}
+    def _status(self, state: str) -> wire.Status:
+        return wire.Status(state=state, session=self._session, ts=time.time())  # type: ignore[arg-type]
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
@@ -202,8 +201,8 @@ class Agent:
         else:  # director/...: a trigger only; what it says is verified through the repositories
             self._events.put(("check", None))
 
-    def _publish(self, what: str, payload: dict[str, Any], retain: bool = False) -> mqtt.MQTTMessageInfo:
-        return self._publish_raw(device_topic(self.device_id, *what.split("/")), json.dumps(payload).encode(), 1, retain)
+    def _publish(self, what: str, message: wire.WireModel, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self._publish_raw(device_topic(self.device_id, *what.split("/")), wire.encode(message), 1, retain)
 
     def _publish_raw(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
         with self._publish_lock:
@@ -219,30 +218,38 @@ class Agent:
         self.shadow.offer(m, inputs, outputs, seconds)
 
     def _telemetry(self) -> dict[str, Any]:
-        latencies, errors = self.serving.stats.take()
-        summary = serving_summary(latencies)
+        """The window's fields of a ``wire.TelemetryBatch`` (``Telemetry`` adds seq, ts, interval and drops)."""
+        windows, unattributed = self.serving.stats.take()
         predictions = self.predictions.take()
         shadows = self.shadow.take()
-        models = {}
-        for name, m in self.host.models().items():
-            models[name] = {
-                "version": m.version,
-                "variant": m.variant,
-                "runtime": m.runtime.name,
-                "device": m.runtime.describe().device,
-                **summary.get(name, {"count": 0}),
+        served = self.host.models()
+        keys = set(windows) | {(name, m.version) for name, m in served.items()}
+        models = []
+        for name, version in sorted(keys):
+            w = windows.get((name, version))
+            m = served.get(name)
+            current = m is not None and m.version == version
+            entry: dict[str, Any] = {
+                "model": name,
+                "version": version,
+                "count": len(w.latencies_ms) if w else 0,
+                "errors": dict(w.errors) if w else {},
+                **latency_summary(w.latencies_ms if w else []),
             }
-            if (name, m.version) in predictions:
-                models[name]["predictions"] = predictions[(name, m.version)]
-            if name in shadows:
-                models[name]["shadow"] = shadows[name]
+            if m is not None and current:
+                entry.update(variant=m.variant, runtime=m.runtime.name, device=m.runtime.describe().device)
+                if name in shadows:
+                    entry["shadow"] = shadows[name]
+            if (name, version) in predictions:
+                entry["predictions"] = predictions[(name, version)]
+            models.append(_bounded(wire.ModelWindow, entry, ("predictions", "shadow")))
         window = self.settings.telemetry.interval_s
         return {
             "device_id": self.device_id,
             "session": self._session,
             "models": models,
-            "throughput_rps": round(sum(len(v) for v in latencies.values()) / window, 3),
-            "errors": errors,
+            "unattributed_errors": unattributed,
+            "throughput_rps": round(sum(len(w.latencies_ms) for w in windows.values()) / window, 3),
             "queue_depth": self.serving.queue_depth(),
             "system": system_metrics(self._process),
             "update": self.last_check,
@@ -293,40 +300,42 @@ class Agent:
     def _publish_reported(self) -> None:
         enabled = self.settings.runtime.enabled
         probes = probe_all(enabled)
-        models: dict[str, dict[str, Any]] = {
-            name: {
-                "version": m.version,
-                "variant": m.variant,
-                "sha256": m.sha256,
-                "runtime": m.runtime.name,
-                "device": m.runtime.describe().device,
-                "passed_over": [f"{where}: {why}" for where, why in m.passed_over],
-            }
+        shadows = self.host.shadows()
+        models = {
+            name: wire.ReportedModel(
+                version=m.version,
+                variant=m.variant,
+                sha256=m.sha256,
+                runtime=m.runtime.name,
+                device=m.runtime.describe().device,
+                passed_over=[f"{where}: {why}"[:1000] for where, why in m.passed_over][:16],
+                shadow=(
+                    wire.ReportedShadow(version=sm.version, variant=sm.variant, sha256=sm.sha256, runtime=sm.runtime.name)
+                    if (sm := shadows.get(name)) is not None
+                    else None
+                ),
+            )
             for name, m in self.host.models().items()
         }
-        for name, sm in self.host.shadows().items():
-            if name in models:
-                models[name]["shadow"] = {"version": sm.version, "variant": sm.variant, "sha256": sm.sha256, "runtime": sm.runtime.name}
         installed = [{"model": m.model, "version": m.version, "variant": m.variant, "status": m.status} for m in self.store.installed()]
-        self._publish(
-            "reported",
+        reported = wire.Reported.model_validate(
             {
                 "device_id": self.device_id,
                 "agent_version": __version__,
-                "hardware": self.profile.summary(),
+                "hardware": self.profile.summary()[:1000],
                 "runtimes": {n: p.version for n, p in probes.items() if p.available},
                 "preferred_variants": preferred_variants(self.profile, probes),
                 "models": models,
                 "installed": installed,
                 "update": self.last_check,
                 "ts": time.time(),
-            },
-            retain=True,
+            }
         )
+        self._publish("reported", reported, retain=True)
 
     def _report_job(self, job: Job) -> None:
-        self.last_check = {"state": job.state, "job": job.id, "target": job.target_path, "reason": job.reason}
-        self._publish(f"jobs/{job.id}", job.report())
+        self.last_check = wire.UpdateState(state=job.state, job=job.id, target=job.target_path[:1000], reason=job.reason[:1000])
+        self._publish(f"jobs/{job.id}", wire.JobUpdate.model_validate({**job.report(), "reason": job.reason[:1000]}))
         if job.state in ("ACTIVE", "SHADOW", "REJECTED", "FAILED", "ROLLED_BACK"):
             self._publish_reported()
 
@@ -427,11 +436,11 @@ class Agent:
 
     def _checked(self, state: str, reason: str) -> None:
         previous = self.last_check
-        self.last_check = {"state": state, "reason": reason, "ts": time.time()}
+        self.last_check = wire.UpdateState(state=state, reason=reason[:1000], ts=time.time())
         if state == "REJECTED":
             logs.event(log, "update.rejected", logging.WARNING, reason=reason)
-            self._publish("jobs/check", {"state": state, "status": "REJECTED", "reason": reason, "ts": time.time()})
-        if (previous.get("state"), previous.get("reason")) != (state, reason):
+            self._publish("jobs/check", wire.UpdateCheck(state="REJECTED", status="REJECTED", reason=reason[:1000], ts=time.time()))
+        if (previous.state, previous.reason) != (state, reason[:1000]):
             self._publish_reported()
 
     # -- commands and rollback -----------------------------------------------------------
@@ -439,30 +448,31 @@ class Agent:
     def _command(self, payload: bytes) -> None:
         try:
             cmd = Command.decode(payload)
-        except ProtocolError as exc:
+        except WireError as exc:
             logs.event(log, "cmd.bad_request", logging.WARNING, reason=str(exc), size=len(payload))
-            self._publish("cmd/reply", {"ok": False, "error": {"code": "bad_request", "message": str(exc)}})
+            self._publish("cmd/reply", wire.CommandReply(ok=False, error=wire.ErrorBody(code="bad_request", message=str(exc)[:1000])))
             return
-        reply: dict[str, Any] = {"request_id": cmd.request_id, "command": cmd.command}
         try:
             if cmd.command == "ping":
-                reply["result"] = {"session": self._session, "models": sorted(self.host.models())}
+                result: Any = {"session": self._session, "models": sorted(self.host.models())}
             elif cmd.command == "check":
                 self._events.put(("check", None))
-                reply["result"] = "scheduled"
+                result = "scheduled"
             elif cmd.command == "rollback":
                 model = cmd.args.get("model")
                 if not isinstance(model, str):
-                    raise ProtocolError("rollback needs args.model")
+                    raise WireError("rollback needs args.model")
                 to = self._rollback(model, str(cmd.args.get("reason", "requested by the controller")))
-                reply["result"] = {"model": model, "version": to}
+                result = {"model": model, "version": to}
             else:
-                raise ProtocolError(f"unknown command {cmd.command!r}")
-            reply["ok"] = True
+                raise WireError(f"unknown command {cmd.command!r}")
+            reply = wire.CommandReply(request_id=cmd.request_id, command=cmd.command, ok=True, result=result)
+        except WireError as exc:
+            error = wire.ErrorBody(code="bad_request", message=str(exc)[:1000])
+            reply = wire.CommandReply(request_id=cmd.request_id, command=cmd.command, ok=False, error=error)
         except EdgefleetError as exc:
-            reply.update(ok=False, error={"code": exc.code, "message": str(exc)})
-        except ProtocolError as exc:
-            reply.update(ok=False, error={"code": "bad_request", "message": str(exc)})
+            error = wire.ErrorBody(code=exc.code, message=str(exc)[:1000])
+            reply = wire.CommandReply(request_id=cmd.request_id, command=cmd.command, ok=False, error=error)
         self._publish("cmd/reply", reply)
 
     def _failing(self, model: ServingModel, reason: str) -> None:
@@ -481,3 +491,15 @@ class Agent:
 def _health_policy(rs: RuntimeSettings) -> HealthPolicy:
     budget = rs.latency_budget_ms / 1e3 if rs.latency_budget_ms is not None else None
     return HealthPolicy(budget, rs.force_runtime, rs.force_device, rs.options, tuple(rs.enabled) if rs.enabled is not None else None)
+
+
+def _bounded(model: type[wire.ModelWindow], entry: dict[str, Any], optional: tuple[str, ...]) -> wire.ModelWindow:
+    """The window as a wire message; an optional part out of the wire's bounds (sums of huge outputs) is left out, logged."""
+    try:
+        return model.model_validate(entry)
+    except ValueError as exc:
+        dropped = [k for k in optional if entry.pop(k, None) is not None]
+        logs.event(
+            log, "telemetry.window_out_of_bounds", logging.WARNING, model=entry["model"], dropped=",".join(dropped), reason=str(exc)[:200]
+        )
+        return model.model_validate(entry)

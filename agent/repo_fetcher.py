@@ -1,7 +1,7 @@
 """A python-tuf fetcher that pulls repository files over MQTT, a window of chunks at a time.
 
 ``tuf.ngclient.Updater`` asks for URLs; this maps ``base_url + path`` to repository
-requests (see ``agent.protocol``), keeps up to ``window`` chunk requests in flight,
+requests (see ``agent.wire.repo``), keeps up to ``window`` chunk requests in flight,
 yields the bytes in order and turns a missing file into ``DownloadHTTPError(404)``
 as the Updater expects. A lost reply (broker restart) is re-requested.
 """
@@ -19,7 +19,8 @@ import paho.mqtt.client as mqtt
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.fetcher import FetcherInterface
 
-from agent.protocol import MAX_CHUNK, REPO_REQUEST, ProtocolError, RepoReply, RepoRequest, repo_reply_topic, tcp_nodelay
+from agent.mqtt import tcp_nodelay
+from agent.wire import MAX_CHUNK, REPO_REQUEST, RepoReply, RepoRequest, WireError, repo_reply_topic
 
 __all__ = ["DirectoryFetcher", "MqttFetcher"]
 
@@ -73,7 +74,7 @@ class MqttFetcher(FetcherInterface):
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             reply = RepoReply.decode(bytes(msg.payload))
-        except ProtocolError:
+        except WireError:
             return  # not ours to answer; the request it belonged to will time out and be retried
         with self._lock:
             waiter = self._pending.get(reply.request_id)

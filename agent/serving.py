@@ -17,17 +17,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from agent import logs
 from agent.errors import EdgefleetError, InvalidInput
 from agent.host import ModelHost, UnknownModel
-from agent.payloads import PayloadError, Reply, Request, decode_request, encode_reply
-from agent.protocol import ROOT, device_topic
+from agent.wire import ROOT, device_topic
+from agent.wire.inference import PayloadError, Reply, Request, decode_request, encode_reply
 
-__all__ = ["Serving", "ServingStats", "serving_summary"]
+__all__ = ["Serving", "ServingStats", "Window", "latency_summary"]
 
 log = logging.getLogger("edgefleet.serving")
 
@@ -41,27 +40,50 @@ class _Item:
 
 
 @dataclass
-class ServingStats:
-    """What telemetry reports; reset by ``take()`` every telemetry window."""
+class Window:
+    """One model version's answered calls and errors since the last ``take()``."""
 
-    latencies_ms: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    latencies_ms: list[float] = field(default_factory=list)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+@dataclass
+class ServingStats:
+    """What telemetry reports, per model version (the one that answered or failed); reset by ``take()``.
+
+    Errors go to the version that produced them: a hot swap inside a window gives two
+    windows, and on a device with two models each gets its own. Errors with no loaded
+    version to blame (an unknown model) are ``unattributed``.
+    """
+
+    windows: dict[tuple[str, str], Window] = field(default_factory=dict)
+    unattributed: collections.Counter[str] = field(default_factory=collections.Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)  # by code, all models: logs and tests
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def ok(self, model: str, ms: float) -> None:
+    def ok(self, model: str, version: str, ms: float) -> None:
         with self._lock:
-            self.latencies_ms[model].append(ms)
+            self._window(model, version).latencies_ms.append(ms)
 
-    def error(self, code: str) -> None:
+    def error(self, model: str, version: str | None, code: str) -> None:
         with self._lock:
             self.errors[code] += 1
+            if version is None:
+                self.unattributed[code] += 1
+            else:
+                self._window(model, version).errors[code] += 1
 
-    def take(self) -> tuple[dict[str, list[float]], dict[str, int]]:
+    def _window(self, model: str, version: str) -> Window:
+        w = self.windows.get((model, version))
+        if w is None:
+            w = self.windows[(model, version)] = Window()
+        return w
+
+    def take(self) -> tuple[dict[tuple[str, str], Window], dict[str, int]]:
         with self._lock:
-            lat, err = dict(self.latencies_ms), dict(self.errors)
-            self.latencies_ms = collections.defaultdict(list)
-            self.errors = collections.Counter()
-        return lat, err
+            windows, unattributed = self.windows, dict(self.unattributed)
+            self.windows, self.unattributed, self.errors = {}, collections.Counter(), collections.Counter()
+        return windows, unattributed
 
 
 class Serving:
@@ -132,7 +154,7 @@ class Serving:
                 raise queue.Full
             self._queue.put_nowait(_Item(model, payload, time.monotonic(), qos))
         except queue.Full:
-            self.stats.error("overloaded")
+            self.stats.error(model, self._version(model), "overloaded")
             try:
                 req = decode_request(payload, self.max_payload_bytes)
             except PayloadError as exc:
@@ -178,7 +200,7 @@ class Serving:
                 self._fail(item, None, exc.request_id, exc)
                 continue
             if req.deadline_ms is not None and (time.monotonic() - item.received) * 1e3 > req.deadline_ms:
-                self.stats.error("deadline_exceeded")
+                self.stats.error(item.model, self._version(item.model), "deadline_exceeded")
                 self._answer_error(
                     item.model, req, req.request_id, "deadline_exceeded", f"waited past its {req.deadline_ms:g} ms deadline", item.qos
                 )
@@ -271,9 +293,10 @@ class Serving:
     def _answer(self, item: _Item, req: Request, outputs: dict[str, np.ndarray]) -> None:
         m = self.host.get(item.model)
         ms = (time.monotonic() - item.received) * 1e3
-        reply = Reply(req.request_id, item.model, m.version if m else "", outputs, ms)
+        version = m.version if m else ""
+        reply = Reply(req.request_id, item.model, version, outputs, ms)
         self.publish(self._topic(item.model, req), encode_reply(reply, req.binary, req.b64), item.qos)
-        self.stats.ok(item.model, ms)
+        self.stats.ok(item.model, version, ms)
 
     def _fail(self, item: _Item, req: Request | None, request_id: str, exc: BaseException) -> None:
         if isinstance(exc, EdgefleetError):
@@ -281,10 +304,15 @@ class Serving:
             message = str(exc)
         else:
             code, message = "internal", f"{type(exc).__name__}: {exc}"
-        self.stats.error(code)
+        self.stats.error(item.model, self._version(item.model), code)
         level = logging.WARNING if code != "internal" else logging.ERROR
         logs.event(log, "serving.error", level, model=item.model, request_id=request_id, code=code, reason=message[:300])
         self._answer_error(item.model, req, request_id, code, message, item.qos)
+
+    def _version(self, model: str) -> str | None:
+        """The version serving ``model`` now: the one an error counts against (None: no such model here)."""
+        m = self.host.get(model)
+        return m.version if m is not None else None
 
     def _answer_error(self, model: str, req: Request | None, request_id: str, code: str, message: str, qos: int) -> None:
         reply = Reply(request_id, error_code=code, error_message=message[:500])
@@ -296,11 +324,9 @@ def _safe_model(model: str) -> bool:
     return 0 < len(model) <= 64 and all(c.isalnum() or c in "._-" for c in model)
 
 
-def serving_summary(stats: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
-    """p50/p95/p99 and count per model from a window's latencies."""
-    out = {}
-    for model, values in stats.items():
-        if values:
-            p50, p95, p99 = np.percentile(np.asarray(values), [50, 95, 99]).tolist()
-            out[model] = {"count": len(values), "p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "p99_ms": round(p99, 3)}
-    return out
+def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
+    """p50/p95/p99 of a window's latencies (empty: no answers, nothing to summarise)."""
+    if not latencies_ms:
+        return {}
+    p50, p95, p99 = np.percentile(np.asarray(latencies_ms), [50, 95, 99]).tolist()
+    return {"p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "p99_ms": round(p99, 3)}

@@ -129,11 +129,11 @@ class AgentSettings(BaseSettings):
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, value: str) -> str:
-        from agent.protocol import ProtocolError, valid_device_id
+        from agent.wire import WireError, valid_device_id
 
         try:
             return valid_device_id(value)
-        except ProtocolError as exc:
+        except WireError as exc:
             raise ValueError(str(exc)) from None
 
     @classmethod

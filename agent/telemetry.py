@@ -10,7 +10,6 @@ A batch re-sent after a lost acknowledgement arrives twice with the same ``seq``
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import psutil
 
-from agent import logs
+from agent import logs, wire
 from agent.store import AgentStore
 
 __all__ = ["Telemetry", "system_metrics"]
@@ -99,9 +98,10 @@ class Telemetry:
 
     def record(self) -> int:
         def make(seq: int, dropped_total: int) -> str:
-            return json.dumps(
+            batch = wire.TelemetryBatch.model_validate(
                 {"seq": seq, "ts": time.time(), "interval_s": self.interval_s, "dropped_total": dropped_total, **self.collect()}
             )
+            return wire.encode(batch).decode()
 
         seq, dropped = self.store.outbox_add(make, self.max_batches, self.max_age_s)
         if dropped:

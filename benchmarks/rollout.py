@@ -29,7 +29,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import psutil
 
-from agent.protocol import device_topic, tcp_nodelay
+from agent.mqtt import tcp_nodelay
+from agent.wire import device_topic
 from benchmarks.common import machine, write
 
 

@@ -33,15 +33,16 @@ import paho.mqtt.client as mqtt
 from rich.console import Console
 from rich.table import Table
 
-from agent.protocol import device_topic, tcp_nodelay
+from agent.mqtt import tcp_nodelay
 from agent.settings import write_config
+from agent.wire import device_topic
 from benchmarks.common import machine, write
 
 MODELS = {"tiny": [4, 4], "medium": [64, 128, 128, 10]}
 
 ECHO = r"""
 import json, sys, paho.mqtt.client as mqtt
-from agent.protocol import tcp_nodelay
+from agent.mqtt import tcp_nodelay
 host, port = sys.argv[1], int(sys.argv[2])
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="echo", protocol=mqtt.MQTTv5)
 c.on_socket_open = tcp_nodelay

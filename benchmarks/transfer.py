@@ -24,7 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.chunks import CHUNK_SIZE, ChunkManifest
-from agent.protocol import tcp_nodelay
+from agent.mqtt import tcp_nodelay
 from benchmarks.common import machine, write
 
 

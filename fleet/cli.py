@@ -145,7 +145,7 @@ def _reported() -> Iterator[None]:
     except EdgefleetError as exc:
         click.echo(f"error[{exc.code}]: {exc}", err=True)
         sys.exit(1)
-    except ValueError as exc:  # e.g. a malformed device id (agent.protocol.ProtocolError)
+    except ValueError as exc:  # e.g. a malformed device id (agent.wire.WireError)
         click.echo(f"error[bad_request]: {exc}", err=True)
         sys.exit(1)
 
@@ -465,7 +465,7 @@ def device_cmd(device_id: str, store: Path, as_json: bool) -> None:
 @_store_option
 def tag_cmd(device_id: str, tags: tuple[str, ...], store: Path) -> None:
     """Set tags on a device: KEY=VALUE ... (KEY= removes one). Selectors use them: tag:site=berlin."""
-    from agent.protocol import valid_device_id
+    from agent.wire import valid_device_id
     from fleet.store import FleetStore
 
     with _reported():
@@ -532,6 +532,34 @@ def _engine(store: Path, repo: Path | None = None) -> Any:
 @click.option(
     "--shadow-min-compared", type=click.IntRange(1), default=100, show_default=True, help="Shadow gate: live inputs compared first."
 )
+@click.option(
+    "--max-regressed",
+    default="10%",
+    show_default=True,
+    help="Health gate: devices of a wave that may regress (each against itself before it moved) before abort: a count or a share.",
+)
+@click.option(
+    "--min-device-requests",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    help="Health gate: calls a device needs before and after its move to be judged on its own.",
+)
+@click.option(
+    "--baseline",
+    "baseline_s",
+    type=click.FloatRange(1),
+    default=600.0,
+    show_default=True,
+    help="Health gate: seconds before its move that make a device's own baseline.",
+)
+@click.option(
+    "--min-control",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Health gate: unmoved devices needed to correct for fleet-wide load (per hardware class where there are enough).",
+)
 def rollout_start_cmd(
     model: str,
     version: str,
@@ -554,6 +582,10 @@ def rollout_start_cmd(
     min_agreement: float,
     max_shadow_diff: float | None,
     shadow_min_compared: int,
+    max_regressed: str,
+    min_device_requests: int,
+    baseline_s: float,
+    min_control: int,
 ) -> None:
     """Start rolling MODEL VERSION out to the selected devices, wave by wave (with --shadow, in shadow first)."""
     from fleet.rollout import Gates, RolloutSpec, parse_waves
@@ -571,6 +603,10 @@ def rollout_start_cmd(
             min_agreement,
             max_shadow_diff,
             shadow_min_compared,
+            max_regressed,
+            min_device_requests,
+            baseline_s,
+            min_control,
         )
         spec = RolloutSpec(model, version, selector, parse_waves(waves), variant, max_per_minute, soak_s, wave_timeout_s, gates, shadow)
         rid = engine.start(spec)

@@ -10,7 +10,6 @@ re-signed when less than half of its lifetime is left.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 from tuf.api.metadata import Metadata
 
-from agent import logs
-from agent.mqtt import default_protocol
-from agent.protocol import ROOT, device_topic, tcp_nodelay
+from agent import logs, wire
+from agent.mqtt import default_protocol, tcp_nodelay
+from agent.wire import WireError, device_topic
 from fleet.director import Director
 from fleet.image_repo import ImageRepository
 from fleet.ingest import Ingestor
@@ -56,9 +55,12 @@ def announce(director: Director, device_ids: Iterable[str], host: str, port: int
     try:
         infos = []
         for device in device_ids:
-            ts = director.device_metadata(device) / "timestamp.json"
-            if ts.is_file():
-                infos.append(c.publish(device_topic(device, "director", "timestamp"), ts.read_bytes(), qos=1, retain=True))
+            try:
+                ts = director.device_metadata(device) / "timestamp.json"
+                if ts.is_file():
+                    infos.append(c.publish(device_topic(device, "director", "timestamp"), ts.read_bytes(), qos=1, retain=True))
+            except (WireError, OSError) as exc:  # one device's trouble is not everyone's: the others are still told
+                logs.event(log, "announce.failed", logging.ERROR, device=str(device)[:80], reason=str(exc)[:200])
         for info in infos:
             info.wait_for_publish(timeout)
     finally:
@@ -77,24 +79,24 @@ class DeviceReport:
 
 
 def devices(host: str, port: int, wait: float = 1.0) -> list[DeviceReport]:
-    """What every device last said about itself (its retained ``status`` and ``reported`` messages)."""
+    """What every device last said about itself (its retained ``status`` and ``reported`` messages), decoded by the wire."""
     found: dict[str, DeviceReport] = {}
     lock = threading.Lock()
 
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        parts = msg.topic.split("/")  # edgefleet/v1/dev/{id}/{status|reported}
         try:
-            data = json.loads(msg.payload)
-        except ValueError:
+            topic = wire.parse_device_topic(msg.topic)
+            message = wire.decode_device_message(topic, bytes(msg.payload))
+        except WireError as exc:
+            logs.event(log, "devices.bad_message", logging.WARNING, topic=msg.topic[:120], reason=str(exc)[:200])
             return
-        if len(parts) == 5 and isinstance(data, dict):
-            with lock:
-                report = found.setdefault(parts[3], DeviceReport(parts[3]))
-                setattr(report, parts[4], data)
+        with lock:
+            report = found.setdefault(topic.device, DeviceReport(topic.device))
+            setattr(report, topic.kind, message.model_dump(exclude_none=True))
 
     c = _client(f"edgefleet-devices-{time.monotonic_ns() % 10**9}")
     c.on_message = on_message
-    c.on_connect = lambda cl, *a: cl.subscribe([(f"{ROOT}/dev/+/status", 1), (f"{ROOT}/dev/+/reported", 1)])
+    c.on_connect = lambda cl, *a: cl.subscribe([(wire.device_filter("status"), 1), (wire.device_filter("reported"), 1)])
     c.connect(host, port, keepalive=30)
     c.loop_start()
     time.sleep(wait)  # retained messages arrive right after the subscription

@@ -19,7 +19,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
-from agent.protocol import valid_device_id
+from agent.wire import valid_device_id
 from fleet.image_repo import ImageRepository, sign_metadata, variant_target_path
 from fleet.keys import KeyStore
 

@@ -7,7 +7,6 @@ store sees a few large transactions instead of one per message.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -16,16 +15,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent import logs
-from agent.mqtt import default_protocol
-from agent.protocol import ROOT, tcp_nodelay
+from agent import logs, wire
+from agent.mqtt import default_protocol, tcp_nodelay
 from fleet.store import FleetStore
 
 __all__ = ["Ingestor"]
 
 log = logging.getLogger("edgefleet.ingest")
-
-KINDS = {"status": "status", "reported": "reported", "telemetry": "telemetry", "jobs": "job"}
 
 
 class Ingestor:
@@ -34,7 +30,7 @@ class Ingestor:
     ) -> None:
         self.store, self.flush_s, self.batch = store, flush_s, batch
         self.counters: Counter[str] = Counter()
-        self._buffer: list[tuple[str, str, dict[str, Any]]] = []
+        self._buffer: list[tuple[str, wire.WireModel, float]] = []
         self._lock = threading.Lock()
         self._full = threading.Event()
         self._stop = threading.Event()
@@ -64,27 +60,32 @@ class Ingestor:
         self.flush()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        client.subscribe([(f"{ROOT}/dev/+/{k}", 1) for k in ("status", "reported", "telemetry")] + [(f"{ROOT}/dev/+/jobs/+", 1)])
+        kinds = [wire.device_filter(k) for k in ("status", "reported", "telemetry")] + [wire.device_filter("jobs", "+")]
+        client.subscribe([(k, 1) for k in kinds])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        parts = msg.topic.split("/")  # edgefleet/v1/dev/{id}/{kind}[/{job}]
-        kind = KINDS.get(parts[4]) if len(parts) >= 5 else None
-        if kind is None or not msg.payload:
+        """paho's thread: decode with the wire's caps, stamp the receive time, buffer. Nothing here may raise."""
+        if not msg.payload:
             return  # an empty retained message clears a topic; nothing to store
         try:
-            data = json.loads(msg.payload)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            self.counters["bad"] += 1
-            logs.event(log, "ingest.bad_message", logging.WARNING, topic=msg.topic[:120], reason=str(exc)[:200])
+            topic = wire.parse_device_topic(msg.topic)
+            message = wire.decode_device_message(topic, bytes(msg.payload))
+        except wire.WireError as exc:
+            self._bad(msg, str(exc))
+            return
+        except Exception as exc:  # a bug here must cost one message, never paho's thread (it re-raises and dies)
+            self._bad(msg, f"{type(exc).__name__}: {exc}")
             return
         with self._lock:
-            self._buffer.append((parts[3], kind, data))
+            self._buffer.append((topic.device, message, time.time()))
             full = len(self._buffer) >= self.batch
-        self.counters[kind] += 1
+        self.counters[topic.kind] += 1
         if full:
             self._full.set()
+
+    def _bad(self, msg: mqtt.MQTTMessage, reason: str) -> None:
+        self.counters["bad"] += 1
+        logs.event(log, "ingest.bad_message", logging.WARNING, topic=msg.topic[:120], size=len(msg.payload), reason=reason[:200])
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():

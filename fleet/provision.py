@@ -35,8 +35,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
-from agent.protocol import ROOT, valid_device_id
 from agent.settings import write_config
+from agent.wire import ROOT, valid_device_id
 
 __all__ = ["BrokerAuth", "Credentials", "ProvisionError", "mosquitto_password_hash"]
 

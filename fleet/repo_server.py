@@ -18,7 +18,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent import logs
-from agent.protocol import REPO_REQUEST, ProtocolError, RepoReply, RepoRequest, reply_address, tcp_nodelay
+from agent.mqtt import tcp_nodelay
+from agent.wire import REPO_REQUEST, RepoReply, RepoRequest, WireError, reply_address
 
 log = logging.getLogger("edgefleet.repo_server")
 
@@ -62,7 +63,7 @@ class RepositoryServer:
         # Runs on paho's network thread, which also publishes: one owner of the connection.
         try:
             req = RepoRequest.decode(bytes(msg.payload))
-        except ProtocolError as exc:
+        except WireError as exc:
             self.counters["bad_request"] += 1
             logs.event(log, "repo.bad_request", logging.WARNING, reason=str(exc), size=len(msg.payload))
             address = reply_address(bytes(msg.payload))

@@ -24,33 +24,42 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol import REPO_REQUEST, RepoReply, RepoRequest, device_topic, repo_reply_topic
+from agent import wire
+from agent.wire import REPO_REQUEST, RepoReply, RepoRequest, device_topic, repo_reply_topic
 
 __all__ = ["Behaviour", "Simulator"]
 
 
 @dataclass(frozen=True)
 class Behaviour:
-    """What a share of the devices does on one version: reject it, or serve it slower / with errors."""
+    """What some devices do on one version: reject it, or serve it slower / with errors.
+
+    Which devices: exactly ``count`` of them, or exactly ``share`` of them (rounded), the
+    first by a stable hash of the id — never a random draw, so "30%" is 30%.
+    """
 
     version: str
-    share: float = 1.0  # of the devices (the first ones by a stable hash of the id)
+    share: float = 1.0
+    count: int | None = None  # exact number of devices; overrides share
     reject: bool = False
     latency_x: float = 1.0
-    error_rate: float = 0.0
+    error_rate: float = 0.0  # server-side: "internal" errors, the version's fault
+    client_error_rate: float = 0.0  # client-side: "bad_request" answers, the callers' fault
     agreement: float = 1.0  # in shadow: the share of live inputs on which it agrees with the serving version
     class_shift: float = 0.0  # this share of its answers move to class 0 (the others are spread evenly)
     mean_shift: float = 0.0  # its mean output moves by this many standard deviations
 
     @classmethod
     def parse(cls, text: str) -> Behaviour:
-        """``VERSION:share=0.4,reject`` or ``VERSION:latency=5,errors=0.3,agree=0.6,class_shift=0.5,mean_shift=2``."""
+        """``VERSION:share=0.4,reject``, ``VERSION:count=6,latency=3`` or
+        ``VERSION:latency=5,errors=0.3,client_errors=0.2,agree=0.6,class_shift=0.5,mean_shift=2``."""
         version, _, rest = text.partition(":")
         kw: dict[str, Any] = {"version": version}
         names = {
             "share": "share",
             "latency": "latency_x",
             "errors": "error_rate",
+            "client_errors": "client_error_rate",
             "agree": "agreement",
             "class_shift": "class_shift",
             "mean_shift": "mean_shift",
@@ -59,14 +68,18 @@ class Behaviour:
             key, _, value = item.partition("=")
             if key == "reject":
                 kw["reject"] = True
+            elif key == "count":
+                kw["count"] = int(value)
             elif key in names:
                 kw[names[key]] = float(value)
             else:
-                raise ValueError(f"unknown behaviour {item!r}: share=, reject, {'=, '.join(list(names)[1:])}=")
+                raise ValueError(f"unknown behaviour {item!r}: share=, count=, reject, {'=, '.join(list(names)[1:])}=")
         return cls(**kw)
 
-    def applies(self, device: str, version: str) -> bool:
-        return version == self.version and (hash_share(device) < self.share)
+    def chosen(self, devices: list[str]) -> frozenset[str]:
+        """Exactly the devices this behaviour applies to, out of the simulated fleet."""
+        n = self.count if self.count is not None else round(self.share * len(devices))
+        return frozenset(sorted(devices, key=lambda d: (hash_share(d), d))[: max(0, min(n, len(devices)))])
 
 
 def hash_share(device: str) -> float:
@@ -82,6 +95,7 @@ class SimDevice:
     model_versions: dict[str, str] = field(default_factory=dict)
     shadows: dict[str, str] = field(default_factory=dict)  # model -> the version it runs in shadow
     seq: int = 0
+    update: wire.UpdateState = field(default_factory=lambda: wire.UpdateState(state="never"))
 
 
 class Simulator:
@@ -98,10 +112,15 @@ class Simulator:
         hardware: str = "simulated x86_64",
         runtimes: dict[str, str] | None = None,
         initial: dict[str, str] | None = None,
+        jitter: float = 0.1,
     ) -> None:
         self.host, self.port = host, port
         self.devices = [SimDevice(f"{prefix}-{i:04d}", dict(initial or {})) for i in range(count)]
         self.telemetry_s, self.behaviours = telemetry_s, behaviours or []
+        ids = [d.id for d in self.devices]
+        self._chosen = [(b, b.chosen(ids)) for b in self.behaviours]
+        self.load = 1.0  # every device's latency multiplied by this, on every version: load that hits the whole fleet
+        self.jitter = jitter  # each batch's p95 varies by up to this share either way
         self.base_latency_ms, self.requests_per_batch = base_latency_ms, requests_per_batch
         self.hardware, self.runtimes = hardware, runtimes or {"onnx": "1.20"}
         self.sent = {"telemetry": 0, "jobs": 0}
@@ -129,16 +148,16 @@ class Simulator:
                 await t
 
     def _behaviour(self, device: str, version: str) -> Behaviour | None:
-        return next((b for b in self.behaviours if b.applies(device, version)), None)
+        return next((b for b, chosen in self._chosen if b.version == version and device in chosen), None)
 
     async def _device(self, d: SimDevice) -> None:
         import aiomqtt
 
         status = device_topic(d.id, "status")
-        will = aiomqtt.Will(status, json.dumps({"state": "lost", "session": 1}), qos=1, retain=True)
+        will = aiomqtt.Will(status, _status("lost"), qos=1, retain=True)
         async with aiomqtt.Client(self.host, self.port, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
             await client.subscribe([(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)])
-            await client.publish(status, json.dumps({"state": "ready", "session": 1, "ts": time.time()}), qos=1, retain=True)
+            await client.publish(status, _status("ready"), qos=1, retain=True)
             await self._report(client, d)
             self.connected += 1
             replies: dict[str, asyncio.Future[RepoReply]] = {}
@@ -148,7 +167,7 @@ class Simulator:
                 await self._listen(client, replies, updates)
             except asyncio.CancelledError:  # stopped: say so, as the agent does before a clean disconnect
                 with contextlib.suppress(Exception):
-                    await client.publish(status, json.dumps({"state": "disconnected", "session": 1, "ts": time.time()}), qos=1, retain=True)
+                    await client.publish(status, _status("disconnected"), qos=1, retain=True)
                 raise
             finally:
                 for w in workers:
@@ -171,21 +190,33 @@ class Simulator:
                 updates.put_nowait(payload)
 
     async def _report(self, client: Any, d: SimDevice) -> None:
-        models: dict[str, dict[str, Any]] = {
-            m: {"version": v, "variant": "onnx-fp32", "runtime": "onnx", "device": "CPU"} for m, v in d.model_versions.items()
-        }
-        for m, v in d.shadows.items():
-            if m in models:
-                models[m]["shadow"] = {"version": v, "variant": "onnx-fp32", "runtime": "onnx"}
-        body = {
-            "device_id": d.id,
-            "agent_version": "sim",
-            "hardware": self.hardware,
-            "runtimes": self.runtimes,
-            "models": models,
-            "ts": time.time(),
-        }
-        await client.publish(device_topic(d.id, "reported"), json.dumps(body), qos=1, retain=True)
+        def model(m: str, v: str) -> wire.ReportedModel:
+            shadow = d.shadows.get(m)
+            return wire.ReportedModel(
+                version=v,
+                variant="onnx-fp32",
+                sha256=_fake_sha(m, v),
+                runtime="onnx",
+                device="CPU",
+                shadow=wire.ReportedShadow(version=shadow, variant="onnx-fp32", sha256=_fake_sha(m, shadow), runtime="onnx")
+                if shadow
+                else None,
+            )
+
+        body = wire.Reported(
+            device_id=d.id,
+            agent_version="sim",
+            hardware=self.hardware,
+            runtimes=self.runtimes,
+            preferred_variants=["onnx-fp32", "onnx-int8"],
+            models={m: model(m, v) for m, v in d.model_versions.items()},
+            installed=[
+                wire.InstalledVersion(model=m, version=v, variant="onnx-fp32", status="active") for m, v in d.model_versions.items()
+            ],
+            update=d.update,
+            ts=time.time(),
+        )
+        await client.publish(device_topic(d.id, "reported"), wire.encode(body), qos=1, retain=True)
 
     async def _fetch(self, client: Any, d: SimDevice, replies: dict[str, asyncio.Future[RepoReply]], path: str) -> bytes:
         rid = uuid.uuid4().hex
@@ -248,8 +279,28 @@ class Simulator:
         return True
 
     async def _job(self, client: Any, d: SimDevice, job: str, path: str, model: str, version: str, state: str, reason: str) -> None:
-        body = {"id": job, "target_path": path, "model": model, "version": version, "state": state, "reason": reason, "ts": time.time()}
-        await client.publish(device_topic(d.id, "jobs", job), json.dumps(body), qos=1)
+        now = time.time()
+        final = {"ACTIVE": "SUCCEEDED", "SHADOW": "SUCCEEDED", "REJECTED": "REJECTED", "FAILED": "FAILED"}
+        body = wire.JobUpdate(
+            id=job,
+            target_path=path,
+            model=model,
+            version=version,
+            variant="onnx-fp32",
+            release_counter=0,
+            length=0,
+            sha256=_fake_sha(model, version),
+            state=state,  # type: ignore[arg-type]
+            status=final.get(state, "IN_PROGRESS"),  # type: ignore[arg-type]
+            offset=0,
+            reason=reason,
+            attempts=0,
+            created=now,
+            updated=now,
+            shadow=0,
+        )
+        d.update = wire.UpdateState(state=state, job=job, target=path, reason=reason)
+        await client.publish(device_topic(d.id, "jobs", job), wire.encode(body), qos=1)
         self.sent["jobs"] += 1
 
     async def _telemetry(self, client: Any, d: SimDevice) -> None:
@@ -257,52 +308,84 @@ class Simulator:
         await asyncio.sleep(rng.uniform(0, self.telemetry_s))  # spread the fleet's batches over the interval
         while True:
             d.seq += 1
-            models = {}
-            for model, version in d.model_versions.items():
-                b = self._behaviour(d.id, version)
-                latency = self.base_latency_ms * (b.latency_x if b else 1.0) * rng.uniform(0.9, 1.1)
-                errors = int(self.requests_per_batch * (b.error_rate if b else 0.0))
-                answered = self.requests_per_batch - errors
-                models[model] = {
-                    "version": version,
-                    "count": answered,
-                    "errors": errors,
-                    "p50_ms": latency * 0.8,
-                    "p95_ms": latency,
-                    "p99_ms": latency * 1.2,
-                    "predictions": _predictions(answered, b),
-                }
-                if model in d.shadows:
-                    models[model]["shadow"] = self._shadow_window(d, d.shadows[model], answered, latency, rng)
-            body = {"seq": d.seq, "ts": time.time(), "device_id": d.id, "models": models, "errors": {}, "queue_depth": 0, "simulated": True}
-            await client.publish(device_topic(d.id, "telemetry"), json.dumps(body), qos=1)
+            models = [self._window(d, model, version, rng) for model, version in d.model_versions.items()]
+            body = wire.TelemetryBatch(
+                device_id=d.id,
+                session=1,
+                seq=d.seq,
+                ts=time.time(),
+                interval_s=self.telemetry_s,
+                dropped_total=0,
+                models=models,
+                throughput_rps=sum(m.count for m in models) / self.telemetry_s,
+                queue_depth=0,
+                system=wire.SystemMetrics(cpu_percent=10.0, process_cpu_percent=5.0, rss_bytes=50 * 2**20, memory_percent=20.0),
+                update=d.update,
+            )
+            await client.publish(device_topic(d.id, "telemetry"), wire.encode(body), qos=1)
             self.sent["telemetry"] += 1
             await asyncio.sleep(self.telemetry_s)
 
-    def _shadow_window(self, d: SimDevice, version: str, compared: int, active_ms: float, rng: random.Random) -> dict[str, Any]:
+    def _window(self, d: SimDevice, model: str, version: str, rng: random.Random) -> wire.ModelWindow:
+        b = self._behaviour(d.id, version)
+        latency = self.base_latency_ms * self.load * (b.latency_x if b else 1.0) * rng.uniform(1 - self.jitter, 1 + self.jitter)
+        errors = int(self.requests_per_batch * (b.error_rate if b else 0.0))
+        client_errors = int(self.requests_per_batch * (b.client_error_rate if b else 0.0))
+        answered = self.requests_per_batch - errors - client_errors
+        codes = {code: n for code, n in (("internal", errors), ("bad_request", client_errors)) if n}
+        shadow = self._shadow_window(d, d.shadows[model], answered, latency, rng) if model in d.shadows else None
+        return wire.ModelWindow(
+            model=model,
+            version=version,
+            variant="onnx-fp32",
+            runtime="onnx",
+            device="CPU",
+            count=answered,
+            errors=codes,
+            p50_ms=round(latency * 0.8, 3),
+            p95_ms=round(latency, 3),
+            p99_ms=round(latency * 1.2, 3),
+            predictions=_predictions(answered, b),
+            shadow=shadow,
+        )
+
+    def _shadow_window(self, d: SimDevice, version: str, compared: int, active_ms: float, rng: random.Random) -> wire.ShadowWindow:
         b = self._behaviour(d.id, version)
         agreed = round(compared * (b.agreement if b else 1.0))
-        return {
-            "version": version,
-            "kind": "top1",
-            "compared": compared,
-            "agreed": agreed,
-            "abs_diff_sum": 0.5 * (compared - agreed),
-            "values": compared * SIM_CLASSES,
-            "mismatched": 0,
-            "errors": int(compared * (b.error_rate if b else 0.0)),
-            "skipped": 0,
-            "p95_ms": self.base_latency_ms * (b.latency_x if b else 1.0) * rng.uniform(0.9, 1.1),
-            "active_p95_ms": active_ms,
-        }
+        values = compared * SIM_CLASSES
+        return wire.ShadowWindow(
+            version=version,
+            kind="top1",
+            compared=compared,
+            agreed=agreed,
+            agreement=round(agreed / compared, 6) if compared else None,
+            abs_diff_sum=0.5 * (compared - agreed),
+            values=values,
+            mean_abs_diff=0.5 * (compared - agreed) / values if values else None,
+            mismatched=0,
+            errors=int(compared * (b.error_rate if b else 0.0)),
+            skipped=0,
+            p95_ms=round(self.base_latency_ms * self.load * (b.latency_x if b else 1.0) * rng.uniform(0.9, 1.1), 3),
+            active_p95_ms=round(active_ms, 3),
+        )
 
 
-def _predictions(rows: int, b: Behaviour | None) -> dict[str, Any]:
+def _status(state: str) -> bytes:
+    return wire.encode(wire.Status(state=state, session=1, ts=time.time()))  # type: ignore[arg-type]
+
+
+def _fake_sha(model: str, version: str) -> str:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{model}/{version}").hex * 2
+
+
+def _predictions(rows: int, b: Behaviour | None) -> wire.PredictionSums:
     """Prediction sums as the agent publishes them: outputs of mean 0 and spread 1, answers spread over the classes."""
     mean, shift = (b.mean_shift, b.class_shift) if b else (0.0, 0.0)
     share = [(1 - shift) / SIM_CLASSES + (shift if c == 0 else 0.0) for c in range(SIM_CLASSES)]
     classes = [round(rows * p) for p in share]
-    return {"output": "y", "rows": rows, "values": rows, "sum": rows * mean, "sumsq": rows * (1 + mean * mean), "classes": classes}
+    return wire.PredictionSums(
+        output="y", rows=rows, values=rows, sum=rows * mean, sumsq=rows * (1 + mean * mean), nonfinite=0, classes=classes
+    )
 
 
 class SimulatorThread:

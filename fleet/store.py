@@ -19,7 +19,9 @@ from typing import Any
 
 import sqlite_utils
 
-__all__ = ["Device", "Distribution", "FleetStore", "Health", "ShadowHealth"]
+from agent import wire
+
+__all__ = ["Device", "Distribution", "FleetStore", "Health", "PredictionRow", "ShadowHealth", "TelemetryRow"]
 
 
 @dataclass
@@ -37,6 +39,31 @@ class Device:
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+
+@dataclass(frozen=True)
+class TelemetryRow:
+    """One device's telemetry for one model version in one batch; ``ts`` is when the controller received it."""
+
+    device: str
+    ts: float
+    version: str
+    requests: int
+    server_errors: int
+    client_errors: int
+    p95_ms: float | None
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    device: str
+    ts: float
+    version: str
+    rows: int
+    values: int
+    total: float
+    total_sq: float
+    classes: list[int] | None
 
 
 @dataclass(frozen=True)
@@ -107,8 +134,7 @@ class FleetStore:
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
-        self.rejected = 0  # malformed messages ingest skipped
-        self.last_rejection = ""
+        self.duplicates = 0  # telemetry batches received again (same device, session, seq) and not stored twice
         deadline = time.monotonic() + 30
         while True:  # another process (the CLI beside `fleet serve`) may be creating the schema right now
             try:
@@ -140,11 +166,29 @@ class FleetStore:
             if_not_exists=True,
         )
         t("telemetry").create(
-            {"device": str, "seq": int, "ts": float, "model": str, "version": str, "requests": int, "errors": int, "p95_ms": float},
+            {
+                "device": str,
+                "seq": int,
+                "ts": float,  # the controller's receive time: a device's clock decides nothing
+                "model": str,
+                "version": str,
+                "requests": int,
+                "errors": int,  # server-side only: these count against the version
+                "p95_ms": float,
+                "client_errors": int,
+                "session": int,
+                "device_ts": float,
+            },
             if_not_exists=True,
         )
+        for column, kind in (("client_errors", int), ("session", int), ("device_ts", float)):
+            if column not in t("telemetry").columns_dict:  # a store from before the wire contract
+                t("telemetry").add_column(column, kind)
+        t("batches").create({"device": str, "session": int, "seq": int, "ts": float}, pk=("device", "session", "seq"), if_not_exists=True)
+        self.db.execute("CREATE INDEX IF NOT EXISTS batches_ts ON batches (ts)")
         self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts)")
         self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_model ON telemetry (model, version, ts)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, model, ts)")
         t("predictions").create(
             {
                 "device": str,
@@ -160,6 +204,7 @@ class FleetStore:
             if_not_exists=True,
         )
         self.db.execute("CREATE INDEX IF NOT EXISTS predictions_model ON predictions (model, version, ts)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS predictions_device ON predictions (device, model, ts)")
         t("shadow").create(
             {
                 "device": str,
@@ -221,24 +266,19 @@ class FleetStore:
 
     # -- ingest: one transaction per batch ------------------------------------------------
 
-    def ingest(self, messages: Iterable[tuple[str, str, dict[str, Any]]]) -> int:
-        """(device, kind, payload) with kind status | reported | telemetry | job; returns how many were stored.
+    def ingest(self, messages: Iterable[tuple[str, wire.WireModel, float]]) -> int:
+        """(device, decoded message, receive time) — decoded by ``wire.decode_device_message``; returns how many were stored.
 
-        One transaction for the batch; a malformed message is skipped and counted (``rejected``), never
-        the batch.
+        One transaction for the batch. A telemetry batch already stored (same device, session and
+        seq: re-sent after a lost acknowledgement) is counted in ``duplicates`` and not stored again.
         """
         n = 0
         with self._lock, self.db.conn:
             self.db.execute("BEGIN")
             devices: dict[str, Device] = {}
-            for device, kind, data in messages:
-                try:
-                    self._one(devices, device, kind, data)
-                except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
-                    self.rejected += 1
-                    self.last_rejection = f"{device} {kind}: {type(exc).__name__}: {exc}"[:300]
-                    continue
-                n += 1
+            for device, message, received in messages:
+                if self._one(devices, device, message, received):
+                    n += 1
             for d in devices.values():
                 self._write_device(d)
         return n
@@ -260,92 +300,86 @@ class FleetStore:
             ],
         )
 
-    def _one(self, devices: dict[str, Device], device: str, kind: str, data: dict[str, Any]) -> None:
-        if kind == "telemetry":
-            self._telemetry(device, data)
-            return
-        if kind == "job":
-            row = [
-                device,
-                str(data.get("id", "")),
-                str(data.get("target_path", "")),
-                str(data.get("state", "")),
-                str(data.get("reason", "")),
-            ]
-            self.db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", [*row, time.time()])
-            return
+    def _one(self, devices: dict[str, Device], device: str, message: wire.WireModel, received: float) -> bool:
+        if isinstance(message, wire.TelemetryBatch):
+            return self._telemetry(device, message, received)
+        if isinstance(message, (wire.JobUpdate, wire.UpdateCheck)):
+            job_id, target = (message.id, message.target_path) if isinstance(message, wire.JobUpdate) else ("check", "")
+            row = [device, job_id, target, message.state, message.reason, received]
+            self.db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", row)
+            return True
         d = devices.get(device) or self._device(device) or Device(device)
-        if kind == "status":
-            session = int(data.get("session", 0))
-            if data.get("state") == "lost" and session < d.session:
-                return  # a late will of an earlier session: the device is back already
-            d.session = max(d.session, session)
-            d.online = data.get("state") == "ready"
-            d.last_seen = time.time()
-        elif kind == "reported":
-            runtimes, models, update = dict(data.get("runtimes", {})), dict(data.get("models", {})), dict(data.get("update", {}))
-            d.hardware, d.runtimes, d.models, d.update = str(data.get("hardware", "")), runtimes, models, update
-            d.preferred_variants = [str(v) for v in data.get("preferred_variants", [])]
-            d.last_seen = time.time()
+        if isinstance(message, wire.Status):
+            if message.state == "lost" and message.session < d.session:
+                return False  # a late will of an earlier session: the device is back already
+            d.session = max(d.session, message.session)
+            d.online = message.state == "ready"
+        elif isinstance(message, wire.Reported):
+            d.hardware, d.runtimes = message.hardware, dict(message.runtimes)
+            d.models = {name: m.model_dump(exclude_none=True) for name, m in message.models.items()}
+            d.update = message.update.model_dump(exclude_none=True) if message.update else {}
+            d.preferred_variants = list(message.preferred_variants)
+        else:
+            raise TypeError(f"not a device message: {type(message).__name__}")
+        d.last_seen = received
         devices[device] = d
+        return True
 
-    def _telemetry(self, device: str, data: dict[str, Any]) -> None:
-        """Every row of the message is checked before any is written: a malformed message leaves nothing behind."""
-        ts = float(data.get("ts", time.time()))
-        errors_total = sum(_int(v) for v in dict(data.get("errors", {})).values())
-        models = dict(data.get("models", {}))
-        rows: list[tuple[str, list[Any]]] = []
-        for name, m in models.items():
-            errors = _int(m.get("errors", errors_total if len(models) == 1 else 0))
-            version, p95 = str(m.get("version", "")), m.get("p95_ms")
-            rows.append(
-                (
-                    "telemetry",
-                    [device, _int(data.get("seq", 0)), ts, str(name), version, _int(m.get("count", 0)), errors, _opt_float(p95)],
-                )
+    def _telemetry(self, device: str, batch: wire.TelemetryBatch, received: float) -> bool:
+        """One batch, once: keyed by (device, session, seq), stamped with the controller's receive time."""
+        fresh = self.db.execute("INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?)", [device, batch.session, batch.seq, received])
+        if not fresh.rowcount:
+            self.duplicates += 1
+            return False
+        for w in batch.models:
+            server = wire.telemetry.server_errors(w.errors)
+            self.db.execute(
+                "INSERT INTO telemetry (device, seq, ts, model, version, requests, errors, p95_ms, client_errors, session, device_ts)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    device,
+                    batch.seq,
+                    received,
+                    w.model,
+                    w.version,
+                    w.count,
+                    server,
+                    w.p95_ms,
+                    sum(w.errors.values()) - server,
+                    batch.session,
+                    batch.ts,
+                ],
             )
-            if m.get("predictions") is not None:
-                p = dict(m["predictions"])
-                classes = p.get("classes")
-                if classes is not None and (not isinstance(classes, list) or len(classes) > 100_000):
-                    raise ValueError("predictions.classes must be a list of counts")
-                counts = json.dumps([_int(c) for c in classes]) if classes is not None else None
-                rows.append(
-                    (
-                        "predictions",
-                        [device, ts, str(name), version, _int(p["rows"]), _int(p["values"]), float(p["sum"]), float(p["sumsq"]), counts],
-                    )
-                )
-            if m.get("shadow") is not None:
-                sh = dict(m["shadow"])
-                rows.append(
-                    (
-                        "shadow",
-                        [
-                            device,
-                            ts,
-                            str(name),
-                            version,
-                            str(sh["version"]),
-                            _int(sh.get("compared", 0)),
-                            _int(sh.get("agreed", 0)),
-                            float(sh.get("abs_diff_sum", 0.0)),
-                            _int(sh.get("values", 0)),
-                            _int(sh.get("mismatched", 0)),
-                            _int(sh.get("errors", 0)),
-                            _int(sh.get("skipped", 0)),
-                            _opt_float(sh.get("p95_ms")),
-                            _opt_float(sh.get("active_p95_ms")),
-                        ],
-                    )
-                )
-        for table, row in rows:
-            self.db.execute(f"INSERT INTO {table} VALUES ({', '.join('?' for _ in row)})", row)
+            if w.predictions is not None:
+                p = w.predictions
+                classes = json.dumps(p.classes) if p.classes is not None else None
+                row = [device, received, w.model, w.version, p.rows, p.values, p.sum, p.sumsq, classes]
+                self.db.execute("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            if w.shadow is not None:
+                sh = w.shadow
+                row = [
+                    device,
+                    received,
+                    w.model,
+                    w.version,
+                    sh.version,
+                    sh.compared,
+                    sh.agreed,
+                    sh.abs_diff_sum,
+                    sh.values,
+                    sh.mismatched,
+                    sh.errors,
+                    sh.skipped,
+                    sh.p95_ms,
+                    sh.active_p95_ms,
+                ]
+                self.db.execute(f"INSERT INTO shadow VALUES ({', '.join('?' for _ in row)})", row)
+        return True
 
     def prune_telemetry(self, keep_s: float) -> int:
         with self._lock:
             cutoff = time.time() - keep_s
-            for table in ("predictions", "shadow"):
+            for table in ("predictions", "shadow", "batches"):
                 self.db.execute(f"DELETE FROM {table} WHERE ts < ?", [cutoff])
             return int(self.db.execute("DELETE FROM telemetry WHERE ts < ?", [cutoff]).rowcount)
 
@@ -423,6 +457,33 @@ class FleetStore:
             where += f" AND device IN ({', '.join('?' for _ in chosen)})" if chosen else " AND 0"
             args += chosen
         return where, args
+
+    def telemetry_rows(self, model: str, devices: Iterable[str], since: float) -> list[TelemetryRow]:
+        """Every telemetry row of ``model`` on these devices since ``since`` (receive time), any version: the gates' input."""
+        return [
+            TelemetryRow(*r)
+            for r in self._rows_of_devices(
+                "SELECT device, ts, version, requests, errors, coalesce(client_errors, 0), p95_ms FROM telemetry", model, devices, since
+            )
+        ]
+
+    def prediction_rows(self, model: str, devices: Iterable[str], since: float) -> list[PredictionRow]:
+        """Every prediction-sum row of ``model`` on these devices since ``since``, any version."""
+        return [
+            PredictionRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]) if r[7] else None)
+            for r in self._rows_of_devices(
+                "SELECT device, ts, version, rows, n, total, total_sq, classes FROM predictions", model, devices, since
+            )
+        ]
+
+    def _rows_of_devices(self, select: str, model: str, devices: Iterable[str], since: float) -> list[tuple[Any, ...]]:
+        chosen, out = sorted(set(devices)), []
+        with self._lock:
+            for i in range(0, len(chosen), 500):  # SQLite's limit on bound variables
+                part = chosen[i : i + 500]
+                marks = ", ".join("?" for _ in part)
+                out += self.db.execute(f"{select} WHERE model = ? AND ts >= ? AND device IN ({marks})", [model, since, *part]).fetchall()
+        return out
 
     def distribution(self, model: str, version: str, since: float, devices: Iterable[str] | None = None) -> Distribution:
         """What ``version`` answered since ``since`` (optionally on these devices only), from the devices' prediction sums."""
@@ -570,18 +631,6 @@ class FleetStore:
                         "UPDATE rollout_devices SET state = ?, reason = ?, assigned_at = ? WHERE rollout = ? AND device = ?",
                         [state, reason, assigned_at, rid, device],
                     )
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _int(value: Any) -> int:
-    """An int SQLite can hold (a bigger one would fail at INSERT time, after other rows of the message went in)."""
-    n = int(value)
-    if not -(2**63) <= n < 2**63:
-        raise ValueError(f"{n} does not fit in 64 bits")
-    return n
 
 
 def _device(row: tuple[Any, ...]) -> Device:

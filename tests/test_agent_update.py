@@ -15,7 +15,7 @@ from update_rig import MODEL, Rig, Subscriber, fails_beyond_batch_one, unloadabl
 from agent import commands
 from agent.daemon import Agent
 from agent.errors import EdgefleetError
-from agent.protocol import REPO_REQUEST, RepoReply, RepoRequest, device_topic
+from agent.wire import REPO_REQUEST, RepoReply, RepoRequest, device_topic
 from fleet.broker import RunningBroker
 from fleet.controller import devices
 

@@ -15,8 +15,8 @@ import pytest
 from update_rig import wait_for
 
 from agent.daemon import Agent
-from agent.protocol import device_topic
 from agent.settings import load_settings
+from agent.wire import device_topic
 from fleet.broker import RunningBroker, free_port, mosquitto_binary, start_broker
 from fleet.provision import BrokerAuth, Credentials, device_bundle
 

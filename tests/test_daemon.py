@@ -18,8 +18,8 @@ from update_rig import AgentProcess, Rig, Subscriber, wait_for
 
 from agent.commands import send_command
 from agent.daemon import Agent
-from agent.protocol import device_topic
 from agent.settings import load_settings
+from agent.wire import device_topic
 from fleet.broker import RunningBroker, start_broker
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent import wire
 from fleet.store import FleetStore
 
 
@@ -21,13 +23,47 @@ def store(tmp_path: Path) -> FleetStore:
     return FleetStore(tmp_path / "fleet.db")
 
 
-def telemetry(seq: int, version: str = "1.0.0", predictions: Any = None, shadow: Any = None, rows: int = 10) -> dict[str, Any]:
-    model: dict[str, Any] = {"version": version, "count": rows, "errors": 0, "p95_ms": 2.0}
+def telemetry(
+    seq: int, version: str = "1.0.0", predictions: Any = None, shadow: Any = None, rows: int = 10, device: str = "a"
+) -> dict[str, Any]:
+    model: dict[str, Any] = {"model": "m", "version": version, "count": rows, "errors": {}, "p95_ms": 2.0}
     if predictions is not None:
         model["predictions"] = predictions
     if shadow is not None:
         model["shadow"] = shadow
-    return {"seq": seq, "ts": time.time(), "models": {"m": model}, "errors": {}}
+    return {
+        "device_id": device,
+        "session": 1,
+        "seq": seq,
+        "ts": time.time(),
+        "interval_s": 10.0,
+        "dropped_total": 0,
+        "models": [model],
+        "throughput_rps": 1.0,
+        "queue_depth": 0,
+        "system": {"cpu_percent": 1.0, "process_cpu_percent": 1.0, "rss_bytes": 1, "memory_percent": 1.0},
+    }
+
+
+def msg(device: str, kind: str, data: dict[str, Any]) -> tuple[str, wire.WireModel, float]:
+    """What the ingest hands the store: the message as a device published it, decoded by the wire, stamped on arrival."""
+    if kind == "telemetry":
+        data = {**data, "device_id": device}
+    topic = wire.parse_device_topic(wire.device_topic(device, kind))
+    return device, wire.decode_device_message(topic, json.dumps(data).encode()), time.time()
+
+
+def reported(device: str, models: dict[str, Any], hardware: str = "x86_64") -> dict[str, Any]:
+    return {
+        "device_id": device,
+        "agent_version": "0.1.0",
+        "hardware": hardware,
+        "runtimes": {"onnx": "1.20"},
+        "preferred_variants": ["onnx-fp32"],
+        "models": models,
+        "installed": [],
+        "ts": time.time(),
+    }
 
 
 def sums(rows: int, mean: float, std: float, classes: list[int] | None = None) -> dict[str, Any]:
@@ -44,9 +80,9 @@ def counts(store: FleetStore) -> tuple[int, int, int]:
 def test_prediction_sums_add_up_across_devices_into_a_distribution(store: FleetStore) -> None:
     store.ingest(
         [
-            ("a", "telemetry", telemetry(1, predictions=sums(100, 1.0, 2.0, [50, 30, 20]))),
-            ("b", "telemetry", telemetry(1, predictions=sums(300, 3.0, 2.0, [150, 90, 60]))),
-            ("c", "telemetry", telemetry(1, "2.0.0", predictions=sums(200, 2.0, 2.0, [20, 30, 150]))),
+            msg("a", "telemetry", telemetry(1, predictions=sums(100, 1.0, 2.0, [50, 30, 20]))),
+            msg("b", "telemetry", telemetry(1, predictions=sums(300, 3.0, 2.0, [150, 90, 60]))),
+            msg("c", "telemetry", telemetry(1, "2.0.0", predictions=sums(200, 2.0, 2.0, [20, 30, 150]))),
         ]
     )
     old = store.distribution("m", "1.0.0", 0)
@@ -60,15 +96,27 @@ def test_prediction_sums_add_up_across_devices_into_a_distribution(store: FleetS
     assert store.distribution("m", "9.9.9", 0).class_shift(old) is None
 
 
-def test_shadow_comparisons_add_up(store: FleetStore) -> None:
-    def window(compared: int, agreed: int, p95: float) -> dict[str, Any]:
-        return {"version": "2.0.0", "compared": compared, "agreed": agreed, "abs_diff_sum": 1.5, "values": 30, "errors": 1, "p95_ms": p95}
+def shadow_window(compared: int, agreed: int, p95: float) -> dict[str, Any]:
+    return {
+        "version": "2.0.0",
+        "kind": "top1",
+        "compared": compared,
+        "agreed": agreed,
+        "abs_diff_sum": 1.5,
+        "values": 30,
+        "mismatched": 0,
+        "errors": 1,
+        "skipped": 0,
+        "p95_ms": p95,
+    }
 
+
+def test_shadow_comparisons_add_up(store: FleetStore) -> None:
     store.ingest(
         [
-            ("a", "telemetry", telemetry(1, shadow={**window(10, 9, 4.0), "active_p95_ms": 2.0})),
-            ("b", "telemetry", telemetry(1, shadow={**window(30, 15, 6.0), "active_p95_ms": 3.0})),
-            ("c", "telemetry", telemetry(1, shadow={**window(5, 5, 8.0), "active_p95_ms": 1.0, "version": "3.0.0"})),
+            msg("a", "telemetry", telemetry(1, shadow={**shadow_window(10, 9, 4.0), "active_p95_ms": 2.0})),
+            msg("b", "telemetry", telemetry(1, shadow={**shadow_window(30, 15, 6.0), "active_p95_ms": 3.0})),
+            msg("c", "telemetry", telemetry(1, shadow={**shadow_window(5, 5, 8.0), "active_p95_ms": 1.0, "version": "3.0.0"})),
         ]
     )
     h = store.shadow_health("m", "2.0.0", 0)
@@ -84,20 +132,50 @@ def test_shadow_comparisons_add_up(store: FleetStore) -> None:
         {"predictions": {"rows": 5}},  # no sums
         {"predictions": sums(5, 0, 1, classes="many")},  # type: ignore[arg-type]
         {"predictions": {**sums(5, 0, 1), "sum": "lots"}},
+        {"predictions": {**sums(5, 0, 1), "sumsq": 1e300}},  # finite, but no device sums to that: it would blind the drift gate
         {"predictions": [1, 2, 3]},
         {"shadow": {"compared": 5}},  # which version?
-        {"shadow": {"version": "2", "compared": "five"}},
+        {"shadow": {**shadow_window(5, 4, 1.0), "compared": "five"}},
+        {"shadow": {**shadow_window(5, 6, 1.0)}},  # agreed more often than compared
         {"shadow": "yes"},
+        {"count": -1},
+        {"count": 10**15},
+        {"errors": {"internal": 10**15}},
+        {"p95_ms": -1.0},
     ],
 )
 def test_a_malformed_message_is_refused_whole(store: FleetStore, bad: dict[str, Any]) -> None:
-    store.ingest([("a", "telemetry", telemetry(1, predictions=sums(5, 0, 1)))])
+    store.ingest([msg("a", "telemetry", telemetry(1, predictions=sums(5, 0, 1)))])
     before = counts(store)
-    message = telemetry(2, **bad)
-    message["models"]["other"] = {"version": "1", "count": 3}  # a good model in the same message: not stored either
-    assert store.ingest([("a", "telemetry", message), ("a", "status", {"state": "ready", "session": 1})]) == 1
-    assert counts(store) == before and store.rejected == 1 and "a telemetry" in store.last_rejection
-    assert store.device("a") is not None  # the rest of the batch went in
+    message = telemetry(2)
+    model = message["models"][0]
+    for key, value in bad.items():
+        model[key] = value
+    message["models"].append({"model": "other", "version": "1", "count": 3})  # a good model in the same message: not stored either
+    with pytest.raises(wire.WireError):
+        msg("a", "telemetry", message)
+    assert counts(store) == before
+
+
+def test_a_batch_sent_again_is_stored_once_and_stamped_with_the_receive_time(store: FleetStore) -> None:
+    batch = telemetry(7, rows=10)
+    batch["ts"] = time.time() + 10 * 365 * 86400  # a device clock ten years ahead decides nothing
+    assert store.ingest([msg("a", "telemetry", batch)]) == 1
+    assert store.ingest([msg("a", "telemetry", batch)]) == 0  # the acknowledgement was lost: the agent sent it again
+    assert store.duplicates == 1 and store.health("m", "1.0.0", 0).requests == 10
+    stamped = store.recent_telemetry("a")[0]["ts"]
+    assert abs(stamped - time.time()) < 60
+    assert store.prune_telemetry(0) == 1  # a receive time ages like any other: retention removes it
+    assert store.ingest([msg("a", "telemetry", {**batch, "session": 2})]) == 1  # a new session starts its seq anew
+
+
+def test_only_server_errors_count_against_a_version(store: FleetStore) -> None:
+    message = telemetry(1, rows=90)
+    message["models"][0]["errors"] = {"bad_request": 6, "shape_mismatch": 2, "internal": 1, "deadline_exceeded": 1}
+    store.ingest([msg("a", "telemetry", message)])
+    h = store.health("m", "1.0.0", 0)
+    assert (h.requests, h.errors) == (90, 2)
+    assert store.telemetry_rows("m", ["a"], 0)[0].client_errors == 8
 
 
 JSONISH = st.recursive(
@@ -115,25 +193,26 @@ FIELDS = st.dictionaries(
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(predictions=st.one_of(st.none(), FIELDS, JSONISH), shadow=st.one_of(st.none(), FIELDS, JSONISH))
 def test_any_prediction_or_shadow_fields_are_stored_whole_or_refused_whole(store: FleetStore, predictions: Any, shadow: Any) -> None:
-    before, rejected = counts(store), store.rejected
-    stored = store.ingest([("h", "telemetry", telemetry(1, predictions=predictions, shadow=shadow))])
+    before = counts(store)
+    seq = before[0] + 1
+    try:
+        message = msg("h", "telemetry", telemetry(seq, predictions=predictions, shadow=shadow))
+    except wire.WireError:
+        assert counts(store) == before
+        return
+    assert store.ingest([message]) == 1
     after = counts(store)
-    if stored:
-        assert after[0] == before[0] + 1 and store.rejected == rejected
-        assert after[1] - before[1] == (predictions is not None) and after[2] - before[2] == (shadow is not None)
-    else:
-        assert after == before and store.rejected == rejected + 1
+    assert after[0] == before[0] + 1
+    assert after[1] - before[1] == (predictions is not None) and after[2] - before[2] == (shadow is not None)
 
 
 def test_fleet_device_shows_the_shadow_and_how_it_compares(tmp_path: Path) -> None:
     db = tmp_path / "fleet.db"
     fs = FleetStore(db)
-    reported = {
-        "hardware": "x86_64",
-        "models": {"m": {"version": "1.0.0", "variant": "onnx-fp32", "runtime": "onnx", "device": "CPU", "shadow": {"version": "2.0.0"}}},
-    }
-    shadow = {"version": "2.0.0", "compared": 80, "agreed": 60, "errors": 2, "skipped": 3, "p95_ms": 4.5, "active_p95_ms": 1.5}
-    fs.ingest([("cam-1", "reported", reported), ("cam-1", "telemetry", telemetry(1, shadow=shadow))])
+    shadow_of = {"version": "2.0.0", "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx"}
+    models = {"m": {"version": "1.0.0", "variant": "onnx-fp32", "sha256": "cd", "runtime": "onnx", "device": "CPU", "shadow": shadow_of}}
+    shadow = {**shadow_window(80, 60, 4.5), "errors": 2, "skipped": 3, "active_p95_ms": 1.5}
+    fs.ingest([msg("cam-1", "reported", reported("cam-1", models)), msg("cam-1", "telemetry", telemetry(1, shadow=shadow))])
     fs.close()
     done = subprocess.run([sys.executable, "-m", "fleet.cli", "device", "cam-1", "--store", str(db)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import Updater
 
-from agent.protocol import REPO_REQUEST, ProtocolError, RepoRequest, repo_reply_topic
 from agent.repo_fetcher import MqttFetcher
+from agent.wire import REPO_REQUEST, RepoRequest, WireError, repo_reply_topic
 from converters.build import build
 from fleet.broker import RunningBroker
 from fleet.image_repo import ImageRepository
@@ -87,7 +87,7 @@ def test_paths_outside_the_repository_are_not_served(released: ImageRepository, 
     finally:
         link.unlink()
     for hostile in ("../keys/root.pem", "metadata/../../etc/passwd", "/etc/passwd", "metadata//x", "a" * 600):
-        with pytest.raises(ProtocolError):
+        with pytest.raises(WireError):
             RepoRequest.decode(json.dumps({"request_id": "r", "reply_to": repo_reply_topic("d"), "path": hostile}).encode())
     assert server.serve(RepoRequest("r", repo_reply_topic("d"), "metadata/1.root.json", offset=10**9)).status == 416
 
@@ -129,7 +129,7 @@ def test_hostile_requests_are_counted_and_the_server_keeps_serving(released: Ima
 def test_request_decoder_never_crashes(payload: bytes) -> None:
     try:
         req = RepoRequest.decode(payload)
-    except ProtocolError:
+    except WireError:
         return
     assert ".." not in req.path.split("/") and 0 < req.length <= 256 * 1024 and req.offset >= 0
 

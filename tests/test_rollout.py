@@ -99,7 +99,7 @@ def test_a_wave_whose_devices_reject_the_model_aborts_and_rolls_back(rig: Rig, c
         sims.stop()
 
 
-@pytest.mark.parametrize(("behaviour", "reason"), [("1.1.0:latency=5", "p95 latency"), ("1.1.0:errors=0.3", "error rate")])
+@pytest.mark.parametrize(("behaviour", "reason"), [("1.1.0:latency=5", "p95"), ("1.1.0:errors=0.3", "server errors")])
 def test_a_wave_that_misbehaves_aborts_on_the_health_gate(rig: Rig, controller: Controller, behaviour: str, reason: str) -> None:
     prefix = "slow" if "latency" in behaviour else "err"
     sims = fleet_of(rig, 10, prefix, [Behaviour.parse(behaviour)])
@@ -451,8 +451,8 @@ def test_shadow_rollouts_on_real_agents_block_a_model_that_disagrees_and_promote
 
     from agent.client import EdgeClient
     from agent.daemon import Agent
-    from agent.protocol import device_topic
     from agent.settings import load_settings
+    from agent.wire import device_topic
     from converters import builders
     from converters.build import build
 

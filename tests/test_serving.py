@@ -17,8 +17,8 @@ from update_rig import MODEL, Rig, Subscriber, wait_for
 
 from agent.client import EdgeClient, RemoteError
 from agent.daemon import Agent
-from agent.payloads import BINARY_MAGIC, PayloadError, decode_reply, decode_request
-from agent.protocol import device_topic
+from agent.wire import device_topic
+from agent.wire.inference import BINARY_MAGIC, PayloadError, decode_reply, decode_request
 from fleet.broker import RunningBroker
 
 

@@ -24,10 +24,10 @@ from agent.client import EdgeClient
 from agent.daemon import Agent
 from agent.host import ModelHost, ServingModel
 from agent.predictions import PredictionStats
-from agent.protocol import device_topic
 from agent.runtimes import get_runtime
 from agent.settings import load_settings
 from agent.shadow import ShadowRunner, compare_outputs
+from agent.wire import device_topic
 from converters import builders
 from converters.build import build
 from fleet.controller import announce, devices

@@ -26,10 +26,9 @@ version with the rest of the fleet's on the old one (top-class shift, mean shift
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections import defaultdict
 from typing import Any
 
 from agent import logs
@@ -38,144 +37,18 @@ from fleet.controller import announce
 from fleet.director import Director
 from fleet.image_repo import ImageRepository, variant_target_path
 from fleet.keys import KeyStore
-from fleet.store import Device, FleetStore
+from fleet.rollout import gates
+from fleet.rollout.spec import RolloutError, RolloutSpec, cut, matches, parse_selector, parse_waves, pick_variant, share
+from fleet.rollout.stats import device_stats
+from fleet.store import FleetStore, PredictionRow, TelemetryRow
 
-__all__ = ["Gates", "RolloutEngine", "RolloutError", "RolloutSpec", "matches", "parse_selector", "parse_waves", "pick_variant"]
+__all__ = ["RolloutEngine"]
 
 log = logging.getLogger("edgefleet.rollout")
 
 RUNNING, PAUSED, DONE, ABORTED, ABORTING = "running", "paused", "done", "aborted", "aborting"
 SHADOW = "shadow"  # the rollout's phase while its first wave runs the new version in shadow
 SETTLED = {"active", "shadowing", "failed", "timeout"}
-
-
-class RolloutError(EdgefleetError):
-    code = "bad_rollout"
-
-
-@dataclass
-class Gates:
-    max_failed: str = "0"  # failed+rejected devices per wave before abort: a count ("2") or a share ("10%")
-    max_error_rate_increase: float = 0.05  # new version's error rate minus the old one's
-    max_p95_ratio: float = 2.0  # new version's p95 latency / the old one's
-    p95_floor_ms: float = 1.0  # a p95 this little above the old one never aborts: sub-ms timings on a busy CPU are noise
-    min_requests: int = 0  # below this many answers on the new version the health gate waits (until wave_timeout)
-    # prediction drift (devices that publish prediction sums); None: not checked
-    max_class_shift: float | None = None  # total variation distance of the top-class distribution, 0..1
-    max_mean_shift: float | None = None  # mean output moved by this many of the old version's standard deviations
-    # shadow mode
-    min_agreement: float | None = 0.95  # share of live inputs on which the shadow's answer agrees
-    max_shadow_diff: float | None = None  # mean absolute difference of the outputs
-    shadow_min_compared: int = 100  # live inputs compared before judging (waits until wave_timeout, then aborts)
-
-
-@dataclass
-class RolloutSpec:
-    model: str
-    version: str
-    selector: str = ""
-    waves: list[str] = field(default_factory=lambda: ["100%"])
-    variant: str | None = None  # None: each device gets the variant its runtimes prefer
-    max_per_minute: int = 0  # 0: no limit
-    soak_s: float = 0.0
-    wave_timeout_s: float = 600.0  # offline devices are retried until then, then counted as timeout
-    gates: Gates = field(default_factory=Gates)
-    shadow: bool = False  # the first wave runs the new version in shadow, judged by the shadow gate, before switching
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RolloutSpec:
-        return cls(**{**data, "gates": Gates(**data.get("gates", {}))})
-
-
-def parse_selector(text: str) -> list[tuple[str, str]]:
-    """``hw=jetson,tag:site=berlin,model=mlp@1.0.0,device=cam-*`` → [(key, value)]; every term must hold.
-
-    hw: a substring of the reported hardware; runtime: an installed runtime; model: runs that model
-    (at that version); device: the id or a glob; tag:KEY: a tag set with `fleet tag`.
-    """
-    terms = []
-    for term in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = term.partition("=")
-        if not sep or not value or not (key in ("hw", "runtime", "model", "device") or (key.startswith("tag:") and len(key) > 4)):
-            raise RolloutError(f"bad selector term {term!r}: use hw=, runtime=, model=NAME[@VERSION], device=, tag:KEY=")
-        terms.append((key, value))
-    return terms
-
-
-def matches(device: Device, terms: list[tuple[str, str]]) -> bool:
-    for key, value in terms:
-        if key == "hw" and value.lower() not in device.hardware.lower():
-            return False
-        if key == "runtime" and value not in device.runtimes:
-            return False
-        if key == "device" and not fnmatch.fnmatchcase(device.id, value):
-            return False
-        if key == "model":
-            name, _, version = value.partition("@")
-            m = device.models.get(name)
-            if m is None or (version and m.get("version") != version):
-                return False
-        if key.startswith("tag:") and device.tags.get(key[4:]) != value:
-            return False
-    return True
-
-
-def parse_waves(text: str | list[str]) -> list[str]:
-    """``1%,10%,50%,100%`` or counts ``5,50,all``: cumulative, increasing, the last covering everyone."""
-    items = [w.strip() for w in (text.split(",") if isinstance(text, str) else text) if w.strip()]
-    if not items:
-        raise RolloutError("no waves given")
-    percent = all(w.endswith("%") for w in items)
-    if not percent and any(w.endswith("%") for w in items):
-        raise RolloutError(f"waves {','.join(items)}: all percentages (1%,10%,100%) or all counts (5,50,all)")
-    previous = 0.0
-    for w in items:
-        try:
-            value = float("inf") if w == "all" else float(w[:-1]) if percent else float(int(w))
-        except ValueError:
-            raise RolloutError(f"bad wave {w!r}: a percentage (10%), a count (50) or 'all'") from None
-        if value <= previous or (percent and value > 100):
-            raise RolloutError(f"bad wave {w!r}: each wave larger than the one before, up to 100% or 'all'")
-        previous = value
-    if items[-1] not in ("100%", "all"):
-        items.append("100%")
-    return items
-
-
-def _cut(waves: list[str], n: int) -> list[int]:
-    """Cumulative device counts per wave for ``n`` devices (each wave gets at least one while devices remain)."""
-    out, done = [], 0
-    for w in waves:
-        target = n if w in ("all", "100%") else round(n * float(w[:-1]) / 100) if w.endswith("%") else min(n, int(w))
-        target = max(target, min(n, done + 1))
-        out.append(target)
-        done = target
-    return out
-
-
-PREFERENCE = {
-    "tensorrt": ["onnx-fp32", "onnx-int8"],  # the agent builds its TensorRT engine from the ONNX variant
-    "openvino": ["openvino-fp16", "openvino-fp32", "openvino-int8"],
-    "litert": ["tflite-fp32", "tflite-int8"],
-    "onnx": ["onnx-fp32", "onnx-int8"],
-}
-
-
-def pick_variant(available: list[str], device: Device) -> str:
-    """The first variant of the device's own preference (``reported.preferred_variants``) that the release has;
-    for a device that does not say (the simulator, older agents), by its runtimes."""
-    for v in device.preferred_variants:
-        if v in available:
-            return v
-    for runtime in ("tensorrt", "openvino", "litert", "onnx"):
-        if runtime in device.runtimes:
-            for v in PREFERENCE[runtime]:
-                if v in available:
-                    return v
-    return next((v for v in ("onnx-fp32", "onnx-int8") if v in available), available[0])
 
 
 class RolloutEngine:
@@ -195,7 +68,7 @@ class RolloutEngine:
             raise RolloutError(f"{spec.model} {spec.version} has no variant {spec.variant!r} (it has {', '.join(available)})")
         terms = parse_selector(spec.selector)
         spec.waves = parse_waves(spec.waves)
-        _ = _share(spec.gates.max_failed, 1)  # validates
+        _ = share(spec.gates.max_failed, 1)  # validates
         chosen = [d for d in self.store.devices() if matches(d, terms)]
         if not chosen:
             raise RolloutError(f"no registered device matches {spec.selector or '(everything)'}")
@@ -203,7 +76,7 @@ class RolloutEngine:
         if spec.model in busy:
             raise RolloutError(f"a rollout of {spec.model} is already running: abort or finish it first")
         chosen.sort(key=lambda d: d.id)
-        cuts, start, waves = _cut(spec.waves, len(chosen)), 0, []
+        cuts, start, waves = cut(spec.waves, len(chosen)), 0, []
         for end in cuts:
             members = chosen[start:end]
             waves.append(
@@ -251,13 +124,13 @@ class RolloutEngine:
     def tick(self, now: float | None = None) -> None:
         """Move every running rollout one step."""
         for r in self.store.rollouts():
-            if r["state"] == ABORTING:
-                self._abort(r, r["reason"] or "aborted by the operator")
-            elif r["state"] == RUNNING:
-                try:
+            try:
+                if r["state"] == ABORTING:
+                    self._abort(r, r["reason"] or "aborted by the operator")
+                elif r["state"] == RUNNING:
                     self._step(r, now or time.time())
-                except EdgefleetError as exc:
-                    logs.event(log, "rollout.step_failed", logging.ERROR, id=r["id"], reason=str(exc))
+            except Exception as exc:  # one rollout's trouble must not stop the others: logged, retried next tick
+                logs.event(log, "rollout.step_failed", logging.ERROR, id=r["id"], reason=f"{type(exc).__name__}: {exc}")
 
     def _step(self, r: dict[str, Any], now: float) -> None:
         rid, spec, wave = r["id"], RolloutSpec.from_json(r["spec"]), r["wave"]
@@ -284,9 +157,10 @@ class RolloutEngine:
                 m["state"] = "failed"
         # install gate
         failed = sum(1 for m in members if m["state"] == "failed")
-        if failed > _share(spec.gates.max_failed, len(members)):
+        install = gates.install_gate(spec.gates, failed, len(members), wave)
+        if install.decision == gates.ABORT:
             self.store.set_device_states(rid, changes)
-            self._abort(r, f"install gate: {failed} of {len(members)} devices in wave {wave + 1} failed to install")
+            self._abort(r, install.reason)
             return
         # move pending devices that are online, within the rate limit
         budget = self._budget(rid, spec, now)
@@ -300,12 +174,13 @@ class RolloutEngine:
                     changes.append((m["device"], "timeout", "offline for the whole wave", None))
                     m["state"] = "timeout"
                 continue
-            if shadow:  # keep serving what it runs (those exact bytes: its own variant), the new version beside it
-                serving_variant = self._variant_of(spec.model, m["previous"], str(d.models.get(spec.model, {}).get("variant", "")))
-                candidate = (spec.version, m["variant"])
-                self.director.assign(m["device"], self.image, spec.model, m["previous"], serving_variant, self.keys, shadow=candidate)
-            else:
-                self.director.assign(m["device"], self.image, spec.model, spec.version, m["variant"], self.keys)
+            try:
+                self._assign(spec, m, str(d.models.get(spec.model, {}).get("variant", "")), shadow)
+            except Exception as exc:  # one device that cannot be assigned (bad id, signing error) fails alone
+                changes.append((m["device"], "failed", f"could not assign: {type(exc).__name__}: {exc}"[:300], None))
+                m["state"] = "failed"
+                logs.event(log, "rollout.assign_failed", logging.ERROR, id=rid, device=m["device"][:80], reason=str(exc)[:200])
+                continue
             moved.append(m["device"])
             changes.append((m["device"], "assigned", "", now))
             m["state"] = "assigned"
@@ -331,11 +206,12 @@ class RolloutEngine:
         if now - r["wave_done"] < spec.soak_s:
             return
         verdict = self._shadow_gate(spec, r, members, now) if shadow else self._health_gate(rid, spec, r, now)
-        if verdict == "wait":
+        if verdict.decision == gates.WAIT:
             return
-        if verdict:
-            self._abort(r, verdict)
+        if verdict.decision == gates.ABORT:
+            self._abort(r, verdict.reason)
             return
+        logs.event(log, "rollout.gate_passed", id=rid, wave=wave + 1, phase=r.get("phase") or "health", detail=verdict.reason)
         if shadow:  # the shadow convinced: the same wave now switches for real
             back: list[tuple[str, str, str, float | None]] = [
                 (m["device"], "pending", "shadow gate passed", None) for m in members if m["state"] == "shadowing"
@@ -352,91 +228,55 @@ class RolloutEngine:
             self.store.update_rollout(rid, wave=wave + 1, wave_started=now, wave_done=0)
             logs.event(log, "rollout.wave", id=rid, wave=wave + 2)
 
+    def _assign(self, spec: RolloutSpec, m: dict[str, Any], serving_variant: str, shadow: bool) -> None:
+        if shadow:  # keep serving what it runs (those exact bytes: its own variant), the new version beside it
+            variant = self._variant_of(spec.model, m["previous"], serving_variant)
+            candidate = (spec.version, m["variant"])
+            self.director.assign(m["device"], self.image, spec.model, m["previous"], variant, self.keys, shadow=candidate)
+        else:
+            self.director.assign(m["device"], self.image, spec.model, spec.version, m["variant"], self.keys)
+
     def _budget(self, rid: int, spec: RolloutSpec, now: float) -> int:
         if spec.max_per_minute <= 0:
             return 1 << 30
         recent = sum(1 for m in self.store.rollout_devices(rid) if m["assigned_at"] and now - m["assigned_at"] < 60)
         return max(0, spec.max_per_minute - recent)
 
-    def _health_gate(self, rid: int, spec: RolloutSpec, r: dict[str, Any], now: float) -> str:
-        """'' to go on, 'wait' for more data, or why to abort."""
-        moved = [m for m in self.store.rollout_devices(rid) if m["state"] == "active"]
+    def _health_gate(self, rid: int, spec: RolloutSpec, r: dict[str, Any], now: float) -> gates.Verdict:
+        """Observe the wave's devices (each before and after its move) and the unmoved control, then judge (gates.py)."""
+        everyone = self.store.rollout_devices(rid)
+        moved = [m for m in everyone if m["state"] == "active" and m["wave"] == r["wave"]]
+        control = [m for m in everyone if m["state"] == "pending" and m["previous"]]
         if not moved:
-            return ""
-        since = r["wave_done"] - max(spec.soak_s, 0.0) if spec.soak_s else r["wave_started"]
-        new = self.store.health(spec.model, spec.version, since, [m["device"] for m in moved])
-        if new.requests + new.errors < spec.gates.min_requests:
-            return "wait" if now - r["wave_started"] < spec.wave_timeout_s else ""
-        previous = {m["previous"] for m in moved if m["previous"]}
-        olds = [self.store.health(spec.model, v, since) for v in previous]
-        old_requests = sum(o.requests for o in olds)
-        old_errors = sum(o.errors for o in olds)
-        old_rate = old_errors / (old_requests + old_errors) if old_requests + old_errors else 0.0
-        old_p95 = sorted(o.p95_ms for o in olds if o.p95_ms is not None)
-        if new.error_rate - old_rate > spec.gates.max_error_rate_increase:
-            return f"health gate: error rate {new.error_rate:.1%} on {spec.version} against {old_rate:.1%} before"
-        if new.p95_ms is not None and old_p95:
-            before = old_p95[len(old_p95) // 2]
-            ratio = new.p95_ms / max(before, 1e-6)
-            if ratio > spec.gates.max_p95_ratio and new.p95_ms - before > spec.gates.p95_floor_ms:
-                return f"health gate: p95 latency {ratio:.1f}x the previous version's (limit {spec.gates.max_p95_ratio:g}x)"
-        return self._drift_gate(spec, since, [m["device"] for m in moved], previous)
+            return gates.Verdict(gates.GO, "no device of the wave moved")
+        b = spec.gates.baseline_s
+        earliest = min([m["assigned_at"] for m in moved] + [r["wave_started"]]) - b
+        ids = [m["device"] for m in moved + control]
+        telemetry, predictions = (
+            _by_device(self.store.telemetry_rows(spec.model, ids, earliest)),
+            _by_device(self.store.prediction_rows(spec.model, ids, earliest)),
+        )
+        hardware = {d.id: d.hardware for d in self.store.devices()}
 
-    def _drift_gate(self, spec: RolloutSpec, since: float, moved: list[str], previous: set[str]) -> str:
-        """The new version's answers on the moved devices against the old version's on the rest of the fleet.
+        def subject(m: dict[str, Any], version: str, moved_at: float) -> gates.Subject:
+            t, p = telemetry.get(m["device"], []), predictions.get(m["device"], [])
+            before = device_stats(t, p, m["previous"], moved_at - b, moved_at)
+            after = device_stats(t, p, version, moved_at, now + 1)
+            return gates.Subject(m["device"], hardware.get(m["device"], ""), before, after)
 
-        Skipped when no threshold is set or either side published no prediction sums; against several old
-        versions, the one with the most answers in the window is the baseline.
-        """
-        g = spec.gates
-        if (g.max_class_shift is None and g.max_mean_shift is None) or not previous:
-            return ""
-        new = self.store.distribution(spec.model, spec.version, since, moved)
-        olds = {v: self.store.distribution(spec.model, v, since) for v in sorted(previous)}
-        base, old = max(olds.items(), key=lambda kv: kv[1].rows)
-        if not new.rows or not old.rows:
-            return ""
-        shift = new.class_shift(old)
-        if g.max_class_shift is not None and shift is not None and shift > g.max_class_shift:
-            return (
-                f"health gate: prediction drift: {shift:.1%} of answers moved top class against {base}"
-                f" ({new.rows} answers on {spec.version}; limit {g.max_class_shift:.1%})"
-            )
-        mean_shift = new.mean_shift(old)
-        if g.max_mean_shift is not None and mean_shift is not None and mean_shift > g.max_mean_shift:
-            return (
-                f"health gate: prediction drift: mean output moved {mean_shift:.2f} standard deviations from {base}'s"
-                f" (limit {g.max_mean_shift:g})"
-            )
-        return ""
+        waited_out = now - r["wave_started"] >= spec.wave_timeout_s
+        return gates.health_gate(
+            spec.gates,
+            spec.version,
+            [subject(m, spec.version, m["assigned_at"]) for m in moved],
+            [subject(m, m["previous"], r["wave_started"]) for m in control],
+            waited_out,
+        )
 
-    def _shadow_gate(self, spec: RolloutSpec, r: dict[str, Any], members: list[dict[str, Any]], now: float) -> str:
-        """'' to switch the wave, 'wait' for more comparisons, or why to abort before any device switched."""
-        g = spec.gates
+    def _shadow_gate(self, spec: RolloutSpec, r: dict[str, Any], members: list[dict[str, Any]], now: float) -> gates.Verdict:
         shadowing = [m["device"] for m in members if m["state"] == "shadowing"]
-        if not shadowing:
-            return "shadow gate: no device of the first wave ran the shadow"
         h = self.store.shadow_health(spec.model, spec.version, r["wave_started"], shadowing)
-        if h.compared < g.shadow_min_compared:
-            if now - r["wave_started"] < spec.wave_timeout_s:
-                return "wait"
-            return f"shadow gate: only {h.compared} live inputs compared within the wave timeout (need {g.shadow_min_compared})"
-        if h.errors / (h.errors + h.compared) > g.max_error_rate_increase:
-            return f"shadow gate: {spec.version} failed {h.errors} calls in shadow against {h.compared} compared"
-        agreement = h.agreement or 0.0
-        if g.min_agreement is not None and agreement < g.min_agreement:
-            return (
-                f"shadow gate: {spec.version} agreed with the serving version on {agreement:.1%} of {h.compared} live inputs"
-                f" (need {g.min_agreement:.1%})"
-            )
-        if g.max_shadow_diff is not None and h.mean_abs_diff is not None and h.mean_abs_diff > g.max_shadow_diff:
-            return f"shadow gate: mean absolute difference {h.mean_abs_diff:.4g} from the serving version (limit {g.max_shadow_diff:g})"
-        if h.p95_ms is not None and h.active_p95_ms:
-            ratio = h.p95_ms / max(h.active_p95_ms, 1e-6)
-            if ratio > g.max_p95_ratio and h.p95_ms - h.active_p95_ms > g.p95_floor_ms:
-                return f"shadow gate: p95 latency in shadow {ratio:.1f}x the serving version's (limit {g.max_p95_ratio:g}x)"
-        logs.event(log, "rollout.shadow_gate", id=r["id"], compared=h.compared, agreement=f"{agreement:.4f}", devices=h.devices)
-        return ""
+        return gates.shadow_gate(spec.gates, spec.version, len(shadowing), h, now - r["wave_started"] >= spec.wave_timeout_s)
 
     def _abort(self, r: dict[str, Any], reason: str) -> int:
         """Point every moved device back at the version it ran; record why."""
@@ -477,8 +317,8 @@ class RolloutEngine:
         return {**r, "waves": [waves[k] for k in sorted(waves)]}
 
 
-def _share(limit: str, n: int) -> int:
-    try:
-        return int(n * float(limit[:-1]) / 100) if limit.endswith("%") else int(limit)
-    except ValueError:
-        raise RolloutError(f"bad failure limit {limit!r}: a count (2) or a share (10%)") from None
+def _by_device(rows: list[TelemetryRow] | list[PredictionRow]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = defaultdict(list)
+    for row in rows:
+        out[row.device].append(row)
+    return out

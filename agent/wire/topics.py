@@ -1,0 +1,79 @@
+"""The topic tree: one builder and one parser. Nothing else splits a topic by index.
+
+``edgefleet/v1/dev/{id}/{kind}[/{rest}]`` for everything about one device, and the
+repository server's request topic. A device id is validated wherever a topic is built
+or read, so a topic of another shape never reaches a handler.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from agent.wire.codec import WireError
+
+__all__ = [
+    "DEVICE_ID",
+    "REPO_REQUEST",
+    "ROOT",
+    "DeviceTopic",
+    "device_filter",
+    "device_topic",
+    "parse_device_topic",
+    "repo_reply_topic",
+    "valid_device_id",
+]
+
+ROOT = "edgefleet/v1"
+REPO_REQUEST = f"{ROOT}/repo/req"
+DEVICE_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_DEVICE_ID = re.compile(rf"^{DEVICE_ID}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a job id or model name inside a topic
+KINDS = frozenset({"status", "reported", "telemetry", "jobs", "cmd", "director", "infer", "pred", "repo"})
+
+
+def valid_device_id(device_id: str) -> str:
+    if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
+        raise WireError(f"bad device id {str(device_id)[:80]!r}")
+    return device_id
+
+
+def device_topic(device_id: str, *parts: str) -> str:
+    """``edgefleet/v1/dev/{id}/...``: every per-device topic (status, reported, director, cmd, jobs, telemetry, infer)."""
+    return "/".join((ROOT, "dev", valid_device_id(device_id), *parts))
+
+
+def device_filter(*parts: str) -> str:
+    """A subscription to one kind of topic of every device: ``edgefleet/v1/dev/+/telemetry``."""
+    return "/".join((ROOT, "dev", "+", *parts))
+
+
+def repo_reply_topic(device_id: str) -> str:
+    return device_topic(device_id, "repo", "reply")
+
+
+@dataclass(frozen=True)
+class DeviceTopic:
+    """A parsed per-device topic: ``device``, ``kind`` (status, reported, telemetry, jobs, ...) and what follows."""
+
+    device: str
+    kind: str
+    rest: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The one name after the kind (a job id, a model); ``WireError`` when there is not exactly one."""
+        if len(self.rest) != 1 or not _NAME.match(self.rest[0]):
+            raise WireError(f"expected one name after {self.kind!r} in the topic")
+        return self.rest[0]
+
+
+def parse_device_topic(topic: str) -> DeviceTopic:
+    """``edgefleet/v1/dev/{id}/{kind}/...`` → DeviceTopic; any other shape is a ``WireError``."""
+    head, sep, tail = topic.partition(f"{ROOT}/dev/")
+    if head or not sep:
+        raise WireError(f"not a device topic: {topic[:120]!r}")
+    parts = tail.split("/")
+    if len(parts) < 2 or parts[1] not in KINDS:
+        raise WireError(f"not a device topic: {topic[:120]!r}")
+    return DeviceTopic(valid_device_id(parts[0]), parts[1], tuple(parts[2:]))
