@@ -334,7 +334,9 @@ class Agent:
         self._publish("reported", reported, retain=True)
 
     def _report_job(self, job: Job) -> None:
-        self.last_check = wire.UpdateState(state=job.state, job=job.id, target=job.target_path[:1000], reason=job.reason[:1000])
+        self.last_check = wire.UpdateState(
+            state=job.state, job=job.id, target=job.target_path[:1000], reason=job.reason[:1000], ts=time.time()
+        )
         self._publish(f"jobs/{job.id}", wire.JobUpdate.model_validate({**job.report(), "reason": job.reason[:1000]}))
         if job.state in ("ACTIVE", "SHADOW", "REJECTED", "FAILED", "ROLLED_BACK"):
             self._publish_reported()

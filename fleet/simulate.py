@@ -198,6 +198,7 @@ class Simulator:
                 sha256=_fake_sha(m, v),
                 runtime="onnx",
                 device="CPU",
+                passed_over=[],
                 shadow=wire.ReportedShadow(version=shadow, variant="onnx-fp32", sha256=_fake_sha(m, shadow), runtime="onnx")
                 if shadow
                 else None,
@@ -299,7 +300,7 @@ class Simulator:
             updated=now,
             shadow=0,
         )
-        d.update = wire.UpdateState(state=state, job=job, target=path, reason=reason)
+        d.update = wire.UpdateState(state=state, job=job, target=path, reason=reason, ts=now)
         await client.publish(device_topic(d.id, "jobs", job), wire.encode(body), qos=1)
         self.sent["jobs"] += 1
 
@@ -317,6 +318,7 @@ class Simulator:
                 interval_s=self.telemetry_s,
                 dropped_total=0,
                 models=models,
+                unattributed_errors={},
                 throughput_rps=sum(m.count for m in models) / self.telemetry_s,
                 queue_depth=0,
                 system=wire.SystemMetrics(cpu_percent=10.0, process_cpu_percent=5.0, rss_bytes=50 * 2**20, memory_percent=20.0),

@@ -87,7 +87,7 @@ def test_telemetry_batches_survive_a_broker_outage_none_missing(
         try:
             wait_for(lambda: len(collector.json(topic)) >= 3, 30, "telemetry")
             first = collector.json(topic)[0]
-            assert {"seq", "ts", "models", "errors", "queue_depth", "system", "update", "throughput_rps"} <= set(first)
+            assert {"seq", "ts", "models", "unattributed_errors", "queue_depth", "system", "update", "throughput_rps"} <= set(first)
             assert first["system"]["rss_bytes"] > 0
             broker.stop()
             time.sleep(2.0)  # ~10 batches go to the outbox

@@ -1,0 +1,116 @@
+"""The contract test: a real agent and the simulator side by side on a real broker, every message decoded by the same models.
+
+A field or a message that one of them sends and the other does not is a failure: the
+simulator is the rollout tests' load generator, and it must not drift from the agent again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+from update_rig import MODEL, Rig, Subscriber, wait_for
+
+from agent import wire
+from agent.client import EdgeClient
+from agent.daemon import Agent
+from agent.settings import load_settings
+from fleet.simulate import Simulator, SimulatorThread
+
+OPTIONAL_BY_HARDWARE = {"system.temperature_c"}  # only where the machine has thermal sensors
+
+
+def fields(message: BaseModel, prefix: str = "") -> set[str]:
+    """Every field a message carries, as dotted paths (a map of models, like reported.models, as ``*``)."""
+    out: set[str] = set()
+    for name in message.model_fields_set:
+        value = getattr(message, name)
+        path = f"{prefix}{name}"
+        if value is None:
+            continue
+        out.add(path)
+        if isinstance(value, BaseModel):
+            out |= fields(value, f"{path}.")
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    out |= fields(item, f"{path}[].")
+        elif isinstance(value, dict):
+            for item in value.values():
+                if isinstance(item, BaseModel):
+                    out |= fields(item, f"{path}.*.")
+    return out - OPTIONAL_BY_HARDWARE
+
+
+def test_the_agent_and_the_simulator_speak_the_same_wire(rig: Rig, tmp_path: Path) -> None:
+    agent_id, sim_id = "contract-agent", "contract-sim-0000"
+    watch = Subscriber(rig.broker, [wire.device_filter("#"), wire.REPO_REQUEST], "watch-contract")
+    sim = Simulator(rig.broker.host, rig.broker.port, 1, "contract-sim", telemetry_s=0.3, initial={MODEL: "1.0.0"})
+    rig.director.assign(sim_id, rig.image, MODEL, "1.0.0", "onnx-fp32", rig.keys)
+    rig.assign(agent_id, "1.0.0")
+    agent = Agent(load_settings(rig.write_config(agent_id), telemetry={"interval_s": 0.3, "prediction_every": 1})).start()
+    sims = SimulatorThread(sim).start()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        rng = np.random.default_rng(0)
+        with EdgeClient(rig.broker.host, rig.broker.port) as client:
+            while not stop.is_set():
+                client.infer(agent_id, MODEL, rng.uniform(-1, 1, (2, 64)).astype(np.float32))
+
+    loader = threading.Thread(target=traffic, daemon=True)
+    try:
+        wait_for(lambda: agent.host.get(MODEL) is not None, 60, "the agent serving 1.0.0")
+        loader.start()
+        for device in (agent_id, sim_id):  # each goes through an update: job messages, a new reported, repository requests
+            rig.assign(device, "1.1.0")
+        wait_for(lambda: agent.host.get(MODEL) is not None and agent.host.get(MODEL).version == "1.1.0", 60, "the agent on 1.1.0")
+        wait_for(lambda: sim.devices[0].model_versions[MODEL] == "1.1.0", 60, "the simulator on 1.1.0")
+
+        def seen(device: str) -> dict[str, set[str]]:
+            kinds: dict[str, set[str]] = {}
+            for topic, payload in list(watch.messages):
+                if topic == wire.REPO_REQUEST or not payload:
+                    continue
+                t = wire.parse_device_topic(topic)
+                if t.device != device or t.kind not in ("status", "reported", "telemetry", "jobs"):
+                    continue
+                message = wire.decode_device_message(t, payload)  # any WireError fails the test
+                if isinstance(message, wire.TelemetryBatch) and not any(m.count and m.predictions for m in message.models):
+                    continue  # compare windows that served something (the simulator always does)
+                kinds.setdefault(t.kind, set()).update(fields(message))
+            return kinds
+
+        required = {
+            "telemetry": {"models[].predictions.sum", "models[].errors", "models[].p95_ms", "update.job"},
+            "reported": {"models.*.sha256", "installed[].status", "preferred_variants"},
+        }
+
+        def differences() -> list[str]:
+            agent_fields, sim_fields = seen(agent_id), seen(sim_id)
+            out = [f"{kind}: not seen from the agent" for kind in required if not required[kind] <= agent_fields.get(kind, set())]
+            for kind in ("status", "reported", "telemetry", "jobs"):
+                a, b = agent_fields.get(kind, set()), sim_fields.get(kind, set())
+                if a != b or not a:
+                    out.append(f"{kind}: only the agent sends {sorted(a - b)}, only the simulator {sorted(b - a)}")
+            return out
+
+        deadline = time.monotonic() + 30  # telemetry windows keep coming: wait until both have said everything once
+        while differences() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert differences() == []
+        requests: dict[str, int] = {}
+        for payload in watch.payloads(wire.REPO_REQUEST):
+            req: Any = wire.RepoRequest.decode(payload)
+            requests[req.reply_to] = requests.get(req.reply_to, 0) + 1
+        assert set(requests) == {wire.repo_reply_topic(agent_id), wire.repo_reply_topic(sim_id)}
+    finally:
+        stop.set()
+        loader.join(10)
+        agent.stop()
+        sims.stop()
+        watch.close()
