@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -539,5 +540,189 @@ def test_sub_millisecond_latency_differences_do_not_abort(rig: Rig, controller: 
         rid = controller.engine.start(strict)
         wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort without a floor")
         assert "p95 latency" in (controller.store.rollout(rid) or {})["reason"]
+    finally:
+        sims.stop()
+
+
+# -- gates that compare like with like (issue 12) -------------------------------------------------------------------
+
+
+def two_fleets(rig: Rig, prefix: str, sizes: dict[str, int], behaviours: dict[str, list[Behaviour]]) -> list[SimulatorThread]:
+    """One simulator per hardware class (``{"pi": 14, "jetson": 6}``), devices ``{prefix}{hw}-NNNN`` on mlp 1.0.0."""
+    out = []
+    for hw, n in sizes.items():
+        sim = Simulator(
+            rig.broker.host,
+            rig.broker.port,
+            n,
+            f"{prefix}{hw}",
+            telemetry_s=0.2,
+            behaviours=behaviours.get(hw),
+            hardware=f"simulated {hw}",
+            initial={MODEL: "1.0.0"},
+        )
+        for d in sim.devices:
+            rig.director.assign(d.id, rig.image, MODEL, "1.0.0", "onnx-fp32", rig.keys)
+        out.append(SimulatorThread(sim).start())
+    return out
+
+
+def rollout_of(rig: Rig, controller: Controller, prefix: str, behaviour: str, n: int, spec: RolloutSpec) -> dict[str, Any]:
+    sims = fleet_of(rig, n, prefix, [Behaviour.parse(behaviour)])
+    try:
+        registered(controller, prefix, n)
+        wait_for(lambda: len(controller.store.telemetry_rows(MODEL, [f"{prefix}-0000"], 0)) >= 5, 30, "telemetry before the move")
+        rid = controller.engine.start(spec)
+        wait_for(lambda: controller.state(rid) in ("done", "aborted"), 90, "the rollout's end")
+        r = controller.store.rollout(rid)
+        assert r is not None
+        return r
+    finally:
+        sims.stop()
+
+
+@pytest.mark.parametrize(("n", "behaviour", "ratio"), [(40, "1.1.0:share=0.3,latency=5", 1.5), (20, "1.1.0:share=0.2,latency=3", 2.0)])
+def test_a_slow_minority_aborts_in_the_first_wave_and_the_reason_names_it(
+    rig: Rig, controller: Controller, n: int, behaviour: str, ratio: float
+) -> None:
+    prefix = f"min{n}"
+    spec = RolloutSpec(MODEL, "1.1.0", selector=f"device={prefix}-*", waves=["50%", "100%"], soak_s=2.0, gates=Gates(max_p95_ratio=ratio))
+    r = rollout_of(rig, controller, prefix, behaviour, n, spec)
+    assert r["state"] == "aborted" and r["wave"] == 0, r
+    assert r["reason"].startswith("health gate: ") and " devices regressed: " in r["reason"], r["reason"]
+    assert " ms before it moved" in r["reason"], r["reason"]
+
+
+def test_a_release_slow_on_one_hardware_class_aborts_and_names_the_class(rig: Rig, controller: Controller) -> None:
+    sims = two_fleets(rig, "hw", {"pi": 14, "jetson": 6}, {"jetson": [Behaviour.parse("1.1.0:latency=3")]})
+    try:
+        registered(controller, "hw", 20)
+        wait_for(lambda: len(controller.store.telemetry_rows(MODEL, ["hwjetson-0000"], 0)) >= 5, 30, "telemetry before the move")
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=hw*", waves=["100%"], soak_s=2.0))
+        wait_for(lambda: controller.state(rid) in ("done", "aborted"), 90, "the rollout's end")
+        r = controller.store.rollout(rid)
+        assert r is not None and r["state"] == "aborted", r
+        assert "6 of 20 devices regressed" in r["reason"] and "simulated jetson 6 of 6, simulated pi 0 of 14" in r["reason"], r["reason"]
+    finally:
+        for s in sims:
+            s.stop()
+
+
+def test_a_healthy_release_under_load_on_the_whole_fleet_passes(rig: Rig, controller: Controller) -> None:
+    sims = fleet_of(rig, 20, "load")
+    try:
+        registered(controller, "load", 20)
+        wait_for(lambda: len(controller.store.telemetry_rows(MODEL, ["load-0000"], 0)) >= 5, 30, "telemetry before the move")
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=load-*", waves=["50%", "100%"], soak_s=2.0))
+        sims.sim.load = 4.0  # every device, on every version, 4x slower: a busy fleet, not a bad release
+        wait_for(
+            lambda: (controller.store.rollout(rid) or {}).get("wave", 0) >= 1 or controller.state(rid) != "running", 60, "wave 1 judged"
+        )
+        assert controller.state(rid) == "running", controller.store.rollout(rid)
+        sims.sim.load = 1.0
+        wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
+        assert controller.state(rid) == "done", controller.store.rollout(rid)
+    finally:
+        sims.stop()
+
+
+def test_a_poisoned_message_from_a_device_outside_the_rollout_changes_nothing(rig: Rig, controller: Controller) -> None:
+    import paho.mqtt.client as mqtt
+
+    from agent import wire
+
+    sims = fleet_of(rig, 10, "poison", [Behaviour.parse("1.1.0:errors=0.3,share=1")])
+    outsider = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="outsider")
+    outsider.connect(rig.broker.host, rig.broker.port)
+    outsider.loop_start()
+    try:
+        registered(controller, "poison", 10)
+        topic = wire.device_topic("outsider", "telemetry")
+        good = {
+            "device_id": "outsider", "session": 1, "seq": 1, "ts": 4e9, "interval_s": 1.0, "dropped_total": 0,
+            "models": [{"model": MODEL, "version": "1.0.0", "count": 0, "errors": {"internal": 10_000_000}, "p95_ms": 3_600_000.0}],
+            "throughput_rps": 0.0, "queue_depth": 0,
+            "system": {"cpu_percent": 1.0, "process_cpu_percent": 1.0, "rss_bytes": 1, "memory_percent": 1.0},
+        }  # fmt: skip
+        hostile = [
+            json.dumps(good).encode(),  # valid, as bad as the bounds allow: about the outsider only
+            json.dumps({**good, "seq": 2, "models": [{**good["models"][0], "errors": {"internal": 10**15}}]}).encode(),
+            json.dumps({**good, "seq": 3, "models": [{**good["models"][0], "count": -5}]}).encode(),
+            json.dumps({**good, "seq": 4, "throughput_rps": float("nan")}).encode(),
+            json.dumps({**good, "seq": 5, "throughput_rps": float("inf")}).encode(),
+            json.dumps(
+                {
+                    **good,
+                    "seq": 6,
+                    "models": [{**good["models"][0], "predictions": {"output": "y", "rows": 5, "values": 5, "sum": 1.0, "sumsq": 1e300}}],
+                }
+            ).encode(),
+            b"[" * 4000 + b"]" * 4000,
+        ]
+        for payload in hostile:
+            outsider.publish(topic, payload, qos=1).wait_for_publish(5)
+        wait_for(lambda: controller.ingest.counters["bad"] >= len(hostile) - 1, 20, "the hostile messages refused")
+        assert [r.ts < time.time() + 5 for r in controller.store.telemetry_rows(MODEL, ["outsider"], 0)] == [True]  # stamped on arrival
+        wait_for(lambda: len(controller.store.telemetry_rows(MODEL, ["poison-0000"], 0)) >= 5, 30, "telemetry still flowing")
+        spec = RolloutSpec(MODEL, "1.1.0", selector="device=poison-*", waves=["30%", "100%"], soak_s=2.0)
+        rid = controller.engine.start(spec)
+        wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
+        r = controller.store.rollout(rid)
+        assert r is not None and r["state"] == "aborted" and "server errors" in r["reason"], r
+    finally:
+        outsider.loop_stop()
+        outsider.disconnect()
+        sims.stop()
+
+
+def test_client_errors_on_the_new_version_do_not_abort(rig: Rig, controller: Controller) -> None:
+    sims = fleet_of(rig, 10, "cli", [Behaviour.parse("1.1.0:client_errors=0.4")])
+    try:
+        registered(controller, "cli", 10)
+        wait_for(lambda: len(controller.store.telemetry_rows(MODEL, ["cli-0000"], 0)) >= 5, 30, "telemetry before the move")
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=cli-*", waves=["30%", "100%"], soak_s=2.0))
+        wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
+        assert controller.state(rid) == "done", controller.store.rollout(rid)
+        rows = controller.store.telemetry_rows(MODEL, [f"cli-{i:04d}" for i in range(10)], 0)
+        assert sum(r.client_errors for r in rows if r.version == "1.1.0") > 0  # they were there, and counted as the callers'
+    finally:
+        sims.stop()
+
+
+def test_server_errors_on_a_device_with_two_models_abort(rig: Rig, controller: Controller) -> None:
+    sim = Simulator(
+        rig.broker.host, rig.broker.port, 10, "two", telemetry_s=0.2, behaviours=[Behaviour.parse("1.1.0:errors=0.3")],
+        initial={MODEL: "1.0.0", "other": "2.0.0"},
+    )  # fmt: skip
+    for d in sim.devices:
+        rig.director.assign(d.id, rig.image, MODEL, "1.0.0", "onnx-fp32", rig.keys)
+    sims = SimulatorThread(sim).start()
+    try:
+        registered(controller, "two", 10)
+        wait_for(lambda: len(controller.store.telemetry_rows(MODEL, ["two-0000"], 0)) >= 5, 30, "telemetry before the move")
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=two-*", waves=["30%", "100%"], soak_s=2.0))
+        wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
+        r = controller.store.rollout(rid)
+        assert r is not None and r["state"] == "aborted" and "server errors" in r["reason"] and r["wave"] == 0, r
+    finally:
+        sims.stop()
+
+
+def test_a_device_that_cannot_be_assigned_fails_alone_and_the_rollout_goes_on(rig: Rig, controller: Controller) -> None:
+    from agent import wire
+
+    sims = fleet_of(rig, 4, "iso")
+    try:
+        registered(controller, "iso", 4)
+        bad = "iso-bad id/+"  # what an older store or a hand edit can hold; no topic can be built for it
+        controller.store.ingest([(bad, wire.Status(state="ready", session=1), time.time())])
+        controller.store.tag(bad, {"site": "x"})
+        spec = RolloutSpec(MODEL, "1.1.0", selector="device=iso*", waves=["100%"], gates=Gates(max_failed="1"))
+        rid = controller.engine.start(spec)
+        wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
+        assert controller.state(rid) == "done", controller.store.rollout(rid)
+        states = {m["device"]: (m["state"], m["reason"]) for m in controller.store.rollout_devices(rid)}
+        assert states[bad][0] == "failed" and "could not assign" in states[bad][1]
+        assert sorted(s for d, (s, _) in states.items() if d != bad) == ["active"] * 4
     finally:
         sims.stop()

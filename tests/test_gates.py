@@ -1,0 +1,75 @@
+"""The gates as pure functions: per-device paired judgement, the concurrent control, the reasons they give."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleet.rollout.gates import ABORT, GO, WAIT, Subject, health_gate
+from fleet.rollout.spec import Gates
+from fleet.rollout.stats import DeviceStats
+
+
+def stats(p95: float, requests: int = 500, server_errors: int = 0) -> DeviceStats:
+    return DeviceStats(batches=10, requests=requests, server_errors=server_errors, p95_ms=p95)
+
+
+def fleet(n: int, before: float, after: float, slow: int = 0, slow_x: float = 1.0, hardware: str = "pi") -> list[Subject]:
+    return [Subject(f"d{i:03d}", hardware, stats(before), stats(after * (slow_x if i < slow else 1.0))) for i in range(n)]
+
+
+def test_a_minority_of_30_percent_at_5x_aborts_and_the_reason_names_devices_and_numbers() -> None:
+    v = health_gate(Gates(max_p95_ratio=1.5), "1.1.0", fleet(20, 2.0, 2.0, slow=6, slow_x=5.0), fleet(20, 2.0, 2.0), False)
+    assert v.decision == ABORT and len(v.regressed) == 6
+    assert v.reason.startswith("health gate: 6 of 20 devices regressed: d000 p95 10.0 ms against 2.0 ms before it moved")
+
+
+def test_a_minority_of_20_percent_at_3x_aborts_and_one_device_does_not() -> None:
+    assert health_gate(Gates(), "1.1.0", fleet(10, 2.0, 2.0, slow=2, slow_x=3.0), [], False).decision == ABORT
+    assert health_gate(Gates(), "1.1.0", fleet(10, 2.0, 2.0, slow=1, slow_x=3.0), [], False).decision == GO  # 10%: within the limit
+
+
+def test_load_on_the_whole_fleet_is_not_the_release() -> None:
+    moved = fleet(10, 2.0, 6.0)  # everything 3x slower during the wave...
+    control = fleet(10, 2.0, 6.0)  # ...on the unmoved devices too
+    assert health_gate(Gates(), "1.1.0", moved, control, False).decision == GO
+    assert health_gate(Gates(), "1.1.0", moved, [], False).decision == ABORT  # without a control it would look like a regression
+
+
+def test_a_release_slow_on_one_hardware_class_is_named_by_that_class() -> None:
+    moved = fleet(14, 2.0, 2.0, hardware="pi") + [Subject(f"j{i}", "jetson", stats(1.0), stats(4.0)) for i in range(6)]
+    control = fleet(6, 2.0, 2.0, hardware="pi") + [Subject(f"jc{i}", "jetson", stats(1.0), stats(1.0)) for i in range(4)]
+    v = health_gate(Gates(), "1.1.0", moved, control, False)
+    assert v.decision == ABORT and "by hardware: jetson 6 of 6, pi 0 of 14" in v.reason
+
+
+def test_server_errors_abort_and_client_errors_do_not() -> None:
+    bad = [Subject(f"d{i}", "pi", stats(2.0), stats(2.0, server_errors=200 if i < 4 else 0)) for i in range(10)]
+    assert health_gate(Gates(), "1.1.0", bad, [], False).decision == ABORT
+    clients = [Subject(f"d{i}", "pi", stats(2.0), DeviceStats(10, 500, 0, 400, 2.0)) for i in range(10)]
+    assert health_gate(Gates(), "1.1.0", clients, [], False).decision == GO
+
+
+def test_devices_with_too_little_traffic_are_not_judged_one_by_one_but_pooled() -> None:
+    quiet = [Subject(f"d{i}", "pi", stats(2.0, requests=5), stats(20.0, requests=5, server_errors=3)) for i in range(10)]
+    v = health_gate(Gates(), "1.1.0", quiet, [], False)
+    assert v.decision == ABORT and "server error rate" in v.reason and "regressed" not in v.reason
+
+
+def test_min_requests_waits_until_the_wave_times_out() -> None:
+    few = fleet(3, 2.0, 2.0)
+    assert health_gate(Gates(min_requests=10**6), "1.1.0", few, [], waited_out=False).decision == WAIT
+    assert health_gate(Gates(min_requests=10**6), "1.1.0", few, [], waited_out=True).decision == GO
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), base=st.floats(0.05, 0.9))
+def test_sub_millisecond_jitter_of_50_percent_never_aborts_a_healthy_release(seed: int, base: float) -> None:
+    rng = random.Random(seed)
+
+    def jittery(i: int) -> Subject:
+        return Subject(f"d{i}", "pi", stats(base * rng.uniform(0.5, 1.5)), stats(base * rng.uniform(0.5, 1.5)))
+
+    assert health_gate(Gates(), "1.1.0", [jittery(i) for i in range(20)], [jittery(100 + i) for i in range(20)], False).decision == GO
