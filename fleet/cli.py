@@ -735,7 +735,8 @@ def rollback_cmd(model: str, version: str, store: Path, repo: Path, selector: st
     "--behaviour",
     "behaviours",
     multiple=True,
-    help="VERSION:share=0.4,reject | VERSION:latency=5,errors=0.3 | VERSION:agree=0.6 (in shadow) | VERSION:class_shift=0.5,mean_shift=2",
+    help="VERSION:share=0.4,reject | VERSION:count=6,latency=5,errors=0.3,client_errors=0.2 | VERSION:agree=0.6 (in shadow)"
+    " | VERSION:class_shift=0.5,mean_shift=2",
 )
 def simulate_cmd(
     count: int, broker: str | None, prefix: str, telemetry_s: float, initial: tuple[str, ...], behaviours: tuple[str, ...]

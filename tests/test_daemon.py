@@ -108,7 +108,15 @@ def test_outbox_limits_drop_the_oldest_and_say_so(tmp_path: Path) -> None:
     from agent.telemetry import Telemetry
 
     store = AgentStore(tmp_path / "a.db")
-    t = Telemetry(store, lambda: {}, lambda payload: None, lambda: False, max_batches=3)  # type: ignore[arg-type,return-value]
+    window = {
+        "device_id": "t",
+        "session": 1,
+        "models": [],
+        "throughput_rps": 0.0,
+        "queue_depth": 0,
+        "system": {"cpu_percent": 0.0, "process_cpu_percent": 0.0, "rss_bytes": 1, "memory_percent": 1.0},
+    }
+    t = Telemetry(store, lambda: window, lambda payload: None, lambda: False, max_batches=3)  # type: ignore[arg-type,return-value]
     for _ in range(5):
         t.record()
     kept = store.outbox_oldest()
