@@ -80,7 +80,11 @@ class Device:
         return self.watch.json(device_topic(self.id, "telemetry"))
 
     def shadow_windows(self) -> list[dict[str, Any]]:
-        return [b["models"][MODEL]["shadow"] for b in self.telemetry() if "shadow" in b.get("models", {}).get(MODEL, {})]
+        return [m["shadow"] for m in self.windows() if "shadow" in m]
+
+    def windows(self) -> list[dict[str, Any]]:
+        """This device's telemetry windows of the model, oldest first (one per version served in a batch)."""
+        return [m for b in self.telemetry() for m in b.get("models", []) if m["model"] == MODEL]
 
     def replies(self) -> list[dict[str, Any]]:
         prefix = device_topic(self.id, "pred") + "/"
@@ -148,7 +152,7 @@ def test_a_shadow_runs_on_live_inputs_answers_nobody_and_is_promoted_without_rel
     assert totals["abs_diff_sum"] == 0.0 and totals["errors"] == 0 and totals["mismatched"] == 0
     last = d.shadow_windows()[-1]
     assert last["version"] == "1.1.0" and last["kind"] == "top1" and last["p95_ms"] > 0 and last["active_p95_ms"] > 0
-    predictions = [b["models"][MODEL]["predictions"] for b in d.telemetry() if "predictions" in b["models"].get(MODEL, {})]
+    predictions = [m["predictions"] for m in d.windows() if "predictions" in m]
     assert sum(p["rows"] for p in predictions) == 80 and sum(p["values"] for p in predictions) == 800
     assert all(len(p["classes"]) == 10 and sum(p["classes"]) == p["rows"] for p in predictions)
 
