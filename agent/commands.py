@@ -233,7 +233,7 @@ def send_command(settings: AgentSettings, command: str, args: dict[str, Any], ti
     import paho.mqtt.client as mqtt
 
     from agent.mqtt import make_client
-    from agent.wire import Command, device_topic
+    from agent.wire import Command, CommandReply, WireError, decode, device_topic
 
     rid = uuid.uuid4().hex
     replies: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -242,11 +242,11 @@ def send_command(settings: AgentSettings, command: str, args: dict[str, Any], ti
 
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            data = json.loads(msg.payload)
-        except ValueError:
+            reply = decode(CommandReply, bytes(msg.payload))
+        except WireError:
             return
-        if isinstance(data, dict) and data.get("request_id") == rid:
-            replies.put(data)
+        if reply.request_id == rid:
+            replies.put(reply.model_dump(exclude_none=True))
 
     client = make_client(settings.broker, f"{settings.device_id}-cli-{rid[:6]}")
     client.on_message = on_message

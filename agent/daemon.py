@@ -74,7 +74,6 @@ class Agent:
             sync_bytes=u.sync_kb * 1024,
         )
         self.trust = state / "trust"
-        self._infer_prefix = device_topic(self.device_id, "infer") + "/"
         self.last_check = wire.UpdateState(state="never")
         self.rounds = 0  # update rounds finished (whatever their outcome): tests and `ping` can wait on it
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -194,12 +193,19 @@ class Agent:
             logs.event(log, "agent.disconnected", logging.WARNING, reason=str(reason))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic.startswith(self._infer_prefix):
-            self.serving.submit(msg.topic, bytes(msg.payload), msg.qos)
-        elif msg.topic == device_topic(self.device_id, "cmd"):
-            self._events.put(("cmd", bytes(msg.payload)))
-        else:  # director/...: a trigger only; what it says is verified through the repositories
-            self._events.put(("check", None))
+        """paho's thread: route by topic, decode nothing here. Nothing may raise (paho re-raises and its thread dies)."""
+        try:
+            topic = wire.parse_device_topic(msg.topic)
+            if topic.device != self.device_id:
+                return
+            if topic.kind == "infer":
+                self.serving.submit("/".join(topic.rest), bytes(msg.payload), msg.qos)
+            elif topic.kind == "cmd" and not topic.rest:
+                self._events.put(("cmd", bytes(msg.payload)))
+            elif topic.kind == "director":  # a trigger only; what it says is verified through the repositories
+                self._events.put(("check", None))
+        except Exception as exc:  # a bug costs one message, never the MQTT thread
+            logs.event(log, "agent.message_failed", logging.ERROR, topic=msg.topic[:120], reason=f"{type(exc).__name__}: {exc}"[:300])
 
     def _publish(self, what: str, message: wire.WireModel, retain: bool = False) -> mqtt.MQTTMessageInfo:
         return self._publish_raw(device_topic(self.device_id, *what.split("/")), wire.encode(message), 1, retain)

@@ -139,9 +139,8 @@ class Serving:
 
     # -- network thread ------------------------------------------------------------------
 
-    def submit(self, topic: str, payload: bytes, qos: int = 1) -> None:
+    def submit(self, model: str, payload: bytes, qos: int = 1) -> None:
         """Called from paho's thread for ``dev/{id}/infer/{model}``: enqueue, or answer ``overloaded`` now."""
-        model = topic.rsplit("/", 1)[-1]
         if self._call_s.get(model, 1.0) < self.inline_below_s and self._queue.empty() and not self._closing:
             self.inline_served += 1
             try:

@@ -233,8 +233,9 @@ class Simulator:
         self, client: Any, d: SimDevice, updates: asyncio.Queue[bytes], replies: dict[str, asyncio.Future[RepoReply]]
     ) -> None:
         while True:
-            timestamp = json.loads(await updates.get())
+            hint = await updates.get()
             try:
+                timestamp = wire.load_json(hint, 64 * 1024)  # a hint only, as for the agent: fetched and read below
                 base = f"director/{d.id}/metadata"
                 snapshot = json.loads(
                     await self._fetch(client, d, replies, f"{base}/{timestamp['signed']['meta']['snapshot.json']['version']}.snapshot.json")
@@ -242,7 +243,7 @@ class Simulator:
                 targets = json.loads(
                     await self._fetch(client, d, replies, f"{base}/{snapshot['signed']['meta']['targets.json']['version']}.targets.json")
                 )
-            except (LookupError, KeyError, ValueError, asyncio.TimeoutError):
+            except (LookupError, KeyError, TypeError, ValueError, asyncio.TimeoutError):
                 continue
             named = targets["signed"]["targets"].items()
             main = [(p, t.get("custom", {})) for p, t in named if t.get("custom", {}).get("shadow") is not True]
