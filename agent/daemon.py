@@ -304,6 +304,13 @@ class Agent:
         return needs_restart
 
     def _publish_reported(self) -> None:
+        """Publish ``reported`` (retained). Called from paho's thread too: a failure is logged, never raised."""
+        try:
+            self._publish("reported", self._reported(), retain=True)
+        except (ValueError, RuntimeError, OSError) as exc:  # e.g. a value past the wire's bounds (pydantic's ValidationError)
+            logs.event(log, "agent.reported_failed", logging.ERROR, reason=f"{type(exc).__name__}: {exc}"[:300])
+
+    def _reported(self) -> wire.Reported:
         enabled = self.settings.runtime.enabled
         probes = probe_all(enabled)
         shadows = self.host.shadows()
@@ -337,13 +344,18 @@ class Agent:
                 "ts": time.time(),
             }
         )
-        self._publish("reported", reported, retain=True)
+        return reported
 
     def _report_job(self, job: Job) -> None:
         self.last_check = wire.UpdateState(
             state=job.state, job=job.id, target=job.target_path[:1000], reason=job.reason[:1000], ts=time.time()
         )
-        self._publish(f"jobs/{job.id}", wire.JobUpdate.model_validate({**job.report(), "reason": job.reason[:1000]}))
+        try:
+            update = wire.JobUpdate.model_validate({**job.report(), "reason": job.reason[:1000]})
+        except ValueError as exc:  # the job goes on; only its report is lost (and says why in the log)
+            logs.event(log, "agent.job_report_failed", logging.ERROR, job=job.id, reason=str(exc)[:300])
+        else:
+            self._publish(f"jobs/{job.id}", update)
         if job.state in ("ACTIVE", "SHADOW", "REJECTED", "FAILED", "ROLLED_BACK"):
             self._publish_reported()
 

@@ -103,13 +103,18 @@ class AgentStore:
         self.db.table("outbox").create({"seq": int, "payload": str, "created": float}, pk="seq", if_not_exists=True)
 
     def next_session(self) -> int:
-        """Counts agent starts; ``status`` carries it so a stale ``lost`` will is told from a live session."""
-        return self._bump("session")
+        """Counts agent starts; ``status`` carries it so a stale ``lost`` will is told from a live session.
 
-    def _bump(self, key: str, by: int = 1) -> int:
+        A fresh store starts counting at the current Unix time, so a device whose state was wiped still starts
+        a session above its old ones: the controller keys telemetry batches by (device, session, seq) and would
+        otherwise take the new batches for old ones sent again.
+        """
+        return self._bump("session", start=int(time.time()))
+
+    def _bump(self, key: str, by: int = 1, start: int = 0) -> int:
         with self._lock, self.db.conn:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, 0)", [key])
+            self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", [key, start])
             self.db.execute("UPDATE meta SET value = value + ? WHERE key = ?", [by, key])
             return int(self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()[0])
 

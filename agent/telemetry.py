@@ -38,7 +38,8 @@ def system_metrics(process: psutil.Process) -> dict[str, Any]:
         temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
     except OSError:  # unreadable thermal zones
         temps = {}
-    readings = [t.current for entries in temps.values() for t in entries if t.current]
+    # plausible readings only: some sensors report 65,261 °C (a known NVMe quirk), which the wire would refuse
+    readings = [t.current for entries in temps.values() for t in entries if t.current and -100.0 <= t.current <= 300.0]
     if readings:
         out["temperature_c"] = max(readings)
     return out

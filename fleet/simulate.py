@@ -119,6 +119,8 @@ class Simulator:
         self.telemetry_s, self.behaviours = telemetry_s, behaviours or []
         ids = [d.id for d in self.devices]
         self._chosen = [(b, b.chosen(ids)) for b in self.behaviours]
+        # a simulator started again against the same store must not look like its earlier run sending batches twice
+        self.session = time.time_ns() // 1_000_000
         self.load = 1.0  # every device's latency multiplied by this, on every version: load that hits the whole fleet
         self.jitter = jitter  # each batch's p95 varies by up to this share either way
         self.base_latency_ms, self.requests_per_batch = base_latency_ms, requests_per_batch
@@ -154,10 +156,10 @@ class Simulator:
         import aiomqtt
 
         status = device_topic(d.id, "status")
-        will = aiomqtt.Will(status, _status("lost"), qos=1, retain=True)
+        will = aiomqtt.Will(status, _status("lost", self.session), qos=1, retain=True)
         async with aiomqtt.Client(self.host, self.port, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
             await client.subscribe([(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)])
-            await client.publish(status, _status("ready"), qos=1, retain=True)
+            await client.publish(status, _status("ready", self.session), qos=1, retain=True)
             await self._report(client, d)
             self.connected += 1
             replies: dict[str, asyncio.Future[RepoReply]] = {}
@@ -167,7 +169,7 @@ class Simulator:
                 await self._listen(client, replies, updates)
             except asyncio.CancelledError:  # stopped: say so, as the agent does before a clean disconnect
                 with contextlib.suppress(Exception):
-                    await client.publish(status, _status("disconnected"), qos=1, retain=True)
+                    await client.publish(status, _status("disconnected", self.session), qos=1, retain=True)
                 raise
             finally:
                 for w in workers:
@@ -313,7 +315,7 @@ class Simulator:
             models = [self._window(d, model, version, rng) for model, version in d.model_versions.items()]
             body = wire.TelemetryBatch(
                 device_id=d.id,
-                session=1,
+                session=self.session,
                 seq=d.seq,
                 ts=time.time(),
                 interval_s=self.telemetry_s,
@@ -373,8 +375,8 @@ class Simulator:
         )
 
 
-def _status(state: str) -> bytes:
-    return wire.encode(wire.Status(state=state, session=1, ts=time.time()))  # type: ignore[arg-type]
+def _status(state: str, session: int) -> bytes:
+    return wire.encode(wire.Status(state=state, session=session, ts=time.time()))  # type: ignore[arg-type]
 
 
 def _fake_sha(model: str, version: str) -> str:

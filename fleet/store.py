@@ -135,6 +135,8 @@ class FleetStore:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         self.duplicates = 0  # telemetry batches received again (same device, session, seq) and not stored twice
+        self.rejected = 0  # messages the store could not take (the wire let them through): skipped, counted
+        self.last_rejection = ""
         deadline = time.monotonic() + 30
         while True:  # another process (the CLI beside `fleet serve`) may be creating the schema right now
             try:
@@ -181,9 +183,11 @@ class FleetStore:
             },
             if_not_exists=True,
         )
-        for column, kind in (("client_errors", int), ("session", int), ("device_ts", float)):
-            if column not in t("telemetry").columns_dict:  # a store from before the wire contract
+        if "session" not in t("telemetry").columns_dict:  # a store from before the wire contract
+            for column, kind in (("client_errors", int), ("session", int), ("device_ts", float)):
                 t("telemetry").add_column(column, kind)
+            # its rows carry the devices' clocks: none may stay in the future, past retention (the gates skip them)
+            self.db.execute("UPDATE telemetry SET ts = min(ts, ?)", [time.time()])
         t("batches").create({"device": str, "session": int, "seq": int, "ts": float}, pk=("device", "session", "seq"), if_not_exists=True)
         self.db.execute("CREATE INDEX IF NOT EXISTS batches_ts ON batches (ts)")
         self.db.execute("CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts)")
@@ -256,10 +260,13 @@ class FleetStore:
                 "variant": str,
                 "assigned_at": float,
                 "reason": str,
+                "hardware": str,  # as the device reported it when the rollout started: what the gates group by
             },
             pk=("rollout", "device"),
             if_not_exists=True,
         )
+        if "hardware" not in t("rollout_devices").columns_dict:  # a store from before per-device gates
+            t("rollout_devices").add_column("hardware", str, not_null_default="")
 
     def close(self) -> None:
         self.db.close()
@@ -272,15 +279,26 @@ class FleetStore:
         One transaction for the batch. A telemetry batch already stored (same device, session and
         seq: re-sent after a lost acknowledgement) is counted in ``duplicates`` and not stored again.
         """
-        n = 0
+        n = duplicates = 0
         with self._lock, self.db.conn:
-            self.db.execute("BEGIN")
+            self.db.execute("BEGIN IMMEDIATE")
             devices: dict[str, Device] = {}
             for device, message, received in messages:
-                if self._one(devices, device, message, received):
-                    n += 1
+                self.db.execute("SAVEPOINT one")
+                try:
+                    stored = self._one(devices, device, message, received)
+                except (sqlite3.Error, TypeError, ValueError) as exc:  # one message's trouble is not the batch's
+                    self.db.execute("ROLLBACK TO one")
+                    self.rejected += 1
+                    self.last_rejection = f"{device}: {type(exc).__name__}: {exc}"[:300]
+                    continue
+                finally:
+                    self.db.execute("RELEASE one")
+                n += stored
+                duplicates += not stored and isinstance(message, wire.TelemetryBatch)
             for d in devices.values():
                 self._write_device(d)
+        self.duplicates += duplicates  # counted once the transaction holds
         return n
 
     def _write_device(self, d: Device) -> None:
@@ -329,7 +347,6 @@ class FleetStore:
         """One batch, once: keyed by (device, session, seq), stamped with the controller's receive time."""
         fresh = self.db.execute("INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?)", [device, batch.session, batch.seq, received])
         if not fresh.rowcount:
-            self.duplicates += 1
             return False
         for w in batch.models:
             server = wire.telemetry.server_errors(w.errors)
@@ -476,13 +493,16 @@ class FleetStore:
             )
         ]
 
-    def _rows_of_devices(self, select: str, model: str, devices: Iterable[str], since: float) -> list[tuple[Any, ...]]:
+    def _rows_of_devices(self, select: str, model: str, devices: Iterable[str], since: float, legacy: bool = True) -> list[tuple[Any, ...]]:
+        """``legacy=False`` leaves out rows stored before the wire contract (device clock, client errors mixed in)."""
         chosen, out = sorted(set(devices)), []
+        current = "" if legacy else " AND session IS NOT NULL"
         with self._lock:
             for i in range(0, len(chosen), 500):  # SQLite's limit on bound variables
                 part = chosen[i : i + 500]
                 marks = ", ".join("?" for _ in part)
-                out += self.db.execute(f"{select} WHERE model = ? AND ts >= ? AND device IN ({marks})", [model, since, *part]).fetchall()
+                where = f"model = ? AND ts >= ? AND device IN ({marks}){current}"
+                out += self.db.execute(f"{select} WHERE {where}", [model, since, *part]).fetchall()
         return out
 
     def distribution(self, model: str, version: str, since: float, devices: Iterable[str] | None = None) -> Distribution:
@@ -562,8 +582,8 @@ class FleetStore:
 
     # -- rollouts -----------------------------------------------------------------------------
 
-    def create_rollout(self, spec: dict[str, Any], waves: list[list[tuple[str, str, str]]], phase: str = "") -> int:
-        """A rollout and its devices (per wave: device, previous version, variant), in one transaction.
+    def create_rollout(self, spec: dict[str, Any], waves: list[list[tuple[str, str, str, str]]], phase: str = "") -> int:
+        """A rollout and its devices (per wave: device, previous version, variant, hardware), in one transaction.
 
         ``phase`` "shadow": the first wave runs the new version in shadow before any device switches.
         """
@@ -577,9 +597,11 @@ class FleetStore:
             )
             rid = int(cur.lastrowid or 0)
             for w, members in enumerate(waves):
-                for device, previous, variant in members:
+                for device, previous, variant, hardware in members:
                     self.db.execute(
-                        "INSERT INTO rollout_devices VALUES (?, ?, ?, 'pending', ?, ?, 0, '')", [rid, device, w, previous, variant]
+                        "INSERT INTO rollout_devices (rollout, device, wave, state, previous, variant, assigned_at, reason, hardware)"
+                        " VALUES (?, ?, ?, 'pending', ?, ?, 0, '', ?)",
+                        [rid, device, w, previous, variant, hardware],
                     )
             return rid
 
@@ -609,10 +631,11 @@ class FleetStore:
         where, args = ("rollout = ?", [rid]) if wave is None else ("rollout = ? AND wave = ?", [rid, wave])
         with self._lock:
             rows = self.db.execute(
-                f"SELECT device, wave, state, previous, variant, assigned_at, reason FROM rollout_devices WHERE {where} ORDER BY device",
+                "SELECT device, wave, state, previous, variant, assigned_at, reason, hardware FROM rollout_devices"
+                f" WHERE {where} ORDER BY device",
                 args,
             ).fetchall()
-        keys = ("device", "wave", "state", "previous", "variant", "assigned_at", "reason")
+        keys = ("device", "wave", "state", "previous", "variant", "assigned_at", "reason", "hardware")
         return [dict(zip(keys, r)) for r in rows]
 
     def set_device_states(self, rid: int, changes: list[tuple[str, str, str, float | None]]) -> None:

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.rollout.gates import ABORT, GO, WAIT, Subject, health_gate
+from fleet.rollout.gates import ABORT, GO, WAIT, Subject, Verdict, health_gate
 from fleet.rollout.spec import Gates
 from fleet.rollout.stats import DeviceStats
 
@@ -20,48 +20,53 @@ def fleet(n: int, before: float, after: float, slow: int = 0, slow_x: float = 1.
     return [Subject(f"d{i:03d}", hardware, stats(before), stats(after * (slow_x if i < slow else 1.0))) for i in range(n)]
 
 
+def judge(gates: Gates, moved: list[Subject], control: list[Subject], waited_out: bool = False) -> Verdict:
+    """Every moved device with the same control (as when they all moved in one tick)."""
+    return health_gate(gates, "1.1.0", moved, {s.device: control for s in moved}, waited_out)
+
+
 def test_a_minority_of_30_percent_at_5x_aborts_and_the_reason_names_devices_and_numbers() -> None:
-    v = health_gate(Gates(max_p95_ratio=1.5), "1.1.0", fleet(20, 2.0, 2.0, slow=6, slow_x=5.0), fleet(20, 2.0, 2.0), False)
+    v = judge(Gates(max_p95_ratio=1.5), fleet(20, 2.0, 2.0, slow=6, slow_x=5.0), fleet(20, 2.0, 2.0), False)
     assert v.decision == ABORT and len(v.regressed) == 6
     assert v.reason.startswith("health gate: 6 of 20 devices regressed: d000 p95 10.0 ms against 2.0 ms before it moved")
 
 
 def test_a_minority_of_20_percent_at_3x_aborts_and_one_device_does_not() -> None:
-    assert health_gate(Gates(), "1.1.0", fleet(10, 2.0, 2.0, slow=2, slow_x=3.0), [], False).decision == ABORT
-    assert health_gate(Gates(), "1.1.0", fleet(10, 2.0, 2.0, slow=1, slow_x=3.0), [], False).decision == GO  # 10%: within the limit
+    assert judge(Gates(), fleet(10, 2.0, 2.0, slow=2, slow_x=3.0), [], False).decision == ABORT
+    assert judge(Gates(), fleet(10, 2.0, 2.0, slow=1, slow_x=3.0), [], False).decision == GO  # 10%: within the limit
 
 
 def test_load_on_the_whole_fleet_is_not_the_release() -> None:
     moved = fleet(10, 2.0, 6.0)  # everything 3x slower during the wave...
     control = fleet(10, 2.0, 6.0)  # ...on the unmoved devices too
-    assert health_gate(Gates(), "1.1.0", moved, control, False).decision == GO
-    assert health_gate(Gates(), "1.1.0", moved, [], False).decision == ABORT  # without a control it would look like a regression
+    assert judge(Gates(), moved, control, False).decision == GO
+    assert judge(Gates(), moved, [], False).decision == ABORT  # without a control it would look like a regression
 
 
 def test_a_release_slow_on_one_hardware_class_is_named_by_that_class() -> None:
     moved = fleet(14, 2.0, 2.0, hardware="pi") + [Subject(f"j{i}", "jetson", stats(1.0), stats(4.0)) for i in range(6)]
     control = fleet(6, 2.0, 2.0, hardware="pi") + [Subject(f"jc{i}", "jetson", stats(1.0), stats(1.0)) for i in range(4)]
-    v = health_gate(Gates(), "1.1.0", moved, control, False)
+    v = judge(Gates(), moved, control, False)
     assert v.decision == ABORT and "by hardware: jetson 6 of 6, pi 0 of 14" in v.reason
 
 
 def test_server_errors_abort_and_client_errors_do_not() -> None:
     bad = [Subject(f"d{i}", "pi", stats(2.0), stats(2.0, server_errors=200 if i < 4 else 0)) for i in range(10)]
-    assert health_gate(Gates(), "1.1.0", bad, [], False).decision == ABORT
+    assert judge(Gates(), bad, [], False).decision == ABORT
     clients = [Subject(f"d{i}", "pi", stats(2.0), DeviceStats(10, 500, 0, 400, 2.0)) for i in range(10)]
-    assert health_gate(Gates(), "1.1.0", clients, [], False).decision == GO
+    assert judge(Gates(), clients, [], False).decision == GO
 
 
 def test_devices_with_too_little_traffic_are_not_judged_one_by_one_but_pooled() -> None:
     quiet = [Subject(f"d{i}", "pi", stats(2.0, requests=5), stats(20.0, requests=5, server_errors=3)) for i in range(10)]
-    v = health_gate(Gates(), "1.1.0", quiet, [], False)
+    v = judge(Gates(), quiet, [], False)
     assert v.decision == ABORT and "server error rate" in v.reason and "regressed" not in v.reason
 
 
 def test_min_requests_waits_until_the_wave_times_out() -> None:
     few = fleet(3, 2.0, 2.0)
-    assert health_gate(Gates(min_requests=10**6), "1.1.0", few, [], waited_out=False).decision == WAIT
-    assert health_gate(Gates(min_requests=10**6), "1.1.0", few, [], waited_out=True).decision == GO
+    assert judge(Gates(min_requests=10**6), few, [], False).decision == WAIT
+    assert judge(Gates(min_requests=10**6), few, [], True).decision == GO
 
 
 @settings(max_examples=200, deadline=None)
@@ -72,4 +77,29 @@ def test_sub_millisecond_jitter_of_50_percent_never_aborts_a_healthy_release(see
     def jittery(i: int) -> Subject:
         return Subject(f"d{i}", "pi", stats(base * rng.uniform(0.5, 1.5)), stats(base * rng.uniform(0.5, 1.5)))
 
-    assert health_gate(Gates(), "1.1.0", [jittery(i) for i in range(20)], [jittery(100 + i) for i in range(20)], False).decision == GO
+    assert judge(Gates(), [jittery(i) for i in range(20)], [jittery(100 + i) for i in range(20)], False).decision == GO
+
+
+def test_a_wave_with_no_report_since_the_move_waits_and_then_goes() -> None:
+    moved = [Subject("d0", "pi", stats(2.0), DeviceStats()), *fleet(4, 2.0, 2.0)]
+    assert judge(Gates(), moved, []).decision == WAIT
+    assert judge(Gates(), moved, [], waited_out=True).decision == GO
+
+
+def test_one_device_claiming_millions_of_calls_does_not_outvote_the_others() -> None:
+    quiet = [Subject(f"d{i}", "pi", stats(2.0, requests=19), stats(2.0, requests=0, server_errors=19)) for i in range(5)]
+    loud = Subject("loud", "pi", stats(2.0, requests=10_000_000), stats(2.0, requests=10_000_000))  # judged on its own, healthy
+    v = judge(Gates(max_regressed="1"), [*quiet, loud], [])
+    assert v.decision == ABORT and "too quiet to judge alone" in v.reason
+
+
+def test_a_control_that_got_faster_does_not_make_an_unchanged_device_regress() -> None:
+    moved = fleet(5, 10.0, 10.0)
+    faster = fleet(5, 100.0, 10.0)  # the unmoved devices claim a 10x speed-up over the same windows
+    assert judge(Gates(), moved, faster).decision == GO
+
+
+def test_a_minority_of_the_control_claiming_huge_load_moves_nothing() -> None:
+    moved = fleet(10, 2.0, 2.0, slow=4, slow_x=4.0)
+    control = fleet(7, 2.0, 2.0) + [Subject(f"liar{i}", "pi", stats(1.0), stats(1000.0)) for i in range(3)]
+    assert judge(Gates(), moved, control).decision == ABORT

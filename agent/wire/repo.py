@@ -49,9 +49,9 @@ class RepoRequest:
         if not all(isinstance(f, str) for f in fields[:3]) or not all(type(f) is int for f in fields[3:]):
             raise WireError("request_id, reply_to and path must be strings, offset and length integers")
         req = cls(*fields)
-        if not REPLY_TOPIC.match(req.reply_to):
+        if not REPLY_TOPIC.fullmatch(req.reply_to):
             raise WireError(f"reply_to must be {ROOT}/dev/<id>/repo/reply")
-        if len(req.path) > MAX_PATH or not _REPO_PATH.match(req.path) or ".." in req.path.split("/"):
+        if len(req.path) > MAX_PATH or not _REPO_PATH.fullmatch(req.path) or ".." in req.path.split("/"):
             raise WireError(f"bad path {req.path[:80]!r}")
         if req.offset < 0 or req.offset >= 2**63 or not 0 < req.length <= MAX_CHUNK or len(req.request_id) > 64:
             raise WireError("offset must be >= 0, 0 < length <= 256 KiB, request_id <= 64 chars")
@@ -67,7 +67,7 @@ def reply_address(payload: bytes) -> tuple[str, str] | None:
     if not isinstance(data, dict):
         return None
     rid, reply_to = data.get("request_id"), data.get("reply_to")
-    if isinstance(rid, str) and len(rid) <= 64 and isinstance(reply_to, str) and REPLY_TOPIC.match(reply_to):
+    if isinstance(rid, str) and len(rid) <= 64 and isinstance(reply_to, str) and REPLY_TOPIC.fullmatch(reply_to):
         return rid, reply_to
     return None
 

@@ -33,7 +33,7 @@ KINDS = frozenset({"status", "reported", "telemetry", "jobs", "cmd", "director",
 
 
 def valid_device_id(device_id: str) -> str:
-    if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
         raise WireError(f"bad device id {str(device_id)[:80]!r}")
     return device_id
 
@@ -63,7 +63,7 @@ class DeviceTopic:
     @property
     def name(self) -> str:
         """The one name after the kind (a job id, a model); ``WireError`` when there is not exactly one."""
-        if len(self.rest) != 1 or not _NAME.match(self.rest[0]):
+        if len(self.rest) != 1 or not _NAME.fullmatch(self.rest[0]):
             raise WireError(f"expected one name after {self.kind!r} in the topic")
         return self.rest[0]
 

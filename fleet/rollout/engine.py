@@ -68,7 +68,10 @@ class RolloutEngine:
             raise RolloutError(f"{spec.model} {spec.version} has no variant {spec.variant!r} (it has {', '.join(available)})")
         terms = parse_selector(spec.selector)
         spec.waves = parse_waves(spec.waves)
-        _ = share(spec.gates.max_failed, 1)  # validates
+        share(spec.gates.max_failed, 1)  # validates
+        share(spec.gates.max_regressed, 1)
+        if spec.gates.min_control < 3:
+            raise RolloutError("--min-control must be at least 3: a median of fewer devices is one device's claim")
         chosen = [d for d in self.store.devices() if matches(d, terms)]
         if not chosen:
             raise RolloutError(f"no registered device matches {spec.selector or '(everything)'}")
@@ -80,11 +83,14 @@ class RolloutEngine:
         for end in cuts:
             members = chosen[start:end]
             waves.append(
-                [(d.id, str(d.models.get(spec.model, {}).get("version", "")), spec.variant or pick_variant(available, d)) for d in members]
+                [
+                    (d.id, str(d.models.get(spec.model, {}).get("version", "")), spec.variant or pick_variant(available, d), d.hardware)
+                    for d in members
+                ]
             )
             start = end
         if spec.shadow:
-            for device, previous, _ in waves[0]:
+            for device, previous, _, _ in waves[0]:
                 if not previous:
                     raise RolloutError(f"--shadow: {device} runs no version of {spec.model}, so nothing to compare the shadow with")
                 if previous == spec.version:
@@ -243,34 +249,35 @@ class RolloutEngine:
         return max(0, spec.max_per_minute - recent)
 
     def _health_gate(self, rid: int, spec: RolloutSpec, r: dict[str, Any], now: float) -> gates.Verdict:
-        """Observe the wave's devices (each before and after its move) and the unmoved control, then judge (gates.py)."""
+        """Observe the wave's devices (each before and after its move) and the unmoved control over the same
+        windows, then judge (gates.py)."""
         everyone = self.store.rollout_devices(rid)
         moved = [m for m in everyone if m["state"] == "active" and m["wave"] == r["wave"]]
-        control = [m for m in everyone if m["state"] == "pending" and m["previous"]]
+        unmoved = [m for m in everyone if m["state"] == "pending" and m["previous"]]
         if not moved:
             return gates.Verdict(gates.GO, "no device of the wave moved")
         b = spec.gates.baseline_s
-        earliest = min([m["assigned_at"] for m in moved] + [r["wave_started"]]) - b
-        ids = [m["device"] for m in moved + control]
-        telemetry, predictions = (
-            _by_device(self.store.telemetry_rows(spec.model, ids, earliest)),
-            _by_device(self.store.prediction_rows(spec.model, ids, earliest)),
-        )
-        hardware = {d.id: d.hardware for d in self.store.devices()}
+        ids = [m["device"] for m in moved + unmoved]
+        since = min(m["assigned_at"] for m in moved) - b
+        telemetry = _by_device(self.store.telemetry_rows(spec.model, ids, since))
+        predictions = _by_device(self.store.prediction_rows(spec.model, ids, since))
 
-        def subject(m: dict[str, Any], version: str, moved_at: float) -> gates.Subject:
+        def subject(m: dict[str, Any], version: str, split: float) -> gates.Subject:
             t, p = telemetry.get(m["device"], []), predictions.get(m["device"], [])
-            before = device_stats(t, p, m["previous"], moved_at - b, moved_at)
-            after = device_stats(t, p, version, moved_at, now + 1)
-            return gates.Subject(m["device"], hardware.get(m["device"], ""), before, after)
+            before = device_stats(t, p, m["previous"], split - b, split)
+            after = device_stats(t, p, version, split, now + 1)
+            return gates.Subject(m["device"], m["hardware"], before, after)
 
-        waited_out = now - r["wave_started"] >= spec.wave_timeout_s
+        controls: dict[float, list[gates.Subject]] = {}  # per move time: the unmoved devices split at that moment
+        for m in moved:
+            if m["assigned_at"] not in controls:
+                controls[m["assigned_at"]] = [subject(c, c["previous"], m["assigned_at"]) for c in unmoved]
         return gates.health_gate(
             spec.gates,
             spec.version,
             [subject(m, spec.version, m["assigned_at"]) for m in moved],
-            [subject(m, m["previous"], r["wave_started"]) for m in control],
-            waited_out,
+            {m["device"]: controls[m["assigned_at"]] for m in moved},
+            now - r["wave_started"] >= spec.wave_timeout_s,
         )
 
     def _shadow_gate(self, spec: RolloutSpec, r: dict[str, Any], members: list[dict[str, Any]], now: float) -> gates.Verdict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -55,20 +56,26 @@ def install_gate(gates: Gates, failed: int, members: int, wave: int) -> Verdict:
     return Verdict(GO)
 
 
-def health_gate(gates: Gates, version: str, moved: list[Subject], control: list[Subject], waited_out: bool) -> Verdict:
-    """Judge a wave: ``moved`` its devices now on ``version``, ``control`` devices of the rollout not yet moved."""
+def health_gate(gates: Gates, version: str, moved: list[Subject], control: Mapping[str, list[Subject]], waited_out: bool) -> Verdict:
+    """Judge a wave: ``moved`` its devices now on ``version``; ``control[device]`` the rollout's devices not yet
+    moved, measured over that device's own windows (before / since its move)."""
+    silent = [s.device for s in moved if s.after.batches == 0]
+    if silent and not waited_out:  # not one report since the move: nothing to judge it on yet
+        return Verdict(WAIT, f"{len(silent)} of {len(moved)} devices have not reported on {version} yet")
     calls = sum(s.after.calls for s in moved)
     if calls < gates.min_requests:
         return Verdict(WAIT if not waited_out else GO, f"{calls} calls on {version} so far, waiting for {gates.min_requests}")
     judged = [s for s in moved if _enough(gates, s)]
-    findings = {s.device: f for s in judged if (f := _regression(gates, s, control))}
+    findings = {s.device: f for s in judged if (f := _regression(gates, s, control.get(s.device, [])))}
     limit = share(gates.max_regressed, len(judged))
     if len(findings) > limit:
         return Verdict(ABORT, _reason(findings, judged, moved), tuple(findings))
-    pooled = _pooled_errors(gates, moved, control)
+    pooled = _pooled_errors(gates, [s for s in moved if not _enough(gates, s)])
     if pooled:
         return Verdict(ABORT, f"health gate: {pooled}")
-    return Verdict(GO, f"{len(findings)} of {len(judged)} judged devices regressed (limit {limit})")
+    return Verdict(
+        GO, f"{len(findings)} of {len(judged)} judged devices regressed (limit {limit}); {len(moved) - len(judged)} too quiet to judge"
+    )
 
 
 def _enough(gates: Gates, s: Subject) -> bool:
@@ -83,10 +90,16 @@ def _control_of(gates: Gates, s: Subject, control: list[Subject]) -> list[Subjec
     return usable if len(usable) >= gates.min_control else []
 
 
+MAX_LOAD_FACTOR = 10.0
+
+
 def _latency_factor(control: list[Subject]) -> float:
-    """How much slower the unmoved devices got over the same time: the median of their own after/before ratios."""
+    """How much slower the unmoved devices got over the same windows: the median of their own after/before ratios.
+
+    Bounded to [1, 10]: a control that got faster must not make an unchanged device look slower, and no claimed
+    load hides a regression without limit (a median of at least ``min_control`` devices moves it at all)."""
     ratios = [c.after.p95_ms / max(c.before.p95_ms, 1e-6) for c in control if c.after.p95_ms is not None and c.before.p95_ms is not None]
-    return statistics.median(ratios) if ratios else 1.0
+    return min(max(statistics.median(ratios), 1.0), MAX_LOAD_FACTOR) if ratios else 1.0
 
 
 def _error_rise(control: list[Subject]) -> float:
@@ -128,17 +141,27 @@ def _drift(gates: Gates, s: Subject) -> str:
     return ""
 
 
-def _pooled_errors(gates: Gates, moved: list[Subject], control: list[Subject]) -> str:
-    """Second line: all moved devices' calls pooled, before and after, so devices with little traffic still count."""
-    before_calls, after_calls = sum(s.before.calls for s in moved), sum(s.after.calls for s in moved)
-    if before_calls < gates.min_device_requests or after_calls < gates.min_device_requests:
+def _pooled_errors(gates: Gates, quiet: list[Subject]) -> str:
+    """Second line, for devices too quiet to be judged one by one: their calls pooled, before and after.
+
+    Each device weighs at most ``min_device_requests`` calls on either side, so one device claiming millions of
+    calls cannot outvote the others (nor can its errors alone abort a wave the count rule would let through)."""
+    cap = gates.min_device_requests
+
+    def pooled(side: str) -> tuple[float, float]:
+        weight = rate = 0.0
+        for s in quiet:
+            st: DeviceStats = getattr(s, side)
+            if st.calls:
+                w = min(st.calls, cap)
+                weight, rate = weight + w, rate + w * st.error_rate
+        return weight, rate / weight if weight else 0.0
+
+    (w_before, before), (w_after, after) = pooled("before"), pooled("after")
+    if min(w_before, w_after) < cap:
         return ""
-    before = sum(s.before.server_errors for s in moved) / before_calls
-    after = sum(s.after.server_errors for s in moved) / after_calls
-    peers = [c for c in control if _enough(gates, c)]
-    rise = after - before - (_error_rise(peers) if len(peers) >= gates.min_control else 0.0)
-    if rise > gates.max_error_rate_increase:
-        return f"server error rate {after:.1%} on the moved devices against {before:.1%} on the same devices before"
+    if after - before > gates.max_error_rate_increase:
+        return f"server error rate {after:.1%} on {len(quiet)} devices too quiet to judge alone, against {before:.1%} before they moved"
     return ""
 
 
@@ -165,7 +188,7 @@ def shadow_gate(gates: Gates, version: str, shadowing: int, h: ShadowHealth, wai
         return Verdict(
             ABORT, f"shadow gate: only {h.compared} live inputs compared within the wave timeout (need {gates.shadow_min_compared})"
         )
-    if h.errors / (h.errors + h.compared) > gates.max_error_rate_increase:
+    if h.errors and h.errors / (h.errors + h.compared) > gates.max_error_rate_increase:
         return Verdict(ABORT, f"shadow gate: {version} failed {h.errors} calls in shadow against {h.compared} compared")
     agreement = h.agreement or 0.0
     if gates.min_agreement is not None and agreement < gates.min_agreement:
