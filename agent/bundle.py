@@ -8,7 +8,9 @@ loudly instead of being half understood.
 
 from __future__ import annotations
 
+import math
 import re
+import zipfile
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -25,6 +27,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "Bundle",
     "BundleError",
+    "GoldenSamplesTooLarge",
+    "MAX_GOLDEN_BYTES",
     "Parity",
     "TensorSignature",
     "Variant",
@@ -154,15 +158,55 @@ class Bundle(_Strict):
         """The variant's golden pairs, with its own verified tolerance (never tighter than measured)."""
         path = root / variant.golden
         try:
+            _check_golden_size(path, variant.golden)  # before np.load inflates anything
             with np.load(path, allow_pickle=False) as z:
                 ins = {k[3:]: z[k] for k in z.files if k.startswith("in:")}
                 outs = {k[4:]: z[k] for k in z.files if k.startswith("out:")}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise BundleError(f"golden samples {variant.golden}: {exc}") from exc
         if set(ins) != {t.name for t in self.inputs} or not outs:
             raise BundleError(f"golden samples {variant.golden} do not match the bundle's signature")
         atol = max(variant.parity.atol, variant.parity.max_abs_error * 1.5)
         return [GoldenSample(ins, outs, atol=atol, rtol=0.0)]
+
+
+class GoldenSamplesTooLarge(BundleError):
+    """Golden samples that would inflate past ``MAX_GOLDEN_BYTES`` when loaded: an .npz zip bomb."""
+
+
+# Golden samples are 4 input/output pairs, all loaded into memory at once on a device that may have 1 GiB. An
+# absolute cap rather than a multiple of the file size: real samples (zero padding, ReLU outputs) can compress
+# 100x or more, while 4 pairs of even a 3x1024x1024 float32 image are 48 MiB. A ~2 MB .npz of zeros can claim 2 GB.
+MAX_GOLDEN_BYTES = 256 * 1024 * 1024
+
+
+def _check_golden_size(path: Path, label: str, limit: int = MAX_GOLDEN_BYTES) -> None:
+    """Refuse an .npz whose arrays would take more than ``limit`` bytes, reading only zip and .npy headers.
+
+    Two sizes are checked because each alone can be fooled: the zip's declared
+    uncompressed sizes (zipfile inflates a member no further than that, then checks its
+    CRC) summed against ``limit``, and each .npy header's shape x itemsize against its
+    member's declared size (``np.load`` allocates what the header claims before reading).
+    """
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        total = sum(i.file_size for i in infos)
+        if total > limit:
+            raise GoldenSamplesTooLarge(f"golden samples {label}: {total} bytes uncompressed; the limit is {limit}")
+        for info in infos:
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise BundleError(f"golden samples {label}: {info.filename} is .npy format {version}, not 1.0 or 2.0")
+            claimed = math.prod(shape) * dtype.itemsize
+            if claimed > info.file_size:
+                raise GoldenSamplesTooLarge(f"golden samples {label}: {info.filename} claims {claimed} bytes in {info.file_size}")
 
 
 def verify_files(bundle: Bundle, root: Path) -> None:

@@ -44,6 +44,7 @@ __all__ = ["Agent"]
 
 log = logging.getLogger("edgefleet.agent")
 
+EVENT_QUEUE = 64  # commands, checks and rollbacks waiting for the worker
 SESSION_EXPIRY_S = 24 * 3600  # commands queued while the device is offline survive a day
 
 
@@ -76,7 +77,11 @@ class Agent:
         self.trust = state / "trust"
         self.last_check = wire.UpdateState(state="never")
         self.rounds = 0  # update rounds finished (whatever their outcome): tests and `ping` can wait on it
-        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # bounded: a peer flooding commands or director messages must not grow the agent's memory
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue(EVENT_QUEUE)
+        self._check_requested = threading.Event()  # a check is queued already: more director messages join it
+        self.update_rounds = 0
+        self.dropped_events: dict[str, int] = {}
         self._publish_lock = threading.Lock()
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -139,7 +144,10 @@ class Agent:
         if self._connected.is_set():
             self._client.unsubscribe(device_topic(self.device_id, "infer", "+"))
         self.serving.stop(timeout / 2)
-        self._events.put(("stop", None))
+        try:
+            self._events.put(("stop", None), timeout=5)
+        except queue.Full:  # a worker that does not take its queue is wedged: the join below gives up on it
+            pass
         self._worker.join(timeout / 2)
         self.shadow.stop(timeout / 8)
         self.telemetry.stop(flush_timeout=timeout / 4)
@@ -153,7 +161,24 @@ class Agent:
         logs.event(log, "agent.stopped", device=self.device_id)
 
     def check_now(self) -> None:
-        self._events.put(("check", None))
+        self._enqueue("check")
+
+    def _enqueue(self, kind: str, arg: Any = None) -> bool:
+        """Hand work to the worker without ever blocking paho's thread. Checks coalesce into the one already queued;
+        past the queue's bound work is dropped and counted (a dropped command is answered ``overloaded``)."""
+        if kind == "check":
+            if self._check_requested.is_set():
+                return True
+            self._check_requested.set()
+        try:
+            self._events.put_nowait((kind, arg))
+            return True
+        except queue.Full:
+            if kind == "check":
+                self._check_requested.clear()
+            self.dropped_events[kind] = self.dropped_events.get(kind, 0) + 1
+            logs.event(log, "agent.event_dropped", logging.WARNING, kind=kind, queued=self._events.qsize())
+            return False
 
     # -- MQTT ----------------------------------------------------------------------------
 
@@ -184,7 +209,7 @@ class Agent:
         self.telemetry.kick()
         self._publish("status", self._status("ready"), retain=True)
         self._publish_reported()
-        self._events.put(("check", None))
+        self._enqueue("check")
         logs.event(log, "agent.connected", broker=f"{self.settings.broker.host}:{self.settings.broker.port}")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -201,9 +226,11 @@ class Agent:
             if topic.kind == "infer":
                 self.serving.submit("/".join(topic.rest), bytes(msg.payload), msg.qos)
             elif topic.kind == "cmd" and not topic.rest:
-                self._events.put(("cmd", bytes(msg.payload)))
+                if not self._enqueue("cmd", bytes(msg.payload)):
+                    error = wire.ErrorBody(code="overloaded", message=f"{EVENT_QUEUE} events already wait for the agent's worker")
+                    self._publish("cmd/reply", wire.CommandReply(ok=False, error=error))
             elif topic.kind == "director":  # a trigger only; what it says is verified through the repositories
-                self._events.put(("check", None))
+                self._enqueue("check")
         except Exception as exc:  # a bug costs one message, never the MQTT thread
             logs.event(log, "agent.message_failed", logging.ERROR, topic=msg.topic[:120], reason=f"{type(exc).__name__}: {exc}"[:300])
 
@@ -267,7 +294,7 @@ class Agent:
         if interval is None:
             return
         while not self._stopping.wait(interval):
-            if self._worker.is_alive() and self.serving.healthy() and self.shadow.healthy():
+            if self._worker.is_alive() and self.serving.healthy() and self.shadow.healthy() and self.network_alive():
                 systemd.notify("WATCHDOG=1")
             else:
                 logs.event(
@@ -277,7 +304,14 @@ class Agent:
                     worker=self._worker.is_alive(),
                     serving=self.serving.healthy(),
                     shadow=self.shadow.healthy(),
+                    network=self.network_alive(),
                 )
+
+    def network_alive(self) -> bool:
+        """paho's network thread runs: if a callback ever raised, paho re-raised and that thread is gone for good,
+        leaving a process that serves nothing; the watchdog then stops pinging and systemd restarts the agent."""
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
 
     def reload(self, settings: AgentSettings) -> list[str]:
         """SIGHUP: take what can change live; say which changes need a restart."""
@@ -365,6 +399,7 @@ class Agent:
         u = self.settings.update
         next_check = time.monotonic() + u.check_interval_s
         backoff = u.retry_s
+        last_round = -float("inf")
         while True:
             try:
                 kind, arg = self._events.get(timeout=max(0.0, next_check - time.monotonic()))
@@ -374,8 +409,12 @@ class Agent:
                 return
             try:
                 if kind == "check":
-                    while not self._events.empty() and self._events.queue[0][0] == "check":
-                        self._events.get_nowait()  # a burst of director messages is one check
+                    wait = last_round + u.min_check_interval_s - time.monotonic()
+                    if wait > 0:  # a burst of director messages: one round per min_check_interval_s at most
+                        next_check = min(next_check, time.monotonic() + wait)
+                        continue
+                    self._check_requested.clear()  # a message from now on asks for another round
+                    last_round = time.monotonic()
                     if self._update():
                         backoff, next_check = u.retry_s, time.monotonic() + u.check_interval_s
                     else:
@@ -403,6 +442,7 @@ class Agent:
 
     def _update(self) -> bool:
         """One round: finish an interrupted job, then install what the director names. False: try again soon."""
+        self.update_rounds += 1
         u, b = self.settings.update, self.settings.broker
         try:
             fetcher = MqttFetcher(
@@ -476,7 +516,7 @@ class Agent:
             if cmd.command == "ping":
                 result: Any = {"session": self._session, "models": sorted(self.host.models())}
             elif cmd.command == "check":
-                self._events.put(("check", None))
+                self._enqueue("check")
                 result = "scheduled"
             elif cmd.command == "rollback":
                 model = cmd.args.get("model")
@@ -496,7 +536,7 @@ class Agent:
         self._publish("cmd/reply", reply)
 
     def _failing(self, model: ServingModel, reason: str) -> None:
-        self._events.put(("rollback", (model.name, reason)))
+        self._enqueue("rollback", (model.name, reason))
 
     def _rollback(self, model: str, reason: str) -> str:
         try:

@@ -101,3 +101,29 @@ class InvalidOptions(EdgefleetError):
     """Runtime options or settings that do not validate; the message names the key and value."""
 
     code = "bad_config"
+
+
+# -- update archives -------------------------------------------------------------
+
+
+class UnsafeArchive(EdgefleetError):
+    """A signed update tar that extraction refuses (``agent.safe_tar``); the message names the member and why.
+
+    Signed does not mean harmless: a leaked release key or a converter bug must not be
+    able to write outside the staging directory or fill the disk, so the agent applies
+    its own rules rather than trusting the archive.
+    """
+
+    code = "bad_bundle"
+
+
+class UnsafeMemberPath(UnsafeArchive):
+    """A member name that could land outside the destination: absolute, '..', backslash, control characters, a clash."""
+
+
+class UnsafeMemberType(UnsafeArchive):
+    """A member that is not a plain file or directory: a link, device, FIFO, sparse member or unknown type."""
+
+
+class ArchiveTooLarge(UnsafeArchive):
+    """More members, or more bytes in all, than the caller's bound (the signed length for a plain tar)."""

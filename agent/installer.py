@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import logs
+from agent import logs, safe_tar
 from agent.bundle import BundleError, load_bundle, verify_variant
 from agent.chunks import ChunkManifest
 from agent.download import ChunkSource, DiskFull, check_disk_space, download
-from agent.errors import EdgefleetError
+from agent.errors import EdgefleetError, UnsafeArchive
 from agent.files import sha256_file
 from agent.hardware import HardwareProfile
 from agent.host import ModelHost, ServingModel
@@ -235,13 +235,14 @@ class Installer:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            with tarfile.open(archive, mode="r:") as tar:
-                tar.extractall(staging, filter="data")  # no absolute paths, no '..', no devices, no links outside
+            # Our own checks, not extractall(filter=...), which Debian 12's Python 3.11.2 lacks. A plain tar holds at
+            # most its own length in file bytes, the length IDLE reserved disk space for: the signed length is the bound.
+            safe_tar.extract_path(archive, staging, bound=job.length)
             bundle = load_bundle(staging)
             if (bundle.name, bundle.version) != (job.model, job.version):
                 raise BundleError(f"the artifact holds {bundle.name} {bundle.version}, signed as {job.model} {job.version}")
             verify_variant(bundle.variant(job.variant), staging)
-        except (tarfile.TarError, BundleError) as exc:
+        except (tarfile.TarError, UnsafeArchive, BundleError) as exc:
             raise UpdateRejected(f"{job.target_path}: {exc}") from exc
         final = self._model_dir(job.sha256)
         shutil.rmtree(final, ignore_errors=True)

@@ -1,8 +1,8 @@
-"""One way to make the agent's MQTT clients: MQTT 5, TCP_NODELAY, credentials and TLS from the settings."""
+"""One way to make MQTT clients, the agent's and the controller's (``fleet.transport``): MQTT 5, TCP_NODELAY, credentials and
+TLS from ``BrokerSettings``."""
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 from typing import Any
@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 from agent.errors import InvalidOptions
 from agent.settings import BrokerSettings
 
-__all__ = ["default_protocol", "make_client", "protocol_of", "tcp_nodelay"]
+__all__ = ["make_client", "protocol_of", "read_password", "tcp_nodelay", "tls_context"]
 
 
 def tcp_nodelay(client: Any, userdata: Any, sock: Any) -> None:
@@ -27,9 +27,28 @@ def protocol_of(version: str) -> mqtt.MQTTProtocolVersion:
     return mqtt.MQTTv311 if version == "3.1.1" else mqtt.MQTTv5
 
 
-def default_protocol() -> mqtt.MQTTProtocolVersion:
-    """The controller side's MQTT version: ``EDGEFLEET_BROKER__MQTT_VERSION`` (the agents' setting), else 5."""
-    return protocol_of(os.environ.get("EDGEFLEET_BROKER__MQTT_VERSION", "5"))
+def read_password(broker: BrokerSettings) -> str | None:
+    """The password from ``broker.password_file`` (kept out of the TOML so the settings can be shown and shared)."""
+    if broker.password_file is None:
+        return None
+    try:
+        return broker.password_file.read_text().strip()
+    except OSError as exc:
+        raise InvalidOptions(f"broker.password_file={str(broker.password_file)!r}: {exc.strerror}") from exc
+
+
+def tls_context(broker: BrokerSettings) -> ssl.SSLContext | None:
+    """TLS when ``broker.tls_ca`` is set: the fleet CA verifies the broker (and its host name); a client certificate
+    and key when set. One place for paho and aiomqtt (the simulator), so every client checks the broker the same way."""
+    if broker.tls_ca is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(broker.tls_ca))
+        if broker.tls_cert is not None:
+            context.load_cert_chain(str(broker.tls_cert), str(broker.tls_key) if broker.tls_key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidOptions(f"broker TLS files (tls_ca/tls_cert/tls_key): {exc}") from exc
+    return context
 
 
 def make_client(broker: BrokerSettings, client_id: str, persistent: bool = False) -> mqtt.Client:
@@ -43,19 +62,8 @@ def make_client(broker: BrokerSettings, client_id: str, persistent: bool = False
     )
     client.on_socket_open = tcp_nodelay
     if broker.username:
-        password = None
-        if broker.password_file is not None:
-            try:
-                password = broker.password_file.read_text().strip()
-            except OSError as exc:
-                raise InvalidOptions(f"broker.password_file={str(broker.password_file)!r}: {exc.strerror}") from exc
-        client.username_pw_set(broker.username, password)
-    if broker.tls_ca is not None:
-        try:
-            context = ssl.create_default_context(cafile=str(broker.tls_ca))
-            if broker.tls_cert is not None:
-                context.load_cert_chain(str(broker.tls_cert), str(broker.tls_key) if broker.tls_key else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidOptions(f"broker TLS files (tls_ca/tls_cert/tls_key): {exc}") from exc
+        client.username_pw_set(broker.username, read_password(broker))
+    context = tls_context(broker)
+    if context is not None:
         client.tls_set_context(context)
     return client

@@ -20,7 +20,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.mqtt import tcp_nodelay
-from agent.wire import MAX_CHUNK, REPO_REQUEST, RepoReply, RepoRequest, WireError, repo_reply_topic
+from agent.wire import MAX_CHUNK, RepoReply, RepoRequest, WireError, repo_reply_topic, repo_request_topic
 
 __all__ = ["DirectoryFetcher", "MqttFetcher"]
 
@@ -43,6 +43,7 @@ class MqttFetcher(FetcherInterface):
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.reply_topic = repo_reply_topic(device_id)
+        self.request_topic = repo_request_topic(device_id)
         self.chunk_size = max(1, min(chunk_size, MAX_CHUNK))
         self.window, self.timeout, self.retries = max(1, window), timeout, retries
         self._pending: dict[str, queue.Queue[RepoReply]] = {}
@@ -89,8 +90,8 @@ class MqttFetcher(FetcherInterface):
         waiter: queue.Queue[RepoReply] = queue.Queue(maxsize=1)
         with self._lock:
             self._pending[rid] = waiter
-        req = RepoRequest(rid, self.reply_topic, path, offset, self.chunk_size)
-        self._client.publish(REPO_REQUEST, req.encode(), qos=1)
+        req = RepoRequest(rid, path, offset, self.chunk_size)
+        self._client.publish(self.request_topic, req.encode(), qos=1)
         return rid, waiter
 
     def _await(self, path: str, offset: int, sent: tuple[str, queue.Queue[RepoReply]]) -> RepoReply:

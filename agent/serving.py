@@ -24,7 +24,7 @@ from agent import logs
 from agent.errors import EdgefleetError, InvalidInput
 from agent.host import ModelHost, UnknownModel
 from agent.wire import ROOT, device_topic
-from agent.wire.inference import PayloadError, Reply, Request, decode_request, encode_reply
+from agent.wire.inference import PayloadError, Reply, Request, decode_request, encode_reply, peek_request
 
 __all__ = ["Serving", "ServingStats", "Window", "latency_summary"]
 
@@ -154,11 +154,7 @@ class Serving:
             self._queue.put_nowait(_Item(model, payload, time.monotonic(), qos))
         except queue.Full:
             self.stats.error(model, self._version(model), "overloaded")
-            try:
-                req = decode_request(payload, self.max_payload_bytes)
-            except PayloadError as exc:
-                self._answer_error(model, None, exc.request_id, "overloaded", "the inference queue is full", qos)
-                return
+            req = peek_request(payload)  # never a full decode on paho's thread
             self._answer_error(model, req, req.request_id, "overloaded", f"the inference queue is full ({self._queue.maxsize})", qos)
 
     # -- workers ---------------------------------------------------------------------------

@@ -104,6 +104,8 @@ class UpdateSettings(BaseModel):
     disk_reserve_mb: Annotated[int, Field(ge=0)] = 16  # an update never leaves less free than this
     auto_rollback_failures: Annotated[int, Field(ge=1)] = 5  # inference failures in a row of a new model before it is rolled back
     check_interval_s: Annotated[float, Field(gt=0)] = 3600.0  # besides every director message
+    # director messages arriving faster than this are one update round (each round is a connection and two refreshes)
+    min_check_interval_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
     retry_s: Annotated[float, Field(gt=0)] = 5.0  # after the repository was unreachable (doubles up to check_interval_s)
     window: Annotated[int, Field(ge=1, le=64)] = 8  # chunk requests in flight (8 x 256 KiB: measured in benchmarks/transfer.py)
     request_timeout_s: Annotated[float, Field(gt=0)] = 10.0

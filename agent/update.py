@@ -34,6 +34,7 @@ from agent.errors import EdgefleetError
 from agent.hardware import HardwareProfile
 
 __all__ = [
+    "REVOKED_FIELD",
     "DirectorPlan",
     "Installed",
     "RepositoryUnreachable",
@@ -44,6 +45,11 @@ __all__ = [
     "check_director",
     "check_for_update",
 ]
+
+
+# The image repository's signed targets list revoked releases here (``fleet release revoke``); the agent names the
+# revocation when it refuses a target, so an operator reading the device's reason knows why.
+REVOKED_FIELD = "x-edgefleet-revoked"
 
 
 class UpdateRejected(EdgefleetError):
@@ -194,7 +200,7 @@ def _check(repos: TrustedRepos, installed: Mapping[str, Installed], profile: Har
     if len(shadows) > 1:
         raise UpdateRejected(f"the director names {len(shadows)} shadow targets; a device runs at most one")
     path, dtarget = next(iter(main.items()))
-    itarget = _agreed(image, path, dtarget)
+    itarget = _agreed(image, repos.image_dir, path, dtarget)
     model, sha256, counter = _identity(itarget)
     current = installed.get(model)
     update = None
@@ -204,7 +210,7 @@ def _check(repos: TrustedRepos, installed: Mapping[str, Installed], profile: Har
         update = _verified(image, repos, profile, path, itarget)
     shadow = None
     for spath, starget in shadows.items():
-        sinfo = _agreed(image, spath, starget)
+        sinfo = _agreed(image, repos.image_dir, spath, starget)
         smodel, ssha, scounter = _identity(sinfo)
         if smodel != model or ssha == sha256:
             raise UpdateRejected(f"shadow target {spath} must be another version of {model}, the model the device runs")
@@ -219,12 +225,12 @@ def _identity(itarget: TargetFile) -> tuple[str, str, int]:
     return str(custom["model"]), itarget.hashes["sha256"], int(custom["release_counter"])
 
 
-def _agreed(image: Updater, path: str, dtarget: TargetFile) -> TargetFile:
+def _agreed(image: Updater, image_dir: Path, path: str, dtarget: TargetFile) -> TargetFile:
     """The image repository's target for a director target: the same bytes and the same fields, or refused."""
     dcustom: dict[str, Any] = dtarget.unrecognized_fields.get("custom", {})
     itarget = image.get_targetinfo(path)
     if itarget is None:
-        raise UpdateRejected(f"the director names {path}, which the image repository does not have")
+        raise UpdateRejected(f"the director names {path}, which the image repository does not have{_revoked_note(image_dir, dtarget)}")
     icustom: dict[str, Any] = itarget.unrecognized_fields.get("custom", {})
     if dtarget.length != itarget.length or dtarget.hashes != itarget.hashes:
         raise UpdateRejected(f"director and image repository disagree on {path} (length or hashes)")
@@ -232,6 +238,21 @@ def _agreed(image: Updater, path: str, dtarget: TargetFile) -> TargetFile:
         if str(dcustom.get(field)) != str(icustom.get(field)):
             raise UpdateRejected(f"director and image repository disagree on the {field} of {path}")
     return itarget
+
+
+def _revoked_note(image_dir: Path, dtarget: TargetFile) -> str:
+    """The refusal's "; revoked …" suffix when the image repository's verified targets (ngclient persisted them after ``refresh``) record a
+    revocation of the release the director names; "" otherwise, or when unreadable (the refusal stands either way)."""
+    custom: dict[str, Any] = dtarget.unrecognized_fields.get("custom", {})
+    try:
+        records = Metadata.from_file(str(image_dir / "targets.json")).signed.unrecognized_fields.get(REVOKED_FIELD, [])
+    except Exception:  # python-tuf raises several types; only the wording of the refusal depends on it
+        return ""
+    for r in records if isinstance(records, list) else []:
+        if isinstance(r, dict) and (r.get("model"), r.get("version")) == (custom.get("model"), custom.get("version")):
+            why = f": {str(r['reason'])[:200]}" if r.get("reason") else ""
+            return f"; the image repository revoked {r.get('model')} {r.get('version')} at {r.get('revoked_at', '?')}{why}"
+    return ""
 
 
 def _verified(image: Updater, repos: TrustedRepos, profile: HardwareProfile, path: str, itarget: TargetFile) -> VerifiedUpdate:

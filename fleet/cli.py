@@ -10,20 +10,25 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from agent.errors import EdgefleetError
+from agent.errors import EdgefleetError, InvalidOptions
 from fleet import __version__
 
+if TYPE_CHECKING:
+    from agent.settings import BrokerSettings
+    from fleet.settings import FleetSettings
+
 console = Console(stderr=True)
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @click.group()
@@ -192,6 +197,36 @@ def rotate_root_cmd(keys_dir: Path, repo: Path, director_dir: Path | None, new_k
     console.print(f"root version {md.signed.version}: {new_keys} new key(s), threshold {threshold}")
 
 
+@keys_group.command("rotate")
+@click.argument("role", type=click.Choice(["root", "targets", "snapshot", "timestamp", "director"]))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="The image repository (root, targets, snapshot, timestamp).")
+@click.option(
+    "--director",
+    "director_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The director repository (director; with root, its root rotates too).",
+)
+@click.option("--new-keys", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--threshold", type=click.IntRange(1, 16), default=1, show_default=True)
+def keys_rotate_cmd(role: str, keys_dir: Path, repo: Path | None, director_dir: Path | None, new_keys: int, threshold: int) -> None:
+    """Replace ROLE's keys: a new root (signed by the root keys, which must be here) names the new keys, what they
+    sign is re-signed, the old private keys are deleted. Devices follow at their next check."""
+    from fleet.director import Director
+    from fleet.image_repo import ImageRepository
+    from fleet.keys import KeyStore
+    from fleet.lifecycle import rotate
+
+    with _reported():
+        image = ImageRepository(repo) if repo else None
+        director = Director(director_dir) if director_dir else None
+        r = rotate(role, KeyStore(keys_dir), image, director, new_keys, threshold)
+    roots = ", ".join(f"{name} root version {v}" for name, v in (("image", r.image_root), ("director", r.director_root)) if v)
+    console.print(f"{role}: {len(r.keyids)} new key(s) {', '.join(k[:16] for k in r.keyids)}, threshold {r.threshold}; {roots}")
+    if role in ("root", "targets"):
+        console.print(f"move the new {role} private key(s) offline: {keys_dir}/{role}-*.pem")
+
+
 @main.group("repo")
 def repo_group() -> None:
     """The image repository: which releases exist, signed with TUF."""
@@ -223,7 +258,25 @@ def repo_refresh_cmd(directory: Path, keys_dir: Path) -> None:
     console.print(f"{directory}: snapshot and timestamp re-signed")
 
 
-@main.command("release")
+class _ReleaseGroup(click.Group):
+    """``fleet release BUNDLE`` (as it always was: ``add``) or ``fleet release revoke MODEL VERSION``.
+
+    Why a group that defaults to ``add``: releasing stays one word in every script and walkthrough, while a
+    revocation is named for what it does. A bundle directory literally called ``revoke`` is ``./revoke``.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["add", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("release", cls=_ReleaseGroup)
+def release_group() -> None:
+    """Add a bundle to the image repository (`fleet release BUNDLE`) or revoke a release."""
+
+
+@release_group.command("add")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
@@ -237,6 +290,33 @@ def release_cmd(bundle: Path, repo: Path, keys_dir: Path) -> None:
     console.print(f"released {r.model} {r.version} (release_counter {r.release_counter}), one signed target per variant:")
     for v in r.variants:
         console.print(f"  {v.id:<14} {v.target_path} {v.length} bytes sha256 {v.sha256[:12]}…")
+
+
+@release_group.command("revoke")
+@click.argument("model")
+@click.argument("version")
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--reason", default="", help="Recorded in the signed targets; devices report it with their refusal.")
+@click.option("--director", "director_dir", type=click.Path(file_okay=False, path_type=Path), help="List the devices still assigned to it.")
+def release_revoke_cmd(model: str, version: str, repo: Path, keys_dir: Path, reason: str, director_dir: Path | None) -> None:
+    """Remove MODEL VERSION from the image repository's signed targets (targets key): no device installs it from now on.
+
+    Devices running it keep serving it (and report REJECTED each round) until the director names another version:
+    assign or roll out one.
+    """
+    from fleet.director import Director
+    from fleet.image_repo import ImageRepository
+    from fleet.keys import KeyStore
+
+    with _reported():
+        r = ImageRepository(repo).revoke(model, version, KeyStore(keys_dir), reason)
+        still = Director(director_dir).assigned(model, version) if director_dir else []
+    console.print(f"revoked {r.model} {r.version} (release_counter {r.release_counter}): {len(r.variants)} variant(s) no longer listed")
+    if still:
+        console.print(f"{len(still)} device(s) still assigned to it (they keep serving it until assigned another version):")
+        for device in still:
+            console.print(f"  {device}")
 
 
 @main.group("director")
@@ -280,7 +360,58 @@ def _broker(value: str | None) -> tuple[str, int] | None:
     return host, int(port)
 
 
-_broker_option = click.option("--broker", help="HOST:PORT of the MQTT broker the devices use.")
+_broker_option = click.option("--broker", help="HOST:PORT of the MQTT broker the devices use (replaces fleet.toml's address).")
+
+
+def _settings(config: Path | None) -> FleetSettings:
+    """fleet.toml (``config``, else ./fleet.toml when present) + EDGEFLEET_FLEET_* — or the bad key and exit 2."""
+    from fleet.settings import load_settings
+
+    try:
+        return load_settings(config)
+    except InvalidOptions as exc:
+        click.echo(f"error[{exc.code}]: {exc}", err=True)
+        sys.exit(2)
+
+
+def _broker_settings(config: Path | None, broker: str | None) -> BrokerSettings:
+    """fleet.toml's ``[broker]`` (TLS, credentials, MQTT version) with ``--broker HOST:PORT`` replacing its address."""
+    from fleet.transport import broker_settings
+
+    host, port = _broker(broker) or (None, None)
+    return broker_settings(host, port, _settings(config).broker)
+
+
+def _remember_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    ctx.meta["fleet.config"] = value  # for --store's default (see _store_option)
+    return value
+
+
+_CONFIG_HELP = "The controller's settings (default: ./fleet.toml when present, else built-in defaults), overlaid by EDGEFLEET_FLEET_*."
+_config_option = click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    is_eager=True,  # read before --store, whose default it holds
+    callback=_remember_config,
+    help=_CONFIG_HELP,
+)
+
+
+@main.group("config")
+def config_group() -> None:
+    """The controller's settings (fleet.toml)."""
+
+
+@config_group.command("check")
+@_config_option
+def config_check_cmd(config: Path | None) -> None:
+    """Print the effective settings (file + environment + defaults) as JSON, or the exact key and value that is wrong (exit 2)."""
+    settings = _settings(config)
+    data = settings.model_dump(mode="json")
+    if data["dashboard"]["token"]:
+        data["dashboard"]["token"] = "********"  # set; a secret is not printed again
+    click.echo(json.dumps(data, indent=2))
 
 
 @main.command("assign")
@@ -292,27 +423,41 @@ _broker_option = click.option("--broker", help="HOST:PORT of the MQTT broker the
 @click.option("--director", "director_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @_broker_option
+@_config_option
 def assign_cmd(
-    device: str, model: str, version: str, variant: str, repo: Path, director_dir: Path, keys_dir: Path, broker: str | None
+    device: str,
+    model: str,
+    version: str,
+    variant: str,
+    repo: Path,
+    director_dir: Path,
+    keys_dir: Path,
+    broker: str | None,
+    config: Path | None,
 ) -> None:
     """Point DEVICE at MODEL VERSION: signed director targets naming the image repository's variant.
 
-    With --broker the device is told at once (a retained message it also gets when it connects later).
+    With --broker, or a fleet.toml (--config or ./fleet.toml), the device is told at once (a retained message it also
+    gets when it connects later).
     """
     from fleet.controller import announce
     from fleet.director import Director
     from fleet.image_repo import ImageRepository
     from fleet.keys import KeyStore
+    from fleet.settings import config_file
 
-    address = _broker(broker)
     with _reported():
+        tell = broker is not None or config_file(config) is not None
+        settings = _broker_settings(config, broker)
         director = Director(director_dir)
         target = director.assign(device, ImageRepository(repo), model, version, variant, KeyStore(keys_dir))
-        if address is not None:
+        if tell:
             try:
-                announce(director, [device], *address)
+                announce(director, [device], broker=settings)
             except OSError as exc:
-                raise BrokerUnreachable(f"assigned, but the broker at {broker} did not take the announcement: {exc}") from exc
+                raise BrokerUnreachable(
+                    f"assigned, but the broker at {settings.host}:{settings.port} did not take the announcement: {exc}"
+                ) from exc
     console.print(f"{device} -> {target.path} ({variant}, sha256 {target.hashes['sha256'][:12]}…)")
 
 
@@ -320,18 +465,40 @@ class BrokerUnreachable(EdgefleetError):
     code = "unreachable"
 
 
-_store_option = click.option(
-    "--store", type=click.Path(dir_okay=False, path_type=Path), default=Path("fleet.db"), show_default=True, help="The controller's store."
-)
+def _default_store(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path:
+    """``--store``, else fleet.toml's ``store``, else ./fleet.db (``--config`` is eager: read by now)."""
+    return value if value is not None else _settings(ctx.meta.get("fleet.config")).store_path()
+
+
+def _store_option(f: _F) -> _F:
+    """``--store``, defaulting to fleet.toml's ``store``, and ``--config`` naming that file (the command needs nothing
+    else from it, so the value is not passed on)."""
+    f = click.option(
+        "--store",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        callback=_default_store,
+        help="The controller's store (default: fleet.toml's `store`, else ./fleet.db).",
+    )(f)
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        is_eager=True,
+        expose_value=False,
+        callback=_remember_config,
+        help=_CONFIG_HELP,
+    )(f)
 
 
 @main.command("devices")
 @_broker_option
+@_config_option
 @click.option("--store", type=click.Path(dir_okay=False, path_type=Path), help="Read the registry (tags, history) instead of the broker.")
 @click.option("--tag", "tags", multiple=True, help="Only devices with this tag, KEY=VALUE (with --store).")
 @click.option("--wait", type=float, default=1.0, show_default=True, help="Seconds to collect the devices' retained reports.")
 @click.option("--json", "as_json", is_flag=True)
-def devices_cmd(broker: str | None, store: Path | None, tags: tuple[str, ...], wait: float, as_json: bool) -> None:
+def devices_cmd(broker: str | None, config: Path | None, store: Path | None, tags: tuple[str, ...], wait: float, as_json: bool) -> None:
     """Every device's presence and what it reports: hardware, runtimes, active models, its last update."""
     from fleet.controller import devices
 
@@ -358,11 +525,11 @@ def devices_cmd(broker: str | None, store: Path | None, tags: tuple[str, ...], w
             finally:
                 fs.close()
         else:
-            address = _broker(broker) or ("127.0.0.1", 1883)
+            settings = _broker_settings(config, broker)
             try:
-                found = devices(*address, wait=wait)
+                found = devices(wait=wait, broker=settings)
             except OSError as exc:
-                raise BrokerUnreachable(f"no broker at {address[0]}:{address[1]}: {exc}") from exc
+                raise BrokerUnreachable(f"no broker at {settings.host}:{settings.port}: {exc}") from exc
             for rep in found:
                 rows.append(
                     {
@@ -399,6 +566,14 @@ def _model_text(name: str, m: dict[str, Any], device: bool = False) -> str:
     beside = f" + shadow {shadow.get('version')}" if shadow else ""
     where = f"{m.get('runtime')}/{m.get('device')}" if device else m.get("runtime")
     return f"{name} {m.get('version')} ({m.get('variant')} on {where}){beside}"
+
+
+def _read_secret(path: Path) -> str | None:
+    """A password file's content, stripped; None when it is not there (the caller names what is missing)."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 def _key_values(items: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -728,6 +903,12 @@ def rollback_cmd(model: str, version: str, store: Path, repo: Path, selector: st
 @main.command("simulate")
 @click.argument("count", type=click.IntRange(1, 100_000))
 @_broker_option
+@_config_option
+@click.option(
+    "--credentials",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Each device logs in as itself with DIR/{id}/broker-password (what `fleet provision ID --out DIR/ID` writes).",
+)
 @click.option("--prefix", default="sim", show_default=True)
 @click.option("--telemetry", "telemetry_s", type=float, default=10.0, show_default=True, help="Seconds between telemetry batches.")
 @click.option("--running", "initial", multiple=True, help="MODEL=VERSION each device starts with.")
@@ -739,23 +920,50 @@ def rollback_cmd(model: str, version: str, store: Path, repo: Path, selector: st
     " | VERSION:class_shift=0.5,mean_shift=2",
 )
 def simulate_cmd(
-    count: int, broker: str | None, prefix: str, telemetry_s: float, initial: tuple[str, ...], behaviours: tuple[str, ...]
+    count: int,
+    broker: str | None,
+    config: Path | None,
+    credentials: Path | None,
+    prefix: str,
+    telemetry_s: float,
+    initial: tuple[str, ...],
+    behaviours: tuple[str, ...],
 ) -> None:
-    """COUNT simulated devices speaking the real protocol (only their inference numbers are made up)."""
+    """COUNT simulated devices speaking the real protocol (only their inference numbers are made up).
+
+    They connect as fleet.toml's [broker] says (TLS, MQTT version); with --credentials each as itself.
+    """
     import signal
     import threading
 
     from fleet.simulate import Behaviour, Simulator, SimulatorThread
 
-    address = _broker(broker) or ("127.0.0.1", 1883)
+    settings = _broker_settings(config, broker)
     with _reported():
         try:
             parsed = [Behaviour.parse(b) for b in behaviours]
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from exc
-        sim = Simulator(*address, count, prefix, telemetry_s, parsed, initial=dict(_key_values(initial)))
-        runner = SimulatorThread(sim).start()
-    console.print(f"{count} simulated devices connected to {address[0]}:{address[1]} (Ctrl-C stops)")
+        passwords = None
+        if credentials is not None:
+            ids = [f"{prefix}-{i:04d}" for i in range(count)]
+            passwords = {d: p for d in ids if (p := _read_secret(credentials / d / "broker-password")) is not None}
+        sim = Simulator(
+            settings.host,
+            settings.port,
+            count,
+            prefix,
+            telemetry_s,
+            parsed,
+            initial=dict(_key_values(initial)),
+            broker=settings,
+            passwords=passwords,
+        )
+        try:
+            runner = SimulatorThread(sim).start()
+        except RuntimeError as exc:
+            raise BrokerUnreachable(f"{settings.host}:{settings.port}: {exc}") from exc
+    console.print(f"{count} simulated devices connected to {settings.host}:{settings.port} (Ctrl-C stops)")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -775,6 +983,13 @@ def simulate_cmd(
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="Image repository: its root.json goes to the device.")
 @click.option("--director", "director_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--revoke", is_flag=True, help="Remove NAME's password and ACL entry (send mosquitto SIGHUP after).")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --init: where the controller's fleet.toml goes (default ./fleet.toml; an existing file is never replaced).",
+)
+@click.option("--mtls-port", type=click.IntRange(1, 65535), help="With --init: the mutual-TLS listener's port (default: --broker's + 1).")
 def provision_cmd(
     name: str | None,
     broker_dir: Path,
@@ -786,19 +1001,29 @@ def provision_cmd(
     repo: Path | None,
     director_dir: Path | None,
     revoke: bool,
+    config: Path | None,
+    mtls_port: int | None,
 ) -> None:
     """MQTT credentials for NAME (password + client certificate from the fleet CA) and its ACL lines.
 
-    The broker directory also gets mosquitto.conf (TLS + password listener on 8883, mutual TLS on 8884).
+    With --init the broker directory also gets mosquitto.conf (TLS + password listener on --broker's port, 8883 by
+    default; mutual TLS on the next), and the controller its credentials and a fleet.toml (--config) using them.
+    With --role controller and --out, another controller's fleet.toml and credentials go to --out.
     """
-    from fleet.provision import BrokerAuth, device_bundle
+    from fleet.provision import BrokerAuth, controller_bundle, device_bundle
 
     auth = BrokerAuth(broker_dir)
+    host, port = _broker(broker) or ("localhost", 8883)
     with _reported():
         if init_:
-            auth.init(list(hostnames) or ["localhost", "127.0.0.1"])
-            (broker_dir / "mosquitto.conf").write_text(auth.mosquitto_config())
+            fleet_toml = config or Path("fleet.toml")
+            if fleet_toml.exists():  # before anything is made: a half-initialised broker directory helps nobody
+                raise click.UsageError(f"{fleet_toml} already exists; move it away or name another with --config")
+            controller = auth.init(list(hostnames) or ["localhost", "127.0.0.1"])
+            (broker_dir / "mosquitto.conf").write_text(auth.mosquitto_config(port, mtls_port or port + 1))
+            controller_bundle(controller, fleet_toml, host, port)
             console.print(f"fleet CA and broker certificate in {broker_dir}; mosquitto config: {broker_dir / 'mosquitto.conf'}")
+            console.print(f"controller {controller.name}: credentials and {fleet_toml} (broker {host}:{port}, TLS, password file)")
         if name is None:
             return
         if revoke:
@@ -807,8 +1032,10 @@ def provision_cmd(
             return
         creds = auth.add(name, role)
         console.print(f"{role} {name}: password and certificate issued; ACL: {broker_dir / 'acl'} (send mosquitto SIGHUP to reload)")
-        if out is not None:
-            host, port = _broker(broker) or ("localhost", 8883)
+        if out is not None and role == "controller":
+            controller_bundle(creds, out / "fleet.toml", host, port)
+            console.print(f"controller files in {out}: fleet.toml and fleet-credentials/")
+        elif out is not None:
             image_root = repo / "metadata" / "1.root.json" if repo else None
             director_root = director_dir / "1.root.json" if director_dir else None
             device_bundle(creds, out, host, port, image_root, director_root)
@@ -824,13 +1051,27 @@ def provision_cmd(
 @click.option("--interval", type=float, default=60.0, show_default=True, help="Seconds between re-signing checks.")
 @click.option("--store", type=click.Path(dir_okay=False, path_type=Path), help="Registry/telemetry/rollout store: ingest and run rollouts.")
 @click.option("--telemetry-days", type=float, default=7.0, show_default=True, help="Telemetry retention in the store.")
-@click.option("--http", "http", help="Serve the dashboard on [HOST]:PORT (needs --store), e.g. :8080.")
+@click.option(
+    "--http",
+    "http",
+    help="Serve the dashboard on [HOST]:PORT (needs a store), e.g. :8080 (127.0.0.1); any other address needs a token"
+    " (default: fleet.toml's dashboard.http).",
+)
+@_config_option
 def serve_cmd(
-    root: Path, keys_dir: Path, broker: str | None, interval: float, store: Path | None, telemetry_days: float, http: str | None
+    root: Path,
+    keys_dir: Path,
+    broker: str | None,
+    interval: float,
+    store: Path | None,
+    telemetry_days: float,
+    http: str | None,
+    config: Path | None,
 ) -> None:
     """Serve ROOT/image and ROOT/director to devices over MQTT and re-sign online metadata before it expires.
 
-    With --store it is the whole controller: it also keeps the device registry and telemetry, and runs rollouts.
+    With a store (--store, or fleet.toml's `store`) it is the whole controller: it also keeps the device registry and
+    telemetry, and runs rollouts. It connects as fleet.toml's [broker] says (TLS, credentials); --broker replaces the address.
     """
     import signal
     import threading
@@ -838,30 +1079,42 @@ def serve_cmd(
     from agent import logs
     from fleet.controller import Controller
     from fleet.keys import KeyStore
+    from fleet.settings import DEFAULT_CONFIG, config_file
 
     logs.configure()
-    address = _broker(broker) or ("127.0.0.1", 1883)
+    settings = _settings(config)
+    b = _broker_settings(config, broker)
+    store = store or settings.store
+    http = http or settings.dashboard.http
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with _reported():
         try:
             controller = Controller(
-                root, KeyStore(keys_dir), *address, interval_s=interval, store=store, telemetry_keep_s=telemetry_days * 86400
+                root, KeyStore(keys_dir), interval_s=interval, store=store, telemetry_keep_s=telemetry_days * 86400, broker=b
             ).start()
         except OSError as exc:
-            raise BrokerUnreachable(f"no broker at {address[0]}:{address[1]}: {exc}") from exc
+            raise BrokerUnreachable(f"no broker at {b.host}:{b.port}: {exc}") from exc
     dashboard = None
     if http:
-        from fleet.dashboard import Dashboard
+        from fleet.dashboard import serve_dashboard
 
         if controller.store is None:
             controller.stop()
             raise click.UsageError("--http needs --store (the dashboard shows the store)")
-        web_host, _, web_port = http.rpartition(":")
-        dashboard = Dashboard(controller.store, web_host or "0.0.0.0", int(web_port)).start()
-        console.print(f"dashboard on {dashboard.url}")
-    console.print(f"serving {root} on {address[0]}:{address[1]} (Ctrl-C stops)")
+        try:
+            with _reported():
+                dashboard, new_token = serve_dashboard(
+                    controller.store, http, settings.dashboard.token, config_file(config) or DEFAULT_CONFIG
+                )
+        except SystemExit:
+            controller.stop()
+            raise
+        if new_token is not None:  # click.echo: one unwrapped line, shown this once
+            click.echo(f"dashboard token (shown once; kept as dashboard.token in {config or DEFAULT_CONFIG}): {new_token}", err=True)
+        console.print(f"dashboard on {dashboard.url}" + (" (bearer token required)" if dashboard.token else ""))
+    console.print(f"serving {root} on {b.host}:{b.port}{' with TLS' if b.tls_ca else ''} (Ctrl-C stops)")
     while not stop.wait(0.2):  # see agent.commands.run: a signal may land on another thread
         pass
     if dashboard is not None:

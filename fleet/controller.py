@@ -24,8 +24,9 @@ import paho.mqtt.client as mqtt
 from tuf.api.metadata import Metadata
 
 from agent import logs, wire
-from agent.mqtt import default_protocol, tcp_nodelay
+from agent.settings import BrokerSettings
 from agent.wire import WireError, device_topic
+from fleet import transport
 from fleet.director import Director
 from fleet.image_repo import ImageRepository
 from fleet.ingest import Ingestor
@@ -41,16 +42,21 @@ __all__ = ["Controller", "DeviceReport", "announce", "devices"]
 log = logging.getLogger("edgefleet.controller")
 
 
-def _client(client_id: str) -> mqtt.Client:
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=default_protocol())
-    c.on_socket_open = tcp_nodelay
-    return c
+def announce(
+    director: Director,
+    device_ids: Iterable[str],
+    host: str | None = None,
+    port: int | None = None,
+    timeout: float = 10.0,
+    broker: BrokerSettings | None = None,
+) -> None:
+    """Publish each device's current signed director timestamp, retained, so the device checks for an update.
 
-
-def announce(director: Director, device_ids: Iterable[str], host: str, port: int, timeout: float = 10.0) -> None:
-    """Publish each device's current signed director timestamp, retained, so the device checks for an update."""
-    c = _client(f"edgefleet-announce-{time.monotonic_ns() % 10**9}")
-    c.connect(host, port, keepalive=30)
+    ``broker``: TLS, credentials, MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address.
+    """
+    b = transport.broker_settings(host, port, broker)
+    c = transport.client(b, f"edgefleet-announce-{time.monotonic_ns() % 10**9}")
+    transport.connect(c, b)
     c.loop_start()
     try:
         infos = []
@@ -78,8 +84,13 @@ class DeviceReport:
         return {"device_id": self.device_id, "status": self.status, "reported": self.reported}
 
 
-def devices(host: str, port: int, wait: float = 1.0) -> list[DeviceReport]:
-    """What every device last said about itself (its retained ``status`` and ``reported`` messages), decoded by the wire."""
+def devices(
+    host: str | None = None, port: int | None = None, wait: float = 1.0, broker: BrokerSettings | None = None
+) -> list[DeviceReport]:
+    """What every device last said about itself (its retained ``status`` and ``reported`` messages), decoded by the wire.
+
+    ``broker`` and ``host``/``port`` as for ``announce``.
+    """
     found: dict[str, DeviceReport] = {}
     lock = threading.Lock()
 
@@ -94,14 +105,30 @@ def devices(host: str, port: int, wait: float = 1.0) -> list[DeviceReport]:
             report = found.setdefault(topic.device, DeviceReport(topic.device))
             setattr(report, topic.kind, message.model_dump(exclude_none=True))
 
-    c = _client(f"edgefleet-devices-{time.monotonic_ns() % 10**9}")
+    answered = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            refused.append(str(reason))
+        else:
+            client.subscribe([(wire.device_filter("status"), 1), (wire.device_filter("reported"), 1)])
+        answered.set()
+
+    b = transport.broker_settings(host, port, broker)
+    c = transport.client(b, f"edgefleet-devices-{time.monotonic_ns() % 10**9}")
     c.on_message = on_message
-    c.on_connect = lambda cl, *a: cl.subscribe([(wire.device_filter("status"), 1), (wire.device_filter("reported"), 1)])
-    c.connect(host, port, keepalive=30)
+    c.on_connect = on_connect
+    transport.connect(c, b)
     c.loop_start()
-    time.sleep(wait)  # retained messages arrive right after the subscription
-    c.disconnect()
-    c.loop_stop()
+    try:
+        # "no devices" must never stand for "not let in": a refused or silent broker is an error (ConnectionError)
+        if not answered.wait(max(wait, 10.0)) or refused:
+            raise ConnectionError(f"the broker did not accept the connection: {refused[0] if refused else 'no answer'}")
+        time.sleep(wait)  # retained messages arrive right after the subscription
+    finally:
+        c.disconnect()
+        c.loop_stop()
     with lock:
         return sorted(found.values(), key=lambda d: d.device_id)
 
@@ -111,34 +138,41 @@ def _expires_soon(md: Metadata[Any], lifetime_s: float, now: datetime) -> bool:
 
 
 class Controller:
-    """``fleet serve``: the repository server, the re-signing loop and, with a store, ingest and rollouts."""
+    """``fleet serve``: the repository server, the re-signing loop and, with a store, ingest and rollouts.
+
+    ``broker`` (fleet.toml's ``[broker]``: TLS, credentials, MQTT version) is handed to every client the controller
+    makes; ``host``/``port`` replace its address (``--broker HOST:PORT``). Neither: plain TCP to 127.0.0.1:1883.
+    """
 
     def __init__(
         self,
         root: Path,
         keys: KeyStore,
-        host: str,
-        port: int,
+        host: str | None = None,
+        port: int | None = None,
         interval_s: float = 60.0,
         store: Path | None = None,
         tick_s: float = 1.0,
         telemetry_keep_s: float = 7 * 86400,
+        broker: BrokerSettings | None = None,
     ) -> None:
         self.image = ImageRepository(root / "image")
         self.director = Director(root / "director")
-        self.keys, self.host, self.port, self.interval_s, self.tick_s = keys, host, port, interval_s, tick_s
+        self.broker = transport.broker_settings(host, port, broker)
+        self.host, self.port = self.broker.host, self.broker.port
+        self.keys, self.interval_s, self.tick_s = keys, interval_s, tick_s
         self.telemetry_keep_s = telemetry_keep_s
         # one client id per process: a second controller (or a test's) must not take this one's session over
-        self.server = RepositoryServer(root, host, port, client_id=f"edgefleet-repo-{os.getpid()}")
+        self.server = RepositoryServer(root, client_id=f"edgefleet-repo-{os.getpid()}", broker=self.broker)
         self.store: FleetStore | None = None
         self.ingest: Ingestor | None = None
         self.engine: RolloutEngine | None = None
         if store is not None:
             self.store = FleetStore(store)
-            self.ingest = Ingestor(self.store, host, port, client_id=f"edgefleet-ingest-{os.getpid()}")
+            self.ingest = Ingestor(self.store, client_id=f"edgefleet-ingest-{os.getpid()}", broker=self.broker)
             from fleet.rollout import RolloutEngine  # it imports announce() from here
 
-            self.engine = RolloutEngine(self.store, self.image, self.director, keys, host, port)
+            self.engine = RolloutEngine(self.store, self.image, self.director, keys, broker=self.broker)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="controller", daemon=True)
 
@@ -188,6 +222,6 @@ class Controller:
                 stale.append(device)
         if stale:
             self.director.refresh(self.keys, stale)
-            announce(self.director, stale, self.host, self.port)
+            announce(self.director, stale, broker=self.broker)
             logs.event(log, "controller.director_refreshed", devices=len(stale))
         return stale

@@ -11,7 +11,6 @@ first device and the fleet stays on v2.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -94,6 +93,7 @@ def run_demo(
 ) -> DemoResult:
     """``broker_kind`` mosquitto falls back to the embedded amqtt when mosquitto is not installed."""
     from agent.client import EdgeClient
+    from agent.settings import BrokerSettings
     from fleet.broker import start_broker
     from fleet.controller import Controller
     from fleet.director import Director
@@ -108,7 +108,8 @@ def run_demo(
     say = console.print
     broker = start_broker(work / "broker", prefer=broker_kind)  # type: ignore[arg-type]
     mqtt_version: Literal["5", "3.1.1"] = "5" if broker.kind == "mosquitto" else "3.1.1"  # amqtt speaks MQTT 3.1.1 only
-    os.environ["EDGEFLEET_BROKER__MQTT_VERSION"] = mqtt_version  # the controller's clients and the agents read it
+    # handed to the controller's clients and written into each agent's config (never through the environment)
+    broker_settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=mqtt_version)
     address = f"{broker.host}:{broker.port}"
     say(f"[bold]broker[/bold] {broker.kind} on {address} (MQTT {mqtt_version})")
     agents: list[subprocess.Popen[bytes]] = []
@@ -120,7 +121,7 @@ def run_demo(
         serve = work / "serve"
         image = ImageRepository.create(serve / "image", keys)
         director = Director.create(serve / "director", keys)
-        controller = Controller(serve, keys, broker.host, broker.port, store=work / "fleet.db", tick_s=0.25).start()
+        controller = Controller(serve, keys, store=work / "fleet.db", tick_s=0.25, broker=broker_settings).start()
         assert controller.store is not None and controller.engine is not None
         store, engine = controller.store, controller.engine
         say(f"[bold]controller[/bold] keys, image repository, director and store in {work}")
@@ -136,7 +137,7 @@ def run_demo(
                     "state_dir": state,
                     "hardware_root": root,
                     "log_level": "WARNING",
-                    "broker": {"host": broker.host, "port": broker.port},
+                    "broker": {"host": broker.host, "port": broker.port, "mqtt_version": mqtt_version},
                     "update": {
                         "image_root": image.metadata / "1.root.json",
                         "director_root": director.directory / "1.root.json",
@@ -182,9 +183,7 @@ def run_demo(
 
         result = DemoResult(address, work)
         result.rollouts.append(rollout("1.0.0", ["100%"], 0))
-        from agent.settings import BrokerSettings
-
-        client = EdgeClient(broker=BrokerSettings(host=broker.host, port=broker.port, mqtt_version=mqtt_version))
+        client = EdgeClient(broker=broker_settings)
         xs = np.array([[0.0], [1.0], [3.0]], np.float32)
         for device in DEVICES:
             out = client.infer(device, MODEL, {"x": xs}, timeout=20)

@@ -6,6 +6,11 @@ online ``director`` key the targets, snapshot and timestamp roles. A device's
 targets name exactly one bundle to run (by the image repository's path, length and
 hashes) and the variant it should install, and at most one more marked as a shadow
 (shadow mode); the agent installs only what both repositories agree on.
+
+An assignment is committed when the device's ``timestamp.json`` names it: targets,
+snapshot and timestamp are written under temporary names and renamed in that order
+(``commit_metadata``), so a ``fleet assign`` killed at any point leaves the old
+assignment or the new one, and ``refresh`` re-signs only what the timestamp names.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
@@ -20,12 +26,23 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from agent.wire import valid_device_id
-from fleet.image_repo import ImageRepository, sign_metadata, variant_target_path
+from fleet.image_repo import (
+    KEEP_VERSIONS,
+    ImageRepository,
+    commit_metadata,
+    metadata_versions,
+    prune_metadata,
+    repository_lock,
+    root_with_keys,
+    sign_metadata,
+    variant_target_path,
+)
 from fleet.keys import KeyStore
 
-__all__ = ["AssignError", "Director"]
+__all__ = ["DIRECTOR_ROLES", "AssignError", "Director"]
 
 ROOT_FILE = "1.root.json"
+DIRECTOR_ROLES = ("targets", "snapshot", "timestamp")  # all three signed by the one online "director" key
 
 
 class AssignError(EdgefleetError):
@@ -36,62 +53,106 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
+def _bytes(md: Metadata[Any]) -> bytes:
+    return md.to_bytes(JSONSerializer(compact=False))
+
+
 class Director:
     def __init__(
-        self, directory: str | Path, targets_expiry: timedelta = timedelta(days=7), timestamp_expiry: timedelta = timedelta(days=1)
+        self,
+        directory: str | Path,
+        targets_expiry: timedelta = timedelta(days=7),
+        timestamp_expiry: timedelta = timedelta(days=1),
+        keep_versions: int = KEEP_VERSIONS,
+        root_expiry: timedelta = timedelta(days=365),
     ) -> None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1 (the committed version), got {keep_versions}")
         self.directory = Path(directory)
         self.targets_expiry = targets_expiry
         self.timestamp_expiry = timestamp_expiry
+        self.keep_versions = keep_versions
+        self.root_expiry = root_expiry
+
+    def _lock(self) -> Any:
+        """One writer at a time across processes (``fleet serve``'s re-signing, ``fleet assign``, a key rotation)."""
+        return repository_lock(self.directory)
 
     @classmethod
     def create(cls, directory: str | Path, keys: KeyStore, root_expiry: timedelta = timedelta(days=365)) -> Director:
-        d = cls(directory)
-        if (d.directory / ROOT_FILE).exists():
-            raise AssignError(f"{d.directory} already holds a director")
-        d.directory.mkdir(parents=True, exist_ok=True)
-        root = Root(expires=_now() + root_expiry, consistent_snapshot=True)
-        for key in keys.public_keys("root"):
-            root.add_key(key, "root")
-        root.roles["root"].threshold = keys.threshold("root")
-        for role in ("targets", "snapshot", "timestamp"):
-            for key in keys.public_keys("director"):
-                root.add_key(key, role)
-            root.roles[role].threshold = keys.threshold("director")
-        md = Metadata(root)
-        sign_metadata(md, keys.signers("root"))
-        atomic_write(d.directory / ROOT_FILE, md.to_bytes(JSONSerializer(compact=False)))
+        d = cls(directory, root_expiry=root_expiry)
+        with d._lock():
+            if (d.directory / ROOT_FILE).exists():
+                raise AssignError(f"{d.directory} already holds a director")
+            d.directory.mkdir(parents=True, exist_ok=True)
+            root = Root(expires=_now() + root_expiry, consistent_snapshot=True)
+            for key in keys.public_keys("root"):
+                root.add_key(key, "root")
+            root.roles["root"].threshold = keys.threshold("root")
+            for role in DIRECTOR_ROLES:
+                for key in keys.public_keys("director"):
+                    root.add_key(key, role)
+                root.roles[role].threshold = keys.threshold("director")
+            md = Metadata(root)
+            sign_metadata(md, keys.signers("root"))
+            atomic_write(d.directory / ROOT_FILE, _bytes(md))
         return d
 
     def root(self) -> Metadata[Root]:
-        versions = sorted(int(p.name.split(".")[0]) for p in self.directory.glob("*.root.json"))
+        versions = metadata_versions(self.directory, "root")
         return Metadata.from_file(str(self.directory / f"{versions[-1]}.root.json"))
 
     def write_root(self, md: Metadata[Root]) -> None:
         """A new root for every device: each device repository gets a copy (devices walk the root chain)."""
-        data = md.to_bytes(JSONSerializer(compact=False))
+        data = _bytes(md)
         name = f"{md.signed.version}.root.json"
-        atomic_write(self.directory / name, data)
-        for meta in self.directory.glob("*/metadata"):
-            atomic_write(meta / name, data)
+        with self._lock():
+            atomic_write(self.directory / name, data)
+            for meta in self.directory.glob("*/metadata"):
+                atomic_write(meta / name, data)
 
     def devices(self) -> list[str]:
         return sorted(p.parent.name for p in self.directory.glob("*/metadata"))
 
     def refresh(self, keys: KeyStore, devices: list[str] | None = None) -> None:
-        """Re-sign each device's targets, snapshot and timestamp (all online) before they expire."""
-        for device in devices or self.devices():
-            meta = self.device_metadata(device)
-            version = self._current_version(meta, "targets")
-            if not version:
-                continue
-            md: Metadata[Targets] = Metadata.from_file(str(meta / f"{version}.targets.json"))
-            md.signed.version += 1
-            md.signed.expires = _now() + self.targets_expiry
-            self._publish(meta, md, keys)
+        """Re-sign each device's committed targets, snapshot and timestamp (all online) before they expire.
+
+        Only the committed assignment (the one ``timestamp.json`` names) is re-signed: a targets file an
+        interrupted ``assign`` left behind is never published by a routine refresh.
+        """
+        with self._lock():
+            for device in devices or self.devices():
+                meta = self.device_metadata(device)
+                md = self.committed_targets(meta)
+                if md is None:
+                    continue
+                md.signed.expires = _now() + self.targets_expiry
+                self._publish(meta, md, keys)
 
     def device_metadata(self, device: str) -> Path:
         return self.directory / valid_device_id(device) / "metadata"
+
+    def committed_targets(self, meta: Path) -> Metadata[Targets] | None:
+        """The targets the device's timestamp leads to (through its snapshot): what the device is told; None before
+        its first assignment."""
+        ts_path = meta / "timestamp.json"
+        if not ts_path.is_file():
+            return None
+        ts: Metadata[Timestamp] = Metadata.from_file(str(ts_path))
+        snap: Metadata[Snapshot] = Metadata.from_file(str(meta / f"{ts.signed.snapshot_meta.version}.snapshot.json"))
+        return Metadata.from_file(str(meta / f"{snap.signed.meta['targets.json'].version}.targets.json"))
+
+    def assigned(self, model: str, version: str) -> list[str]:
+        """Devices whose committed assignment names ``model`` ``version`` (to run or as a shadow)."""
+        out = []
+        for device in self.devices():
+            md = self.committed_targets(self.device_metadata(device))
+            for tf in md.signed.targets.values() if md is not None else ():
+                custom = tf.unrecognized_fields.get("custom", {})
+                if (custom.get("model"), custom.get("version")) == (model, version):
+                    out.append(device)
+                    break
+        return out
 
     def assign(
         self,
@@ -107,6 +168,7 @@ class Director:
 
         ``shadow`` = (version, variant) also names a second version of the model for the device to run beside
         it on live inputs, answering nobody (shadow mode); assigning without it ends a shadow.
+        A revoked release is refused (``ReleaseRevoked``).
         """
         target = self._target(image, model, version, variant)
         targets = {target.path: target}
@@ -117,12 +179,12 @@ class Director:
             candidate.unrecognized_fields["custom"]["shadow"] = True
             targets[candidate.path] = candidate
         meta = self.device_metadata(device)
-        meta.mkdir(parents=True, exist_ok=True)
-        for root in self.directory.glob("*.root.json"):  # the whole root chain, so a new device can walk it
-            if not (meta / root.name).exists():
-                shutil.copy(root, meta / root.name)
-        version_now = self._current_version(meta, "targets")
-        self._publish(meta, Metadata(Targets(version=version_now + 1, expires=_now() + self.targets_expiry, targets=targets)), keys)
+        with self._lock():
+            meta.mkdir(parents=True, exist_ok=True)
+            for root in self.directory.glob("*.root.json"):  # the whole root chain, so a new device can walk it
+                if not (meta / root.name).exists():
+                    shutil.copy(root, meta / root.name)
+            self._publish(meta, Metadata(Targets(expires=_now() + self.targets_expiry, targets=targets)), keys)
         return target
 
     @staticmethod
@@ -130,6 +192,7 @@ class Director:
         path = variant_target_path(model, version, variant)
         released = image.targets().signed.targets.get(path)
         if released is None:
+            image.ensure_not_revoked(model, version)
             if image.release_of(model, version) is None:
                 raise AssignError(f"{model} {version} is not in the image repository")
             raise AssignError(f"{model} {version} has no variant {variant!r}")
@@ -145,27 +208,80 @@ class Director:
 
     @staticmethod
     def _current_version(meta: Path, role: str) -> int:
-        versions = [int(p.name.split(".")[0]) for p in meta.glob(f"*.{role}.json")]
-        return max(versions, default=0)
+        """The highest version on disk, committed or not (new versions go above it)."""
+        return max(metadata_versions(meta, role), default=0)
 
     def _publish(self, meta: Path, targets_md: Metadata[Targets], keys: KeyStore) -> None:
-        signers = keys.signers("director")
-        sign_metadata(targets_md, signers)
-        atomic_write(meta / f"{targets_md.signed.version}.targets.json", targets_md.to_bytes(JSONSerializer(compact=False)))
-        snap = Metadata(
-            Snapshot(
-                version=self._current_version(meta, "snapshot") + 1,
-                expires=_now() + self.targets_expiry,
-                meta={"targets.json": MetaFile(version=targets_md.signed.version)},
+        """Sign ``targets_md`` (its version set here, above every file on disk), a snapshot and a timestamp naming it,
+        and commit the three: the timestamp's rename is the commit. Then prune old versions."""
+        with self._lock():
+            signers = keys.signers("director")
+            targets_md.signed.version = self._current_version(meta, "targets") + 1
+            sign_metadata(targets_md, signers)
+            snap = Metadata(
+                Snapshot(
+                    version=self._current_version(meta, "snapshot") + 1,
+                    expires=_now() + self.targets_expiry,
+                    meta={"targets.json": MetaFile(version=targets_md.signed.version)},
+                )
             )
-        )
-        sign_metadata(snap, signers)
-        atomic_write(meta / f"{snap.signed.version}.snapshot.json", snap.to_bytes(JSONSerializer(compact=False)))
-        self._timestamp(meta, snap.signed.version, keys)
+            sign_metadata(snap, signers)
+            current = meta / "timestamp.json"
+            version = Metadata.from_file(str(current)).signed.version + 1 if current.exists() else 1
+            ts = Metadata(
+                Timestamp(version=version, expires=_now() + self.timestamp_expiry, snapshot_meta=MetaFile(version=snap.signed.version))
+            )
+            sign_metadata(ts, signers)
+            commit_metadata(
+                meta,
+                [
+                    (f"{targets_md.signed.version}.targets.json", _bytes(targets_md)),
+                    (f"{snap.signed.version}.snapshot.json", _bytes(snap)),
+                    ("timestamp.json", _bytes(ts)),
+                ],
+            )
+            self._prune(meta)
 
-    def _timestamp(self, meta: Path, snapshot_version: int, keys: KeyStore) -> None:
-        current = meta / "timestamp.json"
-        version = Metadata.from_file(str(current)).signed.version + 1 if current.exists() else 1
-        ts = Metadata(Timestamp(version=version, expires=_now() + self.timestamp_expiry, snapshot_meta=MetaFile(version=snapshot_version)))
-        sign_metadata(ts, keys.signers("director"))
-        atomic_write(meta / "timestamp.json", ts.to_bytes(JSONSerializer(compact=False)))
+    def _prune(self, meta: Path) -> list[str]:
+        ts: Metadata[Timestamp] = Metadata.from_file(str(meta / "timestamp.json"))
+        snap: Metadata[Snapshot] = Metadata.from_file(str(meta / f"{ts.signed.snapshot_meta.version}.snapshot.json"))
+        committed = {"snapshot": snap.signed.version, "targets": snap.signed.meta["targets.json"].version}
+        return prune_metadata(meta, committed, self.keep_versions)
+
+    def prune(self, devices: list[str] | None = None) -> dict[str, list[str]]:
+        """Delete all but the last ``keep_versions`` targets and snapshot versions of each device (and an interrupted
+        assignment's leftovers); roots are never deleted (devices walk the chain). Publishing prunes by itself."""
+        out = {}
+        with self._lock():
+            for device in devices or self.devices():
+                meta = self.device_metadata(device)
+                if (meta / "timestamp.json").is_file():
+                    out[device] = self._prune(meta)
+        return out
+
+    def rotate_key(self, keys: KeyStore, new_keys: int = 1, threshold: int = 1) -> Metadata[Root]:
+        """New ``director`` keys: a new director root naming them for targets, snapshot and timestamp (signed by the
+        root keys: bring them back online), every device's committed assignment re-signed with them, the old keys
+        retired.
+
+        Why in this order, under the lock: devices learn keys only from the root, so each device repository gets
+        the new root first; the re-signing follows before any other writer can sign with the old key. A device
+        that refreshes in between refuses the old-key metadata under the new root and retries. The old private
+        key need not be present (rotating away a stolen key works); re-running after a crash rotates again.
+        """
+        root_signers = keys.signers("root")
+        with self._lock():
+            current = self.root()
+            old_keyids = {k for role in DIRECTOR_ROLES for k in current.signed.roles[role].keyids}
+            old_keyids |= {k.keyid for k in keys.public_keys("director")}
+            new_signers = keys.generate("director", new_keys)
+            try:
+                md = root_with_keys(current, DIRECTOR_ROLES, new_signers, threshold, root_signers, self.root_expiry)
+            except Exception:
+                keys.forget("director", new_signers)
+                raise
+            self.write_root(md)
+            keys.set_role("director", new_signers, threshold)
+            self.refresh(keys)
+            keys.retire("director", old_keyids - {s.public_key.keyid for s in new_signers})
+        return md

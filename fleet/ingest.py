@@ -16,7 +16,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent import logs, wire
-from agent.mqtt import default_protocol, tcp_nodelay
+from agent.settings import BrokerSettings
+from fleet import transport
 from fleet.store import FleetStore
 
 __all__ = ["Ingestor"]
@@ -26,8 +27,16 @@ log = logging.getLogger("edgefleet.ingest")
 
 class Ingestor:
     def __init__(
-        self, store: FleetStore, host: str, port: int, client_id: str = "edgefleet-ingest", flush_s: float = 0.1, batch: int = 5000
+        self,
+        store: FleetStore,
+        host: str | None = None,
+        port: int | None = None,
+        client_id: str = "edgefleet-ingest",
+        flush_s: float = 0.1,
+        batch: int = 5000,
+        broker: BrokerSettings | None = None,
     ) -> None:
+        """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address."""
         self.store, self.flush_s, self.batch = store, flush_s, batch
         self.counters: Counter[str] = Counter()
         self._buffer: list[tuple[str, wire.WireModel, float]] = []
@@ -35,17 +44,17 @@ class Ingestor:
         self._full = threading.Event()
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=default_protocol())
-        self._client.on_socket_open = tcp_nodelay
+        self._broker = transport.broker_settings(host, port, broker)
+        self._client = transport.client(self._broker, client_id)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = lambda *a: self._ready.set()
-        self._host, self._port = host, port
+        self._host, self._port = self._broker.host, self._broker.port
         self._thread = threading.Thread(target=self._flush_loop, name="ingest-flush", daemon=True)
 
     def start(self, timeout: float = 10.0) -> Ingestor:
         self._thread.start()
-        self._client.connect(self._host, self._port, keepalive=30)
+        transport.connect(self._client, self._broker)
         self._client.loop_start()
         if not self._ready.wait(timeout):
             raise ConnectionError(f"ingest could not subscribe on {self._host}:{self._port}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,21 @@ class KeyStore:
 
     def forget(self, role: str, signers: list[CryptoSigner]) -> None:
         """Delete the private key files of retired keys."""
-        for s in signers:
-            (self.directory / f"{role}-{s.public_key.keyid[:16]}.pem").unlink(missing_ok=True)
+        self.retire(role, [s.public_key.keyid for s in signers])
+
+    def retire(self, role: str, keyids: Iterable[str]) -> list[str]:
+        """Delete the private key files of ``keyids`` (those present): the key ids whose file was deleted.
+
+        Why by key id and not by signer: a rotation must retire a key whose private half is offline, lost or
+        stolen, and never needs to load it for that.
+        """
+        gone = []
+        for keyid in keyids:
+            path = self.directory / f"{role}-{keyid[:16]}.pem"
+            if path.exists():
+                path.unlink()
+                gone.append(keyid)
+        return gone
 
 
 def _write_private(path: Path, data: bytes) -> None:

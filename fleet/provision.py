@@ -37,10 +37,12 @@ from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from agent.settings import write_config
 from agent.wire import ROOT, valid_device_id
+from fleet.settings import write_fleet_config
 
-__all__ = ["BrokerAuth", "Credentials", "ProvisionError", "mosquitto_password_hash"]
+__all__ = ["BrokerAuth", "Credentials", "ProvisionError", "controller_bundle", "device_bundle", "mosquitto_password_hash"]
 
 CONTROLLER = "edgefleet-controller"
+MESSAGE_SIZE_LIMIT = 2 * 1024 * 1024  # bytes: a 1 MiB telemetry batch or 256 KiB chunk fits, a 30 MB report does not
 
 
 class ProvisionError(EdgefleetError):
@@ -83,7 +85,9 @@ class BrokerAuth:
     def ca_pem(self) -> Path:
         return self.directory / "ca.pem"
 
-    def init(self, hostnames: list[str], days: int = 3650) -> None:
+    def init(self, hostnames: list[str], days: int = 3650) -> Credentials:
+        """The fleet CA, the broker's certificate for ``hostnames``, and the controller's credentials (returned: its
+        password exists only here; ``controller_bundle`` keeps it for ``fleet serve``)."""
         if self.ca_pem.exists():
             raise ProvisionError(f"{self.directory} already holds a fleet CA")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -107,7 +111,7 @@ class BrokerAuth:
         atomic_write(self.ca_pem, ca.public_bytes(serialization.Encoding.PEM))
         self._issue("server", hostnames, server=True)
         self._save({})
-        self.add(CONTROLLER, "controller")
+        return self.add(CONTROLLER, "controller")
 
     def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         try:
@@ -188,7 +192,15 @@ class BrokerAuth:
 
     def global_config(self) -> list[str]:
         d = self.directory
-        return ["allow_anonymous false", f"password_file {d / 'passwords'}", f"acl_file {d / 'acl'}"]
+        return [
+            "allow_anonymous false",
+            f"password_file {d / 'passwords'}",
+            f"acl_file {d / 'acl'}",
+            # no peer may push more than this in one message (a 30 MB retained `reported` took the controller from 13 %
+            # to 88 % CPU); the largest legitimate one is a 1 MiB telemetry batch, a chunk is 256 KiB
+            f"max_packet_size {MESSAGE_SIZE_LIMIT}",
+            "max_inflight_messages 64",  # per client: a flooding device waits for its acknowledgements
+        ]
 
     def listener_config(self, mutual_tls: bool = False) -> list[str]:
         """TLS options for the listener line above them; ``mutual_tls``: a client certificate is the identity."""
@@ -219,7 +231,7 @@ def acl(principals: dict[str, dict[str, str]]) -> str:
         if role == "controller":
             out.append(f"topic readwrite {ROOT}/#")
         elif role == "device":
-            out += [f"topic readwrite {ROOT}/dev/{name}/#", f"topic write {ROOT}/repo/req"]
+            out += [f"topic readwrite {ROOT}/dev/{name}/#", f"topic write {ROOT}/repo/req/{name}"]  # its own requests only
         else:  # app: send inference requests to any device and read the answers addressed to it
             out += [f"topic write {ROOT}/dev/+/infer/#", f"topic read {ROOT}/dev/+/pred/+/{name}"]
     return "\n".join(out) + "\n"
@@ -259,3 +271,34 @@ def device_bundle(
     }
     write_config(out / "agent.toml", {"device_id": creds.name, "broker": broker, "update": update})
     return out
+
+
+def controller_bundle(creds: Credentials, config: Path, broker_host: str, broker_port: int) -> Path:
+    """The controller's side of the secured broker: its credentials beside ``config`` and a fleet.toml using them.
+
+    Layout: ``config`` (fleet.toml, 0600) and ``{config's folder}/fleet-credentials/`` (0700) with
+    ``broker-password`` (0600), ``fleet-ca.pem``, ``controller.pem`` and ``controller.key`` (0600) — copies, so the
+    controller needs nothing from the broker directory (which holds the CA's private key). Paths in the TOML are
+    absolute: every ``fleet`` command finds them from any working directory. Refuses to replace an existing file.
+    """
+    import shutil
+
+    if config.exists():
+        raise ProvisionError(f"{config} already exists; move it away or choose another --config")
+    folder = (config.parent / "fleet-credentials").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    _write_private(folder / "broker-password", creds.password.encode())
+    shutil.copy(creds.ca, folder / "fleet-ca.pem")
+    shutil.copy(creds.cert, folder / "controller.pem")
+    _write_private(folder / "controller.key", creds.key.read_bytes())
+    broker = {
+        "host": broker_host,
+        "port": broker_port,
+        "username": creds.name,
+        "password_file": folder / "broker-password",
+        "tls_ca": folder / "fleet-ca.pem",
+        "tls_cert": folder / "controller.pem",
+        "tls_key": folder / "controller.key",
+    }
+    return write_fleet_config(config, broker)

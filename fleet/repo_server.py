@@ -18,8 +18,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent import logs
-from agent.mqtt import tcp_nodelay
-from agent.wire import REPO_REQUEST, RepoReply, RepoRequest, WireError, reply_address
+from agent.settings import BrokerSettings
+from agent.wire import REPO_REQUESTS, RepoReply, RepoRequest, WireError, parse_repo_request_topic, readable_request_id, repo_reply_topic
+from fleet import transport
 
 log = logging.getLogger("edgefleet.repo_server")
 
@@ -27,19 +28,27 @@ __all__ = ["RepositoryServer"]
 
 
 class RepositoryServer:
-    def __init__(self, root: str | Path, host: str, port: int, client_id: str = "edgefleet-repo-server") -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        host: str | None = None,
+        port: int | None = None,
+        client_id: str = "edgefleet-repo-server",
+        broker: BrokerSettings | None = None,
+    ) -> None:
+        """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address."""
         self.root = Path(root).resolve()
-        self.host, self.port = host, port
+        self.broker = transport.broker_settings(host, port, broker)
+        self.host, self.port = self.broker.host, self.broker.port
         self.counters: Counter[str] = Counter()
         self._connected = threading.Event()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        self._client = transport.client(self.broker, client_id)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = lambda *a: self._connected.set()  # the broker took the subscription: requests reach us
-        self._client.on_socket_open = tcp_nodelay
 
     def start(self, timeout: float = 10.0) -> RepositoryServer:
-        self._client.connect(self.host, self.port, keepalive=30)
+        transport.connect(self._client, self.broker)
         self._client.loop_start()
         if not self._connected.wait(timeout):
             self.stop()
@@ -57,24 +66,42 @@ class RepositoryServer:
         self.stop()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        client.subscribe(REPO_REQUEST, qos=1)
+        client.subscribe(REPO_REQUESTS, qos=1)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        # Runs on paho's network thread, which also publishes: one owner of the connection.
+        """paho's network thread, which also publishes (one owner of the connection). Nothing here may raise."""
+        try:
+            self._handle(client, msg)
+        except Exception as exc:  # a bug costs one request, never paho's thread (it re-raises and dies)
+            self.counters["internal_error"] += 1
+            logs.event(log, "repo.internal_error", logging.ERROR, topic=msg.topic[:120], reason=f"{type(exc).__name__}: {exc}"[:300])
+
+    def _handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        try:
+            device = parse_repo_request_topic(msg.topic)
+        except WireError as exc:
+            self.counters["bad_topic"] += 1
+            logs.event(log, "repo.bad_topic", logging.WARNING, topic=msg.topic[:120], reason=str(exc)[:200])
+            return
+        reply_topic = repo_reply_topic(device)  # from the topic the broker confines, never from the payload
         try:
             req = RepoRequest.decode(bytes(msg.payload))
         except WireError as exc:
             self.counters["bad_request"] += 1
-            logs.event(log, "repo.bad_request", logging.WARNING, reason=str(exc), size=len(msg.payload))
-            address = reply_address(bytes(msg.payload))
-            if address is not None:  # the device can be told, instead of waiting out its retries
-                client.publish(address[1], RepoReply(address[0], 400, error=str(exc)[:200]).encode(), qos=1)
+            logs.event(log, "repo.bad_request", logging.WARNING, device=device, reason=str(exc), size=len(msg.payload))
+            rid = readable_request_id(bytes(msg.payload))
+            if rid is not None:  # the device can be told, instead of waiting out its retries
+                client.publish(reply_topic, RepoReply(rid, 400, error=str(exc)[:200]).encode(), qos=1)
             return
-        reply = self.serve(req)
+        reply = self.serve(req, device)
         self.counters[f"status_{reply.status}"] += 1
-        client.publish(req.reply_to, reply.encode(), qos=1)
+        client.publish(reply_topic, reply.encode(), qos=1)
 
-    def serve(self, req: RepoRequest) -> RepoReply:
+    def serve(self, req: RepoRequest, device: str) -> RepoReply:
+        """``req.path`` for ``device``: the image repository (shared) or that device's own director metadata, and
+        nothing else under ROOT (a store, keys or another device's assignment placed there stay unreachable)."""
+        if not (req.path.startswith("image/") or req.path.startswith(f"director/{device}/")):
+            return RepoReply(req.request_id, 404, error="not found")
         path = (self.root / req.path).resolve()
         if not path.is_relative_to(self.root) or not path.is_file():  # also refuses symlinks that lead outside
             return RepoReply(req.request_id, 404, error="not found")

@@ -20,12 +20,15 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent import wire
-from agent.wire import REPO_REQUEST, RepoReply, RepoRequest, device_topic, repo_reply_topic
+from agent.errors import InvalidOptions
+from agent.settings import BrokerSettings
+from agent.wire import RepoReply, RepoRequest, device_topic, repo_reply_topic, repo_request_topic
+from fleet import transport
 
 __all__ = ["Behaviour", "Simulator"]
 
@@ -113,9 +116,20 @@ class Simulator:
         runtimes: dict[str, str] | None = None,
         initial: dict[str, str] | None = None,
         jitter: float = 0.1,
+        broker: BrokerSettings | None = None,
+        passwords: Mapping[str, str] | None = None,
     ) -> None:
-        self.host, self.port = host, port
+        """``broker``: TLS, MQTT version and credentials (``host``/``port`` replace its address). ``passwords``: each
+        simulated device logs in as itself (user name = its id) with the password ``fleet provision`` issued for it,
+        so the generated ACL confines it as it confines a real device; every device needs one."""
+        self.broker = transport.broker_settings(host, port, broker)
+        self.host, self.port = self.broker.host, self.broker.port
         self.devices = [SimDevice(f"{prefix}-{i:04d}", dict(initial or {})) for i in range(count)]
+        missing = [d.id for d in self.devices if passwords is not None and d.id not in passwords]
+        if missing:
+            raise InvalidOptions(f"no broker password for {len(missing)} simulated device(s), e.g. {missing[0]}")
+        self.passwords = dict(passwords or {})
+        self._options: dict[str, Any] | None = None  # aiomqtt's, made once: one TLS context for every device
         self.telemetry_s, self.behaviours = telemetry_s, behaviours or []
         ids = [d.id for d in self.devices]
         self._chosen = [(b, b.chosen(ids)) for b in self.behaviours]
@@ -149,6 +163,11 @@ class Simulator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
+    def _client_options(self) -> dict[str, Any]:
+        if self._options is None:
+            self._options = transport.aiomqtt_options(self.broker)
+        return self._options
+
     def _behaviour(self, device: str, version: str) -> Behaviour | None:
         return next((b for b, chosen in self._chosen if b.version == version and device in chosen), None)
 
@@ -157,7 +176,10 @@ class Simulator:
 
         status = device_topic(d.id, "status")
         will = aiomqtt.Will(status, _status("lost", self.session), qos=1, retain=True)
-        async with aiomqtt.Client(self.host, self.port, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
+        options = dict(self._client_options())
+        if d.id in self.passwords:
+            options.update(username=d.id, password=self.passwords[d.id])
+        async with aiomqtt.Client(**options, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
             await client.subscribe([(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)])
             await client.publish(status, _status("ready", self.session), qos=1, retain=True)
             await self._report(client, d)
@@ -225,7 +247,7 @@ class Simulator:
         rid = uuid.uuid4().hex
         fut: asyncio.Future[RepoReply] = asyncio.get_running_loop().create_future()
         replies[rid] = fut
-        await client.publish(REPO_REQUEST, RepoRequest(rid, repo_reply_topic(d.id), path).encode(), qos=1)
+        await client.publish(repo_request_topic(d.id), RepoRequest(rid, path).encode(), qos=1)
         reply = await asyncio.wait_for(fut, 30)
         if reply.status != 200:
             raise LookupError(f"{path}: {reply.status}")

@@ -15,7 +15,7 @@ from update_rig import MODEL, Rig, Subscriber, fails_beyond_batch_one, unloadabl
 from agent import commands
 from agent.daemon import Agent
 from agent.errors import EdgefleetError
-from agent.wire import REPO_REQUEST, RepoReply, RepoRequest, device_topic
+from agent.wire import REPO_REQUESTS, RepoReply, RepoRequest, device_topic, parse_repo_request_topic, repo_reply_topic
 from fleet.broker import RunningBroker
 from fleet.controller import devices
 
@@ -191,8 +191,9 @@ def test_corrupted_chunks_are_detected_and_requested_again(rig: Rig, agent_for: 
     truncated: list[int] = []
 
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        device = parse_repo_request_topic(msg.topic)
         req = RepoRequest.decode(msg.payload)
-        reply = rig.controller.server.serve(req)  # the repository's own answer...
+        reply = rig.controller.server.serve(req, device)  # the repository's own answer...
         if req.path.endswith(".onnx-fp32.tar") and len(corrupted) < 2:
             data = bytearray(reply.data)
             data[len(data) // 2] ^= 0xFF  # ...tampered with on the way
@@ -201,13 +202,13 @@ def test_corrupted_chunks_are_detected_and_requested_again(rig: Rig, agent_for: 
         elif req.path.endswith(".onnx-fp32.tar") and not truncated:
             truncated.append(req.offset)
             reply = RepoReply(req.request_id, 200, reply.total, req.offset, reply.data[: len(reply.data) // 2])
-        client.publish(req.reply_to, reply.encode(), qos=1)
+        client.publish(repo_reply_topic(device), reply.encode(), qos=1)
 
     rig.controller.server.stop()  # only the relay answers now
     relay = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="relay")
     relay.on_message = on_message
     relay.connect(rig.broker.host, rig.broker.port)
-    relay.subscribe(REPO_REQUEST, qos=1)
+    relay.subscribe(REPO_REQUESTS, qos=1)
     relay.loop_start()
     try:
         agent, jobs = agent_for("dev-c")

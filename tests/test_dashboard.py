@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import shutil
+import signal
+import stat
 import subprocess
+import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +25,7 @@ from fleet.rollout import RolloutEngine, RolloutSpec
 from fleet.simulate import Simulator, SimulatorThread
 from fleet.store import FleetStore
 
+FLEET = [sys.executable, "-m", "fleet.cli"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -78,3 +86,77 @@ def test_the_page_shows_the_devices_and_a_rollout_moving(rig: Rig, fleet: tuple[
     assert counts(during) == ["1/1", "0/4"] and 'class="state running"' in during
     assert counts(after) == ["1/1", "4/4"] and 'class="state done"' in after
     assert after.count('class="version">1.1.0') >= 5
+
+
+def test_a_port_alone_binds_loopback_and_any_other_address_needs_a_token(tmp_path: Path) -> None:
+    from agent.errors import InvalidOptions
+    from fleet.settings import parse_bind
+
+    store = FleetStore(tmp_path / "fleet.db")
+    try:
+        assert parse_bind(":8080") == ("127.0.0.1", 8080) and parse_bind("8080") == ("127.0.0.1", 8080)
+        local = Dashboard(store, *parse_bind(":0")).start()
+        try:
+            assert local.server.server_address[0] == "127.0.0.1"
+            with urllib.request.urlopen(local.url + "api/state", timeout=10) as r:  # loopback, no token set: open
+                assert r.status == 200
+        finally:
+            local.stop()
+        with pytest.raises(InvalidOptions, match="needs a token"):
+            Dashboard(store, "0.0.0.0", 0)
+    finally:
+        store.close()
+
+
+def get(url: str, authorization: str | None = None) -> tuple[int, bytes, list[str]]:
+    """A real HTTP request; the status, the body and the WWW-Authenticate challenges."""
+    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read(), []
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get_all("WWW-Authenticate") or []
+
+
+def test_fleet_serve_on_every_interface_makes_a_token_once_keeps_it_and_refuses_requests_without_it(rig: Rig, tmp_path: Path) -> None:
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'# the operator\'s own note stays\n[broker]\nhost = "{rig.broker.host}"\nport = {rig.broker.port}\n')
+    serve = [*FLEET, "serve", str(rig.serve), "--keys", str(rig.keys.directory), "--store", str(tmp_path / "fleet.db")]
+    serve += ["--config", str(config), "--http", "0.0.0.0:0"]
+
+    def start(log: Path) -> tuple[subprocess.Popen[bytes], int]:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=out)
+        port = wait_for(lambda: re.findall(r"dashboard on http://0\.0\.0\.0:(\d+)/", log.read_text()), 60, "the dashboard")[0]
+        return proc, int(port)
+
+    first, port = start(tmp_path / "first.log")
+    try:
+        shown = re.findall(r"dashboard token \(shown once[^)]*\): (\S+)", (tmp_path / "first.log").read_text())
+        assert len(shown) == 1
+        token = shown[0]
+        url = f"http://127.0.0.1:{port}/"
+        status, _, challenges = get(url)
+        assert status == 401 and any(c.startswith("Bearer") for c in challenges) and any(c.startswith("Basic") for c in challenges)
+        assert get(url + "api/state")[0] == 401
+        assert get(url + "api/state", "Bearer not-the-token-at-all")[0] == 401
+        assert get(url + "api/state", f"Bearer {token}x")[0] == 401
+        assert get(url + "api/state", f"Basic {base64.b64encode(b'admin:wrong').decode()}")[0] == 401
+        status, body, _ = get(url + "api/state", f"Bearer {token}")
+        assert status == 200 and "devices" in json.loads(body)
+        assert get(url, f"Bearer {token}")[0] == 200
+        assert get(url, f"Basic {base64.b64encode(f'anyone:{token}'.encode()).decode()}")[0] == 200  # what a browser sends
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(30)
+    text = config.read_text()
+    assert text.startswith("# the operator's own note stays\n") and f'[dashboard]\ntoken = "{token}"' in text
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    second, port = start(tmp_path / "second.log")  # the kept token: not made again, not shown again
+    try:
+        assert token not in (tmp_path / "second.log").read_text() and "dashboard token" not in (tmp_path / "second.log").read_text()
+        assert get(f"http://127.0.0.1:{port}/api/state", f"Bearer {token}")[0] == 200
+        assert get(f"http://127.0.0.1:{port}/api/state")[0] == 401
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)

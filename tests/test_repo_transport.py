@@ -16,14 +16,15 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import Updater
 
 from agent.repo_fetcher import MqttFetcher
-from agent.wire import REPO_REQUEST, RepoRequest, WireError, repo_reply_topic
+from agent.wire import RepoRequest, WireError, repo_reply_topic, repo_request_topic
 from converters.build import build
 from fleet.broker import RunningBroker
 from fleet.image_repo import ImageRepository
 from fleet.keys import init_keys
 from fleet.repo_server import RepositoryServer
 
-BASE = "mqtt://image/"
+BASE = "mqtt://"  # the server serves ROOT (image/ and director/ inside it); the agent uses "repo://"
+IMG = BASE + "image/"
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +42,11 @@ def updater(image: ImageRepository, device: Path, fetcher: MqttFetcher) -> Updat
     (device / "targets").mkdir(exist_ok=True)
     if not (device / "metadata" / "root.json").exists():
         shutil.copy(image.metadata / "1.root.json", device / "metadata" / "root.json")
-    return Updater(
-        str(device / "metadata"), BASE + "metadata/", str(device / "targets"), BASE + "targets/", fetcher=fetcher, bootstrap=None
-    )
+    return Updater(str(device / "metadata"), IMG + "metadata/", str(device / "targets"), IMG + "targets/", fetcher=fetcher, bootstrap=None)
 
 
 def test_update_over_mqtt_in_small_windowed_chunks(released: ImageRepository, mqtt_broker: RunningBroker, tmp_path: Path) -> None:
-    with RepositoryServer(released.directory, mqtt_broker.host, mqtt_broker.port, client_id="repo-1") as server:
+    with RepositoryServer(released.directory.parent, mqtt_broker.host, mqtt_broker.port, client_id="repo-1") as server:
         fetcher = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dev-1", BASE, chunk_size=4096, window=3)
         try:
             up = updater(released, tmp_path / "dev", fetcher)
@@ -63,37 +62,45 @@ def test_update_over_mqtt_in_small_windowed_chunks(released: ImageRepository, mq
 
 
 def test_missing_and_out_of_range(released: ImageRepository, mqtt_broker: RunningBroker) -> None:
-    with RepositoryServer(released.directory, mqtt_broker.host, mqtt_broker.port, client_id="repo-2"):
+    with RepositoryServer(released.directory.parent, mqtt_broker.host, mqtt_broker.port, client_id="repo-2"):
         fetcher = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dev-2", BASE, timeout=5)
         try:
             with pytest.raises(tuf_errors.DownloadHTTPError) as info:
-                b"".join(fetcher.fetch(BASE + "metadata/99.root.json"))
+                b"".join(fetcher.fetch(IMG + "metadata/99.root.json"))
             assert info.value.status_code == 404
             with pytest.raises(tuf_errors.DownloadHTTPError):
                 b"".join(fetcher.fetch("https://elsewhere/metadata/1.root.json"))
-            assert b"".join(fetcher.fetch(BASE + "metadata/1.root.json")) == (released.metadata / "1.root.json").read_bytes()
+            assert b"".join(fetcher.fetch(IMG + "metadata/1.root.json")) == (released.metadata / "1.root.json").read_bytes()
         finally:
             fetcher.close()
 
 
 def test_paths_outside_the_repository_are_not_served(released: ImageRepository, tmp_path: Path) -> None:
-    server = RepositoryServer(released.directory, "127.0.0.1", 1)  # not started: serve() is the file logic
+    server = RepositoryServer(released.directory.parent, "127.0.0.1", 1)  # not started: serve() is the file logic
     secret = tmp_path / "secret.txt"
     secret.write_text("private key material")
     link = released.directory / "metadata" / "escape.json"
     os.symlink(secret, link)
     try:
-        assert server.serve(RepoRequest("r", repo_reply_topic("d"), "metadata/escape.json")).status == 404
+        assert server.serve(RepoRequest("r", "image/metadata/escape.json"), "d").status == 404
     finally:
         link.unlink()
     for hostile in ("../keys/root.pem", "metadata/../../etc/passwd", "/etc/passwd", "metadata//x", "a" * 600):
         with pytest.raises(WireError):
-            RepoRequest.decode(json.dumps({"request_id": "r", "reply_to": repo_reply_topic("d"), "path": hostile}).encode())
-    assert server.serve(RepoRequest("r", repo_reply_topic("d"), "metadata/1.root.json", offset=10**9)).status == 416
+            RepoRequest.decode(json.dumps({"request_id": "r", "path": hostile}).encode())
+    assert server.serve(RepoRequest("r", "image/metadata/1.root.json", offset=10**9), "d").status == 416
+    assert server.serve(RepoRequest("r", "image/metadata/1.root.json"), "d").status == 200
+    # ROOT holds more than the two repositories (here the keys): only image/ and the device's own director/ are served
+    assert (released.directory.parent / "keys").is_dir()
+    for elsewhere in (
+        "keys/" + next(p.name for p in (released.directory.parent / "keys").iterdir()),
+        "director/victim/metadata/1.root.json",
+    ):
+        assert server.serve(RepoRequest("r", elsewhere), "d").status == 404
 
 
 def test_hostile_requests_are_counted_and_the_server_keeps_serving(released: ImageRepository, mqtt_broker: RunningBroker) -> None:
-    with RepositoryServer(released.directory, mqtt_broker.host, mqtt_broker.port, client_id="repo-3") as server:
+    with RepositoryServer(released.directory.parent, mqtt_broker.host, mqtt_broker.port, client_id="repo-3") as server:
         attacker = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="attacker")
         attacker.connect(mqtt_broker.host, mqtt_broker.port)
         attacker.loop_start()
@@ -103,20 +110,22 @@ def test_hostile_requests_are_counted_and_the_server_keeps_serving(released: Ima
             b"[]",
             b"{}",
             b"x" * 10_000,
-            json.dumps({"request_id": "r", "reply_to": "edgefleet/v1/dev/victim/cmd", "path": "metadata/1.root.json"}).encode(),
-            json.dumps({"request_id": "r", "reply_to": repo_reply_topic("d"), "path": "metadata/1.root.json", "length": 10**9}).encode(),
-            json.dumps({"request_id": "r", "reply_to": repo_reply_topic("d"), "path": 5, "offset": "x"}).encode(),
+            json.dumps({"request_id": "r", "reply_to": "edgefleet/v1/dev/victim/cmd", "path": "image/metadata/1.root.json"}).encode(),
+            json.dumps({"request_id": "r", "path": "image/metadata/1.root.json", "length": 10**9}).encode(),
+            json.dumps({"request_id": "r", "path": 5, "offset": "x"}).encode(),
+            b"[" * 3000 + b"]" * 3000,
         ]
         for payload in bad:
-            attacker.publish(REPO_REQUEST, payload, qos=1).wait_for_publish(5)
+            attacker.publish(repo_request_topic("attacker"), payload, qos=1).wait_for_publish(5)
+        attacker.publish("edgefleet/v1/repo/req/bad id", b"{}", qos=1).wait_for_publish(5)  # no such device topic
         attacker.loop_stop()
         attacker.disconnect()
         fetcher = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dev-3", BASE, timeout=5)
         try:
-            assert b"".join(fetcher.fetch(BASE + "metadata/timestamp.json")) == (released.metadata / "timestamp.json").read_bytes()
+            assert b"".join(fetcher.fetch(IMG + "metadata/timestamp.json")) == (released.metadata / "timestamp.json").read_bytes()
         finally:
             fetcher.close()
-        assert server.counters["bad_request"] == len(bad)
+        assert server.counters["bad_request"] == len(bad) and server.counters["internal_error"] == 0
 
 
 @settings(max_examples=200, deadline=None)
@@ -138,11 +147,11 @@ def test_broker_restart_mid_download_resumes(released: ImageRepository, tmp_path
     from fleet.broker import start_broker
 
     with start_broker(tmp_path_factory.mktemp("b")) as broker:
-        with RepositoryServer(released.directory, broker.host, broker.port, client_id="repo-4"):
+        with RepositoryServer(released.directory.parent, broker.host, broker.port, client_id="repo-4"):
             fetcher = MqttFetcher(broker.host, broker.port, "dev-4", BASE, chunk_size=2048, window=2, timeout=2, retries=10)
             try:
                 target = next((released.targets_dir / "mlp" / "1.0.0").glob("*.openvino-fp32.tar"))
-                url = BASE + "targets/mlp/1.0.0/" + target.name
+                url = IMG + "targets/mlp/1.0.0/" + target.name
                 stream = fetcher.fetch(url)
                 first = next(stream)
                 broker.start_again()  # every connection drops; paho reconnects, lost requests are re-sent
@@ -157,12 +166,43 @@ def test_chunks_fit_the_brokers_maximum_packet_size(released: ImageRepository, t
     from fleet.broker import start_broker
 
     with start_broker(tmp_path_factory.mktemp("small-packets"), extra_config=["max_packet_size 16384"]) as broker:
-        with RepositoryServer(released.directory, broker.host, broker.port, client_id="repo-5"):
+        with RepositoryServer(released.directory.parent, broker.host, broker.port, client_id="repo-5"):
             fetcher = MqttFetcher(broker.host, broker.port, "dev-5", BASE, timeout=5)
             try:
                 assert fetcher.chunk_size <= 16384 - 1024
                 target = next((released.targets_dir / "mlp" / "1.0.0").glob("*.openvino-fp32.tar"))
-                data = b"".join(fetcher.read_range(BASE + "targets/mlp/1.0.0/" + target.name, 0, target.stat().st_size))
+                data = b"".join(fetcher.read_range(IMG + "targets/mlp/1.0.0/" + target.name, 0, target.stat().st_size))
                 assert data == target.read_bytes() and len(data) > 16384
             finally:
                 fetcher.close()
+
+
+def test_replies_go_to_the_asking_devices_own_topic_whatever_the_payload_says(
+    released: ImageRepository, mqtt_broker: RunningBroker
+) -> None:
+    """200 requests naming a victim's reply topic put nothing on it: the reply topic comes from the request topic."""
+    from update_rig import Subscriber, wait_for
+
+    with RepositoryServer(released.directory.parent, mqtt_broker.host, mqtt_broker.port, client_id="repo-6") as server:
+        victim = Subscriber(mqtt_broker, [repo_reply_topic("victim")], "victim-watch")
+        mallory = Subscriber(mqtt_broker, [repo_reply_topic("mallory")], "mallory")
+        try:
+            hostile = json.dumps({"request_id": "x", "reply_to": repo_reply_topic("victim"), "path": "image/metadata/1.root.json"})
+            asked = json.dumps({"request_id": "y", "path": "director/victim/metadata/1.root.json"})  # another device's assignment
+            for _ in range(100):
+                mallory.client.publish(repo_request_topic("mallory"), hostile.encode(), qos=1)
+                mallory.client.publish(repo_request_topic("mallory"), asked.encode(), qos=1)
+            wait_for(lambda: len(mallory.payloads()) == 200, 30, "mallory's own 200 answers")
+            codes = sorted({json.loads(p.split(b"\n", 1)[0])["status"] for p in mallory.payloads()})
+            assert codes == [400, 404]
+            fetcher = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "victim", BASE, timeout=5)
+            try:  # the victim's own request, after all of mallory's: its answer is the first thing on its topic
+                assert b"".join(fetcher.fetch(IMG + "metadata/1.root.json")) == (released.metadata / "1.root.json").read_bytes()
+            finally:
+                fetcher.close()
+            wait_for(lambda: len(victim.payloads()) >= 1, 10, "the victim's own answer")
+            assert all(json.loads(p.split(b"\n", 1)[0])["request_id"] not in ("x", "y") for p in victim.payloads())
+            assert server.counters["bad_request"] == 100 and server.counters["status_404"] == 100
+        finally:
+            victim.close()
+            mallory.close()

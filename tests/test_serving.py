@@ -245,3 +245,29 @@ def test_the_request_decoder_raises_only_its_own_typed_error(payload: bytes) -> 
     except PayloadError:
         return
     assert 0 < len(req.request_id) <= 64
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_deeply_nested_requests_cost_one_answer_never_the_mqtt_thread(rig: Rig, mqtt_broker: RunningBroker, inline: bool) -> None:
+    """4 kB of brackets made json raise RecursionError: on paho's thread (inline serving, or the overloaded path
+    that used to decode the request id) that ended the thread and the agent served nothing ever after."""
+    settings = "queue_size = 1\nworkers = 1" + ("" if inline else "\ninline_below_ms = 0")
+    device = f"srv-deep-{int(inline)}"
+    agent = start_agent(rig, device, settings)
+    app = RawApp(mqtt_broker, device)
+    try:
+        app.send(json.dumps({"request_id": "warm", "inputs": rows(1).tolist()}).encode())
+        assert app.answer("warm")["code"] == ""  # measured fast: from now on served on paho's thread when the queue is empty
+        assert (agent.serving._call_s[MODEL] < agent.serving.inline_below_s) == inline
+        bomb = b'{"request_id": "deep", "inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        for i in range(20):  # past the queue: some take the overloaded path on paho's thread
+            app.send(bomb.replace(b'"deep"', f'"deep{i}"'.encode()), qos=0)
+        wait_for(lambda: len(app.replies) >= 21, 30, "every bomb answered")
+        codes = {decode_reply(r).error_code for r in app.replies[1:]}
+        assert codes <= {"bad_request", "overloaded"} and "bad_request" in codes, codes
+        assert agent.network_alive()
+        app.send(json.dumps({"request_id": "after", "inputs": rows(1).tolist()}).encode())
+        assert app.answer("after")["code"] == ""
+    finally:
+        app.close()
+        agent.stop()

@@ -120,7 +120,8 @@ def test_a_shadow_target_is_verified_like_the_one_to_run(fleet: Fleet, tmp_path:
 def _director_targets(fleet: Fleet, device: str, *targets: tuple[str, str, str, bool]) -> None:
     """(model, version, variant, shadow) targets signed with the director's key: what a compromised key could sign."""
     meta = fleet.director.device_metadata(device)
-    md = Metadata.from_file(str(meta / "1.targets.json"))
+    md = fleet.director.committed_targets(meta)
+    assert md is not None
     md.signed.targets.clear()
     for model, version, variant, shadow in targets:
         tf = fleet.director._target(fleet.image, model, version, variant)
@@ -234,15 +235,14 @@ def test_assign_refuses_unknown_releases(fleet: Fleet) -> None:
 def test_end_to_end_over_mqtt(fleet: Fleet, mqtt_broker: RunningBroker, tmp_path: Path) -> None:
     fleet.director.assign("dev-m", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
     with RepositoryServer(fleet.root / "serve", mqtt_broker.host, mqtt_broker.port, client_id="repo-e2e"):
-        # One server serves `serve/`; both fetchers map "repo://<path>" to it: image/... and director/dev-m/...
-        image_f = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dev-m", "repo://", timeout=5)
-        director_f = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dev-m-dir", "repo://", timeout=5)
+        # One server serves `serve/`; one fetcher (as the agent has) maps "repo://<path>" to it: image/... and
+        # director/dev-m/... — the server answers only dev-m's own director metadata to requests in dev-m's name
+        fetcher = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dev-m", "repo://", timeout=5)
         try:
-            repos = fleet.device("dev-m", (image_f, director_f))
+            repos = fleet.device("dev-m", (fetcher, fetcher))
             upd = check_for_update(repos, {"tiny": Installed(1, "0" * 64)}, profile(tmp_path))
         finally:
-            image_f.close()
-            director_f.close()
+            fetcher.close()
     assert upd is not None and upd.version == "1.1.0"
 
 

@@ -73,7 +73,18 @@ def test_repository_requests_replies_and_commands_decode_or_raise_wire_error(pay
             decoder(payload)
         except wire.WireError:
             pass
-    assert wire.reply_address(payload) is None or isinstance(wire.reply_address(payload), tuple)
+    rid = wire.readable_request_id(payload)
+    assert rid is None or (isinstance(rid, str) and len(rid) <= 64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.text(max_size=80) | st.text(max_size=30).map(lambda t: "edgefleet/v1/repo/req/" + t))
+def test_any_repository_request_topic_names_a_valid_device_or_raises_wire_error(topic: str) -> None:
+    try:
+        device = wire.parse_repo_request_topic(topic)
+    except wire.WireError:
+        return
+    assert wire.repo_request_topic(device) == topic
 
 
 @settings(max_examples=300, deadline=None)

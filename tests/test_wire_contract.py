@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -48,7 +47,7 @@ def fields(message: BaseModel, prefix: str = "") -> set[str]:
 
 def test_the_agent_and_the_simulator_speak_the_same_wire(rig: Rig, tmp_path: Path) -> None:
     agent_id, sim_id = "contract-agent", "contract-sim-0000"
-    watch = Subscriber(rig.broker, [wire.device_filter("#"), wire.REPO_REQUEST], "watch-contract")
+    watch = Subscriber(rig.broker, [wire.device_filter("#"), wire.REPO_REQUESTS], "watch-contract")
     sim = Simulator(rig.broker.host, rig.broker.port, 1, "contract-sim", telemetry_s=0.3, initial={MODEL: "1.0.0"})
     rig.director.assign(sim_id, rig.image, MODEL, "1.0.0", "onnx-fp32", rig.keys)
     rig.assign(agent_id, "1.0.0")
@@ -74,7 +73,7 @@ def test_the_agent_and_the_simulator_speak_the_same_wire(rig: Rig, tmp_path: Pat
         def seen(device: str) -> dict[str, set[str]]:
             kinds: dict[str, set[str]] = {}
             for topic, payload in list(watch.messages):
-                if topic == wire.REPO_REQUEST or not payload:
+                if topic.startswith(wire.REPO_REQUESTS[:-1]) or not payload:
                     continue
                 t = wire.parse_device_topic(topic)
                 if t.device != device or t.kind not in ("status", "reported", "telemetry", "jobs"):
@@ -104,10 +103,12 @@ def test_the_agent_and_the_simulator_speak_the_same_wire(rig: Rig, tmp_path: Pat
             time.sleep(0.2)
         assert differences() == []
         requests: dict[str, int] = {}
-        for payload in watch.payloads(wire.REPO_REQUEST):
-            req: Any = wire.RepoRequest.decode(payload)
-            requests[req.reply_to] = requests.get(req.reply_to, 0) + 1
-        assert set(requests) == {wire.repo_reply_topic(agent_id), wire.repo_reply_topic(sim_id)}
+        for topic, payload in list(watch.messages):
+            if topic.startswith(wire.REPO_REQUESTS[:-1]):
+                wire.RepoRequest.decode(payload)  # both send requests the server's decoder takes
+                device = wire.parse_repo_request_topic(topic)
+                requests[device] = requests.get(device, 0) + 1
+        assert set(requests) == {agent_id, sim_id}
     finally:
         stop.set()
         loader.join(10)

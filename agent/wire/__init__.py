@@ -7,23 +7,25 @@ decode through these and nothing else; decoding is where hostile input stops (``
 from agent.wire.codec import WireError, WireModel, decode, encode, load_json
 from agent.wire.commands import Command, CommandReply, ErrorBody
 from agent.wire.device import InstalledVersion, JobUpdate, Reported, ReportedModel, ReportedShadow, Status, UpdateCheck, UpdateState
-from agent.wire.repo import MAX_CHUNK, RepoReply, RepoRequest, reply_address
+from agent.wire.repo import MAX_CHUNK, RepoReply, RepoRequest, readable_request_id
 from agent.wire.telemetry import CLIENT_ERRORS, SERVER_ERRORS, ModelWindow, PredictionSums, ShadowWindow, SystemMetrics, TelemetryBatch
 from agent.wire.topics import (
-    REPO_REQUEST,
+    REPO_REQUESTS,
     ROOT,
     DeviceTopic,
     device_filter,
     device_topic,
     parse_device_topic,
+    parse_repo_request_topic,
     repo_reply_topic,
+    repo_request_topic,
     valid_device_id,
 )
 
 __all__ = [
     "CLIENT_ERRORS",
     "MAX_CHUNK",
-    "REPO_REQUEST",
+    "REPO_REQUESTS",
     "ROOT",
     "SERVER_ERRORS",
     "Command",
@@ -54,8 +56,10 @@ __all__ = [
     "encode",
     "load_json",
     "parse_device_topic",
-    "reply_address",
+    "parse_repo_request_topic",
+    "readable_request_id",
     "repo_reply_topic",
+    "repo_request_topic",
     "valid_device_id",
 ]
 

@@ -129,6 +129,8 @@ def decode_request(payload: bytes, max_bytes: int) -> Request:
         raise PayloadError("payload is neither UTF-8 JSON nor binary (EFB1)") from None
     except ValueError as exc:
         raise PayloadError(f"malformed JSON: {exc}") from None
+    except RecursionError:  # json's C decoder stops at the recursion limit; a tensor nests at most MAX_DIMS deep
+        raise PayloadError("JSON nested too deeply", _sniff_request_id(payload)) from None
     if not isinstance(data, dict):
         raise PayloadError("a request is a JSON object")
     rid = _request_id(data.get("request_id"))
@@ -169,7 +171,7 @@ def _decode_binary(payload: bytes) -> Request:
         raise PayloadError("binary header length runs past the payload")
     try:
         header = json.loads(payload[8 : 8 + hlen])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise PayloadError("binary header is not JSON") from None
     if not isinstance(header, dict):
         raise PayloadError("binary header is not a JSON object")
@@ -194,16 +196,21 @@ def _decode_binary(payload: bytes) -> Request:
 
 def _sniff_request_id(payload: bytes) -> str:
     """The request_id of a payload we will not parse fully (too large), if it is cheap to find."""
-    head = payload[:512]
-    start = head.find(b'"request_id"')
+    return _sniff_string(payload, b'"request_id"', MAX_REQUEST_ID) or ""
+
+
+def _sniff_string(payload: bytes, key: bytes, limit: int) -> str | None:
+    """A top-level string field found in the first 1 KB without parsing (escapes not followed: a hint only)."""
+    head = payload[:1024]
+    start = head.find(key)
     if start < 0:
-        return ""
-    rest = head[start + 12 :].lstrip(b" :")
+        return None
+    rest = head[start + len(key) :].lstrip(b" \t\r\n:")
     if rest[:1] != b'"':
-        return ""
+        return None
     end = rest.find(b'"', 1)
-    rid = rest[1:end].decode("utf-8", "replace") if end > 0 else ""
-    return rid if 0 < len(rid) <= MAX_REQUEST_ID else ""
+    value = rest[1:end].decode("utf-8", "replace") if end > 0 else ""
+    return value if 0 < len(value) <= limit and "\\" not in value else None
 
 
 def _tensor_json(arr: np.ndarray, b64: bool) -> Any:
@@ -258,7 +265,38 @@ def encode_request(
 
 
 def decode_reply(payload: bytes) -> Reply:
-    """The client's side of ``encode_reply``."""
+    """The client's side of ``encode_reply``; whatever a device answers, a ``PayloadError`` at worst."""
+    try:
+        return _decode_reply(payload)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, struct.error, binascii.Error) as exc:
+        raise PayloadError(f"unreadable reply: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def peek_request(payload: bytes) -> Request:
+    """What an answer needs (request_id, reply_to, binary) without decoding the tensors: paho's thread answers an
+    ``overloaded`` request with this, and must never spend 300 ms decoding 4 MB there (nor meet a bomb)."""
+    if payload[:4] == BINARY_MAGIC and len(payload) >= 8:
+        (hlen,) = struct.unpack(">I", payload[4:8])
+        header: Any = None
+        if hlen <= 4096:
+            try:
+                header = json.loads(payload[8 : 8 + hlen])
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                header = None
+        if isinstance(header, dict):
+            rid = header.get("request_id")
+            reply_to = header.get("reply_to")
+            return Request(
+                rid if isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID else "",
+                np.empty(0),
+                reply_to if isinstance(reply_to, str) and len(reply_to) <= 256 else None,
+                binary=True,
+            )
+        return Request("", np.empty(0), binary=True)
+    return Request(_sniff_request_id(payload), np.empty(0), _sniff_string(payload, b'"reply_to"', 256))
+
+
+def _decode_reply(payload: bytes) -> Reply:
     if payload[:4] == BINARY_MAGIC:
         (hlen,) = struct.unpack(">I", payload[4:8])
         head = json.loads(payload[8 : 8 + hlen])

@@ -1,7 +1,10 @@
 """Repository requests and replies: a device pulls metadata and chunks through the controller's server.
 
-Replies are binary: a JSON header, a newline, then the raw bytes, so a 256 KiB chunk is
-not inflated by base64.
+A request goes to ``repo/req/{device id}`` and its reply to that device's own
+``dev/{id}/repo/reply``: the server derives the reply topic from the request topic
+(which the broker's ACL confines), never from the payload, so no device can aim replies
+at another. Replies are binary: a JSON header, a newline, then the raw bytes, so a
+256 KiB chunk is not inflated by base64.
 """
 
 from __future__ import annotations
@@ -12,16 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.wire.codec import WireError, load_json
-from agent.wire.topics import DEVICE_ID, ROOT
 
-__all__ = ["MAX_CHUNK", "MAX_PATH", "REPLY_TOPIC", "RepoReply", "RepoRequest", "reply_address"]
+__all__ = ["MAX_CHUNK", "MAX_PATH", "RepoReply", "RepoRequest", "readable_request_id"]
 
 MAX_CHUNK = 256 * 1024
 MAX_PATH = 512
 MAX_REQUEST = 4096
 MAX_REPLY_HEADER = 4096
 _REPO_PATH = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")  # '+' as in versions like 1.0+build5
-REPLY_TOPIC = re.compile(rf"^{ROOT}/dev/{DEVICE_ID}/repo/reply$")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,6 @@ class RepoRequest:
     """Ask for ``length`` bytes of ``path`` (relative to the repository root) from ``offset``."""
 
     request_id: str
-    reply_to: str
     path: str
     offset: int = 0
     length: int = MAX_CHUNK
@@ -40,17 +40,15 @@ class RepoRequest:
     @classmethod
     def decode(cls, payload: bytes) -> RepoRequest:
         data = load_json(payload, MAX_REQUEST)
-        if not isinstance(data, dict) or set(data) - {"request_id", "reply_to", "path", "offset", "length"}:
-            raise WireError("expected an object with request_id, reply_to, path, offset, length")
+        if not isinstance(data, dict) or set(data) - {"request_id", "path", "offset", "length"}:
+            raise WireError("expected an object with request_id, path, offset, length (the reply topic comes from the request topic)")
         try:
-            fields = (data["request_id"], data["reply_to"], data["path"], data.get("offset", 0), data.get("length", MAX_CHUNK))
+            fields = (data["request_id"], data["path"], data.get("offset", 0), data.get("length", MAX_CHUNK))
         except KeyError as exc:
             raise WireError(f"missing field {exc}") from None
-        if not all(isinstance(f, str) for f in fields[:3]) or not all(type(f) is int for f in fields[3:]):
-            raise WireError("request_id, reply_to and path must be strings, offset and length integers")
+        if not all(isinstance(f, str) for f in fields[:2]) or not all(type(f) is int for f in fields[2:]):
+            raise WireError("request_id and path must be strings, offset and length integers")
         req = cls(*fields)
-        if not REPLY_TOPIC.fullmatch(req.reply_to):
-            raise WireError(f"reply_to must be {ROOT}/dev/<id>/repo/reply")
         if len(req.path) > MAX_PATH or not _REPO_PATH.fullmatch(req.path) or ".." in req.path.split("/"):
             raise WireError(f"bad path {req.path[:80]!r}")
         if req.offset < 0 or req.offset >= 2**63 or not 0 < req.length <= MAX_CHUNK or len(req.request_id) > 64:
@@ -58,18 +56,14 @@ class RepoRequest:
         return req
 
 
-def reply_address(payload: bytes) -> tuple[str, str] | None:
-    """(request_id, reply_to) of a request that failed validation, when both are usable for a 400 answer."""
+def readable_request_id(payload: bytes) -> str | None:
+    """The request_id of a request that failed validation, when it is usable for a 400 answer."""
     try:
         data = load_json(payload, MAX_REQUEST)
     except WireError:
         return None
-    if not isinstance(data, dict):
-        return None
-    rid, reply_to = data.get("request_id"), data.get("reply_to")
-    if isinstance(rid, str) and len(rid) <= 64 and isinstance(reply_to, str) and REPLY_TOPIC.fullmatch(reply_to):
-        return rid, reply_to
-    return None
+    rid = data.get("request_id") if isinstance(data, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= 64 else None
 
 
 @dataclass(frozen=True)

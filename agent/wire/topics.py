@@ -14,18 +14,20 @@ from agent.wire.codec import WireError
 
 __all__ = [
     "DEVICE_ID",
-    "REPO_REQUEST",
+    "REPO_REQUESTS",
     "ROOT",
     "DeviceTopic",
     "device_filter",
     "device_topic",
     "parse_device_topic",
+    "parse_repo_request_topic",
     "repo_reply_topic",
+    "repo_request_topic",
     "valid_device_id",
 ]
 
 ROOT = "edgefleet/v1"
-REPO_REQUEST = f"{ROOT}/repo/req"
+REPO_REQUESTS = f"{ROOT}/repo/req/+"  # the repository server's subscription: one topic per device
 DEVICE_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _DEVICE_ID = re.compile(rf"^{DEVICE_ID}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a job id or model name inside a topic
@@ -50,6 +52,20 @@ def device_filter(*parts: str) -> str:
 
 def repo_reply_topic(device_id: str) -> str:
     return device_topic(device_id, "repo", "reply")
+
+
+def repo_request_topic(device_id: str) -> str:
+    """Where a device asks the repository server for a file: its id in the topic, which the broker's ACL confines
+    (each device may publish only its own), so the server knows who asks without trusting the payload."""
+    return f"{ROOT}/repo/req/{valid_device_id(device_id)}"
+
+
+def parse_repo_request_topic(topic: str) -> str:
+    """The asking device's id from ``edgefleet/v1/repo/req/{id}``; ``WireError`` for any other shape."""
+    head, sep, device = topic.partition(f"{ROOT}/repo/req/")
+    if head or not sep:
+        raise WireError(f"not a repository request topic: {topic[:120]!r}")
+    return valid_device_id(device)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from typing import Any
 
 from agent import logs
 from agent.errors import EdgefleetError
+from agent.settings import BrokerSettings
+from fleet import transport
 from fleet.controller import announce
 from fleet.director import Director
 from fleet.image_repo import ImageRepository, variant_target_path
@@ -52,8 +54,20 @@ SETTLED = {"active", "shadowing", "failed", "timeout"}
 
 
 class RolloutEngine:
-    def __init__(self, store: FleetStore, image: ImageRepository, director: Director, keys: KeyStore, host: str, port: int) -> None:
-        self.store, self.image, self.director, self.keys, self.host, self.port = store, image, director, keys, host, port
+    def __init__(
+        self,
+        store: FleetStore,
+        image: ImageRepository,
+        director: Director,
+        keys: KeyStore,
+        host: str | None = None,
+        port: int | None = None,
+        broker: BrokerSettings | None = None,
+    ) -> None:
+        """``broker`` (TLS, credentials, MQTT version; ``host``/``port`` replace its address) is where announcements go."""
+        self.store, self.image, self.director, self.keys = store, image, director, keys
+        self.broker = transport.broker_settings(host, port, broker)
+        self.host, self.port = self.broker.host, self.broker.port
         self.reannounce_s = 10.0  # a device assigned but silent this long is told again (a lost announcement)
         self._announced: dict[tuple[int, str], float] = {}
 
@@ -62,6 +76,7 @@ class RolloutEngine:
     def start(self, spec: RolloutSpec) -> int:
         release = self.image.release_of(spec.model, spec.version)
         if release is None:
+            self.image.ensure_not_revoked(spec.model, spec.version)  # ReleaseRevoked: the clearer error
             raise RolloutError(f"{spec.model} {spec.version} is not released")
         available = [v.id for v in release.variants]
         if spec.variant is not None and spec.variant not in available:
@@ -203,7 +218,7 @@ class RolloutEngine:
             self._announced[(rid, device)] = now
         self.store.set_device_states(rid, changes)
         if moved:
-            announce(self.director, moved, self.host, self.port)
+            announce(self.director, moved, broker=self.broker)
         if not all(m["state"] in SETTLED for m in members):
             return
         if not r["wave_done"]:
@@ -306,7 +321,7 @@ class RolloutEngine:
         self.store.set_device_states(rid, changes)
         self.store.update_rollout(rid, state=ABORTED, reason=reason)
         if back:
-            announce(self.director, back, self.host, self.port)
+            announce(self.director, back, broker=self.broker)
         logs.event(log, "rollout.aborted", logging.WARNING, id=rid, reason=reason, rolled_back=len(back))
         return len(back)
 

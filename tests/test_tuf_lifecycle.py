@@ -1,0 +1,522 @@
+"""The TUF lifecycle: key rotation for every role, release revocation, atomic director commits, pruning.
+
+Real keys, real signatures, the real python-tuf client; the agent tests run the real ``Agent`` against mosquitto
+and the repository server. Crashes are real ``kill -9``s of a ``fleet`` process at a chosen ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fake_roots
+import pytest
+from conftest import ModelFiles
+from tuf.api.metadata import Metadata
+from update_rig import MODEL, VARIANT, Rig, Subscriber, wait_for
+
+from agent.daemon import Agent
+from agent.hardware import HardwareProfile, detect
+from agent.repo_fetcher import DirectoryFetcher
+from agent.update import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_for_update
+from agent.wire import device_topic
+from converters.build import build
+from fleet.director import AssignError, Director
+from fleet.image_repo import ImageRepository, ReleaseError, ReleaseRevoked, RotationError, metadata_versions
+from fleet.keys import KeyError_, KeyStore, init_keys
+from fleet.lifecycle import rotate
+
+CLI = [sys.executable, "-m", "fleet.cli"]
+
+
+# -- a small fleet checked by the real python-tuf client (no broker) -------------------------------------------
+
+
+class Fleet:
+    def __init__(self, root: Path, models: ModelFiles) -> None:
+        self.root = root
+        self.keys = init_keys(root / "keys")
+        self.image = ImageRepository.create(root / "serve" / "image", self.keys)
+        self.director = Director.create(root / "serve" / "director", self.keys)
+        for version in ("1.0.0", "1.1.0", "1.2.0"):
+            self.image.release(self.bundle(models, version), self.keys)
+
+    def bundle(self, models: ModelFiles, version: str) -> Path:
+        out = self.root / f"tiny-{version}"
+        if not out.exists():
+            build(models.path("tiny.onnx"), "tiny", version, out, variants=["onnx-fp32"])
+        return out
+
+    def device(self, name: str) -> TrustedRepos:
+        """A device that was shipped the first roots and has kept its trusted metadata since (as a real one does)."""
+        d = self.root / "devices" / name
+        for sub in ("image", "director"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        if not (d / "image" / "root.json").exists():
+            shutil.copy(self.image.metadata / "1.root.json", d / "image" / "root.json")
+            shutil.copy(self.director.directory / "1.root.json", d / "director" / "root.json")
+        image_url, director_url = "repo://image/", f"repo://director/{name}/"
+        return TrustedRepos(
+            d / "image",
+            d / "director",
+            image_url,
+            director_url,
+            DirectoryFetcher(self.root / "serve" / "image", image_url),
+            DirectoryFetcher(self.root / "serve" / "director" / name, director_url),
+            d / "downloads",
+        )
+
+    def check(self, device: str, installed: dict[str, Installed] | None = None) -> VerifiedUpdate | None:
+        return check_for_update(self.device(device), installed or {}, profile(self.root))
+
+
+def profile(root: Path) -> HardwareProfile:
+    return detect(fake_roots.plain_x86(root / "hw"))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, models: ModelFiles) -> Fleet:
+    return Fleet(tmp_path, models)
+
+
+def _retired_copy(keys: KeyStore, dest: Path) -> KeyStore:
+    """A copy of the key store as it is now: after a rotation, its keys of the rotated role are the retired ones."""
+    shutil.copytree(keys.directory, dest)
+    return KeyStore(dest)
+
+
+def _forger(current: KeyStore, retired: KeyStore, role: str, dest: Path) -> KeyStore:
+    """Today's keys, except ``role`` signs with its retired key: what a thief of the old key can sign."""
+    shutil.copytree(current.directory, dest)
+    for pem in retired.directory.glob(f"{role}-*.pem"):
+        shutil.copy(pem, dest / pem.name)
+    forged = KeyStore(dest)
+    forged.set_role(role, retired.signers(role), retired.threshold(role))
+    return forged
+
+
+def test_every_role_rotates_and_a_device_follows(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    assert fleet.check("dev-1") is not None  # the device trusts roots v1 and today's keys
+    versions = iter(["1.1.0", "1.2.0", "1.1.0", "1.2.0", "1.1.0"])
+    for role in ("director", "snapshot", "timestamp", "targets", "root"):
+        old_ids = {k.keyid for k in fleet.keys.public_keys(role)}
+        r = rotate(role, fleet.keys, fleet.image, fleet.director)
+        assert set(r.keyids).isdisjoint(old_ids) and len(r.keyids) == 1
+        assert not any((fleet.keys.directory / f"{role}-{k[:16]}.pem").exists() for k in old_ids)  # retired: private keys gone
+        named = fleet.director.root() if role == "director" else fleet.image.root()
+        assert set(named.signed.roles["targets" if role == "director" else role].keyids) == set(r.keyids)
+        version = next(versions)
+        fleet.director.assign("dev-1", fleet.image, "tiny", version, "onnx-fp32", fleet.keys)
+        upd = fleet.check("dev-1")
+        assert upd is not None and upd.version == version, role
+    device = fleet.device("dev-1")
+    assert Metadata.from_file(str(device.image_dir / "root.json")).signed.version == 5  # snapshot, timestamp, targets, root
+    assert Metadata.from_file(str(device.director_dir / "root.json")).signed.version == 3  # director, root
+    # a device shipped with the first roots (v1) walks the whole chain too
+    fleet.director.assign("dev-fresh", fleet.image, "tiny", "1.2.0", "onnx-fp32", fleet.keys)
+    fresh = fleet.check("dev-fresh")
+    assert fresh is not None and fresh.version == "1.2.0"
+
+
+@pytest.mark.parametrize("role", ["director", "snapshot", "timestamp", "targets"])
+def test_metadata_signed_with_a_retired_key_is_refused(fleet: Fleet, tmp_path: Path, role: str) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    assert fleet.check("dev-1") is not None
+    before = _retired_copy(fleet.keys, tmp_path / "before")
+    rotate(role, fleet.keys, fleet.image, fleet.director)
+    assert fleet.check("dev-1") is not None  # rotated: the device follows
+    forged = _forger(fleet.keys, before, role, tmp_path / "forged")
+    if role == "director":
+        fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", forged)
+    elif role == "targets":
+        fleet.image._publish(fleet.image.targets(), forged)
+    else:
+        fleet.image.refresh(forged)
+    with pytest.raises(UpdateRejected, match="UnsignedMetadataError"):
+        fleet.check("dev-1")
+    # today's keys sign again: the device moves on
+    fleet.image._publish(fleet.image.targets(), fleet.keys)
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.2.0", "onnx-fp32", fleet.keys)
+    upd = fleet.check("dev-1")
+    assert upd is not None and upd.version == "1.2.0"
+
+
+def test_rotation_refusals_change_nothing(fleet: Fleet) -> None:
+    def state() -> tuple[str, list[str], list[str], list[str]]:
+        return (
+            (fleet.keys.directory / "keys.json").read_text(),
+            sorted(p.name for p in fleet.keys.directory.glob("*.pem")),
+            sorted(p.name for p in fleet.image.metadata.iterdir()),
+            sorted(p.name for p in fleet.director.directory.glob("*.root.json")),
+        )
+
+    before = state()
+    with pytest.raises(RotationError, match="threshold 2 needs at least that many new keys"):
+        rotate("snapshot", fleet.keys, fleet.image, new_keys=1, threshold=2)
+    with pytest.raises(RotationError, match="needs the director repository"):
+        rotate("director", fleet.keys, fleet.image)
+    with pytest.raises(RotationError, match="needs the image repository"):
+        rotate("timestamp", fleet.keys, director=fleet.director)
+    with pytest.raises(RotationError, match="unknown role"):
+        rotate("mirror", fleet.keys, fleet.image)
+    assert state() == before
+    offline = fleet.root / "offline"
+    offline.mkdir()
+    for pem in fleet.keys.directory.glob("root-*.pem"):  # the root keys kept offline, as they should be
+        shutil.move(pem, offline / pem.name)
+    before = state()
+    for role in ("director", "timestamp"):
+        with pytest.raises(KeyError_, match="no private root key"):
+            rotate(role, fleet.keys, fleet.image, fleet.director)
+    assert state() == before
+
+
+def test_rotation_with_a_threshold_of_new_keys(fleet: Fleet) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    r = rotate("director", fleet.keys, director=fleet.director, new_keys=2, threshold=2)
+    assert len(r.keyids) == 2 and fleet.keys.threshold("director") == 2
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    upd = fleet.check("dev-1")
+    assert upd is not None and upd.version == "1.1.0"
+    # one of the two keys is not enough
+    meta = fleet.director.device_metadata("dev-1")
+    ts = Metadata.from_file(str(meta / "timestamp.json"))
+    del ts.signatures[next(iter(ts.signatures))]
+    ts.signed.version += 1
+    ts.to_file(str(meta / "timestamp.json"))
+    with pytest.raises(UpdateRejected, match="UnsignedMetadataError"):
+        fleet.check("dev-1")
+
+
+# -- revocation ----------------------------------------------------------------------------------------------
+
+
+def test_a_revoked_release_is_unlisted_and_refused_everywhere(fleet: Fleet, models: ModelFiles, tmp_path: Path) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.2.0", "onnx-fp32", fleet.keys)
+    running = fleet.check("dev-1")
+    assert running is not None
+    revoked = fleet.image.revoke("tiny", "1.2.0", fleet.keys, reason="wrong calibration")
+    assert revoked.release_counter == 3 and fleet.image.release_of("tiny", "1.2.0") is None
+    assert [r["version"] for r in fleet.image.revoked()] == ["1.2.0"]
+    assert not (fleet.image.targets_dir / "tiny" / "1.2.0").exists()  # nobody can fetch the bytes any more
+    assert fleet.director.assigned("tiny", "1.2.0") == ["dev-1"]
+    # the device runs it: it keeps running it (nothing to install) but each check is refused, naming the revocation
+    with pytest.raises(UpdateRejected, match=r"does not have; the image repository revoked tiny 1\.2\.0 .*: wrong calibration"):
+        fleet.check("dev-1", {"tiny": Installed(3, running.sha256)})
+    fleet.director.refresh(fleet.keys)  # the routine re-signing keeps the stale assignment: still refused
+    with pytest.raises(UpdateRejected, match=r"revoked tiny 1\.2\.0"):
+        fleet.check("dev-1", {"tiny": Installed(3, running.sha256)})
+    # a device that never had it: refused likewise, so a stale (or forged) director assignment installs nothing
+    fleet.director.assign("dev-2", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    _forge_assignment(fleet, "dev-2", running)
+    with pytest.raises(UpdateRejected, match=r"revoked tiny 1\.2\.0"):
+        fleet.check("dev-2")
+    # the controller refuses it with one clear error
+    with pytest.raises(ReleaseRevoked, match=r"tiny 1\.2\.0 was revoked at .*: wrong calibration; release a new version"):
+        fleet.director.assign("dev-1", fleet.image, "tiny", "1.2.0", "onnx-fp32", fleet.keys)
+    with pytest.raises(ReleaseRevoked):
+        fleet.image.release(fleet.bundle(models, "1.2.0"), fleet.keys)
+    with pytest.raises(ReleaseRevoked):
+        fleet.image.revoke("tiny", "1.2.0", fleet.keys)
+    with pytest.raises(ReleaseError, match="not in the image repository"):
+        fleet.image.revoke("tiny", "9.9.9", fleet.keys)
+    # the next release gets a counter above the revoked one: devices that ran it accept it
+    nxt = fleet.image.release(fleet.bundle(models, "1.3.0"), fleet.keys)
+    assert nxt.release_counter == 4
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.3.0", "onnx-fp32", fleet.keys)
+    upd = fleet.check("dev-1", {"tiny": Installed(3, running.sha256)})
+    assert upd is not None and upd.version == "1.3.0"
+    # the record survives later publications (a rotation re-signs the same targets)
+    rotate("targets", fleet.keys, fleet.image)
+    assert [r["version"] for r in fleet.image.revoked()] == ["1.2.0"]
+
+
+def _forge_assignment(fleet: Fleet, device: str, target: VerifiedUpdate) -> None:
+    """The director (its key, or an old assignment) names the revoked release for a device that never ran it."""
+    meta = fleet.director.device_metadata(device)
+    md = fleet.director.committed_targets(meta)
+    assert md is not None
+    tf = next(iter(md.signed.targets.values()))
+    md.signed.targets = {target.target_path: tf}
+    tf.path, tf.length, tf.hashes = target.target_path, target.length, {"sha256": target.sha256}
+    tf.unrecognized_fields["custom"].update(version=target.version, release_counter=target.release_counter)
+    fleet.director._publish(meta, md, fleet.keys)
+
+
+def test_cli_rotate_revoke_and_refusals(fleet: Fleet, tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+
+    keys, repo, director = str(fleet.keys.directory), str(fleet.image.directory), str(fleet.director.directory)
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    for role, where in (("director", ["--director", director]), ("timestamp", ["--repo", repo]), ("targets", ["--repo", repo])):
+        done = run("keys", "rotate", role, "--keys", keys, *where)
+        assert done.returncode == 0 and f"{role}: 1 new key(s)" in done.stderr and "root version" in done.stderr, done.stderr
+    assert "move the new targets private key(s) offline" in done.stderr
+    done = run("keys", "rotate", "snapshot", "--keys", keys)
+    assert done.returncode == 1 and "error[bad_rotation]" in done.stderr and "--repo" in done.stderr
+    done = run("keys", "rotate", "mirror", "--keys", keys)
+    assert done.returncode == 2 and "Invalid value" in done.stderr
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.2.0", "onnx-fp32", fleet.keys)
+    upd = fleet.check("dev-1")
+    assert upd is not None and upd.version == "1.2.0"
+
+    done = run("release", "revoke", "tiny", "1.2.0", "--repo", repo, "--keys", keys, "--reason", "bad", "--director", director)
+    assert done.returncode == 0 and "revoked tiny 1.2.0 (release_counter 3)" in done.stderr, done.stderr
+    assert "1 device(s) still assigned to it" in done.stderr and "dev-1" in done.stderr
+    done = run("assign", "dev-1", "tiny", "1.2.0", "--variant", "onnx-fp32", "--repo", repo, "--director", director, "--keys", keys)
+    assert done.returncode == 1 and "error[revoked]: tiny 1.2.0 was revoked" in done.stderr, done.stderr
+    done = run("rollout", "start", "tiny", "1.2.0", "--repo", repo, "--store", str(tmp_path / "fleet.db"))
+    assert done.returncode == 1 and "error[revoked]" in done.stderr, done.stderr
+    done = run("release", "revoke", "tiny", "7.0.0", "--repo", repo, "--keys", keys)
+    assert done.returncode == 1 and "error[bad_release]" in done.stderr
+    done = run("release", "--help")
+    assert done.returncode == 0 and "revoke" in done.stdout and "add" in done.stdout
+
+
+# -- crashes: an assignment or a release is committed whole or not at all -------------------------------------
+
+_KILL_AT_REPLACE = """
+import os, signal, sys
+n, calls, real = int(sys.argv[1]), [0], os.replace
+def replace(src, dst, **kw):
+    calls[0] += 1
+    if calls[0] == n and os.path.basename(str(dst)).endswith(".json"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, **kw)
+os.replace = replace
+sys.argv = ["fleet", *sys.argv[2:]]
+from fleet.cli import main
+main()
+"""
+
+
+def _killed(at: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fleet ARGS`` killed with SIGKILL at its ``at``-th ``os.replace`` (just before that rename)."""
+    return subprocess.run([sys.executable, "-c", _KILL_AT_REPLACE, str(at), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("at", [1, 2, 3])
+def test_an_assign_killed_midway_is_never_published(fleet: Fleet, at: int) -> None:
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    meta = fleet.director.device_metadata("dev-1")
+    common = ["--repo", str(fleet.image.directory), "--director", str(fleet.director.directory), "--keys", str(fleet.keys.directory)]
+    done = _killed(at, "assign", "dev-1", "tiny", "1.1.0", "--variant", "onnx-fp32", *common)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    leftovers = list(meta.glob(".*.tmp"))
+    assert leftovers  # a real crash: the staged files stay behind
+    upd = fleet.check("dev-1")
+    assert upd is not None and upd.version == "1.0.0"  # the device is told the old assignment
+    fleet.director.refresh(fleet.keys)  # the controller's routine re-signing publishes the committed one only
+    upd = fleet.check("dev-1")
+    assert upd is not None and upd.version == "1.0.0"
+    assert not list(meta.glob(".*.tmp"))  # and the publication cleaned up after the crash
+    assert len(metadata_versions(meta, "targets")) <= fleet.director.keep_versions
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)  # done again, it goes through
+    upd = fleet.check("dev-1")
+    assert upd is not None and upd.version == "1.1.0"
+
+
+def test_an_exception_between_the_renames_leaves_the_old_assignment(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same in-process: a failing rename (a full disk, EIO) on the second of the three."""
+    import os
+
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    real, calls = os.replace, []
+
+    def replace(src: Any, dst: Any) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    monkeypatch.undo()
+    assert [Path(c).name for c in calls] == ["2.targets.json", "2.snapshot.json"]
+    fleet.director.refresh(fleet.keys)
+    upd = fleet.check("dev-1")
+    assert upd is not None and upd.version == "1.0.0"
+
+
+@pytest.mark.parametrize("at", [3, 4, 5])  # 1, 2: the variant's tar and chunk list; 3-5: targets, snapshot, timestamp
+def test_a_release_killed_midway_is_never_published(fleet: Fleet, models: ModelFiles, at: int) -> None:
+    bundle = fleet.bundle(models, "2.0.0")
+    done = _killed(at, "release", str(bundle), "--repo", str(fleet.image.directory), "--keys", str(fleet.keys.directory))
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert fleet.image.release_of("tiny", "2.0.0") is None
+    fleet.image.refresh(fleet.keys)
+    assert fleet.image.release_of("tiny", "2.0.0") is None
+    with pytest.raises(AssignError, match="not in the image repository"):
+        fleet.director.assign("dev-1", fleet.image, "tiny", "2.0.0", "onnx-fp32", fleet.keys)
+    assert fleet.image.release(bundle, fleet.keys).release_counter == 4  # done again, it goes through
+
+
+# -- pruning ---------------------------------------------------------------------------------------------------
+
+
+def test_old_versions_are_pruned_and_roots_never(fleet: Fleet) -> None:
+    meta = fleet.director.device_metadata("dev-1")
+    for i in range(8):
+        fleet.director.assign("dev-1", fleet.image, "tiny", ("1.0.0", "1.1.0")[i % 2], "onnx-fp32", fleet.keys)
+        if i == 3:
+            fleet.image.rotate_root(fleet.keys, director=fleet.director)
+            rotate("director", fleet.keys, director=fleet.director)
+    assert metadata_versions(meta, "targets") == [7, 8, 9]  # 8 assignments + the rotation's re-signing
+    assert metadata_versions(meta, "snapshot") == [7, 8, 9]
+    assert metadata_versions(meta, "root") == [1, 2, 3]  # the whole chain, for devices shipped with root v1
+    for _ in range(5):
+        fleet.image.refresh(fleet.keys)
+    assert len(metadata_versions(fleet.image.metadata, "snapshot")) == 3
+    assert len(metadata_versions(fleet.image.metadata, "targets")) == 3  # create + 3 releases: 4 versions, 3 kept
+    assert metadata_versions(fleet.image.metadata, "root") == [1, 2]
+    upd = fleet.check("dev-1")  # a device shipped with roots v1 still walks both chains
+    assert upd is not None and upd.version == "1.1.0"
+    keep_one = Director(fleet.director.directory, keep_versions=1)
+    keep_one.refresh(fleet.keys, ["dev-1"])
+    assert metadata_versions(meta, "targets") == [10] and metadata_versions(meta, "snapshot") == [10]
+    assert fleet.check("dev-1") is not None
+    with pytest.raises(ValueError, match="keep_versions"):
+        ImageRepository(fleet.image.directory, keep_versions=0)
+
+
+# -- with the real agent -----------------------------------------------------------------------------------------
+
+
+class Jobs(Subscriber):
+    made = 0
+
+    def __init__(self, rig: Rig, device: str) -> None:
+        Jobs.made += 1  # a client id of its own: a second watcher of one device must not take the first one's session
+        super().__init__(rig.broker, [device_topic(device, "jobs", "#")], f"lifecycle-watch-{device}-{Jobs.made}")
+
+    def rejected(self) -> list[str]:
+        return [m.get("reason", "") for m in self.json() if m.get("state") == "REJECTED"]
+
+
+class Agents:
+    """Real agents (the daemon class, in this process) and their job watchers; whatever runs at the end is stopped."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.running: list[tuple[Agent, Jobs]] = []
+
+    def start(self, device: str) -> tuple[Agent, Jobs]:
+        jobs = Jobs(self.rig, device)
+        agent = Agent(self.rig.settings(device, min_check_interval_s=0.1)).start()
+        assert agent.wait_connected()
+        self.running.append((agent, jobs))
+        return agent, jobs
+
+    def stop(self, agent: Agent) -> None:
+        for pair in [p for p in self.running if p[0] is agent]:
+            self.running.remove(pair)
+            pair[0].stop()
+            pair[1].close()
+
+
+@pytest.fixture
+def agents(rig: Rig) -> Iterator[Agents]:
+    a = Agents(rig)
+    yield a
+    for agent, _ in list(a.running):
+        a.stop(agent)
+
+
+def serving(agent: Agent, version: str | None) -> bool:
+    m = agent.host.get(MODEL)
+    return (m.version if m is not None else None) == version
+
+
+def _refused(agent: Agent, jobs: Jobs, what: str) -> str:
+    """Ask the agent to check now; the reason of the refusal it then reports."""
+    seen = len(jobs.rejected())
+    agent.check_now()
+    return str(wait_for(lambda: jobs.rejected()[seen:] and jobs.rejected()[-1], 30, what))
+
+
+def test_a_running_agent_follows_every_rotation_and_refuses_retired_keys(rig: Rig, agents: Agents, tmp_path: Path) -> None:
+    agent, jobs = agents.start("dev-rot")
+    rig.assign("dev-rot", "1.0.0")
+    wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving")
+    for role, version in (("director", "1.1.0"), ("snapshot", "1.2.0"), ("timestamp", "1.3.0"), ("targets", "1.4.0"), ("root", "1.5.0")):
+        before = _retired_copy(rig.keys, tmp_path / f"before-{role}")
+        rotate(role, rig.keys, rig.image, rig.director)
+        rig.release(version)
+        rig.assign("dev-rot", version)
+        wait_for(lambda v=version: serving(agent, v), what=f"{version} serving after the {role} rotation")  # type: ignore[misc]
+        if role == "root":
+            continue
+        forged = _forger(rig.keys, before, role, tmp_path / f"forged-{role}")
+        if role == "director":
+            rig.director.assign("dev-rot", rig.image, MODEL, "1.0.0", VARIANT, forged)
+        elif role == "targets":
+            rig.image._publish(rig.image.targets(), forged)
+        else:
+            rig.image.refresh(forged)
+        reason = _refused(agent, jobs, f"the refusal of the retired {role} key")
+        assert "UnsignedMetadataError" in reason, reason
+        assert serving(agent, version)  # still serving what it had
+        rig.image._publish(rig.image.targets(), rig.keys)  # today's keys sign again
+        rig.assign("dev-rot", version)
+    trust = agent.settings.state_dir / "trust"
+    assert Metadata.from_file(str(trust / "image" / "root.json")).signed.version == rig.image.root().signed.version
+    assert Metadata.from_file(str(trust / "director" / "root.json")).signed.version == rig.director.root().signed.version
+
+
+def test_a_revoked_release_keeps_serving_where_it_runs_and_installs_nowhere(rig: Rig, agents: Agents) -> None:
+    rig.release("3.0.0")
+    agent, jobs = agents.start("dev-rev")
+    rig.assign("dev-rev", "3.0.0")
+    wait_for(lambda: serving(agent, "3.0.0"), what="3.0.0 serving")
+    rig.director.assign("dev-late", rig.image, MODEL, "3.0.0", VARIANT, rig.keys)  # assigned, not yet installed
+    revoked = rig.image.revoke(MODEL, "3.0.0", rig.keys, reason="drifts on night images")
+    assert rig.director.assigned(MODEL, "3.0.0") == ["dev-late", "dev-rev"]
+    # where it runs: it keeps serving, and says why each round is refused
+    reason = _refused(agent, jobs, "the refusal of the revoked release")
+    assert f"revoked {MODEL} 3.0.0" in reason and "drifts on night images" in reason, reason
+    assert serving(agent, "3.0.0") and agent.host.infer(MODEL, {"x": _x()})["y"].shape == (1, 10)
+    # a restart too: the active version is loaded from the device's own store
+    agents.stop(agent)
+    agent, jobs = agents.start("dev-rev")
+    wait_for(lambda: serving(agent, "3.0.0"), what="3.0.0 serving after a restart")
+    # where it does not run yet: nothing is downloaded, nothing installed
+    late, late_jobs = agents.start("dev-late")
+    reason = wait_for(lambda: late_jobs.rejected() and late_jobs.rejected()[-1], 30, "dev-late's refusal")
+    assert f"revoked {MODEL} 3.0.0" in reason
+    assert serving(late, None) and not [m for m in late_jobs.json() if m.get("state") == "DOWNLOADING"]
+    # the controller refuses it; the next release moves both
+    with pytest.raises(ReleaseRevoked):
+        rig.assign("dev-rev", "3.0.0")
+    rig.release("3.1.0")
+    nxt = rig.image.release_of(MODEL, "3.1.0")
+    assert nxt is not None and nxt.release_counter == revoked.release_counter + 1
+    rig.assign("dev-rev", "3.1.0")
+    rig.assign("dev-late", "3.1.0")
+    wait_for(lambda: serving(agent, "3.1.0") and serving(late, "3.1.0"), what="3.1.0 serving on both")
+
+
+def _x() -> Any:
+    import numpy as np
+
+    return np.zeros((1, 64), dtype=np.float32)
+
+
+def test_revocation_record_is_signed(fleet: Fleet) -> None:
+    """The record lives in the signed targets: editing it breaks the signature devices check."""
+    fleet.image.revoke("tiny", "1.0.0", fleet.keys)
+    path = fleet.image.metadata / f"{fleet.image.targets().signed.version}.targets.json"
+    data = json.loads(path.read_text())
+    data["signed"]["x-edgefleet-revoked"] = []
+    path.write_text(json.dumps(data))
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    with pytest.raises(UpdateRejected, match="metadata refused: UnsignedMetadataError"):
+        fleet.check("dev-1")
