@@ -266,7 +266,7 @@ class _ReleaseGroup(click.Group):
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.commands and args[0] != "--help":
             args = ["add", *args]
         return super().parse_args(ctx, args)
 
@@ -1115,11 +1115,17 @@ def serve_cmd(
             click.echo(f"dashboard token (shown once; kept as dashboard.token in {config or DEFAULT_CONFIG}): {new_token}", err=True)
         console.print(f"dashboard on {dashboard.url}" + (" (bearer token required)" if dashboard.token else ""))
     console.print(f"serving {root} on {b.host}:{b.port}{' with TLS' if b.tls_ca else ''} (Ctrl-C stops)")
+    healthy = True
     while not stop.wait(0.2):  # see agent.commands.run: a signal may land on another thread
-        pass
+        if not controller.healthy():  # an MQTT thread died: exit non-zero so systemd restarts the controller
+            console.print("[red]error[/red]: a network thread of the controller stopped; exiting so the service restarts it")
+            healthy = False
+            break
     if dashboard is not None:
         dashboard.stop()
     controller.stop()
+    if not healthy:
+        sys.exit(1)
 
 
 def _table(report: object) -> None:

@@ -193,6 +193,13 @@ class Controller:
         if self.store is not None:
             self.store.close()
 
+    def healthy(self) -> bool:
+        """Every thread that does the controller's work runs: the repository server's (network and readers), the
+        ingest's, the rollout loop. paho ends its network thread for good when a callback raises; a process that
+        stays up serving nothing is worse than one that exits and is restarted."""
+        ingest_ok = self.ingest is None or self.ingest.alive()
+        return self.server.alive() and ingest_ok and self._thread.is_alive()
+
     def _loop(self) -> None:
         next_refresh = time.monotonic() + self.interval_s
         while not self._stop.wait(self.tick_s if self.engine is not None else self.interval_s):

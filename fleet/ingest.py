@@ -24,6 +24,8 @@ __all__ = ["Ingestor"]
 
 log = logging.getLogger("edgefleet.ingest")
 
+NEW_DEVICES_PER_MINUTE = 1000  # a fleet onboarding faster than this registers over several minutes
+
 
 class Ingestor:
     def __init__(
@@ -35,10 +37,15 @@ class Ingestor:
         flush_s: float = 0.1,
         batch: int = 5000,
         broker: BrokerSettings | None = None,
+        new_devices_per_minute: int = NEW_DEVICES_PER_MINUTE,
     ) -> None:
         """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address."""
         self.store, self.flush_s, self.batch = store, flush_s, batch
         self.counters: Counter[str] = Counter()
+        # devices registered so far; an unknown id registers only within the budget of new ones per minute
+        self._known = {d.id for d in store.devices()}
+        self.new_devices_per_minute = new_devices_per_minute
+        self._minute, self._new_this_minute = 0, 0
         self._buffer: list[tuple[str, wire.WireModel, float]] = []
         self._lock = threading.Lock()
         self._full = threading.Event()
@@ -85,12 +92,37 @@ class Ingestor:
         except Exception as exc:  # a bug here must cost one message, never paho's thread (it re-raises and dies)
             self._bad(msg, f"{type(exc).__name__}: {exc}")
             return
+        now = time.time()
+        if topic.device not in self._known and not self._may_register(topic.device, now):
+            self.counters["unregistered"] += 1
+            return
         with self._lock:
-            self._buffer.append((topic.device, message, time.time()))
+            self._buffer.append((topic.device, message, now))
             full = len(self._buffer) >= self.batch
         self.counters[topic.kind] += 1
         if full:
             self._full.set()
+
+    def alive(self) -> bool:
+        """paho's network thread and the flusher run (part of the controller's health)."""
+        network = getattr(self._client, "_thread", None)
+        return network is not None and network.is_alive() and self._thread.is_alive()
+
+    def _may_register(self, device: str, now: float) -> bool:
+        """A new device id within this minute's budget. 20,000 ghost ids in 5.5 s from one client once filled the
+        registry: past the budget a new id's messages are dropped and counted (``unregistered``), and logged once a
+        minute; a real device's retained status and reports arrive again when the budget allows (it reconnects)."""
+        minute = int(now // 60)
+        if minute != self._minute:
+            if self._minute and self._new_this_minute >= self.new_devices_per_minute:
+                logs.event(log, "ingest.registrations_limited", logging.WARNING, refused=self.counters["unregistered"])
+            self._minute, self._new_this_minute = minute, 0
+        if self._new_this_minute >= self.new_devices_per_minute:
+            return False
+        self._new_this_minute += 1
+        self._known.add(device)
+        self.counters["registered"] += 1
+        return True
 
     def _bad(self, msg: mqtt.MQTTMessage, reason: str) -> None:
         self.counters["bad"] += 1

@@ -5,13 +5,19 @@ and the reply goes to the device's own reply topic. Nothing is ever pushed into 
 device's queue, so mosquitto's ``max_queued_messages`` can never drop a chunk, and
 a device controls its own window. Bad requests are logged, counted and dropped;
 the server keeps serving.
+
+Fairness: paho's thread only decodes a request (at most 4 KB) and queues it under the
+asking device; a small pool of readers takes one request per device in turn (round
+robin), so a device that floods 3,000 requests waits behind itself, not in front of
+everyone else. A device may have at most ``max_pending`` requests waiting (an agent
+keeps ``update.window``, 8, in flight); what it sends past that is dropped and counted.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,9 @@ log = logging.getLogger("edgefleet.repo_server")
 
 __all__ = ["RepositoryServer"]
 
+MAX_PENDING = 64  # requests one device may have waiting; eight windows of an agent's default
+READERS = 4  # reader threads: file reads overlap with publishing, and one slow disk read holds up nobody else
+
 
 class RepositoryServer:
     def __init__(
@@ -35,12 +44,21 @@ class RepositoryServer:
         port: int | None = None,
         client_id: str = "edgefleet-repo-server",
         broker: BrokerSettings | None = None,
+        readers: int = READERS,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address."""
         self.root = Path(root).resolve()
         self.broker = transport.broker_settings(host, port, broker)
         self.host, self.port = self.broker.host, self.broker.port
         self.counters: Counter[str] = Counter()
+        self.max_pending = max_pending
+        self._pending: dict[str, deque[bytes]] = {}  # raw requests per device, oldest first
+        self._turns: deque[str] = deque()  # devices with requests waiting, in the order they are served
+        self._work = threading.Condition()
+        self._stopping = False
+        self._publish_lock = threading.Lock()  # paho is not safe to publish from several threads at once
+        self._readers = [threading.Thread(target=self._read_loop, name=f"repo-reader-{i}", daemon=True) for i in range(readers)]
         self._connected = threading.Event()
         self._client = transport.client(self.broker, client_id)
         self._client.on_connect = self._on_connect
@@ -48,6 +66,11 @@ class RepositoryServer:
         self._client.on_subscribe = lambda *a: self._connected.set()  # the broker took the subscription: requests reach us
 
     def start(self, timeout: float = 10.0) -> RepositoryServer:
+        self._stopping = False
+        for i, t in enumerate(self._readers):
+            if not t.is_alive():
+                self._readers[i] = t = threading.Thread(target=self._read_loop, name=t.name, daemon=True)
+                t.start()
         transport.connect(self._client, self.broker)
         self._client.loop_start()
         if not self._connected.wait(timeout):
@@ -56,8 +79,19 @@ class RepositoryServer:
         return self
 
     def stop(self) -> None:
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
+        for t in self._readers:
+            if t.is_alive():
+                t.join(5)
         self._client.disconnect()
         self._client.loop_stop()
+
+    def alive(self) -> bool:
+        """Every thread of the server runs (paho's network thread and the readers): part of the controller's health."""
+        network = getattr(self._client, "_thread", None)
+        return network is not None and network.is_alive() and all(t.is_alive() for t in self._readers)
 
     def __enter__(self) -> RepositoryServer:
         return self.start()
@@ -73,29 +107,73 @@ class RepositoryServer:
         try:
             self._handle(client, msg)
         except Exception as exc:  # a bug costs one request, never paho's thread (it re-raises and dies)
-            self.counters["internal_error"] += 1
+            self._count("internal_error")
             logs.event(log, "repo.internal_error", logging.ERROR, topic=msg.topic[:120], reason=f"{type(exc).__name__}: {exc}"[:300])
 
     def _handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        """paho's thread: who asks (from the topic) and a place in that device's line; decoding is the readers' work,
+        so a flood costs this thread microseconds per message and delays nobody's request much."""
         try:
             device = parse_repo_request_topic(msg.topic)
         except WireError as exc:
-            self.counters["bad_topic"] += 1
+            self._count("bad_topic")
             logs.event(log, "repo.bad_topic", logging.WARNING, topic=msg.topic[:120], reason=str(exc)[:200])
             return
+        with self._work:
+            waiting = self._pending.setdefault(device, deque())
+            if len(waiting) < self.max_pending:
+                waiting.append(bytes(msg.payload))
+                if len(waiting) == 1:
+                    self._turns.append(device)
+                self._work.notify()
+                return
+        # Dropped, not answered: thousands of answers would queue on our one connection ahead of everyone's. An agent
+        # keeps ``update.window`` requests in flight and never gets here; a device that does times out and asks again.
+        self._count("dropped")
+
+    def _read_loop(self) -> None:
+        """One request per device in turn; a device with more waiting goes to the back of the line."""
+        while True:
+            with self._work:
+                while not self._turns and not self._stopping:
+                    self._work.wait()
+                if self._stopping:
+                    return
+                device = self._turns.popleft()
+                waiting = self._pending[device]
+                payload = waiting.popleft()
+                if waiting:
+                    self._turns.append(device)
+                else:
+                    del self._pending[device]
+            try:
+                self._answer(device, payload)
+            except Exception as exc:  # a bug costs one request, never a reader
+                self._count("internal_error")
+                logs.event(log, "repo.internal_error", logging.ERROR, device=device, reason=f"{type(exc).__name__}: {exc}"[:300])
+
+    def _answer(self, device: str, payload: bytes) -> None:
         reply_topic = repo_reply_topic(device)  # from the topic the broker confines, never from the payload
         try:
-            req = RepoRequest.decode(bytes(msg.payload))
+            req = RepoRequest.decode(payload)
         except WireError as exc:
-            self.counters["bad_request"] += 1
-            logs.event(log, "repo.bad_request", logging.WARNING, device=device, reason=str(exc), size=len(msg.payload))
-            rid = readable_request_id(bytes(msg.payload))
+            self._count("bad_request")
+            logs.event(log, "repo.bad_request", logging.WARNING, device=device, reason=str(exc), size=len(payload))
+            rid = readable_request_id(payload)
             if rid is not None:  # the device can be told, instead of waiting out its retries
-                client.publish(reply_topic, RepoReply(rid, 400, error=str(exc)[:200]).encode(), qos=1)
+                self._publish(reply_topic, RepoReply(rid, 400, error=str(exc)[:200]))
             return
         reply = self.serve(req, device)
-        self.counters[f"status_{reply.status}"] += 1
-        client.publish(reply_topic, reply.encode(), qos=1)
+        self._count(f"status_{reply.status}")
+        self._publish(reply_topic, reply)
+
+    def _count(self, what: str) -> None:
+        with self._publish_lock:  # readers count at once: a Counter's += is not atomic
+            self.counters[what] += 1
+
+    def _publish(self, topic: str, reply: RepoReply) -> None:
+        with self._publish_lock:
+            self._client.publish(topic, reply.encode(), qos=1)
 
     def serve(self, req: RepoRequest, device: str) -> RepoReply:
         """``req.path`` for ``device``: the image repository (shared) or that device's own director metadata, and

@@ -148,6 +148,45 @@ def test_metadata_signed_with_a_retired_key_is_refused(fleet: Fleet, tmp_path: P
     assert upd is not None and upd.version == "1.2.0"
 
 
+def test_rotating_a_stolen_director_key_recovers_a_fast_forwarded_device(fleet: Fleet, tmp_path: Path) -> None:
+    """A thief of the director key serves a device metadata with huge versions (through a broker it controls): the
+    device then refuses every honest version as a rollback — until the key is rotated, when python-tuf drops the
+    local metadata the new root no longer trusts and takes the honest versions again."""
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    assert fleet.check("dev-1") is not None
+    thief_dir = tmp_path / "thief"
+    shutil.copytree(fleet.director.device_metadata("dev-1"), thief_dir / "dev-1" / "metadata")
+    (thief_dir / "dev-1" / "metadata" / "999.targets.json").touch()  # its versions go above 999
+    (thief_dir / "dev-1" / "metadata" / "999.snapshot.json").touch()
+    ts = Metadata.from_file(str(thief_dir / "dev-1" / "metadata" / "timestamp.json"))
+    ts.signed.version = 999
+    ts.to_file(str(thief_dir / "dev-1" / "metadata" / "timestamp.json"))  # only read for its version, re-signed below
+    thief = Director(thief_dir)
+    md = thief.committed_targets(thief.device_metadata("dev-1"))
+    assert md is not None
+    thief._publish(thief.device_metadata("dev-1"), md, fleet.keys)  # signed with the (stolen) director key
+    honest = fleet.device("dev-1")
+    via_thief = TrustedRepos(
+        honest.image_dir,
+        honest.director_dir,
+        honest.image_url,
+        honest.director_url,
+        honest.image_fetcher,
+        DirectoryFetcher(thief_dir / "dev-1", honest.director_url),
+        honest.downloads,
+    )
+    assert check_for_update(via_thief, {}, profile(fleet.root)) is not None  # the device took versions 1000
+    assert Metadata.from_file(str(honest.director_dir / "targets.json")).signed.version == 1000
+    assert Metadata.from_file(str(honest.director_dir / "timestamp.json")).signed.version == 1000
+    fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)
+    with pytest.raises(UpdateRejected, match="BadVersionNumberError"):
+        fleet.check("dev-1")  # honest versions look like a rollback now
+    rotate("director", fleet.keys, director=fleet.director)
+    upd = fleet.check("dev-1")
+    assert upd is not None and upd.version == "1.1.0"
+    assert Metadata.from_file(str(honest.director_dir / "targets.json")).signed.version < 1000
+
+
 def test_rotation_refusals_change_nothing(fleet: Fleet) -> None:
     def state() -> tuple[str, list[str], list[str], list[str]]:
         return (
@@ -488,6 +527,7 @@ def test_a_revoked_release_keeps_serving_where_it_runs_and_installs_nowhere(rig:
     agents.stop(agent)
     agent, jobs = agents.start("dev-rev")
     wait_for(lambda: serving(agent, "3.0.0"), what="3.0.0 serving after a restart")
+    assert f"revoked {MODEL} 3.0.0" in wait_for(lambda: jobs.rejected() and jobs.rejected()[-1], 30, "the refusal after a restart")
     # where it does not run yet: nothing is downloaded, nothing installed
     late, late_jobs = agents.start("dev-late")
     reason = wait_for(lambda: late_jobs.rejected() and late_jobs.rejected()[-1], 30, "dev-late's refusal")
