@@ -30,6 +30,8 @@ __all__ = ["Serving", "ServingStats", "Window", "latency_summary"]
 
 log = logging.getLogger("edgefleet.serving")
 
+INLINE_MAX_BYTES = 64 * 1024  # requests up to this size may be served on paho's thread (a fast model, an empty queue)
+
 
 @dataclass
 class _Item:
@@ -141,7 +143,8 @@ class Serving:
 
     def submit(self, model: str, payload: bytes, qos: int = 1) -> None:
         """Called from paho's thread for ``dev/{id}/infer/{model}``: enqueue, or answer ``overloaded`` now."""
-        if self._call_s.get(model, 1.0) < self.inline_below_s and self._queue.empty() and not self._closing:
+        small = len(payload) <= INLINE_MAX_BYTES  # decoding 4 MB took 333 ms: a large request never runs on this thread
+        if small and self._call_s.get(model, 1.0) < self.inline_below_s and self._queue.empty() and not self._closing:
             self.inline_served += 1
             try:
                 self._serve([_Item(model, payload, time.monotonic(), qos)])

@@ -730,7 +730,7 @@ def _engine(store: Path, repo: Path | None = None) -> Any:
 )
 @click.option(
     "--min-control",
-    type=click.IntRange(1),
+    type=click.IntRange(3),
     default=3,
     show_default=True,
     help="Health gate: unmoved devices needed to correct for fleet-wide load (per hardware class where there are enough).",

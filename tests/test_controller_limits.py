@@ -9,16 +9,18 @@ import paho.mqtt.client as mqtt
 from update_rig import Rig, wait_for
 
 from agent.wire import device_topic
+from fleet.broker import start_broker
 from fleet.controller import Controller
 from fleet.ingest import Ingestor
 from fleet.store import FleetStore
 
 
-def test_ghost_device_ids_register_only_within_the_budget(rig: Rig, tmp_path: Path) -> None:
+def test_ghost_device_ids_register_only_within_the_budget(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path / "broker")  # a private one: no other test's retained devices use the budget
     store = FleetStore(tmp_path / "fleet.db")
-    ingest = Ingestor(store, rig.broker.host, rig.broker.port, client_id="ingest-ghosts", new_devices_per_minute=50).start()
+    ingest = Ingestor(store, broker.host, broker.port, client_id="ingest-ghosts", new_devices_per_minute=50).start()
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="ghost-maker")
-    c.connect(rig.broker.host, rig.broker.port)
+    c.connect(broker.host, broker.port)
     c.loop_start()
     try:
         ready = json.dumps({"state": "ready", "session": 1}).encode()
@@ -36,6 +38,7 @@ def test_ghost_device_ids_register_only_within_the_budget(rig: Rig, tmp_path: Pa
         c.disconnect()
         ingest.stop()
         store.close()
+        broker.stop()
 
 
 def test_the_controller_is_unhealthy_when_a_network_thread_is_gone(rig: Rig, tmp_path: Path) -> None:
