@@ -3,7 +3,8 @@
     with EdgeClient("broker.local", 1883) as c:
         y = c.infer("cam-17", "mlp", {"x": batch})["y"]
 
-Requests go to ``edgefleet/v1/dev/{device}/infer/{model}``; replies come back on this client's own topic
+Requests go to ``edgefleet/v1/dev/{device}/infer/{model}/{client id}`` (the broker's ACL lets an application publish
+only under its own name, and the device limits each client's rate by it); replies come back on this client's own topic
 under the device's ``pred/{model}/`` tree, matched by ``request_id``. ``submit`` returns a future, so many
 requests can be in flight at once.
 """
@@ -101,7 +102,7 @@ class EdgeClient:
         with self._lock:
             self._pending[rid] = fut
         payload = encode_request(rid, inputs, binary, b64, device_topic(device, "pred", model, self.client_id), deadline_ms)
-        self._client.publish(device_topic(device, "infer", model), payload, qos=qos)
+        self._client.publish(device_topic(device, "infer", model, self.client_id), payload, qos=qos)
         return fut
 
     def infer(

@@ -100,6 +100,8 @@ class Agent:
             sv.micro_batch,
             sv.micro_batch_wait_ms,
             sv.inline_below_ms,
+            sv.client_rps,
+            sv.client_burst,
         )
         self.telemetry = Telemetry(
             self.store,
@@ -142,7 +144,7 @@ class Agent:
         systemd.notify("STOPPING=1", "STATUS=stopping")
         self._stopping.set()
         if self._connected.is_set():
-            self._client.unsubscribe(device_topic(self.device_id, "infer", "+"))
+            self._client.unsubscribe(device_topic(self.device_id, "infer", "#"))
         self.serving.stop(timeout / 2)
         try:
             self._events.put(("stop", None), timeout=5)
@@ -202,7 +204,7 @@ class Agent:
             [
                 (device_topic(self.device_id, "director", "#"), 1),
                 (device_topic(self.device_id, "cmd"), 1),
-                (device_topic(self.device_id, "infer", "+"), 1),
+                (device_topic(self.device_id, "infer", "#"), 1),
             ]
         )
         self._connected.set()
@@ -223,8 +225,9 @@ class Agent:
             topic = wire.parse_device_topic(msg.topic)
             if topic.device != self.device_id:
                 return
-            if topic.kind == "infer":
-                self.serving.submit("/".join(topic.rest), bytes(msg.payload), msg.qos)
+            if topic.kind == "infer" and 1 <= len(topic.rest) <= 2:  # infer/{model}[/{client}]
+                app = topic.rest[1] if len(topic.rest) == 2 else ""
+                self.serving.submit(topic.rest[0], bytes(msg.payload), msg.qos, app)
             elif topic.kind == "cmd" and not topic.rest:
                 if not self._enqueue("cmd", bytes(msg.payload)):
                     error = wire.ErrorBody(code="overloaded", message=f"{EVENT_QUEUE} events already wait for the agent's worker")

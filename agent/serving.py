@@ -23,6 +23,7 @@ import numpy as np
 from agent import logs
 from agent.errors import EdgefleetError, InvalidInput
 from agent.host import ModelHost, UnknownModel
+from agent.ratelimit import ClientBuckets
 from agent.wire import ROOT, device_topic
 from agent.wire.inference import PayloadError, Reply, Request, decode_request, encode_reply, peek_request
 
@@ -101,15 +102,19 @@ class Serving:
         micro_batch: int = 1,
         micro_batch_wait_ms: float = 2.0,
         inline_below_ms: float = 0.0,
+        client_rps: float = 0.0,
+        client_burst: float = 200.0,
     ) -> None:
         self.device_id, self.host, self.publish = device_id, host, publish
         self.max_payload_bytes, self.max_batch_rows = max_payload_bytes, max_batch_rows
         self.micro_batch, self.micro_batch_wait = max(1, micro_batch), micro_batch_wait_ms / 1e3
         self.stats = ServingStats()
+        self.buckets = ClientBuckets(client_rps, client_burst)
         # A model whose calls average under this runs on the MQTT thread when nothing is queued: two thread
         # hand-offs cost more than such a call (measured in benchmarks/serving.py: a 4-float model from 0.76x to 0.84x of a raw echo).
         self.inline_below_s = inline_below_ms / 1e3
         self._call_s: dict[str, float] = {}  # moving average of each model's runtime call
+        self.rate_limited = 0  # requests answered `overloaded` because their client was past its rate
         self.inline_served = 0
         self.reply_prefix = device_topic(device_id, "pred") + "/"
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
@@ -141,8 +146,15 @@ class Serving:
 
     # -- network thread ------------------------------------------------------------------
 
-    def submit(self, model: str, payload: bytes, qos: int = 1) -> None:
-        """Called from paho's thread for ``dev/{id}/infer/{model}``: enqueue, or answer ``overloaded`` now."""
+    def submit(self, model: str, payload: bytes, qos: int = 1, client: str = "") -> None:
+        """Called from paho's thread for ``dev/{id}/infer/{model}[/{client}]``: enqueue, or answer ``overloaded`` now
+        (the queue is full, or ``client`` is past its rate)."""
+        if not self.buckets.take(client):
+            self.stats.error(model, self._version(model), "overloaded")
+            self.rate_limited += 1
+            req = peek_request(payload)
+            self._answer_error(model, req, req.request_id, "overloaded", "this client is past its request rate", qos)
+            return
         small = len(payload) <= INLINE_MAX_BYTES  # decoding 4 MB took 333 ms: a large request never runs on this thread
         if small and self._call_s.get(model, 1.0) < self.inline_below_s and self._queue.empty() and not self._closing:
             self.inline_served += 1

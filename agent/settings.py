@@ -73,6 +73,10 @@ class ServingSettings(BaseModel):
     # A model averaging under this per call is run on the MQTT thread when the queue is empty (no thread
     # hand-offs); slower models always go through the queue so the MQTT thread never stalls. 0: never.
     inline_below_ms: Annotated[float, Field(ge=0, le=10)] = 0.5
+    # Per application (the client named in the request topic, infer/{model}/{client}): requests a second and burst;
+    # past it a request is answered `overloaded` at once. 0: no limit.
+    client_rps: Annotated[float, Field(ge=0)] = 1000.0
+    client_burst: Annotated[float, Field(ge=1)] = 200.0
     # Shadow mode: answered calls waiting for the shadow model; beyond this they are skipped (counted), never waited for.
     shadow_queue: Annotated[int, Field(ge=1, le=10_000)] = 16
     # A shadow's row agrees when the top class is the same (class scores) or every value is within atol + rtol * |active|.

@@ -147,7 +147,7 @@ def _fleet(
             "log_level": "WARNING",
             "broker": {"host": host, "port": port},
             "update": {"image_root": image.metadata / "1.root.json", "director_root": director.directory / "1.root.json"},
-            "serving": {"queue_size": 4096, **serving},
+            "serving": {"queue_size": 4096, "client_rps": 0, **serving},  # one load generator: no per-client rate
             "telemetry": {"interval_s": 60, **telemetry},
         },
     )

@@ -233,7 +233,8 @@ def acl(principals: dict[str, dict[str, str]]) -> str:
         elif role == "device":
             out += [f"topic readwrite {ROOT}/dev/{name}/#", f"topic write {ROOT}/repo/req/{name}"]  # its own requests only
         else:  # app: send inference requests to any device and read the answers addressed to it
-            out += [f"topic write {ROOT}/dev/+/infer/#", f"topic read {ROOT}/dev/+/pred/+/{name}"]
+            # inference requests only under its own name: the device's per-client rate limit keys on it
+            out += [f"topic write {ROOT}/dev/+/infer/+/{name}", f"topic read {ROOT}/dev/+/pred/+/{name}"]
     return "\n".join(out) + "\n"
 
 

@@ -137,17 +137,19 @@ def test_the_acl_confines_each_device_to_its_own_tree(secure: Secure) -> None:
         assert not dev1.sub(device_topic("dev-1", "infer", "#")).is_failure
         assert not dev2.sub(device_topic("dev-2", "infer", "#")).is_failure
         assert not ctl.sub("edgefleet/v1/dev/+/status").is_failure
-        app.c.publish(device_topic("dev-2", "infer", "mlp"), b"for dev-2", qos=1)
-        app.c.publish(device_topic("dev-1", "infer", "mlp"), b"for dev-1", qos=1)
+        app.c.publish(device_topic("dev-2", "infer", "mlp", "app-1"), b"for dev-2", qos=1)
+        app.c.publish(device_topic("dev-1", "infer", "mlp", "app-1"), b"for dev-1", qos=1)
         dev1.c.publish(device_topic("dev-2", "status"), b'{"state": "lost"}', qos=1)  # impersonation attempt
         dev1.c.publish(device_topic("dev-1", "status"), b'{"state": "ready"}', qos=1)  # its own: allowed
         dev1.sub(device_topic("dev-1", "cmd"))
         wait_for(
-            lambda: dev1.got(device_topic("dev-1", "infer", "mlp")) and ctl.got(device_topic("dev-1", "status")), 10, "allowed traffic"
+            lambda: dev1.got(device_topic("dev-1", "infer", "mlp", "app-1")) and ctl.got(device_topic("dev-1", "status")),
+            10,
+            "allowed traffic",
         )
-        wait_for(lambda: dev2.got(device_topic("dev-2", "infer", "mlp")), 10, "dev-2's own input")
+        wait_for(lambda: dev2.got(device_topic("dev-2", "infer", "mlp", "app-1")), 10, "dev-2's own input")
         time.sleep(0.5)
-        assert dev1.got(device_topic("dev-2", "infer", "mlp")) == []
+        assert dev1.got(device_topic("dev-2", "infer", "mlp", "app-1")) == []
         assert ctl.got(device_topic("dev-2", "status")) == []
         app.sub(device_topic("dev-1", "cmd"))  # an application cannot read device commands
         ctl.c.publish(device_topic("dev-1", "cmd"), b'{"command": "ping"}', qos=1)
@@ -166,11 +168,11 @@ def test_mutual_tls_takes_the_certificate_as_identity_and_refuses_strangers(secu
         good.sub(device_topic("dev-2", "infer", "#"))
         good.sub(device_topic("dev-1", "infer", "#"))
         sender = Conn(secure, "app-1")
-        sender.c.publish(device_topic("dev-2", "infer", "m"), b"x", qos=1)
-        sender.c.publish(device_topic("dev-1", "infer", "m"), b"y", qos=1)
-        wait_for(lambda: good.got(device_topic("dev-1", "infer", "m")), 10, "its own input")
+        sender.c.publish(device_topic("dev-2", "infer", "m", "app-1"), b"x", qos=1)
+        sender.c.publish(device_topic("dev-1", "infer", "m", "app-1"), b"y", qos=1)
+        wait_for(lambda: good.got(device_topic("dev-1", "infer", "m", "app-1")), 10, "its own input")
         time.sleep(0.3)
-        assert good.got(device_topic("dev-2", "infer", "m")) == []  # the ACL applies to the certificate's CN
+        assert good.got(device_topic("dev-2", "infer", "m", "app-1")) == []  # the ACL applies to the certificate's CN
         sender.close()
     finally:
         good.close()
@@ -262,3 +264,18 @@ def test_the_generated_broker_refuses_oversized_messages(secure: Secure) -> None
     finally:
         dev1.close()
         ctl.close()
+
+
+def test_an_application_may_send_inference_requests_only_under_its_own_name(secure: Secure) -> None:
+    """The device limits each client's rate by the name in the request topic: the ACL makes that name the sender's."""
+    dev1, app = Conn(secure, "dev-1"), Conn(secure, "app-1")
+    try:
+        assert not dev1.sub(device_topic("dev-1", "infer", "#")).is_failure
+        app.c.publish(device_topic("dev-1", "infer", "m", "app-2"), b"posing as app-2", qos=1)
+        app.c.publish(device_topic("dev-1", "infer", "m"), b"anonymous", qos=1)
+        app.c.publish(device_topic("dev-1", "infer", "m", "app-1"), b"its own", qos=1)
+        wait_for(lambda: dev1.got(device_topic("dev-1", "infer", "m", "app-1")), 10, "its own request")  # published last
+        assert dev1.got(device_topic("dev-1", "infer", "m", "app-2")) == [] and dev1.got(device_topic("dev-1", "infer", "m")) == []
+    finally:
+        dev1.close()
+        app.close()

@@ -284,3 +284,23 @@ def test_a_large_request_is_never_decoded_on_the_mqtt_thread(agent: Agent, clien
     assert agent.serving.inline_served == before  # queued for a worker, not decoded on paho's thread
     client.infer("srv-1", MODEL, rows(1))
     assert agent.serving.inline_served == before + 1
+
+
+def test_a_client_past_its_rate_is_answered_overloaded_and_others_are_not(rig: Rig, mqtt_broker: RunningBroker) -> None:
+    """Per application, by the name in the request topic (which the broker ACL confines): one flood, one polite client."""
+    agent = start_agent(rig, "srv-rate", "client_rps = 50\nclient_burst = 10")
+    try:
+        with (
+            EdgeClient(mqtt_broker.host, mqtt_broker.port, client_id="hog") as hog,
+            EdgeClient(mqtt_broker.host, mqtt_broker.port, client_id="nice") as nice,
+        ):
+            wait_for(lambda: agent.host.get(MODEL) is not None, 60, "serving")
+            flood = [hog.submit("srv-rate", MODEL, rows(1)) for _ in range(300)]
+            polite = [nice.infer("srv-rate", MODEL, rows(1)) for _ in range(10)]  # within its own burst
+            replies = [f.result(30) for f in flood]
+        codes = [r.error_code for r in replies]
+        assert set(codes) == {"", "overloaded"} and 10 <= codes.count("") < 300, codes.count("")
+        assert agent.serving.rate_limited == codes.count("overloaded")
+        assert len(polite) == 10 and all(len(next(iter(p.values()))) == 1 for p in polite)
+    finally:
+        agent.stop()
