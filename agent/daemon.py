@@ -39,6 +39,7 @@ from agent.store import AgentStore, Job
 from agent.telemetry import Telemetry, system_metrics
 from agent.update import DirectorPlan, RepositoryUnreachable, TrustedRepos, UpdateRejected, check_director
 from agent.wire import Command, WireError, device_topic
+from agent.wire.inference import peek_request
 
 __all__ = ["Agent"]
 
@@ -231,7 +232,8 @@ class Agent:
             elif topic.kind == "cmd" and not topic.rest:
                 if not self._enqueue("cmd", bytes(msg.payload)):
                     error = wire.ErrorBody(code="overloaded", message=f"{EVENT_QUEUE} events already wait for the agent's worker")
-                    self._publish("cmd/reply", wire.CommandReply(ok=False, error=error))
+                    rid = peek_request(bytes(msg.payload)).request_id  # the first 1 KB only: the controller can match it
+                    self._publish("cmd/reply", wire.CommandReply(request_id=rid, ok=False, error=error))
             elif topic.kind == "director":  # a trigger only; what it says is verified through the repositories
                 self._enqueue("check")
         except Exception as exc:  # a bug costs one message, never the MQTT thread
@@ -414,7 +416,8 @@ class Agent:
                 if kind == "check":
                     wait = last_round + u.min_check_interval_s - time.monotonic()
                     if wait > 0:  # a burst of director messages: one round per min_check_interval_s at most
-                        next_check = min(next_check, time.monotonic() + wait)
+                        now = time.monotonic()  # a timer already due must move forward, or the get() below spins
+                        next_check = now + wait if next_check <= now else min(next_check, now + wait)
                         continue
                     self._check_requested.clear()  # a message from now on asks for another round
                     last_round = time.monotonic()
@@ -539,7 +542,9 @@ class Agent:
         self._publish("cmd/reply", reply)
 
     def _failing(self, model: ServingModel, reason: str) -> None:
-        self._enqueue("rollback", (model.name, reason))
+        # not _enqueue: the host reports a failing model once, so this must never be dropped; this is the serving
+        # thread, not paho's, and the worker drains the queue
+        self._events.put(("rollback", (model.name, reason)))
 
     def _rollback(self, model: str, reason: str) -> str:
         try:

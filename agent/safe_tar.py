@@ -76,6 +76,9 @@ def extract(tar: tarfile.TarFile, dest: str | Path, bound: int, *, max_members: 
         os.close(root)
 
 
+MAX_DEPTH = 32  # path components of one member: bundles are a few levels deep
+
+
 def _parts(member: tarfile.TarInfo) -> tuple[str, ...]:
     """The member's name as plain path components, or ``UnsafeMemberPath`` saying why not."""
     name = member.name
@@ -90,6 +93,8 @@ def _parts(member: tarfile.TarInfo) -> tuple[str, ...]:
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
         raise UnsafeMemberPath(f"{name!r}: a '..' component")
+    if len(parts) > MAX_DEPTH:  # a 10 KB tar 1,200 deep made shutil.rmtree raise RecursionError in the cleanup
+        raise UnsafeMemberPath(f"{name[:64]!r}...: nested {len(parts)} deep (at most {MAX_DEPTH})")
     for p in parts:
         if len(os.fsencode(p)) > _NAME_MAX:
             raise UnsafeMemberPath(f"{name[:64]!r}...: a component longer than {_NAME_MAX} bytes")

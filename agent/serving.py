@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ __all__ = ["Serving", "ServingStats", "Window", "latency_summary"]
 
 log = logging.getLogger("edgefleet.serving")
 
+_REPLY_REST = re.compile(r"[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9._-]{1,64}){0,2}")  # under pred/: model[/client[/tag]]
 INLINE_MAX_BYTES = 64 * 1024  # requests up to this size may be served on paho's thread (a fast model, an empty queue)
 
 
@@ -289,15 +291,13 @@ class Serving:
     # -- answers ---------------------------------------------------------------------------
 
     def _topic(self, model: str, req: Request | None) -> str:
-        """The request's reply_to when it stays in this device's pred/ tree (what its ACL allows), else the default."""
-        if (
-            req is not None
-            and req.reply_to
-            and req.reply_to.startswith(self.reply_prefix)
-            and "#" not in req.reply_to
-            and "+" not in req.reply_to
-        ):
-            return req.reply_to
+        """The request's reply_to when it is ``pred/{model-ish}[/{name}]`` in this device's tree (what its ACL allows) and
+        made of topic-safe names only, else the default. A control character in a topic makes the broker drop the
+        connection as malformed: with a persistent session the request came back after every reconnect."""
+        if req is not None and req.reply_to and req.reply_to.startswith(self.reply_prefix):
+            rest = req.reply_to[len(self.reply_prefix) :]
+            if _REPLY_REST.fullmatch(rest):
+                return req.reply_to
         return self.reply_prefix + model if _safe_model(model) else f"{ROOT}/dev/{self.device_id}/pred/_"
 
     def _answer(self, item: _Item, req: Request, outputs: dict[str, np.ndarray]) -> None:

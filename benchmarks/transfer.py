@@ -71,9 +71,10 @@ def verified_download(host: str, port: int, root: Path, data: bytes, dest: Path,
     from fleet.repo_server import RepositoryServer
 
     sha = hashlib.sha256(data).hexdigest()
-    (root / "targets").mkdir(parents=True, exist_ok=True)
-    (root / "targets" / f"{sha}.big.tar").write_bytes(data)
-    update = VerifiedUpdate("big.tar", "big", "1", "onnx-fp32", 1, len(data), sha, f"repo://targets/{sha}.big.tar", ChunkManifest.of(data))
+    (root / "image" / "targets").mkdir(parents=True, exist_ok=True)  # the server serves image/ and director/{id}/ only
+    (root / "image" / "targets" / f"{sha}.big.tar").write_bytes(data)
+    url = f"repo://image/targets/{sha}.big.tar"
+    update = VerifiedUpdate("big.tar", "big", "1", "onnx-fp32", 1, len(data), sha, url, ChunkManifest.of(data))
     with RepositoryServer(root, host, port, client_id="bench-repo"):
         fetcher = MqttFetcher(host, port, "bench-dev", "repo://", window=window, timeout=30)
         try:

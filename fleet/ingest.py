@@ -93,7 +93,11 @@ class Ingestor:
             self._bad(msg, f"{type(exc).__name__}: {exc}")
             return
         now = time.time()
-        if topic.device not in self._known and not self._may_register(topic.device, now):
+        # a retained message is the broker's (ACL-confined) record of a device, delivered at our subscription: a
+        # controller starting against a large fleet must take them all; the budget is for live newcomers
+        if msg.retain:
+            self._known.add(topic.device)
+        elif topic.device not in self._known and not self._may_register(topic.device, now):
             self.counters["unregistered"] += 1
             return
         with self._lock:

@@ -53,6 +53,11 @@ def rotate(
     if image is None:
         raise RotationError(f"rotating the {role} keys needs the image repository (--repo)")
     if role == "root":
+        beside = image.directory.parent / "director"
+        if director is None and beside.is_dir() and any(beside.iterdir()):
+            raise RotationError(
+                f"a director shares the root keys ({beside}): rotate root with --director too, or it could never be re-signed"
+            )
         md = image.rotate_root(keys, new_keys, threshold, director=director)
         return Rotation(role, _keyids(keys, role), threshold, md.signed.version, director.root().signed.version if director else None)
     assert role in IMAGE_ROLES

@@ -6,11 +6,12 @@ device's queue, so mosquitto's ``max_queued_messages`` can never drop a chunk, a
 a device controls its own window. Bad requests are logged, counted and dropped;
 the server keeps serving.
 
-Fairness: paho's thread only decodes a request (at most 4 KB) and queues it under the
-asking device; a small pool of readers takes one request per device in turn (round
-robin), so a device that floods 3,000 requests waits behind itself, not in front of
-everyone else. A device may have at most ``max_pending`` requests waiting (an agent
-keeps ``update.window``, 8, in flight); what it sends past that is dropped and counted.
+Fairness: paho's thread only reads who asks (the topic) and queues the raw request in
+that device's line; a small pool of readers takes one request per device in turn (round
+robin). A device has at most ``max_pending`` requests waiting (what it sends past that is
+dropped and counted) and at most ``MAX_INFLIGHT`` replies on their way to the broker (an
+agent keeps ``update.window``, 8, in flight): without that second bound a flood's replies
+queued without limit on the server's one connection, ahead of everyone else's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent import logs
+from agent.ratelimit import ClientBuckets
 from agent.settings import BrokerSettings
 from agent.wire import REPO_REQUESTS, RepoReply, RepoRequest, WireError, parse_repo_request_topic, readable_request_id, repo_reply_topic
 from fleet import transport
@@ -33,6 +35,9 @@ log = logging.getLogger("edgefleet.repo_server")
 __all__ = ["RepositoryServer"]
 
 MAX_PENDING = 64  # requests one device may have waiting; eight windows of an agent's default
+MAX_INFLIGHT = 8  # replies per device on their way to the broker (an agent's window): the rest of its line waits
+DEVICE_RPS = 0.0  # optional requests a second per device (0: off; the in-flight cap already holds a flood to its share)
+DEVICE_BURST = 128.0
 READERS = 4  # reader threads: file reads overlap with publishing, and one slow disk read holds up nobody else
 
 
@@ -46,6 +51,8 @@ class RepositoryServer:
         broker: BrokerSettings | None = None,
         readers: int = READERS,
         max_pending: int = MAX_PENDING,
+        device_rps: float = DEVICE_RPS,
+        device_burst: float = DEVICE_BURST,
     ) -> None:
         """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address."""
         self.root = Path(root).resolve()
@@ -53,9 +60,14 @@ class RepositoryServer:
         self.host, self.port = self.broker.host, self.broker.port
         self.counters: Counter[str] = Counter()
         self.max_pending = max_pending
+        self.buckets = ClientBuckets(device_rps, device_burst)  # requests a second per device (0: no limit)
         self._pending: dict[str, deque[bytes]] = {}  # raw requests per device, oldest first
         self._turns: deque[str] = deque()  # devices with requests waiting, in the order they are served
-        self._work = threading.Condition()
+        self._work = threading.Condition(threading.RLock())  # RLock: paho may acknowledge inside publish()
+        self._inflight: dict[str, int] = {}  # replies per device handed to paho and not yet acknowledged by the broker
+        self._mids: dict[int, str] = {}  # message id -> device, until its PUBACK
+        self._acked_early: set[int] = set()  # PUBACKs that came before publish() returned their mid
+        self._held: set[str] = set()  # devices with requests waiting but MAX_INFLIGHT replies on the way
         self._stopping = False
         self._publish_lock = threading.Lock()  # paho is not safe to publish from several threads at once
         self._readers = [threading.Thread(target=self._read_loop, name=f"repo-reader-{i}", daemon=True) for i in range(readers)]
@@ -63,7 +75,8 @@ class RepositoryServer:
         self._client = transport.client(self.broker, client_id)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
-        self._client.on_subscribe = lambda *a: self._connected.set()  # the broker took the subscription: requests reach us
+        self._client.on_subscribe = lambda *a: self._connected.set()
+        self._client.on_publish = self._on_publish  # the broker took the subscription: requests reach us
 
     def start(self, timeout: float = 10.0) -> RepositoryServer:
         self._stopping = False
@@ -100,6 +113,13 @@ class RepositoryServer:
         self.stop()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        with self._work:  # acknowledgements of the old connection will not come: every line may move again
+            self._inflight.clear()
+            self._mids.clear()
+            self._acked_early.clear()
+            self._turns.extend(d for d in self._held if d in self._pending)
+            self._held.clear()
+            self._work.notify_all()
         client.subscribe(REPO_REQUESTS, qos=1)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -118,6 +138,9 @@ class RepositoryServer:
         except WireError as exc:
             self._count("bad_topic")
             logs.event(log, "repo.bad_topic", logging.WARNING, topic=msg.topic[:120], reason=str(exc)[:200])
+            return
+        if not self.buckets.take(device):  # past its rate: dropped before it costs a read or a reply
+            self._count("dropped")
             return
         with self._work:
             waiting = self._pending.setdefault(device, deque())
@@ -140,19 +163,54 @@ class RepositoryServer:
                 if self._stopping:
                     return
                 device = self._turns.popleft()
+                if self._inflight.get(device, 0) >= MAX_INFLIGHT:
+                    self._held.add(device)  # back in line when one of its replies is acknowledged
+                    continue
                 waiting = self._pending[device]
                 payload = waiting.popleft()
                 if waiting:
                     self._turns.append(device)
                 else:
                     del self._pending[device]
+                self._inflight[device] = self._inflight.get(device, 0) + 1
+            mid = None
             try:
-                self._answer(device, payload)
+                mid = self._answer(device, payload)
             except Exception as exc:  # a bug costs one request, never a reader
                 self._count("internal_error")
                 logs.event(log, "repo.internal_error", logging.ERROR, device=device, reason=f"{type(exc).__name__}: {exc}"[:300])
+            with self._work:
+                if mid is None:
+                    self._release(device)
+                elif mid in self._acked_early:
+                    self._acked_early.discard(mid)
+                    self._release(device)
+                else:
+                    self._mids[mid] = device
 
-    def _answer(self, device: str, payload: bytes) -> None:
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any = None, properties: Any = None) -> None:
+        """paho's thread: the broker has a reply; that device may have its next request read."""
+        with self._work:
+            device = self._mids.pop(mid, None)
+            if device is None:
+                self._acked_early.add(mid)
+                return
+            self._release(device)
+
+    def _release(self, device: str) -> None:
+        """One of ``device``'s replies is gone (caller holds the lock); a held line goes back into turn."""
+        left = self._inflight.get(device, 1) - 1
+        if left > 0:
+            self._inflight[device] = left
+        else:
+            self._inflight.pop(device, None)
+        if device in self._held and device in self._pending:
+            self._held.discard(device)
+            self._turns.append(device)
+            self._work.notify()
+
+    def _answer(self, device: str, payload: bytes) -> int | None:
+        """Decode, serve, publish; the reply's message id (None when nothing was published)."""
         reply_topic = repo_reply_topic(device)  # from the topic the broker confines, never from the payload
         try:
             req = RepoRequest.decode(payload)
@@ -161,27 +219,32 @@ class RepositoryServer:
             logs.event(log, "repo.bad_request", logging.WARNING, device=device, reason=str(exc), size=len(payload))
             rid = readable_request_id(payload)
             if rid is not None:  # the device can be told, instead of waiting out its retries
-                self._publish(reply_topic, RepoReply(rid, 400, error=str(exc)[:200]))
-            return
+                return self._publish(reply_topic, RepoReply(rid, 400, error=str(exc)[:200]))
+            return None
         reply = self.serve(req, device)
         self._count(f"status_{reply.status}")
-        self._publish(reply_topic, reply)
+        return self._publish(reply_topic, reply)
 
     def _count(self, what: str) -> None:
         with self._publish_lock:  # readers count at once: a Counter's += is not atomic
             self.counters[what] += 1
 
-    def _publish(self, topic: str, reply: RepoReply) -> None:
+    def _publish(self, topic: str, reply: RepoReply) -> int | None:
         with self._publish_lock:
-            self._client.publish(topic, reply.encode(), qos=1)
+            info = self._client.publish(topic, reply.encode(), qos=1)
+        return info.mid if info.rc == mqtt.MQTT_ERR_SUCCESS else None
 
     def serve(self, req: RepoRequest, device: str) -> RepoReply:
         """``req.path`` for ``device``: the image repository (shared) or that device's own director metadata, and
         nothing else under ROOT (a store, keys or another device's assignment placed there stay unreachable)."""
-        if not (req.path.startswith("image/") or req.path.startswith(f"director/{device}/")):
+        if req.path.startswith("image/"):
+            base = self.root / "image"
+        elif req.path.startswith(f"director/{device}/"):
+            base = self.root / "director" / device
+        else:
             return RepoReply(req.request_id, 404, error="not found")
         path = (self.root / req.path).resolve()
-        if not path.is_relative_to(self.root) or not path.is_file():  # also refuses symlinks that lead outside
+        if ".." in req.path.split("/") or not path.is_relative_to(base.resolve()) or not path.is_file():  # symlinks out too
             return RepoReply(req.request_id, 404, error="not found")
         try:
             size = path.stat().st_size

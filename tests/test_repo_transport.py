@@ -180,7 +180,7 @@ def test_chunks_fit_the_brokers_maximum_packet_size(released: ImageRepository, t
 def test_replies_go_to_the_asking_devices_own_topic_whatever_the_payload_says(
     released: ImageRepository, mqtt_broker: RunningBroker
 ) -> None:
-    """200 requests naming a victim's reply topic put nothing on it: the reply topic comes from the request topic."""
+    """Requests naming a victim's reply topic put nothing on it: the reply topic comes from the request topic."""
     from update_rig import Subscriber, wait_for
 
     with RepositoryServer(released.directory.parent, mqtt_broker.host, mqtt_broker.port, client_id="repo-6") as server:
@@ -189,10 +189,10 @@ def test_replies_go_to_the_asking_devices_own_topic_whatever_the_payload_says(
         try:
             hostile = json.dumps({"request_id": "x", "reply_to": repo_reply_topic("victim"), "path": "image/metadata/1.root.json"})
             asked = json.dumps({"request_id": "y", "path": "director/victim/metadata/1.root.json"})  # another device's assignment
-            for _ in range(100):
+            for _ in range(30):  # 60: within one device's line (64)
                 mallory.client.publish(repo_request_topic("mallory"), hostile.encode(), qos=1)
                 mallory.client.publish(repo_request_topic("mallory"), asked.encode(), qos=1)
-            wait_for(lambda: len(mallory.payloads()) == 200, 30, "mallory's own 200 answers")
+            wait_for(lambda: len(mallory.payloads()) == 60, 30, "mallory's own 60 answers")
             codes = sorted({json.loads(p.split(b"\n", 1)[0])["status"] for p in mallory.payloads()})
             assert codes == [400, 404]
             fetcher = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "victim", BASE, timeout=5)
@@ -202,17 +202,17 @@ def test_replies_go_to_the_asking_devices_own_topic_whatever_the_payload_says(
                 fetcher.close()
             wait_for(lambda: len(victim.payloads()) >= 1, 10, "the victim's own answer")
             assert all(json.loads(p.split(b"\n", 1)[0])["request_id"] not in ("x", "y") for p in victim.payloads())
-            assert server.counters["bad_request"] == 100 and server.counters["status_404"] == 100
+            assert server.counters["bad_request"] == 30 and server.counters["status_404"] == 30
         finally:
             victim.close()
             mallory.close()
 
 
-def test_a_flooding_device_has_a_bounded_line_and_others_are_still_served(released: ImageRepository, mqtt_broker: RunningBroker) -> None:
-    """A device asking for 1,000 chunks of 256 KiB at once keeps at most ``max_pending`` waiting (the rest dropped and
-    counted) and takes its turns with everyone else's requests. What remains is one connection's own throughput: on
-    this 2-core machine another device's request still waits ~0.6-0.9 s behind the flood's messages (the previous
-    inline server: 0.6-1.1 s), so the bound below only catches starvation; more connections are issue 16's."""
+def test_a_flooding_device_gets_its_share_and_others_are_served(released: ImageRepository, mqtt_broker: RunningBroker) -> None:
+    """A device asking for 1,000 chunks of 256 KiB at once: at most ``max_pending`` of its requests wait (the rest are
+    dropped before they cost a read), at most 8 of its replies are on their way to the broker at a time, and it takes
+    turns with everyone. Another device's request waited 0.6-1.9 s behind such a flood on this machine while replies
+    could queue without bound on the server's one connection; now 0.02-0.17 s."""
     import time
 
     from update_rig import Subscriber, wait_for
@@ -232,7 +232,7 @@ def test_a_flooding_device_has_a_bounded_line_and_others_are_still_served(releas
                 t0 = time.perf_counter()
                 assert b"".join(good.fetch(IMG + "metadata/1.root.json")) == expected
                 latencies.append(time.perf_counter() - t0)
-            assert max(latencies) < 5.0, latencies
+            assert max(latencies) < 1.0, latencies
             wait_for(lambda: server.counters["dropped"] > 0, 20, "the flood past its limit dropped")
             assert server.alive()
         finally:
