@@ -304,3 +304,12 @@ def test_extraction_under_debians_own_python() -> None:
     assert result["written"] == ["bundle.json", "sub/model.onnx"] and result["model"]
     assert result["refused"] == "UnsafeMemberPath" and not result["escaped"]
     assert result["modules"] == []  # the standard library and agent.errors only
+
+
+def test_a_member_nested_deeper_than_the_bound_is_refused(tmp_path: Path, place: tuple[Path, Path]) -> None:
+    """10 KB, 1,200 directories deep: extracting it made the cleanup's shutil.rmtree raise RecursionError."""
+    staging, outside = place
+    archive = write_tar(tmp_path / "deep.tar", [member("/".join(["d"] * 1200) + "/f", b"x")])
+    with pytest.raises(UnsafeMemberPath, match="deep"):
+        safe_tar.extract_path(archive, staging, bound=10**6)
+    assert tree(staging) == {} and tree(outside) == {}

@@ -155,6 +155,14 @@ def test_a_reply_to_outside_the_devices_tree_is_not_used(agent: Agent, mqtt_brok
         app.send(json.dumps(req).encode())
         assert app.answer("rt1")["code"] == ""  # answered on the default topic instead
         assert spy == []
+        # a control character in a topic makes the broker drop the publisher as malformed: never used
+        for rid, reply_to in (
+            ("rt2", device_topic("srv-1", "pred", "mlp", "a\u0001b")),
+            ("rt3", device_topic("srv-1", "pred", "x") + "\u0000"),
+        ):
+            app.send(json.dumps({"request_id": rid, "inputs": rows(1).tolist(), "reply_to": reply_to}).encode())
+            assert app.answer(rid)["code"] == ""
+        assert agent.network_alive() and agent.wait_connected(1)
     finally:
         other.disconnect()
         other.loop_stop()

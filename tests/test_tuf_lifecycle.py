@@ -205,6 +205,8 @@ def test_rotation_refusals_change_nothing(fleet: Fleet) -> None:
         rotate("timestamp", fleet.keys, director=fleet.director)
     with pytest.raises(RotationError, match="unknown role"):
         rotate("mirror", fleet.keys, fleet.image)
+    with pytest.raises(RotationError, match="a director shares the root keys"):  # it could never be re-signed after
+        rotate("root", fleet.keys, fleet.image)
     assert state() == before
     offline = fleet.root / "offline"
     offline.mkdir()
