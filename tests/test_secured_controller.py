@@ -16,7 +16,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,16 +61,21 @@ def start_mosquitto(config: Path, port: int, workdir: Path) -> RunningBroker:
     assert binary is not None
     proc = subprocess.Popen([binary, "-c", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     broker = RunningBroker("mosquitto", "127.0.0.1", port, workdir, run, proc)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         assert proc.poll() is None, (workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return broker
+                return True
         except OSError:
-            time.sleep(0.05)
-    broker.stop()
-    raise AssertionError("mosquitto did not listen")
+            return False
+
+    try:
+        wait_for(listening, 15, "mosquitto listening")
+    except AssertionError:
+        broker.stop()
+        raise
+    return broker
 
 
 @dataclass

@@ -6,8 +6,8 @@ simulator is the rollout tests' load generator, and it must not drift from the a
 
 from __future__ import annotations
 
+import contextlib
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -98,10 +98,9 @@ def test_the_agent_and_the_simulator_speak_the_same_wire(rig: Rig, tmp_path: Pat
                     out.append(f"{kind}: only the agent sends {sorted(a - b)}, only the simulator {sorted(b - a)}")
             return out
 
-        deadline = time.monotonic() + 30  # telemetry windows keep coming: wait until both have said everything once
-        while differences() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert differences() == []
+        with contextlib.suppress(AssertionError):  # telemetry windows keep coming: until both have said everything once
+            wait_for(lambda: not differences(), 30, "the same fields from both")
+        assert differences() == []  # and if not, which ones
         requests: dict[str, int] = {}
         for topic, payload in list(watch.messages):
             if topic.startswith(wire.REPO_REQUESTS[:-1]):
