@@ -25,19 +25,19 @@ from paho.mqtt.properties import Properties
 from agent import __version__, logs, systemd, wire
 from agent.errors import EdgefleetError
 from agent.hardware import detect
-from agent.host import ModelHost, ServingModel
-from agent.installer import HealthPolicy, Installer, RollbackError
 from agent.mqtt import make_client
-from agent.predictions import PredictionStats
-from agent.repo_fetcher import MqttFetcher
 from agent.runtimes import probe_all
 from agent.selection import preferred_variants
-from agent.serving import Serving, latency_summary
+from agent.serve.host import ModelHost, ServingModel
+from agent.serve.predictions import PredictionStats
+from agent.serve.serving import Serving, latency_summary
+from agent.serve.shadow import ShadowRunner
 from agent.settings import AgentSettings, RuntimeSettings
-from agent.shadow import ShadowRunner
 from agent.store import AgentStore, Job
 from agent.telemetry import Telemetry, system_metrics
-from agent.update import DirectorPlan, RepositoryUnreachable, TrustedRepos, UpdateRejected, check_director
+from agent.update.fetch import MqttFetcher
+from agent.update.machine import HealthPolicy, Installer, RollbackError
+from agent.update.verify import DirectorPlan, RepositoryUnreachable, TrustedRepos, UpdateRejected, check_director
 from agent.wire import Command, WireError, device_topic
 from agent.wire.inference import peek_request
 

@@ -107,7 +107,7 @@ class InvalidOptions(EdgefleetError):
 
 
 class UnsafeArchive(EdgefleetError):
-    """A signed update tar that extraction refuses (``agent.safe_tar``); the message names the member and why.
+    """A signed update tar that extraction refuses (``agent.update.safe_tar``); the message names the member and why.
 
     Signed does not mean harmless: a leaked release key or a converter bug must not be
     able to write outside the staging directory or fill the disk, so the agent applies

@@ -1,4 +1,4 @@
-"""One way to make MQTT clients, the agent's and the controller's (``fleet.transport``): MQTT 5, TCP_NODELAY, credentials and
+"""One way to make MQTT clients, the agent's and the controller's (``fleet.transport.client``): MQTT 5, TCP_NODELAY, credentials and
 TLS from ``BrokerSettings``."""
 
 from __future__ import annotations

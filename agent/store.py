@@ -2,7 +2,7 @@
 
 Why SQLite: every step of the update state machine is one committed transaction,
 so a ``kill -9`` or a power cut leaves the last step, never half of one. Only
-``agent.installer.Installer`` writes job states; everything else reads.
+``agent.update.machine.Installer`` writes job states; everything else reads.
 """
 
 from __future__ import annotations

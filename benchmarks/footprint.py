@@ -32,9 +32,9 @@ def _fleet(work: Path, host: str, port: int) -> Path:
     from converters import builders
     from converters.build import build
     from fleet.controller import Controller, announce
-    from fleet.director import Director
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import init_keys
+    from fleet.tuf.director import Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import init_keys
 
     keys = init_keys(work / "keys")
     image = ImageRepository.create(work / "serve" / "image", keys)
@@ -67,7 +67,7 @@ def _idle(proc: psutil.Process, seconds: float) -> tuple[float, float]:
 
 
 def main() -> None:
-    from fleet.broker import start_broker
+    from fleet.dev.broker import start_broker
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.host import ModelHost, ServingModel
 from agent.runtimes import get_runtime
+from agent.serve.host import ModelHost, ServingModel
 from benchmarks.common import machine, write
 from converters import builders
 

@@ -37,9 +37,9 @@ from benchmarks.common import machine, write
 def _setup(work: Path, host: str, port: int, n: int) -> Any:
     from converters import builders
     from converters.build import build
-    from fleet.director import Director
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import init_keys
+    from fleet.tuf.director import Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import init_keys
 
     keys = init_keys(work / "keys")
     image = ImageRepository.create(work / "serve" / "image", keys)
@@ -56,9 +56,9 @@ def _setup(work: Path, host: str, port: int, n: int) -> Any:
 
 
 def rollout(n: int) -> dict[str, Any]:
-    from fleet.broker import start_broker
+    from fleet.dev.broker import start_broker
+    from fleet.dev.simulate import Simulator, SimulatorThread
     from fleet.rollout import RolloutEngine, RolloutSpec
-    from fleet.simulate import Simulator, SimulatorThread
     from fleet.store import FleetStore
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,9 +171,9 @@ INGEST_BROKER = ["max_queued_messages 0", "max_inflight_messages 1000"]
 
 
 def ingest(n: int, devices: int) -> dict[str, Any]:
-    from fleet.broker import start_broker
-    from fleet.ingest import Ingestor
+    from fleet.dev.broker import start_broker
     from fleet.store import FleetStore
+    from fleet.transport.ingest import Ingestor
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

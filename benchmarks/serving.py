@@ -124,9 +124,9 @@ def _fleet(
     from converters import builders
     from converters.build import build
     from fleet.controller import Controller, announce
-    from fleet.director import Director
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import init_keys
+    from fleet.tuf.director import Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import init_keys
 
     keys = init_keys(work / "keys")
     image = ImageRepository.create(work / "serve" / "image", keys)
@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     n_tp, n_lat, window = (2000, 300, 32) if args.quick else (10000, 2000, 64)
-    from fleet.broker import start_broker
+    from fleet.dev.broker import start_broker
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """A device's verified download of a 50 MiB variant against raw chunk pub/sub on the same broker.
 
-Contender: ``agent.download.download`` through ``MqttFetcher`` from a ``RepositoryServer`` —
+Contender: ``agent.update.download.download`` through ``MqttFetcher`` from a ``RepositoryServer`` —
 what the agent runs once TUF has verified the (small) metadata: windowed pull requests,
 every 256 KiB chunk checked against the signed chunk list, written and fsynced, the offset
 saved (here: kept in memory). Baseline: the same bytes in 256 KiB QoS 1 messages published
@@ -65,10 +65,10 @@ def raw_pubsub(host: str, port: int, data: bytes) -> float:
 
 
 def verified_download(host: str, port: int, root: Path, data: bytes, dest: Path, window: int) -> float:
-    from agent.download import download
-    from agent.repo_fetcher import MqttFetcher
-    from agent.update import VerifiedUpdate
-    from fleet.repo_server import RepositoryServer
+    from agent.update.download import download
+    from agent.update.fetch import MqttFetcher
+    from agent.update.verify import VerifiedUpdate
+    from fleet.transport.repo_server import RepositoryServer
 
     sha = hashlib.sha256(data).hexdigest()
     (root / "image" / "targets").mkdir(parents=True, exist_ok=True)  # the server serves image/ and director/{id}/ only
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=50)
     ap.add_argument("--window", type=int, default=8)  # the agent's default (update.window)
     args = ap.parse_args()
-    from fleet.broker import start_broker
+    from fleet.dev.broker import start_broker
 
     data = os.urandom(args.mib * 2**20)
     with tempfile.TemporaryDirectory() as tmp:

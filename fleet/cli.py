@@ -124,7 +124,7 @@ def build_cmd(
 )
 def demo_cmd(keep_running: bool, workdir: Path | None, broker_kind: str) -> None:
     """Broker, controller and three agents (Pi, Intel NPU, Jetson) on this machine: train, sign, roll out, predict."""
-    from fleet.demo import run_demo
+    from fleet.dev.demo import run_demo
 
     with _reported():
         run_demo(workdir, keep_running, console, broker_kind=broker_kind)
@@ -166,7 +166,7 @@ def keys_group() -> None:
 @click.option("--root-keys", type=click.IntRange(1, 16), help="How many root keys (default: the threshold).")
 def keys_init_cmd(directory: Path, root_threshold: int, root_keys: int | None) -> None:
     """Create Ed25519 keys for every role in DIRECTORY (private keys 0600; refuses to overwrite)."""
-    from fleet.keys import init_keys
+    from fleet.tuf.keys import init_keys
 
     with _reported():
         store = init_keys(directory, root_threshold, root_keys)
@@ -187,9 +187,9 @@ def keys_init_cmd(directory: Path, root_threshold: int, root_keys: int | None) -
 @click.option("--threshold", type=click.IntRange(1, 16), default=1, show_default=True)
 def rotate_root_cmd(keys_dir: Path, repo: Path, director_dir: Path | None, new_keys: int, threshold: int) -> None:
     """Replace the root keys: the new root is signed by the old keys (threshold) and the new ones."""
-    from fleet.director import Director
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import KeyStore
+    from fleet.tuf.director import Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import KeyStore
 
     with _reported():
         director = Director(director_dir) if director_dir else None
@@ -212,10 +212,10 @@ def rotate_root_cmd(keys_dir: Path, repo: Path, director_dir: Path | None, new_k
 def keys_rotate_cmd(role: str, keys_dir: Path, repo: Path | None, director_dir: Path | None, new_keys: int, threshold: int) -> None:
     """Replace ROLE's keys: a new root (signed by the root keys, which must be here) names the new keys, what they
     sign is re-signed, the old private keys are deleted. Devices follow at their next check."""
-    from fleet.director import Director
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import KeyStore
-    from fleet.lifecycle import rotate
+    from fleet.tuf.director import Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import KeyStore
+    from fleet.tuf.lifecycle import rotate
 
     with _reported():
         image = ImageRepository(repo) if repo else None
@@ -237,8 +237,8 @@ def repo_group() -> None:
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def repo_init_cmd(directory: Path, keys_dir: Path) -> None:
     """Create an empty image repository signed with the keys in --keys."""
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import KeyStore
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import KeyStore
 
     with _reported():
         ImageRepository.create(directory, KeyStore(keys_dir))
@@ -250,8 +250,8 @@ def repo_init_cmd(directory: Path, keys_dir: Path) -> None:
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def repo_refresh_cmd(directory: Path, keys_dir: Path) -> None:
     """Re-sign snapshot and timestamp (online keys); run it more often than the timestamp expires."""
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import KeyStore
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import KeyStore
 
     with _reported():
         ImageRepository(directory).refresh(KeyStore(keys_dir))
@@ -282,8 +282,8 @@ def release_group() -> None:
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def release_cmd(bundle: Path, repo: Path, keys_dir: Path) -> None:
     """Add BUNDLE (a `fleet build` directory or .tar.gz) to the image repository as a signed target."""
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import KeyStore
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import KeyStore
 
     with _reported():
         r = ImageRepository(repo).release(bundle, KeyStore(keys_dir))
@@ -305,9 +305,9 @@ def release_revoke_cmd(model: str, version: str, repo: Path, keys_dir: Path, rea
     Devices running it keep serving it (and report REJECTED each round) until the director names another version:
     assign or roll out one.
     """
-    from fleet.director import Director
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import KeyStore
+    from fleet.tuf.director import Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import KeyStore
 
     with _reported():
         r = ImageRepository(repo).revoke(model, version, KeyStore(keys_dir), reason)
@@ -329,8 +329,8 @@ def director_group() -> None:
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def director_init_cmd(directory: Path, keys_dir: Path) -> None:
     """Create the director's root (signed by the root keys; the online director key signs the rest)."""
-    from fleet.director import Director
-    from fleet.keys import KeyStore
+    from fleet.tuf.director import Director
+    from fleet.tuf.keys import KeyStore
 
     with _reported():
         Director.create(directory, KeyStore(keys_dir))
@@ -343,8 +343,8 @@ def director_init_cmd(directory: Path, keys_dir: Path) -> None:
 @click.option("--device", "devices", multiple=True, help="Only these devices (default: all).")
 def director_refresh_cmd(directory: Path, keys_dir: Path, devices: tuple[str, ...]) -> None:
     """Re-sign each device's director metadata (online key) before it expires."""
-    from fleet.director import Director
-    from fleet.keys import KeyStore
+    from fleet.tuf.director import Director
+    from fleet.tuf.keys import KeyStore
 
     with _reported():
         Director(directory).refresh(KeyStore(keys_dir), list(devices) or None)
@@ -376,7 +376,7 @@ def _settings(config: Path | None) -> FleetSettings:
 
 def _broker_settings(config: Path | None, broker: str | None) -> BrokerSettings:
     """fleet.toml's ``[broker]`` (TLS, credentials, MQTT version) with ``--broker HOST:PORT`` replacing its address."""
-    from fleet.transport import broker_settings
+    from fleet.transport.client import broker_settings
 
     host, port = _broker(broker) or (None, None)
     return broker_settings(host, port, _settings(config).broker)
@@ -441,10 +441,10 @@ def assign_cmd(
     gets when it connects later).
     """
     from fleet.controller import announce
-    from fleet.director import Director
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import KeyStore
     from fleet.settings import config_file
+    from fleet.tuf.director import Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import KeyStore
 
     with _reported():
         tell = broker is not None or config_file(config) is not None
@@ -659,9 +659,9 @@ def rollout_group() -> None:
 
 
 def _engine(store: Path, repo: Path | None = None) -> Any:
-    from fleet.image_repo import ImageRepository
     from fleet.rollout import RolloutEngine
     from fleet.store import FleetStore
+    from fleet.tuf.image_repo import ImageRepository
 
     # start/pause/resume/status need no key: the director work happens in `fleet serve`
     return RolloutEngine(FleetStore(store), ImageRepository(repo or Path(".")), None, None, "", 0)  # type: ignore[arg-type]
@@ -936,7 +936,7 @@ def simulate_cmd(
     import signal
     import threading
 
-    from fleet.simulate import Behaviour, Simulator, SimulatorThread
+    from fleet.dev.simulate import Behaviour, Simulator, SimulatorThread
 
     settings = _broker_settings(config, broker)
     with _reported():
@@ -1078,8 +1078,8 @@ def serve_cmd(
 
     from agent import logs
     from fleet.controller import Controller
-    from fleet.keys import KeyStore
     from fleet.settings import DEFAULT_CONFIG, config_file
+    from fleet.tuf.keys import KeyStore
 
     logs.configure()
     settings = _settings(config)

@@ -26,13 +26,13 @@ from tuf.api.metadata import Metadata
 from agent import logs, wire
 from agent.settings import BrokerSettings
 from agent.wire import WireError, device_topic
-from fleet import transport
-from fleet.director import Director
-from fleet.image_repo import ImageRepository
-from fleet.ingest import Ingestor
-from fleet.keys import KeyStore
-from fleet.repo_server import RepositoryServer
 from fleet.store import FleetStore
+from fleet.transport import client as transport
+from fleet.transport.ingest import Ingestor
+from fleet.transport.repo_server import RepositoryServer
+from fleet.tuf.director import Director
+from fleet.tuf.image_repo import ImageRepository
+from fleet.tuf.keys import KeyStore
 
 if TYPE_CHECKING:
     from fleet.rollout import RolloutEngine

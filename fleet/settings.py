@@ -3,7 +3,7 @@
 Why the agent's pattern (``agent/settings.py``): one typed model is the documentation, the validation and the error
 message — a bad key or value is named. The broker section *is* the agent's ``BrokerSettings``: the controller
 connects the way a device does (TLS with the fleet CA, a user name and a password file, MQTT 5 or 3.1.1), through
-the same client factory (``fleet.transport``). Nested keys in the environment use ``__``:
+the same client factory (``fleet.transport.client``). Nested keys in the environment use ``__``:
 ``EDGEFLEET_FLEET_BROKER__HOST=broker.example.net``. Precedence: arguments, then the environment, then the file.
 
 ``fleet.toml`` is read from the working directory when it is there, or from ``--config FILE``; without either the

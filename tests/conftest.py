@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from converters import builders
-from fleet.broker import RunningBroker, start_broker
+from fleet.dev.broker import RunningBroker, start_broker
 
 
 @pytest.fixture(scope="session")

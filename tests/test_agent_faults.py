@@ -14,8 +14,8 @@ import pytest
 from conftest import ModelFiles
 from update_rig import AgentProcess, Rig, wait_for
 
-from agent.installer import PAUSE_ENV
-from fleet.broker import start_broker
+from agent.update.machine import PAUSE_ENV
+from fleet.dev.broker import start_broker
 
 STATES = ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "ACTIVE"]
 

@@ -16,8 +16,8 @@ from agent import commands
 from agent.daemon import Agent
 from agent.errors import EdgefleetError
 from agent.wire import REPO_REQUESTS, RepoReply, RepoRequest, device_topic, parse_repo_request_topic, repo_reply_topic
-from fleet.broker import RunningBroker
 from fleet.controller import devices
+from fleet.dev.broker import RunningBroker
 
 
 class JobWatcher(Subscriber):
@@ -226,7 +226,7 @@ def test_corrupted_chunks_are_detected_and_requested_again(rig: Rig, agent_for: 
 
 
 def test_metadata_refusal_is_reported_and_the_model_keeps_serving(rig: Rig, agent_for: Any) -> None:
-    from fleet.keys import init_keys
+    from fleet.tuf.keys import init_keys
 
     agent, jobs = agent_for("dev-m")
     rig.assign("dev-m", "1.0.0")
@@ -246,7 +246,7 @@ def test_controller_re_signs_online_metadata_before_it_expires_and_tells_the_dev
 
     from tuf.api.metadata import Metadata
 
-    from fleet.director import Director
+    from fleet.tuf.director import Director
 
     short = Director(rig.director.directory, timestamp_expiry=timedelta(seconds=30))
     short.assign("dev-t", rig.image, MODEL, "1.0.0", "onnx-fp32", rig.keys)

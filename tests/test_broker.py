@@ -10,7 +10,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from fleet.broker import BrokerStartError, RunningBroker, mosquitto_binary, start_broker
+from fleet.dev.broker import BrokerStartError, RunningBroker, mosquitto_binary, start_broker
 
 
 def roundtrip(host: str, port: int, topic: str = "edgefleet/v1/test", payload: bytes = b"hello") -> bytes:

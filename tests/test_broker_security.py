@@ -17,7 +17,7 @@ from update_rig import wait_for
 from agent.daemon import Agent
 from agent.settings import load_settings
 from agent.wire import device_topic
-from fleet.broker import RunningBroker, free_port, mosquitto_binary, start_broker
+from fleet.dev.broker import RunningBroker, free_port, mosquitto_binary, start_broker
 from fleet.provision import BrokerAuth, Credentials, device_bundle
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="TLS and ACLs need mosquitto (amqtt has neither)")

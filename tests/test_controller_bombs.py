@@ -11,9 +11,9 @@ import paho.mqtt.client as mqtt
 from tuf.api import exceptions as tuf_errors
 from update_rig import Rig, wait_for
 
-from agent.repo_fetcher import MqttFetcher
+from agent.update.fetch import MqttFetcher
 from agent.wire import device_topic, repo_request_topic
-from fleet.broker import start_broker
+from fleet.dev.broker import start_broker
 from fleet.store import FleetStore
 
 BOMBS = [

@@ -9,10 +9,10 @@ import paho.mqtt.client as mqtt
 from update_rig import Rig, wait_for
 
 from agent.wire import device_topic
-from fleet.broker import start_broker
 from fleet.controller import Controller
-from fleet.ingest import Ingestor
+from fleet.dev.broker import start_broker
 from fleet.store import FleetStore
+from fleet.transport.ingest import Ingestor
 
 
 def test_ghost_device_ids_register_only_within_the_budget(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from agent.commands import send_command
 from agent.daemon import Agent
 from agent.settings import load_settings
 from agent.wire import device_topic
-from fleet.broker import RunningBroker, start_broker
+from fleet.dev.broker import RunningBroker, start_broker
 
 
 @pytest.fixture

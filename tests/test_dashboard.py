@@ -20,10 +20,10 @@ import pytest
 from update_rig import MODEL, Rig, wait_for
 
 from fleet.dashboard import Dashboard
-from fleet.ingest import Ingestor
+from fleet.dev.simulate import Simulator, SimulatorThread
 from fleet.rollout import RolloutEngine, RolloutSpec
-from fleet.simulate import Simulator, SimulatorThread
 from fleet.store import FleetStore
+from fleet.transport.ingest import Ingestor
 
 FLEET = [sys.executable, "-m", "fleet.cli"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

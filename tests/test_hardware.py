@@ -9,15 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fake_roots
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.hardware import detect
+from fleet.dev import hardware_trees
 
 
 def test_raspberry_pi_5(tmp_path: Path) -> None:
-    p = detect(fake_roots.raspberry_pi_5(tmp_path))
+    p = detect(hardware_trees.raspberry_pi_5(tmp_path))
     assert p.arch == "aarch64" and p.is_arm
     assert p.raspberry_pi_model == "5"
     assert p.board == "Raspberry Pi 5 Model B Rev 1.0"
@@ -29,7 +29,7 @@ def test_raspberry_pi_5(tmp_path: Path) -> None:
 
 
 def test_jetson_orin_r36(tmp_path: Path) -> None:
-    p = detect(fake_roots.jetson_orin(tmp_path))
+    p = detect(hardware_trees.jetson_orin(tmp_path))
     assert p.is_jetson and p.jetson_model == "AGX Orin Developer Kit"
     assert p.l4t_release == "36.3.0"
     assert p.has_cuda_gpu and not p.nvidia_gpu  # integrated GPU: no /dev/nvidia0
@@ -37,7 +37,7 @@ def test_jetson_orin_r36(tmp_path: Path) -> None:
 
 
 def test_intel_core_ultra_with_npu(tmp_path: Path) -> None:
-    p = detect(fake_roots.intel_core_ultra(tmp_path))
+    p = detect(hardware_trees.intel_core_ultra(tmp_path))
     assert p.intel_npu and p.intel_gpu
     assert p.other_accelerators == []
     assert p.arch == "x86_64" and p.cpu.avx2 and "avx_vnni" in p.cpu.flags
@@ -45,7 +45,7 @@ def test_intel_core_ultra_with_npu(tmp_path: Path) -> None:
 
 
 def test_amd_xdna_is_not_an_intel_npu(tmp_path: Path) -> None:
-    p = detect(fake_roots.amd_xdna(tmp_path))
+    p = detect(hardware_trees.amd_xdna(tmp_path))
     assert (tmp_path / "dev/accel/accel0").exists()
     assert not p.intel_npu
     assert p.other_accelerators == ["amdxdna"]
@@ -54,19 +54,19 @@ def test_amd_xdna_is_not_an_intel_npu(tmp_path: Path) -> None:
 
 
 def test_coral_usb_both_ids(tmp_path: Path) -> None:
-    programmed = detect(fake_roots.coral_usb(tmp_path / "a", programmed=True))
-    fresh = detect(fake_roots.coral_usb(tmp_path / "b", programmed=False))
+    programmed = detect(hardware_trees.coral_usb(tmp_path / "a", programmed=True))
+    fresh = detect(hardware_trees.coral_usb(tmp_path / "b", programmed=False))
     assert programmed.coral == ["usb:18d1:9302"]
     assert fresh.coral == ["usb:1a6e:089a"]
     assert programmed.raspberry_pi_model == "4"
 
 
 def test_coral_pcie(tmp_path: Path) -> None:
-    assert detect(fake_roots.coral_pcie(tmp_path)).coral == ["pcie:/dev/apex_0"]
+    assert detect(hardware_trees.coral_pcie(tmp_path)).coral == ["pcie:/dev/apex_0"]
 
 
 def test_plain_x86(tmp_path: Path) -> None:
-    p = detect(fake_roots.plain_x86(tmp_path))
+    p = detect(hardware_trees.plain_x86(tmp_path))
     assert p.arch == "x86_64" and p.is_x86
     assert p.cpu.avx2 and not p.cpu.avx512_vnni and not p.cpu.amx
     assert not (p.intel_npu or p.intel_gpu or p.nvidia_gpu or p.coral or p.is_jetson)
@@ -74,7 +74,7 @@ def test_plain_x86(tmp_path: Path) -> None:
 
 
 def test_nvidia_discrete_gpu(tmp_path: Path) -> None:
-    p = detect(fake_roots.nvidia_x86(tmp_path))
+    p = detect(hardware_trees.nvidia_x86(tmp_path))
     assert p.nvidia_gpu and p.nvidia_gpu_name == "NVIDIA L4" and p.has_cuda_gpu
 
 
@@ -94,9 +94,9 @@ def test_empty_root_says_little_and_does_not_raise(tmp_path: Path) -> None:
 
 
 def test_unreadable_and_wrong_kind_entries_are_warnings(tmp_path: Path) -> None:
-    fake_roots.plain_x86(tmp_path)
+    hardware_trees.plain_x86(tmp_path)
     (tmp_path / "proc/device-tree/model").mkdir(parents=True)  # a directory where a file belongs
-    fake_roots.write(tmp_path, "/etc/nv_tegra_release", "garbage with no release line")
+    hardware_trees.write(tmp_path, "/etc/nv_tegra_release", "garbage with no release line")
     p = detect(tmp_path)
     assert any("device-tree/model" in w for w in p.warnings)
     assert any("nv_tegra_release" in w for w in p.warnings)
@@ -111,7 +111,7 @@ def test_dangling_accel_link(tmp_path: Path) -> None:
 
 
 def test_huge_file_is_read_bounded(tmp_path: Path) -> None:
-    fake_roots.write(tmp_path, "/proc/cpuinfo", "processor\t: 0\n" * 1_000_000)  # 14 MB
+    hardware_trees.write(tmp_path, "/proc/cpuinfo", "processor\t: 0\n" * 1_000_000)  # 14 MB
     p = detect(tmp_path)
     assert 0 < p.cpu.cores < 1_000_000
 
@@ -135,15 +135,15 @@ def test_garbage_root_never_raises(tmp_path_factory: object, contents: list[byte
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        fake_roots.write(root, "/dev/dri/renderD128", "")
+        hardware_trees.write(root, "/dev/dri/renderD128", "")
         for rel, content in zip(FILES, contents):
-            fake_roots.write(root, rel, content)
+            hardware_trees.write(root, rel, content)
         p = detect(root)
         json.loads(p.model_dump_json())
 
 
 def test_cli_hardware_on_fake_root(tmp_path: Path) -> None:
-    fake_roots.jetson_orin(tmp_path)
+    hardware_trees.jetson_orin(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "agent.cli", "hardware", "--root", str(tmp_path), "--json"],
         capture_output=True,

@@ -20,8 +20,8 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.chunks import ChunkManifest
 from converters.build import build
-from fleet.image_repo import Expiry, ImageRepository, ReleaseError
-from fleet.keys import KeyError_, KeyStore, init_keys
+from fleet.tuf.image_repo import Expiry, ImageRepository, ReleaseError
+from fleet.tuf.keys import KeyError_, KeyStore, init_keys
 
 BASE = "https://image.invalid/"
 

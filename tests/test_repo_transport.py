@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import Updater
 
-from agent.repo_fetcher import MqttFetcher
+from agent.update.fetch import MqttFetcher
 from agent.wire import RepoRequest, WireError, repo_reply_topic, repo_request_topic
 from converters.build import build
-from fleet.broker import RunningBroker
-from fleet.image_repo import ImageRepository
-from fleet.keys import init_keys
-from fleet.repo_server import RepositoryServer
+from fleet.dev.broker import RunningBroker
+from fleet.transport.repo_server import RepositoryServer
+from fleet.tuf.image_repo import ImageRepository
+from fleet.tuf.keys import init_keys
 
 BASE = "mqtt://"  # the server serves ROOT (image/ and director/ inside it); the agent uses "repo://"
 IMG = BASE + "image/"
@@ -144,7 +144,7 @@ def test_request_decoder_never_crashes(payload: bytes) -> None:
 
 
 def test_broker_restart_mid_download_resumes(released: ImageRepository, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from fleet.broker import start_broker
+    from fleet.dev.broker import start_broker
 
     with start_broker(tmp_path_factory.mktemp("b")) as broker:
         with RepositoryServer(released.directory.parent, broker.host, broker.port, client_id="repo-4"):
@@ -163,7 +163,7 @@ def test_broker_restart_mid_download_resumes(released: ImageRepository, tmp_path
 
 def test_chunks_fit_the_brokers_maximum_packet_size(released: ImageRepository, tmp_path_factory: pytest.TempPathFactory) -> None:
     """paho would loop reconnecting on an oversized packet: the fetcher asks for chunks the broker can carry."""
-    from fleet.broker import start_broker
+    from fleet.dev.broker import start_broker
 
     with start_broker(tmp_path_factory.mktemp("small-packets"), extra_config=["max_packet_size 16384"]) as broker:
         with RepositoryServer(released.directory.parent, broker.host, broker.port, client_id="repo-5"):

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from update_rig import MODEL, Rig, wait_for
 
-from fleet.ingest import Ingestor
+from fleet.dev.simulate import Behaviour, Simulator, SimulatorThread
 from fleet.rollout import Gates, RolloutEngine, RolloutError, RolloutSpec, parse_selector, parse_waves
-from fleet.simulate import Behaviour, Simulator, SimulatorThread
 from fleet.store import FleetStore
+from fleet.transport.ingest import Ingestor
 
 
 class Controller:

@@ -1,4 +1,4 @@
-"""Update extraction by our own rules (agent.safe_tar) and the golden .npz size check, on real tar and zip files.
+"""Update extraction by our own rules (agent.update.safe_tar) and the golden .npz size check, on real tar and zip files.
 
 Why these tests: the agent extracts signed tars without ``tarfile``'s ``filter``
 argument (Debian 12's Python 3.11.2 has none), so every rule the ``data`` filter
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import safe_tar
 from agent.bundle import GoldenSamplesTooLarge, load_bundle, verify_variant
 from agent.errors import ArchiveTooLarge, UnsafeArchive, UnsafeMemberPath, UnsafeMemberType
+from agent.update import safe_tar
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN_PYTHON = Path("/usr/bin/python3")
@@ -100,7 +100,7 @@ def test_a_real_release_artifact_extracts_and_loads(tmp_path: Path) -> None:
     """The archive `fleet release` signs, from a bundle `fleet build` made: extracted within its own length."""
     from converters import builders
     from converters.build import build
-    from fleet.image_repo import _variant_archive
+    from fleet.tuf.image_repo import _variant_archive
 
     source = builders.write_onnx_mlp(builders.random_mlp([4, 8, 3], seed=5), tmp_path / "m.onnx")
     out = build(source, "m", "1.0.0", tmp_path / "bundle", variants=["onnx-fp32"]).out
@@ -264,7 +264,7 @@ def test_a_golden_npy_header_claiming_more_than_its_member_is_refused(tmp_path: 
 DEBIAN_SCRIPT = r"""
 import io, json, sys, tarfile, tempfile
 from pathlib import Path
-from agent import safe_tar
+from agent.update import safe_tar
 from agent.errors import UnsafeArchive
 
 d = Path(tempfile.mkdtemp())

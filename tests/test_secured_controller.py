@@ -30,7 +30,7 @@ from update_rig import MODEL, AgentProcess, Rig, wait_for
 
 from agent.client import EdgeClient
 from agent.settings import BrokerSettings, write_config
-from fleet.broker import RunningBroker, free_port, mosquitto_binary
+from fleet.dev.broker import RunningBroker, free_port, mosquitto_binary
 from fleet.store import FleetStore
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="TLS and ACLs need mosquitto (amqtt has neither)")

@@ -6,7 +6,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import fake_roots
 import numpy as np
 import pytest
 from conftest import ModelFiles
@@ -17,6 +16,7 @@ from agent.runtimes import probe_all
 from agent.runtimes.base import ProbeResult
 from agent.selection import GoldenSample, ModelVariant, choose, rank, select
 from converters import builders
+from fleet.dev import hardware_trees
 
 
 def v(name: str, fmt: str, precision: str = "fp32", static: bool | None = None, hints: tuple[str, ...] = ()) -> ModelVariant:
@@ -52,7 +52,7 @@ def labels(profile: HardwareProfile, probes: dict[str, ProbeResult], variants: l
 
 
 def test_jetson_prefers_tensorrt_then_cuda_then_cpu(tmp_path: Path) -> None:
-    order = labels(detect(fake_roots.jetson_orin(tmp_path)), JETSON_PROBES)
+    order = labels(detect(hardware_trees.jetson_orin(tmp_path)), JETSON_PROBES)
     assert order[:3] == ["tensorrt:GPU.0:m.onnx", "onnx:CUDA:m.onnx", "litert:CPU:m_int8.tflite"]
     assert "litert:CPU:m.tflite" in order
     assert not any("edgetpu" in x for x in order)  # no Coral: the Edge TPU variant is useless here
@@ -60,14 +60,14 @@ def test_jetson_prefers_tensorrt_then_cuda_then_cpu(tmp_path: Path) -> None:
 
 def test_jetson_without_tensorrt_installed_falls_back_with_reason(tmp_path: Path) -> None:
     probes = {**JETSON_PROBES, "tensorrt": ProbeResult("tensorrt", False, reason="tensorrt is not installed")}
-    r = rank(detect(fake_roots.jetson_orin(tmp_path)), probes, BUNDLE)
+    r = rank(detect(hardware_trees.jetson_orin(tmp_path)), probes, BUNDLE)
     assert r.candidates[0].runtime == "onnx" and r.candidates[0].device == "CUDA"
     assert ("tensorrt:GPU.0", "tensorrt is not installed") in r.excluded
     assert any(w == "m_edgetpu.tflite" and "no Coral" in why for w, why in r.excluded)
 
 
 def test_intel_npu_takes_static_variants_only(tmp_path: Path) -> None:
-    profile = detect(fake_roots.intel_core_ultra(tmp_path))
+    profile = detect(hardware_trees.intel_core_ultra(tmp_path))
     r = rank(profile, INTEL_PROBES, BUNDLE)
     order = [f"{c.runtime}:{c.device}:{c.variant.path.name}" for c in r.candidates]
     assert order[:2] == ["openvino:NPU:m_int8.xml", "openvino:NPU:m_fp16.xml"]
@@ -80,13 +80,13 @@ def test_intel_npu_takes_static_variants_only(tmp_path: Path) -> None:
 
 
 def test_amd_xdna_box_gets_no_npu_candidates(tmp_path: Path) -> None:
-    order = labels(detect(fake_roots.amd_xdna(tmp_path)), INTEL_PROBES)
+    order = labels(detect(hardware_trees.amd_xdna(tmp_path)), INTEL_PROBES)
     assert not any(":NPU:" in x or ":GPU:" in x for x in order)
     assert order[0] == "openvino:CPU:m_int8.xml"  # avx512_vnni: int8 first
 
 
 def test_coral_runs_the_edgetpu_variant_on_the_delegate(tmp_path: Path) -> None:
-    order = labels(detect(fake_roots.coral_usb(tmp_path)), CORAL_PROBES)
+    order = labels(detect(hardware_trees.coral_usb(tmp_path)), CORAL_PROBES)
     assert order[0] == "litert:EDGETPU:m_edgetpu.tflite"
     assert [x for x in order if "edgetpu" in x] == ["litert:EDGETPU:m_edgetpu.tflite"]  # never on the CPU
     assert order[1] == "litert:CPU:m_int8.tflite"
@@ -94,7 +94,7 @@ def test_coral_runs_the_edgetpu_variant_on_the_delegate(tmp_path: Path) -> None:
 
 def test_raspberry_pi_5_litert_int8_first(tmp_path: Path) -> None:
     probes = {"litert": CORAL_PROBES["litert"], "onnx": CORAL_PROBES["onnx"]}
-    order = labels(detect(fake_roots.raspberry_pi_5(tmp_path)), probes)
+    order = labels(detect(hardware_trees.raspberry_pi_5(tmp_path)), probes)
     assert order[:3] == ["litert:CPU:m_int8.tflite", "litert:CPU:m.tflite", "onnx:CPU:m.onnx"]
     r = rank(detect(tmp_path), probes, BUNDLE)
     assert any(w == "litert:EDGETPU" for w, _ in r.excluded) is False  # no Coral: that tier is not even considered
@@ -102,14 +102,14 @@ def test_raspberry_pi_5_litert_int8_first(tmp_path: Path) -> None:
 
 def test_plain_x86_fastest_cpu_runtime_per_variant(tmp_path: Path) -> None:
     probes = {k: ProbeResult(k, True, "1", ("CPU",)) for k in ("openvino", "onnx", "litert")}
-    order = labels(detect(fake_roots.plain_x86(tmp_path)), probes)
+    order = labels(detect(hardware_trees.plain_x86(tmp_path)), probes)
     assert order[0] == "openvino:CPU:m_dyn.xml"  # fp32 IR first: no VNNI, so int8 is not faster
     assert order.index("onnx:CPU:m.onnx") < order.index("litert:CPU:m.tflite")
     assert order.index("litert:CPU:m.tflite") < order.index("litert:CPU:m_int8.tflite")
 
 
 def test_forced_runtime_replaces_the_policy(tmp_path: Path) -> None:
-    r = rank(detect(fake_roots.plain_x86(tmp_path)), probe_all(), BUNDLE, force_runtime="litert", force_device="cpu")
+    r = rank(detect(hardware_trees.plain_x86(tmp_path)), probe_all(), BUNDLE, force_runtime="litert", force_device="cpu")
     assert {c.runtime for c in r.candidates} == {"litert"} and {c.device for c in r.candidates} == {"CPU"}
     assert all(c.reason == "forced by settings" for c in r.candidates)
     r = rank(detect(tmp_path), probe_all(), [v("m.xml", "openvino")], force_runtime="onnx")
@@ -163,7 +163,7 @@ def test_wrong_answers_fail_the_golden_sample(models: ModelFiles, tmp_path: Path
 
 def test_int8_outside_a_tight_tolerance_falls_back_to_fp32(models: ModelFiles) -> None:
     variants = [ModelVariant.from_path(models.path("mlp_int8.tflite"), "int8"), ModelVariant.from_path(models.path("mlp.tflite"))]
-    ranking = rank(detect(fake_roots.raspberry_pi_5(Path(models.root) / "pi")), probe_all(), variants)
+    ranking = rank(detect(hardware_trees.raspberry_pi_5(Path(models.root) / "pi")), probe_all(), variants)
     assert ranking.candidates[0].variant.precision == "int8"
     sel = select(ranking.candidates, [golden(models, atol=1e-5)])
     assert sel.candidate.variant.precision == "fp32" and "HealthCheckFailed" in sel.attempts[0][1]
@@ -200,9 +200,9 @@ def test_onnxruntime_provider_order_follows_the_hardware(tmp_path: Path) -> None
     from agent.runtimes.onnx import provider_order
 
     installed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"]
-    jetson = detect(fake_roots.jetson_orin(tmp_path / "jetson"))
-    intel = detect(fake_roots.intel_core_ultra(tmp_path / "intel"))
-    pi = detect(fake_roots.raspberry_pi_5(tmp_path / "pi"))
+    jetson = detect(hardware_trees.jetson_orin(tmp_path / "jetson"))
+    intel = detect(hardware_trees.intel_core_ultra(tmp_path / "intel"))
+    pi = detect(hardware_trees.raspberry_pi_5(tmp_path / "pi"))
     assert provider_order("AUTO", installed, jetson) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert provider_order("AUTO", installed, intel) == ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
     assert provider_order(None, installed, pi) == ["CPUExecutionProvider"]

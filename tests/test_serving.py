@@ -20,7 +20,7 @@ from agent.client import EdgeClient, RemoteError
 from agent.daemon import Agent
 from agent.wire import device_topic
 from agent.wire.inference import BINARY_MAGIC, PayloadError, decode_reply, decode_request
-from fleet.broker import RunningBroker
+from fleet.dev.broker import RunningBroker
 
 
 def start_agent(rig: Rig, device: str, serving: str = "") -> Agent:

@@ -22,11 +22,11 @@ from update_rig import MODEL, VARIANT, Rig, Subscriber, fails_beyond_batch_one, 
 
 from agent.client import EdgeClient
 from agent.daemon import Agent
-from agent.host import ModelHost, ServingModel
-from agent.predictions import PredictionStats
 from agent.runtimes import get_runtime
+from agent.serve.host import ModelHost, ServingModel
+from agent.serve.predictions import PredictionStats
+from agent.serve.shadow import ShadowRunner, compare_outputs
 from agent.settings import load_settings
-from agent.shadow import ShadowRunner, compare_outputs
 from agent.wire import device_topic
 from converters import builders
 from converters.build import build

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fake_roots
 import pytest
 from conftest import ModelFiles
 from tuf.api.metadata import Metadata
@@ -23,14 +22,15 @@ from update_rig import MODEL, VARIANT, Rig, Subscriber, wait_for
 
 from agent.daemon import Agent
 from agent.hardware import HardwareProfile, detect
-from agent.repo_fetcher import DirectoryFetcher
-from agent.update import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_for_update
+from agent.update.fetch import DirectoryFetcher
+from agent.update.verify import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_for_update
 from agent.wire import device_topic
 from converters.build import build
-from fleet.director import AssignError, Director
-from fleet.image_repo import ImageRepository, ReleaseError, ReleaseRevoked, RotationError, metadata_versions
-from fleet.keys import KeyError_, KeyStore, init_keys
-from fleet.lifecycle import rotate
+from fleet.dev import hardware_trees
+from fleet.tuf.director import AssignError, Director
+from fleet.tuf.image_repo import ImageRepository, ReleaseError, ReleaseRevoked, RotationError, metadata_versions
+from fleet.tuf.keys import KeyError_, KeyStore, init_keys
+from fleet.tuf.lifecycle import rotate
 
 CLI = [sys.executable, "-m", "fleet.cli"]
 
@@ -77,7 +77,7 @@ class Fleet:
 
 
 def profile(root: Path) -> HardwareProfile:
-    return detect(fake_roots.plain_x86(root / "hw"))
+    return detect(hardware_trees.plain_x86(root / "hw"))
 
 
 @pytest.fixture

@@ -6,22 +6,22 @@ import shutil
 from datetime import timedelta
 from pathlib import Path
 
-import fake_roots
 import pytest
 from conftest import ModelFiles
 from tuf.api.metadata import Metadata
 
-from agent.download import download
 from agent.files import sha256_file
 from agent.hardware import HardwareProfile, detect
-from agent.repo_fetcher import DirectoryFetcher, MqttFetcher
-from agent.update import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_director, check_for_update
+from agent.update.download import download
+from agent.update.fetch import DirectoryFetcher, MqttFetcher
+from agent.update.verify import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_director, check_for_update
 from converters.build import build
-from fleet.broker import RunningBroker
-from fleet.director import AssignError, Director
-from fleet.image_repo import ImageRepository, sign_metadata
-from fleet.keys import KeyStore, init_keys
-from fleet.repo_server import RepositoryServer
+from fleet.dev import hardware_trees
+from fleet.dev.broker import RunningBroker
+from fleet.transport.repo_server import RepositoryServer
+from fleet.tuf.director import AssignError, Director
+from fleet.tuf.image_repo import ImageRepository, sign_metadata
+from fleet.tuf.keys import KeyStore, init_keys
 
 
 class Fleet:
@@ -60,7 +60,7 @@ def fleet(tmp_path: Path, models: ModelFiles) -> Fleet:
 
 
 def profile(tmp_path: Path) -> HardwareProfile:
-    return detect(fake_roots.plain_x86(tmp_path / "hw"))
+    return detect(hardware_trees.plain_x86(tmp_path / "hw"))
 
 
 def test_agreed_update_is_downloaded_and_verified(fleet: Fleet, tmp_path: Path) -> None:
@@ -184,7 +184,7 @@ def test_variant_for_other_hardware_is_refused(fleet: Fleet, tmp_path: Path) -> 
     fleet.image._publish(targets, fleet.keys)
     with pytest.raises(UpdateRejected, match="needs edgetpu"):
         check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
-    coral = detect(fake_roots.coral_usb(tmp_path / "coral"))
+    coral = detect(hardware_trees.coral_usb(tmp_path / "coral"))
     assert check_for_update(fleet.device("dev-1"), {}, coral) is not None  # the same release fits a Coral device
 
 

@@ -18,7 +18,7 @@ from agent import wire
 from agent.client import EdgeClient
 from agent.daemon import Agent
 from agent.settings import load_settings
-from fleet.simulate import Simulator, SimulatorThread
+from fleet.dev.simulate import Simulator, SimulatorThread
 
 OPTIONAL_BY_HARDWARE = {"system.temperature_c"}  # only where the machine has thermal sensors
 

@@ -22,11 +22,11 @@ from onnx import helper, numpy_helper
 from agent.files import sha256_file
 from agent.settings import AgentSettings, load_settings, write_config
 from converters.build import build
-from fleet.broker import RunningBroker
 from fleet.controller import Controller, announce
-from fleet.director import Director
-from fleet.image_repo import ImageRepository
-from fleet.keys import KeyStore, init_keys
+from fleet.dev.broker import RunningBroker
+from fleet.tuf.director import Director
+from fleet.tuf.image_repo import ImageRepository
+from fleet.tuf.keys import KeyStore, init_keys
 
 MODEL = "mlp"
 VARIANT = "onnx-fp32"

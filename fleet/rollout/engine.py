@@ -20,7 +20,7 @@ shadowing devices go back to pending and the wave proceeds as any other, the age
 promoting the shadow it already has loaded.
 
 Prediction drift: devices publish sums of what each version answered
-(``agent.predictions``); the health gate compares the wave's distribution on the new
+(``agent.serve.predictions``); the health gate compares the wave's distribution on the new
 version with the rest of the fleet's on the old one (top-class shift, mean shift).
 """
 
@@ -34,15 +34,15 @@ from typing import Any
 from agent import logs
 from agent.errors import EdgefleetError
 from agent.settings import BrokerSettings
-from fleet import transport
 from fleet.controller import announce
-from fleet.director import Director
-from fleet.image_repo import ImageRepository, variant_target_path
-from fleet.keys import KeyStore
 from fleet.rollout import gates
 from fleet.rollout.spec import RolloutError, RolloutSpec, cut, matches, parse_selector, parse_waves, pick_variant, share
 from fleet.rollout.stats import device_stats
 from fleet.store import FleetStore, PredictionRow, TelemetryRow
+from fleet.transport import client as transport
+from fleet.tuf.director import Director
+from fleet.tuf.image_repo import ImageRepository, variant_target_path
+from fleet.tuf.keys import KeyStore
 
 __all__ = ["RolloutEngine"]
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from agent import logs
 from agent.errors import EdgefleetError, InvalidInput
-from agent.host import ModelHost, UnknownModel
-from agent.ratelimit import ClientBuckets
+from agent.serve.host import ModelHost, UnknownModel
+from agent.serve.ratelimit import ClientBuckets
 from agent.wire import ROOT, device_topic
 from agent.wire.inference import PayloadError, Reply, Request, decode_request, encode_reply, peek_request
 

@@ -28,7 +28,7 @@ from agent import wire
 from agent.errors import InvalidOptions
 from agent.settings import BrokerSettings
 from agent.wire import RepoReply, RepoRequest, device_topic, repo_reply_topic, repo_request_topic
-from fleet import transport
+from fleet.transport import client as transport
 
 __all__ = ["Behaviour", "Simulator"]
 

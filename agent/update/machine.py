@@ -30,18 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import logs, safe_tar
+from agent import logs
 from agent.bundle import BundleError, load_bundle, verify_variant
 from agent.chunks import ChunkManifest
-from agent.download import ChunkSource, DiskFull, check_disk_space, download
 from agent.errors import EdgefleetError, UnsafeArchive
 from agent.files import sha256_file
 from agent.hardware import HardwareProfile
-from agent.host import ModelHost, ServingModel
 from agent.runtimes import probe_all
 from agent.selection import choose
+from agent.serve.host import ModelHost, ServingModel
 from agent.store import AgentStore, InstalledModel, Job, State
-from agent.update import Installed, RepositoryUnreachable, UpdateRejected, VerifiedUpdate
+from agent.update import safe_tar
+from agent.update.download import ChunkSource, DiskFull, check_disk_space, download
+from agent.update.verify import Installed, RepositoryUnreachable, UpdateRejected, VerifiedUpdate
 
 __all__ = ["HealthPolicy", "Installer", "RollbackError"]
 

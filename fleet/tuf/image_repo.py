@@ -33,16 +33,16 @@ from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from agent import safe_tar
 from agent.bundle import BUNDLE_FILE, Bundle, BundleError, Variant, load_bundle, verify_files
 from agent.chunks import CHUNK_SIZE, CHUNKS_SUFFIX, ChunkManifest
 from agent.errors import EdgefleetError, UnsafeArchive
 from agent.files import atomic_write
-from agent.update import REVOKED_FIELD
-from fleet.keys import KeyStore
+from agent.update import safe_tar
+from agent.update.verify import REVOKED_FIELD
+from fleet.tuf.keys import KeyStore
 
 if TYPE_CHECKING:
-    from fleet.director import Director
+    from fleet.tuf.director import Director
 
 __all__ = [
     "IMAGE_ROLES",

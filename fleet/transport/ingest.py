@@ -17,8 +17,8 @@ import paho.mqtt.client as mqtt
 
 from agent import logs, wire
 from agent.settings import BrokerSettings
-from fleet import transport
 from fleet.store import FleetStore
+from fleet.transport import client as transport
 
 __all__ = ["Ingestor"]
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from agent import logs
-from agent.host import ModelHost, ServingModel
+from agent.serve.host import ModelHost, ServingModel
 
 __all__ = ["Comparison", "ShadowRunner", "compare_outputs"]
 

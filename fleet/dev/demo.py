@@ -2,7 +2,7 @@
 
 A private broker, the controller (repository server, registry, rollout engine) and
 three agents in their own processes with the hardware of a Raspberry Pi 5, an Intel
-Core Ultra with an NPU and a Jetson Orin (``fleet.hardware_trees``; the runtimes are
+Core Ultra with an NPU and a Jetson Orin (``fleet.dev.hardware_trees``; the runtimes are
 this machine's). The seed's linear regression (y = 2x + 1 on noisy data, numpy) is
 trained, built, signed and rolled out; predictions come back over MQTT; a retrained v2
 goes out in waves behind the health gate; a deliberately broken v3 is rejected by the
@@ -29,7 +29,7 @@ from rich.table import Table
 
 from agent.errors import EdgefleetError
 from agent.settings import write_config
-from fleet import hardware_trees
+from fleet.dev import hardware_trees
 
 __all__ = ["DemoError", "run_demo"]
 
@@ -94,12 +94,12 @@ def run_demo(
     """``broker_kind`` mosquitto falls back to the embedded amqtt when mosquitto is not installed."""
     from agent.client import EdgeClient
     from agent.settings import BrokerSettings
-    from fleet.broker import start_broker
     from fleet.controller import Controller
-    from fleet.director import Director
-    from fleet.image_repo import ImageRepository
-    from fleet.keys import init_keys
+    from fleet.dev.broker import start_broker
     from fleet.rollout import Gates, RolloutSpec
+    from fleet.tuf.director import Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import init_keys
 
     console = console or Console(stderr=True)
     t_start = time.monotonic()

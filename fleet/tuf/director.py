@@ -26,7 +26,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from agent.wire import valid_device_id
-from fleet.image_repo import (
+from fleet.tuf.image_repo import (
     KEEP_VERSIONS,
     ImageRepository,
     commit_metadata,
@@ -37,7 +37,7 @@ from fleet.image_repo import (
     sign_metadata,
     variant_target_path,
 )
-from fleet.keys import KeyStore
+from fleet.tuf.keys import KeyStore
 
 __all__ = ["DIRECTOR_ROLES", "AssignError", "Director"]
 

@@ -83,7 +83,7 @@ class Health:
 
 @dataclass(frozen=True)
 class Distribution:
-    """What one model version answered over a window, summed over devices (``agent.predictions``)."""
+    """What one model version answered over a window, summed over devices (``agent.serve.predictions``)."""
 
     rows: int
     values: int

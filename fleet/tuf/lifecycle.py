@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleet.director import Director
-from fleet.image_repo import IMAGE_ROLES, ImageRepository, RotationError
-from fleet.keys import ROLES, KeyStore
+from fleet.tuf.director import Director
+from fleet.tuf.image_repo import IMAGE_ROLES, ImageRepository, RotationError
+from fleet.tuf.keys import ROLES, KeyStore
 
 __all__ = ["Rotation", "rotate"]
 

@@ -22,7 +22,7 @@ from tuf.api import exceptions as tuf_errors
 
 from agent import logs
 from agent.errors import EdgefleetError
-from agent.update import RepositoryUnreachable, UpdateRejected, VerifiedUpdate
+from agent.update.verify import RepositoryUnreachable, UpdateRejected, VerifiedUpdate
 
 __all__ = ["ChunkSource", "DiskFull", "check_disk_space", "download"]
 

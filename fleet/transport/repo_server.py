@@ -25,10 +25,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent import logs
-from agent.ratelimit import ClientBuckets
+from agent.serve.ratelimit import ClientBuckets
 from agent.settings import BrokerSettings
 from agent.wire import REPO_REQUESTS, RepoReply, RepoRequest, WireError, parse_repo_request_topic, readable_request_id, repo_reply_topic
-from fleet import transport
+from fleet.transport import client as transport
 
 log = logging.getLogger("edgefleet.repo_server")
 

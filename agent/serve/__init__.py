@@ -1,0 +1,1 @@
+"""Serving predictions: the hosted models and their hot swap, MQTT serving, shadow comparison, prediction summaries."""
