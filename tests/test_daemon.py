@@ -104,8 +104,8 @@ def test_telemetry_batches_survive_a_broker_outage_none_missing(
 
 
 def test_outbox_limits_drop_the_oldest_and_say_so(tmp_path: Path) -> None:
+    from agent.outbox import Outbox
     from agent.store import AgentStore
-    from agent.telemetry import Telemetry
 
     store = AgentStore(tmp_path / "a.db")
     window = {
@@ -116,7 +116,7 @@ def test_outbox_limits_drop_the_oldest_and_say_so(tmp_path: Path) -> None:
         "queue_depth": 0,
         "system": {"cpu_percent": 0.0, "process_cpu_percent": 0.0, "rss_bytes": 1, "memory_percent": 1.0},
     }
-    t = Telemetry(store, lambda: window, lambda payload: None, lambda: False, max_batches=3)  # type: ignore[arg-type,return-value]
+    t = Outbox(store, lambda: window, lambda payload: None, lambda: False, max_batches=3)  # type: ignore[arg-type,return-value]
     for _ in range(5):
         t.record()
     kept = store.outbox_oldest()

@@ -1,4 +1,4 @@
-"""Telemetry batches with a sequence number, store-and-forward through a bounded SQLite outbox.
+"""The telemetry outbox: batches with a sequence number, store-and-forward through a bounded SQLite table.
 
 Every ``interval_s`` one batch is written to the outbox (one transaction: number and
 content together), then the outbox is sent oldest first while the broker is there; a
@@ -6,6 +6,7 @@ batch leaves the outbox only after the broker acknowledged it (QoS 1 PUBACK). So
 outage loses nothing within the limits (``outbox_max_batches``, ``outbox_max_age_s``);
 beyond them the oldest go first and the next batch says how many (``dropped_total``).
 A batch re-sent after a lost acknowledgement arrives twice with the same ``seq``.
+What goes into a batch is ``collect``'s business (``agent.report.Windows``); this module only numbers, keeps and sends.
 """
 
 from __future__ import annotations
@@ -17,35 +18,16 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import psutil
 
 from agent import logs, wire
 from agent.store import AgentStore
 
-__all__ = ["Telemetry", "system_metrics"]
+__all__ = ["Outbox"]
 
 log = logging.getLogger("edgefleet.telemetry")
 
 
-def system_metrics(process: psutil.Process) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "cpu_percent": psutil.cpu_percent(None),
-        "process_cpu_percent": process.cpu_percent(None),
-        "rss_bytes": process.memory_info().rss,
-        "memory_percent": psutil.virtual_memory().percent,
-    }
-    try:
-        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
-    except OSError:  # unreadable thermal zones
-        temps = {}
-    # plausible readings only: some sensors report 65,261 °C (a known NVMe quirk), which the wire would refuse
-    readings = [t.current for entries in temps.values() for t in entries if t.current and -100.0 <= t.current <= 300.0]
-    if readings:
-        out["temperature_c"] = max(readings)
-    return out
-
-
-class Telemetry:
+class Outbox:
     def __init__(
         self,
         store: AgentStore,
@@ -63,7 +45,7 @@ class Telemetry:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
 
-    def start(self) -> Telemetry:
+    def start(self) -> Outbox:
         self._thread.start()
         return self
 

@@ -1,0 +1,162 @@
+"""The agent's MQTT session: one paho client, its presence, its subscriptions and the one path every publish takes.
+
+Why one place: the will (``lost``), the retained ``ready``/``disconnected`` status and the session
+number they carry must agree, subscriptions must be renewed on every reconnect, and paho is not
+safe to publish from many threads at once — serving, telemetry, the worker and paho's own thread
+all publish, so they all go through ``publish_raw`` and its lock.
+
+paho's network thread only routes here: a message goes to the handler of its topic kind, and
+nothing a handler raises may escape (paho would re-raise and its thread would die for good, which
+``network_alive`` reports to the watchdog).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import logs, wire
+from agent.mqtt import make_client
+from agent.settings import BrokerSettings
+from agent.wire import device_topic
+
+__all__ = ["SESSION_EXPIRY_S", "Handler", "Route", "Session"]
+
+log = logging.getLogger("edgefleet.agent")
+
+SESSION_EXPIRY_S = 24 * 3600  # commands queued while the device is offline survive a day
+
+Handler = Callable[[tuple[str, ...], bytes, int], None]  # (the topic past its kind, payload, QoS), on paho's thread
+
+
+@dataclass(frozen=True)
+class Route:
+    """One subscription: ``dev/{id}/{kind}`` (or ``dev/{id}/{kind}/#`` when ``wildcard``) and who handles it."""
+
+    kind: str
+    handle: Handler
+    wildcard: bool = False
+
+    def topic(self, device_id: str) -> str:
+        return device_topic(device_id, self.kind, "#") if self.wildcard else device_topic(device_id, self.kind)
+
+
+class Session:
+    """Connect (persistent session, will = ``lost``), subscribe on every connect, say ``ready``, route messages, publish.
+
+    ``number`` is this run's session counter: status and will name it, so the controller tells a stale ``lost``
+    from the current run. ``on_connected`` runs on paho's thread after ``ready`` went out (and must not raise).
+    """
+
+    def __init__(
+        self,
+        broker: BrokerSettings,
+        device_id: str,
+        number: int,
+        routes: Sequence[Route],
+        on_connected: Callable[[], None],
+    ) -> None:
+        self.broker, self.device_id, self.number = broker, device_id, number
+        self.routes = {r.kind: r for r in routes}
+        self.on_connected = on_connected
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._closing = threading.Event()
+        self._client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        c = make_client(self.broker, self.device_id, persistent=True)
+        c.will_set(device_topic(self.device_id, "status"), wire.encode(self.status("lost")), qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.reconnect_delay_set(1, 30)  # exponential backoff between reconnects, 1 s to 30 s
+        return c
+
+    def status(self, state: str) -> wire.Status:
+        return wire.Status(state=state, session=self.number, ts=time.time())  # type: ignore[arg-type]
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Session:
+        """Connect in the background (paho retries until the broker is there) and keep the session a day."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        b = self.broker
+        self._client.connect_async(b.host, b.port, keepalive=b.keepalive_s, clean_start=False, properties=props)
+        self._client.loop_start()
+        return self
+
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        return self._connected.wait(timeout)
+
+    def begin_close(self, unsubscribe: Sequence[str] = ()) -> None:
+        """The agent is stopping: a disconnect from now on is expected (not logged as a warning), and the kinds named
+        are taken no more (inference requests first, so the broker stops handing over work that would go unanswered)."""
+        self._closing.set()
+        if self._connected.is_set():
+            for kind in unsubscribe:
+                self._client.unsubscribe(self.routes[kind].topic(self.device_id))
+
+    def close(self) -> None:
+        """Say ``disconnected`` (retained; the will only fires on an unclean drop), then leave."""
+        self._closing.set()
+        if self._connected.is_set():
+            info = self.publish("status", self.status("disconnected"), retain=True)
+            info.wait_for_publish(timeout=2)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def network_alive(self) -> bool:
+        """paho's network thread runs: if a callback ever raised, paho re-raised and that thread is gone for good,
+        leaving a process that serves nothing; the watchdog then stops pinging and systemd restarts the agent."""
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
+    # -- publishing ----------------------------------------------------------------
+
+    def publish(self, what: str, message: wire.WireModel, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """A wire message on ``dev/{id}/{what}`` at QoS 1."""
+        return self.publish_raw(device_topic(self.device_id, *what.split("/")), wire.encode(message), 1, retain)
+
+    def publish_raw(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        with self._lock:
+            return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    # -- paho's thread -------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            logs.event(log, "agent.connect_refused", logging.ERROR, reason=str(reason))
+            return
+        client.subscribe([(r.topic(self.device_id), 1) for r in self.routes.values()])
+        self._connected.set()
+        self.publish("status", self.status("ready"), retain=True)
+        self.on_connected()
+        logs.event(log, "agent.connected", broker=f"{self.broker.host}:{self.broker.port}")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._connected.clear()
+        if not self._closing.is_set():
+            logs.event(log, "agent.disconnected", logging.WARNING, reason=str(reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Route by topic, decode nothing here. Nothing may raise (paho re-raises and its thread dies)."""
+        try:
+            topic = wire.parse_device_topic(msg.topic)
+            route = self.routes.get(topic.kind)
+            if topic.device == self.device_id and route is not None:
+                route.handle(topic.rest, bytes(msg.payload), msg.qos)
+        except Exception as exc:  # a bug costs one message, never the MQTT thread
+            logs.event(log, "agent.message_failed", logging.ERROR, topic=msg.topic[:120], reason=f"{type(exc).__name__}: {exc}"[:300])
