@@ -81,7 +81,10 @@ def test_registered_runtime_is_known_and_probed(toy: type[ToyRuntime]) -> None:
 
 def test_registered_runtime_is_ranked_by_its_own_tiers(toy: type[ToyRuntime], x86: HardwareProfile, tmp_path: Path) -> None:
     probes = {"toy": toy.probe(), "onnx": ProbeResult("onnx", True, "1.20", ("CPU",))}
-    variants = [ModelVariant(path=tmp_path / "m.onnx", format="onnx"), ModelVariant(path=tmp_path / "m_int8.onnx", format="onnx", precision="int8")]
+    variants = [
+        ModelVariant(path=tmp_path / "m.onnx", format="onnx"),
+        ModelVariant(path=tmp_path / "m_int8.onnx", format="onnx", precision="int8"),
+    ]
     ranking = rank(x86, probes, variants)
     assert [(c.runtime, c.variant.path.name) for c in ranking.candidates] == [
         ("toy", "m_int8.onnx"),
