@@ -20,7 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.errors import EdgefleetError
 from agent.files import sha256_file
-from agent.selection import GoldenSample, ModelVariant
+from agent.runtimes.formats import ModelFormat, Precision
+from agent.runtimes.golden import GoldenSample
+from agent.selection import ModelVariant
 
 __all__ = [
     "BUNDLE_FILE",
@@ -97,8 +99,8 @@ class Parity(_Strict):
 
 class Variant(_Strict):
     id: str  # e.g. "onnx-int8"
-    format: Literal["tflite", "openvino", "onnx"]
-    precision: Literal["fp32", "fp16", "int8"]
+    format: ModelFormat
+    precision: Precision
     file: str
     extra_files: list[str] = []  # e.g. OpenVINO's .bin beside the .xml
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

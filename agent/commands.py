@@ -22,7 +22,8 @@ import numpy as np
 from agent.errors import EdgefleetError, InvalidInput, MissingInput, ModelLoadError
 from agent.hardware import HardwareProfile, detect
 from agent.runtimes import probe_all
-from agent.runtimes.base import MODEL_FORMATS, ModelDescription, ProbeResult
+from agent.runtimes.base import ModelDescription, ProbeResult
+from agent.runtimes.formats import MODEL_FORMATS
 from agent.selection import ModelVariant, Ranking, choose, rank
 from agent.settings import AgentSettings, load_settings
 

@@ -6,7 +6,9 @@ but only a real load + warm-up + golden sample proves a choice works, so the top
 candidate is validated and the next one tried on any failure, each fallback
 logged with its cause. A runtime forced in the settings replaces the policy.
 
-Policy:
+The policy is not written here: each runtime's file declares its tiers (device,
+formats, precisions, reason, place on the shared ``Band`` scale) for a hardware
+profile, and ``rank`` merges the registry's tiers in that order. Today that gives:
 - NVIDIA GPU or Jetson: TensorRT -> ONNX Runtime (CUDA) -> the CPU order.
 - Coral Edge TPU with an ``edgetpu`` variant: LiteRT with the Edge TPU delegate.
 - Intel NPU: OpenVINO on the NPU for static-shape variants; Intel GPU: OpenVINO GPU.
@@ -23,23 +25,21 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from agent import logs
 from agent.errors import EdgefleetError, HealthCheckFailed, NoUsableRuntime
 from agent.hardware import HardwareProfile
-from agent.runtimes import get_runtime
-from agent.runtimes.base import ProbeResult, Runtime, model_format
+from agent.runtimes import get_runtime, runtime_classes
+from agent.runtimes.base import ProbeResult, Runtime, Tier
+from agent.runtimes.formats import EDGETPU, ModelFormat, Precision, model_format
+from agent.runtimes.golden import GoldenSample
 
-__all__ = ["ModelVariant", "Candidate", "Ranking", "GoldenSample", "Selection", "rank", "select", "choose"]
+__all__ = ["ModelVariant", "Candidate", "Ranking", "Selection", "rank", "select", "choose", "preferred_variants"]
 
 log = logging.getLogger("edgefleet.selection")
-
-Precision = Literal["fp32", "fp16", "int8"]
-EDGETPU = "edgetpu"
 
 
 class ModelVariant(BaseModel):
@@ -48,7 +48,7 @@ class ModelVariant(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     path: Path
-    format: Literal["tflite", "openvino", "onnx"]
+    format: ModelFormat
     precision: Precision = "fp32"
     hints: frozenset[str] = frozenset()  # e.g. {"edgetpu"}: compiled for the Edge TPU, useless without it
     static_shapes: bool | None = None  # None: unknown (the NPU needs static shapes)
@@ -79,61 +79,10 @@ class Ranking:
     excluded: list[tuple[str, str]]  # (what, why): runtimes or variants left out, for the operator
 
 
-@dataclass(frozen=True)
-class _Tier:
-    runtime: str
-    device: str
-    formats: tuple[str, ...]
-    reason: str
-    precisions: tuple[Precision, ...]
-    edgetpu: bool = False  # True: only edgetpu variants; False: never edgetpu variants
-    static_only: bool = False
-
-
-def _cpu_precisions(profile: HardwareProfile) -> tuple[Precision, ...]:
-    int8_fast = profile.cpu.avx512_vnni or profile.cpu.amx or "avx_vnni" in profile.cpu.flags or profile.cpu.arm_dotprod
-    return ("int8", "fp32", "fp16") if int8_fast else ("fp32", "fp16", "int8")
-
-
-def _tiers(profile: HardwareProfile) -> list[_Tier]:
-    tiers: list[_Tier] = []
-    gpu_prec: tuple[Precision, ...] = ("fp16", "fp32", "int8")
-    if profile.has_cuda_gpu:
-        what = f"Jetson {profile.jetson_model}" if profile.is_jetson else "NVIDIA GPU"
-        tiers.append(_Tier("tensorrt", "GPU.0", ("onnx",), f"{what}: a TensorRT engine built on the device is the fastest path", gpu_prec))
-        tiers.append(_Tier("onnx", "CUDA", ("onnx",), f"{what}: ONNX Runtime on CUDA needs no engine build", gpu_prec))
-    if profile.has_coral:
-        tiers.append(_Tier("litert", "EDGETPU", ("tflite",), "Coral Edge TPU with an Edge TPU compiled variant", ("int8",), edgetpu=True))
-    if profile.intel_npu:
-        tiers.append(
-            _Tier(
-                "openvino",
-                "NPU",
-                ("openvino", "onnx"),
-                "Intel NPU: OpenVINO with a static-shape variant",
-                ("int8", "fp16", "fp32"),
-                static_only=True,
-            )
-        )
-    if profile.intel_gpu:
-        tiers.append(_Tier("openvino", "GPU", ("openvino", "onnx"), "Intel GPU: OpenVINO", gpu_prec))
-    cpu = _cpu_precisions(profile)
-    if profile.is_arm:
-        tiers += [
-            _Tier("litert", "CPU", ("tflite",), "ARM CPU: LiteRT with XNNPACK is the native runtime", cpu),
-            _Tier("onnx", "CPU", ("onnx",), "ARM CPU: ONNX Runtime, the universal fallback", cpu),
-            _Tier("openvino", "CPU", ("openvino", "onnx", "tflite"), "ARM CPU: OpenVINO's ARM plugin", cpu),
-        ]
-    else:
-        isa = "+".join(f for f in ("avx2", "avx512_vnni", "amx_int8") if f in profile.cpu.flags) or "baseline"
-        tiers += [
-            _Tier("openvino", "CPU", ("openvino",), f"x86 CPU ({isa}): OpenVINO IR on oneDNN kernels", cpu),
-            _Tier("onnx", "CPU", ("onnx",), f"x86 CPU ({isa}): ONNX Runtime on its MLAS kernels", cpu),
-            _Tier("openvino", "CPU", ("onnx",), f"x86 CPU ({isa}): OpenVINO reading ONNX", cpu),
-            _Tier("litert", "CPU", ("tflite",), f"x86 CPU ({isa}): LiteRT with XNNPACK", cpu),
-            _Tier("openvino", "CPU", ("tflite",), f"x86 CPU ({isa}): OpenVINO reading TFLite", cpu),
-        ]
-    return tiers
+def _tiers(profile: HardwareProfile) -> list[Tier]:
+    """Every registered runtime's tiers for this hardware, in the order of the shared scale."""
+    tiers = [tier for cls in runtime_classes().values() for tier in cls.tiers(profile)]
+    return sorted(tiers, key=lambda t: t.order)
 
 
 def rank(
@@ -145,60 +94,57 @@ def rank(
 ) -> Ranking:
     """Order every workable (runtime, device, variant) for this device, best first, each with its reason."""
     variants = list(variants)
-    excluded: list[tuple[str, str]] = []
     if force_runtime:
         return _forced(probes, variants, force_runtime.lower(), force_device)
+    excluded: list[tuple[str, str]] = []
     seen: set[tuple[str, str, Path]] = set()
     out: list[Candidate] = []
     for tier in _tiers(profile):
-        probe = probes.get(tier.runtime)
-        where = f"{tier.runtime}:{tier.device}"
-        if probe is None or not probe.available:
-            excluded.append((where, probe.reason if probe else "runtime unknown"))
-            continue
-        if tier.device not in {"CPU"} and not probe.has_device(tier.device):
-            excluded.append(
-                (where, f"{tier.runtime} {probe.version} does not offer {tier.device} here (has {', '.join(probe.devices) or 'none'})")
-            )
-            continue
-        fits = [v for v in variants if v.format in tier.formats and (EDGETPU in v.hints) == tier.edgetpu]
-        if tier.static_only:
-            for v in fits:
-                if v.static_shapes is not True:
-                    excluded.append((f"{where} {v.path.name}", "shapes dynamic or unknown; the NPU needs static shapes"))
-            fits = [v for v in fits if v.static_shapes is True]
-        fits.sort(key=lambda v: (tier.formats.index(v.format), _precision_index(tier.precisions, v.precision)))
-        for v in fits:
-            if (tier.runtime, tier.device, v.path) in seen:
-                continue
-            seen.add((tier.runtime, tier.device, v.path))
-            out.append(Candidate(tier.runtime, tier.device, v, f"{tier.reason}; {v.precision}"))
+        for v in _tier_variants(tier, probes.get(tier.runtime), variants, excluded):
+            if (tier.runtime, tier.device, v.path) not in seen:
+                seen.add((tier.runtime, tier.device, v.path))
+                out.append(Candidate(tier.runtime, tier.device, v, f"{tier.reason}; {v.precision}"))
     for v in variants:
         if EDGETPU in v.hints and not profile.has_coral:
             excluded.append((v.path.name, "compiled for the Edge TPU, and no Coral is attached"))
     return Ranking(out, excluded)
 
 
-VARIANT_IDS = ("tflite-fp32", "tflite-int8", "openvino-fp32", "openvino-fp16", "openvino-int8", "onnx-fp32", "onnx-int8")
+def _tier_variants(
+    tier: Tier, probe: ProbeResult | None, variants: list[ModelVariant], excluded: list[tuple[str, str]]
+) -> list[ModelVariant]:
+    """The variants ``tier`` can run, best first; what it cannot offer goes to ``excluded`` with the reason."""
+    where = f"{tier.runtime}:{tier.device}"
+    if probe is None or not probe.available:
+        excluded.append((where, probe.reason if probe else "runtime unknown"))
+        return []
+    if tier.device != "CPU" and not probe.has_device(tier.device):
+        excluded.append(
+            (where, f"{tier.runtime} {probe.version} does not offer {tier.device} here (has {', '.join(probe.devices) or 'none'})")
+        )
+        return []
+    fits = [v for v in variants if v.format in tier.formats and ((tier.hint in v.hints) if tier.hint else EDGETPU not in v.hints)]
+    if tier.static_only:
+        for v in fits:
+            if v.static_shapes is not True:
+                excluded.append((f"{where} {v.path.name}", "shapes dynamic or unknown; the NPU needs static shapes"))
+        fits = [v for v in fits if v.static_shapes is True]
+    return sorted(fits, key=lambda v: (tier.formats.index(v.format), _precision_index(tier.precisions, v.precision)))
 
 
 def preferred_variants(profile: HardwareProfile, probes: Mapping[str, ProbeResult]) -> list[str]:
     """The bundle variant ids this device would run, best first — what it tells the controller in ``reported``.
 
     Why the device says it: only it knows its hardware and installed runtimes; the controller then
-    assigns the best variant a release has for it.
+    assigns the best variant a release has for it. The ids ranked are those the registry's runtimes prefer.
     """
+    ids = dict.fromkeys(vid for cls in runtime_classes().values() for vid in cls.variants)
     fake = [
         ModelVariant.model_validate({"path": f"{v}.model", "format": v.split("-")[0], "precision": v.split("-")[1], "static_shapes": True})
-        for v in VARIANT_IDS
+        for v in ids
     ]
     ranking = rank(profile, probes, fake)
-    order: list[str] = []
-    for cand in ranking.candidates:
-        vid = cand.variant.path.stem
-        if vid not in order:
-            order.append(vid)
-    return order
+    return list(dict.fromkeys(cand.variant.path.stem for cand in ranking.candidates))
 
 
 def _precision_index(order: tuple[Precision, ...], precision: str) -> int:
@@ -209,39 +155,14 @@ def _forced(probes: Mapping[str, ProbeResult], variants: list[ModelVariant], run
     cls = get_runtime(runtime)
     probe = probes.get(runtime)
     excluded = [] if probe is None or probe.available else [(runtime, probe.reason)]
-    dev = (device or _default_device(runtime)).upper()
+    dev = (device or cls.default_device).upper()
     chosen = [Candidate(runtime, dev, v, "forced by settings") for v in variants if v.format in cls.formats]
     if not chosen:
         excluded.append((runtime, f"reads {', '.join(sorted(cls.formats))}; no such variant"))
     return Ranking(chosen, excluded)
 
 
-def _default_device(runtime: str) -> str:
-    return {"openvino": "AUTO", "onnx": "AUTO", "tensorrt": "GPU.0"}.get(runtime, "CPU")
-
-
 # ------------------------------------------------------------------- validation
-
-
-@dataclass(frozen=True)
-class GoldenSample:
-    """Known inputs and the outputs a correct variant gives, with the tolerance allowed."""
-
-    inputs: dict[str, np.ndarray]
-    outputs: dict[str, np.ndarray]
-    atol: float = 1e-4
-    rtol: float = 1e-3
-
-    def check(self, got: Mapping[str, np.ndarray]) -> None:
-        for name, want in self.outputs.items():
-            if name not in got:
-                raise HealthCheckFailed(f"golden sample: output {name!r} missing")
-            have = np.asarray(got[name], dtype=np.float64)
-            if have.shape != want.shape:
-                raise HealthCheckFailed(f"golden sample: output {name!r} has shape {list(have.shape)}, expected {list(want.shape)}")
-            err = float(np.max(np.abs(have - want))) if want.size else 0.0
-            if not np.allclose(have, want, atol=self.atol, rtol=self.rtol):
-                raise HealthCheckFailed(f"golden sample: output {name!r} max abs error {err:.3g} exceeds atol={self.atol} rtol={self.rtol}")
 
 
 @dataclass
@@ -257,15 +178,19 @@ def select(
     golden: Iterable[GoldenSample] = (),
     options: Mapping[str, Mapping[str, Any]] | None = None,
     latency_budget_s: float | None = None,
+    profile: HardwareProfile | None = None,
 ) -> Selection:
-    """Load, warm up and check each candidate in order; return the first that passes."""
+    """Load, warm up and check each candidate in order; return the first that passes.
+
+    ``profile`` is handed to each runtime's ``load``: runtimes read the hardware from it, never detect it again.
+    """
     attempts: list[tuple[str, str]] = []
     golden = list(golden)
     for cand in candidates:
         rt: Runtime | None = None
         try:
             rt = get_runtime(cand.runtime)()
-            rt.load(cand.variant.path, cand.device, (options or {}).get(cand.runtime))
+            rt.load(cand.variant.path, cand.device, (options or {}).get(cand.runtime), profile)
             warm = rt.warmup()
             for sample in golden:
                 sample.check(rt.infer(sample.inputs))
@@ -311,7 +236,7 @@ def choose(
     ranking = rank(profile, probes, variants, force_runtime, force_device)
     t0 = time.perf_counter()
     try:
-        sel = select(ranking.candidates, golden, options, latency_budget_s)
+        sel = select(ranking.candidates, golden, options, latency_budget_s, profile)
     except NoUsableRuntime as exc:
         attempts = ranking.excluded + exc.attempts
         raise NoUsableRuntime(_nothing_works(attempts), attempts) from None

@@ -22,15 +22,35 @@ CONFIG_ENV = "EDGEFLEET_CONFIG"
 
 
 class RuntimeSettings(BaseModel):
+    """Which runtimes the agent uses and how; every runtime name and option is checked against the runtime registry.
+
+    Why the registry and not a list here: a runtime declares its name and its options
+    in its own file, so a new runtime (or a test's toy one) is configurable at once.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    force_runtime: Literal["litert", "openvino", "onnx", "tensorrt"] | None = None  # replaces the ranking policy
+    force_runtime: str | None = None  # replaces the ranking policy
     # Only these runtimes are probed and used (None: every installed one); the others are never imported.
-    enabled: list[Literal["litert", "openvino", "onnx", "tensorrt"]] | None = None
+    enabled: list[str] | None = None
     force_device: str | None = None  # e.g. "CPU", "GPU.0", "NPU", "EDGETPU", "CUDA"
     # Per-runtime options, validated by each runtime's own model: {"litert": {"num_threads": 2}}.
     options: dict[str, dict[str, Any]] = {}
     latency_budget_ms: float | None = None  # a candidate slower than this after warm-up is passed over
+
+    @field_validator("force_runtime")
+    @classmethod
+    def _known_runtime(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_runtime_name(value)
+        return value
+
+    @field_validator("enabled")
+    @classmethod
+    def _known_runtimes(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            _check_runtime_name(name)
+        return value
 
     @field_validator("options")
     @classmethod
@@ -44,6 +64,15 @@ class RuntimeSettings(BaseModel):
             except EdgefleetError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+
+def _check_runtime_name(name: str) -> None:
+    """A runtime name as the registry spells it (lower case), or a ValueError that lists the known ones."""
+    from agent.runtimes import runtime_classes
+
+    known = runtime_classes()
+    if name not in known:
+        raise ValueError(f"unknown runtime {name!r}; known: {', '.join(sorted(known))}")
 
 
 class BrokerSettings(BaseModel):

@@ -27,11 +27,12 @@ from pydantic import ValidationError
 from agent.bundle import BUNDLE_FILE, Bundle, Parity, Variant
 from agent.errors import EdgefleetError
 from agent.files import sha256_file
+from agent.runtimes import runtime_for_format
 from converters import samples as sample_io
 from converters.errors import BuildError, SkipVariant
-from converters.parity import RUNTIME_FOR_FORMAT, compare, run_variant
+from converters.parity import compare, run_variant
 from converters.source import Source, open_source
-from converters.variants import KINDS
+from converters.variants import KINDS, VariantKind
 
 __all__ = ["BuildReport", "VariantReport", "build", "DEFAULT_VARIANTS", "GOLDEN_COUNT"]
 
@@ -129,6 +130,31 @@ def build(
         src.close()
 
 
+@dataclass
+class _Run:
+    """One build's state while it runs: the source, the samples and their reference answers, the temp dir, the outcome."""
+
+    src: Source
+    out: Path
+    tmp: Path
+    data: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]
+    tolerances: dict[str, float]
+    drop_failing: bool
+    progress: Progress
+    report: BuildReport
+    kept: list[Variant] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def give_up(self, vid: str, state: str, reason: str, work: Path, detail: str | None = None) -> None:
+        """Record a variant that is not kept, tell the caller, and drop its work directory."""
+        if state == "skipped":
+            self.skipped[vid] = reason
+        self.report.variants.append(VariantReport(vid, state, reason))
+        self.progress(vid, state, reason if detail is None else detail)
+        shutil.rmtree(work)
+
+
 def _build(
     src: Source,
     name: str,
@@ -141,125 +167,20 @@ def _build(
     archive: bool,
     progress: Progress,
 ) -> BuildReport:
-    if samples is not None:
-        data = sample_io.load(Path(samples), src.inputs)
-        synthetic = False
-    else:
-        data = sample_io.synthetic(src.inputs)
-        synthetic = True
+    """Make each wanted variant in a temp dir beside ``out``, then write the manifest and move the whole into place."""
+    data, synthetic = _samples(src, samples)
     reference = src.reference(data)
     report = BuildReport(out, None, synthetic)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     lock = open(tmp / LOCK_FILE, "wb")
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        kept: list[Variant] = []
-        skipped: dict[str, str] = {}
+        run = _Run(src, out, tmp, data, reference, tolerances, drop_failing, progress, report)
         for vid in wanted:
-            kind = KINDS[vid]
-            progress(vid, "converting", "")
-            work = tmp / f".work-{vid}"
-            work.mkdir()
-            try:
-                files = kind.produce(src, work, data)
-            except SkipVariant as why:
-                skipped[vid] = str(why)
-                report.variants.append(VariantReport(vid, "skipped", str(why)))
-                progress(vid, "skipped", str(why))
-                shutil.rmtree(work)
-                continue
-            except OSError:
-                raise
-            except EdgefleetError as exc:
-                report.variants.append(VariantReport(vid, "error", str(exc)))
-                progress(vid, "error", str(exc))
-                shutil.rmtree(work)
-                continue
-            except Exception as exc:  # a converter's own exception: this variant failed, the report says how
-                report.variants.append(VariantReport(vid, "error", f"{type(exc).__name__}: {exc}"))
-                progress(vid, "error", str(exc))
-                shutil.rmtree(work)
-                continue
-            progress(vid, "checking", "")
-            try:
-                outputs, latency, rt_version = run_variant(files[0], kind.format, data, src.batch_dynamic)
-            except EdgefleetError as exc:
-                report.variants.append(VariantReport(vid, "error", f"does not run on {RUNTIME_FOR_FORMAT[kind.format]}: {exc}"))
-                progress(vid, "error", str(exc))
-                shutil.rmtree(work)
-                continue
-            parity = compare(outputs, reference, kind.precision, tolerances.get(vid, tolerances.get(kind.precision)))
-            size = sum(f.stat().st_size for f in files)
-            state = "ok" if parity.passed else ("dropped" if drop_failing else "failed")
-            reason = (
-                ""
-                if parity.passed
-                else f"max abs error {parity.max_abs_error:.3g} (tolerance {parity.atol:g})"
-                + (f", top-1 {parity.top1_agreement:.1%} (minimum {parity.min_top1:.0%})" if parity.top1_agreement is not None else "")
-            )
-            report.variants.append(VariantReport(vid, state, reason, size, latency, parity))
-            progress(vid, state, reason)
-            if not parity.passed:
-                shutil.rmtree(work)
-                continue
-            names = []
-            for f in files:
-                dest = tmp / f.name
-                f.rename(dest)
-                names.append(dest.name)
-            golden = f"golden_{vid}.npz"
-            pairs = {f"in:{k}": v[:GOLDEN_COUNT] for k, v in data.items()} | {f"out:{k}": v[:GOLDEN_COUNT] for k, v in reference.items()}
-            np.savez(tmp / golden, **pairs)  # type: ignore[arg-type]
-            shutil.rmtree(work)
-            kept.append(
-                Variant.model_validate(
-                    {
-                        "id": vid,
-                        "format": kind.format,
-                        "precision": kind.precision,
-                        "file": names[0],
-                        "extra_files": names[1:],
-                        "sha256": sha256_file(tmp / names[0]),
-                        "size": (tmp / names[0]).stat().st_size,
-                        "parity": parity,
-                        "min_runtime_version": {RUNTIME_FOR_FORMAT[kind.format]: rt_version},
-                        "static_shapes": src.static_shapes,
-                        "golden": golden,
-                    }
-                )
-            )
-        failed = [r for r in report.variants if r.state in ("failed", "error")]
-        if failed and not drop_failing:
-            raise BuildError("variants failed: " + "; ".join(f"{r.id}: {r.reason}" for r in failed), report)
-        if not kept:
-            raise BuildError("no variant could be produced: " + "; ".join(f"{r.id}: {r.reason}" for r in report.variants), report)
-        bundle = Bundle(
-            name=name,
-            version=version,
-            created=datetime.now(timezone.utc),
-            source_format=src.origin or src.format,  # type: ignore[arg-type]
-            source_sha256=src.sha256,
-            inputs=src.inputs,
-            outputs=src.outputs,
-            variants=kept,
-            synthetic_samples=synthetic,
-            skipped=skipped,
-        )
-        with open(tmp / BUNDLE_FILE, "w") as manifest:
-            manifest.write(json.dumps(json.loads(bundle.model_dump_json()), indent=2) + "\n")
-            manifest.flush()
-            os.fsync(manifest.fileno())
-        (tmp / LOCK_FILE).unlink()
-        old: Path | None = None
-        if out.exists() or out.is_symlink():  # --force: the old bundle goes only once the new one is in place
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
+            _make_variant(run, vid)
+        _check_outcome(run)
+        bundle = _write_manifest(run, name, version, synthetic)
+        _move_into_place(tmp, out)
         report.bundle = bundle
         if archive:
             report.archive = _archive(out)
@@ -270,6 +191,134 @@ def _build(
     finally:
         lock.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _samples(src: Source, samples: str | Path | None) -> tuple[dict[str, np.ndarray], bool]:
+    """The user's samples, or synthetic ones when none were given (and whether they are synthetic)."""
+    if samples is not None:
+        return sample_io.load(Path(samples), src.inputs), False
+    return sample_io.synthetic(src.inputs), True
+
+
+def _make_variant(run: _Run, vid: str) -> None:
+    """Produce one variant, check its parity on its runtime, and keep it when it passes."""
+    kind = KINDS[vid]
+    run.progress(vid, "converting", "")
+    work = run.tmp / f".work-{vid}"
+    work.mkdir()
+    files = _produce(run, kind, work)
+    if files is None:
+        return
+    run.progress(vid, "checking", "")
+    runtime = runtime_for_format(kind.format).name
+    try:
+        outputs, latency, rt_version = run_variant(files[0], kind.format, run.data, run.src.batch_dynamic)
+    except EdgefleetError as exc:
+        run.give_up(vid, "error", f"does not run on {runtime}: {exc}", work, detail=str(exc))
+        return
+    parity = compare(outputs, run.reference, kind.precision, run.tolerances.get(vid, run.tolerances.get(kind.precision)))
+    state = "ok" if parity.passed else ("dropped" if run.drop_failing else "failed")
+    reason = "" if parity.passed else _parity_failure(parity)
+    run.report.variants.append(VariantReport(vid, state, reason, sum(f.stat().st_size for f in files), latency, parity))
+    run.progress(vid, state, reason)
+    if not parity.passed:
+        shutil.rmtree(work)
+        return
+    run.kept.append(_keep(run, kind, files, parity, {runtime: rt_version}))
+    shutil.rmtree(work)
+
+
+def _produce(run: _Run, kind: VariantKind, work: Path) -> list[Path] | None:
+    """The variant's files in ``work``, or None when it was skipped or its converter failed (recorded in the report)."""
+    try:
+        return kind.produce(run.src, work, run.data)
+    except SkipVariant as why:
+        run.give_up(kind.id, "skipped", str(why), work)
+    except OSError:
+        raise
+    except EdgefleetError as exc:
+        run.give_up(kind.id, "error", str(exc), work)
+    except Exception as exc:  # a converter's own exception: this variant failed, the report says how
+        run.give_up(kind.id, "error", f"{type(exc).__name__}: {exc}", work, detail=str(exc))
+    return None
+
+
+def _parity_failure(parity: Parity) -> str:
+    top1 = f", top-1 {parity.top1_agreement:.1%} (minimum {parity.min_top1:.0%})" if parity.top1_agreement is not None else ""
+    return f"max abs error {parity.max_abs_error:.3g} (tolerance {parity.atol:g})" + top1
+
+
+def _keep(run: _Run, kind: VariantKind, files: list[Path], parity: Parity, versions: dict[str, str]) -> Variant:
+    """Move a passing variant's files into the bundle beside its golden samples; its manifest entry."""
+    names = []
+    for f in files:
+        dest = run.tmp / f.name
+        f.rename(dest)
+        names.append(dest.name)
+    golden = f"golden_{kind.id}.npz"
+    pairs = {f"in:{k}": v[:GOLDEN_COUNT] for k, v in run.data.items()} | {f"out:{k}": v[:GOLDEN_COUNT] for k, v in run.reference.items()}
+    np.savez(run.tmp / golden, **pairs)  # type: ignore[arg-type]
+    return Variant.model_validate(
+        {
+            "id": kind.id,
+            "format": kind.format,
+            "precision": kind.precision,
+            "file": names[0],
+            "extra_files": names[1:],
+            "sha256": sha256_file(run.tmp / names[0]),
+            "size": (run.tmp / names[0]).stat().st_size,
+            "parity": parity,
+            "min_runtime_version": versions,
+            "static_shapes": run.src.static_shapes,
+            "golden": golden,
+        }
+    )
+
+
+def _check_outcome(run: _Run) -> None:
+    """A failed variant fails the build unless failing ones are dropped; a build that kept nothing always fails."""
+    failed = [r for r in run.report.variants if r.state in ("failed", "error")]
+    if failed and not run.drop_failing:
+        raise BuildError("variants failed: " + "; ".join(f"{r.id}: {r.reason}" for r in failed), run.report)
+    if not run.kept:
+        raise BuildError("no variant could be produced: " + "; ".join(f"{r.id}: {r.reason}" for r in run.report.variants), run.report)
+
+
+def _write_manifest(run: _Run, name: str, version: str, synthetic: bool) -> Bundle:
+    """``bundle.json`` in the temp dir, fsynced; the build's lock file goes with it."""
+    src = run.src
+    bundle = Bundle(
+        name=name,
+        version=version,
+        created=datetime.now(timezone.utc),
+        source_format=src.origin or src.format,  # type: ignore[arg-type]
+        source_sha256=src.sha256,
+        inputs=src.inputs,
+        outputs=src.outputs,
+        variants=run.kept,
+        synthetic_samples=synthetic,
+        skipped=run.skipped,
+    )
+    with open(run.tmp / BUNDLE_FILE, "w") as manifest:
+        manifest.write(json.dumps(json.loads(bundle.model_dump_json()), indent=2) + "\n")
+        manifest.flush()
+        os.fsync(manifest.fileno())
+    (run.tmp / LOCK_FILE).unlink()
+    return bundle
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished bundle to ``out``; with --force the old bundle goes only once the new one is in place."""
+    old: Path | None = None
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
 
 def _archive(out: Path) -> Path:

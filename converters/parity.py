@@ -3,7 +3,8 @@
 Tolerances are absolute errors scaled by the reference's magnitude
 (``atol * max(1, max|reference|)``) so one default fits logits and
 probabilities alike; top-1 agreement is checked when an output looks like class
-scores (2-D, several columns).
+scores (2-D, several columns). A variant runs on the runtime the registry names
+as its format's reference reader (``Runtime.reference_for``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from agent.bundle import Parity
-from agent.runtimes import get_runtime
+from agent.runtimes import runtime_for_format
 from converters.samples import batches
 
-RUNTIME_FOR_FORMAT = {"tflite": "litert", "openvino": "openvino", "onnx": "onnx"}
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 1e-2, "int8": 1e-1}
 DEFAULT_MIN_TOP1 = {"fp32": 0.99, "fp16": 0.98, "int8": 0.9}
 LATENCY_RUNS = 20
@@ -61,8 +61,7 @@ def compare(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], pr
 
 def run_variant(path: Path, fmt: str, samples: dict[str, np.ndarray], batch_dynamic: bool) -> tuple[dict[str, np.ndarray], float, str]:
     """(outputs for all samples, median single-sample latency in ms, runtime version)."""
-    runtime = RUNTIME_FOR_FORMAT[fmt]
-    with get_runtime(runtime)() as rt:
+    with runtime_for_format(fmt)() as rt:
         rt.load(path, "CPU")
         rt.warmup()
         size = next(iter(samples.values())).shape[0] if batch_dynamic else 1

@@ -21,8 +21,9 @@ import numpy as np
 from agent.bundle import TensorSignature
 from agent.errors import EdgefleetError
 from agent.files import sha256_file
-from agent.runtimes import get_runtime
-from agent.runtimes.base import Runtime, TensorSpec
+from agent.runtimes import runtime_for_format
+from agent.runtimes.base import Runtime
+from agent.runtimes.tensors import TensorSpec
 from converters.errors import MissingExtra, SourceError
 from converters.samples import batches
 
@@ -70,12 +71,9 @@ class Source:
         return all(t.shape and t.shape[0] < 0 for t in self.inputs)
 
     def _runtime(self) -> Runtime:
-        if self.format == "onnx":
-            rt = get_runtime("onnx")()
-            rt.load(self.path, "CPU", {"graph_optimization": "disable"})
-        else:
-            rt = get_runtime("litert")()
-            rt.load(self.path, "CPU")
+        rt = runtime_for_format(self.format)()
+        # ONNX Runtime's graph optimizations off, as the module docstring says; LiteRT has no such switch.
+        rt.load(self.path, "CPU", {"graph_optimization": "disable"} if rt.name == "onnx" else None)
         return rt
 
     def reference(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

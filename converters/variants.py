@@ -1,4 +1,8 @@
-"""One producer per variant: how to make it from a source, or why it cannot be made here."""
+"""One producer per variant: how to make it from a source, or why it cannot be made here.
+
+A variant is named by its format and precision (``agent.runtimes.formats``), the
+names the bundle, the runtimes' preferences and the controller use.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.runtimes.formats import ModelFormat, Precision, variant_id
 from converters.errors import BuildError, SkipVariant
 from converters.source import Source
 
@@ -19,10 +24,13 @@ Producer = Callable[[Source, Path, dict[str, np.ndarray]], list[Path]]
 
 @dataclass(frozen=True)
 class VariantKind:
-    id: str
-    format: str  # tflite | openvino | onnx
-    precision: str  # fp32 | fp16 | int8
+    format: ModelFormat
+    precision: Precision
     produce: Producer
+
+    @property
+    def id(self) -> str:
+        return variant_id(self.format, self.precision)
 
 
 def _onnx_fp32(src: Source, out: Path, samples: dict[str, np.ndarray]) -> list[Path]:
@@ -126,12 +134,12 @@ def _tflite_int8(src: Source, out: Path, samples: dict[str, np.ndarray]) -> list
 KINDS: dict[str, VariantKind] = {
     k.id: k
     for k in (
-        VariantKind("tflite-fp32", "tflite", "fp32", _tflite_fp32),
-        VariantKind("tflite-int8", "tflite", "int8", _tflite_int8),
-        VariantKind("openvino-fp32", "openvino", "fp32", _openvino("fp32")),
-        VariantKind("openvino-fp16", "openvino", "fp16", _openvino("fp16")),
-        VariantKind("openvino-int8", "openvino", "int8", _openvino("int8")),
-        VariantKind("onnx-fp32", "onnx", "fp32", _onnx_fp32),
-        VariantKind("onnx-int8", "onnx", "int8", _onnx_int8),
+        VariantKind("tflite", "fp32", _tflite_fp32),
+        VariantKind("tflite", "int8", _tflite_int8),
+        VariantKind("openvino", "fp32", _openvino("fp32")),
+        VariantKind("openvino", "fp16", _openvino("fp16")),
+        VariantKind("openvino", "int8", _openvino("int8")),
+        VariantKind("onnx", "fp32", _onnx_fp32),
+        VariantKind("onnx", "int8", _onnx_int8),
     )
 }

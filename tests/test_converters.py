@@ -17,12 +17,11 @@ from conftest import ModelFiles
 
 from agent.bundle import BundleError, load_bundle, verify_files
 from agent.hardware import detect
-from agent.runtimes import get_runtime, probe_all
+from agent.runtimes import probe_all, runtime_for_format
 from agent.selection import choose
 from converters import builders
 from converters.build import build
 from converters.errors import BuildError, SamplesError, SourceError
-from converters.parity import RUNTIME_FOR_FORMAT
 
 FAST = ["onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-int8"]
 
@@ -54,14 +53,14 @@ def test_bundle_from_onnx_passes_parity_checked_independently(onnx_bundle: Path,
     x = models.calibration
     truth = models.mlp.reference(x)  # numpy, independent of every runtime
     for v in bundle.variants:
-        with get_runtime(RUNTIME_FOR_FORMAT[v.format])() as rt:
+        with runtime_for_format(v.format)() as rt:
             rt.load(onnx_bundle / v.file)
             got = rt.infer({"x": x})["y"]
         err = float(np.abs(got - truth).max())
         assert abs(err - v.parity.max_abs_error) <= 1e-4 + 0.01 * err, v.id  # the report tells the truth
         assert v.parity.passed and v.parity.samples == len(x)
         assert v.parity.top1_agreement is not None and v.parity.top1_agreement >= 0.9
-        assert v.min_runtime_version[RUNTIME_FOR_FORMAT[v.format]] == probe_all()[RUNTIME_FOR_FORMAT[v.format]].version
+        assert v.min_runtime_version[runtime_for_format(v.format).name] == probe_all()[runtime_for_format(v.format).name].version
     assert bundle.variants[0].parity.max_abs_error < 1e-5  # fp32 copy
     assert 0 < bundle.variants[1].parity.max_abs_error < 0.5  # int8 is close, not exact
     assert 0 < bundle.variants[4].parity.max_abs_error < 1.0 and bundle.variants[4].parity.atol == 0.3
@@ -317,7 +316,7 @@ def test_keras_source_to_tflite_and_openvino(keras_model: tuple[Path, builders.M
     out_name = bundle.outputs[0].name
     truth = mlp.reference(x)
     for v in bundle.variants:  # every variant answers by the same tensor names, close to the numpy truth
-        with get_runtime(RUNTIME_FOR_FORMAT[v.format])() as rt:
+        with runtime_for_format(v.format)() as rt:
             rt.load(tmp_path / "out" / v.file)
             got = rt.infer({"x": x})[out_name]
         assert np.abs(got - truth).max() < (1e-4 if v.precision == "fp32" else 0.3), v.id
@@ -374,7 +373,7 @@ def test_pytorch_module_to_bundle(tmp_path: Path) -> None:
     with torch.no_grad():
         scores, value = module(features, bias)
     for v in bundle.variants:  # batch 5 through a model exported at batch 1: the batch is dynamic
-        with get_runtime(RUNTIME_FOR_FORMAT[v.format])() as rt:
+        with runtime_for_format(v.format)() as rt:
             rt.load(tmp_path / "out" / v.file)
             got = rt.infer({"features": features.numpy(), "bias": bias.numpy()})
         np.testing.assert_allclose(got["scores"], scores.numpy(), rtol=1e-4, atol=1e-5)

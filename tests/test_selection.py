@@ -14,7 +14,8 @@ from agent.errors import NoUsableRuntime
 from agent.hardware import HardwareProfile, detect
 from agent.runtimes import probe_all
 from agent.runtimes.base import ProbeResult
-from agent.selection import GoldenSample, ModelVariant, choose, rank, select
+from agent.runtimes.golden import GoldenSample
+from agent.selection import ModelVariant, choose, rank, select
 from converters import builders
 from fleet.dev import hardware_trees
 

@@ -1,55 +1,45 @@
-"""The one interface every inference runtime implements, and the checks they share.
+"""The one interface every inference runtime implements, and the policy each one declares.
 
-Why a template: input validation, error typing, locking and quantization are the
-same for every backend and must behave identically, so they live here once; a
-backend file only says how to load a file and run already-validated arrays.
-Runtimes know tensors, not models: no pre- or post-processing lives here.
+Why a template: input validation, error typing and locking are the same for every
+backend and must behave identically, so they live here once; a backend file only
+says how to load a file and run already-validated arrays. Why policy on the class:
+everything the rest of edgefleet needs to know about a runtime — its name, the
+formats it reads, its options, where it should run (tiers, with reasons), its
+default device, the bundle variants it prefers — is declared in that runtime's own
+file, so adding a runtime is adding one file. Runtimes know tensors, not models: no
+pre- or post-processing lives here.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from enum import IntEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import (
-    DtypeMismatch,
     EdgefleetError,
-    EmptyInput,
     InferenceError,
     InvalidOptions,
-    MissingInput,
     ModelLoadError,
-    NonFiniteInput,
     RuntimeClosed,
     RuntimeUnavailable,
-    ShapeMismatch,
-    UnknownInput,
     UnsupportedModelFormat,
 )
+from agent.runtimes.formats import Precision, model_format
+from agent.runtimes.tensors import TensorSpec, validate_inputs
 
-__all__ = [
-    "Runtime",
-    "RuntimeOptions",
-    "ProbeResult",
-    "TensorSpec",
-    "ModelDescription",
-    "model_format",
-    "MODEL_FORMATS",
-]
+if TYPE_CHECKING:
+    from agent.hardware import HardwareProfile
 
-MODEL_FORMATS = ("tflite", "openvino", "onnx")
-
-_REGISTRY: dict[str, type[Runtime]] = {}
+__all__ = ["Band", "ModelDescription", "ProbeResult", "Runtime", "RuntimeOptions", "Tier", "GPU_PRECISIONS", "cpu_precisions", "x86_isa"]
 
 
 class RuntimeOptions(BaseModel):
@@ -73,43 +63,54 @@ class ProbeResult:
         return any(d.upper() == device.upper() or d.split(".")[0].upper() == family for d in self.devices)
 
 
-@dataclass(frozen=True, eq=True)
-class TensorSpec:
-    """One input or output tensor. ``shape`` uses -1 for a dynamic dimension.
+class Band(IntEnum):
+    """The shared scale every runtime's tiers are ordered on: lower is tried first.
 
-    ``quantization`` is (scale, zero_point) for affine-quantized tensors: callers send
-    and receive floats for those, the runtime converts.
+    A runtime places a tier at a band plus a small offset that orders the runtimes
+    sharing that band. The CPU band's offsets, by file: ARM — litert 0, onnx 1,
+    openvino 2; x86 — openvino IR 0, onnx 1, openvino reading ONNX 2, litert 3,
+    openvino reading TFLite 4.
     """
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    quantization: tuple[float, int] | None = None
+    CUDA_GPU = 100  # NVIDIA GPU or Jetson
+    EDGE_TPU = 200  # Coral
+    NPU = 300
+    INTEGRATED_GPU = 400  # Intel GPU
+    CPU = 500
 
-    @property
-    def is_static(self) -> bool:
-        return all(d >= 0 for d in self.shape)
 
-    @cached_property
-    def accepts(self) -> np.dtype[Any]:
-        """The dtype callers send: float32 for a quantized tensor, else the tensor's own."""
-        return np.dtype(np.float32) if self.quantization is not None else self.dtype
+@dataclass(frozen=True)
+class Tier:
+    """One place a runtime offers to run on this hardware, with the reason an operator reads.
 
-    @cached_property
-    def ndim(self) -> int:
-        return len(self.shape)
+    ``formats`` are tried in their order; ``precisions`` order the variants within a
+    format. ``hint``: only variants compiled for that accelerator (``edgetpu``) —
+    without one the tier never takes hinted variants. ``static_only``: only variants
+    whose shapes are all static (the NPU compiles for fixed shapes).
+    """
 
-    @cached_property
-    def static_dims(self) -> tuple[tuple[int, int], ...]:
-        return tuple((i, d) for i, d in enumerate(self.shape) if d >= 0)
+    order: int  # a Band plus an offset
+    runtime: str
+    device: str
+    formats: tuple[str, ...]
+    reason: str
+    precisions: tuple[Precision, ...]
+    hint: str | None = None
+    static_only: bool = False
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "dtype": self.dtype.name,
-            "quantization": list(self.quantization) if self.quantization else None,
-        }
+
+GPU_PRECISIONS: tuple[Precision, ...] = ("fp16", "fp32", "int8")
+
+
+def cpu_precisions(profile: HardwareProfile) -> tuple[Precision, ...]:
+    """int8 first where the CPU accelerates it (VNNI, AMX, ARM dot-product), else fp32 first."""
+    int8_fast = profile.cpu.avx512_vnni or profile.cpu.amx or "avx_vnni" in profile.cpu.flags or profile.cpu.arm_dotprod
+    return ("int8", "fp32", "fp16") if int8_fast else ("fp32", "fp16", "int8")
+
+
+def x86_isa(profile: HardwareProfile) -> str:
+    """The vector extensions named in x86 CPU reasons, e.g. ``avx2+avx512_vnni``."""
+    return "+".join(f for f in ("avx2", "avx512_vnni", "amx_int8") if f in profile.cpu.flags) or "baseline"
 
 
 @dataclass(frozen=True)
@@ -134,132 +135,6 @@ class ModelDescription:
         }
 
 
-def model_format(path: Path) -> str:
-    """The model's format from its content where it has a magic number, else its suffix."""
-    suffix = path.suffix.lower()
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
-    if head[4:8] == b"TFL3" or suffix == ".tflite":
-        return "tflite"
-    if suffix == ".xml":
-        return "openvino"
-    if suffix == ".onnx":
-        return "onnx"
-    raise UnsupportedModelFormat(f"{path.name}: unknown model format (expected .tflite, .onnx or OpenVINO .xml)")
-
-
-def _validate_array(spec: TensorSpec, value: object) -> np.ndarray:
-    # Fast path: the array already has the dtype the runtime takes and is contiguous,
-    # which is what the agent's own decoder produces. Only shape, size and finiteness
-    # are left to check.
-    if type(value) is np.ndarray and value.dtype == spec.accepts and value.flags.c_contiguous:
-        arr = value
-    else:
-        arr = _convert(spec, value)
-    if arr.ndim != spec.ndim or any(arr.shape[i] != d for i, d in spec.static_dims):
-        want = "x".join("?" if d < 0 else str(d) for d in spec.shape)
-        raise ShapeMismatch(f"input '{spec.name}': expected shape [{want}], got {list(arr.shape)}")
-    if arr.size == 0:
-        raise EmptyInput(f"input '{spec.name}': empty array of shape {arr.shape}")
-    if arr.dtype.kind == "f" and not _all_finite(arr):
-        raise NonFiniteInput(f"input '{spec.name}': contains NaN or infinity")
-    return arr
-
-
-_SMALL = 64  # up to this many elements a Python sum beats any numpy call
-
-
-def _all_finite(arr: np.ndarray) -> bool:
-    """NaN or infinity anywhere makes the sum (small arrays) or the dot product non-finite.
-
-    Why not ``isfinite(...).all()``: numpy's reduction and errstate machinery has a
-    code and data footprint that evicts the runtime's own from the CPU caches, and
-    the next inference call pays several microseconds for it (measured: a tiny ONNX
-    model went from 8 to 14 us per call). Small arrays are summed in plain Python;
-    larger ones take one BLAS dot (no temporaries; it reports overflow as a warning,
-    hence errstate). A finite array whose sum or dot overflows gets the exact check.
-    """
-    flat = arr.reshape(-1)
-    if flat.size <= _SMALL:
-        total = sum(flat.tolist())
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = float(flat.dot(flat))
-    return math.isfinite(total) or bool(np.isfinite(arr).all())
-
-
-def _convert(spec: TensorSpec, value: object) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        arr = value
-    else:
-        try:
-            arr = np.asarray(value)
-        except (ValueError, TypeError) as exc:  # ragged lists and the like
-            raise DtypeMismatch(f"input '{spec.name}': not a rectangular numeric array ({exc})") from exc
-    kind = arr.dtype.kind
-    if kind not in "biuf":
-        raise DtypeMismatch(f"input '{spec.name}': expected numbers ({spec.dtype.name}), got {arr.dtype}")
-    target = spec.accepts if kind == "f" else spec.dtype
-    if arr.dtype != target:
-        tkind = target.kind
-        if tkind == "f" or (tkind in "iu" and kind in "biu" and _fits(arr, target)) or (tkind == "b" and kind == "b"):
-            with np.errstate(over="ignore"):  # 1e300 -> float32 is inf, which the finiteness check then refuses
-                arr = arr.astype(target)
-        else:
-            raise DtypeMismatch(f"input '{spec.name}': expected {target.name}, got {arr.dtype} (would lose values)")
-    return np.ascontiguousarray(arr)
-
-
-def _fits(arr: np.ndarray, target: np.dtype[Any]) -> bool:
-    if np.can_cast(arr.dtype, target, "safe"):
-        return True
-    info = np.iinfo(target)
-    return arr.size == 0 or (int(arr.min()) >= info.min and int(arr.max()) <= info.max)
-
-
-_MISSING = object()
-
-
-def validate_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) -> list[np.ndarray]:
-    """Arrays in the model's input order, converted to what the runtime takes; typed error otherwise."""
-    if not isinstance(inputs, Mapping):
-        raise UnknownInput(f"inputs must be a mapping of tensor name to array, got {type(inputs).__name__}")
-    if len(inputs) == len(specs):
-        arrays = []
-        for spec in specs:
-            value = inputs.get(spec.name, _MISSING)
-            if value is _MISSING:
-                break
-            arrays.append(_validate_array(spec, value))
-        else:
-            return arrays
-    names = [s.name for s in specs]
-    unknown = sorted(str(k) for k in inputs if k not in names)
-    if unknown:
-        raise UnknownInput(f"unknown input {unknown[0]!r}; the model's inputs are {names}")
-    missing = [n for n in names if n not in inputs]
-    raise MissingInput(f"missing input {missing[0]!r}; the model's inputs are {names}")
-
-
-def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """Float -> the tensor's integer type with its (scale, zero_point); raw integers pass through."""
-    if spec.quantization is None or x.dtype == spec.dtype:
-        return x
-    scale, zero_point = spec.quantization
-    info = np.iinfo(spec.dtype)
-    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(spec.dtype)
-
-
-def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    if spec.quantization is None:
-        return q
-    scale, zero_point = spec.quantization
-    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
-
-
 class Runtime(ABC):
     """One loaded model on one runtime and device.
 
@@ -267,14 +142,22 @@ class Runtime(ABC):
     ``infer()`` any number of times, from any thread -> ``close()``.
     """
 
+    # -- the policy each runtime declares in its own file -------------------
     name: ClassVar[str]
     formats: ClassVar[frozenset[str]]  # the MODEL_FORMATS this runtime reads
     Options: ClassVar[type[RuntimeOptions]] = RuntimeOptions
+    default_device: ClassVar[str] = "CPU"  # where a forced runtime runs when the settings name no device
+    # The bundle variant ids this runtime runs best, best first: what the controller assigns a device that
+    # reports this runtime but not its own preference.
+    variants: ClassVar[tuple[str, ...]] = ()
+    fleet_order: ClassVar[int] = 100  # the controller tries runtimes' variants in this order (lower first)
+    universal: ClassVar[bool] = False  # runs everywhere: its variants are the controller's last resort
+    reference_for: ClassVar[str | None] = None  # the format whose variants the converters check on this runtime
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            _REGISTRY[cls.name] = cls
+    @classmethod
+    def tiers(cls, profile: HardwareProfile) -> list[Tier]:
+        """Where this runtime should run on this hardware, each place with its reason; none by default."""
+        return []
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # backends' interpreters and infer requests are not thread-safe
@@ -294,8 +177,12 @@ class Runtime(ABC):
         """Is the runtime importable, which version, which devices — without loading a model."""
 
     @abstractmethod
-    def _load(self, path: Path, fmt: str, device: str | None, options: Any) -> None:
-        """Load the model; set ``_inputs``, ``_outputs`` and ``_device``. Raise ModelLoadError on failure."""
+    def _load(self, path: Path, fmt: str, device: str | None, options: Any, profile: HardwareProfile | None) -> None:
+        """Load the model; set ``_inputs``, ``_outputs`` and ``_device``. Raise ModelLoadError on failure.
+
+        ``profile`` is the hardware the caller detected (None when it did not say); a
+        runtime reads the hardware from it and never detects it again.
+        """
 
     @abstractmethod
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -310,7 +197,13 @@ class Runtime(ABC):
 
     # -- the shared template ------------------------------------------------
 
-    def load(self, path: str | Path, device: str | None = None, options: Mapping[str, Any] | RuntimeOptions | None = None) -> None:
+    def load(
+        self,
+        path: str | Path,
+        device: str | None = None,
+        options: Mapping[str, Any] | RuntimeOptions | None = None,
+        profile: HardwareProfile | None = None,
+    ) -> None:
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
@@ -322,7 +215,7 @@ class Runtime(ABC):
         if not probe.available:
             raise RuntimeUnavailable(f"{self.name} is not available here: {probe.reason}")
         try:
-            self._load(path, fmt, device, opts)
+            self._load(path, fmt, device, opts, profile)
         except EdgefleetError:
             raise
         except Exception as exc:  # a backend's own exception types: give them ours, keep the message
@@ -411,7 +304,3 @@ class Runtime(ABC):
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:500]
-
-
-def registered() -> dict[str, type[Runtime]]:
-    return dict(_REGISTRY)

@@ -3,6 +3,9 @@
 Imports ``ai_edge_litert`` and falls back to ``tflite_runtime`` (armv7 and older
 Pythons, where ai-edge-litert has no wheel). int8 models take and return floats:
 inputs are quantized and outputs dequantized with each tensor's own parameters.
+
+Placement: first on a Coral with an Edge TPU compiled variant; the native runtime
+of ARM CPUs (XNNPACK); on x86 after OpenVINO and ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -10,12 +13,18 @@ from __future__ import annotations
 import ctypes.util
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.errors import RuntimeUnavailable
-from agent.runtimes.base import ProbeResult, Runtime, RuntimeOptions, TensorSpec, dequantize, quantize
+from agent.runtimes import register
+from agent.runtimes.base import Band, ProbeResult, Runtime, RuntimeOptions, Tier, cpu_precisions, x86_isa
+from agent.runtimes.formats import EDGETPU
+from agent.runtimes.tensors import TensorSpec, dequantize, quantize
+
+if TYPE_CHECKING:
+    from agent.hardware import HardwareProfile
 
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 
@@ -51,10 +60,36 @@ def _edgetpu_present(library: str = EDGETPU_LIBRARY) -> bool:
     return ctypes.util.find_library("edgetpu") is not None or Path("/usr/lib", library).exists()
 
 
+@register
 class LiteRTRuntime(Runtime):
     name = "litert"
     formats = frozenset({"tflite"})
     Options = LiteRTOptions
+    variants = ("tflite-fp32", "tflite-int8")
+    fleet_order = 30
+    reference_for = "tflite"
+
+    @classmethod
+    def tiers(cls, profile: HardwareProfile) -> list[Tier]:
+        cpu = cpu_precisions(profile)
+        tiers = []
+        if profile.has_coral:
+            tiers.append(
+                Tier(
+                    Band.EDGE_TPU,
+                    cls.name,
+                    "EDGETPU",
+                    ("tflite",),
+                    "Coral Edge TPU with an Edge TPU compiled variant",
+                    ("int8",),
+                    hint=EDGETPU,
+                )
+            )
+        if profile.is_arm:
+            tiers.append(Tier(Band.CPU + 0, cls.name, "CPU", ("tflite",), "ARM CPU: LiteRT with XNNPACK is the native runtime", cpu))
+        else:
+            tiers.append(Tier(Band.CPU + 3, cls.name, "CPU", ("tflite",), f"x86 CPU ({x86_isa(profile)}): LiteRT with XNNPACK", cpu))
+        return tiers
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -65,7 +100,7 @@ class LiteRTRuntime(Runtime):
         devices = ("CPU", "EDGETPU") if _edgetpu_present() else ("CPU",)
         return ProbeResult(cls.name, True, version, devices, reason=f"via {dist}")
 
-    def _load(self, path: Path, fmt: str, device: str | None, options: Any) -> None:
+    def _load(self, path: Path, fmt: str, device: str | None, options: Any, profile: HardwareProfile | None) -> None:
         mod, _, _ = _interpreter_module()
         opts: LiteRTOptions = options
         device = (device or "CPU").upper()

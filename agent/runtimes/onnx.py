@@ -2,20 +2,27 @@
 
 The execution providers are ordered from the hardware: TensorRT and CUDA on an
 NVIDIA GPU, OpenVINO on Intel, and always the CPU last so a model the faster
-provider cannot take still runs.
+provider cannot take still runs. The hardware comes from the profile the caller
+passes to ``load``; this runtime never detects it itself.
+
+Placement: on CUDA after TensorRT (no engine build); the fallback on every CPU.
 """
 
 from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from agent.errors import RuntimeUnavailable
-from agent.hardware import HardwareProfile, detect
-from agent.runtimes.base import ProbeResult, Runtime, RuntimeOptions, TensorSpec
+from agent.runtimes import register
+from agent.runtimes.base import GPU_PRECISIONS, Band, ProbeResult, Runtime, RuntimeOptions, Tier, cpu_precisions, x86_isa
+from agent.runtimes.tensors import TensorSpec
+
+if TYPE_CHECKING:
+    from agent.hardware import HardwareProfile
 
 # Device names we accept (as in selection's candidates) and the providers they put first.
 DEVICE_PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -45,7 +52,6 @@ class OnnxOptions(RuntimeOptions):
     providers: list[str] | None = None  # an explicit provider list overrides the device
     intra_op_threads: int = 0  # 0: onnxruntime's default
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    hardware_root: Path = Path("/")  # where AUTO reads the hardware profile from
 
 
 @cache
@@ -89,10 +95,32 @@ def _fits_hardware(provider: str, profile: HardwareProfile | None) -> bool:
     return True
 
 
+@register
 class OnnxRuntime(Runtime):
     name = "onnx"
     formats = frozenset({"onnx"})
     Options = OnnxOptions
+    default_device = "AUTO"
+    variants = ("onnx-fp32", "onnx-int8")
+    fleet_order = 40
+    universal = True
+    reference_for = "onnx"
+
+    @classmethod
+    def tiers(cls, profile: HardwareProfile) -> list[Tier]:
+        tiers = []
+        if profile.has_cuda_gpu:
+            what = f"Jetson {profile.jetson_model}" if profile.is_jetson else "NVIDIA GPU"
+            reason = f"{what}: ONNX Runtime on CUDA needs no engine build"
+            tiers.append(Tier(Band.CUDA_GPU + 1, cls.name, "CUDA", ("onnx",), reason, GPU_PRECISIONS))
+        cpu = cpu_precisions(profile)
+        if profile.is_arm:
+            tiers.append(Tier(Band.CPU + 1, cls.name, "CPU", ("onnx",), "ARM CPU: ONNX Runtime, the universal fallback", cpu))
+        else:
+            tiers.append(
+                Tier(Band.CPU + 1, cls.name, "CPU", ("onnx",), f"x86 CPU ({x86_isa(profile)}): ONNX Runtime on its MLAS kernels", cpu)
+            )
+        return tiers
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -104,10 +132,10 @@ class OnnxRuntime(Runtime):
         devices = tuple(d for d, ps in DEVICE_PROVIDERS.items() if not ps or ps[0] in providers)
         return ProbeResult(cls.name, True, ort.__version__, devices, reason="providers: " + ", ".join(providers))
 
-    def _load(self, path: Path, fmt: str, device: str | None, options: Any) -> None:
+    def _load(self, path: Path, fmt: str, device: str | None, options: Any, profile: HardwareProfile | None) -> None:
         ort = _ort()
         opts: OnnxOptions = options
-        providers = opts.providers or provider_order(device, ort.get_available_providers(), detect(opts.hardware_root))
+        providers = opts.providers or provider_order(device, ort.get_available_providers(), profile)
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.intra_op_threads
         so.log_severity_level = 3

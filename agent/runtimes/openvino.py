@@ -2,20 +2,28 @@
 
 Reads OpenVINO IR (``.xml`` + ``.bin``), ONNX and TFLite directly. Compiled blobs
 go to a cache directory because an NPU compile takes seconds and must not be
-paid on every start. The hot path reuses one pre-created infer request and binds
-the caller's arrays as zero-copy tensors instead of passing a dict each call.
+paid on every start. The hot path reuses one pre-created infer request and copies
+the caller's arrays into its own tensors instead of passing a dict each call.
+
+Placement: Intel NPU (static shapes) and Intel GPU; on x86 CPUs IR first, then
+ONNX and TFLite behind ONNX Runtime and LiteRT; on ARM CPUs its ARM plugin last.
 """
 
 from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from agent.errors import RuntimeUnavailable
-from agent.runtimes.base import ProbeResult, Runtime, RuntimeOptions, TensorSpec
+from agent.runtimes import register
+from agent.runtimes.base import GPU_PRECISIONS, Band, ProbeResult, Runtime, RuntimeOptions, Tier, cpu_precisions, x86_isa
+from agent.runtimes.tensors import TensorSpec
+
+if TYPE_CHECKING:
+    from agent.hardware import HardwareProfile
 
 
 class OpenVINOOptions(RuntimeOptions):
@@ -37,10 +45,34 @@ def _core() -> Any:
     return ov.Core()
 
 
+@register
 class OpenVINORuntime(Runtime):
     name = "openvino"
     formats = frozenset({"openvino", "onnx", "tflite"})
     Options = OpenVINOOptions
+    default_device = "AUTO"
+    variants = ("openvino-fp16", "openvino-fp32", "openvino-int8")
+    fleet_order = 20
+    reference_for = "openvino"
+
+    @classmethod
+    def tiers(cls, profile: HardwareProfile) -> list[Tier]:
+        tiers = []
+        if profile.intel_npu:
+            reason = "Intel NPU: OpenVINO with a static-shape variant"
+            tiers.append(Tier(Band.NPU, cls.name, "NPU", ("openvino", "onnx"), reason, ("int8", "fp16", "fp32"), static_only=True))
+        if profile.intel_gpu:
+            tiers.append(Tier(Band.INTEGRATED_GPU, cls.name, "GPU", ("openvino", "onnx"), "Intel GPU: OpenVINO", GPU_PRECISIONS))
+        cpu = cpu_precisions(profile)
+        if profile.is_arm:
+            return [*tiers, Tier(Band.CPU + 2, cls.name, "CPU", ("openvino", "onnx", "tflite"), "ARM CPU: OpenVINO's ARM plugin", cpu)]
+        isa = x86_isa(profile)
+        return [
+            *tiers,
+            Tier(Band.CPU + 0, cls.name, "CPU", ("openvino",), f"x86 CPU ({isa}): OpenVINO IR on oneDNN kernels", cpu),
+            Tier(Band.CPU + 2, cls.name, "CPU", ("onnx",), f"x86 CPU ({isa}): OpenVINO reading ONNX", cpu),
+            Tier(Band.CPU + 4, cls.name, "CPU", ("tflite",), f"x86 CPU ({isa}): OpenVINO reading TFLite", cpu),
+        ]
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -54,7 +86,7 @@ class OpenVINORuntime(Runtime):
             return ProbeResult(cls.name, False, reason=str(exc))
         return ProbeResult(cls.name, True, version, devices)
 
-    def _load(self, path: Path, fmt: str, device: str | None, options: Any) -> None:
+    def _load(self, path: Path, fmt: str, device: str | None, options: Any, profile: HardwareProfile | None) -> None:
         opts: OpenVINOOptions = options
         core = _core()
         device = (device or "AUTO").upper()

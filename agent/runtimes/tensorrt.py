@@ -7,6 +7,9 @@ the engine once, then caches it under a key of everything that invalidates it:
 L4T release, optimization-profile bounds). Inference uses the TensorRT 10
 tensor-address API (``set_tensor_address`` + ``execute_async_v3``) with device
 memory from cuda-python; on Jetson the ``tensorrt`` bindings come from JetPack.
+
+Placement: first on an NVIDIA GPU or Jetson. The L4T release in the engine key
+comes from the hardware profile the caller passes to ``load``.
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ import os
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from agent.errors import ModelLoadError, RuntimeUnavailable, ShapeMismatch
 from agent.files import atomic_write, sha256_file
-from agent.runtimes.base import ProbeResult, Runtime, RuntimeOptions, TensorSpec
+from agent.runtimes import register
+from agent.runtimes.base import GPU_PRECISIONS, Band, ProbeResult, Runtime, RuntimeOptions, Tier
+from agent.runtimes.tensors import TensorSpec
+
+if TYPE_CHECKING:
+    from agent.hardware import HardwareProfile
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("EDGEFLEET_TRT_CACHE", "/var/cache/edgefleet/tensorrt"))
 
@@ -39,7 +47,6 @@ class TensorRTOptions(RuntimeOptions):
     # Bounds for dynamic dimensions other than the batch: input name -> (min, opt, max) shapes.
     profiles: dict[str, tuple[list[int], list[int], list[int]]] = {}
     gpu_index: int = 0
-    hardware_root: Path = Path("/")
 
 
 @dataclass(frozen=True)
@@ -124,10 +131,22 @@ def _check(result: Any) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+@register
 class TensorRTRuntime(Runtime):
     name = "tensorrt"
     formats = frozenset({"onnx"})
     Options = TensorRTOptions
+    default_device = "GPU.0"
+    variants = ("onnx-fp32", "onnx-int8")  # the agent builds its engine from the ONNX variant
+    fleet_order = 10
+
+    @classmethod
+    def tiers(cls, profile: HardwareProfile) -> list[Tier]:
+        if not profile.has_cuda_gpu:
+            return []
+        what = f"Jetson {profile.jetson_model}" if profile.is_jetson else "NVIDIA GPU"
+        reason = f"{what}: a TensorRT engine built on the device is the fastest path"
+        return [Tier(Band.CUDA_GPU + 0, cls.name, "GPU.0", ("onnx",), reason, GPU_PRECISIONS)]
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -143,15 +162,13 @@ class TensorRTRuntime(Runtime):
             return ProbeResult(cls.name, False, trt.__version__, reason="no CUDA device")
         return ProbeResult(cls.name, True, trt.__version__, tuple(f"GPU.{i}" for i in range(count)))
 
-    def _load(self, path: Path, fmt: str, device: str | None, options: Any) -> None:
+    def _load(self, path: Path, fmt: str, device: str | None, options: Any, profile: HardwareProfile | None) -> None:
         trt, cudart = _trt(), _cudart()
         opts: TensorRTOptions = options
         index = int(device.split(".")[1]) if device and "." in device else opts.gpu_index
         _check(cudart.cudaSetDevice(index))
         props = _check(cudart.cudaGetDeviceProperties(index))
         gpu_name = props.name.decode(errors="replace").strip("\x00") if isinstance(props.name, bytes) else str(props.name)
-
-        from agent.hardware import detect
 
         logger = trt.Logger(trt.Logger.WARNING)
         network_inputs = self._onnx_inputs(path, trt, logger)
@@ -162,7 +179,7 @@ class TensorRTRuntime(Runtime):
             gpu_name,
             f"{props.major}.{props.minor}",
             opts.precision,
-            detect(opts.hardware_root).l4t_release,
+            profile.l4t_release if profile is not None else None,
             profiles,
         )
         cache_ = EngineCache(opts.cache_dir)

@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.errors import EdgefleetError
+from agent.runtimes import runtime_classes
 from fleet.store import Device
 
-__all__ = ["PREFERENCE", "Gates", "RolloutError", "RolloutSpec", "cut", "matches", "parse_selector", "parse_waves", "pick_variant", "share"]
+__all__ = ["Gates", "RolloutError", "RolloutSpec", "cut", "matches", "parse_selector", "parse_waves", "pick_variant", "share"]
 
 
 class RolloutError(EdgefleetError):
@@ -127,26 +128,21 @@ def cut(waves: list[str], n: int) -> list[int]:
     return out
 
 
-PREFERENCE = {
-    "tensorrt": ["onnx-fp32", "onnx-int8"],  # the agent builds its TensorRT engine from the ONNX variant
-    "openvino": ["openvino-fp16", "openvino-fp32", "openvino-int8"],
-    "litert": ["tflite-fp32", "tflite-int8"],
-    "onnx": ["onnx-fp32", "onnx-int8"],
-}
-
-
 def pick_variant(available: list[str], device: Device) -> str:
     """The first variant of the device's own preference (``reported.preferred_variants``) that the release has;
-    for a device that does not say (the simulator, older agents), by its runtimes."""
+    for a device that does not say (the simulator, older agents), by its runtimes, as each runtime's file
+    declares (``Runtime.variants``, tried in ``Runtime.fleet_order``), then the universal runtime's variants."""
     for v in device.preferred_variants:
         if v in available:
             return v
-    for runtime in ("tensorrt", "openvino", "litert", "onnx"):
-        if runtime in device.runtimes:
-            for v in PREFERENCE[runtime]:
+    classes = sorted(runtime_classes().values(), key=lambda cls: cls.fleet_order)
+    for cls in classes:
+        if cls.name in device.runtimes:
+            for v in cls.variants:
                 if v in available:
                     return v
-    return next((v for v in ("onnx-fp32", "onnx-int8") if v in available), available[0])
+    last_resort = [v for cls in classes if cls.universal for v in cls.variants]
+    return next((v for v in last_resort if v in available), available[0])
 
 
 def share(limit: str, n: int) -> int:
