@@ -52,6 +52,10 @@ class AssignError(EdgefleetError):
 
 
 class Director:
+    """Trust state of the director changes here and nowhere else: one writer at a time (``repository_lock``), every
+    device's metadata published through the shared signing chain, so a device sees its old assignment or its new
+    one and never a half-written one."""
+
     def __init__(
         self,
         directory: str | Path,
