@@ -31,7 +31,8 @@ from benchmarks.common import machine, write
 def _fleet(work: Path, host: str, port: int) -> Path:
     from converters import builders
     from converters.build import build
-    from fleet.controller import Controller, announce
+    from fleet.controller import Controller
+    from fleet.transport.announce import announce
     from fleet.tuf.director import Director
     from fleet.tuf.image_repo import ImageRepository
     from fleet.tuf.keys import init_keys

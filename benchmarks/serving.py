@@ -123,7 +123,8 @@ def _fleet(
     """Keys, both repositories, the model released and assigned: what a device needs to serve it."""
     from converters import builders
     from converters.build import build
-    from fleet.controller import Controller, announce
+    from fleet.controller import Controller
+    from fleet.transport.announce import announce
     from fleet.tuf.director import Director
     from fleet.tuf.image_repo import ImageRepository
     from fleet.tuf.keys import init_keys

@@ -440,8 +440,8 @@ def assign_cmd(
     With --broker, or a fleet.toml (--config or ./fleet.toml), the device is told at once (a retained message it also
     gets when it connects later).
     """
-    from fleet.controller import announce
     from fleet.settings import config_file
+    from fleet.transport.announce import announce
     from fleet.tuf.director import Director
     from fleet.tuf.image_repo import ImageRepository
     from fleet.tuf.keys import KeyStore

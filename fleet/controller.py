@@ -14,64 +14,30 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from tuf.api.metadata import Metadata
 
 from agent import logs, wire
 from agent.settings import BrokerSettings
-from agent.wire import WireError, device_topic
+from agent.wire import WireError
+from fleet.rollout import RolloutEngine
 from fleet.store import FleetStore
 from fleet.transport import client as transport
+from fleet.transport.announce import announce
 from fleet.transport.ingest import Ingestor
 from fleet.transport.repo_server import RepositoryServer
 from fleet.tuf.director import Director
 from fleet.tuf.image_repo import ImageRepository
 from fleet.tuf.keys import KeyStore
 
-if TYPE_CHECKING:
-    from fleet.rollout import RolloutEngine
-
-__all__ = ["Controller", "DeviceReport", "announce", "devices"]
+__all__ = ["Controller", "DeviceReport", "devices"]
 
 log = logging.getLogger("edgefleet.controller")
-
-
-def announce(
-    director: Director,
-    device_ids: Iterable[str],
-    host: str | None = None,
-    port: int | None = None,
-    timeout: float = 10.0,
-    broker: BrokerSettings | None = None,
-) -> None:
-    """Publish each device's current signed director timestamp, retained, so the device checks for an update.
-
-    ``broker``: TLS, credentials, MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address.
-    """
-    b = transport.broker_settings(host, port, broker)
-    c = transport.client(b, f"edgefleet-announce-{time.monotonic_ns() % 10**9}")
-    transport.connect(c, b)
-    c.loop_start()
-    try:
-        infos = []
-        for device in device_ids:
-            try:
-                ts = director.device_metadata(device) / "timestamp.json"
-                if ts.is_file():
-                    infos.append(c.publish(device_topic(device, "director", "timestamp"), ts.read_bytes(), qos=1, retain=True))
-            except (WireError, OSError) as exc:  # one device's trouble is not everyone's: the others are still told
-                logs.event(log, "announce.failed", logging.ERROR, device=str(device)[:80], reason=str(exc)[:200])
-        for info in infos:
-            info.wait_for_publish(timeout)
-    finally:
-        c.disconnect()
-        c.loop_stop()
 
 
 @dataclass
@@ -89,7 +55,7 @@ def devices(
 ) -> list[DeviceReport]:
     """What every device last said about itself (its retained ``status`` and ``reported`` messages), decoded by the wire.
 
-    ``broker`` and ``host``/``port`` as for ``announce``.
+    ``broker``: TLS, credentials, MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address.
     """
     found: dict[str, DeviceReport] = {}
     lock = threading.Lock()
@@ -170,8 +136,6 @@ class Controller:
         if store is not None:
             self.store = FleetStore(store)
             self.ingest = Ingestor(self.store, client_id=f"edgefleet-ingest-{os.getpid()}", broker=self.broker)
-            from fleet.rollout import RolloutEngine  # it imports announce() from here
-
             self.engine = RolloutEngine(self.store, self.image, self.director, keys, broker=self.broker)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="controller", daemon=True)

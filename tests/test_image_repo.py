@@ -22,6 +22,7 @@ from agent.chunks import ChunkManifest
 from converters.build import build
 from fleet.tuf.image_repo import Expiry, ImageRepository, ReleaseError
 from fleet.tuf.keys import KeyError_, KeyStore, init_keys
+from fleet.tuf.metadata import RotationError, sign_metadata
 
 BASE = "https://image.invalid/"
 
@@ -184,7 +185,7 @@ def test_metadata_signed_by_a_key_the_root_does_not_name(repo: tuple[ImageReposi
     image, _ = repo
     impostor = init_keys(tmp_path / "impostor")
     md = image.timestamp()
-    ImageRepository._sign(md, impostor.signers("timestamp"))
+    sign_metadata(md, impostor.signers("timestamp"))
     md.to_file(str(image.metadata / "timestamp.json"))
     with pytest.raises(tuf_errors.UnsignedMetadataError):
         client(image, tmp_path / "device").refresh()
@@ -264,7 +265,7 @@ def test_rotation_without_enough_old_root_keys_changes_nothing(tmp_path: Path) -
     next(keys.directory.glob("root-*.pem")).unlink()  # one root key kept offline
     index_before = (keys.directory / "keys.json").read_text()
     pems_before = sorted(p.name for p in keys.directory.glob("*.pem"))
-    with pytest.raises(ReleaseError, match="bring back enough old root keys"):
+    with pytest.raises(RotationError, match="bring back enough old root keys"):
         image.rotate_root(keys)
     assert (keys.directory / "keys.json").read_text() == index_before
     assert sorted(p.name for p in keys.directory.glob("*.pem")) == pems_before

@@ -30,7 +30,8 @@ from agent.settings import load_settings
 from agent.wire import device_topic
 from converters import builders
 from converters.build import build
-from fleet.controller import announce, devices
+from fleet.controller import devices
+from fleet.transport.announce import announce
 
 OTHER = "1.2.0"  # trained differently: same shapes, other answers
 FAILING = "1.3.0"  # right on one row, an error on any batch

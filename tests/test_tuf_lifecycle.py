@@ -28,9 +28,10 @@ from agent.wire import device_topic
 from converters.build import build
 from fleet.dev import hardware_trees
 from fleet.tuf.director import AssignError, Director
-from fleet.tuf.image_repo import ImageRepository, ReleaseError, ReleaseRevoked, RotationError, metadata_versions
+from fleet.tuf.image_repo import ImageRepository, ReleaseError, ReleaseRevoked
 from fleet.tuf.keys import KeyError_, KeyStore, init_keys
 from fleet.tuf.lifecycle import rotate
+from fleet.tuf.metadata import RotationError, metadata_versions
 
 CLI = [sys.executable, "-m", "fleet.cli"]
 

@@ -20,8 +20,9 @@ from fleet.dev import hardware_trees
 from fleet.dev.broker import RunningBroker
 from fleet.transport.repo_server import RepositoryServer
 from fleet.tuf.director import AssignError, Director
-from fleet.tuf.image_repo import ImageRepository, sign_metadata
+from fleet.tuf.image_repo import ImageRepository
 from fleet.tuf.keys import KeyStore, init_keys
+from fleet.tuf.metadata import metadata_versions, sign_metadata
 
 
 class Fleet:
@@ -128,7 +129,7 @@ def _director_targets(fleet: Fleet, device: str, *targets: tuple[str, str, str, 
         if shadow:
             tf.unrecognized_fields["custom"]["shadow"] = True
         md.signed.targets[tf.path] = tf
-    md.signed.version = fleet.director._current_version(meta, "targets") + 1
+    md.signed.version = max(metadata_versions(meta, "targets"), default=0) + 1
     fleet.director._publish(meta, md, fleet.keys)
 
 
@@ -157,7 +158,7 @@ def test_hostile_shadow_targets_are_refused(fleet: Fleet, tmp_path: Path, models
     # a shadow whose bytes the image repository does not sign
     _director_targets(fleet, "dev-1", ("tiny", "1.1.0", "onnx-fp32", False), ("tiny", "1.0.0", "onnx-int8", True))
     meta = fleet.director.device_metadata("dev-1")
-    md = Metadata.from_file(str(meta / f"{fleet.director._current_version(meta, 'targets')}.targets.json"))
+    md = Metadata.from_file(str(meta / f"{max(metadata_versions(meta, 'targets'))}.targets.json"))
     md.signed.targets["tiny/1.0.0/onnx-int8.tar"].hashes["sha256"] = "0" * 64
     md.signed.version += 1
     fleet.director._publish(meta, md, fleet.keys)

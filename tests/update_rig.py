@@ -22,8 +22,9 @@ from onnx import helper, numpy_helper
 from agent.files import sha256_file
 from agent.settings import AgentSettings, load_settings, write_config
 from converters.build import build
-from fleet.controller import Controller, announce
+from fleet.controller import Controller
 from fleet.dev.broker import RunningBroker
+from fleet.transport.announce import announce
 from fleet.tuf.director import Director
 from fleet.tuf.image_repo import ImageRepository
 from fleet.tuf.keys import KeyStore, init_keys

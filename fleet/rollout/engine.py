@@ -34,12 +34,12 @@ from typing import Any
 from agent import logs
 from agent.errors import EdgefleetError
 from agent.settings import BrokerSettings
-from fleet.controller import announce
 from fleet.rollout import gates
 from fleet.rollout.spec import RolloutError, RolloutSpec, cut, matches, parse_selector, parse_waves, pick_variant, share
 from fleet.rollout.stats import device_stats
 from fleet.store import FleetStore, PredictionRow, TelemetryRow
 from fleet.transport import client as transport
+from fleet.transport.announce import announce
 from fleet.tuf.director import Director
 from fleet.tuf.image_repo import ImageRepository, variant_target_path
 from fleet.tuf.keys import KeyStore

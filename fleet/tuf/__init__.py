@@ -1,1 +1,1 @@
-"""TUF on the controller: signing keys, the image repository, the per-device director, key and root rotation."""
+"""TUF on the controller: signing keys, the shared signing chain, the image repository, the per-device director, rotation."""

@@ -11,53 +11,51 @@ An assignment is committed when the device's ``timestamp.json`` names it: target
 snapshot and timestamp are written under temporary names and renamed in that order
 (``commit_metadata``), so a ``fleet assign`` killed at any point leaves the old
 assignment or the new one, and ``refresh`` re-signs only what the timestamp names.
+The signing chain (root creation, sign → snapshot → timestamp, pruning, key rotation) is the one the image
+repository uses (``fleet.tuf.metadata``); only who signs (``SIGNED_BY``) and the lifetimes differ.
 """
 
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
-from tuf.api.serialization.json import JSONSerializer
+from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from agent.wire import valid_device_id
-from fleet.tuf.image_repo import (
+from fleet.tuf.image_repo import ImageRepository, variant_target_path
+from fleet.tuf.keys import KeyStore
+from fleet.tuf.metadata import (
     KEEP_VERSIONS,
-    ImageRepository,
-    commit_metadata,
+    SigningChain,
+    committed_versions,
+    encode,
     metadata_versions,
     prune_metadata,
     repository_lock,
-    root_with_keys,
-    sign_metadata,
-    variant_target_path,
+    signing_time,
 )
-from fleet.tuf.keys import KeyStore
 
 __all__ = ["DIRECTOR_ROLES", "AssignError", "Director"]
 
 ROOT_FILE = "1.root.json"
 DIRECTOR_ROLES = ("targets", "snapshot", "timestamp")  # all three signed by the one online "director" key
+SIGNED_BY = {"root": "root", **{role: "director" for role in DIRECTOR_ROLES}}  # the key role per TUF role
 
 
 class AssignError(EdgefleetError):
     code = "bad_assignment"
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def _bytes(md: Metadata[Any]) -> bytes:
-    return md.to_bytes(JSONSerializer(compact=False))
-
-
 class Director:
+    """Trust state of the director changes here and nowhere else: one writer at a time (``repository_lock``), every
+    device's metadata published through the shared signing chain, so a device sees its old assignment or its new
+    one and never a half-written one."""
+
     def __init__(
         self,
         directory: str | Path,
@@ -78,6 +76,10 @@ class Director:
         """One writer at a time across processes (``fleet serve``'s re-signing, ``fleet assign``, a key rotation)."""
         return repository_lock(self.directory)
 
+    def _chain(self) -> SigningChain:
+        """The director key signs all three roles; the snapshot lasts as long as the targets (read now: tests change them)."""
+        return SigningChain(SIGNED_BY, self.root_expiry, self.targets_expiry, self.timestamp_expiry)
+
     @classmethod
     def create(cls, directory: str | Path, keys: KeyStore, root_expiry: timedelta = timedelta(days=365)) -> Director:
         d = cls(directory, root_expiry=root_expiry)
@@ -85,17 +87,7 @@ class Director:
             if (d.directory / ROOT_FILE).exists():
                 raise AssignError(f"{d.directory} already holds a director")
             d.directory.mkdir(parents=True, exist_ok=True)
-            root = Root(expires=_now() + root_expiry, consistent_snapshot=True)
-            for key in keys.public_keys("root"):
-                root.add_key(key, "root")
-            root.roles["root"].threshold = keys.threshold("root")
-            for role in DIRECTOR_ROLES:
-                for key in keys.public_keys("director"):
-                    root.add_key(key, role)
-                root.roles[role].threshold = keys.threshold("director")
-            md = Metadata(root)
-            sign_metadata(md, keys.signers("root"))
-            atomic_write(d.directory / ROOT_FILE, _bytes(md))
+            atomic_write(d.directory / ROOT_FILE, encode(d._chain().new_root(keys)))
         return d
 
     def root(self) -> Metadata[Root]:
@@ -104,7 +96,7 @@ class Director:
 
     def write_root(self, md: Metadata[Root]) -> None:
         """A new root for every device: each device repository gets a copy (devices walk the root chain)."""
-        data = _bytes(md)
+        data = encode(md)
         name = f"{md.signed.version}.root.json"
         with self._lock():
             atomic_write(self.directory / name, data)
@@ -126,7 +118,7 @@ class Director:
                 md = self.committed_targets(meta)
                 if md is None:
                     continue
-                md.signed.expires = _now() + self.targets_expiry
+                md.signed.expires = signing_time() + self.targets_expiry
                 self._publish(meta, md, keys)
 
     def device_metadata(self, device: str) -> Path:
@@ -184,7 +176,7 @@ class Director:
             for root in self.directory.glob("*.root.json"):  # the whole root chain, so a new device can walk it
                 if not (meta / root.name).exists():
                     shutil.copy(root, meta / root.name)
-            self._publish(meta, Metadata(Targets(expires=_now() + self.targets_expiry, targets=targets)), keys)
+            self._publish(meta, Metadata(Targets(expires=signing_time() + self.targets_expiry, targets=targets)), keys)
         return target
 
     @staticmethod
@@ -206,47 +198,16 @@ class Director:
         }
         return target
 
-    @staticmethod
-    def _current_version(meta: Path, role: str) -> int:
-        """The highest version on disk, committed or not (new versions go above it)."""
-        return max(metadata_versions(meta, role), default=0)
-
     def _publish(self, meta: Path, targets_md: Metadata[Targets], keys: KeyStore) -> None:
-        """Sign ``targets_md`` (its version set here, above every file on disk), a snapshot and a timestamp naming it,
-        and commit the three: the timestamp's rename is the commit. Then prune old versions."""
+        """Sign ``targets_md`` (its version set above every file on disk), a snapshot and a timestamp naming it, and
+        commit the three: the timestamp's rename is the commit. Then prune old versions (``SigningChain.publish``)."""
         with self._lock():
-            signers = keys.signers("director")
-            targets_md.signed.version = self._current_version(meta, "targets") + 1
-            sign_metadata(targets_md, signers)
-            snap = Metadata(
-                Snapshot(
-                    version=self._current_version(meta, "snapshot") + 1,
-                    expires=_now() + self.targets_expiry,
-                    meta={"targets.json": MetaFile(version=targets_md.signed.version)},
-                )
-            )
-            sign_metadata(snap, signers)
-            current = meta / "timestamp.json"
-            version = Metadata.from_file(str(current)).signed.version + 1 if current.exists() else 1
-            ts = Metadata(
-                Timestamp(version=version, expires=_now() + self.timestamp_expiry, snapshot_meta=MetaFile(version=snap.signed.version))
-            )
-            sign_metadata(ts, signers)
-            commit_metadata(
-                meta,
-                [
-                    (f"{targets_md.signed.version}.targets.json", _bytes(targets_md)),
-                    (f"{snap.signed.version}.snapshot.json", _bytes(snap)),
-                    ("timestamp.json", _bytes(ts)),
-                ],
-            )
-            self._prune(meta)
+            self._chain().publish(meta, targets_md, keys, self.keep_versions)
 
     def _prune(self, meta: Path) -> list[str]:
         ts: Metadata[Timestamp] = Metadata.from_file(str(meta / "timestamp.json"))
         snap: Metadata[Snapshot] = Metadata.from_file(str(meta / f"{ts.signed.snapshot_meta.version}.snapshot.json"))
-        committed = {"snapshot": snap.signed.version, "targets": snap.signed.meta["targets.json"].version}
-        return prune_metadata(meta, committed, self.keep_versions)
+        return prune_metadata(meta, committed_versions(snap), self.keep_versions)
 
     def prune(self, devices: list[str] | None = None) -> dict[str, list[str]]:
         """Delete all but the last ``keep_versions`` targets and snapshot versions of each device (and an interrupted
@@ -269,19 +230,5 @@ class Director:
         that refreshes in between refuses the old-key metadata under the new root and retries. The old private
         key need not be present (rotating away a stolen key works); re-running after a crash rotates again.
         """
-        root_signers = keys.signers("root")
         with self._lock():
-            current = self.root()
-            old_keyids = {k for role in DIRECTOR_ROLES for k in current.signed.roles[role].keyids}
-            old_keyids |= {k.keyid for k in keys.public_keys("director")}
-            new_signers = keys.generate("director", new_keys)
-            try:
-                md = root_with_keys(current, DIRECTOR_ROLES, new_signers, threshold, root_signers, self.root_expiry)
-            except Exception:
-                keys.forget("director", new_signers)
-                raise
-            self.write_root(md)
-            keys.set_role("director", new_signers, threshold)
-            self.refresh(keys)
-            keys.retire("director", old_keyids - {s.public_key.keyid for s in new_signers})
-        return md
+            return self._chain().rotate_key(keys, "director", self.root(), new_keys, threshold, self.write_root, lambda: self.refresh(keys))

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleet.tuf.director import Director
-from fleet.tuf.image_repo import IMAGE_ROLES, ImageRepository, RotationError
+from fleet.tuf.image_repo import IMAGE_ROLES, ImageRepository
 from fleet.tuf.keys import ROLES, KeyStore
+from fleet.tuf.metadata import RotationError
 
 __all__ = ["Rotation", "rotate"]
 

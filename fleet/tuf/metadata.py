@@ -1,0 +1,366 @@
+"""The signing chain both repositories use: root creation, sign → snapshot → timestamp, commit and pruning of
+metadata versions, the repository lock, and key and root rotation.
+
+Why one module: the image repository and the director are two TUF repositories that differ only in who signs what
+(the image repository has a key per role; the director's one online ``director`` key signs targets, snapshot and
+timestamp) and in how long metadata lasts. A ``SigningChain`` names exactly that; everything that follows from it
+— the version numbers, the order of the renames that commits an update, what pruning keeps, how a rotation is
+checked before anything is written — is written here once, so the two repositories cannot drift apart.
+Nothing here knows either repository: they hand in their directories, their keys and (for root rotation) themselves
+as ``HoldsRoot``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from securesystemslib.signer import Signer
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+
+from agent.errors import EdgefleetError
+from fleet.tuf.keys import KeyStore
+
+__all__ = [
+    "KEEP_VERSIONS",
+    "HoldsRoot",
+    "RotationError",
+    "SigningChain",
+    "commit_metadata",
+    "committed_versions",
+    "encode",
+    "metadata_versions",
+    "prune_metadata",
+    "repository_lock",
+    "root_with_keys",
+    "rotate_root",
+    "rotated_root",
+    "sign_metadata",
+    "signing_time",
+]
+
+KEEP_VERSIONS = 3  # targets/snapshot versions kept per repository: a device mid-refresh still finds the one it was told
+LOCK_FILE = ".lock"
+
+
+class RotationError(EdgefleetError):
+    """A key rotation that cannot be done (unknown role, too few keys for the threshold, root keys missing);
+    nothing was written."""
+
+    code = "bad_rotation"
+
+
+def signing_time() -> datetime:
+    """Now, in UTC and whole seconds: what every expiry counts from (TUF's dates have no fractions)."""
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def encode(md: Metadata[Any]) -> bytes:
+    """The bytes on disk: python-tuf's JSON, indented (signatures cover the canonical form, not these bytes)."""
+    return md.to_bytes(JSONSerializer(compact=False))
+
+
+def sign_metadata(md: Metadata[Any], signers: Sequence[Signer]) -> None:
+    """Replace every signature with one from each signer (threshold signing)."""
+    md.signatures.clear()
+    for s in signers:
+        md.sign(s, append=True)
+
+
+class HoldsRoot(Protocol):
+    """A repository whose root the shared root keys sign (both repositories): read its newest root, add a new one."""
+
+    def root(self) -> Metadata[Root]: ...
+
+    def write_root(self, md: Metadata[Root]) -> None: ...
+
+
+@dataclass(frozen=True)
+class SigningChain:
+    """How one repository signs: the ``KeyStore`` role whose keys sign each TUF role, and how long each lasts.
+
+    ``signed_by`` maps every TUF role (root, targets, snapshot, timestamp) to a key role; the root is always
+    signed by the ``root`` keys, which both repositories share.
+    """
+
+    signed_by: Mapping[str, str]
+    root_expiry: timedelta
+    snapshot_expiry: timedelta
+    timestamp_expiry: timedelta
+
+    def new_root(self, keys: KeyStore) -> Metadata[Root]:
+        """Version 1 of the root: each role trusts its key role's public keys and threshold; signed by the root keys."""
+        root = Root(expires=signing_time() + self.root_expiry, consistent_snapshot=True)
+        for role, key_role in self.signed_by.items():
+            for key in keys.public_keys(key_role):
+                root.add_key(key, role)
+            root.roles[role].threshold = keys.threshold(key_role)
+        md = Metadata(root)
+        sign_metadata(md, keys.signers("root"))
+        return md
+
+    def publish(self, meta: Path, targets: Metadata[Targets] | int, keys: KeyStore, keep: int) -> None:
+        """Sign ``targets`` (or, given a version, name the committed targets again), a snapshot naming it and a
+        timestamp naming that; commit the three (the timestamp's rename is the commit), then prune old versions.
+
+        Versions go above every file on disk (an uncommitted one a crash left behind included), so a numbered
+        file, once a device may have fetched it, is never rewritten with other content (mirrors cache them).
+        Hold the repository's lock. Only the keys that sign something are loaded: re-signing the snapshot and
+        timestamp never needs the offline targets key.
+        """
+        signers = _signers_of(keys, self.signed_by)
+        now = signing_time()
+        files: list[tuple[str, bytes]] = []
+        if isinstance(targets, int):
+            targets_version = targets
+        else:
+            targets.signed.version = targets_version = max(metadata_versions(meta, "targets"), default=0) + 1
+            sign_metadata(targets, signers("targets"))
+            files.append((f"{targets_version}.targets.json", encode(targets)))
+        snapshot = Snapshot(
+            version=max(metadata_versions(meta, "snapshot"), default=0) + 1,
+            expires=now + self.snapshot_expiry,
+            meta={"targets.json": MetaFile(version=targets_version)},
+        )
+        snapshot_md = Metadata(snapshot)
+        sign_metadata(snapshot_md, signers("snapshot"))
+        files.append((f"{snapshot.version}.snapshot.json", encode(snapshot_md)))
+        current = meta / "timestamp.json"
+        timestamp = Timestamp(
+            version=Metadata.from_file(str(current)).signed.version + 1 if current.exists() else 1,
+            expires=now + self.timestamp_expiry,
+            snapshot_meta=MetaFile(version=snapshot.version),
+        )
+        timestamp_md = Metadata(timestamp)
+        sign_metadata(timestamp_md, signers("timestamp"))
+        files.append(("timestamp.json", encode(timestamp_md)))
+        commit_metadata(meta, files)
+        prune_metadata(meta, {"snapshot": snapshot.version, "targets": targets_version}, keep)
+
+    def rotate_key(
+        self,
+        keys: KeyStore,
+        key_role: str,
+        current: Metadata[Root],
+        new_keys: int,
+        threshold: int,
+        write_root: Callable[[Metadata[Root]], None],
+        resign: Callable[[], None],
+    ) -> Metadata[Root]:
+        """New keys for ``key_role``: a root naming them for every TUF role it signs (signed by the root keys), written
+        by ``write_root``; then ``keys.json``, the re-signing (``resign``) and last the old private keys retired.
+
+        Why in this order, under the repository's lock: devices learn keys only from the root, so the root goes
+        first; the re-signing follows before any other writer can sign with the old key. A device that refreshes
+        in between refuses the old-key metadata under the new root and retries. The old private keys need not be
+        present (rotating away a lost or stolen key works); re-running after a crash rotates again, retiring the
+        keys of the interrupted attempt too.
+        """
+        roles = [role for role, signer in self.signed_by.items() if signer == key_role and role != "root"]
+        root_signers = keys.signers("root")
+        old_keyids = {k for role in roles for k in current.signed.roles[role].keyids}
+        old_keyids |= {k.keyid for k in keys.public_keys(key_role)}
+        new_signers = keys.generate(key_role, new_keys)
+        try:
+            md = root_with_keys(current, roles, new_signers, threshold, root_signers, self.root_expiry)
+        except Exception:
+            keys.forget(key_role, new_signers)
+            raise
+        write_root(md)
+        keys.set_role(key_role, new_signers, threshold)
+        resign()
+        keys.retire(key_role, old_keyids - {s.public_key.keyid for s in new_signers})
+        return md
+
+
+def _signers_of(keys: KeyStore, signed_by: Mapping[str, str]) -> Callable[[str], Sequence[Signer]]:
+    """Each TUF role's signers, loaded on first use and once per key role (the director's key signs three roles)."""
+    loaded: dict[str, Sequence[Signer]] = {}
+
+    def signers(role: str) -> Sequence[Signer]:
+        key_role = signed_by[role]
+        if key_role not in loaded:
+            loaded[key_role] = keys.signers(key_role)
+        return loaded[key_role]
+
+    return signers
+
+
+def rotate_root(
+    keys: KeyStore, repositories: Sequence[HoldsRoot], new_root_keys: int, new_threshold: int, lifetime: timedelta
+) -> list[Metadata[Root]]:
+    """A new root for each of ``repositories`` with fresh root keys, signed by the old root keys (threshold) and the
+    new ones; the new roots, in the same order.
+
+    Every new root is checked against both the old and the new root before anything is written; ``keys.json``
+    changes and the old private keys are deleted only after every repository holds its new root (a repository left
+    on the old root could never be re-signed by the new keys).
+    """
+    old_signers = keys.signers("root")
+    new_signers = keys.generate("root", new_root_keys)
+    try:
+        roots = [rotated_root(r.root(), old_signers, new_signers, new_threshold, lifetime) for r in repositories]
+    except Exception:
+        keys.forget("root", new_signers)
+        raise
+    for repository, md in zip(repositories, roots):
+        repository.write_root(md)
+    keys.set_role("root", new_signers, new_threshold)
+    keys.forget("root", old_signers)
+    return roots
+
+
+def root_with_keys(
+    current: Metadata[Root],
+    roles: Iterable[str],
+    new: Sequence[Any],
+    threshold: int,
+    signers: Sequence[Signer],
+    lifetime: timedelta,
+    advice: str = "bring back enough root keys",
+) -> Metadata[Root]:
+    """The next root version in which each of ``roles`` trusts exactly the ``new`` keys (``threshold`` of them), signed
+    by ``signers``; raises ``RotationError`` unless both the current root and the new one accept it."""
+    if not 1 <= threshold <= len(new):
+        raise RotationError(f"threshold {threshold} needs at least that many new keys (got {len(new)})")
+    root = Root.from_dict(copy.deepcopy(current.signed.to_dict()))  # to_dict shares lists with `current`
+    for role in roles:
+        for keyid in list(root.roles[role].keyids):
+            root.revoke_key(keyid, role)
+        for s in new:
+            root.add_key(s.public_key, role)
+        root.roles[role].threshold = threshold
+    root.version += 1
+    root.expires = signing_time() + lifetime
+    md = Metadata(root)
+    sign_metadata(md, signers)
+    try:
+        current.verify_delegate("root", md)  # enough keys the devices trust now signed
+        md.verify_delegate("root", md)  # enough keys of the new root signed
+    except Exception as exc:  # python-tuf's UnsignedMetadataError and friends
+        raise RotationError(f"root rotation would not verify ({exc}); {advice}") from exc
+    return md
+
+
+def rotated_root(current: Metadata[Root], old: Sequence[Signer], new: Sequence[Any], threshold: int, lifetime: timedelta) -> Metadata[Root]:
+    """The next root version trusting ``new`` root keys; raises ``RotationError`` unless old and new roots both accept it."""
+    return root_with_keys(current, ["root"], new, threshold, [*old, *new], lifetime, "bring back enough old root keys")
+
+
+def metadata_versions(directory: Path, role: str) -> list[int]:
+    """The version numbers of ``{N}.{role}.json`` files in ``directory``, ascending (temp files never match)."""
+    out = []
+    for p in directory.glob(f"*.{role}.json"):
+        head = p.name.split(".", 1)[0]
+        if head.isdigit():
+            out.append(int(head))
+    return sorted(out)
+
+
+def committed_versions(snapshot: Metadata[Snapshot]) -> dict[str, int]:
+    """The snapshot and targets versions the committed ``snapshot`` (the one ``timestamp.json`` names) stands for."""
+    return {"snapshot": snapshot.signed.version, "targets": snapshot.signed.meta["targets.json"].version}
+
+
+def commit_metadata(directory: Path, files: Sequence[tuple[str, bytes]]) -> None:
+    """Write every file under a temporary name (fsynced), then rename them in the given order; the last rename commits.
+
+    Why: readers follow ``timestamp.json`` → ``N.snapshot.json`` → ``N.targets.json``, so with the timestamp
+    last a crash at any point leaves either the old complete set or the new one; numbered files renamed
+    before a crash are versions nothing names (``prune_metadata`` removes them, and new versions go above them).
+    """
+    staged: list[tuple[str, str]] = []
+    try:
+        for name, data in files:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+            staged.append((tmp, name))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, name in staged:
+            os.replace(tmp, directory / name)
+        _fsync_dir(directory)
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames themselves durable (a power cut after a rename must not bring the old name back)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune_metadata(directory: Path, committed: dict[str, int], keep: int) -> list[str]:
+    """Delete, per role in ``committed`` (targets, snapshot), every version but the ``keep`` newest up to the committed
+    one, every version above it (a crash's leftovers) and stale temp files; the names deleted. Call it holding the
+    repository's lock: a version above the committed one is then never a writer's work in progress."""
+    removed = []
+    for role, current in committed.items():
+        versions = metadata_versions(directory, role)
+        kept = set([v for v in versions if v <= current][-keep:])
+        for v in versions:
+            if v not in kept:
+                (directory / f"{v}.{role}.json").unlink(missing_ok=True)
+                removed.append(f"{v}.{role}.json")
+    for tmp in directory.glob(".*.json.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
+@dataclass
+class _Held:
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    depth: int = 0
+    fd: int = -1
+
+
+_held: dict[str, _Held] = {}
+_held_guard = threading.Lock()
+
+
+@contextmanager
+def repository_lock(directory: str | Path) -> Iterator[None]:
+    """Exclusive use of a repository: across processes (``flock`` on ``DIR/.lock``) and threads, re-entrant in one thread.
+
+    Why: ``fleet serve`` re-signs online metadata on its own schedule while ``fleet assign``, ``release`` or
+    ``keys rotate`` run as other processes; two writers would pick the same version numbers, and a rotation
+    must not interleave with a re-signing by the retired key. The lock dies with its process (``kill -9``
+    included), so a crash never leaves it held.
+    """
+    key = str(Path(directory).resolve())
+    with _held_guard:
+        held = _held.setdefault(key, _Held())
+    with held.lock:
+        if held.depth == 0:
+            os.makedirs(key, exist_ok=True)
+            fd = os.open(os.path.join(key, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            held.fd = fd
+        held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+            if held.depth == 0:
+                os.close(held.fd)  # releases the flock
+                held.fd = -1
