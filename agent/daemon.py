@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -26,17 +24,16 @@ import paho.mqtt.client as mqtt
 from agent import __version__, logs, report, systemd, wire
 from agent.errors import EdgefleetError
 from agent.hardware import detect
-from agent.mqtt import make_client
 from agent.outbox import Outbox
 from agent.serve.host import ModelHost, ServingModel
 from agent.serve.serving import Serving
 from agent.serve.shadow import ShadowRunner
 from agent.session import Route, Session
 from agent.settings import AgentSettings, RuntimeSettings, ServingSettings
-from agent.store import AgentStore, Job
-from agent.update.fetch import MqttFetcher
+from agent.store import AgentStore
+from agent.update.jobs import Job
 from agent.update.machine import HealthPolicy, Installer, RollbackError
-from agent.update.verify import DirectorPlan, RepositoryUnreachable, TrustedRepos, UpdateRejected, check_director
+from agent.update.round import RoundHooks, UpdateRound
 from agent.wire import Command, WireError, device_topic
 from agent.wire.inference import peek_request
 
@@ -73,7 +70,9 @@ class Agent:
             report=self._report_job,
             sync_bytes=u.sync_kb * 1024,
         )
-        self.trust = state / "trust"
+        self.update_round = UpdateRound(
+            self.installer, self.profile, self.device_id, state, RoundHooks(self._checked, self._publish_reported)
+        )
         self.last_check = wire.UpdateState(state="never")
         self.rounds = 0  # update rounds finished (whatever their outcome): tests and `ping` can wait on it
         # bounded: a peer flooding commands or director messages must not grow the agent's memory
@@ -253,7 +252,7 @@ class Agent:
 
     def _report_job(self, job: Job) -> None:
         self.last_check = wire.UpdateState(
-            state=job.state, job=job.id, target=job.target_path[:1000], reason=job.reason[:1000], ts=time.time()
+            state=job.state, job=job.id, target=job.update.target_path[:1000], reason=job.reason[:1000], ts=time.time()
         )
         try:
             update = wire.JobUpdate.model_validate({**job.report(), "reason": job.reason[:1000]})
@@ -300,71 +299,13 @@ class Agent:
             except Exception as exc:  # the worker must outlive any one bug
                 logs.event(log, "agent.worker_error", logging.ERROR, kind=kind, reason=f"{type(exc).__name__}: {exc}")
 
-    def _repos(self, fetcher: MqttFetcher) -> TrustedRepos:
-        u = self.settings.update
-        image, director = self.trust / "image", self.trust / "director"
-        for directory, seed in ((image, u.image_root), (director, u.director_root)):
-            directory.mkdir(parents=True, exist_ok=True)
-            if not (directory / "root.json").exists():
-                if seed is None or not Path(seed).is_file():
-                    raise UpdateRejected(f"no trusted root for {directory.name}: set update.{directory.name}_root")
-                shutil.copy(seed, directory / "root.json")
-        director_url = u.director_url.format(device_id=self.device_id)
-        return TrustedRepos(image, director, u.image_url, director_url, fetcher, fetcher, self.settings.state_dir / "metadata-downloads")
-
     def _update(self) -> bool:
-        """One round: finish an interrupted job, then install what the director names. False: try again soon."""
+        """One update round (``agent.update.round``). False: try again soon."""
         self.update_rounds += 1
-        u, b = self.settings.update, self.settings.broker
         try:
-            fetcher = MqttFetcher(
-                b.host,
-                b.port,
-                self.device_id,
-                "repo://",
-                u.request_chunk_kb * 1024,
-                window=u.window,
-                timeout=u.request_timeout_s,
-                client=make_client(b, f"{self.device_id}-fetch"),
-            )
-        except (ConnectionError, OSError) as exc:
-            logs.event(log, "update.unreachable", logging.WARNING, reason=str(exc))
-            return False
-        try:
-            job = self.store.unfinished_job()
-            if job is not None:
-                self.installer.run(self.installer.resume(job), fetcher)
-            plan = check_director(self._repos(fetcher), self.installer.installed(), self.profile, kept=self.installer.kept())
-            if plan.update is not None:
-                job = self.installer.start(plan.update)
-                if job is not None:
-                    self.installer.run(job, fetcher)
-            else:
-                self._checked("up_to_date", "")
-            self._follow_shadow(plan, fetcher)
-            return True
-        except RepositoryUnreachable as exc:
-            logs.event(log, "update.unreachable", logging.WARNING, reason=str(exc))
-            return False
-        except UpdateRejected as exc:
-            self._checked("REJECTED", str(exc))
-            return True
+            return self.update_round.run(self.settings.update, self.settings.broker)
         finally:
-            fetcher.close()
             self.rounds += 1
-
-    def _follow_shadow(self, plan: DirectorPlan, fetcher: MqttFetcher) -> None:
-        """Run the shadow the director names (installing it like an update); drop one it no longer names."""
-        wanted = plan.shadow
-        for model in self.store.shadows():
-            if wanted is None or wanted.model != model:
-                self.installer.drop_shadow(model, "the director no longer names it")
-                self._publish_reported()
-        current = self.store.shadows().get(wanted.model) if wanted is not None else None
-        if wanted is not None and (current is None or current.sha256 != wanted.sha256):
-            job = self.installer.start(wanted, shadow=True)
-            if job is not None:
-                self.installer.run(job, fetcher)
 
     def _checked(self, state: str, reason: str) -> None:
         previous = self.last_check

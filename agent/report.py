@@ -24,7 +24,7 @@ from agent.serve.host import ModelHost, ServingModel
 from agent.serve.predictions import PredictionStats
 from agent.serve.serving import Serving, latency_summary
 from agent.serve.shadow import ShadowRunner
-from agent.store import InstalledModel
+from agent.update.store import InstalledModel
 
 __all__ = ["Windows", "reported", "system_metrics"]
 

@@ -1,6 +1,6 @@
 """A device's verified download of a 50 MiB variant against raw chunk pub/sub on the same broker.
 
-Contender: ``agent.update.download.download`` through ``MqttFetcher`` from a ``RepositoryServer`` —
+Contender: ``agent.update.fetch.download`` through ``MqttFetcher`` from a ``RepositoryServer`` —
 what the agent runs once TUF has verified the (small) metadata: windowed pull requests,
 every 256 KiB chunk checked against the signed chunk list, written and fsynced, the offset
 saved (here: kept in memory). Baseline: the same bytes in 256 KiB QoS 1 messages published
@@ -65,8 +65,7 @@ def raw_pubsub(host: str, port: int, data: bytes) -> float:
 
 
 def verified_download(host: str, port: int, root: Path, data: bytes, dest: Path, window: int) -> float:
-    from agent.update.download import download
-    from agent.update.fetch import MqttFetcher
+    from agent.update.fetch import MqttFetcher, download
     from agent.update.verify import VerifiedUpdate
     from fleet.transport.repo_server import RepositoryServer
 

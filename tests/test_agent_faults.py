@@ -14,7 +14,7 @@ import pytest
 from conftest import ModelFiles
 from update_rig import AgentProcess, Rig, wait_for
 
-from agent.update.machine import PAUSE_ENV
+from agent.update.steps import PAUSE_ENV
 from fleet.dev.broker import start_broker
 
 STATES = ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "ACTIVE"]

@@ -12,8 +12,7 @@ from tuf.api.metadata import Metadata
 
 from agent.files import sha256_file
 from agent.hardware import HardwareProfile, detect
-from agent.update.download import download
-from agent.update.fetch import DirectoryFetcher, MqttFetcher
+from agent.update.fetch import DirectoryFetcher, MqttFetcher, download
 from agent.update.verify import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_director, check_for_update
 from converters.build import build
 from fleet.dev import hardware_trees

@@ -6,7 +6,7 @@ thresholds, versions, expiry and root rotation are python-tuf's job — and then
 applies the rules only edgefleet knows: the two must name the same bundle with
 the same length, hashes, model, version, variant and release counter; the release
 counter must not go backwards; the variant's hardware hints must fit this device.
-The result names the artifact and its verified chunk list; ``agent.update.download``
+The result names the artifact and its verified chunk list; ``agent.update.fetch``
 fetches it resumably.
 Besides the one target a device must run, the director may name one *shadow*
 target of the same model (custom field ``shadow: true``): a candidate the device
@@ -66,7 +66,7 @@ class RepositoryUnreachable(EdgefleetError):
 
 @dataclass(frozen=True)
 class VerifiedUpdate:
-    """What both repositories agree this device must install; the artifact itself is fetched by ``agent.update.download``."""
+    """What both repositories agree this device must install; the artifact itself is fetched by ``agent.update.fetch``."""
 
     target_path: str
     model: str
