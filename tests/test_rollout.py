@@ -615,9 +615,7 @@ def test_a_healthy_release_under_load_on_the_whole_fleet_passes(rig: Rig, contro
         wait_for(lambda: len(controller.store.telemetry_rows(MODEL, ["load-0000"], 0)) >= 5, 30, "telemetry before the move")
         rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=load-*", waves=["50%", "100%"], soak_s=2.0))
         sims.sim.load = 4.0  # every device, on every version, 4x slower: a busy fleet, not a bad release
-        wait_for(
-            lambda: getattr(controller.store.rollout(rid), "wave", 0) >= 1 or controller.state(rid) != "running", 60, "wave 1 judged"
-        )
+        wait_for(lambda: getattr(controller.store.rollout(rid), "wave", 0) >= 1 or controller.state(rid) != "running", 60, "wave 1 judged")
         assert controller.state(rid) == "running", controller.store.rollout(rid)
         sims.sim.load = 1.0
         wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
