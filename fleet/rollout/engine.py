@@ -174,6 +174,8 @@ class RolloutEngine:
                 logs.event(log, "rollout.step_failed", logging.ERROR, id=r.id, reason=f"{type(exc).__name__}: {exc}")
 
     def _step(self, r: Rollout, now: float) -> None:
+        """Observe the rollout once; judge what its devices said (abort on the install gate); move pending devices;
+        judge the assigned ones (timeout, tell again); record and announce; once the wave settled, judge the wave."""
         seen = self._observe(r)
         changes = judge_reports(seen)
         members = applied(seen.members, changes)
@@ -183,14 +185,13 @@ class RolloutEngine:
             self._abort(r, install.reason)
             return
         moves = self._move(seen, members, now)
-        members = applied(members, moves)
-        late, again = judge_assigned(
-            seen, members, {c.device for c in moves if c.state == "assigned"}, self._announced, now, self.reannounce_s
-        )
+        moved = [c.device for c in moves if c.state == "assigned"]
+        late, again = judge_assigned(seen, applied(members, moves), set(moved), self._announced, now, self.reannounce_s)
         changes += moves + late
-        self._record(r.id, changes, [c.device for c in moves if c.state == "assigned"] + again, now)
-        if all(m.state in SETTLED for m in applied(members, late)):
-            self._wave_settled(seen, applied(seen.everyone, changes), now)
+        self._record(r.id, changes, moved + again, now)
+        everyone = applied(seen.everyone, changes)
+        if all(m.state in SETTLED for m in everyone if m.wave == r.wave):
+            self._wave_settled(seen, everyone, now)
 
     def _observe(self, r: Rollout) -> Observation:
         spec = RolloutSpec.from_json(r.spec)
