@@ -95,12 +95,12 @@ def rollout(n: int) -> dict[str, Any]:
             rss, cpu = [], []
             t0 = time.perf_counter()
             rid = engine.start(RolloutSpec("m", "2.0.0", "device=sim-*", ["1%", "10%", "50%", "100%"], soak_s=0))
-            while (store.rollout(rid) or {})["state"] == "running":
+            while getattr(store.rollout(rid), "state", None) == "running":
                 time.sleep(0.25)
                 rss.append(proc.memory_info().rss)
                 cpu.append(proc.cpu_percent(None))
             elapsed = time.perf_counter() - t0
-            state = (store.rollout(rid) or {})["state"]
+            state = getattr(store.rollout(rid), "state", None)
             moved = sum(1 for d in store.devices() if d.models.get("m", {}).get("version") == "2.0.0")
         finally:
             serve.send_signal(signal.SIGTERM)

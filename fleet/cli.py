@@ -600,7 +600,7 @@ def device_cmd(device_id: str, store: Path, as_json: bool) -> None:
         if d is None:
             click.echo(f"error[unknown_device]: {device_id} is not in {store}", err=True)
             sys.exit(1)
-        data = {**d.to_json(), "jobs": fs.jobs(device_id)[-10:], "telemetry": fs.recent_telemetry(device_id, 10)}
+        data = {**d.to_json(), "jobs": [j.to_json() for j in fs.jobs(device_id)[-10:]], "telemetry": fs.recent_telemetry(device_id, 10)}
         since = time.time() - 600
         data["shadows"] = {
             name: {"version": version, **asdict(fs.shadow_health(name, version, since, [device_id]))}
@@ -798,15 +798,15 @@ def rollout_list_cmd(store: Path) -> None:
     engine = _engine(store)
     table = Table("id", "model", "version", "state", "wave", "devices", "reason", title="rollouts")
     for r in engine.store.rollouts():
-        spec = r["spec"]
+        spec = r.spec
         table.add_row(
-            str(r["id"]),
+            str(r.id),
             spec["model"],
             spec["version"],
-            r["state"],
-            f"{r['wave'] + 1}/{len(spec['waves'])}",
-            str(len(engine.store.rollout_devices(r["id"]))),
-            r["reason"],
+            r.state,
+            f"{r.wave + 1}/{len(spec['waves'])}",
+            str(len(engine.store.rollout_devices(r.id))),
+            r.reason,
         )
     console.print(table)
 

@@ -37,19 +37,19 @@ def state(store: FleetStore, window_s: float = 600.0) -> dict[str, Any]:
     rollouts = []
     for r in store.rollouts()[-10:]:
         waves: dict[int, dict[str, int]] = {}
-        for m in store.rollout_devices(r["id"]):
-            w = waves.setdefault(m["wave"], {})
-            w[m["state"]] = w.get(m["state"], 0) + 1
-        spec = r["spec"]
+        for m in store.rollout_devices(r.id):
+            w = waves.setdefault(m.wave, {})
+            w[m.state] = w.get(m.state, 0) + 1
+        spec = r.spec
         rollouts.append(
             {
-                "id": r["id"],
+                "id": r.id,
                 "model": spec["model"],
                 "version": spec["version"],
-                "state": r["state"],
-                "phase": r["phase"],
-                "reason": r["reason"],
-                "wave": r["wave"],
+                "state": r.state,
+                "phase": r.phase,
+                "reason": r.reason,
+                "wave": r.wave,
                 "waves": [waves[k] for k in sorted(waves)],
             }
         )

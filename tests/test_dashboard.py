@@ -72,9 +72,9 @@ def test_the_page_shows_the_devices_and_a_rollout_moving(rig: Rig, fleet: tuple[
         assert all(f'data-device="dash-{i:04d}"' in page for i in range(5))
         assert page.count('class="version">1.0.0') >= 5 and "<svg" in page  # models and the latency chart
         rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=dash-*", waves=["1", "all"], soak_s=3.0))
-        wait_for(lambda: (store.rollout(rid) or {}).get("wave_done"), 30, "wave 1 soaking")
+        wait_for(lambda: getattr(store.rollout(rid), "wave_done", None), 30, "wave 1 soaking")
         during = render(dashboard.url)
-        wait_for(lambda: (store.rollout(rid) or {}).get("state") == "done", 60, "the rollout done")
+        wait_for(lambda: getattr(store.rollout(rid), "state", None) == "done", 60, "the rollout done")
         after = render(dashboard.url)
     finally:
         sims.stop()

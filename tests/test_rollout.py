@@ -17,7 +17,7 @@ from update_rig import MODEL, Rig, wait_for
 
 from fleet.dev.simulate import Behaviour, Simulator, SimulatorThread
 from fleet.rollout import Gates, RolloutEngine, RolloutError, RolloutSpec, parse_selector, parse_waves
-from fleet.store import FleetStore
+from fleet.store import FleetStore, Rollout
 from fleet.transport.ingest import Ingestor
 
 
@@ -44,7 +44,7 @@ class Controller:
 
     def state(self, rid: int) -> str:
         r = self.store.rollout(rid)
-        return r["state"] if r else ""
+        return r.state if r else ""
 
     def versions(self, prefix: str) -> dict[str, str]:
         return {d.id: d.models.get(MODEL, {}).get("version", "") for d in self.store.devices() if d.id.startswith(prefix)}
@@ -92,8 +92,8 @@ def test_a_wave_whose_devices_reject_the_model_aborts_and_rolls_back(rig: Rig, c
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort")
         r = controller.store.rollout(rid)
-        assert r is not None and "install gate" in r["reason"] and r["wave"] == 0
-        states = [m["state"] for m in controller.store.rollout_devices(rid)]
+        assert r is not None and "install gate" in r.reason and r.wave == 0
+        states = [m.state for m in controller.store.rollout_devices(rid)]
         assert states.count("pending") == 5 and "rolled_back" in states  # the second wave never started
         wait_for(lambda: set(controller.versions("rej").values()) == {"1.0.0"}, 60, "every device back on 1.0.0")
     finally:
@@ -110,7 +110,7 @@ def test_a_wave_that_misbehaves_aborts_on_the_health_gate(rig: Rig, controller: 
         rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector=f"device={prefix}-*", waves=["30%", "100%"], soak_s=1.0))
         wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort")
         r = controller.store.rollout(rid)
-        assert r is not None and reason in r["reason"] and r["wave"] == 0, r
+        assert r is not None and reason in r.reason and r.wave == 0, r
         wait_for(lambda: set(controller.versions(prefix).values()) == {"1.0.0"}, 60, "back on 1.0.0")
     finally:
         sims.stop()
@@ -127,8 +127,8 @@ def test_a_controller_restarted_mid_rollout_goes_on_where_it_was(rig: Rig, tmp_p
         gates = Gates(shadow_min_compared=50)
         spec = RolloutSpec(MODEL, "1.1.0", selector=f"device={prefix}-*", waves=["25%", "100%"], soak_s=1.5, shadow=shadow, gates=gates)
         rid = first.engine.start(spec)
-        wait_for(lambda: (first.store.rollout(rid) or {}).get("wave_done"), 60, "wave 1 settled, soaking")
-        assert (first.store.rollout(rid) or {})["phase"] == ("shadow" if shadow else "")
+        wait_for(lambda: getattr(first.store.rollout(rid), "wave_done", None), 60, "wave 1 settled, soaking")
+        assert getattr(first.store.rollout(rid), "phase", None) == ("shadow" if shadow else "")
         first.stop()  # the controller goes away in the middle of the soak (of the shadow phase, with --shadow)
         second = Controller(rig, db)
         try:
@@ -156,7 +156,7 @@ def test_an_offline_device_catches_up_when_it_returns(rig: Rig, controller: Cont
         sims.stop()
     # now one rollout over the late device too: it waits pending while offline, then catches up
     rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=late-*", waves=["100%"], wave_timeout_s=120))
-    assert [m["state"] for m in controller.store.rollout_devices(rid)] == ["pending"]
+    assert [m.state for m in controller.store.rollout_devices(rid)] == ["pending"]
     back = fleet_of(rig, 1, "late")
     try:
         wait_for(lambda: controller.state(rid) == "done", 60, "the late device caught up")
@@ -315,7 +315,7 @@ def test_max_per_minute_limits_how_many_devices_move(rig: Rig, tmp_path: Path) -
         rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=rate-*", waves=["100%"], max_per_minute=2))
         engine.tick()
         engine.tick()
-        states = [m["state"] for m in store.rollout_devices(rid)]
+        states = [m.state for m in store.rollout_devices(rid)]
         assert states.count("pending") == 3 and len(states) == 5  # two moved this minute, three wait
         engine.pause(rid)
         with pytest.raises(RolloutError, match="is paused, not running"):
@@ -323,7 +323,7 @@ def test_max_per_minute_limits_how_many_devices_move(rig: Rig, tmp_path: Path) -
         engine.resume(rid)
         engine.abort(rid, "operator says stop")
         r = store.rollout(rid)
-        assert r is not None and r["state"] == "aborted" and r["reason"] == "operator says stop"
+        assert r is not None and r.state == "aborted" and r.reason == "operator says stop"
     finally:
         sims.stop()
         ingest.stop()
@@ -348,8 +348,8 @@ def test_a_shadow_rollout_switches_only_after_the_shadow_agrees(rig: Rig, contro
             MODEL, "1.1.0", selector="device=shok-*", waves=["20%", "100%"], shadow=True, gates=Gates(shadow_min_compared=200)
         )
         rid = controller.engine.start(spec)
-        assert (controller.store.rollout(rid) or {})["phase"] == "shadow"
-        wait_for(lambda: [m["state"] for m in controller.store.rollout_devices(rid, 0)] == ["shadowing"] * 2, 60, "the canaries shadowing")
+        assert getattr(controller.store.rollout(rid), "phase", None) == "shadow"
+        wait_for(lambda: [m.state for m in controller.store.rollout_devices(rid, 0)] == ["shadowing"] * 2, 60, "the canaries shadowing")
         assert set(controller.versions("shok").values()) == {"1.0.0"}  # nobody switched yet
         assert sorted(shadows(controller, "shok").values()) == [""] * 8 + ["1.1.0"] * 2
         wait_for(lambda: controller.state(rid) == "done", 90, "the rollout done")
@@ -375,12 +375,12 @@ def test_a_shadow_that_disagrees_blocks_the_rollout_before_any_device_switches(r
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) == "aborted", 60, "the shadow gate's abort")
         r = controller.store.rollout(rid)
-        assert r is not None and r["phase"] == "shadow" and "shadow gate" in r["reason"] and "60.0%" in r["reason"], r
+        assert r is not None and r.phase == "shadow" and "shadow gate" in r.reason and "60.0%" in r.reason, r
         assert set(controller.versions("shno").values()) == {"1.0.0"}
         assert not any(
-            j["state"] == "ACTIVE" for d in controller.store.devices() if d.id.startswith("shno") for j in controller.store.jobs(d.id)
+            j.state == "ACTIVE" for d in controller.store.devices() if d.id.startswith("shno") for j in controller.store.jobs(d.id)
         )
-        assert [m["state"] for m in controller.store.rollout_devices(rid, 0)] == ["rolled_back"] * 3
+        assert [m.state for m in controller.store.rollout_devices(rid, 0)] == ["rolled_back"] * 3
         wait_for(lambda: set(shadows(controller, "shno").values()) == {""}, 30, "every shadow dropped")
     finally:
         sims.stop()
@@ -404,7 +404,7 @@ def test_prediction_drift_aborts_on_the_health_gate(rig: Rig, controller: Contro
         )
         wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort")
         r = controller.store.rollout(rid)
-        assert r is not None and "prediction drift" in r["reason"] and reason in r["reason"] and r["wave"] == 0, r
+        assert r is not None and "prediction drift" in r.reason and reason in r.reason and r.wave == 0, r
         wait_for(lambda: set(controller.versions(prefix).values()) == {"1.0.0"}, 60, "back on 1.0.0")
     finally:
         sims.stop()
@@ -492,7 +492,7 @@ def test_shadow_rollouts_on_real_agents_block_a_model_that_disagrees_and_promote
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) == "aborted", 90, "the shadow gate stopping 1.2.0")
         r = controller.store.rollout(rid)
-        assert r is not None and "shadow gate" in r["reason"] and "agreed with the serving version" in r["reason"], r
+        assert r is not None and "shadow gate" in r.reason and "agreed with the serving version" in r.reason, r
         health = controller.store.shadow_health(MODEL, "1.2.0", 0, ids)
         assert health.compared >= 100 and health.agreement is not None and health.agreement < 0.9 and health.devices == 2
         wait_for(lambda: all(a.host.shadow(MODEL) is None for a in agents), 30, "the shadows dropped")
@@ -539,7 +539,7 @@ def test_sub_millisecond_latency_differences_do_not_abort(rig: Rig, controller: 
         strict.version = "1.1.0"
         rid = controller.engine.start(strict)
         wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort without a floor")
-        assert " ms before it moved" in (controller.store.rollout(rid) or {})["reason"]
+        assert " ms before it moved" in getattr(controller.store.rollout(rid), "reason", "")
     finally:
         sims.stop()
 
@@ -567,7 +567,7 @@ def two_fleets(rig: Rig, prefix: str, sizes: dict[str, int], behaviours: dict[st
     return out
 
 
-def rollout_of(rig: Rig, controller: Controller, prefix: str, behaviour: str, n: int, spec: RolloutSpec) -> dict[str, Any]:
+def rollout_of(rig: Rig, controller: Controller, prefix: str, behaviour: str, n: int, spec: RolloutSpec) -> Rollout:
     sims = fleet_of(rig, n, prefix, [Behaviour.parse(behaviour)])
     try:
         registered(controller, prefix, n)
@@ -588,9 +588,9 @@ def test_a_slow_minority_aborts_in_the_first_wave_and_the_reason_names_it(
     prefix = f"min{n}"
     spec = RolloutSpec(MODEL, "1.1.0", selector=f"device={prefix}-*", waves=["50%", "100%"], soak_s=2.0, gates=Gates(max_p95_ratio=ratio))
     r = rollout_of(rig, controller, prefix, behaviour, n, spec)
-    assert r["state"] == "aborted" and r["wave"] == 0, r
-    assert r["reason"].startswith("health gate: ") and " devices regressed: " in r["reason"], r["reason"]
-    assert " ms before it moved" in r["reason"], r["reason"]
+    assert r.state == "aborted" and r.wave == 0, r
+    assert r.reason.startswith("health gate: ") and " devices regressed: " in r.reason, r.reason
+    assert " ms before it moved" in r.reason, r.reason
 
 
 def test_a_release_slow_on_one_hardware_class_aborts_and_names_the_class(rig: Rig, controller: Controller) -> None:
@@ -601,8 +601,8 @@ def test_a_release_slow_on_one_hardware_class_aborts_and_names_the_class(rig: Ri
         rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=hw*", waves=["100%"], soak_s=2.0))
         wait_for(lambda: controller.state(rid) in ("done", "aborted"), 90, "the rollout's end")
         r = controller.store.rollout(rid)
-        assert r is not None and r["state"] == "aborted", r
-        assert "6 of 20 devices regressed" in r["reason"] and "simulated jetson 6 of 6, simulated pi 0 of 14" in r["reason"], r["reason"]
+        assert r is not None and r.state == "aborted", r
+        assert "6 of 20 devices regressed" in r.reason and "simulated jetson 6 of 6, simulated pi 0 of 14" in r.reason, r.reason
     finally:
         for s in sims:
             s.stop()
@@ -615,9 +615,7 @@ def test_a_healthy_release_under_load_on_the_whole_fleet_passes(rig: Rig, contro
         wait_for(lambda: len(controller.store.telemetry_rows(MODEL, ["load-0000"], 0)) >= 5, 30, "telemetry before the move")
         rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=load-*", waves=["50%", "100%"], soak_s=2.0))
         sims.sim.load = 4.0  # every device, on every version, 4x slower: a busy fleet, not a bad release
-        wait_for(
-            lambda: (controller.store.rollout(rid) or {}).get("wave", 0) >= 1 or controller.state(rid) != "running", 60, "wave 1 judged"
-        )
+        wait_for(lambda: getattr(controller.store.rollout(rid), "wave", 0) >= 1 or controller.state(rid) != "running", 60, "wave 1 judged")
         assert controller.state(rid) == "running", controller.store.rollout(rid)
         sims.sim.load = 1.0
         wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
@@ -669,7 +667,7 @@ def test_a_poisoned_message_from_a_device_outside_the_rollout_changes_nothing(ri
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
         r = controller.store.rollout(rid)
-        assert r is not None and r["state"] == "aborted" and "server errors" in r["reason"], r
+        assert r is not None and r.state == "aborted" and "server errors" in r.reason, r
     finally:
         outsider.loop_stop()
         outsider.disconnect()
@@ -704,7 +702,7 @@ def test_server_errors_on_a_device_with_two_models_abort(rig: Rig, controller: C
         rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=two-*", waves=["30%", "100%"], soak_s=2.0))
         wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
         r = controller.store.rollout(rid)
-        assert r is not None and r["state"] == "aborted" and "server errors" in r["reason"] and r["wave"] == 0, r
+        assert r is not None and r.state == "aborted" and "server errors" in r.reason and r.wave == 0, r
     finally:
         sims.stop()
 
@@ -722,7 +720,7 @@ def test_a_device_that_cannot_be_assigned_fails_alone_and_the_rollout_goes_on(ri
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
         assert controller.state(rid) == "done", controller.store.rollout(rid)
-        states = {m["device"]: (m["state"], m["reason"]) for m in controller.store.rollout_devices(rid)}
+        states = {m.device: (m.state, m.reason) for m in controller.store.rollout_devices(rid)}
         assert states[bad][0] == "failed" and "could not assign" in states[bad][1]
         assert sorted(s for d, (s, _) in states.items() if d != bad) == ["active"] * 4
     finally:

@@ -164,22 +164,22 @@ def run_demo(
                 RolloutSpec(MODEL, version, "device=demo-*", waves, soak_s=soak, wave_timeout_s=60, gates=gates, shadow=shadow)
             )
             r = _wait(
-                lambda: (lambda x: x if x and x["state"] in ("done", "aborted") else None)(store.rollout(rid)), 90, f"the {version} rollout"
+                lambda: (lambda x: x if x and x.state in ("done", "aborted") else None)(store.rollout(rid)), 90, f"the {version} rollout"
             )
             devices = store.rollout_devices(rid)
-            say(f"rollout {rid} of {MODEL} {version}: [bold]{r['state']}[/bold] {r['reason']}")
+            say(f"rollout {rid} of {MODEL} {version}: [bold]{r.state}[/bold] {r.reason}")
             for m in devices:
-                say(f"  wave {m['wave'] + 1}: {m['device']:<12} {m['variant']:<14} {m['state']} {m['reason']}")
+                say(f"  wave {m.wave + 1}: {m.device:<12} {m.variant:<14} {m.state} {m.reason}")
             if shadow:
-                canaries = [m["device"] for m in devices if m["wave"] == 0]
-                h = store.shadow_health(MODEL, version, r["created"], canaries)
+                canaries = [m.device for m in devices if m.wave == 0]
+                h = store.shadow_health(MODEL, version, r.created, canaries)
                 diff = f"{h.mean_abs_diff:.4f}" if h.mean_abs_diff is not None else "-"
                 agreement = f"{h.agreement:.1%}" if h.agreement is not None else "-"
                 say(
                     f"  shadow on {', '.join(canaries)}: {h.compared} live inputs compared, {agreement} within 1%,"
                     f" mean abs diff {diff}, p95 {h.p95_ms} ms in shadow vs {h.active_p95_ms} ms serving"
                 )
-            return {"id": rid, "version": version, "state": r["state"], "reason": r["reason"], "devices": devices}
+            return {"id": rid, "version": version, "state": r.state, "reason": r.reason, "devices": [m.to_json() for m in devices]}
 
         result = DemoResult(address, work)
         result.rollouts.append(rollout("1.0.0", ["100%"], 0))

@@ -3,10 +3,14 @@
 The rollout lives in the store (``FleetStore``): its spec, the current wave, when the
 wave started and finished, and every device's state. ``RolloutEngine.tick()`` reads it,
 moves it one step and writes it back, so a controller killed and restarted goes on
-exactly where it was. Moving a device means pointing its director metadata at the
-release (``Director.assign``) and announcing it; rolling back points it at the version
-it ran before (a version the device keeps, which the agent accepts although its
-release counter is lower).
+exactly where it was. A step reads as its three parts: observe (one read of the rollout's
+devices, the registry, the install jobs), judge (the pure functions at the end of this
+module and ``gates``), act (assign, record, announce); once the wave has settled and soaked,
+the same again for the wave: observe its statistics, judge them by a gate, go on or abort.
+
+Moving a device means pointing its director metadata at the release (``Director.assign``)
+and announcing it; rolling back points it at the version it ran before (a version the
+device keeps, which the agent accepts although its release counter is lower).
 
 Device states: pending → assigned → active | failed | timeout; after an abort every
 moved device → rolled_back.
@@ -29,15 +33,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent import logs
 from agent.errors import EdgefleetError
 from agent.settings import BrokerSettings
-from fleet.rollout import gates
-from fleet.rollout.spec import RolloutError, RolloutSpec, cut, matches, parse_selector, parse_waves, pick_variant, share
+from fleet.rollout import gates, plan
+from fleet.rollout.spec import RolloutError, RolloutSpec
 from fleet.rollout.stats import device_stats
-from fleet.store import FleetStore, PredictionRow, TelemetryRow
+from fleet.store import Device, DeviceChange, FleetStore, Job, PredictionRow, Rollout, RolloutDevice, TelemetryRow
 from fleet.transport import client as transport
 from fleet.transport.announce import announce
 from fleet.tuf.director import Director
@@ -51,6 +57,26 @@ log = logging.getLogger("edgefleet.rollout")
 RUNNING, PAUSED, DONE, ABORTED, ABORTING = "running", "paused", "done", "aborted", "aborting"
 SHADOW = "shadow"  # the rollout's phase while its first wave runs the new version in shadow
 SETTLED = {"active", "shadowing", "failed", "timeout"}
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one step sees of a running rollout, read once at its start."""
+
+    rollout: Rollout
+    spec: RolloutSpec
+    everyone: list[RolloutDevice]  # the rollout's devices, every wave
+    registry: dict[str, Device]
+    jobs: dict[str, Job]  # the last install job on the new version, of the current wave's assigned devices that have one
+
+    @property
+    def shadow(self) -> bool:
+        return self.rollout.phase == SHADOW
+
+    @property
+    def members(self) -> list[RolloutDevice]:
+        """The current wave's devices."""
+        return [m for m in self.everyone if m.wave == self.rollout.wave]
 
 
 class RolloutEngine:
@@ -74,6 +100,22 @@ class RolloutEngine:
     # -- commands ---------------------------------------------------------------------------
 
     def start(self, spec: RolloutSpec) -> int:
+        """Check the spec, plan its waves (``plan``) and store the rollout; the next tick starts moving devices."""
+        available = self._variants(spec)
+        terms = plan.parse_selector(spec.selector)
+        spec.waves = plan.parse_waves(spec.waves)
+        spec.gates.validate()
+        chosen = plan.select(self.store.devices(), terms, spec.selector)
+        busy = {r.spec["model"] for r in self.store.rollouts() if r.state in (RUNNING, PAUSED, ABORTING)}
+        if spec.model in busy:
+            raise RolloutError(f"a rollout of {spec.model} is already running: abort or finish it first")
+        waves = plan.plan(spec, chosen, available)
+        rid = self.store.create_rollout(spec.to_json(), waves, phase=SHADOW if spec.shadow else "")
+        logs.event(log, "rollout.started", id=rid, model=spec.model, version=spec.version, devices=len(chosen), waves=len(waves))
+        return rid
+
+    def _variants(self, spec: RolloutSpec) -> list[str]:
+        """The released variants of the spec's version; RolloutError when it is not released or lacks the spec's variant."""
         release = self.image.release_of(spec.model, spec.version)
         if release is None:
             self.image.ensure_not_revoked(spec.model, spec.version)  # ReleaseRevoked: the clearer error
@@ -81,38 +123,7 @@ class RolloutEngine:
         available = [v.id for v in release.variants]
         if spec.variant is not None and spec.variant not in available:
             raise RolloutError(f"{spec.model} {spec.version} has no variant {spec.variant!r} (it has {', '.join(available)})")
-        terms = parse_selector(spec.selector)
-        spec.waves = parse_waves(spec.waves)
-        share(spec.gates.max_failed, 1)  # validates
-        share(spec.gates.max_regressed, 1)
-        if spec.gates.min_control < 3:
-            raise RolloutError("--min-control must be at least 3: a median of fewer devices is one device's claim")
-        chosen = [d for d in self.store.devices() if matches(d, terms)]
-        if not chosen:
-            raise RolloutError(f"no registered device matches {spec.selector or '(everything)'}")
-        busy = {r["spec"]["model"] for r in self.store.rollouts() if r["state"] in (RUNNING, PAUSED, ABORTING)}
-        if spec.model in busy:
-            raise RolloutError(f"a rollout of {spec.model} is already running: abort or finish it first")
-        chosen.sort(key=lambda d: d.id)
-        cuts, start, waves = cut(spec.waves, len(chosen)), 0, []
-        for end in cuts:
-            members = chosen[start:end]
-            waves.append(
-                [
-                    (d.id, str(d.models.get(spec.model, {}).get("version", "")), spec.variant or pick_variant(available, d), d.hardware)
-                    for d in members
-                ]
-            )
-            start = end
-        if spec.shadow:
-            for device, previous, _, _ in waves[0]:
-                if not previous:
-                    raise RolloutError(f"--shadow: {device} runs no version of {spec.model}, so nothing to compare the shadow with")
-                if previous == spec.version:
-                    raise RolloutError(f"--shadow: {device} runs {spec.model} {spec.version} already")
-        rid = self.store.create_rollout(spec.to_json(), waves, phase=SHADOW if spec.shadow else "")
-        logs.event(log, "rollout.started", id=rid, model=spec.model, version=spec.version, devices=len(chosen), waves=len(waves))
-        return rid
+        return available
 
     def pause(self, rid: int) -> None:
         self._require(rid, RUNNING)
@@ -132,197 +143,176 @@ class RolloutEngine:
         self._require(rid, RUNNING, PAUSED)
         self.store.update_rollout(rid, state=ABORTING, reason=reason)
 
-    def _require(self, rid: int, *states: str) -> dict[str, Any]:
+    def _require(self, rid: int, *states: str) -> Rollout:
         r = self.store.rollout(rid)
         if r is None:
             raise RolloutError(f"no rollout {rid}")
-        if r["state"] not in states:
-            raise RolloutError(f"rollout {rid} is {r['state']}, not {' or '.join(states)}")
+        if r.state not in states:
+            raise RolloutError(f"rollout {rid} is {r.state}, not {' or '.join(states)}")
         return r
 
-    # -- the step ---------------------------------------------------------------------------
+    def progress(self, rid: int) -> dict[str, Any]:
+        """The rollout as JSON, with ``waves``: per wave, how many devices are in each state."""
+        r = self._require(rid, RUNNING, PAUSED, DONE, ABORTED, ABORTING)
+        waves: dict[int, dict[str, int]] = {}
+        for m in self.store.rollout_devices(rid):
+            w = waves.setdefault(m.wave, {})
+            w[m.state] = w.get(m.state, 0) + 1
+        return {**r.to_json(), "waves": [waves[k] for k in sorted(waves)]}
+
+    # -- the step: observe -> judge -> act ----------------------------------------------------
 
     def tick(self, now: float | None = None) -> None:
         """Move every running rollout one step."""
         for r in self.store.rollouts():
             try:
-                if r["state"] == ABORTING:
-                    self._abort(r, r["reason"] or "aborted by the operator")
-                elif r["state"] == RUNNING:
+                if r.state == ABORTING:
+                    self._abort(r, r.reason or "aborted by the operator")
+                elif r.state == RUNNING:
                     self._step(r, now or time.time())
             except Exception as exc:  # one rollout's trouble must not stop the others: logged, retried next tick
-                logs.event(log, "rollout.step_failed", logging.ERROR, id=r["id"], reason=f"{type(exc).__name__}: {exc}")
+                logs.event(log, "rollout.step_failed", logging.ERROR, id=r.id, reason=f"{type(exc).__name__}: {exc}")
 
-    def _step(self, r: dict[str, Any], now: float) -> None:
-        rid, spec, wave = r["id"], RolloutSpec.from_json(r["spec"]), r["wave"]
-        shadow = r.get("phase") == SHADOW
-        target = lambda variant: variant_target_path(spec.model, spec.version, variant)  # noqa: E731
-        members = self.store.rollout_devices(rid, wave)
-        devices = {d.id: d for d in self.store.devices()}
-        changes: list[tuple[str, str, str, float | None]] = []
-        # what the devices say
-        for m in members:
-            d = devices.get(m["device"])
-            if m["state"] != "assigned" or d is None:
-                continue
-            running = d.models.get(spec.model, {})
-            reports = (running.get("shadow") or {}) if shadow else running
-            if reports.get("version") == spec.version:
-                done = "shadowing" if shadow else "active"
-                changes.append((m["device"], done, "", None))
-                m["state"] = done
-                continue
-            job = self.store.last_job(m["device"], target(m["variant"]))
-            if job and job["state"] in ("REJECTED", "FAILED") and job["ts"] >= m["assigned_at"] - 1:
-                changes.append((m["device"], "failed", f"{job['state']}: {job['reason']}"[:300], None))
-                m["state"] = "failed"
-        # install gate
-        failed = sum(1 for m in members if m["state"] == "failed")
-        install = gates.install_gate(spec.gates, failed, len(members), wave)
+    def _step(self, r: Rollout, now: float) -> None:
+        """Observe the rollout once; judge what its devices said (abort on the install gate); move pending devices;
+        judge the assigned ones (timeout, tell again); record and announce; once the wave settled, judge the wave."""
+        seen = self._observe(r)
+        changes = judge_reports(seen)
+        members = applied(seen.members, changes)
+        install = gates.install_gate(seen.spec.gates, sum(1 for m in members if m.state == "failed"), len(members), r.wave)
         if install.decision == gates.ABORT:
-            self.store.set_device_states(rid, changes)
+            self.store.set_device_states(r.id, changes)
             self._abort(r, install.reason)
             return
-        # move pending devices that are online, within the rate limit
-        budget = self._budget(rid, spec, now)
-        moved = []
-        for m in members:
-            if m["state"] != "pending" or budget <= 0:
-                continue
-            d = devices.get(m["device"])
-            if d is None or not d.online:
-                if now - r["wave_started"] > spec.wave_timeout_s:
-                    changes.append((m["device"], "timeout", "offline for the whole wave", None))
-                    m["state"] = "timeout"
-                continue
-            try:
-                self._assign(spec, m, str(d.models.get(spec.model, {}).get("variant", "")), shadow)
-            except Exception as exc:  # one device that cannot be assigned (bad id, signing error) fails alone
-                changes.append((m["device"], "failed", f"could not assign: {type(exc).__name__}: {exc}"[:300], None))
-                m["state"] = "failed"
-                logs.event(log, "rollout.assign_failed", logging.ERROR, id=rid, device=m["device"][:80], reason=str(exc)[:200])
-                continue
-            moved.append(m["device"])
-            changes.append((m["device"], "assigned", "", now))
-            m["state"] = "assigned"
-            budget -= 1
-        for m in members:
-            if m["state"] != "assigned":
-                continue
-            if now - r["wave_started"] > spec.wave_timeout_s:  # assigned but silent for the whole wave
-                changes.append((m["device"], "timeout", "no report within the wave timeout", None))
-                m["state"] = "timeout"
-            elif m["device"] not in moved and now - self._announced.get((rid, m["device"]), m["assigned_at"]) > self.reannounce_s:
-                moved.append(m["device"])  # the retained announcement may have been lost on the way: say it again
-        for device in moved:
+        moves = self._move(seen, members, now)
+        moved = [c.device for c in moves if c.state == "assigned"]
+        late, again = judge_assigned(seen, applied(members, moves), set(moved), self._announced, now, self.reannounce_s)
+        changes += moves + late
+        self._record(r.id, changes, moved + again, now)
+        everyone = applied(seen.everyone, changes)
+        if all(m.state in SETTLED for m in everyone if m.wave == r.wave):
+            self._wave_settled(seen, everyone, now)
+
+    def _observe(self, r: Rollout) -> Observation:
+        spec = RolloutSpec.from_json(r.spec)
+        everyone = self.store.rollout_devices(r.id)
+        registry = {d.id: d for d in self.store.devices()}
+        jobs: dict[str, Job] = {}
+        for m in everyone:
+            if m.wave == r.wave and m.state == "assigned" and m.device in registry:
+                job = self.store.last_job(m.device, variant_target_path(spec.model, spec.version, m.variant))
+                if job is not None:
+                    jobs[m.device] = job
+        return Observation(r, spec, everyone, registry, jobs)
+
+    def _move(self, seen: Observation, members: list[RolloutDevice], now: float) -> list[DeviceChange]:
+        """Act: point the wave's pending devices that are online at the new version, as many as the rate limit allows."""
+        budget, changes = judge_budget(seen.spec, seen.everyone, now), []
+        for m, action in judge_pending(seen, members, now):
+            if budget <= 0:
+                break
+            if action == "timeout":
+                changes.append(DeviceChange(m.device, "timeout", "offline for the whole wave"))
+            elif action == "assign":
+                serving = str(seen.registry[m.device].models.get(seen.spec.model, {}).get("variant", ""))
+                try:
+                    self._assign(seen.spec, m, serving, seen.shadow)
+                except Exception as exc:  # one device that cannot be assigned (bad id, signing error) fails alone
+                    changes.append(DeviceChange(m.device, "failed", f"could not assign: {type(exc).__name__}: {exc}"[:300]))
+                    logs.event(log, "rollout.assign_failed", logging.ERROR, id=seen.rollout.id, device=m.device[:80], reason=str(exc)[:200])
+                    continue
+                changes.append(DeviceChange(m.device, "assigned", "", now))
+                budget -= 1
+        return changes
+
+    def _assign(self, spec: RolloutSpec, m: RolloutDevice, serving_variant: str, shadow: bool) -> None:
+        if shadow:  # keep serving what it runs (those exact bytes: its own variant), the new version beside it
+            variant = self._variant_of(spec.model, m.previous, serving_variant)
+            candidate = (spec.version, m.variant)
+            self.director.assign(m.device, self.image, spec.model, m.previous, variant, self.keys, shadow=candidate)
+        else:
+            self.director.assign(m.device, self.image, spec.model, spec.version, m.variant, self.keys)
+
+    def _record(self, rid: int, changes: list[DeviceChange], told: list[str], now: float) -> None:
+        """Act: store the devices' new states, then announce to the devices moved (or told again)."""
+        for device in told:
             self._announced[(rid, device)] = now
         self.store.set_device_states(rid, changes)
-        if moved:
-            announce(self.director, moved, broker=self.broker)
-        if not all(m["state"] in SETTLED for m in members):
+        if told:
+            announce(self.director, told, broker=self.broker)
+
+    def _wave_settled(self, seen: Observation, everyone: list[RolloutDevice], now: float) -> None:
+        """Every device of the wave settled: after the soak, judge the wave by its gate and go on, or abort."""
+        r, spec = seen.rollout, seen.spec
+        if not r.wave_done:
+            self.store.update_rollout(r.id, wave_done=now)
+            r = replace(r, wave_done=now)
+        if now - r.wave_done < spec.soak_s:
             return
-        if not r["wave_done"]:
-            self.store.update_rollout(rid, wave_done=now)
-            r["wave_done"] = now
-        if now - r["wave_done"] < spec.soak_s:
-            return
-        verdict = self._shadow_gate(spec, r, members, now) if shadow else self._health_gate(rid, spec, r, now)
+        members = [m for m in everyone if m.wave == r.wave]
+        verdict = self._shadow_gate(spec, r, members, now) if seen.shadow else self._health_gate(spec, r, everyone, now)
         if verdict.decision == gates.WAIT:
             return
         if verdict.decision == gates.ABORT:
             self._abort(r, verdict.reason)
             return
-        logs.event(log, "rollout.gate_passed", id=rid, wave=wave + 1, phase=r.get("phase") or "health", detail=verdict.reason)
-        if shadow:  # the shadow convinced: the same wave now switches for real
-            back: list[tuple[str, str, str, float | None]] = [
-                (m["device"], "pending", "shadow gate passed", None) for m in members if m["state"] == "shadowing"
-            ]
-            self.store.set_device_states(rid, back)
-            self.store.update_rollout(rid, phase="", wave_started=now, wave_done=0)
-            logs.event(log, "rollout.shadow_passed", id=rid, devices=len(back))
-            return
-        last = len(spec.waves) - 1
-        if wave >= last or not self.store.rollout_devices(rid, wave + 1):
-            self.store.update_rollout(rid, state=DONE, reason="every wave done")
-            logs.event(log, "rollout.done", id=rid)
+        logs.event(log, "rollout.gate_passed", id=r.id, wave=r.wave + 1, phase=r.phase or "health", detail=verdict.reason)
+        if seen.shadow:
+            self._end_shadow(r, members, now)
+        elif r.wave >= len(spec.waves) - 1 or not any(m.wave == r.wave + 1 for m in everyone):
+            self.store.update_rollout(r.id, state=DONE, reason="every wave done")
+            logs.event(log, "rollout.done", id=r.id)
         else:
-            self.store.update_rollout(rid, wave=wave + 1, wave_started=now, wave_done=0)
-            logs.event(log, "rollout.wave", id=rid, wave=wave + 2)
+            self.store.update_rollout(r.id, wave=r.wave + 1, wave_started=now, wave_done=0)
+            logs.event(log, "rollout.wave", id=r.id, wave=r.wave + 2)
 
-    def _assign(self, spec: RolloutSpec, m: dict[str, Any], serving_variant: str, shadow: bool) -> None:
-        if shadow:  # keep serving what it runs (those exact bytes: its own variant), the new version beside it
-            variant = self._variant_of(spec.model, m["previous"], serving_variant)
-            candidate = (spec.version, m["variant"])
-            self.director.assign(m["device"], self.image, spec.model, m["previous"], variant, self.keys, shadow=candidate)
-        else:
-            self.director.assign(m["device"], self.image, spec.model, spec.version, m["variant"], self.keys)
+    def _end_shadow(self, r: Rollout, members: list[RolloutDevice], now: float) -> None:
+        """The shadow convinced: the same wave now switches for real."""
+        back = [DeviceChange(m.device, "pending", "shadow gate passed") for m in members if m.state == "shadowing"]
+        self.store.set_device_states(r.id, back)
+        self.store.update_rollout(r.id, phase="", wave_started=now, wave_done=0)
+        logs.event(log, "rollout.shadow_passed", id=r.id, devices=len(back))
 
-    def _budget(self, rid: int, spec: RolloutSpec, now: float) -> int:
-        if spec.max_per_minute <= 0:
-            return 1 << 30
-        recent = sum(1 for m in self.store.rollout_devices(rid) if m["assigned_at"] and now - m["assigned_at"] < 60)
-        return max(0, spec.max_per_minute - recent)
-
-    def _health_gate(self, rid: int, spec: RolloutSpec, r: dict[str, Any], now: float) -> gates.Verdict:
-        """Observe the wave's devices (each before and after its move) and the unmoved control over the same
-        windows, then judge (gates.py)."""
-        everyone = self.store.rollout_devices(rid)
-        moved = [m for m in everyone if m["state"] == "active" and m["wave"] == r["wave"]]
-        unmoved = [m for m in everyone if m["state"] == "pending" and m["previous"]]
+    def _health_gate(self, spec: RolloutSpec, r: Rollout, everyone: list[RolloutDevice], now: float) -> gates.Verdict:
+        """Observe the wave's moved devices and the unmoved control (their telemetry and prediction rows), then judge."""
+        moved = [m for m in everyone if m.state == "active" and m.wave == r.wave]
+        unmoved = [m for m in everyone if m.state == "pending" and m.previous]
         if not moved:
             return gates.Verdict(gates.GO, "no device of the wave moved")
-        b = spec.gates.baseline_s
-        ids = [m["device"] for m in moved + unmoved]
-        since = min(m["assigned_at"] for m in moved) - b
+        ids = [m.device for m in moved + unmoved]
+        since = min(m.assigned_at for m in moved) - spec.gates.baseline_s
         telemetry = _by_device(self.store.telemetry_rows(spec.model, ids, since))
         predictions = _by_device(self.store.prediction_rows(spec.model, ids, since))
+        return judge_health(spec, r, moved, unmoved, telemetry, predictions, now)
 
-        def subject(m: dict[str, Any], version: str, split: float) -> gates.Subject:
-            t, p = telemetry.get(m["device"], []), predictions.get(m["device"], [])
-            before = device_stats(t, p, m["previous"], split - b, split)
-            after = device_stats(t, p, version, split, now + 1)
-            return gates.Subject(m["device"], m["hardware"], before, after)
+    def _shadow_gate(self, spec: RolloutSpec, r: Rollout, members: list[RolloutDevice], now: float) -> gates.Verdict:
+        shadowing = [m.device for m in members if m.state == "shadowing"]
+        h = self.store.shadow_health(spec.model, spec.version, r.wave_started, shadowing)
+        return gates.shadow_gate(spec.gates, spec.version, len(shadowing), h, now - r.wave_started >= spec.wave_timeout_s)
 
-        controls: dict[float, list[gates.Subject]] = {}  # per move time: the unmoved devices split at that moment
-        for m in moved:
-            if m["assigned_at"] not in controls:
-                controls[m["assigned_at"]] = [subject(c, c["previous"], m["assigned_at"]) for c in unmoved]
-        return gates.health_gate(
-            spec.gates,
-            spec.version,
-            [subject(m, spec.version, m["assigned_at"]) for m in moved],
-            {m["device"]: controls[m["assigned_at"]] for m in moved},
-            now - r["wave_started"] >= spec.wave_timeout_s,
-        )
-
-    def _shadow_gate(self, spec: RolloutSpec, r: dict[str, Any], members: list[dict[str, Any]], now: float) -> gates.Verdict:
-        shadowing = [m["device"] for m in members if m["state"] == "shadowing"]
-        h = self.store.shadow_health(spec.model, spec.version, r["wave_started"], shadowing)
-        return gates.shadow_gate(spec.gates, spec.version, len(shadowing), h, now - r["wave_started"] >= spec.wave_timeout_s)
-
-    def _abort(self, r: dict[str, Any], reason: str) -> int:
+    def _abort(self, r: Rollout, reason: str) -> int:
         """Point every moved device back at the version it ran; record why."""
-        rid, spec = r["id"], RolloutSpec.from_json(r["spec"])
+        spec = RolloutSpec.from_json(r.spec)
         back: list[str] = []
-        changes: list[tuple[str, str, str, float | None]] = []
-        for m in self.store.rollout_devices(rid):
-            if m["state"] == "rolled_back" or not m["assigned_at"]:  # never moved (a pending one may have shadowed)
+        changes: list[DeviceChange] = []
+        for m in self.store.rollout_devices(r.id):
+            if m.state == "rolled_back" or not m.assigned_at:  # never moved (a pending one may have shadowed)
                 continue
-            if m["previous"]:
-                variant = self._variant_of(spec.model, m["previous"], m["variant"])
+            if m.previous:
+                variant = self._variant_of(spec.model, m.previous, m.variant)
                 try:
-                    self.director.assign(m["device"], self.image, spec.model, m["previous"], variant, self.keys)
-                    back.append(m["device"])
-                    changes.append((m["device"], "rolled_back", reason[:300], None))
+                    self.director.assign(m.device, self.image, spec.model, m.previous, variant, self.keys)
+                    back.append(m.device)
+                    changes.append(DeviceChange(m.device, "rolled_back", reason[:300]))
                 except EdgefleetError as exc:
-                    changes.append((m["device"], m["state"], f"rollback failed: {exc}"[:300], None))
+                    changes.append(DeviceChange(m.device, m.state, f"rollback failed: {exc}"[:300]))
             else:
-                changes.append((m["device"], m["state"], "nothing to roll back to (had no version before)", None))
-        self.store.set_device_states(rid, changes)
-        self.store.update_rollout(rid, state=ABORTED, reason=reason)
+                changes.append(DeviceChange(m.device, m.state, "nothing to roll back to (had no version before)"))
+        self.store.set_device_states(r.id, changes)
+        self.store.update_rollout(r.id, state=ABORTED, reason=reason)
         if back:
             announce(self.director, back, broker=self.broker)
-        logs.event(log, "rollout.aborted", logging.WARNING, id=rid, reason=reason, rolled_back=len(back))
+        logs.event(log, "rollout.aborted", logging.WARNING, id=r.id, reason=reason, rolled_back=len(back))
         return len(back)
 
     def _variant_of(self, model: str, version: str, preferred: str) -> str:
@@ -330,13 +320,109 @@ class RolloutEngine:
         ids = [v.id for v in release.variants] if release else []
         return preferred if preferred in ids or not ids else ids[0]
 
-    def progress(self, rid: int) -> dict[str, Any]:
-        r = self._require(rid, RUNNING, PAUSED, DONE, ABORTED, ABORTING)
-        waves: dict[int, dict[str, int]] = {}
-        for m in self.store.rollout_devices(rid):
-            w = waves.setdefault(m["wave"], {})
-            w[m["state"]] = w.get(m["state"], 0) + 1
-        return {**r, "waves": [waves[k] for k in sorted(waves)]}
+
+# -- judge: pure functions of what a step observed ------------------------------------------------
+
+
+def applied(members: list[RolloutDevice], changes: list[DeviceChange]) -> list[RolloutDevice]:
+    """``members`` as the store will hold them once ``changes`` are written (in order: a later change wins)."""
+    last: dict[str, RolloutDevice] = {m.device: m for m in members}
+    for c in changes:
+        if c.device in last:
+            m = last[c.device]
+            last[c.device] = replace(
+                m, state=c.state, reason=c.reason, assigned_at=m.assigned_at if c.assigned_at is None else c.assigned_at
+            )
+    return [last[m.device] for m in members]
+
+
+def judge_reports(seen: Observation) -> list[DeviceChange]:
+    """What the wave's assigned devices say: running the new version (active, or shadowing it), or their install failed."""
+    changes = []
+    for m in seen.members:
+        d = seen.registry.get(m.device)
+        if m.state != "assigned" or d is None:
+            continue
+        running = d.models.get(seen.spec.model, {})
+        reports = (running.get("shadow") or {}) if seen.shadow else running
+        if reports.get("version") == seen.spec.version:
+            changes.append(DeviceChange(m.device, "shadowing" if seen.shadow else "active"))
+            continue
+        job = seen.jobs.get(m.device)
+        if job and job.state in ("REJECTED", "FAILED") and job.ts >= m.assigned_at - 1:
+            changes.append(DeviceChange(m.device, "failed", f"{job.state}: {job.reason}"[:300]))
+    return changes
+
+
+def judge_budget(spec: RolloutSpec, everyone: list[RolloutDevice], now: float) -> int:
+    """How many devices may still move this minute (``max_per_minute``, over the whole rollout)."""
+    if spec.max_per_minute <= 0:
+        return 1 << 30
+    recent = sum(1 for m in everyone if m.assigned_at and now - m.assigned_at < 60)
+    return max(0, spec.max_per_minute - recent)
+
+
+def judge_pending(seen: Observation, members: list[RolloutDevice], now: float) -> list[tuple[RolloutDevice, str]]:
+    """The wave's pending devices in order, each with what to do: "assign" (online), "timeout" (offline past the
+    wave timeout) or "wait". The step acts on them in this order while its rate budget lasts."""
+    out = []
+    waited_out = now - seen.rollout.wave_started > seen.spec.wave_timeout_s
+    for m in members:
+        if m.state != "pending":
+            continue
+        d = seen.registry.get(m.device)
+        online = d is not None and d.online
+        out.append((m, "assign" if online else "timeout" if waited_out else "wait"))
+    return out
+
+
+def judge_assigned(
+    seen: Observation, members: list[RolloutDevice], moved: set[str], announced: Mapping[tuple[int, str], float], now: float, again_s: float
+) -> tuple[list[DeviceChange], list[str]]:
+    """The wave's assigned devices: silent for the whole wave (timeout), or told long enough ago to be told again
+    (the retained announcement may have been lost on the way); ``moved`` were told just now."""
+    changes, again = [], []
+    r = seen.rollout
+    for m in members:
+        if m.state != "assigned":
+            continue
+        if now - r.wave_started > seen.spec.wave_timeout_s:  # assigned but silent for the whole wave
+            changes.append(DeviceChange(m.device, "timeout", "no report within the wave timeout"))
+        elif m.device not in moved and now - announced.get((r.id, m.device), m.assigned_at) > again_s:
+            again.append(m.device)
+    return changes, again
+
+
+def judge_health(
+    spec: RolloutSpec,
+    r: Rollout,
+    moved: list[RolloutDevice],
+    unmoved: list[RolloutDevice],
+    telemetry: Mapping[str, list[TelemetryRow]],
+    predictions: Mapping[str, list[PredictionRow]],
+    now: float,
+) -> gates.Verdict:
+    """The health gate on the wave's devices (each before and after its move) and the unmoved control over the same
+    windows (split at each move time)."""
+    b = spec.gates.baseline_s
+
+    def subject(m: RolloutDevice, version: str, split: float) -> gates.Subject:
+        t, p = telemetry.get(m.device, []), predictions.get(m.device, [])
+        before = device_stats(t, p, m.previous, split - b, split)
+        after = device_stats(t, p, version, split, now + 1)
+        return gates.Subject(m.device, m.hardware, before, after)
+
+    controls: dict[float, list[gates.Subject]] = {}  # per move time: the unmoved devices split at that moment
+    for m in moved:
+        if m.assigned_at not in controls:
+            controls[m.assigned_at] = [subject(c, c.previous, m.assigned_at) for c in unmoved]
+    return gates.health_gate(
+        spec.gates,
+        spec.version,
+        [subject(m, spec.version, m.assigned_at) for m in moved],
+        {m.device: controls[m.assigned_at] for m in moved},
+        now - r.wave_started >= spec.wave_timeout_s,
+    )
 
 
 def _by_device(rows: list[TelemetryRow] | list[PredictionRow]) -> dict[str, list[Any]]:

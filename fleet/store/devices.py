@@ -1,0 +1,118 @@
+"""The device registry and the devices' install jobs: what each device last said about itself, as typed records.
+
+Why apart from telemetry: the registry is small, read whole and rewritten per device; telemetry
+is large and append-only. ``apply`` turns a device's status or reported message into its
+``Device`` record without I/O, so what a message means is decided in one pure function.
+Nothing here locks or opens transactions: ``FleetStore`` does, around these calls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sqlite_utils
+
+from agent import wire
+from fleet.store import sql
+
+__all__ = ["Device", "Devices", "Job", "apply"]
+
+
+@dataclass
+class Device:
+    id: str
+    online: bool = False
+    session: int = 0
+    last_seen: float = 0.0
+    hardware: str = ""
+    runtimes: dict[str, str] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {version, variant, runtime, ...}
+    tags: dict[str, str] = field(default_factory=dict)
+    update: dict[str, Any] = field(default_factory=dict)
+    preferred_variants: list[str] = field(default_factory=list)  # what the device says it runs best, best first
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass(frozen=True)
+class Job:
+    """A device's last word on one install job (``check``: its last update check), stamped with the receive time."""
+
+    job: str
+    target: str
+    state: str
+    reason: str
+    ts: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_JSON_FIELDS = ("runtimes", "models", "tags", "update", "preferred_variants")
+
+
+def _device(row: dict[str, Any]) -> Device:
+    decoded = {name: json.loads(row[name] or "[]") if name == "preferred_variants" else json.loads(row[name]) for name in _JSON_FIELDS}
+    return Device(row["id"], bool(row["online"]), int(row["session"]), float(row["last_seen"]), row["hardware"], **decoded)
+
+
+def _row(d: Device) -> dict[str, Any]:
+    row = asdict(d)
+    row["online"] = int(d.online)
+    row.update({name: json.dumps(row[name]) for name in _JSON_FIELDS})
+    return row
+
+
+def apply(d: Device, message: wire.WireModel, received: float) -> bool:
+    """``message`` (a status or reported) into ``d``; False when it says nothing new (a late will of an earlier session)."""
+    if isinstance(message, wire.Status):
+        if message.state == "lost" and message.session < d.session:
+            return False  # a late will of an earlier session: the device is back already
+        d.session = max(d.session, message.session)
+        d.online = message.state == "ready"
+    elif isinstance(message, wire.Reported):
+        d.hardware, d.runtimes = message.hardware, dict(message.runtimes)
+        d.models = {name: m.model_dump(exclude_none=True) for name, m in message.models.items()}
+        d.update = message.update.model_dump(exclude_none=True) if message.update else {}
+        d.preferred_variants = list(message.preferred_variants)
+    else:
+        raise TypeError(f"not a device message: {type(message).__name__}")
+    d.last_seen = received
+    return True
+
+
+class Devices:
+    """The ``devices`` and ``jobs`` tables."""
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    def get(self, device_id: str) -> Device | None:
+        rows = list(self.db.query("SELECT * FROM devices WHERE id = ?", [device_id]))
+        return _device(rows[0]) if rows else None
+
+    def all(self) -> list[Device]:
+        return [_device(row) for row in self.db.query("SELECT * FROM devices ORDER BY id")]
+
+    def write(self, d: Device) -> None:
+        sql.insert(self.db, "devices", _row(d), conflict="replace")
+
+    def write_job(self, device: str, message: wire.JobUpdate | wire.UpdateCheck, received: float) -> None:
+        job, target = (message.id, message.target_path) if isinstance(message, wire.JobUpdate) else ("check", "")
+        row = {"device": device, "job": job, "target": target, "state": message.state, "reason": message.reason, "ts": received}
+        sql.insert(self.db, "jobs", row, conflict="replace")
+
+    def jobs(self, device: str) -> list[Job]:
+        rows = self.db.query("SELECT job, target, state, reason, ts FROM jobs WHERE device = ? ORDER BY ts", [device])
+        return [Job(**row) for row in rows]
+
+    def last_job(self, device: str, target: str) -> Job | None:
+        rows = list(
+            self.db.query(
+                "SELECT job, target, state, reason, ts FROM jobs WHERE device = ? AND target = ? ORDER BY ts DESC LIMIT 1", [device, target]
+            )
+        )
+        return Job(**rows[0]) if rows else None

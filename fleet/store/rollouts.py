@@ -1,0 +1,127 @@
+"""Rollouts as the store keeps them: the rollout (spec, state, wave, phase, times) and each device's place in it.
+
+Why here and typed: the rollout engine is stateless between ticks — everything it knows about a
+rollout is these two records, read at the start of a tick and written at its end, so a
+controller restarted mid-rollout goes on where it was. The spec is kept as the JSON the
+engine gave (``RolloutSpec.to_json``); the store does not interpret it. Nothing here locks or
+opens transactions: ``FleetStore`` does, around these calls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import sqlite_utils
+
+from fleet.store import schema, sql
+
+__all__ = ["DeviceChange", "PlannedDevice", "Rollout", "RolloutDevice", "Rollouts"]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    id: int
+    spec: dict[str, Any]  # RolloutSpec.to_json()
+    state: str  # running, paused, aborting, done, aborted
+    wave: int  # the current wave, from 0
+    reason: str  # why it ended or was aborted
+    created: float
+    updated: float
+    wave_started: float
+    wave_done: float  # when every device of the wave settled; 0 until then
+    phase: str  # "shadow" while the first wave runs the new version in shadow, else ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RolloutDevice:
+    """One device in a rollout: its wave, its state (pending, assigned, active, shadowing, failed, timeout, rolled_back)."""
+
+    device: str
+    wave: int
+    state: str
+    previous: str  # the version it ran when the rollout started ("" none): what a rollback points it back at
+    variant: str  # the variant of the new version it gets
+    assigned_at: float  # when it was pointed at the new version; 0: never
+    reason: str
+    hardware: str  # as the device reported it when the rollout started: what the gates group by
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PlannedDevice:
+    """A device as a new rollout takes it in (``fleet.rollout.plan``): it starts pending."""
+
+    device: str
+    previous: str
+    variant: str
+    hardware: str
+
+
+@dataclass(frozen=True)
+class DeviceChange:
+    """A rollout device's new state; ``assigned_at`` None keeps the stored one."""
+
+    device: str
+    state: str
+    reason: str = ""
+    assigned_at: float | None = None
+
+
+_ROLLOUT_COLUMNS = next(t for t in schema.TABLES if t.name == "rollouts").columns
+_DEVICE_COLUMNS = ", ".join(name for name in RolloutDevice.__dataclass_fields__)
+
+
+def _rollout(row: dict[str, Any]) -> Rollout:
+    return Rollout(**{**row, "spec": json.loads(row["spec"])})
+
+
+class Rollouts:
+    """The ``rollouts`` and ``rollout_devices`` tables."""
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    def create(self, spec: dict[str, Any], waves: list[list[PlannedDevice]], phase: str = "") -> int:
+        now = time.time()
+        row = {"spec": json.dumps(spec), "state": "running", "wave": 0, "reason": "", "created": now, "updated": now}
+        rid = sql.insert(self.db, "rollouts", {**row, "wave_started": now, "wave_done": 0, "phase": phase})
+        for wave, members in enumerate(waves):
+            for m in members:
+                where = {"rollout": rid, "device": m.device, "wave": wave, "state": "pending"}
+                sql.insert(self.db, "rollout_devices", {**where, **asdict(m), "assigned_at": 0, "reason": ""})
+        return rid
+
+    def get(self, rid: int) -> Rollout | None:
+        rows = list(self.db.query("SELECT * FROM rollouts WHERE id = ?", [rid]))
+        return _rollout(rows[0]) if rows else None
+
+    def all(self) -> list[Rollout]:
+        return [_rollout(row) for row in self.db.query("SELECT * FROM rollouts ORDER BY id")]
+
+    def update(self, rid: int, fields: dict[str, Any]) -> None:
+        unknown = set(fields) - set(_ROLLOUT_COLUMNS) | ({"id", "updated"} & set(fields))
+        if unknown:
+            raise TypeError(f"a rollout has no field to set named {', '.join(sorted(unknown))}")
+        sets = ", ".join(f"{name} = :{name}" for name in fields)
+        self.db.execute(f"UPDATE rollouts SET {sets}, updated = :updated WHERE id = :id", {**fields, "updated": time.time(), "id": rid})
+
+    def devices(self, rid: int, wave: int | None = None) -> list[RolloutDevice]:
+        where, args = ("rollout = ?", [rid]) if wave is None else ("rollout = ? AND wave = ?", [rid, wave])
+        rows = self.db.query(f"SELECT {_DEVICE_COLUMNS} FROM rollout_devices WHERE {where} ORDER BY device", args)
+        return [RolloutDevice(**row) for row in rows]
+
+    def set_states(self, rid: int, changes: Iterable[DeviceChange]) -> None:
+        for c in changes:
+            keep = c.assigned_at is None
+            sets = "state = :state, reason = :reason" + ("" if keep else ", assigned_at = :assigned_at")
+            args = {**asdict(c), "rollout": rid}
+            self.db.execute(f"UPDATE rollout_devices SET {sets} WHERE rollout = :rollout AND device = :device", args)

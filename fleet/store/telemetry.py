@@ -1,0 +1,282 @@
+"""Telemetry: the devices' batches in (once each), and out as typed rows and aggregates per model version.
+
+Why apart from the registry: this is the store's volume — append-only rows, pruned by age,
+read by the gates (per device, ``TelemetryRow``/``PredictionRow``) and by the dashboard and
+CLI (summed over devices, ``Health``/``Distribution``/``ShadowHealth``). Every row is stamped
+with the controller's receive time: a device's clock decides nothing. Nothing here locks or
+opens transactions: ``FleetStore`` does, around these calls.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+
+from agent import wire
+from fleet.store import sql
+
+__all__ = ["Distribution", "Health", "PredictionRow", "ShadowHealth", "Telemetry", "TelemetryRow"]
+
+
+@dataclass(frozen=True)
+class TelemetryRow:
+    """One device's telemetry for one model version in one batch; ``ts`` is when the controller received it."""
+
+    device: str
+    ts: float
+    version: str
+    requests: int
+    server_errors: int
+    client_errors: int
+    p95_ms: float | None
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    device: str
+    ts: float
+    version: str
+    rows: int
+    values: int
+    total: float
+    total_sq: float
+    classes: list[int] | None
+
+
+@dataclass(frozen=True)
+class Health:
+    """One model version over a window: how many answers, how many errors, how slow."""
+
+    requests: int
+    errors: int
+    p95_ms: float | None  # the median of the devices' reported p95s (robust to one outlier device)
+    devices: int
+
+    @property
+    def error_rate(self) -> float:
+        total = self.requests + self.errors
+        return self.errors / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """What one model version answered over a window, summed over devices (``agent.serve.predictions``)."""
+
+    rows: int
+    values: int
+    mean: float | None
+    std: float | None
+    classes: list[int] | None  # how often each class came out on top, for class-score outputs
+    devices: int
+
+    def class_shift(self, before: Distribution) -> float | None:
+        """Total variation distance between the two top-class distributions: the share of answers that moved class."""
+        if not self.classes or not before.classes or len(self.classes) != len(before.classes):
+            return None
+        n, m = sum(self.classes), sum(before.classes)
+        if not n or not m:
+            return None
+        return 0.5 * sum(abs(a / n - b / m) for a, b in zip(self.classes, before.classes))
+
+    def mean_shift(self, before: Distribution) -> float | None:
+        """How far the mean output moved, in the earlier version's standard deviations."""
+        if self.mean is None or before.mean is None or before.std is None:
+            return None
+        return abs(self.mean - before.mean) / max(before.std, 1e-12)
+
+
+@dataclass(frozen=True)
+class ShadowHealth:
+    """A shadow version on some devices over a window: how often it agreed with the version serving there."""
+
+    compared: int
+    agreed: int
+    mean_abs_diff: float | None
+    errors: int
+    skipped: int
+    mismatched: int
+    p95_ms: float | None  # the median of the devices' shadow p95s
+    active_p95_ms: float | None  # the same for the version serving, on the same calls
+    devices: int
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.compared if self.compared else None
+
+
+def _median(values: Iterable[float]) -> float | None:
+    """The upper median: a value some device reported, never an average of two."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
+
+
+def _window(
+    model: str, version: str, since: float, devices: Iterable[str] | None, version_column: str = "version"
+) -> tuple[str, list[Any]]:
+    """The WHERE clause of one model version's rows since ``since``, on ``devices`` when given (none: no rows)."""
+    where, args = f"model = ? AND {version_column} = ? AND ts >= ?", [model, version, since]
+    if devices is not None:
+        chosen, chosen_args = sql.in_list("device", list(devices))
+        where, args = f"{where} AND {chosen}", args + chosen_args
+    return where, args
+
+
+def _telemetry_row(model_window: wire.telemetry.ModelWindow, device: str, batch: wire.TelemetryBatch, received: float) -> dict[str, Any]:
+    server = wire.telemetry.server_errors(model_window.errors)
+    return {
+        "device": device,
+        "seq": batch.seq,
+        "ts": received,
+        "model": model_window.model,
+        "version": model_window.version,
+        "requests": model_window.count,
+        "errors": server,
+        "p95_ms": model_window.p95_ms,
+        "client_errors": sum(model_window.errors.values()) - server,
+        "session": batch.session,
+        "device_ts": batch.ts,
+    }
+
+
+class Telemetry:
+    """The ``telemetry``, ``predictions``, ``shadow`` and ``batches`` tables."""
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    # -- in -------------------------------------------------------------------------------
+
+    def add_batch(self, device: str, batch: wire.TelemetryBatch, received: float) -> bool:
+        """One batch, once: keyed by (device, session, seq); False when it was stored before (sent again)."""
+        key = {"device": device, "session": batch.session, "seq": batch.seq, "ts": received}
+        if not sql.insert(self.db, "batches", key, conflict="ignore"):
+            return False
+        for w in batch.models:
+            sql.insert(self.db, "telemetry", _telemetry_row(w, device, batch, received))
+            where = {"device": device, "ts": received, "model": w.model, "version": w.version}
+            if w.predictions is not None:
+                p = w.predictions
+                classes = json.dumps(p.classes) if p.classes is not None else None
+                sums = {"rows": p.rows, "n": p.values, "total": p.sum, "total_sq": p.sumsq, "classes": classes}
+                sql.insert(self.db, "predictions", {**where, **sums})
+            if w.shadow is not None:
+                sh = w.shadow
+                compared = {"shadow_version": sh.version, "compared": sh.compared, "agreed": sh.agreed, "abs_diff_sum": sh.abs_diff_sum}
+                counts = {"n": sh.values, "mismatched": sh.mismatched, "errors": sh.errors, "skipped": sh.skipped}
+                latency = {"p95_ms": sh.p95_ms, "active_p95_ms": sh.active_p95_ms}
+                sql.insert(self.db, "shadow", {**where, **compared, **counts, **latency})
+        return True
+
+    def prune(self, keep_s: float) -> int:
+        """Rows older than ``keep_s`` (receive time) go; returns how many telemetry rows went."""
+        cutoff = time.time() - keep_s
+        for table in ("predictions", "shadow", "batches"):
+            self.db.execute(f"DELETE FROM {table} WHERE ts < ?", [cutoff])
+        return int(self.db.execute("DELETE FROM telemetry WHERE ts < ?", [cutoff]).rowcount)
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def recent(self, device: str, limit: int = 20) -> list[dict[str, Any]]:
+        return list(
+            self.db.query(
+                "SELECT seq, ts, model, version, requests, errors, p95_ms FROM telemetry WHERE device = ? ORDER BY ts DESC LIMIT ?",
+                [device, limit],
+            )
+        )
+
+    def count(self) -> int:
+        return int(next(self.db.query("SELECT count(*) AS n FROM telemetry"))["n"])
+
+    def telemetry_rows(self, model: str, devices: Iterable[str], since: float) -> list[TelemetryRow]:
+        columns = "device, ts, version, requests, errors AS server_errors, coalesce(client_errors, 0) AS client_errors, p95_ms"
+        return [TelemetryRow(**row) for row in self._of_devices(f"SELECT {columns} FROM telemetry", model, devices, since)]
+
+    def prediction_rows(self, model: str, devices: Iterable[str], since: float) -> list[PredictionRow]:
+        columns = 'device, ts, version, rows, n AS "values", total, total_sq, classes'
+        rows = self._of_devices(f"SELECT {columns} FROM predictions", model, devices, since)
+        return [PredictionRow(**{**row, "classes": json.loads(row["classes"]) if row["classes"] else None}) for row in rows]
+
+    def _of_devices(self, select: str, model: str, devices: Iterable[str], since: float) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        chosen: Sequence[str] = sorted(set(devices))
+        for part in sql.chunks(chosen):
+            where, args = sql.in_list("device", part)
+            out += self.db.query(f"{select} WHERE model = ? AND ts >= ? AND {where}", [model, since, *args])
+        return out
+
+    # -- aggregates -----------------------------------------------------------------------
+
+    def health(self, model: str, version: str, since: float, devices: Iterable[str] | None = None) -> Health:
+        where, args = _window(model, version, since, devices)
+        select = "sum(requests) AS requests, sum(errors) AS errors, count(DISTINCT device) AS devices"
+        row = next(self.db.query(f"SELECT {select} FROM telemetry WHERE {where}", args))
+        p95 = _median(r["p95_ms"] for r in self.db.query(f"SELECT p95_ms FROM telemetry WHERE {where} AND p95_ms IS NOT NULL", args))
+        return Health(int(row["requests"] or 0), int(row["errors"] or 0), p95, int(row["devices"] or 0))
+
+    def distribution(self, model: str, version: str, since: float, devices: Iterable[str] | None = None) -> Distribution:
+        where, args = _window(model, version, since, devices)
+        select = "sum(rows) AS rows, sum(n) AS n, sum(total) AS total, sum(total_sq) AS total_sq, count(DISTINCT device) AS devices"
+        row = next(self.db.query(f"SELECT {select} FROM predictions WHERE {where}", args))
+        class_rows = [r["classes"] for r in self.db.query(f"SELECT classes FROM predictions WHERE {where} AND classes IS NOT NULL", args)]
+        rows, n, total, total_sq = int(row["rows"] or 0), int(row["n"] or 0), float(row["total"] or 0.0), float(row["total_sq"] or 0.0)
+        mean = total / n if n else None
+        std = max(total_sq / n - mean * mean, 0.0) ** 0.5 if n and mean is not None else None
+        classes: list[int] | None = None
+        for counts in (json.loads(text) for text in class_rows):
+            if classes is None:
+                classes = counts
+            elif len(classes) == len(counts):  # another width (a different output shape) is not comparable: left out
+                classes = [a + b for a, b in zip(classes, counts)]
+        return Distribution(rows, n, mean, std, classes, int(row["devices"] or 0))
+
+    def shadow_health(self, model: str, shadow_version: str, since: float, devices: Iterable[str] | None = None) -> ShadowHealth:
+        where, args = _window(model, shadow_version, since, devices, version_column="shadow_version")
+        sums = ", ".join(f"sum({c}) AS {c}" for c in ("compared", "agreed", "abs_diff_sum", "n", "errors", "skipped", "mismatched"))
+        row = next(self.db.query(f"SELECT {sums}, count(DISTINCT device) AS devices FROM shadow WHERE {where}", args))
+        latencies = list(self.db.query(f"SELECT p95_ms, active_p95_ms FROM shadow WHERE {where} AND p95_ms IS NOT NULL", args))
+        n = int(row["n"] or 0)
+        return ShadowHealth(
+            compared=int(row["compared"] or 0),
+            agreed=int(row["agreed"] or 0),
+            mean_abs_diff=float(row["abs_diff_sum"] or 0.0) / n if n else None,
+            errors=int(row["errors"] or 0),
+            skipped=int(row["skipped"] or 0),
+            mismatched=int(row["mismatched"] or 0),
+            p95_ms=_median(r["p95_ms"] for r in latencies),
+            active_p95_ms=_median(r["active_p95_ms"] for r in latencies if r["active_p95_ms"] is not None),
+            devices=int(row["devices"] or 0),
+        )
+
+    def series(self, since: float, bucket_s: float = 10.0) -> list[dict[str, Any]]:
+        """Per model version and time bucket: requests, error rate, the median of the devices' p95s (the dashboard's charts)."""
+        rows = self.db.query(
+            f"SELECT model, version, {sql.bucket('ts', 'bucket_s')} AS b, sum(requests) AS requests, sum(errors) AS errors, p95_ms"
+            " FROM telemetry WHERE ts >= :since GROUP BY model, version, b, device ORDER BY b",
+            {"bucket_s": bucket_s, "since": since},
+        )
+        buckets: dict[tuple[str, str, int], tuple[list[int], list[float]]] = {}
+        for row in rows:
+            sums, p95s = buckets.setdefault((row["model"], row["version"], row["b"]), ([0, 0], []))
+            sums[0] += row["requests"] or 0
+            sums[1] += row["errors"] or 0
+            if row["p95_ms"] is not None:
+                p95s.append(row["p95_ms"])
+        out = []
+        for (model, version, b), ((requests, errors), p95s) in sorted(buckets.items(), key=lambda kv: kv[0][2]):
+            total = requests + errors
+            out.append(
+                {
+                    "model": model,
+                    "version": version,
+                    "t": b * bucket_s,
+                    "requests": requests,
+                    "error_rate": errors / total if total else 0.0,
+                    "p95_ms": _median(p95s),
+                }
+            )
+        return out
