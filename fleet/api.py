@@ -517,12 +517,12 @@ def serve(
     telemetry_days: float = 7.0,
     http: str | None = None,
     token: str | None = None,
-    config: Path = DEFAULT_CONFIG,
+    token_file: Path = DEFAULT_CONFIG,
 ) -> Serving:
     """Serve ``root``/image and ``root``/director over MQTT, re-signing online metadata (checked every ``interval``
     seconds); with ``store`` also ingest, telemetry (kept ``telemetry_days``) and rollouts; with ``http`` the dashboard
     on ``[HOST]:PORT`` (needs ``store``: ``NeedsStore``), protected by ``token`` (off loopback a new one is made and
-    kept in ``config``). Returns once everything runs; ``Serving.stop()`` ends it."""
+    kept in ``token_file``, a fleet.toml, as ``dashboard.token``). Returns once everything runs; ``Serving.stop()`` ends it."""
     if http and store is None:
         raise NeedsStore("--http needs --store (the dashboard shows the store)")
     b = broker or BrokerSettings()
@@ -536,7 +536,7 @@ def serve(
     serving = Serving(controller)
     if http and controller.store is not None:
         try:
-            serving.dashboard, serving.new_token = serve_dashboard(controller.store, http, token, config)
+            serving.dashboard, serving.new_token = serve_dashboard(controller.store, http, token, token_file)
         except BaseException:
             controller.stop()
             raise
