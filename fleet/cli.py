@@ -639,66 +639,14 @@ def rollout_group() -> None:
     show_default=True,
     help="Health gate: unmoved devices needed to correct for fleet-wide load (per hardware class where there are enough).",
 )
-def rollout_start_cmd(
-    model: str,
-    version: str,
-    store: Path,
-    repo: Path,
-    selector: str,
-    waves: str,
-    variant: str | None,
-    max_per_minute: int,
-    soak_s: float,
-    wave_timeout_s: float,
-    max_failed: str,
-    max_error_increase: float,
-    max_p95_ratio: float,
-    p95_floor_ms: float,
-    min_requests: int,
-    max_class_shift: float | None,
-    max_mean_shift: float | None,
-    shadow: bool,
-    min_agreement: float,
-    max_shadow_diff: float | None,
-    shadow_min_compared: int,
-    max_regressed: str,
-    min_device_requests: int,
-    baseline_s: float,
-    min_control: int,
-) -> None:
+def rollout_start_cmd(**options: Any) -> None:
     """Start rolling MODEL VERSION out to the selected devices, wave by wave (with --shadow, in shadow first)."""
     from fleet import api
 
     with _reported():
-        r = api.rollout_start(
-            model,
-            version,
-            store,
-            repo,
-            selector,
-            waves,
-            variant,
-            max_per_minute,
-            soak_s,
-            wave_timeout_s,
-            max_failed,
-            max_error_increase,
-            max_p95_ratio,
-            p95_floor_ms,
-            min_requests,
-            max_class_shift,
-            max_mean_shift,
-            shadow,
-            min_agreement,
-            max_shadow_diff,
-            shadow_min_compared,
-            max_regressed,
-            min_device_requests,
-            baseline_s,
-            min_control,
-        )
-    mode = ", the first in shadow" if shadow else ""
-    console.print(f"rollout {r.id}: {model} {version} over {r.devices} device(s) in {len(r.spec.waves)} wave(s){mode}")
+        r = api.rollout_start(**options)  # the options are named as its parameters (tests/test_api.py)
+    mode = ", the first in shadow" if r.spec.shadow else ""
+    console.print(f"rollout {r.id}: {r.spec.model} {r.spec.version} over {r.devices} device(s) in {len(r.spec.waves)} wave(s){mode}")
 
 
 @rollout_group.command("list")
