@@ -1,18 +1,21 @@
-"""``fleet``: the controller's command line.
+"""``fleet``: the controller's command line, a mirror of ``fleet.api``.
 
-Each command is a thin layer over a Python function of the same name
-(``fleet build`` -> ``converters.build``); commands for keys, releases, rollouts
-and the demo arrive with their issues.
+Each command parses its options, calls the function of the same name with the same defaults
+(``fleet rollout start`` -> ``fleet.api.rollout_start``; ``fleet build`` -> ``converters.build.build``;
+``fleet demo`` and ``fleet simulate`` -> ``fleet.dev``) and prints what it returns. Why: what the command line
+does, Python does the same way; ``tests/test_api.py`` holds the defaults together. Imports are made inside the
+commands so that ``fleet --help`` and ``fleet build`` do not load the controller.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +28,7 @@ from fleet import __version__
 
 if TYPE_CHECKING:
     from agent.settings import BrokerSettings
+    from fleet.provision import Credentials
     from fleet.settings import FleetSettings
 
 console = Console(stderr=True)
@@ -166,10 +170,10 @@ def keys_group() -> None:
 @click.option("--root-keys", type=click.IntRange(1, 16), help="How many root keys (default: the threshold).")
 def keys_init_cmd(directory: Path, root_threshold: int, root_keys: int | None) -> None:
     """Create Ed25519 keys for every role in DIRECTORY (private keys 0600; refuses to overwrite)."""
-    from fleet.tuf.keys import init_keys
+    from fleet import api
 
     with _reported():
-        store = init_keys(directory, root_threshold, root_keys)
+        store = api.keys_init(directory, root_threshold, root_keys)
     for role, entry in store.index().items():
         console.print(f"{role:<10} threshold {entry['threshold']}  keys {', '.join(k['keyid'][:16] for k in entry['keys'])}")
 
@@ -187,13 +191,10 @@ def keys_init_cmd(directory: Path, root_threshold: int, root_keys: int | None) -
 @click.option("--threshold", type=click.IntRange(1, 16), default=1, show_default=True)
 def rotate_root_cmd(keys_dir: Path, repo: Path, director_dir: Path | None, new_keys: int, threshold: int) -> None:
     """Replace the root keys: the new root is signed by the old keys (threshold) and the new ones."""
-    from fleet.tuf.director import Director
-    from fleet.tuf.image_repo import ImageRepository
-    from fleet.tuf.keys import KeyStore
+    from fleet import api
 
     with _reported():
-        director = Director(director_dir) if director_dir else None
-        md = ImageRepository(repo).rotate_root(KeyStore(keys_dir), new_keys, threshold, director=director)
+        md = api.keys_rotate_root(keys_dir, repo, director_dir, new_keys, threshold)
     console.print(f"root version {md.signed.version}: {new_keys} new key(s), threshold {threshold}")
 
 
@@ -212,15 +213,10 @@ def rotate_root_cmd(keys_dir: Path, repo: Path, director_dir: Path | None, new_k
 def keys_rotate_cmd(role: str, keys_dir: Path, repo: Path | None, director_dir: Path | None, new_keys: int, threshold: int) -> None:
     """Replace ROLE's keys: a new root (signed by the root keys, which must be here) names the new keys, what they
     sign is re-signed, the old private keys are deleted. Devices follow at their next check."""
-    from fleet.tuf.director import Director
-    from fleet.tuf.image_repo import ImageRepository
-    from fleet.tuf.keys import KeyStore
-    from fleet.tuf.lifecycle import rotate
+    from fleet import api
 
     with _reported():
-        image = ImageRepository(repo) if repo else None
-        director = Director(director_dir) if director_dir else None
-        r = rotate(role, KeyStore(keys_dir), image, director, new_keys, threshold)
+        r = api.keys_rotate(role, keys_dir, repo, director_dir, new_keys, threshold)
     roots = ", ".join(f"{name} root version {v}" for name, v in (("image", r.image_root), ("director", r.director_root)) if v)
     console.print(f"{role}: {len(r.keyids)} new key(s) {', '.join(k[:16] for k in r.keyids)}, threshold {r.threshold}; {roots}")
     if role in ("root", "targets"):
@@ -237,11 +233,10 @@ def repo_group() -> None:
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def repo_init_cmd(directory: Path, keys_dir: Path) -> None:
     """Create an empty image repository signed with the keys in --keys."""
-    from fleet.tuf.image_repo import ImageRepository
-    from fleet.tuf.keys import KeyStore
+    from fleet import api
 
     with _reported():
-        ImageRepository.create(directory, KeyStore(keys_dir))
+        api.repo_init(directory, keys_dir)
     console.print(f"image repository created in {directory}")
 
 
@@ -250,11 +245,10 @@ def repo_init_cmd(directory: Path, keys_dir: Path) -> None:
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def repo_refresh_cmd(directory: Path, keys_dir: Path) -> None:
     """Re-sign snapshot and timestamp (online keys); run it more often than the timestamp expires."""
-    from fleet.tuf.image_repo import ImageRepository
-    from fleet.tuf.keys import KeyStore
+    from fleet import api
 
     with _reported():
-        ImageRepository(directory).refresh(KeyStore(keys_dir))
+        api.repo_refresh(directory, keys_dir)
     console.print(f"{directory}: snapshot and timestamp re-signed")
 
 
@@ -282,11 +276,10 @@ def release_group() -> None:
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def release_cmd(bundle: Path, repo: Path, keys_dir: Path) -> None:
     """Add BUNDLE (a `fleet build` directory or .tar.gz) to the image repository as a signed target."""
-    from fleet.tuf.image_repo import ImageRepository
-    from fleet.tuf.keys import KeyStore
+    from fleet import api
 
     with _reported():
-        r = ImageRepository(repo).release(bundle, KeyStore(keys_dir))
+        r = api.release_add(bundle, repo, keys_dir)
     console.print(f"released {r.model} {r.version} (release_counter {r.release_counter}), one signed target per variant:")
     for v in r.variants:
         console.print(f"  {v.id:<14} {v.target_path} {v.length} bytes sha256 {v.sha256[:12]}…")
@@ -305,13 +298,11 @@ def release_revoke_cmd(model: str, version: str, repo: Path, keys_dir: Path, rea
     Devices running it keep serving it (and report REJECTED each round) until the director names another version:
     assign or roll out one.
     """
-    from fleet.tuf.director import Director
-    from fleet.tuf.image_repo import ImageRepository
-    from fleet.tuf.keys import KeyStore
+    from fleet import api
 
     with _reported():
-        r = ImageRepository(repo).revoke(model, version, KeyStore(keys_dir), reason)
-        still = Director(director_dir).assigned(model, version) if director_dir else []
+        revocation = api.release_revoke(model, version, repo, keys_dir, reason, director_dir)
+    r, still = revocation.release, revocation.still_assigned
     console.print(f"revoked {r.model} {r.version} (release_counter {r.release_counter}): {len(r.variants)} variant(s) no longer listed")
     if still:
         console.print(f"{len(still)} device(s) still assigned to it (they keep serving it until assigned another version):")
@@ -329,11 +320,10 @@ def director_group() -> None:
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def director_init_cmd(directory: Path, keys_dir: Path) -> None:
     """Create the director's root (signed by the root keys; the online director key signs the rest)."""
-    from fleet.tuf.director import Director
-    from fleet.tuf.keys import KeyStore
+    from fleet import api
 
     with _reported():
-        Director.create(directory, KeyStore(keys_dir))
+        api.director_init(directory, keys_dir)
     console.print(f"director created in {directory}")
 
 
@@ -343,11 +333,10 @@ def director_init_cmd(directory: Path, keys_dir: Path) -> None:
 @click.option("--device", "devices", multiple=True, help="Only these devices (default: all).")
 def director_refresh_cmd(directory: Path, keys_dir: Path, devices: tuple[str, ...]) -> None:
     """Re-sign each device's director metadata (online key) before it expires."""
-    from fleet.tuf.director import Director
-    from fleet.tuf.keys import KeyStore
+    from fleet import api
 
     with _reported():
-        Director(directory).refresh(KeyStore(keys_dir), list(devices) or None)
+        api.director_refresh(directory, keys_dir, devices)
     console.print(f"{directory}: director metadata re-signed")
 
 
@@ -363,15 +352,22 @@ def _broker(value: str | None) -> tuple[str, int] | None:
 _broker_option = click.option("--broker", help="HOST:PORT of the MQTT broker the devices use (replaces fleet.toml's address).")
 
 
+@contextmanager
+def _settings_checked() -> Iterator[None]:
+    """A wrong key in fleet.toml or the environment: the key and value on one line, exit status 2 (a usage error)."""
+    try:
+        yield
+    except InvalidOptions as exc:
+        click.echo(f"error[{exc.code}]: {exc}", err=True)
+        sys.exit(2)
+
+
 def _settings(config: Path | None) -> FleetSettings:
     """fleet.toml (``config``, else ./fleet.toml when present) + EDGEFLEET_FLEET_* — or the bad key and exit 2."""
     from fleet.settings import load_settings
 
-    try:
+    with _settings_checked():
         return load_settings(config)
-    except InvalidOptions as exc:
-        click.echo(f"error[{exc.code}]: {exc}", err=True)
-        sys.exit(2)
 
 
 def _broker_settings(config: Path | None, broker: str | None) -> BrokerSettings:
@@ -407,10 +403,10 @@ def config_group() -> None:
 @_config_option
 def config_check_cmd(config: Path | None) -> None:
     """Print the effective settings (file + environment + defaults) as JSON, or the exact key and value that is wrong (exit 2)."""
-    settings = _settings(config)
-    data = settings.model_dump(mode="json")
-    if data["dashboard"]["token"]:
-        data["dashboard"]["token"] = "********"  # set; a secret is not printed again
+    from fleet import api
+
+    with _settings_checked():
+        data = api.config_check(config)
     click.echo(json.dumps(data, indent=2))
 
 
@@ -440,29 +436,14 @@ def assign_cmd(
     With --broker, or a fleet.toml (--config or ./fleet.toml), the device is told at once (a retained message it also
     gets when it connects later).
     """
+    from fleet import api
     from fleet.settings import config_file
-    from fleet.transport.announce import announce
-    from fleet.tuf.director import Director
-    from fleet.tuf.image_repo import ImageRepository
-    from fleet.tuf.keys import KeyStore
 
     with _reported():
         tell = broker is not None or config_file(config) is not None
         settings = _broker_settings(config, broker)
-        director = Director(director_dir)
-        target = director.assign(device, ImageRepository(repo), model, version, variant, KeyStore(keys_dir))
-        if tell:
-            try:
-                announce(director, [device], broker=settings)
-            except OSError as exc:
-                raise BrokerUnreachable(
-                    f"assigned, but the broker at {settings.host}:{settings.port} did not take the announcement: {exc}"
-                ) from exc
+        target = api.assign(device, model, version, variant, repo, director_dir, keys_dir, broker=settings if tell else None)
     console.print(f"{device} -> {target.path} ({variant}, sha256 {target.hashes['sha256'][:12]}…)")
-
-
-class BrokerUnreachable(EdgefleetError):
-    code = "unreachable"
 
 
 def _default_store(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path:
@@ -500,64 +481,22 @@ def _store_option(f: _F) -> _F:
 @click.option("--json", "as_json", is_flag=True)
 def devices_cmd(broker: str | None, config: Path | None, store: Path | None, tags: tuple[str, ...], wait: float, as_json: bool) -> None:
     """Every device's presence and what it reports: hardware, runtimes, active models, its last update."""
-    from fleet.controller import devices
+    from fleet import api
 
-    rows: list[dict[str, Any]] = []
     with _reported():
         if store is not None:
-            from fleet.store import FleetStore
-
-            wanted = dict(_key_values(tags))
-            fs = FleetStore(store)
-            try:
-                for d in fs.devices():
-                    if all(d.tags.get(k) == v for k, v in wanted.items()):
-                        rows.append(
-                            {
-                                "device_id": d.id,
-                                "online": d.online,
-                                "hardware": d.hardware,
-                                "models": d.models,
-                                "tags": d.tags,
-                                "update": d.update,
-                            }
-                        )
-            finally:
-                fs.close()
+            rows = api.devices(store, dict(_key_values(tags)), wait)
         else:
-            settings = _broker_settings(config, broker)
-            try:
-                found = devices(wait=wait, broker=settings)
-            except OSError as exc:
-                raise BrokerUnreachable(f"no broker at {settings.host}:{settings.port}: {exc}") from exc
-            for rep in found:
-                rows.append(
-                    {
-                        "device_id": rep.device_id,
-                        "online": rep.status.get("state") == "ready",
-                        "state": rep.status.get("state", "?"),
-                        "hardware": rep.reported.get("hardware", "?"),
-                        "models": rep.reported.get("models", {}),
-                        "update": rep.reported.get("update", {}),
-                    }
-                )
+            rows = api.devices(None, None, wait, broker=_broker_settings(config, broker))
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([r.to_json() for r in rows], indent=2))
         return
     table = Table("device", "state", "hardware", "models", "tags", "update", title=f"{len(rows)} device(s)")
     for r in rows:
-        models = ", ".join(_model_text(n, m) for n, m in r["models"].items())
-        upd = r.get("update") or {}
-        tags_text = ",".join(f"{k}={v}" for k, v in r.get("tags", {}).items())
-        state = r.get("state") or ("online" if r["online"] else "offline")
-        table.add_row(
-            r["device_id"],
-            state,
-            str(r["hardware"]),
-            models or "-",
-            tags_text or "-",
-            f"{upd.get('state', '-')} {upd.get('reason', '')}".strip(),
-        )
+        models = ", ".join(_model_text(n, m) for n, m in r.models.items())
+        tags_text = ",".join(f"{k}={v}" for k, v in (r.tags or {}).items())
+        update = f"{r.update.get('state', '-')} {r.update.get('reason', '')}".strip()
+        table.add_row(r.device_id, r.shown_state, str(r.hardware), models or "-", tags_text or "-", update)
     console.print(table)
 
 
@@ -566,14 +505,6 @@ def _model_text(name: str, m: dict[str, Any], device: bool = False) -> str:
     beside = f" + shadow {shadow.get('version')}" if shadow else ""
     where = f"{m.get('runtime')}/{m.get('device')}" if device else m.get("runtime")
     return f"{name} {m.get('version')} ({m.get('variant')} on {where}){beside}"
-
-
-def _read_secret(path: Path) -> str | None:
-    """A password file's content, stripped; None when it is not there (the caller names what is missing)."""
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        return None
 
 
 def _key_values(items: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -592,42 +523,30 @@ def _key_values(items: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("--json", "as_json", is_flag=True)
 def device_cmd(device_id: str, store: Path, as_json: bool) -> None:
     """One device: what it reports, its tags, its update jobs and its recent telemetry."""
-    from fleet.store import FleetStore
+    from fleet import api
 
-    fs = FleetStore(store)
-    try:
-        d = fs.device(device_id)
-        if d is None:
-            click.echo(f"error[unknown_device]: {device_id} is not in {store}", err=True)
-            sys.exit(1)
-        data = {**d.to_json(), "jobs": [j.to_json() for j in fs.jobs(device_id)[-10:]], "telemetry": fs.recent_telemetry(device_id, 10)}
-        since = time.time() - 600
-        data["shadows"] = {
-            name: {"version": version, **asdict(fs.shadow_health(name, version, since, [device_id]))}
-            for name, version in ((n, str((m.get("shadow") or {}).get("version", ""))) for n, m in d.models.items())
-            if version
-        }
-    finally:
-        fs.close()
+    with _reported():
+        detail = api.device(device_id, store)
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(detail.to_json(), indent=2))
         return
+    d = detail.device
     console.print(f"[bold]{d.id}[/bold] {'online' if d.online else 'offline'} (session {d.session}); {d.hardware}")
     console.print(f"runtimes: {', '.join(f'{k} {v}' for k, v in d.runtimes.items()) or '-'}; tags: {d.tags or '-'}")
     for name, m in d.models.items():
         console.print(f"model {_model_text(name, m, device=True)}")
-    for name, sh in data["shadows"].items():
+    for name, sh in detail.shadows.items():
         agreement = f"{sh['agreed'] / sh['compared']:.1%}" if sh["compared"] else "-"
         console.print(
             f"shadow {name} {sh['version']} (last 10 min): {sh['compared']} compared, {agreement} agreed, {sh['errors']} failed,"
             f" {sh['skipped']} skipped; p95 {sh['p95_ms']} ms vs {sh['active_p95_ms']} ms serving"
         )
     jobs = Table("job", "target", "state", "reason", title="update jobs")
-    for j in data["jobs"]:
-        jobs.add_row(j["job"], j["target"], j["state"], j["reason"])
+    for j in detail.jobs:
+        jobs.add_row(j.job, j.target, j.state, j.reason)
     console.print(jobs)
     tel = Table("seq", "model", "version", "requests", "errors", "p95 ms", title="recent telemetry")
-    for t in data["telemetry"]:
+    for t in detail.telemetry:
         tel.add_row(
             str(t["seq"]), t["model"], t["version"], str(t["requests"]), str(t["errors"]), f"{t['p95_ms']:.2f}" if t["p95_ms"] else "-"
         )
@@ -640,31 +559,16 @@ def device_cmd(device_id: str, store: Path, as_json: bool) -> None:
 @_store_option
 def tag_cmd(device_id: str, tags: tuple[str, ...], store: Path) -> None:
     """Set tags on a device: KEY=VALUE ... (KEY= removes one). Selectors use them: tag:site=berlin."""
-    from agent.wire import valid_device_id
-    from fleet.store import FleetStore
+    from fleet import api
 
     with _reported():
-        valid_device_id(device_id)
-        fs = FleetStore(store)
-        try:
-            d = fs.tag(device_id, dict(_key_values(tags)))
-        finally:
-            fs.close()
+        d = api.tag(device_id, dict(_key_values(tags)), store)
     console.print(f"{device_id}: {d.tags}")
 
 
 @main.group("rollout")
 def rollout_group() -> None:
     """Wave rollouts gated on installs and on device health; the running `fleet serve --store` carries them out."""
-
-
-def _engine(store: Path, repo: Path | None = None) -> Any:
-    from fleet.rollout import RolloutEngine
-    from fleet.store import FleetStore
-    from fleet.tuf.image_repo import ImageRepository
-
-    # start/pause/resume/status need no key: the director work happens in `fleet serve`
-    return RolloutEngine(FleetStore(store), ImageRepository(repo or Path(".")), None, None, "", 0)  # type: ignore[arg-type]
 
 
 @rollout_group.command("start")
@@ -735,79 +639,25 @@ def _engine(store: Path, repo: Path | None = None) -> Any:
     show_default=True,
     help="Health gate: unmoved devices needed to correct for fleet-wide load (per hardware class where there are enough).",
 )
-def rollout_start_cmd(
-    model: str,
-    version: str,
-    store: Path,
-    repo: Path,
-    selector: str,
-    waves: str,
-    variant: str | None,
-    max_per_minute: int,
-    soak_s: float,
-    wave_timeout_s: float,
-    max_failed: str,
-    max_error_increase: float,
-    max_p95_ratio: float,
-    p95_floor_ms: float,
-    min_requests: int,
-    max_class_shift: float | None,
-    max_mean_shift: float | None,
-    shadow: bool,
-    min_agreement: float,
-    max_shadow_diff: float | None,
-    shadow_min_compared: int,
-    max_regressed: str,
-    min_device_requests: int,
-    baseline_s: float,
-    min_control: int,
-) -> None:
+def rollout_start_cmd(**options: Any) -> None:
     """Start rolling MODEL VERSION out to the selected devices, wave by wave (with --shadow, in shadow first)."""
-    from fleet.rollout import Gates, RolloutSpec, parse_waves
+    from fleet import api
 
     with _reported():
-        engine = _engine(store, repo)
-        gates = Gates(
-            max_failed,
-            max_error_increase,
-            max_p95_ratio,
-            p95_floor_ms,
-            min_requests,
-            max_class_shift,
-            max_mean_shift,
-            min_agreement,
-            max_shadow_diff,
-            shadow_min_compared,
-            max_regressed,
-            min_device_requests,
-            baseline_s,
-            min_control,
-        )
-        spec = RolloutSpec(model, version, selector, parse_waves(waves), variant, max_per_minute, soak_s, wave_timeout_s, gates, shadow)
-        rid = engine.start(spec)
-    mode = ", the first in shadow" if shadow else ""
-    console.print(
-        f"rollout {rid}: {model} {version} over {len(engine.store.rollout_devices(rid))} device(s) in {len(spec.waves)} wave(s){mode}"
-    )
+        r = api.rollout_start(**options)  # the options are named as its parameters (tests/test_api.py)
+    mode = ", the first in shadow" if r.spec.shadow else ""
+    console.print(f"rollout {r.id}: {r.spec.model} {r.spec.version} over {r.devices} device(s) in {len(r.spec.waves)} wave(s){mode}")
 
 
 @rollout_group.command("list")
 @_store_option
 def rollout_list_cmd(store: Path) -> None:
     """Every rollout with its state."""
-    engine = _engine(store)
+    from fleet import api
+
     table = Table("id", "model", "version", "state", "wave", "devices", "reason", title="rollouts")
-    for r in engine.store.rollouts():
-        spec = r.spec
-        table.add_row(
-            str(r.id),
-            spec["model"],
-            spec["version"],
-            r.state,
-            f"{r.wave + 1}/{len(spec['waves'])}",
-            str(len(engine.store.rollout_devices(r.id))),
-            r.reason,
-        )
+    for r in api.rollout_list(store):
+        table.add_row(str(r.id), r.model, r.version, r.state, f"{r.wave + 1}/{r.waves}", str(r.devices), r.reason)
     console.print(table)
 
 
@@ -820,44 +670,45 @@ def rollout_status_cmd(rollout_id: int, store: Path, watch: bool, as_json: bool)
     """One rollout: per wave, how many devices are pending, assigned, active, failed, rolled back."""
     from rich.live import Live
 
+    from fleet import api
+
     with _reported():
-        engine = _engine(store)
-        progress = engine.progress(rollout_id)
+        progress = api.rollout_status(rollout_id, store)
     if as_json:
         click.echo(json.dumps(progress, indent=2, default=str))
         return
-
-    def render(p: dict[str, Any]) -> Table:
-        spec = p["spec"]
-        phase = " (shadow)" if p.get("phase") == "shadow" and p["state"] == "running" else ""
-        t = Table(
-            "wave",
-            "size",
-            "progress",
-            "states",
-            title=f"rollout {p['id']}: {spec['model']} {spec['version']} — {p['state']}{phase} {p['reason']}",
-        )
-        for i, w in enumerate(p["waves"]):
-            size = sum(w.values())
-            settled = sum(n for s, n in w.items() if s in ("active", "shadowing", "failed", "timeout", "rolled_back"))
-            bar = "█" * int(20 * settled / size) + "░" * (20 - int(20 * settled / size))
-            marker = (" ◀ shadow" if phase else " ◀") if i == p["wave"] and p["state"] == "running" else ""
-            t.add_row(
-                f"{i + 1}/{len(spec['waves'])}{marker}",
-                str(size),
-                f"{bar} {settled}/{size}",
-                ", ".join(f"{s} {n}" for s, n in sorted(w.items())),
-            )
-        return t
-
     if not watch:
-        console.print(render(progress))
+        console.print(_progress_table(progress))
         return
-    with Live(render(progress), console=console, refresh_per_second=4) as live:
+    with Live(_progress_table(progress), console=console, refresh_per_second=4) as live:
         while progress["state"] in ("running", "paused", "aborting"):
-            time.sleep(0.5)
-            progress = engine.progress(rollout_id)
-            live.update(render(progress))
+            time.sleep(0.5)  # a refresh rate, not a wait for a condition: the store is read again each time
+            progress = api.rollout_status(rollout_id, store)
+            live.update(_progress_table(progress))
+
+
+def _progress_table(p: dict[str, Any]) -> Table:
+    spec = p["spec"]
+    phase = " (shadow)" if p.get("phase") == "shadow" and p["state"] == "running" else ""
+    t = Table(
+        "wave",
+        "size",
+        "progress",
+        "states",
+        title=f"rollout {p['id']}: {spec['model']} {spec['version']} — {p['state']}{phase} {p['reason']}",
+    )
+    for i, w in enumerate(p["waves"]):
+        size = sum(w.values())
+        settled = sum(n for s, n in w.items() if s in ("active", "shadowing", "failed", "timeout", "rolled_back"))
+        bar = "█" * int(20 * settled / size) + "░" * (20 - int(20 * settled / size))
+        marker = (" ◀ shadow" if phase else " ◀") if i == p["wave"] and p["state"] == "running" else ""
+        t.add_row(
+            f"{i + 1}/{len(spec['waves'])}{marker}",
+            str(size),
+            f"{bar} {settled}/{size}",
+            ", ".join(f"{s} {n}" for s, n in sorted(w.items())),
+        )
+    return t
 
 
 def _rollout_action(name: str, doc: str) -> None:
@@ -865,9 +716,10 @@ def _rollout_action(name: str, doc: str) -> None:
     @click.argument("rollout_id", type=int)
     @_store_option
     def action(rollout_id: int, store: Path) -> None:
+        from fleet import api
+
         with _reported():
-            engine = _engine(store)
-            {"pause": engine.pause, "resume": engine.resume, "abort": engine.request_abort}[name](rollout_id)
+            {"pause": api.rollout_pause, "resume": api.rollout_resume, "abort": api.rollout_abort}[name](rollout_id, store)
         console.print(f"rollout {rollout_id}: {name} {'requested (the controller rolls the devices back)' if name == 'abort' else 'done'}")
 
 
@@ -884,20 +736,11 @@ _rollout_action("abort", "Stop and point every device already moved back at its 
 @click.option("--select", "selector", default="", help="Which devices (default: every device running MODEL).")
 def rollback_cmd(model: str, version: str, store: Path, repo: Path, selector: str) -> None:
     """Point the whole selection back at MODEL VERSION, in one wave, with no health gate."""
-    from fleet.rollout import Gates, RolloutSpec
+    from fleet import api
 
     with _reported():
-        engine = _engine(store, repo)
-        spec = RolloutSpec(
-            model,
-            version,
-            selector or f"model={model}",
-            ["100%"],
-            soak_s=0,
-            gates=Gates(max_failed="100%", max_error_rate_increase=1.0, max_p95_ratio=1e9),
-        )
-        rid = engine.start(spec)
-    console.print(f"rollout {rid}: {model} back to {version} on {len(engine.store.rollout_devices(rid))} device(s)")
+        r = api.rollback(model, version, store, repo, selector)
+    console.print(f"rollout {r.id}: {model} back to {version} on {r.devices} device(s)")
 
 
 @main.command("simulate")
@@ -933,10 +776,7 @@ def simulate_cmd(
 
     They connect as fleet.toml's [broker] says (TLS, MQTT version); with --credentials each as itself.
     """
-    import signal
-    import threading
-
-    from fleet.dev.simulate import Behaviour, Simulator, SimulatorThread
+    from fleet.dev.simulate import Behaviour, simulate
 
     settings = _broker_settings(config, broker)
     with _reported():
@@ -944,38 +784,16 @@ def simulate_cmd(
             parsed = [Behaviour.parse(b) for b in behaviours]
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from exc
-        passwords = None
-        if credentials is not None:
-            ids = [f"{prefix}-{i:04d}" for i in range(count)]
-            passwords = {d: p for d in ids if (p := _read_secret(credentials / d / "broker-password")) is not None}
-        sim = Simulator(
-            settings.host,
-            settings.port,
-            count,
-            prefix,
-            telemetry_s,
-            parsed,
-            initial=dict(_key_values(initial)),
-            broker=settings,
-            passwords=passwords,
-        )
-        try:
-            runner = SimulatorThread(sim).start()
-        except RuntimeError as exc:
-            raise BrokerUnreachable(f"{settings.host}:{settings.port}: {exc}") from exc
+        runner = simulate(count, settings, credentials, prefix, telemetry_s, dict(_key_values(initial)), parsed)
     console.print(f"{count} simulated devices connected to {settings.host}:{settings.port} (Ctrl-C stops)")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.2):
-        pass
+    _until_stopped(_stop_on_signals(), lambda: True)
     runner.stop()
 
 
 @main.command("provision")
 @click.argument("name", required=False)
 @click.option("--broker-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="The fleet CA, passwords, ACL.")
-@click.option("--init", "init_", is_flag=True, help="Create the fleet CA and the broker's certificate first.")
+@click.option("--init", "init", is_flag=True, help="Create the fleet CA and the broker's certificate first.")
 @click.option("--hostname", "hostnames", multiple=True, help="The broker's DNS names / IPs (with --init).")
 @click.option("--role", type=click.Choice(["device", "app", "controller"]), default="device", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write the device's files (agent.toml, credentials) here.")
@@ -993,7 +811,7 @@ def simulate_cmd(
 def provision_cmd(
     name: str | None,
     broker_dir: Path,
-    init_: bool,
+    init: bool,
     hostnames: tuple[str, ...],
     role: str,
     out: Path | None,
@@ -1010,38 +828,33 @@ def provision_cmd(
     default; mutual TLS on the next), and the controller its credentials and a fleet.toml (--config) using them.
     With --role controller and --out, another controller's fleet.toml and credentials go to --out.
     """
-    from fleet.provision import BrokerAuth, controller_bundle, device_bundle
+    from fleet import api
 
-    auth = BrokerAuth(broker_dir)
     host, port = _broker(broker) or ("localhost", 8883)
     with _reported():
-        if init_:
-            fleet_toml = config or Path("fleet.toml")
-            if fleet_toml.exists():  # before anything is made: a half-initialised broker directory helps nobody
-                raise click.UsageError(f"{fleet_toml} already exists; move it away or name another with --config")
-            controller = auth.init(list(hostnames) or ["localhost", "127.0.0.1"])
-            (broker_dir / "mosquitto.conf").write_text(auth.mosquitto_config(port, mtls_port or port + 1))
-            controller_bundle(controller, fleet_toml, host, port)
-            console.print(f"fleet CA and broker certificate in {broker_dir}; mosquitto config: {broker_dir / 'mosquitto.conf'}")
-            console.print(f"controller {controller.name}: credentials and {fleet_toml} (broker {host}:{port}, TLS, password file)")
-        if name is None:
-            return
-        if revoke:
-            auth.revoke(name)
-            console.print(f"{name}: password and ACL entry removed (send mosquitto SIGHUP to apply)")
-            return
-        creds = auth.add(name, role)
-        console.print(f"{role} {name}: password and certificate issued; ACL: {broker_dir / 'acl'} (send mosquitto SIGHUP to reload)")
-        if out is not None and role == "controller":
-            controller_bundle(creds, out / "fleet.toml", host, port)
-            console.print(f"controller files in {out}: fleet.toml and fleet-credentials/")
-        elif out is not None:
-            image_root = repo / "metadata" / "1.root.json" if repo else None
-            director_root = director_dir / "1.root.json" if director_dir else None
-            device_bundle(creds, out, host, port, image_root, director_root)
-            console.print(f"device files in {out}: copy them to /etc/edgefleet/ on {name}")
-        else:
-            console.print(f"password: {creds.password}")
+        try:
+            done = api.provision(broker_dir, name, init, hostnames, role, out, host, port, repo, director_dir, revoke, config, mtls_port)
+        except api.ConfigExists as exc:
+            raise click.UsageError(str(exc)) from None
+    if done.controller is not None:
+        console.print(f"fleet CA and broker certificate in {broker_dir}; mosquitto config: {broker_dir / 'mosquitto.conf'}")
+        console.print(f"controller {done.controller.name}: credentials and {done.fleet_toml} (broker {host}:{port}, TLS, password file)")
+    if name is not None and done.revoked:
+        console.print(f"{name}: password and ACL entry removed (send mosquitto SIGHUP to apply)")
+    elif done.credentials is not None:
+        _print_provisioned(done.credentials, broker_dir, out)
+
+
+def _print_provisioned(creds: Credentials, broker_dir: Path, out: Path | None) -> None:
+    console.print(
+        f"{creds.role} {creds.name}: password and certificate issued; ACL: {broker_dir / 'acl'} (send mosquitto SIGHUP to reload)"
+    )
+    if out is not None and creds.role == "controller":
+        console.print(f"controller files in {out}: fleet.toml and fleet-credentials/")
+    elif out is not None:
+        console.print(f"device files in {out}: copy them to /etc/edgefleet/ on {creds.name}")
+    else:
+        console.print(f"password: {creds.password}")
 
 
 @main.command("serve")
@@ -1073,59 +886,57 @@ def serve_cmd(
     With a store (--store, or fleet.toml's `store`) it is the whole controller: it also keeps the device registry and
     telemetry, and runs rollouts. It connects as fleet.toml's [broker] says (TLS, credentials); --broker replaces the address.
     """
-    import signal
-    import threading
-
     from agent import logs
-    from fleet.controller import Controller
+    from fleet import api
     from fleet.settings import DEFAULT_CONFIG, config_file
-    from fleet.tuf.keys import KeyStore
 
     logs.configure()
     settings = _settings(config)
     b = _broker_settings(config, broker)
-    store = store or settings.store
-    http = http or settings.dashboard.http
+    stop = _stop_on_signals()
+    with _reported():
+        try:
+            serving = api.serve(
+                root,
+                keys_dir,
+                b,
+                interval,
+                store or settings.store,
+                telemetry_days,
+                http or settings.dashboard.http,
+                settings.dashboard.token,
+                config_file(config) or DEFAULT_CONFIG,
+            )
+        except api.NeedsStore as exc:
+            raise click.UsageError(str(exc)) from None
+    if serving.new_token is not None:  # click.echo: one unwrapped line, shown this once
+        click.echo(f"dashboard token (shown once; kept as dashboard.token in {config or DEFAULT_CONFIG}): {serving.new_token}", err=True)
+    if serving.dashboard is not None:
+        console.print(f"dashboard on {serving.dashboard.url}" + (" (bearer token required)" if serving.dashboard.token else ""))
+    console.print(f"serving {root} on {b.host}:{b.port}{' with TLS' if b.tls_ca else ''} (Ctrl-C stops)")
+    healthy = _until_stopped(stop, serving.healthy)
+    if not healthy:  # an MQTT thread died: exit non-zero so systemd restarts the controller
+        console.print("[red]error[/red]: a network thread of the controller stopped; exiting so the service restarts it")
+    serving.stop()
+    if not healthy:
+        sys.exit(1)
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set: the main thread waits on it rather than acting in a handler, since a signal may
+    land on another thread (see agent.commands.run). Installed before a long start, so a signal then still stops."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with _reported():
-        try:
-            controller = Controller(
-                root, KeyStore(keys_dir), interval_s=interval, store=store, telemetry_keep_s=telemetry_days * 86400, broker=b
-            ).start()
-        except OSError as exc:
-            raise BrokerUnreachable(f"no broker at {b.host}:{b.port}: {exc}") from exc
-    dashboard = None
-    if http:
-        from fleet.dashboard import serve_dashboard
+    return stop
 
-        if controller.store is None:
-            controller.stop()
-            raise click.UsageError("--http needs --store (the dashboard shows the store)")
-        try:
-            with _reported():
-                dashboard, new_token = serve_dashboard(
-                    controller.store, http, settings.dashboard.token, config_file(config) or DEFAULT_CONFIG
-                )
-        except SystemExit:
-            controller.stop()
-            raise
-        if new_token is not None:  # click.echo: one unwrapped line, shown this once
-            click.echo(f"dashboard token (shown once; kept as dashboard.token in {config or DEFAULT_CONFIG}): {new_token}", err=True)
-        console.print(f"dashboard on {dashboard.url}" + (" (bearer token required)" if dashboard.token else ""))
-    console.print(f"serving {root} on {b.host}:{b.port}{' with TLS' if b.tls_ca else ''} (Ctrl-C stops)")
-    healthy = True
-    while not stop.wait(0.2):  # see agent.commands.run: a signal may land on another thread
-        if not controller.healthy():  # an MQTT thread died: exit non-zero so systemd restarts the controller
-            console.print("[red]error[/red]: a network thread of the controller stopped; exiting so the service restarts it")
-            healthy = False
-            break
-    if dashboard is not None:
-        dashboard.stop()
-    controller.stop()
-    if not healthy:
-        sys.exit(1)
+
+def _until_stopped(stop: threading.Event, healthy: Callable[[], bool]) -> bool:
+    """Wait for ``stop`` (True) or for ``healthy()`` to turn false (False), checking five times a second."""
+    while not stop.wait(0.2):
+        if not healthy():
+            return False
+    return True
 
 
 def _table(report: object) -> None:

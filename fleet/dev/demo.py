@@ -27,9 +27,17 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from agent.client import EdgeClient
 from agent.errors import EdgefleetError
-from agent.settings import write_config
+from agent.settings import BrokerSettings, write_config
+from fleet.controller import Controller
 from fleet.dev import hardware_trees
+from fleet.dev.broker import start_broker
+from fleet.rollout import Gates, RolloutSpec
+from fleet.store import Rollout
+from fleet.tuf.director import Director
+from fleet.tuf.image_repo import ImageRepository
+from fleet.tuf.keys import init_keys
 
 __all__ = ["DemoError", "run_demo"]
 
@@ -91,16 +99,7 @@ def run_demo(
     stop: threading.Event | None = None,
     broker_kind: str = "mosquitto",
 ) -> DemoResult:
-    """``broker_kind`` mosquitto falls back to the embedded amqtt when mosquitto is not installed."""
-    from agent.client import EdgeClient
-    from agent.settings import BrokerSettings
-    from fleet.controller import Controller
-    from fleet.dev.broker import start_broker
-    from fleet.rollout import Gates, RolloutSpec
-    from fleet.tuf.director import Director
-    from fleet.tuf.image_repo import ImageRepository
-    from fleet.tuf.keys import init_keys
-
+    """``fleet demo``. ``broker_kind`` mosquitto falls back to the embedded amqtt when mosquitto is not installed."""
     console = console or Console(stderr=True)
     t_start = time.monotonic()
     work = Path(workdir or tempfile.mkdtemp(prefix="edgefleet-demo-"))
@@ -112,23 +111,73 @@ def run_demo(
     broker_settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=mqtt_version)
     address = f"{broker.host}:{broker.port}"
     say(f"[bold]broker[/bold] {broker.kind} on {address} (MQTT {mqtt_version})")
-    agents: list[subprocess.Popen[bytes]] = []
-    controller = None
-    client = None
-    load_stop = threading.Event()
+    demo = _Demo(work, broker_settings, say)
     try:
-        keys = init_keys(work / "keys")
-        serve = work / "serve"
-        image = ImageRepository.create(serve / "image", keys)
-        director = Director.create(serve / "director", keys)
-        controller = Controller(serve, keys, store=work / "fleet.db", tick_s=0.25, broker=broker_settings).start()
-        assert controller.store is not None and controller.engine is not None
-        store, engine = controller.store, controller.engine
-        say(f"[bold]controller[/bold] keys, image repository, director and store in {work}")
+        demo.start_controller()
+        demo.start_agents()
+        result = demo.play(DemoResult(address, work))
+        result.seconds = time.monotonic() - t_start
+        _summary(console, result)
+        if keep_running:
+            _keep_running(console, result, stop or threading.Event())
+        return result
+    finally:
+        demo.close()
+        broker.stop()
+        if workdir is None and not keep_running:
+            shutil.rmtree(work, ignore_errors=True)
 
+
+class _Traffic:
+    """Steady inference requests to every device in a thread, so the health gate has telemetry to compare; each error
+    is counted and the last one kept (the swaps should cost none)."""
+
+    def __init__(self, client: EdgeClient, xs: np.ndarray) -> None:
+        self.client, self.xs = client, xs
+        self.answered, self.errors, self.last_error = 0, 0, ""
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            for device in DEVICES:
+                try:
+                    self.client.infer(device, MODEL, {"x": self.xs}, timeout=5)
+                    self.answered += 1
+                except EdgefleetError as exc:
+                    self.errors += 1
+                    self.last_error = str(exc)
+            time.sleep(0.02)  # a request rate, not a wait for a condition
+
+
+class _Demo:
+    """One run of the story: what it started (``close`` stops it, agents first) and its steps, in the order told."""
+
+    def __init__(self, work: Path, broker: BrokerSettings, say: Callable[..., None]) -> None:
+        self.work, self.broker, self.say = work, broker, say
+        self.agents: list[subprocess.Popen[bytes]] = []
+        self.controller: Controller | None = None
+        self.client: EdgeClient | None = None
+        self.traffic: _Traffic | None = None
+        self.xs = np.array([[0.0], [1.0], [3.0]], np.float32)
+
+    def start_controller(self) -> None:
+        self.keys = init_keys(self.work / "keys")
+        serve = self.work / "serve"
+        self.image = ImageRepository.create(serve / "image", self.keys)
+        self.director = Director.create(serve / "director", self.keys)
+        self.controller = Controller(serve, self.keys, store=self.work / "fleet.db", tick_s=0.25, broker=self.broker).start()
+        assert self.controller.store is not None and self.controller.engine is not None
+        self.store, self.engine = self.controller.store, self.controller.engine
+        self.say(f"[bold]controller[/bold] keys, image repository, director and store in {self.work}")
+
+    def start_agents(self) -> None:
+        """One agent process per device, on its hardware tree, trusting both repositories' first roots."""
         for device, (label, tree) in DEVICES.items():
-            root = tree(work / "hardware" / device)
-            state = work / "devices" / device
+            root = tree(self.work / "hardware" / device)
+            state = self.work / "devices" / device
             state.mkdir(parents=True, exist_ok=True)
             config = write_config(
                 state / "agent.toml",
@@ -137,113 +186,101 @@ def run_demo(
                     "state_dir": state,
                     "hardware_root": root,
                     "log_level": "WARNING",
-                    "broker": {"host": broker.host, "port": broker.port, "mqtt_version": mqtt_version},
+                    "broker": {"host": self.broker.host, "port": self.broker.port, "mqtt_version": self.broker.mqtt_version},
                     "update": {
-                        "image_root": image.metadata / "1.root.json",
-                        "director_root": director.directory / "1.root.json",
+                        "image_root": self.image.metadata / "1.root.json",
+                        "director_root": self.director.directory / "1.root.json",
                         "retry_s": 0.5,
                     },
                     "telemetry": {"interval_s": 1},
                 },
             )
             log = open(state / "agent.log", "wb")  # the agent process owns it
-            agents.append(
+            self.agents.append(
                 subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=log)
             )
-            say(f"[bold]agent[/bold] {device} ({label}) starting, log {state / 'agent.log'}")
+            self.say(f"[bold]agent[/bold] {device} ({label}) starting, log {state / 'agent.log'}")
 
-        say("training v1: y = 2x + 1 on noisy data (numpy least squares); building LiteRT and OpenVINO variants")
-        image.release(_bundle(work, "1.0.0", seed=0), keys)
-        _wait(
-            lambda: sum(1 for d in store.devices() if d.online and d.preferred_variants) == len(DEVICES), 60, "the three agents to report"
-        )
-
-        def rollout(version: str, waves: list[str], soak: float, gates: Gates | None = None, shadow: bool = False) -> dict[str, Any]:
-            gates = gates or Gates(max_failed="0")
-            rid = engine.start(
-                RolloutSpec(MODEL, version, "device=demo-*", waves, soak_s=soak, wave_timeout_s=60, gates=gates, shadow=shadow)
-            )
-            r = _wait(
-                lambda: (lambda x: x if x and x.state in ("done", "aborted") else None)(store.rollout(rid)), 90, f"the {version} rollout"
-            )
-            devices = store.rollout_devices(rid)
-            say(f"rollout {rid} of {MODEL} {version}: [bold]{r.state}[/bold] {r.reason}")
-            for m in devices:
-                say(f"  wave {m.wave + 1}: {m.device:<12} {m.variant:<14} {m.state} {m.reason}")
-            if shadow:
-                canaries = [m.device for m in devices if m.wave == 0]
-                h = store.shadow_health(MODEL, version, r.created, canaries)
-                diff = f"{h.mean_abs_diff:.4f}" if h.mean_abs_diff is not None else "-"
-                agreement = f"{h.agreement:.1%}" if h.agreement is not None else "-"
-                say(
-                    f"  shadow on {', '.join(canaries)}: {h.compared} live inputs compared, {agreement} within 1%,"
-                    f" mean abs diff {diff}, p95 {h.p95_ms} ms in shadow vs {h.active_p95_ms} ms serving"
-                )
-            return {"id": rid, "version": version, "state": r.state, "reason": r.reason, "devices": [m.to_json() for m in devices]}
-
-        result = DemoResult(address, work)
-        result.rollouts.append(rollout("1.0.0", ["100%"], 0))
-        client = EdgeClient(broker=broker_settings)
-        xs = np.array([[0.0], [1.0], [3.0]], np.float32)
-        for device in DEVICES:
-            out = client.infer(device, MODEL, {"x": xs}, timeout=20)
-            result.predictions[f"{device} v1"] = [round(float(v), 3) for v in out["y"].ravel()]
-            say(f"  {device:<12} x={xs.ravel().tolist()} → y={result.predictions[f'{device} v1']} (model {out.version})")
-
-        traffic = {"answered": 0, "errors": 0}
-        last_error: list[str] = []
-
-        def load() -> None:  # steady traffic, so the health gate has telemetry to compare
-            while not load_stop.is_set():
-                for device in DEVICES:
-                    try:
-                        client.infer(device, MODEL, {"x": xs}, timeout=5)  # type: ignore[union-attr]
-                        traffic["answered"] += 1
-                    except EdgefleetError as exc:  # counted and shown: the swaps should cost none
-                        traffic["errors"] += 1
-                        last_error[:] = [str(exc)]
-                time.sleep(0.02)
-
-        threading.Thread(target=load, daemon=True).start()
-        say(
+    def play(self, result: DemoResult) -> DemoResult:
+        """v1 to everyone, predictions; under steady traffic, v2 in shadow then in waves, a broken v3 refused."""
+        self.say("training v1: y = 2x + 1 on noisy data (numpy least squares); building LiteRT and OpenVINO variants")
+        self.image.release(_bundle(self.work, "1.0.0", seed=0), self.keys)
+        every = len(DEVICES)
+        _wait(lambda: sum(1 for d in self.store.devices() if d.online and d.preferred_variants) == every, 60, "the three agents to report")
+        result.rollouts.append(self.rollout("1.0.0", ["100%"], 0))
+        self.client = EdgeClient(broker=self.broker)
+        self.predict(result, "v1", show=True)
+        self.traffic = _Traffic(self.client, self.xs)
+        self.traffic.start()
+        self.say(
             "retraining: v2 on more data; the first device runs it in shadow beside v1 on the live traffic (shadow gate: mean"
             " difference under 0.1), then waves (1 device, then the rest) behind the health gate"
         )
-        image.release(_bundle(work, "1.1.0", seed=1), keys)
+        self.image.release(_bundle(self.work, "1.1.0", seed=1), self.keys)
         shadow_gates = Gates(max_failed="0", min_agreement=None, max_shadow_diff=0.1, shadow_min_compared=60)
-        result.rollouts.append(rollout("1.1.0", ["1", "all"], 2.0, shadow_gates, shadow=True))
-        say("a deliberately broken v3 (its golden outputs are 3x off): the first device's health check must refuse it")
-        image.release(_bundle(work, "1.2.0", seed=2, broken=True), keys)
-        result.rollouts.append(rollout("1.2.0", ["1", "all"], 0))
-        load_stop.set()
-        answered, errors = traffic["answered"], traffic["errors"]
-        say(f"background traffic during the rollouts: {answered} answered, {errors} errors {' '.join(last_error)}".rstrip())
-        result.traffic_errors = traffic["errors"]
-        for device in DEVICES:
-            out = client.infer(device, MODEL, {"x": xs}, timeout=20)
-            result.predictions[f"{device} final"] = [round(float(v), 3) for v in out["y"].ravel()]
-        result.devices = [d.to_json() for d in store.devices()]
-        result.seconds = time.monotonic() - t_start
-        _summary(console, result)
-        if keep_running:
-            _keep_running(console, result, stop or threading.Event())
+        result.rollouts.append(self.rollout("1.1.0", ["1", "all"], 2.0, shadow_gates, shadow=True))
+        self.say("a deliberately broken v3 (its golden outputs are 3x off): the first device's health check must refuse it")
+        self.image.release(_bundle(self.work, "1.2.0", seed=2, broken=True), self.keys)
+        result.rollouts.append(self.rollout("1.2.0", ["1", "all"], 0))
+        t = self.traffic
+        t.stopped.set()
+        self.say(f"background traffic during the rollouts: {t.answered} answered, {t.errors} errors {t.last_error}".rstrip())
+        result.traffic_errors = t.errors
+        self.predict(result, "final")
+        result.devices = [d.to_json() for d in self.store.devices()]
         return result
-    finally:
-        load_stop.set()
-        if client is not None:
-            client.close()
-        for proc in agents:
+
+    def rollout(self, version: str, waves: list[str], soak: float, gates: Gates | None = None, shadow: bool = False) -> dict[str, Any]:
+        """Roll ``version`` out, wait until it is done or aborted, and tell where each device ended up."""
+        gates = gates or Gates(max_failed="0")
+        spec = RolloutSpec(MODEL, version, "device=demo-*", waves, soak_s=soak, wave_timeout_s=60, gates=gates, shadow=shadow)
+        rid = self.engine.start(spec)
+        r = _wait(lambda: self.finished(rid), 90, f"the {version} rollout")
+        devices = self.store.rollout_devices(rid)
+        self.say(f"rollout {rid} of {MODEL} {version}: [bold]{r.state}[/bold] {r.reason}")
+        for m in devices:
+            self.say(f"  wave {m.wave + 1}: {m.device:<12} {m.variant:<14} {m.state} {m.reason}")
+        if shadow:
+            self.say_shadow(version, r.created, [m.device for m in devices if m.wave == 0])
+        return {"id": rid, "version": version, "state": r.state, "reason": r.reason, "devices": [m.to_json() for m in devices]}
+
+    def finished(self, rid: int) -> Rollout | None:
+        r = self.store.rollout(rid)
+        return r if r and r.state in ("done", "aborted") else None
+
+    def say_shadow(self, version: str, since: float, canaries: list[str]) -> None:
+        h = self.store.shadow_health(MODEL, version, since, canaries)
+        diff = f"{h.mean_abs_diff:.4f}" if h.mean_abs_diff is not None else "-"
+        agreement = f"{h.agreement:.1%}" if h.agreement is not None else "-"
+        self.say(
+            f"  shadow on {', '.join(canaries)}: {h.compared} live inputs compared, {agreement} within 1%,"
+            f" mean abs diff {diff}, p95 {h.p95_ms} ms in shadow vs {h.active_p95_ms} ms serving"
+        )
+
+    def predict(self, result: DemoResult, when: str, show: bool = False) -> None:
+        assert self.client is not None
+        for device in DEVICES:
+            out = self.client.infer(device, MODEL, {"x": self.xs}, timeout=20)
+            result.predictions[f"{device} {when}"] = [round(float(v), 3) for v in out["y"].ravel()]
+            if show:
+                ys = result.predictions[f"{device} {when}"]
+                self.say(f"  {device:<12} x={self.xs.ravel().tolist()} → y={ys} (model {out.version})")
+
+    def close(self) -> None:
+        """Traffic, client, agents (SIGTERM, then killed after 20 s), controller."""
+        if self.traffic is not None:
+            self.traffic.stopped.set()
+        if self.client is not None:
+            self.client.close()
+        for proc in self.agents:
             proc.send_signal(signal.SIGTERM)
-        for proc in agents:
+        for proc in self.agents:
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if controller is not None:
-            controller.stop()
-        broker.stop()
-        if workdir is None and not keep_running:
-            shutil.rmtree(work, ignore_errors=True)
+        if self.controller is not None:
+            self.controller.stop()
 
 
 def _summary(console: Console, r: DemoResult) -> None:

@@ -20,17 +20,19 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent import wire
 from agent.errors import InvalidOptions
 from agent.settings import BrokerSettings
 from agent.wire import RepoReply, RepoRequest, device_topic, repo_reply_topic, repo_request_topic
+from fleet.api import BrokerUnreachable
 from fleet.transport import client as transport
 
-__all__ = ["Behaviour", "Simulator"]
+__all__ = ["Behaviour", "Simulator", "SimulatorThread", "simulate"]
 
 
 @dataclass(frozen=True)
@@ -443,3 +445,47 @@ class SimulatorThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.sim.stop)
         self.thread.join(30)
+
+
+def simulate(
+    count: int,
+    broker: BrokerSettings | None = None,
+    credentials: Path | None = None,
+    prefix: str = "sim",
+    telemetry_s: float = 10.0,
+    initial: Mapping[str, str] | None = None,
+    behaviours: Sequence[Behaviour] = (),
+) -> SimulatorThread:
+    """``fleet simulate``: ``count`` devices connected and reporting, in a background thread (``stop()`` ends them).
+
+    ``credentials``: each device logs in as itself with ``credentials/{id}/broker-password`` (what ``fleet provision ID
+    --out DIR/ID`` writes); ``initial``: MODEL -> VERSION each device starts with.
+    """
+    passwords = None
+    if credentials is not None:
+        ids = [f"{prefix}-{i:04d}" for i in range(count)]
+        passwords = {d: p for d in ids if (p := _read_secret(credentials / d / "broker-password")) is not None}
+    settings = transport.broker_settings(broker=broker)
+    sim = Simulator(
+        settings.host,
+        settings.port,
+        count,
+        prefix,
+        telemetry_s,
+        list(behaviours),
+        initial=dict(initial or {}),
+        broker=settings,
+        passwords=passwords,
+    )
+    try:
+        return SimulatorThread(sim).start()
+    except RuntimeError as exc:
+        raise BrokerUnreachable(f"{settings.host}:{settings.port}: {exc}") from exc
+
+
+def _read_secret(path: Path) -> str | None:
+    """A password file's content, stripped; None when it is not there (``Simulator`` names the devices without one)."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None

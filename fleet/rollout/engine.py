@@ -84,18 +84,34 @@ class RolloutEngine:
         self,
         store: FleetStore,
         image: ImageRepository,
-        director: Director,
-        keys: KeyStore,
+        director: Director | None = None,
+        keys: KeyStore | None = None,
         host: str | None = None,
         port: int | None = None,
         broker: BrokerSettings | None = None,
     ) -> None:
-        """``broker`` (TLS, credentials, MQTT version; ``host``/``port`` replace its address) is where announcements go."""
-        self.store, self.image, self.director, self.keys = store, image, director, keys
+        """``broker`` (TLS, credentials, MQTT version; ``host``/``port`` replace its address) is where announcements go.
+
+        Without ``director`` and ``keys`` the engine takes commands (start, pause, resume, abort, progress: they only
+        write the store) but cannot move devices; ``fleet serve`` holds the online key and ticks.
+        """
+        self.store, self.image, self._director, self._keys = store, image, director, keys
         self.broker = transport.broker_settings(host, port, broker)
         self.host, self.port = self.broker.host, self.broker.port
         self.reannounce_s = 10.0  # a device assigned but silent this long is told again (a lost announcement)
         self._announced: dict[tuple[int, str], float] = {}
+
+    @property
+    def director(self) -> Director:
+        if self._director is None:
+            raise RolloutError("this rollout engine takes commands only: moving devices needs the director and its key (fleet serve)")
+        return self._director
+
+    @property
+    def keys(self) -> KeyStore:
+        if self._keys is None:
+            raise RolloutError("this rollout engine takes commands only: moving devices needs the director and its key (fleet serve)")
+        return self._keys
 
     # -- commands ---------------------------------------------------------------------------
 
