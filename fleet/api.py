@@ -34,6 +34,7 @@ from fleet.controller import devices as broker_devices
 from fleet.dashboard import Dashboard, serve_dashboard
 from fleet.provision import BrokerAuth, Credentials, controller_bundle, device_bundle
 from fleet.rollout import Gates, RolloutEngine, RolloutSpec, parse_waves
+from fleet.rollout.spec import SOAK_S, WAVE_TIMEOUT_S
 from fleet.settings import DEFAULT_CONFIG, load_settings
 from fleet.store import Device, FleetStore, Job
 from fleet.transport.announce import announce
@@ -319,8 +320,8 @@ def rollout_start(
     waves: str = "1%,10%,50%,100%",
     variant: str | None = None,
     max_per_minute: int = 0,
-    soak_s: float = 300.0,
-    wave_timeout_s: float = 1800.0,
+    soak_s: float = SOAK_S,
+    wave_timeout_s: float = WAVE_TIMEOUT_S,
     max_failed: str = "0",
     max_error_increase: float = 0.05,
     max_p95_ratio: float = 2.0,

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.errors import EdgefleetError, InvalidOptions
+from converters.variants import KINDS
 from fleet import __version__
 
 if TYPE_CHECKING:
@@ -62,8 +63,7 @@ def _tolerances(values: tuple[str, ...]) -> dict[str, float]:
 @click.option("--samples", type=click.Path(path_type=Path), help=".npy (one input) or .npz (per input), stacked on dim 0.")
 @click.option(
     "--variants",
-    help="Comma-separated variant ids (default: all): "
-    + ", ".join(["tflite-fp32", "tflite-int8", "openvino-fp32", "openvino-fp16", "openvino-int8", "onnx-fp32", "onnx-int8"]),
+    help="Comma-separated variant ids (default: all): " + ", ".join(KINDS),
 )
 @click.option("--tolerance", multiple=True, help="VARIANT_OR_PRECISION=ATOL, repeatable (e.g. int8=0.2, onnx-int8=0.05).")
 @click.option("--drop-failing", is_flag=True, help="Leave out variants outside tolerance instead of failing the build.")

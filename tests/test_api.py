@@ -24,7 +24,7 @@ from fleet.cli import main
 from fleet.dev.broker import free_port
 from fleet.dev.demo import run_demo
 from fleet.dev.simulate import simulate
-from fleet.rollout import Gates, RolloutError
+from fleet.rollout import Gates, RolloutError, RolloutSpec
 from fleet.store import FleetStore
 
 # What the command line does with these before calling: prints JSON (--json), watches (--watch), reads fleet.toml
@@ -77,6 +77,8 @@ def test_every_command_has_a_function_of_its_name_with_its_defaults(name: str, c
 def test_rollout_start_documents_the_command_lines_soak_and_wave_timeout_and_the_gates_defaults() -> None:
     signature = inspect.signature(api.rollout_start).parameters
     assert signature["soak_s"].default == 300.0 and signature["wave_timeout_s"].default == 1800.0
+    spec = RolloutSpec("m", "1.0.0")  # the engine's own defaults are the same, not a second set
+    assert (spec.soak_s, spec.wave_timeout_s) == (300.0, 1800.0)
     for f in fields(Gates):
         arg = {"max_error_rate_increase": "max_error_increase"}.get(f.name, f.name)
         assert signature[arg].default == f.default, f.name

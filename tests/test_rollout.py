@@ -75,7 +75,9 @@ def test_a_clean_rollout_reaches_every_device_in_waves(rig: Rig, controller: Con
     sims = fleet_of(rig, 20, "clean")
     try:
         registered(controller, "clean", 20)
-        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=clean-*,hw=simulated", waves=["10%", "50%", "100%"]))
+        rid = controller.engine.start(
+            RolloutSpec(MODEL, "1.1.0", selector="device=clean-*,hw=simulated", waves=["10%", "50%", "100%"], soak_s=0)
+        )
         wait_for(lambda: controller.state(rid) == "done", 90, "the rollout done")
         assert set(controller.versions("clean").values()) == {"1.1.0"}
         progress = controller.engine.progress(rid)
@@ -88,7 +90,7 @@ def test_a_wave_whose_devices_reject_the_model_aborts_and_rolls_back(rig: Rig, c
     sims = fleet_of(rig, 10, "rej", [Behaviour("1.1.0", share=1.0, reject=True)])
     try:
         registered(controller, "rej", 10)
-        spec = RolloutSpec(MODEL, "1.1.0", selector="device=rej-*", waves=["50%", "100%"], gates=Gates(max_failed="0"))
+        spec = RolloutSpec(MODEL, "1.1.0", selector="device=rej-*", waves=["50%", "100%"], gates=Gates(max_failed="0"), soak_s=0)
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort")
         r = controller.store.rollout(rid)
@@ -149,13 +151,13 @@ def test_an_offline_device_catches_up_when_it_returns(rig: Rig, controller: Cont
     sims = fleet_of(rig, 3, "ontime")
     try:
         registered(controller, "ontime", 3)
-        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=*time*,model=mlp@1.0.0", waves=["100%"]))
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=*time*,model=mlp@1.0.0", waves=["100%"], soak_s=0))
         wait_for(lambda: set(controller.versions("ontime").values()) == {"1.1.0"}, 60, "the online devices updated")
         wait_for(lambda: controller.state(rid) == "done", 10, "the rollout done (the engine's next tick)")
     finally:
         sims.stop()
     # now one rollout over the late device too: it waits pending while offline, then catches up
-    rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=late-*", waves=["100%"], wave_timeout_s=120))
+    rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=late-*", waves=["100%"], wave_timeout_s=120, soak_s=0))
     assert [m.state for m in controller.store.rollout_devices(rid)] == ["pending"]
     back = fleet_of(rig, 1, "late")
     try:
@@ -312,7 +314,7 @@ def test_max_per_minute_limits_how_many_devices_move(rig: Rig, tmp_path: Path) -
     try:
         wait_for(lambda: sum(1 for d in store.devices() if d.id.startswith("rate") and d.online and d.models) == 5, 60, "5 devices")
         engine = RolloutEngine(store, rig.image, rig.director, rig.keys, rig.broker.host, rig.broker.port)
-        rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=rate-*", waves=["100%"], max_per_minute=2))
+        rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=rate-*", waves=["100%"], max_per_minute=2, soak_s=0))
         engine.tick()
         engine.tick()
         states = [m.state for m in store.rollout_devices(rid)]
@@ -345,7 +347,13 @@ def test_a_shadow_rollout_switches_only_after_the_shadow_agrees(rig: Rig, contro
     try:
         registered(controller, "shok", 10)
         spec = RolloutSpec(
-            MODEL, "1.1.0", selector="device=shok-*", waves=["20%", "100%"], shadow=True, gates=Gates(shadow_min_compared=200)
+            MODEL,
+            "1.1.0",
+            selector="device=shok-*",
+            waves=["20%", "100%"],
+            shadow=True,
+            gates=Gates(shadow_min_compared=200),
+            soak_s=0,
         )
         rid = controller.engine.start(spec)
         assert getattr(controller.store.rollout(rid), "phase", None) == "shadow"
@@ -371,6 +379,7 @@ def test_a_shadow_that_disagrees_blocks_the_rollout_before_any_device_switches(r
             waves=["50%", "100%"],
             shadow=True,
             gates=Gates(min_agreement=0.9, shadow_min_compared=100),
+            soak_s=0,
         )
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) == "aborted", 60, "the shadow gate's abort")
@@ -430,7 +439,7 @@ def test_bad_shadow_rollouts_are_refused_clearly(rig: Rig, controller: Controlle
     try:
         wait_for(lambda: (d := controller.store.device("bare-0000")) is not None and d.online, 30, "bare-0000 registered")
         with pytest.raises(RolloutError, match="runs no version of mlp"):
-            controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=bare-*", shadow=True))
+            controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=bare-*", shadow=True, soak_s=0))
     finally:
         bare.stop()
     fleet = [sys.executable, "-m", "fleet.cli", "rollout", "start", MODEL, "1.1.0", "--store", str(tmp_path / "s.db")]
@@ -488,7 +497,7 @@ def test_shadow_rollouts_on_real_agents_block_a_model_that_disagrees_and_promote
         loader.start()  # once both serve: a request published before a device subscribed would just be lost
         wait_for(lambda: sum(1 for d in controller.store.devices() if d.id in ids and d.models) == 2, 30, "registered")
         gates = Gates(min_agreement=0.9, shadow_min_compared=100)
-        spec = RolloutSpec(MODEL, "1.2.0", selector="device=shr-*", waves=["100%"], shadow=True, gates=gates, wave_timeout_s=60)
+        spec = RolloutSpec(MODEL, "1.2.0", selector="device=shr-*", waves=["100%"], shadow=True, gates=gates, wave_timeout_s=60, soak_s=0)
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) == "aborted", 90, "the shadow gate stopping 1.2.0")
         r = controller.store.rollout(rid)
@@ -716,7 +725,7 @@ def test_a_device_that_cannot_be_assigned_fails_alone_and_the_rollout_goes_on(ri
         bad = "iso-bad id/+"  # what an older store or a hand edit can hold; no topic can be built for it
         controller.store.ingest([(bad, wire.Status(state="ready", session=1), time.time())])
         controller.store.tag(bad, {"site": "x"})
-        spec = RolloutSpec(MODEL, "1.1.0", selector="device=iso*", waves=["100%"], gates=Gates(max_failed="1"))
+        spec = RolloutSpec(MODEL, "1.1.0", selector="device=iso*", waves=["100%"], gates=Gates(max_failed="1"), soak_s=0)
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout's end")
         assert controller.state(rid) == "done", controller.store.rollout(rid)

@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.errors import EdgefleetError
 
-__all__ = ["Gates", "RolloutError", "RolloutSpec", "share"]
+__all__ = ["SOAK_S", "WAVE_TIMEOUT_S", "Gates", "RolloutError", "RolloutSpec", "share"]
 
 
 class RolloutError(EdgefleetError):
@@ -46,6 +46,10 @@ class Gates:
             raise RolloutError("--min-control must be at least 3: a median of fewer devices is one device's claim")
 
 
+SOAK_S = 300.0  # each wave runs this long before the health gate judges it: long enough for a telemetry window or ten
+WAVE_TIMEOUT_S = 1800.0  # offline devices are waited for this long, then counted as timed out
+
+
 @dataclass
 class RolloutSpec:
     model: str
@@ -54,8 +58,8 @@ class RolloutSpec:
     waves: list[str] = field(default_factory=lambda: ["100%"])
     variant: str | None = None  # None: each device gets the variant its runtimes prefer
     max_per_minute: int = 0  # 0: no limit
-    soak_s: float = 0.0
-    wave_timeout_s: float = 600.0  # offline devices are retried until then, then counted as timeout
+    soak_s: float = SOAK_S
+    wave_timeout_s: float = WAVE_TIMEOUT_S  # offline devices are retried until then, then counted as timeout
     gates: Gates = field(default_factory=Gates)
     shadow: bool = False  # the first wave runs the new version in shadow, judged by the shadow gate, before switching
 
