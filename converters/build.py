@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from agent.bundle import BUNDLE_FILE, Bundle, Parity, Variant
+from agent.bundle import BUNDLE_FILE, Bundle, NotBuilt, Parity, Variant
 from agent.errors import EdgefleetError
 from agent.files import sha256_file
 from agent.runtimes import runtime_for_format
@@ -144,12 +144,12 @@ class _Run:
     progress: Progress
     report: BuildReport
     kept: list[Variant] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, NotBuilt] = field(default_factory=dict)
 
     def give_up(self, vid: str, state: str, reason: str, work: Path, detail: str | None = None) -> None:
         """Record a variant that is not kept, tell the caller, and drop its work directory."""
-        if state == "skipped":
-            self.skipped[vid] = reason
+        if state in ("skipped", "dropped", "failed"):
+            self.skipped[vid] = NotBuilt.model_validate({"state": state, "reason": reason})
         self.report.variants.append(VariantReport(vid, state, reason))
         self.progress(vid, state, reason if detail is None else detail)
         shutil.rmtree(work)

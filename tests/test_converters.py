@@ -223,7 +223,7 @@ def test_bundle_json_is_strict(onnx_bundle: Path, tmp_path: Path) -> None:
         (lambda d: d.update(surprise=1), "surprise"),
         (lambda d: d["variants"][0].update(file="../../etc/passwd"), "not a plain file name"),
         (lambda d: d["variants"][0].update(sha256="xyz"), "sha256"),
-        (lambda d: d.update(schema_version=2), "schema_version"),
+        (lambda d: d.update(schema_version=3), "schema_version"),
         (lambda d: d["inputs"][0].update(dtype="float1024"), "unknown dtype"),
     ]:
         d = json.loads(json.dumps(data))
