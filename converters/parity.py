@@ -5,8 +5,8 @@ tolerance ``atol * max(1, max|reference|)``), so one default fits logits and
 probabilities alike; the effective number is the one recorded and printed, since
 it is what an error must be read against (0.1 becomes 16.2 for outputs up to 162).
 Top-1 agreement applies only to outputs that look like class scores — 2-D
-``[batch, classes]`` floats with at least two classes — never to regressions,
-boxes, masks or states, where an argmax means nothing. A variant runs on the
+``[batch, classes]`` logits or probabilities (``looks_like_class_scores``) — never
+to regressions, boxes, masks or states, where an argmax means nothing. A variant runs on the
 runtime the registry names as its format's reference reader
 (``Runtime.reference_for``), warmed up with the samples themselves: a model may
 refuse the all-ones shapes a synthetic warm-up would feed it.
@@ -14,6 +14,7 @@ refuse the all-ones shapes a synthetic warm-up would feed it.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Literal
@@ -31,14 +32,29 @@ DEFAULT_MIN_TOP1 = {"fp32": 0.99, "fp16": 0.98, "int8": 0.9}
 LATENCY_RUNS = 20
 
 
-def looks_like_class_scores(ref: np.ndarray, batch_axis: int | None = 0) -> bool:
-    """A 2-D ``[batch, classes]`` float output with at least two classes: logits or probabilities."""
-    return ref.ndim == 2 and batch_axis == 0 and ref.shape[1] >= 2 and ref.dtype.kind == "f"
+_REGRESSION_NAMES = re.compile(r"landmark|keypoint|point|box|coord|offset|regress|depth|mask|pose|state", re.IGNORECASE)
+_CLASS_NAMES = re.compile(r"logit|prob|class|label|cls", re.IGNORECASE)
 
 
-def _one(got: np.ndarray, ref: np.ndarray, axis: int | None, precision: str, atol: float) -> OutputParity:
+def looks_like_class_scores(ref: np.ndarray, batch_axis: int | None = 0, name: str = "") -> bool:
+    """A 2-D ``[batch, classes]`` float output with at least two classes that reads as logits or probabilities.
+
+    Probabilities (rows in [0, 1] summing to 1) and outputs named like scores are class scores; outputs named like
+    regressions (landmarks, boxes, masks, states) are not. Otherwise logits: a linear layer's class scores take both
+    signs, while coordinates in pixels or in [0, 1] keep one sign, so a one-signed output is read as values.
+    """
+    if not (ref.ndim == 2 and batch_axis == 0 and ref.shape[1] >= 2 and ref.dtype.kind == "f" and ref.size):
+        return False
+    if ref.min() >= 0 and ref.max() <= 1 and np.allclose(ref.sum(axis=1), 1.0, atol=1e-3):
+        return True
+    if _REGRESSION_NAMES.search(name):
+        return False
+    return bool(_CLASS_NAMES.search(name)) or bool(ref.min() < 0 < ref.max())
+
+
+def _one(name: str, got: np.ndarray, ref: np.ndarray, axis: int | None, precision: str, atol: float) -> OutputParity:
     """One output's errors against its effective tolerance; top-1 for class scores."""
-    kind: Literal["class_scores", "values"] = "class_scores" if looks_like_class_scores(ref, axis) else "values"
+    kind: Literal["class_scores", "values"] = "class_scores" if looks_like_class_scores(ref, axis, name) else "values"
     effective = atol * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
     if got.shape != ref.shape:
         return OutputParity(kind=kind, max_abs_error=float("inf"), mean_abs_error=float("inf"), atol=effective, passed=False)
@@ -66,7 +82,7 @@ def compare(
     """Per-output parity and its summary; ``atol`` is the configured tolerance (recorded as such in ``Parity.atol``)."""
     atol = DEFAULT_ATOL[precision] if atol is None else atol
     axes = {t.name: t.batch_axis for t in tensors or []}
-    per = {name: _one(outputs[name], ref, axes.get(name, 0), precision, atol) for name, ref in reference.items()}
+    per = {name: _one(name, outputs[name], ref, axes.get(name, 0), precision, atol) for name, ref in reference.items()}
     sizes = {name: ref.size for name, ref in reference.items()}
     total = sum(sizes.values())
     top1s = [p.top1_agreement for p in per.values() if p.top1_agreement is not None]
