@@ -309,7 +309,7 @@ def test_keras_source_to_tflite_and_openvino(keras_model: tuple[Path, builders.M
         "tflite-fp32": "ok",
         "tflite-int8": "ok",
         "openvino-fp32": "ok",
-        "onnx-fp32": "skipped",
+        "onnx-fp32": "ok",  # through TFLite and tf2onnx
     }
     bundle = load_bundle(tmp_path / "out")
     assert bundle.source_format == "keras" and [t.name for t in bundle.inputs] == ["x"]
@@ -453,15 +453,15 @@ BLOCK_IMPORTS = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "keras", "torch"):
+        if name.split(".")[0] in ("tensorflow", "keras", "torch", "tf2onnx"):
             raise ModuleNotFoundError(f"No module named {name!r}")
         return None
 sys.meta_path.insert(0, Block())
 """
 
 
-def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, builders.Mlp], tmp_path: Path) -> None:
-    """Where TensorFlow or torch is absent (here: hidden by an import blocker) the error names the extra."""
+def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, builders.Mlp], models: ModelFiles, tmp_path: Path) -> None:
+    """Where TensorFlow, tf2onnx or torch is absent (here: hidden by an import blocker) the error or the skip names the extra."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_IMPORTS)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
@@ -478,9 +478,11 @@ def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, b
         "    export_onnx(object(), (), sys.argv[2] + '.onnx')\n"
         "except MissingExtra as e:\n"
         "    print('TORCH:', e)\n"
+        "r = build(sys.argv[3], 't', '1', sys.argv[2] + '-t', variants=['tflite-fp32', 'onnx-fp32'])\n"
+        "print('TF2ONNX:', r.bundle.skipped['onnx-fp32'].reason)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script, str(keras_model[0] / "model.keras"), str(tmp_path / "out")],
+        [sys.executable, "-c", script, str(keras_model[0] / "model.keras"), str(tmp_path / "out"), str(models.path("mlp.tflite"))],
         capture_output=True,
         text=True,
         timeout=300,
@@ -488,6 +490,7 @@ def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, b
     )
     assert "KERAS: Keras and SavedModel sources need TensorFlow: pip install 'edgefleet[convert]'" in done.stdout, done.stderr[-2000:]
     assert "TORCH: PyTorch sources need torch: pip install 'edgefleet[pytorch]'" in done.stdout
+    assert "TF2ONNX: no tflite -> ONNX converter: tf2onnx is not installed (extra: convert)" in done.stdout
     assert not (tmp_path / "out").exists()
 
 
