@@ -81,6 +81,7 @@ def _batch_axes(values: tuple[str, ...]) -> dict[str, int | None]:
 @click.option("--tolerance", multiple=True, help="VARIANT_OR_PRECISION=ATOL, repeatable (e.g. int8=0.2, onnx-int8=0.05).")
 @click.option(
     "--batch-axis",
+    "batch_axes",
     multiple=True,
     help="INPUT=AXIS, repeatable: the dimension an input's samples stack on (state=1; none: no batch dimension). "
     "Default: inferred from the samples.",
@@ -96,7 +97,7 @@ def build_cmd(
     samples: Path | None,
     variants: str | None,
     tolerance: tuple[str, ...],
-    batch_axis: tuple[str, ...],
+    batch_axes: tuple[str, ...],
     drop_failing: bool,
     archive: bool,
     force: bool,
@@ -118,7 +119,7 @@ def build_cmd(
             samples=samples,
             variants=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
             tolerances=_tolerances(tolerance),
-            batch_axes=_batch_axes(batch_axis),
+            batch_axes=_batch_axes(batch_axes),
             drop_failing=drop_failing,
             archive=archive,
             force=force,
