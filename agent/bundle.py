@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import EdgefleetError
 from agent.files import sha256_file
@@ -31,6 +31,8 @@ __all__ = [
     "BundleError",
     "GoldenSamplesTooLarge",
     "MAX_GOLDEN_BYTES",
+    "NotBuilt",
+    "OutputParity",
     "Parity",
     "TensorSignature",
     "Variant",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 BUNDLE_FILE = "bundle.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[2] = 2  # 2: batch axes, per-output parity, why each variant was not built (1 still reads)
 MAX_BUNDLE_JSON_BYTES = 4 * 1024 * 1024
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -63,10 +65,29 @@ def _safe_relative(value: str) -> str:
 
 
 class TensorSignature(_Strict):
+    """One input or output of the model. ``batch_axis``: the dimension along which samples (and the agent's micro-batched
+    requests) stack — 0 for most models, 1 for a recurrent state ``[layers, batch, hidden]``, None for an input that has
+    no batch dimension (a 0-d scalar such as a sample rate, or a fixed table)."""
+
     name: str
-    shape: list[int]  # -1 for a dynamic dimension
+    shape: list[int]  # -1 for a dynamic dimension; [] for a 0-d scalar
     dtype: str
     quantization: tuple[float, int] | None = None
+    batch_axis: int | None = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalars_have_no_batch_axis(cls, data: object) -> object:
+        """A 0-d tensor that does not name its batch axis has none (the default 0 cannot apply to it)."""
+        if isinstance(data, dict) and data.get("shape") == [] and "batch_axis" not in data:
+            return {**data, "batch_axis": None}
+        return data
+
+    @model_validator(mode="after")
+    def _axis_in_shape(self) -> TensorSignature:
+        if self.batch_axis is not None and not 0 <= self.batch_axis < len(self.shape):
+            raise ValueError(f"{self.name}: batch axis {self.batch_axis} outside shape {self.shape}")
+        return self
 
     @field_validator("dtype")
     @classmethod
@@ -85,8 +106,21 @@ class TensorSignature(_Strict):
         return v
 
 
+class OutputParity(_Strict):
+    """One output's agreement with the source model. ``atol`` is the effective tolerance (the configured one scaled to the
+    output's range), the number a parity failure must be read against. ``kind``: "class_scores" (a last axis of logits or
+    probabilities: top-1 agreement applies) or "values" (regressions, boxes, masks, states: only the absolute error)."""
+
+    kind: Literal["class_scores", "values"]
+    max_abs_error: float
+    mean_abs_error: float
+    atol: float
+    top1_agreement: float | None = None
+    passed: bool
+
+
 class Parity(_Strict):
-    """How a variant's answers compare to the source model's on the samples."""
+    """How a variant's answers compare to the source model's on the samples; per output in ``outputs``."""
 
     max_abs_error: float
     mean_abs_error: float
@@ -95,6 +129,18 @@ class Parity(_Strict):
     atol: float
     min_top1: float | None = None
     passed: bool
+    outputs: dict[str, OutputParity] = {}
+
+
+class NotBuilt(_Strict):
+    """A variant the build did not keep, and why: ``skipped`` (its converter or toolchain cannot make it, or int8 without
+    real calibration samples), ``dropped`` (made, but outside parity; ``--drop-failing``) or ``failed`` (its converter
+    broke). ``parity`` holds the numbers for a dropped variant; ``layers`` the layers the error was traced to, if any."""
+
+    state: Literal["skipped", "dropped", "failed"]
+    reason: str
+    parity: Parity | None = None
+    layers: list[str] = []
 
 
 class Variant(_Strict):
@@ -110,6 +156,8 @@ class Variant(_Strict):
     hints: list[str] = []  # "edgetpu", ...
     static_shapes: bool
     golden: str  # .npz with in:<name> and out:<name> arrays
+    input_shapes: dict[str, list[int]] = {}  # shapes the converter fixed (e.g. OpenVINO from a dynamic-rank ONNX)
+    float_layers: list[str] = []  # layers kept in float so that the int8 variant passes parity
 
     @field_validator("file", "golden")
     @classmethod
@@ -123,7 +171,7 @@ class Variant(_Strict):
 
 
 class Bundle(_Strict):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
     created: datetime
@@ -133,7 +181,15 @@ class Bundle(_Strict):
     outputs: list[TensorSignature]
     variants: list[Variant]
     synthetic_samples: bool  # True: parity was checked on generated inputs, not the user's data
-    skipped: dict[str, str] = {}  # variant id -> why it was not produced
+    skipped: dict[str, NotBuilt] = {}  # variant id -> why it is not in ``variants``
+
+    @field_validator("skipped", mode="before")
+    @classmethod
+    def _older_skipped(cls, v: object) -> object:
+        """Schema 1 wrote ``{variant: reason}``: read it as skipped with that reason."""
+        if isinstance(v, dict):
+            return {k: {"state": "skipped", "reason": r} if isinstance(r, str) else r for k, r in v.items()}
+        return v
 
     def model_variants(self, root: Path) -> list[ModelVariant]:
         """The variants as selection ranks them, with paths under ``root``."""

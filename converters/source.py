@@ -2,7 +2,8 @@
 
 The reference answers come from the source's own runtime with graph
 optimizations off (ONNX Runtime for ONNX, LiteRT for TFLite): every variant is
-judged against them.
+judged against them. The source also learns each output's batch axis from that
+run, since the signature alone cannot say which dimension of ``stateN`` stacks samples.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from agent.files import sha256_file
 from agent.runtimes import runtime_for_format
 from agent.runtimes.base import Runtime
 from agent.runtimes.tensors import TensorSpec
+from converters import samples as sample_io
 from converters.errors import MissingExtra, SourceError
-from converters.samples import batches
 
 SOURCE_FORMATS = {".onnx": "onnx", ".tflite": "tflite", ".keras": "keras", ".h5": "keras"}
 
@@ -58,6 +59,12 @@ class Source:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def scratch(self) -> Path:
+        """A directory owned by this source for conversions several variants share (removed by ``close``)."""
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="edgefleet-src-"))
+        return self.workdir
+
     @property
     def is_tensorflow(self) -> bool:
         return self.format in ("keras", "savedmodel")
@@ -68,7 +75,14 @@ class Source:
 
     @property
     def batch_dynamic(self) -> bool:
-        return all(t.shape and t.shape[0] < 0 for t in self.inputs)
+        """Every input with a batch axis leaves it dynamic: all samples can go in one run."""
+        batched = [t for t in self.inputs if t.batch_axis is not None]
+        return bool(batched) and all(t.shape[t.batch_axis] < 0 for t in batched)  # type: ignore[index]
+
+    @property
+    def is_quantized(self) -> bool:
+        """An int8 TFLite source: its int8 variant is a copy, no calibration involved."""
+        return any(t.quantization for t in self.inputs)
 
     def _runtime(self) -> Runtime:
         rt = runtime_for_format(self.format)()
@@ -77,20 +91,24 @@ class Source:
         return rt
 
     def reference(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The source model's own answers for the samples (stacked on dim 0)."""
+        """The source model's own answers for the samples (stacked on each input's batch axis); sets the outputs' axes."""
+        n = sample_io.count(data, self.inputs)
         if self.is_tensorflow:
             with tempfile.TemporaryDirectory() as d:
                 np.savez(Path(d) / "in.npz", **data)  # type: ignore[arg-type]
                 tensorflow_child("reference", str(self.path), str(Path(d) / "in.npz"), str(Path(d) / "out.npz"))
                 with np.load(Path(d) / "out.npz", allow_pickle=False) as z:
-                    return {k: z[k] for k in z.files}
+                    answers = {k: z[k] for k in z.files}
+            self.outputs = sample_io.output_axes(self.outputs, answers, self.inputs, n)
+            return answers
+        size = n if self.batch_dynamic else 1
         try:
             with self._runtime() as rt:
-                size = next(iter(data.values())).shape[0] if self.batch_dynamic else 1
-                parts = [rt.infer(b) for b in batches(data, size)]
+                parts = [rt.infer(b) for b in sample_io.batches(data, self.inputs, size)]
         except EdgefleetError as exc:
             raise SourceError(f"the source model fails on the samples: {exc}") from exc
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self.outputs = sample_io.output_axes(self.outputs, parts[0], self.inputs, size)
+        return sample_io.concat(parts, self.outputs)
 
 
 def open_source(path: Path) -> Source:

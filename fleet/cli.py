@@ -55,6 +55,19 @@ def _tolerances(values: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def _batch_axes(values: tuple[str, ...]) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = None if value.strip().lower() == "none" else int(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: expected INPUT=AXIS, e.g. state=1 (or INPUT=none)", param_hint="--batch-axis") from None
+    return out
+
+
 @main.command("build")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--name", required=True, help="Model name (letters, digits, . _ -).")
@@ -66,6 +79,13 @@ def _tolerances(values: tuple[str, ...]) -> dict[str, float]:
     help="Comma-separated variant ids (default: all): " + ", ".join(KINDS),
 )
 @click.option("--tolerance", multiple=True, help="VARIANT_OR_PRECISION=ATOL, repeatable (e.g. int8=0.2, onnx-int8=0.05).")
+@click.option(
+    "--batch-axis",
+    "batch_axes",
+    multiple=True,
+    help="INPUT=AXIS, repeatable: the dimension an input's samples stack on (state=1; none: no batch dimension). "
+    "Default: inferred from the samples.",
+)
 @click.option("--drop-failing", is_flag=True, help="Leave out variants outside tolerance instead of failing the build.")
 @click.option("--archive", is_flag=True, help="Also write OUT.tar.gz, the bundle as one file.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at OUT (only once the new one is complete).")
@@ -77,6 +97,7 @@ def build_cmd(
     samples: Path | None,
     variants: str | None,
     tolerance: tuple[str, ...],
+    batch_axes: tuple[str, ...],
     drop_failing: bool,
     archive: bool,
     force: bool,
@@ -85,7 +106,7 @@ def build_cmd(
     from converters.build import BuildReport, build
 
     def progress(variant: str, state: str, detail: str) -> None:
-        colour = {"ok": "green", "skipped": "yellow", "failed": "red", "error": "red", "dropped": "yellow"}.get(state, "cyan")
+        colour = {"ok": "green", "skipped": "yellow", "failed": "red", "dropped": "yellow"}.get(state, "cyan")
         console.print(f"[{colour}]{variant:<14} {state}[/{colour}] {detail}")
 
     report: BuildReport | None = None
@@ -98,6 +119,7 @@ def build_cmd(
             samples=samples,
             variants=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
             tolerances=_tolerances(tolerance),
+            batch_axes=_batch_axes(batch_axes),
             drop_failing=drop_failing,
             archive=archive,
             force=force,
@@ -940,14 +962,16 @@ def _until_stopped(stop: threading.Event, healthy: Callable[[], bool]) -> bool:
 
 
 def _table(report: object) -> None:
-    table = Table("variant", "size", "latency (ms)", "max error", "top-1", "verdict", title="fleet build")
+    table = Table("variant", "size", "latency (ms)", "max error", "tolerance", "top-1", "verdict", title="fleet build")
     for v in getattr(report, "variants", []):
         p = v.parity
+        worst = max(p.outputs.values(), key=lambda o: o.max_abs_error / max(o.atol, 1e-30)) if p and p.outputs else None
         table.add_row(
             v.id,
             f"{v.size / 1024:.1f} KiB" if v.size else "-",
             f"{v.latency_ms:.3f}" if v.latency_ms is not None else "-",
             f"{p.max_abs_error:.3g}" if p else "-",
+            f"{worst.atol:.3g}" if worst else "-",  # the effective tolerance of the output nearest its limit
             f"{p.top1_agreement:.1%}" if p and p.top1_agreement is not None else "-",
             v.state if not v.reason else f"{v.state}: {v.reason}",
         )

@@ -89,8 +89,8 @@ def test_archive_holds_the_bundle(onnx_bundle: Path) -> None:
 def test_tflite_sources(models: ModelFiles, tmp_path: Path) -> None:
     report = build(models.path("mlp.tflite"), "mlp", "2", tmp_path / "fp32", variants=["tflite-fp32", "onnx-fp32", "openvino-fp32"])
     states = {v.id: v.state for v in report.variants}
-    assert states == {"tflite-fp32": "ok", "onnx-fp32": "skipped", "openvino-fp32": "ok"}
-    assert "tf2onnx" in load_bundle(tmp_path / "fp32").skipped["onnx-fp32"]
+    assert states == {"tflite-fp32": "ok", "onnx-fp32": "ok", "openvino-fp32": "ok"}  # ONNX from TFLite through tf2onnx
+    assert load_bundle(tmp_path / "fp32").variant("onnx-fp32").parity.max_abs_error < 1e-4
     assert report.synthetic_samples
     report = build(
         models.path("mlp_int8.tflite"), "mlp", "3", tmp_path / "int8", variants=["tflite-fp32", "tflite-int8"], tolerances={"int8": 0.5}
@@ -102,7 +102,7 @@ def test_tflite_sources(models: ModelFiles, tmp_path: Path) -> None:
 
 def test_failing_variant_fails_the_build_or_is_dropped(models: ModelFiles, tmp_path: Path) -> None:
     out = tmp_path / "b"
-    with pytest.raises(BuildError, match="onnx-int8: max abs error") as info:
+    with pytest.raises(BuildError, match=r"onnx-int8: output 'y': max abs error \S+ \(tolerance ") as info:
         build(models.path("mlp.onnx"), "m", "1", out, variants=["onnx-fp32", "onnx-int8"], tolerances={"onnx-int8": 1e-7})
     assert not out.exists() and not list(tmp_path.glob(".b.building-*"))
     report = info.value.report
@@ -223,7 +223,7 @@ def test_bundle_json_is_strict(onnx_bundle: Path, tmp_path: Path) -> None:
         (lambda d: d.update(surprise=1), "surprise"),
         (lambda d: d["variants"][0].update(file="../../etc/passwd"), "not a plain file name"),
         (lambda d: d["variants"][0].update(sha256="xyz"), "sha256"),
-        (lambda d: d.update(schema_version=2), "schema_version"),
+        (lambda d: d.update(schema_version=3), "schema_version"),
         (lambda d: d["inputs"][0].update(dtype="float1024"), "unknown dtype"),
     ]:
         d = json.loads(json.dumps(data))
@@ -309,7 +309,7 @@ def test_keras_source_to_tflite_and_openvino(keras_model: tuple[Path, builders.M
         "tflite-fp32": "ok",
         "tflite-int8": "ok",
         "openvino-fp32": "ok",
-        "onnx-fp32": "skipped",
+        "onnx-fp32": "ok",  # through TFLite and tf2onnx
     }
     bundle = load_bundle(tmp_path / "out")
     assert bundle.source_format == "keras" and [t.name for t in bundle.inputs] == ["x"]
@@ -426,8 +426,9 @@ def test_readme_demo_model_builds_every_variant_it_can(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     bundle = load_bundle(tmp_path / "demo-1.0.0")
-    assert [v.id for v in bundle.variants] == ["openvino-fp32", "openvino-fp16", "openvino-int8", "onnx-fp32", "onnx-int8"]
-    assert set(bundle.skipped) == {"tflite-fp32", "tflite-int8"}
+    assert [v.id for v in bundle.variants] == ["openvino-fp32", "openvino-fp16", "onnx-fp32"]
+    assert set(bundle.skipped) == {"tflite-fp32", "tflite-int8", "openvino-int8", "onnx-int8"}
+    assert "only synthetic" in bundle.skipped["onnx-int8"].reason  # int8 needs real calibration samples
     assert (tmp_path / "demo-1.0.0.tar.gz").is_file()
 
 
@@ -452,15 +453,15 @@ BLOCK_IMPORTS = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "keras", "torch"):
+        if name.split(".")[0] in ("tensorflow", "keras", "torch", "tf2onnx"):
             raise ModuleNotFoundError(f"No module named {name!r}")
         return None
 sys.meta_path.insert(0, Block())
 """
 
 
-def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, builders.Mlp], tmp_path: Path) -> None:
-    """Where TensorFlow or torch is absent (here: hidden by an import blocker) the error names the extra."""
+def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, builders.Mlp], models: ModelFiles, tmp_path: Path) -> None:
+    """Where TensorFlow, tf2onnx or torch is absent (here: hidden by an import blocker) the error or the skip names the extra."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_IMPORTS)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
@@ -477,9 +478,11 @@ def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, b
         "    export_onnx(object(), (), sys.argv[2] + '.onnx')\n"
         "except MissingExtra as e:\n"
         "    print('TORCH:', e)\n"
+        "r = build(sys.argv[3], 't', '1', sys.argv[2] + '-t', variants=['tflite-fp32', 'onnx-fp32'])\n"
+        "print('TF2ONNX:', r.bundle.skipped['onnx-fp32'].reason)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script, str(keras_model[0] / "model.keras"), str(tmp_path / "out")],
+        [sys.executable, "-c", script, str(keras_model[0] / "model.keras"), str(tmp_path / "out"), str(models.path("mlp.tflite"))],
         capture_output=True,
         text=True,
         timeout=300,
@@ -487,6 +490,7 @@ def test_missing_optional_dependencies_name_the_extra(keras_model: tuple[Path, b
     )
     assert "KERAS: Keras and SavedModel sources need TensorFlow: pip install 'edgefleet[convert]'" in done.stdout, done.stderr[-2000:]
     assert "TORCH: PyTorch sources need torch: pip install 'edgefleet[pytorch]'" in done.stdout
+    assert "TF2ONNX: no tflite -> ONNX converter: tf2onnx is not installed (extra: convert)" in done.stdout
     assert not (tmp_path / "out").exists()
 
 
