@@ -227,6 +227,7 @@ def detect(root: str | Path = "/", arch: str | None = None) -> HardwareProfile:
 
     ``arch`` defaults to what ``/proc/cpuinfo`` under the root implies, and for the
     real root (``/``) to ``platform.machine()`` when cpuinfo does not say.
+    Each step below reads its own files; they run in a fixed order so ``warnings`` does too.
     """
     root_path = Path(root)
     r = _Reader(root_path)
@@ -236,59 +237,19 @@ def detect(root: str | Path = "/", arch: str | None = None) -> HardwareProfile:
     if arch is None:
         arch = cpu_arch or (platform.machine() if real_root else "unknown")
     memory = _parse_meminfo(r.text("/proc/meminfo") or "")
-
     board = r.text("/proc/device-tree/model") or cpu_board or ""
-    pi_model = _parse_pi_model(board) if "Raspberry Pi" in board else None
-
-    tegra = r.text("/etc/nv_tegra_release")
-    jetson_model: str | None = None
-    if "NVIDIA Jetson" in board or "nvidia" in (r.text("/proc/device-tree/compatible") or "").lower():
-        jetson_model = board.replace("NVIDIA Jetson", "").strip() or "unknown"
-    elif tegra:
-        jetson_model = board or "unknown"
-    l4t = _parse_l4t(tegra) if tegra else None
-    if tegra and l4t is None:
-        r.warnings.append("/etc/nv_tegra_release has no recognisable release line")
-
-    intel_npu = False
-    other_accel: list[str] = []
-    for accel in r.glob("/sys/class/accel", "accel*"):
-        driver = r.link_name(accel / "device" / "driver")
-        if driver == INTEL_NPU_DRIVER:
-            intel_npu = True
-        elif driver:
-            other_accel.append(driver)
-        else:
-            r.warnings.append(f"{accel.name}: driver unknown")
-
-    intel_gpu = False
-    for render in r.glob("/dev/dri", "renderD*"):
-        vendor = r.text(f"/sys/class/drm/{render.name}/device/vendor")
-        if vendor and vendor.lower() == INTEL_VENDOR:
-            intel_gpu = True
-
-    nvidia_gpu = r.path("/dev/nvidia0").exists()
-    nvidia_name: str | None = None
-    for info in r.glob("/proc/driver/nvidia/gpus", "*/information"):
-        m = re.search(r"^Model:\s*(.+)$", r.text(info) or "", re.MULTILINE)
-        if m:
-            nvidia_name = m.group(1).strip()
-            nvidia_gpu = True
-            break
-
-    coral = [f"pcie:/dev/{p.name}" for p in r.glob("/dev", "apex_*")]
-    for usb in r.glob("/sys/bus/usb/devices", "*"):
-        vid, pid = r.text(usb / "idVendor"), r.text(usb / "idProduct")
-        if vid and pid and (vid.lower(), pid.lower()) in CORAL_USB_IDS:
-            coral.append(f"usb:{vid.lower()}:{pid.lower()}")
-
+    jetson_model, l4t = _detect_jetson(r, board)
+    intel_npu, other_accel = _detect_accel(r)
+    intel_gpu = _detect_intel_gpu(r)
+    nvidia_gpu, nvidia_name = _detect_nvidia_gpu(r)
+    coral = _detect_coral(r)
     return HardwareProfile(
         root=str(root_path),
         arch=arch,
         cpu=cpu,
         memory_bytes=memory,
         board=board,
-        raspberry_pi_model=pi_model,
+        raspberry_pi_model=_parse_pi_model(board) if "Raspberry Pi" in board else None,
         jetson_model=jetson_model,
         l4t_release=l4t,
         intel_npu=intel_npu,
@@ -299,3 +260,62 @@ def detect(root: str | Path = "/", arch: str | None = None) -> HardwareProfile:
         coral=coral,
         warnings=r.warnings,
     )
+
+
+def _detect_jetson(r: _Reader, board: str) -> tuple[str | None, str | None]:
+    """(Jetson model, L4T release): a Jetson names itself in the device tree; L4T ships ``nv_tegra_release``."""
+    tegra = r.text("/etc/nv_tegra_release")
+    jetson_model: str | None = None
+    if "NVIDIA Jetson" in board or "nvidia" in (r.text("/proc/device-tree/compatible") or "").lower():
+        jetson_model = board.replace("NVIDIA Jetson", "").strip() or "unknown"
+    elif tegra:
+        jetson_model = board or "unknown"
+    l4t = _parse_l4t(tegra) if tegra else None
+    if tegra and l4t is None:
+        r.warnings.append("/etc/nv_tegra_release has no recognisable release line")
+    return jetson_model, l4t
+
+
+def _detect_accel(r: _Reader) -> tuple[bool, list[str]]:
+    """(an Intel NPU is present, the drivers of other accel devices), from ``/sys/class/accel``."""
+    intel_npu = False
+    other_accel: list[str] = []
+    for accel in r.glob("/sys/class/accel", "accel*"):
+        driver = r.link_name(accel / "device" / "driver")
+        if driver == INTEL_NPU_DRIVER:
+            intel_npu = True
+        elif driver:
+            other_accel.append(driver)
+        else:
+            r.warnings.append(f"{accel.name}: driver unknown")
+    return intel_npu, other_accel
+
+
+def _detect_intel_gpu(r: _Reader) -> bool:
+    """A DRM render node whose PCI vendor is Intel: what OpenVINO's GPU plugin needs."""
+    intel_gpu = False
+    for render in r.glob("/dev/dri", "renderD*"):
+        vendor = r.text(f"/sys/class/drm/{render.name}/device/vendor")
+        if vendor and vendor.lower() == INTEL_VENDOR:
+            intel_gpu = True
+    return intel_gpu
+
+
+def _detect_nvidia_gpu(r: _Reader) -> tuple[bool, str | None]:
+    """(an NVIDIA GPU is present, its model name): the device node, or the driver's procfs report."""
+    nvidia_gpu = r.path("/dev/nvidia0").exists()
+    for info in r.glob("/proc/driver/nvidia/gpus", "*/information"):
+        m = re.search(r"^Model:\s*(.+)$", r.text(info) or "", re.MULTILINE)
+        if m:
+            return True, m.group(1).strip()
+    return nvidia_gpu, None
+
+
+def _detect_coral(r: _Reader) -> list[str]:
+    """Edge TPUs: PCIe ones as ``/dev/apex_*`` nodes, USB ones by vendor and product id."""
+    coral = [f"pcie:/dev/{p.name}" for p in r.glob("/dev", "apex_*")]
+    for usb in r.glob("/sys/bus/usb/devices", "*"):
+        vid, pid = r.text(usb / "idVendor"), r.text(usb / "idProduct")
+        if vid and pid and (vid.lower(), pid.lower()) in CORAL_USB_IDS:
+            coral.append(f"usb:{vid.lower()}:{pid.lower()}")
+    return coral

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -32,6 +32,10 @@ import psutil
 from agent.mqtt import tcp_nodelay
 from agent.wire import device_topic
 from benchmarks.common import machine, write
+
+if TYPE_CHECKING:
+    from fleet.rollout import RolloutEngine, RolloutSpec
+    from fleet.store import FleetStore
 
 
 def _setup(work: Path, host: str, port: int, n: int) -> Any:
@@ -59,7 +63,6 @@ def rollout(n: int) -> dict[str, Any]:
     from fleet.dev.broker import start_broker
     from fleet.dev.simulate import Simulator, SimulatorThread
     from fleet.rollout import RolloutEngine, RolloutSpec
-    from fleet.store import FleetStore
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -67,40 +70,13 @@ def rollout(n: int) -> dict[str, Any]:
         keys, image, director = _setup(work, broker.host, broker.port, n)
         sims = SimulatorThread(Simulator(broker.host, broker.port, n, "sim", telemetry_s=5.0, initial={"m": "1.0.0"})).start(300)
         db = work / "fleet.db"
-        serve = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fleet.cli",
-                "serve",
-                str(work / "serve"),
-                "--keys",
-                str(keys.directory),
-                "--broker",
-                f"{broker.host}:{broker.port}",
-                "--store",
-                str(db),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "serve.log", "wb"),
-        )
+        serve = _serve(work, keys.directory, broker.host, broker.port, db)
         proc = psutil.Process(serve.pid)
-        store = FleetStore(db) if db.exists() else None
         try:
-            while store is None or sum(1 for d in store.devices() if d.online and d.models) < n:
-                time.sleep(0.5)
-                store = store or (FleetStore(db) if db.exists() else None)
+            store = _wait_online(db, n)
             engine = RolloutEngine(store, image, director, keys, broker.host, broker.port)
-            proc.cpu_percent(None)
-            rss, cpu = [], []
-            t0 = time.perf_counter()
-            rid = engine.start(RolloutSpec("m", "2.0.0", "device=sim-*", ["1%", "10%", "50%", "100%"], soak_s=0))
-            while getattr(store.rollout(rid), "state", None) == "running":
-                time.sleep(0.25)
-                rss.append(proc.memory_info().rss)
-                cpu.append(proc.cpu_percent(None))
-            elapsed = time.perf_counter() - t0
-            state = getattr(store.rollout(rid), "state", None)
+            spec = RolloutSpec("m", "2.0.0", "device=sim-*", ["1%", "10%", "50%", "100%"], soak_s=0)
+            state, elapsed, cpu, rss = _timed_rollout(engine, store, spec, proc)
             moved = sum(1 for d in store.devices() if d.models.get("m", {}).get("version") == "2.0.0")
         finally:
             serve.send_signal(signal.SIGTERM)
@@ -116,6 +92,55 @@ def rollout(n: int) -> dict[str, Any]:
         "controller_rss_mb_max": round(max(rss, default=0) / 2**20, 1),
         "goal_met": state == "done" and moved == n and elapsed < 30,
     }
+
+
+def _serve(work: Path, keys_dir: Path, host: str, port: int, db: Path) -> subprocess.Popen[bytes]:
+    """``fleet serve --store`` in its own process, so its CPU and RSS can be sampled apart from ours."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "serve",
+            str(work / "serve"),
+            "--keys",
+            str(keys_dir),
+            "--broker",
+            f"{host}:{port}",
+            "--store",
+            str(db),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "serve.log", "wb"),
+    )
+
+
+def _wait_online(db: Path, n: int) -> FleetStore:
+    """The controller's store, once it shows all ``n`` devices online and reporting their models."""
+    from fleet.store import FleetStore
+
+    store = FleetStore(db) if db.exists() else None
+    while store is None or sum(1 for d in store.devices() if d.online and d.models) < n:
+        time.sleep(0.5)
+        store = store or (FleetStore(db) if db.exists() else None)
+    return store
+
+
+def _timed_rollout(
+    engine: RolloutEngine, store: FleetStore, spec: RolloutSpec, proc: psutil.Process
+) -> tuple[str | None, float, list[float], list[int]]:
+    """(final state, seconds, controller CPU % samples, controller RSS samples) of one rollout run to its end."""
+    proc.cpu_percent(None)
+    rss: list[int] = []
+    cpu: list[float] = []
+    t0 = time.perf_counter()
+    rid = engine.start(spec)
+    while getattr(store.rollout(rid), "state", None) == "running":
+        time.sleep(0.25)
+        rss.append(proc.memory_info().rss)
+        cpu.append(proc.cpu_percent(None))
+    elapsed = time.perf_counter() - t0
+    return getattr(store.rollout(rid), "state", None), elapsed, cpu, rss
 
 
 PUBLISHERS = 2
@@ -172,53 +197,13 @@ INGEST_BROKER = ["max_queued_messages 0", "max_inflight_messages 1000"]
 
 def ingest(n: int, devices: int) -> dict[str, Any]:
     from fleet.dev.broker import start_broker
-    from fleet.store import FleetStore
-    from fleet.transport.ingest import Ingestor
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = start_broker(work / "broker", extra_config=INGEST_BROKER)
         try:
-            # baseline: a subscriber that only counts
-            count = [0]
-            first_last = [0.0, 0.0]
-            done = threading.Event()
-
-            def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-                count[0] += 1
-                if count[0] == 1:
-                    first_last[0] = time.perf_counter()
-                if count[0] == n:
-                    first_last[1] = time.perf_counter()
-                    done.set()
-
-            raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-counter", protocol=mqtt.MQTTv5)
-            raw.on_message = on_message
-            raw.connect(broker.host, broker.port)
-            raw.subscribe("edgefleet/v1/dev/+/telemetry", qos=1)
-            raw.loop_start()
-            time.sleep(0.5)
-            t0 = time.perf_counter()
-            _publish_all(broker.host, broker.port, n, devices)
-            done.wait(300)
-            raw_s = time.perf_counter() - t0
-            raw.disconnect()
-            raw.loop_stop()
-            raw_received = count[0]
-            # the controller's ingest into SQLite
-            store = FleetStore(work / "fleet.db")
-            ing = Ingestor(store, broker.host, broker.port).start()
-            proc = psutil.Process()
-            proc.cpu_percent(None)
-            t0 = time.perf_counter()
-            _publish_all(broker.host, broker.port, n, devices)
-            deadline = time.monotonic() + 300
-            while store.telemetry_count() < n and time.monotonic() < deadline:
-                time.sleep(0.05)
-            ingest_s = time.perf_counter() - t0
-            stored = store.telemetry_count()
-            ing.stop()
-            store.close()
+            raw_received, raw_s = _raw_counted(broker.host, broker.port, n, devices)
+            stored, ingest_s = _ingested(work / "fleet.db", broker.host, broker.port, n, devices)
         finally:
             broker.stop()
     return {
@@ -231,6 +216,50 @@ def ingest(n: int, devices: int) -> dict[str, Any]:
         "lost": n - stored,
         "goal_met": stored == n and stored / ingest_s >= 10_000,
     }
+
+
+def _raw_counted(host: str, port: int, n: int, devices: int) -> tuple[int, float]:
+    """The baseline: (messages received, seconds) for a subscriber that only counts them."""
+    count = [0]
+    done = threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        count[0] += 1
+        if count[0] == n:
+            done.set()
+
+    raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-counter", protocol=mqtt.MQTTv5)
+    raw.on_message = on_message
+    raw.connect(host, port)
+    raw.subscribe("edgefleet/v1/dev/+/telemetry", qos=1)
+    raw.loop_start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    _publish_all(host, port, n, devices)
+    done.wait(300)
+    raw_s = time.perf_counter() - t0
+    raw.disconnect()
+    raw.loop_stop()
+    return count[0], raw_s
+
+
+def _ingested(db: Path, host: str, port: int, n: int, devices: int) -> tuple[int, float]:
+    """The contender: (telemetry rows stored, seconds) for the controller's ``Ingestor`` writing to SQLite."""
+    from fleet.store import FleetStore
+    from fleet.transport.ingest import Ingestor
+
+    store = FleetStore(db)
+    ing = Ingestor(store, host, port).start()
+    t0 = time.perf_counter()
+    _publish_all(host, port, n, devices)
+    deadline = time.monotonic() + 300
+    while store.telemetry_count() < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ingest_s = time.perf_counter() - t0
+    stored = store.telemetry_count()
+    ing.stop()
+    store.close()
+    return stored, ingest_s
 
 
 def main() -> None:

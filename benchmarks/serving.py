@@ -189,55 +189,71 @@ def main() -> None:
     n_tp, n_lat, window = (2000, 300, 32) if args.quick else (10000, 2000, 64)
     from fleet.dev.broker import start_broker
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = start_broker(work / "broker")
         echo = subprocess.Popen([sys.executable, "-c", ECHO, broker.host, str(broker.port)], stdout=subprocess.PIPE, text=True)
         assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
         try:
-            for model, widths in MODELS.items():
-                for label, (serving, telemetry, shadow) in CONFIGS.items():
+            for model in MODELS:
+                for label in CONFIGS:
                     mwork = work / f"{model}-{label.replace(' ', '-')}"
                     mwork.mkdir()
-                    controller, config = _fleet(mwork, broker.host, broker.port, model, serving, telemetry, shadow)
-                    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], env=os.environ)
-                    client = Client(broker.host, broker.port)
-                    try:
-                        x = np.random.default_rng(0).uniform(-1, 1, (1, widths[0])).astype(np.float32).tolist()
-                        _wait_model(client, x)
-                        if shadow:
-                            _wait_shadow(mwork / "state" / "agent.db")
-                        results: dict[str, dict[str, float]] = {}
-                        for target in ("echo", "bench", "echo", "bench"):  # interleaved, the second pass counts
-                            rps, _ = client.run(target, x, n_tp, window)
-                            _, rtts = client.run(target, x, n_lat, 1)
-                            results[target] = {"rps": rps, "p50_ms": statistics.median(rtts), "p99_ms": float(np.percentile(rtts, 99))}
-                    finally:
-                        client.close()
-                        agent.send_signal(signal.SIGTERM)
-                        agent.wait(30)
-                        controller.server.stop()
-                    e, a = results["echo"], results["bench"]
-                    rows.append(
-                        {
-                            "model": model,
-                            "serving": label,
-                            "echo_rps": round(e["rps"]),
-                            "agent_rps": round(a["rps"]),
-                            "throughput_ratio": round(a["rps"] / e["rps"], 3),
-                            "echo_p50_ms": round(e["p50_ms"], 3),
-                            "agent_p50_ms": round(a["p50_ms"], 3),
-                            "p50_added_ms": round(a["p50_ms"] - e["p50_ms"], 3),
-                            "echo_p99_ms": round(e["p99_ms"], 3),
-                            "agent_p99_ms": round(a["p99_ms"], 3),
-                            "throughput_goal_met": a["rps"] >= 0.8 * e["rps"],
-                            "latency_goal_met": a["p50_ms"] - e["p50_ms"] <= 1.0,
-                        }
-                    )
+                    results = _run_config(mwork, broker.host, broker.port, model, label, n_tp, n_lat, window)
+                    rows.append(_row(model, label, results["echo"], results["bench"]))
         finally:
             echo.terminate()
             broker.stop()
+    _report(rows, window, n_tp)
+
+
+def _run_config(
+    work: Path, host: str, port: int, model: str, label: str, n_tp: int, n_lat: int, window: int
+) -> dict[str, dict[str, float]]:
+    """One agent process serving ``model`` under the ``label`` settings, raced against the echo: target -> figures."""
+    serving, telemetry, shadow = CONFIGS[label]
+    controller, config = _fleet(work, host, port, model, serving, telemetry, shadow)
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], env=os.environ)
+    client = Client(host, port)
+    try:
+        x = np.random.default_rng(0).uniform(-1, 1, (1, MODELS[model][0])).astype(np.float32).tolist()
+        _wait_model(client, x)
+        if shadow:
+            _wait_shadow(work / "state" / "agent.db")
+        results: dict[str, dict[str, float]] = {}
+        for target in ("echo", "bench", "echo", "bench"):  # interleaved, the second pass counts
+            rps, _ = client.run(target, x, n_tp, window)
+            _, rtts = client.run(target, x, n_lat, 1)
+            results[target] = {"rps": rps, "p50_ms": statistics.median(rtts), "p99_ms": float(np.percentile(rtts, 99))}
+        return results
+    finally:
+        client.close()
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+        controller.server.stop()
+
+
+def _row(model: str, label: str, e: dict[str, float], a: dict[str, float]) -> dict[str, Any]:
+    """One result row: the echo's figures (``e``), the agent's (``a``), and whether the issue 5 goals hold."""
+    return {
+        "model": model,
+        "serving": label,
+        "echo_rps": round(e["rps"]),
+        "agent_rps": round(a["rps"]),
+        "throughput_ratio": round(a["rps"] / e["rps"], 3),
+        "echo_p50_ms": round(e["p50_ms"], 3),
+        "agent_p50_ms": round(a["p50_ms"], 3),
+        "p50_added_ms": round(a["p50_ms"] - e["p50_ms"], 3),
+        "echo_p99_ms": round(e["p99_ms"], 3),
+        "agent_p99_ms": round(a["p99_ms"], 3),
+        "throughput_goal_met": a["rps"] >= 0.8 * e["rps"],
+        "latency_goal_met": a["p50_ms"] - e["p50_ms"] <= 1.0,
+    }
+
+
+def _report(rows: list[dict[str, Any]], window: int, n_tp: int) -> None:
+    """The table on the console, and the JSON and markdown files under ``benchmarks/results``."""
     table = Table(title="serving through mosquitto: agent vs raw echo (JSON, batch 1, QoS 1)")
     header = [
         "model",

@@ -291,37 +291,53 @@ def write_tflite_mlp(
     """
     s = _schema()
     fm = _FlatModel(s)
-    tt = s.TensorType  # type: ignore[attr-defined]
-    shape_in = [1, mlp.in_features]
     if int8_calibration is None:
-        cur = fm.tensor(mlp.input_name, shape_in, tt.FLOAT32, dynamic_batch=dynamic_batch)
-        first = cur
-        for i, layer in enumerate(mlp.layers):
-            w = fm.tensor(f"w{i}", list(layer.weight.shape), tt.FLOAT32, layer.weight.astype(np.float32))
-            b = fm.tensor(f"b{i}", list(layer.bias.shape), tt.FLOAT32, layer.bias.astype(np.float32))
-            name = mlp.output_name if i == len(mlp.layers) - 1 else f"h{i}"
-            out = fm.tensor(name, [1, layer.weight.shape[0]], tt.FLOAT32, dynamic_batch=dynamic_batch)
-            fm.op(
-                s.BuiltinOperator.FULLY_CONNECTED,
-                [cur, w, b],
-                [out],
-                s.BuiltinOptions.FullyConnectedOptions,  # type: ignore[attr-defined]
-                _fc_options(s, layer.relu),
-            )
-            cur = out
-        return fm.write(path, [first], [cur])
+        first, last = _tflite_float_layers(s, fm, mlp, dynamic_batch)
+    else:
+        first, last = _tflite_int8_layers(s, fm, mlp, _calibrate(mlp, int8_calibration), dynamic_batch)
+    return fm.write(path, [first], [last])
 
-    # Full-integer quantization, calibrated on the given samples.
-    acts = [int8_calibration.astype(np.float32)]
+
+def _layer_output_name(mlp: Mlp, i: int) -> str:
+    """The last layer's output carries the model's output name; the others are ``h0``, ``h1``, ..."""
+    return mlp.output_name if i == len(mlp.layers) - 1 else f"h{i}"
+
+
+def _fully_connected(s: Any, fm: _FlatModel, inputs: list[int], out: int, relu: bool, version: int = 1) -> None:
+    """One FULLY_CONNECTED op; int8 kernels need op version 4, float ones run as version 1."""
+    fm.op(s.BuiltinOperator.FULLY_CONNECTED, inputs, [out], s.BuiltinOptions.FullyConnectedOptions, _fc_options(s, relu), version=version)
+
+
+def _tflite_float_layers(s: Any, fm: _FlatModel, mlp: Mlp, dynamic_batch: bool) -> tuple[int, int]:
+    """Float32 tensors and one op per layer; returns (input tensor, output tensor)."""
+    tt = s.TensorType
+    first = cur = fm.tensor(mlp.input_name, [1, mlp.in_features], tt.FLOAT32, dynamic_batch=dynamic_batch)
+    for i, layer in enumerate(mlp.layers):
+        w = fm.tensor(f"w{i}", list(layer.weight.shape), tt.FLOAT32, layer.weight.astype(np.float32))
+        b = fm.tensor(f"b{i}", list(layer.bias.shape), tt.FLOAT32, layer.bias.astype(np.float32))
+        out = fm.tensor(_layer_output_name(mlp, i), [1, layer.weight.shape[0]], tt.FLOAT32, dynamic_batch=dynamic_batch)
+        _fully_connected(s, fm, [cur, w, b], out, layer.relu)
+        cur = out
+    return first, cur
+
+
+def _calibrate(mlp: Mlp, samples: np.ndarray) -> list[Quantization]:
+    """One quantization per activation (the input, then each layer's output), from the range the samples reach."""
+    acts = [samples.astype(np.float32)]
     h = acts[0]
     for layer in mlp.layers:
         h = h @ layer.weight.T + layer.bias
         if layer.relu:
             h = np.maximum(h, 0.0)
         acts.append(h)
-    qs = [Quantization.for_range(float(a.min()), float(a.max())) for a in acts]
-    cur = fm.tensor(mlp.input_name, shape_in, tt.INT8, quant=([qs[0].scale], [qs[0].zero_point]), dynamic_batch=dynamic_batch)
-    first = cur
+    return [Quantization.for_range(float(a.min()), float(a.max())) for a in acts]
+
+
+def _tflite_int8_layers(s: Any, fm: _FlatModel, mlp: Mlp, qs: list[Quantization], dynamic_batch: bool) -> tuple[int, int]:
+    """Full-integer layers: int8 activations quantized by ``qs``, symmetric int8 weights, int32 biases."""
+    tt = s.TensorType
+    in_q = ([qs[0].scale], [qs[0].zero_point])
+    first = cur = fm.tensor(mlp.input_name, [1, mlp.in_features], tt.INT8, quant=in_q, dynamic_batch=dynamic_batch)
     for i, layer in enumerate(mlp.layers):
         w_scale = float(np.abs(layer.weight).max() / 127.0) or 1.0
         wq = np.clip(np.round(layer.weight / w_scale), -127, 127).astype(np.int8)
@@ -329,18 +345,11 @@ def write_tflite_mlp(
         bq = np.round(layer.bias / b_scale).astype(np.int32)
         w = fm.tensor(f"w{i}", list(wq.shape), tt.INT8, wq, quant=([w_scale], [0]))
         b = fm.tensor(f"b{i}", list(bq.shape), tt.INT32, bq, quant=([b_scale], [0]))
-        name = mlp.output_name if i == len(mlp.layers) - 1 else f"h{i}"
-        out = fm.tensor(name, [1, wq.shape[0]], tt.INT8, quant=([qs[i + 1].scale], [qs[i + 1].zero_point]), dynamic_batch=dynamic_batch)
-        fm.op(
-            s.BuiltinOperator.FULLY_CONNECTED,
-            [cur, w, b],
-            [out],
-            s.BuiltinOptions.FullyConnectedOptions,  # type: ignore[attr-defined]
-            _fc_options(s, layer.relu),
-            version=4,
-        )
+        out_q = ([qs[i + 1].scale], [qs[i + 1].zero_point])
+        out = fm.tensor(_layer_output_name(mlp, i), [1, wq.shape[0]], tt.INT8, quant=out_q, dynamic_batch=dynamic_batch)
+        _fully_connected(s, fm, [cur, w, b], out, layer.relu, version=4)
         cur = out
-    return fm.write(path, [first], [cur])
+    return first, cur
 
 
 def _fc_options(s: object, relu: bool) -> object:
