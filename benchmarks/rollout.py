@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 import psutil
 
+from agent import wire
 from agent.mqtt import tcp_nodelay
 from agent.wire import device_topic
 from benchmarks.common import machine, write
@@ -155,9 +156,23 @@ def _publisher(host: str, port: int, first: int, count: int, devices: int) -> No
     c.connect(host, port)
     c.loop_start()
     last = None
+    system = wire.SystemMetrics(cpu_percent=10.0, process_cpu_percent=5.0, rss_bytes=50 * 2**20, memory_percent=20.0)
+    window = [wire.ModelWindow(model="m", version="1.0.0", count=50, p95_ms=2.0)]
     for i in range(first, first + count):
-        body = {"seq": i // devices + 1, "ts": time.time(), "models": {"m": {"version": "1.0.0", "count": 50, "errors": 0, "p95_ms": 2.0}}}
-        last = c.publish(device_topic(f"sim-{i % devices:04d}", "telemetry"), json.dumps(body), qos=1)
+        device = f"sim-{i % devices:04d}"
+        body = wire.TelemetryBatch(
+            device_id=device,
+            session=1,
+            seq=i // devices + 1,
+            ts=time.time(),
+            interval_s=5.0,
+            dropped_total=0,
+            models=window,
+            throughput_rps=10.0,
+            queue_depth=0,
+            system=system,
+        )  # the agent's own wire model: what the controller ingests is exactly what devices send
+        last = c.publish(device_topic(device, "telemetry"), wire.encode(body), qos=1)
     if last is not None:
         last.wait_for_publish(300)
     c.disconnect()
