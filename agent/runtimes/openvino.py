@@ -15,6 +15,9 @@ ONNX and TFLite behind ONNX Runtime and LiteRT; on ARM CPUs its ARM plugin last.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -165,6 +168,8 @@ def _read(core: Any, path: Path, fmt: str, hints: InputHints) -> tuple[Any, dict
     try:
         model = core.read_model(str(path))
     except Exception as exc:  # the frontend's OpConversionFailure and friends: the shapes may be what it lacks
+        if "OpConversionFailure" not in str(exc):  # not an ONNX it could parse (a corrupt file): no shapes will help
+            raise
         why = f"read_model refused it: {' '.join(str(exc).split())[-300:]}"
     else:
         inputs_dynamic = any(p.get_partial_shape().rank.is_dynamic for p in model.inputs)
@@ -183,12 +188,27 @@ def _read(core: Any, path: Path, fmt: str, hints: InputHints) -> tuple[Any, dict
     for tried in [loose, shapes] if loose != shapes else [shapes]:
         given = [s if n is None else (n, s) for n, s in tried]
         try:
-            model = ov.convert_model(str(path), input=given)
+            with _logging_kept():
+                model = ov.convert_model(str(path), input=given)
         except Exception as exc:
             problems.append(f"with shapes {given}: {' '.join(str(exc).split())[-200:]}")
             continue
-        return model, {"shapes": {n or "0": s for n, s in tried}, "why": why}
+        done: dict[str, Any] = {"shapes": {n or "0": s for n, s in tried}, "why": why}
+        return model, {**done, "failed_first": problems} if problems else done
     raise ModelLoadError(f"openvino could not convert {path.name} ({why}): " + "; ".join(problems))
+
+
+@contextmanager
+def _logging_kept() -> Iterator[None]:
+    """``convert_model`` (through the TensorFlow it imports) sets the root logger to ERROR: the agent's own warnings would
+    vanish for the rest of the process. The root logger's level and handlers are put back."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def _dynamic_at(shape: list[int], axis: int | None) -> list[int]:
