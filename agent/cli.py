@@ -65,6 +65,17 @@ def hardware_cmd(root: Path, as_json: bool) -> None:
         console.print(f"[dim]left out {what}: {why}[/dim]")
 
 
+def _batch_axes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, int | None]:
+    """``NAME=K`` (K a dimension index) or ``NAME=none`` (no batch axis), as many as given."""
+    out: dict[str, int | None] = {}
+    for value in values:
+        name, sep, axis = value.partition("=")
+        if not sep or not name or not (axis.isdigit() or axis.lower() == "none"):
+            raise click.BadParameter(f"{value!r}: expected NAME=K (a dimension index) or NAME=none", ctx, param)
+        out[name] = None if axis.lower() == "none" else int(axis)
+    return out
+
+
 @main.command("infer")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
@@ -72,12 +83,27 @@ def hardware_cmd(root: Path, as_json: bool) -> None:
     "input_file",
     required=True,
     type=click.Path(path_type=Path),
-    help=".npy (one input), .npz (named inputs) or .json (object of name -> nested list, or a list).",
+    help=".npy (one input), .npz (named inputs) or .json (object of name -> nested list or number, or a list).",
 )
 @click.option("--runtime", help="Force a runtime: litert, openvino, onnx, tensorrt.")
 @click.option("--device", help="Force a device, e.g. CPU, GPU.0, NPU, EDGETPU, CUDA.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 100000), default=1, show_default=True)
+@click.option(
+    "--batch-axis",
+    "batch_axes",
+    multiple=True,
+    callback=_batch_axes,
+    metavar="NAME=K",
+    help="The batch axis of a tensor whose shape does not tell it (e.g. state=1), or NAME=none. Repeatable.",
+)
+@click.option(
+    "--output",
+    "output_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write every output, whole, to this .npz.",
+)
 @click.option(
     "--root",
     type=click.Path(file_okay=False, path_type=Path),
@@ -90,7 +116,7 @@ def hardware_cmd(root: Path, as_json: bool) -> None:
     default=None,
     help="Settings file (default: $EDGEFLEET_CONFIG or /etc/edgefleet/agent.toml).",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Everything, every output whole.")
 def infer_cmd(
     model: Path,
     input_file: Path,
@@ -98,16 +124,28 @@ def infer_cmd(
     device: str | None,
     precision: str,
     repeat: int,
+    batch_axes: dict[str, int | None],
+    output_file: Path | None,
     root: Path | None,
     config: Path | None,
     as_json: bool,
 ) -> None:
-    """Run one inference locally and print the outputs and the latency."""
+    """Run one inference locally: a summary of each output and the latency (--json or --output for the whole tensors)."""
     try:
         settings = load_settings(config)
         result = commands.infer(
-            model, input_file, runtime=runtime, device=device, precision=precision, root=root, repeat=repeat, settings=settings
+            model,
+            input_file,
+            runtime=runtime,
+            device=device,
+            precision=precision,
+            root=root,
+            repeat=repeat,
+            settings=settings,
+            batch_axes=batch_axes,
         )
+        if output_file is not None:
+            result.save(output_file)
     except EdgefleetError as exc:
         _fail(exc)
         return
@@ -117,8 +155,12 @@ def infer_cmd(
         return
     m = data["model"]
     console.print(f"[bold]{m['runtime']}[/bold] {m['runtime_version']} on {m['device']}")
-    for name, value in data["outputs"].items():
-        console.print(f"{name} = {value}")
+    for name, s in result.summary().items():
+        stats = "no finite values" if s["min"] is None else f"min {s['min']:.6g} max {s['max']:.6g} mean {s['mean']:.6g}"
+        first = ", ".join(f"{x:.6g}" for x in s["first"]) + (", ..." if s["size"] > len(s["first"]) else "")
+        click.echo(f"{name}: shape {s['shape']} {s['dtype']}  {stats}  first [{first}]")  # not rich: one line, never wrapped
+    if output_file is not None:
+        click.echo(f"outputs written to {output_file}")
     lat = data["latency_ms"]
     console.print(f"latency: first {lat['first']:.3f} ms, median {lat['median']:.3f} ms over {lat['runs']} run(s)")
     for item in data["passed_over"]:

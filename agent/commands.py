@@ -13,17 +13,19 @@ import signal
 import threading
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.errors import EdgefleetError, InvalidInput, MissingInput, ModelLoadError
+from agent.errors import EdgefleetError, InvalidInput, InvalidOptions, ModelLoadError
 from agent.hardware import HardwareProfile, detect
 from agent.runtimes import probe_all
-from agent.runtimes.base import ModelDescription, ProbeResult
+from agent.runtimes.base import ModelDescription, ProbeResult, Runtime
 from agent.runtimes.formats import MODEL_FORMATS
+from agent.runtimes.hints import InputHints
 from agent.selection import ModelVariant, Ranking, choose, rank
 from agent.settings import AgentSettings, load_settings
 
@@ -88,6 +90,7 @@ class InferResult:
     passed_over: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """Everything, every output whole (a 0-d output is a bare number)."""
         lat = sorted(self.latency_s)
         return {
             "outputs": {k: v.tolist() for k, v in self.outputs.items()},
@@ -95,6 +98,32 @@ class InferResult:
             "model": self.description.to_json(),
             "passed_over": [{"candidate": c, "why": w} for c, w in self.passed_over],
         }
+
+    def summary(self, first: int = 5) -> dict[str, dict[str, Any]]:
+        """Per output: shape, dtype, min, max, mean and the first values — what a terminal shows of a 540 KB mask."""
+        out = {}
+        for name, v in self.outputs.items():
+            numbers = np.asarray(v, dtype=np.float64).reshape(-1)
+            finite = numbers[np.isfinite(numbers)]
+            stats = (float(finite.min()), float(finite.max()), float(finite.mean())) if finite.size else (None, None, None)
+            out[name] = {
+                "shape": list(v.shape),
+                "dtype": v.dtype.name,
+                "min": stats[0],
+                "max": stats[1],
+                "mean": stats[2],
+                "first": numbers[:first].tolist(),
+                "size": int(v.size),
+            }
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Every output, whole, into an .npz (by output name)."""
+        try:
+            with open(path, "wb") as f:
+                np.savez(f, **self.outputs)  # type: ignore[arg-type]  # numpy's stub types the keywords as its own options
+        except OSError as exc:
+            raise InvalidInput(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def load_inputs(path: str | Path) -> dict[str, np.ndarray] | np.ndarray:
@@ -133,10 +162,14 @@ def infer(
     repeat: int = 1,
     options: dict[str, dict[str, Any]] | None = None,
     settings: AgentSettings | None = None,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> InferResult:
     """Run one request locally on the runtime that selection picks (or the one forced).
 
-    Arguments win over ``settings`` (default: the agent's settings file and environment).
+    The inputs are checked on the loaded model before its warm-up (a bad one is ``InvalidInput``) and are what it is
+    warmed up with, so a model that refuses synthetic sizes still runs. ``batch_axes``: a tensor's batch axis by name
+    (None: it has none) where the model's own shapes do not tell it. Arguments win over ``settings`` (default: the
+    agent's settings file and environment).
     """
     settings = settings or load_settings()
     rs = settings.runtime
@@ -150,25 +183,40 @@ def infer(
         raise ModelLoadError(f"model file not found: {model}")
     if isinstance(inputs, (str, Path)):
         inputs = load_inputs(inputs)
+    request = inputs if isinstance(inputs, np.ndarray) else {k: np.asarray(v) for k, v in inputs.items()}
+    hints = InputHints(samples=(request,), batch_axes=dict(batch_axes or {}))
     variant = ModelVariant.from_path(model, precision=precision)  # type: ignore[arg-type]
     sel, _ = choose(
-        detect(root), probe_all(), [variant], force_runtime=runtime, force_device=device, options=options, latency_budget_s=budget
+        detect(root),
+        probe_all(),
+        [variant],
+        force_runtime=runtime,
+        force_device=device,
+        options=options,
+        latency_budget_s=budget,
+        hints=hints,
+        request=request,
     )
     rt = sel.runtime
     try:
-        if isinstance(inputs, np.ndarray):
-            if len(rt.inputs) != 1:
-                raise MissingInput(f"the model has inputs {[s.name for s in rt.inputs]}: give them by name (.npz or a JSON object)")
-            inputs = {rt.inputs[0].name: inputs}
+        _check_names(rt, hints.batch_axes)
         latencies = []
         outputs: dict[str, np.ndarray] = {}
         for _ in range(max(1, repeat)):
             t0 = time.perf_counter()
-            outputs = rt.infer(inputs)
+            outputs = rt.infer(request)
             latencies.append(time.perf_counter() - t0)
         return InferResult(outputs, latencies, rt.describe(), sel.attempts)
     finally:
         rt.close()
+
+
+def _check_names(rt: Runtime, batch_axes: Mapping[str, int | None]) -> None:
+    """A batch axis given for a tensor the model does not have is a typo to report, not to ignore."""
+    names = [s.name for s in (*rt.inputs, *rt.outputs)]
+    unknown = sorted(set(batch_axes) - set(names))
+    if unknown:
+        raise InvalidOptions(f"--batch-axis {unknown[0]}: the model has no tensor of that name; it has {names}")
 
 
 def run(settings: AgentSettings | None = None, stop: threading.Event | None = None, config: str | Path | None = None) -> int:

@@ -87,6 +87,10 @@ class HealthCheckFailed(EdgefleetError):
     code = "health_check_failed"
 
 
+class WarmupFailed(HealthCheckFailed):
+    """No warm-up input the model accepts: its samples failed, or every synthetic size the dimension policy tried did."""
+
+
 class NoUsableRuntime(EdgefleetError):
     """Every candidate runtime failed; ``attempts`` says why each one did."""
 

@@ -5,6 +5,8 @@ variants a bundle offers) gives a sensible order with a reason for every place,
 but only a real load + warm-up + golden sample proves a choice works, so the top
 candidate is validated and the next one tried on any failure, each fallback
 logged with its cause. A runtime forced in the settings replaces the policy.
+The caller's own inputs (``request``) are checked on the loaded model before its
+warm-up: a bad input is the caller's ``InvalidInput``, never a fallback.
 
 The policy is not written here: each runtime's file declares its tiers (device,
 formats, precisions, reason, place on the shared ``Band`` scale) for a hardware
@@ -27,15 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from agent import logs
-from agent.errors import EdgefleetError, HealthCheckFailed, NoUsableRuntime
+from agent.errors import EdgefleetError, HealthCheckFailed, InvalidInput, NoUsableRuntime
 from agent.hardware import HardwareProfile
 from agent.runtimes import get_runtime, runtime_classes
 from agent.runtimes.base import ProbeResult, Runtime, Tier
 from agent.runtimes.formats import EDGETPU, ModelFormat, Precision, model_format
 from agent.runtimes.golden import GoldenSample
+from agent.runtimes.hints import InputHints
 
 __all__ = ["ModelVariant", "Candidate", "Ranking", "Selection", "rank", "select", "choose", "preferred_variants"]
 
@@ -158,8 +162,24 @@ def _forced(probes: Mapping[str, ProbeResult], variants: list[ModelVariant], run
     dev = (device or cls.default_device).upper()
     chosen = [Candidate(runtime, dev, v, "forced by settings") for v in variants if v.format in cls.formats]
     if not chosen:
-        excluded.append((runtime, f"reads {', '.join(sorted(cls.formats))}; no such variant"))
+        excluded.append((runtime, _reads_other_formats(cls, variants)))
     return Ranking(chosen, excluded)
+
+
+_FORMAT_LABELS = {"onnx": ".onnx", "tflite": ".tflite", "openvino": "OpenVINO IR (.xml)"}
+
+
+def _reads_other_formats(cls: type[Runtime], variants: list[ModelVariant]) -> str:
+    """Why a forced runtime has nothing to run, and which runtimes would: "onnx reads .onnx; this model is .tflite; runtimes
+    that read .tflite: litert, openvino"."""
+    label = _FORMAT_LABELS.get
+    have = sorted({v.format for v in variants})
+    why = f"{cls.name} reads {', '.join(label(f, f) for f in sorted(cls.formats))}"
+    why += f"; this model is {', '.join(label(f, f) for f in have) or 'nothing'}"
+    for fmt in have:
+        readers = sorted(n for n, c in runtime_classes().items() if fmt in c.formats)
+        why += f"; runtimes that read {label(fmt, fmt)}: {', '.join(readers) or 'none'}"
+    return why
 
 
 # ------------------------------------------------------------------- validation
@@ -179,23 +199,28 @@ def select(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     latency_budget_s: float | None = None,
     profile: HardwareProfile | None = None,
+    hints: InputHints | None = None,
+    request: Mapping[str, Any] | np.ndarray | None = None,
 ) -> Selection:
-    """Load, warm up and check each candidate in order; return the first that passes.
+    """Load, check the caller's ``request``, warm up and check golden samples on each candidate in order; the first that
+    passes is returned.
 
     ``profile`` is handed to each runtime's ``load``: runtimes read the hardware from it, never detect it again.
+    ``hints`` (default: the golden samples' inputs) give each load the inputs it will see and the batch axes; a
+    ``request`` the loaded model refuses raises that ``InvalidInput`` at once: the input is wrong, not the runtime.
     """
     attempts: list[tuple[str, str]] = []
     golden = list(golden)
+    hints = hints or InputHints(samples=tuple(g.inputs for g in golden))
     for cand in candidates:
         rt: Runtime | None = None
         try:
             rt = get_runtime(cand.runtime)()
-            rt.load(cand.variant.path, cand.device, (options or {}).get(cand.runtime), profile)
-            warm = rt.warmup()
-            for sample in golden:
-                sample.check(rt.infer(sample.inputs))
-            if latency_budget_s is not None and warm > latency_budget_s:
-                raise HealthCheckFailed(f"warm latency {warm * 1e3:.2f} ms exceeds the budget {latency_budget_s * 1e3:.2f} ms")
+            rt.load(cand.variant.path, cand.device, (options or {}).get(cand.runtime), profile, hints)
+            warm = _validate(rt, golden, request, latency_budget_s)
+        except InvalidInput:
+            _close(rt, cand)
+            raise
         except EdgefleetError as exc:
             _give_up(rt, cand, exc, attempts)
             continue
@@ -207,6 +232,18 @@ def select(
     raise NoUsableRuntime(_nothing_works(attempts), attempts)
 
 
+def _validate(rt: Runtime, golden: list[GoldenSample], request: Mapping[str, Any] | np.ndarray | None, budget_s: float | None) -> float:
+    """The loaded candidate's checks, in order: the caller's inputs, the warm-up, the golden samples, the latency budget."""
+    if request is not None:
+        rt.check(request)
+    warm = rt.warmup()
+    for sample in golden:
+        sample.check(rt.infer(sample.inputs))
+    if budget_s is not None and warm > budget_s:
+        raise HealthCheckFailed(f"warm latency {warm * 1e3:.2f} ms exceeds the budget {budget_s * 1e3:.2f} ms")
+    return warm
+
+
 def _nothing_works(attempts: list[tuple[str, str]]) -> str:
     return "no runtime could run this model: " + ("; ".join(f"{c}: {why}" for c, why in attempts) or "no candidates")
 
@@ -215,6 +252,10 @@ def _give_up(rt: Runtime | None, cand: Candidate, exc: BaseException, attempts: 
     why = f"{type(exc).__name__}: {exc}"
     attempts.append((cand.label(), why))
     logs.event(log, "selection.fallback", logging.WARNING, candidate=cand.label(), reason=why)
+    _close(rt, cand)
+
+
+def _close(rt: Runtime | None, cand: Candidate) -> None:
     if rt is not None:
         try:
             rt.close()
@@ -231,12 +272,15 @@ def choose(
     force_device: str | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     latency_budget_s: float | None = None,
+    hints: InputHints | None = None,
+    request: Mapping[str, Any] | np.ndarray | None = None,
 ) -> tuple[Selection, Ranking]:
-    """Rank and validate in one call: what the agent does when it activates a model."""
+    """Rank and validate in one call: what the agent does when it activates a model (``select`` says what ``hints`` and
+    ``request`` do)."""
     ranking = rank(profile, probes, variants, force_runtime, force_device)
     t0 = time.perf_counter()
     try:
-        sel = select(ranking.candidates, golden, options, latency_budget_s, profile)
+        sel = select(ranking.candidates, golden, options, latency_budget_s, profile, hints, request)
     except NoUsableRuntime as exc:
         attempts = ranking.excluded + exc.attempts
         raise NoUsableRuntime(_nothing_works(attempts), attempts) from None

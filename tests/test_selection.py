@@ -114,7 +114,8 @@ def test_forced_runtime_replaces_the_policy(tmp_path: Path) -> None:
     assert {c.runtime for c in r.candidates} == {"litert"} and {c.device for c in r.candidates} == {"CPU"}
     assert all(c.reason == "forced by settings" for c in r.candidates)
     r = rank(detect(tmp_path), probe_all(), [v("m.xml", "openvino")], force_runtime="onnx")
-    assert r.candidates == [] and any("no such variant" in why for _, why in r.excluded)
+    why = "onnx reads .onnx; this model is OpenVINO IR (.xml); runtimes that read OpenVINO IR (.xml): openvino"
+    assert r.candidates == [] and (("onnx", why) in r.excluded)
 
 
 # ---------------------------------------------------------------- validation on real runtimes

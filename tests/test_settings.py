@@ -69,7 +69,8 @@ def test_runtime_options_are_validated_when_settings_load(tmp_path: Path) -> Non
 
 def test_forced_runtime_that_cannot_load_is_not_replaced(models: ModelFiles, tmp_path: Path) -> None:
     settings = load_settings(toml(tmp_path, '[runtime]\nforce_runtime = "litert"\n'))
-    with pytest.raises(NoUsableRuntime, match="litert: reads tflite; no such variant"):
+    why = r"litert: litert reads \.tflite; this model is \.onnx; runtimes that read \.onnx: onnx, openvino, tensorrt"
+    with pytest.raises(NoUsableRuntime, match=why):
         commands.infer(models.path("tiny.onnx"), {"x": np.ones((1, 4), np.float32)}, settings=settings)
 
 

@@ -34,7 +34,8 @@ from agent.errors import (
     UnsupportedModelFormat,
 )
 from agent.runtimes.formats import Precision, model_format
-from agent.runtimes.tensors import TensorSpec, validate_inputs
+from agent.runtimes.hints import InputHints, warmup_inputs
+from agent.runtimes.tensors import TensorSpec, named_inputs, validate_inputs, with_batch_axes
 
 if TYPE_CHECKING:
     from agent.hardware import HardwareProfile
@@ -168,6 +169,7 @@ class Runtime(ABC):
         self._device = ""
         self._path = ""
         self._details: dict[str, Any] = {}
+        self._hints = InputHints()
 
     # -- implemented by each backend ----------------------------------------
 
@@ -181,7 +183,8 @@ class Runtime(ABC):
         """Load the model; set ``_inputs``, ``_outputs`` and ``_device``. Raise ModelLoadError on failure.
 
         ``profile`` is the hardware the caller detected (None when it did not say); a
-        runtime reads the hardware from it and never detects it again.
+        runtime reads the hardware from it and never detects it again. ``self._hints``
+        holds the inputs the model will see, for a backend that needs their shapes.
         """
 
     @abstractmethod
@@ -203,7 +206,10 @@ class Runtime(ABC):
         device: str | None = None,
         options: Mapping[str, Any] | RuntimeOptions | None = None,
         profile: HardwareProfile | None = None,
+        hints: InputHints | None = None,
     ) -> None:
+        """Load ``path``. ``hints``: inputs the model will see (golden samples, the user's) and each tensor's batch axis;
+        warm-up runs the first sample, and a backend that must fix shapes to read the file takes them from it."""
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
@@ -211,6 +217,7 @@ class Runtime(ABC):
         if fmt not in self.formats:
             raise UnsupportedModelFormat(f"{self.name} cannot read {fmt} models ({path.name})")
         opts = self.parse_options(options)
+        self._hints = hints or InputHints()
         probe = self.probe()
         if not probe.available:
             raise RuntimeUnavailable(f"{self.name} is not available here: {probe.reason}")
@@ -220,6 +227,8 @@ class Runtime(ABC):
             raise
         except Exception as exc:  # a backend's own exception types: give them ours, keep the message
             raise ModelLoadError(f"{self.name} could not load {path.name}: {_one_line(exc)}") from exc
+        self._inputs = with_batch_axes(self._inputs, self._hints.batch_axes)
+        self._outputs = with_batch_axes(self._outputs, self._hints.batch_axes)
         self._output_names = tuple(s.name for s in self._outputs)
         self._path = str(path)
         self._loaded = True
@@ -247,23 +256,35 @@ class Runtime(ABC):
         )
 
     def warmup(self, runs: int = 2) -> float:
-        """Run zeros through the model (dynamic dims as 1); returns the last run's seconds.
+        """Run inputs the model accepts through it; returns the last run's seconds.
 
         Why: the first call pays for lazy allocation, JIT and kernel selection; a
-        request must not.
+        request must not. The inputs: the first sample of the load's hints, else
+        synthetic zeros by the dimension policy of ``agent.runtimes.hints``.
         """
         self._require_loaded()
-        sample = {s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=s.accepts) for s in self._inputs}
-        elapsed = 0.0
-        for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        sample, how = warmup_inputs(self._inputs, self._hints, self.infer)
+        elapsed = time.perf_counter() - t0
+        self._details["warmup_inputs"] = how
+        for _ in range(max(1, runs - 1)):  # timed apart from the first: that one may include sizes the model refused
             t0 = time.perf_counter()
             self.infer(sample)
             elapsed = time.perf_counter() - t0
         return elapsed
 
-    def infer(self, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
+    def check(self, inputs: Mapping[str, object] | np.ndarray) -> list[np.ndarray]:
+        """The arrays ``infer`` would run for ``inputs`` (one bare array: the only input), or the typed reason it would refuse
+        them — what the caller's inputs are checked with before warm-up, so a bad input is the caller's error, not the model's."""
+        self._require_loaded()
+        return validate_inputs(self._inputs, named_inputs(self._inputs, inputs))
+
+    def infer(self, inputs: Mapping[str, object] | np.ndarray) -> dict[str, np.ndarray]:
+        """Run one request: by name, or one bare array for a one-input model."""
         if not self._loaded:
             raise RuntimeClosed(f"{self.name}: no model loaded")
+        if isinstance(inputs, np.ndarray):
+            inputs = named_inputs(self._inputs, inputs)
         arrays = validate_inputs(self._inputs, inputs)
         with self._lock:
             if not self._loaded:  # closed while this request was being validated

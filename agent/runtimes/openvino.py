@@ -1,6 +1,10 @@
 """OpenVINO: Intel CPUs, integrated GPUs (``GPU.N``) and NPUs, plus ``AUTO``.
 
-Reads OpenVINO IR (``.xml`` + ``.bin``), ONNX and TFLite directly. Compiled blobs
+Reads OpenVINO IR (``.xml`` + ``.bin``), ONNX and TFLite directly. An ONNX model
+that ``read_model`` refuses or reads with a dynamic rank (exporters' shape arithmetic,
+an If whose branches differ in rank) is converted with static shapes: those of the
+first sample the load's hints give (golden samples, ``--input``); ``describe()`` says
+so. Without samples such a model fails to load with that reason. Compiled blobs
 go to a cache directory because an NPU compile takes seconds and must not be
 paid on every start. The hot path reuses one pre-created infer request and copies
 the caller's arrays into its own tensors instead of passing a dict each call.
@@ -11,15 +15,19 @@ ONNX and TFLite behind ONNX Runtime and LiteRT; on ARM CPUs its ARM plugin last.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from agent.errors import RuntimeUnavailable
+from agent.errors import ModelLoadError, RuntimeUnavailable
 from agent.runtimes import register
 from agent.runtimes.base import GPU_PRECISIONS, Band, ProbeResult, Runtime, RuntimeOptions, Tier, cpu_precisions, x86_isa
+from agent.runtimes.hints import InputHints
 from agent.runtimes.tensors import TensorSpec
 
 if TYPE_CHECKING:
@@ -102,12 +110,14 @@ class OpenVINORuntime(Runtime):
             config["INFERENCE_PRECISION_HINT"] = opts.inference_precision
         if opts.num_threads and family == "CPU":
             config["INFERENCE_NUM_THREADS"] = opts.num_threads
-        model = core.read_model(str(path))
+        model, converted = _read(core, path, fmt, self._hints)
         compiled = core.compile_model(model, device, config)
         self._compiled = compiled
         self._request = compiled.create_infer_request()
-        self._inputs = tuple(_spec(p) for p in compiled.inputs)
-        self._outputs = tuple(_spec(p) for p in compiled.outputs)
+        # Names from the model, not the compiled model: compiling merges the names of fused tensors, and any one of them
+        # may come back (a Sigmoid's "output" as the "logit" before it).
+        self._inputs = tuple(_spec(p, _name(m)) for p, m in zip(compiled.inputs, model.inputs))
+        self._outputs = tuple(_spec(p, _name(m)) for p, m in zip(compiled.outputs, model.outputs))
         # Inputs are copied into the request's own (plugin-allocated) tensors: cheaper than
         # binding the caller's memory with set_input_tensor (measured ~6 us less on a tiny
         # model, ~10 us on a 512-wide MLP), and the request never keeps a pointer into an
@@ -124,6 +134,8 @@ class OpenVINORuntime(Runtime):
             "performance_hint": opts.performance_hint,
             "cache_dir": str(opts.cache_dir) if opts.cache_dir else None,
         }
+        if converted:
+            self._details["converted"] = converted
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         req = self._request
@@ -148,10 +160,68 @@ class OpenVINORuntime(Runtime):
         self._compiled = None
 
 
-def _spec(port: Any) -> TensorSpec:
-    shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
+def _read(core: Any, path: Path, fmt: str, hints: InputHints) -> tuple[Any, dict[str, Any] | None]:
+    """The model as OpenVINO reads it; an ONNX file it cannot read with dynamic shapes, converted with the samples' static
+    shapes — with what was done and why, for ``describe()``."""
+    if fmt != "onnx":
+        return core.read_model(str(path)), None
     try:
-        name = port.get_any_name()
+        model = core.read_model(str(path))
+    except Exception as exc:  # the frontend's OpConversionFailure and friends: the shapes may be what it lacks
+        if "OpConversionFailure" not in str(exc):  # not an ONNX it could parse (a corrupt file): no shapes will help
+            raise
+        why = f"read_model refused it: {' '.join(str(exc).split())[-300:]}"
+    else:
+        inputs_dynamic = any(p.get_partial_shape().rank.is_dynamic for p in model.inputs)
+        outputs_dynamic = any(p.get_partial_shape().rank.is_dynamic for p in model.outputs)
+        if not inputs_dynamic and (not outputs_dynamic or not hints.samples):  # dynamic-rank outputs alone may still run
+            return model, None
+        why = "read_model gives it a dynamic rank"
+    shapes = hints.shapes()
+    if not shapes:
+        raise ModelLoadError(f"openvino cannot read {path.name} with dynamic shapes ({why}); no input shapes are known to convert it with")
+    import openvino as ov
+
+    # The batch axes named in the hints left dynamic first (requests of any batch size then still run), then the exact shapes.
+    loose = [(n, s if n is None or hints.batch_axes.get(n) is None else _dynamic_at(s, hints.batch_axes[n])) for n, s in shapes]
+    problems = []
+    for tried in [loose, shapes] if loose != shapes else [shapes]:
+        given = [s if n is None else (n, s) for n, s in tried]
+        try:
+            with _logging_kept():
+                model = ov.convert_model(str(path), input=given)
+        except Exception as exc:
+            problems.append(f"with shapes {given}: {' '.join(str(exc).split())[-200:]}")
+            continue
+        done: dict[str, Any] = {"shapes": {n or "0": s for n, s in tried}, "why": why}
+        return model, {**done, "failed_first": problems} if problems else done
+    raise ModelLoadError(f"openvino could not convert {path.name} ({why}): " + "; ".join(problems))
+
+
+@contextmanager
+def _logging_kept() -> Iterator[None]:
+    """``convert_model`` (through the TensorFlow it imports) sets the root logger to ERROR: the agent's own warnings would
+    vanish for the rest of the process. The root logger's level and handlers are put back."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+
+
+def _dynamic_at(shape: list[int], axis: int | None) -> list[int]:
+    return [-1 if i == axis else d for i, d in enumerate(shape)]
+
+
+def _name(port: Any) -> str:
+    try:
+        return str(port.get_any_name())
     except RuntimeError:  # unnamed tensors exist in converted models
-        name = f"tensor_{port.get_index()}"
+        return f"tensor_{port.get_index()}"
+
+
+def _spec(port: Any, name: str) -> TensorSpec:
+    shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
     return TensorSpec(name, shape, np.dtype(port.get_element_type().to_dtype()))

@@ -2,14 +2,15 @@
 
 Why one module: input validation and quantization must behave identically on every
 backend, so a backend file only runs arrays that already passed here. A tensor's
-shape uses -1 for a dynamic dimension.
+shape uses -1 for a dynamic dimension; its batch axis is where requests stack when the
+agent micro-batches them (None: it has none, a 0-d sample rate say).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from agent.errors import DtypeMismatch, EmptyInput, MissingInput, NonFiniteInput, ShapeMismatch, UnknownInput
 
-__all__ = ["TensorSpec", "validate_inputs", "quantize", "dequantize"]
+__all__ = ["TensorSpec", "inferred_batch_axis", "named_inputs", "validate_inputs", "with_batch_axes", "quantize", "dequantize"]
 
 
 @dataclass(frozen=True, eq=True)
@@ -25,13 +26,16 @@ class TensorSpec:
     """One input or output tensor. ``shape`` uses -1 for a dynamic dimension.
 
     ``quantization`` is (scale, zero_point) for affine-quantized tensors: callers send
-    and receive floats for those, the runtime converts.
+    and receive floats for those, the runtime converts. ``batch_axis``: the dimension
+    along which requests stack (None: no batch dimension; ``Runtime.load`` sets it from
+    the bundle, ``--batch-axis`` or ``inferred_batch_axis``).
     """
 
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
     quantization: tuple[float, int] | None = None
+    batch_axis: int | None = None
 
     @property
     def is_static(self) -> bool:
@@ -56,7 +60,41 @@ class TensorSpec:
             "shape": list(self.shape),
             "dtype": self.dtype.name,
             "quantization": list(self.quantization) if self.quantization else None,
+            "batch_axis": self.batch_axis,
         }
+
+
+def inferred_batch_axis(shape: tuple[int, ...]) -> int | None:
+    """The batch axis of a tensor nobody named one for. A 0-d tensor has none. A first dimension fixed above 1 with
+    exactly one dynamic dimension elsewhere is a recurrent state (``[layers, batch, hidden]``): the dynamic one.
+    Everything else stacks on dimension 0, as most models do."""
+    if not shape:
+        return None
+    dynamic = [i for i, d in enumerate(shape) if d < 0]
+    if shape[0] > 1 and len(dynamic) == 1:
+        return dynamic[0]
+    return 0
+
+
+def with_batch_axes(specs: tuple[TensorSpec, ...], named: Mapping[str, int | None]) -> tuple[TensorSpec, ...]:
+    """``specs`` with their batch axes: the one ``named`` gives a tensor (the bundle's signature, ``--batch-axis``) when it
+    fits the tensor's rank, else the inferred one. Names not in ``specs`` are left to the caller to report."""
+    out = []
+    for s in specs:
+        axis = named[s.name] if s.name in named else inferred_batch_axis(s.shape)
+        if axis is not None and not 0 <= axis < s.ndim:  # a signature's axis that does not fit this file's tensor
+            axis = inferred_batch_axis(s.shape)
+        out.append(replace(s, batch_axis=axis))
+    return tuple(out)
+
+
+def named_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object] | np.ndarray) -> Mapping[str, object]:
+    """A request by name: one array alone is the model's only input; a model with several needs them by name."""
+    if isinstance(inputs, np.ndarray):
+        if len(specs) != 1:
+            raise MissingInput(f"the model has inputs {[s.name for s in specs]}: give them by name (.npz or a JSON object)")
+        return {specs[0].name: inputs}
+    return inputs
 
 
 def _validate_array(spec: TensorSpec, value: object) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 
 from agent import logs
 from agent.errors import EdgefleetError, InvalidInput
+from agent.serve import batching
 from agent.serve.host import ModelHost, UnknownModel
 from agent.serve.ratelimit import ClientBuckets
 from agent.wire import ROOT, device_topic
@@ -218,26 +219,27 @@ class Serving:
                 )
                 continue
             ready.append((item, req))
-        if len(ready) > 1 and self._batchable([r for _, r in ready]):
-            self._run_batch(ready)
-        else:
-            for item, req in ready:
-                self._run_one(item, req)
+        if len(ready) > 1 and self._run_batch(ready):
+            return
+        for item, req in ready:
+            self._run_one(item, req)
 
     def _inputs(self, model: str, req: Request) -> dict[str, np.ndarray]:
+        m = self.host.get(model)
+        if m is None:
+            raise UnknownModel(f"no model {model!r} on this device")
+        specs = {s.name: s for s in m.runtime.inputs}
         if isinstance(req.inputs, dict):
             inputs = req.inputs
         else:
-            m = self.host.get(model)
-            if m is None:
-                raise UnknownModel(f"no model {model!r} on this device")
-            names = [s.name for s in m.runtime.inputs]
-            if len(names) != 1:
-                raise PayloadError(f"the model has inputs {names}: give them by name", req.request_id)
-            inputs = {names[0]: req.inputs}
+            if len(specs) != 1:
+                raise PayloadError(f"the model has inputs {list(specs)}: give them by name", req.request_id)
+            inputs = {next(iter(specs)): req.inputs}
         for name, arr in inputs.items():
-            if arr.ndim and arr.shape[0] > self.max_batch_rows:
-                raise PayloadError(f"input {name!r} has {arr.shape[0]} rows; at most {self.max_batch_rows} per request", req.request_id)
+            spec = specs.get(name)
+            axis = spec.batch_axis if spec is not None else 0
+            if axis is not None and arr.ndim > axis and arr.shape[axis] > self.max_batch_rows:
+                raise PayloadError(f"input {name!r} has {arr.shape[axis]} rows; at most {self.max_batch_rows} per request", req.request_id)
         return inputs
 
     def _run_one(self, item: _Item, req: Request) -> None:
@@ -252,41 +254,28 @@ class Serving:
         self._call_s[item.model] = 0.9 * self._call_s.get(item.model, took) + 0.1 * took
         self._answer(item, req, outputs)
 
-    @staticmethod
-    def _batchable(reqs: list[Request]) -> bool:
-        first = reqs[0].inputs
-        if not isinstance(first, dict):
-            return False
-        for r in reqs[1:]:
-            if not isinstance(r.inputs, dict) or r.inputs.keys() != first.keys():
-                return False
-            for k, a in r.inputs.items():
-                b = first[k]
-                if a.ndim == 0 or a.ndim != b.ndim or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-                    return False
-        return True
-
-    def _run_batch(self, ready: list[tuple[_Item, Request]]) -> None:
+    def _run_batch(self, ready: list[tuple[_Item, Request]]) -> bool:
+        """Answer ``ready`` with one call, stacked along each input's batch axis (``agent.serve.batching``); False when
+        they cannot share one, or one of them is refused: the caller then runs them one by one."""
         model = ready[0][0].model
+        m = self.host.get(model)
+        if m is None or not all(isinstance(r.inputs, dict) for _, r in ready):
+            return False
         try:
-            inputs = [self._inputs(model, r) for _, r in ready]
-            rows = [next(iter(i.values())).shape[0] for i in inputs]
-            joined = {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]}
-            out = self.host.infer(model, joined)
-            if any(v.ndim == 0 or v.shape[0] != sum(rows) for v in out.values()):
-                raise ValueError("outputs are not per row")
-        except (InvalidInput, ValueError, PayloadError):  # one bad request must not fail the others: one by one
-            for item, req in ready:
-                self._run_one(item, req)
-            return
+            merged = batching.merge({s.name: s for s in m.runtime.inputs}, [self._inputs(model, r) for _, r in ready])
+            if merged is None:
+                return False
+            out = self.host.infer(model, merged[0])
+            parts = batching.split({s.name: s for s in m.runtime.outputs}, out, merged[1])
+        except (InvalidInput, ValueError, PayloadError, UnknownModel):  # one bad request must not fail the others
+            return False
         except Exception as exc:
             for item, req in ready:
                 self._fail(item, req, req.request_id, exc)
-            return
-        start = 0
-        for (item, req), n in zip(ready, rows):
-            self._answer(item, req, {k: v[start : start + n] for k, v in out.items()})
-            start += n
+            return True
+        for (item, req), part in zip(ready, parts):
+            self._answer(item, req, part)
+        return True
 
     # -- answers ---------------------------------------------------------------------------
 

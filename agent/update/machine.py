@@ -24,6 +24,7 @@ from agent.bundle import load_bundle, verify_variant
 from agent.errors import EdgefleetError
 from agent.hardware import HardwareProfile
 from agent.runtimes import probe_all
+from agent.runtimes.hints import InputHints
 from agent.selection import choose
 from agent.serve.host import ModelHost, ServingModel
 from agent.update import steps
@@ -144,15 +145,19 @@ class Installer:
         verify_variant(variant, root)
         candidates = [mv for mv in bundle.model_variants(root) if mv.path.name == variant.file]
         h = self.health
+        golden = bundle.golden_samples(root, variant)
+        # Warmed up on the golden inputs (shapes the model is known to accept), with the bundle's batch axes.
+        hints = InputHints(tuple(g.inputs for g in golden), {t.name: t.batch_axis for t in [*bundle.inputs, *bundle.outputs]})
         sel, ranking = choose(
             self.profile,
             probe_all(self.health.enabled),
             candidates,
-            bundle.golden_samples(root, variant),
+            golden,
             force_runtime=h.force_runtime,
             force_device=h.force_device,
             options=h.options,
             latency_budget_s=h.latency_budget_s,
+            hints=hints,
         )
         passed_over = [(w, why) for w, why in ranking.excluded + sel.attempts if ":" in w][:8]
         return ServingModel(m.model, m.version, m.variant, m.sha256, sel.runtime, on_probation=probation, passed_over=passed_over)

@@ -1,0 +1,73 @@
+"""Micro-batching's arithmetic: merging requests into one call along each tensor's own batch axis, splitting the answer.
+
+Why apart from the serving loop: which requests may share a call is a question of tensors, not of queues. Each input
+stacks along its own batch axis (0 for most, 1 for a recurrent state ``[layers, batch, hidden]``); an input without one
+(a 0-d sample rate) goes into the call once, so it must be equal in every request merged. Anything else — names that
+differ, other dimensions that differ, a request whose inputs disagree on its row count — is not merged: those requests
+run one by one, which is always correct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from agent.runtimes.tensors import TensorSpec
+
+__all__ = ["merge", "request_rows", "split"]
+
+
+def request_rows(specs: Mapping[str, TensorSpec], inputs: Mapping[str, np.ndarray]) -> int | None:
+    """The request's batch size: the same along every batched input's axis; None when they disagree, an input is unknown
+    or none has a batch axis."""
+    rows = set()
+    for name, arr in inputs.items():
+        spec = specs.get(name)
+        if spec is None or arr.ndim != spec.ndim:
+            return None
+        if spec.batch_axis is not None:
+            rows.add(arr.shape[spec.batch_axis])
+    return rows.pop() if len(rows) == 1 else None
+
+
+def _same_but_axis(a: np.ndarray, b: np.ndarray, axis: int | None) -> bool:
+    if a.dtype != b.dtype or a.ndim != b.ndim:
+        return False
+    if axis is None:
+        return a.shape == b.shape and bool(np.array_equal(a, b))
+    return a.shape[:axis] == b.shape[:axis] and a.shape[axis + 1 :] == b.shape[axis + 1 :]
+
+
+def merge(specs: Mapping[str, TensorSpec], requests: list[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]] | None:
+    """One call's inputs for ``requests`` and each request's row count, or None when they cannot share a call."""
+    first = requests[0]
+    rows = []
+    for inputs in requests:
+        n = request_rows(specs, inputs)
+        if n is None or inputs.keys() != first.keys():
+            return None
+        if any(not _same_but_axis(arr, first[k], specs[k].batch_axis) for k, arr in inputs.items()):
+            return None
+        rows.append(n)
+    joined = {}
+    for name, arr in first.items():
+        axis = specs[name].batch_axis
+        joined[name] = arr if axis is None else np.concatenate([r[name] for r in requests], axis=axis)
+    return joined, rows
+
+
+def split(specs: Mapping[str, TensorSpec], outputs: Mapping[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
+    """Each request's share of a merged call's outputs; ValueError when an output is not per row along its batch axis."""
+    total = sum(rows)
+    parts: list[dict[str, np.ndarray]] = [{} for _ in rows]
+    for name, value in outputs.items():
+        spec = specs.get(name)
+        axis = spec.batch_axis if spec is not None else None
+        if axis is None or value.ndim <= axis or value.shape[axis] != total:
+            raise ValueError(f"output {name!r} is not per row")
+        start = 0
+        for part, n in zip(parts, rows):
+            part[name] = value[(slice(None),) * axis + (slice(start, start + n),)]
+            start += n
+    return parts
