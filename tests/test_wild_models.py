@@ -187,8 +187,6 @@ def test_serving_answers_a_json_request_with_a_bare_number_sample_rate(serving_a
     payload = {"input": inputs["input"].tolist(), "state": inputs["state"].tolist(), "sr": 16000}
     with EdgeClient(mqtt_broker.host, mqtt_broker.port) as client:
         out = client.infer("wild-1", "vad", {k: np.asarray(v) for k, v in payload.items()})
-    raw = json.dumps({"request_id": "x", "inputs": payload})
-    assert '"sr": 16000' in raw  # what went over the wire: a bare number
     want = reference(vad, inputs)
     np.testing.assert_allclose(out["output"], want["output"], atol=1e-5)
     np.testing.assert_allclose(out["stateN"], want["stateN"], atol=1e-5)

@@ -1,0 +1,161 @@
+"""Models this project did not make, end to end: silero-vad's voice-activity ONNX as its PyPI wheel ships it, and a
+stateful model shaped like it, built here with onnx.helper.
+
+Each goes the whole way a user's model goes: ``edge-agent infer`` on the bare file, ``fleet build`` with real
+calibration samples and the state's batch axis (no ``--drop-failing``), a signed release, the director's assignment, a
+real agent that installs it (its health check runs the golden samples: a 0-d sample rate and a state stacked on dim 1)
+and serves it over MQTT to an unmodified paho client sending plain JSON, the sample rate a bare number. Every answer is
+compared with plain onnxruntime on the same inputs.
+
+silero-vad is installed by the set-up (README: "Set up") only for this test; nothing of ours imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import paho.mqtt.client as mqtt
+import pytest
+import wild_models
+from update_rig import Rig, wait_for
+
+from agent.bundle import load_bundle
+from agent.daemon import Agent
+from agent.settings import load_settings
+from agent.wire import ROOT
+from fleet.dev.broker import RunningBroker
+from fleet.transport.announce import announce
+
+
+def silero_vad(_: Path) -> Path:
+    """The model file inside the installed silero-vad wheel: a published model, not one of ours."""
+    spec = importlib.util.find_spec("silero_vad")
+    assert spec is not None and spec.submodule_search_locations, "silero-vad is part of the set-up (README: Set up)"
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+
+
+def silero_samples(count: int = 24, length: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
+    """Tones with noise at 16 kHz, silero's chunk length; a zero state stacked on dim 1; the sample rate 0-d."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length) / 16000
+    freq = rng.uniform(150, 1500, (count, 1))
+    audio = (0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal((count, length))).astype(np.float32)
+    return {"input": audio, "state": np.zeros((2, count, 128), np.float32), "sr": np.array(16000, np.int64)}
+
+
+def stateful(root: Path) -> Path:
+    return wild_models.write_stateful_onnx(root / "stateful.onnx")
+
+
+MODELS: dict[str, tuple[Callable[[Path], Path], Callable[..., dict[str, np.ndarray]]]] = {
+    "silero-vad": (silero_vad, silero_samples),
+    "stateful": (stateful, wild_models.stateful_samples),
+}
+
+
+def run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which(tool) or str(Path(sys.executable).with_name(tool))
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600)
+
+
+def reference(model: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Plain onnxruntime: the answer every path must give."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
+
+
+def first(samples: dict[str, np.ndarray], axes: dict[str, int | None], n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` samples, cut along each input's own batch axis (a 0-d input has none)."""
+    return {k: v if axes[k] is None else np.take(v, range(n), axis=axes[k]) for k, v in samples.items()}
+
+
+class PahoApp:
+    """An application that knows nothing of edgefleet's Python: paho, JSON, the documented topics."""
+
+    def __init__(self, broker: RunningBroker) -> None:
+        self.replies: dict[str, dict[str, Any]] = {}
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"app-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = lambda c, u, msg: self.replies.__setitem__(json.loads(msg.payload)["request_id"], json.loads(msg.payload))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def ask(self, device: str, model: str, body: str, request_id: str) -> dict[str, Any]:
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.subscribe(f"{ROOT}/dev/{device}/pred/{model}", qos=1)  # no reply_to: answers go to pred/{model}
+        assert subscribed.wait(10), "the broker did not acknowledge the subscription"
+        self.client.publish(f"{ROOT}/dev/{device}/infer/{model}/voiceapp", body, qos=1)
+        return wait_for(lambda: self.replies.get(request_id), 30, f"the answer to {request_id}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_model_from_the_wild_runs_builds_installs_and_serves(name: str, tmp_path: Path, rig: Rig, mqtt_broker: RunningBroker) -> None:
+    make, samples_of = MODELS[name]
+    model = make(tmp_path)
+    samples = samples_of()
+    axes = {k: (None if v.ndim == 0 else 1 if k == "state" else 0) for k, v in samples.items()}
+
+    # 1. the bare file, on the inputs given: warm-up uses them, so the reflect Pad never sees a length-1 input
+    one = first(samples, axes, 1)
+    np.savez(tmp_path / "one.npz", **one)
+    done = run(
+        "edge-agent", "infer", str(model), "--input", str(tmp_path / "one.npz"), "--runtime", "onnx", "--output", str(tmp_path / "o.npz")
+    )
+    assert done.returncode == 0, done.stderr
+    want = reference(model, one)
+    with np.load(tmp_path / "o.npz") as got:
+        for out in want:
+            np.testing.assert_allclose(got[out], want[out], atol=1e-5)
+
+    # 2. fleet build with real calibration samples and the state's batch axis, without --drop-failing
+    np.savez(tmp_path / "samples.npz", **samples)
+    bundle_dir = tmp_path / "bundle"
+    built = run(
+        "fleet", "build", str(model), "--name", name, "--version", "1.0.0", "--out", str(bundle_dir),
+        "--samples", str(tmp_path / "samples.npz"), "--batch-axis", "state=1",
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    bundle = load_bundle(bundle_dir)
+    assert {t.name: t.batch_axis for t in bundle.inputs} == axes
+    assert "onnx-fp32" in {v.id for v in bundle.variants}
+    for vid, why in bundle.skipped.items():  # every variant not kept says why; none failed the build
+        assert why.reason, vid
+
+    # 3. signed, assigned, installed by a real agent whose health check runs the golden samples
+    rig.image.release(bundle_dir, rig.keys)  # the session's repositories and repository server
+    device = f"wild-{name}"
+    agent = Agent(load_settings(rig.write_config(device))).start()
+    app = PahoApp(mqtt_broker)
+    try:
+        assert agent.wait_connected()
+        rig.director.assign(device, rig.image, name, "1.0.0", "onnx-fp32", rig.keys)
+        announce(rig.director, [device], mqtt_broker.host, mqtt_broker.port)
+        wait_for(lambda: agent.host.get(name) is not None, 120, f"{name} installed")
+
+        # 4. served to plain JSON over MQTT: nested lists, the sample rate a bare number
+        two = first(samples, axes, 2)
+        body = json.dumps({"request_id": "q1", "inputs": {k: (int(v) if v.ndim == 0 else v.tolist()) for k, v in two.items()}})
+        reply = app.ask(device, name, body, "q1")
+        assert "error" not in reply, reply
+        assert reply["version"] == "1.0.0"
+        want = reference(model, two)
+        for out in want:
+            np.testing.assert_allclose(np.asarray(reply["outputs"][out], np.float32), want[out], atol=1e-4)
+    finally:
+        app.close()
+        agent.stop()
