@@ -62,26 +62,9 @@ JOB_COLUMNS: dict[str, type] = {
 
 
 def job_row(job: Job) -> dict[str, Any]:
-    u = job.update
-    return {
-        "id": job.id,
-        "target_path": u.target_path,
-        "model": u.model,
-        "version": u.version,
-        "variant": u.variant,
-        "release_counter": u.release_counter,
-        "length": u.length,
-        "sha256": u.sha256,
-        "url": u.url,
-        "chunks": u.chunks.encode().decode(),
-        "state": job.state.value,
-        "offset": job.offset,
-        "reason": job.reason,
-        "attempts": job.attempts,
-        "created": job.created,
-        "updated": job.updated,
-        "shadow": int(job.shadow),
-    }
+    """The job as stored: what it reports, less the derived status, plus where its artifact comes from."""
+    row = {k: v for k, v in job.report().items() if k != "status"}
+    return {**row, "url": job.update.url, "chunks": job.update.chunks.encode().decode()}
 
 
 def job_from_row(r: dict[str, Any]) -> Job:
