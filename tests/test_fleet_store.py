@@ -1,4 +1,5 @@
-"""The controller's store on real SQLite: prediction sums and shadow comparisons in, aggregates out, bad input refused whole."""
+"""The controller's store on real SQLite and real PostgreSQL (every test runs on both): prediction sums and shadow
+comparisons in, aggregates out, bad input refused whole; schema versions, telemetry retention, store URLs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,10 @@ from fleet.store import FleetStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FleetStore:
-    return FleetStore(tmp_path / "fleet.db")
+def store(store_location: Path | str) -> Iterator[FleetStore]:
+    fs = FleetStore(store_location)
+    yield fs
+    fs.close()
 
 
 def telemetry(
@@ -74,7 +78,7 @@ def sums(rows: int, mean: float, std: float, classes: list[int] | None = None) -
 
 
 def counts(store: FleetStore) -> tuple[int, int, int]:
-    return tuple(int(store.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in ("telemetry", "predictions", "shadow"))  # type: ignore[return-value]
+    return tuple(int(store.db.query(f"SELECT count(*) AS n FROM {t}")[0]["n"]) for t in ("telemetry", "predictions", "shadow"))  # type: ignore[return-value]
 
 
 def test_prediction_sums_add_up_across_devices_into_a_distribution(store: FleetStore) -> None:
@@ -206,15 +210,16 @@ def test_any_prediction_or_shadow_fields_are_stored_whole_or_refused_whole(store
     assert after[1] - before[1] == (predictions is not None) and after[2] - before[2] == (shadow is not None)
 
 
-def test_fleet_device_shows_the_shadow_and_how_it_compares(tmp_path: Path) -> None:
-    db = tmp_path / "fleet.db"
-    fs = FleetStore(db)
+def test_fleet_device_shows_the_shadow_and_how_it_compares(store_location: Path | str) -> None:
+    fs = FleetStore(store_location)
     shadow_of = {"version": "2.0.0", "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx"}
     models = {"m": {"version": "1.0.0", "variant": "onnx-fp32", "sha256": "cd", "runtime": "onnx", "device": "CPU", "shadow": shadow_of}}
     shadow = {**shadow_window(80, 60, 4.5), "errors": 2, "skipped": 3, "active_p95_ms": 1.5}
     fs.ingest([msg("cam-1", "reported", reported("cam-1", models)), msg("cam-1", "telemetry", telemetry(1, shadow=shadow))])
     fs.close()
-    done = subprocess.run([sys.executable, "-m", "fleet.cli", "device", "cam-1", "--store", str(db)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "device", "cam-1", "--store", str(store_location)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stderr.split())  # rich wraps long lines
     assert "model m 1.0.0 (onnx-fp32 on onnx/CPU) + shadow 2.0.0" in text
