@@ -37,6 +37,7 @@ from fleet.rollout import Gates, RolloutEngine, RolloutSpec, parse_waves
 from fleet.rollout.spec import SOAK_S, WAVE_TIMEOUT_S
 from fleet.settings import DEFAULT_CONFIG, DEFAULT_TELEMETRY_DAYS, load_settings
 from fleet.store import Device, FleetStore, Job, StoreLocation
+from fleet.store.url import redacted
 from fleet.transport.announce import announce
 from fleet.tuf.director import Director
 from fleet.tuf.image_repo import ImageRepository, Release
@@ -179,10 +180,13 @@ def release_revoke(model: str, version: str, repo: Path, keys_dir: Path, reason:
 
 
 def config_check(config: Path | None = None) -> dict[str, Any]:
-    """The effective settings as JSON data, a dashboard token masked; ``InvalidOptions`` names the wrong key."""
+    """The effective settings as JSON data, a dashboard token and a store URL's password masked; ``InvalidOptions``
+    names the wrong key."""
     data = load_settings(config).model_dump(mode="json")
     if data["dashboard"]["token"]:
         data["dashboard"]["token"] = "********"  # set; a secret is not printed again
+    if isinstance(data["store"], str):
+        data["store"] = redacted(data["store"])
     return data
 
 

@@ -347,6 +347,9 @@ def test_the_cli_refuses_a_bad_store_url_as_a_usage_error(tmp_path: Path) -> Non
     done = subprocess.run([*cli, "rollout", "list"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and "error[bad_config]: settings: store=" in done.stderr and "Port out of range" in done.stderr
     assert not list(tmp_path.glob("postgres*")), "a URL was never taken for a file name"
+    (tmp_path / "fleet.toml").write_text('store = "postgresql://edgefleet:hunter2@db.example.net/fleet"\n')
+    done = subprocess.run([*cli, "config", "check"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and json.loads(done.stdout)["store"] == "postgresql://edgefleet:***@db.example.net/fleet"
 
 
 def test_fleet_serve_ingests_a_devices_telemetry_into_postgresql_partitions(rig: Any, tmp_path: Path) -> None:
