@@ -28,7 +28,7 @@ from fleet.store import schema
 from fleet.store.db import Conflict, Params
 from fleet.store.url import StoreUnreachable, redacted
 
-__all__ = ["PostgreSQL", "translate"]
+__all__ = ["MIGRATIONS", "PostgreSQL", "translate"]
 
 T = TypeVar("T")
 MAX_VARIABLES = 10_000  # bound variables per statement (the protocol allows 65,535)

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 from fleet.store import schema
 from fleet.store.db import Conflict, Params
 
-__all__ = ["MAX_VARIABLES", "SQLite", "retry_locked"]
+__all__ = ["MAX_VARIABLES", "MIGRATIONS", "SQLite", "retry_locked"]
 
 MAX_VARIABLES = 500  # bound variables per statement, well under SQLite's limit
 T = TypeVar("T")
@@ -57,7 +57,8 @@ class SQLite:
         self.name = str(path)
         self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        # WAL fails at once with "database is locked" (no busy wait) while another process creates the file: retried
+        retry_locked(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
         self.conn.execute("PRAGMA synchronous=NORMAL")  # the controller can re-derive state from the devices' retained messages
 
     def close(self) -> None:
