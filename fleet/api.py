@@ -35,8 +35,9 @@ from fleet.dashboard import Dashboard, serve_dashboard
 from fleet.provision import BrokerAuth, Credentials, controller_bundle, device_bundle
 from fleet.rollout import Gates, RolloutEngine, RolloutSpec, parse_waves
 from fleet.rollout.spec import SOAK_S, WAVE_TIMEOUT_S
-from fleet.settings import DEFAULT_CONFIG, load_settings
-from fleet.store import Device, FleetStore, Job
+from fleet.settings import DEFAULT_CONFIG, DEFAULT_TELEMETRY_DAYS, load_settings
+from fleet.store import Device, FleetStore, Job, StoreLocation
+from fleet.store.url import redacted
 from fleet.transport.announce import announce
 from fleet.tuf.director import Director
 from fleet.tuf.image_repo import ImageRepository, Release
@@ -104,7 +105,7 @@ class ConfigExists(EdgefleetError):
 
 
 @contextmanager
-def _opened(store: Path) -> Iterator[FleetStore]:
+def _opened(store: StoreLocation) -> Iterator[FleetStore]:
     fs = FleetStore(store)
     try:
         yield fs
@@ -113,7 +114,7 @@ def _opened(store: Path) -> Iterator[FleetStore]:
 
 
 @contextmanager
-def _engine(store: Path, repo: Path | None = None) -> Iterator[RolloutEngine]:
+def _engine(store: StoreLocation, repo: Path | None = None) -> Iterator[RolloutEngine]:
     """An engine that takes commands: they only write the store; ``fleet serve`` (director key) moves the devices."""
     with _opened(store) as fs:
         yield RolloutEngine(fs, ImageRepository(repo or Path(".")))
@@ -179,10 +180,13 @@ def release_revoke(model: str, version: str, repo: Path, keys_dir: Path, reason:
 
 
 def config_check(config: Path | None = None) -> dict[str, Any]:
-    """The effective settings as JSON data, a dashboard token masked; ``InvalidOptions`` names the wrong key."""
+    """The effective settings as JSON data, a dashboard token and a store URL's password masked; ``InvalidOptions``
+    names the wrong key."""
     data = load_settings(config).model_dump(mode="json")
     if data["dashboard"]["token"]:
         data["dashboard"]["token"] = "********"  # set; a secret is not printed again
+    if isinstance(data["store"], str):
+        data["store"] = redacted(data["store"])
     return data
 
 
@@ -232,7 +236,7 @@ class DeviceRow:
 
 
 def devices(
-    store: Path | None = None, tags: dict[str, str] | None = None, wait: float = 1.0, broker: BrokerSettings | None = None
+    store: StoreLocation | None = None, tags: dict[str, str] | None = None, wait: float = 1.0, broker: BrokerSettings | None = None
 ) -> list[DeviceRow]:
     """Every device: from the registry in ``store`` (with tags; ``tags`` filters), else from what each device last said
     on the broker (collected for ``wait`` seconds)."""
@@ -241,7 +245,7 @@ def devices(
     return _broker_rows(broker or BrokerSettings(), wait)
 
 
-def _registry_rows(store: Path, tags: dict[str, str]) -> list[DeviceRow]:
+def _registry_rows(store: StoreLocation, tags: dict[str, str]) -> list[DeviceRow]:
     with _opened(store) as fs:
         found = [d for d in fs.devices() if all(d.tags.get(k) == v for k, v in tags.items())]
     return [DeviceRow(d.id, d.online, d.hardware, d.models, d.update, tags=d.tags) for d in found]
@@ -280,11 +284,11 @@ class DeviceDetail:
         return {**self.device.to_json(), "jobs": jobs, "telemetry": self.telemetry, "shadows": self.shadows}
 
 
-def device(device_id: str, store: Path) -> DeviceDetail:
+def device(device_id: str, store: StoreLocation) -> DeviceDetail:
     with _opened(store) as fs:
         d = fs.device(device_id)
         if d is None:
-            raise UnknownDevice(f"{device_id} is not in {store}")
+            raise UnknownDevice(f"{device_id} is not in {fs.name}")
         since = time.time() - SHADOW_WINDOW_S
         shadows = {
             name: {"version": version, **asdict(fs.shadow_health(name, version, since, [device_id]))}
@@ -294,7 +298,7 @@ def device(device_id: str, store: Path) -> DeviceDetail:
         return DeviceDetail(d, fs.jobs(device_id)[-10:], fs.recent_telemetry(device_id, 10), shadows)
 
 
-def tag(device_id: str, tags: dict[str, str], store: Path) -> Device:
+def tag(device_id: str, tags: dict[str, str], store: StoreLocation) -> Device:
     """Set ``tags`` on a device (an empty value removes the tag); selectors use them (``tag:site=berlin``)."""
     valid_device_id(device_id)
     with _opened(store) as fs:
@@ -314,7 +318,7 @@ class StartedRollout:
 def rollout_start(
     model: str,
     version: str,
-    store: Path,
+    store: StoreLocation,
     repo: Path,
     selector: str = "",
     waves: str = "1%,10%,50%,100%",
@@ -366,14 +370,14 @@ def rollout_start(
     return _start(spec, store, repo)
 
 
-def rollback(model: str, version: str, store: Path, repo: Path, selector: str = "") -> StartedRollout:
+def rollback(model: str, version: str, store: StoreLocation, repo: Path, selector: str = "") -> StartedRollout:
     """Point the selection (default: every device running ``model``) back at ``version``: a rollout in one wave, with
     no soak and no health gate (the point is to leave the version being judged, whatever its numbers)."""
     no_gate = Gates(max_failed="100%", max_error_rate_increase=1.0, max_p95_ratio=1e9)
     return _start(RolloutSpec(model, version, selector or f"model={model}", ["100%"], soak_s=0, gates=no_gate), store, repo)
 
 
-def _start(spec: RolloutSpec, store: Path, repo: Path) -> StartedRollout:
+def _start(spec: RolloutSpec, store: StoreLocation, repo: Path) -> StartedRollout:
     with _engine(store, repo) as engine:
         rid = engine.start(spec)
         return StartedRollout(rid, spec, len(engine.store.rollout_devices(rid)))
@@ -391,7 +395,7 @@ class RolloutRow:
     reason: str
 
 
-def rollout_list(store: Path) -> list[RolloutRow]:
+def rollout_list(store: StoreLocation) -> list[RolloutRow]:
     with _opened(store) as fs:
         return [
             RolloutRow(
@@ -408,25 +412,25 @@ def rollout_list(store: Path) -> list[RolloutRow]:
         ]
 
 
-def rollout_status(rollout_id: int, store: Path) -> dict[str, Any]:
+def rollout_status(rollout_id: int, store: StoreLocation) -> dict[str, Any]:
     """The rollout with, per wave, how many devices are in each state (``RolloutEngine.progress``)."""
     with _engine(store) as engine:
         return engine.progress(rollout_id)
 
 
-def rollout_pause(rollout_id: int, store: Path) -> None:
+def rollout_pause(rollout_id: int, store: StoreLocation) -> None:
     """Stop moving devices (those already moved stay)."""
     with _engine(store) as engine:
         engine.pause(rollout_id)
 
 
-def rollout_resume(rollout_id: int, store: Path) -> None:
+def rollout_resume(rollout_id: int, store: StoreLocation) -> None:
     """Go on with a paused rollout."""
     with _engine(store) as engine:
         engine.resume(rollout_id)
 
 
-def rollout_abort(rollout_id: int, store: Path) -> None:
+def rollout_abort(rollout_id: int, store: StoreLocation) -> None:
     """Ask the controller to stop and point every device already moved back at its previous version."""
     with _engine(store) as engine:
         engine.request_abort(rollout_id)
@@ -516,23 +520,23 @@ def serve(
     keys_dir: Path,
     broker: BrokerSettings | None = None,
     interval: float = 60.0,
-    store: Path | None = None,
-    telemetry_days: float = 7.0,
+    store: StoreLocation | None = None,
+    telemetry_days: float | None = None,
     http: str | None = None,
     token: str | None = None,
     token_file: Path = DEFAULT_CONFIG,
 ) -> Serving:
     """Serve ``root``/image and ``root``/director over MQTT, re-signing online metadata (checked every ``interval``
-    seconds); with ``store`` also ingest, telemetry (kept ``telemetry_days``) and rollouts; with ``http`` the dashboard
-    on ``[HOST]:PORT`` (needs ``store``: ``NeedsStore``), protected by ``token`` (off loopback a new one is made and
-    kept in ``token_file``, a fleet.toml, as ``dashboard.token``). Returns once everything runs; ``Serving.stop()`` ends it."""
+    seconds); with ``store`` (a SQLite file or a ``postgresql://`` URL) also ingest, telemetry (kept ``telemetry_days``,
+    None: 7) and rollouts; with ``http`` the dashboard on ``[HOST]:PORT`` (needs ``store``: ``NeedsStore``), protected
+    by ``token`` (off loopback a new one is made and kept in ``token_file``, a fleet.toml, as ``dashboard.token``).
+    Returns once everything runs; ``Serving.stop()`` ends it."""
     if http and store is None:
         raise NeedsStore("--http needs --store (the dashboard shows the store)")
     b = broker or BrokerSettings()
+    keep_s = (telemetry_days if telemetry_days is not None else DEFAULT_TELEMETRY_DAYS) * 86400
     try:
-        controller = Controller(
-            root, KeyStore(keys_dir), interval_s=interval, store=store, telemetry_keep_s=telemetry_days * 86400, broker=b
-        )
+        controller = Controller(root, KeyStore(keys_dir), interval_s=interval, store=store, telemetry_keep_s=keep_s, broker=b)
         controller.start()
     except OSError as exc:
         raise BrokerUnreachable(f"no broker at {b.host}:{b.port}: {exc}") from exc

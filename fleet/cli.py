@@ -468,7 +468,24 @@ def assign_cmd(
     console.print(f"{device} -> {target.path} ({variant}, sha256 {target.hashes['sha256'][:12]}…)")
 
 
-def _default_store(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path:
+class _StoreType(click.ParamType):
+    """A store: a SQLite file's path or a postgresql:// URL; a URL edgefleet cannot open is a usage error (exit 2)."""
+
+    name = "PATH|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        from fleet.store.url import BadStoreURL, store_location
+
+        try:
+            return store_location(value)
+        except BadStoreURL as exc:
+            self.fail(str(exc), param, ctx)
+
+
+_STORE = _StoreType()
+
+
+def _default_store(ctx: click.Context, param: click.Parameter, value: Path | str | None) -> Path | str:
     """``--store``, else fleet.toml's ``store``, else ./fleet.db (``--config`` is eager: read by now)."""
     return value if value is not None else _settings(ctx.meta.get("fleet.config")).store_path()
 
@@ -478,10 +495,10 @@ def _store_option(f: _F) -> _F:
     else from it, so the value is not passed on)."""
     f = click.option(
         "--store",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=_STORE,
         default=None,
         callback=_default_store,
-        help="The controller's store (default: fleet.toml's `store`, else ./fleet.db).",
+        help="The controller's store, a SQLite file or a postgresql:// URL (default: fleet.toml's `store`, else ./fleet.db).",
     )(f)
     return click.option(
         "--config",
@@ -497,11 +514,13 @@ def _store_option(f: _F) -> _F:
 @main.command("devices")
 @_broker_option
 @_config_option
-@click.option("--store", type=click.Path(dir_okay=False, path_type=Path), help="Read the registry (tags, history) instead of the broker.")
+@click.option("--store", type=_STORE, help="Read the registry (tags, history) instead of the broker: a SQLite file or a postgresql:// URL.")
 @click.option("--tag", "tags", multiple=True, help="Only devices with this tag, KEY=VALUE (with --store).")
 @click.option("--wait", type=float, default=1.0, show_default=True, help="Seconds to collect the devices' retained reports.")
 @click.option("--json", "as_json", is_flag=True)
-def devices_cmd(broker: str | None, config: Path | None, store: Path | None, tags: tuple[str, ...], wait: float, as_json: bool) -> None:
+def devices_cmd(
+    broker: str | None, config: Path | None, store: Path | str | None, tags: tuple[str, ...], wait: float, as_json: bool
+) -> None:
     """Every device's presence and what it reports: hardware, runtimes, active models, its last update."""
     from fleet import api
 
@@ -543,7 +562,7 @@ def _key_values(items: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.argument("device_id")
 @_store_option
 @click.option("--json", "as_json", is_flag=True)
-def device_cmd(device_id: str, store: Path, as_json: bool) -> None:
+def device_cmd(device_id: str, store: Path | str, as_json: bool) -> None:
     """One device: what it reports, its tags, its update jobs and its recent telemetry."""
     from fleet import api
 
@@ -579,7 +598,7 @@ def device_cmd(device_id: str, store: Path, as_json: bool) -> None:
 @click.argument("device_id")
 @click.argument("tags", nargs=-1, required=True)
 @_store_option
-def tag_cmd(device_id: str, tags: tuple[str, ...], store: Path) -> None:
+def tag_cmd(device_id: str, tags: tuple[str, ...], store: Path | str) -> None:
     """Set tags on a device: KEY=VALUE ... (KEY= removes one). Selectors use them: tag:site=berlin."""
     from fleet import api
 
@@ -673,7 +692,7 @@ def rollout_start_cmd(**options: Any) -> None:
 
 @rollout_group.command("list")
 @_store_option
-def rollout_list_cmd(store: Path) -> None:
+def rollout_list_cmd(store: Path | str) -> None:
     """Every rollout with its state."""
     from fleet import api
 
@@ -688,7 +707,7 @@ def rollout_list_cmd(store: Path) -> None:
 @_store_option
 @click.option("--watch", is_flag=True, help="Live progress bars per wave until the rollout ends.")
 @click.option("--json", "as_json", is_flag=True)
-def rollout_status_cmd(rollout_id: int, store: Path, watch: bool, as_json: bool) -> None:
+def rollout_status_cmd(rollout_id: int, store: Path | str, watch: bool, as_json: bool) -> None:
     """One rollout: per wave, how many devices are pending, assigned, active, failed, rolled back."""
     from rich.live import Live
 
@@ -737,7 +756,7 @@ def _rollout_action(name: str, doc: str) -> None:
     @rollout_group.command(name, help=doc)
     @click.argument("rollout_id", type=int)
     @_store_option
-    def action(rollout_id: int, store: Path) -> None:
+    def action(rollout_id: int, store: Path | str) -> None:
         from fleet import api
 
         with _reported():
@@ -756,7 +775,7 @@ _rollout_action("abort", "Stop and point every device already moved back at its 
 @_store_option
 @click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path), help="Image repository.")
 @click.option("--select", "selector", default="", help="Which devices (default: every device running MODEL).")
-def rollback_cmd(model: str, version: str, store: Path, repo: Path, selector: str) -> None:
+def rollback_cmd(model: str, version: str, store: Path | str, repo: Path, selector: str) -> None:
     """Point the whole selection back at MODEL VERSION, in one wave, with no health gate."""
     from fleet import api
 
@@ -884,8 +903,8 @@ def _print_provisioned(creds: Credentials, broker_dir: Path, out: Path | None) -
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @_broker_option
 @click.option("--interval", type=float, default=60.0, show_default=True, help="Seconds between re-signing checks.")
-@click.option("--store", type=click.Path(dir_okay=False, path_type=Path), help="Registry/telemetry/rollout store: ingest and run rollouts.")
-@click.option("--telemetry-days", type=float, default=7.0, show_default=True, help="Telemetry retention in the store.")
+@click.option("--store", type=_STORE, help="Registry/telemetry/rollout store (SQLite file or postgresql:// URL): ingest and run rollouts.")
+@click.option("--telemetry-days", type=float, help="Telemetry retention in the store (default: fleet.toml's telemetry_retention_days, 7).")
 @click.option(
     "--http",
     "http",
@@ -898,8 +917,8 @@ def serve_cmd(
     keys_dir: Path,
     broker: str | None,
     interval: float,
-    store: Path | None,
-    telemetry_days: float,
+    store: Path | str | None,
+    telemetry_days: float | None,
     http: str | None,
     config: Path | None,
 ) -> None:
@@ -924,7 +943,7 @@ def serve_cmd(
                 b,
                 interval,
                 store or settings.store,
-                telemetry_days,
+                telemetry_days if telemetry_days is not None else settings.telemetry_retention_days,
                 http or settings.dashboard.http,
                 settings.dashboard.token,
                 config_file(config) or DEFAULT_CONFIG,

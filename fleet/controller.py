@@ -26,7 +26,7 @@ from agent import logs, wire
 from agent.settings import BrokerSettings
 from agent.wire import WireError
 from fleet.rollout import RolloutEngine
-from fleet.store import FleetStore
+from fleet.store import FleetStore, StoreLocation
 from fleet.transport import client as transport
 from fleet.transport.announce import announce
 from fleet.transport.ingest import Ingestor
@@ -117,7 +117,7 @@ class Controller:
         host: str | None = None,
         port: int | None = None,
         interval_s: float = 60.0,
-        store: Path | None = None,
+        store: StoreLocation | None = None,
         tick_s: float = 1.0,
         telemetry_keep_s: float = 7 * 86400,
         broker: BrokerSettings | None = None,

@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from agent.errors import InvalidOptions
@@ -35,6 +35,8 @@ else:  # pragma: no cover - Python 3.10 (pydantic-settings reads TOML with tomli
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "DEFAULT_STORE",
+    "DEFAULT_TELEMETRY_DAYS",
     "DashboardSettings",
     "FleetSettings",
     "config_file",
@@ -47,6 +49,7 @@ __all__ = [
 
 DEFAULT_CONFIG = Path("fleet.toml")  # in the working directory; read when it exists
 DEFAULT_STORE = Path("fleet.db")  # what the store commands use when neither --store nor `store` says otherwise
+DEFAULT_TELEMETRY_DAYS = 7.0  # how long `fleet serve` keeps telemetry when neither --telemetry-days nor the setting says
 _TOKEN = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")  # what may follow "Bearer " (RFC 6750's b64token), long enough to guess at
 
 
@@ -106,9 +109,25 @@ class FleetSettings(BaseSettings):
 
     broker: BrokerSettings = BrokerSettings()  # the agent's broker section: host, port, mqtt_version, TLS, credentials
     # The registry/telemetry/rollout store: `fleet serve` ingests into it and runs rollouts when set (or with --store);
-    # the store commands (devices --store, rollout, tag, ...) default to it, else ./fleet.db.
-    store: Path | None = None
+    # the store commands (devices --store, rollout, tag, ...) default to it, else ./fleet.db. A SQLite file's path, or
+    # a PostgreSQL database's URL (postgresql://USER@HOST:PORT/DATABASE; the `postgres` extra) for a fleet that
+    # outgrows one machine's disk.
+    store: Path | str | None = None
+    # Telemetry older than this is removed by `fleet serve` (PostgreSQL: whole days' partitions dropped).
+    telemetry_retention_days: float = Field(DEFAULT_TELEMETRY_DAYS, ge=0)
     dashboard: DashboardSettings = DashboardSettings()
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store(cls, value: Any) -> Any:
+        from fleet.store.url import BadStoreURL, store_location
+
+        if not isinstance(value, (str, Path)):
+            return value
+        try:
+            return store_location(value)
+        except BadStoreURL as exc:
+            raise ValueError(str(exc)) from None
 
     @classmethod
     def settings_customise_sources(
@@ -123,8 +142,8 @@ class FleetSettings(BaseSettings):
         sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
         return (*sources, TomlConfigSettingsSource(settings_cls, toml_file=path)) if path is not None else sources
 
-    def store_path(self) -> Path:
-        """The store the store commands use: ``store`` when set, else ./fleet.db."""
+    def store_path(self) -> Path | str:
+        """The store the store commands use: ``store`` (a path or a URL) when set, else ./fleet.db."""
         return self.store if self.store is not None else DEFAULT_STORE
 
 
@@ -157,7 +176,7 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> FleetSe
         _CONFIG_FILE.reset(reset)
 
 
-def write_fleet_config(path: Path, broker: dict[str, Any], store: Path | None = None) -> Path:
+def write_fleet_config(path: Path, broker: dict[str, Any], store: Path | str | None = None) -> Path:
     """Write a fleet.toml (mode 0600: a dashboard token may join it later) and check that it loads."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # 0600 before the first byte lands

@@ -1,9 +1,11 @@
-"""Shared fixtures: a real MQTT broker and real model files built by the tests."""
+"""Shared fixtures: a real MQTT broker, real model files built by the tests, and a store in SQLite or in a fresh PostgreSQL database."""
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,39 @@ def mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBro
     broker = start_broker(tmp_path_factory.mktemp("broker"), prefer=prefer)  # type: ignore[arg-type]
     yield broker
     broker.stop()
+
+
+# PostgreSQL is part of this machine's test set-up: 127.0.0.1:5432, user postgres, trust auth (CI installs it too).
+POSTGRES_ADMIN = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """A new, empty database (edgefleet_test_<random>) and its URL; dropped afterwards, connections and all.
+    PostgreSQL not answering fails the test (it is part of the set-up, not an optional extra)."""
+    import psycopg
+
+    name = f"edgefleet_test_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN} (user postgres, trust auth) is part of the test set-up and did not answer: {exc}")
+    try:
+        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+    """Where a test's store lives: a SQLite file, or a fresh PostgreSQL database (the same tests run on both)."""
+    if request.param == "sqlite":
+        yield tmp_path / "fleet.db"
+        return
+    with fresh_postgres() as url:
+        yield url
 
 
 @dataclass(frozen=True)

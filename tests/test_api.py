@@ -110,15 +110,15 @@ def running(version: str, shadow: str | None = None) -> dict[str, Any]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Path:
-    db = tmp_path / "fleet.db"
-    fs = FleetStore(db)
+def store(store_location: Path | str) -> Path | str:
+    """Four devices in a SQLite file or a fresh PostgreSQL database (each test runs on both)."""
+    fs = FleetStore(store_location)
     fs.ingest([reported(f"api-{i}", running("1.0.0")) for i in range(3)] + [reported("other", running("1.0.0", shadow="1.1.0"))])
     fs.close()
-    return db
+    return store_location
 
 
-def test_devices_device_and_tag_read_and_write_the_registry(store: Path) -> None:
+def test_devices_device_and_tag_read_and_write_the_registry(store: Path | str) -> None:
     api.tag("api-1", {"site": "berlin"}, store)
     rows = api.devices(store)
     assert [r.device_id for r in rows] == ["api-0", "api-1", "api-2", "other"]
@@ -139,7 +139,7 @@ def test_devices_without_a_store_ask_the_broker_and_say_when_it_is_not_there() -
         api.devices(broker=BrokerSettings(host="127.0.0.1", port=free_port()), wait=0.1)
 
 
-def test_a_rollout_started_paused_resumed_and_aborted_through_the_api(rig: Rig, store: Path) -> None:
+def test_a_rollout_started_paused_resumed_and_aborted_through_the_api(rig: Rig, store: Path | str) -> None:
     started = api.rollout_start(MODEL, "1.1.0", store, rig.image.directory, selector="device=api-*")
     assert started.devices == 3 and started.spec.waves == ["1%", "10%", "50%", "100%"]
     assert (started.spec.soak_s, started.spec.wave_timeout_s) == (300.0, 1800.0)  # the command line's defaults
@@ -154,7 +154,7 @@ def test_a_rollout_started_paused_resumed_and_aborted_through_the_api(rig: Rig, 
         api.rollback(MODEL, "1.0.0", store, rig.image.directory)
 
 
-def test_a_rollback_is_one_wave_with_no_soak_and_no_gate_over_every_device_running_the_model(rig: Rig, store: Path) -> None:
+def test_a_rollback_is_one_wave_with_no_soak_and_no_gate_over_every_device_running_the_model(rig: Rig, store: Path | str) -> None:
     back = api.rollback(MODEL, "1.0.0", store, rig.image.directory)
     assert back.devices == 4 and back.spec.selector == f"model={MODEL}" and back.spec.waves == ["100%"]
     assert back.spec.soak_s == 0 and back.spec.gates.max_failed == "100%"

@@ -1,12 +1,15 @@
-"""The controller's store on real SQLite: prediction sums and shadow comparisons in, aggregates out, bad input refused whole."""
+"""The controller's store on real SQLite and real PostgreSQL (every test runs on both): prediction sums and shadow
+comparisons in, aggregates out, bad input refused whole; schema versions, telemetry retention, store URLs."""
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,10 @@ from fleet.store import FleetStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FleetStore:
-    return FleetStore(tmp_path / "fleet.db")
+def store(store_location: Path | str) -> Iterator[FleetStore]:
+    fs = FleetStore(store_location)
+    yield fs
+    fs.close()
 
 
 def telemetry(
@@ -74,7 +79,7 @@ def sums(rows: int, mean: float, std: float, classes: list[int] | None = None) -
 
 
 def counts(store: FleetStore) -> tuple[int, int, int]:
-    return tuple(int(store.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in ("telemetry", "predictions", "shadow"))  # type: ignore[return-value]
+    return tuple(int(store.db.query(f"SELECT count(*) AS n FROM {t}")[0]["n"]) for t in ("telemetry", "predictions", "shadow"))  # type: ignore[return-value]
 
 
 def test_prediction_sums_add_up_across_devices_into_a_distribution(store: FleetStore) -> None:
@@ -206,16 +211,175 @@ def test_any_prediction_or_shadow_fields_are_stored_whole_or_refused_whole(store
     assert after[1] - before[1] == (predictions is not None) and after[2] - before[2] == (shadow is not None)
 
 
-def test_fleet_device_shows_the_shadow_and_how_it_compares(tmp_path: Path) -> None:
-    db = tmp_path / "fleet.db"
-    fs = FleetStore(db)
+def test_fleet_device_shows_the_shadow_and_how_it_compares(store_location: Path | str) -> None:
+    fs = FleetStore(store_location)
     shadow_of = {"version": "2.0.0", "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx"}
     models = {"m": {"version": "1.0.0", "variant": "onnx-fp32", "sha256": "cd", "runtime": "onnx", "device": "CPU", "shadow": shadow_of}}
     shadow = {**shadow_window(80, 60, 4.5), "errors": 2, "skipped": 3, "active_p95_ms": 1.5}
     fs.ingest([msg("cam-1", "reported", reported("cam-1", models)), msg("cam-1", "telemetry", telemetry(1, shadow=shadow))])
     fs.close()
-    done = subprocess.run([sys.executable, "-m", "fleet.cli", "device", "cam-1", "--store", str(db)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "device", "cam-1", "--store", str(store_location)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stderr.split())  # rich wraps long lines
     assert "model m 1.0.0 (onnx-fp32 on onnx/CPU) + shadow 2.0.0" in text
     assert "shadow m 2.0.0 (last 10 min): 80 compared, 75.0% agreed, 2 failed, 3 skipped; p95 4.5 ms vs 1.5 ms serving" in text
+
+
+# -- schema versions, retention, store URLs: the same on both engines where they can be -----------------------
+
+
+DAY = 86400.0
+
+
+def aged(message: tuple[str, wire.WireModel, float], days: float) -> tuple[str, wire.WireModel, float]:
+    device, decoded, received = message
+    return device, decoded, received - days * DAY
+
+
+def test_retention_removes_old_telemetry_and_on_postgresql_drops_whole_days(store: FleetStore) -> None:
+    old, week, now = (
+        aged(msg("a", "telemetry", telemetry(seq, predictions=sums(5, 0, 1))), days) for seq, days in ((1, 10), (2, 5), (3, 0))
+    )
+    assert store.ingest([old, week, now]) == 3
+    assert counts(store) == (3, 3, 0)
+    assert store.prune_telemetry(7 * DAY) == 1  # what the controller calls every round, with telemetry_retention_days
+    assert counts(store) == (2, 2, 0) and store.health("m", "1.0.0", 0).requests == 20
+    assert store.prune_telemetry(7 * DAY) == 0
+    if store.db.dialect == "postgresql":
+        from fleet.store.pg import PostgreSQL
+
+        assert isinstance(store.db, PostgreSQL)
+        for table in ("telemetry", "predictions", "shadow"):
+            days = [name.rsplit("_p", 1)[1] for name in store.db.partitions(table)]
+            assert time.strftime("%Y%m%d", time.gmtime(old[2])) not in days  # dropped, not deleted from
+            assert time.strftime("%Y%m%d", time.gmtime(week[2])) in days
+            assert time.strftime("%Y%m%d", time.gmtime(now[2] + DAY)) in days  # tomorrow's, made ahead
+    assert store.ingest([aged(msg("a", "telemetry", telemetry(4)), 10)]) == 1  # a dropped day is made again when a row needs it
+
+
+def test_a_sqlite_store_made_before_schema_versions_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None:
+    """What the code before versions made (sqlite-utils' tables from the same data, no schema_version) opens."""
+    import sqlite3
+
+    import sqlite_utils
+
+    from fleet.store import schema
+
+    path = tmp_path / "fleet.db"
+    old = sqlite_utils.Database(sqlite3.connect(str(path)))
+    for table in schema.TABLES:
+        old.table(table.name).create(table.columns, pk=table.pk, if_not_exists=True)
+    for name, (table_name, columns) in schema.INDEXES.items():
+        old.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table_name} ({', '.join(columns)})")
+    row = {"seq": 1, "ts": time.time(), "model": "m", "version": "1.0.0", "requests": 7, "errors": 0, "p95_ms": 1.0}
+    old.table("telemetry").insert({"device": "a", **row, "client_errors": 0, "session": 1, "device_ts": 0.0})
+    old.table("rollouts").insert({"spec": "{}", "state": "done", "wave": 0, "reason": "", "created": 1.0, "updated": 1.0, "phase": ""})
+    old.conn.close()
+    fs = FleetStore(path)
+    try:
+        assert schema.version(fs.db) == schema.LATEST
+        assert fs.health("m", "1.0.0", 0).requests == 7 and [r.id for r in fs.rollouts()] == [1]
+        assert fs.create_rollout({}, []) == 2  # the rowid key goes on counting
+        assert fs.ingest([msg("a", "telemetry", telemetry(2))]) == 1
+    finally:
+        fs.close()
+    again = FleetStore(path)  # opening an up-to-date store changes nothing
+    assert [r["version"] for r in again.db.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    again.close()
+
+
+def test_a_postgresql_store_at_version_1_is_partitioned_by_day_keeping_its_rows() -> None:
+    from conftest import fresh_postgres
+
+    from fleet.store import open_database, schema
+    from fleet.store.pg import PostgreSQL
+
+    with fresh_postgres() as url:
+        v1 = open_database(url)
+        assert schema.upgrade(v1, to=1) == 1  # as version 1 made it: one plain table per kind
+        now = time.time()
+        for day, seq in ((3, 1), (0, 2)):
+            row = {"device": "a", "seq": seq, "ts": now - day * DAY, "model": "m", "version": "1.0.0", "requests": 5, "errors": 1}
+            v1.insert("telemetry", {**row, "p95_ms": 1.0, "client_errors": 0, "session": 1, "device_ts": 0.0})
+        v1.insert("rollouts", {"spec": "{}", "state": "done", "wave": 0, "reason": "", "created": 1.0, "updated": 1.0})
+        v1.close()
+        fs = FleetStore(url)
+        try:
+            assert isinstance(fs.db, PostgreSQL) and schema.version(fs.db) == schema.LATEST
+            assert len(fs.db.partitions("telemetry")) == 2  # the two days its rows cover
+            h = fs.health("m", "1.0.0", 0)
+            assert (h.requests, h.errors) == (10, 2)
+            assert fs.create_rollout({}, []) == 2
+            assert fs.ingest([msg("b", "telemetry", telemetry(1))]) == 1 and fs.telemetry_count() == 3
+            assert fs.prune_telemetry(2 * DAY) == 1
+        finally:
+            fs.close()
+
+
+@pytest.mark.parametrize(
+    "url,error",
+    [
+        ("mysql://root@127.0.0.1/fleet", "BadStoreURL"),
+        ("postgresql://postgres@127.0.0.1:notaport/x", "BadStoreURL"),
+        ("postgresql:///no-host", "BadStoreURL"),
+        ("postgresql://postgres:secret@127.0.0.1:1/nothing", "StoreUnreachable"),  # nothing listens on port 1
+        ("postgresql://postgres@127.0.0.1:5432/edgefleet_test_no_such_database", "StoreUnreachable"),
+    ],
+)
+def test_a_bad_store_url_is_a_typed_error_naming_it_without_its_password(url: str, error: str) -> None:
+    from fleet.store import BadStoreURL, StoreUnreachable
+
+    kind = {"BadStoreURL": BadStoreURL, "StoreUnreachable": StoreUnreachable}[error]
+    with pytest.raises(kind) as raised:
+        FleetStore(url)
+    assert "secret" not in str(raised.value) and url.replace(":secret@", ":***@")[:20] in str(raised.value)
+
+
+def test_the_cli_refuses_a_bad_store_url_as_a_usage_error(tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "fleet.cli"]
+    done = subprocess.run(
+        [*cli, "rollout", "list", "--store", "mysql://root@127.0.0.1/fleet"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 2 and "mysql:// is not a store edgefleet opens" in done.stderr
+    (tmp_path / "fleet.toml").write_text('store = "postgres://u@127.0.0.1:99999/x"\n')
+    done = subprocess.run([*cli, "rollout", "list"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "error[bad_config]: settings: store=" in done.stderr and "Port out of range" in done.stderr
+    assert not list(tmp_path.glob("postgres*")), "a URL was never taken for a file name"
+    (tmp_path / "fleet.toml").write_text('store = "postgresql://edgefleet:hunter2@db.example.net/fleet"\n')
+    done = subprocess.run([*cli, "config", "check"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and json.loads(done.stdout)["store"] == "postgresql://edgefleet:***@db.example.net/fleet"
+
+
+def test_fleet_serve_ingests_a_devices_telemetry_into_postgresql_partitions(rig: Any, tmp_path: Path) -> None:
+    """`fleet serve` with fleet.toml's store a postgresql:// URL, on the real broker: a device's status, reports and
+    telemetry land in PostgreSQL, in today's partition."""
+    from conftest import fresh_postgres
+    from update_rig import MODEL, wait_for
+
+    from fleet.dev.simulate import Simulator, SimulatorThread
+    from fleet.store.pg import PostgreSQL
+
+    with fresh_postgres() as url:
+        config = tmp_path / "fleet.toml"
+        config.write_text(
+            f'store = "{url}"\ntelemetry_retention_days = 3\n[broker]\nhost = "{rig.broker.host}"\nport = {rig.broker.port}\n'
+        )
+        serve = [sys.executable, "-m", "fleet.cli", "serve", str(rig.serve), "--keys", str(rig.keys.directory), "--config", str(config)]
+        with open(tmp_path / "serve.log", "wb") as log:
+            proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=log)
+        sims = SimulatorThread(Simulator(rig.broker.host, rig.broker.port, 2, "pgcam", telemetry_s=0.2, initial={MODEL: "1.0.0"})).start()
+        reader = FleetStore(url)  # opened beside `fleet serve` (which may be migrating it now: the schema lock)
+        try:
+            wait_for(lambda: sum(1 for d in reader.devices() if d.id.startswith("pgcam") and d.online and d.models) == 2, 60, "2 devices")
+            wait_for(lambda: reader.telemetry_count() >= 4, 60, "telemetry in PostgreSQL")
+            assert isinstance(reader.db, PostgreSQL)
+            where = reader.db.query("SELECT DISTINCT CAST(CAST(tableoid AS regclass) AS TEXT) AS p FROM telemetry")
+            assert [r["p"] for r in where] == [f"telemetry_p{time.strftime('%Y%m%d', time.gmtime())}"]
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        finally:
+            sims.stop()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            reader.close()

@@ -24,9 +24,10 @@ from fleet.transport.ingest import Ingestor
 class Controller:
     """Store + ingest + rollout engine ticking in a thread: what `fleet serve --store` runs."""
 
-    def __init__(self, rig: Rig, db: Path) -> None:
+    def __init__(self, rig: Rig, db: Path | str) -> None:
         self.store = FleetStore(db)
-        self.ingest = Ingestor(self.store, rig.broker.host, rig.broker.port, client_id=f"ingest-{db.parent.name}").start()
+        name = db.parent.name if isinstance(db, Path) else db.rsplit("/", 1)[1]  # the same store: the same client, after a restart
+        self.ingest = Ingestor(self.store, rig.broker.host, rig.broker.port, client_id=f"ingest-{name}").start()
         self.engine = RolloutEngine(self.store, rig.image, rig.director, rig.keys, rig.broker.host, rig.broker.port)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -71,7 +72,24 @@ def registered(c: Controller, prefix: str, n: int) -> None:
     )
 
 
-def test_a_clean_rollout_reaches_every_device_in_waves(rig: Rig, controller: Controller) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_controller(rig: Rig, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Controller]:
+    """The controller on a SQLite file or on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        c = Controller(rig, tmp_path / "fleet.db")
+        yield c
+        c.stop()
+        return
+    from conftest import fresh_postgres
+
+    with fresh_postgres() as url:
+        c = Controller(rig, url)
+        yield c
+        c.stop()
+
+
+def test_a_clean_rollout_reaches_every_device_in_waves(rig: Rig, any_controller: Controller) -> None:
+    controller = any_controller
     sims = fleet_of(rig, 20, "clean")
     try:
         registered(controller, "clean", 20)

@@ -1,30 +1,32 @@
-"""The controller's store: devices, telemetry, rollouts — SQLite (WAL) through sqlite-utils, behind this one class.
+"""The controller's store: devices, telemetry, rollouts — in SQLite (a file) or PostgreSQL (a URL), behind this one class.
 
-Why one class: everything the controller knows goes through ``FleetStore``'s methods, so a
-fleet that outgrows one machine puts PostgreSQL behind the same API. It owns the connection,
-the lock and the transactions, and composes the tables' modules, which own the records:
-``schema`` (tables as data, migrations), ``devices`` (registry, jobs), ``telemetry`` (batches
-in, rows and aggregates out), ``rollouts``; ``sql`` holds what only SQLite says.
-Telemetry arrives in batches and is written one transaction per batch, never per message
-(10,000+ messages/s on a Pi-class disk needs that).
+Why one class: everything the controller knows goes through ``FleetStore``'s methods, so a fleet that outgrows one
+machine names a ``postgresql://`` URL instead of a path and nothing else changes. It owns the lock and the
+transactions, and composes the tables' modules, which own the records: ``schema`` (tables as data, versions),
+``devices`` (registry, jobs), ``telemetry`` (batches in, rows and aggregates out), ``rollouts``; the dialect modules
+say what only their engine says (``sql``: SQLite; ``pg``: PostgreSQL, imported only for a URL), both behind
+``db.Database``. Telemetry arrives in batches and is written one transaction per batch, never per message, each
+table's rows in one bulk write (COPY on PostgreSQL): 10,000+ messages/s on a Pi-class disk needs that.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from agent import wire
 from fleet.store import devices as registry
 from fleet.store import schema, sql
+from fleet.store.db import Database
 from fleet.store.devices import Device, Devices, Job
 from fleet.store.rollouts import DeviceChange, PlannedDevice, Rollout, RolloutDevice, Rollouts
 from fleet.store.telemetry import Distribution, Health, PredictionRow, ShadowHealth, Telemetry, TelemetryRow
+from fleet.store.url import BadStoreURL, StoreLocation, StoreUnreachable, is_postgres, store_location
 
 __all__ = [
+    "BadStoreURL",
     "Device",
     "DeviceChange",
     "Distribution",
@@ -36,19 +38,41 @@ __all__ = [
     "Rollout",
     "RolloutDevice",
     "ShadowHealth",
+    "StoreLocation",
+    "StoreUnreachable",
     "TelemetryRow",
+    "open_database",
 ]
+
+Batch = tuple[str, wire.TelemetryBatch, float]
+
+
+def open_database(location: str | Path) -> Database:
+    """The dialect ``location`` names: a ``postgresql://`` URL (``BadStoreURL`` when malformed, ``StoreUnreachable``
+    when the server does not answer) or a SQLite file's path. The schema is not touched (``schema.upgrade`` does)."""
+    location = store_location(location)
+    if is_postgres(location):
+        from fleet.store.pg import PostgreSQL
+
+        return PostgreSQL(str(location))
+    return sql.SQLite(Path(location))
 
 
 class FleetStore:
-    def __init__(self, path: str | Path) -> None:
-        self.db = sql.connect(Path(path))
+    def __init__(self, location: str | Path) -> None:
+        """``location``: a SQLite file's path or a ``postgresql://`` URL; the schema is brought up to date on opening."""
+        self.db = open_database(location)
+        self.name = self.db.name  # a URL's password left out: what messages may show
         self._lock = threading.RLock()
         self.duplicates = 0  # telemetry batches received again (same device, session, seq) and not stored twice
         self.rejected = 0  # messages the store could not take (the wire let them through): skipped, counted
         self.last_rejection = ""
         self._devices, self._telemetry, self._rollouts = Devices(self.db), Telemetry(self.db), Rollouts(self.db)
-        sql.retry_locked(lambda: schema.create(self.db))  # another process may be creating the schema right now
+        try:
+            sql.retry_locked(lambda: schema.upgrade(self.db))  # another process may be creating the SQLite schema right now
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -61,27 +85,49 @@ class FleetStore:
         One transaction for the batch. A telemetry batch already stored (same device, session and
         seq: re-sent after a lost acknowledgement) is counted in ``duplicates`` and not stored again.
         """
-        n = duplicates = 0
-        with self._lock, sql.transaction(self.db):
-            changed: dict[str, Device] = {}  # the registry's records this batch changed, written once each
-            for device, message, received in messages:
-                try:
-                    with sql.savepoint(self.db):
-                        stored = self._one(changed, device, message, received)
-                except (sqlite3.Error, TypeError, ValueError) as exc:  # one message's trouble is not the batch's
-                    self.rejected += 1
-                    self.last_rejection = f"{device}: {type(exc).__name__}: {exc}"[:300]
-                    continue
-                n += stored
-                duplicates += not stored and isinstance(message, wire.TelemetryBatch)
-            for d in changed.values():
-                self._devices.write(d)
+        items = list(messages)
+        batches: list[Batch] = [(d, m, r) for d, m, r in items if isinstance(m, wire.TelemetryBatch)]
+        with self._lock:
+            self.db.ensure_partitions([r for _, _, r in batches])
+            with self.db.transaction():
+                stored = self._add_batches(batches)
+                n, duplicates = stored.count(True), stored.count(False)
+                changed: dict[str, Device] = {}  # the registry's records this batch changed, written once each
+                for device, message, received in items:
+                    if isinstance(message, wire.TelemetryBatch):
+                        continue
+                    try:
+                        with self.db.savepoint():
+                            n += self._one(changed, device, message, received)
+                    except self.db.record_errors as exc:  # one message's trouble is not the batch's
+                        self._reject(device, exc)
+                for d in changed.values():
+                    self._devices.write(d)
         self.duplicates += duplicates  # counted once the transaction holds
         return n
 
+    def _add_batches(self, batches: Sequence[Batch]) -> list[bool | None]:
+        """Every batch in one go; when that fails on a record, each alone, so only the bad one is refused (None)."""
+        try:
+            with self.db.savepoint():
+                return list(self._telemetry.add_batches(batches))
+        except self.db.record_errors:
+            pass
+        out: list[bool | None] = []
+        for one in batches:
+            try:
+                with self.db.savepoint():
+                    out += self._telemetry.add_batches([one])
+            except self.db.record_errors as exc:
+                self._reject(one[0], exc)
+                out.append(None)
+        return out
+
+    def _reject(self, device: str, exc: Exception) -> None:
+        self.rejected += 1
+        self.last_rejection = f"{device}: {type(exc).__name__}: {exc}"[:300]
+
     def _one(self, changed: dict[str, Device], device: str, message: wire.WireModel, received: float) -> bool:
-        if isinstance(message, wire.TelemetryBatch):
-            return self._telemetry.add_batch(device, message, received)
         if isinstance(message, (wire.JobUpdate, wire.UpdateCheck)):
             self._devices.write_job(device, message, received)
             return True
@@ -92,6 +138,8 @@ class FleetStore:
         return True
 
     def prune_telemetry(self, keep_s: float) -> int:
+        """Telemetry received more than ``keep_s`` ago goes (PostgreSQL: whole days' partitions are dropped); how many
+        telemetry rows went. The controller calls it every round."""
         with self._lock:
             return self._telemetry.prune(keep_s)
 
@@ -107,7 +155,7 @@ class FleetStore:
 
     def tag(self, device_id: str, tags: dict[str, str]) -> Device:
         """Set tags (an empty value removes the key); the device need not have reported yet."""
-        with self._lock, sql.transaction(self.db):
+        with self._lock, self.db.transaction():
             d = self._devices.get(device_id) or Device(device_id)
             d.tags.update({k: v for k, v in tags.items() if v != ""})
             for k in [k for k, v in tags.items() if v == ""]:
@@ -168,7 +216,7 @@ class FleetStore:
     def create_rollout(self, spec: dict[str, Any], waves: list[list[PlannedDevice]], phase: str = "") -> int:
         """A rollout and its devices, in one transaction. ``phase`` "shadow": the first wave runs the new version in
         shadow before any device switches."""
-        with self._lock, sql.transaction(self.db):
+        with self._lock, self.db.transaction():
             return self._rollouts.create(spec, waves, phase)
 
     def rollout(self, rid: int) -> Rollout | None:
@@ -191,5 +239,5 @@ class FleetStore:
         """Many devices' states in one transaction."""
         if not changes:
             return
-        with self._lock, sql.transaction(self.db):
+        with self._lock, self.db.transaction():
             self._rollouts.set_states(rid, changes)

@@ -12,10 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import sqlite_utils
-
 from agent import wire
-from fleet.store import sql
+from fleet.store.db import Database
 
 __all__ = ["Device", "Devices", "Job", "apply"]
 
@@ -87,32 +85,30 @@ def apply(d: Device, message: wire.WireModel, received: float) -> bool:
 class Devices:
     """The ``devices`` and ``jobs`` tables."""
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     def get(self, device_id: str) -> Device | None:
-        rows = list(self.db.query("SELECT * FROM devices WHERE id = ?", [device_id]))
+        rows = self.db.query("SELECT * FROM devices WHERE id = ?", [device_id])
         return _device(rows[0]) if rows else None
 
     def all(self) -> list[Device]:
         return [_device(row) for row in self.db.query("SELECT * FROM devices ORDER BY id")]
 
     def write(self, d: Device) -> None:
-        sql.insert(self.db, "devices", _row(d), conflict="replace")
+        self.db.insert("devices", _row(d), conflict="replace")
 
     def write_job(self, device: str, message: wire.JobUpdate | wire.UpdateCheck, received: float) -> None:
         job, target = (message.id, message.target_path) if isinstance(message, wire.JobUpdate) else ("check", "")
         row = {"device": device, "job": job, "target": target, "state": message.state, "reason": message.reason, "ts": received}
-        sql.insert(self.db, "jobs", row, conflict="replace")
+        self.db.insert("jobs", row, conflict="replace")
 
     def jobs(self, device: str) -> list[Job]:
         rows = self.db.query("SELECT job, target, state, reason, ts FROM jobs WHERE device = ? ORDER BY ts", [device])
         return [Job(**row) for row in rows]
 
     def last_job(self, device: str, target: str) -> Job | None:
-        rows = list(
-            self.db.query(
-                "SELECT job, target, state, reason, ts FROM jobs WHERE device = ? AND target = ? ORDER BY ts DESC LIMIT 1", [device, target]
-            )
+        rows = self.db.query(
+            "SELECT job, target, state, reason, ts FROM jobs WHERE device = ? AND target = ? ORDER BY ts DESC LIMIT 1", [device, target]
         )
         return Job(**rows[0]) if rows else None

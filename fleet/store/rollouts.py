@@ -15,9 +15,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import sqlite_utils
-
-from fleet.store import schema, sql
+from fleet.store import schema
+from fleet.store.db import Database
 
 __all__ = ["DeviceChange", "PlannedDevice", "Rollout", "RolloutDevice", "Rollouts"]
 
@@ -87,21 +86,24 @@ def _rollout(row: dict[str, Any]) -> Rollout:
 class Rollouts:
     """The ``rollouts`` and ``rollout_devices`` tables."""
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     def create(self, spec: dict[str, Any], waves: list[list[PlannedDevice]], phase: str = "") -> int:
         now = time.time()
         row = {"spec": json.dumps(spec), "state": "running", "wave": 0, "reason": "", "created": now, "updated": now}
-        rid = sql.insert(self.db, "rollouts", {**row, "wave_started": now, "wave_done": 0, "phase": phase})
-        for wave, members in enumerate(waves):
-            for m in members:
-                where = {"rollout": rid, "device": m.device, "wave": wave, "state": "pending"}
-                sql.insert(self.db, "rollout_devices", {**where, **asdict(m), "assigned_at": 0, "reason": ""})
+        rid = self.db.insert("rollouts", {**row, "wave_started": now, "wave_done": 0, "phase": phase})
+        rows = [
+            {"rollout": rid, "device": m.device, "wave": wave, "state": "pending", **asdict(m), "assigned_at": 0, "reason": ""}
+            for wave, members in enumerate(waves)
+            for m in members
+        ]
+        if rows:  # one bulk write: a rollout over 10,000 devices is not 10,000 round trips to a server
+            self.db.copy("rollout_devices", list(rows[0]), [list(r.values()) for r in rows])
         return rid
 
     def get(self, rid: int) -> Rollout | None:
-        rows = list(self.db.query("SELECT * FROM rollouts WHERE id = ?", [rid]))
+        rows = self.db.query("SELECT * FROM rollouts WHERE id = ?", [rid])
         return _rollout(rows[0]) if rows else None
 
     def all(self) -> list[Rollout]:

@@ -1,9 +1,10 @@
-"""The store's tables as data, and the migrations that bring an older ``fleet.db`` up to them.
+"""The store's tables as data, the schema's versions, and the runner that brings any store up to the latest.
 
-Why data: the columns are read in one place (here) by whoever needs them — creating a
-store, migrating an old one, a future PostgreSQL schema — instead of living inside the code
-that writes them. A column added later is a ``Migration`` too, so a store written by any
-earlier release still opens.
+Why data: the columns are read in one place (here) by whoever needs them — each dialect's DDL (``sql`` for
+SQLite, ``pg`` for PostgreSQL), the PostgreSQL bulk writer's column types — instead of living inside the code that
+writes them. Why versions: a store records in ``schema_version`` which of ``VERSIONS`` it has; ``upgrade`` runs the
+missing ones in order, each in the dialect's words (``Database.migrate``), all in one transaction under a lock, so a
+store written by any earlier release opens, and two controllers opening it at once migrate it once.
 """
 
 from __future__ import annotations
@@ -12,11 +13,28 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
+from agent.errors import EdgefleetError
+from fleet.store.db import Database
 
-from fleet.store import sql
+__all__ = [
+    "ADDED_COLUMNS",
+    "DAY_S",
+    "INDEXES",
+    "LATEST",
+    "PARTITIONED",
+    "VERSIONS",
+    "AddedColumns",
+    "StoreTooNew",
+    "Table",
+    "upgrade",
+    "version",
+]
 
-__all__ = ["INDEXES", "MIGRATIONS", "TABLES", "Migration", "Table", "create"]
+
+class StoreTooNew(EdgefleetError):
+    """The store was migrated by a newer edgefleet: this one would misread it."""
+
+    code = "store_too_new"
 
 
 @dataclass(frozen=True)
@@ -27,8 +45,9 @@ class Table:
 
 
 @dataclass(frozen=True)
-class Migration:
-    """Columns added to ``table`` after stores were written without them; ``then`` runs once, when they are added."""
+class AddedColumns:
+    """Columns added to ``table`` after SQLite stores were written without them (before versions); ``then`` runs once,
+    when they are added."""
 
     table: str
     columns: dict[str, type]
@@ -149,36 +168,47 @@ INDEXES = {
     "shadow_model": ("shadow", ("model", "shadow_version", "ts")),
 }
 
-MIGRATIONS = (
-    Migration(
+ADDED_COLUMNS = (
+    AddedColumns(
         "telemetry",
         {"client_errors": int, "session": int, "device_ts": float},
         why="a store from before the wire contract",
         # its rows carry the devices' clocks: none may stay in the future, past retention (the gates skip them)
         then="UPDATE telemetry SET ts = min(ts, :now)",
     ),
-    Migration("rollouts", {"phase": str}, why="a store from before shadow mode", default=""),
-    Migration("rollout_devices", {"hardware": str}, why="a store from before per-device gates", default=""),
+    AddedColumns("rollouts", {"phase": str}, why="a store from before shadow mode", default=""),
+    AddedColumns("rollout_devices", {"hardware": str}, why="a store from before per-device gates", default=""),
 )
 
+# The append-only tables of telemetry: PostgreSQL partitions them by day of ``ts`` (the receive time) and retention
+# drops whole days; SQLite keeps one table each and deletes old rows.
+PARTITIONED = ("telemetry", "predictions", "shadow")
+DAY_S = 86400
 
-def create(db: sqlite_utils.Database) -> None:
-    """The tables, the columns added since, the indexes: each only where missing (idempotent; run at every open)."""
-    sql.pragmas(db)
-    for table in TABLES:
-        db.table(table.name).create(table.columns, pk=table.pk, if_not_exists=True)
-    for migration in MIGRATIONS:
-        migrate(db, migration)
-    for name, (table_name, columns) in INDEXES.items():
-        db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table_name} ({', '.join(columns)})")
+# (version, what it brings), in order; each dialect says how (``sql.MIGRATIONS``, ``pg.MIGRATIONS``).
+VERSIONS = (
+    (1, "the tables, their indexes, and on SQLite the columns added before versions existed"),
+    (2, "telemetry, predictions and shadow partitioned by day of their receive time (PostgreSQL)"),
+)
+LATEST = VERSIONS[-1][0]
 
 
-def migrate(db: sqlite_utils.Database, migration: Migration) -> None:
-    table = db.table(migration.table)
-    missing = {name: kind for name, kind in migration.columns.items() if name not in table.columns_dict}
-    if not missing:
-        return
-    for name, kind in missing.items():
-        table.add_column(name, kind, not_null_default=migration.default)
-    if migration.then:
-        db.execute(migration.then, {"now": time.time()})
+def version(db: Database) -> int:
+    """The store's schema version; 0: none recorded (new, or a SQLite store from before versions)."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied FLOAT NOT NULL, why TEXT NOT NULL)")
+    return int(db.query("SELECT max(version) AS v FROM schema_version")[0]["v"] or 0)
+
+
+def upgrade(db: Database, to: int = LATEST) -> int:
+    """Run the versions the store lacks, up to ``to``, in one transaction; the version it has now."""
+    with db.transaction():
+        db.lock_schema()
+        current = version(db)
+        if current > LATEST:
+            raise StoreTooNew(f"the store is at schema version {current}; this edgefleet knows up to {LATEST}: upgrade edgefleet")
+        for number, why in VERSIONS:
+            if current < number <= to:
+                db.migrate(number)
+                db.execute("INSERT INTO schema_version (version, applied, why) VALUES (?, ?, ?)", [number, time.time(), why])
+                current = number
+    return current

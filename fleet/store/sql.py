@@ -1,9 +1,10 @@
-"""The SQLite dialect of the store, in one place: the connection, transactions, inserts with a conflict rule, IN lists.
+"""The SQLite dialect of the store, in one place: the connection, transactions, inserts with a conflict rule, IN lists,
+the schema's DDL and its migrations.
 
-Why a module of its own: the other store modules speak in records (dicts in, dicts out, named
-columns) and plain SELECTs; whatever only SQLite says (pragmas, ``BEGIN IMMEDIATE``, ``INSERT OR
-IGNORE``, the bound-variable limit) lives here, so PostgreSQL behind the same API replaces this
-module and the schema's migrations, not the queries of every table.
+Why a module of its own: the other store modules speak in records (dicts in, dicts out, named columns) and plain
+SELECTs; whatever only SQLite says (pragmas, ``BEGIN IMMEDIATE``, ``INSERT OR IGNORE``, the bound-variable limit,
+``ALTER TABLE ADD COLUMN`` for stores written before a column existed) lives here. ``pg`` is the same for
+PostgreSQL; both implement ``db.Database``.
 """
 
 from __future__ import annotations
@@ -16,24 +17,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import sqlite_utils
+from fleet.store import schema
+from fleet.store.db import Conflict, Params
 
-__all__ = ["MAX_VARIABLES", "bucket", "chunks", "connect", "in_list", "insert", "pragmas", "retry_locked", "savepoint", "transaction"]
+__all__ = ["MAX_VARIABLES", "MIGRATIONS", "SQLite", "retry_locked"]
 
 MAX_VARIABLES = 500  # bound variables per statement, well under SQLite's limit
 T = TypeVar("T")
-
-
-def connect(path: Path) -> sqlite_utils.Database:
-    """The store's database: WAL, autocommit (transactions are explicit), shared between the controller's threads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-    return sqlite_utils.Database(conn)
-
-
-def pragmas(db: sqlite_utils.Database) -> None:
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")  # the controller can re-derive state from the devices' retained messages
+_TYPES = {str: "TEXT", int: "INTEGER", float: "FLOAT"}  # what sqlite-utils wrote for stores made before versions
 
 
 def retry_locked(work: Callable[[], T], timeout_s: float = 30.0) -> T:
@@ -48,30 +39,6 @@ def retry_locked(work: Callable[[], T], timeout_s: float = 30.0) -> T:
             time.sleep(0.05)
 
 
-@contextmanager
-def transaction(db: sqlite_utils.Database) -> Iterator[None]:
-    """One write transaction, taken up front (``BEGIN IMMEDIATE``): readers go on, a second writer waits."""
-    with db.conn:
-        db.execute("BEGIN IMMEDIATE")
-        yield
-
-
-@contextmanager
-def savepoint(db: sqlite_utils.Database) -> Iterator[None]:
-    """Inside a transaction: undo only this block's writes when it raises (one message's trouble is not the batch's)."""
-    db.execute("SAVEPOINT one")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK TO one")
-        raise
-    finally:
-        db.execute("RELEASE one")
-
-
-Conflict = Literal["", "ignore", "replace"]
-
-
 @lru_cache(maxsize=64)
 def _insert_sql(table: str, columns: tuple[str, ...], conflict: Conflict) -> str:
     rule = {"": "", "ignore": " OR IGNORE", "replace": " OR REPLACE"}[conflict]
@@ -79,28 +46,129 @@ def _insert_sql(table: str, columns: tuple[str, ...], conflict: Conflict) -> str
     return f'INSERT{rule} INTO "{table}" ({names}) VALUES ({", ".join(":" + c for c in columns)})'
 
 
-def insert(db: sqlite_utils.Database, table: str, record: Mapping[str, Any], conflict: Conflict = "") -> int:
-    """Insert one record by column name; ``conflict`` on its key: "ignore" keeps the stored row, "replace" overwrites it.
+class SQLite:
+    """One SQLite file (WAL), autocommit outside explicit transactions, shared between the controller's threads."""
 
-    Returns the new row's id, or 0 when "ignore" kept the stored row. (sqlite-utils' ``table.insert`` says the
-    same but checks the table on every call: an order of magnitude slower on the ingest's path.)"""
-    cursor = db.execute(_insert_sql(table, tuple(record), conflict), dict(record))
-    return int(cursor.lastrowid or 0) if cursor.rowcount else 0
+    dialect: Literal["sqlite"] = "sqlite"
+    record_errors: tuple[type[Exception], ...] = (sqlite3.Error, TypeError, ValueError, OverflowError)
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.name = str(path)
+        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self.conn.row_factory = sqlite3.Row
+        # WAL fails at once with "database is locked" (no busy wait) while another process creates the file: retried
+        retry_locked(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
+        self.conn.execute("PRAGMA synchronous=NORMAL")  # the controller can re-derive state from the devices' retained messages
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+        return [dict(row) for row in self.conn.execute(sql, params)]
+
+    def execute(self, sql: str, params: Params = ()) -> int:
+        return self.conn.execute(sql, params).rowcount
+
+    def insert(self, table: str, record: Mapping[str, Any], conflict: Conflict = "") -> int:
+        """(sqlite-utils' ``table.insert`` says the same but checks the table on every call: an order of magnitude
+        slower on the ingest's path.)"""
+        cursor = self.conn.execute(_insert_sql(table, tuple(record), conflict), dict(record))
+        return int(cursor.lastrowid or 1) if cursor.rowcount else 0
+
+    def insert_new(self, table: str, records: Sequence[Mapping[str, Any]]) -> list[bool]:
+        return [bool(self.insert(table, r, conflict="ignore")) for r in records]
+
+    def copy(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            names = ", ".join(f'"{c}"' for c in columns)
+            self.conn.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({", ".join("?" for _ in columns)})', rows)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction, taken up front (``BEGIN IMMEDIATE``): readers go on, a second writer waits."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            yield
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        self.conn.execute("SAVEPOINT one")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK TO one")
+            raise
+        finally:
+            self.conn.execute("RELEASE one")
+
+    def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        if not values:
+            return "0", []
+        return f"{column} IN ({', '.join('?' for _ in values)})", list(values)
+
+    def chunks(self, values: Sequence[T]) -> Iterator[Sequence[T]]:
+        for i in range(0, len(values), MAX_VARIABLES):
+            yield values[i : i + MAX_VARIABLES]
+
+    def bucket(self, column: str, width_param: str) -> str:
+        return f"CAST({column} / :{width_param} AS INTEGER)"
+
+    # -- time partitions: SQLite keeps one table per kind and prunes it by DELETE -----------------------------------
+
+    def ensure_partitions(self, times: Sequence[float]) -> None:
+        """Nothing to make: one table holds every day."""
+
+    def remove_before(self, table: str, cutoff: float) -> int:
+        return self.execute(f'DELETE FROM "{table}" WHERE ts < ?', [cutoff])
+
+    # -- the schema ----------------------------------------------------------------------------------------------
+
+    def lock_schema(self) -> None:
+        """Nothing more to take: ``BEGIN IMMEDIATE`` already keeps a second writer out while the schema changes."""
+
+    def migrate(self, version: int) -> None:
+        MIGRATIONS[version](self)
+
+    def columns(self, table: str) -> set[str]:
+        return {row["name"] for row in self.query(f'PRAGMA table_info("{table}")')}
 
 
-def in_list(column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
-    """``column IN (?, ...)`` and its arguments; no values: a condition no row meets."""
-    if not values:
-        return "0", []
-    return f"{column} IN ({', '.join('?' for _ in values)})", list(values)
+def _create_table(db: SQLite, table: schema.Table) -> None:
+    """As sqlite-utils wrote it (an integer ``id`` key is the rowid), so stores from before versions look the same."""
+    columns = []
+    for name, kind in table.columns.items():
+        key = " PRIMARY KEY" if table.pk == name else ""
+        columns.append(f'"{name}" {_TYPES[kind]}{key}')
+    if isinstance(table.pk, tuple):
+        columns.append(f"PRIMARY KEY ({', '.join(table.pk)})")
+    db.execute(f'CREATE TABLE IF NOT EXISTS "{table.name}" ({", ".join(columns)})')
 
 
-def bucket(column: str, width_param: str) -> str:
-    """The whole number of ``:width_param`` widths in ``column``: a time bucket (integer division, truncating)."""
-    return f"CAST({column} / :{width_param} AS INTEGER)"
+def _add_columns(db: SQLite, added: schema.AddedColumns) -> None:
+    missing = {name: kind for name, kind in added.columns.items() if name not in db.columns(added.table)}
+    if not missing:
+        return
+    for name, kind in missing.items():
+        default = f" NOT NULL DEFAULT {added.default!r}" if added.default is not None else ""
+        db.execute(f'ALTER TABLE "{added.table}" ADD COLUMN "{name}" {_TYPES[kind]}{default}')
+    if added.then:
+        db.execute(added.then, {"now": time.time()})
 
 
-def chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
-    """``values`` in pieces small enough to bind in one statement."""
-    for i in range(0, len(values), MAX_VARIABLES):
-        yield values[i : i + MAX_VARIABLES]
+def _v1(db: SQLite) -> None:
+    """The tables, the columns added since the first release (a store from before versions may lack them), the indexes:
+    each only where missing, so a store written by any earlier release opens."""
+    for table in schema.TABLES:
+        _create_table(db, table)
+    for added in schema.ADDED_COLUMNS:
+        _add_columns(db, added)
+    for name, (table_name, columns) in schema.INDEXES.items():
+        db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table_name} ({', '.join(columns)})")
+
+
+def _v2(db: SQLite) -> None:
+    """Telemetry by day is PostgreSQL's: here one table per kind stays, pruned by DELETE on its ``ts`` index."""
+
+
+MIGRATIONS: dict[int, Callable[[SQLite], None]] = {1: _v1, 2: _v2}

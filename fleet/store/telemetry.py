@@ -15,10 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
-
 from agent import wire
-from fleet.store import sql
+from fleet.store.db import Database
 
 __all__ = ["Distribution", "Health", "PredictionRow", "ShadowHealth", "Telemetry", "TelemetryRow"]
 
@@ -116,81 +114,95 @@ def _median(values: Iterable[float]) -> float | None:
 
 
 def _window(
-    model: str, version: str, since: float, devices: Iterable[str] | None, version_column: str = "version"
+    db: Database, model: str, version: str, since: float, devices: Iterable[str] | None, version_column: str = "version"
 ) -> tuple[str, list[Any]]:
     """The WHERE clause of one model version's rows since ``since``, on ``devices`` when given (none: no rows)."""
     where, args = f"model = ? AND {version_column} = ? AND ts >= ?", [model, version, since]
     if devices is not None:
-        chosen, chosen_args = sql.in_list("device", list(devices))
+        chosen, chosen_args = db.in_list("device", list(devices))
         where, args = f"{where} AND {chosen}", args + chosen_args
     return where, args
 
 
-def _telemetry_row(model_window: wire.telemetry.ModelWindow, device: str, batch: wire.TelemetryBatch, received: float) -> dict[str, Any]:
+TELEMETRY_COLUMNS = ("device", "seq", "ts", "model", "version", "requests", "errors", "p95_ms", "client_errors", "session", "device_ts")
+PREDICTION_COLUMNS = ("device", "ts", "model", "version", "rows", "n", "total", "total_sq", "classes")
+SHADOW_COLUMNS = (
+    "device",
+    "ts",
+    "model",
+    "version",
+    "shadow_version",
+    "compared",
+    "agreed",
+    "abs_diff_sum",
+    "n",
+    "mismatched",
+    "errors",
+    "skipped",
+    "p95_ms",
+    "active_p95_ms",
+)
+
+
+def _telemetry_row(model_window: wire.telemetry.ModelWindow, device: str, batch: wire.TelemetryBatch, received: float) -> tuple[Any, ...]:
+    """One ``telemetry`` row, in ``TELEMETRY_COLUMNS``' order."""
     server = wire.telemetry.server_errors(model_window.errors)
-    return {
-        "device": device,
-        "seq": batch.seq,
-        "ts": received,
-        "model": model_window.model,
-        "version": model_window.version,
-        "requests": model_window.count,
-        "errors": server,
-        "p95_ms": model_window.p95_ms,
-        "client_errors": sum(model_window.errors.values()) - server,
-        "session": batch.session,
-        "device_ts": batch.ts,
-    }
+    client = sum(model_window.errors.values()) - server
+    w = model_window
+    return (device, batch.seq, received, w.model, w.version, w.count, server, w.p95_ms, client, batch.session, batch.ts)
 
 
 class Telemetry:
     """The ``telemetry``, ``predictions``, ``shadow`` and ``batches`` tables."""
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     # -- in -------------------------------------------------------------------------------
 
-    def add_batch(self, device: str, batch: wire.TelemetryBatch, received: float) -> bool:
-        """One batch, once: keyed by (device, session, seq); False when it was stored before (sent again)."""
-        key = {"device": device, "session": batch.session, "seq": batch.seq, "ts": received}
-        if not sql.insert(self.db, "batches", key, conflict="ignore"):
-            return False
-        for w in batch.models:
-            sql.insert(self.db, "telemetry", _telemetry_row(w, device, batch, received))
-            where = {"device": device, "ts": received, "model": w.model, "version": w.version}
-            if w.predictions is not None:
-                p = w.predictions
-                classes = json.dumps(p.classes) if p.classes is not None else None
-                sums = {"rows": p.rows, "n": p.values, "total": p.sum, "total_sq": p.sumsq, "classes": classes}
-                sql.insert(self.db, "predictions", {**where, **sums})
-            if w.shadow is not None:
-                sh = w.shadow
-                compared = {"shadow_version": sh.version, "compared": sh.compared, "agreed": sh.agreed, "abs_diff_sum": sh.abs_diff_sum}
-                counts = {"n": sh.values, "mismatched": sh.mismatched, "errors": sh.errors, "skipped": sh.skipped}
-                latency = {"p95_ms": sh.p95_ms, "active_p95_ms": sh.active_p95_ms}
-                sql.insert(self.db, "shadow", {**where, **compared, **counts, **latency})
-        return True
+    def add_batches(self, batches: Sequence[tuple[str, wire.TelemetryBatch, float]]) -> list[bool]:
+        """(device, batch, receive time), each once: keyed by (device, session, seq); which were new (False: stored
+        before, sent again). The rows of the new ones go in by one bulk write per table (COPY on PostgreSQL)."""
+        keys = [{"device": d, "session": b.session, "seq": b.seq, "ts": received} for d, b, received in batches]
+        new = self.db.insert_new("batches", keys)
+        telemetry: list[tuple[Any, ...]] = []
+        predictions: list[tuple[Any, ...]] = []
+        shadow: list[tuple[Any, ...]] = []
+        for (device, batch, received), is_new in zip(batches, new):
+            if not is_new:
+                continue
+            for w in batch.models:
+                telemetry.append(_telemetry_row(w, device, batch, received))
+                if w.predictions is not None:
+                    p = w.predictions
+                    classes = json.dumps(p.classes) if p.classes is not None else None
+                    predictions.append((device, received, w.model, w.version, p.rows, p.values, p.sum, p.sumsq, classes))
+                if w.shadow is not None:
+                    sh = w.shadow
+                    compared = (sh.version, sh.compared, sh.agreed, sh.abs_diff_sum, sh.values, sh.mismatched, sh.errors, sh.skipped)
+                    shadow.append((device, received, w.model, w.version, *compared, sh.p95_ms, sh.active_p95_ms))
+        self.db.copy("telemetry", TELEMETRY_COLUMNS, telemetry)
+        self.db.copy("predictions", PREDICTION_COLUMNS, predictions)
+        self.db.copy("shadow", SHADOW_COLUMNS, shadow)
+        return new
 
     def prune(self, keep_s: float) -> int:
         """Rows older than ``keep_s`` (receive time) go; returns how many telemetry rows went."""
         cutoff = time.time() - keep_s
         for table in ("predictions", "shadow", "batches"):
-            self.db.execute(f"DELETE FROM {table} WHERE ts < ?", [cutoff])
-        return int(self.db.execute("DELETE FROM telemetry WHERE ts < ?", [cutoff]).rowcount)
+            self.db.remove_before(table, cutoff)
+        return self.db.remove_before("telemetry", cutoff)
 
     # -- rows -----------------------------------------------------------------------------
 
     def recent(self, device: str, limit: int = 20) -> list[dict[str, Any]]:
-        return list(
-            self.db.query(
-                "SELECT seq, ts, model, version, requests, errors, p95_ms FROM telemetry WHERE device = ? ORDER BY ts DESC LIMIT ?",
-                [device, limit],
-            )
+        return self.db.query(
+            "SELECT seq, ts, model, version, requests, errors, p95_ms FROM telemetry WHERE device = ? ORDER BY ts DESC LIMIT ?",
+            [device, limit],
         )
 
     def count(self) -> int:
-        return int(next(self.db.query("SELECT count(*) AS n FROM telemetry"))["n"])
+        return int(self.db.query("SELECT count(*) AS n FROM telemetry")[0]["n"])
 
     def telemetry_rows(self, model: str, devices: Iterable[str], since: float) -> list[TelemetryRow]:
         columns = "device, ts, version, requests, errors AS server_errors, coalesce(client_errors, 0) AS client_errors, p95_ms"
@@ -204,24 +216,24 @@ class Telemetry:
     def _of_devices(self, select: str, model: str, devices: Iterable[str], since: float) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         chosen: Sequence[str] = sorted(set(devices))
-        for part in sql.chunks(chosen):
-            where, args = sql.in_list("device", part)
+        for part in self.db.chunks(chosen):
+            where, args = self.db.in_list("device", part)
             out += self.db.query(f"{select} WHERE model = ? AND ts >= ? AND {where}", [model, since, *args])
         return out
 
     # -- aggregates -----------------------------------------------------------------------
 
     def health(self, model: str, version: str, since: float, devices: Iterable[str] | None = None) -> Health:
-        where, args = _window(model, version, since, devices)
+        where, args = _window(self.db, model, version, since, devices)
         select = "sum(requests) AS requests, sum(errors) AS errors, count(DISTINCT device) AS devices"
-        row = next(self.db.query(f"SELECT {select} FROM telemetry WHERE {where}", args))
+        row = self.db.query(f"SELECT {select} FROM telemetry WHERE {where}", args)[0]
         p95 = _median(r["p95_ms"] for r in self.db.query(f"SELECT p95_ms FROM telemetry WHERE {where} AND p95_ms IS NOT NULL", args))
         return Health(int(row["requests"] or 0), int(row["errors"] or 0), p95, int(row["devices"] or 0))
 
     def distribution(self, model: str, version: str, since: float, devices: Iterable[str] | None = None) -> Distribution:
-        where, args = _window(model, version, since, devices)
+        where, args = _window(self.db, model, version, since, devices)
         select = "sum(rows) AS rows, sum(n) AS n, sum(total) AS total, sum(total_sq) AS total_sq, count(DISTINCT device) AS devices"
-        row = next(self.db.query(f"SELECT {select} FROM predictions WHERE {where}", args))
+        row = self.db.query(f"SELECT {select} FROM predictions WHERE {where}", args)[0]
         class_rows = [r["classes"] for r in self.db.query(f"SELECT classes FROM predictions WHERE {where} AND classes IS NOT NULL", args)]
         rows, n, total, total_sq = int(row["rows"] or 0), int(row["n"] or 0), float(row["total"] or 0.0), float(row["total_sq"] or 0.0)
         mean = total / n if n else None
@@ -235,10 +247,10 @@ class Telemetry:
         return Distribution(rows, n, mean, std, classes, int(row["devices"] or 0))
 
     def shadow_health(self, model: str, shadow_version: str, since: float, devices: Iterable[str] | None = None) -> ShadowHealth:
-        where, args = _window(model, shadow_version, since, devices, version_column="shadow_version")
+        where, args = _window(self.db, model, shadow_version, since, devices, version_column="shadow_version")
         sums = ", ".join(f"sum({c}) AS {c}" for c in ("compared", "agreed", "abs_diff_sum", "n", "errors", "skipped", "mismatched"))
-        row = next(self.db.query(f"SELECT {sums}, count(DISTINCT device) AS devices FROM shadow WHERE {where}", args))
-        latencies = list(self.db.query(f"SELECT p95_ms, active_p95_ms FROM shadow WHERE {where} AND p95_ms IS NOT NULL", args))
+        row = self.db.query(f"SELECT {sums}, count(DISTINCT device) AS devices FROM shadow WHERE {where}", args)[0]
+        latencies = self.db.query(f"SELECT p95_ms, active_p95_ms FROM shadow WHERE {where} AND p95_ms IS NOT NULL", args)
         n = int(row["n"] or 0)
         return ShadowHealth(
             compared=int(row["compared"] or 0),
@@ -255,8 +267,8 @@ class Telemetry:
     def series(self, since: float, bucket_s: float = 10.0) -> list[dict[str, Any]]:
         """Per model version and time bucket: requests, error rate, the median of the devices' p95s (the dashboard's charts)."""
         rows = self.db.query(
-            f"SELECT model, version, {sql.bucket('ts', 'bucket_s')} AS b, sum(requests) AS requests, sum(errors) AS errors, p95_ms"
-            " FROM telemetry WHERE ts >= :since GROUP BY model, version, b, device ORDER BY b",
+            f"SELECT model, version, {self.db.bucket('ts', 'bucket_s')} AS b, sum(requests) AS requests, sum(errors) AS errors,"
+            " max(p95_ms) AS p95_ms FROM telemetry WHERE ts >= :since GROUP BY model, version, b, device ORDER BY b",
             {"bucket_s": bucket_s, "since": since},
         )
         buckets: dict[tuple[str, str, int], tuple[list[int], list[float]]] = {}
