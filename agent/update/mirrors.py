@@ -131,23 +131,27 @@ def _check_range(response: http.client.HTTPResponse, url: str, offset: int, size
 
 
 def _read(response: http.client.HTTPResponse, url: str, length: int | None, skip: int = 0) -> Iterator[bytes]:
-    """The body in blocks (after skipping ``skip`` bytes), at most ``length`` of them; transport errors are DownloadErrors."""
+    """The body in blocks as they arrive (after skipping ``skip`` bytes), at most ``length`` of them. A body that ends
+    before its Content-Length (the mirror died mid-file) and every transport error is a DownloadError."""
     with response:
         try:
             while skip:
-                block = response.read(min(BLOCK, skip))
+                block = response.read1(min(BLOCK, skip))
                 if not block:
                     raise tuf_errors.DownloadError(f"{url}: the mirror closed before the resume offset")
                 skip -= len(block)
             while length is None or length > 0:
-                block = response.read(BLOCK if length is None else min(BLOCK, length))
+                # read1: what has arrived, so the bytes before a stall are verified and kept, not lost with the timeout
+                block = response.read1(BLOCK if length is None else min(BLOCK, length))
                 if not block:
-                    return
+                    break
                 if length is not None:
                     length -= len(block)
                 yield block
         except (OSError, http.client.HTTPException, ValueError) as exc:  # a read timeout is an OSError
             raise tuf_errors.DownloadError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        if response.length:  # http.client counts down the Content-Length: bytes promised and never sent
+            raise tuf_errors.DownloadError(f"{url}: the mirror closed the connection {response.length} bytes short")
 
 
 class Sources(FetcherInterface):
