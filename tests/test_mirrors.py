@@ -318,7 +318,8 @@ def test_an_agent_installs_from_nginx_and_not_a_target_byte_over_mqtt(
     agent, jobs = agent_for("dev-nginx", mirrors=[nginx.url])
     rig.assign("dev-nginx", "1.0.0")
     wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving")
-    assert jobs.states()[-1] == "ACTIVE" and "REJECTED" not in jobs.states()
+    wait_for(lambda: "ACTIVE" in jobs.states(), what="ACTIVE on the job topic")
+    assert "REJECTED" not in jobs.states()
     stored, _ = artifact_of(rig, "1.0.0")
     assert ("/" + stored, 200) in nginx.requests()  # the artifact, whole, from nginx
     assert ("/metadata/timestamp.json", 200) in nginx.requests()  # and the image metadata
@@ -337,6 +338,7 @@ def test_an_agent_installs_from_http_server_named_by_the_directors_signed_metada
         agent, jobs = agent_for("dev-httpd")  # no mirror in its settings
         rig.assign("dev-httpd", "1.0.0")
         wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving")
+        wait_for(lambda: "ACTIVE" in jobs.states(), what="ACTIVE on the job topic")
     finally:
         rig.director.set_mirrors([], rig.keys)
         server.stop()
@@ -372,6 +374,7 @@ def test_stalled_dying_tampering_and_truncating_mirrors_are_refused_and_nginx_fi
     # nginx resumed with a Range request (206) and finished; MQTT served no target byte
     assert ("/" + stored, 206) in nginx.requests() and ("/" + stored, 200) not in nginx.requests()
     assert [p for p in repo_requests.paths(device) if p.startswith("image/targets/")] == []
+    wait_for(lambda: "ACTIVE" in jobs.states(), what="ACTIVE on the job topic")
     assert jobs.states() == ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "ACTIVE"]
     models = list((agent.settings.state_dir / "models").iterdir())
     assert len(models) == 1 and not part.exists()
