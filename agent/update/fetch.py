@@ -11,7 +11,9 @@ crash. The partial file only ever holds chunks whose sha256 matched the signed c
 reported to ``progress`` (every 4 MiB and at the end) covers only bytes already fsynced — so after ``kill -9``
 the download restarts from that offset and nothing unchecked is kept. A chunk that does not match (corrupted,
 truncated) is requested again; a transport error (broker restart) raises ``RepositoryUnreachable`` so the
-caller retries later from the same offset; a full disk raises ``DiskFull``.
+caller retries later from the same offset; a full disk raises ``DiskFull``. Given ``Sources``
+(``agent.update.mirrors``), the HTTP mirrors are asked first, one at a time from the last verified chunk, and a
+mirror at fault is refused instead — the repository over MQTT finishes what they leave.
 """
 
 from __future__ import annotations

@@ -140,11 +140,11 @@ class UpdateRound:
         except Exception:  # none yet, or unreadable: the refresh will tell (python-tuf raises several types)
             return []
 
-    def _execute(self, step: RoundStep, fetcher: Sources) -> None:
+    def _execute(self, step: RoundStep, sources: Sources) -> None:
         if isinstance(step, Install):
             job = self.installer.start(step.update, shadow=step.shadow)
             if job is not None:
-                self.installer.run(job, fetcher)
+                self.installer.run(job, sources)
         elif isinstance(step, DropShadow):
             # None when the round's own update promoted that shadow meanwhile: nothing changed then
             if self.installer.drop_shadow(step.model, step.reason) is not None:
