@@ -146,6 +146,10 @@ class UpdateSettings(BaseModel):
     request_chunk_kb: Annotated[int, Field(ge=1, le=256)] = 256
     # Downloaded bytes are fsynced and the resume offset saved this often (a restart re-fetches at most this much).
     sync_kb: Annotated[int, Field(ge=1)] = 4096
+    # HTTP(S) mirrors of the image repository (`fleet repo publish DEST` makes one; a CDN in front of it does too),
+    # tried in order before the MQTT repository, then those the director's signed metadata names. Every byte is verified.
+    mirrors: Annotated[list[Annotated[str, Field(pattern=r"^https?://[^/]+", max_length=2048)]], Field(max_length=8)] = []
+    mirror_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0  # connecting, and each read: a stalled mirror is refused after it
 
 
 class AgentSettings(BaseSettings):

@@ -61,6 +61,7 @@ __all__ = [
     "device",
     "devices",
     "director_init",
+    "director_mirrors",
     "director_refresh",
     "keys_init",
     "keys_rotate",
@@ -69,6 +70,7 @@ __all__ = [
     "release_add",
     "release_revoke",
     "repo_init",
+    "repo_publish",
     "repo_refresh",
     "rollback",
     "rollout_abort",
@@ -151,8 +153,24 @@ def repo_refresh(directory: Path, keys_dir: Path) -> None:
     ImageRepository(directory).refresh(KeyStore(keys_dir))
 
 
-def director_init(directory: Path, keys_dir: Path) -> Director:
-    return Director.create(directory, KeyStore(keys_dir))
+def repo_publish(dest: Path, repo: Path) -> list[str]:
+    """Copy the image repository ``repo`` to the mirror directory ``dest`` (targets, then metadata, the timestamp
+    last: ``ImageRepository.publish``); the paths written, in order."""
+    return ImageRepository(repo).publish(dest)
+
+
+def director_init(directory: Path, keys_dir: Path, mirrors: Sequence[str] = ()) -> Director:
+    """A new director; ``mirrors`` (HTTP(S) mirrors of the image repository) go into every device's signed targets."""
+    director = Director.create(directory, KeyStore(keys_dir))
+    if mirrors:
+        director.set_mirrors(list(mirrors), KeyStore(keys_dir))
+    return director
+
+
+def director_mirrors(directory: Path, keys_dir: Path, mirrors: Sequence[str] = ()) -> list[str]:
+    """Name ``mirrors`` (none: stop naming any) in every device's signed director targets, re-signed now; devices
+    take them at their next update round."""
+    return Director(directory).set_mirrors(list(mirrors), KeyStore(keys_dir))
 
 
 def director_refresh(directory: Path, keys_dir: Path, devices: Sequence[str] | None = None) -> None:

@@ -274,6 +274,18 @@ def repo_refresh_cmd(directory: Path, keys_dir: Path) -> None:
     console.print(f"{directory}: snapshot and timestamp re-signed")
 
 
+@repo_group.command("publish")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path))
+def repo_publish_cmd(dest: Path, repo: Path) -> None:
+    """Copy the image repository to DEST, a directory a web server or CDN serves as a mirror (timestamp last)."""
+    from fleet import api
+
+    with _reported():
+        written = api.repo_publish(dest, repo)
+    console.print(f"{dest}: {len(written)} file(s) written" + (f", {written[-1]} last" if written else " (up to date)"))
+
+
 class _ReleaseGroup(click.Group):
     """``fleet release BUNDLE`` (as it always was: ``add``) or ``fleet release revoke MODEL VERSION``.
 
@@ -340,13 +352,27 @@ def director_group() -> None:
 @director_group.command("init")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-def director_init_cmd(directory: Path, keys_dir: Path) -> None:
+@click.option("--mirror", "mirrors", multiple=True, help="An HTTP(S) mirror of the image repository devices try first (repeatable).")
+def director_init_cmd(directory: Path, keys_dir: Path, mirrors: tuple[str, ...]) -> None:
     """Create the director's root (signed by the root keys; the online director key signs the rest)."""
     from fleet import api
 
     with _reported():
-        api.director_init(directory, keys_dir)
+        api.director_init(directory, keys_dir, mirrors)
     console.print(f"director created in {directory}")
+
+
+@director_group.command("mirrors")
+@click.argument("mirrors", nargs=-1)
+@click.option("--director", "directory", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def director_mirrors_cmd(mirrors: tuple[str, ...], directory: Path, keys_dir: Path) -> None:
+    """Name MIRRORS (HTTP(S) mirrors of the image repository; none: no more) in every device's signed targets."""
+    from fleet import api
+
+    with _reported():
+        named = api.director_mirrors(directory, keys_dir, mirrors)
+    console.print(f"{directory}: every device told of {len(named)} mirror(s)")
 
 
 @director_group.command("refresh")

@@ -11,7 +11,9 @@ crash. The partial file only ever holds chunks whose sha256 matched the signed c
 reported to ``progress`` (every 4 MiB and at the end) covers only bytes already fsynced — so after ``kill -9``
 the download restarts from that offset and nothing unchecked is kept. A chunk that does not match (corrupted,
 truncated) is requested again; a transport error (broker restart) raises ``RepositoryUnreachable`` so the
-caller retries later from the same offset; a full disk raises ``DiskFull``.
+caller retries later from the same offset; a full disk raises ``DiskFull``. Given ``Sources``
+(``agent.update.mirrors``), the HTTP mirrors are asked first, one at a time from the last verified chunk, and a
+mirror at fault is refused instead — the repository over MQTT finishes what they leave.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from agent import logs
 from agent.errors import EdgefleetError
 from agent.mqtt import tcp_nodelay
+from agent.update.mirrors import Sources
 from agent.update.verify import RepositoryUnreachable, UpdateRejected, VerifiedUpdate
 from agent.wire import MAX_CHUNK, RepoReply, RepoRequest, WireError, repo_reply_topic, repo_request_topic
 
@@ -208,6 +211,7 @@ class DirectoryFetcher(FetcherInterface):
 
 # -- the artifact download ------------------------------------------------------
 
+Progress = Callable[[int], None]  # told each offset up to which the verified bytes are durable
 SYNC_BYTES = 4 * 1024 * 1024  # fsync (and record the offset) this often: per 256 KiB chunk halved the throughput
 
 
@@ -244,26 +248,25 @@ def download(
     chunk_retries: int = 3,
     sync_bytes: int = SYNC_BYTES,
 ) -> None:
-    """Continue ``dest`` from ``offset`` (a chunk boundary already verified) to the signed length."""
+    """Continue ``dest`` from ``offset`` (a chunk boundary already verified) to the signed length.
+
+    With ``Sources``, each mirror in turn continues from the last verified chunk (an HTTP Range request) and is
+    refused at its first fault; the MQTT repository finishes whatever is left.
+    """
     chunks = update.chunks
     if offset % chunks.chunk_size or offset > update.length:
         offset = 0  # not a state we wrote: start over rather than trust it
-    failures = 0
     try:
         with open(dest, "ab") as f:  # create if missing, never truncate what verified
             pass
         with open(dest, "r+b") as f:
             f.truncate(offset)
             f.seek(offset)
-            while offset < update.length:
-                bad = _fill(update, source, f, offset, progress, sync_bytes)
-                if bad is None:
-                    break
-                offset = bad
-                failures += 1
-                logs.event(log, "download.bad_chunk", logging.WARNING, target=update.target_path, offset=offset, attempt=failures)
-                if failures > chunk_retries:
-                    raise UpdateRejected(f"{update.target_path}: the chunk at offset {offset} failed its signed sha256 {failures} times")
+            if isinstance(source, Sources):
+                offset = _from_mirrors(update, source, f, offset, progress, sync_bytes)
+                source = source.last  # type: ignore[assignment]  # an MqttFetcher or DirectoryFetcher: a ChunkSource
+            if offset < update.length:
+                _from_last(update, source, f, offset, progress, chunk_retries, sync_bytes)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             dest.unlink(missing_ok=True)
@@ -271,10 +274,54 @@ def download(
         raise
 
 
+def _from_mirrors(update: VerifiedUpdate, sources: Sources, f: BinaryIO, offset: int, progress: Progress, sync_bytes: int) -> int:
+    """Fill ``f`` from each usable mirror in turn; how far the verified bytes go when the mirrors are done."""
+    for mirror in sources.usable():
+        try:
+            bad = _fill(update, mirror, f, offset, progress, sync_bytes)
+        except tuf_errors.DownloadError as exc:  # stalled, closed, wrong length, HTTP error
+            offset = f.tell()  # every byte written was a verified chunk
+            if not (isinstance(exc, tuf_errors.DownloadHTTPError) and exc.status_code == 404):  # not there yet: not a fault
+                sources.refuse(mirror, update.url, str(exc))
+            continue
+        if bad is None:
+            return update.length
+        offset = bad
+        sources.refuse(mirror, update.url, f"bytes at offset {bad} fail the signed chunk list (tampered or truncated)")
+    return offset
+
+
+def _from_last(
+    update: VerifiedUpdate, source: ChunkSource, f: BinaryIO, offset: int, progress: Progress, chunk_retries: int, sync_bytes: int
+) -> None:
+    """Fill ``f`` from the repository itself: a bad chunk is asked for again (``chunk_retries`` times), a transport
+    error is ``RepositoryUnreachable`` (retry later from the same offset), a wrong length or a 404 ``UpdateRejected``."""
+    failures = 0
+    while offset < update.length:
+        try:
+            bad = _fill(update, source, f, offset, progress, sync_bytes)
+        except tuf_errors.DownloadLengthMismatchError as exc:
+            raise UpdateRejected(str(exc)) from exc
+        except tuf_errors.DownloadHTTPError as exc:
+            if exc.status_code == 404:
+                raise UpdateRejected(f"{update.target_path}: not on the repository server") from exc
+            raise RepositoryUnreachable(f"{update.target_path}: {exc}") from exc
+        except tuf_errors.DownloadError as exc:
+            raise RepositoryUnreachable(f"{update.target_path} at offset {f.tell()}: {exc}") from exc
+        if bad is None:
+            return
+        offset = bad
+        failures += 1
+        logs.event(log, "download.bad_chunk", logging.WARNING, target=update.target_path, offset=offset, attempt=failures)
+        if failures > chunk_retries:
+            raise UpdateRejected(f"{update.target_path}: the chunk at offset {offset} failed its signed sha256 {failures} times")
+
+
 def _fill(
     update: VerifiedUpdate, source: ChunkSource, f: BinaryIO, offset: int, progress: Callable[[int], None], sync_bytes: int
 ) -> int | None:
-    """Write verified chunks from ``offset``; the offset of a chunk that failed its hash, or None when done."""
+    """Write verified chunks from ``offset``; the offset of a chunk that failed its hash (or where a short stream
+    ended), or None when done. Transport errors propagate as python-tuf's ``DownloadError``s."""
     chunks = update.chunks
     index = offset // chunks.chunk_size
     pending = bytearray()
@@ -305,14 +352,6 @@ def _fill(
         if offset != update.length or pending:
             return offset  # the stream ended early or ran long: ask again from the last good chunk
         return None
-    except tuf_errors.DownloadLengthMismatchError as exc:
-        raise UpdateRejected(str(exc)) from exc
-    except tuf_errors.DownloadHTTPError as exc:
-        if exc.status_code == 404:
-            raise UpdateRejected(f"{update.target_path}: not on the repository server") from exc
-        raise RepositoryUnreachable(f"{update.target_path}: {exc}") from exc
-    except tuf_errors.DownloadError as exc:
-        raise RepositoryUnreachable(f"{update.target_path} at offset {offset}: {exc}") from exc
     finally:
         close = getattr(stream, "close", None)  # a generator: stop its in-flight requests
         if close is not None:

@@ -32,8 +32,10 @@ from agent import BUILD_DATE
 from agent.chunks import CHUNKS_SUFFIX, ChunkManifest, ChunkManifestError
 from agent.errors import EdgefleetError
 from agent.hardware import HardwareProfile
+from agent.update.mirrors import Sources, valid_mirrors
 
 __all__ = [
+    "MIRRORS_FIELD",
     "REVOKED_FIELD",
     "DirectorPlan",
     "Installed",
@@ -44,12 +46,16 @@ __all__ = [
     "check_clock",
     "check_director",
     "check_for_update",
+    "signed_mirrors",
 ]
 
 
 # The image repository's signed targets list revoked releases here (``fleet release revoke``); the agent names the
 # revocation when it refuses a target, so an operator reading the device's reason knows why.
 REVOKED_FIELD = "x-edgefleet-revoked"
+# The director's signed targets may name HTTP(S) mirrors of the image repository here (``fleet director init
+# --mirror``); safe to follow because a mirror only says where to look: every byte from it is verified.
+MIRRORS_FIELD = "x-edgefleet-mirrors"
 
 
 class UpdateRejected(EdgefleetError):
@@ -108,20 +114,26 @@ class TrustedRepos:
     director_fetcher: FetcherInterface
     downloads: Path
 
-    def updaters(self) -> tuple[Updater, Updater]:
+    def image_updater(self, fetcher: FetcherInterface | None = None) -> Updater:
+        """The image repository through ``fetcher`` (default: ``image_fetcher``)."""
         self.downloads.mkdir(parents=True, exist_ok=True)
-        image = Updater(
+        return Updater(
             str(self.image_dir),
             self.image_url + "metadata/",
             str(self.downloads),
             self.image_url + "targets/",
-            fetcher=self.image_fetcher,
+            fetcher=fetcher or self.image_fetcher,
             bootstrap=None,
         )
-        director = Updater(
-            str(self.director_dir), self.director_url + "metadata/", None, None, fetcher=self.director_fetcher, bootstrap=None
-        )
-        return image, director
+
+    def director_updater(self) -> Updater:
+        return Updater(str(self.director_dir), self.director_url + "metadata/", None, None, fetcher=self.director_fetcher, bootstrap=None)
+
+
+def signed_mirrors(targets: Targets) -> list[str]:
+    """The mirror URLs the director's verified targets name (``MIRRORS_FIELD``), the valid ones, in order."""
+    urls = targets.unrecognized_fields.get(MIRRORS_FIELD, [])
+    return valid_mirrors(urls if isinstance(urls, list) else [])
 
 
 def _hints_fit(hints: list[str], profile: HardwareProfile) -> str | None:
@@ -183,16 +195,10 @@ def check_director(
 
 
 def _check(repos: TrustedRepos, installed: Mapping[str, Installed], profile: HardwareProfile, kept: Collection[str]) -> DirectorPlan:
-    image, director = repos.updaters()
-    try:
-        director.refresh()
-        image.refresh()
-    except tuf_errors.RepositoryError as exc:  # bad signatures, expired or rolled-back metadata, root rotation gone wrong
-        raise UpdateRejected(f"metadata refused: {type(exc).__name__}: {exc}") from exc
-    except tuf_errors.DownloadError as exc:
-        raise RepositoryUnreachable(f"repository unreachable: {exc}") from exc
+    _refresh(repos.director_updater())
     # The director's verified targets, as the Updater persisted them after refresh().
     wanted: Metadata[Targets] = Metadata.from_file(str(repos.director_dir / "targets.json"))
+    image = _image(repos, wanted.signed)
     main = {p: t for p, t in wanted.signed.targets.items() if t.unrecognized_fields.get("custom", {}).get("shadow") is not True}
     shadows = {p: t for p, t in wanted.signed.targets.items() if p not in main}
     if len(main) != 1:
@@ -218,6 +224,43 @@ def _check(repos: TrustedRepos, installed: Mapping[str, Installed], profile: Har
             raise UpdateRejected(f"shadow target {spath} has release counter {scounter}, below the installed {current.release_counter}")
         shadow = _verified(image, repos, profile, spath, sinfo)
     return DirectorPlan(update, shadow)
+
+
+def _refresh(updater: Updater) -> None:
+    try:
+        updater.refresh()
+    except tuf_errors.RepositoryError as exc:  # bad signatures, expired or rolled-back metadata, root rotation gone wrong
+        raise UpdateRejected(f"metadata refused: {type(exc).__name__}: {exc}") from exc
+    except tuf_errors.DownloadError as exc:
+        raise RepositoryUnreachable(f"repository unreachable: {exc}") from exc
+
+
+def _image(repos: TrustedRepos, wanted: Targets) -> Updater:
+    """The image repository, refreshed: from the mirrors first (the settings' and the director's), and when what
+    they serve is refused or lacks a target the director names (a mirror behind the repository), once more from
+    the MQTT repository alone, with every mirror refused for the round. ngclient persists only verified
+    metadata, so the second refresh starts from trusted state."""
+    sources = repos.image_fetcher
+    if not isinstance(sources, Sources):
+        image = repos.image_updater()
+        _refresh(image)
+        return image
+    sources.add(signed_mirrors(wanted))
+    if sources.usable():
+        image = repos.image_updater()
+        try:
+            image.refresh()
+            missing = [p for p in wanted.targets if image.get_targetinfo(p) is None]
+            if not missing:
+                return image
+            reason = f"the mirrors' metadata lacks {missing[0]}"
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+            reason = f"metadata refused: {type(exc).__name__}: {exc}"
+        for mirror in sources.usable():
+            sources.refuse(mirror, repos.image_url + "metadata/", reason)
+    image = repos.image_updater(sources.last)
+    _refresh(image)
+    return image
 
 
 def _identity(itarget: TargetFile) -> tuple[str, str, int]:
@@ -260,7 +303,7 @@ def _verified(image: Updater, repos: TrustedRepos, profile: HardwareProfile, pat
     misfit = _hints_fit(list(icustom.get("hints", [])), profile)
     if misfit is not None:
         raise UpdateRejected(f"variant {icustom['variant']} needs {misfit}, which this device does not have")
-    chunks = _chunk_manifest(image, path, itarget.length)
+    chunks = _chunk_manifest(image, path, itarget.length, repos.image_fetcher)
     sha256 = itarget.hashes["sha256"]
     directory, sep, name = path.rpartition("/")
     url = f"{repos.image_url}targets/{directory}{sep}{sha256}.{name}"
@@ -268,14 +311,24 @@ def _verified(image: Updater, repos: TrustedRepos, profile: HardwareProfile, pat
     return VerifiedUpdate(path, model, version, variant, int(counter), itarget.length, sha256, url, chunks)
 
 
-def _chunk_manifest(image: Updater, path: str, length: int) -> ChunkManifest:
+def _download(image: Updater, info: TargetFile, sources: FetcherInterface) -> bytes:
+    """A verified target's bytes; ones that fail their signed hash are refused with the mirror that served them and
+    fetched from the next source (with the MQTT repository's, the update is refused)."""
+    while True:
+        try:
+            return Path(image.download_target(info)).read_bytes()
+        except tuf_errors.LengthOrHashMismatchError as exc:
+            reason = f"{info.path}: downloaded bytes do not match the signed length/hash"
+            if not (isinstance(sources, Sources) and sources.blame(reason)):
+                raise UpdateRejected(reason) from exc
+
+
+def _chunk_manifest(image: Updater, path: str, length: int, sources: FetcherInterface) -> ChunkManifest:
     info = image.get_targetinfo(path + CHUNKS_SUFFIX)
     if info is None:
         raise UpdateRejected(f"the image repository has no chunk list for {path}")
     try:
-        manifest = ChunkManifest.decode(Path(image.download_target(info)).read_bytes())
-    except tuf_errors.LengthOrHashMismatchError as exc:
-        raise UpdateRejected(f"{path}{CHUNKS_SUFFIX}: downloaded bytes do not match the signed length/hash") from exc
+        manifest = ChunkManifest.decode(_download(image, info, sources))
     except ChunkManifestError as exc:
         raise UpdateRejected(str(exc)) from exc
     if manifest.length != length:

@@ -11,12 +11,18 @@ An assignment is committed when the device's ``timestamp.json`` names it: target
 snapshot and timestamp are written under temporary names and renamed in that order
 (``commit_metadata``), so a ``fleet assign`` killed at any point leaves the old
 assignment or the new one, and ``refresh`` re-signs only what the timestamp names.
+Mirrors: ``fleet director init --mirror URL`` (or ``fleet director mirrors URL…``) keeps a list of HTTP(S) mirrors
+of the image repository in ``DIR/mirrors.json``; every device's targets carry it, signed, in ``x-edgefleet-mirrors``
+and the agent fetches the image repository from them before its MQTT repository. Why that is safe: a mirror only
+says where to look — every byte from it is verified (TUF metadata against the image root, artifacts chunk by chunk);
+why signed anyway: so that nobody on the broker can point the fleet's downloads elsewhere, even to waste them.
 The signing chain (root creation, sign → snapshot → timestamp, pruning, key rotation) is the one the image
 repository uses (``fleet.tuf.metadata``); only who signs (``SIGNED_BY``) and the lifetimes differ.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +32,8 @@ from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Time
 
 from agent.errors import EdgefleetError
 from agent.files import atomic_write
+from agent.update.mirrors import MAX_MIRRORS, valid_mirrors
+from agent.update.verify import MIRRORS_FIELD
 from agent.wire import valid_device_id
 from fleet.tuf.image_repo import ImageRepository, variant_target_path
 from fleet.tuf.keys import KeyStore
@@ -43,6 +51,7 @@ from fleet.tuf.metadata import (
 __all__ = ["DIRECTOR_ROLES", "AssignError", "Director"]
 
 ROOT_FILE = "1.root.json"
+MIRRORS_FILE = "mirrors.json"
 DIRECTOR_ROLES = ("targets", "snapshot", "timestamp")  # all three signed by the one online "director" key
 SIGNED_BY = {"root": "root", **{role: "director" for role in DIRECTOR_ROLES}}  # the key role per TUF role
 
@@ -89,6 +98,22 @@ class Director:
             d.directory.mkdir(parents=True, exist_ok=True)
             atomic_write(d.directory / ROOT_FILE, encode(d._chain().new_root(keys)))
         return d
+
+    def mirrors(self) -> list[str]:
+        """The image repository's HTTP(S) mirrors every device is told about, in order."""
+        path = self.directory / MIRRORS_FILE
+        return valid_mirrors(json.loads(path.read_text())) if path.is_file() else []
+
+    def set_mirrors(self, urls: list[str], keys: KeyStore) -> list[str]:
+        """Tell every device about ``urls`` (http or https; the others are an ``AssignError``): kept for the next
+        assignments and every committed one re-signed with them now."""
+        mirrors = valid_mirrors(urls)
+        if any(not valid_mirrors([u]) for u in urls) or len(urls) > MAX_MIRRORS:
+            raise AssignError(f"mirrors must be at most {MAX_MIRRORS} distinct http:// or https:// URLs, got {urls}")
+        with self._lock():
+            atomic_write(self.directory / MIRRORS_FILE, json.dumps(mirrors).encode())
+            self.refresh(keys)
+        return mirrors
 
     def root(self) -> Metadata[Root]:
         versions = metadata_versions(self.directory, "root")
@@ -200,7 +225,13 @@ class Director:
 
     def _publish(self, meta: Path, targets_md: Metadata[Targets], keys: KeyStore) -> None:
         """Sign ``targets_md`` (its version set above every file on disk), a snapshot and a timestamp naming it, and
-        commit the three: the timestamp's rename is the commit. Then prune old versions (``SigningChain.publish``)."""
+        commit the three: the timestamp's rename is the commit. Then prune old versions (``SigningChain.publish``).
+        The targets name the mirrors of the moment (none: the field is left out)."""
+        mirrors = self.mirrors()
+        if mirrors:
+            targets_md.signed.unrecognized_fields[MIRRORS_FIELD] = mirrors
+        else:
+            targets_md.signed.unrecognized_fields.pop(MIRRORS_FIELD, None)
         with self._lock():
             self._chain().publish(meta, targets_md, keys, self.keep_versions)
 

@@ -16,6 +16,7 @@ with the director (``fleet.tuf.metadata``: a key per role here, versions, commit
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 import tempfile
@@ -311,6 +312,37 @@ class ImageRepository:
         stored.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(stored, data)
 
+    def publish(self, dest: str | Path) -> list[str]:
+        """Copy the repository to ``dest``, a directory an HTTP server (nginx, a CDN's origin, an object store
+        synced from it) serves as a mirror; the paths written, in the order written.
+
+        The order is what keeps a client reading the mirror meanwhile safe: targets first, then the versioned
+        metadata (roots, targets, snapshots), ``timestamp.json`` last — so no timestamp on the mirror ever names
+        metadata or targets that are not there yet — and only then the files the repository no longer has (pruned
+        versions, revoked artifacts). Each file is written under a temporary name and renamed (readers see the old
+        file or the whole new one), readable by the web server (0644). A file already there with the same bytes is
+        left alone, so publishing again copies only what changed. Under the repository's lock: no release or
+        re-signing interleaves.
+        """
+        out = Path(dest)
+        written: list[str] = []
+        with self._lock():
+            files = sorted(p.relative_to(self.directory).as_posix() for d in (self.targets_dir, self.metadata) for p in d.rglob("*"))
+            files = [f for f in files if (self.directory / f).is_file() and not Path(f).name.startswith(".")]
+            targets = [f for f in files if f.startswith("targets/")]
+            roles = ("root", "targets", "snapshot")
+            versioned = sorted(
+                (f for f in files if f.startswith("metadata/") and f != "metadata/timestamp.json"), key=_metadata_order(roles)
+            )
+            for name in [*targets, *versioned, "metadata/timestamp.json"]:
+                if _copy_changed(self.directory / name, out / name):
+                    written.append(name)
+            kept = set(files)
+            for stale in sorted(p for d in ("targets", "metadata") for p in (out / d).rglob("*") if p.is_file()):
+                if stale.relative_to(out).as_posix() not in kept:
+                    stale.unlink()
+        return written
+
     def rotate_root(
         self, keys: KeyStore, new_root_keys: int = 1, new_threshold: int = 1, director: HoldsRoot | None = None
     ) -> Metadata[Root]:
@@ -343,6 +375,35 @@ class ImageRepository:
 
         with self._lock():
             return self._chain().rotate_key(keys, role, self.root(), new_keys, threshold, self.write_root, resign)
+
+
+def _metadata_order(roles: tuple[str, ...]) -> Any:
+    """Sort key for ``metadata/{N}.{role}.json``: roles in ``roles`` order, versions ascending."""
+
+    def key(name: str) -> tuple[int, int, str]:
+        version, _, role = Path(name).name.removesuffix(".json").partition(".")
+        return (roles.index(role) if role in roles else len(roles), int(version) if version.isdigit() else 0, name)
+
+    return key
+
+
+def _copy_changed(src: Path, dst: Path) -> bool:
+    """``src`` to ``dst`` by a temp file and a rename, unless ``dst`` holds the same bytes already; whether it wrote."""
+    if dst.is_file() and dst.stat().st_size == src.stat().st_size and dst.read_bytes() == src.read_bytes():
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f, open(src, "rb") as r:
+            shutil.copyfileobj(r, f, 1024 * 1024)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a web server running as another user must read it
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
 
 
 RELEASE_EXPANSION = 100  # a gzipped bundle archive may unpack to this many times its size (models compress ~2-10x)
