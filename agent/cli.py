@@ -70,7 +70,7 @@ def _batch_axes(ctx: click.Context, param: click.Parameter, values: tuple[str, .
     out: dict[str, int | None] = {}
     for value in values:
         name, sep, axis = value.partition("=")
-        if not sep or not name or not (axis.isdigit() or axis.lower() == "none"):
+        if not sep or not name or not ((axis.isascii() and axis.isdigit()) or axis.lower() == "none"):  # "²".isdigit(), int() refuses it
             raise click.BadParameter(f"{value!r}: expected NAME=K (a dimension index) or NAME=none", ctx, param)
         out[name] = None if axis.lower() == "none" else int(axis)
     return out

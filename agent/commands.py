@@ -149,6 +149,8 @@ def load_inputs(path: str | Path) -> dict[str, np.ndarray] | np.ndarray:
             return np.asarray(data)
     except (ValueError, OSError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise InvalidInput(f"cannot parse {path.name}: {exc}") from exc
+    except RecursionError:  # json's decoder stops at the recursion limit; a tensor nests a few levels deep
+        raise InvalidInput(f"cannot parse {path.name}: nested too deeply") from None
     raise InvalidInput(f"input file must be .npy, .npz or .json, not {path.name}")
 
 
@@ -199,7 +201,7 @@ def infer(
     )
     rt = sel.runtime
     try:
-        _check_names(rt, hints.batch_axes)
+        _check_batch_axes(rt, hints.batch_axes)
         latencies = []
         outputs: dict[str, np.ndarray] = {}
         for _ in range(max(1, repeat)):
@@ -211,12 +213,17 @@ def infer(
         rt.close()
 
 
-def _check_names(rt: Runtime, batch_axes: Mapping[str, int | None]) -> None:
-    """A batch axis given for a tensor the model does not have is a typo to report, not to ignore."""
-    names = [s.name for s in (*rt.inputs, *rt.outputs)]
-    unknown = sorted(set(batch_axes) - set(names))
+def _check_batch_axes(rt: Runtime, batch_axes: Mapping[str, int | None]) -> None:
+    """A batch axis given for a tensor the model does not have, or past its rank, is a typo to report, not to ignore
+    (``with_batch_axes`` quietly infers the axis of a tensor whose given one does not fit, as a bundle's must)."""
+    specs = {s.name: s for s in (*rt.inputs, *rt.outputs)}
+    unknown = sorted(set(batch_axes) - set(specs))
     if unknown:
-        raise InvalidOptions(f"--batch-axis {unknown[0]}: the model has no tensor of that name; it has {names}")
+        raise InvalidOptions(f"--batch-axis {unknown[0]}: the model has no tensor of that name; it has {list(specs)}")
+    for name, axis in batch_axes.items():
+        shape = list(specs[name].shape)
+        if axis is not None and not 0 <= axis < len(shape):
+            raise InvalidOptions(f"--batch-axis {name}={axis}: {name!r} has {len(shape)} dimensions {shape}")
 
 
 def run(settings: AgentSettings | None = None, stop: threading.Event | None = None, config: str | Path | None = None) -> int:

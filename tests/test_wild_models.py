@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 from update_rig import MODEL, Rig, wait_for
 from wild_onnx import voice_activity, voice_inputs
 
+from agent import commands
+from agent.cli import main
 from agent.client import EdgeClient
 from agent.daemon import Agent
-from agent.errors import ModelLoadError, ShapeMismatch, WarmupFailed
+from agent.errors import InvalidInput, InvalidOptions, ModelLoadError, ShapeMismatch, WarmupFailed
 from agent.hardware import detect
 from agent.runtimes import get_runtime
 from agent.runtimes.hints import SYNTHETIC_SIZES, InputHints
@@ -103,6 +106,19 @@ def test_a_wrong_input_is_exit_2_naming_it_before_any_warm_up(vad: Path, tmp_pat
     assert done.returncode == 2 and "--batch-axis nope: the model has no tensor of that name" in done.stderr, done.stderr
     done = edge_agent("infer", str(vad), "--input", str(tmp_path / "good.npz"), "--batch-axis", "state")
     assert done.returncode == 2 and "NAME=K" in done.stderr
+
+
+def test_a_batch_axis_past_the_tensors_rank_or_not_a_plain_number_is_refused_never_ignored(vad: Path, tmp_path: Path) -> None:
+    for axes, why in (({"state": 5}, "'state' has 3 dimensions"), ({"sr": 0}, "'sr' has 0 dimensions"), ({"output": 2}, "'output' has 2")):
+        with pytest.raises(InvalidOptions, match=why):
+            commands.infer(vad, voice_inputs(1, 512), runtime="onnx", batch_axes=axes)
+    np.savez(tmp_path / "good.npz", **voice_inputs(1, 512))
+    done = CliRunner().invoke(main, ["infer", str(vad), "--input", str(tmp_path / "good.npz"), "--batch-axis", "state=\u00b2"])
+    assert done.exit_code == 2 and "NAME=K" in done.output, done.output  # "²".isdigit() is True, int() refuses it
+
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidInput, match="nested too deeply"):
+        commands.load_inputs(tmp_path / "deep.json")
 
 
 def test_a_runtime_that_cannot_read_the_format_says_which_can(vad: Path, tmp_path: Path) -> None:

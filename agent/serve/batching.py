@@ -3,8 +3,10 @@
 Why apart from the serving loop: which requests may share a call is a question of tensors, not of queues. Each input
 stacks along its own batch axis (0 for most, 1 for a recurrent state ``[layers, batch, hidden]``); an input without one
 (a 0-d sample rate) goes into the call once, so it must be equal in every request merged. Anything else — names that
-differ, other dimensions that differ, a request whose inputs disagree on its row count — is not merged: those requests
-run one by one, which is always correct.
+differ, other dimensions that differ, a request whose inputs disagree on its row count, a request of no rows, a batch
+axis the model fixes (two halves of a static batch of 4, each refused alone, would pass merged) — is not merged: those
+requests run one by one, which is always correct. Likewise an output is cut into rows only along a dynamic batch axis:
+a fixed-size output whose size happens to equal the merged row count is not per row.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ __all__ = ["merge", "request_rows", "split"]
 
 
 def request_rows(specs: Mapping[str, TensorSpec], inputs: Mapping[str, np.ndarray]) -> int | None:
-    """The request's batch size: the same along every batched input's axis; None when they disagree, an input is unknown
-    or none has a batch axis."""
+    """The request's batch size: the same along every batched input's axis; None when they disagree, an input is unknown,
+    a batch axis is static in the model, none has a batch axis or the request has no rows (alone it is refused as empty)."""
     rows = set()
     for name, arr in inputs.items():
         spec = specs.get(name)
         if spec is None or arr.ndim != spec.ndim:
             return None
         if spec.batch_axis is not None:
+            if spec.shape[spec.batch_axis] >= 0:
+                return None
             rows.add(arr.shape[spec.batch_axis])
-    return rows.pop() if len(rows) == 1 else None
+    return rows.pop() if len(rows) == 1 and 0 not in rows else None
 
 
 def _same_but_axis(a: np.ndarray, b: np.ndarray, axis: int | None) -> bool:
@@ -58,13 +62,14 @@ def merge(specs: Mapping[str, TensorSpec], requests: list[Mapping[str, np.ndarra
 
 
 def split(specs: Mapping[str, TensorSpec], outputs: Mapping[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
-    """Each request's share of a merged call's outputs; ValueError when an output is not per row along its batch axis."""
+    """Each request's share of a merged call's outputs; ValueError when an output is not per row along its batch axis
+    (it has none, it is static there, or its size there is not the merged row count)."""
     total = sum(rows)
     parts: list[dict[str, np.ndarray]] = [{} for _ in rows]
     for name, value in outputs.items():
         spec = specs.get(name)
         axis = spec.batch_axis if spec is not None else None
-        if axis is None or value.ndim <= axis or value.shape[axis] != total:
+        if spec is None or axis is None or axis >= spec.ndim or spec.shape[axis] >= 0 or value.ndim <= axis or value.shape[axis] != total:
             raise ValueError(f"output {name!r} is not per row")
         start = 0
         for part, n in zip(parts, rows):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agent import logs
-from agent.errors import EdgefleetError, InvalidInput
+from agent.errors import EdgefleetError
 from agent.serve import batching
 from agent.serve.host import ModelHost, UnknownModel
 from agent.serve.ratelimit import ClientBuckets
@@ -256,7 +256,10 @@ class Serving:
 
     def _run_batch(self, ready: list[tuple[_Item, Request]]) -> bool:
         """Answer ``ready`` with one call, stacked along each input's batch axis (``agent.serve.batching``); False when
-        they cannot share one, or one of them is refused: the caller then runs them one by one."""
+        they cannot share one, one of them is refused, or the merged call fails: the caller then runs them one by one.
+
+        Why any failure falls back: a request with a value the model breaks on (an index past a table) fails the whole
+        merged call, and must cost only its own answer, never the others' it happened to be merged with."""
         model = ready[0][0].model
         m = self.host.get(model)
         if m is None or not all(isinstance(r.inputs, dict) for _, r in ready):
@@ -267,12 +270,11 @@ class Serving:
                 return False
             out = self.host.infer(model, merged[0])
             parts = batching.split({s.name: s for s in m.runtime.outputs}, out, merged[1])
-        except (InvalidInput, ValueError, PayloadError, UnknownModel):  # one bad request must not fail the others
+        except Exception as exc:  # one bad request must not fail the others
+            logs.event(
+                log, "serving.batch_fallback", logging.DEBUG, model=model, requests=len(ready), reason=f"{type(exc).__name__}: {exc}"[:300]
+            )
             return False
-        except Exception as exc:
-            for item, req in ready:
-                self._fail(item, req, req.request_id, exc)
-            return True
         for (item, req), part in zip(ready, parts):
             self._answer(item, req, part)
         return True
