@@ -43,6 +43,9 @@ __all__ = ["Controller", "DeviceReport", "devices"]
 
 log = logging.getLogger("edgefleet.controller")
 
+INGEST_GROUP = "edgefleet-ingest"  # the MQTT 5 shared-subscription groups several controllers split the work in
+REPO_GROUP = "edgefleet-repo"
+
 
 @dataclass
 class DeviceReport:
@@ -112,6 +115,8 @@ class Controller:
 
     ``broker`` (fleet.toml's ``[broker]``: TLS, credentials, MQTT version) is handed to every client the controller
     makes; ``host``/``port`` replace its address (``--broker HOST:PORT``). Neither: plain TCP to 127.0.0.1:1883.
+    ``shared_ingest``: with MQTT 5, telemetry and job updates go to one of several controllers (``$share``) instead of
+    all of them: less work each, but what a controller killed had received and not yet stored is lost.
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class Controller:
         tick_s: float = 1.0,
         telemetry_keep_s: float = 7 * 86400,
         broker: BrokerSettings | None = None,
+        shared_ingest: bool = False,
     ) -> None:
         self.image = ImageRepository(root / "image")
         self.director = Director(root / "director")
@@ -132,8 +138,21 @@ class Controller:
         self.host, self.port = self.broker.host, self.broker.port
         self.keys, self.interval_s, self.tick_s = keys, interval_s, tick_s
         self.telemetry_keep_s = telemetry_keep_s
+        # several controllers on one store split repository requests with an MQTT 5 shared subscription (a request lost
+        # with a dying controller is asked again by the device); on a broker without $share (3.1.1: NATS) only the leader
+        # serves the repository (every controller answering would send every chunk N times). Ingest is not shared by
+        # default: each controller takes every message and the store keeps each batch once by (device, session, seq),
+        # so a controller killed with messages received but not yet stored loses nothing (with mosquitto's $share it
+        # did: the broker does not hand a dead member's unacknowledged messages to another); ``shared_ingest`` splits it.
+        self.shared = store is not None and self.broker.mqtt_version == "5"
         # one client id per process: a second controller (or a test's) must not take this one's session over
-        self.server = RepositoryServer(root, client_id=f"edgefleet-repo-{os.getpid()}", broker=self.broker)
+        self.server = RepositoryServer(
+            root,
+            client_id=f"edgefleet-repo-{os.getpid()}",
+            broker=self.broker,
+            group=REPO_GROUP if self.shared else None,
+            accepting=store is None or self.shared,
+        )
         self.store: FleetStore | None = None
         self.ingest: Ingestor | None = None
         self.engine: RolloutEngine | None = None
@@ -141,7 +160,8 @@ class Controller:
         if store is not None:
             self.leadership = Leadership(store)
             self.store = FleetStore(store)
-            self.ingest = Ingestor(self.store, client_id=f"edgefleet-ingest-{os.getpid()}", broker=self.broker)
+            group = INGEST_GROUP if self.shared and shared_ingest else None
+            self.ingest = Ingestor(self.store, client_id=f"edgefleet-ingest-{os.getpid()}", broker=self.broker, group=group)
             self.engine = RolloutEngine(self.store, self.image, self.director, keys, broker=self.broker)
         self._next_refresh = time.monotonic() + interval_s
         self._leading: bool | None = None  # None until the first try: "standby" is logged once, then only changes
@@ -182,6 +202,8 @@ class Controller:
         if self._leading and not was:
             self._next_refresh = 0.0  # a new leader checks the online metadata at once: the old one may have died late
         if self._leading != was:
+            if not self.shared:
+                self.server.accept(self._leading)
             logs.event(log, "leader.acquired" if self._leading else ("leader.lost" if was else "leader.standby"), pid=os.getpid())
         return self._leading
 
