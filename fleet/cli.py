@@ -980,7 +980,8 @@ def serve_cmd(
         click.echo(f"dashboard token (shown once; kept as dashboard.token in {config or DEFAULT_CONFIG}): {serving.new_token}", err=True)
     if serving.dashboard is not None:
         console.print(f"dashboard on {serving.dashboard.url}" + (" (bearer token required)" if serving.dashboard.token else ""))
-    console.print(f"serving {root} on {b.host}:{b.port}{' with TLS' if b.tls_ca else ''} (Ctrl-C stops)")
+    role = serving.controller.role  # several controllers on one store: one leads (rollouts, re-signing), the rest stand by
+    console.print(f"serving {root} on {b.host}:{b.port}{' with TLS' if b.tls_ca else ''} as {role} (Ctrl-C stops)")
     healthy = _until_stopped(stop, serving.healthy)
     if not healthy:  # an MQTT thread died: exit non-zero so systemd restarts the controller
         console.print("[red]error[/red]: a network thread of the controller stopped; exiting so the service restarts it")

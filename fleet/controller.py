@@ -6,6 +6,9 @@ later still sees it); they then fetch and verify everything through the
 repository server, so the message is a hint and never trusted by itself.
 Online metadata (image snapshot/timestamp, every device's director metadata) is
 re-signed when less than half of its lifetime is left.
+With a store, several controllers may serve one fleet: all serve and ingest, and the
+one holding the store's leader lock (``fleet.leader``) alone runs rollouts and
+re-signs; the others retry the lock every tick and take over when the leader dies.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tuf.api.metadata import Metadata
 from agent import logs, wire
 from agent.settings import BrokerSettings
 from agent.wire import WireError
+from fleet.leader import Leadership
 from fleet.rollout import RolloutEngine
 from fleet.store import FleetStore, StoreLocation
 from fleet.transport import client as transport
@@ -38,6 +42,9 @@ from fleet.tuf.keys import KeyStore
 __all__ = ["Controller", "DeviceReport", "devices"]
 
 log = logging.getLogger("edgefleet.controller")
+
+INGEST_GROUP = "edgefleet-ingest"  # the MQTT 5 shared-subscription groups several controllers split the work in
+REPO_GROUP = "edgefleet-repo"
 
 
 @dataclass
@@ -108,6 +115,8 @@ class Controller:
 
     ``broker`` (fleet.toml's ``[broker]``: TLS, credentials, MQTT version) is handed to every client the controller
     makes; ``host``/``port`` replace its address (``--broker HOST:PORT``). Neither: plain TCP to 127.0.0.1:1883.
+    ``shared_ingest``: with MQTT 5, telemetry and job updates go to one of several controllers (``$share``) instead of
+    all of them: less work each, but what a controller killed had received and not yet stored is lost.
     """
 
     def __init__(
@@ -121,6 +130,7 @@ class Controller:
         tick_s: float = 1.0,
         telemetry_keep_s: float = 7 * 86400,
         broker: BrokerSettings | None = None,
+        shared_ingest: bool = False,
     ) -> None:
         self.image = ImageRepository(root / "image")
         self.director = Director(root / "director")
@@ -128,15 +138,33 @@ class Controller:
         self.host, self.port = self.broker.host, self.broker.port
         self.keys, self.interval_s, self.tick_s = keys, interval_s, tick_s
         self.telemetry_keep_s = telemetry_keep_s
+        # several controllers on one store split repository requests with an MQTT 5 shared subscription (a request lost
+        # with a dying controller is asked again by the device); on a broker without $share (3.1.1: NATS) only the leader
+        # serves the repository (every controller answering would send every chunk N times). Ingest is not shared by
+        # default: each controller takes every message and the store keeps each batch once by (device, session, seq),
+        # so a controller killed with messages received but not yet stored loses nothing (with mosquitto's $share it
+        # did: the broker does not hand a dead member's unacknowledged messages to another); ``shared_ingest`` splits it.
+        self.shared = store is not None and self.broker.mqtt_version == "5"
         # one client id per process: a second controller (or a test's) must not take this one's session over
-        self.server = RepositoryServer(root, client_id=f"edgefleet-repo-{os.getpid()}", broker=self.broker)
+        self.server = RepositoryServer(
+            root,
+            client_id=f"edgefleet-repo-{os.getpid()}",
+            broker=self.broker,
+            group=REPO_GROUP if self.shared else None,
+            accepting=store is None or self.shared,
+        )
         self.store: FleetStore | None = None
         self.ingest: Ingestor | None = None
         self.engine: RolloutEngine | None = None
+        self.leadership: Leadership | None = None  # None: no store, so no other controller to share with: always leads
         if store is not None:
+            self.leadership = Leadership(store)
             self.store = FleetStore(store)
-            self.ingest = Ingestor(self.store, client_id=f"edgefleet-ingest-{os.getpid()}", broker=self.broker)
+            group = INGEST_GROUP if self.shared and shared_ingest else None
+            self.ingest = Ingestor(self.store, client_id=f"edgefleet-ingest-{os.getpid()}", broker=self.broker, group=group)
             self.engine = RolloutEngine(self.store, self.image, self.director, keys, broker=self.broker)
+        self._next_refresh = time.monotonic() + interval_s
+        self._leading: bool | None = None  # None until the first try: "standby" is logged once, then only changes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="controller", daemon=True)
 
@@ -144,7 +172,8 @@ class Controller:
         self.server.start()
         if self.ingest is not None:
             self.ingest.start()
-        self.tick()
+        if self._lead():
+            self.tick()
         self._thread.start()
         return self
 
@@ -154,8 +183,29 @@ class Controller:
         if self.ingest is not None:
             self.ingest.stop()
         self.server.stop()
+        if self.leadership is not None:
+            self.leadership.release()
         if self.store is not None:
             self.store.close()
+
+    @property
+    def role(self) -> str:
+        """This controller's part: "leader" (runs rollouts and re-signs) or "standby" (serves and ingests, waits for the lock)."""
+        return "leader" if self.leadership is None or self.leadership.held() else "standby"
+
+    def _lead(self) -> bool:
+        """Whether this controller leads now: the lock taken (or kept), logged when that changes."""
+        if self.leadership is None:
+            return True
+        was = self._leading
+        self._leading = self.leadership.try_acquire()
+        if self._leading and not was:
+            self._next_refresh = 0.0  # a new leader checks the online metadata at once: the old one may have died late
+        if self._leading != was:
+            if not self.shared:
+                self.server.accept(self._leading)
+            logs.event(log, "leader.acquired" if self._leading else ("leader.lost" if was else "leader.standby"), pid=os.getpid())
+        return self._leading
 
     def healthy(self) -> bool:
         """Every thread that does the controller's work runs: the repository server's (network and readers), the
@@ -165,13 +215,15 @@ class Controller:
         return self.server.alive() and ingest_ok and self._thread.is_alive()
 
     def _loop(self) -> None:
-        next_refresh = time.monotonic() + self.interval_s
+        self._next_refresh = time.monotonic() + self.interval_s
         while not self._stop.wait(self.tick_s if self.engine is not None else self.interval_s):
             try:
+                if not self._lead():
+                    continue  # a standby: serving and ingest go on in their own threads
                 if self.engine is not None:
                     self.engine.tick()
-                if time.monotonic() >= next_refresh:
-                    next_refresh = time.monotonic() + self.interval_s
+                if time.monotonic() >= self._next_refresh:
+                    self._next_refresh = time.monotonic() + self.interval_s
                     self.tick()
                     if self.store is not None:
                         self.store.prune_telemetry(self.telemetry_keep_s)

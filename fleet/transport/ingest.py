@@ -38,8 +38,14 @@ class Ingestor:
         batch: int = 5000,
         broker: BrokerSettings | None = None,
         new_devices_per_minute: int = NEW_DEVICES_PER_MINUTE,
+        group: str | None = None,
     ) -> None:
-        """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address."""
+        """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address.
+
+        ``group``: several controllers share telemetry and job updates through the MQTT 5 shared subscription
+        ``$share/GROUP/...`` (each message reaches one of them). Retained status and reports stay plain subscriptions:
+        every controller sees every device's presence (a shared subscription gets no retained messages), and writing
+        them twice is harmless."""
         self.store, self.flush_s, self.batch = store, flush_s, batch
         self.counters: Counter[str] = Counter()
         # devices registered so far; an unknown id registers only within the budget of new ones per minute
@@ -51,6 +57,7 @@ class Ingestor:
         self._full = threading.Event()
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._group = group
         self._broker = transport.broker_settings(host, port, broker)
         self._client = transport.client(self._broker, client_id)
         self._client.on_connect = self._on_connect
@@ -76,8 +83,10 @@ class Ingestor:
         self.flush()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        kinds = [wire.device_filter(k) for k in ("status", "reported", "telemetry")] + [wire.device_filter("jobs", "+")]
-        client.subscribe([(k, 1) for k in kinds])
+        shared = [wire.device_filter("telemetry"), wire.device_filter("jobs", "+")]
+        if self._group:
+            shared = [f"$share/{self._group}/{f}" for f in shared]
+        client.subscribe([(f, 1) for f in [wire.device_filter("status"), wire.device_filter("reported"), *shared]])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """paho's thread: decode with the wire's caps, stamp the receive time, buffer. Nothing here may raise."""

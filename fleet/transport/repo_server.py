@@ -53,8 +53,14 @@ class RepositoryServer:
         max_pending: int = MAX_PENDING,
         device_rps: float = DEVICE_RPS,
         device_burst: float = DEVICE_BURST,
+        group: str | None = None,
+        accepting: bool = True,
     ) -> None:
-        """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address."""
+        """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address.
+
+        ``group``: several controllers share the requests through the MQTT 5 shared subscription ``$share/GROUP/...``
+        (each request reaches one of them). ``accepting`` False: connected but not subscribed until ``accept(True)``
+        (on a broker without ``$share`` only the leading controller takes requests: see ``fleet.controller``)."""
         self.root = Path(root).resolve()
         self.broker = transport.broker_settings(host, port, broker)
         self.host, self.port = self.broker.host, self.broker.port
@@ -71,6 +77,8 @@ class RepositoryServer:
         self._stopping = False
         self._publish_lock = threading.Lock()  # paho is not safe to publish from several threads at once
         self._readers = [threading.Thread(target=self._read_loop, name=f"repo-reader-{i}", daemon=True) for i in range(readers)]
+        self._topic = f"$share/{group}/{REPO_REQUESTS}" if group else REPO_REQUESTS
+        self._accepting = accepting
         self._connected = threading.Event()
         self._client = transport.client(self.broker, client_id)
         self._client.on_connect = self._on_connect
@@ -120,7 +128,20 @@ class RepositoryServer:
             self._turns.extend(d for d in self._held if d in self._pending)
             self._held.clear()
             self._work.notify_all()
-        client.subscribe(REPO_REQUESTS, qos=1)
+        if self._accepting:
+            client.subscribe(self._topic, qos=1)
+        else:
+            self._connected.set()  # connected, and on purpose not taking requests yet
+
+    def accept(self, on: bool) -> None:
+        """Take repository requests (subscribe) or leave them to other controllers (unsubscribe); idempotent."""
+        if on == self._accepting:
+            return
+        self._accepting = on
+        if on:
+            self._client.subscribe(self._topic, qos=1)
+        else:
+            self._client.unsubscribe(self._topic)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """paho's network thread, which also publishes (one owner of the connection). Nothing here may raise."""

@@ -1,0 +1,95 @@
+"""Which of several ``fleet serve`` processes on one store leads: runs the rollout engine and re-signs online metadata.
+
+Why a lock and not an election: the store already is the one thing every controller shares. On PostgreSQL the
+leader holds a session-level advisory lock (``pg_try_advisory_lock``) on one connection of its own for as long as
+it leads; the server frees it the moment that connection drops, so when the leader dies (even by ``kill -9``) a
+standby that retries every second takes over within seconds, and goes on from the rollout state in the store.
+On SQLite (one host only: the database is a local file) the same is an exclusive, non-blocking ``flock`` on a file
+beside the database (``fleet.db.leader``), which the kernel frees when the process holding it dies.
+Two leaders at once would announce twice and re-sign concurrently; neither lock can be held by two processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+from fleet.store.url import StoreLocation, is_postgres
+
+__all__ = ["LEADER_KEY", "Leadership"]
+
+LEADER_KEY = 0x65646765_6C656164  # "edgelead": the advisory lock's key (pg.py's schema lock uses another)
+
+
+class Leadership:
+    """One controller's claim to lead on ``location`` (a SQLite path or a ``postgresql://`` URL). No I/O until
+    ``try_acquire``; ``release`` (or the process ending) lets another take it."""
+
+    def __init__(self, location: StoreLocation, key: int = LEADER_KEY) -> None:
+        self.location, self.key = location, key
+        self._conn: Any = None  # psycopg.Connection holding the advisory lock (PostgreSQL)
+        self._fd: int | None = None  # the locked file (SQLite)
+        self._locked = False  # the advisory lock was granted on self._conn (a standby keeps its connection for retries)
+
+    def try_acquire(self) -> bool:
+        """Lead now if nobody does (never waits); True while this instance holds the lock."""
+        if self.held():
+            return True
+        return self._acquire_pg() if is_postgres(self.location) else self._acquire_file()
+
+    def held(self) -> bool:
+        """This instance leads. On PostgreSQL the lock's connection is checked: a server restart or a network cut ends
+        the session and with it the lock, and a leader that goes on leading after that would be one of two."""
+        if self._fd is not None:
+            return True
+        if self._conn is None or not self._locked:
+            return False
+        try:  # the lock lives as long as its session: a live session still holds it (only release() unlocks)
+            self._conn.execute("SELECT 1")
+        except Exception:  # psycopg.OperationalError and kin: the session is gone, and so is the lock
+            self._close_conn()
+            return False
+        return True
+
+    def release(self) -> None:
+        """Stop leading (idempotent): the lock's connection closes, or the file is unlocked."""
+        self._close_conn()
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def _acquire_pg(self) -> bool:
+        import psycopg
+
+        try:
+            if self._conn is None:
+                self._conn = psycopg.connect(str(self.location), autocommit=True, connect_timeout=5, application_name="edgefleet-leader")
+            row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+        except psycopg.Error:
+            self._close_conn()
+            return False
+        self._locked = bool(row and row[0])
+        return self._locked
+
+    def _acquire_file(self) -> bool:
+        path = Path(str(self.location) + ".leader")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def _close_conn(self) -> None:
+        self._locked = False
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # closing a broken connection may raise; it is closed either way
+                pass
+            self._conn = None
