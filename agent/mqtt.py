@@ -82,8 +82,10 @@ class FailoverClient(mqtt.Client):
         return f"{self.host}:{self.port}"
 
     def _take_next_address(self, client: mqtt.Client, userdata: Any) -> None:
-        """paho's ``on_pre_connect``: runs before every connection attempt, the socket closed, so the address may change."""
-        self.host, self.port = self.addresses[self._next]
+        """paho's ``on_pre_connect``: runs before every connection attempt, the old socket closed and the new one not
+        made yet. paho's ``host``/``port`` setters refuse here (its state already reads "connecting"), so the attributes
+        they would set are set directly: the next socket goes to this address (TLS checks this host name)."""
+        self._host, self._port = self.addresses[self._next]
         self._next = (self._next + 1) % len(self.addresses)
 
     def connect_async(

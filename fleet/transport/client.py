@@ -21,9 +21,10 @@ from paho.mqtt.properties import Properties
 from agent.mqtt import FailoverClient, make_client, read_password, tls_context
 from agent.settings import BrokerSettings, parse_address
 
-__all__ = ["QUEUED_SESSION_S", "aiomqtt_options", "broker_settings", "client", "connect"]
+__all__ = ["QUEUED_SESSION_S", "RECONNECT_MAX_S", "aiomqtt_options", "broker_settings", "client", "connect"]
 
 QUEUED_SESSION_S = 3600  # MQTT 5: how long the broker keeps a persistent controller session's messages after it left
+RECONNECT_MAX_S = 10  # paho's default backoff grows to 120 s: a controller back a minute late stalls every rollout
 
 
 def broker_settings(
@@ -51,7 +52,9 @@ def client(broker: BrokerSettings, client_id: str, persistent: bool = False) -> 
     """A paho client for ``broker`` (version, TCP_NODELAY, credentials, TLS, every address); not connected yet (callbacks
     first). ``persistent``: the broker queues the client's QoS 1 messages while it is away (failing over to another
     node of a cluster): ingest must not lose what devices published in that second; connect with ``connect``."""
-    return make_client(broker, client_id, persistent=persistent)
+    c = make_client(broker, client_id, persistent=persistent)
+    c.reconnect_delay_set(1, RECONNECT_MAX_S)
+    return c
 
 
 def connect(c: mqtt.Client, broker: BrokerSettings, persistent: bool = False) -> None:
