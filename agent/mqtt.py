@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ from paho.mqtt.properties import Properties
 
 from agent.errors import InvalidOptions
 from agent.settings import BrokerSettings
+
+SUBSCRIBE_RETRIES = 5
 
 __all__ = ["FailoverClient", "make_client", "protocol_of", "read_password", "tcp_nodelay", "tls_context"]
 
@@ -75,6 +78,56 @@ class FailoverClient(mqtt.Client):
         self.addresses = list(addresses)
         self._next = first % len(self.addresses)  # the address of the next connection attempt
         self.on_pre_connect = self._take_next_address
+        self._owner_on_subscribe: Any = None
+        self._subs_lock = threading.Lock()
+        self._asked: dict[int, tuple[list[Any], Properties | None]] = {}  # SUBSCRIBE message id -> what it asked for
+        self._sub_failures: dict[str, int] = {}  # topic filter -> failed SUBACKs in a row
+
+    # -- subscriptions the broker failed to set up ----------------------------------------------
+    # A node that just lost a peer may answer SUBSCRIBE with a failure and keep the connection (NATS, while JetStream
+    # elects new leaders: "Unable to add JetStream consumer"): the client would stay connected and deaf. So a failed
+    # subscription is asked for again, after 1, 2, 4, 8, 16 s; then the failure goes to the owner's ``on_subscribe``.
+
+    @property  # type: ignore[override]
+    def on_subscribe(self) -> Any:
+        return self._checked_suback  # what paho calls on every SUBACK
+
+    @on_subscribe.setter
+    def on_subscribe(self, func: Any) -> None:
+        self._owner_on_subscribe = func
+
+    def subscribe(
+        self, topic: Any, qos: int = 0, options: Any = None, properties: Properties | None = None
+    ) -> tuple[MQTTErrorCode, int | None]:
+        result = super().subscribe(topic, qos, options, properties)
+        if result[1] is not None:
+            items = list(topic) if isinstance(topic, list) else [topic if isinstance(topic, tuple) else (topic, options or qos)]
+            with self._subs_lock:
+                self._asked[result[1]] = (items, properties)
+        return result
+
+    def _checked_suback(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
+        with self._subs_lock:
+            items, props = self._asked.pop(mid, ([], None))
+            failed = [item for item, reason in zip(items, reasons) if getattr(reason, "is_failure", False)]
+            for item, reason in zip(items, reasons):
+                if not getattr(reason, "is_failure", False):
+                    self._sub_failures.pop(str(item[0]), None)
+            tries = max((self._sub_failures.get(str(item[0]), 0) for item in failed), default=0)
+            if failed and tries < SUBSCRIBE_RETRIES:
+                for item in failed:
+                    self._sub_failures[str(item[0])] = tries + 1
+        if failed and tries < SUBSCRIBE_RETRIES:
+            retry = threading.Timer(2.0**tries, self._subscribe_again, (failed, props))
+            retry.daemon = True
+            retry.start()
+            return
+        if self._owner_on_subscribe is not None:
+            self._owner_on_subscribe(client, userdata, mid, reasons, properties)
+
+    def _subscribe_again(self, items: list[Any], properties: Properties | None) -> None:
+        if self.is_connected():  # else the owner's on_connect subscribes anew
+            self.subscribe(items, properties=properties)
 
     @property
     def address(self) -> str:

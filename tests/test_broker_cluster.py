@@ -144,7 +144,11 @@ def test_a_node_killed_during_a_rollout_loses_nothing(nats: NatsCluster, models:
         wait_for(lambda: "1.1.0" in versions().values(), 60, "the first wave moving")
         nats.kill(0)
         wait_for(lambda: sim.reconnects > 0 and sim.connected == SIMULATED, 90, "every simulated device reconnected")
-        wait_for(lambda: getattr(store.rollout(rid), "state", "") == "done", 180, "the rollout done across the failover")
+        try:
+            wait_for(lambda: getattr(store.rollout(rid), "state", "") == "done", 180, "the rollout done across the failover")
+        except AssertionError as exc:  # say where it stood
+            states = sorted(f"{d.device}:{d.state}:{d.reason}" for d in store.rollout_devices(rid) if d.state != "active")
+            raise AssertionError(f"{exc}; {store.rollout(rid)}; not active: {states}; versions: {versions()}") from None
         assert set(versions().values()) == {"1.1.0"}
         wait_for(lambda: "event=host.swapped model=mlp version=1.1.0" in agent.text(), 60, "the real agent on 1.1.0")
         assert "event=agent.connected" in agent.text().split("event=agent.disconnected", 1)[-1], "the agent came back"

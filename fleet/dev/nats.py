@@ -20,6 +20,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -33,7 +34,9 @@ HOST = "127.0.0.1"
 
 def nats_binary() -> str | None:
     """nats-server on PATH or where Debian installs it; None when it is not installed."""
-    return shutil.which("nats-server") or next((p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if os.access(p, os.X_OK)), None)
+    return shutil.which("nats-server") or next(
+        (p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if os.access(p, os.X_OK)), None
+    )
 
 
 @dataclass
@@ -54,6 +57,9 @@ class NatsNode:
         return self.process is not None and self.process.poll() is None
 
     def config(self, routes: list[int]) -> str:
+        """Replicas as many as nodes, said outright: left to itself a node creates MQTT's streams (sessions, retained,
+        QoS 1 queues) with as many replicas as it sees peers at the first MQTT connection, and a stream made with 2
+        of 3 loses its quorum with either node (measured: every client of the killed node refused for good)."""
         route_urls = ", ".join(f'"nats-route://{HOST}:{p}"' for p in routes)
         return (
             f'server_name: "{self.name}"\n'
@@ -61,16 +67,24 @@ class NatsNode:
             f"http: {HOST}:{self.http_port}\n"
             f'jetstream {{ store_dir: "{self.workdir / "store"}" }}\n'
             f'cluster {{ name: "edgefleet", listen: {HOST}:{self.cluster_port}, routes: [{route_urls}] }}\n'
-            f"mqtt {{ listen: {HOST}:{self.mqtt_port} }}\n"
+            f"mqtt {{ listen: {HOST}:{self.mqtt_port}, stream_replicas: {len(routes) + 1} }}\n"
         )
+
+    def _monitor(self, endpoint: str) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/{endpoint}", timeout=2) as r:
+                answer = json.loads(r.read())
+        except (OSError, ValueError):
+            return {}
+        return answer if isinstance(answer, dict) else {}
+
+    def routes(self) -> int:
+        """Routes to other nodes this node has (monitoring ``/routez``)."""
+        return int(self._monitor("routez").get("num_routes", 0))
 
     def meta_leader(self) -> str | None:
         """The JetStream meta leader this node knows (monitoring ``/jsz``); None while there is none or no answer."""
-        try:
-            with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/jsz", timeout=2) as r:
-                leader = json.loads(r.read()).get("meta_cluster", {}).get("leader")
-        except (OSError, ValueError):
-            return None
+        leader = self._monitor("jsz").get("meta_cluster", {}).get("leader")
         return str(leader) if leader else None
 
 
@@ -110,14 +124,20 @@ class NatsCluster:
                 node.process.wait(timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Every node names a meta leader and takes a QoS 1 publish over MQTT (JetStream stores MQTT's sessions)."""
+        """Every node is routed to every other, names a meta leader and takes a QoS 1 publish over MQTT (JetStream
+        stores MQTT's sessions)."""
         deadline = time.monotonic() + timeout
         pending = list(self.nodes)
         while pending:
             node = pending[0]
             if not node.alive():
                 raise BrokerStartError(f"nats node {node.name} exited: {(node.workdir / 'nats.log').read_text()[-2000:]}")
-            if node.meta_leader() is not None and _mqtt_publish_acked(node.mqtt_port, min(5.0, max(0.5, deadline - time.monotonic()))):
+            routed = node.routes() >= len(self.nodes) - 1
+            if (
+                routed
+                and node.meta_leader() is not None
+                and _mqtt_publish_acked(node.mqtt_port, min(5.0, max(0.5, deadline - time.monotonic())))
+            ):
                 pending.pop(0)
             elif time.monotonic() > deadline:
                 raise BrokerStartError(f"nats node {node.name} not ready within {timeout:.0f} s (meta leader: {node.meta_leader()})")
@@ -153,7 +173,7 @@ def start_nats_cluster(workdir: Path, size: int = 3, timeout: float = 60.0) -> N
         node.workdir.mkdir(parents=True, exist_ok=True)
         conf = node.workdir / "nats.conf"
         conf.write_text(node.config([n.cluster_port for n in nodes if n is not node]))
-        log = open(node.workdir / "nats.log", "ab")  # noqa: SIM115 (the server writes it for its whole life)
+        log = open(node.workdir / "nats.log", "ab")
         node.process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
         log.close()
     cluster = NatsCluster(nodes, workdir)

@@ -218,7 +218,12 @@ class Simulator:
         if d.id in self.passwords:
             options.update(username=d.id, password=self.passwords[d.id])
         async with aiomqtt.Client(**options, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
-            await client.subscribe([(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)])
+            granted = await client.subscribe(
+                [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)]
+            )
+            if any(getattr(g, "is_failure", False) or (isinstance(g, int) and g >= 0x80) for g in granted):
+                # connected but deaf (a NATS node still electing JetStream leaders): try again, at the next address
+                raise aiomqtt.MqttError(f"{host}:{port} refused a subscription")
             await client.publish(status, _status("ready", self.session), qos=1, retain=True)
             await self._report(client, d)
             on_connected()
