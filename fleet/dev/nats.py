@@ -56,10 +56,11 @@ class NatsNode:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def config(self, routes: list[int]) -> str:
+    def config(self, routes: list[int], mqtt_options: str = "") -> str:
         """Replicas as many as nodes, said outright: left to itself a node creates MQTT's streams (sessions, retained,
         QoS 1 queues) with as many replicas as it sees peers at the first MQTT connection, and a stream made with 2
         of 3 loses its quorum with either node (measured: every client of the killed node refused for good)."""
+        extra = f", {mqtt_options}" if mqtt_options else ""
         route_urls = ", ".join(f'"nats-route://{HOST}:{p}"' for p in routes)
         return (
             f'server_name: "{self.name}"\n'
@@ -67,7 +68,7 @@ class NatsNode:
             f"http: {HOST}:{self.http_port}\n"
             f'jetstream {{ store_dir: "{self.workdir / "store"}" }}\n'
             f'cluster {{ name: "edgefleet", listen: {HOST}:{self.cluster_port}, routes: [{route_urls}] }}\n'
-            f"mqtt {{ listen: {HOST}:{self.mqtt_port}, stream_replicas: {len(routes) + 1} }}\n"
+            f"mqtt {{ listen: {HOST}:{self.mqtt_port}, stream_replicas: {len(routes) + 1}{extra} }}\n"
         )
 
     def _monitor(self, endpoint: str) -> dict[str, Any]:
@@ -163,8 +164,9 @@ def _mqtt_publish_acked(port: int, timeout: float) -> bool:
         c.loop_stop()
 
 
-def start_nats_cluster(workdir: Path, size: int = 3, timeout: float = 60.0) -> NatsCluster:
-    """``size`` nats-server nodes with JetStream and MQTT, routed to each other, ready (see ``NatsCluster.wait_ready``)."""
+def start_nats_cluster(workdir: Path, size: int = 3, timeout: float = 60.0, mqtt_options: str = "") -> NatsCluster:
+    """``size`` nats-server nodes with JetStream and MQTT, routed to each other, ready (see ``NatsCluster.wait_ready``).
+    ``mqtt_options``: more of the ``mqtt {}`` block, as nats-server's config spells them (``consumer_memory_storage: true``)."""
     binary = nats_binary()
     if binary is None:
         raise BrokerStartError("nats-server is not installed (Debian: apt-get install nats-server)")
@@ -172,7 +174,7 @@ def start_nats_cluster(workdir: Path, size: int = 3, timeout: float = 60.0) -> N
     for node in nodes:
         node.workdir.mkdir(parents=True, exist_ok=True)
         conf = node.workdir / "nats.conf"
-        conf.write_text(node.config([n.cluster_port for n in nodes if n is not node]))
+        conf.write_text(node.config([n.cluster_port for n in nodes if n is not node], mqtt_options))
         log = open(node.workdir / "nats.log", "ab")
         node.process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
         log.close()

@@ -217,13 +217,13 @@ class Simulator:
         options = {**self._client_options(), "hostname": host, "port": port}
         if d.id in self.passwords:
             options.update(username=d.id, password=self.passwords[d.id])
-        async with aiomqtt.Client(**options, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
-            granted = await client.subscribe(
-                [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)]
+        # MQTT 3.1.1: a persistent session, so a reconnect finds its subscriptions (NATS: its JetStream consumers) in place
+        # instead of deleting and making them again, which a cluster that just lost a node took minutes to do.
+        persistent = {"clean_session": False} if self.broker.mqtt_version == "3.1.1" else {}
+        async with aiomqtt.Client(**options, **persistent, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
+            await _subscribe(
+                client, [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)]
             )
-            if any(getattr(g, "is_failure", False) or (isinstance(g, int) and g >= 0x80) for g in granted):
-                # connected but deaf (a NATS node still electing JetStream leaders): try again, at the next address
-                raise aiomqtt.MqttError(f"{host}:{port} refused a subscription")
             await client.publish(status, _status("ready", self.session), qos=1, retain=True)
             await self._report(client, d)
             on_connected()
@@ -438,6 +438,22 @@ class Simulator:
             p95_ms=round(self.base_latency_ms * self.load * (b.latency_x if b else 1.0) * rng.uniform(0.9, 1.1), 3),
             active_p95_ms=round(active_ms, 3),
         )
+
+
+async def _subscribe(client: Any, topics: list[tuple[str, int]], tries: int = 4) -> None:
+    """Subscribe; a filter the broker refuses is asked for again (after 1, 2, 4 s): a NATS node that lost a peer
+    answers SUBSCRIBE with a failure while JetStream elects new leaders, and keeps the connection. Still refused:
+    ``MqttError``, and the device moves to the next address."""
+    import aiomqtt
+
+    for attempt in range(tries):
+        granted = await client.subscribe(topics)
+        topics = [t for t, g in zip(topics, granted) if getattr(g, "is_failure", False) or (isinstance(g, int) and g >= 0x80)]
+        if not topics:
+            return
+        if attempt < tries - 1:
+            await asyncio.sleep(2.0**attempt)  # a backoff between tries, not a wait for a condition
+    raise aiomqtt.MqttError(f"subscriptions refused: {', '.join(t for t, _ in topics)}")
 
 
 def _status(state: str, session: int) -> bytes:
