@@ -219,8 +219,9 @@ class Simulator:
             options.update(username=d.id, password=self.passwords[d.id])
         # MQTT 3.1.1: a persistent session, so a reconnect finds its subscriptions (NATS: its JetStream consumers) in place
         # instead of deleting and making them again, which a cluster that just lost a node took minutes to do.
-        persistent = {"clean_session": False} if self.broker.mqtt_version == "3.1.1" else {}
-        async with aiomqtt.Client(**options, **persistent, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
+        if self.broker.mqtt_version == "3.1.1":
+            options["clean_session"] = False
+        async with aiomqtt.Client(**options, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
             await _subscribe(
                 client, [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)]
             )
