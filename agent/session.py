@@ -24,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import logs, wire
-from agent.mqtt import make_client
+from agent.mqtt import FailoverClient, make_client
 from agent.settings import BrokerSettings
 from agent.wire import device_topic
 
@@ -72,7 +72,7 @@ class Session:
         self._closing = threading.Event()
         self._client = self._make_client()
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> FailoverClient:
         c = make_client(self.broker, self.device_id, persistent=True)
         c.will_set(device_topic(self.device_id, "status"), wire.encode(self.status("lost")), qos=1, retain=True)
         c.on_connect = self._on_connect
@@ -87,7 +87,8 @@ class Session:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> Session:
-        """Connect in the background (paho retries until the broker is there) and keep the session a day."""
+        """Connect in the background and keep the session a day. paho retries until the broker is there, each attempt
+        at the broker's next address (``hosts``): a node that drops or refuses the agent hands it to the next node."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         b = self.broker
@@ -144,12 +145,12 @@ class Session:
         self._connected.set()
         self.publish("status", self.status("ready"), retain=True)
         self.on_connected()
-        logs.event(log, "agent.connected", broker=f"{self.broker.host}:{self.broker.port}")
+        logs.event(log, "agent.connected", broker=self._client.address)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._connected.clear()
         if not self._closing.is_set():
-            logs.event(log, "agent.disconnected", logging.WARNING, reason=str(reason))
+            logs.event(log, "agent.disconnected", logging.WARNING, broker=self._client.address, reason=str(reason))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Route by topic, decode nothing here. Nothing may raise (paho re-raises and its thread dies)."""

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from agent.errors import EdgefleetError, InvalidOptions
@@ -75,11 +75,29 @@ def _check_runtime_name(name: str) -> None:
         raise ValueError(f"unknown runtime {name!r}; known: {', '.join(sorted(known))}")
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address) as a pair, or a ValueError that names it."""
+    host, _, port = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
 class BrokerSettings(BaseModel):
+    """Where the broker is and how to talk to it (the agent's ``[broker]``; fleet.toml's broker section is this model).
+
+    One broker: ``host``/``port``. A clustered broker: ``hosts`` lists its nodes' addresses (``HOST:PORT``), tried in
+    order at the first connection and in turn after each drop or refusal (``agent.mqtt.FailoverClient``); ``host`` and
+    ``port`` then read as its first address. In the environment the list is JSON:
+    ``EDGEFLEET_BROKER__HOSTS='["10.0.0.1:1883","10.0.0.2:1883"]'``.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    hosts: list[str] = []  # a clustered broker's nodes, "HOST:PORT" each; when given, host/port are its first
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     # MQTT 5 by default (session expiry, MaximumPacketSize); 3.1.1 for brokers without it (amqtt).
     mqtt_version: Literal["5", "3.1.1"] = "5"
@@ -88,6 +106,24 @@ class BrokerSettings(BaseModel):
     tls_ca: Path | None = None  # the fleet CA: TLS on when set
     tls_cert: Path | None = None  # client certificate and key for mutual TLS
     tls_key: Path | None = None
+
+    @field_validator("hosts")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_address(text)
+        return value
+
+    @model_validator(mode="after")
+    def _first_address(self) -> BrokerSettings:
+        """With ``hosts``, ``host``/``port`` are its first address, so code and logs that name one address name that one."""
+        if self.hosts:
+            self.host, self.port = parse_address(self.hosts[0])
+        return self
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every address of the broker, in the order they are tried: ``hosts``, or ``host``/``port`` alone."""
+        return [parse_address(h) for h in self.hosts] if self.hosts else [(self.host, self.port)]
 
 
 class ServingSettings(BaseModel):

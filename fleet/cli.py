@@ -397,7 +397,18 @@ def _broker(value: str | None) -> tuple[str, int] | None:
     return host, int(port)
 
 
-_broker_option = click.option("--broker", help="HOST:PORT of the MQTT broker the devices use (replaces fleet.toml's address).")
+def _broker_addresses(value: str | None) -> list[str]:
+    """``HOST:PORT[,HOST:PORT...]``: one broker, or the nodes of a clustered one (tried in turn, failing over)."""
+    addresses = [a.strip() for a in (value or "").split(",") if a.strip()]
+    for a in addresses:
+        _broker(a)
+    return addresses
+
+
+_broker_option = click.option(
+    "--broker",
+    help="HOST:PORT of the MQTT broker the devices use, or a cluster's nodes as HOST:PORT,HOST:PORT,... (replaces fleet.toml's).",
+)
 
 
 @contextmanager
@@ -419,11 +430,10 @@ def _settings(config: Path | None) -> FleetSettings:
 
 
 def _broker_settings(config: Path | None, broker: str | None) -> BrokerSettings:
-    """fleet.toml's ``[broker]`` (TLS, credentials, MQTT version) with ``--broker HOST:PORT`` replacing its address."""
+    """fleet.toml's ``[broker]`` (TLS, credentials, MQTT version) with ``--broker HOST:PORT[,...]`` replacing its addresses."""
     from fleet.transport.client import broker_settings
 
-    host, port = _broker(broker) or (None, None)
-    return broker_settings(host, port, _settings(config).broker)
+    return broker_settings(broker=_settings(config).broker, hosts=_broker_addresses(broker))
 
 
 def _remember_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
@@ -852,7 +862,7 @@ def simulate_cmd(
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from exc
         runner = simulate(count, settings, credentials, prefix, telemetry_s, dict(_key_values(initial)), parsed)
-    console.print(f"{count} simulated devices connected to {settings.host}:{settings.port} (Ctrl-C stops)")
+    console.print(f"{count} simulated devices connected to {', '.join(f'{h}:{p}' for h, p in settings.addresses())} (Ctrl-C stops)")
     _until_stopped(_stop_on_signals(), lambda: True)
     runner.stop()
 

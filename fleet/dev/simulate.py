@@ -9,7 +9,8 @@ reports every update state on its job topic, and sends telemetry batches. A
 with errors, disagree with the version it shadows, or answer with another
 distribution (prediction drift), to exercise the rollout gates. A shadow target in
 the director's metadata is "run" beside the active version and reported as the
-agent reports it.
+agent reports it. A device whose connection drops connects again, to the broker's next
+address (a clustered broker's other node), as the agent does; its sequence numbers go on.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from fleet.api import BrokerUnreachable
 from fleet.transport import client as transport
 
 __all__ = ["Behaviour", "Simulator", "SimulatorThread", "simulate"]
+
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 5.0  # backoff between a simulated device's connection attempts
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,10 @@ class Simulator:
         self.base_latency_ms, self.requests_per_batch = base_latency_ms, requests_per_batch
         self.hardware, self.runtimes = hardware, runtimes or {"onnx": "1.20"}
         self.sent = {"telemetry": 0, "jobs": 0}
-        self.connected = 0
+        self.connected = 0  # devices connected now
+        self.reconnects = 0  # connections lost (each followed by attempts at the next address)
+        self._online: set[str] = set()
+        self._seen: set[str] = set()  # connected at least once
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -150,7 +156,7 @@ class Simulator:
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         self._stop = asyncio.Event()
-        tasks = [asyncio.create_task(self._device(d)) for d in self.devices]
+        tasks = [asyncio.create_task(self._device(d, i)) for i, d in enumerate(self.devices)]
         while self.connected < len(self.devices) and not self._stop.is_set():
             await asyncio.sleep(0.05)
             failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
@@ -173,19 +179,55 @@ class Simulator:
     def _behaviour(self, device: str, version: str) -> Behaviour | None:
         return next((b for b, chosen in self._chosen if b.version == version and device in chosen), None)
 
-    async def _device(self, d: SimDevice) -> None:
+    async def _device(self, d: SimDevice, first: int) -> None:
+        """One device's connections: to the broker's addresses in turn, from ``first`` (devices spread over a cluster's
+        nodes), moving to the next after a drop or a refusal, as the agent's paho client does. A device that never got
+        in anywhere gives up (``run`` reports it); one that was connected tries again and again, backing off to 5 s."""
+        import aiomqtt
+
+        addresses = self.broker.addresses()
+        attempt, backoff = first, RECONNECT_MIN_S
+        while True:
+            host, port = addresses[attempt % len(addresses)]
+            attempt += 1
+            try:
+                await self._connection(d, host, port, lambda: self._connected_once(d))
+            except aiomqtt.MqttError:
+                if d.id in self._online:
+                    self._online.discard(d.id)
+                    self.connected -= 1
+                    self.reconnects += 1
+                    backoff = RECONNECT_MIN_S
+                elif d.id not in self._seen and attempt - first >= len(addresses):
+                    raise
+            await asyncio.sleep(backoff)  # a backoff between attempts, not a wait for a condition
+            backoff = min(RECONNECT_MAX_S, backoff * 2)
+
+    def _connected_once(self, d: SimDevice) -> None:
+        self._online.add(d.id)
+        self._seen.add(d.id)
+        self.connected += 1
+
+    async def _connection(self, d: SimDevice, host: str, port: int, on_connected: Callable[[], None]) -> None:
+        """One connection to ``host:port``: subscribe, say ``ready``, report, then telemetry and updates until it drops."""
         import aiomqtt
 
         status = device_topic(d.id, "status")
         will = aiomqtt.Will(status, _status("lost", self.session), qos=1, retain=True)
-        options = dict(self._client_options())
+        options = {**self._client_options(), "hostname": host, "port": port}
         if d.id in self.passwords:
             options.update(username=d.id, password=self.passwords[d.id])
+        # MQTT 3.1.1: a persistent session, so a reconnect finds its subscriptions (NATS: its JetStream consumers) in place
+        # instead of deleting and making them again, which a cluster that just lost a node took minutes to do.
+        if self.broker.mqtt_version == "3.1.1":
+            options["clean_session"] = False
         async with aiomqtt.Client(**options, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
-            await client.subscribe([(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)])
+            await _subscribe(
+                client, [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)]
+            )
             await client.publish(status, _status("ready", self.session), qos=1, retain=True)
             await self._report(client, d)
-            self.connected += 1
+            on_connected()
             replies: dict[str, asyncio.Future[RepoReply]] = {}
             updates: asyncio.Queue[bytes] = asyncio.Queue()
             workers = [asyncio.create_task(self._telemetry(client, d)), asyncio.create_task(self._updates(client, d, updates, replies))]
@@ -399,6 +441,22 @@ class Simulator:
         )
 
 
+async def _subscribe(client: Any, topics: list[tuple[str, int]], tries: int = 4) -> None:
+    """Subscribe; a filter the broker refuses is asked for again (after 1, 2, 4 s): a NATS node that lost a peer
+    answers SUBSCRIBE with a failure while JetStream elects new leaders, and keeps the connection. Still refused:
+    ``MqttError``, and the device moves to the next address."""
+    import aiomqtt
+
+    for attempt in range(tries):
+        granted = await client.subscribe(topics)
+        topics = [t for t, g in zip(topics, granted) if getattr(g, "is_failure", False) or (isinstance(g, int) and g >= 0x80)]
+        if not topics:
+            return
+        if attempt < tries - 1:
+            await asyncio.sleep(2.0**attempt)  # a backoff between tries, not a wait for a condition
+    raise aiomqtt.MqttError(f"subscriptions refused: {', '.join(t for t, _ in topics)}")
+
+
 def _status(state: str, session: int) -> bytes:
     return wire.encode(wire.Status(state=state, session=session, ts=time.time()))  # type: ignore[arg-type]
 
@@ -465,7 +523,7 @@ def simulate(
     if credentials is not None:
         ids = [f"{prefix}-{i:04d}" for i in range(count)]
         passwords = {d: p for d in ids if (p := _read_secret(credentials / d / "broker-password")) is not None}
-    settings = transport.broker_settings(broker=broker)
+    settings = transport.broker_settings(broker=broker)  # every address of a cluster: devices spread over them
     sim = Simulator(
         settings.host,
         settings.port,
@@ -480,7 +538,7 @@ def simulate(
     try:
         return SimulatorThread(sim).start()
     except RuntimeError as exc:
-        raise BrokerUnreachable(f"{settings.host}:{settings.port}: {exc}") from exc
+        raise BrokerUnreachable(f"{', '.join(settings.hosts) or f'{settings.host}:{settings.port}'}: {exc}") from exc
 
 
 def _read_secret(path: Path) -> str | None:

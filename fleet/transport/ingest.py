@@ -3,6 +3,11 @@
 paho's thread only parses and appends to a buffer; a flusher writes the buffer in one
 transaction every ``flush_s`` (or sooner when it holds ``batch`` messages), so the
 store sees a few large transactions instead of one per message.
+
+The ingest's session is persistent: when its broker node goes and it fails over to another node of a cluster,
+the broker kept the QoS 1 messages devices published meanwhile (a device's batch left its outbox at the
+broker's acknowledgement, so a clean session here would lose it). Stopping unsubscribes first, so no queue
+is left behind for a controller that is not coming back.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ class Ingestor:
         self._ready = threading.Event()
         self._group = group
         self._broker = transport.broker_settings(host, port, broker)
-        self._client = transport.client(self._broker, client_id)
+        self._client = transport.client(self._broker, client_id, persistent=True)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = lambda *a: self._ready.set()
@@ -68,13 +73,15 @@ class Ingestor:
 
     def start(self, timeout: float = 10.0) -> Ingestor:
         self._thread.start()
-        transport.connect(self._client, self._broker)
+        transport.connect(self._client, self._broker, persistent=True)
         self._client.loop_start()
         if not self._ready.wait(timeout):
             raise ConnectionError(f"ingest could not subscribe on {self._host}:{self._port}")
         return self
 
     def stop(self) -> None:
+        if self._client.is_connected():
+            self._client.unsubscribe(self._filters())  # the persistent session queues nothing more for us
         self._client.disconnect()
         self._client.loop_stop()
         self._stop.set()
@@ -82,11 +89,16 @@ class Ingestor:
         self._thread.join(10)
         self.flush()
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+    def _filters(self) -> list[str]:
+        """Retained presence and reports by plain subscription (every controller keeps the registry); telemetry and job
+        updates in the shared group when one is given."""
         shared = [wire.device_filter("telemetry"), wire.device_filter("jobs", "+")]
         if self._group:
             shared = [f"$share/{self._group}/{f}" for f in shared]
-        client.subscribe([(f, 1) for f in [wire.device_filter("status"), wire.device_filter("reported"), *shared]])
+        return [wire.device_filter("status"), wire.device_filter("reported"), *shared]
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        client.subscribe([(f, 1) for f in self._filters()])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """paho's thread: decode with the wire's caps, stamp the receive time, buffer. Nothing here may raise."""

@@ -1,0 +1,170 @@
+"""A clustered broker: several addresses, failover, and a node killed during a rollout on a 3-node NATS cluster.
+
+The unit-level tests run on the session's mosquitto with a dead address beside it; the cluster test starts its own
+nats-server nodes (JetStream + MQTT 3.1.1) and kills one with ``kill -9`` while a rollout to simulated devices and a
+real agent is under way: everything reconnects to the other nodes, the rollout finishes, and every telemetry batch
+the real agent numbered reaches the store.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import ModelFiles
+from update_rig import MODEL, VARIANT, AgentProcess, Rig, wait_for
+
+from agent.errors import InvalidOptions
+from agent.session import Route, Session
+from agent.settings import BrokerSettings, load_settings, write_config
+from fleet.controller import Controller
+from fleet.dev.broker import RunningBroker, free_port
+from fleet.dev.nats import NatsCluster, start_nats_cluster
+from fleet.dev.simulate import Simulator, SimulatorThread
+from fleet.rollout import RolloutSpec
+from fleet.transport import client as transport
+from fleet.transport.announce import announce
+
+
+def dead_address() -> str:
+    return f"127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def test_hosts_lists_the_addresses_and_host_port_stays_a_one_element_list(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert BrokerSettings(host="b.example", port=1884).addresses() == [("b.example", 1884)]
+    cluster = BrokerSettings(hosts=["10.0.0.1:1883", "[fd00::2]:1884"])
+    assert cluster.addresses() == [("10.0.0.1", 1883), ("fd00::2", 1884)]
+    assert (cluster.host, cluster.port) == ("10.0.0.1", 1883)  # logs and one-address code read the first
+    monkeypatch.setenv("EDGEFLEET_BROKER__HOSTS", '["10.0.0.1:1883","10.0.0.2:1883"]')
+    assert load_settings(tmp_path / "none.toml", device_id="d1").broker.addresses() == [("10.0.0.1", 1883), ("10.0.0.2", 1883)]
+    monkeypatch.delenv("EDGEFLEET_BROKER__HOSTS")
+    config = write_config(tmp_path / "agent.toml", {"device_id": "d1", "broker": {"hosts": ["a:1", "b:2"], "mqtt_version": "3.1.1"}})
+    assert load_settings(config).broker.addresses() == [("a", 1), ("b", 2)]
+    with pytest.raises(InvalidOptions, match="expected HOST:PORT"):
+        load_settings(tmp_path / "none.toml", device_id="d1", broker={"hosts": ["no-port"]})
+    # --broker a:1,b:2 replaces fleet.toml's addresses; TLS, credentials and the MQTT version stay
+    base = BrokerSettings(host="old", mqtt_version="3.1.1", username="ctl")
+    moved = transport.broker_settings(broker=base, hosts=["a:1", "b:2"])
+    assert moved.addresses() == [("a", 1), ("b", 2)] and moved.mqtt_version == "3.1.1" and moved.username == "ctl"
+    assert transport.broker_settings("c", 3, moved).addresses() == [("c", 3)]
+
+
+# -- failover on one live broker and one dead address ----------------------------------------
+
+
+def test_an_agent_given_a_dead_and_a_live_address_connects_to_the_live_one(mqtt_broker: RunningBroker) -> None:
+    live = f"{mqtt_broker.host}:{mqtt_broker.port}"
+    routes = [Route("cmd", lambda rest, payload, qos: None)]
+    session = Session(BrokerSettings(hosts=[dead_address(), live]), "failover-unit", 1, routes, on_connected=lambda: None)
+    session.start()
+    try:
+        assert session.wait_connected(20), "the agent never reached the live address"
+        assert session._client.address == live
+    finally:
+        session.close()
+
+
+def test_controller_clients_connect_to_the_first_address_that_answers(mqtt_broker: RunningBroker) -> None:
+    live = f"{mqtt_broker.host}:{mqtt_broker.port}"
+    b = BrokerSettings(hosts=[dead_address(), dead_address(), live])
+    c = transport.client(b, "failover-controller")
+    transport.connect(c, b)
+    assert c.address == live
+    c.disconnect()
+    dead = BrokerSettings(hosts=[dead_address(), dead_address()])
+    with pytest.raises(ConnectionRefusedError, match="no broker address answered") as refused:
+        transport.connect(transport.client(dead, "failover-none"), dead)
+    assert all(a in str(refused.value) for a in dead.hosts)
+
+
+# -- a 3-node NATS cluster, one node killed during a rollout ------------------------------------
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[NatsCluster]:
+    cluster = start_nats_cluster(tmp_path / "nats")
+    yield cluster
+    cluster.stop()
+
+
+SIMULATED = 30
+
+
+def test_a_node_killed_during_a_rollout_loses_nothing(nats: NatsCluster, models: ModelFiles, tmp_path: Path) -> None:
+    """Node 1 carries the controller, the real agent and a third of the simulated devices; it dies mid-rollout."""
+    broker = nats.broker_settings(0)  # everyone starts at node 1; the simulator spreads its devices over all three
+    first = SimpleNamespace(host=broker.host, port=broker.port)
+    rig = Rig(tmp_path / "fleet", models.path("mlp.onnx"), first)  # type: ignore[arg-type]
+    for version in ("1.0.0", "1.1.0"):
+        rig.release(version)
+    controller = Controller(rig.serve, rig.keys, store=tmp_path / "fleet.db", tick_s=0.2, broker=broker).start()
+    state = tmp_path / "agent"
+    config = write_config(
+        state / "agent.toml",
+        {
+            "device_id": "cl-agent",
+            "state_dir": state,
+            "broker": {"hosts": broker.hosts, "mqtt_version": "3.1.1"},
+            "telemetry": {"interval_s": 0.3},
+            "update": {
+                "image_root": rig.image.metadata / "1.root.json",
+                "director_root": rig.director.directory / "1.root.json",
+                "retry_s": 0.3,
+                "request_timeout_s": 2.0,
+            },
+        },
+    )
+    agent = AgentProcess(config, tmp_path / "agent.log")
+    sim = Simulator("", 0, SIMULATED, "cl-sim", telemetry_s=0.3, initial={MODEL: "1.0.0"}, broker=broker)
+    devices = ["cl-agent", *(d.id for d in sim.devices)]
+    for device in devices:
+        rig.director.assign(device, rig.image, MODEL, "1.0.0", VARIANT, rig.keys)
+    announce(rig.director, ["cl-agent"], broker=broker)
+    sims = SimulatorThread(sim).start()
+    store = controller.store
+    assert store is not None and controller.engine is not None
+    try:
+        wait_for(lambda: "event=host.swapped model=mlp version=1.0.0" in agent.text(), 90, "the real agent on 1.0.0")
+
+        def registered() -> bool:
+            return sum(1 for d in store.devices() if d.id.startswith("cl-") and d.online and d.models) == len(devices)
+
+        wait_for(registered, 90, f"{len(devices)} devices registered")
+        rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=cl-*", waves=["10%", "50%", "100%"], soak_s=1.0))
+
+        def versions() -> dict[str, str]:
+            return {d.id: d.models.get(MODEL, {}).get("version", "") for d in store.devices() if d.id.startswith("cl-")}
+
+        wait_for(lambda: "1.1.0" in versions().values(), 60, "the first wave moving")
+        nats.kill(0)
+        wait_for(lambda: sim.reconnects > 0 and sim.connected == SIMULATED, 90, "every simulated device reconnected")
+        try:
+            wait_for(lambda: getattr(store.rollout(rid), "state", "") == "done", 180, "the rollout done across the failover")
+        except AssertionError as exc:  # say where it stood
+            states = sorted(f"{d.device}:{d.state}:{d.reason}" for d in store.rollout_devices(rid) if d.state != "active")
+            raise AssertionError(f"{exc}; {store.rollout(rid)}; not active: {states}; versions: {versions()}") from None
+        assert set(versions().values()) == {"1.1.0"}
+        wait_for(lambda: "event=host.swapped model=mlp version=1.1.0" in agent.text(), 60, "the real agent on 1.1.0")
+        assert "event=agent.connected" in agent.text().split("event=agent.disconnected", 1)[-1], "the agent came back"
+        agent.stop()  # its last batch and the rest of its outbox go out before it exits
+        with sqlite3.connect(state / "agent.db") as db:
+            numbered = db.execute("SELECT value FROM meta WHERE key = 'telemetry_seq'").fetchone()[0]
+            left = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        assert left == 0, f"{left} batches never acknowledged"
+
+        def stored() -> set[int]:
+            with sqlite3.connect(tmp_path / "fleet.db") as db:
+                return {int(r[0]) for r in db.execute("SELECT seq FROM batches WHERE device = 'cl-agent'")}
+
+        wait_for(lambda: stored() >= set(range(1, numbered + 1)), 30, f"all {numbered} of the agent's batches stored")
+    finally:
+        sims.stop()
+        if agent.proc.poll() is None:
+            agent.stop()
+        controller.stop()
