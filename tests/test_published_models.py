@@ -1,11 +1,12 @@
-"""Models this project did not make, end to end: silero-vad's voice-activity ONNX as its PyPI wheel ships it, and a
-stateful model shaped like it, built here with onnx.helper.
+"""Models this project did not make, end to end: silero-vad's voice-activity ONNX as its PyPI wheel ships it; a
+stateful model shaped like it, built here with onnx.helper; float TFLite exported from Keras CNNs as published vision
+models are (a segmentation mask decoded by a transposed convolution with bias; a landmark regression with a score).
 
 Each goes the whole way a user's model goes: ``edge-agent infer`` on the bare file, ``fleet build`` with real
 calibration samples and the state's batch axis (no ``--drop-failing``), a signed release, the director's assignment, a
 real agent that installs it (its health check runs the golden samples: a 0-d sample rate and a state stacked on dim 1)
 and serves it over MQTT to an unmodified paho client sending plain JSON, the sample rate a bare number. Every answer is
-compared with plain onnxruntime on the same inputs.
+compared with plain onnxruntime (or LiteRT's own signature runner) on the same inputs.
 
 silero-vad is installed by the set-up (README: "Set up") only for this test; nothing of ours imports it.
 """
@@ -20,6 +21,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +60,30 @@ def stateful(root: Path) -> Path:
     return wild_models.write_stateful_onnx(root / "stateful.onnx")
 
 
-MODELS: dict[str, tuple[Callable[[Path], Path], Callable[..., dict[str, np.ndarray]]]] = {
-    "silero-vad": (silero_vad, silero_samples),
-    "stateful": (stateful, wild_models.stateful_samples),
+def image_samples() -> dict[str, np.ndarray]:
+    return {"image": wild_models.images()}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model from the wild: how to get it, realistic samples, the variant a device runs, and how to build it."""
+
+    make: Callable[[Path], Path]
+    samples: Callable[[], dict[str, np.ndarray]]
+    variant: str = "onnx-fp32"
+    build_args: tuple[str, ...] = ("--batch-axis", "state=1")
+
+
+def keras(name: str) -> Callable[[Path], Path]:
+    """A float TFLite exported from a Keras CNN (TensorFlow in a child process), as published vision models are."""
+    return lambda root: wild_models.write_keras_tflite(root)[name]
+
+
+CASES = {
+    "silero-vad": Case(silero_vad, silero_samples),
+    "stateful": Case(stateful, wild_models.stateful_samples),
+    "segmentation": Case(keras("segmentation"), image_samples, "tflite-fp32", ()),  # a transposed convolution, a mask
+    "regression": Case(keras("regression"), image_samples, "tflite-fp32", ()),  # landmarks in pixels and a score
 }
 
 
@@ -70,9 +93,17 @@ def run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def reference(model: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Plain onnxruntime: the answer every path must give."""
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
+    """Plain onnxruntime, or LiteRT's own signature runner, one sample at a time where the file fixes batch 1: the
+    answer every path must give."""
+    if model.suffix == ".onnx":
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(model)).get_signature_runner()
+    ((name, batch),) = inputs.items()
+    answers = [runner(**{name: batch[i : i + 1]}) for i in range(len(batch))]
+    return {k: np.concatenate([a[k] for a in answers]) for k in answers[0]}
 
 
 def first(samples: dict[str, np.ndarray], axes: dict[str, int | None], n: int) -> dict[str, np.ndarray]:
@@ -103,18 +134,19 @@ class PahoApp:
         self.client.disconnect()
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(CASES))
 def test_a_model_from_the_wild_runs_builds_installs_and_serves(name: str, tmp_path: Path, rig: Rig, mqtt_broker: RunningBroker) -> None:
-    make, samples_of = MODELS[name]
-    model = make(tmp_path)
-    samples = samples_of()
+    case = CASES[name]
+    model = case.make(tmp_path)
+    samples = case.samples()
     axes = {k: (None if v.ndim == 0 else 1 if k == "state" else 0) for k, v in samples.items()}
 
     # 1. the bare file, on the inputs given: warm-up uses them, so the reflect Pad never sees a length-1 input
     one = first(samples, axes, 1)
     np.savez(tmp_path / "one.npz", **one)
+    runtime = "onnx" if model.suffix == ".onnx" else "litert"
     done = run(
-        "edge-agent", "infer", str(model), "--input", str(tmp_path / "one.npz"), "--runtime", "onnx", "--output", str(tmp_path / "o.npz")
+        "edge-agent", "infer", str(model), "--input", str(tmp_path / "one.npz"), "--runtime", runtime, "--output", str(tmp_path / "o.npz")
     )
     assert done.returncode == 0, done.stderr
     want = reference(model, one)
@@ -127,12 +159,12 @@ def test_a_model_from_the_wild_runs_builds_installs_and_serves(name: str, tmp_pa
     bundle_dir = tmp_path / "bundle"
     built = run(
         "fleet", "build", str(model), "--name", name, "--version", "1.0.0", "--out", str(bundle_dir),
-        "--samples", str(tmp_path / "samples.npz"), "--batch-axis", "state=1",
+        "--samples", str(tmp_path / "samples.npz"), *case.build_args,
     )  # fmt: skip
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     bundle = load_bundle(bundle_dir)
     assert {t.name: t.batch_axis for t in bundle.inputs} == axes
-    assert "onnx-fp32" in {v.id for v in bundle.variants}
+    assert case.variant in {v.id for v in bundle.variants}
     for vid, why in bundle.skipped.items():  # every variant not kept says why; none failed the build
         assert why.reason, vid
 
@@ -143,12 +175,12 @@ def test_a_model_from_the_wild_runs_builds_installs_and_serves(name: str, tmp_pa
     app = PahoApp(mqtt_broker)
     try:
         assert agent.wait_connected()
-        rig.director.assign(device, rig.image, name, "1.0.0", "onnx-fp32", rig.keys)
+        rig.director.assign(device, rig.image, name, "1.0.0", case.variant, rig.keys)
         announce(rig.director, [device], mqtt_broker.host, mqtt_broker.port)
         wait_for(lambda: agent.host.get(name) is not None, 120, f"{name} installed")
 
         # 4. served to plain JSON over MQTT: nested lists, the sample rate a bare number
-        two = first(samples, axes, 2)
+        two = first(samples, axes, 2 if model.suffix == ".onnx" else 1)  # the Keras exports fix batch 1
         body = json.dumps({"request_id": "q1", "inputs": {k: (int(v) if v.ndim == 0 else v.tolist()) for k, v in two.items()}})
         reply = app.ask(device, name, body, "q1")
         assert "error" not in reply, reply
