@@ -63,6 +63,20 @@ def test_devices_with_too_little_traffic_are_not_judged_one_by_one_but_pooled() 
     assert v.decision == ABORT and "server error rate" in v.reason and "regressed" not in v.reason
 
 
+def test_quiet_devices_that_all_got_slower_abort_on_their_pooled_latency() -> None:
+    """Three canaries that each answered a few calls since the move, all 5x slower: too quiet one by one, but the wave
+    must not pass on latency unjudged (seen in a full run: the first wave went through and the second aborted)."""
+    slow = [Subject(f"d{i}", "pi", stats(2.0, requests=30), stats(10.0, requests=8)) for i in range(3)]
+    v = judge(Gates(), slow, [], False)
+    assert v.decision == ABORT and "p95 5.0x" in v.reason and "too quiet to judge alone" in v.reason
+    # one quiet device that claims to be slow is not the median; and the same devices at their old speed go
+    mixed = [Subject("d0", "pi", stats(2.0, requests=30), stats(50.0, requests=8)), *slow[1:]]
+    mixed[1:] = [Subject(s.device, "pi", stats(2.0, requests=30), stats(2.1, requests=8)) for s in slow[1:]]
+    assert judge(Gates(), mixed, [], False).decision != ABORT
+    too_few = [Subject(f"d{i}", "pi", stats(2.0, requests=30), stats(10.0, requests=3)) for i in range(3)]  # 9 calls
+    assert judge(Gates(), too_few, [], False).decision != ABORT
+
+
 def test_min_requests_waits_until_the_wave_times_out() -> None:
     few = fleet(3, 2.0, 2.0)
     assert judge(Gates(min_requests=10**6), few, [], False).decision == WAIT

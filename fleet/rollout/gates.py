@@ -70,7 +70,8 @@ def health_gate(gates: Gates, version: str, moved: list[Subject], control: Mappi
     limit = share(gates.max_regressed, len(judged))
     if len(findings) > limit:
         return Verdict(ABORT, _reason(findings, judged, moved), tuple(findings))
-    pooled = _pooled_errors(gates, [s for s in moved if not _enough(gates, s)])
+    quiet = [s for s in moved if not _enough(gates, s)]
+    pooled = _pooled_errors(gates, quiet) or _pooled_latency(gates, quiet)
     if pooled:
         return Verdict(ABORT, f"health gate: {pooled}")
     return Verdict(
@@ -162,6 +163,23 @@ def _pooled_errors(gates: Gates, quiet: list[Subject]) -> str:
         return ""
     if after - before > gates.max_error_rate_increase:
         return f"server error rate {after:.1%} on {len(quiet)} devices too quiet to judge alone, against {before:.1%} before they moved"
+    return ""
+
+
+def _pooled_latency(gates: Gates, quiet: list[Subject]) -> str:
+    """Second line for latency: the median over the quiet devices of their own p95 after / before their move.
+
+    A median, so one device's claim moves nothing; judged only when the quiet devices together answered at least
+    ``min_device_requests`` calls on each side (each counted up to that many), as for errors. Without it a wave of
+    devices that each reported a few slow calls since the move passed the gate on latency unjudged."""
+    cap = gates.min_device_requests
+    timed = [(s, s.before.p95_ms, s.after.p95_ms) for s in quiet if s.before.p95_ms is not None and s.after.p95_ms is not None]
+    if min(sum(min(s.before.calls, cap) for s, _, _ in timed), sum(min(s.after.calls, cap) for s, _, _ in timed)) < cap:
+        return ""
+    ratio = statistics.median(after / max(before, 1e-6) for _, before, after in timed)
+    rise = statistics.median(after - before for _, before, after in timed)
+    if ratio > gates.max_p95_ratio and rise > gates.p95_floor_ms:
+        return f"p95 {ratio:.1f}x (+{rise:.1f} ms, median) on {len(timed)} devices too quiet to judge alone, against before they moved"
     return ""
 
 
