@@ -57,7 +57,7 @@ class Agent:
         u, rs = settings.update, settings.runtime
         self.host = ModelHost(u.auto_rollback_failures, on_failing=self._failing)
         sv = settings.serving
-        self.shadow = ShadowRunner(self.host, sv.shadow_queue, sv.shadow_rtol, sv.shadow_atol)
+        self.shadow = ShadowRunner(self.host, sv.shadow_queue, sv.shadow_rtol, sv.shadow_atol, sv.shadow_budget)
         health = _health_policy(rs)
         self.installer = Installer(
             self.store,

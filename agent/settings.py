@@ -147,6 +147,8 @@ class ServingSettings(BaseModel):
     # A shadow's row agrees when the top class is the same (class scores) or every value is within atol + rtol * |active|.
     shadow_rtol: Annotated[float, Field(ge=0)] = 0.01
     shadow_atol: Annotated[float, Field(ge=0)] = 1e-3
+    # The shadow's CPU budget, a fraction of one core's wall time; calls beyond it are sampled out (1.0: every call).
+    shadow_budget: Annotated[float, Field(gt=0, le=1)] = 0.05
 
 
 class TelemetrySettings(BaseModel):

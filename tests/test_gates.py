@@ -7,9 +7,10 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.rollout.gates import ABORT, GO, WAIT, Subject, Verdict, health_gate
+from fleet.rollout.gates import ABORT, GO, WAIT, Subject, Verdict, health_gate, shadow_gate
 from fleet.rollout.spec import Gates
 from fleet.rollout.stats import DeviceStats
+from fleet.store.telemetry import ShadowHealth
 
 
 def stats(p95: float, requests: int = 500, server_errors: int = 0) -> DeviceStats:
@@ -117,3 +118,19 @@ def test_a_minority_of_the_control_claiming_huge_load_moves_nothing() -> None:
     moved = fleet(10, 2.0, 2.0, slow=4, slow_x=4.0)
     control = fleet(7, 2.0, 2.0) + [Subject(f"liar{i}", "pi", stats(1.0), stats(1000.0)) for i in range(3)]
     assert judge(Gates(), moved, control).decision == ABORT
+
+
+def shadow(compared: int, skipped: int, agreed: int | None = None) -> ShadowHealth:
+    agreed = compared if agreed is None else agreed
+    return ShadowHealth(compared, agreed, 0.0, 0, skipped, 0, 1.0, 1.0, devices=3)
+
+
+def test_the_shadow_gate_judges_a_sample_and_says_how_much_of_the_traffic_it_was() -> None:
+    go = shadow_gate(Gates(), "1.1.0", 3, shadow(200, 1800), waited_out=False)
+    assert go.decision == GO and "10.0% of the live rows" in go.reason
+    assert "live rows" not in shadow_gate(Gates(), "1.1.0", 3, shadow(200, 0), waited_out=False).reason  # all compared
+    assert shadow_gate(Gates(), "1.1.0", 3, shadow(50, 950), waited_out=False).decision == WAIT  # too few yet
+    out = shadow_gate(Gates(), "1.1.0", 3, shadow(50, 950), waited_out=True)
+    assert out.decision == ABORT and "5.0% of the live rows" in out.reason and "shadow_budget" in out.reason
+    low = shadow_gate(Gates(), "1.1.0", 3, shadow(200, 1800, agreed=150), waited_out=False)
+    assert low.decision == ABORT and "75.0% of 200" in low.reason  # agreement over the sample, not over what was skipped

@@ -8,6 +8,16 @@ the shadow and compares. The queue is bounded — when the shadow cannot keep up
 calls are skipped and counted, never waited for — so a slow candidate costs the
 device spare CPU, not latency.
 
+The shadow yields to serving (issue 18: with a shadow running on every call, a
+CPU-bound agent served half the requests). Two mechanisms, both measured in
+benchmarks/serving.py:
+- a CPU budget: the shadow takes a call only while its measured cost (running the
+  candidate plus comparing) stays within ``budget`` of one core's wall time; the
+  other calls are sampled out and counted as skipped (in rows, like compared), so
+  the controller knows the share of rows it compared and the shadow gate says it;
+- the lowest OS priority for the shadow's thread (Linux niceness is per thread), so
+  what it does run takes the CPU serving leaves idle.
+
 Agreement is per row: for a class-score output (last dimension 2 or more) the top
 class must be the same (top-1 agreement); otherwise every value must be within
 ``atol + rtol * |active|``. A shadow whose outputs have other names or shapes
@@ -17,8 +27,10 @@ disagrees on every row.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,7 +104,7 @@ class _Window:
     values: int = 0
     mismatched: int = 0  # calls whose outputs had other names or shapes
     errors: int = 0  # calls the shadow failed
-    skipped: int = 0  # calls not compared because the shadow was behind
+    skipped: int = 0  # rows not compared: the shadow was behind or over its CPU budget (sampled out)
     shadow_ms: list[float] = field(default_factory=list)
     active_ms: list[float] = field(default_factory=list)
 
@@ -115,9 +127,46 @@ class _Window:
         return out
 
 
+class CpuBudget:
+    """Admit work while its measured cost stays within ``fraction`` of one core's wall time.
+
+    Credit grows with wall time (``fraction`` seconds per second, capped at ``burst_s``) and each admitted call
+    spends what it then measured; the estimate of a call's cost is a moving average, so sampling follows the
+    candidate's real cost. Fraction 1.0 or more never refuses (a device that wants every call compared)."""
+
+    def __init__(self, fraction: float, burst_s: float = 0.05, clock: Any = time.monotonic) -> None:
+        self.fraction, self.burst_s, self._clock = fraction, burst_s, clock
+        self._credit = burst_s
+        self._last = clock()
+        self.cost_s = 0.0  # moving average of one call's cost
+
+    def admit(self) -> bool:
+        if self.fraction >= 1.0:
+            return True
+        now = self._clock()
+        self._credit = min(self.burst_s, self._credit + (now - self._last) * self.fraction)
+        self._last = now
+        return self._credit >= self.cost_s
+
+    def spend(self, seconds: float) -> None:
+        self._credit -= seconds
+        self.cost_s = seconds if self.cost_s == 0.0 else 0.8 * self.cost_s + 0.2 * seconds
+
+
+def _lowest_priority() -> None:
+    """Nice the calling thread to 19 (Linux: per thread); elsewhere, or when refused, run at normal priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 class ShadowRunner:
-    def __init__(self, host: ModelHost, queue_size: int = 16, rtol: float = 0.01, atol: float = 1e-3) -> None:
+    def __init__(
+        self, host: ModelHost, queue_size: int = 16, rtol: float = 0.01, atol: float = 1e-3, budget: float = 0.1
+    ) -> None:
         self.host, self.rtol, self.atol = host, rtol, atol
+        self._budget = CpuBudget(budget)
         self._queue: queue.Queue[tuple[str, str, Mapping[str, object], dict[str, np.ndarray], float] | None] = queue.Queue(queue_size)
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
@@ -142,11 +191,16 @@ class ShadowRunner:
         shadow = self.host.shadow(active.name)
         if shadow is None:
             return
+        with self._lock:
+            admitted = self._budget.admit()
         try:
+            if not admitted:
+                raise queue.Full
             self._queue.put_nowait((active.name, shadow.version, inputs, outputs, active_s))
         except queue.Full:
+            rows = _rows(next(iter(outputs.values()), np.zeros(0)))
             with self._lock:
-                self._window(active.name, shadow.version).skipped += 1
+                self._window(active.name, shadow.version).skipped += rows
 
     def _window(self, model: str, version: str) -> _Window:
         w = self._windows.get(model)
@@ -155,27 +209,35 @@ class ShadowRunner:
         return w
 
     def _work(self) -> None:
+        _lowest_priority()
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            model, version, inputs, active_out, active_s = item
+            started = time.perf_counter()
             try:
-                ran = self.host.infer_shadow(model, version, inputs)
-            except Exception as exc:  # the candidate failing is a finding, not a crash
+                self._compare(*item)
+            finally:
                 with self._lock:
-                    self._window(model, version).errors += 1
-                logs.event(log, "shadow.inference_failed", logging.WARNING, model=model, version=version, reason=str(exc)[:300])
-                continue
-            if ran is None:
-                continue  # the shadow went away (removed or promoted) meanwhile
-            shadow_out, shadow_s = ran
-            try:
-                c = compare_outputs(active_out, shadow_out, self.rtol, self.atol)
-            except Exception as exc:  # a comparison bug must cost one comparison, never the thread
-                logs.event(log, "shadow.compare_failed", logging.ERROR, model=model, reason=f"{type(exc).__name__}: {exc}")
-                continue
+                    self._budget.spend(time.perf_counter() - started)  # wall time: waiting for a busy core counts, so it yields more
+
+    def _compare(self, model: str, version: str, inputs: Mapping[str, object], active_out: dict[str, np.ndarray], active_s: float) -> None:
+        try:
+            ran = self.host.infer_shadow(model, version, inputs)
+        except Exception as exc:  # the candidate failing is a finding, not a crash
             with self._lock:
+                self._window(model, version).errors += 1
+            logs.event(log, "shadow.inference_failed", logging.WARNING, model=model, version=version, reason=str(exc)[:300])
+            return
+        if ran is None:
+            return  # the shadow went away (removed or promoted) meanwhile
+        shadow_out, shadow_s = ran
+        try:
+            c = compare_outputs(active_out, shadow_out, self.rtol, self.atol)
+        except Exception as exc:  # a comparison bug must cost one comparison, never the thread
+            logs.event(log, "shadow.compare_failed", logging.ERROR, model=model, reason=f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
                 w = self._window(model, version)
                 w.kind = c.kind
                 w.compared += c.rows

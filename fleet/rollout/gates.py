@@ -204,7 +204,9 @@ def shadow_gate(gates: Gates, version: str, shadowing: int, h: ShadowHealth, wai
         if not waited_out:
             return Verdict(WAIT)
         return Verdict(
-            ABORT, f"shadow gate: only {h.compared} live inputs compared within the wave timeout (need {gates.shadow_min_compared})"
+            ABORT,
+            f"shadow gate: only {h.compared} live inputs compared within the wave timeout (need {gates.shadow_min_compared})"
+            + _share_text(h, " — the devices' serving.shadow_budget sampled the rest out"),
         )
     if h.errors and h.errors / (h.errors + h.compared) > gates.max_error_rate_increase:
         return Verdict(ABORT, f"shadow gate: {version} failed {h.errors} calls in shadow against {h.compared} compared")
@@ -223,4 +225,10 @@ def shadow_gate(gates: Gates, version: str, shadowing: int, h: ShadowHealth, wai
         ratio = h.p95_ms / max(h.active_p95_ms, 1e-6)
         if ratio > gates.max_p95_ratio and h.p95_ms - h.active_p95_ms > gates.p95_floor_ms:
             return Verdict(ABORT, f"shadow gate: p95 latency in shadow {ratio:.1f}x the serving version's (limit {gates.max_p95_ratio:g}x)")
-    return Verdict(GO, f"agreement {agreement:.4f} over {h.compared} compared on {h.devices} devices")
+    return Verdict(GO, f"agreement {agreement:.4f} over {h.compared} compared on {h.devices} devices" + _share_text(h))
+
+
+def _share_text(h: ShadowHealth, why: str = "") -> str:
+    """", 12.5% of the live rows" when the shadow compared a sample of what was served."""
+    share = h.share
+    return f", {share:.1%} of the live rows{why}" if share is not None and share < 1.0 else ""

@@ -106,6 +106,13 @@ class ShadowHealth:
     def agreement(self) -> float | None:
         return self.agreed / self.compared if self.compared else None
 
+    @property
+    def share(self) -> float | None:
+        """The share of live rows the shadow compared: the agent samples calls out when the shadow is over its CPU
+        budget (or behind), so the gate's agreement is over a sample of this size."""
+        seen = self.compared + self.skipped
+        return self.compared / seen if seen else None
+
 
 def _median(values: Iterable[float]) -> float | None:
     """The upper median: a value some device reported, never an average of two."""
