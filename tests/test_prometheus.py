@@ -88,9 +88,11 @@ def test_prometheus_scrapes_the_controller_and_an_agent(models: ModelFiles, mqtt
             assert {r["metric"]["job"] for r in prom.query("up == 1")} == {"controller", "agent"}
             # both count the same telemetry windows: the controller's store and the agent's own counters agree
             wait_for(
-                lambda: total(prom, 'sum(edgefleet_model_requests_total{version="1.1.0"})')
-                == total(prom, 'sum(edgefleet_agent_requests_total{version="1.1.0"})')
-                == 10,
+                lambda: (
+                    total(prom, 'sum(edgefleet_model_requests_total{version="1.1.0"})')
+                    == total(prom, 'sum(edgefleet_agent_requests_total{version="1.1.0"})')
+                    == 10
+                ),
                 60,
                 "the controller's and the agent's counts to agree",
             )
