@@ -30,7 +30,7 @@ from agent.serve.host import ModelHost, ServingModel
 from agent.serve.serving import Serving
 from agent.serve.shadow import ShadowRunner
 from agent.session import Route, Session
-from agent.settings import AgentSettings, RuntimeSettings, ServingSettings
+from agent.settings import AgentSettings, BrokerSettings, RuntimeSettings, ServingSettings
 from agent.store import AgentStore
 from agent.update.jobs import Job
 from agent.update.machine import HealthPolicy, Installer, RollbackError
@@ -84,13 +84,7 @@ class Agent:
         self._stopping = threading.Event()
         local = sv.broker  # a device-local broker for inference: a second connection, serving only
         self.session = Session(settings.broker, self.device_id, self.store.next_session(), self._routes(local is None), self._on_connected)
-        self.serving_session = (
-            Session(
-                local, self.device_id, self.session.number, [self._infer_route()], _nothing, f"{self.device_id}-serving", presence=False
-            )
-            if local is not None
-            else None
-        )
+        self.serving_session = self._serving_session(local) if local is not None else None
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
         self.serving = _serving(sv, self.device_id, self.host, (self.serving_session or self.session).publish_raw)
         tm = settings.telemetry
@@ -189,6 +183,12 @@ class Agent:
 
     def _infer_route(self) -> Route:
         return Route("infer", self._on_request, wildcard=True)
+
+    def _serving_session(self, local: BrokerSettings) -> Session:
+        """The second connection, to a device-local broker: inference only, its own client id, no presence."""
+        return Session(
+            local, self.device_id, self.session.number, [self._infer_route()], _nothing, f"{self.device_id}-serving", presence=False
+        )
 
     def _on_connected(self) -> None:
         """Every (re)connect: send the outbox's backlog, say what runs now, and ask the director what should."""
