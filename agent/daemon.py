@@ -24,12 +24,13 @@ import paho.mqtt.client as mqtt
 from agent import __version__, logs, report, systemd, wire
 from agent.errors import EdgefleetError
 from agent.hardware import detect
+from agent.metrics import Exporter, Totals
 from agent.outbox import Outbox
 from agent.serve.host import ModelHost, ServingModel
 from agent.serve.serving import Serving
 from agent.serve.shadow import ShadowRunner
 from agent.session import Route, Session
-from agent.settings import AgentSettings, RuntimeSettings, ServingSettings
+from agent.settings import AgentSettings, BrokerSettings, RuntimeSettings, ServingSettings
 from agent.store import AgentStore
 from agent.update.jobs import Job
 from agent.update.machine import HealthPolicy, Installer, RollbackError
@@ -81,15 +82,19 @@ class Agent:
         self.update_rounds = 0
         self.dropped_events: dict[str, int] = {}
         self._stopping = threading.Event()
-        self.session = Session(settings.broker, self.device_id, self.store.next_session(), self._routes(), self._on_connected)
+        local = sv.broker  # a device-local broker for inference: a second connection, serving only
+        self.session = Session(settings.broker, self.device_id, self.store.next_session(), self._routes(local is None), self._on_connected)
+        self.serving_session = self._serving_session(local) if local is not None else None
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
-        self.serving = _serving(sv, self.device_id, self.host, self.session.publish_raw)
+        self.serving = _serving(sv, self.device_id, self.host, (self.serving_session or self.session).publish_raw)
         tm = settings.telemetry
+        self.totals: Totals | None = Totals() if tm.prometheus else None  # the windows added up, for /metrics
+        self.exporter: Exporter | None = None
         self.windows = report.Windows(self.device_id, self.session.number, self.host, self.serving, self.shadow, tm.prediction_every)
         self.host.on_served = self.windows.served
         self.outbox = Outbox(
             self.store,
-            lambda: self.windows.take(self.settings.telemetry.interval_s, self.last_check),
+            self._take_window,
             lambda payload: self.session.publish_raw(device_topic(self.device_id, "telemetry"), payload, 1),
             self.session.is_connected,
             tm.interval_s,
@@ -108,6 +113,10 @@ class Agent:
         self.serving.start()
         self.outbox.start()
         self.session.start()
+        if self.serving_session is not None:
+            self.serving_session.start()
+        if self.totals is not None and self.settings.telemetry.prometheus:
+            self.exporter = Exporter(self, self.totals, self.settings.telemetry.prometheus).start()
         self._worker.start()
         self._watchdog.start()
         b = self.settings.broker
@@ -117,15 +126,22 @@ class Agent:
         return self
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
-        return self.session.wait_connected(timeout)
+        """The fleet's session, and the serving one when there is one, connected within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        fleet = self.session.wait_connected(timeout)
+        return fleet and (self.serving_session is None or self.serving_session.wait_connected(max(0.0, deadline - time.monotonic())))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Answer in-flight requests, flush telemetry, say ``disconnected`` (the will only fires on an unclean
         drop), then close models — within about ``timeout`` seconds."""
         systemd.notify("STOPPING=1", "STATUS=stopping")
         self._stopping.set()
-        self.session.begin_close(unsubscribe=["infer"])
+        (self.serving_session or self.session).begin_close(unsubscribe=["infer"])
         self.serving.stop(timeout / 2)
+        if self.serving_session is not None:  # the answers to what was queued went out above
+            self.serving_session.close()
+        if self.exporter is not None:
+            self.exporter.stop()
         try:
             self._events.put(("stop", None), timeout=5)
         except queue.Full:  # a worker that does not take its queue is wedged: the join below gives up on it
@@ -160,12 +176,19 @@ class Agent:
 
     # -- what arrives over MQTT (paho's thread: hand-offs only) ------------------------------
 
-    def _routes(self) -> list[Route]:
-        return [
-            Route("director", self._on_director, wildcard=True),
-            Route("cmd", self._on_command),
-            Route("infer", self._on_request, wildcard=True),
-        ]
+    def _routes(self, infer: bool = True) -> list[Route]:
+        """The fleet session's subscriptions; inference among them unless a device-local broker takes it."""
+        routes = [Route("director", self._on_director, wildcard=True), Route("cmd", self._on_command)]
+        return [*routes, self._infer_route()] if infer else routes
+
+    def _infer_route(self) -> Route:
+        return Route("infer", self._on_request, wildcard=True)
+
+    def _serving_session(self, local: BrokerSettings) -> Session:
+        """The second connection, to a device-local broker: inference only, its own client id, no presence."""
+        return Session(
+            local, self.device_id, self.session.number, [self._infer_route()], _nothing, f"{self.device_id}-serving", presence=False
+        )
 
     def _on_connected(self) -> None:
         """Every (re)connect: send the outbox's backlog, say what runs now, and ask the director what should."""
@@ -212,13 +235,15 @@ class Agent:
                 )
 
     def network_alive(self) -> bool:
-        return self.session.network_alive()
+        return self.session.network_alive() and (self.serving_session is None or self.serving_session.network_alive())
 
     def reload(self, settings: AgentSettings) -> list[str]:
         """SIGHUP: take what can change live; say which changes need a restart."""
         needs_restart = [
             k for k in ("device_id", "state_dir", "broker", "hardware_root", "serving") if getattr(settings, k) != getattr(self.settings, k)
         ]
+        if settings.telemetry.prometheus != self.settings.telemetry.prometheus:
+            needs_restart.append("telemetry.prometheus")
         self.settings = self.settings.model_copy(
             update={
                 "log_level": settings.log_level,
@@ -238,6 +263,13 @@ class Agent:
         logs.event(log, "agent.reloaded", needs_restart=",".join(needs_restart) or "-")
         systemd.notify("STATUS=settings reloaded" + (f"; restart to apply {', '.join(needs_restart)}" if needs_restart else ""))
         return needs_restart
+
+    def _take_window(self) -> dict[str, Any]:
+        """The outbox's next telemetry window; added to the Prometheus totals too when they are kept."""
+        window = self.windows.take(self.settings.telemetry.interval_s, self.last_check)
+        if self.totals is not None:
+            self.totals.add(window)
+        return window
 
     def _publish_reported(self) -> None:
         """Publish ``reported`` (retained). Called from paho's thread too: a failure is logged, never raised."""
@@ -364,6 +396,10 @@ class Agent:
             raise
         self._publish_reported()
         return previous.version
+
+
+def _nothing() -> None:
+    """The serving session's ``on_connected``: presence, reports and update checks belong to the fleet's session."""
 
 
 def _health_policy(rs: RuntimeSettings) -> HealthPolicy:

@@ -8,6 +8,10 @@ all publish, so they all go through ``publish_raw`` and its lock.
 paho's network thread only routes here: a message goes to the handler of its topic kind, and
 nothing a handler raises may escape (paho would re-raise and its thread would die for good, which
 ``network_alive`` reports to the watchdog).
+
+A device with a broker of its own for inference (``[serving.broker]``) has a second session, ``presence=False``: its
+own client id (``{id}-serving``), only the ``infer`` route, no will and no status — presence, commands, updates and
+telemetry stay on the fleet's session, and each connection reconnects (and fails over) by itself.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class Session:
 
     ``number`` is this run's session counter: status and will name it, so the controller tells a stale ``lost``
     from the current run. ``on_connected`` runs on paho's thread after ``ready`` went out (and must not raise).
+    ``presence`` False (a serving-only session on a device-local broker): no will, no ``ready``/``disconnected``;
+    ``client_id`` (default: the device id) must then differ from the fleet session's, or the two would take each other's place.
     """
 
     def __init__(
@@ -63,8 +69,11 @@ class Session:
         number: int,
         routes: Sequence[Route],
         on_connected: Callable[[], None],
+        client_id: str | None = None,
+        presence: bool = True,
     ) -> None:
         self.broker, self.device_id, self.number = broker, device_id, number
+        self.client_id, self.presence = client_id or device_id, presence
         self.routes = {r.kind: r for r in routes}
         self.on_connected = on_connected
         self._lock = threading.Lock()
@@ -73,8 +82,9 @@ class Session:
         self._client = self._make_client()
 
     def _make_client(self) -> FailoverClient:
-        c = make_client(self.broker, self.device_id, persistent=True)
-        c.will_set(device_topic(self.device_id, "status"), wire.encode(self.status("lost")), qos=1, retain=True)
+        c = make_client(self.broker, self.client_id, persistent=True)
+        if self.presence:
+            c.will_set(device_topic(self.device_id, "status"), wire.encode(self.status("lost")), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -113,7 +123,7 @@ class Session:
     def close(self) -> None:
         """Say ``disconnected`` (retained; the will only fires on an unclean drop), then leave."""
         self._closing.set()
-        if self._connected.is_set():
+        if self._connected.is_set() and self.presence:
             info = self.publish("status", self.status("disconnected"), retain=True)
             info.wait_for_publish(timeout=2)
         self._client.disconnect()
@@ -143,14 +153,15 @@ class Session:
             return
         client.subscribe([(r.topic(self.device_id), 1) for r in self.routes.values()])
         self._connected.set()
-        self.publish("status", self.status("ready"), retain=True)
+        if self.presence:
+            self.publish("status", self.status("ready"), retain=True)
         self.on_connected()
-        logs.event(log, "agent.connected", broker=self._client.address)
+        logs.event(log, "agent.connected", broker=self._client.address, client=self.client_id)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._connected.clear()
         if not self._closing.is_set():
-            logs.event(log, "agent.disconnected", logging.WARNING, broker=self._client.address, reason=str(reason))
+            logs.event(log, "agent.disconnected", logging.WARNING, broker=self._client.address, client=self.client_id, reason=str(reason))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Route by topic, decode nothing here. Nothing may raise (paho re-raises and its thread dies)."""

@@ -149,6 +149,10 @@ class ServingSettings(BaseModel):
     shadow_atol: Annotated[float, Field(ge=0)] = 1e-3
     # The shadow's CPU budget, a fraction of one core's wall time; calls beyond it are sampled out (1.0: every call).
     shadow_budget: Annotated[float, Field(gt=0, le=1)] = 0.05
+    # A broker of the device's own (a mosquitto on the device or at the site) for inference alone: requests are taken
+    # and answered there, over a second connection; presence, commands, updates and telemetry stay on [broker].
+    # None: inference on the fleet's broker. In agent.toml: a [serving.broker] table, the same keys as [broker].
+    broker: BrokerSettings | None = None
 
 
 class TelemetrySettings(BaseModel):
@@ -161,6 +165,15 @@ class TelemetrySettings(BaseModel):
     # controller's drift gate; no answers leave. A sample, because summing every call cost up to 4% of a fast
     # model's throughput in one run of benchmarks/serving.py. 1: every call; 0: off.
     prediction_every: Annotated[int, Field(ge=0)] = 8
+    # "HOST:PORT": serve the agent's own Prometheus metrics there (``pip install 'edgefleet[metrics]'``); None: off.
+    prometheus: str | None = None
+
+    @field_validator("prometheus")
+    @classmethod
+    def _prometheus_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_address(value)
+        return value
 
 
 class UpdateSettings(BaseModel):
@@ -262,12 +275,13 @@ def write_config(path: Path, settings: dict[str, Any]) -> Path:
     def value(v: Any) -> str:
         return json.dumps(str(v) if isinstance(v, Path) else v)
 
+    def table(name: str, values: dict[str, Any]) -> str:
+        """``[name]`` with its plain keys, then a ``[name.key]`` table for each dict value (``[serving.broker]``)."""
+        plain = "".join(f"{k} = {value(v)}\n" for k, v in values.items() if v is not None and not isinstance(v, dict))
+        return f"[{name}]\n{plain}" + "".join(table(f"{name}.{k}", v) for k, v in values.items() if isinstance(v, dict))
+
     top = [f"{k} = {value(v)}" for k, v in settings.items() if not isinstance(v, dict) and v is not None]
-    tables = [
-        f"[{k}]\n" + "".join(f"{kk} = {value(vv)}\n" for kk, vv in v.items() if vv is not None)
-        for k, v in settings.items()
-        if isinstance(v, dict)
-    ]
+    tables = [table(k, v) for k, v in settings.items() if isinstance(v, dict)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(top) + "\n" + "".join(tables))
     return path

@@ -9,6 +9,10 @@ one at a time. Goals (issue 5): agent throughput >= 80% of the echo's; agent p50
 in shadow (issue 6): it runs on every answered request after the reply, so it costs CPU
 (throughput on this 2-core machine) but should cost no latency: the p50 goal holds there too.
 
+The local-broker rows (issue 17): one agent serving on the fleet's broker and one taking inference on a second,
+device-local mosquitto (``[serving.broker]``: a second connection, presence and telemetry stay on the fleet's), both
+on loopback, in alternating rounds; each pair's ratio local/fleet, the median and the spread over the pairs.
+
 Run: ``python -m benchmarks.serving [--quick]``.
 """
 
@@ -185,6 +189,7 @@ def _wait_shadow(db: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--local-broker-only", action="store_true", help="only the local-broker against fleet-broker rows")
     args = ap.parse_args()
     n_tp, n_lat, window = (2000, 300, 32) if args.quick else (10000, 2000, 64)
     from fleet.dev.broker import start_broker
@@ -193,6 +198,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = start_broker(work / "broker")
+        local = local_broker_rows(work / "local", broker.host, broker.port, n_tp, n_lat, window, 4 if args.quick else 8)
+        if args.local_broker_only:
+            broker.stop()
+            _report_local(local, window, n_tp)
+            return
         echo = subprocess.Popen([sys.executable, "-c", ECHO, broker.host, str(broker.port)], stdout=subprocess.PIPE, text=True)
         assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
         try:
@@ -205,7 +215,7 @@ def main() -> None:
         finally:
             echo.terminate()
             broker.stop()
-    _report(rows, window, n_tp)
+    _report(rows, window, n_tp, local)
 
 
 def _run_config(
@@ -252,7 +262,7 @@ def _row(model: str, label: str, e: dict[str, float], a: dict[str, float]) -> di
     }
 
 
-def _report(rows: list[dict[str, Any]], window: int, n_tp: int) -> None:
+def _report(rows: list[dict[str, Any]], window: int, n_tp: int, local: list[dict[str, Any]] | None = None) -> None:
     """The table on the console, and the JSON and markdown files under ``benchmarks/results``."""
     table = Table(title="serving through mosquitto: agent vs raw echo (JSON, batch 1, QoS 1)")
     header = [
@@ -287,7 +297,123 @@ def _report(rows: list[dict[str, Any]], window: int, n_tp: int) -> None:
         md.append("| " + " | ".join(cells) + " |")
     Console().print(table)
     meta = machine()
-    paths = write("serving", {"machine": meta, "window": window, "requests": n_tp, "rows": rows}, "\n".join(md) + "\n")
+    local_md = _local_table(local) if local else ""
+    payload = {"machine": meta, "window": window, "requests": n_tp, "rows": rows, "local_broker": local or []}
+    paths = write("serving", payload, "\n".join(md) + "\n" + local_md)
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+# -- inference on a device-local broker against the fleet's (issue 17) -------------------------------------------
+
+
+def local_broker_rows(work: Path, host: str, port: int, n_tp: int, n_lat: int, window: int, rounds: int) -> list[dict[str, Any]]:
+    """Per model: an agent serving on the fleet's broker ("bench") and one whose inference is on a second mosquitto
+    ("bench-local", ``[serving.broker]``), both up at once, measured in alternating rounds (fleet, local; then local,
+    fleet), the same client code on each broker. Each pair gives a ratio local/fleet; the median and the extremes."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    from fleet.dev.broker import start_broker
+    from fleet.transport.announce import announce
+    from fleet.tuf.director import Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import KeyStore
+
+    local = start_broker(work / "local-broker")
+    out = []
+    try:
+        for model in MODELS:
+            mwork = work / model
+            mwork.mkdir(parents=True)
+            controller, config = _fleet(mwork, host, port, model, {}, {}, False)
+            settings = tomllib.loads(config.read_text())
+            settings["device_id"], settings["state_dir"] = "bench-local", str(mwork / "state-local")
+            settings["serving"]["broker"] = {"host": local.host, "port": local.port}
+            local_config = write_config(mwork / "agent-local.toml", settings)
+            keys, director = KeyStore(mwork / "keys"), Director(mwork / "serve" / "director")
+            director.assign("bench-local", ImageRepository(mwork / "serve" / "image"), "m", "1.0.0", "onnx-fp32", keys)
+            announce(director, ["bench-local"], host, port)
+            agents = [subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(c)]) for c in (config, local_config)]
+            clients = {"fleet": (Client(host, port), "bench"), "local": (Client(local.host, local.port), "bench-local")}
+            try:
+                out.append(_local_pairs(model, clients, n_tp, n_lat, window, rounds))
+            finally:
+                for c, _ in clients.values():
+                    c.close()
+                for a in agents:
+                    a.send_signal(signal.SIGTERM)
+                    a.wait(30)
+                controller.server.stop()
+    finally:
+        local.stop()
+    return out
+
+
+def _local_pairs(model: str, clients: dict[str, tuple[Client, str]], n_tp: int, n_lat: int, window: int, rounds: int) -> dict[str, Any]:
+    x = np.random.default_rng(0).uniform(-1, 1, (1, MODELS[model][0])).astype(np.float32).tolist()
+    for client, device in clients.values():
+        _wait_served(client, device, x)
+        client.run(device, x, max(1, n_tp // 10), window)  # warm: the first calls load lazy paths
+    got: dict[str, list[tuple[float, float]]] = {"fleet": [], "local": []}
+    for r in range(rounds):
+        for side in ("fleet", "local") if r % 2 == 0 else ("local", "fleet"):
+            client, device = clients[side]
+            rps, _ = client.run(device, x, n_tp, window)
+            _, rtts = client.run(device, x, n_lat, 1)
+            got[side].append((rps, statistics.median(rtts)))
+    rps_ratio = [lo[0] / fl[0] for fl, lo in zip(got["fleet"], got["local"])]
+    p50_ratio = [lo[1] / fl[1] for fl, lo in zip(got["fleet"], got["local"])]
+    return {
+        "model": model,
+        "rounds": rounds,
+        "fleet_rps": round(statistics.median(f[0] for f in got["fleet"])),
+        "local_rps": round(statistics.median(lo[0] for lo in got["local"])),
+        "rps_ratio": round(statistics.median(rps_ratio), 3),
+        "rps_ratio_range": [round(min(rps_ratio), 3), round(max(rps_ratio), 3)],
+        "fleet_p50_ms": round(statistics.median(f[1] for f in got["fleet"]), 3),
+        "local_p50_ms": round(statistics.median(lo[1] for lo in got["local"]), 3),
+        "p50_ratio": round(statistics.median(p50_ratio), 3),
+        "p50_ratio_range": [round(min(p50_ratio), 3), round(max(p50_ratio), 3)],
+    }
+
+
+def _wait_served(client: Client, device: str, x: list[list[float]]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            client.run(device, x, 1, 1)
+            return
+        except RuntimeError:
+            continue
+    raise RuntimeError(f"{device} never served the model")
+
+
+def _local_table(rows: list[dict[str, Any]]) -> str:
+    header = ["model", "rounds", "fleet req/s", "local req/s", "ratio (min-max)", "fleet p50 ms", "local p50 ms", "p50 ratio (min-max)"]
+    md = [
+        "",
+        "Inference on a device-local broker (`[serving.broker]`) against the fleet's broker, both mosquitto on loopback,",
+        "alternating rounds; ratio = local / fleet per pair, median (min-max):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in rows:
+        rr, pr = r["rps_ratio_range"], r["p50_ratio_range"]
+        cells = [r["model"], str(r["rounds"]), str(r["fleet_rps"]), str(r["local_rps"])]
+        cells += [f"{r['rps_ratio']:.2f} ({rr[0]:.2f}-{rr[1]:.2f})", f"{r['fleet_p50_ms']:.3f}", f"{r['local_p50_ms']:.3f}"]
+        cells.append(f"{r['p50_ratio']:.2f} ({pr[0]:.2f}-{pr[1]:.2f})")
+        md.append("| " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
+def _report_local(local: list[dict[str, Any]], window: int, n_tp: int) -> None:
+    """``--local-broker-only``: its own files (``serving_local_broker``), so a full run's serving table stays whole."""
+    text = _local_table(local)
+    print(text)
+    paths = write("serving_local_broker", {"machine": machine(), "window": window, "requests": n_tp, "rows": local}, text)
     print(f"wrote {paths[0]} and {paths[1]}")
 
 

@@ -561,7 +561,7 @@ def serve(
     serving = Serving(controller)
     if http and controller.store is not None:
         try:
-            serving.dashboard, serving.new_token = serve_dashboard(controller.store, http, token, token_file)
+            serving.dashboard, serving.new_token = serve_dashboard(controller.store, http, token, token_file, controller)
         except BaseException:
             controller.stop()
             raise

@@ -23,11 +23,15 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import InvalidOptions
+from fleet.metrics import CONTENT_TYPE, FleetMetrics
 from fleet.settings import DEFAULT_CONFIG, is_loopback, parse_bind, save_dashboard_token
 from fleet.store import FleetStore
+
+if TYPE_CHECKING:
+    from fleet.controller import Controller
 
 __all__ = ["Dashboard", "authorized", "serve_dashboard", "state"]
 
@@ -75,12 +79,16 @@ def authorized(header: str | None, token: str) -> bool:
 
 
 class Dashboard:
-    """Serves the page and ``/api/state``; ``token`` (required for any non-loopback ``host``) guards every request."""
+    """Serves the page, ``/api/state`` and ``/metrics`` (Prometheus, ``fleet.metrics``: the store's aggregates, and
+    ``controller``'s own counters when given); ``token`` (required for any non-loopback ``host``) guards every request."""
 
-    def __init__(self, store: FleetStore, host: str = "127.0.0.1", port: int = 8080, token: str | None = None) -> None:
+    def __init__(
+        self, store: FleetStore, host: str = "127.0.0.1", port: int = 8080, token: str | None = None, controller: Controller | None = None
+    ) -> None:
         if token is None and not is_loopback(host):
             raise InvalidOptions(f"dashboard on {host}:{port}: an address other than loopback needs a token (dashboard.token)")
         page = resources.files("fleet").joinpath("dashboard.html").read_bytes()
+        metrics = FleetMetrics(store, controller)
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -96,8 +104,18 @@ class Dashboard:
                     self._send(200, "text/html; charset=utf-8", page)
                 elif self.path == "/api/state":
                     self._send(200, "application/json", json.dumps(state(store)).encode())
+                elif self.path.split("?", 1)[0] == "/metrics":
+                    self._metrics()
                 else:
                     self._send(404, "text/plain", b"not found")
+
+            def _metrics(self) -> None:
+                try:
+                    body = metrics.render()
+                except ImportError:
+                    self._send(503, "text/plain", b"/metrics needs prometheus-client: pip install 'edgefleet[controller]'\n")
+                    return
+                self._send(200, CONTENT_TYPE, body)
 
             def _send(self, status: int, kind: str, body: bytes) -> None:
                 self.send_response(status)
@@ -135,7 +153,7 @@ class Dashboard:
 
 
 def serve_dashboard(
-    store: FleetStore, address: str, token: str | None = None, config: Path = DEFAULT_CONFIG
+    store: FleetStore, address: str, token: str | None = None, config: Path = DEFAULT_CONFIG, controller: Controller | None = None
 ) -> tuple[Dashboard, str | None]:
     """The dashboard on ``address`` (``[HOST]:PORT``; a port alone is 127.0.0.1), started, and a token made now or None.
 
@@ -149,4 +167,4 @@ def serve_dashboard(
     new = None
     if token is None and not is_loopback(host):
         token = new = save_dashboard_token(config)
-    return Dashboard(store, host, port, token).start(), new
+    return Dashboard(store, host, port, token, controller).start(), new

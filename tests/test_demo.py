@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from update_rig import wait_for
 
 from agent.client import EdgeClient
+from fleet.dev.demo import oip_available
 
 FLEET = [sys.executable, "-m", "fleet.cli"]
 
@@ -38,20 +41,40 @@ def test_fleet_demo_trains_signs_rolls_out_predicts_and_refuses_a_broken_release
     shadow = re.search(r"shadow on demo-\w+: (\d+) live inputs compared, [\d.]+% within 1%, mean abs diff ([\d.]+)", out)
     assert shadow and int(shadow[1]) >= 60 and float(shadow[2]) < 0.1, out[-3000:]  # v2 ran in shadow on live traffic first
     assert f"broker {broker} on" in out
+    assert re.search(r"dashboard http://127\.0\.0\.1:\d+/  metrics http://127\.0\.0\.1:\d+/metrics", out), out[:3000]
     assert re.search(r"background traffic during the rollouts: [1-9]\d* answered, 0 errors", out), out[-2000:]
 
 
 def test_fleet_demo_keep_running_leaves_a_fleet_to_talk_to(tmp_path: Path) -> None:
+    """Output to a file and stdout a pipe (not a terminal: rich would wrap at 80 columns) with a workdir path longer than
+    that: every path and command stays on one line, and the printed ones work as printed."""
     log = tmp_path / "demo.log"
-    proc = subprocess.Popen(
-        [*FLEET, "demo", "--keep-running", "--workdir", str(tmp_path / "demo")], stderr=open(log, "wb"), stdout=subprocess.DEVNULL
-    )
+    workdir = tmp_path / ("a-rather-long-directory-name-for-the-demo-" * 3) / "demo"
+    proc = subprocess.Popen([*FLEET, "demo", "--keep-running", "--workdir", str(workdir)], stderr=open(log, "wb"), stdout=subprocess.PIPE)
     try:
-        text = wait_for(lambda: log.read_text() if "still running" in log.read_text() else None, 120, "the demo up")
+        text = wait_for(lambda: log.read_text() if "Ctrl-C stops everything" in log.read_text() else None, 120, "the demo up")
+        lines = text.splitlines()
+        assert any(line.endswith(f"files in {workdir}") for line in lines), text[-3000:]
+        assert any(line.endswith(str(workdir / "devices" / "demo-pi" / "agent.log")) for line in lines), text[:3000]
         host, port = re.search(r"broker (\S+):(\d+), files in", text).groups()  # type: ignore[union-attr]
         with EdgeClient(host, int(port)) as c:
             assert abs(float(c.infer("demo-npu", "linear", [[4.0]])["y"][0][0]) - 9.0) < 0.1
-        assert "mosquitto_pub" in text and "EdgeClient" in text
+        pub = next(line for line in lines if "mosquitto_pub" in line)
+        assert pub.endswith("}'") and "EdgeClient" in text  # one line each, whole
+        dashboard = re.search(r"^dashboard (http://\S+/)  metrics", text, re.M)[1]  # type: ignore[index]
+        with urllib.request.urlopen(dashboard, timeout=10) as r:
+            assert r.status == 200 and b"<html" in r.read().lower()
+        with urllib.request.urlopen(dashboard + "metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert 'edgefleet_devices{hardware="' in metrics and "edgefleet_rollouts{" in metrics
+        curl = [line.strip() for line in lines if line.strip().startswith("curl -s -X POST")]
+        if oip_available():  # the agents' OIP endpoint (serving.http) is in this build
+            assert len(curl) == 1 and all(f"OIP {d} http://127.0.0.1:" in text for d in ("demo-pi", "demo-npu", "demo-jetson"))
+            done = subprocess.run(["bash", "-c", curl[0]], capture_output=True, text=True, timeout=30)
+            answer = json.loads(done.stdout)
+            assert abs(float(answer["outputs"][0]["data"][0]) - 9.0) < 0.1, done.stdout  # y(4) = 2*4 + 1 on demo-pi
+        else:
+            assert not curl and "OIP demo-" not in text
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0

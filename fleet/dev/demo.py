@@ -6,11 +6,15 @@ Core Ultra with an NPU and a Jetson Orin (``fleet.dev.hardware_trees``; the runt
 this machine's). The seed's linear regression (y = 2x + 1 on noisy data, numpy) is
 trained, built, signed and rolled out; predictions come back over MQTT; a retrained v2
 goes out in waves behind the health gate; a deliberately broken v3 is rejected by the
-first device and the fleet stays on v2.
+first device and the fleet stays on v2. While it runs, the dashboard and ``/metrics`` are served on loopback, and each
+agent's Open Inference Protocol endpoint (``serving.http``) where this agent has one; their URLs are printed.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import shutil
 import signal
 import subprocess
@@ -29,10 +33,11 @@ from rich.table import Table
 
 from agent.client import EdgeClient
 from agent.errors import EdgefleetError
-from agent.settings import BrokerSettings, write_config
+from agent.settings import BrokerSettings, ServingSettings, write_config
 from fleet.controller import Controller
+from fleet.dashboard import Dashboard
 from fleet.dev import hardware_trees
-from fleet.dev.broker import start_broker
+from fleet.dev.broker import free_port, start_broker
 from fleet.rollout import Gates, RolloutSpec
 from fleet.store import Rollout
 from fleet.tuf.director import Director
@@ -52,6 +57,15 @@ DEVICES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "demo-npu": ("Intel Core Ultra + NPU", hardware_trees.intel_core_ultra),
     "demo-jetson": ("Jetson AGX Orin", hardware_trees.jetson_orin),
 }
+OIP_DATATYPES = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "float64": "FP64",
+    "int8": "INT8",
+    "uint8": "UINT8",
+    "int32": "INT32",
+    "int64": "INT64",
+}
 
 
 class DemoError(EdgefleetError):
@@ -67,6 +81,9 @@ class DemoResult:
     predictions: dict[str, list[float]] = field(default_factory=dict)
     traffic_errors: int = 0
     seconds: float = 0.0
+    dashboard: str = ""  # the dashboard's URL (``/metrics`` beside it)
+    oip: dict[str, str] = field(default_factory=dict)  # device -> its OIP endpoint's base URL (none: this agent has none)
+    curl: str = ""  # an OIP infer call to the first device, built from the served model's real input
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -109,7 +126,11 @@ def run_demo(
     t_start = time.monotonic()
     work = Path(workdir or tempfile.mkdtemp(prefix="edgefleet-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    say = console.print
+
+    def say(*what: Any) -> None:
+        """Never wrapped: a path or a command split over two lines cannot be copied (rich wraps at 80 columns in a pipe)."""
+        console.print(*what, soft_wrap=True)
+
     broker = start_broker(work / "broker", prefer=broker_kind)  # type: ignore[arg-type]
     mqtt_version: Literal["5", "3.1.1"] = "5" if broker.kind == "mosquitto" else "3.1.1"  # amqtt speaks MQTT 3.1.1 only
     # handed to the controller's clients and written into each agent's config (never through the environment)
@@ -120,7 +141,7 @@ def run_demo(
     try:
         demo.start_controller()
         demo.start_agents()
-        result = demo.play(DemoResult(address, work))
+        result = demo.play(DemoResult(address, work, dashboard=demo.dashboard_url, oip=dict(demo.oip)))
         result.seconds = time.monotonic() - t_start
         _summary(console, result)
         if keep_running:
@@ -164,6 +185,9 @@ class _Demo:
         self.work, self.broker, self.say = work, broker, say
         self.agents: list[subprocess.Popen[bytes]] = []
         self.controller: Controller | None = None
+        self.dashboard: Dashboard | None = None
+        self.dashboard_url = ""
+        self.oip: dict[str, str] = {}
         self.client: EdgeClient | None = None
         self.traffic: _Traffic | None = None
         self.xs = np.array([[0.0], [1.0], [3.0]], np.float32)
@@ -177,6 +201,9 @@ class _Demo:
         assert self.controller.store is not None and self.controller.engine is not None
         self.store, self.engine = self.controller.store, self.controller.engine
         self.say(f"[bold]controller[/bold] keys, image repository, director and store in {self.work}")
+        self.dashboard = Dashboard(self.store, "127.0.0.1", free_port(), controller=self.controller).start()
+        self.dashboard_url = self.dashboard.url
+        self.say(f"[bold]dashboard[/bold] {self.dashboard.url}  [bold]metrics[/bold] {self.dashboard.url}metrics")
 
     def start_agents(self) -> None:
         """One agent process per device, on its hardware tree, trusting both repositories' first roots."""
@@ -198,6 +225,7 @@ class _Demo:
                         "retry_s": 0.5,
                     },
                     "telemetry": {"interval_s": 1},
+                    "serving": self.oip_serving(device),
                 },
             )
             log = open(state / "agent.log", "wb")  # the agent process owns it
@@ -205,6 +233,16 @@ class _Demo:
                 subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=log)
             )
             self.say(f"[bold]agent[/bold] {device} ({label}) starting, log {state / 'agent.log'}")
+            if device in self.oip:
+                self.say(f"  OIP endpoint {self.oip[device]}/v2/models/{MODEL}")
+
+    def oip_serving(self, device: str) -> dict[str, str]:
+        """The agent's ``[serving]``: its Open Inference Protocol endpoint on a free loopback port, where it has one."""
+        if not oip_available():
+            return {}
+        address = f"127.0.0.1:{free_port()}"
+        self.oip[device] = f"http://{address}"
+        return {"http": address}
 
     def play(self, result: DemoResult) -> DemoResult:
         """v1 to everyone, predictions; under steady traffic, v2 in shadow then in waves, a broken v3 refused."""
@@ -234,6 +272,9 @@ class _Demo:
         result.traffic_errors = t.errors
         self.predict(result, "final")
         result.devices = [d.to_json() for d in self.store.devices()]
+        first = next(iter(DEVICES))
+        if first in self.oip:
+            result.curl = oip_curl(self.oip[first], MODEL, self.work / f"{MODEL}-1.1.0" / "bundle.json")
         return result
 
     def rollout(self, version: str, waves: list[str], soak: float, gates: Gates | None = None, shadow: bool = False) -> dict[str, Any]:
@@ -285,6 +326,8 @@ class _Demo:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self.controller is not None:
             self.controller.stop()
 
@@ -303,23 +346,46 @@ def _summary(console: Console, r: DemoResult) -> None:
     console.print(table)
     for d in r.devices:
         for note in d["models"].get(MODEL, {}).get("passed_over", []):
-            console.print(f"  {d['id']}: passed over {note}")
+            console.print(f"  {d['id']}: passed over {note}", soft_wrap=True)
     for ro in r.rollouts:
-        console.print(f"rollout {ro['id']}: {MODEL} {ro['version']} {ro['state']}{': ' + ro['reason'] if ro['reason'] else ''}")
+        console.print(
+            f"rollout {ro['id']}: {MODEL} {ro['version']} {ro['state']}{': ' + ro['reason'] if ro['reason'] else ''}", soft_wrap=True
+        )
     console.print(f"done in {r.seconds:.1f} s")
+
+
+def oip_available() -> bool:
+    """Whether this agent has the Open Inference Protocol endpoint (the ``serving.http`` setting) and its HTTP server."""
+    return "http" in ServingSettings.model_fields and importlib.util.find_spec("uvicorn") is not None
+
+
+def oip_curl(base_url: str, model: str, manifest: Path) -> str:
+    """A ``curl`` for one OIP infer call, its input named and shaped as the bundle's manifest says (a dynamic dim: 1)."""
+    spec = json.loads(manifest.read_text())["inputs"][0]
+    shape = [1 if d < 0 else int(d) for d in spec["shape"]]
+    body = {"inputs": [{"name": spec["name"], "shape": shape, "datatype": OIP_DATATYPES[spec["dtype"]], "data": [4.0] * math.prod(shape)}]}
+    return f"curl -s -X POST {base_url}/v2/models/{model}/infer -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
 
 
 def _keep_running(console: Console, r: DemoResult, stop: threading.Event) -> None:
     host, port = r.broker.split(":")
-    console.print(
-        f"""
-[bold]still running[/bold] — broker {r.broker}, files in {r.workdir}. Try:
-  mosquitto_sub -h {host} -p {port} -t 'edgefleet/v1/dev/+/pred/#' -v &
-  mosquitto_pub -h {host} -p {port} -t edgefleet/v1/dev/demo-pi/infer/{MODEL} -m '{{"request_id": "r1", "inputs": [[4.0]]}}'
-  mosquitto_sub -h {host} -p {port} -t 'edgefleet/v1/dev/+/telemetry' -C 3
-  .venv/bin/python -c "from agent.client import EdgeClient; print(EdgeClient('{host}', {port}).infer('demo-npu', '{MODEL}', [[4.0]]))"
-Ctrl-C stops everything."""
-    )
+    commands = [
+        f"mosquitto_sub -h {host} -p {port} -t 'edgefleet/v1/dev/+/pred/#' -v &",
+        f'mosquitto_pub -h {host} -p {port} -t edgefleet/v1/dev/demo-pi/infer/{MODEL} -m \'{{"request_id": "r1", "inputs": [[4.0]]}}\'',
+        f"mosquitto_sub -h {host} -p {port} -t 'edgefleet/v1/dev/+/telemetry' -C 3",
+        f'.venv/bin/python -c "from agent.client import EdgeClient;'
+        f" print(EdgeClient('{host}', {port}).infer('demo-npu', '{MODEL}', [[4.0]]))\"",
+        f"curl -s {r.dashboard}metrics | grep '^edgefleet_'",
+        *([r.curl] if r.curl else []),
+    ]
+    console.print(f"\n[bold]still running[/bold] — broker {r.broker}, files in {r.workdir}", soft_wrap=True)
+    console.print(f"dashboard {r.dashboard}  metrics {r.dashboard}metrics", soft_wrap=True)
+    for device, url in r.oip.items():
+        console.print(f"OIP {device} {url}/v2/models/{MODEL}", soft_wrap=True)
+    console.print("Try:")
+    for line in commands:  # no markup (a JSON body has brackets), never wrapped: each is one line to copy
+        console.print("  " + line, soft_wrap=True, markup=False, highlight=False)
+    console.print("Ctrl-C stops everything.")
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import wire
+from fleet.store import aggregates, schema, sql
 from fleet.store import devices as registry
-from fleet.store import schema, sql
 from fleet.store.db import Database
 from fleet.store.devices import Device, Devices, Job
 from fleet.store.rollouts import DeviceChange, PlannedDevice, Rollout, RolloutDevice, Rollouts
@@ -210,6 +210,18 @@ class FleetStore:
         """Per model version and time bucket: requests, error rate, median p95 (the dashboard's charts)."""
         with self._lock:
             return self._telemetry.series(since, bucket_s)
+
+    # -- aggregates for /metrics (fleet.metrics) ---------------------------------------------
+
+    def telemetry_totals(self, after: float, until: float) -> dict[tuple[str, str], aggregates.VersionTotals]:
+        """Per model version: calls answered, server and client errors in telemetry received in ``(after, until]``."""
+        with self._lock:
+            return aggregates.telemetry_totals(self.db, after, until)
+
+    def fleet_aggregates(self, p95_since: float) -> aggregates.FleetAggregates:
+        """Devices by online state and hardware, each version's p95 since ``p95_since``, rollouts, waves, gate decisions."""
+        with self._lock:
+            return aggregates.fleet_aggregates(self.db, p95_since)
 
     # -- rollouts -----------------------------------------------------------------------------
 
