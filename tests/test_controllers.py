@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from update_rig import MODEL, VARIANT, Rig, wait_for
+from update_rig import MODEL, VARIANT, AgentProcess, Rig, copy_tree, wait_for
 
 from fleet.dev.broker import RunningBroker
 from fleet.dev.simulate import Simulator, SimulatorThread
@@ -58,9 +58,10 @@ def fleet_rig(models: Any, mqtt_broker: RunningBroker, tmp_path_factory: pytest.
 class Serve:
     """One `fleet serve` process; its log tells whether it leads."""
 
-    def __init__(self, rig: Rig, config: Path, name: str) -> None:
+    def __init__(self, rig: Rig, config: Path, name: str, root: Path | None = None) -> None:
         self.log = config.parent / f"{name}.log"
-        cmd = [sys.executable, "-m", "fleet.cli", "serve", str(rig.serve), "--keys", str(rig.keys.directory), "--config", str(config)]
+        cmd = [sys.executable, "-m", "fleet.cli", "serve", str(root or rig.serve), "--keys", str(rig.keys.directory), "--config", str(config)]
+        cmd += ["--controller-id", name]  # two on one ROOT and host: the default id (host name + ROOT) would be one
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
 
@@ -139,4 +140,60 @@ def test_the_standby_takes_over_a_rollout_when_the_leader_is_killed_and_no_telem
                 sims.stop()
             for s in serves:
                 s.stop()
+            store.close()
+
+
+def _version_of(store: FleetStore, device: str) -> str:
+    d = store.device(device)
+    return str(d.models.get(MODEL, {}).get("version", "")) if d is not None else ""
+
+
+def test_a_controller_on_its_own_root_serves_the_director_from_the_store_and_signs_on_when_the_leader_is_killed(
+    fleet_rig: Rig, tmp_path: Path
+) -> None:
+    """Two `fleet serve` with different ROOTs (the second has a copy of the image repository and no director at all) on
+    one PostgreSQL store: a real agent installs 1.0.0 through a rollout the first signs, with its director requests
+    split between both; the first is killed with SIGKILL; the second leads, copies the director from the store, and a
+    rollout of 1.1.0 it signs (versions going on from the store's, or the agent would refuse them) reaches the agent,
+    which now has only the second to ask."""
+    from conftest import fresh_postgres
+
+    rig, device = fleet_rig, "far-1"
+    root_b = tmp_path / "b"
+    copy_tree(rig.serve / "image", root_b / "image")
+    with fresh_postgres() as url:
+        config = tmp_path / "fleet.toml"
+        config.write_text(f'store = "{url}"\n[broker]\nhost = "{rig.broker.host}"\nport = {rig.broker.port}\n')
+        FleetStore(url).close()
+        a = Serve(rig, config, "a")
+        b: Serve | None = None
+        agent: AgentProcess | None = None
+        store = FleetStore(url)
+        try:
+            wait_for(lambda: a.says("leader.acquired"), 60, "the first controller leading")
+            b = Serve(rig, config, "b", root=root_b)
+            wait_for(lambda: b is not None and b.says("leader.standby"), 60, "the second standing by")
+            agent = AgentProcess(rig.write_config(device), tmp_path / "agent.log")
+            wait_for(lambda: (d := store.device(device)) is not None and d.online, 60, "the agent registered")
+            engine = RolloutEngine(store, rig.image)
+            first = engine.start(RolloutSpec(MODEL, "1.0.0", selector=f"device={device}", waves=["100%"], soak_s=0.0))
+            wait_for(lambda: _version_of(store, device) == "1.0.0", 90, "1.0.0 installed")
+            wait_for(lambda: getattr(store.rollout(first), "state", "") == "done", 30, "the first rollout done")
+            assert not (root_b / "director" / device).exists()  # whatever b served of the director came from the store
+            signed_by_a = store.director_versions()[device]
+            a.proc.kill()
+            a.proc.wait(10)
+            wait_for(lambda: b is not None and b.says("leader.acquired"), 15, "the second leading")
+            second = engine.start(RolloutSpec(MODEL, "1.1.0", selector=f"device={device}", waves=["100%"], soak_s=0.0))
+            wait_for(lambda: _version_of(store, device) == "1.1.0", 90, "1.1.0 installed from the surviving controller")
+            wait_for(lambda: getattr(store.rollout(second), "state", "") == "done", 30, "the second rollout done")
+            assert store.director_versions()[device] > signed_by_a
+            assert (root_b / "director" / device / "metadata" / "timestamp.json").read_bytes() == store.director_file(device, "timestamp.json")
+            assert "REJECTED" not in agent.text()
+        finally:
+            if agent is not None:
+                agent.stop()
+            for s in (a, b):
+                if s is not None:
+                    s.stop()
             store.close()
