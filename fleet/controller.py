@@ -193,22 +193,27 @@ class Controller:
             director_store=self.store,
         )
         if store is not None and self.store is not None:
-            group = INGEST_GROUP if self.shared and shared_ingest is not False else None
-            fs, b = self.store, self.broker
-
-            def ingestor(client_id: str, adopted: bool = False) -> Ingestor:
-                return Ingestor(fs, client_id=client_id, broker=b, group=group, resume=True, adopted=adopted)
-
-            client_id = f"edgefleet-ingest-{self.controller_id}"
-            self.ingest = ingestor(client_id)
-            self.store.register_controller(self.controller_id, client_id, socket.gethostname())
-            self.adoptions = Adoptions(self.store, store, self.controller_id, lambda cid: ingestor(cid, adopted=True))
-            self.engine = RolloutEngine(self.store, self.image, self.director, keys, broker=self.broker)
+            self._ingest_and_rollouts(store, self.store, shared_ingest)
         self._next_adoption = 0.0
         self._next_refresh = time.monotonic() + interval_s
         self._leading: bool | None = None  # None until the first try: "standby" is logged once, then only changes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="controller", daemon=True)
+
+    def _ingest_and_rollouts(self, location: StoreLocation, fs: FleetStore, shared_ingest: bool | None) -> None:
+        """With a store: this controller's ingest (its stable session), its registration, the adoptions it makes when
+        it leads, and the rollout engine."""
+        group = INGEST_GROUP if self.shared and shared_ingest is not False else None
+        b = self.broker
+
+        def ingestor(client_id: str, adopted: bool = False) -> Ingestor:
+            return Ingestor(fs, client_id=client_id, broker=b, group=group, resume=True, adopted=adopted)
+
+        client_id = f"edgefleet-ingest-{self.controller_id}"
+        self.ingest = ingestor(client_id)
+        fs.register_controller(self.controller_id, client_id, socket.gethostname())
+        self.adoptions = Adoptions(fs, location, self.controller_id, lambda cid: ingestor(cid, adopted=True))
+        self.engine = RolloutEngine(fs, self.image, self.director, self.keys, broker=self.broker)
 
     def start(self) -> Controller:
         self.server.start()

@@ -60,7 +60,8 @@ class Serve:
 
     def __init__(self, rig: Rig, config: Path, name: str, root: Path | None = None) -> None:
         self.log = config.parent / f"{name}.log"
-        cmd = [sys.executable, "-m", "fleet.cli", "serve", str(root or rig.serve), "--keys", str(rig.keys.directory), "--config", str(config)]
+        cmd = [sys.executable, "-m", "fleet.cli", "serve", str(root or rig.serve), "--keys", str(rig.keys.directory)]
+        cmd += ["--config", str(config)]
         cmd += ["--controller-id", name]  # two on one ROOT and host: the default id (host name + ROOT) would be one
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
@@ -190,7 +191,8 @@ def test_a_controller_on_its_own_root_serves_the_director_from_the_store_and_sig
             wait_for(lambda: _version_of(store, device) == "1.1.0", 90, "1.1.0 installed from the surviving controller")
             wait_for(lambda: getattr(store.rollout(second), "state", "") == "done", 30, "the second rollout done")
             assert store.director_versions()[device] > signed_by_a
-            assert (root_b / "director" / device / "metadata" / "timestamp.json").read_bytes() == store.director_file(device, "timestamp.json")
+            signed = (root_b / "director" / device / "metadata" / "timestamp.json").read_bytes()
+            assert signed == store.director_file(device, "timestamp.json")
             assert "REJECTED" not in agent.text()
         finally:
             if agent is not None:
