@@ -274,3 +274,45 @@ def test_a_controller_killed_mid_stream_and_restarted_under_its_id_loses_no_tele
             for s in serves:
                 s.stop()
             store.close()
+
+
+def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
+    fleet_rig: Rig, store_location: Path | str, tmp_path: Path
+) -> None:
+    """On SQLite and PostgreSQL: what one director signs is in the store as the device's whole set, a repository server
+    with no director files answers from it (that device's files only), a director on another ROOT copies it and signs
+    the next versions, the first goes on from those, and a copy left behind cannot overwrite the store."""
+    from agent.wire import RepoRequest
+    from fleet.store import StaleDirectorMetadata
+    from fleet.transport.repo_server import RepositoryServer
+    from fleet.tuf.director import Director
+    from fleet.tuf.director_store import local_files, push_device
+
+    rig, device = fleet_rig, "two-1"
+    fs = FleetStore(store_location)
+    try:
+        a = Director.create(tmp_path / "a", rig.keys)
+        a.store = fs
+        a.sync()  # what a controller does when it starts to lead: the director's roots into the store
+        a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, rig.keys)
+        assert fs.director_files(device) == local_files(a.device_metadata(device))
+        server = RepositoryServer(tmp_path / "empty", director_store=fs)  # never started: serve() alone
+        ts = fs.director_file(device, "timestamp.json")
+        assert ts is not None
+        reply = server.serve(RepoRequest("r1", f"director/{device}/metadata/timestamp.json", 10, 20), device)
+        assert (reply.status, reply.total, reply.data) == (200, len(ts), ts[10:30])
+        for path, asker in [(f"director/{device}/metadata/1.root.json", "two-2"), (f"director/{device}/metadata/../x.json", device)]:
+            assert server.serve(RepoRequest("r2", path, 0, 100), asker).status == 404
+        behind = tmp_path / "behind"
+        copy_tree(a.device_metadata(device), behind)
+        b = Director(tmp_path / "b", store=fs)
+        assert b.sync().pulled == 1 and (tmp_path / "b" / "1.root.json").is_file()
+        b.assign(device, rig.image, MODEL, "1.1.0", VARIANT, rig.keys)
+        assert fs.director_versions()[device] == 2
+        a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, rig.keys)  # a's copy was at 1: the store's 2 first
+        assert fs.director_versions()[device] == 3
+        assert fs.director_files(device) == local_files(a.device_metadata(device))
+        with pytest.raises(StaleDirectorMetadata):
+            push_device(fs, behind, device)
+    finally:
+        fs.close()

@@ -6,9 +6,10 @@ messages it had not acknowledged to that session again — never to the other me
 under its id (``controller_id``) gets all of it back; one that does not come back would hold its share until the
 session expires (``QUEUED_SESSION_S``) or the broker's queue limit drops it. So the leader checks every few seconds
 which registered controllers (the store's ``controllers``) no longer hold their identity lock (``fleet.leader.identity``:
-dead, whatever the reason) and connects as each of them with a session of its own kind (``Ingestor(adopted=True)``):
-it receives, stores and acknowledges what was queued and what keeps coming. When the owner comes back, the broker
-hands the session to it and the adopter ends without reconnecting (it would take it back). Only the leader adopts,
+dead, whatever the reason) and connects as each of them (``Ingestor(adopted=True)``): it unsubscribes the session from
+the group (the broker stops giving a dead member a share) and receives, stores and acknowledges what the session held —
+queued, or sent and never acknowledged. When the owner comes back, the broker hands the session to it (the owner
+subscribes again) and the adopter ends without reconnecting (it would take it back). Only the leader adopts,
 so two controllers never fight over one session; a new leader adopts again (the old one's adoptions died with it).
 """
 

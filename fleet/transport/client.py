@@ -65,7 +65,8 @@ def connect(c: mqtt.Client, broker: BrokerSettings, persistent: bool = False, re
     if persistent and broker.mqtt_version == "5":
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = QUEUED_SESSION_S
-    clean = False if persistent and resume else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+    # 3.1.1 has no clean start: a persistent client there always resumes (clean_session=False, ``client``)
+    clean = False if persistent and resume and broker.mqtt_version == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY
     c.connect(broker.host, broker.port, keepalive=broker.keepalive_s, clean_start=clean, properties=properties)
 
 

@@ -95,10 +95,10 @@ class Ingestor:
             raise ConnectionError(f"ingest could not subscribe on {self._host}:{self._port}")
         return self
 
-    def stop(self, forget: bool = False) -> None:
-        """Store and acknowledge what arrived, then leave. The session stays (subscribed) unless ``forget``: the broker
-        queues what devices publish meanwhile, for this controller when it comes back or for the leader that takes the
-        session over (a controller alone on its broker loses nothing across a restart)."""
+    def stop(self, forget: bool = True) -> None:
+        """Unsubscribe (``forget``), store and acknowledge what arrived, leave. The session stays for what arrived after
+        the flush (the leader drains it, or this controller when it comes back); unsubscribed, the group stops giving
+        it a share. ``forget`` False: the broker goes on queuing its share for it (nobody else gets that share meanwhile)."""
         if forget and self._client.is_connected():
             self._client.unsubscribe(self._filters())  # the persistent session queues nothing more for us
         self._stop.set()
@@ -122,8 +122,9 @@ class Ingestor:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if self.ended.is_set():
             return
-        if self.adopted:  # the owner's subscriptions are in its session already; subscribing again re-sends every
-            self._ready.set()  # retained message for nothing
+        if self.adopted:  # drain, and detach: the group stops giving a dead member a share (its owner subscribes again
+            client.unsubscribe(self._filters())  # when it comes back); what the session holds is still delivered
+            self._ready.set()
             return
         client.subscribe([(f, 1) for f in self._filters()])
 
