@@ -316,3 +316,24 @@ def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
             push_device(fs, behind, device)
     finally:
         fs.close()
+
+
+def test_a_second_controller_with_the_id_of_a_running_one_is_refused(fleet_rig: Rig, tmp_path: Path) -> None:
+    """Two with one id would take one ingest session from each other in turn: the second is refused, naming the id; the
+    default id (host name and a hash of ROOT) differs between ROOTs and is the same for one ROOT."""
+    from fleet.controller import Controller, ControllerIdInUse, default_controller_id
+
+    rig, db = fleet_rig, tmp_path / "fleet.db"
+    assert default_controller_id(rig.serve) == default_controller_id(rig.serve) != default_controller_id(tmp_path)
+    made: list[Controller] = []
+    try:
+        made.append(Controller(rig.serve, rig.keys, rig.broker.host, rig.broker.port, store=db))
+        with pytest.raises(ControllerIdInUse, match=default_controller_id(rig.serve)):
+            Controller(rig.serve, rig.keys, rig.broker.host, rig.broker.port, store=db)
+        made.append(Controller(rig.serve, rig.keys, rig.broker.host, rig.broker.port, store=db, controller_id="other"))
+        assert {c["id"] for c in made[0].store.controllers()} == {default_controller_id(rig.serve), "other"}  # type: ignore[union-attr]
+    finally:
+        for c in made:  # never started: the id lock and the store are all they hold
+            assert c.identity is not None and c.store is not None
+            c.identity.release()
+            c.store.close()

@@ -67,21 +67,20 @@ class DirectorFiles:
             "director_metadata", {"device": device, "name": TIMESTAMP, "version": timestamp_version, "body": ts, "updated": now}, "ignore"
         ):
             if self.file(device, TIMESTAMP) != ts:
-                stored = self.versions().get(device, 0)
+                theirs = self.versions().get(device, 0)
                 raise StaleDirectorMetadata(
-                    f"director metadata of {device}: the store has timestamp version {stored}, this copy {timestamp_version}"
+                    f"director metadata of {device}: the store has timestamp version {theirs}, this copy {timestamp_version}"
                 )
-        self.add(device, {n: b for n, b in files.items() if n != TIMESTAMP}, replace=False)
-        stored_names = {r["name"] for r in self.db.query("SELECT name FROM director_metadata WHERE device = ?", [device])}
-        for name in stored_names - set(files):
+        stored = {r["name"] for r in self.db.query("SELECT name FROM director_metadata WHERE device = ?", [device])}
+        self._write(device, {n: b for n, b in files.items() if n != TIMESTAMP and n not in stored}, now)
+        for name in stored - set(files):
             self.db.execute("DELETE FROM director_metadata WHERE device = ? AND name = ?", [device, name])
 
-    def add(self, device: str, files: Mapping[str, bytes], replace: bool = True) -> None:
-        """Files of ``device`` written as given (``replace`` False: names already stored are kept: numbered metadata
-        files never change once published)."""
-        stored = set() if replace else {r["name"] for r in self.db.query("SELECT name FROM director_metadata WHERE device = ?", [device])}
-        now = time.time()
+    def add(self, device: str, files: Mapping[str, bytes]) -> None:
+        """Files of ``device`` written as given (the director's roots and mirrors.json)."""
+        self._write(device, files, time.time())
+
+    def _write(self, device: str, files: Mapping[str, bytes], now: float) -> None:
         for name, body in files.items():
-            if name not in stored:
-                row = {"device": device, "name": name, "version": file_version(name), "body": body, "updated": now}
-                self.db.insert("director_metadata", row, "replace")
+            row = {"device": device, "name": name, "version": file_version(name), "body": body, "updated": now}
+            self.db.insert("director_metadata", row, "replace")
