@@ -217,10 +217,18 @@ def assign(
     director_dir: Path,
     keys_dir: Path,
     broker: BrokerSettings | None = None,
+    store: StoreLocation | None = None,
 ) -> TargetFile:
-    """Point ``device`` at ``model`` ``version`` (``variant``); with ``broker`` the device is told at once (retained)."""
-    director = Director(director_dir)
-    target = director.assign(device, ImageRepository(repo), model, version, variant, KeyStore(keys_dir))
+    """Point ``device`` at ``model`` ``version`` (``variant``); with ``broker`` the device is told at once (retained).
+    ``store``: the signed metadata also goes there, where every controller serves it (several controllers), and the
+    versions go on from the store's."""
+    fs = FleetStore(store) if store is not None else None
+    try:
+        director = Director(director_dir, store=fs)
+        target = director.assign(device, ImageRepository(repo), model, version, variant, KeyStore(keys_dir))
+    finally:
+        if fs is not None:
+            fs.close()
     if broker is not None:
         try:
             announce(director, [device], broker=broker)
@@ -543,18 +551,22 @@ def serve(
     http: str | None = None,
     token: str | None = None,
     token_file: Path = DEFAULT_CONFIG,
+    controller_id: str | None = None,
 ) -> Serving:
     """Serve ``root``/image and ``root``/director over MQTT, re-signing online metadata (checked every ``interval``
     seconds); with ``store`` (a SQLite file or a ``postgresql://`` URL) also ingest, telemetry (kept ``telemetry_days``,
     None: 7) and rollouts; with ``http`` the dashboard on ``[HOST]:PORT`` (needs ``store``: ``NeedsStore``), protected
     by ``token`` (off loopback a new one is made and kept in ``token_file``, a fleet.toml, as ``dashboard.token``).
+    ``controller_id``: this controller's stable name among several on one store (None: host name and a hash of ``root``).
     Returns once everything runs; ``Serving.stop()`` ends it."""
     if http and store is None:
         raise NeedsStore("--http needs --store (the dashboard shows the store)")
     b = broker or BrokerSettings()
     keep_s = (telemetry_days if telemetry_days is not None else DEFAULT_TELEMETRY_DAYS) * 86400
     try:
-        controller = Controller(root, KeyStore(keys_dir), interval_s=interval, store=store, telemetry_keep_s=keep_s, broker=b)
+        controller = Controller(
+            root, KeyStore(keys_dir), interval_s=interval, store=store, telemetry_keep_s=keep_s, broker=b, controller_id=controller_id
+        )
         controller.start()
     except OSError as exc:
         raise BrokerUnreachable(f"no broker at {b.host}:{b.port}: {exc}") from exc

@@ -468,42 +468,6 @@ def config_check_cmd(config: Path | None) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-@main.command("assign")
-@click.argument("device")
-@click.argument("model")
-@click.argument("version")
-@click.option("--variant", required=True, help="Variant id the device installs, e.g. onnx-fp32.")
-@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path), help="Image repository.")
-@click.option("--director", "director_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@_broker_option
-@_config_option
-def assign_cmd(
-    device: str,
-    model: str,
-    version: str,
-    variant: str,
-    repo: Path,
-    director_dir: Path,
-    keys_dir: Path,
-    broker: str | None,
-    config: Path | None,
-) -> None:
-    """Point DEVICE at MODEL VERSION: signed director targets naming the image repository's variant.
-
-    With --broker, or a fleet.toml (--config or ./fleet.toml), the device is told at once (a retained message it also
-    gets when it connects later).
-    """
-    from fleet import api
-    from fleet.settings import config_file
-
-    with _reported():
-        tell = broker is not None or config_file(config) is not None
-        settings = _broker_settings(config, broker)
-        target = api.assign(device, model, version, variant, repo, director_dir, keys_dir, broker=settings if tell else None)
-    console.print(f"{device} -> {target.path} ({variant}, sha256 {target.hashes['sha256'][:12]}…)")
-
-
 class _StoreType(click.ParamType):
     """A store: a SQLite file's path or a postgresql:// URL; a URL edgefleet cannot open is a usage error (exit 2)."""
 
@@ -519,6 +483,49 @@ class _StoreType(click.ParamType):
 
 
 _STORE = _StoreType()
+
+
+@main.command("assign")
+@click.argument("device")
+@click.argument("model")
+@click.argument("version")
+@click.option("--variant", required=True, help="Variant id the device installs, e.g. onnx-fp32.")
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path), help="Image repository.")
+@click.option("--director", "director_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@_broker_option
+@click.option(
+    "--store",
+    type=_STORE,
+    help="Also write the signed metadata into this store, where every controller serves it (default: fleet.toml's `store`).",
+)
+@_config_option
+def assign_cmd(
+    device: str,
+    model: str,
+    version: str,
+    variant: str,
+    repo: Path,
+    director_dir: Path,
+    keys_dir: Path,
+    broker: str | None,
+    store: Path | str | None,
+    config: Path | None,
+) -> None:
+    """Point DEVICE at MODEL VERSION: signed director targets naming the image repository's variant.
+
+    With --broker, or a fleet.toml (--config or ./fleet.toml), the device is told at once (a retained message it also
+    gets when it connects later).
+    """
+    from fleet import api
+    from fleet.settings import config_file
+
+    with _reported():
+        tell = broker is not None or config_file(config) is not None
+        settings = _broker_settings(config, broker)
+        store = store or _settings(config).store
+        target = api.assign(device, model, version, variant, repo, director_dir, keys_dir, broker=settings if tell else None, store=store)
+    console.print(f"{device} -> {target.path} ({variant}, sha256 {target.hashes['sha256'][:12]}…)")
 
 
 def _default_store(ctx: click.Context, param: click.Parameter, value: Path | str | None) -> Path | str:
@@ -942,6 +949,10 @@ def _print_provisioned(creds: Credentials, broker_dir: Path, out: Path | None) -
 @click.option("--store", type=_STORE, help="Registry/telemetry/rollout store (SQLite file or postgresql:// URL): ingest and run rollouts.")
 @click.option("--telemetry-days", type=float, help="Telemetry retention in the store (default: fleet.toml's telemetry_retention_days, 7).")
 @click.option(
+    "--controller-id",
+    help="This controller's stable name among several on one store (default: fleet.toml's controller_id, else host name + hash of ROOT).",
+)
+@click.option(
     "--http",
     "http",
     help="Serve the dashboard on [HOST]:PORT (needs a store), e.g. :8080 (127.0.0.1); any other address needs a token"
@@ -955,6 +966,7 @@ def serve_cmd(
     interval: float,
     store: Path | str | None,
     telemetry_days: float | None,
+    controller_id: str | None,
     http: str | None,
     config: Path | None,
 ) -> None:
@@ -983,6 +995,7 @@ def serve_cmd(
                 http or settings.dashboard.http,
                 settings.dashboard.token,
                 config_file(config) or DEFAULT_CONFIG,
+                controller_id or settings.controller_id,
             )
         except api.NeedsStore as exc:
             raise click.UsageError(str(exc)) from None

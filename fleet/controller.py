@@ -13,8 +13,10 @@ re-signs; the others retry the lock every tick and take over when the leader die
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,12 +28,14 @@ import paho.mqtt.client as mqtt
 from tuf.api.metadata import Metadata
 
 from agent import logs, wire
+from agent.errors import EdgefleetError
 from agent.settings import BrokerSettings
 from agent.wire import WireError
-from fleet.leader import Leadership
+from fleet.leader import Leadership, identity
 from fleet.rollout import RolloutEngine
 from fleet.store import FleetStore, StoreLocation
 from fleet.transport import client as transport
+from fleet.transport.adopt import Adoptions
 from fleet.transport.announce import announce
 from fleet.transport.ingest import Ingestor
 from fleet.transport.repo_server import RepositoryServer
@@ -39,12 +43,27 @@ from fleet.tuf.director import Director
 from fleet.tuf.image_repo import ImageRepository
 from fleet.tuf.keys import KeyStore
 
-__all__ = ["Controller", "DeviceReport", "devices"]
+__all__ = ["Controller", "ControllerIdInUse", "DeviceReport", "default_controller_id", "devices"]
 
 log = logging.getLogger("edgefleet.controller")
 
 INGEST_GROUP = "edgefleet-ingest"  # the MQTT 5 shared-subscription groups several controllers split the work in
 REPO_GROUP = "edgefleet-repo"
+ADOPT_EVERY_S = 5.0  # how often the leader looks for dead controllers whose ingest sessions it takes over
+
+
+class ControllerIdInUse(EdgefleetError):
+    """Another running controller has this id: two would take each other's ingest session in turn."""
+
+    code = "controller_id_in_use"
+
+
+def default_controller_id(root: Path) -> str:
+    """This host's name and a hash of ROOT: stable across restarts (the ingest session is found again), different for
+    two controllers on one host with their own ROOTs. Two sharing a ROOT on one host need ``controller_id`` set."""
+    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
+    host = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in socket.gethostname())[:60] or "host"
+    return f"{host}-{digest}"
 
 
 @dataclass
@@ -116,7 +135,9 @@ class Controller:
     ``broker`` (fleet.toml's ``[broker]``: TLS, credentials, MQTT version) is handed to every client the controller
     makes; ``host``/``port`` replace its address (``--broker HOST:PORT``). Neither: plain TCP to 127.0.0.1:1883.
     ``shared_ingest``: with MQTT 5, telemetry and job updates go to one of several controllers (``$share``) instead of
-    all of them: less work each, but what a controller killed had received and not yet stored is lost.
+    all of them (None, the default: so with a store on an MQTT 5 broker). Nothing is lost when one dies: messages are
+    acknowledged once stored, the session survives under the controller's stable ``controller_id`` (default: host name
+    and a hash of ROOT), and the leader takes a dead controller's session over (``fleet.transport.adopt``).
     """
 
     def __init__(
@@ -130,21 +151,38 @@ class Controller:
         tick_s: float = 1.0,
         telemetry_keep_s: float = 7 * 86400,
         broker: BrokerSettings | None = None,
-        shared_ingest: bool = False,
+        shared_ingest: bool | None = None,
+        controller_id: str | None = None,
     ) -> None:
+        self.controller_id = controller_id or default_controller_id(root)
         self.image = ImageRepository(root / "image")
-        self.director = Director(root / "director")
         self.broker = transport.broker_settings(host, port, broker)
         self.host, self.port = self.broker.host, self.broker.port
         self.keys, self.interval_s, self.tick_s = keys, interval_s, tick_s
         self.telemetry_keep_s = telemetry_keep_s
-        # several controllers on one store split repository requests with an MQTT 5 shared subscription (a request lost
-        # with a dying controller is asked again by the device); on a broker without $share (3.1.1: NATS) only the leader
-        # serves the repository (every controller answering would send every chunk N times). Ingest is not shared by
-        # default: each controller takes every message and the store keeps each batch once by (device, session, seq),
-        # so a controller killed with messages received but not yet stored loses nothing (with mosquitto's $share it
-        # did: the broker does not hand a dead member's unacknowledged messages to another); ``shared_ingest`` splits it.
+        # several controllers on one store split repository requests and the ingest of telemetry and job updates with
+        # MQTT 5 shared subscriptions (a request lost with a dying controller is asked again by the device; a message
+        # is acknowledged once stored, so a dying controller's are sent again to its session: see fleet.transport.ingest).
+        # On a broker without $share (3.1.1: NATS, whose MQTT clients get no queue groups) only the leader serves the
+        # repository (every controller answering would send every chunk N times), and every controller ingests
+        # everything: the store keeps each telemetry batch once by (device, session, seq).
         self.shared = store is not None and self.broker.mqtt_version == "5"
+        self.store: FleetStore | None = None
+        self.ingest: Ingestor | None = None
+        self.engine: RolloutEngine | None = None
+        self.leadership: Leadership | None = None  # None: no store, so no other controller to share with: always leads
+        self.identity: Leadership | None = None
+        self.adoptions: Adoptions | None = None
+        if store is not None:
+            self.store = FleetStore(store)
+            self.identity = identity(store, self.controller_id)
+            if not self.identity.try_acquire():
+                self.store.close()
+                raise ControllerIdInUse(f"another running controller has the id {self.controller_id!r}: give each its own controller_id")
+            self.leadership = Leadership(store)
+        # the director's metadata: signed into ROOT/director by the leader; with a store also kept there, and served
+        # from there by every controller (fleet.tuf.director_store)
+        self.director = Director(root / "director", store=self.store)
         # one client id per process: a second controller (or a test's) must not take this one's session over
         self.server = RepositoryServer(
             root,
@@ -152,21 +190,30 @@ class Controller:
             broker=self.broker,
             group=REPO_GROUP if self.shared else None,
             accepting=store is None or self.shared,
+            director_store=self.store,
         )
-        self.store: FleetStore | None = None
-        self.ingest: Ingestor | None = None
-        self.engine: RolloutEngine | None = None
-        self.leadership: Leadership | None = None  # None: no store, so no other controller to share with: always leads
-        if store is not None:
-            self.leadership = Leadership(store)
-            self.store = FleetStore(store)
-            group = INGEST_GROUP if self.shared and shared_ingest else None
-            self.ingest = Ingestor(self.store, client_id=f"edgefleet-ingest-{os.getpid()}", broker=self.broker, group=group)
-            self.engine = RolloutEngine(self.store, self.image, self.director, keys, broker=self.broker)
+        if store is not None and self.store is not None:
+            self._ingest_and_rollouts(store, self.store, shared_ingest)
+        self._next_adoption = 0.0
         self._next_refresh = time.monotonic() + interval_s
         self._leading: bool | None = None  # None until the first try: "standby" is logged once, then only changes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="controller", daemon=True)
+
+    def _ingest_and_rollouts(self, location: StoreLocation, fs: FleetStore, shared_ingest: bool | None) -> None:
+        """With a store: this controller's ingest (its stable session), its registration, the adoptions it makes when
+        it leads, and the rollout engine."""
+        group = INGEST_GROUP if self.shared and shared_ingest is not False else None
+        b = self.broker
+
+        def ingestor(client_id: str, adopted: bool = False) -> Ingestor:
+            return Ingestor(fs, client_id=client_id, broker=b, group=group, resume=True, adopted=adopted)
+
+        client_id = f"edgefleet-ingest-{self.controller_id}"
+        self.ingest = ingestor(client_id)
+        fs.register_controller(self.controller_id, client_id, socket.gethostname())
+        self.adoptions = Adoptions(fs, location, self.controller_id, lambda cid: ingestor(cid, adopted=True))
+        self.engine = RolloutEngine(fs, self.image, self.director, self.keys, broker=self.broker)
 
     def start(self) -> Controller:
         self.server.start()
@@ -180,11 +227,15 @@ class Controller:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        if self.adoptions is not None:
+            self.adoptions.stop()
         if self.ingest is not None:
             self.ingest.stop()
         self.server.stop()
         if self.leadership is not None:
             self.leadership.release()
+        if self.identity is not None:
+            self.identity.release()
         if self.store is not None:
             self.store.close()
 
@@ -201,6 +252,10 @@ class Controller:
         self._leading = self.leadership.try_acquire()
         if self._leading and not was:
             self._next_refresh = 0.0  # a new leader checks the online metadata at once: the old one may have died late
+            synced = self.director.sync()  # what the last leader signed, into this ROOT: versions go on from there
+            logs.event(log, "director.synced", pulled=synced.pulled, pushed=synced.pushed)
+        if was and not self._leading and self.adoptions is not None:
+            self.adoptions.stop()  # the next leader adopts them
         if self._leading != was:
             if not self.shared:
                 self.server.accept(self._leading)
@@ -220,10 +275,14 @@ class Controller:
             try:
                 if not self._lead():
                     continue  # a standby: serving and ingest go on in their own threads
+                if self.adoptions is not None and time.monotonic() >= self._next_adoption:
+                    self._next_adoption = time.monotonic() + ADOPT_EVERY_S
+                    self.adoptions.check()
                 if self.engine is not None:
                     self.engine.tick()
                 if time.monotonic() >= self._next_refresh:
                     self._next_refresh = time.monotonic() + self.interval_s
+                    self.director.sync()  # what `fleet assign` or a key rotation wrote without the store reaches it
                     self.tick()
                     if self.store is not None:
                         self.store.prune_telemetry(self.telemetry_keep_s)

@@ -12,23 +12,34 @@ Two leaders at once would announce twice and re-sign concurrently; neither lock 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from fleet.store.url import StoreLocation, is_postgres
 
-__all__ = ["LEADER_KEY", "Leadership"]
+__all__ = ["LEADER_KEY", "Leadership", "identity"]
 
 LEADER_KEY = 0x65646765_6C656164  # "edgelead": the advisory lock's key (pg.py's schema lock uses another)
+
+
+def identity(location: StoreLocation, controller_id: str) -> Leadership:
+    """The lock a running controller holds on its own id (PostgreSQL: an advisory lock keyed by the id's hash; SQLite:
+    ``fleet.db.controller-ID``): a second process with the same id is refused, and the leader knows a controller whose
+    lock is free is dead (``fleet.transport.adopt``)."""
+    digest = hashlib.sha256(f"edgefleet-controller:{controller_id}".encode()).digest()
+    key = int.from_bytes(digest[:8], "big", signed=True)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in controller_id)[:100]
+    return Leadership(location, key, suffix=f".controller-{safe}")
 
 
 class Leadership:
     """One controller's claim to lead on ``location`` (a SQLite path or a ``postgresql://`` URL). No I/O until
     ``try_acquire``; ``release`` (or the process ending) lets another take it."""
 
-    def __init__(self, location: StoreLocation, key: int = LEADER_KEY) -> None:
-        self.location, self.key = location, key
+    def __init__(self, location: StoreLocation, key: int = LEADER_KEY, suffix: str = ".leader") -> None:
+        self.location, self.key, self.suffix = location, key, suffix
         self._conn: Any = None  # psycopg.Connection holding the advisory lock (PostgreSQL)
         self._fd: int | None = None  # the locked file (SQLite)
         self._locked = False  # the advisory lock was granted on self._conn (a standby keeps its connection for retries)
@@ -75,7 +86,7 @@ class Leadership:
         return self._locked
 
     def _acquire_file(self) -> bool:
-        path = Path(str(self.location) + ".leader")
+        path = Path(str(self.location) + self.suffix)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,6 +95,28 @@ class Leadership:
             return False
         self._fd = fd
         return True
+
+    def holder_alive(self) -> bool:
+        """Whether some process holds the lock now (this instance must not): taken and given back at once if free. A
+        store that does not answer counts as held: nothing is taken over on a guess."""
+        if is_postgres(self.location):
+            import psycopg
+
+            try:
+                if self._conn is None:
+                    self._conn = psycopg.connect(str(self.location), autocommit=True, connect_timeout=5, application_name="edgefleet-probe")
+                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+                if row and row[0]:
+                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+                    return False
+                return True
+            except psycopg.Error:
+                self._close_conn()
+                return True
+        if not self._acquire_file():
+            return True
+        self.release()
+        return False
 
     def _close_conn(self) -> None:
         self._locked = False

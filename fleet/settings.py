@@ -115,6 +115,9 @@ class FleetSettings(BaseSettings):
     store: Path | str | None = None
     # Telemetry older than this is removed by `fleet serve` (PostgreSQL: whole days' partitions dropped).
     telemetry_retention_days: float = Field(DEFAULT_TELEMETRY_DAYS, ge=0)
+    # This controller's stable name among several on one store (`fleet serve`): its ingest session is found again under
+    # it after a restart, and the leader takes a dead one's over. Default: the host name and a hash of ROOT.
+    controller_id: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
     dashboard: DashboardSettings = DashboardSettings()
 
     @field_validator("store", mode="before")

@@ -286,7 +286,7 @@ def test_a_sqlite_store_made_before_schema_versions_is_upgraded_and_keeps_its_ro
     finally:
         fs.close()
     again = FleetStore(path)  # opening an up-to-date store changes nothing
-    assert [r["version"] for r in again.db.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    assert [r["version"] for r in again.db.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
     again.close()
 
 
@@ -383,3 +383,48 @@ def test_fleet_serve_ingests_a_devices_telemetry_into_postgresql_partitions(rig:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
             reader.close()
+
+
+def _ts(version: int, salt: str = "") -> bytes:
+    return json.dumps({"signed": {"_type": "timestamp", "version": version, "salt": salt}}).encode()
+
+
+def test_director_metadata_is_kept_as_whole_sets_whose_timestamp_never_goes_back(store: FleetStore) -> None:
+    """A device's director files are replaced as one set; names left out are deleted; a set older than the store's is
+    refused (two writers never publish one version twice); the same set again changes nothing; bytes come back exact."""
+    from fleet.store import StaleDirectorMetadata
+
+    root = b'{"signed": {"version": 1}}\n\x00\xff'  # any bytes: served as they were written
+    one = {"1.root.json": root, "1.targets.json": b"t1", "1.snapshot.json": b"s1", "timestamp.json": _ts(1)}
+    store.put_director_files("dev-1", one, 1)
+    assert store.director_files("dev-1") == one and store.director_file("dev-1", "1.root.json") == root
+    two = {**one, "2.targets.json": b"t2", "2.snapshot.json": b"s2", "timestamp.json": _ts(2)}
+    del two["1.targets.json"]
+    store.put_director_files("dev-1", two, 2)
+    assert store.director_files("dev-1") == two and store.director_file("dev-1", "1.targets.json") is None
+    assert store.director_versions() == {"dev-1": 2}
+    store.put_director_files("dev-1", two, 2)  # the same set again (a sync repeating itself)
+    with pytest.raises(StaleDirectorMetadata, match="version 2"):
+        store.put_director_files("dev-1", {**one, "timestamp.json": _ts(2, "another writer")}, 2)
+    with pytest.raises(StaleDirectorMetadata):
+        store.put_director_files("dev-1", one, 1)
+    assert store.director_files("dev-1") == two  # the refused sets changed nothing
+    store.add_director_files("", {"1.root.json": root, "mirrors.json": b"[]"})
+    assert store.director_versions() == {"dev-1": 2} and store.director_file("", "mirrors.json") == b"[]"
+    assert store.director_file("dev-2", "timestamp.json") is None
+
+
+def test_a_store_at_version_2_gains_the_director_and_controller_tables(store_location: Path | str) -> None:
+    from fleet.store import open_database, schema
+
+    db = open_database(store_location)
+    assert schema.upgrade(db, to=2) == 2
+    db.close()
+    fs = FleetStore(store_location)
+    try:
+        assert schema.version(fs.db) == 3
+        fs.put_director_files("dev-1", {"timestamp.json": _ts(1)}, 1)
+        fs.register_controller("c-1", "edgefleet-ingest-c-1", "host")
+        assert fs.director_versions() == {"dev-1": 1} and [c["id"] for c in fs.controllers()] == ["c-1"]
+    finally:
+        fs.close()

@@ -12,6 +12,7 @@ table's rows in one bulk write (COPY on PostgreSQL): 10,000+ messages/s on a Pi-
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from fleet.store import aggregates, schema, sql
 from fleet.store import devices as registry
 from fleet.store.db import Database
 from fleet.store.devices import Device, Devices, Job
+from fleet.store.director import DirectorFiles, StaleDirectorMetadata
 from fleet.store.rollouts import DeviceChange, PlannedDevice, Rollout, RolloutDevice, Rollouts
 from fleet.store.telemetry import Distribution, Health, PredictionRow, ShadowHealth, Telemetry, TelemetryRow
 from fleet.store.url import BadStoreURL, StoreLocation, StoreUnreachable, is_postgres, store_location
@@ -38,6 +40,7 @@ __all__ = [
     "Rollout",
     "RolloutDevice",
     "ShadowHealth",
+    "StaleDirectorMetadata",
     "StoreLocation",
     "StoreUnreachable",
     "TelemetryRow",
@@ -68,6 +71,7 @@ class FleetStore:
         self.rejected = 0  # messages the store could not take (the wire let them through): skipped, counted
         self.last_rejection = ""
         self._devices, self._telemetry, self._rollouts = Devices(self.db), Telemetry(self.db), Rollouts(self.db)
+        self._director = DirectorFiles(self.db)
         try:
             sql.retry_locked(lambda: schema.upgrade(self.db))  # another process may be creating the SQLite schema right now
         except BaseException:
@@ -253,3 +257,44 @@ class FleetStore:
             return
         with self._lock, self.db.transaction():
             self._rollouts.set_states(rid, changes)
+
+    # -- the director's metadata (``fleet.store.director``) ------------------------------------
+
+    def director_file(self, device: str, name: str) -> bytes | None:
+        """One file of ``device``'s director repository (device "": the director's own roots and mirrors.json)."""
+        with self._lock:
+            return self._director.file(device, name)
+
+    def director_files(self, device: str) -> dict[str, bytes]:
+        with self._lock:
+            return self._director.files(device)
+
+    def director_versions(self) -> dict[str, int]:
+        """Each device's committed director timestamp version, as the store has it."""
+        with self._lock:
+            return self._director.versions()
+
+    def put_director_files(self, device: str, files: dict[str, bytes], timestamp_version: int) -> None:
+        """``device``'s whole director set in one transaction; ``StaleDirectorMetadata`` when the store's is newer."""
+        with self._lock, self.db.transaction():
+            self._director.replace(device, files, timestamp_version)
+
+    def add_director_files(self, device: str, files: dict[str, bytes]) -> None:
+        """Files kept beside a device's set (the director's roots and mirrors.json under device "")."""
+        with self._lock, self.db.transaction():
+            self._director.add(device, files)
+
+    # -- controllers (``fleet.transport.adopt``) ------------------------------------------------
+
+    def register_controller(self, controller_id: str, client_id: str, host: str) -> None:
+        with self._lock:
+            self.db.insert("controllers", {"id": controller_id, "client_id": client_id, "host": host, "started": time.time()}, "replace")
+
+    def forget_controller(self, controller_id: str) -> None:
+        with self._lock:
+            self.db.execute("DELETE FROM controllers WHERE id = ?", [controller_id])
+
+    def controllers(self) -> list[dict[str, Any]]:
+        """Every registered controller: id, ingest client id, host, start time."""
+        with self._lock:
+            return self.db.query("SELECT id, client_id, host, started FROM controllers ORDER BY id")

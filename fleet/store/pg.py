@@ -32,7 +32,7 @@ __all__ = ["MIGRATIONS", "PostgreSQL", "translate"]
 
 T = TypeVar("T")
 MAX_VARIABLES = 10_000  # bound variables per statement (the protocol allows 65,535)
-_TYPES = {str: "TEXT", int: "BIGINT", float: "DOUBLE PRECISION"}
+_TYPES = {str: "TEXT", int: "BIGINT", float: "DOUBLE PRECISION", bytes: "BYTEA"}
 _TABLES = {t.name: t for t in schema.TABLES}
 _SCHEMA_LOCK = 0x65646765_666C6574  # "edgeflet": pg_advisory_xact_lock's key for schema changes and new partitions
 _NAMED = re.compile(r"(?<!:):([A-Za-z_]\w*)")
@@ -253,9 +253,10 @@ def _indexes(db: PostgreSQL, tables: Sequence[str]) -> None:
 
 def _v1(db: PostgreSQL) -> None:
     """Every table with every column as of version 1, plain (not partitioned), and the indexes."""
-    for table in schema.TABLES:
+    first = [t for t in schema.TABLES if not schema.added_later(t.name)]
+    for table in first:
         db.execute(f'CREATE TABLE IF NOT EXISTS "{table.name}" ({_columns_sql(table)})')
-    _indexes(db, [t.name for t in schema.TABLES])
+    _indexes(db, [t.name for t in first])
 
 
 def _v2(db: PostgreSQL) -> None:
@@ -276,4 +277,10 @@ def _v2(db: PostgreSQL) -> None:
     _indexes(db, schema.PARTITIONED)
 
 
-MIGRATIONS: dict[int, Callable[[PostgreSQL], None]] = {1: _v1, 2: _v2}
+def _v3(db: PostgreSQL) -> None:
+    """The director's metadata and the controllers (``schema.ADDED_TABLES``)."""
+    for name in schema.ADDED_TABLES[3]:
+        db.execute(f'CREATE TABLE IF NOT EXISTS "{name}" ({_columns_sql(_TABLES[name])})')
+
+
+MIGRATIONS: dict[int, Callable[[PostgreSQL], None]] = {1: _v1, 2: _v2, 3: _v3}

@@ -18,11 +18,13 @@ from fleet.store.db import Database
 
 __all__ = [
     "ADDED_COLUMNS",
+    "ADDED_TABLES",
     "DAY_S",
     "INDEXES",
     "LATEST",
     "PARTITIONED",
     "VERSIONS",
+    "added_later",
     "AddedColumns",
     "StoreTooNew",
     "Table",
@@ -155,6 +157,13 @@ TABLES = (
         },
         pk=("rollout", "device"),
     ),
+    # the director's signed metadata as every controller serves it: one row per file of a device's repository
+    # (``N.root.json``, ``N.targets.json``, ``N.snapshot.json``, ``timestamp.json``); device "" holds the director's
+    # own roots and mirrors.json. ``version``: the file's metadata version (timestamp.json's own for it)
+    Table("director_metadata", {"device": str, "name": str, "version": int, "body": bytes, "updated": float}, pk=("device", "name")),
+    # every controller that ever served this fleet, by its stable id: the leader checks which of them died and takes
+    # their ingest sessions over (``fleet.transport.adopt``)
+    Table("controllers", {"id": str, "client_id": str, "host": str, "started": float}, pk="id"),
 )
 
 # Created after the migrations (an index may name a migrated column), in this order.
@@ -189,8 +198,15 @@ DAY_S = 86400
 VERSIONS = (
     (1, "the tables, their indexes, and on SQLite the columns added before versions existed"),
     (2, "telemetry, predictions and shadow partitioned by day of their receive time (PostgreSQL)"),
+    (3, "the director's metadata and the controllers, so that several controllers serve one fleet"),
 )
+ADDED_TABLES = {3: ("director_metadata", "controllers")}  # the tables a version brings (made only where missing)
 LATEST = VERSIONS[-1][0]
+
+
+def added_later(table: str) -> bool:
+    """``table`` came with a version after the first (its migration makes it)."""
+    return any(table in names for names in ADDED_TABLES.values())
 
 
 def version(db: Database) -> int:

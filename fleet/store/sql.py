@@ -24,7 +24,7 @@ __all__ = ["MAX_VARIABLES", "MIGRATIONS", "SQLite", "retry_locked"]
 
 MAX_VARIABLES = 500  # bound variables per statement, well under SQLite's limit
 T = TypeVar("T")
-_TYPES = {str: "TEXT", int: "INTEGER", float: "FLOAT"}  # what sqlite-utils wrote for stores made before versions
+_TYPES = {str: "TEXT", int: "INTEGER", float: "FLOAT", bytes: "BLOB"}  # what sqlite-utils wrote for stores made before versions
 
 
 def retry_locked(work: Callable[[], T], timeout_s: float = 30.0) -> T:
@@ -160,7 +160,8 @@ def _v1(db: SQLite) -> None:
     """The tables, the columns added since the first release (a store from before versions may lack them), the indexes:
     each only where missing, so a store written by any earlier release opens."""
     for table in schema.TABLES:
-        _create_table(db, table)
+        if not schema.added_later(table.name):
+            _create_table(db, table)
     for added in schema.ADDED_COLUMNS:
         _add_columns(db, added)
     for name, (table_name, columns) in schema.INDEXES.items():
@@ -171,4 +172,11 @@ def _v2(db: SQLite) -> None:
     """Telemetry by day is PostgreSQL's: here one table per kind stays, pruned by DELETE on its ``ts`` index."""
 
 
-MIGRATIONS: dict[int, Callable[[SQLite], None]] = {1: _v1, 2: _v2}
+def _v3(db: SQLite) -> None:
+    """The director's metadata and the controllers (``schema.ADDED_TABLES``)."""
+    for table in schema.TABLES:
+        if table.name in schema.ADDED_TABLES[3]:
+            _create_table(db, table)
+
+
+MIGRATIONS: dict[int, Callable[[SQLite], None]] = {1: _v1, 2: _v2, 3: _v3}

@@ -57,14 +57,17 @@ def client(broker: BrokerSettings, client_id: str, persistent: bool = False) -> 
     return c
 
 
-def connect(c: mqtt.Client, broker: BrokerSettings, persistent: bool = False) -> None:
+def connect(c: mqtt.Client, broker: BrokerSettings, persistent: bool = False, resume: bool = False) -> None:
     """Connect ``c`` (made by ``client``) to ``broker``'s first address that answers, with its keepalive. ``persistent``
-    (MQTT 5): a fresh session at this first connection, kept ``QUEUED_SESSION_S`` across the reconnects that follow."""
+    (MQTT 5): a session kept ``QUEUED_SESSION_S`` across the reconnects that follow and after the client left; fresh at
+    this first connection unless ``resume`` (a stable client id taking up what the broker kept for it)."""
     properties = None
     if persistent and broker.mqtt_version == "5":
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = QUEUED_SESSION_S
-    c.connect(broker.host, broker.port, keepalive=broker.keepalive_s, properties=properties)
+    # 3.1.1 has no clean start: a persistent client there always resumes (clean_session=False, ``client``)
+    clean = False if persistent and resume and broker.mqtt_version == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+    c.connect(broker.host, broker.port, keepalive=broker.keepalive_s, clean_start=clean, properties=properties)
 
 
 def aiomqtt_options(broker: BrokerSettings, username: str | None = None, password: str | None = None) -> dict[str, Any]:

@@ -17,10 +17,11 @@ queued without limit on the server's one connection, ahead of everyone else's.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 
@@ -39,6 +40,13 @@ MAX_INFLIGHT = 8  # replies per device on their way to the broker (an agent's wi
 DEVICE_RPS = 0.0  # optional requests a second per device (0: off; the in-flight cap already holds a flood to its share)
 DEVICE_BURST = 128.0
 READERS = 4  # reader threads: file reads overlap with publishing, and one slow disk read holds up nobody else
+METADATA_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # one file name of a director repository's metadata
+
+
+class DirectorFiles(Protocol):
+    """Where the director's metadata is read from when not from ROOT/director (``fleet.store.FleetStore``)."""
+
+    def director_file(self, device: str, name: str) -> bytes | None: ...
 
 
 class RepositoryServer:
@@ -55,17 +63,21 @@ class RepositoryServer:
         device_burst: float = DEVICE_BURST,
         group: str | None = None,
         accepting: bool = True,
+        director_store: DirectorFiles | None = None,
     ) -> None:
         """``broker``: TLS, credentials and MQTT version (fleet.toml's ``[broker]``); ``host``/``port`` replace its address.
 
         ``group``: several controllers share the requests through the MQTT 5 shared subscription ``$share/GROUP/...``
         (each request reaches one of them). ``accepting`` False: connected but not subscribed until ``accept(True)``
-        (on a broker without ``$share`` only the leading controller takes requests: see ``fleet.controller``)."""
+        (on a broker without ``$share`` only the leading controller takes requests: see ``fleet.controller``).
+        ``director_store``: director requests are answered from it (every controller of a fleet serves what the leader
+        signed, whatever its own ROOT holds); None: from ROOT/director."""
         self.root = Path(root).resolve()
         self.broker = transport.broker_settings(host, port, broker)
         self.host, self.port = self.broker.host, self.broker.port
         self.counters: Counter[str] = Counter()
         self.max_pending = max_pending
+        self.director_store = director_store
         self.buckets = ClientBuckets(device_rps, device_burst)  # requests a second per device (0: no limit)
         self._pending: dict[str, deque[bytes]] = {}  # raw requests per device, oldest first
         self._turns: deque[str] = deque()  # devices with requests waiting, in the order they are served
@@ -260,6 +272,8 @@ class RepositoryServer:
         nothing else under ROOT (a store, keys or another device's assignment placed there stay unreachable)."""
         if req.path.startswith("image/"):
             base = self.root / "image"
+        elif req.path.startswith(f"director/{device}/") and self.director_store is not None:
+            return self._serve_stored(req, device)
         elif req.path.startswith(f"director/{device}/"):
             base = self.root / "director" / device
         else:
@@ -278,3 +292,20 @@ class RepositoryServer:
             logs.event(log, "repo.read_failed", logging.ERROR, path=req.path, reason=str(exc))
             return RepoReply(req.request_id, 500, error="read failed")
         return RepoReply(req.request_id, 200, size, req.offset, data)
+
+    def _serve_stored(self, req: RepoRequest, device: str) -> RepoReply:
+        """``director/{device}/metadata/NAME`` from the store; nothing else of the director exists there."""
+        assert self.director_store is not None
+        name = req.path.removeprefix(f"director/{device}/metadata/")
+        if name == req.path or not METADATA_NAME.fullmatch(name):
+            return RepoReply(req.request_id, 404, error="not found")
+        try:
+            data = self.director_store.director_file(device, name)
+        except Exception as exc:  # the store unreachable (psycopg's errors and kin): the device asks again later
+            logs.event(log, "repo.store_failed", logging.ERROR, path=req.path, reason=f"{type(exc).__name__}: {exc}"[:300])
+            return RepoReply(req.request_id, 500, error="store unavailable")
+        if data is None:
+            return RepoReply(req.request_id, 404, error="not found")
+        if req.offset > len(data):
+            return RepoReply(req.request_id, 416, len(data), req.offset, error="offset past the end")
+        return RepoReply(req.request_id, 200, len(data), req.offset, data[req.offset : req.offset + req.length])

@@ -35,6 +35,8 @@ from agent.files import atomic_write
 from agent.update.mirrors import MAX_MIRRORS, valid_mirrors
 from agent.update.verify import MIRRORS_FIELD
 from agent.wire import valid_device_id
+from fleet.tuf import director_store
+from fleet.tuf.director_store import DirectorStore, Synced
 from fleet.tuf.image_repo import ImageRepository, variant_target_path
 from fleet.tuf.keys import KeyStore
 from fleet.tuf.metadata import (
@@ -72,7 +74,10 @@ class Director:
         timestamp_expiry: timedelta = timedelta(days=1),
         keep_versions: int = KEEP_VERSIONS,
         root_expiry: timedelta = timedelta(days=365),
+        store: DirectorStore | None = None,
     ) -> None:
+        """``store``: every commit is also written there, and a device's newer copy there is taken before signing it
+        (several controllers: ``fleet.tuf.director_store``); None: the files alone (one box)."""
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be at least 1 (the committed version), got {keep_versions}")
         self.directory = Path(directory)
@@ -80,6 +85,7 @@ class Director:
         self.timestamp_expiry = timestamp_expiry
         self.keep_versions = keep_versions
         self.root_expiry = root_expiry
+        self.store = store
 
     def _lock(self) -> Any:
         """One writer at a time across processes (``fleet serve``'s re-signing, ``fleet assign``, a key rotation)."""
@@ -112,6 +118,8 @@ class Director:
             raise AssignError(f"mirrors must be at most {MAX_MIRRORS} distinct http:// or https:// URLs, got {urls}")
         with self._lock():
             atomic_write(self.directory / MIRRORS_FILE, json.dumps(mirrors).encode())
+            if self.store is not None:
+                director_store.push_director(self.store, self.directory)
             self.refresh(keys)
         return mirrors
 
@@ -127,6 +135,10 @@ class Director:
             atomic_write(self.directory / name, data)
             for meta in self.directory.glob("*/metadata"):
                 atomic_write(meta / name, data)
+            if self.store is not None:
+                director_store.push_director(self.store, self.directory)
+                for meta in self.directory.glob("*/metadata"):
+                    director_store.push_device(self.store, meta, meta.parent.name)
 
     def devices(self) -> list[str]:
         return sorted(p.parent.name for p in self.directory.glob("*/metadata"))
@@ -140,11 +152,24 @@ class Director:
         with self._lock():
             for device in devices or self.devices():
                 meta = self.device_metadata(device)
+                self._pull(meta, device)  # re-sign what the store has if it is newer: never an older assignment
                 md = self.committed_targets(meta)
                 if md is None:
                     continue
                 md.signed.expires = signing_time() + self.targets_expiry
                 self._publish(meta, md, keys)
+
+    def _pull(self, meta: Path, device: str) -> None:
+        if self.store is not None:
+            director_store.pull_device(self.store, meta, device)
+
+    def sync(self) -> Synced:
+        """Level the files and the store (the newer copy of each device wins); a controller runs it when it starts to
+        lead and every re-signing round. Without a store: nothing."""
+        if self.store is None:
+            return Synced(0, 0)
+        with self._lock():
+            return director_store.sync(self.store, self.directory, self.devices())
 
     def device_metadata(self, device: str) -> Path:
         return self.directory / valid_device_id(device) / "metadata"
@@ -198,6 +223,7 @@ class Director:
         meta = self.device_metadata(device)
         with self._lock():
             meta.mkdir(parents=True, exist_ok=True)
+            self._pull(meta, device)  # the versions go on from the store's (another controller may have signed last)
             for root in self.directory.glob("*.root.json"):  # the whole root chain, so a new device can walk it
                 if not (meta / root.name).exists():
                     shutil.copy(root, meta / root.name)
@@ -234,6 +260,8 @@ class Director:
             targets_md.signed.unrecognized_fields.pop(MIRRORS_FIELD, None)
         with self._lock():
             self._chain().publish(meta, targets_md, keys, self.keep_versions)
+            if self.store is not None:  # in the lock: the store gets this device's commits in the order they were made
+                director_store.push_device(self.store, meta, meta.parent.name)
 
     def _prune(self, meta: Path) -> list[str]:
         ts: Metadata[Timestamp] = Metadata.from_file(str(meta / "timestamp.json"))
@@ -249,6 +277,8 @@ class Director:
                 meta = self.device_metadata(device)
                 if (meta / "timestamp.json").is_file():
                     out[device] = self._prune(meta)
+                    if self.store is not None:
+                        director_store.push_device(self.store, meta, device)
         return out
 
     def rotate_key(self, keys: KeyStore, new_keys: int = 1, threshold: int = 1) -> Metadata[Root]:

@@ -1,0 +1,86 @@
+"""The director's signed metadata in the store: every controller serves it from here, the leader writes it.
+
+Why in the store: the director signs on one controller (the leader, which holds the keys), but any controller may
+answer a device's repository request (MQTT 5 shared subscription), and another controller on another machine
+leads when the leader dies. Files under one controller's ROOT reach neither; the store reaches both. One row per
+file of a device's director repository (``N.root.json``, ``N.targets.json``, ``N.snapshot.json``, ``timestamp.json``),
+device "" for the director's own roots and ``mirrors.json``. A device's files are replaced as one set in one
+transaction, so a reader sees the old assignment or the new one; the timestamp's version only goes up (a writer
+whose copy is behind the store's is refused: ``StaleDirectorMetadata``), so two writers never publish the same
+version with different contents. Nothing here locks or opens transactions: ``FleetStore`` does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from agent.errors import EdgefleetError
+from fleet.store.db import Database
+
+__all__ = ["DIRECTOR", "TIMESTAMP", "DirectorFiles", "StaleDirectorMetadata", "file_version"]
+
+TIMESTAMP = "timestamp.json"
+DIRECTOR = ""  # the "device" under which the director's own files (roots, mirrors.json) are kept
+
+
+class StaleDirectorMetadata(EdgefleetError):
+    """A device's director metadata was signed from a copy older than the store's: publishing it would go back."""
+
+    code = "stale_director_metadata"
+
+
+def file_version(name: str) -> int:
+    """The version a numbered metadata file's name carries (``3.targets.json``: 3); 0 for any other."""
+    head = name.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+class DirectorFiles:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def file(self, device: str, name: str) -> bytes | None:
+        rows = self.db.query("SELECT body FROM director_metadata WHERE device = ? AND name = ?", [device, name])
+        return bytes(rows[0]["body"]) if rows else None
+
+    def files(self, device: str) -> dict[str, bytes]:
+        rows = self.db.query("SELECT name, body FROM director_metadata WHERE device = ?", [device])
+        return {r["name"]: bytes(r["body"]) for r in rows}
+
+    def versions(self) -> dict[str, int]:
+        """Each device's committed timestamp version (devices with metadata in the store)."""
+        rows = self.db.query("SELECT device, version FROM director_metadata WHERE name = ?", [TIMESTAMP])
+        return {r["device"]: int(r["version"]) for r in rows}
+
+    def replace(self, device: str, files: Mapping[str, bytes], timestamp_version: int) -> None:
+        """``device``'s whole set (``files``, its timestamp at ``timestamp_version``): the timestamp moves up first (a
+        compare-and-set: ``StaleDirectorMetadata`` when the store's is not older, unless the bytes are the same), then
+        the numbered files it names are added and those no longer in the set deleted. Call in a transaction."""
+        now = time.time()
+        ts = files[TIMESTAMP]
+        moved = self.db.execute(
+            "UPDATE director_metadata SET body = ?, version = ?, updated = ? WHERE device = ? AND name = ? AND version < ?",
+            [ts, timestamp_version, now, device, TIMESTAMP, timestamp_version],
+        )
+        if not moved and not self.db.insert(
+            "director_metadata", {"device": device, "name": TIMESTAMP, "version": timestamp_version, "body": ts, "updated": now}, "ignore"
+        ):
+            if self.file(device, TIMESTAMP) != ts:
+                theirs = self.versions().get(device, 0)
+                raise StaleDirectorMetadata(
+                    f"director metadata of {device}: the store has timestamp version {theirs}, this copy {timestamp_version}"
+                )
+        stored = {r["name"] for r in self.db.query("SELECT name FROM director_metadata WHERE device = ?", [device])}
+        self._write(device, {n: b for n, b in files.items() if n != TIMESTAMP and n not in stored}, now)
+        for name in stored - set(files):
+            self.db.execute("DELETE FROM director_metadata WHERE device = ? AND name = ?", [device, name])
+
+    def add(self, device: str, files: Mapping[str, bytes]) -> None:
+        """Files of ``device`` written as given (the director's roots and mirrors.json)."""
+        self._write(device, files, time.time())
+
+    def _write(self, device: str, files: Mapping[str, bytes], now: float) -> None:
+        for name, body in files.items():
+            row = {"device": device, "name": name, "version": file_version(name), "body": body, "updated": now}
+            self.db.insert("director_metadata", row, "replace")
