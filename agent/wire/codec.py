@@ -46,6 +46,8 @@ def nesting_depth(payload: bytes) -> int:
 def check_shape(payload: bytes, max_bytes: int, max_depth: int = MAX_DEPTH) -> None:
     if len(payload) > max_bytes:
         raise WireError(f"message of {len(payload)} bytes is over the {max_bytes}-byte limit")
+    if payload.count(b"[") + payload.count(b"{") <= max_depth:
+        return  # no deeper than its opening brackets: the scan (half of a telemetry message's decoding) is not needed
     depth = nesting_depth(payload)
     if depth > max_depth:
         raise WireError(f"message nests {depth} deep, over the limit of {max_depth}")
