@@ -166,7 +166,9 @@ def test_every_typed_error_through_tritonclient(agent: Agent, client: triton.Inf
 # -- what no well-behaved client sends: raw HTTP -------------------------------------------------
 
 
-def raw(agent: Agent, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], bytes]:
+def raw(
+    agent: Agent, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", agent.oip.port, timeout=10)
     try:
         conn.request(method, path, body=body, headers=headers or {})

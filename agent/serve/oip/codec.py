@@ -42,9 +42,13 @@ OIP_DATATYPES = {
     "FP64": "float64",
 }
 _NUMPY_TO_OIP = {v: k for k, v in OIP_DATATYPES.items()}
+_DTYPES = {k: np.dtype(v) for k, v in OIP_DATATYPES.items()}
+_OIP_OF = {np.dtype(v): k for k, v in OIP_DATATYPES.items()}  # keyed by dtype: dtype.name costs microseconds a call
 _KINDS = {"b": "b", "u": "biu", "i": "biu", "f": "biuf"}  # JSON values each target kind takes (ints for floats; no floats for ints)
 MAX_TENSORS = 64
 MAX_NAME = 128
+_REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
+_INPUT_FIELDS = frozenset({"name", "shape", "datatype", "data", "parameters"})
 KNOWN_PARAMETERS = frozenset({"binary_data_output", "timeout", "priority"})  # priority: accepted, ignored (one queue)
 _ids = itertools.count(1)
 
@@ -75,7 +79,7 @@ def _parameters(value: object, what: str, rid: str) -> dict[str, Any]:
 
 def _load_json(raw: bytes | memoryview) -> Any:
     try:
-        return json.loads(bytes(raw))
+        return json.loads(raw if isinstance(raw, bytes) else bytes(raw))
     except UnicodeDecodeError:
         raise PayloadError("the JSON header is not UTF-8") from None
     except RecursionError:  # json's C decoder stops at the recursion limit; a tensor nests at most MAX_DIMS deep
@@ -91,7 +95,7 @@ def decode_infer(body: bytes, header_length: int | None, max_bytes: int) -> OipR
     if header_length is not None and not 0 < header_length <= len(body):
         raise PayloadError(f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes")
     view = memoryview(body)
-    head = _load_json(view[:header_length] if header_length is not None else view)
+    head = _load_json(view[:header_length] if header_length is not None else body)
     binary = view[header_length:] if header_length is not None else view[:0]
     if not isinstance(head, dict):
         raise PayloadError("an infer request is a JSON object")
@@ -99,16 +103,17 @@ def decode_infer(body: bytes, header_length: int | None, max_bytes: int) -> OipR
     if oip_id is not None:
         oip_id = _str(oip_id, "id", "", MAX_REQUEST_ID)
     rid = oip_id or f"http-{next(_ids)}"
-    unknown = set(head) - {"id", "parameters", "inputs", "outputs"}
-    if unknown:
-        raise PayloadError(f"unknown fields {sorted(unknown)}", rid)
-    params = _parameters(head.get("parameters"), "request", rid)
-    if set(params) - KNOWN_PARAMETERS:
-        raise PayloadError(f"unsupported request parameters {sorted(set(params) - KNOWN_PARAMETERS)}", rid)
-    deadline = _timeout_ms(params.get("timeout"), rid)
-    binary_all = params.get("binary_data_output", False)
-    if not isinstance(binary_all, bool):
-        raise PayloadError("binary_data_output must be true or false", rid)
+    if not _REQUEST_FIELDS.issuperset(head):
+        raise PayloadError(f"unknown fields {sorted(set(head) - _REQUEST_FIELDS)}", rid)
+    deadline, binary_all = None, False
+    if "parameters" in head:
+        params = _parameters(head["parameters"], "request", rid)
+        if not KNOWN_PARAMETERS.issuperset(params):
+            raise PayloadError(f"unsupported request parameters {sorted(set(params) - KNOWN_PARAMETERS)}", rid)
+        deadline = _timeout_ms(params.get("timeout"), rid)
+        binary_all = params.get("binary_data_output", False)
+        if not isinstance(binary_all, bool):
+            raise PayloadError("binary_data_output must be true or false", rid)
     inputs = _inputs(head.get("inputs"), binary, rid)
     requested, binary_outputs = _outputs(head.get("outputs"), rid)
     return OipRequest(rid, inputs, None, deadline, False, False, oip_id, requested, binary_outputs, binary_all)
@@ -129,19 +134,19 @@ def _inputs(value: object, binary: memoryview, rid: str) -> dict[str, np.ndarray
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for t in value:
-        if not isinstance(t, dict) or set(t) - {"name", "shape", "datatype", "data", "parameters"}:
+        if not isinstance(t, dict) or not _INPUT_FIELDS.issuperset(t):
             raise PayloadError("each input is an object of name, shape, datatype, data or parameters", rid)
         name = _str(t.get("name"), "an input's name", rid)
         if name in inputs:
             raise PayloadError(f"input {name!r} given twice", rid)
         shape = t.get("shape")
-        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
+        if type(shape) is not list or len(shape) > MAX_DIMS or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
             raise PayloadError(f"input {name!r}: shape must be a list of at most {MAX_DIMS} non-negative integers", rid)
         datatype = t.get("datatype")
-        if datatype not in OIP_DATATYPES:
+        dtype = _DTYPES.get(datatype) if isinstance(datatype, str) else None
+        if dtype is None:
             raise PayloadError(f"input {name!r}: datatype {str(datatype)[:20]!r} is not one of {sorted(OIP_DATATYPES)}", rid)
-        dtype = np.dtype(OIP_DATATYPES[datatype])
-        size = _parameters(t.get("parameters"), f"input {name!r}", rid).get("binary_data_size")
+        size = _parameters(t["parameters"], f"input {name!r}", rid).get("binary_data_size") if "parameters" in t else None
         if size is not None:
             if "data" in t or type(size) is not int or size != math.prod(shape) * dtype.itemsize:
                 raise PayloadError(f"input {name!r}: binary_data_size must be the tensor's size in bytes, and no data beside it", rid)
@@ -207,7 +212,7 @@ def encode_infer(req: OipRequest, model: str, version: str, outputs: dict[str, n
     chunks: list[bytes] = []
     for name in names:
         arr = np.asarray(outputs[name])
-        datatype = _NUMPY_TO_OIP.get(arr.dtype.name)
+        datatype = _OIP_OF.get(arr.dtype)
         if datatype is None:
             raise ValueError(f"output {name!r} has dtype {arr.dtype.name}, which this endpoint does not send")
         out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
