@@ -179,6 +179,8 @@ class ServingSettings(BaseModel):
     @classmethod
     def _http_address(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith("unix:"):
+            if "/" in value or any(c.isspace() for c in value):
+                raise ValueError(f"{value!r}: expected HOST:PORT or unix:/path (no scheme)")
             parse_address(value, listen=True)
         elif value is not None and len(value) <= len("unix:"):
             raise ValueError("unix: needs a socket path")

@@ -425,3 +425,71 @@ def test_a_client_that_disconnects_while_waiting_costs_nothing(agent: Agent) -> 
 
     ok()
     assert done.is_set() and agent.serving.healthy() and agent.oip.healthy()
+
+
+def test_a_chunked_body_past_the_limit_is_cut_off_with_413(agent: Agent) -> None:
+    """No Content-Length to refuse up front: the endpoint stops reading at serving.max_payload_kb."""
+    conn = http.client.HTTPConnection("127.0.0.1", agent.oip.port, timeout=30)
+    try:
+        chunks = (b"[" + b"0.0," * 16_383 + b"0.0]," for _ in range(80))  # 80 x 64 KiB: past the 4 MiB limit
+        conn.request("POST", f"/v2/models/{MODEL}/infer", body=chunks, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and "limit" in json.loads(resp.read())["error"]
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the endpoint answered and closed while the client was still sending: refused all the same
+    finally:
+        conn.close()
+    assert raw(agent, "POST", f"/v2/models/{MODEL}/infer", body_of(rows(1)))[0] == 200
+
+
+def test_settings_for_the_endpoint_and_publishing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.errors import InvalidOptions
+    from agent.settings import PublishPredictions
+
+    config = tmp_path / "agent.toml"
+    config.write_text('device_id = "d"\n[serving]\nhttp = "127.0.0.1:8000"\n[serving.publish_predictions]\nevery = 10\ntop_classes = [3]\n')
+    s = load_settings(config)
+    assert s.serving.http == "127.0.0.1:8000" and s.serving.publish_predictions == PublishPredictions(every=10, top_classes=[3])
+    assert load_settings(config, serving={"http": "unix:/run/edgefleet/oip.sock"}).serving.http == "unix:/run/edgefleet/oip.sock"
+    monkeypatch.setenv("EDGEFLEET_SERVING__PUBLISH_PREDICTIONS__EVERY", "1")
+    assert load_settings(config).serving.publish_predictions.every == 1
+    for bad in ("localhost", "127.0.0.1:99999", "unix:", "http://127.0.0.1:8000"):
+        with pytest.raises(InvalidOptions, match=r"serving\.http"):
+            load_settings(config, serving={"http": bad})
+    with pytest.raises(InvalidOptions, match=r"publish_predictions\.every"):
+        load_settings(config, serving={"publish_predictions": {"every": -1}})
+    assert load_settings(tmp_path / "none.toml", device_id="d").serving.http is None  # off unless asked for
+
+
+DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64}
+DATATYPES |= {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_every_datatype_round_trips_through_tritonclients_own_encoder_and_parser(binary: bool) -> None:
+    """tritonclient builds the request body and parses the response body (its own code, unmodified); ours in between."""
+    from agent.serve.oip.codec import OipRequest, encode_infer
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        name: (rng.uniform(-100, 100, (2, 3)) > 0 if dt is np.bool_ else rng.uniform(0, 100, (2, 3))).astype(dt)
+        for name, dt in DATATYPES.items()
+    }
+    inputs = []
+    for name, arr in arrays.items():
+        inp = triton.InferInput(f"in_{name}", list(arr.shape), name)
+        inp.set_data_from_numpy(arr, binary_data=binary)
+        inputs.append(inp)
+    outputs = [triton.InferRequestedOutput(f"in_{name}", binary_data=binary) for name in arrays]
+    body, json_size = triton.InferenceServerClient.generate_request_body(inputs, outputs, request_id="rt-1")
+    req = decode_infer(body, json_size, 1 << 20)
+    assert isinstance(req, OipRequest) and req.oip_id == "rt-1" and isinstance(req.inputs, dict)
+    for name, arr in arrays.items():
+        got = req.inputs[f"in_{name}"]
+        assert got.dtype == arr.dtype and np.array_equal(got, arr), name
+    answer, header = encode_infer(req, "m", "1", req.inputs)  # echo the inputs back as outputs
+    result = triton.InferResult.from_response_body(answer, header_length=header)
+    assert result.get_response()["id"] == "rt-1" and (header is not None) == binary
+    for name, arr in arrays.items():
+        out = result.as_numpy(f"in_{name}")
+        assert out.dtype == arr.dtype and np.array_equal(out, arr), name

@@ -91,7 +91,12 @@ class _Answer:
 
     def ok(self, req: Request, model: str, version: str, outputs: dict[str, np.ndarray], ms: float) -> None:
         assert isinstance(req, codec.OipRequest)
-        body, head = codec.encode_infer(req, model, version, outputs)
+        try:
+            body, head = codec.encode_infer(req, model, version, outputs)
+        except (KeyError, ValueError) as exc:  # an output dtype OIP cannot carry; a requested output a hot swap took away
+            logs.event(log, "oip.encode_failed", logging.ERROR, model=model, version=version, reason=f"{type(exc).__name__}: {exc}"[:300])
+            self._resolve(_error(500, "internal", f"the answer could not be encoded: {type(exc).__name__}: {exc}"[:500]))
+            return
         headers = [(b"content-type", JSON if head is None else b"application/octet-stream")]
         if head is not None:
             headers.append((b"inference-header-content-length", str(head).encode()))
