@@ -83,9 +83,10 @@ def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models
             try:
                 _wait_ready(http_port)
                 loads = {"echo": HttpLoad("127.0.0.1", echo_port, window), "agent": HttpLoad("127.0.0.1", http_port, window)}
+                cost = app_cost(mwork, sizes[0])
                 for form, (body, headers) in bodies(sizes[0]).items():
                     figures = _race(loads, body, headers, n_tp, n_lat, window, rounds)
-                    rows.append(_oip_row(model, form, figures))
+                    rows.append({**_oip_row(model, form, figures), "in_process": cost})
                 for load in loads.values():
                     load.close()
             finally:
@@ -131,6 +132,7 @@ def _oip_row(model: str, form: str, f: dict[str, dict[str, list[float]]]) -> dic
 def oip_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The header and cells of the OIP table (rendered by benchmarks/serving.py next to the MQTT one)."""
     header = ["model", "tensors", "echo req/s", "OIP req/s", "ratio (goal >= 0.8)", "echo p50 ms", "OIP p50 ms", "added (goal <= 0.5 ms)"]
+    header += ["in-process µs: echo app / OIP app (JSON)"]
     cells = []
     for r in rows:
         t, d = r["throughput_ratio"], r["p50_added_ms"]
@@ -144,6 +146,87 @@ def oip_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 f"{r['echo']['p50_ms']:.3f}",
                 f"{r['agent']['p50_ms']:.3f}",
                 f"{d['median']:.3f} ({d['spread'][0]:.3f}..{d['spread'][1]:.3f}) {'yes' if r['latency_goal_met'] else 'NO'}",
+                f"{r['in_process']['echo app_us']:.1f} / {r['in_process']['OIP app_us']:.1f}",
             ]
         )
     return header, cells
+
+
+def app_cost(work: Path, width: int, calls: int = 3000, rounds: int = 4) -> dict[str, float]:
+    """Per-request µs of the agent's ASGI app and of a bare echo app, called in one process without sockets, in
+    alternating rounds (median): what the endpoint itself costs a request, apart from uvicorn's work both share."""
+    import asyncio
+
+    from agent.runtimes import get_runtime
+    from agent.serve.host import ModelHost, ServingModel
+    from agent.serve.oip.server import OipApp
+    from agent.serve.serving import Serving
+    from converters import builders
+
+    sizes = [width, *([4] if width == 4 else [128, 128, 10])]
+    rt = get_runtime("onnx")()
+    rt.load(builders.write_onnx_mlp(builders.random_mlp(sizes, seed=1), work / f"cost-{width}.onnx"))
+    host = ModelHost()
+    host.swap(ServingModel("m", "1", "onnx-fp32", "0" * 64, rt))
+    serving = Serving("bench", host, lambda *a: None, client_rps=0).start()
+    body = bodies(width)["JSON"][0]
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": [], "client": ("127.0.0.1", 1)}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        message = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": message["body"]})
+
+    async def per_call(app: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            await app(scope, receive, send)
+        return (time.perf_counter() - t0) / calls * 1e6
+
+    async def race() -> dict[str, list[float]]:
+        apps = {"echo app": echo, "OIP app": OipApp(serving, host, lambda: True, 10.0)}
+        out: dict[str, list[float]] = {k: [] for k in apps}
+        for app in apps.values():
+            await per_call(app)  # warm up; the model's call time is measured (inline from now on)
+        for r in range(rounds):
+            for name in list(apps) if r % 2 == 0 else list(reversed(apps)):
+                out[name].append(await per_call(apps[name]))
+        return out
+
+    try:
+        samples = asyncio.run(race())
+        samples.update(_stages(host, rt, body, calls, rounds))
+    finally:
+        serving.stop()
+        host.close()
+    return {f"{k}_us": round(statistics.median(v), 2) for k, v in samples.items()}
+
+
+def _stages(host: Any, rt: Any, body: bytes, calls: int, rounds: int) -> dict[str, list[float]]:
+    """The parts of one request, each timed alone (µs, per round): where the OIP app's time goes."""
+    from agent.serve.oip import codec
+
+    req = codec.decode_infer(body, None, 1 << 22)
+    assert isinstance(req.inputs, dict)
+    out = host.infer("m", req.inputs)
+    stages: dict[str, Callable[[], object]] = {
+        "json.loads": lambda: json.loads(body),
+        "decode_infer": lambda: codec.decode_infer(body, None, 1 << 22),
+        "runtime.infer": lambda: rt.infer(req.inputs),
+        "host.infer": lambda: host.infer("m", req.inputs),
+        "encode_infer": lambda: codec.encode_infer(req, "m", "1", out),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in stages}
+    for _ in range(rounds):
+        for name, fn in stages.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return samples

@@ -51,6 +51,7 @@ _REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
 _INPUT_FIELDS = frozenset({"name", "shape", "datatype", "data", "parameters"})
 KNOWN_PARAMETERS = frozenset({"binary_data_output", "timeout", "priority"})  # priority: accepted, ignored (one queue)
 _ids = itertools.count(1)
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps with any option builds a new encoder on every call
 
 
 @dataclass
@@ -226,7 +227,7 @@ def encode_infer(req: OipRequest, model: str, version: str, outputs: dict[str, n
     head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": described}
     if req.oip_id is not None:
         head["id"] = req.oip_id
-    text = json.dumps(head, separators=(",", ":")).encode()
+    text = _COMPACT.encode(head).encode()
     if not chunks:
         return text, None
     return b"".join([text, *chunks]), len(text)
