@@ -168,7 +168,7 @@ def app_cost(work: Path, width: int, calls: int = 3000, rounds: int = 4) -> dict
     rt.load(builders.write_onnx_mlp(builders.random_mlp(sizes, seed=1), work / f"cost-{width}.onnx"))
     host = ModelHost()
     host.swap(ServingModel("m", "1", "onnx-fp32", "0" * 64, rt))
-    serving = Serving("bench", host, lambda *a: None, client_rps=0).start()
+    serving = Serving("bench", host, lambda *a: None, inline_below_ms=0.5, client_rps=0).start()  # the agent's defaults
     body = bodies(width)["JSON"][0]
     scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": [], "client": ("127.0.0.1", 1)}
 

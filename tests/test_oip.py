@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -109,8 +110,14 @@ def test_answers_over_http_feed_prediction_sums_like_mqtt(agent: Agent, client: 
     """The host's on_served hook (prediction sums, the shadow's feed) sees HTTP answers; the latency window too."""
     agent.windows.predictions.take()
     agent.serving.stats.take()
+    infer(client, rows(1))
+    agent.serving._call_s[MODEL] = 0.0  # measured fast (pinned: a loaded machine may time a call slow)
+    agent.windows.predictions.take()
+    agent.serving.stats.take()
+    inline = agent.serving.inline_served
     for i in range(5):
         infer(client, rows(3, seed=i))
+    assert agent.serving.inline_served == inline + 5  # a fast model: answered on the event loop, no thread hand-off
     sums = agent.windows.predictions.take()[(MODEL, "1.0.0")]
     assert sums["rows"] == 15 and sum(sums["classes"]) == 15
     windows, _ = agent.serving.stats.take()
@@ -465,10 +472,26 @@ DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.i
 DATATYPES |= {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 
 
+@pytest.fixture(params=["orjson", "stdlib json"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The OIP codec as it loads with orjson (the `http` extra) and without it (the stdlib's json)."""
+    import importlib
+
+    import agent.serve.oip.codec as module
+
+    if request.param == "stdlib json":
+        monkeypatch.setitem(sys.modules, "orjson", None)  # import orjson raises ImportError
+    reloaded = importlib.reload(module)
+    assert ("orjson" in reloaded._dumps.__code__.co_names) == (request.param == "orjson")
+    yield reloaded
+    monkeypatch.undo()
+    importlib.reload(module)
+
+
 @pytest.mark.parametrize("binary", [True, False])
-def test_every_datatype_round_trips_through_tritonclients_own_encoder_and_parser(binary: bool) -> None:
+def test_every_datatype_round_trips_through_tritonclients_own_encoder_and_parser(codec: Any, binary: bool) -> None:
     """tritonclient builds the request body and parses the response body (its own code, unmodified); ours in between."""
-    from agent.serve.oip.codec import OipRequest, encode_infer
+    OipRequest, encode_infer, decode = codec.OipRequest, codec.encode_infer, codec.decode_infer
 
     rng = np.random.default_rng(0)
     arrays = {
@@ -482,7 +505,7 @@ def test_every_datatype_round_trips_through_tritonclients_own_encoder_and_parser
         inputs.append(inp)
     outputs = [triton.InferRequestedOutput(f"in_{name}", binary_data=binary) for name in arrays]
     body, json_size = triton.InferenceServerClient.generate_request_body(inputs, outputs, request_id="rt-1")
-    req = decode_infer(body, json_size, 1 << 20)
+    req = decode(body, json_size, 1 << 20)
     assert isinstance(req, OipRequest) and req.oip_id == "rt-1" and isinstance(req.inputs, dict)
     for name, arr in arrays.items():
         got = req.inputs[f"in_{name}"]
