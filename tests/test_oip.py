@@ -20,7 +20,7 @@ from conftest import ModelFiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
-from update_rig import MODEL, Rig, Subscriber, wait_for
+from update_rig import MODEL, VARIANT, Rig, Subscriber, fails_beyond_batch_one, wait_for
 
 from agent.daemon import Agent
 from agent.serve.oip.codec import decode_infer
@@ -28,15 +28,16 @@ from agent.settings import load_settings
 from agent.wire import device_topic
 from agent.wire.inference import PayloadError, decode_reply
 from fleet.dev.broker import RunningBroker
+from fleet.transport.announce import announce
 
 
-def start_agent(rig: Rig, device: str, serving: str = "", extra: str = "", http: str = "127.0.0.1:0") -> Agent:
+def start_agent(rig: Rig, device: str, serving: str = "", extra: str = "", http: str = "127.0.0.1:0", version: str = "1.0.0") -> Agent:
     """An agent serving the MLP over MQTT and on ``http``; ``serving`` adds [serving] keys, ``extra`` more tables."""
     config = rig.write_config(device)
     config.write_text(config.read_text() + f'[serving]\nhttp = "{http}"\n{serving}\n{extra}\n')
     agent = Agent(load_settings(config)).start()
     assert agent.wait_connected()
-    rig.assign(device, "1.0.0")
+    rig.assign(device, version)
     wait_for(lambda: agent.host.get(MODEL) is not None, what="the model installed")
     return agent
 
@@ -282,6 +283,48 @@ def test_a_slow_client_gets_408_and_does_not_hold_up_others(rig: Rig, models: Mo
         agent.stop()
 
 
+def test_a_shadow_runs_on_the_inputs_of_http_requests(rig: Rig) -> None:
+    """The shadow (a second version answering nobody) sees HTTP-served inputs, as it sees MQTT-served ones."""
+    rig.release("1.0.1")  # built from the same source: it agrees on every row
+    agent = start_agent(rig, "oip-shadow", extra="[telemetry]\ninterval_s = 60")
+    c = triton.InferenceServerClient(url(agent))
+    try:
+        rig.director.assign("oip-shadow", rig.image, MODEL, "1.0.0", VARIANT, rig.keys, shadow=("1.0.1", VARIANT))
+        announce(rig.director, ["oip-shadow"], rig.broker.host, rig.broker.port)
+        wait_for(lambda: agent.host.shadow(MODEL) is not None, what="the shadow loaded")
+        agent.shadow.take()
+        for i in range(6):
+            infer(c, rows(2, seed=i))
+        compared: dict[str, int] = {"compared": 0, "agreed": 0, "skipped": 0}
+
+        def six_seen() -> bool:
+            window = agent.shadow.take().get(MODEL, {})
+            for k in compared:
+                compared[k] += window.get(k) or 0
+            return compared["compared"] // 2 + compared["skipped"] >= 6
+
+        wait_for(six_seen, 20, "the shadow's comparisons")
+        assert compared["agreed"] == compared["compared"] > 0, compared
+    finally:
+        c.close()
+        agent.stop()
+
+
+def test_a_model_that_fails_in_service_is_500_internal(rig: Rig) -> None:
+    rig.release("3.1.0", fails_beyond_batch_one)  # passes its one-row health check, fails on two rows
+    agent = start_agent(rig, "oip-fail", version="3.1.0")
+    c = triton.InferenceServerClient(url(agent))
+    try:
+        assert infer(c, rows(1)).as_numpy("y").shape == (1, 10)
+        with pytest.raises(InferenceServerException) as info:
+            infer(c, rows(2))
+        assert _status(info) == 500 and agent.serving.stats.errors["internal"] == 1
+        assert infer(c, rows(1)).as_numpy("y").shape == (1, 10)  # and it serves on
+    finally:
+        c.close()
+        agent.stop()
+
+
 def test_overload_is_503_and_a_client_past_its_rate_429(rig: Rig) -> None:
     agent = start_agent(rig, "oip-flood", "queue_size = 1\nworkers = 1\ninline_below_ms = 0")
     c = triton.InferenceServerClient(url(agent), concurrency=32)
@@ -305,13 +348,21 @@ def test_overload_is_503_and_a_client_past_its_rate_429(rig: Rig) -> None:
         c.close()
         agent.stop()
     agent = start_agent(rig, "oip-rate", "client_rps = 20\nclient_burst = 5")
+    c = triton.InferenceServerClient(url(agent))
     try:
-        statuses = [raw(agent, "POST", f"/v2/models/{MODEL}/infer", body_of(rows(1)))[0] for _ in range(30)]
+        statuses = []
+        for _ in range(30):
+            try:
+                infer(c, rows(1))
+                statuses.append(200)
+            except InferenceServerException as exc:
+                statuses.append(int(exc.status()))
         assert statuses.count(429) > 0 and statuses.count(200) >= 5 and set(statuses) == {200, 429}
         status, headers, _ = raw(agent, "POST", f"/v2/models/{MODEL}/infer", body_of(rows(1)))
         assert status == 200 or headers["retry-after"] == "1"
         assert agent.serving.rate_limited == statuses.count(429) + (status == 429)
     finally:
+        c.close()
         agent.stop()
 
 
