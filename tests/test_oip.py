@@ -377,7 +377,8 @@ def test_predictions_for_http_clients_reach_mqtt_subscribers(rig: Rig, mqtt_brok
             infer(c, x, request_id=f"p{i}")
         wait_for(lambda: len(sub.payloads()) >= 3, 10, "three published predictions")
         replies = [decode_reply(p) for p in sub.payloads(device_topic("oip-pub", "pred", MODEL))]
-        assert [r.request_id for r in replies] == ["p1", "p3", "p5"], (sub.messages, agent.serving.stats.errors)
+        ids = [r.request_id for r in replies]
+        assert ids == ["p1", "p3", "p5"], (ids, agent.serving.mirror and agent.serving.mirror._seen, agent.serving.stats.errors)
         for r, x in zip(replies, xs[1::2]):
             assert r.model == MODEL and r.version == "1.0.0"
             np.testing.assert_allclose(r.outputs["y"], models.mlp.reference(x), atol=1e-4)
@@ -567,3 +568,27 @@ def test_every_datatype_round_trips_through_tritonclients_own_encoder_and_parser
     for name, arr in arrays.items():
         out = result.as_numpy(f"in_{name}")
         assert out.dtype == arr.dtype and np.array_equal(out, arr), name
+
+
+@pytest.mark.parametrize("where", ["header", "url"])
+def test_an_endless_request_head_is_cut_off_with_431_not_buffered(agent: Agent, where: str) -> None:
+    """httptools buffers a URL or a header whole: one endless header line grew the agent by 200 MB in a second."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    before = agent.serving.stats.errors.get("bad_request", 0)
+    head = b"GET /v2?" if where == "url" else b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: "
+    with socket.create_connection(("127.0.0.1", agent.oip.port), timeout=10) as s:
+        s.sendall(head)
+        sent = 0
+        try:
+            while sent < 50 << 20:  # 50 MB, if the endpoint kept reading
+                s.sendall(b"a" * (1 << 20))
+                sent += 1 << 20
+        except OSError:
+            pass  # closed by the endpoint, as it should
+        reply = s.recv(200)
+    assert reply.startswith(b"HTTP/1.1 431") or reply == b"", reply  # a reset may beat the answer to the client
+    assert sent < 8 << 20 and psutil.Process().memory_info().rss - rss < 20 << 20
+    assert wait_for(lambda: agent.serving.stats.errors.get("bad_request", 0) > before, 10, "the refusal counted")
+    assert raw(agent, "GET", "/v2/health/ready")[0] == 200  # and it serves on

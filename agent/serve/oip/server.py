@@ -284,7 +284,7 @@ class OipServer:
             self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
-            http=_http_impl(),
+            http=_http_impl(self.app.serving),
             loop="asyncio",
             lifespan="off",
             log_config=None,
@@ -327,12 +327,61 @@ class OipServer:
                 os.unlink(self.address[5:])
 
 
-def _http_impl() -> str:
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; beyond: 431 and the connection closed
+
+
+def _http_impl(serving: Serving) -> Any:
+    """uvicorn's httptools protocol with a cap on the request head, or its h11 one (which caps heads itself, 16 KiB).
+
+    Why a cap of our own: httptools hands uvicorn the URL and each header whole, so it buffers them without bound — a
+    local client sending one endless header line grew the agent by 200 MB in a second (measured). Counted per read
+    (at most 256 KiB): a head is refused past MAX_HEAD_BYTES plus up to two reads."""
     try:
-        import httptools  # noqa: F401
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return "h11"
-    return "httptools"
+
+    class CappedHead(HttpToolsProtocol):  # type: ignore[misc]
+        _in_head, _head_bytes, _completed = True, 0, False
+
+        def data_received(self, data: bytes) -> None:
+            self._completed = False
+            super().data_received(data)
+            if not self._in_head:
+                return
+            if self._completed:  # a request ended in this chunk and the next one's head began: count from the next read
+                self._head_bytes = 0
+                return
+            self._head_bytes += len(data)  # the whole chunk lay inside one request head (httptools holds it)
+            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                serving.stats.error("", None, "bad_request")
+                logs.event(log, "oip.head_too_large", logging.WARNING, client=str(self.client), bytes=self._head_bytes)
+                self.transport.write(_HEAD_TOO_LARGE)
+                self.transport.close()
+
+        def on_headers_complete(self) -> None:
+            self._in_head, self._head_bytes = False, 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head, self._completed = True, True  # what follows is the next request's head
+
+    return CappedHead
+
+
+_HEAD_BODY = codec.error_body(f"request line and headers over {MAX_HEAD_BYTES} bytes")
+_HEAD_TOO_LARGE = b"\r\n".join(
+    [
+        b"HTTP/1.1 431 Request Header Fields Too Large",
+        b"content-type: application/json",
+        b"edgefleet-error-code: bad_request",
+        b"connection: close",
+        b"content-length: " + str(len(_HEAD_BODY)).encode(),
+        b"",
+        _HEAD_BODY,
+    ]
+)
 
 
 def _bind(address: str) -> socket.socket:
