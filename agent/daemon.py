@@ -27,6 +27,7 @@ from agent.hardware import detect
 from agent.metrics import Exporter, Totals
 from agent.outbox import Outbox
 from agent.serve.host import ModelHost, ServingModel
+from agent.serve.mirror import PredictionMirror
 from agent.serve.serving import Serving
 from agent.serve.shadow import ShadowRunner
 from agent.session import Route, Session
@@ -87,6 +88,11 @@ class Agent:
         self.serving_session = self._serving_session(local) if local is not None else None
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
         self.serving = _serving(sv, self.device_id, self.host, (self.serving_session or self.session).publish_raw)
+        self.oip: Any = None  # agent.serve.oip.server.OipServer when serving.http is set (imported only then: the `http` extra)
+        if sv.http:
+            from agent.serve.oip.server import OipServer
+
+            self.oip = OipServer(sv.http, self.serving, self.host, sv.http_max_connections, sv.http_body_timeout_s)
         tm = settings.telemetry
         self.totals: Totals | None = Totals() if tm.prometheus else None  # the windows added up, for /metrics
         self.exporter: Exporter | None = None
@@ -111,6 +117,8 @@ class Agent:
             logs.event(log, "agent.restore_problem", logging.ERROR, reason=problem)
         self.shadow.start()
         self.serving.start()
+        if self.oip is not None:
+            self.oip.start()
         self.outbox.start()
         self.session.start()
         if self.serving_session is not None:
@@ -137,6 +145,8 @@ class Agent:
         systemd.notify("STOPPING=1", "STATUS=stopping")
         self._stopping.set()
         (self.serving_session or self.session).begin_close(unsubscribe=["infer"])
+        if self.oip is not None:
+            self.oip.stop(timeout / 4)  # no new HTTP requests; those queued are answered by serving.stop
         self.serving.stop(timeout / 2)
         if self.serving_session is not None:  # the answers to what was queued went out above
             self.serving_session.close()
@@ -221,7 +231,8 @@ class Agent:
         if interval is None:
             return
         while not self._stopping.wait(interval):
-            if self._worker.is_alive() and self.serving.healthy() and self.shadow.healthy() and self.network_alive():
+            oip = self.oip is None or self.oip.healthy()
+            if self._worker.is_alive() and self.serving.healthy() and self.shadow.healthy() and self.network_alive() and oip:
                 systemd.notify("WATCHDOG=1")
             else:
                 logs.event(
@@ -232,6 +243,7 @@ class Agent:
                     serving=self.serving.healthy(),
                     shadow=self.shadow.healthy(),
                     network=self.network_alive(),
+                    oip=oip,
                 )
 
     def network_alive(self) -> bool:
@@ -408,6 +420,7 @@ def _health_policy(rs: RuntimeSettings) -> HealthPolicy:
 
 
 def _serving(sv: ServingSettings, device_id: str, host: ModelHost, publish: Callable[[str, bytes, int], object]) -> Serving:
+    mirror = PredictionMirror(sv.publish_predictions, device_id, publish) if sv.publish_predictions.every else None
     return Serving(
         device_id,
         host,
@@ -421,4 +434,5 @@ def _serving(sv: ServingSettings, device_id: str, host: ModelHost, publish: Call
         sv.inline_below_ms,
         sv.client_rps,
         sv.client_burst,
+        mirror,
     )

@@ -75,11 +75,12 @@ def _check_runtime_name(name: str) -> None:
         raise ValueError(f"unknown runtime {name!r}; known: {', '.join(sorted(known))}")
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address) as a pair, or a ValueError that names it."""
+def parse_address(text: str, listen: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address) as a pair, or a ValueError that names it. ``listen``: an
+    address to listen on, where port 0 asks for a free one."""
     host, _, port = text.strip().rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not host or not port.isdigit() or not (0 if listen else 1) <= int(port) <= 65535:
         raise ValueError(f"{text!r}: expected HOST:PORT")
     return host, int(port)
 
@@ -126,6 +127,24 @@ class BrokerSettings(BaseModel):
         return [parse_address(h) for h in self.hosts] if self.hosts else [(self.host, self.port)]
 
 
+class PublishPredictions(BaseModel):
+    """Which answers given to HTTP clients are also published to ``dev/{id}/pred/{model}`` (the MQTT reply format).
+
+    ``every``: one in N of the answers that pass the rule (1: each; 0: off). The rule, when given, looks at one output
+    (``output``; default the model's first): ``top_classes`` — some row's top class (the argmax of its last dimension)
+    is one of these; ``value_above`` / ``value_below`` — some value is above / below. Given together, all must hold.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: Annotated[int, Field(ge=0)] = 0
+    output: str | None = None
+    top_classes: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1000)] = []
+    value_above: float | None = None
+    value_below: float | None = None
+    qos: Literal[0, 1] = 0
+
+
 class ServingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -153,6 +172,25 @@ class ServingSettings(BaseModel):
     # and answered there, over a second connection; presence, commands, updates and telemetry stay on [broker].
     # None: inference on the fleet's broker. In agent.toml: a [serving.broker] table, the same keys as [broker].
     broker: BrokerSettings | None = None
+    # The Open Inference Protocol (KServe v2 / Triton) REST endpoint for local applications: "HOST:PORT" (keep it on
+    # 127.0.0.1: it has no authentication; port 0: a free one) or "unix:/path/to.sock". None: off. Needs the `http` extra.
+    http: Annotated[str | None, Field(max_length=256)] = None
+    http_max_connections: Annotated[int, Field(ge=1, le=65_536)] = 256  # beyond it new connections are answered 503
+    # A request body that has not arrived this long after its headers is answered 408 (a slow or stalled client).
+    http_body_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    # Answers given to HTTP clients, also published on MQTT (dev/{id}/pred/{model}) for the fleet's subscribers.
+    publish_predictions: PublishPredictions = PublishPredictions()
+
+    @field_validator("http")
+    @classmethod
+    def _http_address(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("unix:"):
+            if "/" in value or any(c.isspace() for c in value):
+                raise ValueError(f"{value!r}: expected HOST:PORT or unix:/path (no scheme)")
+            parse_address(value, listen=True)
+        elif value is not None and len(value) <= len("unix:"):
+            raise ValueError("unix: needs a socket path")
+        return value
 
 
 class TelemetrySettings(BaseModel):

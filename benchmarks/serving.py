@@ -40,6 +40,7 @@ from rich.table import Table
 from agent.mqtt import tcp_nodelay
 from agent.settings import write_config
 from agent.wire import device_topic
+from benchmarks import serving_oip
 from benchmarks.common import machine, write
 
 MODELS = {"tiny": [4, 4], "medium": [64, 128, 128, 10]}
@@ -189,33 +190,44 @@ def _wait_shadow(db: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--local-broker-only", action="store_true", help="only the local-broker against fleet-broker rows")
+    parts = ["all", "mqtt", "oip", "local"]
+    ap.add_argument("--part", choices=parts, default="all", help="MQTT serving rows, OIP REST rows, local-broker rows, or all")
     args = ap.parse_args()
     n_tp, n_lat, window = (2000, 300, 32) if args.quick else (10000, 2000, 64)
     from fleet.dev.broker import start_broker
 
     rows: list[dict[str, Any]] = []
+    oip_rows: list[dict[str, Any]] = []
+    local: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = start_broker(work / "broker")
-        local = local_broker_rows(work / "local", broker.host, broker.port, n_tp, n_lat, window, 4 if args.quick else 8)
-        if args.local_broker_only:
-            broker.stop()
-            _report_local(local, window, n_tp)
-            return
-        echo = subprocess.Popen([sys.executable, "-c", ECHO, broker.host, str(broker.port)], stdout=subprocess.PIPE, text=True)
-        assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
         try:
-            for model in MODELS:
-                for label in CONFIGS:
-                    mwork = work / f"{model}-{label.replace(' ', '-')}"
-                    mwork.mkdir()
-                    results = _run_config(mwork, broker.host, broker.port, model, label, n_tp, n_lat, window)
-                    rows.append(_row(model, label, results["echo"], results["bench"]))
+            if args.part in ("all", "mqtt"):
+                rows = _mqtt_rows(work, broker.host, broker.port, n_tp, n_lat, window)
+            if args.part in ("all", "oip"):
+                oip_rows = serving_oip.oip_rows(work, broker.host, broker.port, args.quick, _fleet, MODELS)
+            if args.part in ("all", "local"):
+                local = local_broker_rows(work / "local", broker.host, broker.port, n_tp, n_lat, window, 4 if args.quick else 8)
         finally:
-            echo.terminate()
             broker.stop()
-    _report(rows, window, n_tp, local)
+    _report(rows, window, n_tp, oip_rows, local)
+
+
+def _mqtt_rows(work: Path, host: str, port: int, n_tp: int, n_lat: int, window: int) -> list[dict[str, Any]]:
+    rows = []
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, host, str(port)], stdout=subprocess.PIPE, text=True)
+    assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+    try:
+        for model in MODELS:
+            for label in CONFIGS:
+                mwork = work / f"{model}-{label.replace(' ', '-')}"
+                mwork.mkdir()
+                results = _run_config(mwork, host, port, model, label, n_tp, n_lat, window)
+                rows.append(_row(model, label, results["echo"], results["bench"]))
+    finally:
+        echo.terminate()
+    return rows
 
 
 def _run_config(
@@ -262,8 +274,10 @@ def _row(model: str, label: str, e: dict[str, float], a: dict[str, float]) -> di
     }
 
 
-def _report(rows: list[dict[str, Any]], window: int, n_tp: int, local: list[dict[str, Any]] | None = None) -> None:
-    """The table on the console, and the JSON and markdown files under ``benchmarks/results``."""
+def _report(
+    rows: list[dict[str, Any]], window: int, n_tp: int, oip_rows: list[dict[str, Any]], local: list[dict[str, Any]] | None = None
+) -> None:
+    """The tables on the console, and the JSON and markdown files under ``benchmarks/results``."""
     table = Table(title="serving through mosquitto: agent vs raw echo (JSON, batch 1, QoS 1)")
     header = [
         "model",
@@ -296,9 +310,10 @@ def _report(rows: list[dict[str, Any]], window: int, n_tp: int, local: list[dict
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     Console().print(table)
+    md += _oip_report(oip_rows)
     meta = machine()
     local_md = _local_table(local) if local else ""
-    payload = {"machine": meta, "window": window, "requests": n_tp, "rows": rows, "local_broker": local or []}
+    payload = {"machine": meta, "window": window, "requests": n_tp, "rows": rows, "oip_rows": oip_rows, "local_broker": local or []}
     paths = write("serving", payload, "\n".join(md) + "\n" + local_md)
     print(f"wrote {paths[0]} and {paths[1]}")
 
@@ -409,12 +424,18 @@ def _local_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(md) + "\n"
 
 
-def _report_local(local: list[dict[str, Any]], window: int, n_tp: int) -> None:
-    """``--local-broker-only``: its own files (``serving_local_broker``), so a full run's serving table stays whole."""
-    text = _local_table(local)
-    print(text)
-    paths = write("serving_local_broker", {"machine": machine(), "window": window, "requests": n_tp, "rows": local}, text)
-    print(f"wrote {paths[0]} and {paths[1]}")
+def _oip_report(rows: list[dict[str, Any]]) -> list[str]:
+    """The OIP REST table (benchmarks/serving_oip.py) on the console; its markdown lines."""
+    if not rows:
+        return []
+    header, cells = serving_oip.oip_table(rows)
+    table = Table(title="OIP REST: the agent's endpoint vs a bare echo on uvicorn + httptools (same client; median, spread of round pairs)")
+    for h in header:
+        table.add_column(h)
+    for c in cells:
+        table.add_row(*c)
+    Console().print(table)
+    return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in cells]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -29,12 +30,35 @@ from agent.serve.ratelimit import ClientBuckets
 from agent.wire import ROOT, device_topic
 from agent.wire.inference import PayloadError, Reply, Request, decode_request, encode_reply, peek_request
 
-__all__ = ["Serving", "ServingStats", "Window", "latency_summary"]
+__all__ = ["Mirror", "Serving", "ServingStats", "Sink", "Window", "latency_summary"]
 
 log = logging.getLogger("edgefleet.serving")
 
 _REPLY_REST = re.compile(r"[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9._-]{1,64}){0,2}")  # under pred/: model[/client[/tag]]
 INLINE_MAX_BYTES = 64 * 1024  # requests up to this size may be served on paho's thread (a fast model, an empty queue)
+
+
+class Sink(Protocol):
+    """Where one request that did not come over MQTT is decoded and answered (the OIP endpoint's HTTP response).
+
+    Why a sink and not a second serving loop: the queue, the overload policy, the limits, micro-batching, telemetry,
+    prediction sums and the shadow must be the same whichever way a request came; only reading the request and
+    writing its answer differ. Called on a worker thread or, for a fast model, on the thread that admitted it."""
+
+    def decode(self, payload: bytes, max_bytes: int) -> Request: ...
+
+    def ok(self, req: Request, model: str, version: str, outputs: dict[str, np.ndarray], ms: float) -> None: ...
+
+    def error(self, req: Request | None, request_id: str, code: str, message: str) -> None: ...
+
+    def refuse(self, message: str, rate_limited: bool) -> None:
+        """Refused before decoding (``overloaded``): the queue is full, or the client is past its rate."""
+
+
+class Mirror(Protocol):
+    """Sees every answer given to a sink (``agent.serve.mirror``: predictions made for HTTP clients, on MQTT too)."""
+
+    def offer(self, model: str, version: str, req: Request, outputs: dict[str, np.ndarray], ms: float) -> None: ...
 
 
 @dataclass
@@ -43,6 +67,7 @@ class _Item:
     payload: bytes
     received: float  # time.monotonic()
     qos: int = 1  # the reply goes with the request's QoS
+    sink: Sink | None = None  # None: an MQTT request, answered on its reply topic
 
 
 @dataclass
@@ -107,11 +132,13 @@ class Serving:
         inline_below_ms: float = 0.0,
         client_rps: float = 0.0,
         client_burst: float = 200.0,
+        mirror: Mirror | None = None,
     ) -> None:
         self.device_id, self.host, self.publish = device_id, host, publish
         self.max_payload_bytes, self.max_batch_rows = max_payload_bytes, max_batch_rows
         self.micro_batch, self.micro_batch_wait = max(1, micro_batch), micro_batch_wait_ms / 1e3
         self.stats = ServingStats()
+        self.mirror = mirror
         self.buckets = ClientBuckets(client_rps, client_burst)
         # A model whose calls average under this runs on the MQTT thread when nothing is queued: two thread
         # hand-offs cost more than such a call (measured in benchmarks/serving.py: a 4-float model from 0.76x to 0.84x of a raw echo).
@@ -149,31 +176,36 @@ class Serving:
 
     # -- network thread ------------------------------------------------------------------
 
-    def submit(self, model: str, payload: bytes, qos: int = 1, client: str = "") -> None:
-        """Called from paho's thread for ``dev/{id}/infer/{model}[/{client}]``: enqueue, or answer ``overloaded`` now
-        (the queue is full, or ``client`` is past its rate)."""
+    def submit(self, model: str, payload: bytes, qos: int = 1, client: str = "", sink: Sink | None = None) -> None:
+        """Called from paho's thread for ``dev/{id}/infer/{model}[/{client}]`` (or the HTTP endpoint's, with its
+        ``sink``): enqueue, or answer ``overloaded`` now (the queue is full, or ``client`` is past its rate)."""
         if not self.buckets.take(client):
             self.stats.error(model, self._version(model), "overloaded")
             self.rate_limited += 1
-            req = peek_request(payload)
-            self._answer_error(model, req, req.request_id, "overloaded", "this client is past its request rate", qos)
+            self._refuse(model, payload, qos, sink, "this client is past its request rate", True)
             return
         small = len(payload) <= INLINE_MAX_BYTES  # decoding 4 MB took 333 ms: a large request never runs on this thread
         if small and self._call_s.get(model, 1.0) < self.inline_below_s and self._queue.empty() and not self._closing:
             self.inline_served += 1
             try:
-                self._serve([_Item(model, payload, time.monotonic(), qos)])
+                self._serve([_Item(model, payload, time.monotonic(), qos, sink)])
             except Exception as exc:  # as in _work: a bug costs a request, never the MQTT thread
                 logs.event(log, "serving.internal_error", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
             return
         try:
             if self._closing:
                 raise queue.Full
-            self._queue.put_nowait(_Item(model, payload, time.monotonic(), qos))
+            self._queue.put_nowait(_Item(model, payload, time.monotonic(), qos, sink))
         except queue.Full:
             self.stats.error(model, self._version(model), "overloaded")
-            req = peek_request(payload)  # never a full decode on paho's thread
-            self._answer_error(model, req, req.request_id, "overloaded", f"the inference queue is full ({self._queue.maxsize})", qos)
+            self._refuse(model, payload, qos, sink, f"the inference queue is full ({self._queue.maxsize})", False)
+
+    def _refuse(self, model: str, payload: bytes, qos: int, sink: Sink | None, message: str, rate_limited: bool) -> None:
+        if sink is not None:
+            sink.refuse(message, rate_limited)
+            return
+        req = peek_request(payload)  # never a full decode on paho's thread
+        self._answer_error(model, req, req.request_id, "overloaded", message, qos)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -208,15 +240,16 @@ class Serving:
         ready: list[tuple[_Item, Request]] = []
         for item in items:
             try:
-                req = decode_request(item.payload, self.max_payload_bytes)
+                if item.sink is None:
+                    req = decode_request(item.payload, self.max_payload_bytes)
+                else:
+                    req = item.sink.decode(item.payload, self.max_payload_bytes)
             except PayloadError as exc:
                 self._fail(item, None, exc.request_id, exc)
                 continue
             if req.deadline_ms is not None and (time.monotonic() - item.received) * 1e3 > req.deadline_ms:
                 self.stats.error(item.model, self._version(item.model), "deadline_exceeded")
-                self._answer_error(
-                    item.model, req, req.request_id, "deadline_exceeded", f"waited past its {req.deadline_ms:g} ms deadline", item.qos
-                )
+                self._item_error(item, req, req.request_id, "deadline_exceeded", f"waited past its {req.deadline_ms:g} ms deadline")
                 continue
             ready.append((item, req))
         if len(ready) > 1 and self._run_batch(ready):
@@ -295,8 +328,13 @@ class Serving:
         m = self.host.get(item.model)
         ms = (time.monotonic() - item.received) * 1e3
         version = m.version if m else ""
-        reply = Reply(req.request_id, item.model, version, outputs, ms)
-        self.publish(self._topic(item.model, req), encode_reply(reply, req.binary, req.b64), item.qos)
+        if item.sink is not None:
+            item.sink.ok(req, item.model, version, outputs, ms)
+            if self.mirror is not None:
+                self.mirror.offer(item.model, version, req, outputs, ms)
+        else:
+            reply = Reply(req.request_id, item.model, version, outputs, ms)
+            self.publish(self._topic(item.model, req), encode_reply(reply, req.binary, req.b64), item.qos)
         self.stats.ok(item.model, version, ms)
 
     def _fail(self, item: _Item, req: Request | None, request_id: str, exc: BaseException) -> None:
@@ -308,7 +346,13 @@ class Serving:
         self.stats.error(item.model, self._version(item.model), code)
         level = logging.WARNING if code != "internal" else logging.ERROR
         logs.event(log, "serving.error", level, model=item.model, request_id=request_id, code=code, reason=message[:300])
-        self._answer_error(item.model, req, request_id, code, message, item.qos)
+        self._item_error(item, req, request_id, code, message)
+
+    def _item_error(self, item: _Item, req: Request | None, request_id: str, code: str, message: str) -> None:
+        if item.sink is not None:
+            item.sink.error(req, request_id, code, message[:500])
+        else:
+            self._answer_error(item.model, req, request_id, code, message, item.qos)
 
     def _version(self, model: str) -> str | None:
         """The version serving ``model`` now: the one an error counts against (None: no such model here)."""

@@ -1,0 +1,232 @@
+"""The OIP REST rows of benchmarks/serving.py: the agent's endpoint against a bare echo on the same HTTP stack.
+
+Baseline: a raw ASGI echo on uvicorn + httptools (``benchmarks.http_stacks``), the stack the agent's endpoint is
+built on: HTTP parsing and answering, nothing else. Contender: ``edge-agent run`` in its own process with
+``serving.http``, serving the model. The same client (``benchmarks.http_client``: geventhttpclient, tritonclient's
+transport) posts the same OIP infer body to both, JSON tensors or binary ones, in alternating rounds: requests/s
+with a window in flight, p50 one at a time. Per round pair: the ratio of requests/s and the p50 difference; the
+row reports their median and spread. Goals (issue 17): >= 0.8x the echo's requests/s, p50 within 0.5 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.http_client import HttpLoad, p50, pair_ratios, summary
+from benchmarks.http_stacks import start as start_echo
+
+ECHO_STACK = "uvicorn + httptools (raw ASGI)"
+Fleet = Callable[..., tuple[Any, Path]]  # benchmarks.serving._fleet
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bodies(width: int) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """One row of ``width`` floats as an OIP infer request: JSON tensors, and the binary tensor extension both ways."""
+    x = np.random.default_rng(0).uniform(-1, 1, (1, width)).astype(np.float32)
+    as_json = {"inputs": [{"name": "x", "shape": [1, width], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    head = json.dumps(
+        {
+            "inputs": [{"name": "x", "shape": [1, width], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return {
+        "JSON": (json.dumps(as_json).encode(), {}),
+        "binary": (head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}),
+    }
+
+
+def _wait_ready(port: int, timeout: float = 120.0) -> None:
+    import http.client
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/v2/models/m/ready")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the agent's OIP endpoint never served the model")
+
+
+def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """One agent per model with ``serving.http``; the echo beside it; every body form raced in alternating rounds."""
+    n_tp, n_lat, window, rounds = (1000, 200, 16, 4) if quick else (4000, 1000, 16, 6)
+    echo, echo_port = start_echo(ECHO_STACK)
+    rows = []
+    try:
+        for model, sizes in models.items():
+            http_port = _free_port()
+            mwork = work / f"oip-{model}"
+            mwork.mkdir()
+            controller, config = fleet(mwork, host, port, model, {"http": f"127.0.0.1:{http_port}"}, {}, False)
+            agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
+            try:
+                _wait_ready(http_port)
+                loads = {"echo": HttpLoad("127.0.0.1", echo_port, window), "agent": HttpLoad("127.0.0.1", http_port, window)}
+                cost = app_cost(mwork, sizes[0])
+                for form, (body, headers) in bodies(sizes[0]).items():
+                    figures = _race(loads, body, headers, n_tp, n_lat, window, rounds)
+                    rows.append({**_oip_row(model, form, figures), "in_process": cost})
+                for load in loads.values():
+                    load.close()
+            finally:
+                agent.send_signal(signal.SIGTERM)
+                agent.wait(30)
+                controller.server.stop()
+    finally:
+        echo.terminate()
+    return rows
+
+
+def _race(
+    loads: dict[str, HttpLoad], body: bytes, headers: dict[str, str], n_tp: int, n_lat: int, window: int, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per target, the requests/s and p50 of each round; echo and agent alternate, first one then the other."""
+    path = "/v2/models/m/infer"
+    out: dict[str, dict[str, list[float]]] = {k: {"rps": [], "p50": []} for k in loads}
+    for load in loads.values():
+        load.run(path, body, 200, window, headers)  # warm up: connections, caches, the agent's measured call time
+    for r in range(rounds):
+        for target in ("echo", "agent") if r % 2 == 0 else ("agent", "echo"):
+            out[target]["rps"].append(loads[target].run(path, body, n_tp, window, headers)[0])
+            out[target]["p50"].append(p50(loads[target].run(path, body, n_lat, 1, headers)[1]))
+    return out
+
+
+def _oip_row(model: str, form: str, f: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    e, a = f["echo"], f["agent"]
+    ratio = pair_ratios(a["rps"], e["rps"])
+    added = [x - y for x, y in zip(a["p50"], e["p50"])]
+    return {
+        "model": model,
+        "tensors": form,
+        "echo": summary(e["rps"], e["p50"]),
+        "agent": summary(a["rps"], a["p50"]),
+        "throughput_ratio": ratio,
+        "p50_added_ms": {"median": round(statistics.median(added), 3), "spread": [round(min(added), 3), round(max(added), 3)]},
+        "throughput_goal_met": ratio["median"] >= 0.8,
+        "latency_goal_met": statistics.median(added) <= 0.5,
+    }
+
+
+def oip_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The header and cells of the OIP table (rendered by benchmarks/serving.py next to the MQTT one)."""
+    header = ["model", "tensors", "echo req/s", "OIP req/s", "ratio (goal >= 0.8)", "echo p50 ms", "OIP p50 ms", "added (goal <= 0.5 ms)"]
+    header += ["in-process µs: echo app / OIP app (JSON)"]
+    cells = []
+    for r in rows:
+        t, d = r["throughput_ratio"], r["p50_added_ms"]
+        cells.append(
+            [
+                r["model"],
+                r["tensors"],
+                str(r["echo"]["rps"]),
+                str(r["agent"]["rps"]),
+                f"{t['median']:.2f} ({t['spread'][0]:.2f}..{t['spread'][1]:.2f}) {'yes' if r['throughput_goal_met'] else 'NO'}",
+                f"{r['echo']['p50_ms']:.3f}",
+                f"{r['agent']['p50_ms']:.3f}",
+                f"{d['median']:.3f} ({d['spread'][0]:.3f}..{d['spread'][1]:.3f}) {'yes' if r['latency_goal_met'] else 'NO'}",
+                f"{r['in_process']['echo app_us']:.1f} / {r['in_process']['OIP app_us']:.1f}",
+            ]
+        )
+    return header, cells
+
+
+def app_cost(work: Path, width: int, calls: int = 3000, rounds: int = 4) -> dict[str, float]:
+    """Per-request µs of the agent's ASGI app and of a bare echo app, called in one process without sockets, in
+    alternating rounds (median): what the endpoint itself costs a request, apart from uvicorn's work both share."""
+    import asyncio
+
+    from agent.runtimes import get_runtime
+    from agent.serve.host import ModelHost, ServingModel
+    from agent.serve.oip.server import OipApp
+    from agent.serve.serving import Serving
+    from converters import builders
+
+    sizes = [width, *([4] if width == 4 else [128, 128, 10])]
+    rt = get_runtime("onnx")()
+    rt.load(builders.write_onnx_mlp(builders.random_mlp(sizes, seed=1), work / f"cost-{width}.onnx"))
+    host = ModelHost()
+    host.swap(ServingModel("m", "1", "onnx-fp32", "0" * 64, rt))
+    serving = Serving("bench", host, lambda *a: None, inline_below_ms=0.5, client_rps=0).start()  # the agent's defaults
+    body = bodies(width)["JSON"][0]
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": [], "client": ("127.0.0.1", 1)}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        message = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": message["body"]})
+
+    async def per_call(app: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            await app(scope, receive, send)
+        return (time.perf_counter() - t0) / calls * 1e6
+
+    async def race() -> dict[str, list[float]]:
+        apps = {"echo app": echo, "OIP app": OipApp(serving, host, lambda: True, 10.0)}
+        out: dict[str, list[float]] = {k: [] for k in apps}
+        for app in apps.values():
+            await per_call(app)  # warm up; the model's call time is measured (inline from now on)
+        for r in range(rounds):
+            for name in list(apps) if r % 2 == 0 else list(reversed(apps)):
+                out[name].append(await per_call(apps[name]))
+        return out
+
+    try:
+        samples = asyncio.run(race())
+        samples.update(_stages(host, rt, body, calls, rounds))
+    finally:
+        serving.stop()
+        host.close()
+    return {f"{k}_us": round(statistics.median(v), 2) for k, v in samples.items()}
+
+
+def _stages(host: Any, rt: Any, body: bytes, calls: int, rounds: int) -> dict[str, list[float]]:
+    """The parts of one request, each timed alone (µs, per round): where the OIP app's time goes."""
+    from agent.serve.oip import codec
+
+    req = codec.decode_infer(body, None, 1 << 22)
+    assert isinstance(req.inputs, dict)
+    out = host.infer("m", req.inputs)
+    stages: dict[str, Callable[[], object]] = {
+        "json.loads": lambda: json.loads(body),
+        "decode_infer": lambda: codec.decode_infer(body, None, 1 << 22),
+        "runtime.infer": lambda: rt.infer(req.inputs),
+        "host.infer": lambda: host.infer("m", req.inputs),
+        "encode_infer": lambda: codec.encode_infer(req, "m", "1", out),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in stages}
+    for _ in range(rounds):
+        for name, fn in stages.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return samples
