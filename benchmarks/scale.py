@@ -311,9 +311,15 @@ def _nothing_lost(rig: Rig, version: str) -> dict[str, Any]:
     acked, sent = _stop_simulators(rig)
     # a batch acknowledged before any controller subscribed went to nobody (telemetry is not retained): not counted
     want = {(d, seq) for d, batches in acked.items() for seq, at in batches if at > rig.ingesting_since}
+    stored: set[tuple[str, int]] = set()
+
+    def all_stored() -> bool:
+        stored.clear()
+        stored.update((r["device"], int(r["seq"])) for r in rig.store.db.query("SELECT device, seq FROM batches"))
+        return want <= stored
+
     with contextlib.suppress(TimeoutError):  # the ingest's last flush; whatever is still missing after it is lost
-        wait_until(lambda: _count(rig.store, "SELECT count(*) AS n FROM batches") >= len(want), 60, "telemetry stored", every=0.5)
-    stored = {(r["device"], int(r["seq"])) for r in rig.store.db.query("SELECT device, seq FROM batches")}
+        wait_until(all_stored, 60, "telemetry stored", every=2.0)
     target = variant_target_path("m", version, "onnx-fp32")
     active = _count(rig.store, "SELECT count(DISTINCT device) AS n FROM jobs WHERE target = ? AND state = 'ACTIVE'", (target,))
     return {
@@ -477,8 +483,8 @@ def per_thousand(value: float, n: int) -> float:
     return round(value * 1000 / n, 2)
 
 
-def table(fleet: dict[str, Any], ingest: dict[str, Any]) -> str:
-    """The readable table: every figure, its baseline where it has one, the goal and whether it was met."""
+def fleet_rows(fleet: dict[str, Any]) -> list[str]:
+    """Table rows for the rollout, the kill and the controllers' cost."""
     yes = {True: "yes", False: "NO"}
     n, a, k = fleet["devices"], fleet["rollout"], fleet["killed"]
     lost = k["lost"]
@@ -489,9 +495,7 @@ def table(fleet: dict[str, Any], ingest: dict[str, Any]) -> str:
     rss = ", ".join(f"{role} {per_thousand(c['rss_mb_max'] - idle, n)} MB" for role, c in sorted(ctl.items()))
     cpu = ", ".join(f"{role} {per_thousand(c['cpu_s'], n)} s" for role, c in sorted(ctl.items()))
     steady = " / ".join(f"{per_thousand(p, n)}%" for p in fleet["steady_cpu_percent"])
-    rows = [
-        "| figure | value | baseline | ratio | goal | met |",
-        "|---|---|---|---|---|---|",
+    return [
         f"| 4-wave rollout, {n} devices ({fleet['simulator_processes']} simulator processes), zero soak, PostgreSQL, 2 controllers "
         f"| {a['rollout_s']} s ({a['devices_moved']} moved, {a['state']}) | - | - | < {GOAL_S:.0f} s | {yes[rollout_met]} |",
         f"| same rollout, leader kill -9'd in wave 3 (at {k.get('killed_at_s', '-')} s) | other leads after {k.get('takeover_s', '-')} s; "
@@ -501,7 +505,13 @@ def table(fleet: dict[str, Any], ingest: dict[str, Any]) -> str:
         f"| controller CPU per 1,000 devices during the rollout | {cpu} | - | - | - | - |",
         f"| controller CPU per 1,000 devices, telemetry only (every {fleet['telemetry_s']:.0f} s) | {steady} | - | - | - | - |",
     ]
+
+
+def ingest_rows(ingest: dict[str, Any]) -> list[str]:
+    """Table rows for the ingest comparison, one per subject."""
+    yes = {True: "yes", False: "NO"}
     raw = statistics.median(s["msgs_per_s"] for s in ingest["samples"]["raw"])
+    rows = []
     for name, r in ingest["subjects"].items():
         spread = f"{r['ratio_median']} ({r['ratio_min']}-{r['ratio_max']})"
         rows.append(
@@ -509,22 +519,34 @@ def table(fleet: dict[str, Any], ingest: dict[str, Any]) -> str:
             f"{r['msgs_per_s_median']} msg/s, {r['lost']} lost | 2 raw $share subscribers {raw} msg/s | {spread} "
             f"| >= {INGEST_GOAL}x, 0 lost | {yes[r['goal_met']]} |"
         )
+    return rows
+
+
+def table(fleet: dict[str, Any] | None, ingest: dict[str, Any] | None) -> str:
+    """The readable table: every figure, its baseline where it has one, the goal and whether it was met."""
+    rows = ["| figure | value | baseline | ratio | goal | met |", "|---|---|---|---|---|---|"]
+    rows += fleet_rows(fleet) if fleet else []
+    rows += ingest_rows(ingest) if ingest else []
     return "\n".join(rows) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale")
     ap.add_argument("--quick", action="store_true", help="2,000 devices, fewer and shorter ingest rounds")
+    ap.add_argument("--only", choices=["fleet", "ingest"], help="only the rollouts and cost, or only the ingest comparison")
     ap.add_argument("--devices", type=int, help="simulated devices (default 10,000; --quick 2,000)")
     ap.add_argument("--messages", type=int, help="telemetry messages per ingest round (default 50,000; --quick 20,000)")
     ap.add_argument("--rounds", type=int, help="ingest rounds, each subject and the baseline once per round (default 3; --quick 2)")
-    ap.add_argument("--telemetry-s", type=float, default=30.0, help="each simulated device's telemetry interval")
+    ap.add_argument("--telemetry-s", type=float, default=10.0, help="each simulated device's telemetry interval (the agent's default)")
     ap.add_argument("--steady-s", type=float, help="the telemetry-only CPU window (default 10; --quick 5)")
     ap.add_argument("--results", type=Path, help="where the JSON and the table go (default benchmarks/results)")
     args = ap.parse_args()
     n = args.devices or (2000 if args.quick else 10_000)
-    fleet = fleet_run(n, args.telemetry_s, args.steady_s or (5.0 if args.quick else 10.0))
-    ingest = ingest_run(min(n, 10_000), args.messages or (20_000 if args.quick else 50_000), args.rounds or (2 if args.quick else 3))
+    fleet = ingest = None
+    if args.only in (None, "fleet"):
+        fleet = fleet_run(n, args.telemetry_s, args.steady_s or (5.0 if args.quick else 10.0))
+    if args.only in (None, "ingest"):
+        ingest = ingest_run(min(n, 10_000), args.messages or (20_000 if args.quick else 50_000), args.rounds or (2 if args.quick else 3))
     md = table(fleet, ingest)
     print(md)
     payload = {"machine": machine(), "fleet": fleet, "ingest": ingest, "goals": {"rollout_s": GOAL_S, "ingest_ratio": INGEST_GOAL}}
