@@ -14,7 +14,8 @@ import time
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ["runtime_overhead", "serving", "transfer", "rollout", "hot_swap", "footprint"]
+BENCHMARKS = ["runtime_overhead", "serving", "transfer", "rollout", "hot_swap", "footprint", "scale"]
+QUICK = ("runtime_overhead", "serving", "scale")  # the benchmarks with a shorter --quick run
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     failed = []
     for name in args.only or BENCHMARKS:
-        extra = ["--quick"] if args.quick and name in ("runtime_overhead", "serving") else []
+        extra = ["--quick"] if args.quick and name in QUICK else []
         t0 = time.monotonic()
         print(f"== {name}", flush=True)
         done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *extra])

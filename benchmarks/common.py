@@ -51,10 +51,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write(name: str, payload: dict[str, Any], table_md: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path = RESULTS / f"{name}.json"
-    md_path = RESULTS / f"{name}.md"
+def write(name: str, payload: dict[str, Any], table_md: str, directory: Path = RESULTS) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / f"{name}.json"
+    md_path = directory / f"{name}.md"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.write_text(table_md)
     return json_path, md_path

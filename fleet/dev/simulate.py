@@ -36,6 +36,7 @@ from fleet.transport import client as transport
 __all__ = ["Behaviour", "Simulator", "SimulatorThread", "simulate"]
 
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 5.0  # backoff between a simulated device's connection attempts
+REQUEST_TIMEOUT_S = 10.0  # a repository request unanswered this long is given up, as the agent's update.request_timeout_s
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class SimDevice:
     model_versions: dict[str, str] = field(default_factory=dict)
     shadows: dict[str, str] = field(default_factory=dict)  # model -> the version it runs in shadow
     seq: int = 0
+    acked: list[tuple[int, float]] = field(default_factory=list)  # (seq, time.time()) of each telemetry batch the broker acknowledged
     update: wire.UpdateState = field(default_factory=lambda: wire.UpdateState(state="never"))
 
 
@@ -292,7 +294,10 @@ class Simulator:
         fut: asyncio.Future[RepoReply] = asyncio.get_running_loop().create_future()
         replies[rid] = fut
         await client.publish(repo_request_topic(d.id), RepoRequest(rid, path).encode(), qos=1)
-        reply = await asyncio.wait_for(fut, 30)
+        try:
+            reply = await asyncio.wait_for(fut, REQUEST_TIMEOUT_S)
+        finally:
+            replies.pop(rid, None)  # answered or given up: a reply arriving later finds nothing to wake
         if reply.status != 200:
             raise LookupError(f"{path}: {reply.status}")
         return reply.data
@@ -395,6 +400,7 @@ class Simulator:
             )
             await client.publish(device_topic(d.id, "telemetry"), wire.encode(body), qos=1)
             self.sent["telemetry"] += 1
+            d.acked.append((d.seq, time.time()))
             await asyncio.sleep(self.telemetry_s)
 
     def _window(self, d: SimDevice, model: str, version: str, rng: random.Random) -> wire.ModelWindow:
