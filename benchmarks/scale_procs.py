@@ -63,10 +63,13 @@ def controller_process(root: Path, keys: Path, config: Path, options: dict[str, 
     """A controller on ``config`` (fleet.toml: store and broker). No ``options``: ``fleet serve`` itself, as shipped.
     With options (``Controller`` keywords ``fleet serve`` does not expose, e.g. ``shared_ingest``): the same start and
     stop around ``Controller(**options)`` (``serve`` below)."""
+    controller_id = log.stem  # two controllers on one ROOT and host need ids of their own (the default is host + ROOT)
     if options:
+        options = {**options, "controller_id": controller_id}
         cmd = [sys.executable, "-m", "benchmarks.scale_procs", "serve", str(root), str(keys), str(config), json.dumps(options)]
     else:
         cmd = [sys.executable, "-m", "fleet.cli", "serve", str(root), "--keys", str(keys), "--config", str(config)]
+        cmd += ["--controller-id", controller_id]
     with open(log, "wb") as err:
         return Serve(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err), log)
 

@@ -428,3 +428,24 @@ def test_a_store_at_version_2_gains_the_director_and_controller_tables(store_loc
         assert fs.director_versions() == {"dev-1": 1} and [c["id"] for c in fs.controllers()] == ["c-1"]
     finally:
         fs.close()
+
+
+def test_a_job_never_moves_back_when_its_updates_arrive_out_of_order(store: FleetStore) -> None:
+    """A dead controller's ingest session, drained by the leader that adopted it, can hand over DOWNLOADING after
+    another controller stored ACTIVE: the store keeps the furthest state; a rollback after ACTIVE still lands."""
+
+    def update(state: str, status: str = "IN_PROGRESS") -> wire.WireModel:
+        body = {"id": "j1", "target_path": "m/1.1.0/onnx-fp32.tar", "model": "m", "version": "1.1.0", "variant": "onnx-fp32",
+                "release_counter": 2, "length": 10, "sha256": "ab", "state": state, "status": status, "offset": 0, "reason": "",
+                "attempts": 1, "created": 1.0, "updated": 2.0, "shadow": 0}
+        topic = wire.parse_device_topic(wire.device_topic("a", "jobs", "j1"))
+        return wire.decode_device_message(topic, json.dumps(body).encode())
+
+    now = time.time()
+    store.ingest([("a", update("DOWNLOADING"), now), ("a", update("ACTIVE", "SUCCEEDED"), now + 1)])
+    store.ingest([("a", update("VERIFYING"), now + 2), ("a", update("DOWNLOADING"), now + 3)])  # late, older words
+    assert [(j.job, j.state) for j in store.jobs("a")] == [("j1", "ACTIVE")]
+    store.ingest([("a", update("ROLLED_BACK", "ROLLED_BACK"), now + 4)])
+    assert [j.state for j in store.jobs("a")] == ["ROLLED_BACK"]
+    store.ingest([("a", update("ACTIVE", "SUCCEEDED"), now + 5)])  # the rollback is the job's last word
+    assert [j.state for j in store.jobs("a")] == ["ROLLED_BACK"]

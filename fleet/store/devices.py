@@ -82,6 +82,21 @@ def apply(d: Device, message: wire.WireModel, received: float) -> bool:
     return True
 
 
+def _job_rank(column: str) -> str:
+    """SQL for a job state's place in the update machine (agent/update/jobs.py): ends after every step, a rollback last."""
+    order = ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK"]
+    steps = " ".join(f"WHEN '{state}' THEN {rank}" for rank, state in enumerate(order))
+    return f"(CASE {column} {steps} WHEN 'ROLLED_BACK' THEN 7 ELSE 6 END)"
+
+
+# the same SQL on SQLite (3.24+) and PostgreSQL: an update that would move the job back is left out
+_FORWARD_ONLY_JOB = (
+    "INSERT INTO jobs (device, job, target, state, reason, ts) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (device, job) DO UPDATE SET target = excluded.target, state = excluded.state, reason = excluded.reason, "
+    f"ts = excluded.ts WHERE {_job_rank('excluded.state')} >= {_job_rank('jobs.state')}"
+)
+
+
 class Devices:
     """The ``devices`` and ``jobs`` tables."""
 
@@ -99,9 +114,15 @@ class Devices:
         self.db.insert("devices", _row(d), conflict="replace")
 
     def write_job(self, device: str, message: wire.JobUpdate | wire.UpdateCheck, received: float) -> None:
-        job, target = (message.id, message.target_path) if isinstance(message, wire.JobUpdate) else ("check", "")
-        row = {"device": device, "job": job, "target": target, "state": message.state, "reason": message.reason, "ts": received}
-        self.db.insert("jobs", row, conflict="replace")
+        """Record a job's state — never moving an install job back: an update check is its latest word, but a job's
+        states only go forward, and a job update can arrive after a later one (a dead controller's ingest session,
+        drained when the leader adopts it, hands over DOWNLOADING after another controller stored ACTIVE)."""
+        if isinstance(message, wire.UpdateCheck):
+            row = {"device": device, "job": "check", "target": "", "state": message.state, "reason": message.reason, "ts": received}
+            self.db.insert("jobs", row, conflict="replace")
+            return
+        params = [device, message.id, message.target_path, message.state, message.reason, received]
+        self.db.execute(_FORWARD_ONLY_JOB, params)
 
     def jobs(self, device: str) -> list[Job]:
         rows = self.db.query("SELECT job, target, state, reason, ts FROM jobs WHERE device = ? ORDER BY ts", [device])
