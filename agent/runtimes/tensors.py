@@ -122,12 +122,12 @@ def _validate_array(spec: TensorSpec, value: object) -> np.ndarray:
     # Fast path: the array already has the dtype the runtime takes and is contiguous,
     # which is what the agent's own decoder produces. Only shape, size and finiteness
     # are left to check, each in O(1) Python operations (the finiteness check is one BLAS call).
-    if type(value) is np.ndarray and value.dtype == spec.accepts and value.flags.c_contiguous:
-        arr = value
+    if type(value) is np.ndarray and ((dt := value.dtype) is spec.accepts or dt == spec.accepts) and value.flags.c_contiguous:
+        arr = value  # (a builtin dtype is one object: ``is`` saves the comparison's conversion machinery)
     else:
         arr = _convert(spec, value)
     shape = arr.shape
-    if shape != spec.shape and not spec.fits(shape):
+    if shape != spec.shape and not (spec._fitting.get(shape) or spec.fits(shape)):
         want = "x".join("?" if d < 0 else str(d) for d in spec.shape)
         raise ShapeMismatch(f"input '{spec.name}': expected shape [{want}], got {list(shape)}")
     if arr.size == 0:
