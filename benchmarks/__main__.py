@@ -15,17 +15,22 @@ import time
 from benchmarks.common import RESULTS, machine
 
 BENCHMARKS = ["runtime_overhead", "serving", "transfer", "rollout", "hot_swap", "footprint", "scale"]
-QUICK = ("runtime_overhead", "serving", "scale")  # the benchmarks with a shorter --quick run
+# On the paired harness of benchmarks/common.py: they take --quick and --repeat N.
+PAIRED = {"runtime_overhead", "transfer", "hot_swap", "footprint"}
+QUICK = PAIRED | {"serving", "scale", "rollout"}  # the benchmarks with a shorter --quick run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these")
     ap.add_argument("--quick", action="store_true", help="shorter runs where a benchmark has them")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N", help="N times the pairs of the paired benchmarks")
     args = ap.parse_args()
     failed = []
     for name in args.only or BENCHMARKS:
         extra = ["--quick"] if args.quick and name in QUICK else []
+        if name in PAIRED and args.repeat > 1:
+            extra += ["--repeat", str(args.repeat)]
         t0 = time.monotonic()
         print(f"== {name}", flush=True)
         done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *extra])

@@ -144,7 +144,7 @@ def test_bad_inputs_get_typed_errors_and_the_runtime_keeps_serving(models: Model
             rt.infer([good])  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("batch", [1, 16])  # 64 floats take the Python-sum check, 1024 the BLAS dot
+@pytest.mark.parametrize("batch", [1, 16, 128])  # 64 floats: a Python sum; 1024: a dot with zeros; 8192: a dot with itself
 def test_finiteness_check_on_small_and_large_inputs(models: ModelFiles, batch: int) -> None:
     with load("onnx", models.path("mlp.onnx")) as rt:
         big = np.full((batch, 64), 3e38, np.float32)  # finite, but its sum or dot overflows

@@ -123,18 +123,25 @@ class LiteRTRuntime(Runtime):
         self._outputs = tuple(_spec(d, names) for d in interp.get_output_details())
         self._shapes = [tuple(int(x) for x in d["shape"]) for d in interp.get_input_details()]
         self._quantized = any(s.quantization for s in self._inputs + self._outputs)
+        one = len(self._in_index) == 1 and len(self._out_index) == 1 and not self._quantized
+        self._single = (self._in_index[0], self._out_index[0]) if one else None
+        self._direct = one and _direct_calls_work(interp, self._out_index[0])
         self._device = device
         self._details = {"num_threads": opts.num_threads, "delegates": [opts.edgetpu_library] if delegates else []}
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        # set_tensor copies the caller's array into the interpreter's own buffer and get_tensor copies the output out:
+        # nothing of the caller's is kept, and no later call overwrites a result handed out.
         interp = self._interp
-        resized = [i for i, arr in enumerate(arrays) if arr.shape != self._shapes[i]]
-        if resized:  # dynamic dims; validation already refused changes to static ones
-            for i in resized:
-                interp.resize_tensor_input(self._in_index[i], list(arrays[i].shape), strict=True)
-            interp.allocate_tensors()
-            for i in resized:  # only once allocation succeeded: a failure retries the resize next call
-                self._shapes[i] = arrays[i].shape
+        single = self._single
+        if single is not None and arrays[0].shape == self._shapes[0]:  # one float input and output, its size unchanged
+            if self._direct:
+                return _run_direct(interp, single, arrays[0])
+            interp.set_tensor(single[0], arrays[0])
+            interp.invoke()
+            return [interp.get_tensor(single[1])]
+        if [a.shape for a in arrays] != self._shapes:
+            self._resize(arrays)
         if self._quantized:
             for i, arr in enumerate(arrays):
                 interp.set_tensor(self._in_index[i], quantize(arr, self._inputs[i]))
@@ -145,8 +152,44 @@ class LiteRTRuntime(Runtime):
         interp.invoke()
         return [interp.get_tensor(idx) for idx in self._out_index]
 
+    def _resize(self, arrays: list[np.ndarray]) -> None:
+        """New sizes of dynamic dims (validation already refused changes to static ones)."""
+        interp = self._interp
+        resized = [i for i, arr in enumerate(arrays) if arr.shape != self._shapes[i]]
+        for i in resized:
+            interp.resize_tensor_input(self._in_index[i], list(arrays[i].shape), strict=True)
+        interp.allocate_tensors()
+        for i in resized:  # only once allocation succeeded: a failure retries the resize next call
+            self._shapes[i] = arrays[i].shape
+
     def _close(self) -> None:
         self._interp = None
+
+
+def _direct_calls_work(interp: Any, out_index: int) -> bool:
+    """Does this interpreter's own pybind wrapper take the calls ``_run_direct`` makes (tflite-runtime's older ones differ)?"""
+    try:
+        interp._interpreter.GetTensor(out_index, 0)
+        return all(callable(getattr(interp._interpreter, m, None)) for m in ("SetTensor", "Invoke"))
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return False
+
+
+def _run_direct(interp: Any, single: tuple[int, int], arr: np.ndarray) -> list[np.ndarray]:
+    """``set_tensor``, ``invoke``, ``get_tensor`` through the interpreter's pybind wrapper itself.
+
+    Why: the public methods are Python frames around the wrapper's (``invoke`` adds a
+    check that no ``tensor()`` view is outstanding, through ``sys.getrefcount``): about a
+    fifth of a tiny model's call. This runtime never takes ``tensor()`` views, so the check
+    has nothing to find. The wrapper is looked up per call and not kept: a reference held
+    between calls would make that check refuse the public calls (resizing, int8 models).
+    ``SetTensor`` copies the caller's array into the interpreter's buffer and ``GetTensor``
+    copies the output out, as the public ones do.
+    """
+    wrapper = interp._interpreter
+    wrapper.SetTensor(single[0], arr)
+    wrapper.Invoke()
+    return [wrapper.GetTensor(single[1], 0)]
 
 
 def _signature_names(interp: Any) -> dict[int, str]:

@@ -10,7 +10,7 @@ Placement: on CUDA after TensorRT (no engine build); the fallback on every CPU.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -150,12 +150,69 @@ class OnnxRuntime(Runtime):
         used = sess.get_providers()
         self._device = used[0] if used else CPU
         self._details = {"providers": used, "requested_device": device or "AUTO"}
+        # The bound fast path (see _Bound) on the CPU provider alone: elsewhere host buffers would add device copies.
+        self._bindings: dict[tuple[tuple[int, ...], ...], _Bound] | None = {} if used == [CPU] else None
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        return self._session.run(self._out_names, dict(zip(self._in_names, arrays)))  # type: ignore[no-any-return]
+        bindings = self._bindings
+        if bindings is None:
+            return self._session.run(self._out_names, dict(zip(self._in_names, arrays)))  # type: ignore[no-any-return]
+        shapes = tuple([a.shape for a in arrays])
+        bound = bindings.get(shapes)
+        if bound is None:
+            outputs: list[np.ndarray] = self._session.run(self._out_names, dict(zip(self._in_names, arrays)))
+            if len(bindings) >= 8:  # ever-new shapes: keep a few bindings, not one per shape seen
+                bindings.clear()
+            bindings[shapes] = _Bound(self._session, self._in_names, self._out_names, arrays, outputs)
+            return outputs
+        try:
+            return bound.run(arrays)
+        except Exception:
+            outputs = self._session.run(self._out_names, dict(zip(self._in_names, arrays)))  # raises when the model fails
+            # The plain call ran: the outputs' shapes depend on the values (NonZero, NMS), not only the inputs' shapes.
+            self._bindings = None
+            self._details["bound_outputs"] = "off: output shapes vary with the input values"
+            return outputs
 
     def _close(self) -> None:
+        self._bindings = None
         self._session = None
+
+
+class _Bound:
+    """An ``IOBinding`` of one set of input shapes to buffers of our own: the fastest way to call ONNX Runtime.
+
+    Why: ``session.run`` wraps every input in a new OrtValue and allocates every output on
+    each call; a binding made once is reused (measured on a 512-wide MLP: ~15% less per
+    call, and half the time of a tiny model's call). Safety: the caller's arrays are copied
+    into our input buffers (the binding never points into memory the caller may reuse or
+    free), and the outputs are copied out of ours (a later call never overwrites a result
+    a caller kept). Output shapes are learnt from a plain call on the same input shapes;
+    a model whose output shapes then change with the values makes ONNX Runtime refuse
+    the binding, and the runtime falls back to plain calls for good.
+    """
+
+    def __init__(self, session: Any, in_names: list[str], out_names: list[str], arrays: list[np.ndarray], outputs: list[np.ndarray]):
+        self.inputs = [np.empty_like(a, order="C") for a in arrays]
+        self.outputs = [np.empty_like(o, order="C") for o in outputs]
+        self.io = session.io_binding()
+        for name, buf in zip(in_names, self.inputs):
+            self.io.bind_cpu_input(name, buf)
+        for name, buf in zip(out_names, self.outputs):
+            self.io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        # The C++ session's own call where it is there: the public one adds WebGPU graph-capture bookkeeping in Python
+        # (a sixth of a tiny model's call), and this binding runs on the CPU provider only.
+        native_run, native_io = getattr(getattr(session, "_sess", None), "run_with_iobinding", None), getattr(self.io, "_iobinding", None)
+        if callable(native_run) and native_io is not None:
+            self._run_with = partial(native_run, native_io, None)
+        else:
+            self._run_with = partial(session.run_with_iobinding, self.io)
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        for buf, arr in zip(self.inputs, arrays):
+            buf[...] = arr
+        self._run_with()
+        return [out.copy() for out in self.outputs]
 
 
 def _spec(arg: Any) -> TensorSpec:

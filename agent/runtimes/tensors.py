@@ -54,6 +54,27 @@ class TensorSpec:
     def static_dims(self) -> tuple[tuple[int, int], ...]:
         return tuple((i, d) for i, d in enumerate(self.shape) if d >= 0)
 
+    @cached_property
+    def floating(self) -> bool:
+        """Callers send floats: their values are checked for NaN and infinity."""
+        return self.accepts.kind == "f"
+
+    @cached_property
+    def _fitting(self) -> dict[tuple[int, ...], bool]:
+        return {}
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Does an array of ``shape`` fit this tensor (rank and static dims)? Remembered for the last shapes asked
+        about, so a dynamic tensor's check is one dict lookup per call, not a loop over its dims."""
+        known = self._fitting.get(shape)
+        if known is not None:
+            return known
+        ok = len(shape) == self.ndim and all(shape[i] == d for i, d in self.static_dims)
+        if len(self._fitting) >= 64:  # a stream of ever-new batch sizes: forget, do not grow
+            self._fitting.clear()
+        self._fitting[shape] = ok
+        return ok
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -100,40 +121,60 @@ def named_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object] | n
 def _validate_array(spec: TensorSpec, value: object) -> np.ndarray:
     # Fast path: the array already has the dtype the runtime takes and is contiguous,
     # which is what the agent's own decoder produces. Only shape, size and finiteness
-    # are left to check.
-    if type(value) is np.ndarray and value.dtype == spec.accepts and value.flags.c_contiguous:
-        arr = value
+    # are left to check, each in O(1) Python operations (the finiteness check is one BLAS call).
+    if type(value) is np.ndarray and ((dt := value.dtype) is spec.accepts or dt == spec.accepts) and value.flags.c_contiguous:
+        arr = value  # (a builtin dtype is one object: ``is`` saves the comparison's conversion machinery)
     else:
         arr = _convert(spec, value)
-    if arr.ndim != spec.ndim or any(arr.shape[i] != d for i, d in spec.static_dims):
+    shape = arr.shape
+    if shape != spec.shape and not (spec._fitting.get(shape) or spec.fits(shape)):
         want = "x".join("?" if d < 0 else str(d) for d in spec.shape)
-        raise ShapeMismatch(f"input '{spec.name}': expected shape [{want}], got {list(arr.shape)}")
+        raise ShapeMismatch(f"input '{spec.name}': expected shape [{want}], got {list(shape)}")
     if arr.size == 0:
-        raise EmptyInput(f"input '{spec.name}': empty array of shape {arr.shape}")
-    if arr.dtype.kind == "f" and not _all_finite(arr):
+        raise EmptyInput(f"input '{spec.name}': empty array of shape {shape}")
+    if spec.floating and not _all_finite(arr):
         raise NonFiniteInput(f"input '{spec.name}': contains NaN or infinity")
     return arr
 
 
 _SMALL = 64  # up to this many elements a Python sum beats any numpy call
+_ZEROS_UP_TO = 4096  # elements: beyond this the dot product with itself (and errstate's ~1 us) is cheap beside the data
+_zeros: dict[tuple[int, np.dtype[Any]], np.ndarray] = {}
 
 
 def _all_finite(arr: np.ndarray) -> bool:
-    """NaN or infinity anywhere makes the sum (small arrays) or the dot product non-finite.
+    """NaN or infinity anywhere makes the sum (small arrays) or a dot product non-finite.
 
     Why not ``isfinite(...).all()``: numpy's reduction and errstate machinery has a
     code and data footprint that evicts the runtime's own from the CPU caches, and
     the next inference call pays several microseconds for it (measured: a tiny ONNX
-    model went from 8 to 14 us per call). Small arrays are summed in plain Python;
-    larger ones take one BLAS dot (no temporaries; it reports overflow as a warning,
-    hence errstate). A finite array whose sum or dot overflows gets the exact check.
+    model went from 8 to 14 us per call); ``errstate`` alone costs ~1 us a call. Small
+    arrays are summed in plain Python. Mid-sized ones take one BLAS dot with zeros:
+    0 for any finite array, NaN for NaN or infinity, and it cannot overflow, so no
+    floating-point flag is raised for a valid input and no errstate is needed (an
+    infinity raises "invalid": numpy warns, once per process under the default warning
+    filters, or raises the RuntimeWarning when warnings are errors; the input is refused
+    either way — an errstate to silence it would cost every valid call its microsecond).
+    Large ones take the dot with themselves under errstate. A sum or dot that overflows
+    gets the exact check.
     """
-    flat = arr.reshape(-1)
-    if flat.size <= _SMALL:
-        total = sum(flat.tolist())
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = float(flat.dot(flat))
+    flat = arr.ravel()
+    n = flat.size
+    if n <= _SMALL:
+        return math.isfinite(sum(flat.tolist())) or bool(np.isfinite(arr).all())
+    if n <= _ZEROS_UP_TO:
+        key = (n, flat.dtype)
+        zeros = _zeros.get(key)
+        if zeros is None:
+            if len(_zeros) >= 32:  # ever-new sizes (dynamic batches): forget, do not grow
+                _zeros.clear()
+            zeros = _zeros.setdefault(key, np.zeros(n, flat.dtype))
+        try:
+            return not flat.dot(zeros)  # 0 is falsy, NaN is not
+        except RuntimeWarning:  # warnings turned into errors: an infinity met a zero
+            return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(flat.dot(flat))
     return math.isfinite(total) or bool(np.isfinite(arr).all())
 
 
@@ -171,6 +212,11 @@ _MISSING = object()
 
 def validate_inputs(specs: tuple[TensorSpec, ...], inputs: Mapping[str, object]) -> list[np.ndarray]:
     """Arrays in the model's input order, converted to what the runtime takes; typed error otherwise."""
+    if type(inputs) is dict and len(specs) == 1 and len(inputs) == 1:  # the common request: one array, in a plain dict
+        spec = specs[0]
+        value = inputs.get(spec.name, _MISSING)
+        if value is not _MISSING:
+            return [_validate_array(spec, value)]
     if not isinstance(inputs, Mapping):
         raise UnknownInput(f"inputs must be a mapping of tensor name to array, got {type(inputs).__name__}")
     if len(inputs) == len(specs):
