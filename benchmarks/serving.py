@@ -1,34 +1,39 @@
 """Inference through the broker: the agent against a raw MQTT echo, same broker, same payloads, same client.
 
 Baseline: an echo process that subscribes to ``dev/echo/infer/+``, reads each request's
-``reply_to`` and publishes the request back unchanged — MQTT and JSON parsing, no
-inference. Contender: ``edge-agent run`` in its own process serving the model. The client
+``reply_to`` and publishes the request back unchanged — MQTT and payload peeking, no
+inference. Subject: ``edge-agent run`` in its own process serving the model. The client
 is the same code for both: throughput with a window of requests in flight, latency with
-one at a time. Goals (issue 5): agent throughput >= 80% of the echo's; agent p50 within
-1 ms of the echo's p50. The "with a shadow" rows run the same agent with a second version
-in shadow (issue 6): it runs on every answered request after the reply, so it costs CPU
-(throughput on this 2-core machine) but should cost no latency: the p50 goal holds there too.
+one at a time. Both are measured in short alternating rounds (echo then agent, agent then
+echo, ...) on the paired harness of ``benchmarks/common.py``: a ratio per pair, the median
+and its spread. Goals (issue 18): agent requests/s >= 0.9x the echo's and p50 within
+0.3 ms of it, tiny and medium models, JSON and binary (EFB1) payloads.
+
+The price of a shadow (issue 18): a second agent process on the same broker runs the same
+version with a second one in shadow; its requests/s against the agent without one, in
+alternating rounds (goal: >= 0.9x).
 
 The local-broker rows (issue 17): one agent serving on the fleet's broker and one taking inference on a second,
 device-local mosquitto (``[serving.broker]``: a second connection, presence and telemetry stay on the fleet's), both
 on loopback, in alternating rounds; each pair's ratio local/fleet, the median and the spread over the pairs.
 
-Run: ``python -m benchmarks.serving [--quick]``.
+Run: ``python -m benchmarks.serving [--quick] [--repeat N] [--part all|mqtt|oip|local]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +45,37 @@ from rich.table import Table
 from agent.mqtt import tcp_nodelay
 from agent.settings import write_config
 from agent.wire import device_topic
+from agent.wire.inference import BINARY_MAGIC, encode_request
 from benchmarks import serving_oip
-from benchmarks.common import machine, write
+from benchmarks.common import Paired, Plan, arguments, machine, write, yes_no
 
 MODELS = {"tiny": [4, 4], "medium": [64, 128, 128, 10]}
 
 ECHO = r"""
-import json, sys, paho.mqtt.client as mqtt
+import json, struct, sys, paho.mqtt.client as mqtt
 from agent.mqtt import tcp_nodelay
 host, port = sys.argv[1], int(sys.argv[2])
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="echo", protocol=mqtt.MQTTv5)
 c.on_socket_open = tcp_nodelay
+def head(p):
+    if p[:4] == b"EFB1":
+        return json.loads(p[8 : 8 + struct.unpack(">I", p[4:8])[0]])
+    return json.loads(p)
 def on_message(client, userdata, msg):
-    client.publish(json.loads(msg.payload)["reply_to"], msg.payload, qos=msg.qos)
+    client.publish(head(msg.payload)["reply_to"], msg.payload, qos=msg.qos)
 c.on_message = on_message
 c.on_connect = lambda cl, *a: (cl.subscribe("edgefleet/v1/dev/echo/infer/+", qos=1), print("ready", flush=True))
 c.connect(host, port)
 c.loop_forever()
 """
+
+
+def _request_id(payload: bytes) -> str:
+    """The request id of a reply (or of a request the echo sent back), JSON or binary (EFB1 header)."""
+    if payload[:4] == BINARY_MAGIC:
+        (n,) = struct.unpack(">I", payload[4:8])
+        return str(json.loads(payload[8 : 8 + n])["request_id"])
+    return str(json.loads(payload)["request_id"])
 
 
 class Client:
@@ -78,23 +96,26 @@ class Client:
         ready.wait(10)
 
     def _on(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        rid = json.loads(msg.payload)["request_id"]
+        rid = _request_id(msg.payload)
         with self.cond:
             self.done[rid] = time.perf_counter()
             self.cond.notify_all()
 
-    def payload(self, device: str, x: list[list[float]]) -> tuple[str, bytes]:
+    def payload(self, device: str, x: list[list[float]], binary: bool = False) -> tuple[str, bytes]:
         rid = uuid.uuid4().hex[:16]
-        body = {"request_id": rid, "inputs": {"x": x}, "reply_to": device_topic(device, "pred", "m", self.id)}
+        reply_to = device_topic(device, "pred", "m", self.id)
+        if binary:
+            return rid, encode_request(rid, {"x": np.asarray(x, dtype=np.float32)}, binary=True, reply_to=reply_to)
+        body = {"request_id": rid, "inputs": {"x": x}, "reply_to": reply_to}
         return rid, json.dumps(body).encode()
 
-    def run(self, device: str, x: list[list[float]], n: int, window: int) -> tuple[float, list[float]]:
+    def run(self, device: str, x: list[list[float]], n: int, window: int, binary: bool = False) -> tuple[float, list[float]]:
         """(requests per second, per-request round trips in ms) for ``n`` requests, ``window`` in flight."""
         topic = device_topic(device, "infer", "m")
         sent: dict[str, float] = {}
         t0 = time.perf_counter()
         for _ in range(n):
-            rid, body = self.payload(device, x)
+            rid, body = self.payload(device, x, binary)
             with self.cond:
                 self.cond.wait_for(lambda: len(sent) - len(self.done) < window, 30)
             sent[rid] = time.perf_counter()
@@ -112,20 +133,30 @@ class Client:
         self.c.loop_stop()
 
 
-# label -> (serving settings, telemetry settings, a shadow beside the served version)
-CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
-    "default": ({}, {}, False),
-    "no prediction sums": ({}, {"prediction_every": 0}, False),
-    "sums on every call": ({}, {"prediction_every": 1}, False),
-    "always queued": ({"inline_below_ms": 0}, {}, False),
-    "with a shadow": ({}, {}, True),
+# label -> (serving settings, telemetry settings); the full run races each against the echo, --quick only the default
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "default": ({}, {}),
+    "no prediction sums": ({}, {"prediction_every": 0}),
+    "sums on every call": ({}, {"prediction_every": 1}),
+    "always queued": ({"inline_below_ms": 0}, {}),
 }
+PAYLOADS = {"JSON": False, "binary": True}
+THROUGHPUT_GOAL, P50_GOAL_MS, SHADOW_GOAL = 0.9, 0.3, 0.9
+QUICK_PLAN, FULL_PLAN = Plan(6, 12, 6.0), Plan(10, 40, 20.0)
 
 
 def _fleet(
-    work: Path, host: str, port: int, model: str, serving: dict[str, Any], telemetry: dict[str, Any], shadow: bool
+    work: Path,
+    host: str,
+    port: int,
+    model: str,
+    serving: dict[str, Any],
+    telemetry: dict[str, Any],
+    shadow: bool,
+    shadow_device: str | None = None,
 ) -> tuple[Any, Path]:
-    """Keys, both repositories, the model released and assigned: what a device needs to serve it."""
+    """Keys, both repositories, the model released and assigned: what a device needs to serve it. ``shadow_device``:
+    a second device, ``agent-NAME.toml`` beside the first's, serving the same version with 1.1.0 in shadow."""
     from converters import builders
     from converters.build import build
     from fleet.controller import Controller
@@ -138,33 +169,34 @@ def _fleet(
     image = ImageRepository.create(work / "serve" / "image", keys)
     director = Director.create(work / "serve" / "director", keys)
     onnx = builders.write_onnx_mlp(builders.random_mlp(MODELS[model], seed=1), work / f"{model}.onnx")
-    for version in ("1.0.0", "1.1.0") if shadow else ("1.0.0",):
+    for version in ("1.0.0", "1.1.0") if shadow or shadow_device else ("1.0.0",):
         build(onnx, "m", version, work / f"bundle-{version}", variants=["onnx-fp32"])
         image.release(work / f"bundle-{version}", keys)
     controller = Controller(work / "serve", keys, host, port)
     controller.server.start()
     director.assign("bench", image, "m", "1.0.0", "onnx-fp32", keys, shadow=("1.1.0", "onnx-fp32") if shadow else None)
-    announce(director, ["bench"], host, port)
-    config = write_config(
-        work / "agent.toml",
-        {
-            "device_id": "bench",
-            "state_dir": work / "state",
-            "log_level": "WARNING",
-            "broker": {"host": host, "port": port},
-            "update": {"image_root": image.metadata / "1.root.json", "director_root": director.directory / "1.root.json"},
-            "serving": {"queue_size": 4096, "client_rps": 0, **serving},  # one load generator: no per-client rate
-            "telemetry": {"interval_s": 60, **telemetry},
-        },
-    )
-    return controller, config
+    if shadow_device:
+        director.assign(shadow_device, image, "m", "1.0.0", "onnx-fp32", keys, shadow=("1.1.0", "onnx-fp32"))
+    announce(director, ["bench", *([shadow_device] if shadow_device else [])], host, port)
+    settings: dict[str, Any] = {
+        "device_id": "bench",
+        "state_dir": work / "state",
+        "log_level": "WARNING",
+        "broker": {"host": host, "port": port},
+        "update": {"image_root": image.metadata / "1.root.json", "director_root": director.directory / "1.root.json"},
+        "serving": {"queue_size": 4096, "client_rps": 0, **serving},  # one load generator: no per-client rate
+        "telemetry": {"interval_s": 60, **telemetry},
+    }
+    if shadow_device:
+        write_config(work / f"agent-{shadow_device}.toml", {**settings, "device_id": shadow_device, "state_dir": work / "state-shadow"})
+    return controller, write_config(work / "agent.toml", settings)
 
 
-def _wait_model(client: Client, x: list[list[float]]) -> None:
+def _wait_model(client: Client, x: list[list[float]], device: str = "bench") -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            client.run("bench", x, 1, 1)
+            client.run(device, x, 1, 1)
             return
         except RuntimeError:
             continue
@@ -188,12 +220,12 @@ def _wait_shadow(db: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap, plan_of = arguments("serving: the agent against a raw echo", QUICK_PLAN, FULL_PLAN)
     parts = ["all", "mqtt", "oip", "local"]
     ap.add_argument("--part", choices=parts, default="all", help="MQTT serving rows, OIP REST rows, local-broker rows, or all")
     args = ap.parse_args()
-    n_tp, n_lat, window = (2000, 300, 32) if args.quick else (10000, 2000, 64)
+    plan = plan_of(args)
+    n_tp, n_lat, window = (400, 60, 16) if args.quick else (1500, 200, 32)
     from fleet.dev.broker import start_broker
 
     rows: list[dict[str, Any]] = []
@@ -204,73 +236,114 @@ def main() -> None:
         broker = start_broker(work / "broker")
         try:
             if args.part in ("all", "mqtt"):
-                rows = _mqtt_rows(work, broker.host, broker.port, n_tp, n_lat, window)
+                labels = ["default"] if args.quick else list(CONFIGS)
+                rows = _mqtt_rows(work, broker.host, broker.port, labels, Load(n_tp, n_lat, window), plan)
             if args.part in ("all", "oip"):
                 oip_rows = serving_oip.oip_rows(work, broker.host, broker.port, args.quick, _fleet, MODELS)
-            if args.part in ("all", "local"):
+            if args.part == "local" or (args.part == "all" and not args.quick):
                 local = local_broker_rows(work / "local", broker.host, broker.port, n_tp, n_lat, window, 4 if args.quick else 8)
         finally:
             broker.stop()
     _report(rows, window, n_tp, oip_rows, local)
 
 
-def _mqtt_rows(work: Path, host: str, port: int, n_tp: int, n_lat: int, window: int) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Load:
+    requests: int  # per throughput round, ``window`` in flight
+    latency_requests: int  # per latency round, one at a time
+    window: int
+
+
+@dataclass
+class Agents:
+    """Agent processes serving one model on the broker, by device id; the echo is the device ``echo``."""
+
+    procs: list[subprocess.Popen[bytes]]
+    controller: Any
+
+    def stop(self) -> None:
+        for a in self.procs:
+            a.send_signal(signal.SIGTERM)
+        for a in self.procs:
+            a.wait(30)
+        self.controller.server.stop()
+
+
+def _start(work: Path, host: str, port: int, model: str, label: str, shadow_device: str | None) -> Agents:
+    serving, telemetry = CONFIGS[label]
+    controller, config = _fleet(work, host, port, model, serving, telemetry, False, shadow_device)
+    configs = [config, *([work / f"agent-{shadow_device}.toml"] if shadow_device else [])]
+    procs = [subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(c)], env=os.environ) for c in configs]
+    return Agents(procs, controller)
+
+
+def _mqtt_rows(work: Path, host: str, port: int, labels: list[str], load: Load, plan: Plan) -> list[dict[str, Any]]:
+    """Per model and settings: the agent against the echo in each payload form; with the default settings also the
+    agent with a shadow against the agent without one."""
     rows = []
     echo = subprocess.Popen([sys.executable, "-c", ECHO, host, str(port)], stdout=subprocess.PIPE, text=True)
     assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+    client = Client(host, port)
     try:
         for model in MODELS:
-            for label in CONFIGS:
+            x = np.random.default_rng(0).uniform(-1, 1, (1, MODELS[model][0])).astype(np.float32).tolist()
+            for label in labels:
                 mwork = work / f"{model}-{label.replace(' ', '-')}"
                 mwork.mkdir()
-                results = _run_config(mwork, host, port, model, label, n_tp, n_lat, window)
-                rows.append(_row(model, label, results["echo"], results["bench"]))
+                shadow = "bench-shadow" if label == "default" else None
+                agents = _start(mwork, host, port, model, label, shadow)
+                try:
+                    _wait_model(client, x)
+                    for payload, binary in PAYLOADS.items():
+                        rps, p50 = _pairs(client, ("echo", "bench"), x, binary, load, plan)
+                        rows.append(_row(model, label, payload, "echo", rps, p50))
+                    if shadow:
+                        _wait_shadow(mwork / "state-shadow" / "agent.db")
+                        _wait_model(client, x, shadow)
+                        rps, p50 = _pairs(client, ("bench", shadow), x, False, load, plan)
+                        rows.append(_row(model, "with a shadow", "JSON", "agent without a shadow", rps, p50))
+                finally:
+                    agents.stop()
     finally:
+        client.close()
         echo.terminate()
     return rows
 
 
-def _run_config(
-    work: Path, host: str, port: int, model: str, label: str, n_tp: int, n_lat: int, window: int
-) -> dict[str, dict[str, float]]:
-    """One agent process serving ``model`` under the ``label`` settings, raced against the echo: target -> figures."""
-    serving, telemetry, shadow = CONFIGS[label]
-    controller, config = _fleet(work, host, port, model, serving, telemetry, shadow)
-    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], env=os.environ)
-    client = Client(host, port)
-    try:
-        x = np.random.default_rng(0).uniform(-1, 1, (1, MODELS[model][0])).astype(np.float32).tolist()
-        _wait_model(client, x)
-        if shadow:
-            _wait_shadow(work / "state" / "agent.db")
-        results: dict[str, dict[str, float]] = {}
-        for target in ("echo", "bench", "echo", "bench"):  # interleaved, the second pass counts
-            rps, _ = client.run(target, x, n_tp, window)
-            _, rtts = client.run(target, x, n_lat, 1)
-            results[target] = {"rps": rps, "p50_ms": statistics.median(rtts), "p99_ms": float(np.percentile(rtts, 99))}
-        return results
-    finally:
-        client.close()
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(30)
-        controller.server.stop()
+def _pairs(client: Client, devices: tuple[str, str], x: list[list[float]], binary: bool, load: Load, plan: Plan) -> tuple[Paired, Paired]:
+    """Requests/s and p50 of two devices in alternating rounds (A B, B A, ...) as the plan allows: (rps, p50 ms)."""
+    for d in devices:
+        client.run(d, x, max(1, load.requests // 4), load.window, binary)  # warm: lazy paths, the broker's routes
+    got: dict[str, list[tuple[float, float]]] = {d: [] for d in devices}
+    t0 = time.monotonic()
+    while len(got[devices[0]]) < plan.max_pairs and (len(got[devices[0]]) < plan.min_pairs or time.monotonic() - t0 < plan.budget_s):
+        for d in devices if len(got[devices[0]]) % 2 == 0 else devices[::-1]:
+            rps, _ = client.run(d, x, load.requests, load.window, binary)
+            _, rtts = client.run(d, x, load.latency_requests, 1, binary)
+            got[d].append((rps, statistics.median(rtts)))
+    seconds = time.monotonic() - t0
+    base, subject = got[devices[0]], got[devices[1]]
+    rps = Paired(tuple(b[0] for b in base), tuple(s[0] for s in subject), seconds)
+    p50 = Paired(tuple(b[1] for b in base), tuple(s[1] for s in subject), seconds)
+    return rps, p50
 
 
-def _row(model: str, label: str, e: dict[str, float], a: dict[str, float]) -> dict[str, Any]:
-    """One result row: the echo's figures (``e``), the agent's (``a``), and whether the issue 5 goals hold."""
+def _row(model: str, label: str, payload: str, baseline: str, rps: Paired, p50: Paired) -> dict[str, Any]:
+    """One result row: the baseline's and the agent's figures per pair, and whether the issue 18 goals hold."""
+    added = [s - b for b, s in zip(p50.baseline, p50.subject)]
+    shadow = baseline != "echo"
     return {
         "model": model,
         "serving": label,
-        "echo_rps": round(e["rps"]),
-        "agent_rps": round(a["rps"]),
-        "throughput_ratio": round(a["rps"] / e["rps"], 3),
-        "echo_p50_ms": round(e["p50_ms"], 3),
-        "agent_p50_ms": round(a["p50_ms"], 3),
-        "p50_added_ms": round(a["p50_ms"] - e["p50_ms"], 3),
-        "echo_p99_ms": round(e["p99_ms"], 3),
-        "agent_p99_ms": round(a["p99_ms"], 3),
-        "throughput_goal_met": a["rps"] >= 0.8 * e["rps"],
-        "latency_goal_met": a["p50_ms"] - e["p50_ms"] <= 1.0,
+        "payload": payload,
+        "baseline": baseline,
+        "throughput": rps.to_json(),
+        "p50_ms": p50.to_json(),
+        "p50_added_ms": round(statistics.median(added), 3),
+        "p50_added_range_ms": [round(min(added), 3), round(max(added), 3)],
+        "throughput_goal": SHADOW_GOAL if shadow else THROUGHPUT_GOAL,
+        "throughput_goal_met": rps.ratio >= (SHADOW_GOAL if shadow else THROUGHPUT_GOAL),
+        "latency_goal_met": None if shadow else statistics.median(added) <= P50_GOAL_MS,
     }
 
 
@@ -278,38 +351,23 @@ def _report(
     rows: list[dict[str, Any]], window: int, n_tp: int, oip_rows: list[dict[str, Any]], local: list[dict[str, Any]] | None = None
 ) -> None:
     """The tables on the console, and the JSON and markdown files under ``benchmarks/results``."""
-    table = Table(title="serving through mosquitto: agent vs raw echo (JSON, batch 1, QoS 1)")
-    header = [
-        "model",
-        "agent serving",
-        "echo req/s",
-        "agent req/s",
-        "ratio (goal >= 0.8)",
-        "echo p50 ms",
-        "agent p50 ms",
-        "added (goal <= 1 ms)",
-        "echo p99",
-        "agent p99",
-    ]
+    table = Table(title="serving through mosquitto: the agent against its baseline (batch 1, QoS 1; median of round pairs)")
+    header = ["model", "agent serving", "payload", "baseline", "baseline req/s", "agent req/s", "ratio", "spread [min, max]"]
+    header += ["goal", "met", "baseline p50 ms", "agent p50 ms", "added ms (goal <= 0.3)", "met"]
     for h in header:
         table.add_column(h)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [
-            r["model"],
-            r["serving"],
-            str(r["echo_rps"]),
-            str(r["agent_rps"]),
-            f"{r['throughput_ratio']:.2f} {'yes' if r['throughput_goal_met'] else 'NO'}",
-            f"{r['echo_p50_ms']:.3f}",
-            f"{r['agent_p50_ms']:.3f}",
-            f"{r['p50_added_ms']:.3f} {'yes' if r['latency_goal_met'] else 'NO'}",
-            f"{r['echo_p99_ms']:.3f}",
-            f"{r['agent_p99_ms']:.3f}",
-        ]
+        t, lat = r["throughput"], r["p50_ms"]
+        ratio = f"{t['ratio_median']:.3f}"
+        spread = f"±{t['ratio_spread']:.3f} [{t['ratio_min']:.3f}, {t['ratio_max']:.3f}]"
+        cells = [r["model"], r["serving"], r["payload"], r["baseline"], f"{t['baseline_median']:.0f}", f"{t['subject_median']:.0f}"]
+        cells += [ratio, spread, f">= {r['throughput_goal']}", yes_no(r["throughput_goal_met"])]
+        cells += [f"{lat['baseline_median']:.3f}", f"{lat['subject_median']:.3f}", f"{r['p50_added_ms']:.3f}"]
+        cells.append(yes_no(r["latency_goal_met"]))
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
-    Console().print(table)
+    Console(width=220).print(table)
     md += _oip_report(oip_rows)
     meta = machine()
     local_md = _local_table(local) if local else ""
