@@ -17,7 +17,7 @@ from benchmarks.common import RESULTS, machine
 BENCHMARKS = ["runtime_overhead", "serving", "transfer", "rollout", "hot_swap", "footprint", "scale"]
 # On the paired harness of benchmarks/common.py: they take --quick and --repeat N.
 PAIRED = {"runtime_overhead", "transfer", "hot_swap", "footprint", "serving"}
-QUICK = PAIRED | {"serving", "scale"}  # the benchmarks with a shorter --quick run
+QUICK = PAIRED | {"serving", "scale", "rollout"}  # the benchmarks with a shorter --quick run
 
 
 def main() -> None:

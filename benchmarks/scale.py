@@ -541,21 +541,22 @@ def table(fleet: dict[str, Any] | None, ingest: dict[str, Any] | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale")
-    ap.add_argument("--quick", action="store_true", help="2,000 devices, fewer and shorter ingest rounds")
+    ap.add_argument("--quick", action="store_true", help="500 devices telling every 2 s, fewer and shorter ingest rounds")
     ap.add_argument("--only", choices=["fleet", "ingest"], help="only the rollouts and cost, or only the ingest comparison")
-    ap.add_argument("--devices", type=int, help="simulated devices (default 10,000; --quick 2,000)")
-    ap.add_argument("--messages", type=int, help="telemetry messages per ingest round (default 50,000; --quick 20,000)")
+    ap.add_argument("--devices", type=int, help="simulated devices (default 10,000; --quick 500)")
+    ap.add_argument("--messages", type=int, help="telemetry messages per ingest round (default 50,000; --quick 10,000)")
     ap.add_argument("--rounds", type=int, help="ingest rounds, each subject and the baseline once per round (default 3; --quick 2)")
-    ap.add_argument("--telemetry-s", type=float, default=10.0, help="each simulated device's telemetry interval (the agent's default)")
+    ap.add_argument("--telemetry-s", type=float, help="each simulated device's telemetry interval (default 10 s, the agent's; --quick 2)")
     ap.add_argument("--steady-s", type=float, help="the telemetry-only CPU window (default 10; --quick 5)")
     ap.add_argument("--results", type=Path, help="where the JSON and the table go (default benchmarks/results)")
     args = ap.parse_args()
-    n = args.devices or (2000 if args.quick else 10_000)
+    n = args.devices or (500 if args.quick else 10_000)
+    telemetry_s = args.telemetry_s or (2.0 if args.quick else 10.0)
     fleet = ingest = None
     if args.only in (None, "fleet"):
-        fleet = fleet_run(n, args.telemetry_s, args.steady_s or (5.0 if args.quick else 10.0))
+        fleet = fleet_run(n, telemetry_s, args.steady_s or (5.0 if args.quick else 10.0))
     if args.only in (None, "ingest"):
-        ingest = ingest_run(min(n, 10_000), args.messages or (20_000 if args.quick else 50_000), args.rounds or (2 if args.quick else 3))
+        ingest = ingest_run(min(n, 10_000), args.messages or (10_000 if args.quick else 50_000), args.rounds or (2 if args.quick else 3))
     md = table(fleet, ingest)
     print(md)
     payload = {"machine": machine(), "fleet": fleet, "ingest": ingest, "goals": {"rollout_s": GOAL_S, "ingest_ratio": INGEST_GOAL}}
