@@ -13,7 +13,7 @@ version with different contents. Nothing here locks or opens transactions: ``Fle
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from agent.errors import EdgefleetError
 from fleet.store.db import Database
@@ -52,6 +52,15 @@ class DirectorFiles:
         """Each device's committed timestamp version (devices with metadata in the store)."""
         rows = self.db.query("SELECT device, version FROM director_metadata WHERE name = ?", [TIMESTAMP])
         return {r["device"]: int(r["version"]) for r in rows}
+
+    def versions_of(self, devices: Sequence[str]) -> dict[str, int]:
+        """The committed timestamp version of each of ``devices`` the store has (one query per chunk of ids)."""
+        out: dict[str, int] = {}
+        for part in self.db.chunks(sorted(set(devices))):
+            where, args = self.db.in_list("device", part)
+            rows = self.db.query(f"SELECT device, version FROM director_metadata WHERE name = ? AND {where}", [TIMESTAMP, *args])
+            out.update({r["device"]: int(r["version"]) for r in rows})
+        return out
 
     def replace(self, device: str, files: Mapping[str, bytes], timestamp_version: int) -> None:
         """``device``'s whole set (``files``, its timestamp at ``timestamp_version``): the timestamp moves up first (a
