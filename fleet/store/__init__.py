@@ -200,6 +200,11 @@ class FleetStore:
         with self._lock:
             return self._telemetry.telemetry_rows(model, devices, since)
 
+    def last_reports(self, model: str, version: str, devices: Iterable[str], since: float, until: float) -> dict[str, float]:
+        """Per device: when its newest telemetry on ``model`` ``version`` in ``[since, until)`` arrived (none: left out)."""
+        with self._lock:
+            return self._telemetry.last_reports(model, version, devices, since, until)
+
     def prediction_rows(self, model: str, devices: Iterable[str], since: float) -> list[PredictionRow]:
         """Every prediction-sum row of ``model`` on these devices since ``since``, any version."""
         with self._lock:
