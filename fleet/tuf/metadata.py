@@ -371,7 +371,8 @@ def commit_batch(commits: Sequence[tuple[Path, Sequence[tuple[str, bytes]]]]) ->
     Why it is as safe as one commit at a time: a timestamp's rename (the commit a device sees) happens only after
     everything it names is durable under its final name, and the call returns only once the renames themselves are
     durable (a power cut cannot bring an older timestamp back after a device was told of the new one). A crash
-    before the last sync leaves each repository on its old timestamp or its new one, each complete.
+    before the last sync leaves each repository on its old timestamp or its new one, each complete. One repository
+    alone: its files and its directory are fsynced instead (a filesystem sync also waits for everyone else's writes).
     """
     staged: list[tuple[Path, str, str]] = []  # (directory, temp path, final name)
     try:
@@ -383,34 +384,36 @@ def commit_batch(commits: Sequence[tuple[Path, Sequence[tuple[str, bytes]]]]) ->
                     f.write(data)
         if not staged:
             return
-        anchor = staged[0][0]
-        _sync_filesystems({d for d, _, _ in staged}, anchor)
+        _make_durable(staged, len(commits) > 1, renamed=False)
         for last in (False, True):  # the numbered files, then the timestamps
             for directory, tmp, name in staged:
                 if (name == "timestamp.json") is last:
                     os.replace(tmp, directory / name)
-            _sync_filesystems({d for d, _, _ in staged}, anchor)
+            _make_durable(staged, len(commits) > 1, renamed=True)
     finally:
         for _, tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
 
 
-def _sync_filesystems(directories: set[Path], anchor: Path) -> None:
-    """Make everything written under ``directories`` durable: one ``syncfs`` of the filesystem holding them (Linux;
-    all of a director's device repositories are on one), else an fsync of each directory and file (other systems)."""
-    if _syncfs is not None and _same_filesystem(directories, anchor):
+def _make_durable(staged: list[tuple[Path, str, str]], many: bool, renamed: bool) -> None:
+    """What was just done to ``staged`` durable: one ``syncfs`` of the filesystem for ``many`` repositories (Linux;
+    all of a director's device repositories are on one), else an fsync of each file written (before the renames)
+    or of each directory (after them)."""
+    directories = {d for d, _, _ in staged}
+    anchor = staged[0][0]
+    if many and _syncfs is not None and _same_filesystem(directories, anchor):
         fd = os.open(anchor, os.O_RDONLY)
         try:
             if _syncfs(fd) != 0:
                 raise OSError(ctypes.get_errno(), f"syncfs failed on {anchor}")
         finally:
             os.close(fd)
-        return
-    for directory in directories:
-        for name in os.listdir(directory):
-            if not name.startswith(".lock"):
-                _fsync_path(directory / name)
-        _fsync_dir(directory)
+    elif renamed:
+        for directory in directories:
+            _fsync_dir(directory)
+    else:
+        for _, tmp, _ in staged:
+            _fsync_path(Path(tmp))
 
 
 def _same_filesystem(directories: set[Path], anchor: Path) -> bool:
