@@ -303,8 +303,7 @@ class FleetStore:
         """Many devices' director sets, (device, files, timestamp version) each, in one transaction: all or none
         (``StaleDirectorMetadata`` when the store has a newer one of any)."""
         with self._lock, self.db.transaction():
-            for device, files, version in sets:
-                self._director.replace(device, files, version)
+            self._director.replace_many(sets)
 
     def add_director_files(self, device: str, files: dict[str, bytes]) -> None:
         """Files kept beside a device's set (the director's roots and mirrors.json under device "")."""
