@@ -67,7 +67,7 @@ class Observation:
     rollout: Rollout
     spec: RolloutSpec
     everyone: list[RolloutDevice]  # the rollout's devices, every wave
-    registry: dict[str, Device]
+    registry: dict[str, Device]  # the current wave's pending and assigned devices' records
     jobs: dict[str, Job]  # the last install job on the new version, of the current wave's assigned devices that have one
 
     @property
@@ -212,11 +212,11 @@ class RolloutEngine:
             self._wave_settled(seen, everyone, now)
 
     def _observe(self, r: Rollout) -> Observation:
-        """One read of the rollout's devices, the registry records of its current wave (not the whole fleet) and, in
-        one query, the install jobs of the wave's assigned devices."""
+        """One read of the rollout's devices, the registry records of its current wave's unsettled devices (not the
+        whole fleet: the judges look at pending and assigned ones only) and, in one query, the assigned ones' jobs."""
         spec = RolloutSpec.from_json(r.spec)
         everyone = self.store.rollout_devices(r.id)
-        wave = [m for m in everyone if m.wave == r.wave]
+        wave = [m for m in everyone if m.wave == r.wave and m.state in ("pending", "assigned")]  # the others are settled
         registry = {d.id: d for d in self.store.devices_of(m.device for m in wave)}
         target = {m.variant: variant_target_path(spec.model, spec.version, m.variant) for m in wave}
         wanted = {m.device: target[m.variant] for m in wave if m.state == "assigned" and m.device in registry}
