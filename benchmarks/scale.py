@@ -148,7 +148,7 @@ def _repositories(work: Path, devices: list[str]) -> tuple[Any, Any]:
     """Keys, the image repository with m 1.0.0, 2.0.0 and 3.0.0, and every device assigned 1.0.0 (the fleet as it was)."""
     from converters import builders
     from converters.build import build
-    from fleet.tuf.director import Director
+    from fleet.tuf.director import Assignment, Director
     from fleet.tuf.image_repo import ImageRepository
     from fleet.tuf.keys import init_keys
 
@@ -160,8 +160,11 @@ def _repositories(work: Path, devices: list[str]) -> tuple[Any, Any]:
         build(onnx, "m", v, work / f"m-{v}", variants=["onnx-fp32"])
         image.release(work / f"m-{v}", keys)
     t0 = time.perf_counter()
-    for d in devices:
-        director.assign(d, image, "m", "1.0.0", "onnx-fp32", keys)
+    for i in range(0, len(devices), 500):
+        done = director.assign_many([Assignment(d, "m", "1.0.0", "onnx-fp32") for d in devices[i : i + 500]], image, keys)
+        failed = {d: r for d, r in done.items() if isinstance(r, Exception)}
+        if failed:
+            raise RuntimeError(f"could not assign {len(failed)} devices: {next(iter(failed.values()))}")
     print(f"director metadata for {len(devices)} devices signed in {time.perf_counter() - t0:.1f} s", flush=True)
     return keys, image
 

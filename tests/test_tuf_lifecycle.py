@@ -24,10 +24,10 @@ from agent.daemon import Agent
 from agent.hardware import HardwareProfile, detect
 from agent.update.fetch import DirectoryFetcher
 from agent.update.verify import Installed, TrustedRepos, UpdateRejected, VerifiedUpdate, check_for_update
-from agent.wire import device_topic
+from agent.wire import WireError, device_topic
 from converters.build import build
 from fleet.dev import hardware_trees
-from fleet.tuf.director import AssignError, Director
+from fleet.tuf.director import AssignError, Assignment, Director
 from fleet.tuf.image_repo import ImageRepository, ReleaseError, ReleaseRevoked
 from fleet.tuf.keys import KeyError_, KeyStore, init_keys
 from fleet.tuf.lifecycle import rotate
@@ -387,6 +387,104 @@ def test_an_exception_between_the_renames_leaves_the_old_assignment(fleet: Fleet
     fleet.director.refresh(fleet.keys)
     upd = fleet.check("dev-1")
     assert upd is not None and upd.version == "1.0.0"
+
+
+def test_a_batch_assign_verifies_as_one_by_one_and_a_bad_device_fails_alone(fleet: Fleet) -> None:
+    """``assign_many``: new and existing devices, one with a bad id and one on a version never released, in one batch;
+    each good device's metadata verifies through the agent's python-tuf client exactly as after ``assign``."""
+    fleet.director.assign("old-1", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    batch = [
+        Assignment("old-1", "tiny", "1.1.0", "onnx-fp32"),
+        Assignment("new-1", "tiny", "1.2.0", "onnx-fp32"),
+        Assignment("bad/../id", "tiny", "1.1.0", "onnx-fp32"),
+        Assignment("new-2", "tiny", "9.9.9", "onnx-fp32"),
+        Assignment("new-3", "tiny", "1.1.0", "onnx-fp32", shadow=("1.2.0", "onnx-fp32")),
+    ]
+    results = fleet.director.assign_many(batch, fleet.image, fleet.keys)
+    assert isinstance(results["bad/../id"], WireError) and isinstance(results["new-2"], AssignError)
+    assert not (fleet.director.directory / "new-2" / "metadata" / "timestamp.json").exists()
+    for device, version in (("old-1", "1.1.0"), ("new-1", "1.2.0"), ("new-3", "1.1.0")):
+        upd = fleet.check(device)
+        assert upd is not None and upd.version == version, device
+    one = fleet.director.committed_targets(fleet.director.device_metadata("new-3"))
+    assert one is not None and [t.unrecognized_fields["custom"].get("shadow", False) for t in one.signed.targets.values()] == [False, True]
+    fleet.director.assign("new-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)  # one by one goes on from there
+    upd = fleet.check("new-1")
+    assert upd is not None and upd.version == "1.1.0"
+
+
+def test_a_batch_renames_each_timestamp_only_after_what_it_names_is_durable(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crash-safety order of ``commit_batch``, observed on the real calls: every file written, one filesystem sync;
+    the numbered files renamed, a sync; the timestamps renamed (each device's last), a sync before returning."""
+    import os
+
+    from fleet.tuf import metadata
+
+    fleet.director.assign("dev-0", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    events: list[str] = []
+    real_replace, real_sync = os.replace, metadata._syncfs
+    assert real_sync is not None  # Linux: one syncfs per step
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(Path(dst).name)
+        real_replace(src, dst)
+
+    def sync(fd: int) -> int:
+        events.append("sync")
+        return real_sync(fd)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(metadata, "_syncfs", sync)
+    devices = ["dev-0", "dev-1", "dev-2"]
+    results = fleet.director.assign_many([Assignment(d, "tiny", "1.1.0", "onnx-fp32") for d in devices], fleet.image, fleet.keys)
+    monkeypatch.undo()
+    assert not any(isinstance(r, Exception) for r in results.values())
+    syncs = [i for i, e in enumerate(events) if e == "sync"]
+    stamps = [i for i, e in enumerate(events) if e == "timestamp.json"]
+    numbered = [i for i, e in enumerate(events) if e not in ("sync", "timestamp.json")]
+    assert len(syncs) == 3 and syncs[0] == 0 and syncs[-1] == len(events) - 1
+    assert len(stamps) == 3 and max(numbered) < syncs[1] < min(stamps)
+    assert {e for e in events if e.endswith(".root.json")} == {"1.root.json"}  # the new devices got the root chain
+    for d in devices:
+        upd = fleet.check(d)
+        assert upd is not None and upd.version == "1.1.0"
+
+
+_KILL_BATCH_AT_REPLACE = """
+import os, signal, sys
+from pathlib import Path
+n, calls, real = int(sys.argv[1]), [0], os.replace
+def replace(src, dst, **kw):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, **kw)
+os.replace = replace
+from fleet.tuf.director import Assignment, Director
+from fleet.tuf.image_repo import ImageRepository
+from fleet.tuf.keys import KeyStore
+root = Path(sys.argv[2])
+batch = [Assignment(f"dev-{i}", "tiny", "1.1.0", "onnx-fp32") for i in range(3)]
+Director(root / "serve" / "director").assign_many(batch, ImageRepository(root / "serve" / "image"), KeyStore(root / "keys"))
+"""
+
+
+@pytest.mark.parametrize("at", [1, 6, 7, 8, 9])  # 1-6: the numbered files of three devices; 7-9: their timestamps
+def test_a_batch_assign_killed_midway_leaves_each_device_old_or_new(fleet: Fleet, at: int) -> None:
+    for i in range(3):
+        fleet.director.assign(f"dev-{i}", fleet.image, "tiny", "1.0.0", "onnx-fp32", fleet.keys)
+    cmd = [sys.executable, "-c", _KILL_BATCH_AT_REPLACE, str(at), str(fleet.root)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    committed = max(0, at - 7)  # the timestamps renamed before the kill
+    for i in range(3):
+        upd = fleet.check(f"dev-{i}")
+        assert upd is not None and upd.version == ("1.1.0" if i < committed else "1.0.0"), (at, i)
+    fleet.director.refresh(fleet.keys)  # the routine re-signing publishes the committed ones and cleans up
+    assert not list(fleet.director.directory.glob("*/metadata/.*.tmp"))
+    for i in range(3):
+        upd = fleet.check(f"dev-{i}")
+        assert upd is not None and upd.version == ("1.1.0" if i < committed else "1.0.0"), (at, i)
 
 
 @pytest.mark.parametrize("at", [3, 4, 5])  # 1, 2: the variant's tar and chunk list; 3-5: targets, snapshot, timestamp

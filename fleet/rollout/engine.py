@@ -46,7 +46,7 @@ from fleet.rollout.stats import device_stats
 from fleet.store import Device, DeviceChange, FleetStore, Job, PredictionRow, Rollout, RolloutDevice, TelemetryRow
 from fleet.transport import client as transport
 from fleet.transport.announce import announce
-from fleet.tuf.director import Director
+from fleet.tuf.director import Assignment, Director
 from fleet.tuf.image_repo import ImageRepository, variant_target_path
 from fleet.tuf.keys import KeyStore
 
@@ -57,6 +57,7 @@ log = logging.getLogger("edgefleet.rollout")
 RUNNING, PAUSED, DONE, ABORTED, ABORTING = "running", "paused", "done", "aborted", "aborting"
 SHADOW = "shadow"  # the rollout's phase while its first wave runs the new version in shadow
 SETTLED = {"active", "shadowing", "failed", "timeout"}
+ASSIGN_BATCH = 200  # devices signed, committed, recorded and announced together (one sync and one transaction each)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Observation:
     rollout: Rollout
     spec: RolloutSpec
     everyone: list[RolloutDevice]  # the rollout's devices, every wave
-    registry: dict[str, Device]
+    registry: dict[str, Device]  # the current wave's pending and assigned devices' records
     jobs: dict[str, Job]  # the last install job on the new version, of the current wave's assigned devices that have one
 
     @property
@@ -99,6 +100,8 @@ class RolloutEngine:
         self.broker = transport.broker_settings(host, port, broker)
         self.host, self.port = self.broker.host, self.broker.port
         self.reannounce_s = 10.0  # a device assigned but silent this long is told again (a lost announcement)
+        self.assign_batch = ASSIGN_BATCH
+        self._released: dict[tuple[str, str], tuple[float, list[str]]] = {}  # (model, version): (read at, variant ids)
         self._announced: dict[tuple[int, str], float] = {}
 
     @property
@@ -200,57 +203,69 @@ class RolloutEngine:
             self.store.set_device_states(r.id, changes)
             self._abort(r, install.reason)
             return
-        moves = self._move(seen, members, now)
+        moves = self._move(seen, members, now)  # recorded and announced batch by batch
         moved = [c.device for c in moves if c.state == "assigned"]
         late, again = judge_assigned(seen, applied(members, moves), set(moved), self._announced, now, self.reannounce_s)
-        changes += moves + late
-        self._record(r.id, changes, moved + again, now)
-        everyone = applied(seen.everyone, changes)
+        self._record(r.id, changes + late, again, now)
+        everyone = applied(seen.everyone, changes + moves + late)
         if all(m.state in SETTLED for m in everyone if m.wave == r.wave):
             self._wave_settled(seen, everyone, now)
 
     def _observe(self, r: Rollout) -> Observation:
+        """One read of the rollout's devices, the registry records of its current wave's unsettled devices (not the
+        whole fleet: the judges look at pending and assigned ones only) and, in one query, the assigned ones' jobs."""
         spec = RolloutSpec.from_json(r.spec)
         everyone = self.store.rollout_devices(r.id)
-        registry = {d.id: d for d in self.store.devices()}
-        jobs: dict[str, Job] = {}
-        for m in everyone:
-            if m.wave == r.wave and m.state == "assigned" and m.device in registry:
-                job = self.store.last_job(m.device, variant_target_path(spec.model, spec.version, m.variant))
-                if job is not None:
-                    jobs[m.device] = job
+        wave = [m for m in everyone if m.wave == r.wave and m.state in ("pending", "assigned")]  # the others are settled
+        registry = {d.id: d for d in self.store.devices_of(m.device for m in wave)}
+        target = {m.variant: variant_target_path(spec.model, spec.version, m.variant) for m in wave}
+        wanted = {m.device: target[m.variant] for m in wave if m.state == "assigned" and m.device in registry}
+        jobs = self.store.last_jobs(wanted) if wanted else {}
         return Observation(r, spec, everyone, registry, jobs)
 
     def _move(self, seen: Observation, members: list[RolloutDevice], now: float) -> list[DeviceChange]:
-        """Act: point the wave's pending devices that are online at the new version, as many as the rate limit allows."""
-        budget, changes = judge_budget(seen.spec, seen.everyone, now), []
+        """Act: point the wave's pending devices that are online at the new version, as many as the rate limit allows,
+        ``assign_batch`` at a time (``Director.assign_many``); each batch is recorded and announced as soon as it is
+        signed, so a wave of thousands is not held until the whole tick ends (and then told again as silent).
+        Every moved device's ``assigned_at`` is the step's ``now``: one split time for the whole tick's moves."""
+        budget, chosen, timeouts = judge_budget(seen.spec, seen.everyone, now), [], []
         for m, action in judge_pending(seen, members, now):
             if budget <= 0:
                 break
             if action == "timeout":
-                changes.append(DeviceChange(m.device, "timeout", "offline for the whole wave"))
+                timeouts.append(DeviceChange(m.device, "timeout", "offline for the whole wave"))
             elif action == "assign":
-                serving = str(seen.registry[m.device].models.get(seen.spec.model, {}).get("variant", ""))
-                try:
-                    self._assign(seen.spec, m, serving, seen.shadow)
-                except Exception as exc:  # one device that cannot be assigned (bad id, signing error) fails alone
-                    changes.append(DeviceChange(m.device, "failed", f"could not assign: {type(exc).__name__}: {exc}"[:300]))
-                    logs.event(log, "rollout.assign_failed", logging.ERROR, id=seen.rollout.id, device=m.device[:80], reason=str(exc)[:200])
-                    continue
-                changes.append(DeviceChange(m.device, "assigned", "", now))
+                chosen.append(m)
                 budget -= 1
+        self._record(seen.rollout.id, timeouts, [], now)
+        changes, started = list(timeouts), time.monotonic()
+        for i in range(0, len(chosen), self.assign_batch):
+            batch = chosen[i : i + self.assign_batch]
+            results = self.director.assign_many([self._assignment(seen, m) for m in batch], self.image, self.keys)
+            done = [self._assigned(seen.rollout.id, m.device, results.get(m.device), now) for m in batch]
+            moved = [c.device for c in done if c.state == "assigned"]
+            self._record(seen.rollout.id, done, moved, now + (time.monotonic() - started))
+            changes += done
         return changes
 
-    def _assign(self, spec: RolloutSpec, m: RolloutDevice, serving_variant: str, shadow: bool) -> None:
-        if shadow:  # keep serving what it runs (those exact bytes: its own variant), the new version beside it
-            variant = self._variant_of(spec.model, m.previous, serving_variant)
-            candidate = (spec.version, m.variant)
-            self.director.assign(m.device, self.image, spec.model, m.previous, variant, self.keys, shadow=candidate)
-        else:
-            self.director.assign(m.device, self.image, spec.model, spec.version, m.variant, self.keys)
+    def _assigned(self, rid: int, device: str, result: object, now: float) -> DeviceChange:
+        """What assigning ``device`` did: assigned, or failed alone (a bad id, a signing error: logged)."""
+        if isinstance(result, Exception) or result is None:
+            why = f"{type(result).__name__}: {result}" if result is not None else "not assigned"
+            logs.event(log, "rollout.assign_failed", logging.ERROR, id=rid, device=device[:80], reason=why[:200])
+            return DeviceChange(device, "failed", f"could not assign: {why}"[:300])
+        return DeviceChange(device, "assigned", "", now)
+
+    def _assignment(self, seen: Observation, m: RolloutDevice) -> Assignment:
+        spec = seen.spec
+        if seen.shadow:  # keep serving what it runs (those exact bytes: its own variant), the new version beside it
+            serving = str(seen.registry[m.device].models.get(spec.model, {}).get("variant", ""))
+            variant = self._variant_of(spec.model, m.previous, serving)
+            return Assignment(m.device, spec.model, m.previous, variant, shadow=(spec.version, m.variant))
+        return Assignment(m.device, spec.model, spec.version, m.variant)
 
     def _record(self, rid: int, changes: list[DeviceChange], told: list[str], now: float) -> None:
-        """Act: store the devices' new states, then announce to the devices moved (or told again)."""
+        """Act: store the devices' new states, then announce to the devices moved (or told again); ``now``: when told."""
         for device in told:
             self._announced[(rid, device)] = now
         self.store.set_device_states(rid, changes)
@@ -295,6 +310,12 @@ class RolloutEngine:
         unmoved = [m for m in everyone if m.state == "pending" and m.previous]
         if not moved:
             return gates.Verdict(gates.GO, "no device of the wave moved")
+        if now - r.wave_started < spec.wave_timeout_s:  # first the cheap question: has every moved device reported yet?
+            first = min(m.assigned_at for m in moved)
+            reported = self.store.last_reports(spec.model, spec.version, [m.device for m in moved], first, now + 1)
+            waiting = judge_silent(spec, moved, reported)
+            if waiting is not None:
+                return waiting
         ids = [m.device for m in moved + unmoved]
         since = min(m.assigned_at for m in moved) - spec.gates.baseline_s
         telemetry = _by_device(self.store.telemetry_rows(spec.model, ids, since))
@@ -311,19 +332,27 @@ class RolloutEngine:
         spec = RolloutSpec.from_json(r.spec)
         back: list[str] = []
         changes: list[DeviceChange] = []
+        going: list[tuple[RolloutDevice, Assignment]] = []
         for m in self.store.rollout_devices(r.id):
             if m.state == "rolled_back" or not m.assigned_at:  # never moved (a pending one may have shadowed)
                 continue
             if m.previous:
                 variant = self._variant_of(spec.model, m.previous, m.variant)
-                try:
-                    self.director.assign(m.device, self.image, spec.model, m.previous, variant, self.keys)
-                    back.append(m.device)
-                    changes.append(DeviceChange(m.device, "rolled_back", reason[:300]))
-                except EdgefleetError as exc:
-                    changes.append(DeviceChange(m.device, m.state, f"rollback failed: {exc}"[:300]))
+                going.append((m, Assignment(m.device, spec.model, m.previous, variant)))
             else:
                 changes.append(DeviceChange(m.device, m.state, "nothing to roll back to (had no version before)"))
+        for i in range(0, len(going), self.assign_batch):
+            batch = going[i : i + self.assign_batch]
+            results = self.director.assign_many([a for _, a in batch], self.image, self.keys)
+            for m, _ in batch:
+                result = results.get(m.device)
+                if isinstance(result, EdgefleetError):
+                    changes.append(DeviceChange(m.device, m.state, f"rollback failed: {result}"[:300]))
+                elif isinstance(result, Exception):
+                    raise result  # as before: only the director's own errors are a device's; the rest is retried next tick
+                else:
+                    back.append(m.device)
+                    changes.append(DeviceChange(m.device, "rolled_back", reason[:300]))
         self.store.set_device_states(r.id, changes)
         self.store.update_rollout(r.id, state=ABORTED, reason=reason)
         if back:
@@ -332,8 +361,14 @@ class RolloutEngine:
         return len(back)
 
     def _variant_of(self, model: str, version: str, preferred: str) -> str:
-        release = self.image.release_of(model, version)
-        ids = [v.id for v in release.variants] if release else []
+        """``preferred`` if ``version`` was released with it, else its first variant. The released variants are read
+        once per second at most (a wave or a rollback of thousands asks for each device)."""
+        key = (model, version)
+        cached = self._released.get(key)
+        if cached is None or time.monotonic() - cached[0] > 1.0:
+            release = self.image.release_of(model, version)
+            cached = self._released[key] = (time.monotonic(), [v.id for v in release.variants] if release else [])
+        ids = cached[1]
         return preferred if preferred in ids or not ids else ids[0]
 
 
@@ -407,6 +442,17 @@ def judge_assigned(
         elif m.device not in moved and now - announced.get((r.id, m.device), m.assigned_at) > again_s:
             again.append(m.device)
     return changes, again
+
+
+def judge_silent(spec: RolloutSpec, moved: list[RolloutDevice], reported: Mapping[str, float]) -> gates.Verdict | None:
+    """WAIT while a moved device has not reported on the new version since its move (``reported``: each device's newest
+    report on it, within the gate's window), as ``gates.health_gate`` would say on the full rows; None: judge them.
+    Why apart: while a wave waits for its last devices, the step asks only this (one aggregate query per tick),
+    not every moved and unmoved device's rows."""
+    silent = sum(1 for m in moved if reported.get(m.device, -1.0) < m.assigned_at)
+    if silent:
+        return gates.Verdict(gates.WAIT, f"{silent} of {len(moved)} devices have not reported on {spec.version} yet")
+    return None
 
 
 def judge_health(

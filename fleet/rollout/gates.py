@@ -66,7 +66,8 @@ def health_gate(gates: Gates, version: str, moved: list[Subject], control: Mappi
     if calls < gates.min_requests:
         return Verdict(WAIT if not waited_out else GO, f"{calls} calls on {version} so far, waiting for {gates.min_requests}")
     judged = [s for s in moved if _enough(gates, s)]
-    findings = {s.device: f for s in judged if (f := _regression(gates, s, control.get(s.device, [])))}
+    memo: dict[tuple[int, str], _Peers] = {}
+    findings = {s.device: f for s in judged if (f := _regression(gates, s, _peers(gates, s, control.get(s.device, []), memo)))}
     limit = share(gates.max_regressed, len(judged))
     if len(findings) > limit:
         return Verdict(ABORT, _reason(findings, judged, moved), tuple(findings))
@@ -81,6 +82,25 @@ def health_gate(gates: Gates, version: str, moved: list[Subject], control: Mappi
 
 def _enough(gates: Gates, s: Subject) -> bool:
     return s.before.calls >= gates.min_device_requests and s.after.calls >= gates.min_device_requests
+
+
+@dataclass(frozen=True)
+class _Peers:
+    """A device's usable control and what it says: the load factor on latency and the rise of the error rate."""
+
+    subjects: list[Subject]
+    factor: float
+    rise: float
+
+
+def _peers(gates: Gates, s: Subject, control: list[Subject], memo: dict[tuple[int, str], _Peers]) -> _Peers:
+    """The control of ``s`` and its figures, worked out once per control list and hardware class (every device moved
+    in one step shares one list: without this a wave of thousands against thousands unmoved is quadratic)."""
+    key = (id(control), s.hardware)
+    if key not in memo:
+        peers = _control_of(gates, s, control)
+        memo[key] = _Peers(peers, _latency_factor(peers), _error_rise(peers))
+    return memo[key]
 
 
 def _control_of(gates: Gates, s: Subject, control: list[Subject]) -> list[Subject]:
@@ -108,18 +128,18 @@ def _error_rise(control: list[Subject]) -> float:
     return max(statistics.median(rises), 0.0) if rises else 0.0
 
 
-def _regression(gates: Gates, s: Subject, control: list[Subject]) -> str:
+def _regression(gates: Gates, s: Subject, control: _Peers) -> str:
     """Why this device regressed, or '' when it did not."""
-    peers = _control_of(gates, s, control)
+    peers = control.subjects
     b, a = s.before, s.after
     if a.p95_ms is not None and b.p95_ms is not None:
-        factor = _latency_factor(peers)
+        factor = control.factor
         expected = b.p95_ms * factor
         ratio = a.p95_ms / max(expected, 1e-6)
         if ratio > gates.max_p95_ratio and a.p95_ms - expected > gates.p95_floor_ms:
             load = f", {factor:.2f}x load on {len(peers)} unmoved devices" if peers else ""
             return f"{s.device} p95 {a.p95_ms:.1f} ms against {b.p95_ms:.1f} ms before it moved ({ratio:.1f}x{load})"
-    rise = a.error_rate - b.error_rate - _error_rise(peers)
+    rise = a.error_rate - b.error_rate - control.rise
     if rise > gates.max_error_rate_increase:
         return f"{s.device} server errors {a.error_rate:.1%} against {b.error_rate:.1%} before it moved"
     return _drift(gates, s)

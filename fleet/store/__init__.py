@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,16 @@ class FleetStore:
         with self._lock:
             return self._devices.last_job(device, target)
 
+    def last_jobs(self, wanted: Mapping[str, str]) -> dict[str, Job]:
+        """``last_job`` of many devices at once: ``wanted`` maps a device to its target; one query per chunk of devices."""
+        with self._lock:
+            return self._devices.last_jobs(wanted)
+
+    def devices_of(self, ids: Iterable[str]) -> list[Device]:
+        """The registry's records of ``ids`` (those it has): a rollout's wave, not the whole fleet."""
+        with self._lock:
+            return self._devices.some(ids)
+
     # -- telemetry ----------------------------------------------------------------------------
 
     def recent_telemetry(self, device: str, limit: int = 20) -> list[dict[str, Any]]:
@@ -189,6 +199,11 @@ class FleetStore:
         """Every telemetry row of ``model`` on these devices since ``since`` (receive time), any version: the gates' input."""
         with self._lock:
             return self._telemetry.telemetry_rows(model, devices, since)
+
+    def last_reports(self, model: str, version: str, devices: Iterable[str], since: float, until: float) -> dict[str, float]:
+        """Per device: when its newest telemetry on ``model`` ``version`` in ``[since, until)`` arrived (none: left out)."""
+        with self._lock:
+            return self._telemetry.last_reports(model, version, devices, since, until)
 
     def prediction_rows(self, model: str, devices: Iterable[str], since: float) -> list[PredictionRow]:
         """Every prediction-sum row of ``model`` on these devices since ``since``, any version."""
@@ -278,6 +293,17 @@ class FleetStore:
         """``device``'s whole director set in one transaction; ``StaleDirectorMetadata`` when the store's is newer."""
         with self._lock, self.db.transaction():
             self._director.replace(device, files, timestamp_version)
+
+    def director_versions_of(self, devices: Sequence[str]) -> dict[str, int]:
+        """The committed director timestamp version of each of ``devices`` the store has (a batch's check, one query)."""
+        with self._lock:
+            return self._director.versions_of(devices)
+
+    def put_director_sets(self, sets: Sequence[tuple[str, dict[str, bytes], int]]) -> None:
+        """Many devices' director sets, (device, files, timestamp version) each, in one transaction: all or none
+        (``StaleDirectorMetadata`` when the store has a newer one of any)."""
+        with self._lock, self.db.transaction():
+            self._director.replace_many(sets)
 
     def add_director_files(self, device: str, files: dict[str, bytes]) -> None:
         """Files kept beside a device's set (the director's roots and mirrors.json under device "")."""

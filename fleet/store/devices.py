@@ -9,6 +9,7 @@ Nothing here locks or opens transactions: ``FleetStore`` does, around these call
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -127,6 +128,29 @@ class Devices:
     def jobs(self, device: str) -> list[Job]:
         rows = self.db.query("SELECT job, target, state, reason, ts FROM jobs WHERE device = ? ORDER BY ts", [device])
         return [Job(**row) for row in rows]
+
+    def some(self, ids: Iterable[str]) -> list[Device]:
+        out: list[Device] = []
+        for part in self.db.chunks(sorted(set(ids))):
+            where, args = self.db.in_list("id", part)
+            out += [_device(r) for r in self.db.query(f"SELECT * FROM devices WHERE {where}", args)]
+        return out
+
+    def last_jobs(self, wanted: Mapping[str, str]) -> dict[str, Job]:
+        """Per device of ``wanted`` (device -> target): its newest job on that target (ties: the last row read wins,
+        as ``last_job`` takes any one of them)."""
+        out: dict[str, Job] = {}
+        targets = sorted(set(wanted.values()))
+        for part in self.db.chunks(sorted(wanted)):
+            where, args = self.db.in_list("device", part)
+            of_targets, more = self.db.in_list("target", targets)
+            select = f"SELECT device, job, target, state, reason, ts FROM jobs WHERE {where} AND {of_targets} ORDER BY ts"
+            rows = self.db.query(select, args + more)
+            for row in rows:
+                device = row.pop("device")
+                if wanted.get(device) == row["target"]:
+                    out[device] = Job(**row)
+        return out
 
     def last_job(self, device: str, target: str) -> Job | None:
         rows = self.db.query(

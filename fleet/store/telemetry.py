@@ -220,6 +220,20 @@ class Telemetry:
         rows = self._of_devices(f"SELECT {columns} FROM predictions", model, devices, since)
         return [PredictionRow(**{**row, "classes": json.loads(row["classes"]) if row["classes"] else None}) for row in rows]
 
+    def last_reports(self, model: str, version: str, devices: Iterable[str], since: float, until: float) -> dict[str, float]:
+        """Per device: the receive time of its newest telemetry on ``model`` ``version`` in ``[since, until)`` (one
+        row each, aggregated in SQL; devices with none are left out)."""
+        out: dict[str, float] = {}
+        for part in self.db.chunks(sorted(set(devices))):
+            where, args = self.db.in_list("device", part)
+            rows = self.db.query(
+                f"SELECT device, max(ts) AS ts FROM telemetry WHERE model = ? AND version = ? AND ts >= ? AND ts < ? AND {where} "
+                "GROUP BY device",
+                [model, version, since, until, *args],
+            )
+            out.update({r["device"]: float(r["ts"]) for r in rows})
+        return out
+
     def _of_devices(self, select: str, model: str, devices: Iterable[str], since: float) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         chosen: Sequence[str] = sorted(set(devices))

@@ -23,7 +23,9 @@ repository uses (``fleet.tuf.metadata``); only who signs (``SIGNED_BY``) and the
 from __future__ import annotations
 
 import json
-import shutil
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,15 +44,18 @@ from fleet.tuf.keys import KeyStore
 from fleet.tuf.metadata import (
     KEEP_VERSIONS,
     SigningChain,
+    commit_batch,
     committed_versions,
     encode,
     metadata_versions,
     prune_metadata,
     repository_lock,
+    signers_of,
     signing_time,
+    timestamp_version,
 )
 
-__all__ = ["DIRECTOR_ROLES", "AssignError", "Director"]
+__all__ = ["DIRECTOR_ROLES", "AssignError", "Assignment", "Director"]
 
 ROOT_FILE = "1.root.json"
 MIRRORS_FILE = "mirrors.json"
@@ -210,44 +215,59 @@ class Director:
 
         ``shadow`` = (version, variant) also names a second version of the model for the device to run beside
         it on live inputs, answering nobody (shadow mode); assigning without it ends a shadow.
-        A revoked release is refused (``ReleaseRevoked``).
+        A revoked release is refused (``ReleaseRevoked``). One device of ``assign_many``.
         """
-        target = self._target(image, model, version, variant)
-        targets = {target.path: target}
-        if shadow is not None:
-            candidate = self._target(image, model, *shadow)
-            if candidate.path == target.path:
-                raise AssignError(f"{model} {version} cannot shadow itself")
-            candidate.unrecognized_fields["custom"]["shadow"] = True
-            targets[candidate.path] = candidate
-        meta = self.device_metadata(device)
-        with self._lock():
-            meta.mkdir(parents=True, exist_ok=True)
-            self._pull(meta, device)  # the versions go on from the store's (another controller may have signed last)
-            for root in self.directory.glob("*.root.json"):  # the whole root chain, so a new device can walk it
-                if not (meta / root.name).exists():
-                    shutil.copy(root, meta / root.name)
-            self._publish(meta, Metadata(Targets(expires=signing_time() + self.targets_expiry, targets=targets)), keys)
-        return target
+        result = self.assign_many([Assignment(device, model, version, variant, shadow)], image, keys)[device]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def assign_many(self, assignments: Sequence[Assignment], image: ImageRepository, keys: KeyStore) -> dict[str, TargetFile | Exception]:
+        """``assign`` for many devices at once: per device, the target it now runs, or why it could not be assigned
+        (a bad device id, a release that is not there; the others go on).
+
+        Why a batch: what is the same for every device (the image repository's targets, the director's roots and
+        mirrors, the key) is read once, the files of every device are made durable with three filesystem syncs in
+        all (``commit_batch``: each device's timestamp renamed only after the files it names are durable) instead of
+        four fsyncs per device, and the store gets every device's set in one transaction. A device sees its old
+        assignment or its new one, as with ``assign``; a failure while committing fails the whole batch."""
+        results: dict[str, TargetFile | Exception] = {}
+        planned: list[tuple[str, Path, dict[str, TargetFile]]] = []
+        released = _Released(image)
+        for a in assignments:
+            try:
+                if a.device in results:
+                    raise AssignError(f"{a.device} is assigned twice in one batch")
+                meta = self.device_metadata(a.device)
+                targets = released.targets_of(a)
+                results[a.device] = next(iter(targets.values()))
+                planned.append((a.device, meta, targets))
+            except Exception as exc:  # this device fails alone; the caller sees why
+                results[a.device] = exc
+        if planned:
+            with self._lock():
+                results.update(self._commit_many(planned, keys))
+        return results
+
+    def _commit_many(self, planned: list[tuple[str, Path, dict[str, TargetFile]]], keys: KeyStore) -> dict[str, Exception]:
+        """Sign and commit each planned device's new targets (``_Batch``); the devices that failed, with why."""
+        batch = _Batch(self, keys)
+        if self.store is not None:  # the versions go on from the store's (another controller may have signed last)
+            director_store.pull_newer(self.store, self.directory, [device for device, _, _ in planned])
+        for device, meta, targets in planned:
+            batch.sign(device, meta, targets)
+        try:
+            commit_batch([(meta, files) for meta, files in batch.commits.values()])
+        except OSError as exc:
+            return {**batch.failed, **dict.fromkeys(batch.commits, exc)}
+        sets = batch.prune_and_read(self.keep_versions)
+        if self.store is not None:  # in the lock: the store gets each device's commits in the order they were made
+            batch.failed.update(director_store.push_devices(self.store, sets))
+        return batch.failed
 
     @staticmethod
     def _target(image: ImageRepository, model: str, version: str, variant: str) -> TargetFile:
-        path = variant_target_path(model, version, variant)
-        released = image.targets().signed.targets.get(path)
-        if released is None:
-            image.ensure_not_revoked(model, version)
-            if image.release_of(model, version) is None:
-                raise AssignError(f"{model} {version} is not in the image repository")
-            raise AssignError(f"{model} {version} has no variant {variant!r}")
-        custom = released.unrecognized_fields.get("custom", {})
-        target = TargetFile(released.length, dict(released.hashes), path)
-        target.unrecognized_fields["custom"] = {
-            "model": model,
-            "version": version,
-            "variant": variant,
-            "release_counter": custom.get("release_counter", 0),
-        }
-        return target
+        return _Released(image).target(model, version, variant)
 
     def _publish(self, meta: Path, targets_md: Metadata[Targets], keys: KeyStore) -> None:
         """Sign ``targets_md`` (its version set above every file on disk), a snapshot and a timestamp naming it, and
@@ -293,3 +313,101 @@ class Director:
         """
         with self._lock():
             return self._chain().rotate_key(keys, "director", self.root(), new_keys, threshold, self.write_root, lambda: self.refresh(keys))
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One device's assignment in ``Director.assign_many``: what it runs, and optionally a shadow (version, variant)."""
+
+    device: str
+    model: str
+    version: str
+    variant: str
+    shadow: tuple[str, str] | None = None
+
+
+class _Released:
+    """The image repository's targets, read once for a batch of assignments (one read, then a dictionary lookup)."""
+
+    def __init__(self, image: ImageRepository) -> None:
+        self.image = image
+        self._targets: dict[str, TargetFile] | None = None
+
+    def target(self, model: str, version: str, variant: str) -> TargetFile:
+        """A fresh ``TargetFile`` naming the released variant (the caller may mark it a shadow)."""
+        if self._targets is None:
+            self._targets = dict(self.image.targets().signed.targets)
+        path = variant_target_path(model, version, variant)
+        released = self._targets.get(path)
+        if released is None:
+            self.image.ensure_not_revoked(model, version)
+            if self.image.release_of(model, version) is None:
+                raise AssignError(f"{model} {version} is not in the image repository")
+            raise AssignError(f"{model} {version} has no variant {variant!r}")
+        custom = released.unrecognized_fields.get("custom", {})
+        target = TargetFile(released.length, dict(released.hashes), path)
+        target.unrecognized_fields["custom"] = {
+            "model": model,
+            "version": version,
+            "variant": variant,
+            "release_counter": custom.get("release_counter", 0),
+        }
+        return target
+
+    def targets_of(self, a: Assignment) -> dict[str, TargetFile]:
+        """The device's targets: the one it runs first, then its shadow if any."""
+        target = self.target(a.model, a.version, a.variant)
+        targets = {target.path: target}
+        if a.shadow is not None:
+            candidate = self.target(a.model, *a.shadow)
+            if candidate.path == target.path:
+                raise AssignError(f"{a.model} {a.version} cannot shadow itself")
+            candidate.unrecognized_fields["custom"]["shadow"] = True
+            targets[candidate.path] = candidate
+        return targets
+
+
+class _Batch:
+    """One ``assign_many`` under the repository's lock: each device's files signed (``sign``), then committed together by
+    the caller, then pruned and read back for the store (``prune_and_read``). What every device shares is read once."""
+
+    def __init__(self, director: Director, keys: KeyStore) -> None:
+        self.director = director
+        self.chain = director._chain()
+        self.signers = signers_of(keys, SIGNED_BY)
+        self.mirrors = director.mirrors()
+        d = director.directory
+        self.roots = {p.name: p.read_bytes() for p in d.glob("*.root.json") if not p.name.startswith(".")}
+        self.commits: dict[str, tuple[Path, list[tuple[str, bytes]]]] = {}
+        self.listed: dict[str, tuple[list[str], dict[str, int]]] = {}  # device: (names before, committed versions)
+        self.failed: dict[str, Exception] = {}
+
+    def sign(self, device: str, meta: Path, targets: dict[str, TargetFile]) -> None:
+        """The device's new targets, snapshot and timestamp, and the roots it lacks (a new device walks the whole
+        chain), as files to commit: the roots and numbered files first, the timestamp last."""
+        try:
+            meta.mkdir(parents=True, exist_ok=True)
+            names = os.listdir(meta)
+            md = Metadata(Targets(expires=signing_time() + self.director.targets_expiry, targets=targets))
+            if self.mirrors:
+                md.signed.unrecognized_fields[MIRRORS_FIELD] = self.mirrors
+            signed = self.chain.sign(names, timestamp_version(meta / "timestamp.json"), md, self.signers)
+        except Exception as exc:  # this device fails alone
+            self.failed[device] = exc
+            return
+        roots = [(name, body) for name, body in sorted(self.roots.items()) if name not in names]
+        self.commits[device] = (meta, roots + signed.files)
+        self.listed[device] = (names, signed.committed)
+
+    def prune_and_read(self, keep: int) -> list[tuple[str, dict[str, bytes]]]:
+        """After the commit: each device's old versions pruned, and its whole set (what the store keeps)."""
+        sets = []
+        for device, (meta, files) in self.commits.items():
+            names, committed = self.listed[device]
+            now = set(names) | {name for name, _ in files}
+            gone = set(prune_metadata(meta, committed, keep, sorted(now)))
+            written = dict(files)
+            kept = [n for n in now - gone if n.endswith(".json") and not n.startswith(".")]
+            body = {n: written[n] if n in written else (meta / n).read_bytes() for n in kept}
+            sets.append((device, body))
+        return sets

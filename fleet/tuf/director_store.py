@@ -14,6 +14,7 @@ verified here: devices verify everything.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +23,19 @@ from agent.files import atomic_write
 from agent.wire import WireError, valid_device_id
 from fleet.tuf.metadata import commit_metadata
 
-__all__ = ["DIRECTOR", "TIMESTAMP", "DirectorStore", "Synced", "local_files", "pull_device", "push_device", "push_director", "sync"]
+__all__ = [
+    "DIRECTOR",
+    "TIMESTAMP",
+    "DirectorStore",
+    "Synced",
+    "local_files",
+    "pull_device",
+    "pull_newer",
+    "push_device",
+    "push_devices",
+    "push_director",
+    "sync",
+]
 
 TIMESTAMP = "timestamp.json"
 DIRECTOR = ""  # the store's "device" for the director's own files (fleet.store.director.DIRECTOR)
@@ -39,6 +52,10 @@ class DirectorStore(Protocol):
     def director_versions(self) -> dict[str, int]: ...
 
     def put_director_files(self, device: str, files: dict[str, bytes], timestamp_version: int) -> None: ...
+
+    def director_versions_of(self, devices: Sequence[str]) -> dict[str, int]: ...
+
+    def put_director_sets(self, sets: Sequence[tuple[str, dict[str, bytes], int]]) -> None: ...
 
     def add_director_files(self, device: str, files: dict[str, bytes]) -> None: ...
 
@@ -86,6 +103,37 @@ def push_device(store: DirectorStore, meta: Path, device: str) -> bool:
         return False
     store.put_director_files(device, files, _version(files[TIMESTAMP]))
     return True
+
+
+def push_devices(store: DirectorStore, sets: Sequence[tuple[str, dict[str, bytes]]]) -> dict[str, Exception]:
+    """Many devices' committed sets (device, files) into the store in one transaction; when that is refused (one
+    device's store copy went ahead: ``StaleDirectorMetadata``), each alone, so only that one fails. The devices that
+    failed, with why."""
+    whole = [(device, files, _version(files[TIMESTAMP])) for device, files in sets if TIMESTAMP in files]
+    try:
+        store.put_director_sets(whole)
+        return {}
+    except Exception:
+        pass
+    failed: dict[str, Exception] = {}
+    for device, files, version in whole:
+        try:
+            store.put_director_files(device, files, version)
+        except Exception as exc:
+            failed[device] = exc
+    return failed
+
+
+def pull_newer(store: DirectorStore, directory: Path, devices: Sequence[str]) -> int:
+    """``pull_device`` for each of ``devices`` whose store copy is newer than its file (one query for all); how many
+    were pulled. Hold the repository's lock."""
+    stored = store.director_versions_of(devices)
+    pulled = 0
+    for device in devices:
+        meta = directory / device / "metadata"
+        if stored.get(device, 0) > _version(_read(meta / TIMESTAMP)):
+            pulled += pull_device(store, meta, device)
+    return pulled
 
 
 def push_director(store: DirectorStore, directory: Path) -> None:

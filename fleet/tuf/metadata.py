@@ -13,11 +13,13 @@ as ``HoldsRoot``.
 from __future__ import annotations
 
 import copy
+import ctypes
 import fcntl
+import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -36,6 +38,8 @@ __all__ = [
     "HoldsRoot",
     "RotationError",
     "SigningChain",
+    "Signed",
+    "commit_batch",
     "commit_metadata",
     "committed_versions",
     "encode",
@@ -46,7 +50,10 @@ __all__ = [
     "rotate_root",
     "rotated_root",
     "sign_metadata",
+    "signers_of",
     "signing_time",
+    "timestamp_version",
+    "versions_in",
 ]
 
 KEEP_VERSIONS = 3  # targets/snapshot versions kept per repository: a device mid-refresh still finds the one it was told
@@ -75,6 +82,23 @@ def sign_metadata(md: Metadata[Any], signers: Sequence[Signer]) -> None:
     md.signatures.clear()
     for s in signers:
         md.sign(s, append=True)
+
+
+@dataclass(frozen=True)
+class Signed:
+    """One commit of a repository, signed and not yet written: its files in commit order (the timestamp last) and
+    the versions the timestamp stands for (what pruning keeps)."""
+
+    files: list[tuple[str, bytes]]
+    committed: dict[str, int]
+
+
+def timestamp_version(path: Path) -> int:
+    """The ``signed.version`` of the timestamp at ``path``; 0 when there is none (the first commit is version 1)."""
+    try:
+        return int(json.loads(path.read_bytes())["signed"]["version"])
+    except FileNotFoundError:
+        return 0
 
 
 class HoldsRoot(Protocol):
@@ -118,34 +142,40 @@ class SigningChain:
         Hold the repository's lock. Only the keys that sign something are loaded: re-signing the snapshot and
         timestamp never needs the offline targets key.
         """
-        signers = _signers_of(keys, self.signed_by)
+        names = os.listdir(meta)
+        signed = self.sign(names, timestamp_version(meta / "timestamp.json"), targets, signers_of(keys, self.signed_by))
+        commit_metadata(meta, signed.files)
+        prune_metadata(meta, signed.committed, keep)
+
+    def sign(
+        self, names: Collection[str], current_timestamp: int, targets: Metadata[Targets] | int, signers: Callable[[str], Sequence[Signer]]
+    ) -> Signed:
+        """The files of one commit, in commit order (targets, snapshot, timestamp last), for a repository whose
+        directory holds ``names`` and whose timestamp is at ``current_timestamp`` (0: none yet); nothing is written.
+        ``signers``: ``signers_of(keys, ...)`` (loaded once: a batch signs many repositories with the same keys)."""
         now = signing_time()
         files: list[tuple[str, bytes]] = []
         if isinstance(targets, int):
             targets_version = targets
         else:
-            targets.signed.version = targets_version = max(metadata_versions(meta, "targets"), default=0) + 1
+            targets.signed.version = targets_version = max(versions_in(names, "targets"), default=0) + 1
             sign_metadata(targets, signers("targets"))
             files.append((f"{targets_version}.targets.json", encode(targets)))
         snapshot = Snapshot(
-            version=max(metadata_versions(meta, "snapshot"), default=0) + 1,
+            version=max(versions_in(names, "snapshot"), default=0) + 1,
             expires=now + self.snapshot_expiry,
             meta={"targets.json": MetaFile(version=targets_version)},
         )
         snapshot_md = Metadata(snapshot)
         sign_metadata(snapshot_md, signers("snapshot"))
         files.append((f"{snapshot.version}.snapshot.json", encode(snapshot_md)))
-        current = meta / "timestamp.json"
         timestamp = Timestamp(
-            version=Metadata.from_file(str(current)).signed.version + 1 if current.exists() else 1,
-            expires=now + self.timestamp_expiry,
-            snapshot_meta=MetaFile(version=snapshot.version),
+            version=current_timestamp + 1, expires=now + self.timestamp_expiry, snapshot_meta=MetaFile(version=snapshot.version)
         )
         timestamp_md = Metadata(timestamp)
         sign_metadata(timestamp_md, signers("timestamp"))
         files.append(("timestamp.json", encode(timestamp_md)))
-        commit_metadata(meta, files)
-        prune_metadata(meta, {"snapshot": snapshot.version, "targets": targets_version}, keep)
+        return Signed(files, {"snapshot": snapshot.version, "targets": targets_version})
 
     def rotate_key(
         self,
@@ -183,7 +213,7 @@ class SigningChain:
         return md
 
 
-def _signers_of(keys: KeyStore, signed_by: Mapping[str, str]) -> Callable[[str], Sequence[Signer]]:
+def signers_of(keys: KeyStore, signed_by: Mapping[str, str]) -> Callable[[str], Sequence[Signer]]:
     """Each TUF role's signers, loaded on first use and once per key role (the director's key signs three roles)."""
     loaded: dict[str, Sequence[Signer]] = {}
 
@@ -259,11 +289,18 @@ def rotated_root(current: Metadata[Root], old: Sequence[Signer], new: Sequence[A
 
 def metadata_versions(directory: Path, role: str) -> list[int]:
     """The version numbers of ``{N}.{role}.json`` files in ``directory``, ascending (temp files never match)."""
+    return versions_in(os.listdir(directory), role)
+
+
+def versions_in(names: Iterable[str], role: str) -> list[int]:
+    """The version numbers of the ``{N}.{role}.json`` among ``names`` (a directory's listing), ascending."""
+    suffix = f".{role}.json"
     out = []
-    for p in directory.glob(f"*.{role}.json"):
-        head = p.name.split(".", 1)[0]
-        if head.isdigit():
-            out.append(int(head))
+    for name in names:
+        if name.endswith(suffix):
+            head = name[: -len(suffix)]
+            if head.isdigit():
+                out.append(int(head))
     return sorted(out)
 
 
@@ -305,22 +342,105 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def prune_metadata(directory: Path, committed: dict[str, int], keep: int) -> list[str]:
+def prune_metadata(directory: Path, committed: dict[str, int], keep: int, names: Collection[str] | None = None) -> list[str]:
     """Delete, per role in ``committed`` (targets, snapshot), every version but the ``keep`` newest up to the committed
     one, every version above it (a crash's leftovers) and stale temp files; the names deleted. Call it holding the
-    repository's lock: a version above the committed one is then never a writer's work in progress."""
+    repository's lock: a version above the committed one is then never a writer's work in progress. ``names``: the
+    directory's listing when the caller has it (a batch does), else it is listed here."""
+    names = os.listdir(directory) if names is None else names
     removed = []
     for role, current in committed.items():
-        versions = metadata_versions(directory, role)
+        versions = versions_in(names, role)
         kept = set([v for v in versions if v <= current][-keep:])
         for v in versions:
             if v not in kept:
                 (directory / f"{v}.{role}.json").unlink(missing_ok=True)
                 removed.append(f"{v}.{role}.json")
-    for tmp in directory.glob(".*.json.*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp.name)
+    for name in names:
+        if name.startswith(".") and ".json." in name and name.endswith(".tmp"):
+            (directory / name).unlink(missing_ok=True)
+            removed.append(name)
     return removed
+
+
+def commit_batch(commits: Sequence[tuple[Path, Sequence[tuple[str, bytes]]]]) -> None:
+    """``commit_metadata`` for many repositories at once, with three filesystem syncs in all instead of an fsync per
+    file: every file is written under a temporary name, then synced; every numbered file renamed into place, synced;
+    then every ``timestamp.json`` (each repository's last file) renamed, synced.
+
+    Why it is as safe as one commit at a time: a timestamp's rename (the commit a device sees) happens only after
+    everything it names is durable under its final name, and the call returns only once the renames themselves are
+    durable (a power cut cannot bring an older timestamp back after a device was told of the new one). A crash
+    before the last sync leaves each repository on its old timestamp or its new one, each complete. One repository
+    alone: its files and its directory are fsynced instead (a filesystem sync also waits for everyone else's writes).
+    """
+    staged: list[tuple[Path, str, str]] = []  # (directory, temp path, final name)
+    try:
+        for directory, files in commits:
+            for name, data in files:
+                fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+                staged.append((directory, tmp, name))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+        if not staged:
+            return
+        _make_durable(staged, len(commits) > 1, renamed=False)
+        for last in (False, True):  # the numbered files, then the timestamps
+            for directory, tmp, name in staged:
+                if (name == "timestamp.json") is last:
+                    os.replace(tmp, directory / name)
+            _make_durable(staged, len(commits) > 1, renamed=True)
+    finally:
+        for _, tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _make_durable(staged: list[tuple[Path, str, str]], many: bool, renamed: bool) -> None:
+    """What was just done to ``staged`` durable: one ``syncfs`` of the filesystem for ``many`` repositories (Linux;
+    all of a director's device repositories are on one), else an fsync of each file written (before the renames)
+    or of each directory (after them)."""
+    directories = {d for d, _, _ in staged}
+    anchor = staged[0][0]
+    if many and _syncfs is not None and _same_filesystem(directories, anchor):
+        fd = os.open(anchor, os.O_RDONLY)
+        try:
+            if _syncfs(fd) != 0:
+                raise OSError(ctypes.get_errno(), f"syncfs failed on {anchor}")
+        finally:
+            os.close(fd)
+    elif renamed:
+        for directory in directories:
+            _fsync_dir(directory)
+    else:
+        for _, tmp, _ in staged:
+            _fsync_path(Path(tmp))
+
+
+def _same_filesystem(directories: set[Path], anchor: Path) -> bool:
+    device = os.stat(anchor).st_dev
+    return all(os.stat(d).st_dev == device for d in directories)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_syncfs = _load_syncfs()
 
 
 @dataclass
