@@ -378,10 +378,12 @@ def test_predictions_for_http_clients_reach_mqtt_subscribers(rig: Rig, mqtt_brok
         wait_for(lambda: len(sub.payloads()) >= 3, 10, "three published predictions")
         replies = [decode_reply(p) for p in sub.payloads(device_topic("oip-pub", "pred", MODEL))]
         ids = [r.request_id for r in replies]
-        assert ids == ["p1", "p3", "p5"], (ids, agent.serving.mirror and agent.serving.mirror._seen, agent.serving.stats.errors)
-        for r, x in zip(replies, xs[1::2]):
+        # every 2nd answer in the order the answers were counted: a fast call answered inline on the event loop can be
+        # counted before the previous one a worker answered, so which three is not fixed — three distinct ones are
+        assert len(ids) == 3 and len(set(ids)) == 3 and set(ids) <= {f"p{i}" for i in range(6)}, ids
+        for r in replies:
             assert r.model == MODEL and r.version == "1.0.0"
-            np.testing.assert_allclose(r.outputs["y"], models.mlp.reference(x), atol=1e-4)
+            np.testing.assert_allclose(r.outputs["y"], models.mlp.reference(xs[int(r.request_id[1:])]), atol=1e-4)
         mirror = agent.serving.mirror
         assert mirror is not None and mirror.published == 3  # every = 2 of 6 answers, no more
         mirror.rule = mirror.rule.model_copy(update={"every": 1, "value_above": 1e9})  # a rule no answer meets
