@@ -13,13 +13,28 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import InvalidOptions
 from agent.settings import parse_address
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
+    from agent.outbox import Outbox
+    from agent.serve.host import ModelHost
+    from agent.serve.serving import Serving
+    from agent.session import Session
+
+
+class Agent(Protocol):
+    """What the exporter reads of the daemon (agent.daemon.Agent), named here so the daemon, which builds the
+    exporter, is not imported back."""
+
+    host: ModelHost
+    serving: Serving
+    session: Session
+    serving_session: Session | None
+    outbox: Outbox
+    rounds: int
 
 __all__ = ["Exporter", "Totals"]
 
