@@ -200,7 +200,7 @@ def _wait_model(client: Client, x: list[list[float]], device: str = "bench") -> 
             return
         except RuntimeError:
             continue
-    raise RuntimeError("the agent never served the model")
+    raise RuntimeError(f"{device} never served the model")
 
 
 def _wait_shadow(db: Path) -> None:
@@ -427,7 +427,7 @@ def local_broker_rows(work: Path, host: str, port: int, n_tp: int, n_lat: int, w
 def _local_pairs(model: str, clients: dict[str, tuple[Client, str]], n_tp: int, n_lat: int, window: int, rounds: int) -> dict[str, Any]:
     x = np.random.default_rng(0).uniform(-1, 1, (1, MODELS[model][0])).astype(np.float32).tolist()
     for client, device in clients.values():
-        _wait_served(client, device, x)
+        _wait_model(client, x, device)
         client.run(device, x, max(1, n_tp // 10), window)  # warm: the first calls load lazy paths
     got: dict[str, list[tuple[float, float]]] = {"fleet": [], "local": []}
     for r in range(rounds):
@@ -450,17 +450,6 @@ def _local_pairs(model: str, clients: dict[str, tuple[Client, str]], n_tp: int, 
         "p50_ratio": round(statistics.median(p50_ratio), 3),
         "p50_ratio_range": [round(min(p50_ratio), 3), round(max(p50_ratio), 3)],
     }
-
-
-def _wait_served(client: Client, device: str, x: list[list[float]]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            client.run(device, x, 1, 1)
-            return
-        except RuntimeError:
-            continue
-    raise RuntimeError(f"{device} never served the model")
 
 
 def _local_table(rows: list[dict[str, Any]]) -> str:
