@@ -87,6 +87,15 @@ def _duplicated_batches(store: FleetStore, prefix: str) -> list[dict[str, Any]]:
     )
 
 
+def _assert_every_batch_stored_once(store: Any, prefix: str, sim: Any) -> None:
+    """Every batch the broker acknowledged is stored, once; at most the ones numbered (a publish the stop cancelled
+    before its acknowledgement was counted may have reached the broker, and be stored)."""
+    sent = sim.sent["telemetry"]
+    wait_for(lambda: _stored_batches(store, prefix) >= sent, 30, f"all {sent} telemetry batches stored")
+    assert sent <= _stored_batches(store, prefix) <= sum(d.seq for d in sim.devices)
+    assert not _duplicated_batches(store, prefix)
+
+
 def _stored_batches(store: FleetStore, prefix: str) -> int:
     return int(store.db.query("SELECT count(*) AS n FROM batches WHERE device LIKE ?", (f"{prefix}-%",))[0]["n"])
 
@@ -131,12 +140,7 @@ def test_the_standby_takes_over_a_rollout_when_the_leader_is_killed_and_no_telem
             wait_for(lambda: sim.sent["telemetry"] >= after + 2 * n, 30, "telemetry after the takeover")
             sims.stop()
             sims = None
-            sent = sim.sent["telemetry"]
-            wait_for(lambda: _stored_batches(store, prefix) >= sent, 30, f"all {sent} telemetry batches stored")
-            # every batch the broker acknowledged is stored; at most the ones numbered (a publish the stop cancelled
-            # before its acknowledgement was counted may have reached the broker, and be stored)
-            assert sent <= _stored_batches(store, prefix) <= sum(d.seq for d in sim.devices)
-            assert not _duplicated_batches(store, prefix)
+            _assert_every_batch_stored_once(store, prefix, sim)
             assert standby.proc.poll() is None, standby.log.read_text()
         finally:
             if sims is not None:
@@ -263,10 +267,7 @@ def test_a_controller_killed_mid_stream_and_restarted_under_its_id_loses_no_tele
             wait_for(lambda: sim.sent["telemetry"] >= at_kill + 600, 60, "telemetry after it came back")
             sims.stop()
             sims = None
-            sent = sim.sent["telemetry"]
-            wait_for(lambda: _stored_batches(store, prefix) >= sent, 30, f"all {sent} telemetry batches stored")
-            assert sent <= _stored_batches(store, prefix) <= sum(d.seq for d in sim.devices)
-            assert not _duplicated_batches(store, prefix)
+            _assert_every_batch_stored_once(store, prefix, sim)
             assert not a.says("ingest.adopted") or a.says("ingest.adoption_ended")  # if a took it over, b got it back
         finally:
             if sims is not None:
