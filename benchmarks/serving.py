@@ -84,6 +84,7 @@ class Client:
     def __init__(self, host: str, port: int) -> None:
         self.id = f"bench-{uuid.uuid4().hex[:6]}"
         self.done: dict[str, float] = {}
+        self.sent: dict[str, float] = {}  # this run's requests: a late answer to an earlier run's is not counted
         self.cond = threading.Condition()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.id, protocol=mqtt.MQTTv5)
         self.c.on_socket_open = tcp_nodelay
@@ -98,8 +99,9 @@ class Client:
     def _on(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         rid = _request_id(msg.payload)
         with self.cond:
-            self.done[rid] = time.perf_counter()
-            self.cond.notify_all()
+            if rid in self.sent:
+                self.done[rid] = time.perf_counter()
+                self.cond.notify_all()
 
     def payload(self, device: str, x: list[list[float]], binary: bool = False) -> tuple[str, bytes]:
         rid = uuid.uuid4().hex[:16]
@@ -109,19 +111,25 @@ class Client:
         body = {"request_id": rid, "inputs": {"x": x}, "reply_to": reply_to}
         return rid, json.dumps(body).encode()
 
-    def run(self, device: str, x: list[list[float]], n: int, window: int, binary: bool = False) -> tuple[float, list[float]]:
-        """(requests per second, per-request round trips in ms) for ``n`` requests, ``window`` in flight."""
+    def run(
+        self, device: str, x: list[list[float]], n: int, window: int, binary: bool = False, timeout: float = 60.0
+    ) -> tuple[float, list[float]]:
+        """(requests per second, per-request round trips in ms) for ``n`` requests, ``window`` in flight; RuntimeError
+        when the last answers are not in ``timeout`` seconds after the last request."""
         topic = device_topic(device, "infer", "m")
         sent: dict[str, float] = {}
+        with self.cond:
+            self.done.clear()
+            self.sent = sent
         t0 = time.perf_counter()
         for _ in range(n):
             rid, body = self.payload(device, x, binary)
             with self.cond:
                 self.cond.wait_for(lambda: len(sent) - len(self.done) < window, 30)
-            sent[rid] = time.perf_counter()
+                sent[rid] = time.perf_counter()
             self.c.publish(topic, body, qos=1)
         with self.cond:
-            if not self.cond.wait_for(lambda: len(self.done) >= len(sent), 60):
+            if not self.cond.wait_for(lambda: len(self.done) >= len(sent), timeout):
                 raise RuntimeError(f"{device}: {len(sent) - len(self.done)} requests unanswered")
         elapsed = time.perf_counter() - t0
         rtts = [(self.done[r] - t) * 1e3 for r, t in sent.items()]
@@ -193,10 +201,12 @@ def _fleet(
 
 
 def _wait_model(client: Client, x: list[list[float]], device: str = "bench") -> None:
+    """Until ``device`` answers a request. A request sent before the agent subscribed is gone (no session keeps it),
+    so each try waits 1 s, not the minute a throughput round may take."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            client.run(device, x, 1, 1)
+            client.run(device, x, 1, 1, timeout=1.0)
             return
         except RuntimeError:
             continue
