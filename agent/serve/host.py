@@ -72,8 +72,9 @@ class ModelHost:
             return dict(self._models)
 
     def get(self, name: str) -> ServingModel | None:
-        with self._cond:
-            return self._models.get(name)
+        # No lock: asked several times per request, and one dict lookup is atomic in CPython; writers still hold it
+        # (``_replace`` swaps a slot in one step, so a reader sees the old model or the new one, both whole).
+        return self._models.get(name)
 
     def infer(self, name: str, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
         with self._cond:

@@ -125,6 +125,7 @@ class OipApp:
 
     def __init__(self, serving: Serving, host: ModelHost, ready: Callable[[], bool], body_timeout_s: float) -> None:
         self.serving, self.host, self.ready, self.body_timeout_s = serving, host, ready, body_timeout_s
+        self._deadlines = _Deadlines(min(0.25, body_timeout_s / 4))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -205,19 +206,11 @@ class OipApp:
         return answer.fut.result() if answer.fut.done() else await answer.fut  # done: answered inline, on this thread
 
     async def _body(self, receive: Receive, limit: int) -> bytes:
-        """The whole body, at most ``limit`` bytes, within ``body_timeout_s``.
-
-        Why a timer that cancels this task and not ``asyncio.wait_for``: wait_for wraps every ``receive()`` in a new
-        task (Python < 3.12), which cost more than the rest of reading a small body; a timer is one heap entry."""
+        """The whole body, at most ``limit`` bytes, within ``body_timeout_s`` (``_Deadlines``: 408 past it)."""
         task = asyncio.current_task()
         assert task is not None
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            task.cancel()
-
-        timer = asyncio.get_running_loop().call_later(self.body_timeout_s, expire)
+        deadlines = self._deadlines
+        deadlines.watch(task, self.body_timeout_s)
         chunks: list[bytes] = []
         total, more = 0, True
         try:
@@ -232,14 +225,54 @@ class OipApp:
                 chunks.append(chunk)
                 more = message.get("more_body", False)
         except asyncio.CancelledError:
-            if not expired:
+            if not deadlines.expired(task):
                 raise  # the server is stopping
             if hasattr(task, "uncancel"):  # 3.11+: this cancellation is handled here
                 task.uncancel()
             raise _HttpError(408, "bad_request", f"the body did not arrive within {self.body_timeout_s:g} s") from None
         finally:
-            timer.cancel()
+            deadlines.forget(task)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _Deadlines:
+    """Cancels the tasks still reading a body past their deadline: one timer for all of them, armed only while any read.
+
+    Why not a timer per request (``call_later`` + ``cancel``, or ``asyncio.wait_for``, which wraps every ``receive()``
+    in a task before Python 3.12): each cost more than the rest of reading a small body, and cancelled timers stay in
+    the loop's heap until they come due — at thousands of requests a second, tens of thousands of them. A deadline is
+    kept within ``granularity`` seconds late, never early."""
+
+    def __init__(self, granularity: float = 0.25) -> None:
+        self.granularity = granularity
+        self._due: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._armed = False
+
+    def watch(self, task: asyncio.Task[Any], seconds: float) -> None:
+        loop = task.get_loop()
+        self._due[task] = loop.time() + seconds
+        if not self._armed:
+            self._armed = True
+            loop.call_later(min(self.granularity, seconds), self._sweep, loop)
+
+    def forget(self, task: asyncio.Task[Any]) -> None:
+        self._due.pop(task, None)
+        self._expired.discard(task)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        return task in self._expired
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for task in [t for t, due in self._due.items() if due <= now]:
+            del self._due[task]
+            self._expired.add(task)
+            task.cancel()
+        if self._due:
+            loop.call_later(self.granularity, self._sweep, loop)
+        else:
+            self._armed = False
 
 
 def _header_length(value: bytes | None) -> int | None:
