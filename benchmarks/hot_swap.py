@@ -26,7 +26,7 @@ from benchmarks.common import Plan, arguments, pairs, report, yes_no
 from converters import builders
 
 QUICK = Plan(min_pairs=5, max_pairs=7, budget_s=25.0)
-FULL = Plan(min_pairs=11, max_pairs=31, budget_s=90.0)
+FULL = Plan(min_pairs=11, max_pairs=31, budget_s=60.0)
 STEADY_S = 1.5
 AFTER_SWAP_S = 0.5
 

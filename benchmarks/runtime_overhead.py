@@ -37,7 +37,7 @@ from converters import builders
 
 MODELS = {"tiny": [4, 4], "medium": [512, 512, 512, 512, 10]}
 QUICK = Plan(min_pairs=9, max_pairs=41, budget_s=4.0)  # per row; 6 rows
-FULL = Plan(min_pairs=21, max_pairs=201, budget_s=20.0)
+FULL = Plan(min_pairs=21, max_pairs=201, budget_s=10.0)
 
 
 def raw_litert(rt: Runtime, x: np.ndarray) -> dict[str, Callable[[], object]]:
