@@ -77,7 +77,8 @@ def artifact(tmp_path: Path) -> tuple[Path, bytes, VerifiedUpdate]:
 
 
 def durable_prefix_checker(dest: Path, data: bytes, seen: list[int]) -> Callable[[int], None]:
-    """A ``progress`` that checks, when told an offset, that the file already holds exactly those verified bytes."""
+    """A ``progress`` that checks, when told an offset, that the file already holds exactly those verified bytes
+    (it runs on the writer thread: a failed assert there is raised by ``download``)."""
 
     def progress(offset: int) -> None:
         with open(dest, "rb") as f:

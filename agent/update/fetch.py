@@ -277,13 +277,13 @@ class _ChunkWriter:
     """Checks each chunk against the signed list, writes it and fsyncs every ``sync_bytes``, on its own thread.
 
     Why a thread: with sha256, the write and the fsync on the thread that reads the replies, no request went out
-    while they ran and the window drained (an fsync of 4 MiB is milliseconds). Only ``durable`` leaves this thread:
-    the caller's thread reports it to ``progress``, so the resume offset never covers a byte not fsynced and
-    verified. After a bad chunk or an error the writer takes (and drops) whatever is still queued, so a caller
-    never blocks on a full queue."""
+    while they ran and the window drained (an fsync of 4 MiB is milliseconds). ``progress`` is told each offset
+    right after its fsync, from this thread, so the resume offset never covers a byte not fsynced and verified
+    (the job store is shared by the agent's threads behind a lock). After a bad chunk or an error the writer takes
+    (and drops) whatever is still queued, so a caller never blocks on a full queue."""
 
-    def __init__(self, chunks: ChunkManifest, f: BinaryIO, offset: int, sync_bytes: int) -> None:
-        self.chunks, self.f, self.sync_bytes = chunks, f, sync_bytes
+    def __init__(self, chunks: ChunkManifest, f: BinaryIO, offset: int, sync_bytes: int, progress: Progress) -> None:
+        self.chunks, self.f, self.sync_bytes, self.progress = chunks, f, sync_bytes, progress
         self.offset = self.durable = offset  # end of the verified bytes written; of those fsynced
         self.bad: int | None = None  # offset of a chunk that failed its hash
         self.error: BaseException | None = None
@@ -333,11 +333,12 @@ class _ChunkWriter:
             self._sync()
 
     def _sync(self) -> None:
-        """Make the verified bytes durable, then (only then) say how far they go."""
+        """Make the verified bytes durable, then (only then) record how far they go."""
         if self.offset != self.durable:
             self.f.flush()
             os.fsync(self.f.fileno())
             self.durable = self.offset
+            self.progress(self.offset)
 
 
 class DiskFull(EdgefleetError):
@@ -439,8 +440,7 @@ def _fill(
     """Write verified chunks from ``offset``; the offset of a chunk that failed its hash (or where a short stream
     ended), or None when done. Transport errors propagate as python-tuf's ``DownloadError``s, after the chunks
     already received are written (every byte written is a verified chunk: ``f.tell()`` is where to resume)."""
-    writer = _ChunkWriter(update.chunks, f, offset, sync_bytes)
-    reported = offset
+    writer = _ChunkWriter(update.chunks, f, offset, sync_bytes, progress)
     stream: Iterator[Chunk] | None = None
     pending = bytearray()
     try:
@@ -451,7 +451,6 @@ def _fill(
                 if not writer.put(index, chunk):
                     break
                 index += 1
-            reported = _report(writer.durable, reported, progress)
             if writer.stopped:
                 break
     finally:
@@ -459,7 +458,6 @@ def _fill(
         if close is not None:
             close()
         writer.finish()
-        _report(writer.durable, reported, progress)
     if writer.bad is not None:
         return writer.bad
     if writer.offset != update.length or pending:
@@ -478,10 +476,3 @@ def _whole_chunks(chunks: ChunkManifest, index: int, data: Chunk, pending: bytea
         ready.append(bytes(pending[:n]))
         del pending[:n]
     return ready
-
-
-def _report(durable: int, reported: int, progress: Progress) -> int:
-    """Tell ``progress`` the fsynced offset when it moved (on the caller's thread: ``progress`` saves the job)."""
-    if durable != reported:
-        progress(durable)
-    return durable
