@@ -10,8 +10,9 @@ Fairness: paho's thread only reads who asks (the topic) and queues the raw reque
 that device's line; a small pool of readers takes one request per device in turn (round
 robin). A device has at most ``max_pending`` requests waiting (what it sends past that is
 dropped and counted) and at most ``MAX_INFLIGHT`` replies on their way to the broker (an
-agent keeps ``update.window``, 8, in flight): without that second bound a flood's replies
-queued without limit on the server's one connection, ahead of everyone else's.
+agent keeps ``update.window``, 8, in flight, up to ``update.window_max``, 32, when more pays: the
+rest wait in its line): without that second bound a flood's replies queued without limit on the
+server's one connection, ahead of everyone else's.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class RepositoryServer:
                 self._work.notify()
                 return
         # Dropped, not answered: thousands of answers would queue on our one connection ahead of everyone's. An agent
-        # keeps ``update.window`` requests in flight and never gets here; a device that does times out and asks again.
+        # keeps at most ``update.window_max`` (<= 64) requests in flight and never gets here; a device that does times out and asks again.
         self._count("dropped")
 
     def _read_loop(self) -> None:
