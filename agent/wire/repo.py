@@ -75,13 +75,9 @@ class RepoReply:
     data: bytes | memoryview = b""  # a memoryview into the payload when decoded with ``view=True``
     error: str = ""
 
-    def header(self) -> bytes:
-        """The JSON header and its newline: what precedes the data (a server may read the data in right after it)."""
-        header = {"request_id": self.request_id, "status": self.status, "total": self.total, "offset": self.offset, "error": self.error}
-        return json.dumps(header, separators=(",", ":")).encode() + b"\n"
-
     def encode(self) -> bytes:
-        return self.header() + self.data
+        header = {"request_id": self.request_id, "status": self.status, "total": self.total, "offset": self.offset, "error": self.error}
+        return json.dumps(header, separators=(",", ":")).encode() + b"\n" + self.data
 
     @classmethod
     def decode(cls, payload: bytes, view: bool = False) -> RepoReply:

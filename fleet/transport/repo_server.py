@@ -189,7 +189,8 @@ class RepositoryServer:
                 self._work.notify()
                 return
         # Dropped, not answered: thousands of answers would queue on our one connection ahead of everyone's. An agent
-        # keeps at most ``update.window_max`` (<= 64) requests in flight and never gets here; a device that does times out and asks again.
+        # keeps at most ``update.window_max`` (<= 64) requests in flight and never gets here; a device that does times out
+        # and asks again.
         self._count("dropped")
 
     def _read_loop(self) -> None:
