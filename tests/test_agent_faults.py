@@ -149,8 +149,8 @@ def test_broker_restart_mid_download_resumes(models: ModelFiles, tmp_path: Path,
 
 def test_kill_9_mid_window_leaves_a_resume_offset_only_over_verified_bytes_on_disk(rig: Rig, tmp_path: Path) -> None:
     """The writer thread checks and writes chunks while replies keep arriving: killed at whatever point it had
-    reached, the saved offset covers only bytes on disk that match the artifact (a tampered chunk on the way was
-    refused and asked again), and the restarted agent resumes from exactly there."""
+    reached, the saved offset covers only bytes on disk, every byte on disk matches the artifact (a tampered chunk
+    on the way was refused, never written), and the restarted agent resumes from exactly there."""
     hold = 16 * 4096  # the relay answers the artifact up to here, then keeps the agent waiting
     held: list[int] = []
     tampered: list[int] = []
@@ -191,8 +191,8 @@ def test_kill_9_mid_window_leaves_a_resume_offset_only_over_verified_bytes_on_di
     [artifact] = (rig.image.directory / "targets").rglob(partial.name.removesuffix(".part") + "*")
     assert state == "DOWNLOADING" and tampered == [5 * 4096]
     assert 0 < offset <= hold and offset % 4096 == 0
-    assert partial.read_bytes()[:offset] == artifact.read_bytes()[:offset]  # on disk, and every byte verified
-    assert "event=download.bad_chunk" in first.text()
+    on_disk = partial.read_bytes()
+    assert len(on_disk) >= offset and on_disk == artifact.read_bytes()[: len(on_disk)]  # every byte written verified
     second = AgentProcess(config, tmp_path / "second.log")
     try:
         wait_for(lambda: active_version(state_dir) == "1.1.0", 90, "1.1.0 active after the restart")

@@ -270,9 +270,12 @@ class DirectoryFetcher(FetcherInterface):
 
 Progress = Callable[[int], None]  # told each offset up to which the verified bytes are durable
 SYNC_BYTES = 4 * 1024 * 1024  # fsync (and record the offset) this often: per 256 KiB chunk halved the throughput
-# Chunks waiting for the writer thread: bounded memory (2 MiB of 256 KiB chunks), and room for what arrives during an
-# fsync (4 MiB took 2-3 ms on the benchmark's disk: about 0.5 MiB at 200 MB/s).
-WRITE_QUEUE = 8
+# Chunks go to the writer thread WRITE_BATCH at a time: each hand-over wakes it, and a woken thread contends for the GIL
+# with paho's (handing over every chunk cost 12% of the throughput, in benchmarks/transfer.py). At most WRITE_QUEUE
+# batches wait: bounded memory (2 MiB of 256 KiB chunks, besides the batches being filled and written), and room for
+# what arrives during an fsync (4 MiB took 2-3 ms on the benchmark's disk: about 0.5 MiB at 200 MB/s).
+WRITE_BATCH = 4
+WRITE_QUEUE = 2
 
 
 class _ChunkWriter:
@@ -282,14 +285,16 @@ class _ChunkWriter:
     while they ran and the window drained (an fsync of 4 MiB is milliseconds). ``progress`` is told each offset
     right after its fsync, from this thread, so the resume offset never covers a byte not fsynced and verified
     (the job store is shared by the agent's threads behind a lock). After a bad chunk or an error the writer takes
-    (and drops) whatever is still queued, so a caller never blocks on a full queue."""
+    (and drops) whatever is still queued, so a caller never blocks on a full queue; the caller learns of it at its
+    next ``put`` (or at ``finish``), having received at most a few more chunks, none of them written."""
 
     def __init__(self, chunks: ChunkManifest, f: BinaryIO, offset: int, sync_bytes: int, progress: Progress) -> None:
         self.chunks, self.f, self.sync_bytes, self.progress = chunks, f, sync_bytes, progress
         self.offset = self.durable = offset  # end of the verified bytes written; of those fsynced
         self.bad: int | None = None  # offset of a chunk that failed its hash
         self.error: BaseException | None = None
-        self._queue: queue.Queue[tuple[int, Chunk] | None] = queue.Queue(WRITE_QUEUE)
+        self._batch: list[tuple[int, Chunk]] = []  # filled by the caller's thread, handed over when full
+        self._queue: queue.Queue[list[tuple[int, Chunk]] | None] = queue.Queue(WRITE_QUEUE)
         self._thread = threading.Thread(target=self._run, name="download-writer", daemon=True)
         self._thread.start()
 
@@ -301,20 +306,26 @@ class _ChunkWriter:
         """Queue chunk ``index`` (blocks while the queue is full); False once the writer stopped taking chunks."""
         if self.stopped:
             return False
-        self._queue.put((index, chunk))
+        self._batch.append((index, chunk))
+        if len(self._batch) >= WRITE_BATCH:
+            self._queue.put(self._batch)
+            self._batch = []
         return True
 
     def finish(self) -> None:
         """Write what is queued, fsync, stop; the writer's error (a full disk) is raised here, on the caller's thread."""
+        if self._batch:
+            self._queue.put(self._batch)
         self._queue.put(None)
         self._thread.join()
         if self.error is not None:
             raise self.error
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if not self.stopped:
-                self._guarded(self._write, *item)
+        while (batch := self._queue.get()) is not None:
+            for item in batch:
+                if not self.stopped:
+                    self._guarded(self._write, *item)
         if not self.stopped:
             self._guarded(self._sync)
 
