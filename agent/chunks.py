@@ -57,5 +57,5 @@ class ChunkManifest:
     def chunk_length(self, index: int) -> int:
         return min(self.chunk_size, self.length - index * self.chunk_size)
 
-    def check(self, index: int, data: bytes) -> bool:
+    def check(self, index: int, data: bytes | memoryview) -> bool:
         return len(data) == self.chunk_length(index) and hashlib.sha256(data).hexdigest() == self.sha256[index]

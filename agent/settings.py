@@ -229,7 +229,10 @@ class UpdateSettings(BaseModel):
     # director messages arriving faster than this are one update round (each round is a connection and two refreshes)
     min_check_interval_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
     retry_s: Annotated[float, Field(gt=0)] = 5.0  # after the repository was unreachable (doubles up to check_interval_s)
-    window: Annotated[int, Field(ge=1, le=64)] = 8  # chunk requests in flight (8 x 256 KiB: measured in benchmarks/transfer.py)
+    window: Annotated[int, Field(ge=1, le=64)] = 8  # chunk requests in flight at first (8 x 256 KiB: benchmarks/transfer.py)
+    # The window doubles while that makes the download measurably faster, up to this (below window: window, fixed). Under
+    # the repository server's per-device line (64 requests), past which requests are dropped.
+    window_max: Annotated[int, Field(ge=1, le=64)] = 32
     request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     # Bytes per chunk request, at most 256 KiB; also capped by the broker's MaximumPacketSize (MQTT 5 CONNACK).
     request_chunk_kb: Annotated[int, Field(ge=1, le=256)] = 256

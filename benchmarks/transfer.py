@@ -8,7 +8,8 @@ by one client and received by another, no requests, no hashing, no disk. The two
 alternating pairs on one broker; the ratio is taken per pair. Goal (issue 18; 0.5 in
 issue 7): a median of at least 0.8 of the baseline's throughput.
 
-Run: ``python -m benchmarks.transfer [--quick] [--repeat N] [--mib 50] [--window 8]``.
+Run: ``python -m benchmarks.transfer [--quick] [--repeat N] [--mib 50] [--window 8] [--window-max 32]`` (the windows
+default to the agent's settings: ``update.window`` to start, doubling while that pays up to ``update.window_max``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import paho.mqtt.client as mqtt
 
 from agent.chunks import CHUNK_SIZE, ChunkManifest
 from agent.mqtt import tcp_nodelay
+from agent.settings import UpdateSettings
 from benchmarks.common import Plan, alternating, arguments, pairs, report, yes_no
 
 
@@ -65,7 +67,8 @@ def raw_pubsub(host: str, port: int, data: bytes) -> float:
     return len(data) / elapsed / 1e6
 
 
-def verified_download(host: str, port: int, root: Path, data: bytes, dest: Path, window: int) -> float:
+def verified_download(host: str, port: int, root: Path, data: bytes, dest: Path, window: int, window_max: int, settled: list[int]) -> float:
+    """MB/s of the agent's download; ``settled`` gets the window the adaptive window ended at."""
     from agent.update.fetch import MqttFetcher, download
     from agent.update.verify import VerifiedUpdate
     from fleet.transport.repo_server import RepositoryServer
@@ -76,12 +79,13 @@ def verified_download(host: str, port: int, root: Path, data: bytes, dest: Path,
     url = f"repo://image/targets/{sha}.big.tar"
     update = VerifiedUpdate("big.tar", "big", "1", "onnx-fp32", 1, len(data), sha, url, ChunkManifest.of(data))
     with RepositoryServer(root, host, port, client_id="bench-repo"):
-        fetcher = MqttFetcher(host, port, "bench-dev", "repo://", window=window, timeout=30)
+        fetcher = MqttFetcher(host, port, "bench-dev", "repo://", window=window, window_max=window_max, timeout=30)
         try:
             dest.unlink(missing_ok=True)
             t0 = time.perf_counter()
             download(update, fetcher, dest, 0, lambda offset: None)
             elapsed = time.perf_counter() - t0
+            settled.append(fetcher.last_window)
         finally:
             fetcher.close()
     assert dest.stat().st_size == len(data)
@@ -96,7 +100,9 @@ FULL = Plan(min_pairs=9, max_pairs=21, budget_s=90.0)
 def main(argv: list[str] | None = None) -> None:
     ap, plan_of = arguments(__doc__.splitlines()[0], QUICK, FULL)
     ap.add_argument("--mib", type=int, default=50)
-    ap.add_argument("--window", type=int, default=8)  # the agent's default (update.window)
+    defaults = UpdateSettings()
+    ap.add_argument("--window", type=int, default=defaults.window)  # the agent's defaults: update.window, update.window_max
+    ap.add_argument("--window-max", type=int, default=defaults.window_max)
     args = ap.parse_args(argv)
     from fleet.dev.broker import start_broker
 
@@ -105,13 +111,28 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         with start_broker(work / "broker") as broker:
             raw = partial(raw_pubsub, broker.host, broker.port, data)
-            ours = partial(verified_download, broker.host, broker.port, work / "repo", data, work / "dl.part", args.window)
+            settled: list[int] = []
+            ours = partial(
+                verified_download, broker.host, broker.port, work / "repo", data, work / "dl.part", args.window, args.window_max, settled
+            )
             paired = pairs(alternating(raw, ours), plan_of(args))
     ratio, spread = paired.cells()
     met = paired.ratio >= GOAL
-    row = {"mib": args.mib, "window": args.window, "raw_MBps": paired.baseline_median, "verified_MBps": paired.subject_median}
+    windows = (
+        f"window {args.window}"
+        if args.window_max <= args.window
+        else f"window {args.window}..{args.window_max} (settled {sorted(settled)[len(settled) // 2]})"
+    )
+    row = {
+        "mib": args.mib,
+        "window": args.window,
+        "window_max": args.window_max,
+        "settled_windows": settled,
+        "raw_MBps": paired.baseline_median,
+        "verified_MBps": paired.subject_median,
+    }
     cells = [
-        f"{args.mib} MiB, window {args.window}, 256 KiB chunks",
+        f"{args.mib} MiB, {windows}, 256 KiB chunks",
         f"{paired.subject_median:.1f}",
         f"{paired.baseline_median:.1f}",
         ratio,

@@ -9,12 +9,15 @@ import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from conftest import ModelFiles
 from update_rig import AgentProcess, Rig, wait_for
 
 from agent.update.steps import PAUSE_ENV
+from agent.wire import REPO_REQUESTS, RepoReply, RepoRequest, parse_repo_request_topic, repo_reply_topic
 from fleet.dev.broker import start_broker
 
 STATES = ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "ACTIVE"]
@@ -142,3 +145,57 @@ def test_broker_restart_mid_download_resumes(models: ModelFiles, tmp_path: Path,
             assert len(re.findall(r"event=update.state job=\S+ state=DOWNLOADING", text)) == 1  # never started over
             resumes = re.findall(r"event=update.resume job=\S+ state=DOWNLOADING offset=(\d+)", text)
             assert all(int(offset) > 0 for offset in resumes)
+
+
+def test_kill_9_mid_window_leaves_a_resume_offset_only_over_verified_bytes_on_disk(rig: Rig, tmp_path: Path) -> None:
+    """The writer thread checks and writes chunks while replies keep arriving: killed at whatever point it had
+    reached, the saved offset covers only bytes on disk, every byte on disk matches the artifact (a tampered chunk
+    on the way was refused, never written), and the restarted agent resumes from exactly there."""
+    hold = 16 * 4096  # the relay answers the artifact up to here, then keeps the agent waiting
+    held: list[int] = []
+    tampered: list[int] = []
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        device = parse_repo_request_topic(msg.topic)
+        req = RepoRequest.decode(msg.payload)
+        reply = rig.controller.server.serve(req, device)
+        if req.path.endswith(".onnx-fp32.tar") and req.offset >= hold:
+            held.append(req.offset)
+            return
+        if req.path.endswith(".onnx-fp32.tar") and req.offset == 5 * 4096 and not tampered:
+            tampered.append(req.offset)
+            reply = RepoReply(req.request_id, 200, reply.total, req.offset, b"\0" * len(reply.data))
+        client.publish(repo_reply_topic(device), reply.encode(), qos=1)
+
+    config = rig.write_config("k9-window", window=4, window_max=8, sync_kb=8, request_chunk_kb=4)  # a reply per chunk
+    state_dir = config.parent
+    rig.controller.server.stop()  # only the relay answers now
+    relay = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="k9-relay")
+    relay.on_message = on_message
+    relay.connect(rig.broker.host, rig.broker.port)
+    relay.subscribe(REPO_REQUESTS, qos=1)
+    relay.loop_start()
+    try:
+        rig.assign("k9-window", "1.1.0")
+        first = AgentProcess(config, tmp_path / "first.log")
+        try:
+            wait_for(lambda: held and (store_rows(state_dir, "SELECT offset FROM jobs") or [(0,)])[0][0] > 0, 60, "replies held")
+        finally:
+            first.kill9()
+    finally:
+        relay.disconnect()
+        relay.loop_stop()
+        rig.controller.server.start()
+    [(state, offset)] = store_rows(state_dir, "SELECT state, offset FROM jobs")
+    [partial] = (state_dir / "downloads").iterdir()
+    [artifact] = (rig.image.directory / "targets").rglob(partial.name.removesuffix(".part") + "*")
+    assert state == "DOWNLOADING" and tampered == [5 * 4096]
+    assert 0 < offset <= hold and offset % 4096 == 0
+    on_disk = partial.read_bytes()
+    assert len(on_disk) >= offset and on_disk == artifact.read_bytes()[: len(on_disk)]  # every byte written verified
+    second = AgentProcess(config, tmp_path / "second.log")
+    try:
+        wait_for(lambda: active_version(state_dir) == "1.1.0", 90, "1.1.0 active after the restart")
+    finally:
+        assert second.stop() == 0
+    assert f"state=DOWNLOADING offset={offset}" in second.text()

@@ -2,12 +2,14 @@
 
 ``MqttFetcher`` is a python-tuf fetcher that pulls repository files over MQTT, a window of chunks at a time:
 ``tuf.ngclient.Updater`` asks for URLs; this maps ``base_url + path`` to repository requests (see
-``agent.wire.repo``), keeps up to ``window`` chunk requests in flight, yields the bytes in order and turns a
+``agent.wire.repo``), keeps a window of chunk requests in flight (``AdaptiveWindow``: it grows while that pays),
+yields the bytes in order (memoryviews into the replies, never copied) and turns a
 missing file into ``DownloadHTTPError(404)`` as the Updater expects. A lost reply (broker restart) is
 re-requested. ``DirectoryFetcher`` serves the same from a local directory.
 
 ``download`` fetches a verified update's artifact chunk by chunk, each checked on arrival, resumable after a
-crash. The partial file only ever holds chunks whose sha256 matched the signed chunk list, and the offset
+crash. A writer thread checks and writes the chunks while the replies keep arriving. The partial file only ever
+holds chunks whose sha256 matched the signed chunk list, and the offset
 reported to ``progress`` (every 4 MiB and at the end) covers only bytes already fsynced — so after ``kill -9``
 the download restarts from that offset and nothing unchecked is kept. A chunk that does not match (corrupted,
 truncated) is requested again; a transport error (broker restart) raises ``RepositoryUnreachable`` so the
@@ -24,7 +26,9 @@ import os
 import queue
 import shutil
 import threading
+import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -34,16 +38,18 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent import logs
+from agent.chunks import ChunkManifest
 from agent.errors import EdgefleetError
 from agent.mqtt import tcp_nodelay
 from agent.update.mirrors import Sources
 from agent.update.verify import RepositoryUnreachable, UpdateRejected, VerifiedUpdate
 from agent.wire import MAX_CHUNK, RepoReply, RepoRequest, WireError, repo_reply_topic, repo_request_topic
 
-__all__ = ["ChunkSource", "DirectoryFetcher", "DiskFull", "MqttFetcher", "check_disk_space", "download"]
+__all__ = ["AdaptiveWindow", "Chunk", "ChunkSource", "DirectoryFetcher", "DiskFull", "MqttFetcher", "check_disk_space", "download"]
 
 log = logging.getLogger("edgefleet.download")
 
+Chunk = bytes | memoryview  # a memoryview into the MQTT payload: the 256 KiB chunks are never copied on the way
 REPLY_OVERHEAD = 1024  # MQTT fixed header + topic + properties + our JSON reply header, with room to spare
 
 
@@ -55,17 +61,22 @@ class MqttFetcher(FetcherInterface):
         device_id: str,
         base_url: str,
         chunk_size: int = MAX_CHUNK,
-        window: int = 4,
+        window: int = 8,
         timeout: float = 10.0,
         retries: int = 3,
         protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5,
         client: mqtt.Client | None = None,
+        window_max: int | None = None,
     ) -> None:
+        """``window``: chunk requests kept in flight at first; ``window_max`` above it lets the window grow while that
+        pays (``AdaptiveWindow``), None keeps it fixed."""
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.reply_topic = repo_reply_topic(device_id)
         self.request_topic = repo_request_topic(device_id)
         self.chunk_size = max(1, min(chunk_size, MAX_CHUNK))
         self.window, self.timeout, self.retries = max(1, window), timeout, retries
+        self.window_max = max(self.window, window_max or self.window)
+        self.last_window = self.window  # where the latest stream's window settled (benchmarks, logs)
         self._pending: dict[str, queue.Queue[RepoReply]] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -94,7 +105,7 @@ class MqttFetcher(FetcherInterface):
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            reply = RepoReply.decode(bytes(msg.payload))
+            reply = RepoReply.decode(bytes(msg.payload), view=True)  # bytes() of bytes is no copy; the chunk is a view
         except WireError:
             return  # not ours to answer; the request it belonged to will time out and be retried
         with self._lock:
@@ -144,9 +155,9 @@ class MqttFetcher(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:
         path = self._path(url)
         first = self._await(path, 0, self._send(path, 0))
-        return self._stream(path, first, first.total)
+        return (bytes(block) for block in self._stream(path, first, first.total))  # metadata: small, python-tuf's bytes
 
-    def read_range(self, url: str, offset: int, size: int) -> Iterator[bytes]:
+    def read_range(self, url: str, offset: int, size: int) -> Iterator[Chunk]:
         """Bytes ``offset..size`` of a file whose signed length is ``size``; another size on the server is an error."""
         path = self._path(url)
         first = self._await(path, offset, self._send(path, offset))
@@ -154,26 +165,72 @@ class MqttFetcher(FetcherInterface):
             raise tuf_errors.DownloadLengthMismatchError(f"{path}: {first.total} bytes on the server, the signed length is {size}")
         return self._stream(path, first, size)
 
-    def _stream(self, path: str, first: RepoReply, total: int) -> Iterator[bytes]:
+    def _stream(self, path: str, first: RepoReply, total: int) -> Iterator[Chunk]:
         yield first.data
         offset = first.offset + len(first.data)
-        inflight: list[tuple[int, tuple[str, queue.Queue[RepoReply]]]] = []
+        inflight: deque[tuple[int, tuple[str, queue.Queue[RepoReply]]]] = deque()
         next_offset = offset
+        window = AdaptiveWindow(self.window, self.window_max)
         try:
             while offset < total:
-                while len(inflight) < self.window and next_offset < total:
+                while len(inflight) < window.size and next_offset < total:
                     inflight.append((next_offset, self._send(path, next_offset)))
                     next_offset += self.chunk_size
-                chunk_offset, sent = inflight.pop(0)
+                chunk_offset, sent = inflight.popleft()
                 reply = self._await(path, chunk_offset, sent)
                 if len(reply.data) != min(self.chunk_size, total - chunk_offset) or reply.total != total:
                     raise tuf_errors.DownloadError(f"{path}: chunk at {chunk_offset} has {len(reply.data)} bytes (file {reply.total})")
                 offset = chunk_offset + len(reply.data)
+                window.arrived(len(reply.data))
                 yield reply.data
         finally:  # an abandoned stream (length cap hit, error) must not leave waiters for late replies
+            self.last_window = window.size
             with self._lock:
                 for _, (rid, _waiter) in inflight:
                     self._pending.pop(rid, None)
+
+
+class AdaptiveWindow:
+    """How many chunk requests to keep in flight: from ``start``, doubled while a round of replies (one window's
+    worth) at the new size arrives at least ``GAIN`` times faster than the best round so far, never past ``cap``;
+    at the first doubling that does not pay it goes back to the best size and stays. Why: the round trip a window
+    must cover differs per network (a LAN, a cellular link, a loaded controller) and one fixed number is too small
+    for some and only costs memory and fairness for others; the cap bounds both (and stays under the repository
+    server's per-device line, ``MAX_PENDING``)."""
+
+    GAIN = 1.1
+
+    def __init__(self, start: int, cap: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.size = max(1, start)
+        self.cap = max(self.size, cap)
+        self._clock = clock
+        self._best_rate = 0.0
+        self._best_size = self.size
+        self._settled = self.size >= self.cap
+        self._round_start: float | None = None
+        self._round_bytes = 0
+        self._round_replies = 0
+
+    def arrived(self, nbytes: int) -> None:
+        """One reply of ``nbytes`` arrived; a full round decides whether the window grows."""
+        if self._settled:
+            return
+        now = self._clock()
+        if self._round_start is None:  # the first reply starts the clock (its round trip is latency, not rate)
+            self._round_start = now
+            return
+        self._round_bytes += nbytes
+        self._round_replies += 1
+        if self._round_replies < self.size:
+            return
+        rate = self._round_bytes / max(now - self._round_start, 1e-9)
+        if rate >= self._best_rate * self.GAIN:
+            self._best_rate, self._best_size = rate, self.size
+            self.size = min(self.cap, self.size * 2)
+            self._settled = self.size == self._best_size
+        else:
+            self.size, self._settled = self._best_size, True
+        self._round_start, self._round_bytes, self._round_replies = now, 0, 0
 
 
 class DirectoryFetcher(FetcherInterface):
@@ -213,15 +270,88 @@ class DirectoryFetcher(FetcherInterface):
 
 Progress = Callable[[int], None]  # told each offset up to which the verified bytes are durable
 SYNC_BYTES = 4 * 1024 * 1024  # fsync (and record the offset) this often: per 256 KiB chunk halved the throughput
+# Chunks go to the writer thread WRITE_BATCH at a time: each hand-over wakes it, and a woken thread contends for the GIL
+# with paho's (handing over every chunk cost 12% of the throughput, in benchmarks/transfer.py). At most WRITE_QUEUE
+# batches wait: bounded memory (2 MiB of 256 KiB chunks, besides the batches being filled and written), and room for
+# what arrives during an fsync (4 MiB took 2-3 ms on the benchmark's disk: about 0.5 MiB at 200 MB/s).
+WRITE_BATCH = 4
+WRITE_QUEUE = 2
 
 
-def _sync(f: BinaryIO, offset: int, synced: int, progress: Callable[[int], None]) -> int:
-    """Make the verified bytes durable, then (only then) record how far they go."""
-    if offset != synced:
-        f.flush()
-        os.fsync(f.fileno())
-        progress(offset)
-    return offset
+class _ChunkWriter:
+    """Checks each chunk against the signed list, writes it and fsyncs every ``sync_bytes``, on its own thread.
+
+    Why a thread: with sha256, the write and the fsync on the thread that reads the replies, no request went out
+    while they ran and the window drained (an fsync of 4 MiB is milliseconds). ``progress`` is told each offset
+    right after its fsync, from this thread, so the resume offset never covers a byte not fsynced and verified
+    (the job store is shared by the agent's threads behind a lock). After a bad chunk or an error the writer takes
+    (and drops) whatever is still queued, so a caller never blocks on a full queue; the caller learns of it at its
+    next ``put`` (or at ``finish``), having received at most a few more chunks, none of them written."""
+
+    def __init__(self, chunks: ChunkManifest, f: BinaryIO, offset: int, sync_bytes: int, progress: Progress) -> None:
+        self.chunks, self.f, self.sync_bytes, self.progress = chunks, f, sync_bytes, progress
+        self.offset = self.durable = offset  # end of the verified bytes written; of those fsynced
+        self.bad: int | None = None  # offset of a chunk that failed its hash
+        self.error: BaseException | None = None
+        self._batch: list[tuple[int, Chunk]] = []  # filled by the caller's thread, handed over when full
+        self._queue: queue.Queue[list[tuple[int, Chunk]] | None] = queue.Queue(WRITE_QUEUE)
+        self._thread = threading.Thread(target=self._run, name="download-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad is not None or self.error is not None
+
+    def put(self, index: int, chunk: Chunk) -> bool:
+        """Queue chunk ``index`` (blocks while the queue is full); False once the writer stopped taking chunks."""
+        if self.stopped:
+            return False
+        self._batch.append((index, chunk))
+        if len(self._batch) >= WRITE_BATCH:
+            self._queue.put(self._batch)
+            self._batch = []
+        return True
+
+    def finish(self) -> None:
+        """Write what is queued, fsync, stop; the writer's error (a full disk) is raised here, on the caller's thread."""
+        if self._batch:
+            self._queue.put(self._batch)
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            for item in batch:
+                if not self.stopped:
+                    self._guarded(self._write, *item)
+        if not self.stopped:
+            self._guarded(self._sync)
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        try:
+            step(*args)
+        except BaseException as exc:  # raised again by finish(), on the caller's thread
+            self.error = exc
+
+    def _write(self, index: int, chunk: Chunk) -> None:
+        if not self.chunks.check(index, chunk):
+            self._sync()
+            self.bad = self.offset
+            return
+        self.f.write(chunk)
+        self.offset += len(chunk)
+        if self.offset - self.durable >= self.sync_bytes:
+            self._sync()
+
+    def _sync(self) -> None:
+        """Make the verified bytes durable, then (only then) record how far they go."""
+        if self.offset != self.durable:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.durable = self.offset
+            self.progress(self.offset)
 
 
 class DiskFull(EdgefleetError):
@@ -229,7 +359,7 @@ class DiskFull(EdgefleetError):
 
 
 class ChunkSource(Protocol):
-    def read_range(self, url: str, offset: int, size: int) -> Iterator[bytes]: ...
+    def read_range(self, url: str, offset: int, size: int) -> Iterator[Chunk]: ...
 
 
 def check_disk_space(directory: Path, needed: int, reserve: int) -> None:
@@ -321,38 +451,41 @@ def _fill(
     update: VerifiedUpdate, source: ChunkSource, f: BinaryIO, offset: int, progress: Callable[[int], None], sync_bytes: int
 ) -> int | None:
     """Write verified chunks from ``offset``; the offset of a chunk that failed its hash (or where a short stream
-    ended), or None when done. Transport errors propagate as python-tuf's ``DownloadError``s."""
-    chunks = update.chunks
-    index = offset // chunks.chunk_size
+    ended), or None when done. Transport errors propagate as python-tuf's ``DownloadError``s, after the chunks
+    already received are written (every byte written is a verified chunk: ``f.tell()`` is where to resume)."""
+    writer = _ChunkWriter(update.chunks, f, offset, sync_bytes, progress)
+    stream: Iterator[Chunk] | None = None
     pending = bytearray()
-    stream: Iterator[bytes] | None = None
     try:
         stream = source.read_range(update.url, offset, update.length)
-        synced = offset
+        index = offset // update.chunks.chunk_size
         for data in stream:
-            if not pending and index < len(chunks.sha256) and len(data) == chunks.chunk_length(index):
-                ready = [data]  # the usual case: one reply is one chunk, no copying
-            else:
-                pending += data
-                ready = []
-                while index + len(ready) < len(chunks.sha256) and len(pending) >= chunks.chunk_length(index + len(ready)):
-                    n = chunks.chunk_length(index + len(ready))
-                    ready.append(bytes(pending[:n]))
-                    del pending[:n]
-            for chunk in ready:
-                if not chunks.check(index, chunk):
-                    _sync(f, offset, synced, progress)
-                    return offset
-                f.write(chunk)
-                offset += len(chunk)
+            for chunk in _whole_chunks(update.chunks, index, data, pending):
+                if not writer.put(index, chunk):
+                    break
                 index += 1
-                if offset - synced >= sync_bytes:
-                    synced = _sync(f, offset, synced, progress)
-        _sync(f, offset, synced, progress)
-        if offset != update.length or pending:
-            return offset  # the stream ended early or ran long: ask again from the last good chunk
-        return None
+            if writer.stopped:
+                break
     finally:
         close = getattr(stream, "close", None)  # a generator: stop its in-flight requests
         if close is not None:
             close()
+        writer.finish()
+    if writer.bad is not None:
+        return writer.bad
+    if writer.offset != update.length or pending:
+        return writer.offset  # the stream ended early or ran long: ask again from the last good chunk
+    return None
+
+
+def _whole_chunks(chunks: ChunkManifest, index: int, data: Chunk, pending: bytearray) -> list[Chunk]:
+    """The chunks ``data`` completes from chunk ``index`` on; the rest waits in ``pending`` for the next block."""
+    if not pending and index < len(chunks.sha256) and len(data) == chunks.chunk_length(index):
+        return [data]  # the usual case: one reply is one chunk, no copying
+    pending += data
+    ready: list[Chunk] = []
+    while index + len(ready) < len(chunks.sha256) and len(pending) >= chunks.chunk_length(index + len(ready)):
+        n = chunks.chunk_length(index + len(ready))
+        ready.append(bytes(pending[:n]))
+        del pending[:n]
+    return ready

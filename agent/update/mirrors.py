@@ -205,9 +205,10 @@ class Sources(FetcherInterface):
             self.refuse(last[0], last[1], reason)
         return last is not None
 
-    def read_range(self, url: str, offset: int, size: int) -> Iterator[bytes]:
-        """The last source's bytes (``download`` asks the mirrors itself, one at a time, to refuse them singly)."""
-        read: Iterator[bytes] = self.last.read_range(url, offset, size)  # type: ignore[attr-defined]
+    def read_range(self, url: str, offset: int, size: int) -> Iterator[bytes | memoryview]:
+        """The last source's bytes (``download`` asks the mirrors itself, one at a time, to refuse them singly); from
+        the MQTT repository, memoryviews into the replies."""
+        read: Iterator[bytes | memoryview] = self.last.read_range(url, offset, size)  # type: ignore[attr-defined]
         return read
 
 

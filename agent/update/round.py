@@ -105,6 +105,7 @@ class UpdateRound:
                 "repo://",
                 u.request_chunk_kb * 1024,
                 window=u.window,
+                window_max=u.window_max,
                 timeout=u.request_timeout_s,
                 client=make_client(b, f"{self.device_id}-fetch"),
             )

@@ -72,7 +72,7 @@ class RepoReply:
     status: int  # 200, 400, 404, 416 (offset past the end), 500
     total: int = 0  # file size
     offset: int = 0
-    data: bytes = b""
+    data: bytes | memoryview = b""  # a memoryview into the payload when decoded with ``view=True``
     error: str = ""
 
     def encode(self) -> bytes:
@@ -80,10 +80,13 @@ class RepoReply:
         return json.dumps(header, separators=(",", ":")).encode() + b"\n" + self.data
 
     @classmethod
-    def decode(cls, payload: bytes) -> RepoReply:
-        head, sep, data = payload.partition(b"\n")
-        if not sep:
-            raise WireError("reply without header")
+    def decode(cls, payload: bytes, view: bool = False) -> RepoReply:
+        """``view``: the data is a memoryview into ``payload`` instead of a copy (a 256 KiB chunk, per chunk)."""
+        end = payload.find(b"\n", 0, MAX_REPLY_HEADER + 1)
+        if end < 0:
+            raise WireError("reply without header" if len(payload) <= MAX_REPLY_HEADER else f"reply header over {MAX_REPLY_HEADER} bytes")
+        head = payload[:end]
+        data = memoryview(payload)[end + 1 :] if view else payload[end + 1 :]
         h: Any = load_json(head, MAX_REPLY_HEADER)
         try:
             reply = cls(

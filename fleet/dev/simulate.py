@@ -300,7 +300,7 @@ class Simulator:
             replies.pop(rid, None)  # answered or given up: a reply arriving later finds nothing to wake
         if reply.status != 200:
             raise LookupError(f"{path}: {reply.status}")
-        return reply.data
+        return bytes(reply.data)  # decoded without view=True: this is the bytes object itself, no copy
 
     async def _updates(
         self, client: Any, d: SimDevice, updates: asyncio.Queue[bytes], replies: dict[str, asyncio.Future[RepoReply]]
