@@ -186,12 +186,10 @@ class Ingestor:
         return True
 
     def _ack(self, acks: list[tuple[int, int]]) -> None:
-        for mid, qos in acks:
-            try:
-                self._client.ack(mid, qos)
-            except Exception as exc:  # a connection gone: the broker sends the message again, the store keeps it once
-                logs.event(log, "ingest.ack_failed", logging.WARNING, reason=f"{type(exc).__name__}: {exc}"[:200])
-                return
+        try:
+            transport.ack_all(self._client, acks)
+        except Exception as exc:  # a connection gone: the broker sends the messages again, the store keeps each once
+            logs.event(log, "ingest.ack_failed", logging.WARNING, reason=f"{type(exc).__name__}: {exc}"[:200])
 
     def alive(self) -> bool:
         """paho's network thread and the flusher run (part of the controller's health)."""
