@@ -86,7 +86,7 @@ class Ingestor:
         self.client_id = client_id
         self.ended = threading.Event()  # an adopted session went back to its owner
         self._broker = transport.broker_settings(host, port, broker)
-        self._client = transport.client(self._broker, client_id, persistent=True)
+        self._client = transport.client(self._broker, client_id, persistent=True, kind=transport.ReadAheadClient)
         self._client.manual_ack_set(True)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
@@ -110,6 +110,7 @@ class Ingestor:
         if forget and self._client.is_connected():
             self._client.unsubscribe(self._filters())  # the persistent session queues nothing more for us
         self._stop.set()
+        self._arrived.set()
         self._full.set()
         self._thread.join(10)
         try:
