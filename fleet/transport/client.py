@@ -22,7 +22,17 @@ from paho.mqtt.properties import Properties
 from agent.mqtt import FailoverClient, make_client, read_password, tls_context
 from agent.settings import BrokerSettings, parse_address
 
-__all__ = ["QUEUED_SESSION_S", "READ_AHEAD", "RECONNECT_MAX_S", "ReadAheadClient", "ack_all", "aiomqtt_options", "broker_settings", "client", "connect"]
+__all__ = [
+    "QUEUED_SESSION_S",
+    "READ_AHEAD",
+    "RECONNECT_MAX_S",
+    "ReadAheadClient",
+    "ack_all",
+    "aiomqtt_options",
+    "broker_settings",
+    "client",
+    "connect",
+]
 
 QUEUED_SESSION_S = 3600  # MQTT 5: how long the broker keeps a persistent controller session's messages after it left
 RECONNECT_MAX_S = 10  # paho's default backoff grows to 120 s: a controller back a minute late stalls every rollout
