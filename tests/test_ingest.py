@@ -56,8 +56,8 @@ def _publisher(broker: RunningBroker, name: str) -> mqtt.Client:
 
 def test_the_ingest_writes_when_the_brokers_window_is_full_not_after_flush_s(small_window: RunningBroker, tmp_path: Path) -> None:
     """The broker sends at most ``WINDOW`` unacknowledged messages and then waits for acknowledgements, which come
-    only after the write: 300 batches are all stored long before one ``flush_s`` (60 s) has passed, and each once.
-    Waiting out ``flush_s`` at every full window would take 30 of them."""
+    only after the write: the writer stores as soon as the stream pauses, so 300 batches are all stored long before
+    one ``flush_s`` (60 s) has passed, each once (a writer waiting out ``flush_s`` stored nothing for 60 s)."""
     store = FleetStore(tmp_path / "fleet.db")
     ingest = Ingestor(store, small_window.host, small_window.port, client_id="ingest-window", flush_s=60.0).start()
     pub = _publisher(small_window, "window-pub")
