@@ -17,7 +17,7 @@ from conftest import ModelFiles
 from update_rig import AgentProcess, Rig, wait_for
 
 from agent.update.steps import PAUSE_ENV
-from agent.wire import REPO_REQUESTS, RepoReply, RepoRequest, parse_repo_request_topic, repo_reply_topic
+from agent.wire import RepoReply, RepoRequest, parse_repo_request_topic, repo_reply_topic
 from fleet.dev.broker import start_broker
 
 STATES = ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "ACTIVE"]
@@ -169,12 +169,7 @@ def test_kill_9_mid_window_leaves_a_resume_offset_only_over_verified_bytes_on_di
 
     config = rig.write_config("k9-window", window=4, window_max=8, sync_kb=8, request_chunk_kb=4)  # a reply per chunk
     state_dir = config.parent
-    rig.controller.server.stop()  # only the relay answers now
-    relay = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="k9-relay")
-    relay.on_message = on_message
-    relay.connect(rig.broker.host, rig.broker.port)
-    relay.subscribe(REPO_REQUESTS, qos=1)
-    relay.loop_start()
+    relay = rig.relay("k9-relay", on_message)  # only the relay answers now
     try:
         rig.assign("k9-window", "1.1.0")
         first = AgentProcess(config, tmp_path / "first.log")

@@ -15,7 +15,7 @@ from update_rig import MODEL, Rig, Subscriber, fails_beyond_batch_one, unloadabl
 from agent import commands
 from agent.daemon import Agent
 from agent.errors import EdgefleetError
-from agent.wire import REPO_REQUESTS, RepoReply, RepoRequest, device_topic, parse_repo_request_topic, repo_reply_topic
+from agent.wire import RepoReply, RepoRequest, device_topic, parse_repo_request_topic, repo_reply_topic
 from fleet.controller import devices
 from fleet.dev.broker import RunningBroker
 
@@ -204,12 +204,7 @@ def test_corrupted_chunks_are_detected_and_requested_again(rig: Rig, agent_for: 
             reply = RepoReply(req.request_id, 200, reply.total, req.offset, reply.data[: len(reply.data) // 2])
         client.publish(repo_reply_topic(device), reply.encode(), qos=1)
 
-    rig.controller.server.stop()  # only the relay answers now
-    relay = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="relay")
-    relay.on_message = on_message
-    relay.connect(rig.broker.host, rig.broker.port)
-    relay.subscribe(REPO_REQUESTS, qos=1)
-    relay.loop_start()
+    relay = rig.relay("relay", on_message)  # only the relay answers now
     try:
         agent, jobs = agent_for("dev-c")
         rig.assign("dev-c", "1.0.0")

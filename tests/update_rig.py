@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from agent.files import sha256_file
 from agent.settings import AgentSettings, load_settings, write_config
+from agent.wire import REPO_REQUESTS
 from converters.build import build
 from fleet.controller import Controller
 from fleet.dev.broker import RunningBroker
@@ -84,6 +85,17 @@ class Rig:
         if runtime:
             config.write_text(config.read_text() + f"[runtime]\n{runtime}\n")
         return config
+
+    def relay(self, client_id: str, on_message: Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]) -> mqtt.Client:
+        """Stop the controller's repository server and answer the devices' repository requests with ``on_message``
+        (a man in the middle: the tests forward, tamper, truncate or hold replies). The caller stops the loop."""
+        self.controller.server.stop()
+        relay = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        relay.on_message = on_message
+        relay.connect(self.broker.host, self.broker.port)
+        relay.subscribe(REPO_REQUESTS, qos=1)
+        relay.loop_start()
+        return relay
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
