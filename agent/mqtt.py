@@ -183,14 +183,11 @@ class FailoverClient(mqtt.Client):
         raise ConnectionRefusedError(f"no broker address answered ({'; '.join(tried)})") from last
 
 
-def make_client(
-    broker: BrokerSettings, client_id: str, persistent: bool = False, first: int = 0, kind: type[FailoverClient] = FailoverClient
-) -> FailoverClient:
+def make_client(broker: BrokerSettings, client_id: str, persistent: bool = False, first: int = 0) -> FailoverClient:
     """``persistent``: keep the session across reconnects (for 3.1.1 that is chosen here, for 5 at connect). ``first``:
-    the index of the broker address to try first (the simulator spreads its devices over a cluster's nodes). ``kind``:
-    the client class (the controller's ingest reads ahead: ``fleet.transport.client.ReadAheadClient``)."""
+    the index of the broker address to try first (the simulator spreads its devices over a cluster's nodes)."""
     v311 = broker.mqtt_version == "3.1.1"
-    client = kind(
+    client = FailoverClient(
         broker.addresses(),
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,

@@ -174,18 +174,6 @@ def test_a_batch_sent_again_is_stored_once_and_stamped_with_the_receive_time(sto
     assert store.ingest([msg("a", "telemetry", {**batch, "session": 2})]) == 1  # a new session starts its seq anew
 
 
-def test_a_write_mixing_new_batches_with_ones_stored_before_stores_each_once(store: FleetStore) -> None:
-    """The bulk write of new batches (one statement, COPY on PostgreSQL) meets keys stored before and a key twice in one
-    write: only the new ones are stored, once each, whichever position they hold; the others are counted duplicates."""
-    assert store.ingest([msg("a", "telemetry", telemetry(seq)) for seq in (1, 2)]) == 2
-    again = [msg("a", "telemetry", telemetry(seq)) for seq in (3, 1, 4, 4, 2, 5)]
-    assert store.ingest(again) == 3
-    assert store.duplicates == 3
-    assert sorted(r["seq"] for r in store.db.query("SELECT seq FROM batches")) == [1, 2, 3, 4, 5]
-    assert counts(store)[0] == 5 and store.health("m", "1.0.0", 0).requests == 50
-    assert store.ingest([msg("b", "telemetry", telemetry(seq, device="b")) for seq in range(1, 101)]) == 100  # all new again
-
-
 def test_only_server_errors_count_against_a_version(store: FleetStore) -> None:
     message = telemetry(1, rows=90)
     message["models"][0]["errors"] = {"bad_request": 6, "shape_mismatch": 2, "internal": 1, "deadline_exceeded": 1}

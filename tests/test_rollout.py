@@ -66,13 +66,6 @@ def fleet_of(rig: Rig, n: int, prefix: str, behaviours: list[Behaviour] | None =
     return SimulatorThread(sim).start()
 
 
-def baseline(c: Controller, prefix: str, n: int) -> None:
-    """Until each of the ``n`` devices has answered enough calls on 1.0.0 to be judged on its own: a rollout started at
-    the first stored batch moves devices the gate finds too quiet to judge (and lets their wave through)."""
-    enough, devices = Gates().min_device_requests, [f"{prefix}-{i:04d}" for i in range(n)]
-    wait_for(lambda: all(c.store.health(MODEL, "1.0.0", 0, [d]).requests >= enough for d in devices), 30, "a baseline on 1.0.0")
-
-
 def registered(c: Controller, prefix: str, n: int) -> None:
     wait_for(
         lambda: sum(1 for d in c.store.devices() if d.id.startswith(prefix) and d.online and d.models) == n, 60, f"{n} devices registered"
@@ -133,7 +126,7 @@ def test_a_wave_that_misbehaves_aborts_on_the_health_gate(rig: Rig, controller: 
     sims = fleet_of(rig, 10, prefix, [Behaviour.parse(behaviour)])
     try:
         registered(controller, prefix, 10)
-        baseline(controller, prefix, 10)
+        wait_for(lambda: controller.store.health(MODEL, "1.0.0", 0).requests > 0, 30, "telemetry on 1.0.0")
         rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector=f"device={prefix}-*", waves=["30%", "100%"], soak_s=1.0))
         wait_for(lambda: controller.state(rid) == "aborted", 60, "the abort")
         r = controller.store.rollout(rid)
@@ -566,7 +559,7 @@ def test_sub_millisecond_latency_differences_do_not_abort(rig: Rig, controller: 
     sims = SimulatorThread(sim).start()
     try:
         registered(controller, "fast", 4)
-        baseline(controller, "fast", 4)
+        wait_for(lambda: controller.store.health(MODEL, "1.0.0", 0, ["fast-0000"]).requests > 0, 30, "telemetry on 1.0.0")
         rid = controller.engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=fast-*", waves=["50%", "100%"], soak_s=1.0))
         wait_for(lambda: controller.state(rid) in ("done", "aborted"), 60, "the rollout to end")
         assert controller.state(rid) == "done", controller.store.rollout(rid)

@@ -77,16 +77,6 @@ class SQLite:
         return int(cursor.lastrowid or 1) if cursor.rowcount else 0
 
     def insert_new(self, table: str, records: Sequence[Mapping[str, Any]]) -> list[bool]:
-        """All in one ``executemany`` when every key is new (the ingest's usual case: a third of its store time went
-        on one statement per record); when some were stored before, that is undone and each goes alone, to tell
-        which were new."""
-        if not records:
-            return []
-        with self.savepoint("insert_new"):
-            sql = _insert_sql(table, tuple(records[0]), "ignore")
-            if self.conn.executemany(sql, records).rowcount == len(records):
-                return [True] * len(records)
-            self.conn.execute("ROLLBACK TO insert_new")
         return [bool(self.insert(table, r, conflict="ignore")) for r in records]
 
     def copy(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -102,15 +92,15 @@ class SQLite:
             yield
 
     @contextmanager
-    def savepoint(self, name: str = "one") -> Iterator[None]:
-        self.conn.execute(f"SAVEPOINT {name}")
+    def savepoint(self) -> Iterator[None]:
+        self.conn.execute("SAVEPOINT one")
         try:
             yield
         except BaseException:
-            self.conn.execute(f"ROLLBACK TO {name}")
+            self.conn.execute("ROLLBACK TO one")
             raise
         finally:
-            self.conn.execute(f"RELEASE {name}")
+            self.conn.execute("RELEASE one")
 
     def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
         if not values:

@@ -11,7 +11,6 @@ environment. A clustered broker's addresses (``hosts``) travel with them: paho c
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,80 +21,10 @@ from paho.mqtt.properties import Properties
 from agent.mqtt import FailoverClient, make_client, read_password, tls_context
 from agent.settings import BrokerSettings, parse_address
 
-__all__ = [
-    "QUEUED_SESSION_S",
-    "READ_AHEAD",
-    "RECONNECT_MAX_S",
-    "ReadAheadClient",
-    "ack_all",
-    "aiomqtt_options",
-    "broker_settings",
-    "client",
-    "connect",
-]
+__all__ = ["QUEUED_SESSION_S", "RECONNECT_MAX_S", "aiomqtt_options", "broker_settings", "client", "connect"]
 
 QUEUED_SESSION_S = 3600  # MQTT 5: how long the broker keeps a persistent controller session's messages after it left
 RECONNECT_MAX_S = 10  # paho's default backoff grows to 120 s: a controller back a minute late stalls every rollout
-
-
-READ_AHEAD = 64 * 1024  # bytes one read may take off the socket ahead of paho's parsing
-
-
-class ReadAheadClient(FailoverClient):
-    """A client for a stream of many small messages (the ingest): one read takes what the socket holds, and paho's
-    parser is served from it, every buffered packet before paho's loop selects again.
-
-    Why: paho reads each packet with three or four ``recv`` calls (its type byte, its length one byte at a time, the
-    rest) and one ``select`` — half of its network thread's CPU at thousands of telemetry messages a second, on a
-    controller whose CPU is the ingest's limit. Bytes read ahead belong to the socket they came from: a new
-    connection starts with none."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ahead: bytes = b""
-        self._ahead_at = 0
-        self._ahead_sock: object = None
-
-    def _buffered(self) -> bool:
-        return self._ahead_sock is self._sock and self._ahead_at < len(self._ahead)
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if not self._buffered():
-            data = super()._sock_recv(READ_AHEAD)  # paho's own errors: BlockingIOError when nothing is there
-            self._ahead, self._ahead_at, self._ahead_sock = data, 0, self._sock
-            if not data:
-                return data  # the connection closed
-        start = self._ahead_at
-        self._ahead_at = start + bufsize
-        return self._ahead[start : start + bufsize]
-
-    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        while rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered():
-            rc = super().loop_read(max_packets)
-        return rc
-
-
-_PUBACK = struct.Struct("!BBH")  # fixed header (PUBACK, remaining length 2) and the message id: MQTT 3.1.1 and 5 alike
-
-
-def ack_all(c: mqtt.Client, acks: Sequence[tuple[int, int]]) -> None:
-    """Acknowledge many received messages ((mid, qos) each, manual acknowledgement on) in one write.
-
-    Why: paho's ``ack`` queues one 4-byte packet per message and wakes its network thread for each, which then sends
-    each with its own system call — the ingest's acknowledgements cost as much CPU as storing the messages. The
-    PUBACKs of QoS 1 messages go here as one queued packet through paho's own queue (the one ``ack`` uses, so the
-    network thread writes them in order, after whatever was queued before); QoS 2 (PUBCOMP) and a paho without that
-    queue take ``ack`` one by one."""
-    queue = getattr(c, "_packet_queue", None)
-    ones = [mid for mid, qos in acks if qos == 1]
-    if queue is None or not ones:
-        ones = []
-    else:
-        queue(mqtt.PUBACK, b"".join([_PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in ones]), 0, 1)
-    for mid, qos in acks:
-        if qos != 1 or not ones:
-            c.ack(mid, qos)
 
 
 def broker_settings(
@@ -119,12 +48,11 @@ def broker_settings(
     return base.model_copy(update=update) if update else base
 
 
-def client(broker: BrokerSettings, client_id: str, persistent: bool = False, kind: type[FailoverClient] = FailoverClient) -> FailoverClient:
+def client(broker: BrokerSettings, client_id: str, persistent: bool = False) -> FailoverClient:
     """A paho client for ``broker`` (version, TCP_NODELAY, credentials, TLS, every address); not connected yet (callbacks
     first). ``persistent``: the broker queues the client's QoS 1 messages while it is away (failing over to another
-    node of a cluster): ingest must not lose what devices published in that second; connect with ``connect``.
-    ``kind``: ``ReadAheadClient`` for a stream of many small messages."""
-    c = make_client(broker, client_id, persistent=persistent, kind=kind)
+    node of a cluster): ingest must not lose what devices published in that second; connect with ``connect``."""
+    c = make_client(broker, client_id, persistent=persistent)
     c.reconnect_delay_set(1, RECONNECT_MAX_S)
     return c
 

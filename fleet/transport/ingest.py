@@ -1,13 +1,8 @@
 """Take the devices' retained status/reported, job updates and telemetry off MQTT into the store, in batches.
 
-paho's thread (reading ahead: ``transport.ReadAheadClient``) only parses and appends to a buffer;
-a writer stores the buffer in one transaction once the stream pauses (no message for ``pause_s``),
-or ``flush_s`` after the first message, or when it holds ``batch`` messages, so the store sees a
-few large transactions instead of one per message, and then acknowledges them all in one write
-(``transport.ack_all``). Why the pause: what is not acknowledged holds the broker's in-flight
-window (mosquitto ``max_inflight_messages``; with no acknowledgement it sent 10 of 300 messages
-with a window of 10 and waited), so a writer that waited out ``flush_s`` after a burst held the
-broker and the acknowledgements back for up to 0.1 s; now it stores them ~3 ms after the last one.
+paho's thread only parses and appends to a buffer; a flusher writes the buffer in one
+transaction every ``flush_s`` (or sooner when it holds ``batch`` messages), so the
+store sees a few large transactions instead of one per message.
 
 The ingest's session is persistent and its client id stable (``edgefleet-ingest-{controller id}``): when its broker
 node goes and it fails over to another node of a cluster, or the controller is restarted (after ``kill -9`` too),
@@ -51,7 +46,6 @@ class Ingestor:
         client_id: str = "edgefleet-ingest",
         flush_s: float = 0.1,
         batch: int = 5000,
-        pause_s: float = 0.003,
         broker: BrokerSettings | None = None,
         new_devices_per_minute: int = NEW_DEVICES_PER_MINUTE,
         group: str | None = None,
@@ -68,7 +62,7 @@ class Ingestor:
         controller received and did not acknowledge, and what was queued for it since, comes now); False: a fresh one.
         ``adopted``: this is another controller's session, held by the leader while that one is dead: when the broker
         hands it back to its owner (session taken over), this client ends instead of taking it again."""
-        self.store, self.flush_s, self.batch, self.pause_s = store, flush_s, batch, pause_s
+        self.store, self.flush_s, self.batch = store, flush_s, batch
         self.counters: Counter[str] = Counter()
         # devices registered so far; an unknown id registers only within the budget of new ones per minute
         self._known = {d.id for d in store.devices()}
@@ -78,15 +72,13 @@ class Ingestor:
         self._acks: list[tuple[int, int]] = []  # (mid, qos) of every message in the buffer: acknowledged once stored
         self._lock = threading.Lock()
         self._full = threading.Event()
-        self._arrived = threading.Event()  # the buffer went from empty to holding something
-        self._writing = 0  # messages taken from the buffer and not yet stored (``wait_idle``)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._group, self._resume, self.adopted = group, resume, adopted
         self.client_id = client_id
         self.ended = threading.Event()  # an adopted session went back to its owner
         self._broker = transport.broker_settings(host, port, broker)
-        self._client = transport.client(self._broker, client_id, persistent=True, kind=transport.ReadAheadClient)
+        self._client = transport.client(self._broker, client_id, persistent=True)
         self._client.manual_ack_set(True)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
@@ -110,7 +102,6 @@ class Ingestor:
         if forget and self._client.is_connected():
             self._client.unsubscribe(self._filters())  # the persistent session queues nothing more for us
         self._stop.set()
-        self._arrived.set()
         self._full.set()
         self._thread.join(10)
         try:
@@ -178,19 +169,19 @@ class Ingestor:
         with self._lock:
             self._buffer.append((topic.device, message, now))
             self._acks.append((msg.mid, msg.qos))
-            held = len(self._buffer)
+            full = len(self._buffer) >= self.batch
         self.counters[topic.kind] += 1
-        if held == 1:
-            self._arrived.set()
-        if held >= self.batch:
+        if full:
             self._full.set()
         return True
 
     def _ack(self, acks: list[tuple[int, int]]) -> None:
-        try:
-            transport.ack_all(self._client, acks)
-        except Exception as exc:  # a connection gone: the broker sends the messages again, the store keeps each once
-            logs.event(log, "ingest.ack_failed", logging.WARNING, reason=f"{type(exc).__name__}: {exc}"[:200])
+        for mid, qos in acks:
+            try:
+                self._client.ack(mid, qos)
+            except Exception as exc:  # a connection gone: the broker sends the message again, the store keeps it once
+                logs.event(log, "ingest.ack_failed", logging.WARNING, reason=f"{type(exc).__name__}: {exc}"[:200])
+                return
 
     def alive(self) -> bool:
         """paho's network thread and the flusher run (part of the controller's health)."""
@@ -219,27 +210,12 @@ class Ingestor:
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
-            self._gather()
+            self._full.wait(self.flush_s)
+            self._full.clear()
             try:
                 self.flush()
             except Exception as exc:  # the store failing must not lose the buffer silently: logged, retried next round
                 logs.event(log, "ingest.flush_failed", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
-
-    def _gather(self) -> None:
-        """Until the buffer is worth a transaction: the first message, then more for as long as they keep coming —
-        until a pause of ``pause_s`` (the broker waits for our acknowledgements, or the devices are quiet), ``batch``
-        messages, or ``flush_s``. Polls the buffer's length, so paho's thread pays nothing per message for it."""
-        self._arrived.wait(self.flush_s)
-        self._arrived.clear()
-        deadline = time.monotonic() + self.flush_s
-        seen = len(self._buffer)
-        while seen and seen < self.batch and not self._stop.is_set() and time.monotonic() < deadline:
-            self._full.wait(self.pause_s)
-            held = len(self._buffer)
-            if held == seen:
-                break
-            seen = held
-        self._full.clear()
 
     def flush(self) -> int:
         """Store the buffer in one transaction, then acknowledge its messages to the broker (not before: a controller
@@ -247,7 +223,6 @@ class Ingestor:
         with self._lock:
             batch, self._buffer = self._buffer, []
             acks, self._acks = self._acks, []
-            self._writing += len(batch)
         if not batch:
             return 0
         try:
@@ -257,9 +232,6 @@ class Ingestor:
                 self._buffer[:0] = batch  # back to the front, in order
                 self._acks[:0] = acks
             raise
-        finally:
-            with self._lock:
-                self._writing -= len(batch)
         self._ack(acks)
         self.counters["stored"] += n
         return n
@@ -269,7 +241,7 @@ class Ingestor:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                empty = not self._buffer and not self._writing
+                empty = not self._buffer
             if empty:
                 return
             time.sleep(0.02)
