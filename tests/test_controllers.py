@@ -226,9 +226,7 @@ def test_two_ingestors_in_the_shared_group_split_the_batches_and_store_each_once
         wait_for(lambda: _stored_batches(store, "split") >= sent, 30, "every batch stored")
         each = [i.counters["telemetry"] for i in ingestors]
         assert all(n > sent // 4 for n in each), each  # both took a share
-        # ...and no message reached both: each publish (a batch the simulator sent again after a late PUBACK counts
-        # once more: the store keeps it once) went to one member of the group
-        assert sum(each) == sent, (each, sent, sum(d.seq for d in sim.devices))
+        assert sent <= sum(each) <= sum(d.seq for d in sim.devices), each  # and no batch reached both
         assert store.duplicates == 0 and not _duplicated_batches(store, "split")
     finally:
         for i in ingestors:
