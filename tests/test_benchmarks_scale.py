@@ -58,3 +58,27 @@ def test_the_scale_benchmark_runs_small_and_loses_nothing(tmp_path: Path) -> Non
     for name, subject in ingest["subjects"].items():
         assert subject["lost"] == 0, (name, subject)
         assert len(subject["ratios"]) == 1 and subject["ratio_median"] > 0, (name, subject)
+
+
+def test_a_simulator_stops_when_its_broker_stopped_answering(tmp_path: Path) -> None:
+    """A shard's SIGTERM came while the broker was too busy to acknowledge the devices' disconnects: aiomqtt raised its
+    timeout in place of the cancellation and every device went back to reconnecting, so the shard never exited (the
+    benchmark waited 120 s for it). Here the broker is frozen with SIGSTOP, so each disconnect times out."""
+    import os
+    import signal
+
+    from fleet.dev.broker import start_broker
+    from fleet.dev.simulate import Simulator, SimulatorThread
+
+    broker = start_broker(tmp_path / "broker")
+    try:
+        sim = Simulator(broker.host, broker.port, 5, "frozen", telemetry_s=0.2, initial={"m": "1.0.0"})
+        sim.mqtt_timeout_s = 1.0
+        running = SimulatorThread(sim).start(30)
+        os.kill(broker.pid, signal.SIGSTOP)
+        running.stop()  # joins for at most 30 s
+        assert not running.thread.is_alive(), "the simulator was still running 30 s after stop()"
+        assert running.error is None
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+        broker.stop()

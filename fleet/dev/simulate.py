@@ -37,6 +37,10 @@ __all__ = ["Behaviour", "Simulator", "SimulatorThread", "simulate"]
 
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 5.0  # backoff between a simulated device's connection attempts
 REQUEST_TIMEOUT_S = 10.0  # a repository request unanswered this long is given up, as the agent's update.request_timeout_s
+# After stop(), how long the devices get to say "disconnected" and close; each step has aiomqtt's own 30 s timeout, so
+# a device still busy after this is stuck on a broker that stopped answering and is abandoned, not waited for.
+STOP_GRACE_S = 45.0
+MQTT_TIMEOUT_S = 30.0  # aiomqtt's wait for each acknowledgement (connect, publish, disconnect) of a simulated device
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class Simulator:
         self._online: set[str] = set()
         self._seen: set[str] = set()  # connected at least once
         self._stop = asyncio.Event()
+        self.mqtt_timeout_s = MQTT_TIMEOUT_S
 
     def stop(self) -> None:
         self._stop.set()
@@ -167,11 +172,20 @@ class Simulator:
         if on_ready is not None:
             on_ready()
         await self._stop.wait()
+        await self._end(tasks)
+
+    async def _end(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Cancel every device and wait at most ``STOP_GRACE_S`` for them. A stop must end: a device whose cancellation
+        was swallowed (``asyncio.wait_for`` before Python 3.12 can) or replaced by a disconnect timeout also sees
+        ``_stop`` in each of its loops."""
         for t in tasks:
             t.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+        for t in pending:
+            t.cancel()  # abandoned: asyncio.run's shutdown cancels them once more and they hold nothing of ours
         for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved, so asyncio does not log "never retrieved": a device's error at stop is moot
 
     def _client_options(self) -> dict[str, Any]:
         if self._options is None:
@@ -189,12 +203,14 @@ class Simulator:
 
         addresses = self.broker.addresses()
         attempt, backoff = first, RECONNECT_MIN_S
-        while True:
+        while not self._stop.is_set():
             host, port = addresses[attempt % len(addresses)]
             attempt += 1
             try:
                 await self._connection(d, host, port, lambda: self._connected_once(d))
             except aiomqtt.MqttError:
+                if self._stop.is_set():
+                    return  # the disconnect at stop timed out (aiomqtt raises that in place of the cancellation)
                 if d.id in self._online:
                     self._online.discard(d.id)
                     self.connected -= 1
@@ -223,7 +239,7 @@ class Simulator:
         # instead of deleting and making them again, which a cluster that just lost a node took minutes to do.
         if self.broker.mqtt_version == "3.1.1":
             options["clean_session"] = False
-        async with aiomqtt.Client(**options, identifier=d.id, will=will, keepalive=60, timeout=30) as client:
+        async with aiomqtt.Client(**options, identifier=d.id, will=will, keepalive=60, timeout=self.mqtt_timeout_s) as client:
             await _subscribe(
                 client, [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)]
             )
@@ -305,7 +321,7 @@ class Simulator:
     async def _updates(
         self, client: Any, d: SimDevice, updates: asyncio.Queue[bytes], replies: dict[str, asyncio.Future[RepoReply]]
     ) -> None:
-        while True:
+        while not self._stop.is_set():
             hint = await updates.get()
             try:
                 timestamp = wire.load_json(hint, 64 * 1024)  # a hint only, as for the agent: fetched and read below
@@ -381,7 +397,7 @@ class Simulator:
     async def _telemetry(self, client: Any, d: SimDevice) -> None:
         rng = random.Random(d.id)
         await asyncio.sleep(rng.uniform(0, self.telemetry_s))  # spread the fleet's batches over the interval
-        while True:
+        while not self._stop.is_set():
             d.seq += 1
             models = [self._window(d, model, version, rng) for model, version in d.model_versions.items()]
             body = wire.TelemetryBatch(
