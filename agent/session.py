@@ -78,6 +78,7 @@ class Session:
         self.on_connected = on_connected
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # the broker answered this connection's subscriptions
         self._closing = threading.Event()
         self._client = self._make_client()
 
@@ -88,6 +89,7 @@ class Session:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         c.reconnect_delay_set(1, 30)  # exponential backoff between reconnects, 1 s to 30 s
         return c
 
@@ -110,7 +112,9 @@ class Session:
         return self._connected.is_set()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
-        return self._connected.wait(timeout)
+        """Connected and subscribed: a request published after this is delivered to us (one published between the
+        CONNACK and the SUBACK may reach the broker before our subscription does, and goes to nobody)."""
+        return self._subscribed.wait(timeout)
 
     def begin_close(self, unsubscribe: Sequence[str] = ()) -> None:
         """The agent is stopping: a disconnect from now on is expected (not logged as a warning), and the kinds named
@@ -158,8 +162,13 @@ class Session:
         self.on_connected()
         logs.event(log, "agent.connected", broker=self._client.address, client=self.client_id)
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        """Our one subscribe per connection was answered (``FailoverClient`` calls this after its retries of refused topics)."""
+        self._subscribed.set()
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._connected.clear()
+        self._subscribed.clear()
         if not self._closing.is_set():
             logs.event(log, "agent.disconnected", logging.WARNING, broker=self._client.address, client=self.client_id, reason=str(reason))
 
