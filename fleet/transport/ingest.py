@@ -176,12 +176,11 @@ class Ingestor:
         return True
 
     def _ack(self, acks: list[tuple[int, int]]) -> None:
-        for mid, qos in acks:
-            try:
-                self._client.ack(mid, qos)
-            except Exception as exc:  # a connection gone: the broker sends the message again, the store keeps it once
-                logs.event(log, "ingest.ack_failed", logging.WARNING, reason=f"{type(exc).__name__}: {exc}"[:200])
-                return
+        """One write for the lot; a connection gone: the broker sends them again, the store keeps each once."""
+        try:
+            self._client.ack_many(acks)
+        except Exception as exc:
+            logs.event(log, "ingest.ack_failed", logging.WARNING, reason=f"{type(exc).__name__}: {exc}"[:200])
 
     def alive(self) -> bool:
         """paho's network thread and the flusher run (part of the controller's health)."""

@@ -1,0 +1,156 @@
+"""The read-ahead MQTT client every agent and controller connection uses (``agent.mqtt.ReadAheadClient``), against a real
+mosquitto and an unmodified paho publisher: whatever the fast path decodes arrives exactly as stock paho would give it,
+what it leaves to paho (properties, QoS 2, an empty topic) still arrives whole, and ``ack_many`` acknowledges exactly
+the messages it names — a message not named is sent again to the resumed session."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.mqtt import ReadAheadClient, protocol_of
+from agent.settings import BrokerSettings
+from fleet.dev.broker import RunningBroker, start_broker
+from fleet.transport import client as transport
+
+VERSIONS = ["5", "3.1.1"]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
+    """Room for every unacknowledged message in flight at once (mosquitto's default is 20)."""
+    b = start_broker(tmp_path_factory.mktemp("mqtt-client"), extra_config=["max_inflight_messages 0", "max_queued_messages 0"])
+    yield b
+    b.stop()
+
+
+Received = tuple[str, bytes, int, bool, dict[str, Any] | None]
+
+
+def _seen(msg: mqtt.MQTTMessage) -> Received:
+    props = msg.properties.json() if msg.properties is not None else None
+    return msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), props
+
+
+def _receiver(
+    broker: RunningBroker, version: str, client_id: str, persistent: bool = False, manual: bool = False
+) -> tuple[ReadAheadClient, queue.Queue[mqtt.MQTTMessage]]:
+    settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=version)  # type: ignore[arg-type]
+    c = transport.client(settings, client_id, persistent=persistent)
+    got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    subscribed = threading.Event()
+    c.on_message = lambda client, userdata, msg: got.put(msg)
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.manual_ack_set(manual)
+    transport.connect(c, settings, persistent=persistent, resume=persistent)
+    c.loop_start()
+    c.subscribe(f"t/{client_id}/#", qos=2)
+    assert subscribed.wait(10), "no SUBACK"
+    return c, got
+
+
+def _publisher(broker: RunningBroker, version: str) -> mqtt.Client:
+    p = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol_of(version))
+    p.max_inflight_messages_set(0)
+    p.connect(broker.host, broker.port)
+    p.loop_start()
+    return p
+
+
+def _props(**values: Any) -> Properties:
+    p = Properties(PacketTypes.PUBLISH)
+    for name, value in values.items():
+        setattr(p, name, value)
+    return p
+
+
+def _take(got: queue.Queue[mqtt.MQTTMessage], n: int, timeout: float = 20.0) -> list[mqtt.MQTTMessage]:
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        out.append(got.get(timeout=max(0.01, deadline - time.monotonic())))
+    return out
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_burst_of_every_kind_arrives_as_sent(broker: RunningBroker, version: str) -> None:
+    """Thousands of small messages read many to a ``recv``, one larger than the read-ahead (it spans several reads),
+    QoS 0, 1 and 2, MQTT 5 properties, an empty payload, a retained message delivered at subscription."""
+    cid = f"burst-{version}"
+    publisher = _publisher(broker, version)
+    publisher.publish(f"t/{cid}/retained", b"kept", qos=1, retain=True).wait_for_publish(10)
+    receiver, got = _receiver(broker, version, cid)
+    v5 = version == "5"
+    sent: list[Received] = [(f"t/{cid}/retained", b"kept", 1, True, {} if v5 else None)]
+    try:
+        infos = []
+        for i in range(3000):
+            topic, payload, qos = f"t/{cid}/small/{i % 7}", os.urandom(i % 300), (0, 1, 2)[i % 3]
+            props = None
+            if v5 and i % 50 == 0:
+                props = _props(ResponseTopic=f"reply/{i}", CorrelationData=i.to_bytes(4, "big"), UserProperty=[("k", str(i))])
+            infos.append(publisher.publish(topic, payload, qos=qos, properties=props))
+            sent.append((topic, payload, qos, False, (props.json() if props else {}) if v5 else None))
+        big = os.urandom(3 * ReadAheadClient.READ_AHEAD + 17)
+        infos.append(publisher.publish(f"t/{cid}/big", big, qos=1))
+        sent.append((f"t/{cid}/big", big, 1, False, {} if v5 else None))
+        for info in infos:
+            info.wait_for_publish(10)
+        messages = _take(got, len(sent))
+        received = [_seen(m) for m in messages]
+        assert sorted(received, key=repr) == sorted(sent, key=repr)
+        in_order = [r for r in received if r[0] == f"t/{cid}/small/0" and r[2] == 1]  # MQTT orders one topic's QoS 1
+        assert in_order == [s for s in sent if s[0] == f"t/{cid}/small/0" and s[2] == 1], "one topic's messages out of order"
+        assert got.empty()
+        if v5:  # a message without properties still has its (empty) Properties, of its own
+            plain = [m.properties for m in messages if m.topic.endswith("/big")]
+            assert isinstance(plain[0], Properties) and plain[0].json() == {}
+            assert len({id(m.properties) for m in messages}) == len(messages)
+    finally:
+        publisher.publish(f"t/{cid}/retained", b"", retain=True).wait_for_publish(10)
+        for c in (receiver, publisher):
+            c.loop_stop()
+            c.disconnect()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_ack_many_acknowledges_exactly_what_it_names(broker: RunningBroker, version: str) -> None:
+    """Manual acknowledgement, persistent session: 100 messages in, 60 acknowledged in one ``ack_many``, the connection
+    dropped without a DISCONNECT; the resumed session gets the other 40 again, and only those."""
+    cid = f"acks-{version}"
+    receiver, got = _receiver(broker, version, cid, persistent=True, manual=True)
+    publisher = _publisher(broker, version)
+    try:
+        for i in range(100):
+            publisher.publish(f"t/{cid}/m", str(i).encode(), qos=1).wait_for_publish(10)
+        first = _take(got, 100)
+        assert receiver.ack_many([(m.mid, m.qos) for m in first[:60]]) == mqtt.MQTT_ERR_SUCCESS
+        fence = threading.Event()  # the broker handles a connection's packets in order: after this SUBACK, the PUBACKs
+        receiver.on_subscribe = lambda *a: fence.set()
+        receiver.subscribe(f"t/{cid}/fence", qos=1)
+        assert fence.wait(10)
+        receiver.loop_stop()
+        sock = receiver.socket()
+        assert sock is not None
+        sock.close()  # a crash: no DISCONNECT, the session stays
+        again, got_again = _receiver(broker, version, cid, persistent=True, manual=True)
+        try:
+            redelivered = _take(got_again, 40)
+            assert sorted(int(m.payload) for m in redelivered) == list(range(60, 100))
+            again.ack_many([(m.mid, m.qos) for m in redelivered])
+            assert got_again.empty()
+        finally:
+            again.loop_stop()
+            again.disconnect()
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
