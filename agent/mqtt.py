@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import InvalidOptions
 from agent.settings import BrokerSettings
@@ -99,7 +100,34 @@ class ReadAheadClient(mqtt.Client):
         rc = super().loop_read(max_packets)
         while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered():
             rc = super().loop_read(1)  # each round consumes buffered bytes or ends at an empty socket
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._out_packet:
+            rc = self.loop_write()  # what the callbacks queued (acknowledgements, replies made inline), in one write, now
         return rc
+
+    def _packet_queue(
+        self, command: int, packet: bytes | bytearray, mid: int, qos: int, info: mqtt.MQTTMessageInfo | None = None
+    ) -> MQTTErrorCode:
+        """paho wakes its loop through a socket pair for every packet queued; the loop's own thread (a callback
+        acknowledging or answering) needs no waking: ``loop_read`` writes what was queued once the reads are done."""
+        if self._thread is None or threading.get_ident() != self._thread.ident:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        wake, self._sockpairW = self._sockpairW, None  # another thread queuing meanwhile is written by this loop too
+        try:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        finally:
+            self._sockpairW = wake
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """The packets queued since the last write go out in one ``send`` where paho has nothing to do after writing
+        them (all but QoS 0 PUBLISH, whose callback fires once written, and DISCONNECT)."""
+        out = self._out_packet
+        if len(out) > 1 and _silent(out[0]) and _silent(out[1]):
+            merged = [out.popleft()]
+            while out and _silent(out[0]):
+                merged.append(out.popleft())
+            data = b"".join(bytes(m["packet"][m["pos"] :]) for m in merged)
+            out.appendleft({"command": _PUBACK_TYPE, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data), "packet": data, "info": None})
+        return super()._packet_write()
 
     def _handle_publish(self) -> MQTTErrorCode:
         """QoS 0 and 1 messages that carry no MQTT 5 properties — what devices send — decoded here; anything else by
@@ -123,6 +151,18 @@ class ReadAheadClient(mqtt.Client):
             return self._send_puback(message.mid)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        """A plain PUBACK (the message id alone: success, no properties) without paho's new ``ReasonCode`` and
+        ``Properties`` for each (about 30 µs); a PUBACK with a reason or properties, and PUBCOMP, by paho."""
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet, "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _no_properties(_EMPTY_PUBACK_PROPERTIES))
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def _sock_close(self) -> None:
         self._read_buffer, self._read_at = b"", 0  # a new connection starts with nothing of the old one
         super()._sock_close()
@@ -143,13 +183,21 @@ class ReadAheadClient(mqtt.Client):
 
 
 _EMPTY_PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)
+_EMPTY_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)  # read only by callbacks: one for every plain PUBACK
 
 
-def _no_properties() -> Properties:
-    """A new empty PUBLISH ``Properties`` (its tables are paho's read-only ones, shared with the template)."""
+def _no_properties(template: Properties = _EMPTY_PUBLISH_PROPERTIES) -> Properties:
+    """A new empty ``Properties`` like ``template`` (its tables are paho's read-only ones, shared with the template)."""
     empty = Properties.__new__(Properties)
-    empty.__dict__.update(_EMPTY_PUBLISH_PROPERTIES.__dict__)
+    empty.__dict__.update(template.__dict__)
     return empty
+
+
+def _silent(packet: Any) -> bool:
+    """A queued packet paho does nothing with once it is written."""
+    command = packet["command"] & 0xF0
+    return not (command == mqtt.PUBLISH and packet["qos"] == 0) and command != mqtt.DISCONNECT
 
 
 _PUBACK_TYPE = 0x40

@@ -154,3 +154,55 @@ def test_ack_many_acknowledges_exactly_what_it_names(broker: RunningBroker, vers
     finally:
         publisher.loop_stop()
         publisher.disconnect()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_what_it_publishes_arrives_and_is_acknowledged_once(broker: RunningBroker, version: str) -> None:
+    """Publishing from its own callbacks (queued without waking the loop, written in one go after the reads) and from
+    other threads at once (woken as paho does), QoS 0, 1 and 2: a stock paho subscriber gets every message, and each
+    QoS 1 and 2 message is acknowledged to the publisher once, as a success."""
+    cid = f"pub-{version}"
+    settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=version)  # type: ignore[arg-type]
+    sink: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    stock = _publisher(broker, version)  # a stock paho client: subscribes, and triggers the callback replies
+    stock.on_message = lambda c, u, m: sink.put(m)
+    subscribed = threading.Event()
+    stock.on_subscribe = lambda *a: subscribed.set()
+    stock.subscribe(f"t/{cid}/out/#", qos=2)
+    assert subscribed.wait(10)
+    ours = transport.client(settings, cid)
+    acked: list[tuple[int, bool]] = []
+    ours.on_publish = lambda c, u, mid, reason, props: acked.append((mid, reason.is_failure))
+    ours.on_message = lambda c, u, m: c.publish(f"t/{cid}/out/reply", m.payload, qos=m.qos)  # an inline answer
+    ours_ready = threading.Event()
+    ours.on_subscribe = lambda *a: ours_ready.set()
+    transport.connect(ours, settings)
+    ours.loop_start()
+    ours.subscribe(f"t/{cid}/in", qos=2)
+    assert ours_ready.wait(10)
+    try:
+        expected: list[bytes] = []
+        infos = []
+        for i in range(600):
+            body = f"{i}".encode()
+            if i % 2:
+                infos.append(ours.publish(f"t/{cid}/out/direct", b"d" + body, qos=i % 3))  # from this thread
+                expected.append(b"d" + body)
+            else:
+                stock.publish(f"t/{cid}/in", b"r" + body, qos=i % 3)  # answered from our loop's thread
+                expected.append(b"r" + body)
+        for info in infos:
+            info.wait_for_publish(10)
+            assert info.is_published()
+        got = sorted(bytes(m.payload) for m in _take(sink, len(expected)))
+        assert got == sorted(expected)
+        deadline = time.monotonic() + 10
+        while len(acked) < 600 and time.monotonic() < deadline:  # on_publish: QoS 0 once written, 1 and 2 once acknowledged
+            time.sleep(0.01)
+        assert len(acked) == 600 and len({mid for mid, _ in acked}) == 600
+        assert not any(failed for _, failed in acked)
+        assert sink.empty()
+    finally:
+        for c in (ours, stock):
+            c.loop_stop()
+            c.disconnect()
