@@ -528,7 +528,7 @@ def ingest_rows(ingest: dict[str, Any]) -> list[str]:
         spread = f"{r['ratio_median']} ({r['ratio_min']}-{r['ratio_max']})"
         rows.append(
             f"| ingest, 2 controllers ({name}), {ingest['messages_per_round']} msgs x {ingest['rounds']} rounds | "
-            f"{r['msgs_per_s_median']} msg/s, {r['lost']} lost | 2 raw $share subscribers {raw} msg/s | {spread} "
+            f"{r['msgs_per_s_median']} msg/s, {r['lost']} lost | 2 raw $share subscribers (stock paho) {raw} msg/s | {spread} "
             f"| >= {INGEST_GOAL}x, 0 lost | {yes[r['goal_met']]} |"
         )
     return rows
