@@ -309,7 +309,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="200 devices and 20,000 messages")
     ap.add_argument("--devices", type=int, help="simulated devices (default 1,000; --quick 200)")
-    ap.add_argument("--messages", type=int, help="telemetry messages for the ingest figure (default 100,000; --quick 20,000)")
+    ap.add_argument("--messages", type=int, help="telemetry messages per ingest round and side (default 40,000; --quick 20,000)")
     ap.add_argument("--publish", nargs=5, help=argparse.SUPPRESS)  # internal: one publisher process
     args = ap.parse_args()
     if args.publish:
@@ -319,7 +319,7 @@ def main() -> None:
     devices = args.devices or (200 if args.quick else 1000)
     r = rollout(devices)
     print(json.dumps(r), flush=True)
-    i = ingest(args.messages or (20_000 if args.quick else 100_000), devices)
+    i = ingest(args.messages or (20_000 if args.quick else 40_000), devices)
     print(json.dumps(i), flush=True)
     yes = {True: "yes", False: "NO"}
     moved = f"{r['rollout_s']} s ({r['devices_on_new_version']} moved, {r['state']})"

@@ -150,7 +150,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 PAYLOADS = {"JSON": False, "binary": True}
 THROUGHPUT_GOAL, P50_GOAL_MS, SHADOW_GOAL = 0.9, 0.3, 0.9
-QUICK_PLAN, FULL_PLAN = Plan(6, 12, 6.0), Plan(10, 40, 12.0)
+QUICK_PLAN, FULL_PLAN = Plan(6, 12, 6.0), Plan(8, 40, 10.0)
 
 
 def _fleet(
@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--part", choices=parts, default="all", help="MQTT serving rows, OIP REST rows, local-broker rows, or all")
     args = ap.parse_args()
     plan = plan_of(args)
-    n_tp, n_lat, window = (400, 60, 16) if args.quick else (1500, 200, 32)
+    n_tp, n_lat, window = (400, 60, 16) if args.quick else (1000, 200, 32)
     from fleet.dev.broker import start_broker
 
     rows: list[dict[str, Any]] = []
