@@ -1,6 +1,7 @@
 """A device's verified download of a 50 MiB variant against raw chunk pub/sub on the same broker.
 
-Contender: ``agent.update.fetch.download`` through ``MqttFetcher`` from a ``RepositoryServer`` —
+Contender: ``agent.update.fetch.download`` through ``MqttFetcher`` (on ``make_client``'s client, as the agent's update
+round makes it) from a ``RepositoryServer`` —
 what the agent runs once TUF has verified the (small) metadata: windowed pull requests,
 every 256 KiB chunk checked against the signed chunk list, written and fsynced, the offset
 saved (here: kept in memory). Baseline: the same bytes in 256 KiB QoS 1 messages published
@@ -26,8 +27,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.chunks import CHUNK_SIZE, ChunkManifest
-from agent.mqtt import tcp_nodelay
-from agent.settings import UpdateSettings
+from agent.mqtt import make_client, tcp_nodelay
+from agent.settings import BrokerSettings, UpdateSettings
 from benchmarks.common import Plan, alternating, arguments, pairs, report, yes_no
 
 
@@ -79,7 +80,8 @@ def verified_download(host: str, port: int, root: Path, data: bytes, dest: Path,
     url = f"repo://image/targets/{sha}.big.tar"
     update = VerifiedUpdate("big.tar", "big", "1", "onnx-fp32", 1, len(data), sha, url, ChunkManifest.of(data))
     with RepositoryServer(root, host, port, client_id="bench-repo"):
-        fetcher = MqttFetcher(host, port, "bench-dev", "repo://", window=window, window_max=window_max, timeout=30)
+        client = make_client(BrokerSettings(host=host, port=port), "bench-dev-fetch")  # the agent's own client, as in round.py
+        fetcher = MqttFetcher(host, port, "bench-dev", "repo://", window=window, window_max=window_max, timeout=30, client=client)
         try:
             dest.unlink(missing_ok=True)
             t0 = time.perf_counter()
