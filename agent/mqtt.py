@@ -140,8 +140,8 @@ class ReadAheadClient(mqtt.Client):
         qos, v5 = (header & 0x06) >> 1, self._protocol == mqtt.MQTTv5
         topic_end = 2 + int.from_bytes(packet[:2], "big")
         body = topic_end + (2 if qos else 0) + v5  # the payload's first byte
-        if qos == 2 or topic_end == 2 or len(packet) < body or (v5 and packet[body - 1] != 0):
-            return super()._handle_publish()  # QoS 2, an empty topic (an alias), properties, or malformed: paho's way
+        if qos > 1 or topic_end == 2 or len(packet) < body or (v5 and packet[body - 1] != 0):
+            return super()._handle_publish()  # QoS 2 (or 3: bad), an empty topic (an alias), properties, malformed: paho's way
         message = mqtt.MQTTMessage(
             mid=int.from_bytes(packet[topic_end : topic_end + 2], "big") if qos else 0, topic=bytes(packet[2:topic_end])
         )
