@@ -14,9 +14,9 @@ import time
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ["runtime_overhead", "serving", "transfer", "rollout", "hot_swap", "footprint", "scale"]
+BENCHMARKS = ["runtime_overhead", "idle_cores", "serving", "transfer", "rollout", "hot_swap", "footprint", "scale"]
 # On the paired harness of benchmarks/common.py: they take --quick and --repeat N.
-PAIRED = {"runtime_overhead", "transfer", "hot_swap", "footprint", "serving"}
+PAIRED = {"runtime_overhead", "idle_cores", "transfer", "hot_swap", "footprint", "serving"}
 QUICK = PAIRED | {"serving", "scale", "rollout"}  # the benchmarks with a shorter --quick run
 # The suite's full run takes scale at 1,000 devices: at its own default (10,000) the two rollouts alone take longer
 # than the suite's 15-minute goal on a 2-core box; that figure is ``python -m benchmarks.scale`` on its own.

@@ -150,7 +150,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 PAYLOADS = {"JSON": False, "binary": True}
 THROUGHPUT_GOAL, P50_GOAL_MS, SHADOW_GOAL = 0.9, 0.3, 0.9
-QUICK_PLAN, FULL_PLAN = Plan(6, 12, 6.0), Plan(8, 40, 10.0)
+QUICK_PLAN, FULL_PLAN = Plan(6, 12, 6.0), Plan(8, 30, 8.0)
 
 
 def _fleet(

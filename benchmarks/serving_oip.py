@@ -70,7 +70,7 @@ def _wait_ready(port: int, timeout: float = 120.0) -> None:
 
 def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models: dict[str, list[int]]) -> list[dict[str, Any]]:
     """One agent per model with ``serving.http``; the echo beside it; every body form raced in alternating rounds."""
-    n_tp, n_lat, window, rounds = (1000, 200, 16, 4) if quick else (4000, 1000, 16, 6)
+    n_tp, n_lat, window, rounds = (1000, 200, 16, 4) if quick else (2000, 500, 16, 8)
     echo, echo_port = start_echo(ECHO_STACK)
     rows = []
     try:

@@ -233,6 +233,18 @@ def test_unknown_options_are_refused_by_name(models: ModelFiles) -> None:
         load("openvino", models.path("tiny.xml"), performance_hint="FAST")
 
 
+def test_onnx_worker_threads_do_not_spin_between_requests_unless_asked(models: ModelFiles) -> None:
+    """onnxruntime's workers busy-wait between calls by default, taking a core from the device's application; the
+    agent turns that off, and ``allow_spinning = true`` turns it back on. Read back from the session onnxruntime built."""
+    for options, expected in (({}, "0"), ({"allow_spinning": True}, "1"), ({"allow_spinning": False}, "0")):
+        rt = load("onnx", models.path("mlp.onnx"), intra_op_threads=2, **options)
+        built = rt._session.get_session_options()  # type: ignore[attr-defined]
+        assert built.get_session_config_entry("session.intra_op.allow_spinning") == expected
+        assert built.get_session_config_entry("session.inter_op.allow_spinning") == expected
+        assert rt.describe().details["allow_spinning"] is (expected == "1")
+        rt.close()
+
+
 def test_unavailable_device_is_a_clear_error(models: ModelFiles) -> None:
     from agent.errors import RuntimeUnavailable
 
