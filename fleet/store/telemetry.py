@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from fleet.store.db import Database
 __all__ = ["Distribution", "Health", "PredictionRow", "ShadowHealth", "Telemetry", "TelemetryRow"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the health gate holds one per device and batch (600,000 at 10,000 devices)
 class TelemetryRow:
     """One device's telemetry for one model version in one batch; ``ts`` is when the controller received it."""
 
@@ -34,7 +34,7 @@ class TelemetryRow:
     p95_ms: float | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PredictionRow:
     device: str
     ts: float
@@ -213,12 +213,32 @@ class Telemetry:
 
     def telemetry_rows(self, model: str, devices: Iterable[str], since: float) -> list[TelemetryRow]:
         columns = "device, ts, version, requests, errors AS server_errors, coalesce(client_errors, 0) AS client_errors, p95_ms"
-        return [TelemetryRow(**row) for row in self._of_devices(f"SELECT {columns} FROM telemetry", model, devices, since)]
+        names = _Names()
+        return [
+            TelemetryRow(
+                names(r["device"]), r["ts"], names(r["version"]), r["requests"], r["server_errors"], r["client_errors"], r["p95_ms"]
+            )
+            for part in self._of_devices(f"SELECT {columns} FROM telemetry", model, devices, since)
+            for r in part
+        ]
 
     def prediction_rows(self, model: str, devices: Iterable[str], since: float) -> list[PredictionRow]:
         columns = 'device, ts, version, rows, n AS "values", total, total_sq, classes'
-        rows = self._of_devices(f"SELECT {columns} FROM predictions", model, devices, since)
-        return [PredictionRow(**{**row, "classes": json.loads(row["classes"]) if row["classes"] else None}) for row in rows]
+        names = _Names()
+        return [
+            PredictionRow(
+                names(r["device"]),
+                r["ts"],
+                names(r["version"]),
+                r["rows"],
+                r["values"],
+                r["total"],
+                r["total_sq"],
+                json.loads(r["classes"]) if r["classes"] else None,
+            )
+            for part in self._of_devices(f"SELECT {columns} FROM predictions", model, devices, since)
+            for r in part
+        ]
 
     def last_reports(self, model: str, version: str, devices: Iterable[str], since: float, until: float) -> dict[str, float]:
         """Per device: the receive time of its newest telemetry on ``model`` ``version`` in ``[since, until)`` (one
@@ -234,13 +254,14 @@ class Telemetry:
             out.update({r["device"]: float(r["ts"]) for r in rows})
         return out
 
-    def _of_devices(self, select: str, model: str, devices: Iterable[str], since: float) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+    def _of_devices(self, select: str, model: str, devices: Iterable[str], since: float) -> Iterator[list[dict[str, Any]]]:
+        """The rows of ``devices``, ``ROWS_PART`` devices' at a time: the caller turns each part into its own rows
+        before the next is read, so the database's rows (a dict each) never exist for the whole fleet at once."""
         chosen: Sequence[str] = sorted(set(devices))
-        for part in self.db.chunks(chosen):
-            where, args = self.db.in_list("device", part)
-            out += self.db.query(f"{select} WHERE model = ? AND ts >= ? AND {where}", [model, since, *args])
-        return out
+        for i in range(0, len(chosen), ROWS_PART):
+            for part in self.db.chunks(chosen[i : i + ROWS_PART]):
+                where, args = self.db.in_list("device", part)
+                yield self.db.query(f"{select} WHERE model = ? AND ts >= ? AND {where}", [model, since, *args])
 
     # -- aggregates -----------------------------------------------------------------------
 
@@ -313,3 +334,18 @@ class Telemetry:
                 }
             )
         return out
+
+
+ROWS_PART = 250  # devices per query of the gate's rows: about 15,000 rows at 600 s of baseline and 10 s telemetry
+
+
+class _Names:
+    """One string object per distinct device id or version among many rows (each row's own copy: ~60 bytes apiece)."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, name: str) -> str:
+        return self._seen.setdefault(name, name)
