@@ -277,6 +277,37 @@ def test_a_controller_killed_mid_stream_and_restarted_under_its_id_loses_no_tele
             store.close()
 
 
+def test_a_first_lead_pushes_a_directory_signed_without_a_store_in_batches_and_pulls_what_the_store_has_newer(
+    fleet_rig: Rig, store_location: Path | str, tmp_path: Path
+) -> None:
+    """On SQLite and PostgreSQL: a director whose devices were signed with files alone (one box, before PostgreSQL)
+    starts to lead on a store: every device's whole set reaches the store, more devices than one batch of
+    ``SYNC_BATCH``; a device the store holds newer is pulled instead; a second sync finds nothing to move."""
+    from fleet.tuf.director import Assignment, Director
+    from fleet.tuf.director_store import SYNC_BATCH, local_files
+
+    fs = FleetStore(store_location)
+    try:
+        rig_keys = fleet_rig.keys
+        a = Director.create(tmp_path / "a", rig_keys)
+        devices = [f"old-{i:04d}" for i in range(SYNC_BATCH * 2 + 3)]
+        done = a.assign_many([Assignment(d, MODEL, "1.0.0", VARIANT) for d in devices], fleet_rig.image, rig_keys)
+        assert not [d for d, r in done.items() if isinstance(r, Exception)]
+        b = Director(tmp_path / "b", store=fs)  # another root on the store: it signs devices[0] anew, version 2 there
+        b.sync()
+        fs.put_director_files(devices[0], local_files(a.device_metadata(devices[0])), 1)
+        b.assign(devices[0], fleet_rig.image, MODEL, "1.1.0", VARIANT, rig_keys)
+        a.store = fs
+        synced = a.sync()
+        assert (synced.pulled, synced.pushed) == (1, len(devices) - 1)
+        for d in devices:
+            assert fs.director_files(d) == local_files(a.device_metadata(d))
+        assert fs.director_versions()[devices[0]] == 2
+        assert (a.sync().pulled, a.sync().pushed) == (0, 0)
+    finally:
+        fs.close()
+
+
 def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
     fleet_rig: Rig, store_location: Path | str, tmp_path: Path
 ) -> None:
