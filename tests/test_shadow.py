@@ -255,8 +255,12 @@ def test_the_shadow_keeps_to_its_cpu_budget_and_reports_the_share_it_compared(mo
     window = runner.take()["mlp.onnx"]
     assert window["compared"] + window["skipped"] == 800  # every row accounted for
     assert 0 < window["compared"] < 800
-    shadow_s = window["compared"] / 2 * runner._budget.cost_s  # what the admitted calls cost, at their measured price
-    assert shadow_s <= 0.05 * elapsed + 0.05 + 2 * runner._budget.cost_s  # the budget, its burst, one call over
+    budget = runner._budget
+    assert budget.spent_s > 0 and budget.cost_s > 0
+    # What the admitted calls cost as measured, each one: within the budget, its burst, and one call overdrawn.
+    # (Not the compared count times the final moving average: a call's cost varies several times over when the
+    # runtime's threads sleep between calls, and the last average may be far from the mean.)
+    assert budget.spent_s <= 0.05 * elapsed + 0.05 + budget.largest_s
     runner.stop()
     host.close()
 

@@ -138,6 +138,8 @@ class CpuBudget:
         self._credit = burst_s
         self._last = clock()
         self.cost_s = 0.0  # moving average of one call's cost
+        self.spent_s = 0.0  # what the admitted calls cost, all told
+        self.largest_s = 0.0  # the dearest single call: how far one admitted call can overdraw the credit
 
     def admit(self) -> bool:
         if self.fraction >= 1.0:
@@ -149,6 +151,8 @@ class CpuBudget:
 
     def spend(self, seconds: float) -> None:
         self._credit -= seconds
+        self.spent_s += seconds
+        self.largest_s = max(self.largest_s, seconds)
         self.cost_s = seconds if self.cost_s == 0.0 else 0.8 * self.cost_s + 0.2 * seconds
 
 
