@@ -53,9 +53,9 @@ class OnnxOptions(RuntimeOptions):
     intra_op_threads: int = 0  # 0: onnxruntime's default
     # Worker threads busy-wait for the next parallel section when True (onnxruntime's own default). Off by default
     # here: the agent shares its device with the application, and between requests a spinning worker takes a core
-    # from it (measured, 512-wide MLP, two threads, one request every 0.3 ms: 586 us of CPU per 98 us call spinning,
-    # 225 us per 150 us call without; back to back 66 us a call spinning, 90 us without). On for a device that runs
-    # nothing but back-to-back inference.
+    # from it (benchmarks/idle_cores.py, 512-wide MLP, two threads, one request every 0.3 ms: 671 us of CPU per 144 us
+    # call spinning, 280 us per 190 us call without; back to back 91 us a call spinning, 124 us without). On for a
+    # device that runs nothing but back-to-back inference.
     allow_spinning: bool = False
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
