@@ -129,40 +129,60 @@ class _Window:
 class CpuBudget:
     """Admit work while its measured cost stays within ``fraction`` of one core's wall time.
 
-    Credit grows with wall time (``fraction`` seconds per second, capped at ``burst_s``) and each admitted call
-    spends what it then measured; the estimate of a call's cost is a moving average, so sampling follows the
-    candidate's real cost. Fraction 1.0 or more never refuses (a device that wants every call compared)."""
+    Credit grows with wall time (``fraction`` seconds per second, capped at ``burst_s``). Admitting a call
+    reserves its estimated cost at once, and the call, when it has run, settles the difference to what it
+    measured: calls queued but not yet run are already charged, so a burst of arrivals cannot all be admitted
+    against the same credit. The estimate is a moving average, so sampling follows the candidate's real cost;
+    until one call has been measured only one is admitted at a time. Fraction 1.0 or more never refuses (a
+    device that wants every call compared)."""
 
     def __init__(self, fraction: float, burst_s: float = 0.05, clock: Any = time.monotonic) -> None:
         self.fraction, self.burst_s, self._clock = fraction, burst_s, clock
         self._credit = burst_s
         self._last = clock()
+        self.pending = 0  # admitted calls not yet settled
         self.cost_s = 0.0  # moving average of one call's cost
         self.spent_s = 0.0  # what the admitted calls cost, all told
-        self.largest_s = 0.0  # the dearest single call: how far one admitted call can overdraw the credit
+        self.largest_s = 0.0  # the dearest single call
+        self.overrun_s = 0.0  # the sum of what calls cost beyond their reservation: the estimate's error
 
-    def admit(self) -> bool:
-        if self.fraction >= 1.0:
-            return True
-        now = self._clock()
-        self._credit = min(self.burst_s, self._credit + (now - self._last) * self.fraction)
-        self._last = now
-        return self._credit >= self.cost_s
+    def admit(self) -> float | None:
+        """The reservation for one call (settle it with ``spend`` or ``cancel``), or None to skip the call."""
+        if self.fraction < 1.0:
+            now = self._clock()
+            self._credit = min(self.burst_s, self._credit + (now - self._last) * self.fraction)
+            self._last = now
+            if self.pending and self.cost_s == 0.0:
+                return None  # the cost is not known yet: one call measures it first
+            if self._credit < self.cost_s:
+                return None
+            self._credit -= self.cost_s
+        self.pending += 1
+        return self.cost_s
 
-    def spend(self, seconds: float) -> None:
-        self._credit -= seconds
+    def cancel(self, reserved: float) -> None:
+        """An admitted call that was not run after all: its reservation goes back."""
+        self._credit += reserved
+        self.pending -= 1
+
+    def spend(self, seconds: float, reserved: float) -> None:
+        self._credit += reserved - seconds
+        self.pending -= 1
         self.spent_s += seconds
         self.largest_s = max(self.largest_s, seconds)
+        self.overrun_s += max(0.0, seconds - reserved)
         self.cost_s = seconds if self.cost_s == 0.0 else 0.8 * self.cost_s + 0.2 * seconds
 
 
+# model, shadow version, inputs, the active model's outputs and seconds, the budget's reservation
+_Queued = tuple[str, str, Mapping[str, object], dict[str, np.ndarray], float, float]
+
+
 class ShadowRunner:
-    def __init__(
-        self, host: ModelHost, queue_size: int = 16, rtol: float = 0.01, atol: float = 1e-3, budget: float = 0.1
-    ) -> None:
+    def __init__(self, host: ModelHost, queue_size: int = 16, rtol: float = 0.01, atol: float = 1e-3, budget: float = 0.1) -> None:
         self.host, self.rtol, self.atol = host, rtol, atol
         self._budget = CpuBudget(budget)
-        self._queue: queue.Queue[tuple[str, str, Mapping[str, object], dict[str, np.ndarray], float] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[_Queued | None] = queue.Queue(queue_size)
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="shadow", daemon=True)
@@ -187,12 +207,15 @@ class ShadowRunner:
         if shadow is None:
             return
         with self._lock:
-            admitted = self._budget.admit()
+            reserved = self._budget.admit()
         try:
-            if not admitted:
+            if reserved is None:
                 raise queue.Full
-            self._queue.put_nowait((active.name, shadow.version, inputs, outputs, active_s))
+            self._queue.put_nowait((active.name, shadow.version, inputs, outputs, active_s, reserved))
         except queue.Full:
+            if reserved is not None:
+                with self._lock:
+                    self._budget.cancel(reserved)
             rows = _rows(next(iter(outputs.values()), np.zeros(0)))
             with self._lock:
                 self._window(active.name, shadow.version).skipped += rows
@@ -207,13 +230,17 @@ class ShadowRunner:
         while True:
             item = self._queue.get()
             if item is None:
+                self._queue.task_done()
                 return
+            model, version, inputs, outputs, active_s, reserved = item
             started = time.perf_counter()
             try:
-                self._compare(*item)
+                self._compare(model, version, inputs, outputs, active_s)
             finally:
+                spent = time.perf_counter() - started  # wall time: waiting for a busy core counts, so it yields more
                 with self._lock:
-                    self._budget.spend(time.perf_counter() - started)  # wall time: waiting for a busy core counts, so it yields more
+                    self._budget.spend(spent, reserved)
+                self._queue.task_done()
 
     def _compare(self, model: str, version: str, inputs: Mapping[str, object], active_out: dict[str, np.ndarray], active_s: float) -> None:
         try:
@@ -232,15 +259,15 @@ class ShadowRunner:
             logs.event(log, "shadow.compare_failed", logging.ERROR, model=model, reason=f"{type(exc).__name__}: {exc}")
             return
         with self._lock:
-                w = self._window(model, version)
-                w.kind = c.kind
-                w.compared += c.rows
-                w.agreed += c.agreed
-                w.abs_diff_sum += c.abs_diff_sum
-                w.values += c.values
-                w.mismatched += int(c.mismatched)
-                w.shadow_ms.append(shadow_s * 1e3)
-                w.active_ms.append(active_s * 1e3)
+            w = self._window(model, version)
+            w.kind = c.kind
+            w.compared += c.rows
+            w.agreed += c.agreed
+            w.abs_diff_sum += c.abs_diff_sum
+            w.values += c.values
+            w.mismatched += int(c.mismatched)
+            w.shadow_ms.append(shadow_s * 1e3)
+            w.active_ms.append(active_s * 1e3)
 
     def take(self) -> dict[str, dict[str, Any]]:
         """Per model, the shadow's comparison over the window since the last take (for telemetry)."""
@@ -249,4 +276,5 @@ class ShadowRunner:
         return {model: w.to_json() for model, w in windows.items()}
 
     def idle(self) -> bool:
-        return self._queue.empty()
+        """Nothing queued and nothing being compared (an empty queue alone misses the call in hand)."""
+        return self._queue.unfinished_tasks == 0
