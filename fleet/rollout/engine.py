@@ -7,6 +7,9 @@ exactly where it was. A step reads as its three parts: observe (one read of the 
 devices, the registry, the install jobs), judge (the pure functions at the end of this
 module and ``gates``), act (assign, record, announce); once the wave has settled and soaked,
 the same again for the wave: observe its statistics, judge them by a gate, go on or abort.
+The health gate's statistics are planned as windows (``health_windows``: each moved device
+before and after its move, the unmoved control over the same windows) and summed by the
+database, one row per window, never every row of every device (``fleet.store.windows``).
 
 Moving a device means pointing its director metadata at the release (``Director.assign``)
 and announcing it; rolling back points it at the version it ran before (a version the
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,8 +44,8 @@ from agent.errors import EdgefleetError
 from agent.settings import BrokerSettings
 from fleet.rollout import gates, plan
 from fleet.rollout.spec import RolloutError, RolloutSpec
-from fleet.rollout.stats import device_stats
-from fleet.store import Device, DeviceChange, FleetStore, Job, PredictionRow, Rollout, RolloutDevice, TelemetryRow
+from fleet.rollout.stats import DeviceStats
+from fleet.store import Device, DeviceChange, FleetStore, Job, Rollout, RolloutDevice, Window, WindowPredictions, WindowTelemetry
 from fleet.transport import client as transport
 from fleet.transport.announce import announce
 from fleet.tuf.director import Assignment, Director
@@ -305,7 +307,7 @@ class RolloutEngine:
         logs.event(log, "rollout.shadow_passed", id=r.id, devices=len(back))
 
     def _health_gate(self, spec: RolloutSpec, r: Rollout, everyone: list[RolloutDevice], now: float) -> gates.Verdict:
-        """Observe the wave's moved devices and the unmoved control (their telemetry and prediction rows), then judge."""
+        """Observe the wave's moved devices and the unmoved control (their windows' sums, made by the database), then judge."""
         moved = [m for m in everyone if m.state == "active" and m.wave == r.wave]
         unmoved = [m for m in everyone if m.state == "pending" and m.previous]
         if not moved:
@@ -316,11 +318,10 @@ class RolloutEngine:
             waiting = judge_silent(spec, moved, reported)
             if waiting is not None:
                 return waiting
-        ids = [m.device for m in moved + unmoved]
-        since = min(m.assigned_at for m in moved) - spec.gates.baseline_s
-        telemetry = _by_device(self.store.telemetry_rows(spec.model, ids, since))
-        predictions = _by_device(self.store.prediction_rows(spec.model, ids, since))
-        return judge_health(spec, r, moved, unmoved, telemetry, predictions, now)
+        windows = health_windows(spec, moved, unmoved, now)  # plan the reads, read the sums, judge
+        telemetry = self.store.window_telemetry(spec.model, windows.telemetry)
+        predictions = self.store.window_predictions(spec.model, windows.predictions)
+        return judge_health(spec, r, windows, telemetry, predictions, now)
 
     def _shadow_gate(self, spec: RolloutSpec, r: Rollout, members: list[RolloutDevice], now: float) -> gates.Verdict:
         shadowing = [m.device for m in members if m.state == "shadowing"]
@@ -455,40 +456,54 @@ def judge_silent(spec: RolloutSpec, moved: list[RolloutDevice], reported: Mappin
     return None
 
 
+@dataclass(frozen=True)
+class HealthWindows:
+    """What the health gate reads: each moved device before and after its move (``moved``: the device, the version
+    it ran, and its move time), and the unmoved control split at each move time (``control``). ``telemetry`` holds
+    every window; ``predictions`` the moved devices' only (the control is judged on latency and errors alone)."""
+
+    moved: list[tuple[RolloutDevice, float, Window, Window]]
+    control: dict[float, list[tuple[RolloutDevice, Window, Window]]]
+    telemetry: list[Window]
+    predictions: list[Window]
+
+
+def health_windows(spec: RolloutSpec, moved: list[RolloutDevice], unmoved: list[RolloutDevice], now: float) -> HealthWindows:
+    """Plan the health gate's reads: the windows to sum, split at each move time (one per step that moved devices)."""
+    b = spec.gates.baseline_s
+
+    def around(device: str, before: str, after: str, split: float) -> tuple[Window, Window]:
+        return Window(device, before, split - b, split), Window(device, after, split, now + 1)
+
+    subjects = [(m, m.assigned_at, *around(m.device, m.previous, spec.version, m.assigned_at)) for m in moved]
+    control = {split: [(c, *around(c.device, c.previous, c.previous, split)) for c in unmoved] for split in {m.assigned_at for m in moved}}
+    predictions = [w for _, _, before, after in subjects for w in (before, after)]
+    telemetry = predictions + [w for group in control.values() for _, before, after in group for w in (before, after)]
+    return HealthWindows(subjects, control, telemetry, predictions)
+
+
 def judge_health(
     spec: RolloutSpec,
     r: Rollout,
-    moved: list[RolloutDevice],
-    unmoved: list[RolloutDevice],
-    telemetry: Mapping[str, list[TelemetryRow]],
-    predictions: Mapping[str, list[PredictionRow]],
+    plan: HealthWindows,
+    telemetry: Mapping[Window, WindowTelemetry],
+    predictions: Mapping[Window, WindowPredictions],
     now: float,
 ) -> gates.Verdict:
     """The health gate on the wave's devices (each before and after its move) and the unmoved control over the same
-    windows (split at each move time)."""
-    b = spec.gates.baseline_s
+    windows, from the sums the store made of ``plan``'s windows."""
 
-    def subject(m: RolloutDevice, version: str, split: float) -> gates.Subject:
-        t, p = telemetry.get(m.device, []), predictions.get(m.device, [])
-        before = device_stats(t, p, m.previous, split - b, split)
-        after = device_stats(t, p, version, split, now + 1)
-        return gates.Subject(m.device, m.hardware, before, after)
+    def stats(w: Window) -> DeviceStats:
+        return DeviceStats.of(telemetry.get(w), predictions.get(w))
 
-    controls: dict[float, list[gates.Subject]] = {}  # per move time: the unmoved devices split at that moment
-    for m in moved:
-        if m.assigned_at not in controls:
-            controls[m.assigned_at] = [subject(c, c.previous, m.assigned_at) for c in unmoved]
+    controls = {
+        split: [gates.Subject(c.device, c.hardware, stats(before), stats(after)) for c, before, after in group]
+        for split, group in plan.control.items()
+    }
     return gates.health_gate(
         spec.gates,
         spec.version,
-        [subject(m, spec.version, m.assigned_at) for m in moved],
-        {m.device: controls[m.assigned_at] for m in moved},
+        [gates.Subject(m.device, m.hardware, stats(before), stats(after)) for m, _, before, after in plan.moved],
+        {m.device: controls[split] for m, split, _, _ in plan.moved},
         now - r.wave_started >= spec.wave_timeout_s,
     )
-
-
-def _by_device(rows: list[TelemetryRow] | list[PredictionRow]) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = defaultdict(list)
-    for row in rows:
-        out[row.device].append(row)
-    return out

@@ -26,6 +26,7 @@ from fleet.store.director import DirectorFiles, StaleDirectorMetadata
 from fleet.store.rollouts import DeviceChange, PlannedDevice, Rollout, RolloutDevice, Rollouts
 from fleet.store.telemetry import Distribution, Health, PredictionRow, ShadowHealth, Telemetry, TelemetryRow
 from fleet.store.url import BadStoreURL, StoreLocation, StoreUnreachable, is_postgres, store_location
+from fleet.store.windows import Window, WindowPredictions, WindowTelemetry, window_predictions, window_telemetry
 
 __all__ = [
     "BadStoreURL",
@@ -44,6 +45,9 @@ __all__ = [
     "StoreLocation",
     "StoreUnreachable",
     "TelemetryRow",
+    "Window",
+    "WindowPredictions",
+    "WindowTelemetry",
     "open_database",
 ]
 
@@ -204,6 +208,17 @@ class FleetStore:
         """Per device: when its newest telemetry on ``model`` ``version`` in ``[since, until)`` arrived (none: left out)."""
         with self._lock:
             return self._telemetry.last_reports(model, version, devices, since, until)
+
+    def window_telemetry(self, model: str, windows: Sequence[Window]) -> dict[Window, WindowTelemetry]:
+        """Each window's telemetry of ``model`` summed in the database (windows without any left out): the health gate's
+        input, one row per window instead of every row of every device."""
+        with self._lock:
+            return window_telemetry(self.db, model, windows)
+
+    def window_predictions(self, model: str, windows: Sequence[Window]) -> dict[Window, WindowPredictions]:
+        """Each window's prediction sums of ``model`` (windows without any left out)."""
+        with self._lock:
+            return window_predictions(self.db, model, windows)
 
     def prediction_rows(self, model: str, devices: Iterable[str], since: float) -> list[PredictionRow]:
         """Every prediction-sum row of ``model`` on these devices since ``since``, any version."""
