@@ -350,6 +350,34 @@ def test_max_per_minute_limits_how_many_devices_move(rig: Rig, tmp_path: Path) -
         store.close()
 
 
+def test_the_next_wave_moves_in_the_tick_whose_gate_passed_the_last(rig: Rig, tmp_path: Path) -> None:
+    """With zero soak a wave waits only for its gate: the tick that passes it also assigns the next wave, not a
+    tick later (a tick is a second in ``fleet serve``: one second per wave for nothing)."""
+    store = FleetStore(tmp_path / "next.db")
+    ingest = Ingestor(store, rig.broker.host, rig.broker.port, client_id="ingest-next").start()
+    sims = fleet_of(rig, 5, "next")
+    try:
+        wait_for(lambda: sum(1 for d in store.devices() if d.id.startswith("next") and d.online and d.models) == 5, 60, "5 devices")
+        engine = RolloutEngine(store, rig.image, rig.director, rig.keys, rig.broker.host, rig.broker.port)
+        rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=next-*", waves=["20%", "100%"], soak_s=0))
+
+        def first_wave_passed() -> bool:
+            engine.tick()
+            r = store.rollout(rid)
+            return r is None or r.state != "running" or r.wave > 0
+
+        wait_for(first_wave_passed, 60, "the first wave's gate passed")
+        r = store.rollout(rid)
+        assert r is not None and (r.state, r.wave) == ("running", 1)
+        second = [m.state for m in store.rollout_devices(rid, wave=1)]
+        assert len(second) == 4 and "pending" not in second  # told in that same tick
+        wait_for(lambda: (engine.tick(), getattr(store.rollout(rid), "state", ""))[1] == "done", 60, "the rollout done")
+    finally:
+        sims.stop()
+        ingest.stop()
+        store.close()
+
+
 # -- shadow mode and prediction drift ------------------------------------------------------------
 
 

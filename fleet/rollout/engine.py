@@ -189,14 +189,15 @@ class RolloutEngine:
             try:
                 if r.state == ABORTING:
                     self._abort(r, r.reason or "aborted by the operator")
-                elif r.state == RUNNING:
-                    self._step(r, now or time.time())
+                elif r.state == RUNNING and self._step(r, now or time.time()):
+                    self._step(self.store.rollout(r.id) or r, now or time.time())  # the next wave starts now, not a tick later
             except Exception as exc:  # one rollout's trouble must not stop the others: logged, retried next tick
                 logs.event(log, "rollout.step_failed", logging.ERROR, id=r.id, reason=f"{type(exc).__name__}: {exc}")
 
-    def _step(self, r: Rollout, now: float) -> None:
+    def _step(self, r: Rollout, now: float) -> bool:
         """Observe the rollout once; judge what its devices said (abort on the install gate); move pending devices;
-        judge the assigned ones (timeout, tell again); record and announce; once the wave settled, judge the wave."""
+        judge the assigned ones (timeout, tell again); record and announce; once the wave settled, judge the wave.
+        True when the wave passed its gate and another wave (or the shadow's switch) is next."""
         seen = self._observe(r)
         changes = judge_reports(seen)
         members = applied(seen.members, changes)
@@ -204,14 +205,13 @@ class RolloutEngine:
         if install.decision == gates.ABORT:
             self.store.set_device_states(r.id, changes)
             self._abort(r, install.reason)
-            return
+            return False
         moves = self._move(seen, members, now)  # recorded and announced batch by batch
         moved = [c.device for c in moves if c.state == "assigned"]
         late, again = judge_assigned(seen, applied(members, moves), set(moved), self._announced, now, self.reannounce_s)
         self._record(r.id, changes + late, again, now)
         everyone = applied(seen.everyone, changes + moves + late)
-        if all(m.state in SETTLED for m in everyone if m.wave == r.wave):
-            self._wave_settled(seen, everyone, now)
+        return all(m.state in SETTLED for m in everyone if m.wave == r.wave) and self._wave_settled(seen, everyone, now)
 
     def _observe(self, r: Rollout) -> Observation:
         """One read of the rollout's devices, the registry records of its current wave's unsettled devices (not the
@@ -274,30 +274,33 @@ class RolloutEngine:
         if told:
             announce(self.director, told, broker=self.broker)
 
-    def _wave_settled(self, seen: Observation, everyone: list[RolloutDevice], now: float) -> None:
-        """Every device of the wave settled: after the soak, judge the wave by its gate and go on, or abort."""
+    def _wave_settled(self, seen: Observation, everyone: list[RolloutDevice], now: float) -> bool:
+        """Every device of the wave settled: after the soak, judge the wave by its gate and go on (True when a wave or the
+        shadow's switch is next), or abort."""
         r, spec = seen.rollout, seen.spec
         if not r.wave_done:
             self.store.update_rollout(r.id, wave_done=now)
             r = replace(r, wave_done=now)
         if now - r.wave_done < spec.soak_s:
-            return
+            return False
         members = [m for m in everyone if m.wave == r.wave]
         verdict = self._shadow_gate(spec, r, members, now) if seen.shadow else self._health_gate(spec, r, everyone, now)
         if verdict.decision == gates.WAIT:
-            return
+            return False
         if verdict.decision == gates.ABORT:
             self._abort(r, verdict.reason)
-            return
+            return False
         logs.event(log, "rollout.gate_passed", id=r.id, wave=r.wave + 1, phase=r.phase or "health", detail=verdict.reason)
         if seen.shadow:
             self._end_shadow(r, members, now)
-        elif r.wave >= len(spec.waves) - 1 or not any(m.wave == r.wave + 1 for m in everyone):
+            return True
+        if r.wave >= len(spec.waves) - 1 or not any(m.wave == r.wave + 1 for m in everyone):
             self.store.update_rollout(r.id, state=DONE, reason="every wave done")
             logs.event(log, "rollout.done", id=r.id)
-        else:
-            self.store.update_rollout(r.id, wave=r.wave + 1, wave_started=now, wave_done=0)
-            logs.event(log, "rollout.wave", id=r.id, wave=r.wave + 2)
+            return False
+        self.store.update_rollout(r.id, wave=r.wave + 1, wave_started=now, wave_done=0)
+        logs.event(log, "rollout.wave", id=r.id, wave=r.wave + 2)
+        return True
 
     def _end_shadow(self, r: Rollout, members: list[RolloutDevice], now: float) -> None:
         """The shadow convinced: the same wave now switches for real."""
