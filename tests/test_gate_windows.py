@@ -139,11 +139,29 @@ def test_more_windows_than_one_query_holds_and_the_same_window_twice(store: Flee
     assert len(store.window_telemetry("m", windows)) <= len(set(windows))
 
 
-@pytest.mark.parametrize("hostile", ["'; DROP TABLE telemetry; --", '"}], "x": [{"', "x" * 300, "\u00e9\u4e2d", "", "nul\x00id"])
+@pytest.mark.parametrize("hostile", ["'; DROP TABLE telemetry; --", '"}], "x": [{"', "x" * 300, "\u00e9\u4e2d\U0001f600", ""])
 def test_window_fields_are_bound_never_spliced(store: FleetStore, hostile: str) -> None:
-    """Device ids and versions come from devices: a quote, JSON, a NUL or a long string in them is a value, not SQL or
-    JSON, and a window no store can hold rows for gets no sums instead of failing the query."""
+    """A quote, JSON, a long or non-ASCII string in a device id, version or model is a value, never SQL or JSON: rows
+    stored under such names (written straight to the table, past the wire's stricter names) are found and summed."""
+    from fleet.store.telemetry import PREDICTION_COLUMNS, TELEMETRY_COLUMNS
+
+    with store.db.transaction():
+        store.db.ensure_partitions([T0 + 10])
+        store.db.copy("telemetry", TELEMETRY_COLUMNS, [(hostile, 1, T0 + 10, hostile, hostile, 7, 2, 3.5, 1, 1, T0 + 10)])
+        store.db.copy("predictions", PREDICTION_COLUMNS, [(hostile, T0 + 10, hostile, hostile, 4, 8, 2.0, 3.0, "[1, 3]")])
+    w = Window(hostile, hostile, T0, T0 + 100)
+    t = store.window_telemetry(hostile, [w, Window("other", hostile, T0, T0 + 100)])
+    assert list(t) == [w] and (t[w].batches, t[w].requests, t[w].server_errors, t[w].client_errors, t[w].p95_ms) == (1, 7, 2, 1, 3.5)
+    p = store.window_predictions(hostile, [w])
+    assert (p[w].rows, p[w].values, p[w].total, p[w].classes) == (4, 8, 2.0, (1, 3))
+    assert store.window_telemetry("m", [w]) == {}  # another model: nothing
+
+
+def test_a_name_with_a_nul_gets_no_sums_and_fails_nothing(store: FleetStore) -> None:
+    """PostgreSQL's text cannot hold a NUL (and the wire never lets one in): such a window gets no sums, on both
+    stores, instead of failing the query for the windows beside it."""
     store.ingest([batch(random.Random(1), "dev-0", 1, T0 + 10)])
-    assert store.window_telemetry("m", [Window(hostile, hostile, T0, T0 + 100)]) == {}
-    assert store.window_predictions(hostile, [Window("dev-0", "1.0.0", T0, T0 + 100)]) == {}
-    assert store.telemetry_count() > 0
+    fine = Window("dev-0", "1.0.0", T0, T0 + 100)
+    got = store.window_telemetry("m", [Window("nul\x00id", "1.0.0", T0, T0 + 100), fine])
+    assert fine in got and len(got) == 1
+    assert store.window_predictions("nul\x00m", [fine]) == {}

@@ -133,8 +133,9 @@ class CpuBudget:
     reserves its estimated cost at once, and the call, when it has run, settles the difference to what it
     measured: calls queued but not yet run are already charged, so a burst of arrivals cannot all be admitted
     against the same credit. The estimate is a moving average, so sampling follows the candidate's real cost;
-    until one call has been measured only one is admitted at a time. Fraction 1.0 or more never refuses (a
-    device that wants every call compared)."""
+    until one call has been measured only one is admitted at a time. A candidate dearer a call than the whole
+    burst is admitted whenever the credit is full again (one call per ``cost / fraction`` seconds), not never.
+    Fraction 1.0 or more never refuses (a device that wants every call compared)."""
 
     def __init__(self, fraction: float, burst_s: float = 0.05, clock: Any = time.monotonic) -> None:
         self.fraction, self.burst_s, self._clock = fraction, burst_s, clock
@@ -154,8 +155,8 @@ class CpuBudget:
             self._last = now
             if self.pending and self.cost_s == 0.0:
                 return None  # the cost is not known yet: one call measures it first
-            if self._credit < self.cost_s:
-                return None
+            if self._credit < min(self.cost_s, self.burst_s):
+                return None  # (a call dearer than the whole burst is admitted on a full burst: never, it would stop forever)
             self._credit -= self.cost_s
         self.pending += 1
         return self.cost_s

@@ -190,9 +190,16 @@ class RolloutEngine:
                 if r.state == ABORTING:
                     self._abort(r, r.reason or "aborted by the operator")
                 elif r.state == RUNNING and self._step(r, now or time.time()):
-                    self._step(self.store.rollout(r.id) or r, now or time.time())  # the next wave starts now, not a tick later
+                    self._next_wave_now(r.id, now)
             except Exception as exc:  # one rollout's trouble must not stop the others: logged, retried next tick
                 logs.event(log, "rollout.step_failed", logging.ERROR, id=r.id, reason=f"{type(exc).__name__}: {exc}")
+
+    def _next_wave_now(self, rid: int, now: float | None) -> None:
+        """A wave just passed its gate: step the next one in this tick, not a tick later, unless the rollout meanwhile
+        stopped running (an operator's pause or abort, written by another process while the gate judged)."""
+        r = self.store.rollout(rid)
+        if r is not None and r.state == RUNNING:
+            self._step(r, now or time.time())
 
     def _step(self, r: Rollout, now: float) -> bool:
         """Observe the rollout once; judge what its devices said (abort on the install gate); move pending devices;

@@ -11,7 +11,8 @@ table the same SQL runs on SQLite and PostgreSQL.
 A window's p95 is the median of its batches' p95s (one slow batch does not make a device slow), computed with
 window functions: the batches' p95s numbered in order, nulls last, and the middle one or two averaged. Class
 counts are summed in Python from the prediction rows that carry them, in receive order; a row of another width
-than the window's first (another output shape) is left out. Nothing here locks: ``FleetStore`` does.
+than the window's first (another output shape) is left out (rows received at the very same instant, which one
+device's batches never are, count in the order the database returns them). Nothing here locks: ``FleetStore`` does.
 """
 
 from __future__ import annotations
