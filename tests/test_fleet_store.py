@@ -314,7 +314,7 @@ def test_a_sqlite_store_made_before_schema_versions_is_upgraded_and_keeps_its_ro
     finally:
         fs.close()
     again = FleetStore(path)  # opening an up-to-date store changes nothing
-    assert [r["version"] for r in again.db.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
+    assert [r["version"] for r in again.db.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4]
     again.close()
 
 
@@ -450,7 +450,7 @@ def test_a_store_at_version_2_gains_the_director_and_controller_tables(store_loc
     db.close()
     fs = FleetStore(store_location)
     try:
-        assert schema.version(fs.db) == 3
+        assert schema.version(fs.db) == schema.LATEST
         fs.put_director_files("dev-1", {"timestamp.json": _ts(1)}, 1)
         fs.register_controller("c-1", "edgefleet-ingest-c-1", "host")
         assert fs.director_versions() == {"dev-1": 1} and [c["id"] for c in fs.controllers()] == ["c-1"]

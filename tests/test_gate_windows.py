@@ -165,3 +165,48 @@ def test_a_name_with_a_nul_gets_no_sums_and_fails_nothing(store: FleetStore) -> 
     got = store.window_telemetry("m", [Window("nul\x00id", "1.0.0", T0, T0 + 100), fine])
     assert fine in got and len(got) == 1
     assert store.window_predictions("nul\x00m", [fine]) == {}
+
+
+def indexes(store: FleetStore) -> set[str]:
+    if store.db.dialect == "sqlite":
+        return {r["name"] for r in store.db.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    return {r["indexname"] for r in store.db.query("SELECT indexname FROM pg_indexes WHERE tablename IN ('telemetry', 'predictions')")}
+
+
+def test_the_windows_are_read_from_their_index_before_any_statistics_exist(store: FleetStore) -> None:
+    """With (device, model, ts) PostgreSQL planned this query on (model, version, ts) while a day's partition had no
+    statistics yet, and scanned every device's rows for each window (minutes at 10,000 devices). The index that
+    holds every condition is used whatever the statistics say."""
+    from fleet.store.telemetry import TELEMETRY_COLUMNS
+
+    devices = [f"dev-{i:04d}" for i in range(2000)]
+    rows = [(d, k, T0 + 10.0 * k + i / 1e4, "m", "1.0.0", 50, 0, 2.0, 0, 1, T0) for i, d in enumerate(devices) for k in range(150)]
+    with store.db.transaction():  # 300,000 rows at once, as a fleet's day fills up before anything analyzed it
+        store.db.ensure_partitions([T0, T0 + 1500])
+        store.db.copy("telemetry", TELEMETRY_COLUMNS, rows)
+    windows = [Window(d, "1.0.0", T0 + 600, T0 + 1200) for d in devices]
+    sql, args = window_sums.telemetry_query(store.db, "m", windows)
+    explain = "EXPLAIN QUERY PLAN " if store.db.dialect == "sqlite" else "EXPLAIN "
+    plan = " ".join(str(v) for row in store.db.query(explain + sql, args) for v in row.values())
+    assert "telemetry_window" in plan or "device_model_version_ts" in plan, plan  # a partition's copy of it is named so
+    assert "telemetry_model" not in plan and "model_version_ts" not in plan.replace("device_model_version_ts", ""), plan
+
+
+def test_a_store_at_version_3_gets_the_window_indexes_in_place_of_the_old_ones(store_location: Path | str) -> None:
+    from fleet.store import open_database, schema
+
+    db = open_database(store_location)
+    assert schema.upgrade(db, to=3) == 3
+    for name in ("telemetry_window", "predictions_window"):  # as version 3 made them
+        db.execute(f"DROP INDEX {name}")
+    db.execute("CREATE INDEX telemetry_device ON telemetry (device, model, ts)")
+    db.execute("CREATE INDEX predictions_device ON predictions (device, model, ts)")
+    db.close()
+    fs = FleetStore(store_location)
+    try:
+        assert schema.version(fs.db) == 4
+        held = indexes(fs)
+        assert {"telemetry_window", "predictions_window"} <= held and not {"telemetry_device", "predictions_device"} & held
+        assert fs.ingest([batch(random.Random(2), "dev-0", 1, T0 + 10)]) == 1
+    finally:
+        fs.close()

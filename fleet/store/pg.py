@@ -283,4 +283,12 @@ def _v3(db: PostgreSQL) -> None:
         db.execute(f'CREATE TABLE IF NOT EXISTS "{name}" ({_columns_sql(_TABLES[name])})')
 
 
-MIGRATIONS: dict[int, Callable[[PostgreSQL], None]] = {1: _v1, 2: _v2, 3: _v3}
+def _v4(db: PostgreSQL) -> None:
+    """The gate's window indexes in place of the indexes they replace (``schema.DROPPED_INDEXES``; dropping a
+    partitioned table's index drops its partitions' too, and a new one is made on every partition)."""
+    for name in schema.DROPPED_INDEXES[4]:
+        db.execute(f"DROP INDEX IF EXISTS {name}")
+    _indexes(db, [t.name for t in schema.TABLES])
+
+
+MIGRATIONS: dict[int, Callable[[PostgreSQL], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}

@@ -171,9 +171,10 @@ INDEXES = {
     "batches_ts": ("batches", ("ts",)),
     "telemetry_ts": ("telemetry", ("ts",)),
     "telemetry_model": ("telemetry", ("model", "version", "ts")),
-    "telemetry_device": ("telemetry", ("device", "model", "ts")),
+    # the health gate's windows (``windows``): one device's rows on one version in a span of receive time
+    "telemetry_window": ("telemetry", ("device", "model", "version", "ts")),
     "predictions_model": ("predictions", ("model", "version", "ts")),
-    "predictions_device": ("predictions", ("device", "model", "ts")),
+    "predictions_window": ("predictions", ("device", "model", "version", "ts")),
     "shadow_model": ("shadow", ("model", "shadow_version", "ts")),
 }
 
@@ -199,7 +200,12 @@ VERSIONS = (
     (1, "the tables, their indexes, and on SQLite the columns added before versions existed"),
     (2, "telemetry, predictions and shadow partitioned by day of their receive time (PostgreSQL)"),
     (3, "the director's metadata and the controllers, so that several controllers serve one fleet"),
+    (4, "telemetry and predictions indexed by device, model, version and receive time: the health gate's windows"),
 )
+# Indexes a version replaced (dropped where present). Why version 4: with (device, model, ts) PostgreSQL planned
+# the gate's window query on (model, version, ts) while a day's partition had no statistics yet, scanning every
+# device's rows for each window: minutes at 10,000 devices; with every condition in one index, 0.3 s.
+DROPPED_INDEXES = {4: ("telemetry_device", "predictions_device")}
 ADDED_TABLES = {3: ("director_metadata", "controllers")}  # the tables a version brings (made only where missing)
 LATEST = VERSIONS[-1][0]
 

@@ -179,4 +179,12 @@ def _v3(db: SQLite) -> None:
             _create_table(db, table)
 
 
-MIGRATIONS: dict[int, Callable[[SQLite], None]] = {1: _v1, 2: _v2, 3: _v3}
+def _v4(db: SQLite) -> None:
+    """The gate's window indexes in place of the indexes they replace (``schema.DROPPED_INDEXES``)."""
+    for name in schema.DROPPED_INDEXES[4]:
+        db.execute(f"DROP INDEX IF EXISTS {name}")
+    for name, (table_name, columns) in schema.INDEXES.items():
+        db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table_name} ({', '.join(columns)})")
+
+
+MIGRATIONS: dict[int, Callable[[SQLite], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}

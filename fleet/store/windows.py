@@ -100,13 +100,18 @@ SELECT idx, count(*) AS batches, sum(requests) AS requests, sum(errors) AS serve
 FROM x GROUP BY idx"""
 
 
+def telemetry_query(db: Database, model: str, part: Sequence[Window]) -> tuple[str, list[Any]]:
+    """The query summing ``part``'s telemetry, and its parameters (apart for a test of its plan)."""
+    with_windows, args = _with_windows(db, part)
+    return _TELEMETRY.format(with_windows=with_windows, join=_JOIN.format(table="telemetry")), [*args, model]
+
+
 def window_telemetry(db: Database, model: str, windows: Sequence[Window]) -> dict[Window, WindowTelemetry]:
     """Each window's telemetry of ``model`` summed; windows without any are left out."""
     out: dict[Window, WindowTelemetry] = {}
     for part in _parts(model, windows):
-        with_windows, args = _with_windows(db, part)
-        sql = _TELEMETRY.format(with_windows=with_windows, join=_JOIN.format(table="telemetry"))
-        for r in db.query(sql, [*args, model]):
+        sql, args = telemetry_query(db, model, part)
+        for r in db.query(sql, args):
             out[part[int(r["idx"])]] = WindowTelemetry(
                 int(r["batches"]),
                 int(r["requests"] or 0),
