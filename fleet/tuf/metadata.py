@@ -72,9 +72,14 @@ def signing_time() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
+_COMPACT = JSONSerializer(compact=True)
+
+
 def encode(md: Metadata[Any]) -> bytes:
-    """The bytes on disk: python-tuf's JSON, indented (signatures cover the canonical form, not these bytes)."""
-    return md.to_bytes(JSONSerializer(compact=False))
+    """The bytes on disk and on the wire: python-tuf's JSON, compact (signatures cover the canonical form, not these
+    bytes). Why not indented: json's C encoder runs only without an indent; indented, the three files of every
+    device a wave moves took 0.26 ms each to write instead of 0.1, and were a fifth larger for every device to fetch."""
+    return md.to_bytes(_COMPACT)
 
 
 def sign_metadata(md: Metadata[Any], signers: Sequence[Signer]) -> None:
