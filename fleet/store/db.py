@@ -72,6 +72,11 @@ class Database(Protocol):
         """The time partitions rows received at ``times`` go into, and the next day's, made where missing."""
         ...
 
+    def fresh_statistics(self, table: str, since: float, until: float) -> None:
+        """The query planner's statistics of ``table``'s rows received in ``[since, until)`` up to date (PostgreSQL:
+        the day partitions holding them analyzed when never analyzed or changed by a tenth since; SQLite: nothing)."""
+        ...
+
     def remove_before(self, table: str, cutoff: float) -> int:
         """Rows of ``table`` received before ``cutoff`` go (PostgreSQL: whole days' partitions dropped); how many."""
         ...

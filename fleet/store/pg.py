@@ -196,6 +196,23 @@ class PostgreSQL:
                     _create_partition(conn, table, day)
             self._made.update(missing)
 
+    def fresh_statistics(self, table: str, since: float, until: float) -> None:
+        """ANALYZE the day partitions of ``table`` holding ``[since, until)`` that were never analyzed or have changed
+        by more than autovacuum's default share since (50 rows + 10 %). Why here and not left to autovacuum: it
+        may be off (it was on the machine that found this) or not have reached a new day's partition yet, and
+        without statistics the planner chose an index that made the gate's window query scan every device's rows
+        for each window (minutes at 10,000 devices; 0.3 s once analyzed)."""
+        first, last = int(since // schema.DAY_S), int(until // schema.DAY_S)
+        names = [_partition(table, day) for day in range(max(first, last - 7), last + 1)]
+        where, args = self.in_list("relname", names)
+        stats = self.query(
+            f"SELECT relname, n_live_tup, n_mod_since_analyze FROM pg_stat_user_tables WHERE {where}"
+            " AND n_mod_since_analyze > 50 + 0.1 * n_live_tup",
+            args,
+        )
+        for row in stats:
+            self.execute(f'ANALYZE "{row["relname"]}"')
+
     def partitions(self, table: str) -> list[str]:
         """The names of ``table``'s partitions, oldest first."""
         rows = self.query(

@@ -76,10 +76,13 @@ def _with_windows(db: Database, part: Sequence[Window]) -> tuple[str, list[Any]]
     return _WINDOWS[db.dialect], [json.dumps(rows)]
 
 
-def _parts(model: str, windows: Sequence[Window]) -> Iterator[Sequence[Window]]:
-    """``windows`` a query at a time; those no store can hold rows for (a NUL in a name: PostgreSQL's text cannot
-    carry one, and the wire never lets one in) are left out, so they get no sums instead of failing the query."""
+def _parts(db: Database, table: str, model: str, windows: Sequence[Window]) -> Iterator[Sequence[Window]]:
+    """``windows`` a query at a time, the planner's statistics of the rows they span made fresh first; windows no
+    store can hold rows for (a NUL in a name: PostgreSQL's text cannot carry one, and the wire never lets one in)
+    are left out, so they get no sums instead of failing the query."""
     storable = [w for w in windows if "\x00" not in w.device + w.version + model]
+    if storable:
+        db.fresh_statistics(table, min(w.since for w in storable), max(w.until for w in storable))
     for i in range(0, len(storable), PART):
         yield storable[i : i + PART]
 
@@ -109,7 +112,7 @@ def telemetry_query(db: Database, model: str, part: Sequence[Window]) -> tuple[s
 def window_telemetry(db: Database, model: str, windows: Sequence[Window]) -> dict[Window, WindowTelemetry]:
     """Each window's telemetry of ``model`` summed; windows without any are left out."""
     out: dict[Window, WindowTelemetry] = {}
-    for part in _parts(model, windows):
+    for part in _parts(db, "telemetry", model, windows):
         sql, args = telemetry_query(db, model, part)
         for r in db.query(sql, args):
             out[part[int(r["idx"])]] = WindowTelemetry(
@@ -134,7 +137,7 @@ SELECT w.idx AS idx, r.classes AS classes FROM w {join} WHERE r.classes IS NOT N
 def window_predictions(db: Database, model: str, windows: Sequence[Window]) -> dict[Window, WindowPredictions]:
     """Each window's prediction sums of ``model``; windows without any are left out."""
     out: dict[Window, WindowPredictions] = {}
-    for part in _parts(model, windows):
+    for part in _parts(db, "predictions", model, windows):
         with_windows, args = _with_windows(db, part)
         join = _JOIN.format(table="predictions")
         classes = _classes(db.query(_CLASSES.format(with_windows=with_windows, join=join), [*args, model]))
