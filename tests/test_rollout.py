@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -325,13 +326,23 @@ def test_fleet_serve_runs_a_rollout_to_a_real_agent_and_survives_kill_9(rig: Rig
         agent.stop()
 
 
-def test_max_per_minute_limits_how_many_devices_move(rig: Rig, tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "rate.db")
-    ingest = Ingestor(store, rig.broker.host, rig.broker.port, client_id="ingest-rate").start()
-    sims = fleet_of(rig, 5, "rate")
+@contextmanager
+def ticked_by_hand(rig: Rig, tmp_path: Path, prefix: str) -> Iterator[tuple[FleetStore, RolloutEngine]]:
+    """Five registered devices, a store fed by the ingest, and an engine that ticks only when the test says so."""
+    store = FleetStore(tmp_path / f"{prefix}.db")
+    ingest = Ingestor(store, rig.broker.host, rig.broker.port, client_id=f"ingest-{prefix}").start()
+    sims = fleet_of(rig, 5, prefix)
     try:
-        wait_for(lambda: sum(1 for d in store.devices() if d.id.startswith("rate") and d.online and d.models) == 5, 60, "5 devices")
-        engine = RolloutEngine(store, rig.image, rig.director, rig.keys, rig.broker.host, rig.broker.port)
+        wait_for(lambda: sum(1 for d in store.devices() if d.id.startswith(prefix) and d.online and d.models) == 5, 60, "5 devices")
+        yield store, RolloutEngine(store, rig.image, rig.director, rig.keys, rig.broker.host, rig.broker.port)
+    finally:
+        sims.stop()
+        ingest.stop()
+        store.close()
+
+
+def test_max_per_minute_limits_how_many_devices_move(rig: Rig, tmp_path: Path) -> None:
+    with ticked_by_hand(rig, tmp_path, "rate") as (store, engine):
         rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=rate-*", waves=["100%"], max_per_minute=2, soak_s=0))
         engine.tick()
         engine.tick()
@@ -344,21 +355,12 @@ def test_max_per_minute_limits_how_many_devices_move(rig: Rig, tmp_path: Path) -
         engine.abort(rid, "operator says stop")
         r = store.rollout(rid)
         assert r is not None and r.state == "aborted" and r.reason == "operator says stop"
-    finally:
-        sims.stop()
-        ingest.stop()
-        store.close()
 
 
 def test_the_next_wave_moves_in_the_tick_whose_gate_passed_the_last(rig: Rig, tmp_path: Path) -> None:
     """With zero soak a wave waits only for its gate: the tick that passes it also assigns the next wave, not a
     tick later (a tick is a second in ``fleet serve``: one second per wave for nothing)."""
-    store = FleetStore(tmp_path / "next.db")
-    ingest = Ingestor(store, rig.broker.host, rig.broker.port, client_id="ingest-next").start()
-    sims = fleet_of(rig, 5, "next")
-    try:
-        wait_for(lambda: sum(1 for d in store.devices() if d.id.startswith("next") and d.online and d.models) == 5, 60, "5 devices")
-        engine = RolloutEngine(store, rig.image, rig.director, rig.keys, rig.broker.host, rig.broker.port)
+    with ticked_by_hand(rig, tmp_path, "next") as (store, engine):
         rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=next-*", waves=["20%", "100%"], soak_s=0))
 
         def first_wave_passed() -> bool:
@@ -372,10 +374,6 @@ def test_the_next_wave_moves_in_the_tick_whose_gate_passed_the_last(rig: Rig, tm
         second = [m.state for m in store.rollout_devices(rid, wave=1)]
         assert len(second) == 4 and "pending" not in second  # told in that same tick
         wait_for(lambda: (engine.tick(), getattr(store.rollout(rid), "state", ""))[1] == "done", 60, "the rollout done")
-    finally:
-        sims.stop()
-        ingest.stop()
-        store.close()
 
 
 # -- shadow mode and prediction drift ------------------------------------------------------------
