@@ -159,6 +159,14 @@ def _telemetry_row(model_window: wire.telemetry.ModelWindow, device: str, batch:
     return (device, batch.seq, received, w.model, w.version, w.count, server, w.p95_ms, client, batch.session, batch.ts)
 
 
+def add_class_counts(held: list[int] | None, counts: list[int]) -> list[int]:
+    """``counts`` added to the class counts ``held`` so far (None: the first row, which sets the width); a row of
+    another width (a different output shape) is not comparable and is left out."""
+    if held is None:
+        return list(counts)
+    return [a + b for a, b in zip(held, counts)] if len(held) == len(counts) else held
+
+
 class Telemetry:
     """The ``telemetry``, ``predictions``, ``shadow`` and ``batches`` tables."""
 
@@ -281,11 +289,8 @@ class Telemetry:
         mean = total / n if n else None
         std = max(total_sq / n - mean * mean, 0.0) ** 0.5 if n and mean is not None else None
         classes: list[int] | None = None
-        for counts in (json.loads(text) for text in class_rows):
-            if classes is None:
-                classes = counts
-            elif len(classes) == len(counts):  # another width (a different output shape) is not comparable: left out
-                classes = [a + b for a, b in zip(classes, counts)]
+        for text in class_rows:
+            classes = add_class_counts(classes, json.loads(text))
         return Distribution(rows, n, mean, std, classes, int(row["devices"] or 0))
 
     def shadow_health(self, model: str, shadow_version: str, since: float, devices: Iterable[str] | None = None) -> ShadowHealth:

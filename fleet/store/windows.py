@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet.store.db import Database
+from fleet.store.telemetry import add_class_counts
 
 __all__ = ["PART", "Window", "WindowPredictions", "WindowTelemetry", "window_predictions", "window_telemetry"]
 
@@ -158,11 +159,6 @@ def _classes(rows: list[dict[str, Any]]) -> dict[int, tuple[int, ...]]:
     """Per window, its rows' class counts summed in receive order; a row of another width than the first is left out."""
     sums: dict[int, list[int]] = {}
     for r in rows:
-        counts = json.loads(r["classes"])
         idx = int(r["idx"])
-        held = sums.get(idx)
-        if held is None:
-            sums[idx] = list(counts)
-        elif len(held) == len(counts):
-            sums[idx] = [a + b for a, b in zip(held, counts)]
+        sums[idx] = add_class_counts(sums.get(idx), json.loads(r["classes"]))
     return {idx: tuple(counts) for idx, counts in sums.items()}
