@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing as mp
 import secrets
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -292,6 +294,15 @@ def _rollout(rig: Rig, version: str, kill: bool, timeout: float = 1800.0) -> dic
     return out
 
 
+def _reported(out: Path) -> bool:
+    """The shard wrote its final report (not only that it was ready)."""
+    return "sent" in json.loads(out.read_text())
+
+
+def _reported_or_exited(proc: subprocess.Popen[bytes], out: Path) -> bool:
+    return _reported(out) or proc.poll() is not None
+
+
 def _stop_simulators(rig: Rig) -> tuple[dict[str, list[tuple[int, float]]], dict[str, int]]:
     """SIGTERM every shard; (telemetry batches the broker acknowledged, per device (seq, when); totals sent)."""
     for proc, _ in rig.sims:
@@ -299,7 +310,14 @@ def _stop_simulators(rig: Rig) -> tuple[dict[str, list[tuple[int, float]]], dict
     acked: dict[str, list[tuple[int, float]]] = {}
     sent = {"telemetry": 0, "jobs": 0, "reconnects": 0}
     for proc, out in rig.sims:
-        proc.wait(120)
+        wait_until(functools.partial(_reported_or_exited, proc, out), 180, "a simulator shard's report")
+        if not _reported(out):
+            raise RuntimeError(f"a simulator shard exited without its report: {out.with_suffix('.log').read_text()[-2000:]}")
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # its report is written; what is left is asyncio's shutdown of abandoned devices
+            proc.kill()
+            proc.wait(10)
         report = json.loads(out.read_text())
         acked.update(report.get("acked", {}))
         sent["telemetry"] += report["sent"]["telemetry"]

@@ -109,10 +109,11 @@ def _simulate(host: str, port: int, prefix: str, count: int, telemetry_s: float,
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, sim.stop)
         await sim.run(lambda: _write(out, {"ready": True}))
+        # written here, not after asyncio.run: its shutdown waits without a limit for any device task that swallowed
+        # its cancellation (a disconnect timing out on a loaded machine), and the benchmark waits for this report
+        _write(out, {"sent": sim.sent, "reconnects": sim.reconnects, "acked": {d.id: d.acked for d in sim.devices}})
 
     asyncio.run(main())
-    report = {"sent": sim.sent, "reconnects": sim.reconnects, "acked": {d.id: d.acked for d in sim.devices}}
-    _write(out, report)
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:

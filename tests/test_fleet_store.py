@@ -477,3 +477,38 @@ def test_a_job_never_moves_back_when_its_updates_arrive_out_of_order(store: Flee
     assert [j.state for j in store.jobs("a")] == ["ROLLED_BACK"]
     store.ingest([("a", update("ACTIVE", "SUCCEEDED"), now + 5)])  # the rollback is the job's last word
     assert [j.state for j in store.jobs("a")] == ["ROLLED_BACK"]
+
+
+def test_on_postgresql_a_director_read_does_not_wait_behind_a_blocked_ingest() -> None:
+    """The repository servers read director files while the same controller's ingest writes telemetry. On PostgreSQL
+    each thread has its own pooled connection, so a flush stuck on the database (here: the telemetry table locked by
+    another session) must not hold up the read; the flush then finishes once the lock goes."""
+    import threading
+
+    import psycopg
+    from conftest import fresh_postgres
+
+    with fresh_postgres() as url:
+        store = FleetStore(url)
+        try:
+            store.put_director_files("dev-1", {"timestamp.json": _ts(1)}, 1)
+            store.ingest([msg("dev-1", "telemetry", telemetry(1))])  # today's partitions made: the flush below only inserts
+            stored: list[int] = []
+            with psycopg.connect(url, autocommit=True) as other, other.transaction():
+                other.execute("LOCK TABLE batches IN ACCESS EXCLUSIVE MODE")
+                flush = threading.Thread(target=lambda: stored.append(store.ingest([msg("dev-1", "telemetry", telemetry(2))])))
+                flush.start()
+                deadline = time.monotonic() + 10
+                while not other.execute("SELECT 1 FROM pg_locks WHERE NOT granted").fetchall():
+                    assert time.monotonic() < deadline, "the ingest never reached the locked table"
+                    time.sleep(0.01)
+                read: list[bytes | None] = []
+                reader = threading.Thread(target=lambda: read.append(store.director_file("dev-1", "timestamp.json")))
+                reader.start()
+                reader.join(2.0)
+                assert read == [_ts(1)] and flush.is_alive() and not stored  # read while the flush waits
+            flush.join(10)
+            reader.join(10)
+            assert stored == [1]
+        finally:
+            store.close()

@@ -70,7 +70,10 @@ class FleetStore:
         """``location``: a SQLite file's path or a ``postgresql://`` URL; the schema is brought up to date on opening."""
         self.db = open_database(location)
         self.name = self.db.name  # a URL's password left out: what messages may show
-        self._lock = threading.RLock()
+        self._lock = self.db.serial  # SQLite: one thread at a time; PostgreSQL: calls run side by side
+        # a device's registry record is read, changed and written back (ingest, tag): one such change at a time in
+        # this process, so a tag set through the API is not lost under an ingest flush's write of the same record
+        self._registry = threading.RLock()
         self.duplicates = 0  # telemetry batches received again (same device, session, seq) and not stored twice
         self.rejected = 0  # messages the store could not take (the wire let them through): skipped, counted
         self.last_rejection = ""
@@ -95,7 +98,7 @@ class FleetStore:
         """
         items = list(messages)
         batches: list[Batch] = [(d, m, r) for d, m, r in items if isinstance(m, wire.TelemetryBatch)]
-        with self._lock:
+        with self._registry, self._lock:
             self.db.ensure_partitions([r for _, _, r in batches])
             with self.db.transaction():
                 stored = self._add_batches(batches)
@@ -163,7 +166,7 @@ class FleetStore:
 
     def tag(self, device_id: str, tags: dict[str, str]) -> Device:
         """Set tags (an empty value removes the key); the device need not have reported yet."""
-        with self._lock, self.db.transaction():
+        with self._registry, self._lock, self.db.transaction():
             d = self._devices.get(device_id) or Device(device_id)
             d.tags.update({k: v for k, v in tags.items() if v != ""})
             for k in [k for k, v in tags.items() if v == ""]:

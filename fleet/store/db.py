@@ -27,6 +27,13 @@ class Database(Protocol):
         """The store as messages may show it (a URL without its password)."""
         ...
 
+    @property
+    def serial(self) -> AbstractContextManager[Any]:
+        """Held around each of the store's calls. SQLite's one connection serves one thread at a time (its transaction
+        is the connection's, not the thread's); PostgreSQL's pool gives each thread a connection and a transaction of
+        its own, so its calls run side by side (a repository read never waits behind an ingest flush or a gate query)."""
+        ...
+
     # what one bad record raises (the driver's data errors): the ingest skips and counts that record; anything
     # else (the server gone, a lock held too long) fails the whole batch, which the ingest keeps and retries
     record_errors: tuple[type[Exception], ...]

@@ -15,7 +15,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any, Literal, TypeVar
@@ -82,7 +82,7 @@ class PostgreSQL:
     dialect: Literal["postgresql"] = "postgresql"
     record_errors: tuple[type[Exception], ...] = (psycopg.DataError, psycopg.IntegrityError, TypeError, ValueError, OverflowError)
 
-    def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, pool_size: int = 16, timeout_s: float = 10.0) -> None:
         self.name = redacted(url)
         try:  # one plain connection first: libpq's own words on what is wrong (the pool would only time out)
             psycopg.connect(url, connect_timeout=max(1, int(timeout_s))).close()
@@ -93,6 +93,9 @@ class PostgreSQL:
         self._local = threading.local()  # .conn: the connection of this thread's open transaction
         self._made: set[tuple[str, int]] = set()  # (table, day) partitions known to exist
         self._made_lock = threading.Lock()
+        # calls run side by side, each thread on its own pooled connection: nothing to hold (pool_size: the ingest,
+        # four repository readers, the engine, the API and metrics at once, with room; a thread past it waits)
+        self.serial = nullcontext()
 
     def close(self) -> None:
         self.pool.close()

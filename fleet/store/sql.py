@@ -10,6 +10,7 @@ PostgreSQL; both implement ``db.Database``.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -56,6 +57,7 @@ class SQLite:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.name = str(path)
         self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self.serial = threading.RLock()  # one connection, one thread at a time (re-entered: a call inside a call)
         self.conn.row_factory = sqlite3.Row
         # WAL fails at once with "database is locked" (no busy wait) while another process creates the file: retried
         retry_locked(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
