@@ -30,6 +30,11 @@ from fleet.metrics import CONTENT_TYPE, FleetMetrics
 from fleet.settings import DEFAULT_CONFIG, is_loopback, parse_bind, save_dashboard_token
 from fleet.store import FleetStore
 
+# Requests that read the store (the page's state, /metrics) at once; the rest wait their turn in their own HTTP thread.
+# On PostgreSQL each such read holds a pooled connection, and the pool is shared with the ingest and the repository
+# readers: a dashboard polled from many browsers must queue here, not take the connections the devices need.
+STORE_READERS = 4
+
 if TYPE_CHECKING:
     from fleet.controller import Controller
 
@@ -89,6 +94,7 @@ class Dashboard:
             raise InvalidOptions(f"dashboard on {host}:{port}: an address other than loopback needs a token (dashboard.token)")
         page = resources.files("fleet").joinpath("dashboard.html").read_bytes()
         metrics = FleetMetrics(store, controller)
+        readers = threading.BoundedSemaphore(STORE_READERS)
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -103,7 +109,9 @@ class Dashboard:
                 elif self.path in ("/", "/index.html"):
                     self._send(200, "text/html; charset=utf-8", page)
                 elif self.path == "/api/state":
-                    self._send(200, "application/json", json.dumps(state(store)).encode())
+                    with readers:
+                        body = json.dumps(state(store)).encode()
+                    self._send(200, "application/json", body)
                 elif self.path.split("?", 1)[0] == "/metrics":
                     self._metrics()
                 else:
@@ -111,7 +119,8 @@ class Dashboard:
 
             def _metrics(self) -> None:
                 try:
-                    body = metrics.render()
+                    with readers:
+                        body = metrics.render()
                 except ImportError:
                     self._send(503, "text/plain", b"/metrics needs prometheus-client: pip install 'edgefleet[controller]'\n")
                     return

@@ -512,3 +512,25 @@ def test_on_postgresql_a_director_read_does_not_wait_behind_a_blocked_ingest() -
             assert stored == [1]
         finally:
             store.close()
+
+
+def test_a_device_record_written_from_an_older_read_keeps_the_tags_set_since(store: FleetStore, store_location: Path | str) -> None:
+    """The ingest reads a device's record, applies what the device said and writes it back; an operator's ``fleet tag``
+    (another process, another store object) may commit in between. The ingest's write must keep that tag, and a tag
+    must keep what the ingest wrote."""
+    store.ingest([msg("a", "status", {"state": "ready", "session": 1, "ts": time.time()})])
+    stale = store.device("a")
+    assert stale is not None and stale.tags == {}
+    operator = FleetStore(store_location)
+    try:
+        assert operator.tag("a", {"site": "berlin", "rack": "3"}).tags == {"site": "berlin", "rack": "3"}
+        stale.online, stale.session = False, 2
+        store._devices.write(stale)  # the flush's write of its older copy (the interleaving, made explicit)
+        now = store.device("a")
+        assert now is not None and now.tags == {"site": "berlin", "rack": "3"} and (now.online, now.session) == (False, 2)
+        assert operator.tag("a", {"rack": ""}).tags == {"site": "berlin"}  # an empty value removes the key
+        again = store.device("a")
+        assert again is not None and (again.online, again.session) == (False, 2)
+        assert operator.tag("new", {"site": "x"}).tags == {"site": "x"}  # a device not seen yet gets a record
+    finally:
+        operator.close()

@@ -376,6 +376,26 @@ def test_the_next_wave_moves_in_the_tick_whose_gate_passed_the_last(rig: Rig, tm
         wait_for(lambda: (engine.tick(), getattr(store.rollout(rid), "state", ""))[1] == "done", 60, "the rollout done")
 
 
+def test_a_pause_written_while_the_leader_judged_is_not_written_over(rig: Rig, tmp_path: Path) -> None:
+    """The leader reads a rollout, judges, then writes (the next wave, or done); an operator's pause or abort from another
+    process may land in between. The leader's write is conditional on the state it read, so the operator's word stands,
+    and an abort asked of a rollout that finished meanwhile is refused instead of rolling every device back."""
+    with ticked_by_hand(rig, tmp_path, "race") as (store, engine):
+        rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=race-*", waves=["100%"], soak_s=0))
+        engine.pause(rid)  # after the leader's read, before its write:
+        assert not store.update_rollout(rid, only_if=("running",), state="done", reason="every wave done")
+        assert not store.update_rollout(rid, only_if=("running",), wave=1, wave_started=time.time(), wave_done=0)
+        r = store.rollout(rid)
+        assert r is not None and (r.state, r.wave) == ("paused", 0)
+        engine.resume(rid)
+        wait_for(lambda: (engine.tick(), getattr(store.rollout(rid), "state", ""))[1] == "done", 60, "the rollout done")
+        with pytest.raises(RolloutError, match="is done"):
+            engine.request_abort(rid)
+        with pytest.raises(RolloutError, match="is done"):
+            engine.pause(rid)
+        assert getattr(store.rollout(rid), "state", "") == "done"
+
+
 # -- shadow mode and prediction drift ------------------------------------------------------------
 
 

@@ -147,12 +147,10 @@ class RolloutEngine:
         return available
 
     def pause(self, rid: int) -> None:
-        self._require(rid, RUNNING)
-        self.store.update_rollout(rid, state=PAUSED)
+        self._transition(rid, (RUNNING,), state=PAUSED)
 
     def resume(self, rid: int) -> None:
-        self._require(rid, PAUSED)
-        self.store.update_rollout(rid, state=RUNNING)
+        self._transition(rid, (PAUSED,), state=RUNNING)
 
     def abort(self, rid: int, reason: str = "aborted by the operator") -> int:
         """Roll the moved devices back now; the number of devices pointed back."""
@@ -161,8 +159,15 @@ class RolloutEngine:
 
     def request_abort(self, rid: int, reason: str = "aborted by the operator") -> None:
         """For a CLI without the director key: the running controller aborts it on its next tick."""
-        self._require(rid, RUNNING, PAUSED)
-        self.store.update_rollout(rid, state=ABORTING, reason=reason)
+        self._transition(rid, (RUNNING, PAUSED), state=ABORTING, reason=reason)
+
+    def _transition(self, rid: int, states: tuple[str, ...], **fields: Any) -> None:
+        """An operator's change, made only while the rollout is in one of ``states`` — checked by the write itself, so
+        the leader finishing the rollout in between (another process) is refused here, not written over."""
+        self._require(rid, *states)
+        if not self.store.update_rollout(rid, only_if=states, **fields):
+            self._require(rid, *states)  # raises, naming what it is now
+            raise RolloutError(f"rollout {rid} changed while this change was written; try again")
 
     def _require(self, rid: int, *states: str) -> Rollout:
         r = self.store.rollout(rid)
@@ -302,10 +307,11 @@ class RolloutEngine:
             self._end_shadow(r, members, now)
             return True
         if r.wave >= len(spec.waves) - 1 or not any(m.wave == r.wave + 1 for m in everyone):
-            self.store.update_rollout(r.id, state=DONE, reason="every wave done")
-            logs.event(log, "rollout.done", id=r.id)
+            if self.store.update_rollout(r.id, only_if=(RUNNING,), state=DONE, reason="every wave done"):
+                logs.event(log, "rollout.done", id=r.id)  # else paused or aborted meanwhile: the operator's word stands
             return False
-        self.store.update_rollout(r.id, wave=r.wave + 1, wave_started=now, wave_done=0)
+        if not self.store.update_rollout(r.id, only_if=(RUNNING,), wave=r.wave + 1, wave_started=now, wave_done=0):
+            return False  # paused or aborted while the gate judged: the next wave waits for a resume
         logs.event(log, "rollout.wave", id=r.id, wave=r.wave + 2)
         return True
 

@@ -71,8 +71,8 @@ class FleetStore:
         self.db = open_database(location)
         self.name = self.db.name  # a URL's password left out: what messages may show
         self._lock = self.db.serial  # SQLite: one thread at a time; PostgreSQL: calls run side by side
-        # a device's registry record is read, changed and written back (ingest, tag): one such change at a time in
-        # this process, so a tag set through the API is not lost under an ingest flush's write of the same record
+        # the ingest reads a device's registry record, changes it and writes it back: one flush at a time in this
+        # process (its own session's and an adopted one's), so neither writes over the other's newer word
         self._registry = threading.RLock()
         self.duplicates = 0  # telemetry batches received again (same device, session, seq) and not stored twice
         self.rejected = 0  # messages the store could not take (the wire let them through): skipped, counted
@@ -114,7 +114,7 @@ class FleetStore:
                         self._reject(device, exc)
                 for d in changed.values():
                     self._devices.write(d)
-        self.duplicates += duplicates  # counted once the transaction holds
+            self.duplicates += duplicates  # counted once the transaction holds
         return n
 
     def _add_batches(self, batches: Sequence[Batch]) -> list[bool | None]:
@@ -166,13 +166,9 @@ class FleetStore:
 
     def tag(self, device_id: str, tags: dict[str, str]) -> Device:
         """Set tags (an empty value removes the key); the device need not have reported yet."""
-        with self._registry, self._lock, self.db.transaction():
-            d = self._devices.get(device_id) or Device(device_id)
-            d.tags.update({k: v for k, v in tags.items() if v != ""})
-            for k in [k for k, v in tags.items() if v == ""]:
-                d.tags.pop(k, None)
-            self._devices.write(d)
-            return d
+        with self._lock:
+            self._devices.set_tags(device_id, tags)
+            return self._devices.get(device_id) or Device(device_id)
 
     def jobs(self, device: str) -> list[Job]:
         with self._lock:
@@ -276,9 +272,12 @@ class FleetStore:
         with self._lock:
             return self._rollouts.all()
 
-    def update_rollout(self, rid: int, **fields: Any) -> None:
+    def update_rollout(self, rid: int, only_if: Sequence[str] = (), **fields: Any) -> bool:
+        """Set ``fields`` of rollout ``rid``; with ``only_if``, only while its state is one of those (checked by the
+        UPDATE itself: an operator's pause or abort from another process between our read and our write wins).
+        Whether the rollout was changed."""
         with self._lock:
-            self._rollouts.update(rid, fields)
+            return self._rollouts.update(rid, fields, only_if)
 
     def rollout_devices(self, rid: int, wave: int | None = None) -> list[RolloutDevice]:
         with self._lock:

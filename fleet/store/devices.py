@@ -98,6 +98,24 @@ _FORWARD_ONLY_JOB = (
 )
 
 
+_WRITE_REPORTED = (
+    'INSERT INTO devices (id, online, session, last_seen, hardware, runtimes, models, tags, "update", preferred_variants) '
+    "VALUES (:id, :online, :session, :last_seen, :hardware, :runtimes, :models, :tags, :update, :preferred_variants) "
+    "ON CONFLICT (id) DO UPDATE SET online = excluded.online, session = excluded.session, last_seen = excluded.last_seen, "
+    'hardware = excluded.hardware, runtimes = excluded.runtimes, models = excluded.models, "update" = excluded."update", '
+    "preferred_variants = excluded.preferred_variants"
+)
+_TAG_TRIES = 100
+
+
+def _retagged(current: dict[str, str], change: Mapping[str, str]) -> dict[str, str]:
+    """``current`` with ``change`` applied: a value sets its key, an empty value removes it."""
+    tags = {**current, **{k: v for k, v in change.items() if v != ""}}
+    for k in [k for k, v in change.items() if v == ""]:
+        tags.pop(k, None)
+    return tags
+
+
 class Devices:
     """The ``devices`` and ``jobs`` tables."""
 
@@ -112,7 +130,25 @@ class Devices:
         return [_device(row) for row in self.db.query("SELECT * FROM devices ORDER BY id")]
 
     def write(self, d: Device) -> None:
-        self.db.insert("devices", _row(d), conflict="replace")
+        """What the device said (the ingest's write): every column but ``tags``, which only ``set_tags`` changes once
+        the record exists, so a tag an operator committed while a flush held the record in hand is not written over
+        by the flush's older copy (the CLI and the controllers are other processes: no lock of ours spans them)."""
+        self.db.execute(_WRITE_REPORTED, _row(d))
+
+    def set_tags(self, device_id: str, tags: Mapping[str, str]) -> None:
+        """Set tags (an empty value removes the key) by compare-and-set on the stored JSON text: a tag written by
+        another process between the read and the write makes the write miss, and it is done again on the new text."""
+        for _ in range(_TAG_TRIES):
+            rows = self.db.query("SELECT tags FROM devices WHERE id = ?", [device_id])
+            if not rows:
+                if self.db.insert("devices", _row(Device(device_id, tags=_retagged({}, tags))), conflict="ignore"):
+                    return
+                continue  # the device was registered meanwhile: tag its record
+            old = rows[0]["tags"]
+            new = json.dumps(_retagged(json.loads(old), tags))
+            if self.db.execute("UPDATE devices SET tags = ? WHERE id = ? AND tags = ?", [new, device_id, old]):
+                return
+        raise RuntimeError(f"the tags of {device_id} kept changing under {_TAG_TRIES} tries")
 
     def write_job(self, device: str, message: wire.JobUpdate | wire.UpdateCheck, received: float) -> None:
         """Record a job's state — never moving an install job back: an update check is its latest word, but a job's

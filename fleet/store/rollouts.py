@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -109,12 +109,15 @@ class Rollouts:
     def all(self) -> list[Rollout]:
         return [_rollout(row) for row in self.db.query("SELECT * FROM rollouts ORDER BY id")]
 
-    def update(self, rid: int, fields: dict[str, Any]) -> None:
+    def update(self, rid: int, fields: dict[str, Any], only_if: Sequence[str] = ()) -> bool:
         unknown = set(fields) - set(_ROLLOUT_COLUMNS) | ({"id", "updated"} & set(fields))
         if unknown:
             raise TypeError(f"a rollout has no field to set named {', '.join(sorted(unknown))}")
         sets = ", ".join(f"{name} = :{name}" for name in fields)
-        self.db.execute(f"UPDATE rollouts SET {sets}, updated = :updated WHERE id = :id", {**fields, "updated": time.time(), "id": rid})
+        states = {f"only_if_{i}": state for i, state in enumerate(only_if)}
+        condition = f" AND state IN ({', '.join(':' + k for k in states)})" if states else ""
+        params = {**fields, **states, "updated": time.time(), "id": rid}
+        return self.db.execute(f"UPDATE rollouts SET {sets}, updated = :updated WHERE id = :id{condition}", params) > 0
 
     def devices(self, rid: int, wave: int | None = None) -> list[RolloutDevice]:
         where, args = ("rollout = ?", [rid]) if wave is None else ("rollout = ? AND wave = ?", [rid, wave])
