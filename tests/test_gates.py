@@ -134,3 +134,17 @@ def test_the_shadow_gate_judges_a_sample_and_says_how_much_of_the_traffic_it_was
     assert out.decision == ABORT and "5.0% of the live rows" in out.reason and "shadow_budget" in out.reason
     low = shadow_gate(Gates(), "1.1.0", 3, shadow(200, 1800, agreed=150), waited_out=False)
     assert low.decision == ABORT and "75.0% of 200" in low.reason  # agreement over the sample, not over what was skipped
+
+
+def test_the_shadow_gate_refuses_a_slower_candidate_only_past_the_floor() -> None:
+    """p95 in shadow over ``max_p95_ratio`` times the serving version's on the same calls refuses it, unless the
+    difference is within ``p95_floor_ms`` (sub-millisecond timings on a busy CPU are noise)."""
+
+    def timed(shadow_ms: float, active_ms: float) -> ShadowHealth:
+        return ShadowHealth(200, 200, 0.0, 0, 0, 0, shadow_ms, active_ms, devices=3)
+
+    slow = shadow_gate(Gates(), "1.1.0", 3, timed(9.0, 3.0), waited_out=False)
+    assert slow.decision == ABORT and "3.0x" in slow.reason
+    assert shadow_gate(Gates(), "1.1.0", 3, timed(0.9, 0.3), waited_out=False).decision == GO  # 3x, but 0.6 ms
+    assert shadow_gate(Gates(p95_floor_ms=50.0), "1.1.0", 3, timed(9.0, 3.0), waited_out=False).decision == GO
+    assert shadow_gate(Gates(), "1.1.0", 3, timed(5.0, 3.0), waited_out=False).decision == GO  # within 2x

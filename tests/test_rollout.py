@@ -560,7 +560,10 @@ def test_shadow_rollouts_on_real_agents_block_a_model_that_disagrees_and_promote
         wait_for(lambda: [serving_version(a) for a in agents] == ["1.0.0"] * 2, 60, "both agents on 1.0.0")
         loader.start()  # once both serve: a request published before a device subscribed would just be lost
         wait_for(lambda: sum(1 for d in controller.store.devices() if d.id in ids and d.models) == 2, 30, "registered")
-        gates = Gates(min_agreement=0.9, shadow_min_compared=100)
+        # What this test judges is agreement. Its model answers in well under a millisecond, and on a loaded 2-core
+        # machine (the whole suite running) the shadow's p95 once stalled past the default 1 ms floor: 3.1x the serving
+        # version's on identical weights, one run in about twenty. The latency check has tests of its own.
+        gates = Gates(min_agreement=0.9, shadow_min_compared=100, p95_floor_ms=50.0)
         spec = RolloutSpec(MODEL, "1.2.0", selector="device=shr-*", waves=["100%"], shadow=True, gates=gates, wave_timeout_s=60, soak_s=0)
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) == "aborted", 90, "the shadow gate stopping 1.2.0")
@@ -578,7 +581,8 @@ def test_shadow_rollouts_on_real_agents_block_a_model_that_disagrees_and_promote
         spec = RolloutSpec(MODEL, "1.1.0", selector="device=shr-*", waves=["100%"], shadow=True, gates=gates, soak_s=2.0)
         rid = controller.engine.start(spec)
         wait_for(lambda: controller.state(rid) in ("done", "aborted"), 90, "1.1.0 through the shadow gate and the health gate")
-        assert controller.state(rid) == "done", controller.store.rollout(rid)
+        r = controller.store.rollout(rid)
+        assert r is not None and r.state == "done", r.reason if r else "no rollout"
         assert [serving_version(a) for a in agents] == ["1.1.0"] * 2
         for device in ids:  # promoted from the shadow: one download for the shadow job, none for the switch
             topic = device_topic(device, "jobs") + "/"
