@@ -107,7 +107,11 @@ def _simulate(host: str, port: int, prefix: str, count: int, telemetry_s: float,
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, sim.stop)
+        # Not loop.add_signal_handler: that passes the signal to the loop as a byte through its self-pipe, which 2,500
+        # devices' thread-safe wake-ups can fill; the SIGTERM was then dropped (BlockingIOError in _sighandler_noop, in
+        # the shard's log) and the shard never stopped. call_soon_threadsafe queues the stop itself; its wake-up byte
+        # may be dropped harmlessly (the loop is busy, or the signal interrupted its select).
+        signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(sim.stop))
         await sim.run(lambda: _write(out, {"ready": True}))
         # written here, not after asyncio.run: its shutdown waits without a limit for any device task that swallowed
         # its cancellation (a disconnect timing out on a loaded machine), and the benchmark waits for this report
