@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent import wire
+from fleet.store import schema
 from fleet.store.db import Database
 
 __all__ = ["Device", "Devices", "Job", "apply"]
@@ -98,13 +99,17 @@ _FORWARD_ONLY_JOB = (
 )
 
 
-_WRITE_REPORTED = (
-    'INSERT INTO devices (id, online, session, last_seen, hardware, runtimes, models, tags, "update", preferred_variants) '
-    "VALUES (:id, :online, :session, :last_seen, :hardware, :runtimes, :models, :tags, :update, :preferred_variants) "
-    "ON CONFLICT (id) DO UPDATE SET online = excluded.online, session = excluded.session, last_seen = excluded.last_seen, "
-    'hardware = excluded.hardware, runtimes = excluded.runtimes, models = excluded.models, "update" = excluded."update", '
-    "preferred_variants = excluded.preferred_variants"
-)
+def _write_reported_sql() -> str:
+    """An upsert of a device record that never writes over ``tags`` (the columns from the schema, so a column added
+    there is written here too)."""
+    columns = next(t.columns for t in schema.TABLES if t.name == "devices")
+    names = ", ".join(f'"{c}"' for c in columns)
+    values = ", ".join(f":{c}" for c in columns)
+    kept = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in ("id", "tags"))
+    return f"INSERT INTO devices ({names}) VALUES ({values}) ON CONFLICT (id) DO UPDATE SET {kept}"
+
+
+_WRITE_REPORTED = _write_reported_sql()
 _TAG_TRIES = 100
 
 
