@@ -487,6 +487,7 @@ def test_on_postgresql_a_director_read_does_not_wait_behind_a_blocked_ingest() -
 
     import psycopg
     from conftest import fresh_postgres
+    from update_rig import wait_for
 
     with fresh_postgres() as url:
         store = FleetStore(url)
@@ -498,10 +499,7 @@ def test_on_postgresql_a_director_read_does_not_wait_behind_a_blocked_ingest() -
                 other.execute("LOCK TABLE batches IN ACCESS EXCLUSIVE MODE")
                 flush = threading.Thread(target=lambda: stored.append(store.ingest([msg("dev-1", "telemetry", telemetry(2))])))
                 flush.start()
-                deadline = time.monotonic() + 10
-                while not other.execute("SELECT 1 FROM pg_locks WHERE NOT granted").fetchall():
-                    assert time.monotonic() < deadline, "the ingest never reached the locked table"
-                    time.sleep(0.01)
+                wait_for(lambda: other.execute("SELECT 1 FROM pg_locks WHERE NOT granted").fetchall(), 10, "the ingest at the locked table")
                 read: list[bytes | None] = []
                 reader = threading.Thread(target=lambda: read.append(store.director_file("dev-1", "timestamp.json")))
                 reader.start()
