@@ -116,6 +116,29 @@ def _opened(store: StoreLocation) -> Iterator[FleetStore]:
 
 
 @contextmanager
+def _director(directory: Path, store: StoreLocation | None = None) -> Iterator[Director]:
+    """The director at ``directory``; with ``store`` (several controllers) its device repositories are the store's,
+    and what the files hold newer is pushed there first (as ``fleet serve`` does when it leads)."""
+    fs = FleetStore(store) if store is not None else None
+    try:
+        director = Director(directory, store=fs)
+        director.sync()
+        yield director
+    finally:
+        if fs is not None:
+            fs.close()
+
+
+@contextmanager
+def _maybe_director(directory: Path | None, store: StoreLocation | None = None) -> Iterator[Director | None]:
+    if directory is None:
+        yield None
+    else:
+        with _director(directory, store) as director:
+            yield director
+
+
+@contextmanager
 def _engine(store: StoreLocation, repo: Path | None = None) -> Iterator[RolloutEngine]:
     """An engine that takes commands: they only write the store; ``fleet serve`` (director key) moves the devices."""
     with _opened(store) as fs:
@@ -130,19 +153,34 @@ def keys_init(directory: Path, root_threshold: int = 1, root_keys: int | None = 
     return init_keys(directory, root_threshold, root_keys)
 
 
-def keys_rotate_root(keys_dir: Path, repo: Path, director_dir: Path | None = None, new_keys: int = 1, threshold: int = 1) -> Metadata[Root]:
-    """A new root with ``new_keys`` fresh root keys, signed by the old ones and the new; the director's root too when given."""
-    director = Director(director_dir) if director_dir else None
-    return ImageRepository(repo).rotate_root(KeyStore(keys_dir), new_keys, threshold, director=director)
+def keys_rotate_root(
+    keys_dir: Path,
+    repo: Path,
+    director_dir: Path | None = None,
+    new_keys: int = 1,
+    threshold: int = 1,
+    store: StoreLocation | None = None,
+) -> Metadata[Root]:
+    """A new root with ``new_keys`` fresh root keys, signed by the old ones and the new; the director's root too when
+    given (``store``: where its device repositories are, several controllers)."""
+    with _maybe_director(director_dir, store) as director:
+        return ImageRepository(repo).rotate_root(KeyStore(keys_dir), new_keys, threshold, director=director)
 
 
 def keys_rotate(
-    role: str, keys_dir: Path, repo: Path | None = None, director_dir: Path | None = None, new_keys: int = 1, threshold: int = 1
+    role: str,
+    keys_dir: Path,
+    repo: Path | None = None,
+    director_dir: Path | None = None,
+    new_keys: int = 1,
+    threshold: int = 1,
+    store: StoreLocation | None = None,
 ) -> Rotation:
-    """Replace ``role``'s keys; what they sign is re-signed and the old private keys are deleted."""
+    """Replace ``role``'s keys; what they sign is re-signed and the old private keys are deleted (``store``: where the
+    director's device repositories are, several controllers)."""
     image = ImageRepository(repo) if repo else None
-    director = Director(director_dir) if director_dir else None
-    return rotate(role, KeyStore(keys_dir), image, director, new_keys, threshold)
+    with _maybe_director(director_dir, store) as director:
+        return rotate(role, KeyStore(keys_dir), image, director, new_keys, threshold)
 
 
 def repo_init(directory: Path, keys_dir: Path) -> ImageRepository:
@@ -167,15 +205,17 @@ def director_init(directory: Path, keys_dir: Path, mirrors: Sequence[str] = ()) 
     return director
 
 
-def director_mirrors(directory: Path, keys_dir: Path, mirrors: Sequence[str] = ()) -> list[str]:
+def director_mirrors(directory: Path, keys_dir: Path, mirrors: Sequence[str] = (), store: StoreLocation | None = None) -> list[str]:
     """Name ``mirrors`` (none: stop naming any) in every device's signed director targets, re-signed now; devices
-    take them at their next update round."""
-    return Director(directory).set_mirrors(list(mirrors), KeyStore(keys_dir))
+    take them at their next update round. ``store``: where the device repositories are (several controllers)."""
+    with _director(directory, store) as director:
+        return director.set_mirrors(list(mirrors), KeyStore(keys_dir))
 
 
-def director_refresh(directory: Path, keys_dir: Path, devices: Sequence[str] | None = None) -> None:
-    """Re-sign the director metadata of ``devices`` (None or empty: every device)."""
-    Director(directory).refresh(KeyStore(keys_dir), list(devices) if devices else None)
+def director_refresh(directory: Path, keys_dir: Path, devices: Sequence[str] | None = None, store: StoreLocation | None = None) -> None:
+    """Re-sign the director metadata of ``devices`` (None or empty: every device); ``store`` as ``director_mirrors``."""
+    with _director(directory, store) as director:
+        director.refresh(KeyStore(keys_dir), list(devices) if devices else None)
 
 
 def release_add(bundle: Path, repo: Path, keys_dir: Path) -> Release:
@@ -189,9 +229,20 @@ class Revocation:
     still_assigned: list[str]  # devices the director still points at it (with ``director_dir``): they keep serving it
 
 
-def release_revoke(model: str, version: str, repo: Path, keys_dir: Path, reason: str = "", director_dir: Path | None = None) -> Revocation:
+def release_revoke(
+    model: str,
+    version: str,
+    repo: Path,
+    keys_dir: Path,
+    reason: str = "",
+    director_dir: Path | None = None,
+    store: StoreLocation | None = None,
+) -> Revocation:
+    """Revoke ``model`` ``version``; with ``director_dir`` (and ``store``, several controllers) the devices the director
+    still points at it."""
     r = ImageRepository(repo).revoke(model, version, KeyStore(keys_dir), reason)
-    return Revocation(r, Director(director_dir).assigned(model, version) if director_dir else [])
+    with _maybe_director(director_dir, store) as director:
+        return Revocation(r, director.assigned(model, version) if director is not None else [])
 
 
 # -- settings, devices ------------------------------------------------------------------------------
@@ -220,22 +271,17 @@ def assign(
     store: StoreLocation | None = None,
 ) -> TargetFile:
     """Point ``device`` at ``model`` ``version`` (``variant``); with ``broker`` the device is told at once (retained).
-    ``store``: the signed metadata also goes there, where every controller serves it (several controllers), and the
-    versions go on from the store's."""
-    fs = FleetStore(store) if store is not None else None
-    try:
-        director = Director(director_dir, store=fs)
+    ``store``: the signed metadata goes there instead of the director's files, where every controller serves it and
+    the versions go on from the store's (what the files hold newer is pushed there first, as ``fleet serve`` does)."""
+    with _director(director_dir, store) as director:
         target = director.assign(device, ImageRepository(repo), model, version, variant, KeyStore(keys_dir))
-    finally:
-        if fs is not None:
-            fs.close()
-    if broker is not None:
-        try:
-            announce(director, [device], broker=broker)
-        except OSError as exc:
-            raise BrokerUnreachable(
-                f"assigned, but the broker at {broker.host}:{broker.port} did not take the announcement: {exc}"
-            ) from exc
+        if broker is not None:
+            try:
+                announce(director, [device], broker=broker)
+            except OSError as exc:
+                raise BrokerUnreachable(
+                    f"assigned, but the broker at {broker.host}:{broker.port} did not take the announcement: {exc}"
+                ) from exc
     return target
 
 

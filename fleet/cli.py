@@ -36,6 +36,54 @@ console = Console(stderr=True)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def _remember_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    ctx.meta["fleet.config"] = value  # for --store's default (see _store_option)
+    return value
+
+
+_CONFIG_HELP = "The controller's settings (default: ./fleet.toml when present, else built-in defaults), overlaid by EDGEFLEET_FLEET_*."
+_config_option = click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    is_eager=True,  # read before --store, whose default it holds
+    callback=_remember_config,
+    help=_CONFIG_HELP,
+)
+
+
+class _StoreType(click.ParamType):
+    """A store: a SQLite file's path or a postgresql:// URL; a URL edgefleet cannot open is a usage error (exit 2)."""
+
+    name = "PATH|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        from fleet.store.url import BadStoreURL, store_location
+
+        try:
+            return store_location(value)
+        except BadStoreURL as exc:
+            self.fail(str(exc), param, ctx)
+
+
+_STORE = _StoreType()
+
+
+def _director_store_option(f: _F) -> _F:
+    """``--store`` (default: fleet.toml's ``store``, read through ``--config``) for the commands that sign or read the
+    director: with a store, the device repositories are there (several controllers); without, the director's files."""
+    f = click.option(
+        "--store",
+        type=_STORE,
+        help="The controllers' store, which holds the director's device repositories (default: fleet.toml's `store`; else files).",
+    )(f)
+    return _config_option(f)
+
+
+def _director_store(store: Path | str | None, config: Path | None) -> Path | str | None:
+    return store if store is not None else _settings(config).store
+
+
 @click.group()
 @click.version_option(__version__, prog_name="fleet")
 def main() -> None:
@@ -211,12 +259,15 @@ def keys_init_cmd(directory: Path, root_threshold: int, root_keys: int | None) -
 )
 @click.option("--new-keys", type=click.IntRange(1, 16), default=1, show_default=True)
 @click.option("--threshold", type=click.IntRange(1, 16), default=1, show_default=True)
-def rotate_root_cmd(keys_dir: Path, repo: Path, director_dir: Path | None, new_keys: int, threshold: int) -> None:
+@_director_store_option
+def rotate_root_cmd(
+    keys_dir: Path, repo: Path, director_dir: Path | None, new_keys: int, threshold: int, store: Path | str | None, config: Path | None
+) -> None:
     """Replace the root keys: the new root is signed by the old keys (threshold) and the new ones."""
     from fleet import api
 
     with _reported():
-        md = api.keys_rotate_root(keys_dir, repo, director_dir, new_keys, threshold)
+        md = api.keys_rotate_root(keys_dir, repo, director_dir, new_keys, threshold, _director_store(store, config))
     console.print(f"root version {md.signed.version}: {new_keys} new key(s), threshold {threshold}")
 
 
@@ -232,13 +283,23 @@ def rotate_root_cmd(keys_dir: Path, repo: Path, director_dir: Path | None, new_k
 )
 @click.option("--new-keys", type=click.IntRange(1, 16), default=1, show_default=True)
 @click.option("--threshold", type=click.IntRange(1, 16), default=1, show_default=True)
-def keys_rotate_cmd(role: str, keys_dir: Path, repo: Path | None, director_dir: Path | None, new_keys: int, threshold: int) -> None:
+@_director_store_option
+def keys_rotate_cmd(
+    role: str,
+    keys_dir: Path,
+    repo: Path | None,
+    director_dir: Path | None,
+    new_keys: int,
+    threshold: int,
+    store: Path | str | None,
+    config: Path | None,
+) -> None:
     """Replace ROLE's keys: a new root (signed by the root keys, which must be here) names the new keys, what they
     sign is re-signed, the old private keys are deleted. Devices follow at their next check."""
     from fleet import api
 
     with _reported():
-        r = api.keys_rotate(role, keys_dir, repo, director_dir, new_keys, threshold)
+        r = api.keys_rotate(role, keys_dir, repo, director_dir, new_keys, threshold, _director_store(store, config))
     roots = ", ".join(f"{name} root version {v}" for name, v in (("image", r.image_root), ("director", r.director_root)) if v)
     console.print(f"{role}: {len(r.keyids)} new key(s) {', '.join(k[:16] for k in r.keyids)}, threshold {r.threshold}; {roots}")
     if role in ("root", "targets"):
@@ -326,7 +387,17 @@ def release_cmd(bundle: Path, repo: Path, keys_dir: Path) -> None:
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--reason", default="", help="Recorded in the signed targets; devices report it with their refusal.")
 @click.option("--director", "director_dir", type=click.Path(file_okay=False, path_type=Path), help="List the devices still assigned to it.")
-def release_revoke_cmd(model: str, version: str, repo: Path, keys_dir: Path, reason: str, director_dir: Path | None) -> None:
+@_director_store_option
+def release_revoke_cmd(
+    model: str,
+    version: str,
+    repo: Path,
+    keys_dir: Path,
+    reason: str,
+    director_dir: Path | None,
+    store: Path | str | None,
+    config: Path | None,
+) -> None:
     """Remove MODEL VERSION from the image repository's signed targets (targets key): no device installs it from now on.
 
     Devices running it keep serving it (and report REJECTED each round) until the director names another version:
@@ -335,7 +406,7 @@ def release_revoke_cmd(model: str, version: str, repo: Path, keys_dir: Path, rea
     from fleet import api
 
     with _reported():
-        revocation = api.release_revoke(model, version, repo, keys_dir, reason, director_dir)
+        revocation = api.release_revoke(model, version, repo, keys_dir, reason, director_dir, _director_store(store, config))
     r, still = revocation.release, revocation.still_assigned
     console.print(f"revoked {r.model} {r.version} (release_counter {r.release_counter}): {len(r.variants)} variant(s) no longer listed")
     if still:
@@ -366,12 +437,13 @@ def director_init_cmd(directory: Path, keys_dir: Path, mirrors: tuple[str, ...])
 @click.argument("mirrors", nargs=-1)
 @click.option("--director", "directory", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-def director_mirrors_cmd(mirrors: tuple[str, ...], directory: Path, keys_dir: Path) -> None:
+@_director_store_option
+def director_mirrors_cmd(mirrors: tuple[str, ...], directory: Path, keys_dir: Path, store: Path | str | None, config: Path | None) -> None:
     """Name MIRRORS (HTTP(S) mirrors of the image repository; none: no more) in every device's signed targets."""
     from fleet import api
 
     with _reported():
-        named = api.director_mirrors(directory, keys_dir, mirrors)
+        named = api.director_mirrors(directory, keys_dir, mirrors, _director_store(store, config))
     console.print(f"{directory}: every device told of {len(named)} mirror(s)")
 
 
@@ -379,12 +451,13 @@ def director_mirrors_cmd(mirrors: tuple[str, ...], directory: Path, keys_dir: Pa
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", "devices", multiple=True, help="Only these devices (default: all).")
-def director_refresh_cmd(directory: Path, keys_dir: Path, devices: tuple[str, ...]) -> None:
+@_director_store_option
+def director_refresh_cmd(directory: Path, keys_dir: Path, devices: tuple[str, ...], store: Path | str | None, config: Path | None) -> None:
     """Re-sign each device's director metadata (online key) before it expires."""
     from fleet import api
 
     with _reported():
-        api.director_refresh(directory, keys_dir, devices)
+        api.director_refresh(directory, keys_dir, devices, _director_store(store, config))
     console.print(f"{directory}: director metadata re-signed")
 
 
@@ -436,22 +509,6 @@ def _broker_settings(config: Path | None, broker: str | None) -> BrokerSettings:
     return broker_settings(broker=_settings(config).broker, hosts=_broker_addresses(broker))
 
 
-def _remember_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    ctx.meta["fleet.config"] = value  # for --store's default (see _store_option)
-    return value
-
-
-_CONFIG_HELP = "The controller's settings (default: ./fleet.toml when present, else built-in defaults), overlaid by EDGEFLEET_FLEET_*."
-_config_option = click.option(
-    "--config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    is_eager=True,  # read before --store, whose default it holds
-    callback=_remember_config,
-    help=_CONFIG_HELP,
-)
-
-
 @main.group("config")
 def config_group() -> None:
     """The controller's settings (fleet.toml)."""
@@ -468,23 +525,6 @@ def config_check_cmd(config: Path | None) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-class _StoreType(click.ParamType):
-    """A store: a SQLite file's path or a postgresql:// URL; a URL edgefleet cannot open is a usage error (exit 2)."""
-
-    name = "PATH|URL"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
-        from fleet.store.url import BadStoreURL, store_location
-
-        try:
-            return store_location(value)
-        except BadStoreURL as exc:
-            self.fail(str(exc), param, ctx)
-
-
-_STORE = _StoreType()
-
-
 @main.command("assign")
 @click.argument("device")
 @click.argument("model")
@@ -494,12 +534,7 @@ _STORE = _StoreType()
 @click.option("--director", "director_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @_broker_option
-@click.option(
-    "--store",
-    type=_STORE,
-    help="Also write the signed metadata into this store, where every controller serves it (default: fleet.toml's `store`).",
-)
-@_config_option
+@_director_store_option
 def assign_cmd(
     device: str,
     model: str,
@@ -523,7 +558,7 @@ def assign_cmd(
     with _reported():
         tell = broker is not None or config_file(config) is not None
         settings = _broker_settings(config, broker)
-        store = store or _settings(config).store
+        store = _director_store(store, config)
         target = api.assign(device, model, version, variant, repo, director_dir, keys_dir, broker=settings if tell else None, store=store)
     console.print(f"{device} -> {target.path} ({variant}, sha256 {target.hashes['sha256'][:12]}…)")
 

@@ -180,8 +180,8 @@ class Controller:
                 self.store.close()
                 raise ControllerIdInUse(f"another running controller has the id {self.controller_id!r}: give each its own controller_id")
             self.leadership = Leadership(store)
-        # the director's metadata: signed into ROOT/director by the leader; with a store also kept there, and served
-        # from there by every controller (fleet.tuf.director_store)
+        # the director's metadata: with a store, signed into it by the leader and served from it by every controller;
+        # without, files under ROOT/director (fleet.tuf.director_repos)
         self.director = Director(root / "director", store=self.store)
         # one client id per process: a second controller (or a test's) must not take this one's session over
         self.server = RepositoryServer(
@@ -252,8 +252,8 @@ class Controller:
         self._leading = self.leadership.try_acquire()
         if self._leading and not was:
             self._next_refresh = 0.0  # a new leader checks the online metadata at once: the old one may have died late
-            synced = self.director.sync()  # what the last leader signed, into this ROOT: versions go on from there
-            logs.event(log, "director.synced", pulled=synced.pulled, pushed=synced.pushed)
+            synced = self.director.sync()  # the director's roots into this ROOT; files signed without the store into it
+            logs.event(log, "director.synced", pushed=synced.pushed)
         if was and not self._leading and self.adoptions is not None:
             self.adoptions.stop()  # the next leader adopts them
         if self._leading != was:
@@ -297,11 +297,9 @@ class Controller:
         ):
             self.image.refresh(self.keys)
             logs.event(log, "controller.image_refreshed")
-        stale = []
-        for device in self.director.devices():
-            ts = self.director.device_metadata(device) / "timestamp.json"
-            if ts.is_file() and _expires_soon(Metadata.from_file(str(ts)), self.director.timestamp_expiry.total_seconds(), now):
-                stale.append(device)
+        lifetime = self.director.timestamp_expiry.total_seconds()
+        timestamps = self.director.timestamps(self.director.devices())
+        stale = [device for device, ts in timestamps.items() if _expires_soon(Metadata.from_bytes(ts), lifetime, now)]
         if stale:
             self.director.refresh(self.keys, stale)
             announce(self.director, stale, broker=self.broker)

@@ -195,8 +195,7 @@ def test_a_controller_on_its_own_root_serves_the_director_from_the_store_and_sig
             wait_for(lambda: _version_of(store, device) == "1.1.0", 90, "1.1.0 installed from the surviving controller")
             wait_for(lambda: getattr(store.rollout(second), "state", "") == "done", 30, "the second rollout done")
             assert store.director_versions()[device] > signed_by_a
-            signed = (root_b / "director" / device / "metadata" / "timestamp.json").read_bytes()
-            assert signed == store.director_file(device, "timestamp.json")
+            assert not (root_b / "director" / device).exists()  # signed into the store alone
             assert "REJECTED" not in agent.text()
         finally:
             if agent is not None:
@@ -277,12 +276,13 @@ def test_a_controller_killed_mid_stream_and_restarted_under_its_id_loses_no_tele
             store.close()
 
 
-def test_a_first_lead_pushes_a_directory_signed_without_a_store_in_batches_and_pulls_what_the_store_has_newer(
+def test_a_first_lead_pushes_a_directory_signed_without_a_store_in_batches_and_leaves_what_the_store_has_newer(
     fleet_rig: Rig, store_location: Path | str, tmp_path: Path
 ) -> None:
     """On SQLite and PostgreSQL: a director whose devices were signed with files alone (one box, before PostgreSQL)
     starts to lead on a store: every device's whole set reaches the store, more devices than one batch of
-    ``SYNC_BATCH``; a device the store holds newer is pulled instead; a second sync finds nothing to move."""
+    ``SYNC_BATCH``; a device the store holds newer keeps the store's (its files stay as they were); a second sync
+    finds nothing to move."""
     from fleet.tuf.director import Assignment, Director
     from fleet.tuf.director_store import SYNC_BATCH, local_files
 
@@ -294,16 +294,17 @@ def test_a_first_lead_pushes_a_directory_signed_without_a_store_in_batches_and_p
         done = a.assign_many([Assignment(d, MODEL, "1.0.0", VARIANT) for d in devices], fleet_rig.image, rig_keys)
         assert not [d for d, r in done.items() if isinstance(r, Exception)]
         b = Director(tmp_path / "b", store=fs)  # another root on the store: it signs devices[0] anew, version 2 there
-        b.sync()
         fs.put_director_files(devices[0], local_files(a.device_metadata(devices[0])), 1)
         b.assign(devices[0], fleet_rig.image, MODEL, "1.1.0", VARIANT, rig_keys)
+        first = local_files(a.device_metadata(devices[0]))
         a.store = fs
-        synced = a.sync()
-        assert (synced.pulled, synced.pushed) == (1, len(devices) - 1)
-        for d in devices:
+        assert a.sync().pushed == len(devices) - 1
+        for d in devices[1:]:
             assert fs.director_files(d) == local_files(a.device_metadata(d))
-        assert fs.director_versions()[devices[0]] == 2
-        assert (a.sync().pulled, a.sync().pushed) == (0, 0)
+        assert fs.director_versions()[devices[0]] == 2 and local_files(a.device_metadata(devices[0])) == first
+        assert a.committed_targets(devices[0]) is not None
+        assert "1.1.0" in next(iter(a.committed_targets(devices[0]).signed.targets))  # type: ignore[union-attr]
+        assert a.sync().pushed == 0
     finally:
         fs.close()
 
@@ -311,14 +312,15 @@ def test_a_first_lead_pushes_a_directory_signed_without_a_store_in_batches_and_p
 def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
     fleet_rig: Rig, store_location: Path | str, tmp_path: Path
 ) -> None:
-    """On SQLite and PostgreSQL: what one director signs is in the store as the device's whole set, a repository server
-    with no director files answers from it (that device's files only), a director on another ROOT copies it and signs
-    the next versions, the first goes on from those, and a copy left behind cannot overwrite the store."""
+    """On SQLite and PostgreSQL: a director with a store signs into it alone (no device files), as the device's whole
+    set; a repository server with no director files answers from it (that device's files only); a director on another
+    ROOT copies the roots, signs the next versions, the first goes on from those; a copy signed from an older listing
+    is refused, and so is a file copy left behind, pushed or synced."""
     from agent.wire import RepoRequest
     from fleet.store import StaleDirectorMetadata
     from fleet.transport.repo_server import RepositoryServer
-    from fleet.tuf.director import Director
-    from fleet.tuf.director_store import local_files, push_device
+    from fleet.tuf.director import Director, _Batch
+    from fleet.tuf.director_store import push_device
 
     rig, device = fleet_rig, "two-1"
     fs = FleetStore(store_location)
@@ -327,25 +329,33 @@ def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
         a.store = fs
         a.sync()  # what a controller does when it starts to lead: the director's roots into the store
         a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, rig.keys)
-        assert fs.director_files(device) == local_files(a.device_metadata(device))
+        assert not a.device_metadata(device).exists()
+        assert sorted(fs.director_files(device)) == ["1.root.json", "1.snapshot.json", "1.targets.json", "timestamp.json"]
         server = RepositoryServer(tmp_path / "empty", director_store=fs)  # never started: serve() alone
         ts = fs.director_file(device, "timestamp.json")
-        assert ts is not None
+        assert ts is not None and a.timestamps([device, "nobody"]) == {device: ts}
         reply = server.serve(RepoRequest("r1", f"director/{device}/metadata/timestamp.json", 10, 20), device)
         assert (reply.status, reply.total, reply.data) == (200, len(ts), ts[10:30])
         for path, asker in [(f"director/{device}/metadata/1.root.json", "two-2"), (f"director/{device}/metadata/../x.json", device)]:
             assert server.serve(RepoRequest("r2", path, 0, 100), asker).status == 404
-        behind = tmp_path / "behind"
-        copy_tree(a.device_metadata(device), behind)
         b = Director(tmp_path / "b", store=fs)
-        assert b.sync().pulled == 1 and (tmp_path / "b" / "1.root.json").is_file()
+        assert b.sync().pushed == 0 and (tmp_path / "b" / "1.root.json").is_file()
         b.assign(device, rig.image, MODEL, "1.1.0", VARIANT, rig.keys)
         assert fs.director_versions()[device] == 2
-        a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, rig.keys)  # a's copy was at 1: the store's 2 first
+        stale = a.repos.listings([device])
+        a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, rig.keys)  # goes on from the store's 2
+        assert fs.director_versions()[device] == 3 and a.devices() == [device]
+        late = _Batch(a, rig.keys, stale)  # signed from the listing at 2 after the store moved to 3 (likely in the same
+        # second: then its snapshot and timestamp are a's to the byte, and only its targets differ)
+        late.sign(device, {})
+        assert not late.failed and len(late.commits) == 1
+        assert isinstance(a.repos.commit(late.commits, 3)[device], StaleDirectorMetadata)
         assert fs.director_versions()[device] == 3
-        assert fs.director_files(device) == local_files(a.device_metadata(device))
+        files_only = Director(tmp_path / "a")  # a command run without the store: its files start at version 1
+        files_only.assign(device, rig.image, MODEL, "1.1.0", VARIANT, rig.keys)
         with pytest.raises(StaleDirectorMetadata):
-            push_device(fs, behind, device)
+            push_device(fs, files_only.device_metadata(device), device)
+        assert a.sync().pushed == 0 and fs.director_versions()[device] == 3
     finally:
         fs.close()
 

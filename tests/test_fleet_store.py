@@ -205,6 +205,7 @@ def test_the_gates_rows_of_a_fleet_larger_than_one_read_come_back_whole_and_shar
         assert sorted(r.requests for r in mine if r.version == "1.0.0") == [10 + i, 10 + i]
         assert len({id(r.device) for r in mine}) == 1  # one string per device id
     assert len({id(r.version) for r in rows if r.version == "1.0.0"}) == 1
+
     def key(r: Any) -> tuple[float, str, int]:
         return r.ts, r.version, r.requests
 
@@ -442,6 +443,27 @@ def test_director_metadata_is_kept_as_whole_sets_whose_timestamp_never_goes_back
     assert store.director_file("dev-2", "timestamp.json") is None
 
 
+def test_a_director_commit_keeps_the_names_it_is_told_and_refuses_other_targets_under_the_same_timestamp(store: FleetStore) -> None:
+    """A commit as the store's director signs it: only the new files and the names to keep (the older versions are not
+    sent again); a second writer whose timestamp is byte for byte the store's (same versions, same second) but whose
+    targets differ is refused, not silently dropped; the listing and timestamps read back what was committed."""
+    from fleet.store import DirectorSet, StaleDirectorMetadata
+
+    one = {"1.root.json": b"r1", "1.targets.json": b"t1", "1.snapshot.json": b"s1", "timestamp.json": _ts(1)}
+    store.put_director_sets([DirectorSet("dev-1", one, 1)])
+    new = {"2.targets.json": b"t2", "2.snapshot.json": b"s2", "timestamp.json": _ts(2)}
+    store.put_director_sets([DirectorSet("dev-1", new, 2, frozenset({"1.root.json", "1.snapshot.json"}))])
+    assert store.director_files("dev-1") == {"1.root.json": b"r1", "1.snapshot.json": b"s1", **new}
+    assert store.director_listing(["dev-1", "dev-2"]) == {
+        "dev-1": {"1.root.json": 1, "1.snapshot.json": 1, "2.targets.json": 2, "2.snapshot.json": 2, "timestamp.json": 2}
+    }
+    assert store.director_timestamps(["dev-1", "dev-2"]) == {"dev-1": _ts(2)}
+    with pytest.raises(StaleDirectorMetadata):
+        store.put_director_sets([DirectorSet("dev-1", {**new, "2.targets.json": b"other"}, 2, frozenset({"1.root.json"}))])
+    store.put_director_sets([DirectorSet("dev-1", new, 2, frozenset({"1.root.json", "1.snapshot.json"}))])  # the same again
+    assert store.director_files("dev-1") == {"1.root.json": b"r1", "1.snapshot.json": b"s1", **new}
+
+
 def test_a_store_at_version_2_gains_the_director_and_controller_tables(store_location: Path | str) -> None:
     from fleet.store import open_database, schema
 
@@ -463,9 +485,24 @@ def test_a_job_never_moves_back_when_its_updates_arrive_out_of_order(store: Flee
     another controller stored ACTIVE: the store keeps the furthest state; a rollback after ACTIVE still lands."""
 
     def update(state: str, status: str = "IN_PROGRESS") -> wire.WireModel:
-        body = {"id": "j1", "target_path": "m/1.1.0/onnx-fp32.tar", "model": "m", "version": "1.1.0", "variant": "onnx-fp32",
-                "release_counter": 2, "length": 10, "sha256": "ab", "state": state, "status": status, "offset": 0, "reason": "",
-                "attempts": 1, "created": 1.0, "updated": 2.0, "shadow": 0}
+        body = {
+            "id": "j1",
+            "target_path": "m/1.1.0/onnx-fp32.tar",
+            "model": "m",
+            "version": "1.1.0",
+            "variant": "onnx-fp32",
+            "release_counter": 2,
+            "length": 10,
+            "sha256": "ab",
+            "state": state,
+            "status": status,
+            "offset": 0,
+            "reason": "",
+            "attempts": 1,
+            "created": 1.0,
+            "updated": 2.0,
+            "shadow": 0,
+        }
         topic = wire.parse_device_topic(wire.device_topic("a", "jobs", "j1"))
         return wire.decode_device_message(topic, json.dumps(body).encode())
 

@@ -163,9 +163,9 @@ def test_rotating_a_stolen_director_key_recovers_a_fast_forwarded_device(fleet: 
     ts.signed.version = 999
     ts.to_file(str(thief_dir / "dev-1" / "metadata" / "timestamp.json"))  # only read for its version, re-signed below
     thief = Director(thief_dir)
-    md = thief.committed_targets(thief.device_metadata("dev-1"))
+    md = thief.committed_targets("dev-1")
     assert md is not None
-    thief._publish(thief.device_metadata("dev-1"), md, fleet.keys)  # signed with the (stolen) director key
+    thief._publish("dev-1", md, fleet.keys)  # signed with the (stolen) director key
     honest = fleet.device("dev-1")
     via_thief = TrustedRepos(
         honest.image_dir,
@@ -283,13 +283,13 @@ def test_a_revoked_release_is_unlisted_and_refused_everywhere(fleet: Fleet, mode
 def _forge_assignment(fleet: Fleet, device: str, target: VerifiedUpdate) -> None:
     """The director (its key, or an old assignment) names the revoked release for a device that never ran it."""
     meta = fleet.director.device_metadata(device)
-    md = fleet.director.committed_targets(meta)
+    md = fleet.director.committed_targets(meta.parent.name)
     assert md is not None
     tf = next(iter(md.signed.targets.values()))
     md.signed.targets = {target.target_path: tf}
     tf.path, tf.length, tf.hashes = target.target_path, target.length, {"sha256": target.sha256}
     tf.unrecognized_fields["custom"].update(version=target.version, release_counter=target.release_counter)
-    fleet.director._publish(meta, md, fleet.keys)
+    fleet.director._publish(meta.parent.name, md, fleet.keys)
 
 
 def test_cli_rotate_revoke_and_refusals(fleet: Fleet, tmp_path: Path) -> None:
@@ -406,7 +406,7 @@ def test_a_batch_assign_verifies_as_one_by_one_and_a_bad_device_fails_alone(flee
     for device, version in (("old-1", "1.1.0"), ("new-1", "1.2.0"), ("new-3", "1.1.0")):
         upd = fleet.check(device)
         assert upd is not None and upd.version == version, device
-    one = fleet.director.committed_targets(fleet.director.device_metadata("new-3"))
+    one = fleet.director.committed_targets("new-3")
     assert one is not None and [t.unrecognized_fields["custom"].get("shadow", False) for t in one.signed.targets.values()] == [False, True]
     fleet.director.assign("new-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", fleet.keys)  # one by one goes on from there
     upd = fleet.check("new-1")

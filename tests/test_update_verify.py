@@ -95,7 +95,7 @@ def test_director_naming_a_target_the_image_repository_lacks(fleet: Fleet, tmp_p
     tf.path = "tiny/9.9.9/onnx-fp32.tar"
     md.signed.targets[tf.path] = tf
     md.signed.version += 1
-    fleet.director._publish(meta, md, fleet.keys)  # a compromised director key signs it properly
+    fleet.director._publish(meta.parent.name, md, fleet.keys)  # a compromised director key signs it properly
     with pytest.raises(UpdateRejected, match="which the image repository does not have"):
         check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
 
@@ -120,7 +120,7 @@ def test_a_shadow_target_is_verified_like_the_one_to_run(fleet: Fleet, tmp_path:
 def _director_targets(fleet: Fleet, device: str, *targets: tuple[str, str, str, bool]) -> None:
     """(model, version, variant, shadow) targets signed with the director's key: what a compromised key could sign."""
     meta = fleet.director.device_metadata(device)
-    md = fleet.director.committed_targets(meta)
+    md = fleet.director.committed_targets(meta.parent.name)
     assert md is not None
     md.signed.targets.clear()
     for model, version, variant, shadow in targets:
@@ -129,7 +129,7 @@ def _director_targets(fleet: Fleet, device: str, *targets: tuple[str, str, str, 
             tf.unrecognized_fields["custom"]["shadow"] = True
         md.signed.targets[tf.path] = tf
     md.signed.version = max(metadata_versions(meta, "targets"), default=0) + 1
-    fleet.director._publish(meta, md, fleet.keys)
+    fleet.director._publish(meta.parent.name, md, fleet.keys)
 
 
 def test_hostile_shadow_targets_are_refused(fleet: Fleet, tmp_path: Path, models: ModelFiles) -> None:
@@ -160,7 +160,7 @@ def test_hostile_shadow_targets_are_refused(fleet: Fleet, tmp_path: Path, models
     md = Metadata.from_file(str(meta / f"{max(metadata_versions(meta, 'targets'))}.targets.json"))
     md.signed.targets["tiny/1.0.0/onnx-int8.tar"].hashes["sha256"] = "0" * 64
     md.signed.version += 1
-    fleet.director._publish(meta, md, fleet.keys)
+    fleet.director._publish(meta.parent.name, md, fleet.keys)
     with pytest.raises(UpdateRejected, match=r"disagree on tiny/1\.0\.0/onnx-int8\.tar"):
         check_director(fleet.device("dev-1"), {}, profile(tmp_path))
 
@@ -171,7 +171,7 @@ def test_mix_and_match_hashes_are_refused(fleet: Fleet, tmp_path: Path) -> None:
     md = Metadata.from_file(str(meta / "1.targets.json"))
     md.signed.targets["tiny/1.1.0/onnx-fp32.tar"].hashes["sha256"] = "0" * 64
     md.signed.version += 1
-    fleet.director._publish(meta, md, fleet.keys)
+    fleet.director._publish(meta.parent.name, md, fleet.keys)
     with pytest.raises(UpdateRejected, match=r"disagree on tiny/1\.1\.0/onnx-fp32\.tar"):
         check_for_update(fleet.device("dev-1"), {}, profile(tmp_path))
 

@@ -22,7 +22,7 @@ from fleet.store import aggregates, schema, sql
 from fleet.store import devices as registry
 from fleet.store.db import Database
 from fleet.store.devices import Device, Devices, Job
-from fleet.store.director import DirectorFiles, StaleDirectorMetadata
+from fleet.store.director import DirectorFiles, DirectorSet, StaleDirectorMetadata
 from fleet.store.rollouts import DeviceChange, PlannedDevice, Rollout, RolloutDevice, Rollouts
 from fleet.store.telemetry import Distribution, Health, PredictionRow, ShadowHealth, Telemetry, TelemetryRow
 from fleet.store.url import BadStoreURL, StoreLocation, StoreUnreachable, is_postgres, store_location
@@ -32,6 +32,7 @@ __all__ = [
     "BadStoreURL",
     "Device",
     "DeviceChange",
+    "DirectorSet",
     "Distribution",
     "FleetStore",
     "Health",
@@ -316,9 +317,19 @@ class FleetStore:
         with self._lock:
             return self._director.versions_of(devices)
 
-    def put_director_sets(self, sets: Sequence[tuple[str, dict[str, bytes], int]]) -> None:
-        """Many devices' director sets, (device, files, timestamp version) each, in one transaction: all or none
-        (``StaleDirectorMetadata`` when the store has a newer one of any)."""
+    def director_listing(self, devices: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Each of ``devices``' director files the store has, name: version (what the next versions are signed from)."""
+        with self._lock:
+            return self._director.listing(devices)
+
+    def director_timestamps(self, devices: Sequence[str]) -> dict[str, bytes]:
+        """The committed director ``timestamp.json`` of each of ``devices`` the store has."""
+        with self._lock:
+            return self._director.timestamps(devices)
+
+    def put_director_sets(self, sets: Sequence[DirectorSet]) -> None:
+        """Many devices' director commits in one transaction: all or none (``StaleDirectorMetadata`` when the store
+        has a newer one of any)."""
         with self._lock, self.db.transaction():
             self._director.replace_many(sets)
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from agent.errors import EdgefleetError
 from fleet.store.db import Database
 
-__all__ = ["DIRECTOR", "TIMESTAMP", "DirectorFiles", "StaleDirectorMetadata", "file_version"]
+__all__ = ["DIRECTOR", "TIMESTAMP", "DirectorFiles", "DirectorSet", "StaleDirectorMetadata", "file_version"]
 
 TIMESTAMP = "timestamp.json"
 DIRECTOR = ""  # the "device" under which the director's own files (roots, mirrors.json) are kept
@@ -34,6 +35,21 @@ def file_version(name: str) -> int:
     """The version a numbered metadata file's name carries (``3.targets.json``: 3); 0 for any other."""
     head = name.split(".", 1)[0]
     return int(head) if head.isdigit() else 0
+
+
+@dataclass(frozen=True)
+class DirectorSet:
+    """A device's director repository as one commit leaves it: ``files`` added (its new ``timestamp.json`` among
+    them, at ``version``) and ``keep``, the names already stored that stay; ``keep`` None: exactly ``files`` (a whole
+    set, as a directory holds it). Numbered files never change content, so one stored under the same name stays."""
+
+    device: str
+    files: Mapping[str, bytes]
+    version: int
+    keep: frozenset[str] | None = None
+
+    def names(self) -> set[str]:
+        return set(self.files) | set(self.keep or ())
 
 
 class DirectorFiles:
@@ -62,43 +78,94 @@ class DirectorFiles:
             out.update({r["device"]: int(r["version"]) for r in rows})
         return out
 
+    def listing(self, devices: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Of each of ``devices`` the store has: its files' names and versions (a numbered file's number, the
+        timestamp's ``signed.version``): what a writer signs the next versions from (one query per chunk of ids)."""
+        out: dict[str, dict[str, int]] = {}
+        for part in self.db.chunks(sorted(set(devices))):
+            where, args = self.db.in_list("device", part)
+            for r in self.db.query(f"SELECT device, name, version FROM director_metadata WHERE {where}", args):
+                out.setdefault(r["device"], {})[r["name"]] = int(r["version"])
+        return out
+
+    def timestamps(self, devices: Sequence[str]) -> dict[str, bytes]:
+        """The committed ``timestamp.json`` of each of ``devices`` the store has (one query per chunk of ids)."""
+        out: dict[str, bytes] = {}
+        for part in self.db.chunks(sorted(set(devices))):
+            where, args = self.db.in_list("device", part)
+            rows = self.db.query(f"SELECT device, body FROM director_metadata WHERE name = ? AND {where}", [TIMESTAMP, *args])
+            out.update({r["device"]: bytes(r["body"]) for r in rows})
+        return out
+
     def replace(self, device: str, files: Mapping[str, bytes], timestamp_version: int) -> None:
         """``device``'s whole set (``files``, its timestamp at ``timestamp_version``): the timestamp moves up first (a
         compare-and-set: ``StaleDirectorMetadata`` when the store's is not older, unless the bytes are the same), then
         the numbered files it names are added and those no longer in the set deleted. Call in a transaction."""
-        self.replace_many([(device, files, timestamp_version)])
+        self.replace_many([DirectorSet(device, files, timestamp_version)])
 
-    def replace_many(self, sets: Sequence[tuple[str, Mapping[str, bytes], int]]) -> None:
+    def replace_many(self, sets: Sequence[DirectorSet]) -> None:
         """``replace`` for many devices: the compare-and-set and the deletions per device, the names stored read in
         one query and the new files added in one bulk insert (a wave of thousands: two statements a device, not eight).
         Call in a transaction."""
         now = time.time()
-        for device, files, version in sets:
-            self._move_timestamp(device, files[TIMESTAMP], version, now)
+        for d in self._move_timestamps(sets, now):
+            self._same_as_stored(d)
         stored: dict[str, set[str]] = {}
-        for part in self.db.chunks(sorted({device for device, _, _ in sets})):
+        for part in self.db.chunks(sorted({d.device for d in sets})):
             where, args = self.db.in_list("device", part)
             for r in self.db.query(f"SELECT device, name FROM director_metadata WHERE {where}", args):
                 stored.setdefault(r["device"], set()).add(r["name"])
         new = []
-        for device, files, _ in sets:
-            have = stored.get(device, set())
-            new += [_row(device, n, b, now) for n, b in files.items() if n != TIMESTAMP and n not in have]
-            gone = sorted(have - set(files))
+        for d in sets:
+            have = stored.get(d.device, set())
+            new += [_row(d.device, n, b, now) for n, b in d.files.items() if n != TIMESTAMP and n not in have]
+            gone = sorted(have - d.names())
             if gone:
                 where, args = self.db.in_list("name", gone)
-                self.db.execute(f"DELETE FROM director_metadata WHERE device = ? AND {where}", [device, *args])
+                self.db.execute(f"DELETE FROM director_metadata WHERE device = ? AND {where}", [d.device, *args])
         self.db.insert_new("director_metadata", new)
 
-    def _move_timestamp(self, device: str, ts: bytes, version: int, now: float) -> None:
-        moved = self.db.execute(
-            "UPDATE director_metadata SET body = ?, version = ?, updated = ? WHERE device = ? AND name = ? AND version < ?",
-            [ts, version, now, device, TIMESTAMP, version],
-        )
-        if not moved and not self.db.insert("director_metadata", _row(device, TIMESTAMP, ts, now, version), "ignore"):
-            if self.file(device, TIMESTAMP) != ts:
-                theirs = self.versions_of([device]).get(device, 0)
-                raise StaleDirectorMetadata(f"director metadata of {device}: the store has timestamp version {theirs}, this copy {version}")
+    def _move_timestamps(self, sets: Sequence[DirectorSet], now: float) -> list[DirectorSet]:
+        """The compare-and-set, a chunk of devices per statement: each set's timestamp replaces the stored one when that
+        is older (or there is none); the sets whose timestamp the store holds byte for byte already are returned; any
+        other is ``StaleDirectorMetadata``. The stored timestamps are read locked (PostgreSQL: ``FOR UPDATE``; SQLite's
+        write transaction is one at a time), and a timestamp another writer inserted meanwhile is refused by its key."""
+        lock = " FOR UPDATE" if self.db.dialect == "postgresql" else ""
+        stored: dict[str, tuple[int, bytes]] = {}
+        for part in self.db.chunks(sorted({d.device for d in sets})):
+            where, args = self.db.in_list("device", part)
+            sql = f"SELECT device, version, body FROM director_metadata WHERE name = ? AND {where}{lock}"
+            rows = self.db.query(sql, [TIMESTAMP, *args])
+            stored.update({r["device"]: (int(r["version"]), bytes(r["body"])) for r in rows})
+        moving, same = [], []
+        for d in sets:
+            have = stored.get(d.device)
+            if have is None or have[0] < d.version:
+                moving.append(d)
+            elif have[1] == d.files[TIMESTAMP]:
+                same.append(d)
+            else:
+                raise self._stale(d.device, d.version)
+        for part in self.db.chunks(sorted({d.device for d in moving if d.device in stored})):
+            where, args = self.db.in_list("device", part)
+            self.db.execute(f"DELETE FROM director_metadata WHERE name = ? AND {where}", [TIMESTAMP, *args])
+        taken = self.db.insert_new("director_metadata", [_row(d.device, TIMESTAMP, d.files[TIMESTAMP], now, d.version) for d in moving])
+        for d, new in zip(moving, taken, strict=True):
+            if not new:
+                raise self._stale(d.device, d.version)
+        return same
+
+    def _same_as_stored(self, d: DirectorSet) -> None:
+        """A set whose timestamp the store already has byte for byte (the same set pushed again) must not differ in
+        what it names either: two writers that signed the same versions in the same second sign equal snapshots and
+        timestamps over different targets, and the second must learn that its targets were not stored."""
+        stored = self.files(d.device)
+        if any(name in stored and stored[name] != body for name, body in d.files.items()):
+            raise self._stale(d.device, d.version)
+
+    def _stale(self, device: str, version: int) -> StaleDirectorMetadata:
+        theirs = self.versions_of([device]).get(device, 0)
+        return StaleDirectorMetadata(f"director metadata of {device}: the store has timestamp version {theirs}, this copy {version}")
 
     def add(self, device: str, files: Mapping[str, bytes]) -> None:
         """Files of ``device`` written as given (the director's roots and mirrors.json)."""

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from agent import logs
 from agent.settings import BrokerSettings
-from agent.wire import WireError, device_topic
+from agent.wire import WireError, device_topic, valid_device_id
 from fleet.transport import client as transport
 from fleet.tuf.director import Director
 
@@ -41,11 +41,12 @@ def announce(
     c.loop_start()
     try:
         infos = []
-        for device in device_ids:
+        devices = list(device_ids)
+        timestamps = director.timestamps([d for d in devices if _valid(d)])
+        for device in devices:
             try:
-                ts = director.device_metadata(device) / "timestamp.json"
-                if ts.is_file():
-                    infos.append(c.publish(device_topic(device, "director", "timestamp"), ts.read_bytes(), qos=1, retain=True))
+                if device in timestamps:
+                    infos.append(c.publish(device_topic(device, "director", "timestamp"), timestamps[device], qos=1, retain=True))
             except (WireError, OSError) as exc:  # one device's trouble is not everyone's: the others are still told
                 logs.event(log, "announce.failed", logging.ERROR, device=str(device)[:80], reason=str(exc)[:200])
         for info in infos:
@@ -53,3 +54,12 @@ def announce(
     finally:
         c.disconnect()
         c.loop_stop()
+
+
+def _valid(device: str) -> bool:
+    try:
+        valid_device_id(device)
+        return True
+    except WireError as exc:  # one device's trouble is not everyone's: the others are still told
+        logs.event(log, "announce.failed", logging.ERROR, device=str(device)[:80], reason=str(exc)[:200])
+        return False

@@ -1,16 +1,17 @@
 """The director repository: what each device must run, signed online (Uptane's second repository).
 
-One TUF repository per device under ``DIR/{device}/metadata``; they share one root
-(signed by the offline root keys once, at ``Director.create``) that gives the
-online ``director`` key the targets, snapshot and timestamp roles. A device's
+One TUF repository per device — under ``DIR/{device}/metadata`` on one box, as rows of the store with one
+(``fleet.tuf.director_repos``); they share one root (``DIR/N.root.json``, signed by the offline root keys once, at
+``Director.create``) that gives the online ``director`` key the targets, snapshot and timestamp roles. A device's
 targets name exactly one bundle to run (by the image repository's path, length and
 hashes) and the variant it should install, and at most one more marked as a shadow
 (shadow mode); the agent installs only what both repositories agree on.
 
-An assignment is committed when the device's ``timestamp.json`` names it: targets,
-snapshot and timestamp are written under temporary names and renamed in that order
-(``commit_metadata``), so a ``fleet assign`` killed at any point leaves the old
-assignment or the new one, and ``refresh`` re-signs only what the timestamp names.
+An assignment is committed when the device's ``timestamp.json`` names it: on files, targets, snapshot and
+timestamp are written under temporary names and renamed in that order (``commit_batch``); in the store, one
+transaction. So a ``fleet assign`` killed at any point leaves the old assignment or the new one, and ``refresh``
+re-signs only what the timestamp names. Signing reads as its steps: list the devices' repositories, sign each
+(``_Batch``), commit them together.
 Mirrors: ``fleet director init --mirror URL`` (or ``fleet director mirrors URL…``) keeps a list of HTTP(S) mirrors
 of the image repository in ``DIR/mirrors.json``; every device's targets carry it, signed, in ``x-edgefleet-mirrors``
 and the agent fetches the image repository from them before its MQTT repository. Why that is safe: a mirror only
@@ -23,7 +24,6 @@ repository uses (``fleet.tuf.metadata``); only who signs (``SIGNED_BY``) and the
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,13 +38,13 @@ from agent.update.mirrors import MAX_MIRRORS, valid_mirrors
 from agent.update.verify import MIRRORS_FIELD
 from agent.wire import valid_device_id
 from fleet.tuf import director_store
+from fleet.tuf.director_repos import Commit, FileRepositories, Listing, Repositories, StoreRepositories
 from fleet.tuf.director_store import DirectorStore, Synced
 from fleet.tuf.image_repo import ImageRepository, variant_target_path
 from fleet.tuf.keys import KeyStore
 from fleet.tuf.metadata import (
     KEEP_VERSIONS,
     SigningChain,
-    commit_batch,
     committed_versions,
     encode,
     metadata_versions,
@@ -52,7 +52,6 @@ from fleet.tuf.metadata import (
     repository_lock,
     signers_of,
     signing_time,
-    timestamp_version,
 )
 
 __all__ = ["DIRECTOR_ROLES", "AssignError", "Assignment", "Director"]
@@ -81,8 +80,8 @@ class Director:
         root_expiry: timedelta = timedelta(days=365),
         store: DirectorStore | None = None,
     ) -> None:
-        """``store``: every commit is also written there, and a device's newer copy there is taken before signing it
-        (several controllers: ``fleet.tuf.director_store``); None: the files alone (one box)."""
+        """``store``: the device repositories are there and nowhere else (several controllers; the directory keeps the
+        director's roots and mirror list, and ``sync`` brings in what was signed into files); None: the files alone."""
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be at least 1 (the committed version), got {keep_versions}")
         self.directory = Path(directory)
@@ -138,62 +137,72 @@ class Director:
         name = f"{md.signed.version}.root.json"
         with self._lock():
             atomic_write(self.directory / name, data)
-            for meta in self.directory.glob("*/metadata"):
-                atomic_write(meta / name, data)
+            self.repos.add_root(name, data)
             if self.store is not None:
                 director_store.push_director(self.store, self.directory)
-                for meta in self.directory.glob("*/metadata"):
-                    director_store.push_device(self.store, meta, meta.parent.name)
+
+    @property
+    def repos(self) -> Repositories:
+        """Where the device repositories are: the store when there is one (every controller serves from it), else the
+        files under the directory (``fleet.tuf.director_repos``)."""
+        return StoreRepositories(self.store) if self.store is not None else FileRepositories(self.directory)
 
     def devices(self) -> list[str]:
-        return sorted(p.parent.name for p in self.directory.glob("*/metadata"))
+        return self.repos.devices()
+
+    def timestamps(self, devices: Sequence[str]) -> dict[str, bytes]:
+        """Each device's committed ``timestamp.json`` (what announcing sends and the re-signing checks for expiry)."""
+        return self.repos.timestamps(devices)
 
     def refresh(self, keys: KeyStore, devices: list[str] | None = None) -> None:
         """Re-sign each device's committed targets, snapshot and timestamp (all online) before they expire.
 
         Only the committed assignment (the one ``timestamp.json`` names) is re-signed: a targets file an
-        interrupted ``assign`` left behind is never published by a routine refresh.
+        interrupted ``assign`` left behind is never published by a routine refresh. All devices are committed
+        together; a device that could not be raises its error afterwards (the others are re-signed).
         """
         with self._lock():
-            for device in devices or self.devices():
-                meta = self.device_metadata(device)
-                self._pull(meta, device)  # re-sign what the store has if it is newer: never an older assignment
-                md = self.committed_targets(meta)
-                if md is None:
-                    continue
-                md.signed.expires = signing_time() + self.targets_expiry
-                self._publish(meta, md, keys)
-
-    def _pull(self, meta: Path, device: str) -> None:
-        if self.store is not None:
-            director_store.pull_device(self.store, meta, device)
+            repos = self.repos
+            wanted = list(dict.fromkeys(devices or repos.devices()))
+            batch = _Batch(self, keys, repos.listings(wanted))
+            for device in wanted:
+                md = self.committed_targets(device)
+                if md is not None:
+                    batch.sign(device, dict(md.signed.targets))
+            batch.failed.update(repos.commit(batch.commits, self.keep_versions))
+        if batch.failed:
+            raise next(iter(batch.failed.values()))
 
     def sync(self) -> Synced:
-        """Level the files and the store (the newer copy of each device wins); a controller runs it when it starts to
-        lead and every re-signing round. Without a store: nothing."""
+        """With a store: the director's roots and mirror list level between the directory and the store, and every
+        device repository the directory holds newer than the store's pushed there (what ``fleet assign`` or a key
+        rotation without the store signed, or a one-box director moving onto a store). A controller runs it when it
+        starts to lead and every re-signing round. Without a store: nothing."""
         if self.store is None:
-            return Synced(0, 0)
+            return Synced(0)
         with self._lock():
-            return director_store.sync(self.store, self.directory, self.devices())
+            return director_store.sync(self.store, self.directory, FileRepositories(self.directory).devices())
 
     def device_metadata(self, device: str) -> Path:
-        return self.directory / valid_device_id(device) / "metadata"
+        """A device's repository directory (the files of a director without a store)."""
+        return FileRepositories(self.directory).meta(device)
 
-    def committed_targets(self, meta: Path) -> Metadata[Targets] | None:
+    def committed_targets(self, device: str) -> Metadata[Targets] | None:
         """The targets the device's timestamp leads to (through its snapshot): what the device is told; None before
         its first assignment."""
-        ts_path = meta / "timestamp.json"
-        if not ts_path.is_file():
+        repos = self.repos
+        ts = repos.read(device, "timestamp.json")
+        if ts is None:
             return None
-        ts: Metadata[Timestamp] = Metadata.from_file(str(ts_path))
-        snap: Metadata[Snapshot] = Metadata.from_file(str(meta / f"{ts.signed.snapshot_meta.version}.snapshot.json"))
-        return Metadata.from_file(str(meta / f"{snap.signed.meta['targets.json'].version}.targets.json"))
+        ts_md: Metadata[Timestamp] = Metadata.from_bytes(ts)
+        snap: Metadata[Snapshot] = Metadata.from_bytes(_required(repos, device, f"{ts_md.signed.snapshot_meta.version}.snapshot.json"))
+        return Metadata.from_bytes(_required(repos, device, f"{snap.signed.meta['targets.json'].version}.targets.json"))
 
     def assigned(self, model: str, version: str) -> list[str]:
         """Devices whose committed assignment names ``model`` ``version`` (to run or as a shadow)."""
         out = []
         for device in self.devices():
-            md = self.committed_targets(self.device_metadata(device))
+            md = self.committed_targets(device)
             for tf in md.signed.targets.values() if md is not None else ():
                 custom = tf.unrecognized_fields.get("custom", {})
                 if (custom.get("model"), custom.get("version")) == (model, version):
@@ -227,21 +236,20 @@ class Director:
         (a bad device id, a release that is not there; the others go on).
 
         Why a batch: what is the same for every device (the image repository's targets, the director's roots and
-        mirrors, the key) is read once, the files of every device are made durable with three filesystem syncs in
-        all (``commit_batch``: each device's timestamp renamed only after the files it names are durable) instead of
-        four fsyncs per device, and the store gets every device's set in one transaction. A device sees its old
-        assignment or its new one, as with ``assign``; a failure while committing fails the whole batch."""
+        mirrors, the key) is read once, every device's repository is read in one listing and the commits are made
+        together: on files with three filesystem syncs in all (``commit_batch``) instead of four fsyncs per device,
+        in the store in one transaction. A device sees its old assignment or its new one, as with ``assign``."""
         results: dict[str, TargetFile | Exception] = {}
-        planned: list[tuple[str, Path, dict[str, TargetFile]]] = []
+        planned: list[tuple[str, dict[str, TargetFile]]] = []
         released = _Released(image)
         for a in assignments:
             try:
                 if a.device in results:
                     raise AssignError(f"{a.device} is assigned twice in one batch")
-                meta = self.device_metadata(a.device)
+                valid_device_id(a.device)
                 targets = released.targets_of(a)
                 results[a.device] = next(iter(targets.values()))
-                planned.append((a.device, meta, targets))
+                planned.append((a.device, targets))
             except Exception as exc:  # this device fails alone; the caller sees why
                 results[a.device] = exc
         if planned:
@@ -249,39 +257,30 @@ class Director:
                 results.update(self._commit_many(planned, keys))
         return results
 
-    def _commit_many(self, planned: list[tuple[str, Path, dict[str, TargetFile]]], keys: KeyStore) -> dict[str, Exception]:
-        """Sign and commit each planned device's new targets (``_Batch``); the devices that failed, with why."""
-        batch = _Batch(self, keys)
-        if self.store is not None:  # the versions go on from the store's (another controller may have signed last)
-            director_store.pull_newer(self.store, self.directory, [device for device, _, _ in planned])
-        for device, meta, targets in planned:
-            batch.sign(device, meta, targets)
-        try:
-            commit_batch([(meta, files) for meta, files in batch.commits.values()])
-        except OSError as exc:
-            return {**batch.failed, **dict.fromkeys(batch.commits, exc)}
-        sets = batch.prune_and_read(self.keep_versions)
-        if self.store is not None:  # in the lock: the store gets each device's commits in the order they were made
-            batch.failed.update(director_store.push_devices(self.store, sets))
+    def _commit_many(self, planned: list[tuple[str, dict[str, TargetFile]]], keys: KeyStore) -> dict[str, Exception]:
+        """Sign each planned device's new targets from its repository as listed now (``_Batch``) and commit them all;
+        the devices that failed, with why."""
+        repos = self.repos
+        batch = _Batch(self, keys, repos.listings([device for device, _ in planned]))
+        for device, targets in planned:
+            batch.sign(device, targets)
+        batch.failed.update(repos.commit(batch.commits, self.keep_versions))
         return batch.failed
 
     @staticmethod
     def _target(image: ImageRepository, model: str, version: str, variant: str) -> TargetFile:
         return _Released(image).target(model, version, variant)
 
-    def _publish(self, meta: Path, targets_md: Metadata[Targets], keys: KeyStore) -> None:
-        """Sign ``targets_md`` (its version set above every file on disk), a snapshot and a timestamp naming it, and
-        commit the three: the timestamp's rename is the commit. Then prune old versions (``SigningChain.publish``).
-        The targets name the mirrors of the moment (none: the field is left out)."""
-        mirrors = self.mirrors()
-        if mirrors:
-            targets_md.signed.unrecognized_fields[MIRRORS_FIELD] = mirrors
-        else:
-            targets_md.signed.unrecognized_fields.pop(MIRRORS_FIELD, None)
+    def _publish(self, device: str, targets_md: Metadata[Targets], keys: KeyStore) -> None:
+        """Sign ``targets_md``'s targets anew for ``device`` (a version above every one it has), with a snapshot and a
+        timestamp naming them, and commit (``refresh`` for one device, with the targets given)."""
         with self._lock():
-            self._chain().publish(meta, targets_md, keys, self.keep_versions)
-            if self.store is not None:  # in the lock: the store gets this device's commits in the order they were made
-                director_store.push_device(self.store, meta, meta.parent.name)
+            repos = self.repos
+            batch = _Batch(self, keys, repos.listings([device]))
+            batch.sign(device, dict(targets_md.signed.targets))
+            batch.failed.update(repos.commit(batch.commits, self.keep_versions))
+        if batch.failed:
+            raise batch.failed[device]
 
     def _prune(self, meta: Path) -> list[str]:
         ts: Metadata[Timestamp] = Metadata.from_file(str(meta / "timestamp.json"))
@@ -290,15 +289,16 @@ class Director:
 
     def prune(self, devices: list[str] | None = None) -> dict[str, list[str]]:
         """Delete all but the last ``keep_versions`` targets and snapshot versions of each device (and an interrupted
-        assignment's leftovers); roots are never deleted (devices walk the chain). Publishing prunes by itself."""
-        out = {}
+        assignment's leftovers); roots are never deleted (devices walk the chain). Publishing prunes by itself, and a
+        store's commits are whole transactions that leave nothing behind: there, nothing to do."""
+        out: dict[str, list[str]] = {}
+        if self.store is not None:
+            return out
         with self._lock():
             for device in devices or self.devices():
                 meta = self.device_metadata(device)
                 if (meta / "timestamp.json").is_file():
                     out[device] = self._prune(meta)
-                    if self.store is not None:
-                        director_store.push_device(self.store, meta, device)
         return out
 
     def rotate_key(self, keys: KeyStore, new_keys: int = 1, threshold: int = 1) -> Metadata[Root]:
@@ -368,46 +368,39 @@ class _Released:
 
 
 class _Batch:
-    """One ``assign_many`` under the repository's lock: each device's files signed (``sign``), then committed together by
-    the caller, then pruned and read back for the store (``prune_and_read``). What every device shares is read once."""
+    """One batch of commits under the repository's lock: each device's files signed (``sign``) from its listing, for
+    the caller to commit together. What every device shares (roots, mirrors, the key) is read once."""
 
-    def __init__(self, director: Director, keys: KeyStore) -> None:
+    def __init__(self, director: Director, keys: KeyStore, listings: dict[str, Listing]) -> None:
         self.director = director
         self.chain = director._chain()
         self.signers = signers_of(keys, SIGNED_BY)
         self.mirrors = director.mirrors()
         d = director.directory
         self.roots = {p.name: p.read_bytes() for p in d.glob("*.root.json") if not p.name.startswith(".")}
-        self.commits: dict[str, tuple[Path, list[tuple[str, bytes]]]] = {}
-        self.listed: dict[str, tuple[list[str], dict[str, int]]] = {}  # device: (names before, committed versions)
+        self.listings = listings
+        self.commits: list[Commit] = []
         self.failed: dict[str, Exception] = {}
 
-    def sign(self, device: str, meta: Path, targets: dict[str, TargetFile]) -> None:
+    def sign(self, device: str, targets: dict[str, TargetFile]) -> None:
         """The device's new targets, snapshot and timestamp, and the roots it lacks (a new device walks the whole
-        chain), as files to commit: the roots and numbered files first, the timestamp last."""
+        chain), as one commit: the roots and numbered files first, the timestamp last."""
+        before = self.listings.get(device, Listing())
         try:
-            meta.mkdir(parents=True, exist_ok=True)
-            names = os.listdir(meta)
             md = Metadata(Targets(expires=signing_time() + self.director.targets_expiry, targets=targets))
             if self.mirrors:
                 md.signed.unrecognized_fields[MIRRORS_FIELD] = self.mirrors
-            signed = self.chain.sign(names, timestamp_version(meta / "timestamp.json"), md, self.signers)
+            signed = self.chain.sign(before.names, before.timestamp, md, self.signers)
         except Exception as exc:  # this device fails alone
             self.failed[device] = exc
             return
-        roots = [(name, body) for name, body in sorted(self.roots.items()) if name not in names]
-        self.commits[device] = (meta, roots + signed.files)
-        self.listed[device] = (names, signed.committed)
+        roots = [(name, body) for name, body in sorted(self.roots.items()) if name not in before.names]
+        self.commits.append(Commit(device, before, roots + signed.files, signed.committed))
 
-    def prune_and_read(self, keep: int) -> list[tuple[str, dict[str, bytes]]]:
-        """After the commit: each device's old versions pruned, and its whole set (what the store keeps)."""
-        sets = []
-        for device, (meta, files) in self.commits.items():
-            names, committed = self.listed[device]
-            now = set(names) | {name for name, _ in files}
-            gone = set(prune_metadata(meta, committed, keep, sorted(now)))
-            written = dict(files)
-            kept = [n for n in now - gone if n.endswith(".json") and not n.startswith(".")]
-            body = {n: written[n] if n in written else (meta / n).read_bytes() for n in kept}
-            sets.append((device, body))
-        return sets
+
+def _required(repos: Repositories, device: str, name: str) -> bytes:
+    """A file the device's committed timestamp leads to: missing is a broken repository, said as such."""
+    body = repos.read(device, name)
+    if body is None:
+        raise AssignError(f"the director repository of {device} lacks {name}, which its timestamp names")
+    return body

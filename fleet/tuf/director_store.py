@@ -1,14 +1,14 @@
-"""Keep the director's files and the store's copy of them in step: what the leader signs reaches every controller.
+"""Bring a director's files into the store: what a director signed without one reaches every controller.
 
-Why files and a store: signing stays where it always was (``Director`` writes each device's repository under ROOT,
-committed by the timestamp's rename, under the repository's flock), so a one-box controller without a store works
-as before; with a store, each commit is also written there as the device's whole set in one transaction, and every
-controller's repository server answers director requests from the store (``RepositoryServer(director_store=...)``).
-The other direction matters as much: a controller that starts to lead copies into its own directory every device
-whose store copy is newer (``sync``), and a writer pulls a device's newer copy before signing it (``pull_device``),
-so versions go on from the store's and a device never sees one go back. The store refuses a set older than its own
-(``StaleDirectorMetadata``). Versions are read from the signed JSON (the ``signed.version`` field); nothing is
-verified here: devices verify everything.
+Why: with a store, the store is the director's repository (``fleet.tuf.director_repos.StoreRepositories``): the
+leader signs into it and every controller serves from it. Files still exist in two cases, both handled here: the
+director's own roots and mirror list (``DIR/N.root.json``, ``DIR/mirrors.json``: what ``fleet director init``,
+``fleet keys rotate`` and ``fleet director mirrors`` write), kept in the store under device "" and copied back
+into a controller's directory when it starts to lead; and device repositories signed with files alone (a one-box
+director before it had a store, or a command run without ``--store``), pushed into the store when newer than its
+copy (``sync``). The store refuses a set older than its own (``StaleDirectorMetadata``), so a copy left behind can
+never take a device back. Versions are read from the signed JSON (the ``signed.version`` field); nothing is verified
+here: devices verify everything.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.files import atomic_write
-from agent.wire import WireError, valid_device_id
-from fleet.tuf.metadata import commit_metadata
+from fleet.store.director import DirectorSet
 
 __all__ = [
     "DIRECTOR",
@@ -29,8 +28,6 @@ __all__ = [
     "DirectorStore",
     "Synced",
     "local_files",
-    "pull_device",
-    "pull_newer",
     "push_device",
     "push_devices",
     "push_director",
@@ -51,20 +48,23 @@ class DirectorStore(Protocol):
 
     def director_versions(self) -> dict[str, int]: ...
 
-    def put_director_files(self, device: str, files: dict[str, bytes], timestamp_version: int) -> None: ...
-
     def director_versions_of(self, devices: Sequence[str]) -> dict[str, int]: ...
 
-    def put_director_sets(self, sets: Sequence[tuple[str, dict[str, bytes], int]]) -> None: ...
+    def director_listing(self, devices: Sequence[str]) -> dict[str, dict[str, int]]: ...
+
+    def director_timestamps(self, devices: Sequence[str]) -> dict[str, bytes]: ...
+
+    def put_director_files(self, device: str, files: dict[str, bytes], timestamp_version: int) -> None: ...
+
+    def put_director_sets(self, sets: Sequence[DirectorSet]) -> None: ...
 
     def add_director_files(self, device: str, files: dict[str, bytes]) -> None: ...
 
 
 @dataclass(frozen=True)
 class Synced:
-    """What one ``sync`` moved: devices copied from the store into the directory, and from the directory into the store."""
+    """What one ``sync`` moved: device repositories pushed from the directory into the store."""
 
-    pulled: int
     pushed: int
 
 
@@ -109,31 +109,19 @@ def push_devices(store: DirectorStore, sets: Sequence[tuple[str, dict[str, bytes
     """Many devices' committed sets (device, files) into the store in one transaction; when that is refused (one
     device's store copy went ahead: ``StaleDirectorMetadata``), each alone, so only that one fails. The devices that
     failed, with why."""
-    whole = [(device, files, _version(files[TIMESTAMP])) for device, files in sets if TIMESTAMP in files]
+    whole = [DirectorSet(device, files, _version(files[TIMESTAMP])) for device, files in sets if TIMESTAMP in files]
     try:
         store.put_director_sets(whole)
         return {}
     except Exception:
         pass
     failed: dict[str, Exception] = {}
-    for device, files, version in whole:
+    for s in whole:
         try:
-            store.put_director_files(device, files, version)
+            store.put_director_sets([s])
         except Exception as exc:
-            failed[device] = exc
+            failed[s.device] = exc
     return failed
-
-
-def pull_newer(store: DirectorStore, directory: Path, devices: Sequence[str]) -> int:
-    """``pull_device`` for each of ``devices`` whose store copy is newer than its file (one query for all); how many
-    were pulled. Hold the repository's lock."""
-    stored = store.director_versions_of(devices)
-    pulled = 0
-    for device in devices:
-        meta = directory / device / "metadata"
-        if stored.get(device, 0) > _version(_read(meta / TIMESTAMP)):
-            pulled += pull_device(store, meta, device)
-    return pulled
 
 
 def push_director(store: DirectorStore, directory: Path) -> None:
@@ -146,21 +134,6 @@ def push_director(store: DirectorStore, directory: Path) -> None:
         store.add_director_files(DIRECTOR, files)
 
 
-def pull_device(store: DirectorStore, meta: Path, device: str) -> bool:
-    """Copy ``device``'s set from the store into ``meta`` when the store's timestamp is newer than the file's (the
-    numbered files first, the timestamp last: the same commit order as signing); True when it did. Hold the
-    repository's lock."""
-    local = _read(meta / TIMESTAMP)
-    stored = store.director_file(device, TIMESTAMP)
-    if stored is None or stored == local or _version(stored) <= _version(local):
-        return False
-    files = store.director_files(device)
-    meta.mkdir(parents=True, exist_ok=True)
-    ordered = sorted((n, b) for n, b in files.items() if n != TIMESTAMP and _read(meta / n) != b)
-    commit_metadata(meta, [*ordered, (TIMESTAMP, files[TIMESTAMP])])
-    return True
-
-
 def _pull_director(store: DirectorStore, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name, body in store.director_files(DIRECTOR).items():
@@ -169,31 +142,20 @@ def _pull_director(store: DirectorStore, directory: Path) -> None:
 
 
 def sync(store: DirectorStore, directory: Path, devices: list[str]) -> Synced:
-    """Bring the directory and the store level, device by device, the newer copy winning (``devices``: those the
-    directory has). A controller runs it when it starts to lead and every re-signing round: what ``fleet assign`` or
-    a key rotation wrote to the files without a store reaches the store, and what another leader signed reaches
-    this directory. Hold the repository's lock."""
+    """The director's roots and mirror list level (the store's into the directory, then the directory's into the
+    store), and each of ``devices`` (those the directory holds) whose files are newer than the store's copy pushed
+    there, ``SYNC_BATCH`` devices a transaction. Hold the repository's lock."""
     _pull_director(store, directory)
-    stored = store.director_versions()
-    pulled = pushed = 0
-    newer_here: list[tuple[str, Path]] = []
-    for device in sorted(set(stored) | set(devices)):
-        try:
-            meta = directory / valid_device_id(device) / "metadata"
-        except WireError:
-            continue  # the director's own row ("") and anything that is no device id
-        here = _version(_read(meta / TIMESTAMP))
-        there = stored.get(device, 0)
-        if there > here:
-            pulled += pull_device(store, meta, device)
-        elif here > there:
-            newer_here.append((device, meta))
+    stored = store.director_versions_of(devices)
+    pushed = 0
+    newer_here = [(d, directory / d / "metadata") for d in devices]
+    newer_here = [(d, meta) for d, meta in newer_here if _version(_read(meta / TIMESTAMP)) > stored.get(d, 0)]
     for i in range(0, len(newer_here), SYNC_BATCH):  # a first lead over 10,000 devices' files: 50 transactions, not 10,000
         sets = [(device, local_files(meta)) for device, meta in newer_here[i : i + SYNC_BATCH]]
         whole = [(device, files) for device, files in sets if TIMESTAMP in files]
         pushed += len(whole) - len(push_devices(store, whole))
     push_director(store, directory)
-    return Synced(pulled, pushed)
+    return Synced(pushed)
 
 
 SYNC_BATCH = 200  # devices' sets pushed in one transaction by ``sync``

@@ -45,6 +45,7 @@ __all__ = [
     "encode",
     "metadata_versions",
     "prune_metadata",
+    "pruned_names",
     "repository_lock",
     "root_with_keys",
     "rotate_root",
@@ -348,23 +349,25 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def prune_metadata(directory: Path, committed: dict[str, int], keep: int, names: Collection[str] | None = None) -> list[str]:
-    """Delete, per role in ``committed`` (targets, snapshot), every version but the ``keep`` newest up to the committed
-    one, every version above it (a crash's leftovers) and stale temp files; the names deleted. Call it holding the
-    repository's lock: a version above the committed one is then never a writer's work in progress. ``names``: the
-    directory's listing when the caller has it (a batch does), else it is listed here."""
-    names = os.listdir(directory) if names is None else names
+    """Delete ``pruned_names`` from ``directory``; the names deleted. Call it holding the repository's lock: a version
+    above the committed one is then never a writer's work in progress. ``names``: the directory's listing when the
+    caller has it (a batch does), else it is listed here."""
+    removed = pruned_names(os.listdir(directory) if names is None else names, committed, keep)
+    for name in removed:
+        (directory / name).unlink(missing_ok=True)
+    return removed
+
+
+def pruned_names(names: Collection[str], committed: dict[str, int], keep: int) -> list[str]:
+    """Of a repository holding ``names``: per role in ``committed`` (targets, snapshot), every version but the ``keep``
+    newest up to the committed one, every version above it (a crash's leftovers), and stale temp files. Nothing is
+    deleted here: a directory and a store prune the same way."""
     removed = []
     for role, current in committed.items():
         versions = versions_in(names, role)
         kept = set([v for v in versions if v <= current][-keep:])
-        for v in versions:
-            if v not in kept:
-                (directory / f"{v}.{role}.json").unlink(missing_ok=True)
-                removed.append(f"{v}.{role}.json")
-    for name in names:
-        if name.startswith(".") and ".json." in name and name.endswith(".tmp"):
-            (directory / name).unlink(missing_ok=True)
-            removed.append(name)
+        removed += [f"{v}.{role}.json" for v in versions if v not in kept]
+    removed += [name for name in names if name.startswith(".") and ".json." in name and name.endswith(".tmp")]
     return removed
 
 
