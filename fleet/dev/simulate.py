@@ -360,14 +360,14 @@ class Simulator:
     async def _install(self, client: Any, d: SimDevice, path: str, model: str, version: str, final: str) -> bool:
         """Job states up to ``final`` (ACTIVE or SHADOW), or REJECTED when a behaviour says so."""
         job = f"{time.time():.0f}-{uuid.uuid4().hex[:8]}"
-        for state in ("DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK"):
-            await self._job(client, d, job, path, model, version, state, "")
         behaviour = self._behaviour(d.id, version)
-        if behaviour is not None and behaviour.reject:
-            await self._job(client, d, job, path, model, version, "REJECTED", "health check: golden sample error (simulated)")
-            return False
-        await self._job(client, d, job, path, model, version, final, "")
-        return True
+        rejected = behaviour is not None and behaviour.reject
+        states = [(s, "") for s in ("DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK")]
+        states.append(("REJECTED", "health check: golden sample error (simulated)") if rejected else (final, ""))
+        # published in order without waiting for each acknowledgement, as the agent's paho client does: one round trip
+        # for the job's five updates, not five (a loaded shard's loop made each one cost seconds in a big wave)
+        await asyncio.gather(*[self._job(client, d, job, path, model, version, state, reason) for state, reason in states])
+        return not rejected
 
     async def _job(self, client: Any, d: SimDevice, job: str, path: str, model: str, version: str, state: str, reason: str) -> None:
         now = time.time()
