@@ -253,7 +253,7 @@ class Controller:
         if self._leading and not was:
             self._next_refresh = 0.0  # a new leader checks the online metadata at once: the old one may have died late
             synced = self.director.sync()  # the director's roots into this ROOT; files signed without the store into it
-            logs.event(log, "director.synced", pushed=synced.pushed)
+            logs.event(log, "director.synced", pushed=synced.pushed, files_behind=synced.behind)
         if was and not self._leading and self.adoptions is not None:
             self.adoptions.stop()  # the next leader adopts them
         if self._leading != was:

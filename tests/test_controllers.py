@@ -315,12 +315,13 @@ def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
     """On SQLite and PostgreSQL: a director with a store signs into it alone (no device files), as the device's whole
     set; a repository server with no director files answers from it (that device's files only); a director on another
     ROOT copies the roots, signs the next versions, the first goes on from those; a copy signed from an older listing
-    is refused, and so is a file copy left behind, pushed or synced."""
+    is refused, and so is a file copy signed elsewhere; files signed on the directory without the store, behind the
+    store's, are left alone and counted."""
     from agent.wire import RepoRequest
     from fleet.store import StaleDirectorMetadata
     from fleet.transport.repo_server import RepositoryServer
     from fleet.tuf.director import Director, _Batch
-    from fleet.tuf.director_store import push_device
+    from fleet.tuf.director_store import Synced, push_device
 
     rig, device = fleet_rig, "two-1"
     fs = FleetStore(store_location)
@@ -353,9 +354,38 @@ def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
         assert fs.director_versions()[device] == 3
         files_only = Director(tmp_path / "a")  # a command run without the store: its files start at version 1
         files_only.assign(device, rig.image, MODEL, "1.1.0", VARIANT, rig.keys)
+        assert a.sync() == Synced(0, 1)  # behind the store's: left alone, and counted (the controller logs it)
+        elsewhere = Director.create(tmp_path / "c", rig.keys)  # files signed elsewhere from nothing: version 1
+        elsewhere.assign(device, rig.image, MODEL, "1.1.0", VARIANT, rig.keys)
         with pytest.raises(StaleDirectorMetadata):
-            push_device(fs, files_only.device_metadata(device), device)
+            push_device(fs, elsewhere.device_metadata(device), device)
         assert a.sync().pushed == 0 and fs.director_versions()[device] == 3
+    finally:
+        fs.close()
+
+
+def test_a_refresh_on_the_store_re_signs_every_device_past_a_broken_one(fleet_rig: Rig, store_location: Path | str, tmp_path: Path) -> None:
+    """On SQLite and PostgreSQL: one device whose repository in the store lost the snapshot its timestamp names does not
+    hold up the others' re-signing (each moves one version on); its own error is raised afterwards, naming it."""
+    from fleet.tuf.director import AssignError, Assignment, Director
+
+    fs = FleetStore(store_location)
+    try:
+        a = Director.create(tmp_path / "a", fleet_rig.keys)
+        a.store = fs
+        a.sync()
+        devices = ["ok-1", "broken-1", "ok-2"]
+        assert not [
+            r
+            for r in a.assign_many([Assignment(d, MODEL, "1.0.0", VARIANT) for d in devices], fleet_rig.image, fleet_rig.keys).values()
+            if isinstance(r, Exception)
+        ]
+        fs.db.execute("DELETE FROM director_metadata WHERE device = ? AND name = ?", ["broken-1", "1.snapshot.json"])
+        before = fs.director_versions()
+        with pytest.raises(AssignError, match=r"broken-1 lacks 1\.snapshot\.json"):
+            a.refresh(fleet_rig.keys)
+        after = fs.director_versions()
+        assert (after["ok-1"], after["ok-2"], after["broken-1"]) == (before["ok-1"] + 1, before["ok-2"] + 1, before["broken-1"])
     finally:
         fs.close()
 

@@ -443,25 +443,35 @@ def test_director_metadata_is_kept_as_whole_sets_whose_timestamp_never_goes_back
     assert store.director_file("dev-2", "timestamp.json") is None
 
 
-def test_a_director_commit_keeps_the_names_it_is_told_and_refuses_other_targets_under_the_same_timestamp(store: FleetStore) -> None:
-    """A commit as the store's director signs it: only the new files and the names to keep (the older versions are not
-    sent again); a second writer whose timestamp is byte for byte the store's (same versions, same second) but whose
-    targets differ is refused, not silently dropped; the listing and timestamps read back what was committed."""
+def test_a_director_commit_drops_what_it_prunes_keeps_roots_and_refuses_a_name_stored_with_other_bytes(store: FleetStore) -> None:
+    """A commit as the store's director signs it: only the new files and the names it prunes (older versions are not
+    sent again); a root added beside the set since (a rotation) is never dropped, by a commit or by a whole set pushed
+    from files; a set naming a file the store holds with other bytes is refused, not half stored — a second writer whose
+    timestamp is byte for byte the store's (same versions, same second) over other targets, or a file set signed from
+    another history; the listing and timestamps read back what was committed."""
     from fleet.store import DirectorSet, StaleDirectorMetadata
 
     one = {"1.root.json": b"r1", "1.targets.json": b"t1", "1.snapshot.json": b"s1", "timestamp.json": _ts(1)}
     store.put_director_sets([DirectorSet("dev-1", one, 1)])
+    store.add_director_files("dev-1", {"2.root.json": b"r2"})  # a rotation's new root, beside the set
     new = {"2.targets.json": b"t2", "2.snapshot.json": b"s2", "timestamp.json": _ts(2)}
-    store.put_director_sets([DirectorSet("dev-1", new, 2, frozenset({"1.root.json", "1.snapshot.json"}))])
-    assert store.director_files("dev-1") == {"1.root.json": b"r1", "1.snapshot.json": b"s1", **new}
+    store.put_director_sets([DirectorSet("dev-1", new, 2, frozenset({"1.targets.json", "1.root.json"}))])
+    kept = {"1.root.json": b"r1", "2.root.json": b"r2", "1.snapshot.json": b"s1", **new}
+    assert store.director_files("dev-1") == kept
     assert store.director_listing(["dev-1", "dev-2"]) == {
-        "dev-1": {"1.root.json": 1, "1.snapshot.json": 1, "2.targets.json": 2, "2.snapshot.json": 2, "timestamp.json": 2}
+        "dev-1": {"1.root.json": 1, "2.root.json": 2, "1.snapshot.json": 1, "2.targets.json": 2, "2.snapshot.json": 2, "timestamp.json": 2}
     }
     assert store.director_timestamps(["dev-1", "dev-2"]) == {"dev-1": _ts(2)}
     with pytest.raises(StaleDirectorMetadata):
-        store.put_director_sets([DirectorSet("dev-1", {**new, "2.targets.json": b"other"}, 2, frozenset({"1.root.json"}))])
-    store.put_director_sets([DirectorSet("dev-1", new, 2, frozenset({"1.root.json", "1.snapshot.json"}))])  # the same again
-    assert store.director_files("dev-1") == {"1.root.json": b"r1", "1.snapshot.json": b"s1", **new}
+        store.put_director_sets([DirectorSet("dev-1", {**new, "2.targets.json": b"other"}, 2, frozenset())])
+    elsewhere = {"1.root.json": b"r1", "2.targets.json": b"t2-elsewhere", "timestamp.json": _ts(3)}
+    with pytest.raises(StaleDirectorMetadata):  # a newer timestamp over a history that differs from the store's
+        store.put_director_sets([DirectorSet("dev-1", elsewhere, 3)])
+    store.put_director_sets([DirectorSet("dev-1", new, 2, frozenset({"1.targets.json"}))])  # the same commit again
+    assert store.director_files("dev-1") == kept
+    whole = {"1.root.json": b"r1", "3.targets.json": b"t3", "3.snapshot.json": b"s3", "timestamp.json": _ts(3)}
+    store.put_director_sets([DirectorSet("dev-1", whole, 3)])  # pushed from files that lack 2.root.json
+    assert store.director_files("dev-1") == {**whole, "2.root.json": b"r2"}
 
 
 def test_a_store_at_version_2_gains_the_director_and_controller_tables(store_location: Path | str) -> None:

@@ -39,17 +39,19 @@ def file_version(name: str) -> int:
 
 @dataclass(frozen=True)
 class DirectorSet:
-    """A device's director repository as one commit leaves it: ``files`` added (its new ``timestamp.json`` among
-    them, at ``version``) and ``keep``, the names already stored that stay; ``keep`` None: exactly ``files`` (a whole
-    set, as a directory holds it). Numbered files never change content, so one stored under the same name stays."""
+    """One commit of a device's director repository: ``files`` added (its new ``timestamp.json`` among them, at
+    ``version``) and ``drop``, the stored names it prunes; ``drop`` None: a whole set, as a directory holds it (the
+    stored names it lacks go). Roots are never dropped: one added beside the set since (a rotation) must stay.
+    Numbered files never change content: one stored under the same name with other bytes refuses the commit."""
 
     device: str
     files: Mapping[str, bytes]
     version: int
-    keep: frozenset[str] | None = None
+    drop: frozenset[str] | None = None
 
-    def names(self) -> set[str]:
-        return set(self.files) | set(self.keep or ())
+    def dropped(self, stored: set[str]) -> list[str]:
+        gone = stored - set(self.files) if self.drop is None else stored & self.drop
+        return sorted(n for n in gone if not n.endswith(".root.json"))
 
 
 class DirectorFiles:
@@ -104,47 +106,56 @@ class DirectorFiles:
         self.replace_many([DirectorSet(device, files, timestamp_version)])
 
     def replace_many(self, sets: Sequence[DirectorSet]) -> None:
-        """``replace`` for many devices: the compare-and-set and the deletions per device, the names stored read in
-        one query and the new files added in one bulk insert (a wave of thousands: two statements a device, not eight).
-        Call in a transaction."""
+        """``replace`` for many devices: the compare-and-set a chunk of devices at a time, the names stored read in one
+        query, a name stored already compared by its bytes, the new files added in one bulk insert and the dropped ones
+        deleted per device. Call in a transaction."""
         now = time.time()
-        for d in self._move_timestamps(sets, now):
-            self._same_as_stored(d)
+        self._move_timestamps(sets, now)
         stored: dict[str, set[str]] = {}
         for part in self.db.chunks(sorted({d.device for d in sets})):
             where, args = self.db.in_list("device", part)
             for r in self.db.query(f"SELECT device, name FROM director_metadata WHERE {where}", args):
                 stored.setdefault(r["device"], set()).add(r["name"])
+        self._same_bytes([d for d in sets if any(n != TIMESTAMP and n in stored.get(d.device, ()) for n in d.files)])
         new = []
         for d in sets:
             have = stored.get(d.device, set())
             new += [_row(d.device, n, b, now) for n, b in d.files.items() if n != TIMESTAMP and n not in have]
-            gone = sorted(have - d.names())
+            gone = d.dropped(have)
             if gone:
                 where, args = self.db.in_list("name", gone)
                 self.db.execute(f"DELETE FROM director_metadata WHERE device = ? AND {where}", [d.device, *args])
         self.db.insert_new("director_metadata", new)
 
-    def _move_timestamps(self, sets: Sequence[DirectorSet], now: float) -> list[DirectorSet]:
+    def _same_bytes(self, sets: Sequence[DirectorSet]) -> None:
+        """Each file of ``sets`` the store holds under the same name holds the same bytes (a set pushed again, older
+        files re-sent with a new timestamp); else the set was signed from another history: ``StaleDirectorMetadata``.
+        Two writers that sign the same versions in the same second also sign equal snapshots and timestamps over
+        different targets: this is how the second learns that its targets were not stored."""
+        for d in sets:
+            stored = self.files(d.device)
+            if any(n != TIMESTAMP and n in stored and stored[n] != b for n, b in d.files.items()):
+                raise self._stale(d.device, d.version)
+
+    def _move_timestamps(self, sets: Sequence[DirectorSet], now: float) -> None:
         """The compare-and-set, a chunk of devices per statement: each set's timestamp replaces the stored one when that
-        is older (or there is none); the sets whose timestamp the store holds byte for byte already are returned; any
-        other is ``StaleDirectorMetadata``. The stored timestamps are read locked (PostgreSQL: ``FOR UPDATE``; SQLite's
-        write transaction is one at a time), and a timestamp another writer inserted meanwhile is refused by its key."""
+        is older (or there is none), or is the stored one byte for byte already (the same set again: ``_same_bytes``
+        then checks what it names); any other is ``StaleDirectorMetadata``. The stored timestamps are read locked
+        (PostgreSQL: ``FOR UPDATE``, in device order so that two batches cannot deadlock; SQLite's write transaction
+        is one at a time), and a timestamp another writer inserted meanwhile is refused by its key."""
         lock = " FOR UPDATE" if self.db.dialect == "postgresql" else ""
         stored: dict[str, tuple[int, bytes]] = {}
         for part in self.db.chunks(sorted({d.device for d in sets})):
             where, args = self.db.in_list("device", part)
-            sql = f"SELECT device, version, body FROM director_metadata WHERE name = ? AND {where}{lock}"
+            sql = f"SELECT device, version, body FROM director_metadata WHERE name = ? AND {where} ORDER BY device{lock}"
             rows = self.db.query(sql, [TIMESTAMP, *args])
             stored.update({r["device"]: (int(r["version"]), bytes(r["body"])) for r in rows})
-        moving, same = [], []
+        moving = []
         for d in sets:
             have = stored.get(d.device)
             if have is None or have[0] < d.version:
                 moving.append(d)
-            elif have[1] == d.files[TIMESTAMP]:
-                same.append(d)
-            else:
+            elif have[1] != d.files[TIMESTAMP]:
                 raise self._stale(d.device, d.version)
         for part in self.db.chunks(sorted({d.device for d in moving if d.device in stored})):
             where, args = self.db.in_list("device", part)
@@ -153,15 +164,6 @@ class DirectorFiles:
         for d, new in zip(moving, taken, strict=True):
             if not new:
                 raise self._stale(d.device, d.version)
-        return same
-
-    def _same_as_stored(self, d: DirectorSet) -> None:
-        """A set whose timestamp the store already has byte for byte (the same set pushed again) must not differ in
-        what it names either: two writers that signed the same versions in the same second sign equal snapshots and
-        timestamps over different targets, and the second must learn that its targets were not stored."""
-        stored = self.files(d.device)
-        if any(name in stored and stored[name] != body for name, body in d.files.items()):
-            raise self._stale(d.device, d.version)
 
     def _stale(self, device: str, version: int) -> StaleDirectorMetadata:
         theirs = self.versions_of([device]).get(device, 0)

@@ -37,6 +37,7 @@ from agent.files import atomic_write
 from agent.update.mirrors import MAX_MIRRORS, valid_mirrors
 from agent.update.verify import MIRRORS_FIELD
 from agent.wire import valid_device_id
+from fleet.store.director import StaleDirectorMetadata
 from fleet.tuf import director_store
 from fleet.tuf.director_repos import Commit, FileRepositories, Listing, Repositories, StoreRepositories
 from fleet.tuf.director_store import DirectorStore, Synced
@@ -166,7 +167,11 @@ class Director:
             wanted = list(dict.fromkeys(devices or repos.devices()))
             batch = _Batch(self, keys, repos.listings(wanted))
             for device in wanted:
-                md = self.committed_targets(device)
+                try:
+                    md = self.committed_targets(device)
+                except Exception as exc:  # one broken repository (or id) holds up nobody else's re-signing
+                    batch.failed[device] = exc
+                    continue
                 if md is not None:
                     batch.sign(device, dict(md.signed.targets))
             batch.failed.update(repos.commit(batch.commits, self.keep_versions))
@@ -259,13 +264,22 @@ class Director:
 
     def _commit_many(self, planned: list[tuple[str, dict[str, TargetFile]]], keys: KeyStore) -> dict[str, Exception]:
         """Sign each planned device's new targets from its repository as listed now (``_Batch``) and commit them all;
-        the devices that failed, with why."""
+        the devices that failed, with why. A device another writer committed in between (``StaleDirectorMetadata``:
+        a controller's re-signing, a command with ``--store``) is listed and signed once more: a race, not a fault."""
         repos = self.repos
-        batch = _Batch(self, keys, repos.listings([device for device, _ in planned]))
-        for device, targets in planned:
-            batch.sign(device, targets)
-        batch.failed.update(repos.commit(batch.commits, self.keep_versions))
-        return batch.failed
+        failed: dict[str, Exception] = {}
+        for _ in range(2):
+            batch = _Batch(self, keys, repos.listings([device for device, _ in planned]))
+            for device, targets in planned:
+                batch.sign(device, targets)
+            batch.failed.update(repos.commit(batch.commits, self.keep_versions))
+            failed.update(batch.failed)
+            planned = [(device, targets) for device, targets in planned if isinstance(batch.failed.get(device), StaleDirectorMetadata)]
+            if not planned:
+                break
+            for device, _ in planned:
+                failed.pop(device, None)
+        return failed
 
     @staticmethod
     def _target(image: ImageRepository, model: str, version: str, variant: str) -> TargetFile:

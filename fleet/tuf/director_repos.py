@@ -45,10 +45,10 @@ class Commit:
     files: list[tuple[str, bytes]]
     committed: dict[str, int] = field(default_factory=dict)
 
-    def names_after(self, keep: int) -> frozenset[str]:
-        """The repository's names once committed and pruned to ``keep`` versions of each role."""
+    def pruned(self, keep: int) -> frozenset[str]:
+        """The names this commit prunes, to ``keep`` versions of each role (``pruned_names`` over the names after it)."""
         names = set(self.before.names) | {name for name, _ in self.files}
-        return frozenset(names - set(pruned_names(sorted(names), self.committed, keep)))
+        return frozenset(pruned_names(sorted(names), self.committed, keep))
 
 
 class Repositories(Protocol):
@@ -139,7 +139,7 @@ class StoreRepositories:
     def commit(self, commits: Sequence[Commit], keep: int) -> dict[str, Exception]:
         """Every device's commit in one transaction; when that is refused (a device's store copy moved on since it
         was signed: ``StaleDirectorMetadata``), each alone, so only that one fails."""
-        sets = [DirectorSet(c.device, dict(c.files), _version(dict(c.files)[TIMESTAMP]), c.names_after(keep)) for c in commits if c.files]
+        sets = [DirectorSet(c.device, dict(c.files), _version(dict(c.files)[TIMESTAMP]), c.pruned(keep)) for c in commits if c.files]
         try:
             self.store.put_director_sets(sets)
             return {}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.files import atomic_write
+from agent.wire import WireError, valid_device_id
 from fleet.store.director import DirectorSet
 
 __all__ = [
@@ -63,9 +64,19 @@ class DirectorStore(Protocol):
 
 @dataclass(frozen=True)
 class Synced:
-    """What one ``sync`` moved: device repositories pushed from the directory into the store."""
+    """What one ``sync`` found: device repositories pushed from the directory into the store, and those whose files
+    are behind the store's (left alone: signed there without the store after it took over, they never reach a device)."""
 
     pushed: int
+    behind: int = 0
+
+
+def _device_id(name: str) -> bool:
+    try:
+        valid_device_id(name)
+        return True
+    except WireError:  # a directory that is no device's: never pushed as one
+        return False
 
 
 def _version(body: bytes | None) -> int:
@@ -146,16 +157,18 @@ def sync(store: DirectorStore, directory: Path, devices: list[str]) -> Synced:
     store), and each of ``devices`` (those the directory holds) whose files are newer than the store's copy pushed
     there, ``SYNC_BATCH`` devices a transaction. Hold the repository's lock."""
     _pull_director(store, directory)
+    devices = [d for d in devices if _device_id(d)]
     stored = store.director_versions_of(devices)
     pushed = 0
-    newer_here = [(d, directory / d / "metadata") for d in devices]
-    newer_here = [(d, meta) for d, meta in newer_here if _version(_read(meta / TIMESTAMP)) > stored.get(d, 0)]
+    here = {d: _version(_read(directory / d / "metadata" / TIMESTAMP)) for d in devices}
+    newer_here = [(d, directory / d / "metadata") for d in devices if here[d] > stored.get(d, 0)]
+    behind = sum(1 for d in devices if 0 < here[d] < stored.get(d, 0))
     for i in range(0, len(newer_here), SYNC_BATCH):  # a first lead over 10,000 devices' files: 50 transactions, not 10,000
         sets = [(device, local_files(meta)) for device, meta in newer_here[i : i + SYNC_BATCH]]
         whole = [(device, files) for device, files in sets if TIMESTAMP in files]
         pushed += len(whole) - len(push_devices(store, whole))
     push_director(store, directory)
-    return Synced(pushed)
+    return Synced(pushed, behind)
 
 
 SYNC_BATCH = 200  # devices' sets pushed in one transaction by ``sync``
