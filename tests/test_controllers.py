@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -386,6 +387,43 @@ def test_a_refresh_on_the_store_re_signs_every_device_past_a_broken_one(fleet_ri
             a.refresh(fleet_rig.keys)
         after = fs.director_versions()
         assert (after["ok-1"], after["ok-2"], after["broken-1"]) == (before["ok-1"] + 1, before["ok-2"] + 1, before["broken-1"])
+    finally:
+        fs.close()
+
+
+def test_an_assignment_that_loses_a_race_with_another_writer_is_signed_again_from_the_new_listing(
+    fleet_rig: Rig, store_location: Path | str, tmp_path: Path
+) -> None:
+    """On SQLite and PostgreSQL: another director commits a device right after this one listed it (a controller's
+    re-signing, a command with --store); this one's commit is refused as stale, listed and signed again, and its
+    assignment is what the store ends with, one version above the other writer's."""
+    from fleet.tuf.director import Assignment, Director
+
+    class RacedStore(FleetStore):
+        """The real store; the first listing of the device lets the other writer commit before the caller signs."""
+
+        other: Director | None = None
+
+        def director_listing(self, devices: Sequence[str]) -> dict[str, dict[str, int]]:
+            listing = super().director_listing(devices)
+            other, self.other = self.other, None
+            if other is not None:
+                other.assign("race-1", fleet_rig.image, MODEL, "1.1.0", VARIANT, fleet_rig.keys)
+            return listing
+
+    fs = RacedStore(store_location)
+    try:
+        a = Director.create(tmp_path / "a", fleet_rig.keys)
+        a.store = fs
+        a.sync()
+        a.assign("race-1", fleet_rig.image, MODEL, "1.0.0", VARIANT, fleet_rig.keys)
+        fs.other = Director(tmp_path / "b", store=fs)
+        fs.other.sync()
+        done = a.assign_many([Assignment("race-1", MODEL, "1.0.0", VARIANT)], fleet_rig.image, fleet_rig.keys)
+        assert not isinstance(done["race-1"], Exception), done
+        assert fs.other is None and fs.director_versions()["race-1"] == 3  # 1: a's first, 2: the other's, 3: a's again
+        md = a.committed_targets("race-1")
+        assert md is not None and [t.unrecognized_fields["custom"]["version"] for t in md.signed.targets.values()] == ["1.0.0"]
     finally:
         fs.close()
 
