@@ -21,7 +21,7 @@ from typing import Protocol
 
 from agent.wire import valid_device_id
 from fleet.store.director import DIRECTOR, TIMESTAMP, DirectorSet
-from fleet.tuf.director_store import DirectorStore
+from fleet.tuf.director_store import DirectorStore, put_sets
 from fleet.tuf.metadata import commit_batch, prune_metadata, pruned_names, timestamp_version
 
 __all__ = ["Commit", "FileRepositories", "Listing", "Repositories", "StoreRepositories"]
@@ -139,19 +139,10 @@ class StoreRepositories:
     def commit(self, commits: Sequence[Commit], keep: int) -> dict[str, Exception]:
         """Every device's commit in one transaction; when that is refused (a device's store copy moved on since it
         was signed: ``StaleDirectorMetadata``), each alone, so only that one fails."""
-        sets = [DirectorSet(c.device, dict(c.files), _version(dict(c.files)[TIMESTAMP]), c.pruned(keep)) for c in commits if c.files]
-        try:
-            self.store.put_director_sets(sets)
-            return {}
-        except Exception:
-            pass
-        failed: dict[str, Exception] = {}
-        for s in sets:
-            try:
-                self.store.put_director_sets([s])
-            except Exception as exc:
-                failed[s.device] = exc
-        return failed
+        return put_sets(
+            self.store,
+            [DirectorSet(c.device, dict(c.files), _version(dict(c.files)[TIMESTAMP]), c.pruned(keep)) for c in commits if c.files],
+        )
 
     def add_root(self, name: str, body: bytes) -> None:
         for device in self.devices():

@@ -32,6 +32,7 @@ __all__ = [
     "push_device",
     "push_devices",
     "push_director",
+    "put_sets",
     "sync",
 ]
 
@@ -120,14 +121,19 @@ def push_devices(store: DirectorStore, sets: Sequence[tuple[str, dict[str, bytes
     """Many devices' committed sets (device, files) into the store in one transaction; when that is refused (one
     device's store copy went ahead: ``StaleDirectorMetadata``), each alone, so only that one fails. The devices that
     failed, with why."""
-    whole = [DirectorSet(device, files, _version(files[TIMESTAMP])) for device, files in sets if TIMESTAMP in files]
+    return put_sets(store, [DirectorSet(device, files, _version(files[TIMESTAMP])) for device, files in sets if TIMESTAMP in files])
+
+
+def put_sets(store: DirectorStore, sets: Sequence[DirectorSet]) -> dict[str, Exception]:
+    """``sets`` into the store in one transaction; when that is refused (a device's store copy went ahead:
+    ``StaleDirectorMetadata``), each alone, so only that one fails. The devices that failed, with why."""
     try:
-        store.put_director_sets(whole)
+        store.put_director_sets(sets)
         return {}
     except Exception:
         pass
     failed: dict[str, Exception] = {}
-    for s in whole:
+    for s in sets:
         try:
             store.put_director_sets([s])
         except Exception as exc:
