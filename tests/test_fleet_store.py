@@ -579,3 +579,14 @@ def test_a_device_record_written_from_an_older_read_keeps_the_tags_set_since(sto
         assert operator.tag("new", {"site": "x"}).tags == {"site": "x"}  # a device not seen yet gets a record
     finally:
         operator.close()
+
+
+def test_a_sqlite_store_that_cannot_be_opened_is_a_typed_error(tmp_path: Path) -> None:
+    """A directory, a 100,000-character path, a file under a file: ``StoreUnreachable`` naming the store (the command
+    line prints it as ``error[store_unreachable]``), never sqlite3's or the OS's own traceback."""
+    from fleet.store import StoreUnreachable
+
+    (tmp_path / "plain").write_text("not a directory")
+    for bad in (tmp_path, tmp_path / ("a" * 100_000), tmp_path / "plain" / "fleet.db"):
+        with pytest.raises(StoreUnreachable, match="SQLite store"):
+            FleetStore(bad)

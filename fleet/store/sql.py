@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 from fleet.store import schema
 from fleet.store.db import Conflict, Params
+from fleet.store.url import StoreUnreachable
 
 __all__ = ["MAX_VARIABLES", "MIGRATIONS", "SQLite", "retry_locked"]
 
@@ -54,9 +55,13 @@ class SQLite:
     record_errors: tuple[type[Exception], ...] = (sqlite3.Error, TypeError, ValueError, OverflowError)
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.name = str(path)
-        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+            self.conn.execute("PRAGMA schema_version")  # sqlite3 opens lazily: a path it cannot open fails here
+        except (OSError, sqlite3.Error) as exc:  # a path too long, a directory, no permission: said, not a traceback
+            raise StoreUnreachable(f"SQLite store {self.name[:200]}: {exc}") from exc
         self.serial = threading.RLock()  # one connection, one thread at a time (re-entered: a call inside a call)
         self.conn.row_factory = sqlite3.Row
         # WAL fails at once with "database is locked" (no busy wait) while another process creates the file: retried
