@@ -144,6 +144,37 @@ def test_bad_inputs_get_typed_errors_and_the_runtime_keeps_serving(models: Model
             rt.infer([good])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("runtime", "suffix"), PAIRS, ids=IDS)
+def test_a_shape_already_served_is_still_checked_and_converted(models: ModelFiles, runtime: str, suffix: str) -> None:
+    """After the first request of a shape, requests of it skip to the finiteness check and the backend's prepared call
+    (``Runtime.infer``): everything else about them must still be checked, converted or refused as on the first."""
+    good = np.random.default_rng(3).uniform(-1, 1, (3, 64)).astype(np.float32)
+    want = models.mlp.reference(good)
+    with load(runtime, models.path(f"mlp.{suffix}")) as rt:
+        for _ in range(2):
+            np.testing.assert_allclose(rt.infer({"x": good})["y"], want, rtol=1e-4, atol=1e-4)
+        assert good.shape in rt._signatures  # the path under test is the one taken
+        fortran = np.asfortranarray(good)  # same shape and dtype, another layout
+        assert not fortran.flags.c_contiguous
+        np.testing.assert_allclose(rt.infer({"x": fortran})["y"], want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(rt.infer({"x": good.astype(np.float64)})["y"], want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(rt.infer({"x": good.tolist()})["y"], want, rtol=1e-4, atol=1e-4)
+        for bad in (np.nan, np.inf, -np.inf):
+            x = good.copy()
+            x[1, 7] = bad
+            with pytest.raises(NonFiniteInput):
+                rt.infer({"x": x})
+        with pytest.raises(UnknownInput):
+            rt.infer({"y": good})
+        np.testing.assert_allclose(rt.infer(good)["y"], want, rtol=1e-4, atol=1e-4)  # one bare array
+        other = good[:1].copy()  # another batch size moves the backend's buffers; the first shape must still be right
+        np.testing.assert_allclose(rt.infer({"x": other})["y"], want[:1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(rt.infer({"x": good})["y"], want, rtol=1e-4, atol=1e-4)
+        rt.close()
+        with pytest.raises(RuntimeClosed):
+            rt.infer({"x": good})
+
+
 @pytest.mark.parametrize("batch", [1, 16, 128])  # 64 floats: a Python sum; 1024: a dot with zeros; 8192: a dot with itself
 def test_finiteness_check_on_small_and_large_inputs(models: ModelFiles, batch: int) -> None:
     with load("onnx", models.path("mlp.onnx")) as rt:

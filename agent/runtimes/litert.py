@@ -11,6 +11,7 @@ of ARM CPUs (XNNPACK); on x86 after OpenVINO and ONNX Runtime.
 from __future__ import annotations
 
 import ctypes.util
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,6 +153,29 @@ class LiteRTRuntime(Runtime):
         interp.invoke()
         return [interp.get_tensor(idx) for idx in self._out_index]
 
+    def _prepared(self, arr: np.ndarray) -> Callable[[np.ndarray], list[np.ndarray]] | None:
+        """For one float input and output of the size the interpreter holds: ``_run``'s first branch as a closure."""
+        single = self._single
+        if single is None or arr.shape != self._shapes[0]:
+            return None
+        interp, (index_in, index_out) = self._interp, single
+        if not self._direct:
+
+            def call(a: np.ndarray) -> list[np.ndarray]:
+                interp.set_tensor(index_in, a)
+                interp.invoke()
+                return [interp.get_tensor(index_out)]
+
+            return call
+
+        def call_direct(a: np.ndarray) -> list[np.ndarray]:  # _run_direct's calls, the wrapper looked up per call as there
+            wrapper = interp._interpreter
+            wrapper.SetTensor(index_in, a)
+            wrapper.Invoke()
+            return [wrapper.GetTensor(index_out, 0)]
+
+        return call_direct
+
     def _resize(self, arrays: list[np.ndarray]) -> None:
         """New sizes of dynamic dims (validation already refused changes to static ones)."""
         interp = self._interp
@@ -159,6 +183,7 @@ class LiteRTRuntime(Runtime):
         for i in resized:
             interp.resize_tensor_input(self._in_index[i], list(arrays[i].shape), strict=True)
         interp.allocate_tensors()
+        self._forget_signatures()  # their calls were prepared for the sizes before
         for i in resized:  # only once allocation succeeded: a failure retries the resize next call
             self._shapes[i] = arrays[i].shape
 

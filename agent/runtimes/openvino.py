@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from agent.errors import ModelLoadError, RuntimeUnavailable
+from agent.errors import InferenceError, ModelLoadError, RuntimeUnavailable
 from agent.runtimes import register
 from agent.runtimes.base import GPU_PRECISIONS, Band, ProbeResult, Runtime, RuntimeOptions, Tier, cpu_precisions, x86_isa
 from agent.runtimes.hints import InputHints
@@ -148,10 +148,33 @@ class OpenVINORuntime(Runtime):
                 if tuple(tensor.shape) != arr.shape:  # a fresh request's dynamic tensor is 0-sized
                     tensor.shape = arr.shape
                 view = views[i] = tensor.data
+                self._forget_signatures()  # their calls hold the view before
             view[...] = arr
         # Outputs shared (views of the request's output tensors, in output order): we copy what we
         # hand out, because the request reuses its output buffers on the next call.
         return [out.copy() for out in self._infer().values()]
+
+    def _prepared(self, arr: np.ndarray) -> Callable[[np.ndarray], list[np.ndarray]] | None:
+        """For a one-input model whose request tensor has ``arr``'s shape: ``_run`` as a closure on that tensor's view."""
+        view = self._in_views[0] if len(self._in_views) == 1 else None
+        if view is None or view.shape != arr.shape:
+            return None
+        infer = self._infer
+        if self._n_out != 1:
+
+            def call(a: np.ndarray) -> list[np.ndarray]:
+                view[...] = a
+                return [out.copy() for out in infer().values()]
+
+            return call
+
+        def call_one_output(a: np.ndarray) -> list[np.ndarray]:
+            view[...] = a
+            for out in infer().values():  # the one output, without a comprehension's frame
+                return [out.copy()]
+            raise InferenceError("openvino returned no output")
+
+        return call_one_output
 
     def _close(self) -> None:
         self._in_views = []

@@ -18,7 +18,17 @@ import numpy as np
 
 from agent.errors import DtypeMismatch, EmptyInput, MissingInput, NonFiniteInput, ShapeMismatch, UnknownInput
 
-__all__ = ["TensorSpec", "inferred_batch_axis", "named_inputs", "validate_inputs", "with_batch_axes", "quantize", "dequantize"]
+__all__ = [
+    "ZEROS_UP_TO",
+    "TensorSpec",
+    "all_finite",
+    "inferred_batch_axis",
+    "named_inputs",
+    "validate_inputs",
+    "with_batch_axes",
+    "quantize",
+    "dequantize",
+]
 
 
 @dataclass(frozen=True, eq=True)
@@ -132,17 +142,17 @@ def _validate_array(spec: TensorSpec, value: object) -> np.ndarray:
         raise ShapeMismatch(f"input '{spec.name}': expected shape [{want}], got {list(shape)}")
     if arr.size == 0:
         raise EmptyInput(f"input '{spec.name}': empty array of shape {shape}")
-    if spec.floating and not _all_finite(arr):
+    if spec.floating and not all_finite(arr):
         raise NonFiniteInput(f"input '{spec.name}': contains NaN or infinity")
     return arr
 
 
 _SMALL = 64  # up to this many elements a Python sum beats any numpy call
-_ZEROS_UP_TO = 4096  # elements: beyond this the dot product with itself (and errstate's ~1 us) is cheap beside the data
+ZEROS_UP_TO = 4096  # elements: beyond this the dot product with itself (and errstate's ~1 us) is cheap beside the data
 _zeros: dict[tuple[int, np.dtype[Any]], np.ndarray] = {}
 
 
-def _all_finite(arr: np.ndarray) -> bool:
+def all_finite(arr: np.ndarray) -> bool:
     """NaN or infinity anywhere makes the sum (small arrays) or a dot product non-finite.
 
     Why not ``isfinite(...).all()``: numpy's reduction and errstate machinery has a
@@ -162,7 +172,7 @@ def _all_finite(arr: np.ndarray) -> bool:
     n = flat.size
     if n <= _SMALL:
         return math.isfinite(sum(flat.tolist())) or bool(np.isfinite(arr).all())
-    if n <= _ZEROS_UP_TO:
+    if n <= ZEROS_UP_TO:
         key = (n, flat.dtype)
         zeros = _zeros.get(key)
         if zeros is None:

@@ -65,10 +65,14 @@ class ModelHost:
         self.on_served = on_served
         self._models: dict[str, ServingModel] = {}
         self._shadows: dict[str, ServingModel] = {}
-        self._cond = threading.Condition()
+        # A plain lock under the condition (its with-block is one C call; a Condition's own costs a Python frame each
+        # way) and a count of who waits on it, so that a request notifies only when someone waits for a drain.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
 
     def models(self) -> dict[str, ServingModel]:
-        with self._cond:
+        with self._lock:
             return dict(self._models)
 
     def get(self, name: str) -> ServingModel | None:
@@ -77,7 +81,7 @@ class ModelHost:
         return self._models.get(name)
 
     def infer(self, name: str, inputs: Mapping[str, object]) -> dict[str, np.ndarray]:
-        with self._cond:
+        with self._lock:
             m = self._models.get(name)
             if m is None:
                 raise UnknownModel(f"no model {name!r} on this device")
@@ -98,9 +102,7 @@ class ModelHost:
                 self.on_served(m, inputs, out, took)
             return out
         finally:
-            with self._cond:
-                m.inflight -= 1
-                self._cond.notify_all()
+            self._done(m)
 
     # -- shadows: a second version beside the active one, fed its inputs, answering nobody --------
 
@@ -109,7 +111,7 @@ class ModelHost:
         return self._shadows.get(name)
 
     def shadows(self) -> dict[str, ServingModel]:
-        with self._cond:
+        with self._lock:
             return dict(self._shadows)
 
     def set_shadow(self, new: ServingModel, drain_timeout: float = 30.0) -> None:
@@ -124,17 +126,17 @@ class ModelHost:
 
     def take_shadow(self, name: str, sha256: str) -> ServingModel | None:
         """The loaded shadow with these bytes, no longer a shadow (promoted: ``swap`` it in without loading again)."""
-        with self._cond:
+        with self._lock:
             m = self._shadows.get(name)
             if m is None or m.sha256 != sha256:
                 return None
             del self._shadows[name]
-            self._cond.wait_for(lambda: m.inflight == 0, 30.0)  # the shadow thread's last call on it
+            self._idle(m, 30.0)  # the shadow thread's last call on it
             return m
 
     def infer_shadow(self, name: str, version: str, inputs: Mapping[str, object]) -> tuple[dict[str, np.ndarray], float] | None:
         """Run ``name``'s shadow of ``version`` on ``inputs``: (outputs, seconds), or None when that shadow is gone."""
-        with self._cond:
+        with self._lock:
             m = self._shadows.get(name)
             if m is None or m.version != version:
                 return None
@@ -144,12 +146,25 @@ class ModelHost:
             out = m.runtime.infer(inputs)
             return out, time.perf_counter() - t0
         finally:
-            with self._cond:
-                m.inflight -= 1
+            self._done(m)
+
+    def _done(self, m: ServingModel) -> None:
+        """One call on ``m`` ended: wake whoever waits for it to drain (``_idle``), when anyone does."""
+        with self._lock:
+            m.inflight -= 1
+            if self._waiting and m.inflight == 0:
                 self._cond.notify_all()
 
+    def _idle(self, m: ServingModel, timeout: float) -> bool:
+        """Wait (holding the lock) until no call runs on ``m``; False after ``timeout`` seconds."""
+        self._waiting += 1
+        try:
+            return self._cond.wait_for(lambda: m.inflight == 0, timeout)
+        finally:
+            self._waiting -= 1
+
     def _failed(self, m: ServingModel, exc: BaseException) -> None:
-        with self._cond:
+        with self._lock:
             m.failures += 1
             trip = m.on_probation and m.failures == self.failure_threshold and not m._retired
         logs.event(log, "host.inference_failed", logging.WARNING, model=m.name, version=m.version, failures=m.failures, reason=str(exc))
@@ -168,7 +183,7 @@ class ModelHost:
 
     def _replace(self, slots: dict[str, ServingModel], name: str, new: ServingModel | None, drain_timeout: float) -> ServingModel | None:
         """Put ``new`` (None: nothing) in ``name``'s slot in one step; the one it replaced is retired, drained, closed."""
-        with self._cond:
+        with self._lock:
             old = slots.pop(name, None)
             if new is not None:
                 slots[name] = new
@@ -179,8 +194,8 @@ class ModelHost:
         return old
 
     def _drain(self, old: ServingModel, timeout: float) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: old.inflight == 0, timeout):
+        with self._lock:
+            if not self._idle(old, timeout):
                 logs.event(log, "host.drain_timeout", logging.WARNING, model=old.name, version=old.version, inflight=old.inflight)
         old.runtime.close()  # a request still running past the timeout gets RuntimeClosed, not a crash
 
