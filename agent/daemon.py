@@ -93,6 +93,11 @@ class Agent:
             from agent.serve.oip.server import OipServer
 
             self.oip = OipServer(sv.http, self.serving, self.host, sv.http_max_connections, sv.http_body_timeout_s)
+        self.oip_grpc: Any = None  # agent.serve.oip.grpc_server.OipGrpcServer when serving.grpc is set (the `grpc` extra)
+        if sv.grpc:
+            from agent.serve.oip.grpc_server import OipGrpcServer
+
+            self.oip_grpc = OipGrpcServer(sv.grpc, self.serving, self.host, sv.grpc_max_rpcs)
         tm = settings.telemetry
         self.totals: Totals | None = Totals() if tm.prometheus else None  # the windows added up, for /metrics
         self.exporter: Exporter | None = None
@@ -119,6 +124,8 @@ class Agent:
         self.serving.start()
         if self.oip is not None:
             self.oip.start()
+        if self.oip_grpc is not None:
+            self.oip_grpc.start()
         self.outbox.start()
         self.session.start()
         if self.serving_session is not None:
@@ -147,7 +154,11 @@ class Agent:
         (self.serving_session or self.session).begin_close(unsubscribe=["infer"])
         if self.oip is not None:
             self.oip.stop(timeout / 4)  # no new HTTP requests; those queued are answered by serving.stop
+        if self.oip_grpc is not None:
+            self.oip_grpc.stop(timeout / 2)  # no new gRPC calls; those in flight are answered by serving.stop
         self.serving.stop(timeout / 2)
+        if self.oip_grpc is not None:
+            self.oip_grpc.wait(timeout / 4)
         if self.serving_session is not None:  # the answers to what was queued went out above
             self.serving_session.close()
         if self.exporter is not None:
@@ -231,7 +242,7 @@ class Agent:
         if interval is None:
             return
         while not self._stopping.wait(interval):
-            oip = self.oip is None or self.oip.healthy()
+            oip = (self.oip is None or self.oip.healthy()) and (self.oip_grpc is None or self.oip_grpc.healthy())
             if self._worker.is_alive() and self.serving.healthy() and self.shadow.healthy() and self.network_alive() and oip:
                 systemd.notify("WATCHDOG=1")
             else:

@@ -36,6 +36,7 @@ class Agent(Protocol):
     outbox: Outbox
     rounds: int
 
+
 __all__ = ["Exporter", "Totals"]
 
 QUANTILES = (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms"))

@@ -178,10 +178,14 @@ class ServingSettings(BaseModel):
     http_max_connections: Annotated[int, Field(ge=1, le=65_536)] = 256  # beyond it new connections are answered 503
     # A request body that has not arrived this long after its headers is answered 408 (a slow or stalled client).
     http_body_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
-    # Answers given to HTTP clients, also published on MQTT (dev/{id}/pred/{model}) for the fleet's subscribers.
+    # The same protocol over gRPC (KServe v2 inference.GRPCInferenceService, what tritonclient.grpc speaks): "HOST:PORT"
+    # (Triton's is 8001; keep it on 127.0.0.1) or "unix:/path". None: off. Needs the `grpc` extra.
+    grpc: Annotated[str | None, Field(max_length=256)] = None
+    grpc_max_rpcs: Annotated[int, Field(ge=1, le=65_536)] = 256  # calls at once; beyond it grpc answers RESOURCE_EXHAUSTED
+    # Answers given to HTTP and gRPC clients, also published on MQTT (dev/{id}/pred/{model}) for the fleet's subscribers.
     publish_predictions: PublishPredictions = PublishPredictions()
 
-    @field_validator("http")
+    @field_validator("http", "grpc")
     @classmethod
     def _http_address(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith("unix:"):
