@@ -1,4 +1,4 @@
-"""The OIP REST rows of benchmarks/serving.py: the agent's endpoint against a bare echo on the same HTTP stack.
+"""The OIP rows of benchmarks/serving.py: the agent's endpoints against bare echoes on the same stacks.
 
 Baseline: a raw ASGI echo on uvicorn + httptools (``benchmarks.http_stacks``), the stack the agent's endpoint is
 built on: HTTP parsing and answering, nothing else. Contender: ``edge-agent run`` in its own process with
@@ -6,6 +6,10 @@ built on: HTTP parsing and answering, nothing else. Contender: ``edge-agent run`
 transport) posts the same OIP infer body to both, JSON tensors or binary ones, in alternating rounds: requests/s
 with a window in flight, p50 one at a time. Per round pair: the ratio of requests/s and the p50 difference; the
 row reports their median and spread. Goals (issue 17): >= 0.8x the echo's requests/s, p50 within 0.5 ms.
+
+gRPC rows (no goal: a measurement): the agent's ``serving.grpc`` endpoint against a bare grpcio server whose
+ModelInfer returns the request's bytes, both called with the same ModelInferRequest bytes on one grpcio channel
+(``GrpcLoad``: bytes both ways, nothing parsed on the client), raw tensors and typed ``fp32_contents``.
 """
 
 from __future__ import annotations
@@ -72,13 +76,20 @@ def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models
     """One agent per model with ``serving.http``; the echo beside it; every body form raced in alternating rounds."""
     n_tp, n_lat, window, rounds = (1000, 200, 16, 4) if quick else (2000, 500, 16, 8)
     echo, echo_port = start_echo(ECHO_STACK)
+    grpc_echo = subprocess.Popen([sys.executable, "-c", GRPC_ECHO], stdout=subprocess.PIPE, text=True)
+    assert grpc_echo.stdout is not None
+    word, grpc_echo_port_text = grpc_echo.stdout.readline().split()
+    assert word == "ready"
+    grpc_echo_port = int(grpc_echo_port_text)
     rows = []
     try:
         for model, sizes in models.items():
             http_port = _free_port()
             mwork = work / f"oip-{model}"
             mwork.mkdir()
-            controller, config = fleet(mwork, host, port, model, {"http": f"127.0.0.1:{http_port}"}, {}, False)
+            grpc_port = _free_port()
+            serving = {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
+            controller, config = fleet(mwork, host, port, model, serving, {}, False)
             agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
             try:
                 _wait_ready(http_port)
@@ -89,12 +100,105 @@ def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models
                     rows.append({**_oip_row(model, form, figures), "in_process": cost})
                 for load in loads.values():
                     load.close()
+                rows += _grpc_rows(model, sizes[0], grpc_echo_port, grpc_port, n_tp, n_lat, window, rounds)
             finally:
                 agent.send_signal(signal.SIGTERM)
                 agent.wait(30)
                 controller.server.stop()
     finally:
         echo.terminate()
+        grpc_echo.terminate()
+    return rows
+
+
+GRPC_ECHO = r"""
+import grpc
+from concurrent import futures
+handler = grpc.method_handlers_generic_handler(
+    "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}
+)
+server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[handler])
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print("ready", port, flush=True)
+server.wait_for_termination()
+"""
+
+
+def grpc_bodies(width: int) -> dict[str, bytes]:
+    """The same row as ``bodies`` as a ModelInferRequest: raw bytes (what tritonclient.grpc sends) and typed values."""
+    from agent.serve.oip.grpc_messages import messages
+
+    x = np.random.default_rng(0).uniform(-1, 1, (1, width)).astype(np.float32)
+    raw, typed = messages["ModelInferRequest"](model_name="m"), messages["ModelInferRequest"](model_name="m")
+    raw.inputs.add(name="x", datatype="FP32", shape=[1, width])
+    raw.raw_input_contents.append(x.tobytes())
+    typed.inputs.add(name="x", datatype="FP32", shape=[1, width]).contents.fp32_contents.extend(x.ravel().tolist())
+    return {"gRPC raw": raw.SerializeToString(), "gRPC contents": typed.SerializeToString()}
+
+
+class GrpcLoad:
+    """One channel to a gRPC server; ``run`` calls ModelInfer ``n`` times with ``window`` in flight, bytes both ways
+    (the client parses nothing: the echo's reply and the agent's cost it the same)."""
+
+    def __init__(self, port: int) -> None:
+        import grpc
+
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.call = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+    def run(self, body: bytes, n: int, window: int) -> tuple[float, list[float]]:
+        if window == 1:
+            times = []
+            t0 = time.perf_counter()
+            for _ in range(n):
+                t = time.perf_counter()
+                self.call(body, timeout=30)
+                times.append((time.perf_counter() - t) * 1e3)
+            return n / (time.perf_counter() - t0), times
+        import threading
+
+        slots, failures = threading.Semaphore(window), []
+
+        def done(future: Any) -> None:
+            if future.exception() is not None:
+                failures.append(future.exception())
+            slots.release()
+
+        t0 = time.perf_counter()
+        for _ in range(n):
+            slots.acquire()
+            self.call.future(body, timeout=30).add_done_callback(done)
+        for _ in range(window):
+            slots.acquire()
+        elapsed = time.perf_counter() - t0
+        if failures:
+            raise RuntimeError(f"gRPC load: {failures[0]}")
+        return n / elapsed, []
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _grpc_rows(
+    model: str, width: int, echo_port: int, agent_port: int, n_tp: int, n_lat: int, window: int, rounds: int
+) -> list[dict[str, Any]]:
+    """The agent's gRPC endpoint against a bare grpcio echo, alternating rounds as REST's (no goal set: a measurement)."""
+    loads = {"echo": GrpcLoad(echo_port), "agent": GrpcLoad(agent_port)}
+    rows = []
+    try:
+        for form, body in grpc_bodies(width).items():
+            out: dict[str, dict[str, list[float]]] = {k: {"rps": [], "p50": []} for k in loads}
+            for load in loads.values():
+                load.run(body, 200, window)  # warm up
+            for r in range(rounds):
+                for target in ("echo", "agent") if r % 2 == 0 else ("agent", "echo"):
+                    out[target]["rps"].append(loads[target].run(body, n_tp, window)[0])
+                    out[target]["p50"].append(p50(loads[target].run(body, n_lat, 1)[1]))
+            rows.append({**_oip_row(model, form, out, goals=False), "in_process": None})
+    finally:
+        for load in loads.values():
+            load.close()
     return rows
 
 
@@ -113,7 +217,7 @@ def _race(
     return out
 
 
-def _oip_row(model: str, form: str, f: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+def _oip_row(model: str, form: str, f: dict[str, dict[str, list[float]]], goals: bool = True) -> dict[str, Any]:
     e, a = f["echo"], f["agent"]
     ratio = pair_ratios(a["rps"], e["rps"])
     added = [x - y for x, y in zip(a["p50"], e["p50"])]
@@ -124,8 +228,8 @@ def _oip_row(model: str, form: str, f: dict[str, dict[str, list[float]]]) -> dic
         "agent": summary(a["rps"], a["p50"]),
         "throughput_ratio": ratio,
         "p50_added_ms": {"median": round(statistics.median(added), 3), "spread": [round(min(added), 3), round(max(added), 3)]},
-        "throughput_goal_met": ratio["median"] >= 0.8,
-        "latency_goal_met": statistics.median(added) <= 0.5,
+        "throughput_goal_met": ratio["median"] >= 0.8 if goals else None,
+        "latency_goal_met": statistics.median(added) <= 0.5 if goals else None,
     }
 
 
@@ -142,14 +246,18 @@ def oip_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 r["tensors"],
                 str(r["echo"]["rps"]),
                 str(r["agent"]["rps"]),
-                f"{t['median']:.2f} ({t['spread'][0]:.2f}..{t['spread'][1]:.2f}) {'yes' if r['throughput_goal_met'] else 'NO'}",
+                f"{t['median']:.2f} ({t['spread'][0]:.2f}..{t['spread'][1]:.2f}) {_met(r['throughput_goal_met'])}",
                 f"{r['echo']['p50_ms']:.3f}",
                 f"{r['agent']['p50_ms']:.3f}",
-                f"{d['median']:.3f} ({d['spread'][0]:.3f}..{d['spread'][1]:.3f}) {'yes' if r['latency_goal_met'] else 'NO'}",
-                f"{r['in_process']['echo app_us']:.1f} / {r['in_process']['OIP app_us']:.1f}",
+                f"{d['median']:.3f} ({d['spread'][0]:.3f}..{d['spread'][1]:.3f}) {_met(r['latency_goal_met'])}",
+                "-" if r["in_process"] is None else f"{r['in_process']['echo app_us']:.1f} / {r['in_process']['OIP app_us']:.1f}",
             ]
         )
     return header, cells
+
+
+def _met(goal: bool | None) -> str:
+    return "-" if goal is None else "yes" if goal else "NO"
 
 
 def app_cost(work: Path, width: int, calls: int = 3000, rounds: int = 4) -> dict[str, float]:

@@ -239,6 +239,9 @@ def test_binary_lengths_that_lie_are_refused(agent: Agent, models: ModelFiles) -
         (body[:-8], str(head), "left in the body"),  # truncated tensor bytes
         (binary_request(x, claim=12)[0], str(binary_request(x, claim=12)[1]), "binary_data_size"),
     ]
+    huge = [0, 2**31 - 1, 2**31 - 1, 2**31 - 1]  # zero bytes, but numpy refuses the shape ("array is too big")
+    head_huge = json.dumps({"inputs": [{"name": "x", "shape": huge, "datatype": "FP32", "parameters": {"binary_data_size": 0}}]})
+    cases.append((head_huge.encode(), str(len(head_huge)), "too big"))  # was never answered: the request hung
     for payload, claim, words in cases:
         status, _, data = raw(agent, "POST", path, payload, {"Inference-Header-Content-Length": claim})
         assert status == 400 and words in json.loads(data)["error"].lower(), (claim, data)

@@ -179,9 +179,19 @@ def test_every_typed_error(agent: Agent, client: triton.InferenceServerClient, s
     out_of_range = _request(datatype="INT8", shape=[1, 1])
     out_of_range.inputs[0].contents.int_contents.append(300)
     assert "range" in _typed_error(stub, out_of_range)[1]
+    huge_raw, huge_typed = _request(shape=[0, *[2**31 - 1] * 3]), _request(shape=[0, *[2**31 - 1] * 3])  # "array is too big"
+    huge_raw.raw_input_contents.append(b"")  # zero bytes; huge_typed: zero fp32 values
+    for huge in (huge_raw, huge_typed):
+        assert _typed_error(stub, huge)[::2] == (grpc.StatusCode.INVALID_ARGUMENT, "bad_request")  # was: no answer for 300 s
+    flagged = _request()
+    flagged.raw_input_contents.append(rows(1).tobytes())
+    flagged.outputs.add(name="y").parameters["binary_data"].string_param = "yes"
+    assert "binary_data must be true or false" in _typed_error(stub, flagged)[1]
     errors = agent.serving.stats.errors
     grew = {k: errors.get(k, 0) - before.get(k, 0) for k in ("unknown_model", "shape_mismatch", "bad_request", "deadline_exceeded")}
-    assert grew == {"unknown_model": 2, "shape_mismatch": 1, "bad_request": 9, "deadline_exceeded": 1}, grew
+    assert grew == {"unknown_model": 2, "shape_mismatch": 1, "bad_request": 12, "deadline_exceeded": 1}, grew
+    twice = infer(client, rows(1), outputs=[triton.InferRequestedOutput("y"), triton.InferRequestedOutput("y")])
+    assert [o.name for o in twice.get_response().outputs] == ["y", "y"]  # as REST answers it
     assert infer(client, rows(1)).as_numpy("y").shape == (1, 10)  # and it serves on
 
 
@@ -199,6 +209,8 @@ def test_bytes_that_are_no_request_are_refused_typed_and_serving_goes_on(agent: 
     nested = b"".join([b"\x2a\x80\x80\x04"] * 200)  # field 5 (inputs) opened 200 deep, never closed
     for payload in (b"\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", nested, os.urandom(4096)):
         assert _raw_call(agent, payload) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    for method in ("ModelReady", "ModelMetadata"):  # parsed by the endpoint: a typed refusal, not grpc's INTERNAL
+        assert _raw_call(agent, b"\x0a\x02\xff\xfe", method) == grpc.StatusCode.INVALID_ARGUMENT
     assert _raw_call(agent, b"", "ModelStreamInfer") == grpc.StatusCode.UNIMPLEMENTED
     assert _raw_call(agent, b"", "RepositoryIndex") == grpc.StatusCode.UNIMPLEMENTED
     assert infer(client, rows(1)).as_numpy("y").shape == (1, 10)

@@ -166,6 +166,8 @@ def test_a_shape_already_served_is_still_checked_and_converted(models: ModelFile
                 rt.infer({"x": x})
         with pytest.raises(UnknownInput):
             rt.infer({"y": good})
+        with np.errstate(invalid="raise"), pytest.raises(NonFiniteInput):  # numpy raising FloatingPointError: still typed
+            rt.infer({"x": np.where(np.arange(good.size).reshape(good.shape) == 5, np.inf, good).astype(np.float32)})
         np.testing.assert_allclose(rt.infer(good)["y"], want, rtol=1e-4, atol=1e-4)  # one bare array
         other = good[:1].copy()  # another batch size moves the backend's buffers; the first shape must still be right
         np.testing.assert_allclose(rt.infer({"x": other})["y"], want[:1], rtol=1e-4, atol=1e-4)

@@ -256,6 +256,15 @@ def test_the_request_decoder_raises_only_its_own_typed_error(payload: bytes) -> 
     assert 0 < len(req.request_id) <= 64
 
 
+def test_a_zero_size_tensor_of_an_impossible_shape_is_a_payload_error() -> None:
+    """Zero bytes for [0, 2**31-1, 2**31-1, 2**31-1]: the byte count matches, numpy's reshape refuses the shape; that
+    escaped as a ValueError and the request was never answered."""
+    head = json.dumps({"request_id": "huge", "tensors": [{"name": "x", "dtype": "float32", "shape": [0, *[2**31 - 1] * 3]}]}).encode()
+    with pytest.raises(PayloadError, match="too big") as info:
+        decode_request(BINARY_MAGIC + struct.pack(">I", len(head)) + head, 4096)
+    assert info.value.request_id == "huge"
+
+
 @pytest.mark.parametrize("inline", [True, False])
 def test_deeply_nested_requests_cost_one_answer_never_the_mqtt_thread(rig: Rig, mqtt_broker: RunningBroker, inline: bool) -> None:
     """4 kB of brackets made json raise RecursionError: on paho's thread (inline serving, or the overloaded path

@@ -303,7 +303,7 @@ class Runtime(ABC):
                     if zeros is not None:
                         try:
                             nonfinite = value.ravel().dot(zeros)  # 0 when finite, else NaN (all_finite); np.vdot costs 0.2 us more
-                        except RuntimeWarning:  # warnings turned into errors: an infinity met a zero
+                        except (RuntimeWarning, FloatingPointError):  # warnings or np.seterr as errors: an infinity met a zero
                             nonfinite = True
                         if nonfinite:
                             raise NonFiniteInput(f"input '{self._first_input}': contains NaN or infinity")

@@ -181,7 +181,7 @@ def all_finite(arr: np.ndarray) -> bool:
             zeros = _zeros.setdefault(key, np.zeros(n, flat.dtype))
         try:
             return not flat.dot(zeros)  # 0 is falsy, NaN is not
-        except RuntimeWarning:  # warnings turned into errors: an infinity met a zero
+        except (RuntimeWarning, FloatingPointError):  # warnings (or np.seterr) turned into errors: an infinity met a zero
             return False
     with np.errstate(over="ignore", invalid="ignore"):
         total = float(flat.dot(flat))

@@ -162,6 +162,10 @@ class Serving:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    def capacity(self) -> int:
+        """Requests that can be queued or running at once: beyond it, ``overloaded``."""
+        return self._queue.maxsize + len(self._threads)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Answer what is queued and running, then stop the workers."""
         self._closing = True
@@ -246,6 +250,9 @@ class Serving:
                     req = item.sink.decode(item.payload, self.max_payload_bytes)
             except PayloadError as exc:
                 self._fail(item, None, exc.request_id, exc)
+                continue
+            except Exception as exc:  # a decoder's bug: answered internal, never left without an answer (a sink waits)
+                self._fail(item, None, "", exc)
                 continue
             if req.deadline_ms is not None and (time.monotonic() - item.received) * 1e3 > req.deadline_ms:
                 self.stats.error(item.model, self._version(item.model), "deadline_exceeded")

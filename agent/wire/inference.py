@@ -94,7 +94,10 @@ def _from_bytes(raw: bytes | memoryview, dtype: np.dtype[Any], shape: tuple[int,
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise PayloadError(f"tensor {name!r}: {len(raw)} bytes for shape {list(shape)} {dtype.name} (needs {expected})", rid)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # a zero-size shape whose other dimensions overflow numpy's limit ("array is too big")
+        raise PayloadError(f"tensor {name!r}: shape {list(shape)}: {exc}"[:300], rid) from None
 
 
 def _json_tensor(value: object, rid: str, name: str) -> tuple[np.ndarray, bool]:

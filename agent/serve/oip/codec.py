@@ -178,7 +178,10 @@ def _inputs(value: object, binary: memoryview, rid: str) -> dict[str, np.ndarray
                 raise PayloadError(f"input {name!r}: binary_data_size must be the tensor's size in bytes, and no data beside it", rid)
             if offset + size > len(binary):
                 raise PayloadError(f"input {name!r}: {size} binary bytes claimed, {len(binary) - offset} left in the body", rid)
-            inputs[name] = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            try:
+                inputs[name] = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            except ValueError as exc:  # a zero-size shape whose other dimensions overflow numpy's limit
+                raise PayloadError(f"input {name!r}: shape {list(shape)}: {exc}"[:300], rid) from None
             offset += size
         else:
             inputs[name] = _json_data(t.get("data"), dtype, tuple(shape), name, rid)

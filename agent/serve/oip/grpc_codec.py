@@ -58,18 +58,24 @@ def decode_infer(msg: Any) -> OipRequest:
     if msg.id and len(msg.id) > MAX_REQUEST_ID:
         raise PayloadError(f"id must be at most {MAX_REQUEST_ID} characters")
     rid = msg.id or f"grpc-{next(_ids)}"
-    deadline = _parameters(msg.parameters, KNOWN_PARAMETERS, "request", rid).get("timeout")
+    params = _parameters(msg.parameters, KNOWN_PARAMETERS, "request", rid)
+    deadline = params.get("timeout")
     if deadline is not None:
         if isinstance(deadline, bool) or not isinstance(deadline, int) or not 0 < deadline < 3_600_000_000:
             raise PayloadError("timeout must be a positive number of microseconds", rid)
         deadline = deadline / 1e3
     inputs = _inputs(msg, rid)
+    if not isinstance(params.get("binary_data_output", False), bool):
+        raise PayloadError("binary_data_output must be true or false", rid)
+    if len(msg.outputs) > MAX_TENSORS:
+        raise PayloadError(f"outputs must be a list of at most {MAX_TENSORS}", rid)
     requested = []
     for out in msg.outputs:
-        _parameters(out.parameters, frozenset({"binary_data"}), f"output {out.name!r}", rid)
-        requested.append(_name(out.name, "an output's name", rid))
-    if len(requested) > MAX_TENSORS or len(set(requested)) != len(requested):
-        raise PayloadError(f"outputs must name at most {MAX_TENSORS} distinct tensors", rid)
+        name = _name(out.name, "an output's name", rid)
+        flag = _parameters(out.parameters, frozenset({"binary_data"}), f"output {name!r}", rid).get("binary_data", False)
+        if not isinstance(flag, bool):
+            raise PayloadError(f"output {name!r}: binary_data must be true or false", rid)
+        requested.append(name)
     return OipRequest(rid, inputs, None, deadline, False, False, msg.id or None, requested or None, set(), True)
 
 
@@ -123,7 +129,14 @@ def _from_raw(data: bytes, dtype: np.dtype[Any], shape: tuple[int, ...], name: s
     need = math.prod(shape) * dtype.itemsize
     if len(data) != need:
         raise PayloadError(f"input {name!r}: {len(data)} raw bytes for shape {list(shape)} ({need} needed)", rid)
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return _shaped(np.frombuffer(data, dtype=dtype), shape, name, rid)
+
+
+def _shaped(arr: np.ndarray, shape: tuple[int, ...], name: str, rid: str) -> np.ndarray:
+    try:
+        return arr.reshape(shape)
+    except ValueError as exc:  # a zero-size shape whose other dimensions overflow numpy's limit ("array is too big")
+        raise PayloadError(f"input {name!r}: shape {list(shape)}: {exc}"[:300], rid) from None
 
 
 def _from_contents(contents: Any, datatype: str, dtype: np.dtype[Any], shape: tuple[int, ...], name: str, rid: str) -> np.ndarray:
@@ -142,7 +155,7 @@ def _from_contents(contents: Any, datatype: str, dtype: np.dtype[Any], shape: tu
     arr = wide.astype(dtype)
     if dtype.kind in "iu" and not np.array_equal(arr.astype(wide.dtype), wide):
         raise PayloadError(f"input {name!r}: values out of {datatype}'s range", rid)
-    return arr.reshape(shape)
+    return _shaped(arr, shape, name, rid)
 
 
 def encode_infer(req: OipRequest, model: str, version: str, outputs: dict[str, np.ndarray]) -> bytes:

@@ -44,6 +44,7 @@ __all__ = ["OipGrpcServer"]
 
 log = logging.getLogger("edgefleet.oip")
 
+HEADROOM_THREADS = 4  # grpc threads beyond the serving path's capacity: health and metadata calls, refusals
 MAX_DEADLINE_S = 3600.0  # a client deadline further away than this is no deadline (the timeout parameter's limit)
 ANSWER_TIMEOUT_S = 300.0  # a request the serving path never answered (a bug): the caller gets INTERNAL, not a hang
 _NUMPY_TO_OIP = {v: k for k, v in OIP_DATATYPES.items()}
@@ -107,6 +108,12 @@ class _Answer:
         self.failure = _Failure("overloaded", message, rate_limited)
         self._done.set()
 
+    def abandon(self) -> None:
+        """The call is over (grpc's callback; also after an answer, harmlessly): its thread stops waiting."""
+        if not self._done.is_set():
+            self.failure = _Failure("internal", "the call ended before its answer")
+            self._done.set()
+
     def wait(self, timeout: float) -> bytes:
         if not self._done.wait(timeout):
             raise _Failure("internal", f"no answer within {timeout:g} s")
@@ -125,12 +132,18 @@ class _Service:
     def handlers(self) -> Any:
         import grpc
 
-        def unary(method: Any, request: str, response: str | None) -> Any:
-            return grpc.unary_unary_rpc_method_handler(
-                self._guarded(method),
-                request_deserializer=messages[request].FromString,
-                response_serializer=messages[response].SerializeToString if response else None,
-            )
+        def unary(method: Any, request: str, response: str) -> Any:
+            parse = messages[request].FromString
+
+            def parsed(raw: bytes, context: Any) -> Any:  # parsed here, not by grpc: malformed bytes are a typed refusal
+                try:
+                    message = parse(raw)
+                except Exception as exc:  # upb's DecodeError (invalid UTF-8, nesting past its limit, truncation)
+                    self.serving.stats.error("", None, "bad_request")
+                    raise _Failure("bad_request", f"not a {request}: {exc}"[:300]) from None
+                return method(message, context)
+
+            return grpc.unary_unary_rpc_method_handler(self._guarded(parsed), response_serializer=messages[response].SerializeToString)
 
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -197,6 +210,7 @@ class _Service:
         if remaining is not None and "timeout" not in message.parameters:  # the client's gRPC deadline bounds the queue
             message.parameters["timeout"].int64_param = max(1, int(remaining * 1e6))
         answer = _Answer(message, m.runtime.outputs)
+        context.add_callback(answer.abandon)  # the call ended (cancelled, past its deadline): stop waiting for it
         self.serving.submit(message.model_name, raw, 1, _client(context.peer()), answer)
         return answer.wait(ANSWER_TIMEOUT_S if remaining is None else min(ANSWER_TIMEOUT_S, remaining + 1.0))
 
@@ -220,9 +234,11 @@ def _client(peer: str) -> str:
 class OipGrpcServer:
     """Serves the gRPC endpoint on ``address`` ("HOST:PORT" or "unix:/path") with grpc's own threads."""
 
-    def __init__(self, address: str, serving: Serving, host: ModelHost, max_rpcs: int = 256, threads: int = 8) -> None:
+    def __init__(self, address: str, serving: Serving, host: ModelHost, max_rpcs: int = 256) -> None:
         self.address, self.serving, self.host = address, serving, host
-        self.max_rpcs, self.threads = max_rpcs, threads
+        # A call holds its thread until its answer: one for every request the serving path can hold (queued or running)
+        # and a few beyond, so that a full queue answers UNAVAILABLE (as REST's 503) and health calls never wait.
+        self.max_rpcs, self.threads = max_rpcs, min(max_rpcs, serving.capacity() + HEADROOM_THREADS)
         self.port: int | None = None
         self._server: Any = None
         self._stopped: Any = None  # the event grpc sets once a stop has finished
