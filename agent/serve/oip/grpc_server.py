@@ -4,10 +4,10 @@ Why grpcio: the protocol's reference implementation, kept by the gRPC project, w
 for armv7); a device that does not want it installs none of it (about 19 MB). Its messages are built at import
 (``grpc_messages``), so no generated code ties it to one protobuf release.
 
-Same serving path as REST and MQTT: a ``ModelInfer`` call is parsed on grpc's thread, its model looked up, and handed
-to ``Serving.submit`` with a sink; the queue, overload policy, rate limit, micro-batching, telemetry, prediction sums,
-shadow and ``publish_predictions`` are the ones every request sees. A fast model is answered on grpc's thread when
-nothing is queued; otherwise a serving worker answers and the grpc thread waits for it.
+Same serving path as REST and MQTT: a ``ModelInfer`` call is parsed on the endpoint's event loop, its model looked up,
+and handed to ``Serving.submit`` with a sink; the queue, overload policy, rate limit, micro-batching, telemetry,
+prediction sums, shadow and ``publish_predictions`` are the ones every request sees. A fast model is answered on the
+loop's thread when nothing is queued; otherwise a serving worker answers and the call's coroutine awaits it.
 
 Errors are gRPC statuses with the typed code in the ``edgefleet-error-code`` trailing metadata: bad_request and
 shape_mismatch INVALID_ARGUMENT, unknown_model NOT_FOUND (also a version that is not the one served), overloaded
@@ -19,12 +19,12 @@ request may wait in the queue, as the ``timeout`` parameter does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,7 @@ __all__ = ["OipGrpcServer"]
 
 log = logging.getLogger("edgefleet.oip")
 
-HEADROOM_THREADS = 4  # grpc threads beyond the serving path's capacity: health and metadata calls, refusals
 MAX_DEADLINE_S = 3600.0  # a client deadline further away than this is no deadline (the timeout parameter's limit)
-ANSWER_TIMEOUT_S = 300.0  # a request the serving path never answered (a bug): the caller gets INTERNAL, not a hang
 _NUMPY_TO_OIP = {v: k for k, v in OIP_DATATYPES.items()}
 
 
@@ -73,15 +71,15 @@ class _Failure(Exception):
 
 
 class _Answer:
-    """One ModelInfer call's sink: the serving path decodes and answers through it; the grpc thread waits for it."""
+    """One ModelInfer call's sink: the serving path decodes and answers through it; it resolves the waiting coroutine
+    (on the event loop's thread directly, from a serving worker through ``call_soon_threadsafe``)."""
 
-    __slots__ = ("_done", "body", "failure", "message", "outputs")
+    __slots__ = ("fut", "loop", "message", "outputs", "thread")
 
-    def __init__(self, message: Any, outputs: tuple[TensorSpec, ...]) -> None:
-        self.message, self.outputs = message, outputs
-        self.body: bytes | None = None
-        self.failure: _Failure | None = None
-        self._done = threading.Event()
+    def __init__(self, loop: asyncio.AbstractEventLoop, message: Any, outputs: tuple[TensorSpec, ...]) -> None:
+        self.loop, self.message, self.outputs = loop, message, outputs
+        self.fut: asyncio.Future[bytes] = loop.create_future()
+        self.thread = threading.get_ident()
 
     def decode(self, payload: bytes, max_bytes: int) -> Request:
         req = grpc_codec.decode_infer(self.message)
@@ -94,37 +92,36 @@ class _Answer:
     def ok(self, req: Request, model: str, version: str, outputs: dict[str, np.ndarray], ms: float) -> None:
         assert isinstance(req, OipRequest)
         try:
-            self.body = grpc_codec.encode_infer(req, model, version, outputs)
+            self._resolve(grpc_codec.encode_infer(req, model, version, outputs))
         except (KeyError, ValueError) as exc:  # an output dtype the protocol cannot carry; an output a hot swap took away
             logs.event(log, "oip.encode_failed", logging.ERROR, model=model, version=version, reason=f"{type(exc).__name__}: {exc}"[:300])
-            self.failure = _Failure("internal", f"the answer could not be encoded: {type(exc).__name__}: {exc}"[:500])
-        self._done.set()
+            self._resolve(_Failure("internal", f"the answer could not be encoded: {type(exc).__name__}: {exc}"[:500]))
 
     def error(self, req: Request | None, request_id: str, code: str, message: str) -> None:
-        self.failure = _Failure(code, message)
-        self._done.set()
+        self._resolve(_Failure(code, message))
 
     def refuse(self, message: str, rate_limited: bool) -> None:
-        self.failure = _Failure("overloaded", message, rate_limited)
-        self._done.set()
+        self._resolve(_Failure("overloaded", message, rate_limited))
 
-    def abandon(self) -> None:
-        """The call is over (grpc's callback; also after an answer, harmlessly): its thread stops waiting."""
-        if not self._done.is_set():
-            self.failure = _Failure("internal", "the call ended before its answer")
-            self._done.set()
+    def _resolve(self, outcome: bytes | _Failure) -> None:
+        if threading.get_ident() == self.thread:
+            _settle(self.fut, outcome)
+        else:
+            self.loop.call_soon_threadsafe(_settle, self.fut, outcome)
 
-    def wait(self, timeout: float) -> bytes:
-        if not self._done.wait(timeout):
-            raise _Failure("internal", f"no answer within {timeout:g} s")
-        if self.failure is not None:
-            raise self.failure
-        assert self.body is not None
-        return self.body
+
+def _settle(fut: asyncio.Future[bytes], outcome: bytes | _Failure) -> None:
+    if fut.done():  # the call was cancelled (the client went away, or its deadline passed)
+        return
+    if isinstance(outcome, _Failure):
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)
 
 
 class _Service:
-    """The six RPCs: bytes in, bytes out (``ModelInfer`` parses its request itself, to refuse a malformed one typed)."""
+    """The six RPCs, as coroutines on the endpoint's event loop: bytes in (each parses its own, so malformed bytes are
+    a typed refusal), a message or bytes out."""
 
     def __init__(self, serving: Serving, host: ModelHost) -> None:
         self.serving, self.host = serving, host
@@ -135,13 +132,13 @@ class _Service:
         def unary(method: Any, request: str, response: str) -> Any:
             parse = messages[request].FromString
 
-            def parsed(raw: bytes, context: Any) -> Any:  # parsed here, not by grpc: malformed bytes are a typed refusal
+            async def parsed(raw: bytes, context: Any) -> Any:
                 try:
                     message = parse(raw)
                 except Exception as exc:  # upb's DecodeError (invalid UTF-8, nesting past its limit, truncation)
                     self.serving.stats.error("", None, "bad_request")
                     raise _Failure("bad_request", f"not a {request}: {exc}"[:300]) from None
-                return method(message, context)
+                return method(message)
 
             return grpc.unary_unary_rpc_method_handler(self._guarded(parsed), response_serializer=messages[response].SerializeToString)
 
@@ -160,34 +157,37 @@ class _Service:
     def _guarded(self, method: Any) -> Any:
         """``method`` with a ``_Failure`` turned into its status (and trailing code); anything else is INTERNAL, logged."""
 
-        def call(request: Any, context: Any) -> Any:
+        async def call(request: Any, context: Any) -> Any:
             try:
-                return method(request, context)
+                return await method(request, context)
             except _Failure as failure:
                 context.set_trailing_metadata((("edgefleet-error-code", failure.code),))
-                context.abort(_status(failure.code, failure.rate_limited), str(failure)[:1000])
-            except Exception as exc:  # a bug costs its call an INTERNAL status, never grpc's thread
+                await context.abort(_status(failure.code, failure.rate_limited), str(failure)[:1000])
+            except asyncio.CancelledError:
+                raise  # the client went away or its deadline passed: grpc ends the call
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise
                 logs.event(log, "oip.grpc_internal_error", logging.ERROR, reason=f"{type(exc).__name__}: {exc}"[:300])
                 context.set_trailing_metadata((("edgefleet-error-code", "internal"),))
-                context.abort(_status("internal"), f"{type(exc).__name__}: {exc}"[:500])
+                await context.abort(_status("internal"), f"{type(exc).__name__}: {exc}"[:500])
 
         return call
 
-    def server_live(self, request: Any, context: Any) -> Any:
+    def server_live(self, request: Any) -> Any:
         return messages["ServerLiveResponse"](live=True)
 
-    def server_ready(self, request: Any, context: Any) -> Any:
+    def server_ready(self, request: Any) -> Any:
         return messages["ServerReadyResponse"](ready=self.serving.healthy() and bool(self.host.models()))
 
-    def model_ready(self, request: Any, context: Any) -> Any:
+    def model_ready(self, request: Any) -> Any:
         m = self.host.get(request.name)
-        ready = m is not None and request.version in ("", m.version)
-        return messages["ModelReadyResponse"](ready=ready)
+        return messages["ModelReadyResponse"](ready=m is not None and request.version in ("", m.version))
 
-    def server_metadata(self, request: Any, context: Any) -> Any:
+    def server_metadata(self, request: Any) -> Any:
         return messages["ServerMetadataResponse"](name="edgefleet-agent", version=__version__, extensions=[])
 
-    def model_metadata(self, request: Any, context: Any) -> Any:
+    def model_metadata(self, request: Any) -> Any:
         m = self._model(request.name, request.version)
         rt = m.runtime
         response = messages["ModelMetadataResponse"](name=m.name, versions=[m.version], platform=rt.name)
@@ -197,7 +197,7 @@ class _Service:
                 field.add(name=s.name, datatype=_NUMPY_TO_OIP.get(dtype.name, dtype.name.upper()), shape=list(s.shape))
         return response
 
-    def model_infer(self, raw: bytes, context: Any) -> bytes:
+    async def model_infer(self, raw: bytes, context: Any) -> bytes:
         try:
             message = grpc_codec.parse_infer(raw)
         except PayloadError as exc:
@@ -205,14 +205,11 @@ class _Service:
             raise _Failure("bad_request", str(exc)) from None
         m = self._model(message.model_name, message.model_version)
         remaining = context.time_remaining()  # None or "infinite" (about 1e19 s) without a deadline
-        if remaining is not None and remaining > MAX_DEADLINE_S:
-            remaining = None
-        if remaining is not None and "timeout" not in message.parameters:  # the client's gRPC deadline bounds the queue
-            message.parameters["timeout"].int64_param = max(1, int(remaining * 1e6))
-        answer = _Answer(message, m.runtime.outputs)
-        context.add_callback(answer.abandon)  # the call ended (cancelled, past its deadline): stop waiting for it
+        if remaining is not None and remaining < MAX_DEADLINE_S and "timeout" not in message.parameters:
+            message.parameters["timeout"].int64_param = max(1, int(remaining * 1e6))  # the client's deadline bounds the queue
+        answer = _Answer(asyncio.get_running_loop(), message, m.runtime.outputs)
         self.serving.submit(message.model_name, raw, 1, _client(context.peer()), answer)
-        return answer.wait(ANSWER_TIMEOUT_S if remaining is None else min(ANSWER_TIMEOUT_S, remaining + 1.0))
+        return answer.fut.result() if answer.fut.done() else await answer.fut  # done: answered inline, on this thread
 
     def _model(self, name: str, version: str) -> Any:
         m = self.host.get(name)
@@ -221,6 +218,13 @@ class _Service:
             detail = "" if m is None or not version else f" version {version[:64]!r} (it serves {m.version!r})"
             raise _Failure("unknown_model", f"no model {name[:64]!r}{detail} on this device")
         return m
+
+
+def _is_abort(exc: BaseException) -> bool:
+    """grpc.aio's own abort (``context.abort`` raises it to end the call): passed on, never logged as a bug."""
+    from grpc.aio import AbortError
+
+    return isinstance(exc, AbortError)
 
 
 def _client(peer: str) -> str:
@@ -232,42 +236,63 @@ def _client(peer: str) -> str:
 
 
 class OipGrpcServer:
-    """Serves the gRPC endpoint on ``address`` ("HOST:PORT" or "unix:/path") with grpc's own threads."""
+    """Serves the gRPC endpoint on ``address`` ("HOST:PORT" or "unix:/path"): grpc.aio on an event loop in its own thread.
+
+    Why asyncio and not grpc's thread pool: a call waiting for its answer then costs a coroutine, not a thread, so
+    the serving queue's bound is what refuses work (UNAVAILABLE, as REST's 503) and health calls never wait behind
+    inference; and one thread taking the GIL beats a pool of them contending for it (measured on the tiny model, 16
+    calls in flight: 1,700 calls/s with a thread per call the serving path can hold, 2,400 with two threads)."""
 
     def __init__(self, address: str, serving: Serving, host: ModelHost, max_rpcs: int = 256) -> None:
-        self.address, self.serving, self.host = address, serving, host
-        # A call holds its thread until its answer: one for every request the serving path can hold (queued or running)
-        # and a few beyond, so that a full queue answers UNAVAILABLE (as REST's 503) and health calls never wait.
-        self.max_rpcs, self.threads = max_rpcs, min(max_rpcs, serving.capacity() + HEADROOM_THREADS)
+        self.address, self.serving, self.host, self.max_rpcs = address, serving, host, max_rpcs
         self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._server: Any = None
-        self._stopped: Any = None  # the event grpc sets once a stop has finished
+        self._stopping: Any = None  # the stop's concurrent future, until ``wait``
 
-    def start(self) -> OipGrpcServer:
+    def start(self, timeout: float = 10.0) -> OipGrpcServer:
         try:
-            import grpc
+            import grpc  # noqa: F401 - the extra's presence, checked before a thread starts
         except ImportError:
             raise InvalidOptions("serving.grpc needs the `grpc` extra: pip install 'edgefleet[grpc]' (grpcio, protobuf)") from None
+        target = self._target()
+        loop = asyncio.new_event_loop()
+        started = asyncio.run_coroutine_threadsafe(self._bind(target), loop)
+        self._loop, self._thread = loop, threading.Thread(target=loop.run_forever, name="oip-grpc", daemon=True)
+        self._thread.start()
+        try:
+            self.port = started.result(timeout)
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(timeout)
+            loop.close()
+            self._loop = self._thread = None
+            raise
+        if self.address.startswith("unix:"):
+            self.port = None
+            os.chmod(self.address[5:], 0o660)  # the agent's user and group: local applications join the group
+        logs.event(log, "oip.grpc_started", address=self.url())
+        return self
+
+    async def _bind(self, target: str) -> int:
+        from grpc import aio
+
         limit = self.serving.max_payload_bytes + 64 * 1024  # the tensors plus their description
-        server = grpc.server(
-            ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="oip-grpc"),
+        server = aio.server(
             handlers=[_Service(self.serving, self.host).handlers()],
             maximum_concurrent_rpcs=self.max_rpcs,
             options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
         )
-        target = self._target()
         try:
             port = server.add_insecure_port(target)
         except RuntimeError as exc:  # grpcio >= 1.60 raises where older ones returned 0
             raise InvalidOptions(f"serving.grpc: cannot listen on {self.address}: {exc}") from None
         if port == 0 and not self.address.startswith("unix:"):
             raise InvalidOptions(f"serving.grpc: cannot listen on {self.address}")
-        server.start()
-        self._server, self.port = server, (None if self.address.startswith("unix:") else port)
-        if self.address.startswith("unix:"):
-            os.chmod(self.address[5:], 0o660)  # the agent's user and group: local applications join the group
-        logs.event(log, "oip.grpc_started", address=self.url())
-        return self
+        await server.start()
+        self._server = server
+        return int(port)
 
     def _target(self) -> str:
         if not self.address.startswith("unix:"):
@@ -288,20 +313,28 @@ class OipGrpcServer:
         return f"{host}:{self.port}"
 
     def healthy(self) -> bool:
-        return self._server is not None or self._stopped is not None
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, grace: float = 5.0) -> None:
         """Refuse new calls now; those in flight have ``grace`` seconds (their answers come from ``Serving.stop``,
         which runs after this: ``wait`` for the end)."""
-        if self._server is None:
+        if self._loop is None or self._server is None or self._stopping is not None:
             return
-        self._stopped = self._server.stop(grace=grace)
-        self._server = None
+        self._stopping = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
 
     def wait(self, timeout: float = 5.0) -> None:
-        if self._stopped is not None:
-            self._stopped.wait(timeout)
-            self._stopped = None
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if self._stopping is None:
+            self.stop(0)
+        with contextlib.suppress(Exception):  # a stop past its grace: the loop is stopped below all the same
+            self._stopping.result(timeout)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if not thread.is_alive():
+            loop.close()
+        self._loop = self._thread = self._server = self._stopping = None
         if self.address.startswith("unix:"):
             with contextlib.suppress(OSError):
                 os.unlink(self.address[5:])
