@@ -7,8 +7,8 @@ transport) posts the same OIP infer body to both, JSON tensors or binary ones, i
 with a window in flight, p50 one at a time. Per round pair: the ratio of requests/s and the p50 difference; the
 row reports their median and spread. Goals (issue 17): >= 0.8x the echo's requests/s, p50 within 0.5 ms.
 
-gRPC rows (no goal: a measurement): the agent's ``serving.grpc`` endpoint against a bare grpcio server whose
-ModelInfer returns the request's bytes, both called with the same ModelInferRequest bytes on one grpcio channel
+gRPC rows (no goal: a measurement): the agent's ``serving.grpc`` endpoint against a bare grpc.aio server (the
+endpoint's stack) whose ModelInfer returns the request's bytes, both called with the same ModelInferRequest bytes on one grpcio channel
 (``GrpcLoad``: bytes both ways, nothing parsed on the client), raw tensors and typed ``fp32_contents``.
 """
 
@@ -100,7 +100,8 @@ def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models
                     rows.append({**_oip_row(model, form, figures), "in_process": cost})
                 for load in loads.values():
                     load.close()
-                rows += _grpc_rows(model, sizes[0], grpc_echo_port, grpc_port, n_tp, n_lat, window, rounds)
+                forms = ["gRPC raw"] if quick else None  # --quick: the form tritonclient sends (5 minutes in all)
+                rows += _grpc_rows(model, sizes[0], grpc_echo_port, grpc_port, n_tp, n_lat, window, rounds, forms)
             finally:
                 agent.send_signal(signal.SIGTERM)
                 agent.wait(30)
@@ -112,16 +113,24 @@ def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models
 
 
 GRPC_ECHO = r"""
-import grpc
-from concurrent import futures
-handler = grpc.method_handlers_generic_handler(
-    "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}
-)
-server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[handler])
-port = server.add_insecure_port("127.0.0.1:0")
-server.start()
-print("ready", port, flush=True)
-server.wait_for_termination()
+import asyncio, grpc
+
+
+async def main():
+    async def echo(request, context):
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server = grpc.aio.server(handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print("ready", port, flush=True)
+    await server.wait_for_termination()
+
+
+asyncio.run(main())
 """
 
 
@@ -181,13 +190,23 @@ class GrpcLoad:
 
 
 def _grpc_rows(
-    model: str, width: int, echo_port: int, agent_port: int, n_tp: int, n_lat: int, window: int, rounds: int
+    model: str,
+    width: int,
+    echo_port: int,
+    agent_port: int,
+    n_tp: int,
+    n_lat: int,
+    window: int,
+    rounds: int,
+    forms: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The agent's gRPC endpoint against a bare grpcio echo, alternating rounds as REST's (no goal set: a measurement)."""
     loads = {"echo": GrpcLoad(echo_port), "agent": GrpcLoad(agent_port)}
     rows = []
     try:
         for form, body in grpc_bodies(width).items():
+            if forms is not None and form not in forms:
+                continue
             out: dict[str, dict[str, list[float]]] = {k: {"rps": [], "p50": []} for k in loads}
             for load in loads.values():
                 load.run(body, 200, window)  # warm up

@@ -310,6 +310,36 @@ def test_a_first_lead_pushes_a_directory_signed_without_a_store_in_batches_and_l
         fs.close()
 
 
+def test_each_sync_reads_only_the_device_files_that_changed_since_the_last(fleet_rig: Rig, tmp_path: Path) -> None:
+    """A controller syncs every round; a leftover directory of 10,000 devices was read and parsed each time. A file
+    left as it was (inode, size, mtime) is not read again — shown by bytes put in its place that would not parse,
+    with its size and mtime kept — and a file written anew is."""
+    import os
+
+    from fleet.tuf.director import Assignment, Director
+    from fleet.tuf.director_store import TIMESTAMP
+
+    fs = FleetStore(tmp_path / "fleet.db")
+    try:
+        files = Director.create(tmp_path / "d", fleet_rig.keys)  # signed without a store, as a one-box fleet was
+        devices = ["kept-1", "kept-2"]
+        files.assign_many([Assignment(d, MODEL, "1.0.0", VARIANT) for d in devices], fleet_rig.image, fleet_rig.keys)
+        leader = Director(tmp_path / "d", store=fs)
+        assert leader.sync().pushed == 2
+        path = files.device_metadata("kept-1") / TIMESTAMP
+        st = path.stat()
+        with open(path, "r+b") as f:  # the same inode, size and mtime; bytes that are no metadata
+            f.write(b"x" * st.st_size)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert leader.sync().pushed == 0 and leader._seen["kept-1"][1] == 1  # not read: still version 1
+        files.assign("kept-2", fleet_rig.image, MODEL, "1.1.0", VARIANT, fleet_rig.keys)  # written anew: version 2
+        assert leader.sync().pushed == 1 and fs.director_versions()["kept-2"] == 2
+        fresh = Director(tmp_path / "d", store=fs)  # a new process reads everything: the garbage counts as nothing
+        assert fresh.sync().pushed == 0 and fresh._seen["kept-1"][1] == 0
+    finally:
+        fs.close()
+
+
 def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
     fleet_rig: Rig, store_location: Path | str, tmp_path: Path
 ) -> None:

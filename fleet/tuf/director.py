@@ -91,6 +91,7 @@ class Director:
         self.keep_versions = keep_versions
         self.root_expiry = root_expiry
         self.store = store
+        self._seen: director_store.FileVersions = {}  # what ``sync`` read of the device files, for its next round
 
     def _lock(self) -> Any:
         """One writer at a time across processes (``fleet serve``'s re-signing, ``fleet assign``, a key rotation)."""
@@ -186,7 +187,7 @@ class Director:
         if self.store is None:
             return Synced(0)
         with self._lock():
-            return director_store.sync(self.store, self.directory, FileRepositories(self.directory).devices())
+            return director_store.sync(self.store, self.directory, FileRepositories(self.directory).devices(), self._seen)
 
     def device_metadata(self, device: str) -> Path:
         """A device's repository directory (the files of a director without a store)."""
