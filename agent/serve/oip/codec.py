@@ -28,7 +28,7 @@ from agent import __version__
 from agent.runtimes.tensors import TensorSpec
 from agent.wire.inference import MAX_DIMS, MAX_REQUEST_ID, PayloadError, Request
 
-__all__ = ["OIP_DATATYPES", "OipRequest", "decode_infer", "encode_infer", "model_metadata", "server_metadata"]
+__all__ = ["OIP_DATATYPES", "OipRequest", "decode_infer", "encode_infer", "model_metadata", "server_metadata", "tensor_metadata"]
 
 OIP_DATATYPES = {
     "BOOL": "bool",
@@ -266,7 +266,8 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message[:1000]}).encode()
 
 
-def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    """A tensor as the protocol's metadata describes it (REST and gRPC): name, datatype, shape (-1: dynamic)."""
     dtype = spec.accepts  # a quantized tensor is sent and answered as float32
     return {"name": spec.name, "datatype": _NUMPY_TO_OIP.get(dtype.name, dtype.name.upper()), "shape": list(spec.shape)}
 
@@ -278,8 +279,8 @@ def model_metadata(name: str, version: str, platform: str, inputs: tuple[TensorS
             "name": name,
             "versions": [version],
             "platform": platform,
-            "inputs": [_tensor_metadata(s) for s in inputs],
-            "outputs": [_tensor_metadata(s) for s in outputs],
+            "inputs": [tensor_metadata(s) for s in inputs],
+            "outputs": [tensor_metadata(s) for s in outputs],
         }
     ).encode()
 

@@ -35,7 +35,7 @@ from agent.errors import InvalidOptions
 from agent.runtimes.tensors import TensorSpec
 from agent.serve.host import ModelHost
 from agent.serve.oip import grpc_codec
-from agent.serve.oip.codec import OIP_DATATYPES, OipRequest
+from agent.serve.oip.codec import OipRequest, tensor_metadata
 from agent.serve.oip.grpc_messages import SERVICE, messages
 from agent.serve.serving import Serving
 from agent.wire.inference import PayloadError, Request
@@ -45,7 +45,6 @@ __all__ = ["OipGrpcServer"]
 log = logging.getLogger("edgefleet.oip")
 
 MAX_DEADLINE_S = 3600.0  # a client deadline further away than this is no deadline (the timeout parameter's limit)
-_NUMPY_TO_OIP = {v: k for k, v in OIP_DATATYPES.items()}
 
 
 def _status(code: str, rate_limited: bool = False) -> Any:
@@ -193,8 +192,7 @@ class _Service:
         response = messages["ModelMetadataResponse"](name=m.name, versions=[m.version], platform=rt.name)
         for specs, field in ((rt.inputs, response.inputs), (rt.outputs, response.outputs)):
             for s in specs:
-                dtype = s.accepts  # a quantized tensor is sent and answered as float32
-                field.add(name=s.name, datatype=_NUMPY_TO_OIP.get(dtype.name, dtype.name.upper()), shape=list(s.shape))
+                field.add(**tensor_metadata(s))
         return response
 
     async def model_infer(self, raw: bytes, context: Any) -> bytes:
