@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from update_rig import wait_for
 
 from agent.runtimes import get_runtime
 from agent.serve.host import ModelHost, ServingModel
@@ -21,13 +22,6 @@ def _model(path: Path, version: str) -> ServingModel:
     rt.load(path)
     rt.warmup()
     return ServingModel("m", version, "onnx-fp32", "0" * 64, rt)
-
-
-def _wait_until(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.001)
 
 
 def test_a_swap_waits_for_the_request_in_flight_then_closes_the_old_model(tmp_path: Path) -> None:
@@ -49,7 +43,7 @@ def test_a_swap_waits_for_the_request_in_flight_then_closes_the_old_model(tmp_pa
 
     worker = threading.Thread(target=slow_request)
     worker.start()
-    _wait_until(lambda: old.inflight == 1)
+    wait_for(lambda: old.inflight == 1, 30, "a call in flight on the old model")
     t0 = time.monotonic()
     replaced = host.swap(new, drain_timeout=60.0)
     assert time.monotonic() - t0 < 10.0  # woken when the call ended, not at the drain's timeout
@@ -79,7 +73,7 @@ def test_taking_a_shadow_waits_for_its_call_in_flight(tmp_path: Path) -> None:
 
     worker = threading.Thread(target=shadow_calls)
     worker.start()
-    _wait_until(lambda: shadow.inflight == 1)
+    wait_for(lambda: shadow.inflight == 1, 30, "a call in flight on the shadow")
     taken = host.take_shadow("m", "0" * 64)
     assert taken is shadow and shadow.inflight == 0
     done.set()
