@@ -16,6 +16,7 @@ import pytest
 from update_rig import wait_for
 
 from agent.client import EdgeClient
+from fleet.dev.broker import RunningBroker
 from fleet.dev.demo import oip_available
 
 FLEET = [sys.executable, "-m", "fleet.cli"]
@@ -78,3 +79,23 @@ def test_fleet_demo_keep_running_leaves_a_fleet_to_talk_to(tmp_path: Path) -> No
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
+
+
+def test_an_agent_that_dies_fails_the_demo_at_once_naming_it(mqtt_broker: RunningBroker, tmp_path: Path) -> None:
+    """The demo waited 60 s for three agents to report, whatever had become of them (once, in a full test run, with
+    nothing to say why); an agent process that ends now fails it at once with its exit status and log."""
+    from agent.settings import BrokerSettings
+    from fleet.dev.demo import DemoError, _Demo
+
+    demo = _Demo(tmp_path, BrokerSettings(host=mqtt_broker.host, port=mqtt_broker.port), lambda *what: None)
+    try:
+        demo.start_controller()
+        demo.start_agents()
+        demo.check_agents()  # all three running
+        victim = demo.agents[1]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        with pytest.raises(DemoError, match=r"agent demo-npu exited with status -9"):
+            demo.check_agents()
+    finally:
+        demo.close()

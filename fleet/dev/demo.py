@@ -236,6 +236,14 @@ class _Demo:
             if device in self.oip:
                 self.say(f"  OIP endpoint {self.oip[device]}/v2/models/{MODEL}")
 
+    def check_agents(self) -> None:
+        """An agent process that ended fails the demo at once, with the end of its log (not a wait for its report)."""
+        for device, proc in zip(DEVICES, self.agents):
+            if proc.poll() is not None:
+                log = self.work / "devices" / device / "agent.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
+                raise DemoError(f"agent {device} exited with status {proc.returncode}: {' | '.join(tail)[-1500:]}")
+
     def oip_serving(self, device: str) -> dict[str, str]:
         """The agent's ``[serving]``: its Open Inference Protocol endpoint on a free loopback port, where it has one."""
         if not oip_available():
@@ -249,7 +257,12 @@ class _Demo:
         self.say("training v1: y = 2x + 1 on noisy data (numpy least squares); building LiteRT and OpenVINO variants")
         self.image.release(_bundle(self.work, "1.0.0", seed=0), self.keys)
         every = len(DEVICES)
-        _wait(lambda: sum(1 for d in self.store.devices() if d.online and d.preferred_variants) == every, 60, "the three agents to report")
+
+        def reported() -> bool:
+            self.check_agents()
+            return sum(1 for d in self.store.devices() if d.online and d.preferred_variants) == every
+
+        _wait(reported, 60, "the three agents to report")
         result.rollouts.append(self.rollout("1.0.0", ["100%"], 0))
         self.client = EdgeClient(broker=self.broker)
         self.predict(result, "v1", show=True)
