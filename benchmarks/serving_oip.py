@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,10 @@ import numpy as np
 
 from benchmarks.http_client import HttpLoad, p50, pair_ratios, summary
 from benchmarks.http_stacks import start as start_echo
+from fleet.dev.broker import free_port
 
 ECHO_STACK = "uvicorn + httptools (raw ASGI)"
 Fleet = Callable[..., tuple[Any, Path]]  # benchmarks.serving._fleet
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bodies(width: int) -> dict[str, tuple[bytes, dict[str, str]]]:
@@ -84,10 +78,10 @@ def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models
     rows = []
     try:
         for model, sizes in models.items():
-            http_port = _free_port()
+            http_port = free_port()
             mwork = work / f"oip-{model}"
             mwork.mkdir()
-            grpc_port = _free_port()
+            grpc_port = free_port()
             serving = {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
             controller, config = fleet(mwork, host, port, model, serving, {}, False)
             agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])

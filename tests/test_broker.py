@@ -72,3 +72,17 @@ def test_bad_config_fails_with_log(tmp_path: Path) -> None:
     else:
         with pytest.raises(BrokerStartError, match="exited"):
             start_broker(tmp_path, port=None, extra_config=["no_such_option 1"], timeout=5)
+
+
+def test_free_ports_are_never_ones_a_client_connection_can_take() -> None:
+    """A port from the kernel's ephemeral range can be taken by any outgoing connection between free_port() and the
+    server's bind; free_port hands out ports below that range, each free when handed out."""
+    from fleet.dev.broker import _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    assert all(p < low for p in ports), (low, sorted(ports))
+    assert len(ports) > 1  # drawn, not one fixed port for everyone
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # free indeed

@@ -32,20 +32,13 @@ from agent.settings import load_settings
 from agent.wire import REPO_REQUESTS, RepoRequest, device_topic, parse_repo_request_topic
 from fleet import api
 from fleet.cli import main as fleet_cli
-from fleet.dev.broker import RunningBroker
+from fleet.dev.broker import RunningBroker, free_port
 
 NGINX = Path("/usr/sbin/nginx")
 ARTIFACT = re.compile(r"\.onnx-fp32\.tar$")
 
 
 # -- servers ----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bool:

@@ -280,6 +280,10 @@ def test_fleet_serve_runs_a_rollout_to_a_real_agent_and_survives_kill_9(rig: Rig
         assert done.returncode == 0, done.stderr
         return dict(json.loads(done.stdout))
 
+    # the rig's own repository server serves the director from its files; `fleet serve --store` serves what it signed into
+    # the store. Both answering on one broker, a device takes whichever reply comes first: a 404 from the files, then
+    # none again until the next announcement (the flake CI saw under load). One fleet, one kind of repository server.
+    rig.controller.server.stop()
     controller = serve()
     try:
 
@@ -316,7 +320,11 @@ def test_fleet_serve_runs_a_rollout_to_a_real_agent_and_survives_kill_9(rig: Rig
         controller.send_signal(signal.SIGKILL)  # the controller dies during the soak
         controller.wait(10)
         controller = serve()
-        wait_for(lambda: status(rid)["state"] == "done", 90, "the restarted controller finishing the rollout")
+        try:
+            wait_for(lambda: status(rid)["state"] == "done", 90, "the restarted controller finishing the rollout")
+        except AssertionError as exc:  # say where it stood: the rollout's status and the controllers' log
+            log_tail = (tmp_path / "serve.log").read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{exc}\nstatus: {status(rid)}\nserve.log:\n{log_tail}") from None
         assert [sum(w.values()) for w in status(rid)["waves"]] == [1, 4]
         wait_for(lambda: "event=host.swapped model=mlp version=1.1.0" in agent.text(), 60, "the real agent on 1.1.0")
     finally:
@@ -324,6 +332,7 @@ def test_fleet_serve_runs_a_rollout_to_a_real_agent_and_survives_kill_9(rig: Rig
         controller.wait(20)
         sims.stop()
         agent.stop()
+        rig.controller.server.start()
 
 
 @contextmanager

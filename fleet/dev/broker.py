@@ -8,6 +8,7 @@ config, stopped by its pid — so both use this module.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,10 +28,36 @@ class BrokerStartError(RuntimeError):
     """The broker process exited or never accepted connections; the message has its log tail."""
 
 
+LISTEN_PORTS_FROM = 10000  # free_port's ports: from here up to where the kernel's ephemeral range begins
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now, for a server started a moment later (a broker, an agent's endpoint).
+
+    Why not the kernel's ``bind(port 0)`` choice: that comes from the ephemeral range, which every outgoing connection
+    draws from too, so between this call and the server's own bind a client's socket can take the port (a demo agent
+    then exits "cannot listen"). A port below that range is never handed to a client; drawn at random, checked free.
+    Where the range leaves no room below it, the kernel's choice after all."""
+    low = _ephemeral_low()
+    for _ in range(50 if low > LISTEN_PORTS_FROM + 1000 else 0):
+        port = random.randrange(LISTEN_PORTS_FROM, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; elsewhere the IANA range's 49152)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def mosquitto_binary() -> str | None:
