@@ -281,14 +281,20 @@ def _rollout(rig: Rig, version: str, kill: bool, timeout: float = 1800.0) -> dic
     t0 = time.monotonic()
     rid = RolloutEngine(rig.store, rig.image).start(spec)
     state = "running"
+    waves: dict[int, dict[str, float]] = {}  # each wave's start and settling, seconds from the rollout's start
     while state == "running" and time.monotonic() - t0 < timeout:
         time.sleep(0.25)  # the polling period; the loop ends on the rollout's state
         sampler.sample()
-        state = getattr(rig.store.rollout(rid), "state", "missing")
+        r = rig.store.rollout(rid)
+        state = r.state if r is not None else "missing"
+        if r is not None:
+            seen = waves.setdefault(r.wave + 1, {"started_s": round(time.monotonic() - t0, 1)})
+            if r.wave_done and "settled_s" not in seen:
+                seen["settled_s"] = round(time.monotonic() - t0, 1)
         if kill and "killed_at_s" not in out and (moving := _third_wave_moving(rig.store, rid)) is not None:
             out.update(killed_at_s=round(time.monotonic() - t0, 1), third_wave_at_kill=moving)
             out["takeover_s"] = round(_kill_leader(rig, leader), 2)
-    out.update(state=state, rollout_s=round(time.monotonic() - t0, 1))
+    out.update(state=state, rollout_s=round(time.monotonic() - t0, 1), waves=waves)
     out["devices_moved"] = _count(rig.store, "SELECT count(*) AS n FROM rollout_devices WHERE rollout = ? AND state = 'active'", (rid,))
     out["controllers"] = sampler.report(roles)
     return out

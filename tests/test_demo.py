@@ -17,7 +17,7 @@ from update_rig import wait_for
 
 from agent.client import EdgeClient
 from fleet.dev.broker import RunningBroker
-from fleet.dev.demo import oip_available
+from fleet.dev.demo import grpc_available, oip_available
 
 FLEET = [sys.executable, "-m", "fleet.cli"]
 
@@ -76,6 +76,14 @@ def test_fleet_demo_keep_running_leaves_a_fleet_to_talk_to(tmp_path: Path) -> No
             assert abs(float(answer["outputs"][0]["data"][0]) - 9.0) < 0.1, done.stdout  # y(4) = 2*4 + 1 on demo-pi
         else:
             assert not curl and "OIP demo-" not in text
+        calls = [line.strip() for line in lines if "tritonclient.grpc" in line]
+        if grpc_available():  # and the gRPC endpoint (serving.grpc): called as printed, with the unmodified tritonclient
+            assert len(calls) == 1 and all(f"OIP gRPC {d} 127.0.0.1:" in text for d in ("demo-pi", "demo-npu", "demo-jetson"))
+            call = calls[0].replace(".venv/bin/python", sys.executable, 1)  # the venv the tests run in, wherever it is
+            done = subprocess.run(["bash", "-c", call], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0 and abs(float(done.stdout.strip(" []\n")) - 9.0) < 0.1, (done.stdout, done.stderr[-2000:])
+        else:
+            assert not calls and "OIP gRPC" not in text
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0

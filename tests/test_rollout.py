@@ -814,3 +814,30 @@ def test_a_device_that_cannot_be_assigned_fails_alone_and_the_rollout_goes_on(ri
         assert sorted(s for d, (s, _) in states.items() if d != bad) == ["active"] * 4
     finally:
         sims.stop()
+
+
+def test_a_silent_device_is_told_again_backing_off_to_a_minute() -> None:
+    """A device assigned but silent is told again 10 s after the first announcement, then 20, 40 and at most 60 s
+    apart: a busy device in a big wave is not sent fetch after fetch. A device moved by another (dead) leader counts as
+    told at its assignment."""
+    from fleet.rollout.engine import REANNOUNCE_MAX_S, Observation, Told, judge_assigned, mark_told
+    from fleet.store import RolloutDevice
+
+    spec = RolloutSpec(MODEL, "1.1.0", wave_timeout_s=3600)
+    rollout = Rollout(1, spec.to_json(), "running", 0, "", 0.0, 0.0, 0.0, 0.0, "")
+    member = RolloutDevice("quiet", 0, "assigned", "1.0.0", "onnx-fp32", 0.0, "", "x86_64")
+    seen = Observation(rollout, spec, [member], {}, {})
+    told: dict[tuple[int, str], Told] = {}
+    mark_told(told, 1, ["quiet"], 0.0)  # moved and told at 0
+    sent: list[float] = []
+    for tenth in range(0, 4000):  # ticks of 0.1 s over 400 s
+        now = tenth / 10
+        _, again = judge_assigned(seen, [member], set(), told, now, 10.0)
+        if again:
+            mark_told(told, 1, again, now)
+            sent.append(now)
+    gaps = [round(b - a, 1) for a, b in zip([0.0, *sent], sent)]
+    assert gaps[:4] == [10.1, 20.1, 40.1, 60.1]
+    assert set(gaps[3:]) == {REANNOUNCE_MAX_S + 0.1}
+    assert judge_assigned(seen, [member], {"quiet"}, {}, 100.0, 10.0)[1] == []  # moved in this step: told just now
+    assert judge_assigned(seen, [member], set(), {}, 10.1, 10.0)[1] == ["quiet"]  # another leader's move: from its assigned_at

@@ -7,7 +7,8 @@ this machine's). The seed's linear regression (y = 2x + 1 on noisy data, numpy) 
 trained, built, signed and rolled out; predictions come back over MQTT; a retrained v2
 goes out in waves behind the health gate; a deliberately broken v3 is rejected by the
 first device and the fleet stays on v2. While it runs, the dashboard and ``/metrics`` are served on loopback, and each
-agent's Open Inference Protocol endpoint (``serving.http``) where this agent has one; their URLs are printed.
+agent's Open Inference Protocol endpoints (``serving.http``, ``serving.grpc``) where this install has them; their
+URLs are printed.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class DemoResult:
     dashboard: str = ""  # the dashboard's URL (``/metrics`` beside it)
     oip: dict[str, str] = field(default_factory=dict)  # device -> its OIP endpoint's base URL (none: this agent has none)
     curl: str = ""  # an OIP infer call to the first device, built from the served model's real input
+    grpc: dict[str, str] = field(default_factory=dict)  # device -> its OIP gRPC endpoint's address (none: no grpc extra)
+    grpc_call: str = ""  # the same infer call over gRPC with tritonclient, where it is installed
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -188,6 +191,7 @@ class _Demo:
         self.dashboard: Dashboard | None = None
         self.dashboard_url = ""
         self.oip: dict[str, str] = {}
+        self.grpc: dict[str, str] = {}
         self.client: EdgeClient | None = None
         self.traffic: _Traffic | None = None
         self.xs = np.array([[0.0], [1.0], [3.0]], np.float32)
@@ -235,6 +239,8 @@ class _Demo:
             self.say(f"[bold]agent[/bold] {device} ({label}) starting, log {state / 'agent.log'}")
             if device in self.oip:
                 self.say(f"  OIP endpoint {self.oip[device]}/v2/models/{MODEL}")
+            if device in self.grpc:
+                self.say(f"  OIP gRPC endpoint {self.grpc[device]}")
 
     def check_agents(self) -> None:
         """An agent process that ended fails the demo at once, with the end of its log (not a wait for its report)."""
@@ -245,12 +251,15 @@ class _Demo:
                 raise DemoError(f"agent {device} exited with status {proc.returncode}: {' | '.join(tail)[-1500:]}")
 
     def oip_serving(self, device: str) -> dict[str, str]:
-        """The agent's ``[serving]``: its Open Inference Protocol endpoint on a free loopback port, where it has one."""
-        if not oip_available():
-            return {}
-        address = f"127.0.0.1:{free_port()}"
-        self.oip[device] = f"http://{address}"
-        return {"http": address}
+        """The agent's ``[serving]``: its Open Inference Protocol endpoints (REST, gRPC) on free loopback ports, where
+        this install has them (the ``http`` and ``grpc`` extras)."""
+        serving = {}
+        if oip_available():
+            serving["http"] = f"127.0.0.1:{free_port()}"
+            self.oip[device] = f"http://{serving['http']}"
+        if grpc_available():
+            serving["grpc"] = self.grpc[device] = f"127.0.0.1:{free_port()}"
+        return serving
 
     def play(self, result: DemoResult) -> DemoResult:
         """v1 to everyone, predictions; under steady traffic, v2 in shadow then in waves, a broken v3 refused."""
@@ -286,8 +295,12 @@ class _Demo:
         self.predict(result, "final")
         result.devices = [d.to_json() for d in self.store.devices()]
         first = next(iter(DEVICES))
+        manifest = self.work / f"{MODEL}-1.1.0" / "bundle.json"
         if first in self.oip:
-            result.curl = oip_curl(self.oip[first], MODEL, self.work / f"{MODEL}-1.1.0" / "bundle.json")
+            result.curl = oip_curl(self.oip[first], MODEL, manifest)
+        result.grpc = dict(self.grpc)
+        if first in self.grpc and importlib.util.find_spec("tritonclient.grpc") is not None:
+            result.grpc_call = grpc_call(self.grpc[first], MODEL, manifest)
         return result
 
     def rollout(self, version: str, waves: list[str], soak: float, gates: Gates | None = None, shadow: bool = False) -> dict[str, Any]:
@@ -372,6 +385,25 @@ def oip_available() -> bool:
     return "http" in ServingSettings.model_fields and importlib.util.find_spec("uvicorn") is not None
 
 
+def grpc_available() -> bool:
+    """Whether this agent has the OIP gRPC endpoint (the ``serving.grpc`` setting) and grpcio with protobuf."""
+    found = importlib.util.find_spec
+    return "grpc" in ServingSettings.model_fields and found("grpc") is not None and found("google.protobuf") is not None
+
+
+def grpc_call(address: str, model: str, manifest: Path) -> str:
+    """A Python one-liner making one OIP infer call over gRPC with tritonclient (an unmodified client of the protocol),
+    its input named, typed and shaped as the bundle's manifest says (a dynamic dim: 1)."""
+    bundle = json.loads(manifest.read_text())
+    spec, output = bundle["inputs"][0], bundle["outputs"][0]["name"]
+    shape = [1 if d < 0 else int(d) for d in spec["shape"]]
+    return (
+        f'.venv/bin/python -c "import numpy as np, tritonclient.grpc as g; i = g.InferInput({spec["name"]!r}, {shape}, '
+        f"'{OIP_DATATYPES[spec['dtype']]}'); i.set_data_from_numpy(np.full({shape}, 4.0, np.{spec['dtype']}));"
+        f' print(g.InferenceServerClient({address!r}).infer({model!r}, [i]).as_numpy({output!r}))"'
+    )
+
+
 def oip_curl(base_url: str, model: str, manifest: Path) -> str:
     """A ``curl`` for one OIP infer call, its input named and shaped as the bundle's manifest says (a dynamic dim: 1)."""
     spec = json.loads(manifest.read_text())["inputs"][0]
@@ -390,11 +422,14 @@ def _keep_running(console: Console, r: DemoResult, stop: threading.Event) -> Non
         f" print(EdgeClient('{host}', {port}).infer('demo-npu', '{MODEL}', [[4.0]]))\"",
         f"curl -s {r.dashboard}metrics | grep '^edgefleet_'",
         *([r.curl] if r.curl else []),
+        *([r.grpc_call] if r.grpc_call else []),
     ]
     console.print(f"\n[bold]still running[/bold] — broker {r.broker}, files in {r.workdir}", soft_wrap=True)
     console.print(f"dashboard {r.dashboard}  metrics {r.dashboard}metrics", soft_wrap=True)
     for device, url in r.oip.items():
         console.print(f"OIP {device} {url}/v2/models/{MODEL}", soft_wrap=True)
+    for device, address in r.grpc.items():
+        console.print(f"OIP gRPC {device} {address}", soft_wrap=True)
     console.print("Try:")
     for line in commands:  # no markup (a JSON body has brackets), never wrapped: each is one line to copy
         console.print("  " + line, soft_wrap=True, markup=False, highlight=False)

@@ -247,7 +247,7 @@ class Simulator:
             await self._report(client, d)
             on_connected()
             replies: dict[str, asyncio.Future[RepoReply]] = {}
-            updates: asyncio.Queue[bytes] = asyncio.Queue()
+            updates: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)  # one check waiting at most: see _listen
             workers = [asyncio.create_task(self._telemetry(client, d)), asyncio.create_task(self._updates(client, d, updates, replies))]
             try:
                 await self._listen(client, replies, updates)
@@ -273,6 +273,10 @@ class Simulator:
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
             elif "/director/" in topic and payload:
+                # as the agent: a director message while a check already waits joins it (the newest hint is kept), so a
+                # device told again while busy fetches once more, not once per announcement
+                if updates.full():
+                    updates.get_nowait()
                 updates.put_nowait(payload)
 
     async def _report(self, client: Any, d: SimDevice) -> None:

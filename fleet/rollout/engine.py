@@ -60,6 +60,22 @@ RUNNING, PAUSED, DONE, ABORTED, ABORTING = "running", "paused", "done", "aborted
 SHADOW = "shadow"  # the rollout's phase while its first wave runs the new version in shadow
 SETTLED = {"active", "shadowing", "failed", "timeout"}
 ASSIGN_BATCH = 200  # devices signed, committed, recorded and announced together (one sync and one transaction each)
+REANNOUNCE_MAX_S = 60.0  # the longest wait between two announcements to a device that stays silent
+
+
+@dataclass(frozen=True)
+class Told:
+    """When a rollout's device was last announced to, and how many times it has been."""
+
+    at: float
+    times: int
+
+    def again_after(self, first_s: float) -> float:
+        """When to tell again: ``first_s`` after the first time, each wait twice the last, at most REANNOUNCE_MAX_S.
+        Why a backoff: a device is silent mostly because it is busy (a wave of thousands on slow devices, a loaded
+        load generator) and every announcement makes it fetch its metadata again; a lost one is rare and still
+        re-sent within a minute."""
+        return self.at + min(first_s * 2 ** (self.times - 1), max(first_s, REANNOUNCE_MAX_S))
 
 
 @dataclass(frozen=True)
@@ -101,10 +117,10 @@ class RolloutEngine:
         self.store, self.image, self._director, self._keys = store, image, director, keys
         self.broker = transport.broker_settings(host, port, broker)
         self.host, self.port = self.broker.host, self.broker.port
-        self.reannounce_s = 10.0  # a device assigned but silent this long is told again (a lost announcement)
+        self.reannounce_s = 10.0  # a device assigned but silent this long is told again (a lost announcement), then backing off
         self.assign_batch = ASSIGN_BATCH
         self._released: dict[tuple[str, str], tuple[float, list[str]]] = {}  # (model, version): (read at, variant ids)
-        self._announced: dict[tuple[int, str], float] = {}
+        self._announced: dict[tuple[int, str], Told] = {}
 
     @property
     def director(self) -> Director:
@@ -280,8 +296,7 @@ class RolloutEngine:
 
     def _record(self, rid: int, changes: list[DeviceChange], told: list[str], now: float) -> None:
         """Act: store the devices' new states, then announce to the devices moved (or told again); ``now``: when told."""
-        for device in told:
-            self._announced[(rid, device)] = now
+        mark_told(self._announced, rid, told, now)
         self.store.set_device_states(rid, changes)
         if told:
             announce(self.director, told, broker=self.broker)
@@ -444,11 +459,20 @@ def judge_pending(seen: Observation, members: list[RolloutDevice], now: float) -
     return out
 
 
+def mark_told(announced: dict[tuple[int, str], Told], rid: int, devices: list[str], now: float) -> None:
+    """Note that ``devices`` were announced to at ``now`` (once more for those told before)."""
+    for device in devices:
+        before = announced.get((rid, device))
+        announced[(rid, device)] = Told(now, before.times + 1 if before else 1)
+
+
 def judge_assigned(
-    seen: Observation, members: list[RolloutDevice], moved: set[str], announced: Mapping[tuple[int, str], float], now: float, again_s: float
+    seen: Observation, members: list[RolloutDevice], moved: set[str], announced: Mapping[tuple[int, str], Told], now: float, again_s: float
 ) -> tuple[list[DeviceChange], list[str]]:
     """The wave's assigned devices: silent for the whole wave (timeout), or told long enough ago to be told again
-    (the retained announcement may have been lost on the way); ``moved`` were told just now."""
+    (the retained announcement may have been lost on the way: ``again_s`` after the first time, then backing off,
+    ``Told``); ``moved`` were told just now. A device this engine never told (a controller that took over) was told
+    at its assignment."""
     changes, again = [], []
     r = seen.rollout
     for m in members:
@@ -456,7 +480,7 @@ def judge_assigned(
             continue
         if now - r.wave_started > seen.spec.wave_timeout_s:  # assigned but silent for the whole wave
             changes.append(DeviceChange(m.device, "timeout", "no report within the wave timeout"))
-        elif m.device not in moved and now - announced.get((r.id, m.device), m.assigned_at) > again_s:
+        elif m.device not in moved and now > announced.get((r.id, m.device), Told(m.assigned_at, 1)).again_after(again_s):
             again.append(m.device)
     return changes, again
 
