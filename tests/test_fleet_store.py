@@ -288,6 +288,51 @@ def test_retention_removes_old_telemetry_and_on_postgresql_drops_whole_days(stor
     assert store.ingest([aged(msg("a", "telemetry", telemetry(4)), 10)]) == 1  # a dropped day is made again when a row needs it
 
 
+def test_partition_ddl_on_a_busy_table_gives_up_for_now_instead_of_queueing_everyone_behind_it(caplog: pytest.LogCaptureFixture) -> None:
+    """CREATE ... PARTITION OF and DROP lock the whole parent table. Queued behind a long read, they held up every
+    later write and read of it (the ingest's too) until that read ended. DDL that can wait (tomorrow's partition, an
+    old day's drop) now waits a second, says so and is tried again later."""
+    import threading
+
+    import psycopg
+    from conftest import fresh_postgres
+
+    from fleet.store import pg
+
+    with fresh_postgres() as url:
+        fs = FleetStore(url)
+        reader = psycopg.connect(url)
+        try:
+            assert isinstance(fs.db, pg.PostgreSQL)
+            day = int(time.time() // DAY)
+            assert fs.ingest([aged(msg("a", "telemetry", telemetry(1)), 10)]) == 1  # a day to drop later
+            fs.db.ensure_partitions([(day + 20) * DAY])  # day+20 and day+21 made
+            names = lambda: fs.db.partitions("telemetry")  # noqa: E731
+            future = time.strftime("%Y%m%d", time.gmtime((day + 22) * DAY))
+            assert not any(n.endswith(future) for n in names())
+            with reader.transaction():
+                reader.execute("SELECT count(*) FROM telemetry").fetchone()  # a long read: ACCESS SHARE until it ends
+                done = threading.Event()
+                worker = threading.Thread(target=lambda: (fs.db.ensure_partitions([(day + 21) * DAY]), done.set()), daemon=True)
+                started = time.monotonic()
+                worker.start()
+                assert done.wait(10), "making tomorrow's partition waited for the long read"
+                assert time.monotonic() - started < 5 and not any(n.endswith(future) for n in names())
+                assert fs.prune_telemetry(7 * DAY) == 0  # the old day's DROP gives up too, its rows untouched
+                assert fs.telemetry_count() == 1
+            deferred = [r.getMessage() for r in caplog.records if "store.ddl_deferred" in r.getMessage()]
+            assert any("what=create_partition" in m for m in deferred) and any("what=drop_partition" in m for m in deferred)
+            fs.db.ensure_partitions([(day + 21) * DAY])
+            assert not any(n.endswith(future) for n in names())  # not tried again at once: once a minute
+            fs.db._ddl_retry_at = 0.0  # as when the minute has passed
+            fs.db.ensure_partitions([(day + 21) * DAY])
+            assert any(n.endswith(future) for n in names())
+            assert fs.prune_telemetry(7 * DAY) == 1 and fs.telemetry_count() == 0  # the table free: dropped
+        finally:
+            reader.close()
+            fs.close()
+
+
 def test_a_sqlite_store_made_before_schema_versions_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None:
     """What the code before versions made (sqlite-utils' tables from the same data, no schema_version) opens."""
     import sqlite3

@@ -11,8 +11,10 @@ Imported only when a store URL names PostgreSQL: psycopg is an extra (``edgeflee
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -24,6 +26,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from agent import logs
 from fleet.store import schema
 from fleet.store.db import Conflict, Params
 from fleet.store.url import StoreUnreachable, redacted
@@ -36,6 +39,14 @@ _TYPES = {str: "TEXT", int: "BIGINT", float: "DOUBLE PRECISION", bytes: "BYTEA"}
 _TABLES = {t.name: t for t in schema.TABLES}
 _SCHEMA_LOCK = 0x65646765_666C6574  # "edgeflet": pg_advisory_xact_lock's key for schema changes and new partitions
 _NAMED = re.compile(r"(?<!:):([A-Za-z_]\w*)")
+# DDL that can wait (tomorrow's partition made ahead, an old day dropped) waits this long for the parent table's lock,
+# then gives up until DDL_RETRY_S later. Why: CREATE ... PARTITION OF and DROP take an ACCESS EXCLUSIVE lock on the
+# parent; one queued behind a long read (a gate's window query, the dashboard's) would hold up every write and read
+# of the table queued after it, the whole ingest included, until that read ends.
+DDL_LOCK_TIMEOUT_MS = 1000
+DDL_RETRY_S = 60.0
+
+log = logging.getLogger("edgefleet.store")
 
 
 @lru_cache(maxsize=512)
@@ -93,6 +104,7 @@ class PostgreSQL:
         self._local = threading.local()  # .conn: the connection of this thread's open transaction
         self._made: set[tuple[str, int]] = set()  # (table, day) partitions known to exist
         self._made_lock = threading.Lock()
+        self._ddl_retry_at = 0.0  # monotonic: when DDL that can wait is tried again after it found the table busy
         # calls run side by side, each thread on its own pooled connection: nothing to hold (pool_size: the ingest,
         # four repository readers, the engine, the API and metrics at once, with room; a thread past it waits)
         self.serial = nullcontext()
@@ -188,19 +200,35 @@ class PostgreSQL:
     # -- time partitions ---------------------------------------------------------------------------------------------
 
     def ensure_partitions(self, times: Sequence[float]) -> None:
+        """The partitions of the rows' days (waited for: the rows go there), then tomorrow's, made ahead so that the
+        day's first batch does not wait on DDL (given up while the table is busy: ``DDL_LOCK_TIMEOUT_MS``)."""
         days = {int(t // schema.DAY_S) for t in times}
         if not days:
             return
-        days.add(max(days) + 1)  # tomorrow's made ahead: the day's first batch does not wait on DDL
-        missing = sorted((t, d) for d in days for t in schema.PARTITIONED if (t, d) not in self._made)
-        if not missing:
-            return
+        needed = sorted((t, d) for d in days for t in schema.PARTITIONED if (t, d) not in self._made)
+        if needed:
+            self._make_partitions(needed, wait=True)
+        ahead = [(t, max(days) + 1) for t in schema.PARTITIONED if (t, max(days) + 1) not in self._made]
+        if ahead and time.monotonic() >= self._ddl_retry_at:
+            self._make_partitions(ahead, wait=False)
+
+    def _make_partitions(self, missing: list[tuple[str, int]], wait: bool) -> None:
         with self._made_lock:
-            with self.transaction(), self._connection() as conn:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", [_SCHEMA_LOCK])  # another controller may be making them
-                for table, day in missing:
-                    _create_partition(conn, table, day)
+            try:
+                with self.transaction(), self._connection() as conn:
+                    if not wait:
+                        conn.execute(f"SET LOCAL lock_timeout = {DDL_LOCK_TIMEOUT_MS}")
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", [_SCHEMA_LOCK])  # another controller may be making them
+                    for table, day in missing:
+                        _create_partition(conn, table, day)
+            except psycopg.errors.LockNotAvailable:
+                self._ddl_busy("create_partition", missing[0][0])
+                return
             self._made.update(missing)
+
+    def _ddl_busy(self, what: str, table: str) -> None:
+        self._ddl_retry_at = time.monotonic() + DDL_RETRY_S
+        logs.event(log, "store.ddl_deferred", logging.WARNING, what=what, table=table, retry_s=DDL_RETRY_S)
 
     def fresh_statistics(self, table: str, since: float, until: float) -> None:
         """ANALYZE the day partitions of ``table`` holding ``[since, until)`` that were never analyzed or have changed
@@ -235,9 +263,15 @@ class PostgreSQL:
             for name in self.partitions(table):
                 day = _day(name)
                 if (day + 1) * schema.DAY_S <= cutoff:
-                    with self.transaction():
-                        removed += int(self.query(f'SELECT count(*) AS n FROM "{name}"')[0]["n"])
-                        self.execute(f'DROP TABLE "{name}"')
+                    try:
+                        with self.transaction():
+                            self.execute(f"SET LOCAL lock_timeout = {DDL_LOCK_TIMEOUT_MS}")
+                            n = int(self.query(f'SELECT count(*) AS n FROM "{name}"')[0]["n"])
+                            self.execute(f'DROP TABLE "{name}"')
+                    except psycopg.errors.LockNotAvailable:  # the table is busy: the next round drops it (not a DELETE)
+                        self._ddl_busy("drop_partition", table)
+                        return removed
+                    removed += n
                     with self._made_lock:
                         self._made.discard((table, day))
         return removed + self.execute(f'DELETE FROM "{table}" WHERE ts < ?', [cutoff])
