@@ -107,3 +107,25 @@ def test_an_agent_that_dies_fails_the_demo_at_once_naming_it(mqtt_broker: Runnin
             demo.check_agents()
     finally:
         demo.close()
+
+
+def test_printed_calls_quote_what_a_manifest_names(tmp_path: Path) -> None:
+    """The curl and gRPC lines carry names from a bundle's manifest: whatever they hold (quotes, $(...)), the shell
+    hands them over as written and runs nothing of them. A missing client package is "not installed", not a crash."""
+    import shlex
+
+    from fleet.dev.demo import _installed, grpc_call, oip_curl
+
+    hostile = 'it\'s "$(touch PWNED)" `id`'
+    manifest = tmp_path / "bundle.json"
+    manifest.write_text(json.dumps({"inputs": [{"name": hostile, "shape": [-1, 1], "dtype": "float32"}], "outputs": [{"name": hostile}]}))
+    body = json.loads(shlex.split(oip_curl("http://127.0.0.1:1", "linear", manifest))[-1])
+    assert body["inputs"][0]["name"] == hostile and body["inputs"][0]["shape"] == [1, 1]
+    argv = shlex.split(grpc_call("127.0.0.1:1", "linear", manifest))
+    assert argv[:2] == [".venv/bin/python", "-c"] and len(argv) == 3
+    compile(argv[2], "<printed>", "exec")  # the Python is whole, and names the input as the manifest does
+    assert repr(hostile) in argv[2]
+    for line in (grpc_call("127.0.0.1:1", "linear", manifest).replace(".venv/bin/python", "true", 1), oip_curl("x", "m", manifest)):
+        done = subprocess.run(["bash", "-c", line.replace("curl", "true", 1)], cwd=tmp_path, timeout=10)  # as printed, harmless
+        assert done.returncode == 0 and not (tmp_path / "PWNED").exists()
+    assert not _installed("no_such_package_anywhere.grpc")

@@ -827,17 +827,22 @@ def test_a_silent_device_is_told_again_backing_off_to_a_minute() -> None:
     rollout = Rollout(1, spec.to_json(), "running", 0, "", 0.0, 0.0, 0.0, 0.0, "")
     member = RolloutDevice("quiet", 0, "assigned", "1.0.0", "onnx-fp32", 0.0, "", "x86_64")
     seen = Observation(rollout, spec, [member], {}, {})
-    told: dict[tuple[int, str], Told] = {}
-    mark_told(told, 1, ["quiet"], 0.0)  # moved and told at 0
+    told: dict[str, Told] = {}
+    mark_told(told, ["quiet"], 0.0, again=False)  # moved and told at 0
     sent: list[float] = []
     for tenth in range(0, 4000):  # ticks of 0.1 s over 400 s
         now = tenth / 10
         _, again = judge_assigned(seen, [member], set(), told, now, 10.0)
         if again:
-            mark_told(told, 1, again, now)
+            mark_told(told, again, now, again=True)
             sent.append(now)
     gaps = [round(b - a, 1) for a, b in zip([0.0, *sent], sent)]
     assert gaps[:4] == [10.1, 20.1, 40.1, 60.1]
     assert set(gaps[3:]) == {REANNOUNCE_MAX_S + 0.1}
     assert judge_assigned(seen, [member], {"quiet"}, {}, 100.0, 10.0)[1] == []  # moved in this step: told just now
     assert judge_assigned(seen, [member], set(), {}, 10.1, 10.0)[1] == ["quiet"]  # another leader's move: from its assigned_at
+    taken_over: dict[str, Told] = {}
+    mark_told(taken_over, ["quiet"], 10.1, again=True)  # ... whose first telling was the assignment: 20 s to the next
+    assert taken_over["quiet"].again_after(10.0) == 30.1
+    mark_told(told, ["quiet"], 500.0, again=False)  # moved anew (a shadow phase passed): 10 s again, not 60
+    assert told["quiet"].again_after(10.0) == 510.0

@@ -7,6 +7,7 @@ config, stopped by its pid — so both use this module.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -36,20 +37,40 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     Why not the kernel's ``bind(port 0)`` choice: that comes from the ephemeral range, which every outgoing connection
     draws from too, so between this call and the server's own bind a client's socket can take the port (a demo agent
-    then exits "cannot listen"). A port below that range is never handed to a client; drawn at random, checked free.
+    then exits "cannot listen"). A port below that range is never handed to a client; drawn at random, checked free
+    (on ``::1`` too for 127.0.0.1: a client of "localhost" may reach either), never the same twice in one process.
     Where the range leaves no room below it, the kernel's choice after all."""
     low = _ephemeral_low()
     for _ in range(50 if low > LISTEN_PORTS_FROM + 1000 else 0):
         port = random.randrange(LISTEN_PORTS_FROM, low)
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
+        if port not in _handed_out and _bindable(host, port):
+            _handed_out.add(port)
             return port
-    with socket.socket() as s:
+    with socket.socket(_family(host)) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+_handed_out: set[int] = set()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _bindable(host: str, port: int) -> bool:
+    try:
+        with socket.socket(_family(host)) as s:
+            s.bind((host, port))
+    except OSError:
+        return False
+    if host == "127.0.0.1" and socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", port))
+        except OSError as exc:
+            return exc.errno != errno.EADDRINUSE  # no IPv6 loopback here (EADDRNOTAVAIL): nothing listens there
+    return True
 
 
 def _ephemeral_low() -> int:

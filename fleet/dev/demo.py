@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shlex
 import shutil
 import signal
 import subprocess
@@ -299,7 +300,7 @@ class _Demo:
         if first in self.oip:
             result.curl = oip_curl(self.oip[first], MODEL, manifest)
         result.grpc = dict(self.grpc)
-        if first in self.grpc and importlib.util.find_spec("tritonclient.grpc") is not None:
+        if first in self.grpc and _installed("tritonclient.grpc"):
             result.grpc_call = grpc_call(self.grpc[first], MODEL, manifest)
         return result
 
@@ -385,10 +386,18 @@ def oip_available() -> bool:
     return "http" in ServingSettings.model_fields and importlib.util.find_spec("uvicorn") is not None
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (``find_spec`` of ``a.b`` imports ``a``, and raises
+    where ``a`` is missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def grpc_available() -> bool:
     """Whether this agent has the OIP gRPC endpoint (the ``serving.grpc`` setting) and grpcio with protobuf."""
-    found = importlib.util.find_spec
-    return "grpc" in ServingSettings.model_fields and found("grpc") is not None and found("google.protobuf") is not None
+    return "grpc" in ServingSettings.model_fields and _installed("grpc") and _installed("google.protobuf")
 
 
 def grpc_call(address: str, model: str, manifest: Path) -> str:
@@ -397,11 +406,12 @@ def grpc_call(address: str, model: str, manifest: Path) -> str:
     bundle = json.loads(manifest.read_text())
     spec, output = bundle["inputs"][0], bundle["outputs"][0]["name"]
     shape = [1 if d < 0 else int(d) for d in spec["shape"]]
-    return (
-        f'.venv/bin/python -c "import numpy as np, tritonclient.grpc as g; i = g.InferInput({spec["name"]!r}, {shape}, '
-        f"'{OIP_DATATYPES[spec['dtype']]}'); i.set_data_from_numpy(np.full({shape}, 4.0, np.{spec['dtype']}));"
-        f' print(g.InferenceServerClient({address!r}).infer({model!r}, [i]).as_numpy({output!r}))"'
+    code = (
+        f"import numpy as np, tritonclient.grpc as g; i = g.InferInput({spec['name']!r}, {shape}, {OIP_DATATYPES[spec['dtype']]!r});"
+        f" i.set_data_from_numpy(np.full({shape}, 4.0, np.dtype({spec['dtype']!r})));"
+        f" print(g.InferenceServerClient({address!r}).infer({model!r}, [i]).as_numpy({output!r}))"
     )
+    return f".venv/bin/python -c {shlex.quote(code)}"  # names come from a manifest: quoted for the shell, whatever they hold
 
 
 def oip_curl(base_url: str, model: str, manifest: Path) -> str:
@@ -409,7 +419,7 @@ def oip_curl(base_url: str, model: str, manifest: Path) -> str:
     spec = json.loads(manifest.read_text())["inputs"][0]
     shape = [1 if d < 0 else int(d) for d in spec["shape"]]
     body = {"inputs": [{"name": spec["name"], "shape": shape, "datatype": OIP_DATATYPES[spec["dtype"]], "data": [4.0] * math.prod(shape)}]}
-    return f"curl -s -X POST {base_url}/v2/models/{model}/infer -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+    return f"curl -s -X POST {base_url}/v2/models/{model}/infer -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
 
 
 def _keep_running(console: Console, r: DemoResult, stop: threading.Event) -> None:

@@ -120,7 +120,7 @@ class RolloutEngine:
         self.reannounce_s = 10.0  # a device assigned but silent this long is told again (a lost announcement), then backing off
         self.assign_batch = ASSIGN_BATCH
         self._released: dict[tuple[str, str], tuple[float, list[str]]] = {}  # (model, version): (read at, variant ids)
-        self._announced: dict[tuple[int, str], Told] = {}
+        self._announced: dict[int, dict[str, Told]] = {}  # rollout id -> device -> when told (rollouts that run)
 
     @property
     def director(self) -> Director:
@@ -206,7 +206,10 @@ class RolloutEngine:
 
     def tick(self, now: float | None = None) -> None:
         """Move every running rollout one step."""
-        for r in self.store.rollouts():
+        rollouts = self.store.rollouts()
+        for rid in self._announced.keys() - {r.id for r in rollouts if r.state in (RUNNING, PAUSED)}:
+            del self._announced[rid]  # ended (or aborting): nobody is told again
+        for r in rollouts:
             try:
                 if r.state == ABORTING:
                     self._abort(r, r.reason or "aborted by the operator")
@@ -236,8 +239,8 @@ class RolloutEngine:
             return False
         moves = self._move(seen, members, now)  # recorded and announced batch by batch
         moved = [c.device for c in moves if c.state == "assigned"]
-        late, again = judge_assigned(seen, applied(members, moves), set(moved), self._announced, now, self.reannounce_s)
-        self._record(r.id, changes + late, again, now)
+        late, again = judge_assigned(seen, applied(members, moves), set(moved), self._announced.get(r.id, {}), now, self.reannounce_s)
+        self._record(r.id, changes + late, again, now, again=True)
         everyone = applied(seen.everyone, changes + moves + late)
         return all(m.state in SETTLED for m in everyone if m.wave == r.wave) and self._wave_settled(seen, everyone, now)
 
@@ -294,9 +297,10 @@ class RolloutEngine:
             return Assignment(m.device, spec.model, m.previous, variant, shadow=(spec.version, m.variant))
         return Assignment(m.device, spec.model, spec.version, m.variant)
 
-    def _record(self, rid: int, changes: list[DeviceChange], told: list[str], now: float) -> None:
-        """Act: store the devices' new states, then announce to the devices moved (or told again); ``now``: when told."""
-        mark_told(self._announced, rid, told, now)
+    def _record(self, rid: int, changes: list[DeviceChange], told: list[str], now: float, again: bool = False) -> None:
+        """Act: store the devices' new states, then announce to the devices moved (or, ``again``, told again: their
+        wait for the next telling doubles); ``now``: when told."""
+        mark_told(self._announced.setdefault(rid, {}), told, now, again)
         self.store.set_device_states(rid, changes)
         if told:
             announce(self.director, told, broker=self.broker)
@@ -459,15 +463,16 @@ def judge_pending(seen: Observation, members: list[RolloutDevice], now: float) -
     return out
 
 
-def mark_told(announced: dict[tuple[int, str], Told], rid: int, devices: list[str], now: float) -> None:
-    """Note that ``devices`` were announced to at ``now`` (once more for those told before)."""
+def mark_told(announced: dict[str, Told], devices: list[str], now: float, again: bool) -> None:
+    """Note that ``devices`` were announced to at ``now``: ``again``, once more since their move (the backoff grows);
+    else just moved (it starts over: a device moved again after a shadow phase is told as soon as a new one)."""
     for device in devices:
-        before = announced.get((rid, device))
-        announced[(rid, device)] = Told(now, before.times + 1 if before else 1)
+        before = announced.get(device)
+        announced[device] = Told(now, before.times + 1 if again and before else 2 if again else 1)
 
 
 def judge_assigned(
-    seen: Observation, members: list[RolloutDevice], moved: set[str], announced: Mapping[tuple[int, str], Told], now: float, again_s: float
+    seen: Observation, members: list[RolloutDevice], moved: set[str], announced: Mapping[str, Told], now: float, again_s: float
 ) -> tuple[list[DeviceChange], list[str]]:
     """The wave's assigned devices: silent for the whole wave (timeout), or told long enough ago to be told again
     (the retained announcement may have been lost on the way: ``again_s`` after the first time, then backing off,
@@ -480,7 +485,7 @@ def judge_assigned(
             continue
         if now - r.wave_started > seen.spec.wave_timeout_s:  # assigned but silent for the whole wave
             changes.append(DeviceChange(m.device, "timeout", "no report within the wave timeout"))
-        elif m.device not in moved and now > announced.get((r.id, m.device), Told(m.assigned_at, 1)).again_after(again_s):
+        elif m.device not in moved and now > announced.get(m.device, Told(m.assigned_at, 1)).again_after(again_s):
             again.append(m.device)
     return changes, again
 

@@ -222,7 +222,9 @@ class PostgreSQL:
                     for table, day in missing:
                         _create_partition(conn, table, day)
             except psycopg.errors.LockNotAvailable:
-                self._ddl_busy("create_partition", missing[0][0])
+                if wait:  # a lock_timeout set on the role or database: the rows need it, the caller must know
+                    raise
+                self._ddl_busy("create_partition", ",".join(sorted({table for table, _ in missing})))
                 return
             self._made.update(missing)
 
