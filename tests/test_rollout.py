@@ -846,3 +846,18 @@ def test_a_silent_device_is_told_again_backing_off_to_a_minute() -> None:
     assert taken_over["quiet"].again_after(10.0) == 30.1
     mark_told(told, ["quiet"], 500.0, again=False)  # moved anew (a shadow phase passed): 10 s again, not 60
     assert told["quiet"].again_after(10.0) == 510.0
+
+
+def test_an_announcement_the_broker_did_not_take_does_not_push_the_next_one_back(rig: Rig, tmp_path: Path) -> None:
+    """With the broker away, telling a device fails; that failure must not count as a telling, or the device would be
+    told again only after the backoff's longer wait once the broker is back."""
+    from fleet.dev.broker import free_port
+
+    store = FleetStore(tmp_path / "away.db")
+    try:
+        engine = RolloutEngine(store, rig.image, rig.director, rig.keys, "127.0.0.1", free_port())  # nobody listens there
+        with pytest.raises(OSError):
+            engine._record(1, [], ["dev-away"], 100.0, again=True)
+        assert engine._announced.get(1, {}) == {}
+    finally:
+        store.close()

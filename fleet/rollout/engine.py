@@ -300,10 +300,10 @@ class RolloutEngine:
     def _record(self, rid: int, changes: list[DeviceChange], told: list[str], now: float, again: bool = False) -> None:
         """Act: store the devices' new states, then announce to the devices moved (or, ``again``, told again: their
         wait for the next telling doubles); ``now``: when told."""
-        mark_told(self._announced.setdefault(rid, {}), told, now, again)
         self.store.set_device_states(rid, changes)
         if told:
-            announce(self.director, told, broker=self.broker)
+            announce(self.director, told, broker=self.broker)  # raises when the broker is away: not told, not counted
+            mark_told(self._announced.setdefault(rid, {}), told, now, again)
 
     def _wave_settled(self, seen: Observation, everyone: list[RolloutDevice], now: float) -> bool:
         """Every device of the wave settled: after the soak, judge the wave by its gate and go on (True when a wave or the
