@@ -4,18 +4,17 @@ Why read at scrape time (a custom collector) and not kept in gauges: the store i
 any of several controllers answers the same numbers, a restarted one too, and nothing is kept twice. Each scrape runs
 a few GROUP BY queries (``fleet.store.aggregates``) and reads the ingest's and repository server's counters.
 
-The calls, errors and p95 per model version come from the devices' telemetry. The counters add up what telemetry
-received since the last scrape (first scrape: everything retained), read ``LAG_S`` behind now so that a batch
-received just before a scrape but written just after it is not missed; a batch written later than that (the store
-was away) is in the store but not in these counters. They start again from the retained telemetry when the
-controller restarts, as any Prometheus counter does.
+The calls, errors and p95 per model version come from the devices' telemetry. The counters are the store's
+``model_totals``, which the ingest adds each batch to in the transaction that stores it: every controller reads the
+same totals, a batch written late (the store was away) is counted once it is written, and neither retention nor a
+restart makes them go down. (They were once the telemetry received since the previous scrape, read a few seconds
+behind now: a batch written later than that margin was never counted.)
 
 Optional: ``prometheus_client`` comes with ``edgefleet[controller]``; without it ``/metrics`` answers 503 and says so.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["CONTENT_TYPE", "FleetMetrics", "P95_WINDOW_S"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LAG_S = 5.0  # the ingest writes a batch within 0.1 s of receiving it; this is the margin
 P95_WINDOW_S = 300.0  # the p95 gauge: each device's mean batch p95 over this window, then the median over devices
 MESSAGE_KINDS = ("status", "reported", "telemetry", "jobs")
 
@@ -37,11 +35,8 @@ MESSAGE_KINDS = ("status", "reported", "telemetry", "jobs")
 class FleetMetrics:
     """A Prometheus collector over ``store`` (and ``controller``'s ingest and repository server when given)."""
 
-    def __init__(self, store: FleetStore, controller: Controller | None = None, lag_s: float = LAG_S) -> None:
-        self.store, self.controller, self.lag_s = store, controller, lag_s
-        self._lock = threading.Lock()  # scrapes may come in parallel (a threading HTTP server, two Prometheus)
-        self._until = 0.0  # receive time up to which telemetry is counted
-        self._totals: dict[str, Counter[tuple[str, str]]] = {"requests": Counter(), "server_errors": Counter(), "client_errors": Counter()}
+    def __init__(self, store: FleetStore, controller: Controller | None = None) -> None:
+        self.store, self.controller = store, controller
 
     def render(self) -> bytes:
         """The text exposition format of everything below (``prometheus_client`` imported here: ImportError without it)."""
@@ -55,16 +50,13 @@ class FleetMetrics:
         yield from self._devices_and_versions()
         yield from self._process()
 
-    def _counted(self) -> dict[str, Counter[tuple[str, str]]]:
-        with self._lock:
-            until = time.time() - self.lag_s
-            if until > self._until:
-                for key, t in self.store.telemetry_totals(self._until, until).items():
-                    self._totals["requests"][key] += t.requests
-                    self._totals["server_errors"][key] += t.server_errors
-                    self._totals["client_errors"][key] += t.client_errors
-                self._until = until
-            return {k: Counter(v) for k, v in self._totals.items()}
+    def _counted(self) -> dict[str, dict[tuple[str, str], int]]:
+        totals = self.store.telemetry_totals()
+        return {
+            "requests": {key: t.requests for key, t in totals.items()},
+            "server_errors": {key: t.server_errors for key, t in totals.items()},
+            "client_errors": {key: t.client_errors for key, t in totals.items()},
+        }
 
     def _devices_and_versions(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

@@ -51,7 +51,7 @@ def test_fleet_aggregates_devices_versions_rollouts_gates(store: FleetStore) -> 
         batches.append(back(60, msg(device, "telemetry", t)))
     batches.append(back(60, msg("a", "telemetry", telemetry(9, "1.1.0", device="a"))))
     store.ingest(batches)
-    metrics = FleetMetrics(store, lag_s=0.0)
+    metrics = FleetMetrics(store)
     got = samples(metrics.render().decode())
     assert got[("edgefleet_devices", (("hardware", "x86_64"), ("state", "online")))] == 2
     assert got[("edgefleet_devices", (("hardware", "pi"), ("state", "offline")))] == 1
@@ -62,11 +62,16 @@ def test_fleet_aggregates_devices_versions_rollouts_gates(store: FleetStore) -> 
     assert got[("edgefleet_model_requests_total", (("model", "m"), ("version", "1.1.0")))] == 10
     assert got[("edgefleet_model_latency_p95_seconds", v1)] == pytest.approx(0.004)  # the median device, not the slow one
 
-    # counters: a second scrape adds only what arrived since (nothing), never the same rows twice
+    # counters: a second scrape counts nothing twice; a batch stored late (received a minute ago) still counts, a
+    # batch sent again does not, and retention never takes from them
     assert samples(metrics.render().decode())[("edgefleet_model_requests_total", v1)] == 30
-    store.ingest([back(60, msg("b", "telemetry", telemetry(10, device="b")))])  # stored late: before the last scrape's span
+    store.ingest([back(60, msg("b", "telemetry", telemetry(10, device="b")))])
     store.ingest([msg("b", "telemetry", telemetry(11, device="b"))])
-    assert samples(metrics.render().decode())[("edgefleet_model_requests_total", v1)] == 40
+    store.ingest([msg("b", "telemetry", telemetry(11, device="b"))])  # the same batch again: a duplicate
+    assert samples(metrics.render().decode())[("edgefleet_model_requests_total", v1)] == 50
+    store.prune_telemetry(1.0)  # SQLite: the rows a minute old go (PostgreSQL drops whole days only)
+    assert samples(metrics.render().decode())[("edgefleet_model_requests_total", v1)] == 50
+    assert samples(FleetMetrics(store).render().decode())[("edgefleet_model_requests_total", v1)] == 50  # a restarted controller
 
     plan = [[PlannedDevice("a", "1.0.0", "onnx-fp32", "x86_64")], [PlannedDevice("b", "1.0.0", "onnx-fp32", "x86_64")]]
     done = store.create_rollout({"model": "m", "version": "1.1.0"}, plan)

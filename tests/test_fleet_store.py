@@ -360,7 +360,7 @@ def test_a_sqlite_store_made_before_schema_versions_is_upgraded_and_keeps_its_ro
     finally:
         fs.close()
     again = FleetStore(path)  # opening an up-to-date store changes nothing
-    assert [r["version"] for r in again.db.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4]
+    assert [r["version"] for r in again.db.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4, 5]
     again.close()
 
 
@@ -531,6 +531,28 @@ def test_a_store_at_version_2_gains_the_director_and_controller_tables(store_loc
         fs.put_director_files("dev-1", {"timestamp.json": _ts(1)}, 1)
         fs.register_controller("c-1", "edgefleet-ingest-c-1", "host")
         assert fs.director_versions() == {"dev-1": 1} and [c["id"] for c in fs.controllers()] == ["c-1"]
+    finally:
+        fs.close()
+
+
+def test_a_store_at_version_4_starts_its_model_totals_from_the_telemetry_it_holds(store_location: Path | str) -> None:
+    from fleet.store import open_database, schema
+
+    db = open_database(store_location)
+    assert schema.upgrade(db, to=4) == 4
+    db.ensure_partitions([time.time()])
+    for seq, (version, errors) in enumerate((("1.0.0", 1), ("1.0.0", 2), ("2.0.0", 0)), start=1):
+        row = {"device": "a", "seq": seq, "ts": time.time(), "model": "m", "version": version, "requests": 5, "errors": errors}
+        db.insert("telemetry", {**row, "p95_ms": 1.0, "client_errors": 1, "session": 1, "device_ts": 0.0})
+    db.close()
+    fs = FleetStore(store_location)
+    try:
+        assert schema.version(fs.db) == schema.LATEST
+        totals = fs.telemetry_totals()
+        assert (totals[("m", "1.0.0")].requests, totals[("m", "1.0.0")].server_errors, totals[("m", "1.0.0")].client_errors) == (10, 3, 2)
+        assert totals[("m", "2.0.0")].requests == 5
+        assert fs.ingest([msg("b", "telemetry", telemetry(1))]) == 1  # then the ingest adds to them
+        assert fs.telemetry_totals()[("m", "1.0.0")].requests == 20
     finally:
         fs.close()
 

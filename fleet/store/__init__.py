@@ -115,6 +115,7 @@ class FleetStore:
                         self._reject(device, exc)
                 for d in changed.values():
                     self._devices.write(d)
+                self._telemetry.add_totals(b for (_, b, _), ok in zip(batches, stored) if ok)
             self.duplicates += duplicates  # counted once the transaction holds
         return n
 
@@ -247,10 +248,10 @@ class FleetStore:
 
     # -- aggregates for /metrics (fleet.metrics) ---------------------------------------------
 
-    def telemetry_totals(self, after: float, until: float) -> dict[tuple[str, str], aggregates.VersionTotals]:
-        """Per model version: calls answered, server and client errors in telemetry received in ``(after, until]``."""
+    def telemetry_totals(self) -> dict[tuple[str, str], aggregates.VersionTotals]:
+        """Per model version: every call answered, server and client error the stored telemetry counted."""
         with self._lock:
-            return aggregates.telemetry_totals(self.db, after, until)
+            return aggregates.telemetry_totals(self.db)
 
     def fleet_aggregates(self, p95_since: float) -> aggregates.FleetAggregates:
         """Devices by online state and hardware, each version's p95 since ``p95_since``, rollouts, waves, gate decisions."""

@@ -22,7 +22,7 @@ ENDED = ("done", "aborted")
 
 @dataclass(frozen=True)
 class VersionTotals:
-    """One model version's answered calls, server-side and client-side errors in a span of receive time."""
+    """One model version's answered calls, server-side and client-side errors."""
 
     requests: int = 0
     server_errors: int = 0
@@ -39,13 +39,9 @@ class FleetAggregates:
     gates: Counter[tuple[str, str]] = field(default_factory=Counter)  # (gate, decision) -> decisions
 
 
-def telemetry_totals(db: Database, after: float, until: float) -> dict[tuple[str, str], VersionTotals]:
-    """Per model version, what telemetry received in ``(after, until]`` counted (the ``telemetry_ts`` index)."""
-    rows = db.query(
-        "SELECT model, version, sum(requests) AS requests, sum(errors) AS errors, sum(client_errors) AS client_errors"
-        " FROM telemetry WHERE ts > :after AND ts <= :until GROUP BY model, version",
-        {"after": after, "until": until},
-    )
+def telemetry_totals(db: Database) -> dict[tuple[str, str], VersionTotals]:
+    """Per model version, what all stored telemetry counted (``model_totals``: one row each, kept by the ingest)."""
+    rows = db.query("SELECT model, version, requests, errors, client_errors FROM model_totals")
     return {
         (r["model"], r["version"]): VersionTotals(int(r["requests"] or 0), int(r["errors"] or 0), int(r["client_errors"] or 0))
         for r in rows

@@ -350,4 +350,11 @@ def _v4(db: PostgreSQL) -> None:
     _indexes(db, [t.name for t in schema.TABLES])
 
 
-MIGRATIONS: dict[int, Callable[[PostgreSQL], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
+def _v5(db: PostgreSQL) -> None:
+    """Each model version's totals (``schema.ADDED_TABLES``), started from the telemetry the store holds."""
+    for name in schema.ADDED_TABLES[5]:
+        db.execute(f'CREATE TABLE IF NOT EXISTS "{name}" ({_columns_sql(_TABLES[name])})')
+    db.execute(schema.SEED_TOTALS)
+
+
+MIGRATIONS: dict[int, Callable[[PostgreSQL], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}

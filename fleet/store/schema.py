@@ -164,6 +164,17 @@ TABLES = (
     # every controller that ever served this fleet, by its stable id: the leader checks which of them died and takes
     # their ingest sessions over (``fleet.transport.adopt``)
     Table("controllers", {"id": str, "client_id": str, "host": str, "started": float}, pk="id"),
+    # per model version, every answered call and error the stored telemetry ever counted: the ingest adds each
+    # batch's in the transaction that stores it, so ``/metrics``' counters miss no batch, however late it was
+    # written, and neither retention nor a restart makes them go down
+    Table("model_totals", {"model": str, "version": str, "requests": int, "errors": int, "client_errors": int}, pk=("model", "version")),
+)
+
+# Version 5 starts the totals from the telemetry a store holds (what the counters counted before it).
+SEED_TOTALS = (
+    "INSERT INTO model_totals (model, version, requests, errors, client_errors)"
+    " SELECT model, version, coalesce(sum(requests), 0), coalesce(sum(errors), 0), coalesce(sum(client_errors), 0)"
+    " FROM telemetry GROUP BY model, version"
 )
 
 # Created after the migrations (an index may name a migrated column), in this order.
@@ -201,12 +212,13 @@ VERSIONS = (
     (2, "telemetry, predictions and shadow partitioned by day of their receive time (PostgreSQL)"),
     (3, "the director's metadata and the controllers, so that several controllers serve one fleet"),
     (4, "telemetry and predictions indexed by device, model, version and receive time: the health gate's windows"),
+    (5, "each model version's totals of answered calls and errors, kept by the ingest (the /metrics counters)"),
 )
 # Indexes a version replaced (dropped where present). Why version 4: with (device, model, ts) PostgreSQL planned
 # the gate's window query on (model, version, ts) while a day's partition had no statistics yet, scanning every
 # device's rows for each window: minutes at 10,000 devices; with every condition in one index, 0.3 s.
 DROPPED_INDEXES = {4: ("telemetry_device", "predictions_device")}
-ADDED_TABLES = {3: ("director_metadata", "controllers")}  # the tables a version brings (made only where missing)
+ADDED_TABLES = {3: ("director_metadata", "controllers"), 5: ("model_totals",)}  # the tables a version brings (made only where missing)
 LATEST = VERSIONS[-1][0]
 
 

@@ -197,4 +197,12 @@ def _v4(db: SQLite) -> None:
         db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table_name} ({', '.join(columns)})")
 
 
-MIGRATIONS: dict[int, Callable[[SQLite], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
+def _v5(db: SQLite) -> None:
+    """Each model version's totals (``schema.ADDED_TABLES``), started from the telemetry the store holds."""
+    for table in schema.TABLES:
+        if table.name in schema.ADDED_TABLES[5]:
+            _create_table(db, table)
+    db.execute(schema.SEED_TOTALS)
+
+
+MIGRATIONS: dict[int, Callable[[SQLite], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
