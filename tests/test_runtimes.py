@@ -338,3 +338,32 @@ def test_runtimes_left_out_of_runtime_enabled_are_never_imported() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
     assert out == "True not enabled in the settings (runtime.enabled) False False", out
+
+
+def test_a_refused_non_finite_input_prints_no_numpy_warning(models: ModelFiles) -> None:
+    """The fast path's dot product sets numpy's "invalid" flag on NaN or infinity; the input is refused with a typed
+    error, and nothing is printed to the agent's stderr (a fresh process: numpy warns once per process)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import numpy as np
+from agent.errors import NonFiniteInput
+from agent.runtimes import get_runtime
+rt = get_runtime("onnx")()
+rt.load({str(models.path("mlp.onnx"))!r})
+good = np.zeros((16, 64), np.float32)
+rt.infer({{"x": good}}); rt.infer({{"x": good}})  # the second takes the fast path
+for bad in (np.nan, np.inf):
+    x = good.copy(); x[3, 3] = bad
+    try:
+        rt.infer({{"x": x}})
+    except NonFiniteInput:
+        print("refused")
+import warnings
+warnings.warn("still shown", RuntimeWarning)  # other warnings are not hidden
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["refused", "refused"]
+    assert "invalid value" not in done.stderr and "still shown" in done.stderr

@@ -9,6 +9,7 @@ agent micro-batches them (None: it has none, a 0-d sample rate say).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -146,6 +147,11 @@ def _validate_array(spec: TensorSpec, value: object) -> np.ndarray:
         raise NonFiniteInput(f"input '{spec.name}': contains NaN or infinity")
     return arr
 
+
+# The finiteness checks' dot product sets numpy's "invalid" flag for an input holding NaN or infinity; that input is
+# refused (NonFiniteInput, logged and counted where it is served), so numpy's warning about it says nothing more and
+# is not shown. A filter costs the valid calls nothing: Python reads the filters only when a warning is raised.
+warnings.filterwarnings("ignore", message="invalid value encountered in dot", category=RuntimeWarning, module=r"agent\.runtimes\.")
 
 _SMALL = 64  # up to this many elements a Python sum beats any numpy call
 ZEROS_UP_TO = 4096  # elements: beyond this the dot product with itself (and errstate's ~1 us) is cheap beside the data
