@@ -287,9 +287,9 @@ class Agent:
         systemd.notify("STATUS=settings reloaded" + (f"; restart to apply {', '.join(needs_restart)}" if needs_restart else ""))
         return needs_restart
 
-    def _take_window(self) -> dict[str, Any]:
-        """The outbox's next telemetry window; added to the Prometheus totals too when they are kept."""
-        window = self.windows.take(self.settings.telemetry.interval_s, self.last_check)
+    def _take_window(self, window_s: float) -> dict[str, Any]:
+        """The outbox's next telemetry window, ``window_s`` long; added to the Prometheus totals too when they are kept."""
+        window = self.windows.take(window_s, self.last_check)
         if self.totals is not None:
             self.totals.add(window)
         return window
@@ -317,6 +317,8 @@ class Agent:
             self._publish(f"jobs/{job.id}", update)
         if job.state in ("ACTIVE", "SHADOW", "REJECTED", "FAILED", "ROLLED_BACK"):
             self._publish_reported()
+        if job.state in ("ACTIVE", "SHADOW", "ROLLED_BACK"):  # serving (or comparing) another version now
+            self.outbox.report_soon(self.settings.telemetry.first_report_s)
 
     # -- the worker ------------------------------------------------------------------------
 
@@ -418,6 +420,7 @@ class Agent:
             logs.event(log, "rollback.failed", logging.ERROR, model=model, reason=str(exc))
             raise
         self._publish_reported()
+        self.outbox.report_soon(self.settings.telemetry.first_report_s)
         return previous.version
 
 

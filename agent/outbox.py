@@ -1,7 +1,8 @@
 """The telemetry outbox: batches with a sequence number, store-and-forward through a bounded SQLite table.
 
 Every ``interval_s`` one batch is written to the outbox (one transaction: number and
-content together), then the outbox is sent oldest first while the broker is there; a
+content together; once sooner after ``report_soon``, the interval then starting over), then
+the outbox is sent oldest first while the broker is there; a
 batch leaves the outbox only after the broker acknowledged it (QoS 1 PUBACK). So an
 outage loses nothing within the limits (``outbox_max_batches``, ``outbox_max_age_s``);
 beyond them the oldest go first and the next batch says how many (``dropped_total``).
@@ -12,6 +13,7 @@ What goes into a batch is ``collect``'s business (``agent.report.Windows``); thi
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +33,7 @@ class Outbox:
     def __init__(
         self,
         store: AgentStore,
-        collect: Callable[[], dict[str, Any]],
+        collect: Callable[[float], dict[str, Any]],
         publish: Callable[[bytes], mqtt.MQTTMessageInfo],
         connected: Callable[[], bool],
         interval_s: float = 10.0,
@@ -41,11 +43,14 @@ class Outbox:
         self.store, self.collect, self.publish, self.connected = store, collect, publish, connected
         self.interval_s, self.max_batches, self.max_age_s = interval_s, max_batches, max_age_s
         self.sent = 0
+        self._soon = math.inf  # monotonic time of a batch asked for before the interval's end (``report_soon``)
+        self._window_start = time.monotonic()  # the batch being gathered: since when (its length goes into it)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
 
     def start(self) -> Outbox:
+        self._window_start = time.monotonic()
         self._thread.start()
         return self
 
@@ -64,15 +69,26 @@ class Outbox:
         """Send the outbox now (called on reconnect)."""
         self._wake.set()
 
+    def report_soon(self, delay_s: float) -> None:
+        """The next batch within ``delay_s`` when that is before the interval's end (a model just switched version:
+        the controller hears of the new one's first seconds); the interval starts over from that batch."""
+        if delay_s > 0:
+            self._soon = min(self._soon, time.monotonic() + delay_s)
+            self._wake.set()
+
     def _loop(self) -> None:
         next_batch = time.monotonic() + self.interval_s
         while not self._stop.is_set():
-            self._wake.wait(max(0.0, next_batch - time.monotonic()))
+            self._wake.wait(max(0.0, min(next_batch, self._soon) - time.monotonic()))
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
-                if time.monotonic() >= next_batch:
+                now = time.monotonic()
+                if now >= self._soon:  # asked for early: this batch, then whole intervals from it
+                    self._soon, next_batch = math.inf, now + self.interval_s
+                    self.record()
+                elif now >= next_batch:
                     next_batch += self.interval_s
                     self.record()
                 self.flush(deadline=time.monotonic() + self.interval_s)
@@ -80,9 +96,14 @@ class Outbox:
                 logs.event(log, "telemetry.error", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
 
     def record(self) -> int:
+        """One batch of the window since the last (its length, not the setting: an early or final batch is shorter)."""
+        now = time.monotonic()
+        window_s = round(max(now - self._window_start, 1e-3), 3)
+        self._window_start = now
+
         def make(seq: int, dropped_total: int) -> str:
             batch = wire.TelemetryBatch.model_validate(
-                {"seq": seq, "ts": time.time(), "interval_s": self.interval_s, "dropped_total": dropped_total, **self.collect()}
+                {"seq": seq, "ts": time.time(), "interval_s": window_s, "dropped_total": dropped_total, **self.collect(window_s)}
             )
             return wire.encode(batch).decode()
 

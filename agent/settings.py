@@ -201,6 +201,10 @@ class TelemetrySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     interval_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
+    # After a model switched version (an update, a rollback), the next batch comes this soon instead of at the
+    # interval's end, and the interval starts over from it: the controller (a rollout's health gate, the dashboard)
+    # hears of the new version's first seconds without waiting up to a whole interval. 0: at the interval only.
+    first_report_s: Annotated[float, Field(ge=0, le=86400)] = 2.0
     outbox_max_batches: Annotated[int, Field(ge=1)] = 10_000  # kept while the broker is away; the oldest go first
     outbox_max_age_s: Annotated[float, Field(gt=0)] = 7 * 86400
     # Every Nth answered call adds to the sums of what each model answered (mean, spread, top-class counts) for the

@@ -262,3 +262,33 @@ def test_controller_re_signs_online_metadata_before_it_expires_and_tells_the_dev
     finally:
         watcher.disconnect()
         watcher.loop_stop()
+
+
+def test_the_first_telemetry_on_a_new_version_comes_soon_after_the_switch(rig: Rig) -> None:
+    """``telemetry.first_report_s``: after an update the next batch comes that soon, not at the interval's end (60 s
+    here), and says how long its window was; a rollout's gate and the dashboard see the new version within seconds."""
+    import time
+
+    from agent.settings import load_settings
+
+    config = rig.write_config("dev-soon")
+    config.write_text(config.read_text() + "[telemetry]\ninterval_s = 60\nfirst_report_s = 0.5\n")
+    topic = device_topic("dev-soon", "telemetry")
+    telemetry = Subscriber(rig.broker, [topic], "watch-soon-telemetry")
+    jobs = JobWatcher(rig.broker, "dev-soon")
+    agent = Agent(load_settings(config)).start()
+    try:
+        assert agent.wait_connected()
+        rig.assign("dev-soon", "1.0.0")
+        active = wait_for(lambda: jobs.last("ACTIVE"), what="ACTIVE")
+        batch = wait_for(
+            lambda: next((b for b in telemetry.json(topic) if [m["version"] for m in b["models"]] == ["1.0.0"]), None),
+            20,
+            "a batch on 1.0.0",
+        )
+        assert 0 < batch["ts"] - active["updated"] < 5 and batch["interval_s"] < 30
+        assert batch["seq"] == 1 and time.time() - active["updated"] < 30  # the first batch of all, well before the interval
+    finally:
+        agent.stop()
+        telemetry.close()
+        jobs.close()

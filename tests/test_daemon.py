@@ -116,7 +116,7 @@ def test_outbox_limits_drop_the_oldest_and_say_so(tmp_path: Path) -> None:
         "queue_depth": 0,
         "system": {"cpu_percent": 0.0, "process_cpu_percent": 0.0, "rss_bytes": 1, "memory_percent": 1.0},
     }
-    t = Outbox(store, lambda: window, lambda payload: None, lambda: False, max_batches=3)  # type: ignore[arg-type,return-value]
+    t = Outbox(store, lambda _: window, lambda payload: None, lambda: False, max_batches=3)  # type: ignore[arg-type,return-value]
     for _ in range(5):
         t.record()
     kept = store.outbox_oldest()

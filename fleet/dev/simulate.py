@@ -110,6 +110,7 @@ class SimDevice:
     seq: int = 0
     acked: list[tuple[int, float]] = field(default_factory=list)  # (seq, time.time()) of each telemetry batch the broker acknowledged
     update: wire.UpdateState = field(default_factory=lambda: wire.UpdateState(state="never"))
+    switched: asyncio.Event = field(default_factory=asyncio.Event)  # a version changed: the next batch comes soon
 
 
 class Simulator:
@@ -129,6 +130,7 @@ class Simulator:
         jitter: float = 0.1,
         broker: BrokerSettings | None = None,
         passwords: Mapping[str, str] | None = None,
+        first_report_s: float = 2.0,
     ) -> None:
         """``broker``: TLS, MQTT version and credentials (``host``/``port`` replace its address). ``passwords``: each
         simulated device logs in as itself (user name = its id) with the password ``fleet provision`` issued for it,
@@ -142,6 +144,7 @@ class Simulator:
         self.passwords = dict(passwords or {})
         self._options: dict[str, Any] | None = None  # aiomqtt's, made once: one TLS context for every device
         self.telemetry_s, self.behaviours = telemetry_s, behaviours or []
+        self.first_report_s = first_report_s  # as the agent's telemetry.first_report_s: a batch that soon after a switch
         ids = [d.id for d in self.devices]
         self._chosen = [(b, b.chosen(ids)) for b in self.behaviours]
         # a simulator started again against the same store must not look like its earlier run sending batches twice
@@ -352,6 +355,7 @@ class Simulator:
                     d.model_versions[model] = version
                     if d.shadows.get(model) == version:
                         del d.shadows[model]  # promoted
+                    d.switched.set()
                     await self._report(client, d)
             for model, (path, custom) in shadows.items():
                 version = custom.get("version", "")
@@ -359,6 +363,7 @@ class Simulator:
                     continue
                 if await self._install(client, d, path, model, version, "SHADOW"):
                     d.shadows[model] = version
+                    d.switched.set()
                     await self._report(client, d)
 
     async def _install(self, client: Any, d: SimDevice, path: str, model: str, version: str, final: str) -> bool:
@@ -399,21 +404,27 @@ class Simulator:
         self.sent["jobs"] += 1
 
     async def _telemetry(self, client: Any, d: SimDevice) -> None:
+        """A batch every ``telemetry_s``, and one ``first_report_s`` after a switch (the interval starts over from it;
+        its counts are its shorter window's share), as the agent's outbox does."""
         rng = random.Random(d.id)
         await asyncio.sleep(rng.uniform(0, self.telemetry_s))  # spread the fleet's batches over the interval
+        last = time.monotonic()
         while not self._stop.is_set():
+            now = time.monotonic()
+            share = min(1.0, (now - last) / self.telemetry_s) if d.seq else 1.0
+            window_s, last = (now - last if d.seq else self.telemetry_s), now
             d.seq += 1
-            models = [self._window(d, model, version, rng) for model, version in d.model_versions.items()]
+            models = [self._window(d, model, version, rng, share) for model, version in d.model_versions.items()]
             body = wire.TelemetryBatch(
                 device_id=d.id,
                 session=self.session,
                 seq=d.seq,
                 ts=time.time(),
-                interval_s=self.telemetry_s,
+                interval_s=round(max(window_s, 1e-3), 3),
                 dropped_total=0,
                 models=models,
                 unattributed_errors={},
-                throughput_rps=sum(m.count for m in models) / self.telemetry_s,
+                throughput_rps=sum(m.count for m in models) / max(window_s, 1e-3),
                 queue_depth=0,
                 system=wire.SystemMetrics(cpu_percent=10.0, process_cpu_percent=5.0, rss_bytes=50 * 2**20, memory_percent=20.0),
                 update=d.update,
@@ -421,14 +432,29 @@ class Simulator:
             await client.publish(device_topic(d.id, "telemetry"), wire.encode(body), qos=1)
             self.sent["telemetry"] += 1
             d.acked.append((d.seq, time.time()))
-            await asyncio.sleep(self.telemetry_s)
+            await self._until_next_batch(d)
 
-    def _window(self, d: SimDevice, model: str, version: str, rng: random.Random) -> wire.ModelWindow:
+    async def _until_next_batch(self, d: SimDevice) -> None:
+        """One interval, or ``first_report_s`` after a switch within it (the agent's ``Outbox.report_soon``)."""
+        if self.first_report_s <= 0:
+            await asyncio.sleep(self.telemetry_s)
+            return
+        due = time.monotonic() + self.telemetry_s
+        try:
+            await asyncio.wait_for(d.switched.wait(), self.telemetry_s)
+        except asyncio.TimeoutError:
+            return
+        d.switched.clear()
+        await asyncio.sleep(max(0.0, min(self.first_report_s, due - time.monotonic())))  # never later than the interval's
+
+    def _window(self, d: SimDevice, model: str, version: str, rng: random.Random, share: float = 1.0) -> wire.ModelWindow:
+        """One model's window; ``share``: its length against a whole interval (an early batch's calls are fewer)."""
         b = self._behaviour(d.id, version)
         latency = self.base_latency_ms * self.load * (b.latency_x if b else 1.0) * rng.uniform(1 - self.jitter, 1 + self.jitter)
-        errors = int(self.requests_per_batch * (b.error_rate if b else 0.0))
-        client_errors = int(self.requests_per_batch * (b.client_error_rate if b else 0.0))
-        answered = self.requests_per_batch - errors - client_errors
+        calls = max(1, round(self.requests_per_batch * share))
+        errors = int(calls * (b.error_rate if b else 0.0))
+        client_errors = int(calls * (b.client_error_rate if b else 0.0))
+        answered = calls - errors - client_errors
         codes = {code: n for code, n in (("internal", errors), ("bad_request", client_errors)) if n}
         shadow = self._shadow_window(d, d.shadows[model], answered, latency, rng) if model in d.shadows else None
         return wire.ModelWindow(
