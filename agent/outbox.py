@@ -28,6 +28,8 @@ __all__ = ["Outbox"]
 
 log = logging.getLogger("edgefleet.telemetry")
 
+MAX_WINDOW_S = 86_400.0  # the wire's bound on a batch's interval_s (a day's interval, woken a little late, is a day)
+
 
 class Outbox:
     def __init__(
@@ -44,6 +46,7 @@ class Outbox:
         self.interval_s, self.max_batches, self.max_age_s = interval_s, max_batches, max_age_s
         self.sent = 0
         self._soon = math.inf  # monotonic time of a batch asked for before the interval's end (``report_soon``)
+        self._soon_lock = threading.Lock()
         self._window_start = time.monotonic()  # the batch being gathered: since when (its length goes into it)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -70,10 +73,12 @@ class Outbox:
         self._wake.set()
 
     def report_soon(self, delay_s: float) -> None:
-        """The next batch within ``delay_s`` when that is before the interval's end (a model just switched version:
-        the controller hears of the new one's first seconds); the interval starts over from that batch."""
-        if delay_s > 0:
-            self._soon = min(self._soon, time.monotonic() + delay_s)
+        """The next batch within ``delay_s`` (a model just switched version: the controller hears of the new one's
+        first seconds); the interval starts over from that batch. Whichever batch comes first answers it: a delay not
+        shorter than the interval changes nothing."""
+        if 0 < delay_s < self.interval_s:
+            with self._soon_lock:
+                self._soon = min(self._soon, time.monotonic() + delay_s)
             self._wake.set()
 
     def _loop(self) -> None:
@@ -85,10 +90,14 @@ class Outbox:
                 return
             try:
                 now = time.monotonic()
-                if now >= self._soon:  # asked for early: this batch, then whole intervals from it
-                    self._soon, next_batch = math.inf, now + self.interval_s
+                with self._soon_lock:  # a report_soon from another thread is answered by this batch or the next
+                    early, due = now >= self._soon, now >= next_batch
+                    if early or due:
+                        self._soon = math.inf
+                if early:  # asked for: this batch, then whole intervals from it
+                    next_batch = now + self.interval_s
                     self.record()
-                elif now >= next_batch:
+                elif due:
                     next_batch += self.interval_s
                     self.record()
                 self.flush(deadline=time.monotonic() + self.interval_s)
@@ -98,7 +107,7 @@ class Outbox:
     def record(self) -> int:
         """One batch of the window since the last (its length, not the setting: an early or final batch is shorter)."""
         now = time.monotonic()
-        window_s = round(max(now - self._window_start, 1e-3), 3)
+        window_s = round(min(max(now - self._window_start, 1e-3), MAX_WINDOW_S), 3)
         self._window_start = now
 
         def make(seq: int, dropped_total: int) -> str:

@@ -126,6 +126,38 @@ def test_outbox_limits_drop_the_oldest_and_say_so(tmp_path: Path) -> None:
     assert [seq for seq, _ in kept] == [4, 5, 6] and json.loads(kept[-1][1])["dropped_total"] == 2
 
 
+def test_outbox_batch_asked_for_soon_comes_soon_and_says_its_window(tmp_path: Path) -> None:
+    """``report_soon``: the next batch within the delay (not at the interval's end, 60 s here), its ``interval_s`` the
+    window it covers; a delay not shorter than the interval changes nothing; a window is never longer than the
+    wire allows (a day)."""
+    from agent.outbox import MAX_WINDOW_S, Outbox
+    from agent.store import AgentStore
+
+    store = AgentStore(tmp_path / "a.db")
+    window = {
+        "device_id": "t",
+        "session": 1,
+        "models": [],
+        "throughput_rps": 0.0,
+        "queue_depth": 0,
+        "system": {"cpu_percent": 0.0, "process_cpu_percent": 0.0, "rss_bytes": 1, "memory_percent": 1.0},
+    }
+    asked: list[float] = []
+    t = Outbox(store, lambda s: asked.append(s) or window, lambda payload: None, lambda: False, interval_s=60).start()  # type: ignore[arg-type,return-value,func-returns-value]
+    try:
+        t.report_soon(60.0)
+        assert t._soon == float("inf")  # the interval's own batch comes no later: nothing to ask for
+        t.report_soon(0.3)
+        kept = wait_for(lambda: store.outbox_oldest(), 10, "the early batch")
+        batch = json.loads(kept[0][1])
+        assert batch["seq"] == 1 and 0.2 < batch["interval_s"] < 5 and asked == [batch["interval_s"]]
+        t._window_start -= 3 * MAX_WINDOW_S  # as if the last batch were three days ago
+        t.record()
+        assert json.loads(store.outbox_oldest()[-1][1])["interval_s"] == MAX_WINDOW_S
+    finally:
+        t.stop(flush_timeout=0.1)
+
+
 def test_systemd_notify_ready_watchdog_stopping(rig: Rig, tmp_path: Path) -> None:
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

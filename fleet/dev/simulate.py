@@ -28,6 +28,7 @@ from typing import Any
 
 from agent import wire
 from agent.errors import InvalidOptions
+from agent.outbox import MAX_WINDOW_S
 from agent.settings import BrokerSettings
 from agent.wire import RepoReply, RepoRequest, device_topic, repo_reply_topic, repo_request_topic
 from fleet.api import BrokerUnreachable
@@ -166,6 +167,8 @@ class Simulator:
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         self._stop = asyncio.Event()
+        for d in self.devices:  # events bind to the loop that first waits on them: a new run, new events
+            d.switched = asyncio.Event()
         tasks = [asyncio.create_task(self._device(d, i)) for i, d in enumerate(self.devices)]
         while self.connected < len(self.devices) and not self._stop.is_set():
             await asyncio.sleep(0.05)
@@ -408,11 +411,11 @@ class Simulator:
         its counts are its shorter window's share), as the agent's outbox does."""
         rng = random.Random(d.id)
         await asyncio.sleep(rng.uniform(0, self.telemetry_s))  # spread the fleet's batches over the interval
-        last = time.monotonic()
+        last = time.monotonic() - self.telemetry_s  # each connection's first batch: a whole interval, as before
         while not self._stop.is_set():
             now = time.monotonic()
-            share = min(1.0, (now - last) / self.telemetry_s) if d.seq else 1.0
-            window_s, last = (now - last if d.seq else self.telemetry_s), now
+            window_s, last = min(max(now - last, 1e-3), MAX_WINDOW_S), now
+            share = min(1.0, window_s / self.telemetry_s)
             d.seq += 1
             models = [self._window(d, model, version, rng, share) for model, version in d.model_versions.items()]
             body = wire.TelemetryBatch(
@@ -420,11 +423,11 @@ class Simulator:
                 session=self.session,
                 seq=d.seq,
                 ts=time.time(),
-                interval_s=round(max(window_s, 1e-3), 3),
+                interval_s=round(window_s, 3),
                 dropped_total=0,
                 models=models,
                 unattributed_errors={},
-                throughput_rps=sum(m.count for m in models) / max(window_s, 1e-3),
+                throughput_rps=sum(m.count for m in models) / window_s,
                 queue_depth=0,
                 system=wire.SystemMetrics(cpu_percent=10.0, process_cpu_percent=5.0, rss_bytes=50 * 2**20, memory_percent=20.0),
                 update=d.update,
@@ -452,8 +455,8 @@ class Simulator:
         b = self._behaviour(d.id, version)
         latency = self.base_latency_ms * self.load * (b.latency_x if b else 1.0) * rng.uniform(1 - self.jitter, 1 + self.jitter)
         calls = max(1, round(self.requests_per_batch * share))
-        errors = int(calls * (b.error_rate if b else 0.0))
-        client_errors = int(calls * (b.client_error_rate if b else 0.0))
+        errors = round(calls * (b.error_rate if b else 0.0))  # rounded: a short window's 10 calls at 5% still err
+        client_errors = round(calls * (b.client_error_rate if b else 0.0))
         answered = calls - errors - client_errors
         codes = {code: n for code, n in (("internal", errors), ("bad_request", client_errors)) if n}
         shadow = self._shadow_window(d, d.shadows[model], answered, latency, rng) if model in d.shadows else None
