@@ -34,6 +34,9 @@ from fleet.transport.announce import announce
 def start_agent(rig: Rig, device: str, serving: str = "", extra: str = "", http: str = "127.0.0.1:0", version: str = "1.0.0") -> Agent:
     """An agent serving the MLP over MQTT and on ``http``; ``serving`` adds [serving] keys, ``extra`` more tables."""
     config = rig.write_config(device)
+    # no early telemetry batch after the install: these tests read the serving counters that a batch would take
+    quiet = "first_report_s = 0"
+    extra = extra.replace("[telemetry]", f"[telemetry]\n{quiet}") if "[telemetry]" in extra else f"{extra}\n[telemetry]\n{quiet}"
     config.write_text(config.read_text() + f'[serving]\nhttp = "{http}"\n{serving}\n{extra}\n')
     agent = Agent(load_settings(config)).start()
     assert agent.wait_connected()
