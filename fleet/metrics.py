@@ -6,9 +6,9 @@ a few GROUP BY queries (``fleet.store.aggregates``) and reads the ingest's and r
 
 The calls, errors and p95 per model version come from the devices' telemetry. The counters are the store's
 ``model_totals``, which the ingest adds each batch to in the transaction that stores it: every controller reads the
-same totals, a batch written late (the store was away) is counted once it is written, and neither retention nor a
-restart makes them go down. (They were once the telemetry received since the previous scrape, read a few seconds
-behind now: a batch written later than that margin was never counted.)
+same totals, a batch written late (the store was away) is counted once it is written, and a restart does not make
+them go down (retention removes a version's series only with its last telemetry row). They were once the telemetry
+received since the previous scrape, read a few seconds behind now: a batch written later than that was never counted.
 
 Optional: ``prometheus_client`` comes with ``edgefleet[controller]``; without it ``/metrics`` answers 503 and says so.
 """

@@ -103,19 +103,23 @@ def test_telemetry_batches_survive_a_broker_outage_none_missing(
         assert all(b["dropped_total"] == 0 for b in collector.json(topic))
 
 
+# what ``Windows.take`` gives for an agent serving nothing: the outbox tests' collect
+EMPTY_WINDOW = {
+    "device_id": "t",
+    "session": 1,
+    "models": [],
+    "throughput_rps": 0.0,
+    "queue_depth": 0,
+    "system": {"cpu_percent": 0.0, "process_cpu_percent": 0.0, "rss_bytes": 1, "memory_percent": 1.0},
+}
+
+
 def test_outbox_limits_drop_the_oldest_and_say_so(tmp_path: Path) -> None:
     from agent.outbox import Outbox
     from agent.store import AgentStore
 
     store = AgentStore(tmp_path / "a.db")
-    window = {
-        "device_id": "t",
-        "session": 1,
-        "models": [],
-        "throughput_rps": 0.0,
-        "queue_depth": 0,
-        "system": {"cpu_percent": 0.0, "process_cpu_percent": 0.0, "rss_bytes": 1, "memory_percent": 1.0},
-    }
+    window = EMPTY_WINDOW
     t = Outbox(store, lambda _: window, lambda payload: None, lambda: False, max_batches=3)  # type: ignore[arg-type,return-value]
     for _ in range(5):
         t.record()
@@ -134,14 +138,7 @@ def test_outbox_batch_asked_for_soon_comes_soon_and_says_its_window(tmp_path: Pa
     from agent.store import AgentStore
 
     store = AgentStore(tmp_path / "a.db")
-    window = {
-        "device_id": "t",
-        "session": 1,
-        "models": [],
-        "throughput_rps": 0.0,
-        "queue_depth": 0,
-        "system": {"cpu_percent": 0.0, "process_cpu_percent": 0.0, "rss_bytes": 1, "memory_percent": 1.0},
-    }
+    window = EMPTY_WINDOW
     asked: list[float] = []
     t = Outbox(store, lambda s: asked.append(s) or window, lambda payload: None, lambda: False, interval_s=60).start()  # type: ignore[arg-type,return-value,func-returns-value]
     try:

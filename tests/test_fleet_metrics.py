@@ -32,7 +32,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def back(seconds: float, item: tuple[str, object, float]) -> tuple[str, object, float]:
-    """A message as if received ``seconds`` ago (the counters read telemetry a few seconds behind now)."""
+    """A message as if received ``seconds`` ago (stored late, or old enough for retention)."""
     device, message, received = item
     return device, message, received - seconds
 
@@ -97,6 +97,21 @@ def test_fleet_aggregates_devices_versions_rollouts_gates(store: FleetStore) -> 
     assert got[("edgefleet_gate_decisions_total", (("decision", "abort"), ("gate", "shadow")))] == 1
     assert got[("edgefleet_gate_decisions_total", (("decision", "abort"), ("gate", "install")))] == 1
     assert ("edgefleet_gate_decisions_total", (("decision", "go"), ("gate", "shadow"))) not in got
+
+
+def test_a_version_whose_telemetry_retention_removed_leaves_the_counters(store: FleetStore) -> None:
+    """The totals outlive retention while a version still has telemetry; once its last row is gone its series goes
+    too, so a device naming ever-new versions cannot grow ``/metrics`` (and the store) for good."""
+    day = 86400.0
+    store.ingest([back(3 * day, msg("a", "telemetry", telemetry(1, "0.9.0", device="a")))])
+    store.ingest([back(3 * day, msg("a", "telemetry", telemetry(2, device="a")))])
+    store.ingest([msg("a", "telemetry", telemetry(3, device="a"))])
+    assert set(store.telemetry_totals()) == {("m", "0.9.0"), ("m", "1.0.0")}
+    assert store.prune_telemetry(day) == 2
+    totals = store.telemetry_totals()
+    assert set(totals) == {("m", "1.0.0")} and totals[("m", "1.0.0")].requests == 20  # its old batch still counted
+    got = samples(FleetMetrics(store).render().decode())
+    assert ("edgefleet_model_requests_total", (("model", "m"), ("version", "0.9.0"))) not in got
 
 
 def test_every_family_is_named_by_the_conventions(store: FleetStore) -> None:

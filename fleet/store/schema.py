@@ -166,7 +166,7 @@ TABLES = (
     Table("controllers", {"id": str, "client_id": str, "host": str, "started": float}, pk="id"),
     # per model version, every answered call and error the stored telemetry ever counted: the ingest adds each
     # batch's in the transaction that stores it, so ``/metrics``' counters miss no batch, however late it was
-    # written, and neither retention nor a restart makes them go down
+    # written; a version's row goes only with its last telemetry row (``Telemetry.prune``)
     Table("model_totals", {"model": str, "version": str, "requests": int, "errors": int, "client_errors": int}, pk=("model", "version")),
 )
 

@@ -151,11 +151,15 @@ SHADOW_COLUMNS = (
 )
 
 
-def _telemetry_row(model_window: wire.telemetry.ModelWindow, device: str, batch: wire.TelemetryBatch, received: float) -> tuple[Any, ...]:
+def _split_errors(w: wire.telemetry.ModelWindow) -> tuple[int, int]:
+    """A window's errors: (server-side, against the version; client-side, the callers')."""
+    server = wire.telemetry.server_errors(w.errors)
+    return server, sum(w.errors.values()) - server
+
+
+def _telemetry_row(w: wire.telemetry.ModelWindow, device: str, batch: wire.TelemetryBatch, received: float) -> tuple[Any, ...]:
     """One ``telemetry`` row, in ``TELEMETRY_COLUMNS``' order."""
-    server = wire.telemetry.server_errors(model_window.errors)
-    client = sum(model_window.errors.values()) - server
-    w = model_window
+    server, client = _split_errors(w)
     return (device, batch.seq, received, w.model, w.version, w.count, server, w.p95_ms, client, batch.session, batch.ts)
 
 
@@ -209,9 +213,9 @@ class Telemetry:
         totals: dict[tuple[str, str], list[int]] = {}
         for batch in batches:
             for w in batch.models:
-                server = wire.telemetry.server_errors(w.errors)
+                server, client = _split_errors(w)
                 t = totals.setdefault((w.model, w.version), [0, 0, 0])
-                t[0], t[1], t[2] = t[0] + w.count, t[1] + server, t[2] + sum(w.errors.values()) - server
+                t[0], t[1], t[2] = t[0] + w.count, t[1] + server, t[2] + client
         for (model, version), (requests, errors, client_errors) in sorted(totals.items()):
             self.db.execute(
                 "INSERT INTO model_totals (model, version, requests, errors, client_errors) VALUES (?, ?, ?, ?, ?)"
@@ -221,11 +225,18 @@ class Telemetry:
             )
 
     def prune(self, keep_s: float) -> int:
-        """Rows older than ``keep_s`` (receive time) go; returns how many telemetry rows went."""
+        """Rows older than ``keep_s`` (receive time) go; returns how many telemetry rows went. A model version's totals
+        go with its last telemetry row: a device naming ever-new versions must not grow ``/metrics`` for good."""
         cutoff = time.time() - keep_s
         for table in ("predictions", "shadow", "batches"):
             self.db.remove_before(table, cutoff)
-        return self.db.remove_before("telemetry", cutoff)
+        removed = self.db.remove_before("telemetry", cutoff)
+        if removed:
+            self.db.execute(
+                "DELETE FROM model_totals WHERE NOT EXISTS"
+                " (SELECT 1 FROM telemetry t WHERE t.model = model_totals.model AND t.version = model_totals.version)"
+            )
+        return removed
 
     # -- rows -----------------------------------------------------------------------------
 
