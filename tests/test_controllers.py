@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root
 from update_rig import MODEL, VARIANT, AgentProcess, Rig, copy_tree, wait_for
 
 from fleet.dev.broker import RunningBroker
@@ -18,6 +21,9 @@ from fleet.dev.simulate import Simulator, SimulatorThread
 from fleet.leader import Leadership
 from fleet.rollout import RolloutEngine, RolloutSpec
 from fleet.store import FleetStore
+from fleet.tuf.keys import KeyStore, UntrustedSigningKey
+
+CLI = [sys.executable, "-m", "fleet.cli"]
 
 
 def _one_leads_until_it_lets_go(location: Path | str) -> None:
@@ -59,9 +65,9 @@ def fleet_rig(models: Any, mqtt_broker: RunningBroker, tmp_path_factory: pytest.
 class Serve:
     """One `fleet serve` process; its log tells whether it leads."""
 
-    def __init__(self, rig: Rig, config: Path, name: str, root: Path | None = None) -> None:
+    def __init__(self, rig: Rig, config: Path, name: str, root: Path | None = None, keys: Path | None = None) -> None:
         self.log = config.parent / f"{name}.log"
-        cmd = [sys.executable, "-m", "fleet.cli", "serve", str(root or rig.serve), "--keys", str(rig.keys.directory)]
+        cmd = [sys.executable, "-m", "fleet.cli", "serve", str(root or rig.serve), "--keys", str(keys or rig.keys.directory)]
         cmd += ["--config", str(config)]
         cmd += ["--controller-id", name]  # two on one ROOT and host: the default id (host name + ROOT) would be one
         with open(self.log, "wb") as out:
@@ -207,6 +213,52 @@ def test_a_controller_on_its_own_root_serves_the_director_from_the_store_and_sig
             store.close()
 
 
+def test_a_leader_whose_director_key_was_rotated_elsewhere_holds_its_rollout_until_the_keys_are_copied(
+    fleet_rig: Rig, tmp_path: Path
+) -> None:
+    """A `fleet serve` leads on PostgreSQL with host a's keys; a real agent runs 1.0.0. On host b the operator runs
+    `fleet keys rotate director --store` with b's copy of the keys. The leader's next rollout cannot be signed: it
+    logs `UntrustedSigningKey` each step, the device stays pending (not failed: a key on the controller is no
+    device's fault) and the agent is told nothing it would refuse. Once b's keys are copied to a, with no restart,
+    the rollout installs 1.1.0 under the new root."""
+    from conftest import fresh_postgres
+
+    rig, device = fleet_rig, "rot-1"
+    root_a, keys_a = tmp_path / "a", _copy_keys(rig.keys.directory, tmp_path / "keys-a")
+    keys_b = _copy_keys(rig.keys.directory, tmp_path / "keys-b")
+    copy_tree(rig.serve, root_a)  # its own director directory: the rig's keeps the keys the rig holds
+    copy_tree(rig.serve / "director", tmp_path / "b" / "director")
+    with fresh_postgres() as url:
+        config = tmp_path / "fleet.toml"
+        config.write_text(f'store = "{url}"\n[broker]\nhost = "{rig.broker.host}"\nport = {rig.broker.port}\n')
+        FleetStore(url).close()
+        a = Serve(rig, config, "a", root=root_a, keys=keys_a.directory)
+        agent: AgentProcess | None = None
+        store = FleetStore(url)
+        try:
+            wait_for(lambda: a.says("leader.acquired"), 60, "the controller leading")
+            agent = AgentProcess(rig.write_config(device), tmp_path / "agent.log")
+            wait_for(lambda: (d := store.device(device)) is not None and d.online, 60, "the agent registered")
+            engine = RolloutEngine(store, rig.image)
+            first = engine.start(RolloutSpec(MODEL, "1.0.0", selector=f"device={device}", waves=["100%"], soak_s=0.0))
+            wait_for(lambda: getattr(store.rollout(first), "state", "") == "done", 90, "1.0.0 rolled out")
+            rotate = [*CLI, "keys", "rotate", "director", "--keys", str(keys_b.directory), "--director", str(tmp_path / "b" / "director")]
+            subprocess.run([*rotate, "--store", url], check=True, capture_output=True, timeout=120)
+            second = engine.start(RolloutSpec(MODEL, "1.1.0", selector=f"device={device}", waves=["100%"], soak_s=0.0))
+            wait_for(lambda: a.log.read_text(errors="replace").count("UntrustedSigningKey") >= 2, 60, "the leader refusing twice")
+            assert [m.state for m in store.rollout_devices(second)] == ["pending"]
+            assert _version_of(store, device) == "1.0.0"
+            _copy_keys(keys_b.directory, keys_a.directory)
+            wait_for(lambda: getattr(store.rollout(second), "state", "") == "done", 90, "1.1.0 rolled out with the copied keys")
+            wait_for(lambda: _version_of(store, device) == "1.1.0", 30, "1.1.0 reported")
+            assert "REJECTED" not in agent.text() and "UnsignedMetadataError" not in agent.text()
+        finally:
+            if agent is not None:
+                agent.stop()
+            a.stop()
+            store.close()
+
+
 def test_two_ingestors_in_the_shared_group_split_the_batches_and_store_each_once(mqtt_broker: RunningBroker, tmp_path: Path) -> None:
     """The default with a store on MQTT 5: telemetry goes to one controller of the group, not to all (each stores part,
     none stores a batch the other stored), and the batches are acknowledged only once stored."""
@@ -295,6 +347,8 @@ def test_a_first_lead_pushes_a_directory_signed_without_a_store_in_batches_and_l
         done = a.assign_many([Assignment(d, MODEL, "1.0.0", VARIANT) for d in devices], fleet_rig.image, rig_keys)
         assert not [d for d, r in done.items() if isinstance(r, Exception)]
         b = Director(tmp_path / "b", store=fs)  # another root on the store: it signs devices[0] anew, version 2 there
+        (tmp_path / "b").mkdir()
+        shutil.copy(tmp_path / "a" / "1.root.json", tmp_path / "b")  # b's host has the director's root (the keys it trusts)
         fs.put_director_files(devices[0], local_files(a.device_metadata(devices[0])), 1)
         b.assign(devices[0], fleet_rig.image, MODEL, "1.1.0", VARIANT, rig_keys)
         first = local_files(a.device_metadata(devices[0]))
@@ -391,6 +445,69 @@ def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
         with pytest.raises(StaleDirectorMetadata):
             push_device(fs, elsewhere.device_metadata(device), device)
         assert a.sync().pushed == 0 and fs.director_versions()[device] == 3
+    finally:
+        fs.close()
+
+
+def _copy_keys(src: Path, dst: Path) -> KeyStore:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return KeyStore(dst)
+
+
+def _signed_under(root: Metadata[Root], body: bytes | None) -> bool:
+    """``body`` (a director timestamp) carries the threshold of signatures ``root`` asks for its role."""
+    assert body is not None
+    try:
+        root.verify_delegate("timestamp", Metadata.from_bytes(body))
+    except UnsignedMetadataError:
+        return False
+    return True
+
+
+def test_a_director_key_rotated_on_another_host_is_never_signed_around(fleet_rig: Rig, store_location: Path | str, tmp_path: Path) -> None:
+    """On SQLite and PostgreSQL, two hosts (two ROOTs, each its own keys directory) share the director through the
+    store. Host b rotates the director key: a batch host a signed just before is refused by the store (it would
+    land after the rotation's re-signing, under the retired key); host a, whose keys the new root no longer
+    trusts, refuses to sign at all (one named error for the whole batch, nothing written); with b's keys copied
+    over it signs again, under the new root. A rotation from a host whose directory is behind starts from the
+    store's newest root, and a second root of one version is refused."""
+    from fleet.store import DirectorRootChanged, StaleDirectorMetadata
+    from fleet.tuf.director import Director, _Batch
+
+    rig, device = fleet_rig, "host-1"
+    keys_a, keys_b = _copy_keys(rig.keys.directory, tmp_path / "keys-a"), _copy_keys(rig.keys.directory, tmp_path / "keys-b")
+    fs = FleetStore(store_location)
+    try:
+        a = Director.create(tmp_path / "a", keys_a)
+        a.store = fs
+        a.sync()
+        a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, keys_a)
+        b = Director(tmp_path / "b", store=fs)
+        b.sync()
+        late = _Batch(a, keys_a, a.repos.listings([device]))  # signed under root 1 ...
+        late.sign(device, {})
+        b.rotate_key(keys_b)  # ... committed after b's rotation (root 2) re-signed every device
+        root = b.root()
+        assert root.signed.version == 2 and a.root().signed.version == 1  # a's directory has not synced yet
+        after_rotation = fs.director_file(device, "timestamp.json")
+        assert _signed_under(root, after_rotation)
+        refused = a.repos.commit(late.commits, 3)[device]
+        assert isinstance(refused, DirectorRootChanged) and "root 2" in str(refused)
+        with pytest.raises(UntrustedSigningKey, match="root version 2 trusts other director keys"):
+            a.assign(device, rig.image, MODEL, "1.1.0", VARIANT, keys_a)
+        with pytest.raises(UntrustedSigningKey):
+            a.refresh(keys_a)
+        assert fs.director_file(device, "timestamp.json") == after_rotation and a.root().signed.version == 2
+        _copy_keys(keys_b.directory, keys_a.directory)  # the operator copies b's keys to a
+        a.assign(device, rig.image, MODEL, "1.1.0", VARIANT, keys_a)
+        assert _signed_under(root, fs.director_file(device, "timestamp.json"))
+        behind = Director(tmp_path / "c", store=fs)  # a host that saw only root 1
+        copy_tree(tmp_path / "a", tmp_path / "c")
+        (tmp_path / "c" / "2.root.json").unlink()
+        assert behind.rotate_key(keys_a).signed.version == 3
+        with pytest.raises(StaleDirectorMetadata, match=r"another 3\.root\.json"):
+            fs.add_director_files("", {"3.root.json": fs.director_file("", "1.root.json") or b""})
+        assert fs.director_file("", "3.root.json") == (tmp_path / "c" / "3.root.json").read_bytes()
     finally:
         fs.close()
 

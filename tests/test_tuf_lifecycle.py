@@ -29,7 +29,7 @@ from converters.build import build
 from fleet.dev import hardware_trees
 from fleet.tuf.director import AssignError, Assignment, Director
 from fleet.tuf.image_repo import ImageRepository, ReleaseError, ReleaseRevoked
-from fleet.tuf.keys import KeyError_, KeyStore, init_keys
+from fleet.tuf.keys import KeyError_, KeyStore, UntrustedSigningKey, init_keys
 from fleet.tuf.lifecycle import rotate
 from fleet.tuf.metadata import RotationError, metadata_versions
 
@@ -134,12 +134,7 @@ def test_metadata_signed_with_a_retired_key_is_refused(fleet: Fleet, tmp_path: P
     rotate(role, fleet.keys, fleet.image, fleet.director)
     assert fleet.check("dev-1") is not None  # rotated: the device follows
     forged = _forger(fleet.keys, before, role, tmp_path / "forged")
-    if role == "director":
-        fleet.director.assign("dev-1", fleet.image, "tiny", "1.1.0", "onnx-fp32", forged)
-    elif role == "targets":
-        fleet.image._publish(fleet.image.targets(), forged)
-    else:
-        fleet.image.refresh(forged)
+    _plant_forged(forged, role, fleet.director, fleet.image, ("dev-1", "tiny", "1.1.0", "onnx-fp32"), tmp_path / "thief")
     with pytest.raises(UpdateRejected, match="UnsignedMetadataError"):
         fleet.check("dev-1")
     # today's keys sign again: the device moves on
@@ -147,6 +142,37 @@ def test_metadata_signed_with_a_retired_key_is_refused(fleet: Fleet, tmp_path: P
     fleet.director.assign("dev-1", fleet.image, "tiny", "1.2.0", "onnx-fp32", fleet.keys)
     upd = fleet.check("dev-1")
     assert upd is not None and upd.version == "1.2.0"
+
+
+def _plant_forged(keys: KeyStore, role: str, director: Director, image: ImageRepository, assignment: tuple[str, ...], thief: Path) -> None:
+    """What a thief of ``role``'s retired key does: our own signing refuses that key (nothing changes), so it signs
+    on a copy of both repositories from which the rotation's root is gone and puts what it signed where devices
+    fetch. ``assignment``: (device, model, version, variant) the director signs."""
+    device = assignment[0]
+    served = director.device_metadata(device) if role == "director" else image.metadata
+    committed = (served / "timestamp.json").read_bytes()
+    with pytest.raises(UntrustedSigningKey, match=f"other {role} keys"):
+        _sign_with(keys, role, director, image, assignment)
+    assert (served / "timestamp.json").read_bytes() == committed
+    shutil.copytree(director.directory, thief / "director")
+    shutil.copytree(image.directory, thief / "image")
+    roots = thief / "director" if role == "director" else thief / "image" / "metadata"
+    (roots / f"{metadata_versions(roots, 'root')[-1]}.root.json").unlink()
+    _sign_with(keys, role, Director(thief / "director"), ImageRepository(thief / "image"), assignment)
+    signed = roots / device / "metadata" if role == "director" else roots
+    for f in signed.glob("*.json"):
+        if not f.name.endswith(".root.json"):
+            shutil.copy(f, served / f.name)
+
+
+def _sign_with(keys: KeyStore, role: str, director: Director, image: ImageRepository, assignment: tuple[str, ...]) -> None:
+    """Sign what ``role`` signs with ``keys``: the director an assignment, the image its targets or snapshot and timestamp."""
+    if role == "director":
+        director.assign(assignment[0], image, *assignment[1:4], keys)
+    elif role == "targets":
+        image._publish(image.targets(), keys)
+    else:
+        image.refresh(keys)
 
 
 def test_rotating_a_stolen_director_key_recovers_a_fast_forwarded_device(fleet: Fleet, tmp_path: Path) -> None:
@@ -157,6 +183,7 @@ def test_rotating_a_stolen_director_key_recovers_a_fast_forwarded_device(fleet: 
     assert fleet.check("dev-1") is not None
     thief_dir = tmp_path / "thief"
     shutil.copytree(fleet.director.device_metadata("dev-1"), thief_dir / "dev-1" / "metadata")
+    shutil.copy(fleet.director.directory / "1.root.json", thief_dir)  # the director's root, as a thief copies it
     (thief_dir / "dev-1" / "metadata" / "999.targets.json").touch()  # its versions go above 999
     (thief_dir / "dev-1" / "metadata" / "999.snapshot.json").touch()
     ts = Metadata.from_file(str(thief_dir / "dev-1" / "metadata" / "timestamp.json"))
@@ -596,12 +623,7 @@ def test_a_running_agent_follows_every_rotation_and_refuses_retired_keys(rig: Ri
         if role == "root":
             continue
         forged = _forger(rig.keys, before, role, tmp_path / f"forged-{role}")
-        if role == "director":
-            rig.director.assign("dev-rot", rig.image, MODEL, "1.0.0", VARIANT, forged)
-        elif role == "targets":
-            rig.image._publish(rig.image.targets(), forged)
-        else:
-            rig.image.refresh(forged)
+        _plant_forged(forged, role, rig.director, rig.image, ("dev-rot", MODEL, "1.0.0", VARIANT), tmp_path / f"thief-{role}")
         reason = _refused(agent, jobs, f"the refusal of the retired {role} key")
         assert "UnsignedMetadataError" in reason, reason
         assert serving(agent, version)  # still serving what it had

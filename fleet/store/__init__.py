@@ -22,7 +22,7 @@ from fleet.store import aggregates, schema, sql
 from fleet.store import devices as registry
 from fleet.store.db import Database
 from fleet.store.devices import Device, Devices, Job
-from fleet.store.director import DirectorFiles, DirectorSet, StaleDirectorMetadata
+from fleet.store.director import DirectorFiles, DirectorRootChanged, DirectorSet, StaleDirectorMetadata
 from fleet.store.rollouts import DeviceChange, PlannedDevice, Rollout, RolloutDevice, Rollouts
 from fleet.store.telemetry import Distribution, Health, PredictionRow, ShadowHealth, Telemetry, TelemetryRow
 from fleet.store.url import BadStoreURL, StoreLocation, StoreUnreachable, is_postgres, store_location
@@ -43,6 +43,7 @@ __all__ = [
     "RolloutDevice",
     "ShadowHealth",
     "StaleDirectorMetadata",
+    "DirectorRootChanged",
     "StoreLocation",
     "StoreUnreachable",
     "TelemetryRow",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from agent.errors import EdgefleetError
 from fleet.store.db import Database
 
-__all__ = ["DIRECTOR", "TIMESTAMP", "DirectorFiles", "DirectorSet", "StaleDirectorMetadata", "file_version"]
+__all__ = ["DIRECTOR", "TIMESTAMP", "DirectorFiles", "DirectorRootChanged", "DirectorSet", "StaleDirectorMetadata", "file_version"]
 
 TIMESTAMP = "timestamp.json"
 DIRECTOR = ""  # the "device" under which the director's own files (roots, mirrors.json) are kept
@@ -29,6 +29,16 @@ class StaleDirectorMetadata(EdgefleetError):
     """A device's director metadata was signed from a copy older than the store's: publishing it would go back."""
 
     code = "stale_director_metadata"
+
+
+class DirectorRootChanged(StaleDirectorMetadata):
+    """A device's director metadata was signed under a root older than the store's newest (a key rotation landed
+    since): its signatures may be by a retired key, so it is signed again under the new root (or not at all)."""
+
+    code = "director_root_changed"
+
+
+ROOTS_LOCK = 0x65646765_726F6F74  # "edgeroot": commits take it shared, a new director root exclusive (PostgreSQL)
 
 
 def file_version(name: str) -> int:
@@ -42,12 +52,14 @@ class DirectorSet:
     """One commit of a device's director repository: ``files`` added (its new ``timestamp.json`` among them, at
     ``version``) and ``drop``, the stored names it prunes; ``drop`` None: a whole set, as a directory holds it (the
     stored names it lacks go). Roots are never dropped: one added beside the set since (a rotation) must stay.
-    Numbered files never change content: one stored under the same name with other bytes refuses the commit."""
+    Numbered files never change content: one stored under the same name with other bytes refuses the commit.
+    ``root``: the director root version it was signed under (0: not checked — files pushed as a directory holds them)."""
 
     device: str
     files: Mapping[str, bytes]
     version: int
     drop: frozenset[str] | None = None
+    root: int = 0
 
     def dropped(self, stored: set[str]) -> list[str]:
         gone = stored - set(self.files) if self.drop is None else stored & self.drop
@@ -110,6 +122,7 @@ class DirectorFiles:
         query, a name stored already compared by its bytes, the new files added in one bulk insert and the dropped ones
         deleted per device. Call in a transaction."""
         now = time.time()
+        self._same_root([d for d in sets if d.root])
         self._move_timestamps(sets, now)
         stored: dict[str, set[str]] = {}
         for part in self.db.chunks(sorted({d.device for d in sets})):
@@ -126,6 +139,28 @@ class DirectorFiles:
                 where, args = self.db.in_list("name", gone)
                 self.db.execute(f"DELETE FROM director_metadata WHERE device = ? AND {where}", [d.device, *args])
         self.db.insert_new("director_metadata", new)
+
+    def _same_root(self, sets: Sequence[DirectorSet]) -> None:
+        """Every set was signed under the newest director root in the store, else ``DirectorRootChanged``.
+
+        Why here: a controller whose keys a rotation on another host retired learns of the new root only from the
+        store; a batch it signed just before must not land after the rotation's re-signing. On PostgreSQL the
+        newest root is read under the roots lock, shared (a new root takes it exclusive, ``add``), so a root
+        committed while this transaction runs is either seen here or waits for it — and then the rotation's
+        re-signing starts from this commit. SQLite's write transactions are one at a time already."""
+        if not sets:
+            return
+        if self.db.dialect == "postgresql":
+            self.db.execute("SELECT pg_advisory_xact_lock_shared(?)", [ROOTS_LOCK])
+        newest = self.newest_root()
+        for d in sets:
+            if d.root < newest:
+                raise DirectorRootChanged(f"director metadata of {d.device} was signed under root {d.root}; the store has root {newest}")
+
+    def newest_root(self) -> int:
+        """The newest director root's version in the store (0: none yet)."""
+        rows = self.db.query("SELECT MAX(version) AS v FROM director_metadata WHERE device = ? AND name LIKE ?", [DIRECTOR, "%.root.json"])
+        return int(rows[0]["v"] or 0) if rows else 0
 
     def _same_bytes(self, sets: Sequence[DirectorSet]) -> None:
         """Each file of ``sets`` the store holds under the same name holds the same bytes (a set pushed again, older
@@ -170,7 +205,17 @@ class DirectorFiles:
         return StaleDirectorMetadata(f"director metadata of {device}: the store has timestamp version {theirs}, this copy {version}")
 
     def add(self, device: str, files: Mapping[str, bytes]) -> None:
-        """Files of ``device`` written as given (the director's roots and mirrors.json)."""
+        """Files of ``device`` written as given (the director's roots and mirrors.json). A root stored under the same
+        name with other bytes is ``StaleDirectorMetadata`` (two rotations from the same root: devices must never see
+        two roots of one version). Call in a transaction: on PostgreSQL a director root takes the roots lock
+        exclusive, so it waits for the commits signed under the root before it (``_same_root``)."""
+        roots = {n: b for n, b in files.items() if n.endswith(".root.json")}
+        if roots and device == DIRECTOR and self.db.dialect == "postgresql":
+            self.db.execute("SELECT pg_advisory_xact_lock(?)", [ROOTS_LOCK])
+        for name, body in roots.items():
+            stored = self.file(device, name)
+            if stored is not None and stored != body:
+                raise StaleDirectorMetadata(f"{device or 'the director'} already has another {name}: a rotation made from an older root")
         self._write(device, files, time.time())
 
     def _write(self, device: str, files: Mapping[str, bytes], now: float) -> None:

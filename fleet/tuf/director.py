@@ -131,6 +131,8 @@ class Director:
 
     def root(self) -> Metadata[Root]:
         versions = metadata_versions(self.directory, "root")
+        if not versions:
+            raise AssignError(f"{self.directory} holds no director root (run `fleet director init`)")
         return Metadata.from_file(str(self.directory / f"{versions[-1]}.root.json"))
 
     def write_root(self, md: Metadata[Root]) -> None:
@@ -327,6 +329,8 @@ class Director:
         key need not be present (rotating away a stolen key works); re-running after a crash rotates again.
         """
         with self._lock():
+            if self.store is not None:  # rotate from the newest root, wherever it was made (never a second root N)
+                director_store.pull_director(self.store, self.directory)
             return self._chain().rotate_key(keys, "director", self.root(), new_keys, threshold, self.write_root, lambda: self.refresh(keys))
 
 
@@ -389,7 +393,12 @@ class _Batch:
     def __init__(self, director: Director, keys: KeyStore, listings: dict[str, Listing]) -> None:
         self.director = director
         self.chain = director._chain()
-        self.signers = signers_of(keys, SIGNED_BY)
+        if director.store is not None:  # a rotation on another host may have added a root since the last sync
+            director_store.pull_director(director.store, director.directory)
+        self.root = director.root().signed
+        self.signers = signers_of(keys, SIGNED_BY, self.root)
+        for role in DIRECTOR_ROLES:
+            self.signers(role)  # keys the newest root no longer trusts fail the whole batch here, not each device
         self.mirrors = director.mirrors()
         d = director.directory
         self.roots = {p.name: p.read_bytes() for p in d.glob("*.root.json") if not p.name.startswith(".")}
@@ -410,7 +419,7 @@ class _Batch:
             self.failed[device] = exc
             return
         roots = [(name, body) for name, body in sorted(self.roots.items()) if name not in before.names]
-        self.commits.append(Commit(device, before, roots + signed.files, signed.committed))
+        self.commits.append(Commit(device, before, roots + signed.files, signed.committed, self.root.version))
 
 
 def _required(repos: Repositories, device: str, name: str) -> bytes:

@@ -38,12 +38,14 @@ class Listing:
 @dataclass(frozen=True)
 class Commit:
     """One device's signed files (commit order, ``timestamp.json`` last), signed from ``before``; ``committed``: the
-    targets and snapshot versions the new timestamp stands for (what pruning keeps below)."""
+    targets and snapshot versions the new timestamp stands for (what pruning keeps below); ``root``: the version of
+    the director root whose keys signed them (the store refuses the commit once a newer root is there)."""
 
     device: str
     before: Listing
     files: list[tuple[str, bytes]]
     committed: dict[str, int] = field(default_factory=dict)
+    root: int = 0
 
     def pruned(self, keep: int) -> frozenset[str]:
         """The names this commit prunes, to ``keep`` versions of each role (``pruned_names`` over the names after it)."""
@@ -141,7 +143,7 @@ class StoreRepositories:
         was signed: ``StaleDirectorMetadata``), each alone, so only that one fails."""
         return put_sets(
             self.store,
-            [DirectorSet(c.device, dict(c.files), _version(dict(c.files)[TIMESTAMP]), c.pruned(keep)) for c in commits if c.files],
+            [DirectorSet(c.device, dict(c.files), _version(dict(c.files)[TIMESTAMP]), c.pruned(keep), c.root) for c in commits if c.files],
         )
 
     def add_root(self, name: str, body: bytes) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "local_files",
     "push_device",
     "push_devices",
+    "pull_director",
     "push_director",
     "put_sets",
     "sync",
@@ -151,7 +152,9 @@ def push_director(store: DirectorStore, directory: Path) -> None:
         store.add_director_files(DIRECTOR, files)
 
 
-def _pull_director(store: DirectorStore, directory: Path) -> None:
+def pull_director(store: DirectorStore, directory: Path) -> None:
+    """The store's director roots and mirror list into ``directory`` where they differ: what is signed next is
+    signed under the newest root any host added (a rotation elsewhere) and names the mirrors set elsewhere."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, body in store.director_files(DIRECTOR).items():
         if _read(directory / name) != body:
@@ -168,7 +171,7 @@ def sync(store: DirectorStore, directory: Path, devices: list[str], seen: FileVe
     there, ``SYNC_BATCH`` devices a transaction. ``seen``: the timestamp versions read by earlier rounds, kept by the
     caller; a file whose inode, size and mtime are unchanged is not read again (a controller syncs every round,
     and 10,000 leftover device directories cost it a second of reading a minute). Hold the repository's lock."""
-    _pull_director(store, directory)
+    pull_director(store, directory)
     devices = [d for d in devices if _device_id(d)]
     stored = store.director_versions_of(devices)
     pushed = 0

@@ -214,7 +214,7 @@ class ImageRepository:
         that, and commit the three together (``SigningChain.publish``)."""
         with self._lock():
             targets = targets_md if targets_md is not None else committed_versions(self.snapshot())["targets"]
-            self._chain().publish(self.metadata, targets, keys, self.keep_versions)
+            self._chain().publish(self.metadata, targets, keys, self.keep_versions, self.root().signed)
 
     def refresh(self, keys: KeyStore) -> None:
         """Re-sign snapshot and timestamp (online keys) so devices never see the repository as frozen.

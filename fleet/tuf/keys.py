@@ -20,7 +20,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from agent.errors import EdgefleetError
 
-__all__ = ["ROLES", "ONLINE_ROLES", "KeyStore", "KeyError_", "init_keys"]
+__all__ = ["ROLES", "ONLINE_ROLES", "KeyStore", "KeyError_", "UntrustedSigningKey", "init_keys"]
 
 ROLES = ("root", "targets", "snapshot", "timestamp", "director")
 ONLINE_ROLES = ("snapshot", "timestamp", "director")
@@ -31,6 +31,14 @@ class KeyError_(EdgefleetError):
     """Keys missing, unreadable, or not matching ``keys.json``."""
 
     code = "bad_keys"
+
+
+class UntrustedSigningKey(KeyError_):
+    """The private keys here are not the ones the repository's newest root names for a role: a rotation made on
+    another host (its keys directory holds the new ones). Signing with these would publish metadata that every
+    device refuses, so nothing is signed until the new keys are copied here."""
+
+    code = "untrusted_signing_key"
 
 
 @dataclass

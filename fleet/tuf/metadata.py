@@ -31,7 +31,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timest
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.errors import EdgefleetError
-from fleet.tuf.keys import KeyStore
+from fleet.tuf.keys import KeyStore, UntrustedSigningKey
 
 __all__ = [
     "KEEP_VERSIONS",
@@ -139,17 +139,17 @@ class SigningChain:
         sign_metadata(md, keys.signers("root"))
         return md
 
-    def publish(self, meta: Path, targets: Metadata[Targets] | int, keys: KeyStore, keep: int) -> None:
+    def publish(self, meta: Path, targets: Metadata[Targets] | int, keys: KeyStore, keep: int, root: Root) -> None:
         """Sign ``targets`` (or, given a version, name the committed targets again), a snapshot naming it and a
         timestamp naming that; commit the three (the timestamp's rename is the commit), then prune old versions.
 
         Versions go above every file on disk (an uncommitted one a crash left behind included), so a numbered
         file, once a device may have fetched it, is never rewritten with other content (mirrors cache them).
         Hold the repository's lock. Only the keys that sign something are loaded: re-signing the snapshot and
-        timestamp never needs the offline targets key.
+        timestamp never needs the offline targets key; they must be keys ``root`` (the newest) trusts (``signers_of``).
         """
         names = os.listdir(meta)
-        signed = self.sign(names, timestamp_version(meta / "timestamp.json"), targets, signers_of(keys, self.signed_by))
+        signed = self.sign(names, timestamp_version(meta / "timestamp.json"), targets, signers_of(keys, self.signed_by, root))
         commit_metadata(meta, signed.files)
         prune_metadata(meta, signed.committed, keep)
 
@@ -219,15 +219,29 @@ class SigningChain:
         return md
 
 
-def signers_of(keys: KeyStore, signed_by: Mapping[str, str]) -> Callable[[str], Sequence[Signer]]:
-    """Each TUF role's signers, loaded on first use and once per key role (the director's key signs three roles)."""
+def signers_of(keys: KeyStore, signed_by: Mapping[str, str], root: Root) -> Callable[[str], Sequence[Signer]]:
+    """Each TUF role's signers: the keys of its key role that ``root`` (the repository's newest) names for it,
+    loaded on first use and once per key role (the director's key signs three roles).
+
+    Why checked against the root: on several controllers the keys directory is each host's own, and a rotation
+    made on one host leaves the others with keys the new root no longer trusts; what they signed would be
+    refused by every device (and, committed after the rotation's re-signing, would hide it). Fewer trusted keys
+    than the role's threshold is ``UntrustedSigningKey``, before anything is signed."""
     loaded: dict[str, Sequence[Signer]] = {}
 
     def signers(role: str) -> Sequence[Signer]:
         key_role = signed_by[role]
         if key_role not in loaded:
             loaded[key_role] = keys.signers(key_role)
-        return loaded[key_role]
+        trusted = root.roles[role].keyids
+        here = [s for s in loaded[key_role] if s.public_key.keyid in trusted]
+        if len(here) < root.roles[role].threshold:
+            raise UntrustedSigningKey(
+                f"root version {root.version} trusts other {key_role} keys for {role} than those in {keys.directory}"
+                f" ({len(here)} of the {root.roles[role].threshold} needed): rotated on another host? copy its"
+                f" keys.json and {key_role}-*.pem here"
+            )
+        return here
 
     return signers
 
