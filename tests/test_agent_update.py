@@ -221,13 +221,25 @@ def test_corrupted_chunks_are_detected_and_requested_again(rig: Rig, agent_for: 
 
 
 def test_metadata_refusal_is_reported_and_the_model_keeps_serving(rig: Rig, agent_for: Any) -> None:
-    from fleet.tuf.keys import init_keys
+    import shutil
+
+    from fleet.tuf.director import Director
+    from fleet.tuf.keys import UntrustedSigningKey, init_keys
 
     agent, jobs = agent_for("dev-m")
     rig.assign("dev-m", "1.0.0")
     wait_for(lambda: serving(agent, "1.0.0"), what="1.0.0 serving")
     impostor = init_keys(rig.root / "impostor")  # a director key the root does not name
-    rig.director.assign("dev-m", rig.image, MODEL, "1.1.0", "onnx-fp32", impostor)
+    with pytest.raises(UntrustedSigningKey):  # the controller's own signing refuses it
+        rig.director.assign("dev-m", rig.image, MODEL, "1.1.0", "onnx-fp32", impostor)
+    # the impostor signs with its own director and puts the files where the device fetches them
+    forged = Director.create(rig.root / "impostor-director", impostor)
+    served = rig.director.device_metadata("dev-m")
+    shutil.copytree(served, forged.device_metadata("dev-m"))
+    forged.assign("dev-m", rig.image, MODEL, "1.1.0", "onnx-fp32", impostor)
+    for f in forged.device_metadata("dev-m").glob("*.json"):
+        if not f.name.endswith(".root.json"):
+            shutil.copy(f, served / f.name)
     agent.check_now()
     refused = wait_for(lambda: jobs.last("REJECTED"), what="the refusal")
     assert "UnsignedMetadataError" in refused["reason"]
