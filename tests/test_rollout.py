@@ -848,6 +848,23 @@ def test_a_silent_device_is_told_again_backing_off_to_a_minute() -> None:
     assert told["quiet"].again_after(10.0) == 510.0
 
 
+def test_a_device_whose_job_spoke_since_it_was_told_is_not_told_again() -> None:
+    """Telling again is for a lost announcement: a device whose install job on the new version reported after its last
+    telling (a long download under way) is left alone; one whose job spoke only before that telling is silent."""
+    from fleet.rollout.engine import Observation, Told, judge_assigned
+    from fleet.store import Job, RolloutDevice
+
+    spec = RolloutSpec(MODEL, "1.1.0", wave_timeout_s=3600)
+    rollout = Rollout(1, spec.to_json(), "running", 0, "", 0.0, 0.0, 0.0, 0.0, "")
+    members = [RolloutDevice(d, 0, "assigned", "1.0.0", "onnx-fp32", 0.0, "", "x86_64") for d in ("busy", "stale", "quiet")]
+    path = f"{MODEL}/1.1.0/onnx-fp32.tar"
+    jobs = {"busy": Job("j1", path, "DOWNLOADING", "", 35.0), "stale": Job("j2", path, "DOWNLOADING", "", 25.0)}
+    seen = Observation(rollout, spec, members, {}, jobs)
+    told = {d: Told(30.0, 2) for d in ("busy", "stale", "quiet")}  # told again at 30: next due at 50
+    assert judge_assigned(seen, members, set(), told, 49.0, 10.0)[1] == []
+    assert judge_assigned(seen, members, set(), told, 50.1, 10.0)[1] == ["stale", "quiet"]
+
+
 def test_an_announcement_the_broker_did_not_take_does_not_push_the_next_one_back(rig: Rig, tmp_path: Path) -> None:
     """With the broker away, telling a device fails; that failure must not count as a telling, or the device would be
     told again only after the backoff's longer wait once the broker is back."""
