@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -282,21 +283,42 @@ class Controller:
                     self.engine.tick()
                 if time.monotonic() >= self._next_refresh:
                     self._next_refresh = time.monotonic() + self.interval_s
-                    self.director.sync()  # what `fleet assign` or a key rotation wrote without the store reaches it
-                    self.tick()
-                    if self.store is not None:
-                        self.store.prune_telemetry(self.telemetry_keep_s)
+                    self._round()
             except Exception as exc:  # a failed round is logged and retried; the server keeps serving
                 logs.event(log, "controller.round_failed", logging.ERROR, reason=f"{type(exc).__name__}: {exc}")
 
+    def _round(self) -> None:
+        """The leader's periodic round, each step on its own: one that fails (the image keys rotated on another
+        host, say) is logged and retried next round and holds up none of the others."""
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("director_sync", self.director.sync),  # what `fleet assign` or a key rotation wrote without the store reaches it
+            ("image_refresh", self._refresh_image),
+            ("director_refresh", self._refresh_director),
+        ]
+        if self.store is not None:
+            store = self.store
+            steps.append(("telemetry_prune", lambda: store.prune_telemetry(self.telemetry_keep_s)))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                logs.event(log, "controller.round_failed", logging.ERROR, step=name, reason=f"{type(exc).__name__}: {exc}")
+
     def tick(self) -> list[str]:
         """Re-sign what is past half its lifetime; announce every device whose director metadata changed."""
+        self._refresh_image()
+        return self._refresh_director()
+
+    def _refresh_image(self) -> None:
         now = datetime.now(timezone.utc)
         if _expires_soon(self.image.timestamp(), self.image.expiry.timestamp.total_seconds(), now) or _expires_soon(
             self.image.snapshot(), self.image.expiry.snapshot.total_seconds(), now
         ):
             self.image.refresh(self.keys)
             logs.event(log, "controller.image_refreshed")
+
+    def _refresh_director(self) -> list[str]:
+        now = datetime.now(timezone.utc)
         lifetime = self.director.timestamp_expiry.total_seconds()
         timestamps = self.director.timestamps(self.director.devices())
         stale = [device for device, ts in timestamps.items() if _expires_soon(Metadata.from_bytes(ts), lifetime, now)]

@@ -21,7 +21,7 @@ from fleet.dev.simulate import Simulator, SimulatorThread
 from fleet.leader import Leadership
 from fleet.rollout import RolloutEngine, RolloutSpec
 from fleet.store import FleetStore
-from fleet.tuf.keys import KeyStore, UntrustedSigningKey
+from fleet.tuf.keys import KeyStore, UntrustedSigningKey, init_keys
 
 CLI = [sys.executable, "-m", "fleet.cli"]
 
@@ -510,6 +510,133 @@ def test_a_director_key_rotated_on_another_host_is_never_signed_around(fleet_rig
         assert fs.director_file("", "3.root.json") == (tmp_path / "c" / "3.root.json").read_bytes()
     finally:
         fs.close()
+
+
+def test_a_rotation_racing_another_hosts_leaves_nothing_behind_and_old_root_files_are_not_pushed(
+    fleet_rig: Rig, store_location: Path | str, tmp_path: Path
+) -> None:
+    """On SQLite and PostgreSQL: host c rotates from root 1 after host b's rotation made root 2 (c had not pulled):
+    the store refuses c's root 2 before anything holds it (no file in c's directory, no device row, c's new keys
+    gone, its keys.json as it was). A device set host a signed with files alone under root 1 after that rotation
+    is not pushed by its next sync (it would verify under root 1 with the retired key)."""
+    from fleet.store import StaleDirectorMetadata
+    from fleet.tuf.director import Director
+
+    rig, device = fleet_rig, "race-1"
+    keys_a, keys_b, keys_c = (_copy_keys(rig.keys.directory, tmp_path / f"keys-{h}") for h in "abc")
+    fs = FleetStore(store_location)
+    try:
+        a = Director.create(tmp_path / "a", keys_a)
+        for host in "bc":
+            (tmp_path / host).mkdir()
+            shutil.copy(tmp_path / "a" / "1.root.json", tmp_path / host)
+        a.store = fs
+        a.sync()
+        a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, keys_a)
+        b, c = Director(tmp_path / "b", store=fs), Director(tmp_path / "c", store=fs)
+        b.rotate_key(keys_b)
+        index, pems = (keys_c.directory / "keys.json").read_bytes(), sorted(p.name for p in keys_c.directory.glob("*.pem"))
+        with pytest.raises(StaleDirectorMetadata, match=r"another 2\.root\.json"):
+            c._chain().rotate_key(keys_c, "director", c.root(), 1, 1, c.write_root, lambda: c.refresh(keys_c))
+        assert not (tmp_path / "c" / "2.root.json").exists()
+        assert (keys_c.directory / "keys.json").read_bytes() == index and sorted(p.name for p in keys_c.directory.glob("*.pem")) == pems
+        assert (
+            fs.director_file(device, "2.root.json") == fs.director_file("", "2.root.json") == (tmp_path / "b" / "2.root.json").read_bytes()
+        )
+        committed = fs.director_file(device, "timestamp.json")
+        files_only = Director(tmp_path / "a")  # `fleet assign` without --store on host a: root 1, the retired key
+        files_only.assign(device, rig.image, MODEL, "1.1.0", VARIANT, keys_a)
+        assert a.sync().pushed == 0 and fs.director_file(device, "timestamp.json") == committed
+    finally:
+        fs.close()
+
+
+DROP_ROOTS = "DELETE FROM director_metadata WHERE device = ? AND name LIKE ? AND name <> ?"  # every director root but 1
+
+
+def test_director_roots_from_the_store_are_taken_only_as_the_next_link_of_the_chain(
+    fleet_rig: Rig, store_location: Path | str, tmp_path: Path
+) -> None:
+    """On SQLite and PostgreSQL: what a hostile writer puts under the director's own files in the store reaches no
+    controller's directory and stops its signing with one typed error: a root that is no JSON, one signed by keys
+    root 1 does not name, one that skips a version, another root 1; a name that is no root's (a path) is ignored."""
+    from tuf.api.metadata import Metadata, Root
+
+    from fleet.tuf.director import Director
+    from fleet.tuf.director_store import UntrustedDirectorRoot
+    from fleet.tuf.metadata import encode, sign_metadata
+
+    rig, device = fleet_rig, "chain-1"
+    keys = rig.keys
+    fs = FleetStore(store_location)
+    try:
+        a = Director.create(tmp_path / "a", keys)
+        a.store = fs
+        a.sync()
+        a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, keys)
+        thief = init_keys(tmp_path / "thief")
+        forged = Metadata(Root(version=2, expires=a.root().signed.expires))
+        for role in ("root", "targets", "snapshot", "timestamp"):
+            forged.signed.add_key(thief.public_keys("root" if role == "root" else "director")[0], role)
+        sign_metadata(forged, thief.signers("root"))
+        skipped = Metadata.from_bytes(fs.director_file("", "1.root.json") or b"")
+        skipped.signed.version = 3
+        sign_metadata(skipped, keys.signers("root"))
+        fs.add_director_files("", {"../../escaped.root.json": b"{}"})
+        for name, body, why in [
+            ("2.root.json", b"not json", "is no root"),
+            ("2.root.json", encode(forged), "not signed as root 1 demands"),
+            ("3.root.json", encode(skipped), "skip from 1 to 3"),
+        ]:
+            fs.db.execute(
+                "DELETE FROM director_metadata WHERE device = ? AND name LIKE ? AND name <> ?", ["", "%.root.json", "1.root.json"]
+            )
+            fs.add_director_files("", {name: body})
+            with pytest.raises(UntrustedDirectorRoot, match=why):
+                a.assign(device, rig.image, MODEL, "1.1.0", VARIANT, keys)
+            assert sorted(p.name for p in (tmp_path / "a").glob("*.root.json")) == ["1.root.json"]
+        fs.db.execute(DROP_ROOTS, ["", "%.root.json", "1.root.json"])
+        a.assign(device, rig.image, MODEL, "1.1.0", VARIANT, keys)  # the escaped name was never a root: ignored
+        assert not (tmp_path / "escaped.root.json").exists() and not (tmp_path.parent / "escaped.root.json").exists()
+        other = Director.create(tmp_path / "other", thief)  # another director's root 1, met by a's directory
+        fs.db.execute(
+            "UPDATE director_metadata SET body = ? WHERE device = ? AND name = ?",
+            [(tmp_path / "other" / "1.root.json").read_bytes(), "", "1.root.json"],
+        )
+        assert other.root().signed.version == 1
+        with pytest.raises(UntrustedDirectorRoot, match="not the one this host has"):
+            a.assign(device, rig.image, MODEL, "1.1.0", VARIANT, keys)
+    finally:
+        fs.close()
+
+
+def test_a_sync_with_nothing_new_waits_for_no_commit_on_postgresql(fleet_rig: Rig, tmp_path: Path) -> None:
+    """The leader's round pushes the director's roots every time; when the store has them all it takes no exclusive
+    lock, so it never waits behind a commit holding the roots lock shared (nor makes later commits queue behind it)."""
+    import threading
+
+    import psycopg
+    from conftest import fresh_postgres
+
+    from fleet.store.director import ROOTS_LOCK
+    from fleet.tuf.director import Director
+
+    with fresh_postgres() as url:
+        fs = FleetStore(url)
+        holder = psycopg.connect(url)
+        try:
+            a = Director.create(tmp_path / "a", fleet_rig.keys)
+            a.store = fs
+            a.sync()
+            holder.execute("SELECT pg_advisory_xact_lock_shared(%s)", [ROOTS_LOCK])  # a commit in progress
+            done = threading.Event()
+            worker = threading.Thread(target=lambda: (a.sync(), done.set()), daemon=True)
+            worker.start()
+            assert done.wait(5), "a sync with nothing new waited for the shared roots lock"
+        finally:
+            holder.rollback()
+            holder.close()
+            fs.close()
 
 
 def test_a_refresh_on_the_store_re_signs_every_device_past_a_broken_one(fleet_rig: Rig, store_location: Path | str, tmp_path: Path) -> None:

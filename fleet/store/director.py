@@ -210,13 +210,23 @@ class DirectorFiles:
         two roots of one version). Call in a transaction: on PostgreSQL a director root takes the roots lock
         exclusive, so it waits for the commits signed under the root before it (``_same_root``)."""
         roots = {n: b for n, b in files.items() if n.endswith(".root.json")}
-        if roots and device == DIRECTOR and self.db.dialect == "postgresql":
-            self.db.execute("SELECT pg_advisory_xact_lock(?)", [ROOTS_LOCK])
+        if roots and device == DIRECTOR and self.db.dialect == "postgresql" and self._new_roots(device, roots):
+            self.db.execute("SELECT pg_advisory_xact_lock(?)", [ROOTS_LOCK])  # only for a root not stored yet
+        new = self._new_roots(device, roots)
+        others = {n: b for n, b in files.items() if n not in roots}
+        self._write(device, {**new, **{n: b for n, b in others.items() if self.file(device, n) != b}}, time.time())
+
+    def _new_roots(self, device: str, roots: Mapping[str, bytes]) -> dict[str, bytes]:
+        """The roots of ``roots`` not stored yet; one stored under the same name with other bytes is
+        ``StaleDirectorMetadata`` (two rotations from the same root)."""
+        new = {}
         for name, body in roots.items():
             stored = self.file(device, name)
-            if stored is not None and stored != body:
+            if stored is None:
+                new[name] = body
+            elif stored != body:
                 raise StaleDirectorMetadata(f"{device or 'the director'} already has another {name}: a rotation made from an older root")
-        self._write(device, files, time.time())
+        return new
 
     def _write(self, device: str, files: Mapping[str, bytes], now: float) -> None:
         for name, body in files.items():

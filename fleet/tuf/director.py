@@ -37,7 +37,7 @@ from agent.files import atomic_write
 from agent.update.mirrors import MAX_MIRRORS, valid_mirrors
 from agent.update.verify import MIRRORS_FIELD
 from agent.wire import valid_device_id
-from fleet.store.director import StaleDirectorMetadata
+from fleet.store.director import DirectorRootChanged, StaleDirectorMetadata
 from fleet.tuf import director_store
 from fleet.tuf.director_repos import Commit, FileRepositories, Listing, Repositories, StoreRepositories
 from fleet.tuf.director_store import DirectorStore, Synced
@@ -140,10 +140,10 @@ class Director:
         data = encode(md)
         name = f"{md.signed.version}.root.json"
         with self._lock():
+            if self.store is not None:  # first: another host's root of this version refuses it before anything holds it
+                self.store.add_director_files(director_store.DIRECTOR, {name: data})
             atomic_write(self.directory / name, data)
             self.repos.add_root(name, data)
-            if self.store is not None:
-                director_store.push_director(self.store, self.directory)
 
     @property
     def repos(self) -> Repositories:
@@ -271,12 +271,15 @@ class Director:
         a controller's re-signing, a command with ``--store``) is listed and signed once more: a race, not a fault."""
         repos = self.repos
         failed: dict[str, Exception] = {}
-        for _ in range(2):
+        for attempt in range(2):
             batch = _Batch(self, keys, repos.listings([device for device, _ in planned]))
             for device, targets in planned:
                 batch.sign(device, targets)
             batch.failed.update(repos.commit(batch.commits, self.keep_versions))
             failed.update(batch.failed)
+            moved_on = next((e for e in batch.failed.values() if isinstance(e, DirectorRootChanged)), None)
+            if moved_on is not None and attempt > 0:  # a root landed during the retry too: the controller's trouble, no device's
+                raise moved_on
             planned = [(device, targets) for device, targets in planned if isinstance(batch.failed.get(device), StaleDirectorMetadata)]
             if not planned:
                 break

@@ -7,26 +7,33 @@ director's own roots and mirror list (``DIR/N.root.json``, ``DIR/mirrors.json``:
 into a controller's directory when it starts to lead; and device repositories signed with files alone (a one-box
 director before it had a store, or a command run without ``--store``), pushed into the store when newer than its
 copy (``sync``). The store refuses a set older than its own (``StaleDirectorMetadata``), so a copy left behind can
-never take a device back. Versions are read from the signed JSON (the ``signed.version`` field); nothing is verified
-here: devices verify everything.
+never take a device back, and a set that names an older root than the store's newest (``DirectorRootChanged``).
+Versions are read from the signed JSON (the ``signed.version`` field). Device sets are not verified here (devices
+verify everything), but the director's roots taken from the store are: each must be signed as the root before it
+demands (``UntrustedDirectorRoot``), since a controller signs under the newest one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from tuf.api.metadata import Metadata, Root
+
+from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from agent.wire import WireError, valid_device_id
-from fleet.store.director import DirectorSet
+from fleet.store.director import DirectorRootChanged, DirectorSet
 
 __all__ = [
     "DIRECTOR",
     "TIMESTAMP",
     "DirectorStore",
+    "UntrustedDirectorRoot",
     "Synced",
     "local_files",
     "push_device",
@@ -40,6 +47,14 @@ __all__ = [
 TIMESTAMP = "timestamp.json"
 DIRECTOR = ""  # the store's "device" for the director's own files (fleet.store.director.DIRECTOR)
 MIRRORS_FILE = "mirrors.json"
+ROOT_NAME = re.compile(r"[1-9][0-9]{0,8}\.root\.json")  # ``N.root.json``: the only root names taken from the store
+
+
+class UntrustedDirectorRoot(EdgefleetError):
+    """A director root in the store that this host's roots do not lead to (not signed as the root before it demands,
+    not the next version, not a root at all, or another root under a version this host holds): nothing is taken."""
+
+    code = "untrusted_director_root"
 
 
 class DirectorStore(Protocol):
@@ -122,7 +137,15 @@ def push_devices(store: DirectorStore, sets: Sequence[tuple[str, dict[str, bytes
     """Many devices' committed sets (device, files) into the store in one transaction; when that is refused (one
     device's store copy went ahead: ``StaleDirectorMetadata``), each alone, so only that one fails. The devices that
     failed, with why."""
-    return put_sets(store, [DirectorSet(device, files, _version(files[TIMESTAMP])) for device, files in sets if TIMESTAMP in files])
+    return put_sets(
+        store,
+        [DirectorSet(device, files, _version(files[TIMESTAMP]), root=_newest_root(files)) for device, files in sets if TIMESTAMP in files],
+    )
+
+
+def _newest_root(files: dict[str, bytes]) -> int:
+    """The newest root a device's set carries: what it was signed under (the store refuses it below its own newest)."""
+    return max((int(n.split(".", 1)[0]) for n in files if ROOT_NAME.fullmatch(n)), default=0)
 
 
 def put_sets(store: DirectorStore, sets: Sequence[DirectorSet]) -> dict[str, Exception]:
@@ -131,6 +154,8 @@ def put_sets(store: DirectorStore, sets: Sequence[DirectorSet]) -> dict[str, Exc
     try:
         store.put_director_sets(sets)
         return {}
+    except DirectorRootChanged as exc:  # signed under a root the store has moved past: every set alike, none retried
+        return {s.device: exc for s in sets}
     except Exception:
         pass
     failed: dict[str, Exception] = {}
@@ -154,11 +179,54 @@ def push_director(store: DirectorStore, directory: Path) -> None:
 
 def pull_director(store: DirectorStore, directory: Path) -> None:
     """The store's director roots and mirror list into ``directory`` where they differ: what is signed next is
-    signed under the newest root any host added (a rotation elsewhere) and names the mirrors set elsewhere."""
+    signed under the newest root any host added (a rotation elsewhere) and names the mirrors set elsewhere.
+
+    Each root this host lacks is taken only as the next link of its chain: version N+1 signed by the threshold of
+    root N and by its own (as devices check it); another root under a version this host has, a name that is no
+    root's, or bytes that are no root are ``UntrustedDirectorRoot``, and nothing is written. A host with no root
+    yet takes the store's first as given (the store is then its only source)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name, body in store.director_files(DIRECTOR).items():
-        if _read(directory / name) != body:
+    stored = store.director_files(DIRECTOR)
+    mirrors = stored.get(MIRRORS_FILE)
+    roots = sorted(((int(n.split(".", 1)[0]), b) for n, b in stored.items() if ROOT_NAME.fullmatch(n)), key=lambda r: r[0])
+    previous: tuple[int, bytes] | None = None  # the last root of the chain so far (parsed only to check a new one)
+    for version, body in roots:
+        name = f"{version}.root.json"
+        here = _read(directory / name)
+        if here is None:
+            _next_root(None if previous is None else _load_root(*previous), version, body)
             atomic_write(directory / name, body)
+        elif here != body:
+            raise UntrustedDirectorRoot(f"the store's {name} is not the one this host has in {directory}")
+        previous = (version, body)
+    if mirrors is not None and _read(directory / MIRRORS_FILE) != mirrors:
+        atomic_write(directory / MIRRORS_FILE, mirrors)
+
+
+def _load_root(version: int, body: bytes) -> Metadata[Root]:
+    name = f"{version}.root.json"
+    try:
+        md: Metadata[Root] = Metadata.from_bytes(body)
+    except Exception as exc:  # python-tuf raises several types for bytes that are no metadata
+        raise UntrustedDirectorRoot(f"the store's {name} is no root: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(md.signed, Root) or md.signed.version != version:
+        raise UntrustedDirectorRoot(f"the store's {name} is no root of that version")
+    return md
+
+
+def _next_root(previous: Metadata[Root] | None, version: int, body: bytes) -> Metadata[Root]:
+    """``body`` as root ``version``, checked as the link after ``previous`` (None: the first this host takes)."""
+    md = _load_root(version, body)
+    if previous is None:
+        return md
+    if version != previous.signed.version + 1:
+        raise UntrustedDirectorRoot(f"the store's roots skip from {previous.signed.version} to {version}")
+    try:
+        previous.signed.verify_delegate("root", md.signed_bytes, md.signatures)
+        md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
+    except Exception as exc:  # UnsignedMetadataError and friends: not what root N demands
+        raise UntrustedDirectorRoot(f"the store's {version}.root.json is not signed as root {version - 1} demands: {exc}") from exc
+    return md
 
 
 FileVersions = dict[str, tuple[tuple[int, int, int], int]]

@@ -209,10 +209,10 @@ class SigningChain:
         new_signers = keys.generate(key_role, new_keys)
         try:
             md = root_with_keys(current, roles, new_signers, threshold, root_signers, self.root_expiry)
+            write_root(md)  # refused (another host's rotation from the same root): the new keys go, nothing else changed
         except Exception:
             keys.forget(key_role, new_signers)
             raise
-        write_root(md)
         keys.set_role(key_role, new_signers, threshold)
         resign()
         keys.retire(key_role, old_keyids - {s.public_key.keyid for s in new_signers})
