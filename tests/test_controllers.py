@@ -639,6 +639,41 @@ def test_a_sync_with_nothing_new_waits_for_no_commit_on_postgresql(fleet_rig: Ri
             fs.close()
 
 
+def test_a_step_of_the_leaders_round_that_fails_holds_up_none_of_the_others(
+    fleet_rig: Rig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The image's timestamp key was rotated on another host (this controller's copy is retired): the round logs the
+    image step's `UntrustedSigningKey` and still re-signs the director's devices and prunes telemetry."""
+    import logging
+    from datetime import timedelta
+
+    from fleet.controller import Controller
+    from fleet.tuf.image_repo import Expiry, ImageRepository
+
+    rig, device = fleet_rig, "round-1"
+    root = tmp_path / "root"
+    copy_tree(rig.serve, root)
+    keys, elsewhere = _copy_keys(rig.keys.directory, tmp_path / "keys"), _copy_keys(rig.keys.directory, tmp_path / "elsewhere")
+    ImageRepository(root / "image").rotate_key(elsewhere, "timestamp")
+    c = Controller(root, keys, rig.broker.host, rig.broker.port, store=tmp_path / "fleet.db")
+    try:
+        c.director.sync()
+        c.director.assign(device, c.image, MODEL, "1.0.0", VARIANT, keys)
+        c.image.expiry = Expiry(timestamp=timedelta(days=3650))  # every timestamp is past half of that: re-sign
+        c.director.timestamp_expiry = timedelta(days=3650)
+        signed = c.director.timestamps([device])[device]
+        image_timestamp = (root / "image" / "metadata" / "timestamp.json").read_bytes()
+        with caplog.at_level(logging.ERROR, logger="fleet.controller"):
+            c._round()
+        assert c.director.timestamps([device])[device] != signed  # re-signed after the image step failed
+        assert (root / "image" / "metadata" / "timestamp.json").read_bytes() == image_timestamp
+        failed = [r.getMessage() for r in caplog.records if "controller.round_failed" in r.getMessage()]
+        assert len(failed) == 1 and "step=image_refresh" in failed[0] and "UntrustedSigningKey" in failed[0], failed
+    finally:
+        if c.store is not None:
+            c.store.close()
+
+
 def test_a_refresh_on_the_store_re_signs_every_device_past_a_broken_one(fleet_rig: Rig, store_location: Path | str, tmp_path: Path) -> None:
     """On SQLite and PostgreSQL: one device whose repository in the store lost the snapshot its timestamp names does not
     hold up the others' re-signing (each moves one version on); its own error is raised afterwards, naming it."""
