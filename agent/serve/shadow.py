@@ -58,6 +58,13 @@ def _rows(a: np.ndarray) -> int:
     return int(a.shape[0]) if a.ndim else 1
 
 
+def _rows_of(outputs: Mapping[str, np.ndarray]) -> int:
+    """The rows of a call's answer (its first output's first dimension; 0 for an answer without outputs)."""
+    for first in outputs.values():
+        return _rows(first)
+    return 0
+
+
 def compare_outputs(active: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray], rtol: float, atol: float) -> Comparison:
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf and the like: counted as disagreement, not warned about
         return _compare(active, shadow, rtol, atol)
@@ -207,19 +214,17 @@ class ShadowRunner:
         shadow = self.host.shadow(active.name)
         if shadow is None:
             return
-        with self._lock:
+        with self._lock:  # most calls end here, sampled out: one lock, no exception (this runs on every answer)
             reserved = self._budget.admit()
-        try:
             if reserved is None:
-                raise queue.Full
+                self._window(active.name, shadow.version).skipped += _rows_of(outputs)
+                return
+        try:
             self._queue.put_nowait((active.name, shadow.version, inputs, outputs, active_s, reserved))
         except queue.Full:
-            if reserved is not None:
-                with self._lock:
-                    self._budget.cancel(reserved)
-            rows = _rows(next(iter(outputs.values()), np.zeros(0)))
             with self._lock:
-                self._window(active.name, shadow.version).skipped += rows
+                self._budget.cancel(reserved)
+                self._window(active.name, shadow.version).skipped += _rows_of(outputs)
 
     def _window(self, model: str, version: str) -> _Window:
         w = self._windows.get(model)
