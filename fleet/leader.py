@@ -19,7 +19,7 @@ from typing import Any
 
 from fleet.store.url import StoreLocation, is_postgres
 
-__all__ = ["LEADER_KEY", "Leadership", "identity"]
+__all__ = ["LEADER_KEY", "Leadership", "identity", "running_controllers"]
 
 LEADER_KEY = 0x65646765_6C656164  # "edgelead": the advisory lock's key (pg.py's schema lock uses another)
 
@@ -32,6 +32,20 @@ def identity(location: StoreLocation, controller_id: str) -> Leadership:
     key = int.from_bytes(digest[:8], "big", signed=True)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in controller_id)[:100]
     return Leadership(location, key, suffix=f".controller-{safe}")
+
+
+def running_controllers(location: StoreLocation, ids: list[str]) -> list[str]:
+    """Of ``ids``, the controllers whose process runs now: their id lock is held (``identity``); each probe's
+    connection or file is closed again. A store that does not answer counts as running (``holder_alive``)."""
+    alive = []
+    for controller_id in ids:
+        probe = identity(location, controller_id)
+        try:
+            if probe.holder_alive():
+                alive.append(controller_id)
+        finally:
+            probe.release()
+    return alive
 
 
 class Leadership:

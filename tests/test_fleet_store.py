@@ -557,6 +557,43 @@ def test_a_store_at_version_4_starts_its_model_totals_from_the_telemetry_it_hold
         fs.close()
 
 
+def test_an_upgrade_waits_for_no_controller_of_an_earlier_release_and_changes_nothing_while_one_runs(
+    store_location: Path | str,
+) -> None:
+    """A store at version 4 with two registered controllers: "old-1" runs (its id lock is held, as a running `fleet
+    serve` of the earlier release holds it), "gone-1" does not. Opening the store with this release refuses the
+    upgrade, naming old-1 only, and leaves the store at version 4; once old-1 stops, it upgrades. A store already
+    at the latest version opens whatever runs on it (one release's controllers restart one at a time)."""
+    from fleet.leader import identity
+    from fleet.store import open_database, schema
+
+    db = open_database(store_location)
+    assert schema.upgrade(db, to=4) == 4
+    for cid in ("gone-1", "old-1"):
+        db.insert("controllers", {"id": cid, "client_id": f"edgefleet-ingest-{cid}", "host": "h", "started": time.time()})
+    db.close()
+    old = identity(store_location, "old-1")
+    assert old.try_acquire()
+    try:
+        with pytest.raises(schema.StoreInUse, match=r"controllers old-1 of an earlier release") as refused:
+            FleetStore(store_location)
+        assert "gone-1" not in str(refused.value)
+        db = open_database(store_location)
+        assert schema.version(db) == 4
+        db.close()
+    finally:
+        old.release()
+    fs = FleetStore(store_location)
+    assert schema.version(fs.db) == schema.LATEST
+    fs.close()
+    again = identity(store_location, "old-1")
+    assert again.try_acquire()
+    try:
+        FleetStore(store_location).close()  # nothing to upgrade: a running controller is no reason to refuse
+    finally:
+        again.release()
+
+
 def test_a_job_never_moves_back_when_its_updates_arrive_out_of_order(store: FleetStore) -> None:
     """A dead controller's ingest session, drained by the leader that adopted it, can hand over DOWNLOADING after
     another controller stored ACTIVE: the store keeps the furthest state; a rollback after ACTIVE still lands."""

@@ -81,8 +81,11 @@ class FleetStore:
         self.last_rejection = ""
         self._devices, self._telemetry, self._rollouts = Devices(self.db), Telemetry(self.db), Rollouts(self.db)
         self._director = DirectorFiles(self.db)
+        from fleet.leader import running_controllers  # here: fleet.leader imports this package's url module
+
         try:
-            sql.retry_locked(lambda: schema.upgrade(self.db))  # another process may be creating the SQLite schema right now
+            # another process may be creating the SQLite schema right now; an upgrade waits for no older controller
+            sql.retry_locked(lambda: schema.upgrade(self.db, running=lambda ids: running_controllers(location, ids)))
         except BaseException:
             self.db.close()
             raise

@@ -10,6 +10,7 @@ store written by any earlier release opens, and two controllers opening it at on
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "VERSIONS",
     "added_later",
     "AddedColumns",
+    "StoreInUse",
     "StoreTooNew",
     "Table",
     "upgrade",
@@ -37,6 +39,13 @@ class StoreTooNew(EdgefleetError):
     """The store was migrated by a newer edgefleet: this one would misread it."""
 
     code = "store_too_new"
+
+
+class StoreInUse(EdgefleetError):
+    """Controllers of an earlier release still run on a store this release would upgrade: after the upgrade they
+    would go on writing it the old way (since version 5, batches without their totals). Nothing was changed."""
+
+    code = "store_in_use"
 
 
 @dataclass(frozen=True)
@@ -233,13 +242,25 @@ def version(db: Database) -> int:
     return int(db.query("SELECT max(version) AS v FROM schema_version")[0]["v"] or 0)
 
 
-def upgrade(db: Database, to: int = LATEST) -> int:
-    """Run the versions the store lacks, up to ``to``, in one transaction; the version it has now."""
+def upgrade(db: Database, to: int = LATEST, running: Callable[[list[str]], list[str]] | None = None) -> int:
+    """Run the versions the store lacks, up to ``to``, in one transaction; the version it has now.
+
+    ``running``: of the controller ids the store has registered, those whose process runs now (their id lock is
+    held: ``fleet.leader.running_controllers``). Before it changes anything, an upgrade refuses while any runs
+    (``StoreInUse``): a controller running on a store older than this release is of an earlier release. A store
+    already at the latest version is opened without asking, so controllers of one release restart one at a time."""
     with db.transaction():
         db.lock_schema()
         current = version(db)
         if current > LATEST:
             raise StoreTooNew(f"the store is at schema version {current}; this edgefleet knows up to {LATEST}: upgrade edgefleet")
+        if running is not None and 3 <= current < to:  # version 3 brought the controllers' registry
+            alive = running([str(r["id"]) for r in db.query("SELECT id FROM controllers ORDER BY id")])
+            if alive:
+                raise StoreInUse(
+                    f"controllers {', '.join(alive)} of an earlier release run on this store (schema version {current}):"
+                    f" stop every controller, then start this release, which upgrades the store to version {to}"
+                )
         for number, why in VERSIONS:
             if current < number <= to:
                 db.migrate(number)
