@@ -34,9 +34,18 @@ def identity(location: StoreLocation, controller_id: str) -> Leadership:
     return Leadership(location, key, suffix=f".controller-{safe}")
 
 
-def running_controllers(location: StoreLocation, ids: list[str]) -> list[str]:
-    """Of ``ids``, the controllers whose process runs now: their id lock is held (``identity``); each probe's
-    connection or file is closed again. A store that does not answer counts as running (``holder_alive``)."""
+def running_controllers(location: StoreLocation, ids: list[str], db: Any = None) -> list[str]:
+    """Of ``ids``, the controllers whose process runs now: their id lock is held (``identity``).
+
+    PostgreSQL: asked on ``db`` (a ``fleet.store.db.Database`` in a transaction, the caller's own) with
+    ``pg_try_advisory_xact_lock``, so no connection is opened (a probe that could not connect would have counted
+    as a running controller) and what it took goes at the transaction's end. SQLite: each id's lock file is tried
+    and let go at once."""
+    if is_postgres(location):
+        if db is None:
+            raise ValueError("running_controllers on PostgreSQL asks through a database in a transaction")
+        taken = [db.query("SELECT pg_try_advisory_xact_lock(?) AS free", [identity(location, cid).key])[0]["free"] for cid in ids]
+        return [cid for cid, free in zip(ids, taken, strict=True) if not free]
     alive = []
     for controller_id in ids:
         probe = identity(location, controller_id)

@@ -850,7 +850,8 @@ def test_a_silent_device_is_told_again_backing_off_to_a_minute() -> None:
 
 def test_a_device_whose_job_spoke_since_it_was_told_is_not_told_again() -> None:
     """Telling again is for a lost announcement: a device whose install job on the new version reported after its last
-    telling (a long download under way) is left alone; one whose job spoke only before that telling is silent."""
+    telling (a long download under way) is left alone until its job has been silent as long; one whose job spoke
+    only before that telling is silent since the telling; a stalled job's device is told again in the end."""
     from fleet.rollout.engine import Observation, Told, judge_assigned
     from fleet.store import Job, RolloutDevice
 
@@ -863,6 +864,7 @@ def test_a_device_whose_job_spoke_since_it_was_told_is_not_told_again() -> None:
     told = {d: Told(30.0, 2) for d in ("busy", "stale", "quiet")}  # told again at 30: next due at 50
     assert judge_assigned(seen, members, set(), told, 49.0, 10.0)[1] == []
     assert judge_assigned(seen, members, set(), told, 50.1, 10.0)[1] == ["stale", "quiet"]
+    assert judge_assigned(seen, members, set(), told, 55.1, 10.0)[1] == ["busy", "stale", "quiet"]  # 20 s after its job's last word
 
 
 def test_an_announcement_the_broker_did_not_take_does_not_push_the_next_one_back(rig: Rig, tmp_path: Path) -> None:

@@ -477,8 +477,10 @@ def judge_assigned(
     """The wave's assigned devices: silent for the whole wave (timeout), or told long enough ago to be told again
     (the retained announcement may have been lost on the way: ``again_s`` after the first time, then backing off,
     ``Told``); ``moved`` were told just now. A device this engine never told (a controller that took over) was told
-    at its assignment. A device whose install job on the new version spoke since it was last told is not silent:
-    it got the announcement and is working on it (a long download), and another would only make it check again."""
+    at its assignment. Silence counts from the later of the last telling and the last word of the device's install
+    job on the new version: a device whose job keeps reporting got the announcement and is working on it (a long
+    download), while one whose job stalled (its repository went away mid-download) is told again, which makes it
+    try at once rather than at its own backoff."""
     changes, again = [], []
     r = seen.rollout
     for m in members:
@@ -486,9 +488,11 @@ def judge_assigned(
             continue
         told = announced.get(m.device, Told(m.assigned_at, 1))
         job = seen.jobs.get(m.device)
+        if job is not None and job.ts > told.at:
+            told = Told(job.ts, told.times)
         if now - r.wave_started > seen.spec.wave_timeout_s:  # assigned but silent for the whole wave
             changes.append(DeviceChange(m.device, "timeout", "no report within the wave timeout"))
-        elif m.device not in moved and now > told.again_after(again_s) and (job is None or job.ts < told.at):
+        elif m.device not in moved and now > told.again_after(again_s):
             again.append(m.device)
     return changes, again
 

@@ -85,7 +85,7 @@ class FleetStore:
 
         try:
             # another process may be creating the SQLite schema right now; an upgrade waits for no older controller
-            sql.retry_locked(lambda: schema.upgrade(self.db, running=lambda ids: running_controllers(location, ids)))
+            sql.retry_locked(lambda: schema.upgrade(self.db, running=lambda ids: running_controllers(location, ids, self.db)))
         except BaseException:
             self.db.close()
             raise
