@@ -136,9 +136,23 @@ class Leadership:
             except psycopg.Error:
                 self._close_conn()
                 return True
-        if not self._acquire_file():
+        return self._file_held()
+
+    def _file_held(self) -> bool:
+        """Whether another process holds the lock file: tried read-only and let go at once. A file never made was
+        never locked (nothing is created for a probe); one this user cannot open counts as held (no guessing)."""
+        try:
+            fd = os.open(str(self.location) + self.suffix, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError:
             return True
-        self.release()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing the descriptor lets go of a lock it took
         return False
 
     def _close_conn(self) -> None:
