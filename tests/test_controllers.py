@@ -21,6 +21,7 @@ from fleet.dev.simulate import Simulator, SimulatorThread
 from fleet.leader import Leadership
 from fleet.rollout import RolloutEngine, RolloutSpec
 from fleet.store import FleetStore
+from fleet.tuf.director import Director
 from fleet.tuf.keys import KeyStore, UntrustedSigningKey, init_keys
 
 CLI = [sys.executable, "-m", "fleet.cli"]
@@ -336,7 +337,7 @@ def test_a_first_lead_pushes_a_directory_signed_without_a_store_in_batches_and_l
     starts to lead on a store: every device's whole set reaches the store, more devices than one batch of
     ``SYNC_BATCH``; a device the store holds newer keeps the store's (its files stay as they were); a second sync
     finds nothing to move."""
-    from fleet.tuf.director import Assignment, Director
+    from fleet.tuf.director import Assignment
     from fleet.tuf.director_store import SYNC_BATCH, local_files
 
     fs = FleetStore(store_location)
@@ -370,7 +371,7 @@ def test_each_sync_reads_only_the_device_files_that_changed_since_the_last(fleet
     with its size and mtime kept — and a file written anew is."""
     import os
 
-    from fleet.tuf.director import Assignment, Director
+    from fleet.tuf.director import Assignment
     from fleet.tuf.director_store import TIMESTAMP
 
     fs = FleetStore(tmp_path / "fleet.db")
@@ -394,6 +395,14 @@ def test_each_sync_reads_only_the_device_files_that_changed_since_the_last(fleet
         fs.close()
 
 
+def _leading(directory: Path, keys: KeyStore, fs: FleetStore) -> Director:
+    """A new director on ``fs`` as a controller starts to lead with it: its roots synced into the store."""
+    d = Director.create(directory, keys)
+    d.store = fs
+    d.sync()
+    return d
+
+
 def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
     fleet_rig: Rig, store_location: Path | str, tmp_path: Path
 ) -> None:
@@ -405,15 +414,13 @@ def test_directors_on_two_roots_share_one_store_and_sign_on_from_its_versions(
     from agent.wire import RepoRequest
     from fleet.store import StaleDirectorMetadata
     from fleet.transport.repo_server import RepositoryServer
-    from fleet.tuf.director import Director, _Batch
+    from fleet.tuf.director import _Batch
     from fleet.tuf.director_store import Synced, push_device
 
     rig, device = fleet_rig, "two-1"
     fs = FleetStore(store_location)
     try:
-        a = Director.create(tmp_path / "a", rig.keys)
-        a.store = fs
-        a.sync()  # what a controller does when it starts to lead: the director's roots into the store
+        a = _leading(tmp_path / "a", rig.keys, fs)  # what a controller does when it starts to lead: the director's roots into the store
         a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, rig.keys)
         assert not a.device_metadata(device).exists()
         assert sorted(fs.director_files(device)) == ["1.root.json", "1.snapshot.json", "1.targets.json", "timestamp.json"]
@@ -472,15 +479,13 @@ def test_a_director_key_rotated_on_another_host_is_never_signed_around(fleet_rig
     over it signs again, under the new root. A rotation from a host whose directory is behind starts from the
     store's newest root, and a second root of one version is refused."""
     from fleet.store import DirectorRootChanged, StaleDirectorMetadata
-    from fleet.tuf.director import Director, _Batch
+    from fleet.tuf.director import _Batch
 
     rig, device = fleet_rig, "host-1"
     keys_a, keys_b = _copy_keys(rig.keys.directory, tmp_path / "keys-a"), _copy_keys(rig.keys.directory, tmp_path / "keys-b")
     fs = FleetStore(store_location)
     try:
-        a = Director.create(tmp_path / "a", keys_a)
-        a.store = fs
-        a.sync()
+        a = _leading(tmp_path / "a", keys_a, fs)
         a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, keys_a)
         b = Director(tmp_path / "b", store=fs)
         b.sync()
@@ -520,7 +525,6 @@ def test_a_rotation_racing_another_hosts_leaves_nothing_behind_and_old_root_file
     gone, its keys.json as it was). A device set host a signed with files alone under root 1 after that rotation
     is not pushed by its next sync (it would verify under root 1 with the retired key)."""
     from fleet.store import StaleDirectorMetadata
-    from fleet.tuf.director import Director
 
     rig, device = fleet_rig, "race-1"
     keys_a, keys_b, keys_c = (_copy_keys(rig.keys.directory, tmp_path / f"keys-{h}") for h in "abc")
@@ -562,7 +566,6 @@ def test_director_roots_from_the_store_are_taken_only_as_the_next_link_of_the_ch
     root 1 does not name, one that skips a version, another root 1; a name that is no root's (a path) is ignored."""
     from tuf.api.metadata import Metadata, Root
 
-    from fleet.tuf.director import Director
     from fleet.tuf.director_store import UntrustedDirectorRoot
     from fleet.tuf.metadata import encode, sign_metadata
 
@@ -570,9 +573,7 @@ def test_director_roots_from_the_store_are_taken_only_as_the_next_link_of_the_ch
     keys = rig.keys
     fs = FleetStore(store_location)
     try:
-        a = Director.create(tmp_path / "a", keys)
-        a.store = fs
-        a.sync()
+        a = _leading(tmp_path / "a", keys, fs)
         a.assign(device, rig.image, MODEL, "1.0.0", VARIANT, keys)
         thief = init_keys(tmp_path / "thief")
         forged = Metadata(Root(version=2, expires=a.root().signed.expires))
@@ -585,8 +586,10 @@ def test_director_roots_from_the_store_are_taken_only_as_the_next_link_of_the_ch
         fs.add_director_files("", {"../../escaped.root.json": b"{}"})
         for name, body, why in [
             ("2.root.json", b"not json", "is no root"),
-            ("2.root.json", encode(forged), "not signed as root 1 demands"),
-            ("3.root.json", encode(skipped), "skip from 1 to 3"),
+            ("2.root.json", b"[" * 100_000 + b"]" * 100_000, "is no root"),  # nested past any parser's depth
+            ("2.root.json", b'{"signed": {"_type": "root", "version": 2}, "signatures": ' + b"0" * 10_000_000 + b"}", "is no root"),
+            ("2.root.json", encode(forged), "not the root after 1"),
+            ("3.root.json", encode(skipped), "does not follow 1"),
         ]:
             fs.db.execute(
                 "DELETE FROM director_metadata WHERE device = ? AND name LIKE ? AND name <> ?", ["", "%.root.json", "1.root.json"]
@@ -619,15 +622,12 @@ def test_a_sync_with_nothing_new_waits_for_no_commit_on_postgresql(fleet_rig: Ri
     from conftest import fresh_postgres
 
     from fleet.store.director import ROOTS_LOCK
-    from fleet.tuf.director import Director
 
     with fresh_postgres() as url:
         fs = FleetStore(url)
         holder = psycopg.connect(url)
         try:
-            a = Director.create(tmp_path / "a", fleet_rig.keys)
-            a.store = fs
-            a.sync()
+            a = _leading(tmp_path / "a", fleet_rig.keys, fs)
             holder.execute("SELECT pg_advisory_xact_lock_shared(%s)", [ROOTS_LOCK])  # a commit in progress
             done = threading.Event()
             worker = threading.Thread(target=lambda: (a.sync(), done.set()), daemon=True)
@@ -677,13 +677,11 @@ def test_a_step_of_the_leaders_round_that_fails_holds_up_none_of_the_others(
 def test_a_refresh_on_the_store_re_signs_every_device_past_a_broken_one(fleet_rig: Rig, store_location: Path | str, tmp_path: Path) -> None:
     """On SQLite and PostgreSQL: one device whose repository in the store lost the snapshot its timestamp names does not
     hold up the others' re-signing (each moves one version on); its own error is raised afterwards, naming it."""
-    from fleet.tuf.director import AssignError, Assignment, Director
+    from fleet.tuf.director import AssignError, Assignment
 
     fs = FleetStore(store_location)
     try:
-        a = Director.create(tmp_path / "a", fleet_rig.keys)
-        a.store = fs
-        a.sync()
+        a = _leading(tmp_path / "a", fleet_rig.keys, fs)
         devices = ["ok-1", "broken-1", "ok-2"]
         assert not [
             r
@@ -706,7 +704,7 @@ def test_an_assignment_that_loses_a_race_with_another_writer_is_signed_again_fro
     """On SQLite and PostgreSQL: another director commits a device right after this one listed it (a controller's
     re-signing, a command with --store); this one's commit is refused as stale, listed and signed again, and its
     assignment is what the store ends with, one version above the other writer's."""
-    from fleet.tuf.director import Assignment, Director
+    from fleet.tuf.director import Assignment
 
     class RacedStore(FleetStore):
         """The real store; the first listing of the device lets the other writer commit before the caller signs."""
@@ -722,9 +720,7 @@ def test_an_assignment_that_loses_a_race_with_another_writer_is_signed_again_fro
 
     fs = RacedStore(store_location)
     try:
-        a = Director.create(tmp_path / "a", fleet_rig.keys)
-        a.store = fs
-        a.sync()
+        a = _leading(tmp_path / "a", fleet_rig.keys, fs)
         a.assign("race-1", fleet_rig.image, MODEL, "1.0.0", VARIANT, fleet_rig.keys)
         fs.other = Director(tmp_path / "b", store=fs)
         fs.other.sync()

@@ -28,6 +28,7 @@ from agent.errors import EdgefleetError
 from agent.files import atomic_write
 from agent.wire import WireError, valid_device_id
 from fleet.store.director import DirectorRootChanged, DirectorSet
+from fleet.tuf.metadata import verify_next_root
 
 __all__ = [
     "DIRECTOR",
@@ -219,13 +220,10 @@ def _next_root(previous: Metadata[Root] | None, version: int, body: bytes) -> Me
     md = _load_root(version, body)
     if previous is None:
         return md
-    if version != previous.signed.version + 1:
-        raise UntrustedDirectorRoot(f"the store's roots skip from {previous.signed.version} to {version}")
     try:
-        previous.signed.verify_delegate("root", md.signed_bytes, md.signatures)
-        md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
-    except Exception as exc:  # UnsignedMetadataError and friends: not what root N demands
-        raise UntrustedDirectorRoot(f"the store's {version}.root.json is not signed as root {version - 1} demands: {exc}") from exc
+        verify_next_root(previous, md)
+    except Exception as exc:  # BadVersionNumberError, UnsignedMetadataError and friends: not the next link
+        raise UntrustedDirectorRoot(f"the store's {version}.root.json is not the root after {previous.signed.version}: {exc}") from exc
     return md
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from securesystemslib.signer import Signer
+from tuf.api.exceptions import BadVersionNumberError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
@@ -54,6 +55,7 @@ __all__ = [
     "signers_of",
     "signing_time",
     "timestamp_version",
+    "verify_next_root",
     "versions_in",
 ]
 
@@ -295,11 +297,19 @@ def root_with_keys(
     md = Metadata(root)
     sign_metadata(md, signers)
     try:
-        current.verify_delegate("root", md)  # enough keys the devices trust now signed
-        md.verify_delegate("root", md)  # enough keys of the new root signed
+        verify_next_root(current, md)
     except Exception as exc:  # python-tuf's UnsignedMetadataError and friends
         raise RotationError(f"root rotation would not verify ({exc}); {advice}") from exc
     return md
+
+
+def verify_next_root(current: Metadata[Root], md: Metadata[Root]) -> None:
+    """``md`` is the root after ``current`` as a device checks it: the next version, signed by the threshold of the
+    keys ``current`` names (those the devices trust now) and of its own; python-tuf's errors otherwise."""
+    if md.signed.version != current.signed.version + 1:
+        raise BadVersionNumberError(f"root version {md.signed.version} does not follow {current.signed.version}")
+    current.verify_delegate("root", md)
+    md.verify_delegate("root", md)
 
 
 def rotated_root(current: Metadata[Root], old: Sequence[Signer], new: Sequence[Any], threshold: int, lifetime: timedelta) -> Metadata[Root]:
