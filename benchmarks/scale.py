@@ -129,6 +129,7 @@ class Rig:
     store: Any = None
     serves: list[Serve] = field(default_factory=list)
     sims: list[tuple[Any, Path]] = field(default_factory=list)
+    broker_pid: int = 0
     ingesting_since: float = float("inf")  # time.time() once a controller was seen up (its ingest subscribed before)
 
     def serve(self, name: str, options: dict[str, Any]) -> Serve:
@@ -232,25 +233,46 @@ def _steady(rig: Rig, seconds: float) -> dict[str, float]:
 
 
 class _Sampler:
-    """CPU seconds and RSS of the controllers during one rollout, sampled while they live (one may be killed)."""
+    """CPU seconds and RSS of the controllers during one rollout, sampled while they live (one may be killed), and the
+    CPU seconds of everything else on the box that the rollout moved: the simulator shards (the load generator), the
+    broker and PostgreSQL's processes (its server and every backend, also those started during the rollout)."""
 
-    def __init__(self, serves: list[Serve]) -> None:
+    def __init__(self, serves: list[Serve], others: dict[str, list[int]]) -> None:
         self.procs = {s.log.stem: psutil.Process(s.proc.pid) for s in serves if s.proc.poll() is None}
         self.cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in self.procs.items()}
         self.cpu = dict(self.cpu0)
         self.rss = {k: 0 for k in self.procs}
+        self.others = others  # role -> pids (PostgreSQL's are found by name at each sample)
+        self.other_cpu: dict[tuple[str, int], list[float]] = {}  # (role, pid) -> [first seen, last seen] CPU seconds
+        self._sample_others(first=True)
+
+    def _sample_others(self, first: bool = False) -> None:
+        pids = [(role, pid) for role, ps in self.others.items() for pid in ps]
+        pids += [("postgresql", p.pid) for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postmaster")]
+        for key in pids:
+            with contextlib.suppress(psutil.Error):
+                now = sum(psutil.Process(key[1]).cpu_times()[:2])
+                seen = self.other_cpu.setdefault(key, [now if first else 0.0, now])
+                seen[1] = now
 
     def sample(self) -> None:
         for k, p in self.procs.items():
             with contextlib.suppress(psutil.Error):
                 self.cpu[k] = sum(p.cpu_times()[:2])
                 self.rss[k] = max(self.rss[k], p.memory_info().rss)
+        self._sample_others()
 
     def report(self, roles: dict[str, str]) -> dict[str, dict[str, float]]:
         return {
             roles.get(k, k): {"cpu_s": round(self.cpu[k] - self.cpu0[k], 2), "rss_mb_max": round(self.rss[k] / 2**20, 1)}
             for k in self.procs
         }
+
+    def others_cpu_s(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (role, _), (first, last) in self.other_cpu.items():
+            out[role] = round(out.get(role, 0.0) + last - first, 1)
+        return out
 
 
 def _third_wave_moving(store: Any, rid: int) -> dict[str, int] | None:
@@ -275,7 +297,7 @@ def _rollout(rig: Rig, version: str, kill: bool, timeout: float = 1800.0) -> dic
 
     leader = rig.leader()
     roles = {s.log.stem: ("leader" if s is leader else "standby") for s in rig.serves}
-    sampler = _Sampler(rig.serves)
+    sampler = _Sampler(rig.serves, {"simulators": [proc.pid for proc, _ in rig.sims], "broker": [rig.broker_pid]})
     spec = RolloutSpec("m", version, "device=s*", WAVES, soak_s=0.0)
     out: dict[str, Any] = {"version": version, "devices": rig.n}
     t0 = time.monotonic()
@@ -297,6 +319,7 @@ def _rollout(rig: Rig, version: str, kill: bool, timeout: float = 1800.0) -> dic
     out.update(state=state, rollout_s=round(time.monotonic() - t0, 1), waves=waves)
     out["devices_moved"] = _count(rig.store, "SELECT count(*) AS n FROM rollout_devices WHERE rollout = ? AND state = 'active'", (rid,))
     out["controllers"] = sampler.report(roles)
+    out["others_cpu_s"] = sampler.others_cpu_s()  # where the rest of the two cores went
     return out
 
 
@@ -383,7 +406,7 @@ def fleet_run(n: int, telemetry_s: float, steady_s: float) -> dict[str, Any]:
             keys, image = _repositories(work, [f"{p}-{i:04d}" for p, c in _shards(n) for i in range(c)])
             FleetStore(url).close()  # the schema made once, before two controllers race to make it
             config = _write_config(work / "fleet.toml", url, broker.host, broker.port)
-            rig = Rig(work, n, broker.host, broker.port, url, config, keys, image)
+            rig = Rig(work, n, broker.host, broker.port, url, config, keys, image, broker_pid=broker.pid)
             out: dict[str, Any] = {"devices": n, "simulator_processes": len(_shards(n)), "telemetry_s": telemetry_s}
             out["idle_controller_rss_mb"] = round(_idle_rss(rig) / 2**20, 1)
             out.update(_start_fleet(rig, telemetry_s))
@@ -531,6 +554,8 @@ def fleet_rows(fleet: dict[str, Any]) -> list[str]:
     rss = ", ".join(f"{role} {per_thousand(c['rss_mb_max'] - idle, n)} MB" for role, c in sorted(ctl.items()))
     cpu = ", ".join(f"{role} {per_thousand(c['cpu_s'], n)} s" for role, c in sorted(ctl.items()))
     steady = ", ".join(f"{role} {per_thousand(p, n)}%" for role, p in sorted(fleet["steady_cpu_percent"].items()))
+    spent = {**{role: c["cpu_s"] for role, c in ctl.items()}, **a.get("others_cpu_s", {})}
+    where = ", ".join(f"{role} {s:.0f}" for role, s in sorted(spent.items(), key=lambda kv: -kv[1]))
     return [
         f"| 4-wave rollout, {n} devices ({fleet['simulator_processes']} simulator processes), zero soak, PostgreSQL, 2 controllers "
         f"| {a['rollout_s']} s ({a['devices_moved']} moved, {a['state']}) | - | - | < {GOAL_S:.0f} s | {yes[rollout_met]} |",
@@ -539,6 +564,7 @@ def fleet_rows(fleet: dict[str, Any]) -> list[str]:
         f"{lost['telemetry_acknowledged']}; jobs not ACTIVE {lost['jobs_lost']} | - | - | finished, 0 lost | {yes[kill_met]} |",
         f"| controller RSS per 1,000 devices (above an idle controller's {idle} MB) | {rss} | - | - | - | - |",
         f"| controller CPU per 1,000 devices during the rollout | {cpu} | - | - | - | - |",
+        f"| CPU seconds during the rollout, every process ({2 * a['rollout_s']:.0f} on two cores) | {where} | - | - | - | - |",
         f"| controller CPU per 1,000 devices, telemetry only (every {fleet['telemetry_s']:.0f} s) | {steady} | - | - | - | - |",
     ]
 

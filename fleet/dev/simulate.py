@@ -1,6 +1,6 @@
 """Many simulated devices in one process, speaking the real protocol; only the inference numbers are made up.
 
-Each simulated device has its own MQTT connection (aiomqtt, one asyncio task each):
+Each simulated device has its own MQTT connection (paho's, many on one asyncio loop: ``loop_clients``; one task each):
 retained ``status`` (with a will of ``lost``) and ``reported``; it follows its director
 messages by fetching its director metadata through the repository server (the same
 request/reply messages the agent uses — without checking signatures: it is a stand-in),
@@ -28,20 +28,22 @@ from typing import Any
 
 from agent import wire
 from agent.errors import InvalidOptions
+from agent.mqtt import read_password, tls_context
 from agent.outbox import MAX_WINDOW_S
 from agent.settings import BrokerSettings
 from agent.wire import RepoReply, RepoRequest, device_topic, repo_reply_topic, repo_request_topic
 from fleet.api import BrokerUnreachable
+from fleet.dev.loop_clients import ClientGroup, ConnectionLost, LoopClient, Will
 from fleet.transport import client as transport
 
 __all__ = ["Behaviour", "Simulator", "SimulatorThread", "simulate"]
 
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 5.0  # backoff between a simulated device's connection attempts
 REQUEST_TIMEOUT_S = 10.0  # a repository request unanswered this long is given up, as the agent's update.request_timeout_s
-# After stop(), how long the devices get to say "disconnected" and close; each step has aiomqtt's own 30 s timeout, so
-# a device still busy after this is stuck on a broker that stopped answering and is abandoned, not waited for.
+# After stop(), how long the devices get to say "disconnected" and close; a device still busy after this is stuck on a
+# broker that stopped answering and is abandoned, not waited for.
 STOP_GRACE_S = 45.0
-MQTT_TIMEOUT_S = 30.0  # aiomqtt's wait for each acknowledgement (connect, publish, disconnect) of a simulated device
+MQTT_TIMEOUT_S = 30.0  # a simulated device's wait for its broker's acknowledgements (connect, subscribe, publish)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class Simulator:
         if missing:
             raise InvalidOptions(f"no broker password for {len(missing)} simulated device(s), e.g. {missing[0]}")
         self.passwords = dict(passwords or {})
-        self._options: dict[str, Any] | None = None  # aiomqtt's, made once: one TLS context for every device
+        self._broker_password = read_password(self.broker) if self.broker.username else None  # the settings' own login
         self.telemetry_s, self.behaviours = telemetry_s, behaviours or []
         self.first_report_s = first_report_s  # as the agent's telemetry.first_report_s: a batch that soon after a switch
         ids = [d.id for d in self.devices]
@@ -169,16 +171,18 @@ class Simulator:
         self._stop = asyncio.Event()
         for d in self.devices:  # events bind to the loop that first waits on them: a new run, new events
             d.switched = asyncio.Event()
-        tasks = [asyncio.create_task(self._device(d, i)) for i, d in enumerate(self.devices)]
-        while self.connected < len(self.devices) and not self._stop.is_set():
-            await asyncio.sleep(0.05)
-            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
-            if failed:
-                raise RuntimeError(f"{len(failed)} simulated devices could not connect: {failed[0].exception()}")
-        if on_ready is not None:
-            on_ready()
-        await self._stop.wait()
-        await self._end(tasks)
+        # one TLS context and one housekeeping pass for every device
+        async with ClientGroup(self.broker.mqtt_version, tls_context(self.broker), self.mqtt_timeout_s) as group:
+            tasks = [asyncio.create_task(self._device(group, d, i)) for i, d in enumerate(self.devices)]
+            while self.connected < len(self.devices) and not self._stop.is_set():
+                await asyncio.sleep(0.05)
+                failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+                if failed:
+                    raise RuntimeError(f"{len(failed)} simulated devices could not connect: {failed[0].exception()}")
+            if on_ready is not None:
+                on_ready()
+            await self._stop.wait()
+            await self._end(tasks)
 
     async def _end(self, tasks: list[asyncio.Task[None]]) -> None:
         """Cancel every device and wait at most ``STOP_GRACE_S`` for them. A stop must end: a device whose cancellation
@@ -193,30 +197,23 @@ class Simulator:
             if t.done() and not t.cancelled():
                 t.exception()  # retrieved, so asyncio does not log "never retrieved": a device's error at stop is moot
 
-    def _client_options(self) -> dict[str, Any]:
-        if self._options is None:
-            self._options = transport.aiomqtt_options(self.broker)
-        return self._options
-
     def _behaviour(self, device: str, version: str) -> Behaviour | None:
         return next((b for b, chosen in self._chosen if b.version == version and device in chosen), None)
 
-    async def _device(self, d: SimDevice, first: int) -> None:
+    async def _device(self, group: ClientGroup, d: SimDevice, first: int) -> None:
         """One device's connections: to the broker's addresses in turn, from ``first`` (devices spread over a cluster's
         nodes), moving to the next after a drop or a refusal, as the agent's paho client does. A device that never got
         in anywhere gives up (``run`` reports it); one that was connected tries again and again, backing off to 5 s."""
-        import aiomqtt
-
         addresses = self.broker.addresses()
         attempt, backoff = first, RECONNECT_MIN_S
         while not self._stop.is_set():
             host, port = addresses[attempt % len(addresses)]
             attempt += 1
             try:
-                await self._connection(d, host, port, lambda: self._connected_once(d))
-            except aiomqtt.MqttError:
+                await self._connection(group, d, host, port, lambda: self._connected_once(d))
+            except ConnectionLost:
                 if self._stop.is_set():
-                    return  # the disconnect at stop timed out (aiomqtt raises that in place of the cancellation)
+                    return
                 if d.id in self._online:
                     self._online.discard(d.id)
                     self.connected -= 1
@@ -232,58 +229,50 @@ class Simulator:
         self._seen.add(d.id)
         self.connected += 1
 
-    async def _connection(self, d: SimDevice, host: str, port: int, on_connected: Callable[[], None]) -> None:
+    async def _connection(self, group: ClientGroup, d: SimDevice, host: str, port: int, on_connected: Callable[[], None]) -> None:
         """One connection to ``host:port``: subscribe, say ``ready``, report, then telemetry and updates until it drops."""
-        import aiomqtt
-
         status = device_topic(d.id, "status")
-        will = aiomqtt.Will(status, _status("lost", self.session), qos=1, retain=True)
-        options = {**self._client_options(), "hostname": host, "port": port}
-        if d.id in self.passwords:
-            options.update(username=d.id, password=self.passwords[d.id])
-        # MQTT 3.1.1: a persistent session, so a reconnect finds its subscriptions (NATS: its JetStream consumers) in place
-        # instead of deleting and making them again, which a cluster that just lost a node took minutes to do.
-        if self.broker.mqtt_version == "3.1.1":
-            options["clean_session"] = False
-        async with aiomqtt.Client(**options, identifier=d.id, will=will, keepalive=60, timeout=self.mqtt_timeout_s) as client:
+        replies: dict[str, asyncio.Future[RepoReply]] = {}
+        updates: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)  # one check waiting at most: see _on_message
+        client = group.client(
+            d.id,
+            lambda topic, payload: _on_message(topic, payload, replies, updates),
+            username=d.id if d.id in self.passwords else self.broker.username,
+            password=self.passwords[d.id] if d.id in self.passwords else self._broker_password,
+            will=Will(status, _status("lost", self.session)),
+            keepalive=60,
+            # MQTT 3.1.1: a persistent session, so a reconnect finds its subscriptions (NATS: its JetStream consumers) in
+            # place instead of deleting and making them again, which a cluster that just lost a node took minutes to do.
+            clean_session=False,
+        )
+        try:
+            await client.connect(host, port)
             await _subscribe(
                 client, [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)]
             )
-            await client.publish(status, _status("ready", self.session), qos=1, retain=True)
+            await client.publish_acknowledged(status, _status("ready", self.session), retain=True)
             await self._report(client, d)
             on_connected()
-            replies: dict[str, asyncio.Future[RepoReply]] = {}
-            updates: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)  # one check waiting at most: see _listen
-            workers = [asyncio.create_task(self._telemetry(client, d)), asyncio.create_task(self._updates(client, d, updates, replies))]
-            try:
-                await self._listen(client, replies, updates)
-            except asyncio.CancelledError:  # stopped: say so, as the agent does before a clean disconnect
-                with contextlib.suppress(Exception):
-                    await client.publish(status, _status("disconnected", self.session), qos=1, retain=True)
-                raise
-            finally:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            await self._connected(client, d, status, replies, updates)
+        finally:
+            await client.disconnect()
 
-    async def _listen(self, client: Any, replies: dict[str, asyncio.Future[RepoReply]], updates: asyncio.Queue[bytes]) -> None:
-        async for message in client.messages:
-            topic = message.topic.value
-            payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
-            if topic.endswith("/repo/reply"):
-                try:
-                    reply = RepoReply.decode(payload)
-                except ValueError:
-                    continue
-                fut = replies.pop(reply.request_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
-            elif "/director/" in topic and payload:
-                # as the agent: a director message while a check already waits joins it (the newest hint is kept), so a
-                # device told again while busy fetches once more, not once per announcement
-                if updates.full():
-                    updates.get_nowait()
-                updates.put_nowait(payload)
+    async def _connected(
+        self, client: LoopClient, d: SimDevice, status: str, replies: dict[str, asyncio.Future[RepoReply]], updates: asyncio.Queue[bytes]
+    ) -> None:
+        """Telemetry and updates until the connection drops (``ConnectionLost``) or the device is stopped (cancelled)."""
+        workers = [asyncio.create_task(self._telemetry(client, d)), asyncio.create_task(self._updates(client, d, updates, replies))]
+        try:
+            await client.lost.wait()
+            raise ConnectionLost("connection lost")
+        except asyncio.CancelledError:  # stopped: say so, as the agent does before a clean disconnect
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.publish_acknowledged(status, _status("disconnected", self.session), retain=True), 10)
+            raise
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
     async def _report(self, client: Any, d: SimDevice) -> None:
         def model(m: str, v: str) -> wire.ReportedModel:
@@ -313,13 +302,13 @@ class Simulator:
             update=d.update,
             ts=time.time(),
         )
-        await client.publish(device_topic(d.id, "reported"), wire.encode(body), qos=1, retain=True)
+        await client.publish_acknowledged(device_topic(d.id, "reported"), wire.encode(body), retain=True)
 
     async def _fetch(self, client: Any, d: SimDevice, replies: dict[str, asyncio.Future[RepoReply]], path: str) -> bytes:
         rid = uuid.uuid4().hex
         fut: asyncio.Future[RepoReply] = asyncio.get_running_loop().create_future()
         replies[rid] = fut
-        await client.publish(repo_request_topic(d.id), RepoRequest(rid, path).encode(), qos=1)
+        client.publish(repo_request_topic(d.id), RepoRequest(rid, path).encode(), qos=1)  # the reply is what is waited for
         try:
             reply = await asyncio.wait_for(fut, REQUEST_TIMEOUT_S)
         finally:
@@ -376,12 +365,15 @@ class Simulator:
         rejected = behaviour is not None and behaviour.reject
         states = [(s, "") for s in ("DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK")]
         states.append(("REJECTED", "health check: golden sample error (simulated)") if rejected else (final, ""))
-        # published in order without waiting for each acknowledgement, as the agent's paho client does: one round trip
-        # for the job's five updates, not five (a loaded shard's loop made each one cost seconds in a big wave)
-        await asyncio.gather(*[self._job(client, d, job, path, model, version, state, reason) for state, reason in states])
+        # published in order without waiting for each acknowledgement, as the agent's paho client does; the last one's
+        # is waited for: one round trip for the job's five updates
+        for state, reason in states[:-1]:
+            self._job(client, d, job, path, model, version, state, reason)
+        await client.acknowledged(self._job(client, d, job, path, model, version, *states[-1]))
         return not rejected
 
-    async def _job(self, client: Any, d: SimDevice, job: str, path: str, model: str, version: str, state: str, reason: str) -> None:
+    def _job(self, client: LoopClient, d: SimDevice, job: str, path: str, model: str, version: str, state: str, reason: str) -> int:
+        """Publish one job update; its message id."""
         now = time.time()
         final = {"ACTIVE": "SUCCEEDED", "SHADOW": "SUCCEEDED", "REJECTED": "REJECTED", "FAILED": "FAILED"}
         body = wire.JobUpdate(
@@ -403,8 +395,9 @@ class Simulator:
             shadow=0,
         )
         d.update = wire.UpdateState(state=state, job=job, target=path, reason=reason, ts=now)
-        await client.publish(device_topic(d.id, "jobs", job), wire.encode(body), qos=1)
+        mid = client.publish(device_topic(d.id, "jobs", job), wire.encode(body), qos=1)
         self.sent["jobs"] += 1
+        return mid
 
     async def _telemetry(self, client: Any, d: SimDevice) -> None:
         """A batch every ``telemetry_s``, and one ``first_report_s`` after a switch (the interval starts over from it;
@@ -432,7 +425,7 @@ class Simulator:
                 system=wire.SystemMetrics(cpu_percent=10.0, process_cpu_percent=5.0, rss_bytes=50 * 2**20, memory_percent=20.0),
                 update=d.update,
             )
-            await client.publish(device_topic(d.id, "telemetry"), wire.encode(body), qos=1)
+            await client.publish_acknowledged(device_topic(d.id, "telemetry"), wire.encode(body))
             self.sent["telemetry"] += 1
             d.acked.append((d.seq, time.time()))
             await self._until_next_batch(d)
@@ -496,12 +489,28 @@ class Simulator:
         )
 
 
-async def _subscribe(client: Any, topics: list[tuple[str, int]], tries: int = 4) -> None:
+def _on_message(topic: str, payload: bytes, replies: dict[str, asyncio.Future[RepoReply]], updates: asyncio.Queue[bytes]) -> None:
+    """A device's incoming message, on the loop as it is read: a repository reply wakes its request; a director message
+    becomes the one check waiting (as the agent: a hint while a check already waits replaces it, so a device told
+    again while busy fetches once more, not once per announcement). Anything unreadable is dropped."""
+    if topic.endswith("/repo/reply"):
+        try:
+            reply = RepoReply.decode(payload)
+        except ValueError:
+            return
+        fut = replies.pop(reply.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+    elif "/director/" in topic and payload:
+        if updates.full():
+            updates.get_nowait()
+        updates.put_nowait(payload)
+
+
+async def _subscribe(client: LoopClient, topics: list[tuple[str, int]], tries: int = 4) -> None:
     """Subscribe; a filter the broker refuses is asked for again (after 1, 2, 4 s): a NATS node that lost a peer
     answers SUBSCRIBE with a failure while JetStream elects new leaders, and keeps the connection. Still refused:
-    ``MqttError``, and the device moves to the next address."""
-    import aiomqtt
-
+    ``ConnectionLost``, and the device moves to the next address."""
     for attempt in range(tries):
         granted = await client.subscribe(topics)
         topics = [t for t, g in zip(topics, granted) if getattr(g, "is_failure", False) or (isinstance(g, int) and g >= 0x80)]
@@ -509,7 +518,7 @@ async def _subscribe(client: Any, topics: list[tuple[str, int]], tries: int = 4)
             return
         if attempt < tries - 1:
             await asyncio.sleep(2.0**attempt)  # a backoff between tries, not a wait for a condition
-    raise aiomqtt.MqttError(f"subscriptions refused: {', '.join(t for t, _ in topics)}")
+    raise ConnectionLost(f"subscriptions refused: {', '.join(t for t, _ in topics)}")
 
 
 def _status(state: str, session: int) -> bytes:
