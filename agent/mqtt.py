@@ -54,7 +54,8 @@ def read_password(broker: BrokerSettings) -> str | None:
 
 def tls_context(broker: BrokerSettings) -> ssl.SSLContext | None:
     """TLS when ``broker.tls_ca`` is set: the fleet CA verifies the broker (and its host name); a client certificate
-    and key when set. One place for paho and aiomqtt (the simulator), so every client checks the broker the same way."""
+    and key when set. One place for every paho client (the agent's, the controller's, the simulator's), so each checks
+    the broker the same way."""
     if broker.tls_ca is None:
         return None
     try:

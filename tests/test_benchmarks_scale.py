@@ -61,9 +61,9 @@ def test_the_scale_benchmark_runs_small_and_loses_nothing(tmp_path: Path) -> Non
 
 
 def test_a_simulator_stops_when_its_broker_stopped_answering(tmp_path: Path) -> None:
-    """A shard's SIGTERM came while the broker was too busy to acknowledge the devices' disconnects: aiomqtt raised its
-    timeout in place of the cancellation and every device went back to reconnecting, so the shard never exited (the
-    benchmark waited 120 s for it). Here the broker is frozen with SIGSTOP, so each disconnect times out."""
+    """A shard's SIGTERM came while the broker was too busy to acknowledge the devices' disconnects: (with aiomqtt) a
+    timeout replaced the cancellation and every device went back to reconnecting, so the shard never exited (the
+    benchmark waited 120 s for it). Here the broker is frozen with SIGSTOP, so no "disconnected" is acknowledged."""
     import os
     import signal
 

@@ -3,10 +3,10 @@
 Why one place: the controller must run on the secured broker (TLS with the fleet CA, its own user name and password,
 the generated ACL; DESIGN.md). A client made anywhere else is the one that still tries plain TCP, or the wrong MQTT
 version. paho clients come from ``agent.mqtt.make_client``, the agent's own factory, so the controller and the devices
-check the broker and read their password file the same way; the simulator's aiomqtt clients get the same TLS context
-and credentials from ``aiomqtt_options``. The settings travel as arguments (``BrokerSettings``), never through the
+check the broker and read their password file the same way (the simulator's clients, ``fleet.dev.loop_clients``, take
+the same TLS context and password). The settings travel as arguments (``BrokerSettings``), never through the
 environment. A clustered broker's addresses (``hosts``) travel with them: paho clients fail over by themselves
-(``agent.mqtt.FailoverClient``); aiomqtt users (the simulator) rotate through ``BrokerSettings.addresses()``.
+(``agent.mqtt.FailoverClient``); the simulator rotates through ``BrokerSettings.addresses()``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt import FailoverClient, make_client, read_password, tls_context
+from agent.mqtt import FailoverClient, make_client
 from agent.settings import BrokerSettings, parse_address
 
-__all__ = ["QUEUED_SESSION_S", "RECONNECT_MAX_S", "aiomqtt_options", "broker_settings", "client", "connect"]
+__all__ = ["QUEUED_SESSION_S", "RECONNECT_MAX_S", "broker_settings", "client", "connect"]
 
 QUEUED_SESSION_S = 3600  # MQTT 5: how long the broker keeps a persistent controller session's messages after it left
 RECONNECT_MAX_S = 10  # paho's default backoff grows to 120 s: a controller back a minute late stalls every rollout
@@ -68,23 +68,3 @@ def connect(c: mqtt.Client, broker: BrokerSettings, persistent: bool = False, re
     # 3.1.1 has no clean start: a persistent client there always resumes (clean_session=False, ``client``)
     clean = False if persistent and resume and broker.mqtt_version == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY
     c.connect(broker.host, broker.port, keepalive=broker.keepalive_s, clean_start=clean, properties=properties)
-
-
-def aiomqtt_options(broker: BrokerSettings, username: str | None = None, password: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``aiomqtt.Client``: first address, MQTT version, TLS and credentials from ``broker``.
-
-    ``username``/``password`` replace the settings' own (a simulated device logs in as itself, with the password
-    ``fleet provision`` issued for it, so the generated ACL confines it as it confines a real device).
-    """
-    import aiomqtt
-
-    name = username if username is not None else broker.username
-    secret = password if username is not None else (read_password(broker) if broker.username else None)
-    return {
-        "hostname": broker.host,
-        "port": broker.port,
-        "protocol": aiomqtt.ProtocolVersion.V311 if broker.mqtt_version == "3.1.1" else aiomqtt.ProtocolVersion.V5,
-        "tls_context": tls_context(broker),
-        "username": name,
-        "password": secret,
-    }
