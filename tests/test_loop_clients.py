@@ -25,7 +25,9 @@ def _run(body: Callable[[ClientGroup], Awaitable[Any]], timeout_s: float = 30.0)
     return asyncio.run(main())
 
 
-async def _connected(group: ClientGroup, broker: RunningBroker, name: str, inbox: list[tuple[str, bytes]] | None = None, **kw: Any) -> LoopClient:
+async def _connected(
+    group: ClientGroup, broker: RunningBroker, name: str, inbox: list[tuple[str, bytes]] | None = None, **kw: Any
+) -> LoopClient:
     client = group.client(name, lambda t, p: inbox.append((t, p)) if inbox is not None else None, **kw)
     await client.connect(broker.host, broker.port)
     return client
@@ -129,3 +131,41 @@ def test_an_address_that_refuses_is_connection_lost() -> None:
             await group.client("lc-nowhere", lambda t, p: None).connect("127.0.0.1", free_port())
 
     _run(body)
+
+
+def test_a_server_that_closes_at_once_is_connection_lost() -> None:
+    """Not MQTT at all: it accepts and closes. Whichever step notices (the CONNECT's write, or the read of a CONNACK
+    that never comes), the device sees ``ConnectionLost`` and nothing else."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def accept_and_close() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            conn.close()
+
+    thread = threading.Thread(target=accept_and_close, daemon=True)
+    thread.start()
+
+    async def body(group: ClientGroup) -> None:
+        for i in range(20):
+            client = group.client(f"lc-reset-{i}", lambda t, p: None)
+            with pytest.raises(ConnectionLost):
+                await client.connect("127.0.0.1", port)
+            assert client.lost.is_set() and client not in group.clients
+
+    try:
+        _run(body)
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import time
@@ -31,6 +32,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.mqtt import protocol_of, tcp_nodelay
 
 __all__ = ["ClientGroup", "ConnectionLost", "LoopClient", "Will"]
+
+log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 5.0  # how often every client's keepalive is looked at (keepalives are 60 s: a ping is at most this late)
 
@@ -70,7 +73,11 @@ class ClientGroup:
             await asyncio.sleep(HOUSEKEEPING_S)  # a period, not a wait for a condition
             now = time.monotonic()
             for client in list(self.clients):
-                client.housekeeping(now)
+                try:
+                    client.housekeeping(now)
+                except Exception as exc:  # one client's surprise must not stop every other client's pings
+                    log.exception("housekeeping failed; the connection is given up")
+                    client._closed(ConnectionLost(f"housekeeping: {exc}"))
 
     def client(
         self,
@@ -115,10 +122,8 @@ class LoopClient:
             c.tls_set_context(group.tls)
         if will is not None:
             c.will_set(will.topic, will.payload, will.qos, will.retain)
-        c.on_connect, c.on_disconnect, c.on_subscribe = self._on_connect, self._on_disconnect, self._on_subscribe
-        c.on_publish, c.on_socket_close = self._on_publish, self._on_socket_close
-        c.on_message = lambda _c, _u, msg: on_message(msg.topic, bytes(msg.payload))
-        self.paho = c
+        c.suppress_exceptions = True  # a callback that raises is logged by paho, not left half-handled in its reader
+        self.paho, self._on_message_cb = c, on_message
         self._loop = asyncio.get_running_loop()
         self._acks: dict[int, asyncio.Future[Any]] = {}  # mid -> a waiter (PUBACK, SUBACK, CONNACK as mid -1)
         self._sent_at: dict[int, float] = {}  # mid -> when an acknowledged publish went out: a broker that stops answering
@@ -129,29 +134,50 @@ class LoopClient:
     # ---- the connection
     async def connect(self, host: str, port: int) -> None:
         """Connect and wait for the broker's CONNACK; refused or unanswered within the group's timeout: ``ConnectionLost``.
-        The TCP (and TLS) connect runs in a thread: an address that does not answer must not stop the loop."""
-        connack = self._waiter(-1)
+
+        The TCP (and TLS) connect and the CONNECT packet's write run in a thread (an address that does not answer must
+        not stop the loop) with no callback of ours installed: nothing on the loop is touched from that thread. A
+        device cancelled meanwhile leaves the thread to finish; whatever socket it opened is closed then."""
+        opening = self._loop.run_in_executor(None, self._open, host, port)
         try:
-            await self._loop.run_in_executor(None, self._open, host, port)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            self._acks.pop(-1, None)
-            raise ConnectionLost(f"{host}:{port}: {exc}") from None
-        self._sock = self.paho.socket()
+            await asyncio.wait({opening})  # not ``await opening``: a cancellation here must not orphan the thread's socket
+        except asyncio.CancelledError:
+            opening.add_done_callback(lambda _: self._abandon())
+            raise
+        error = opening.exception()
+        if error is not None or self.paho.socket() is None:
+            self._abandon()
+            raise ConnectionLost(f"{host}:{port}: {error or 'the connection closed as it opened'}")
+        c = self.paho
+        c.on_connect, c.on_disconnect, c.on_subscribe = self._on_connect, self._on_disconnect, self._on_subscribe
+        c.on_publish, c.on_socket_close = self._on_publish, self._on_socket_close
+        c.on_message = lambda _c, _u, msg: self._on_message_cb(msg.topic, bytes(msg.payload))
+        self._sock = c.socket()
         tcp_nodelay(None, None, self._sock)
         self._loop.add_reader(self._sock, self._readable)
         self.group.clients.add(self)
         self._flush()
-        await self._wait(connack, "CONNACK")
+        await self._wait(self._waiter(-1), "CONNACK")
 
     def _open(self, host: str, port: int) -> None:
-        self.paho.connect(host, port, keepalive=self.keepalive)
+        rc = self.paho.connect(host, port, keepalive=self.keepalive)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise OSError(mqtt.error_string(rc))
+
+    def _abandon(self) -> None:
+        """A connection that never became ours (failed, or its device cancelled while it opened): closed, no will."""
+        sock = self.paho.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.lost.set()
 
     async def disconnect(self) -> None:
-        """A clean DISCONNECT (the broker does not publish the will)."""
-        if not self.lost.is_set():
-            self.paho.disconnect()
-            self._flush()
-        self._closed(None)
+        """A clean DISCONNECT (the broker does not publish the will) when the socket takes it; a DISCONNECT stuck behind
+        unwritten bytes (a broker that stopped reading) is given up with the socket, and the broker publishes the will."""
+        if not self.lost.is_set() and self._sock is not None:
+            self.paho.disconnect()  # paho writes it, then closes its socket (``_on_socket_close``), when the buffer has room
+        self._closed(ConnectionLost("disconnected"))
 
     # ---- requests
     async def subscribe(self, topics: list[tuple[str, int]]) -> list[Any]:
@@ -180,16 +206,20 @@ class LoopClient:
 
     async def acknowledged(self, mid: int) -> None:
         """Until the broker acknowledged the QoS 1 publish ``mid`` (at once if it already has). No timer per publish: a
-        broker that stopped acknowledging is found by housekeeping, which ends the connection."""
+        broker that stopped acknowledging is found by housekeeping, which ends the connection. Several may wait for one
+        ``mid``; a waiter cancelled does not cancel the others."""
         if self.lost.is_set():
             raise ConnectionLost("not connected")
         if mid not in self._sent_at:
             return
-        await self._waiter(mid)
+        await asyncio.shield(self._waiter(mid))
 
     # ---- paho's callbacks and the loop's
     def _readable(self) -> None:
         rc = self.paho.loop_read()
+        # TLS: packets already decrypted into the SSL object's buffer do not make the socket readable again
+        while rc == mqtt.MQTT_ERR_SUCCESS and self._sock is not None and isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+            rc = self.paho.loop_read()
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self._closed(ConnectionLost(f"read: {mqtt.error_string(rc)}"))
         else:
@@ -242,12 +272,12 @@ class LoopClient:
         self._forget_socket()
 
     # ---- bookkeeping
-    def _closed(self, error: ConnectionLost | None) -> None:
-        """The connection is gone (or given up: its socket is closed without a DISCONNECT, so the broker publishes the
-        will, as for an agent whose keepalive failed): every waiter fails with ``error``."""
+    def _closed(self, error: ConnectionLost) -> None:
+        """The connection is gone (or given up: a socket still open is closed without a DISCONNECT, so the broker
+        publishes the will, as for an agent whose keepalive failed): every waiter fails with ``error``."""
         sock = self._sock
         self._forget_socket()
-        if sock is not None and error is not None:
+        if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
@@ -256,7 +286,7 @@ class LoopClient:
         waiters, self._acks = self._acks, {}
         for fut in waiters.values():
             if not fut.done():
-                fut.set_exception(error or ConnectionLost("disconnected"))
+                fut.set_exception(error)
         self._sent_at.clear()
 
     def _forget_socket(self) -> None:
@@ -267,10 +297,12 @@ class LoopClient:
             self._sock, self._writing = None, False
 
     def _waiter(self, mid: int) -> asyncio.Future[Any]:
+        """The one future for ``mid``'s acknowledgement (made at the first wait)."""
         if self.lost.is_set():
             raise ConnectionLost("not connected")
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._acks[mid] = fut
+        fut = self._acks.get(mid)
+        if fut is None:
+            fut = self._acks[mid] = self._loop.create_future()
         return fut
 
     def _resolve(self, mid: int, value: Any, error: Exception | None = None) -> None:
