@@ -271,7 +271,7 @@ class _Sampler:
     def others_cpu_s(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for (role, _), (first, last) in self.other_cpu.items():
-            out[role] = round(out.get(role, 0.0) + last - first, 1)
+            out[role] = round(out.get(role, 0.0) + last - first, 2)
         return out
 
 
@@ -555,7 +555,7 @@ def fleet_rows(fleet: dict[str, Any]) -> list[str]:
     cpu = ", ".join(f"{role} {per_thousand(c['cpu_s'], n)} s" for role, c in sorted(ctl.items()))
     steady = ", ".join(f"{role} {per_thousand(p, n)}%" for role, p in sorted(fleet["steady_cpu_percent"].items()))
     spent = {**{role: c["cpu_s"] for role, c in ctl.items()}, **a.get("others_cpu_s", {})}
-    where = ", ".join(f"{role} {s:.0f}" for role, s in sorted(spent.items(), key=lambda kv: -kv[1]))
+    where = ", ".join(f"{role} {s:.1f}" for role, s in sorted(spent.items(), key=lambda kv: -kv[1]))
     return [
         f"| 4-wave rollout, {n} devices ({fleet['simulator_processes']} simulator processes), zero soak, PostgreSQL, 2 controllers "
         f"| {a['rollout_s']} s ({a['devices_moved']} moved, {a['state']}) | - | - | < {GOAL_S:.0f} s | {yes[rollout_met]} |",

@@ -46,6 +46,8 @@ def test_the_scale_benchmark_runs_small_and_loses_nothing(tmp_path: Path) -> Non
         assert run["state"] == "done" and run["devices_moved"] == 40, run
         assert set(run["controllers"]) >= {"leader"}, run
         assert all(c["cpu_s"] > 0 and c["rss_mb_max"] > 0 for c in run["controllers"].values()), run
+        assert set(run["others_cpu_s"]) == {"simulators", "broker", "postgresql"}, run
+        assert run["others_cpu_s"]["simulators"] > 0 and run["others_cpu_s"]["postgresql"] > 0, run
     killed = fleet["killed"]
     assert killed["takeover_s"] >= 0 and killed["survivor_running"], killed
     lost = killed["lost"]
