@@ -14,10 +14,10 @@ import time
 
 from benchmarks.common import RESULTS, machine
 
-BENCHMARKS = ["runtime_overhead", "idle_cores", "serving", "transfer", "rollout", "hot_swap", "footprint", "scale"]
+BENCHMARKS = ["runtime_overhead", "idle_cores", "serving", "transfer", "rollout", "hot_swap", "footprint", "scale", "broker_cluster"]
 # On the paired harness of benchmarks/common.py: they take --quick and --repeat N.
 PAIRED = {"runtime_overhead", "idle_cores", "transfer", "hot_swap", "footprint", "serving"}
-QUICK = PAIRED | {"serving", "scale", "rollout"}  # the benchmarks with a shorter --quick run
+QUICK = PAIRED | {"serving", "scale", "rollout", "broker_cluster"}  # the benchmarks with a shorter --quick run
 # The suite's full run takes scale at 1,000 devices: at its own default (10,000) the two rollouts alone take longer
 # than the suite's 15-minute goal on a 2-core box; that figure is ``python -m benchmarks.scale`` on its own.
 FULL_ARGS = {"scale": ["--devices", "1000", "--messages", "20000"]}

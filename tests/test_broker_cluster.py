@@ -168,3 +168,24 @@ def test_a_node_killed_during_a_rollout_loses_nothing(nats: NatsCluster, models:
         if agent.proc.poll() is None:
             agent.stop()
         controller.stop()
+
+
+@pytest.mark.timeout(600)
+def test_the_cluster_benchmark_runs_small_and_loses_nothing(tmp_path: Path) -> None:
+    """``benchmarks/broker_cluster.py`` at 30 devices: its own 3-node cluster, both rollouts done, node 1 killed in the
+    second, every device back, nothing lost; the JSON and the table written."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "benchmarks.broker_cluster", "--devices", "30", "--results", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r = json.loads((tmp_path / "broker_cluster.json").read_text())
+    assert r["baseline"]["state"] == "done" and r["baseline"]["devices_moved"] == 30, r
+    killed = r["killed"]
+    assert killed["state"] == "done" and killed["devices_moved"] == 30 and "killed_at_s" in killed, r
+    assert killed["reconnects"] >= 10 and killed["devices_back_s"] > 0, r  # a third of the devices were on node 1
+    assert r["lost"]["telemetry_acknowledged"] > 0 and r["lost"]["telemetry_lost"] == 0 and r["lost"]["jobs_not_active"] == 0, r
+    assert "| 3-wave rollout, 30 devices" in (tmp_path / "broker_cluster.md").read_text()

@@ -1,0 +1,183 @@
+"""A clustered broker under a rollout: a 3-node NATS cluster (JetStream + MQTT 3.1.1), one node killed mid-rollout.
+
+``python -m benchmarks.broker_cluster [--devices 300] [--quick]``: nats-server nodes on free ports with their own
+store dirs (``fleet.dev.nats``), one controller (``Controller``, its own SQLite store) whose first address is node 1,
+and ``--devices`` simulated devices spread over the three nodes (one connection each, telemetry every 2 s). Two
+3-wave (10%, 50%, 100%), zero-soak rollouts on the same cluster:
+
+- the baseline: 1.0.0 → 2.0.0 with every node up;
+- the subject: 2.0.0 → 3.0.0 with node 1 — the controller's and a third of the devices' — ``kill -9``'d as soon as
+  the second wave has devices moving.
+
+Figures: both rollout times and their ratio; seconds from the kill until every simulated device was connected
+again; telemetry lost (every batch the cluster acknowledged to a simulated device, over both rollouts, must be in the
+store by (device, seq)); jobs for 3.0.0 not ``ACTIVE``. Goal (issue 16): the rollout finishes across the kill and
+nothing is lost. One pair only: a killed node cannot be unkilled within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import machine, write
+
+WAVES = ["10%", "50%", "100%"]
+TELEMETRY_S = 2.0
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until ``check()`` holds; ``TimeoutError`` naming ``what`` after ``timeout``."""
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.1)  # the polling period; the loop ends on the condition
+    return time.monotonic() - t0
+
+
+def _repositories(work: Path, devices: list[str]) -> tuple[Any, Any, Any]:
+    from converters import builders
+    from converters.build import build
+    from fleet.tuf.director import Assignment, Director
+    from fleet.tuf.image_repo import ImageRepository
+    from fleet.tuf.keys import init_keys
+
+    keys = init_keys(work / "keys")
+    image = ImageRepository.create(work / "serve" / "image", keys)
+    director = Director.create(work / "serve" / "director", keys)
+    onnx = builders.write_onnx_mlp(builders.random_mlp([4, 4], seed=1), work / "m.onnx")
+    for v in ("1.0.0", "2.0.0", "3.0.0"):
+        build(onnx, "m", v, work / f"m-{v}", variants=["onnx-fp32"])
+        image.release(work / f"m-{v}", keys)
+    director.assign_many([Assignment(d, "m", "1.0.0", "onnx-fp32") for d in devices], image, keys)
+    return keys, image, director
+
+
+def _rollout(controller: Any, version: str, kill: Callable[[], None] | None) -> dict[str, Any]:
+    """One rollout of ``version`` to every simulated device, timed from its start to its end; ``kill`` is called once
+    the second wave has devices moving."""
+    from fleet.rollout import RolloutSpec
+
+    store, engine = controller.store, controller.engine
+    t0 = time.monotonic()
+    rid = engine.start(RolloutSpec("m", version, "device=bc-*", WAVES, soak_s=0.0))
+    out: dict[str, Any] = {"version": version}
+    state = "running"
+    while state == "running" and time.monotonic() - t0 < 600:
+        time.sleep(0.2)  # the polling period; the loop ends on the rollout's state
+        r = store.rollout(rid)
+        state = r.state if r is not None else "missing"
+        if kill is not None and "killed_at_s" not in out and r is not None and r.wave >= 1:
+            out["killed_at_s"] = round(time.monotonic() - t0, 1)
+            kill()
+    out.update(state=state, rollout_s=round(time.monotonic() - t0, 1))
+    out["devices_moved"] = sum(1 for d in store.rollout_devices(rid) if d.state == "active")
+    return out
+
+
+def run(n: int) -> dict[str, Any]:
+    from fleet.controller import Controller
+    from fleet.dev.nats import start_nats_cluster
+    from fleet.dev.simulate import Simulator, SimulatorThread
+    from fleet.tuf.image_repo import variant_target_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cluster = start_nats_cluster(work / "nats")
+        try:
+            broker = cluster.broker_settings(0)
+            sim = Simulator("", 0, n, "bc", telemetry_s=TELEMETRY_S, initial={"m": "1.0.0"}, broker=broker)
+            keys, _, _ = _repositories(work, [d.id for d in sim.devices])
+            controller = Controller(work / "serve", keys, store=work / "fleet.db", tick_s=0.2, broker=broker).start()
+            sims = SimulatorThread(sim).start(300)
+            try:
+                store = controller.store
+                assert store is not None, "the controller was given a store"
+
+                def online() -> bool:
+                    return sum(1 for d in store.devices() if d.online and d.models) >= n
+
+                out: dict[str, Any] = {"devices": n, "nodes": len(cluster.nodes)}
+                out["registered_s"] = round(wait_until(online, 300, "every device registered"), 1)
+                out["baseline"] = _rollout(controller, "2.0.0", None)
+                back: list[float] = []
+
+                def kill() -> None:  # node 1 dies; a watcher times how long until every device is connected again
+                    cluster.kill(0)
+                    watch = lambda: back.append(wait_until(lambda: sim.reconnects > 0 and sim.connected == n, 300, "reconnected"))  # noqa: E731
+                    threading.Thread(target=watch, daemon=True).start()
+
+                out["killed"] = _rollout(controller, "3.0.0", kill)
+                wait_until(lambda: bool(back), 300, "every simulated device connected again")
+                out["killed"].update(devices_back_s=round(back[0], 1), reconnects=sim.reconnects)
+            finally:
+                sims.stop()
+            target = variant_target_path("m", "3.0.0", "onnx-fp32")
+            want = {(d.id, seq) for d in sim.devices for seq, _ in d.acked}
+
+            def stored() -> set[tuple[str, int]]:
+                return {(r["device"], int(r["seq"])) for r in store.db.query("SELECT device, seq FROM batches")}
+
+            def jobs_active() -> int:
+                rows = store.db.query("SELECT count(DISTINCT device) AS n FROM jobs WHERE target = ? AND state = 'ACTIVE'", (target,))
+                return int(next(iter(rows))["n"])
+
+            try:
+                wait_until(lambda: want <= stored() and jobs_active() >= n, 60, "telemetry and job updates stored")
+            except TimeoutError:
+                pass  # what is missing now is lost: counted below
+            have = stored()
+            out["lost"] = {
+                "telemetry_acknowledged": len(want),
+                "telemetry_lost": len(want - have),
+                "missing_sample": [f"{d}:{s}" for d, s in sorted(want - have)[:10]],
+                "jobs_not_active": n - jobs_active(),
+            }
+            controller.stop()
+            return out
+        finally:
+            cluster.stop()
+
+
+def table(r: dict[str, Any]) -> str:
+    yes = {True: "yes", False: "NO"}
+    b, k, lost = r["baseline"], r["killed"], r["lost"]
+    ratio = round(k["rollout_s"] / b["rollout_s"], 2) if b["rollout_s"] else None
+    met = k["state"] == "done" and k["devices_moved"] == r["devices"] and lost["telemetry_lost"] == 0 and lost["jobs_not_active"] == 0
+    rows = [
+        "| figure | value | baseline | ratio | goal | met |",
+        "|---|---|---|---|---|---|",
+        f"| 3-wave rollout, {r['devices']} devices on a {r['nodes']}-node NATS cluster, node 1 kill -9'd in wave 2 "
+        f"(at {k.get('killed_at_s', '-')} s) | {k['rollout_s']} s ({k['devices_moved']} moved, {k['state']}); every device "
+        f"connected again {k['devices_back_s']} s after the kill ({k['reconnects']} reconnects) | the same rollout, every node up: "
+        f"{b['rollout_s']} s ({b['devices_moved']} moved, {b['state']}) | {ratio} | finished, 0 lost | {yes[met]} |",
+        f"| telemetry acknowledged to the devices over both rollouts, lost | {lost['telemetry_lost']} of "
+        f"{lost['telemetry_acknowledged']} | - | - | 0 | {yes[lost['telemetry_lost'] == 0]} |",
+        f"| jobs for 3.0.0 not ACTIVE | {lost['jobs_not_active']} | - | - | 0 | {yes[lost['jobs_not_active'] == 0]} |",
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.broker_cluster")
+    ap.add_argument("--quick", action="store_true", help="100 devices")
+    ap.add_argument("--devices", type=int, help="simulated devices (default 300; --quick 100)")
+    ap.add_argument("--results", type=Path, help="where the JSON and the table go (default benchmarks/results)")
+    args = ap.parse_args()
+    r = run(args.devices or (100 if args.quick else 300))
+    print(json.dumps(r), flush=True)
+    md = table(r)
+    print(md)
+    paths = write("broker_cluster", {"machine": machine(), **r}, md, *([args.results] if args.results else []))
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()
