@@ -27,37 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine, write
+from benchmarks.scale import repositories, wait_until
 
 WAVES = ["10%", "50%", "100%"]
 TELEMETRY_S = 2.0
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until ``check()`` holds; ``TimeoutError`` naming ``what`` after ``timeout``."""
-    t0 = time.monotonic()
-    while not check():
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.1)  # the polling period; the loop ends on the condition
-    return time.monotonic() - t0
-
-
-def _repositories(work: Path, devices: list[str]) -> tuple[Any, Any, Any]:
-    from converters import builders
-    from converters.build import build
-    from fleet.tuf.director import Assignment, Director
-    from fleet.tuf.image_repo import ImageRepository
-    from fleet.tuf.keys import init_keys
-
-    keys = init_keys(work / "keys")
-    image = ImageRepository.create(work / "serve" / "image", keys)
-    director = Director.create(work / "serve" / "director", keys)
-    onnx = builders.write_onnx_mlp(builders.random_mlp([4, 4], seed=1), work / "m.onnx")
-    for v in ("1.0.0", "2.0.0", "3.0.0"):
-        build(onnx, "m", v, work / f"m-{v}", variants=["onnx-fp32"])
-        image.release(work / f"m-{v}", keys)
-    director.assign_many([Assignment(d, "m", "1.0.0", "onnx-fp32") for d in devices], image, keys)
-    return keys, image, director
 
 
 def _rollout(controller: Any, version: str, kill: Callable[[], None] | None) -> dict[str, Any]:
@@ -94,7 +67,7 @@ def run(n: int) -> dict[str, Any]:
         try:
             broker = cluster.broker_settings(0)
             sim = Simulator("", 0, n, "bc", telemetry_s=TELEMETRY_S, initial={"m": "1.0.0"}, broker=broker)
-            keys, _, _ = _repositories(work, [d.id for d in sim.devices])
+            keys, _ = repositories(work, [d.id for d in sim.devices])  # m 1.0.0, 2.0.0, 3.0.0; every device on 1.0.0
             controller = Controller(work / "serve", keys, store=work / "fleet.db", tick_s=0.2, broker=broker).start()
             sims = SimulatorThread(sim).start(300)
             try:

@@ -147,7 +147,7 @@ class Rig:
         return _count(self.store, "SELECT count(*) AS n FROM devices WHERE online = 1 AND models LIKE ?", ('%"m"%',))
 
 
-def _repositories(work: Path, devices: list[str]) -> tuple[Any, Any]:
+def repositories(work: Path, devices: list[str]) -> tuple[Any, Any]:
     """Keys, the image repository with m 1.0.0, 2.0.0 and 3.0.0, and every device assigned 1.0.0 (the fleet as it was)."""
     from converters import builders
     from converters.build import build
@@ -403,7 +403,7 @@ def fleet_run(n: int, telemetry_s: float, steady_s: float) -> dict[str, Any]:
         broker = start_broker(work / "broker", extra_config=BROKER_CONFIG)
         rig: Rig | None = None
         try:
-            keys, image = _repositories(work, [f"{p}-{i:04d}" for p, c in _shards(n) for i in range(c)])
+            keys, image = repositories(work, [f"{p}-{i:04d}" for p, c in _shards(n) for i in range(c)])
             FleetStore(url).close()  # the schema made once, before two controllers race to make it
             config = _write_config(work / "fleet.toml", url, broker.host, broker.port)
             rig = Rig(work, n, broker.host, broker.port, url, config, keys, image, broker_pid=broker.pid)
