@@ -186,6 +186,8 @@ def test_the_cluster_benchmark_runs_small_and_loses_nothing(tmp_path: Path) -> N
     assert r["baseline"]["state"] == "done" and r["baseline"]["devices_moved"] == 30, r
     killed = r["killed"]
     assert killed["state"] == "done" and killed["devices_moved"] == 30 and "killed_at_s" in killed, r
-    assert killed["reconnects"] >= 10 and killed["devices_back_s"] > 0, r  # a third of the devices were on node 1
+    moving = killed["second_wave_at_kill"]  # killed while the second wave's devices were being told or moving
+    assert moving.get("assigned", 0) + moving.get("active", 0) > 0, r
+    assert killed["devices_on_node1"] >= 5 and killed["reconnects"] >= killed["devices_on_node1"] and killed["devices_back_s"] > 0, r
     assert r["lost"]["telemetry_acknowledged"] > 0 and r["lost"]["telemetry_lost"] == 0 and r["lost"]["jobs_not_active"] == 0, r
     assert "| 3-wave rollout, 30 devices" in (tmp_path / "broker_cluster.md").read_text()

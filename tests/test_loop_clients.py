@@ -106,21 +106,82 @@ def test_a_clean_disconnect_leaves_no_will_and_a_dropped_connection_does(tmp_pat
 
 
 def test_a_killed_broker_ends_the_connection_and_every_wait_on_it(tmp_path: Path) -> None:
+    """A publish waits for its acknowledgement (the broker is stopped, so none comes), then the broker is killed: the
+    waiter fails with ``ConnectionLost`` at once (not at a timeout), and so does any publish after."""
     broker = start_broker(tmp_path / "broker")
 
     async def body(group: ClientGroup) -> None:
         client = await _connected(group, broker, "lc-killed")
-        await client.subscribe([("lc/k", 1)])
-        broker.process.kill()  # kill -9
+        os.kill(broker.pid, signal.SIGSTOP)
+        waiting = asyncio.ensure_future(client.publish_acknowledged("lc/k", b"before"))
+        await asyncio.sleep(0.2)  # out, and unacknowledged: the broker is stopped
+        assert not waiting.done()
+        broker.process.kill()  # kill -9 (a stopped process dies too)
         broker.process.wait(10)
-        await asyncio.wait_for(client.lost.wait(), 10)
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(waiting, 10)  # well inside the group's 30 s timeout: the drop itself ended it
+        assert client.lost.is_set() and client not in group.clients  # housekeeping no longer looks at it
         with pytest.raises(ConnectionLost):
             await client.publish_acknowledged("lc/k", b"after")
-        assert client not in group.clients  # housekeeping no longer looks at it
         await client.disconnect()  # harmless after the loss
 
     try:
         _run(body)
+    finally:
+        broker.stop()
+
+
+def test_several_waiters_on_one_publish_and_one_cancelled(tmp_path: Path) -> None:
+    """Three tasks wait for the same message id and one is cancelled: the other two still get the acknowledgement
+    (neither a waiter replaced by a later one, nor a cancellation passed on to the others)."""
+    broker = start_broker(tmp_path / "broker")
+
+    async def body(group: ClientGroup) -> None:
+        client = await _connected(group, broker, "lc-thrice")
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            mid = client.publish("lc/t", b"x", qos=1)
+            cancelled, *others = [asyncio.ensure_future(client.acknowledged(mid)) for _ in range(3)]
+            await asyncio.sleep(0.2)  # all three waiting on an acknowledgement the stopped broker cannot send
+            cancelled.cancel()
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*others), 10)
+        assert cancelled.cancelled()
+        await client.disconnect()
+
+    try:
+        _run(body)
+    finally:
+        broker.stop()
+
+
+def test_a_disconnect_stuck_behind_unwritten_bytes_gives_the_socket_up(tmp_path: Path) -> None:
+    """The broker stopped reading (SIGSTOP) with 16 MB still queued to it: the DISCONNECT cannot be written, so
+    ``disconnect`` closes the socket instead of leaving it open and unread; once the broker runs again it publishes
+    the will (no DISCONNECT reached it)."""
+    broker = start_broker(tmp_path / "broker")
+
+    async def body(group: ClientGroup) -> list[tuple[str, bytes]]:
+        wills: list[tuple[str, bytes]] = []
+        watcher = await _connected(group, broker, "lc-watch2", wills)
+        await watcher.subscribe([("lc/stuck/#", 1)])
+        client = await _connected(group, broker, "lc-stuck", will=Will("lc/stuck/will", b"lost"))
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            client.publish("lc/stuck/big", os.urandom(16 * 2**20), qos=0)
+            assert client.paho.want_write()  # the socket took only part of it
+            await client.disconnect()
+            sock = client.paho.socket()
+            assert client.lost.is_set() and (sock is None or sock.fileno() == -1)
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        await _until(lambda: bool(wills), "the will of the client that could not say goodbye")
+        await watcher.disconnect()
+        return wills
+
+    try:
+        assert _run(body) == [("lc/stuck/will", b"lost")]
     finally:
         broker.stop()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import random
 import time
@@ -114,6 +115,7 @@ class SimDevice:
     acked: list[tuple[int, float]] = field(default_factory=list)  # (seq, time.time()) of each telemetry batch the broker acknowledged
     update: wire.UpdateState = field(default_factory=lambda: wire.UpdateState(state="never"))
     switched: asyncio.Event = field(default_factory=asyncio.Event)  # a version changed: the next batch comes soon
+    address: str = ""  # HOST:PORT of the broker node it is (or was last) connected to
 
 
 class Simulator:
@@ -210,7 +212,7 @@ class Simulator:
             host, port = addresses[attempt % len(addresses)]
             attempt += 1
             try:
-                await self._connection(group, d, host, port, lambda: self._connected_once(d))
+                await self._connection(group, d, host, port, functools.partial(self._connected_once, d, f"{host}:{port}"))
             except ConnectionLost:
                 if self._stop.is_set():
                     return
@@ -224,7 +226,8 @@ class Simulator:
             await asyncio.sleep(backoff)  # a backoff between attempts, not a wait for a condition
             backoff = min(RECONNECT_MAX_S, backoff * 2)
 
-    def _connected_once(self, d: SimDevice) -> None:
+    def _connected_once(self, d: SimDevice, address: str) -> None:
+        d.address = address
         self._online.add(d.id)
         self._seen.add(d.id)
         self.connected += 1
