@@ -29,7 +29,7 @@ from agent.outbox import Outbox
 from agent.serve.host import ModelHost, ServingModel
 from agent.serve.mirror import PredictionMirror
 from agent.serve.serving import Serving
-from agent.serve.shadow import ShadowRunner
+from agent.serve.shadow import ShadowRunner, SpareCpu
 from agent.session import Route, Session
 from agent.settings import AgentSettings, BrokerSettings, RuntimeSettings, ServingSettings
 from agent.store import AgentStore
@@ -59,7 +59,14 @@ class Agent:
         u, rs = settings.update, settings.runtime
         self.host = ModelHost(u.auto_rollback_failures, on_failing=self._failing)
         sv = settings.serving
-        self.shadow = ShadowRunner(self.host, sv.shadow_queue, sv.shadow_rtol, sv.shadow_atol, sv.shadow_budget)
+        self.shadow = ShadowRunner(
+            self.host,
+            sv.shadow_queue,
+            sv.shadow_rtol,
+            sv.shadow_atol,
+            sv.shadow_budget,
+            SpareCpu(sv.shadow_spare_cores, sv.shadow_busy_cores),
+        )
         health = _health_policy(rs)
         self.installer = Installer(
             self.store,

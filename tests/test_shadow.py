@@ -26,7 +26,7 @@ from agent.daemon import Agent
 from agent.runtimes import get_runtime
 from agent.serve.host import ModelHost, ServingModel
 from agent.serve.predictions import PredictionStats
-from agent.serve.shadow import CpuBudget, ShadowRunner, compare_outputs
+from agent.serve.shadow import CpuBudget, ShadowRunner, SpareCpu, compare_outputs
 from agent.settings import load_settings
 from agent.wire import device_topic
 from converters import builders
@@ -305,6 +305,79 @@ def test_a_call_dearer_than_the_whole_burst_is_still_compared_now_and_then() -> 
             admitted += 1
             budget.spend(0.08, reserved)
     assert 500 <= admitted <= 625  # about one in 1.6 s: 0.08 s a call at 5 % of the time; never none
+
+
+def test_a_busy_serving_path_throttles_the_shadow_to_a_trickle_and_a_quiet_one_lifts_it(models: ModelFiles) -> None:
+    """Real threads, real CPU clocks: while this process serves flat out (a core's worth of calls on this thread), the
+    shadow thread measures it and runs at a tenth of its budget; when serving stops, the full budget is back. The
+    machine-wide idle condition is switched off here (``idle_cores=0``): a loaded test machine must not decide it."""
+    host = ModelHost()
+    spare = SpareCpu(idle_cores=0.0, serving_cores=0.25, interval_s=0.05)
+    runner = ShadowRunner(host, queue_size=64, budget=0.05, spare=spare).start()
+    host.on_served = runner.offer
+    host.swap(loaded(models, "mlp.onnx", "1"))
+    host.set_shadow(loaded(models, "mlp.onnx", "2"))
+    t0 = time.perf_counter()
+    i = 0
+    while time.perf_counter() - t0 < 1.5:  # busy: every call on this thread, back to back
+        host.infer("mlp.onnx", inputs(2, i))
+        i += 1
+    elapsed = time.perf_counter() - t0
+    wait_for(runner.idle, 10, "the admitted comparisons")
+    budget = runner._budget
+    assert not spare.spare and spare.serving_cores > 0.25
+    assert budget.fraction == pytest.approx(0.005) and budget.burst_s == pytest.approx(0.005)
+    # Before the first two samples (0.1 s) the shadow had its whole 50 ms burst; after them a tenth of the rate and
+    # burst. Unthrottled it could have spent 0.05 + 0.05 * elapsed (0.125 s).
+    assert budget.spent_s <= 0.05 + 0.005 + 0.005 * elapsed + budget.overrun_s + max(0.0, budget.largest_s - 0.005)
+    window = runner.take()["mlp.onnx"]
+    assert window["compared"] > 0 and window["skipped"] > 10 * window["compared"]  # a trickle, still compared
+    wait_for(lambda: spare.spare, 5, "the quiet serving path seen by the shadow thread")
+    assert budget.fraction == 0.05 and budget.burst_s == 0.05
+    runner.stop()
+    host.close()
+
+
+def test_spare_cpu_needs_idle_cores_and_a_quiet_serving_path() -> None:
+    now, idle, serving = [0.0], [0.0], [0.0]
+    spare = SpareCpu(0.5, 0.25, 0.1, idle=lambda: idle[0], serving=lambda: serving[0], clock=lambda: now[0])
+
+    def step(seconds: float, idle_cores: float, serving_cores: float) -> bool:
+        now[0] += seconds
+        idle[0] += idle_cores * seconds
+        serving[0] += serving_cores * seconds
+        return spare.sample()
+
+    assert spare.sample() is False and spare.spare  # the first sample only sets the baseline
+    assert step(0.05, 0.0, 1.0) is False and spare.spare  # within the interval: not sampled
+    assert step(0.1, 0.0, 0.0) is True and not spare.spare  # 0.15 s, 0.05 s of it serving: a third of a core
+    assert (spare.idle_cores, spare.serving_cores) == pytest.approx((0.0, 1 / 3))
+    assert step(0.2, 1.5, 0.1) is True and spare.spare
+    assert step(0.2, 1.5, 0.3) is True and not spare.spare  # the serving path busy, idle cores or not
+    assert spare.serving_cores == pytest.approx(0.3)
+    assert step(0.2, 1.5, 0.2) is True and spare.spare
+
+    def unreadable() -> float:
+        raise OSError("no /proc here")
+
+    blind = SpareCpu(idle=unreadable, clock=lambda: now[0])
+    assert blind.sample() is False and blind.spare  # says spare, logs why, and the shadow thread lives on
+
+
+def test_throttling_cuts_rate_and_burst_and_the_credit_saved_while_idle() -> None:
+    now = [0.0]
+    budget = CpuBudget(0.5, burst_s=0.5, clock=lambda: now[0])  # in units whose sums are exact
+    budget.spend(0.0625, budget.admit() or 0.0)  # one call measured
+    now[0] += 10.0  # idle long enough for a full burst: 8 calls
+    budget.throttle(busy=True, share=0.25)
+    assert (budget.fraction, budget.burst_s) == (0.125, 0.125)
+    assert [budget.admit() is not None for _ in range(3)] == [True, True, False]  # not the burst saved while idle
+    budget.throttle(busy=False)
+    now[0] += 10.0
+    assert sum(budget.admit() is not None for _ in range(100)) == 8  # the whole burst again
+    every = CpuBudget(1.0)
+    every.throttle(busy=True)
+    assert every.fraction == 1.0  # a device that asked for every call keeps it
 
 
 def test_prediction_sums_add_up_and_leave_non_finite_values_out() -> None:

@@ -18,6 +18,12 @@ also ran at niceness 19: under load that stretched the shadow's measured latency
 against the serving version's and the shadow gate's latency check refused a good
 candidate — the shadow must be timed under the serving path's conditions.)
 
+The budget is for spare CPU only: every 0.1 s the shadow thread samples the machine's
+idle time and the CPU the rest of the agent used (``SpareCpu``); while less than
+``spare_cores`` of a core was idle or serving used ``busy_cores`` of one or more, the
+budget runs at a tenth of its rate with a tenth of its burst (a trickle, so that the
+shadow gate of a device that is always busy still fills, slowly).
+
 Agreement is per row: for a class-score output (last dimension 2 or more) the top
 class must be the same (top-1 agreement); otherwise every value must be within
 ``atol + rtol * |active|``. A shadow whose outputs have other names or shapes
@@ -30,16 +36,17 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 
 from agent import logs
 from agent.serve.host import ModelHost, ServingModel
 
-__all__ = ["Comparison", "ShadowRunner", "compare_outputs"]
+__all__ = ["Comparison", "CpuBudget", "ShadowRunner", "SpareCpu", "compare_outputs"]
 
 log = logging.getLogger("edgefleet.shadow")
 
@@ -146,6 +153,7 @@ class CpuBudget:
 
     def __init__(self, fraction: float, burst_s: float = 0.05, clock: Any = time.monotonic) -> None:
         self.fraction, self.burst_s, self._clock = fraction, burst_s, clock
+        self.full = (fraction, burst_s)  # the rate and burst while the machine has CPU to spare
         self._credit = burst_s
         self._last = clock()
         self.pending = 0  # admitted calls not yet settled
@@ -168,6 +176,15 @@ class CpuBudget:
         self.pending += 1
         return self.cost_s
 
+    def throttle(self, busy: bool, share: float = 0.1) -> None:
+        """While the machine is busy, ``share`` of the rate and of the burst; the whole of both when it is not. The
+        credit is cut to the smaller burst at once: credit saved while idle must not be spent on a busy machine."""
+        fraction, burst = self.full
+        if busy and fraction < 1.0:
+            fraction, burst = fraction * share, burst * share
+        self.fraction, self.burst_s = fraction, burst
+        self._credit = min(self._credit, burst)
+
     def cancel(self, reserved: float) -> None:
         """An admitted call that was not run after all: its reservation goes back."""
         self._credit += reserved
@@ -182,14 +199,81 @@ class CpuBudget:
         self.cost_s = seconds if self.cost_s == 0.0 else 0.8 * self.cost_s + 0.2 * seconds
 
 
+def idle_cpu_seconds() -> float:
+    """Seconds every core of the machine has been idle since boot (idle and waiting for I/O)."""
+    t = psutil.cpu_times()
+    return float(t.idle + getattr(t, "iowait", 0.0))
+
+
+def others_cpu_seconds() -> float:
+    """CPU seconds this process has used in every thread but the calling one (called by the shadow thread: the
+    serving path's CPU, with the runtimes' own threads)."""
+    return time.process_time() - time.thread_time()
+
+
+class SpareCpu:
+    """Whether there is CPU to spare for the shadow: at least ``idle_cores`` of a core idle machine-wide, and the rest of
+    this process (serving) using less than ``serving_cores`` of one, over the last ``interval_s`` or more.
+
+    Why both: the shadow's cost lands on whatever else runs (the broker, the application beside the agent) — a busy
+    core is busy whoever holds it; and inside the agent the shadow's Python steps hold the interpreter lock the serving
+    path needs, so a busy serving path pays for them even on a machine with idle cores (measured: at 5 % of a core
+    the shadow cost a saturated agent 5-10 % of its requests/s with half a core idle). ``sample`` is called by the
+    shadow thread, never on the serving path; until its first sample it says spare."""
+
+    def __init__(
+        self,
+        idle_cores: float = 0.5,
+        serving_cores: float = 0.25,
+        interval_s: float = 0.1,
+        idle: Callable[[], float] = idle_cpu_seconds,
+        serving: Callable[[], float] = others_cpu_seconds,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.idle_limit, self.serving_limit, self.interval_s = idle_cores, serving_cores, interval_s
+        self._idle, self._serving, self._clock = idle, serving, clock
+        self._at: float | None = None
+        self._last = (0.0, 0.0)
+        self.spare = True
+        self.idle_cores = self.serving_cores = 0.0  # the last sample's figures
+
+    def sample(self) -> bool:
+        """True when the answer changed (a sample is taken at most every ``interval_s``)."""
+        now = self._clock()
+        if self._at is not None and now - self._at < self.interval_s:
+            return False
+        try:
+            idle, serving = self._idle(), self._serving()
+        except (OSError, RuntimeError) as exc:  # /proc unreadable (a sandbox): keep the last answer
+            logs.event(log, "shadow.spare_cpu_unreadable", logging.WARNING, reason=str(exc)[:200])
+            self._at = now
+            return False
+        at, (last_idle, last_serving) = self._at, self._last
+        self._at, self._last = now, (idle, serving)
+        if at is None:
+            return False
+        self.idle_cores, self.serving_cores = (idle - last_idle) / (now - at), (serving - last_serving) / (now - at)
+        spare, self.spare = self.spare, self.idle_cores >= self.idle_limit and self.serving_cores < self.serving_limit
+        return spare != self.spare
+
+
 # model, shadow version, inputs, the active model's outputs and seconds, the budget's reservation
 _Queued = tuple[str, str, Mapping[str, object], dict[str, np.ndarray], float, float]
 
 
 class ShadowRunner:
-    def __init__(self, host: ModelHost, queue_size: int = 16, rtol: float = 0.01, atol: float = 1e-3, budget: float = 0.1) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        queue_size: int = 16,
+        rtol: float = 0.01,
+        atol: float = 1e-3,
+        budget: float = 0.1,
+        spare: SpareCpu | None = None,
+    ) -> None:
         self.host, self.rtol, self.atol = host, rtol, atol
         self._budget = CpuBudget(budget)
+        self._spare = spare or SpareCpu()
         self._queue: queue.Queue[_Queued | None] = queue.Queue(queue_size)
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
@@ -226,6 +310,12 @@ class ShadowRunner:
                 self._budget.cancel(reserved)
                 self._window(active.name, shadow.version).skipped += _rows_of(outputs)
 
+    def _follow_spare_cpu(self) -> None:
+        """Sample the spare CPU while a shadow is loaded (none: nothing to throttle, and no reason to read /proc)."""
+        if self.host.shadows() and self._spare.sample():
+            with self._lock:
+                self._budget.throttle(busy=not self._spare.spare)
+
     def _window(self, model: str, version: str) -> _Window:
         w = self._windows.get(model)
         if w is None or w.version != version:
@@ -234,7 +324,12 @@ class ShadowRunner:
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self._spare.interval_s)
+            except queue.Empty:
+                self._follow_spare_cpu()
+                continue
+            self._follow_spare_cpu()
             if item is None:
                 self._queue.task_done()
                 return

@@ -226,7 +226,7 @@ def shadow_gate(gates: Gates, version: str, shadowing: int, h: ShadowHealth, wai
         return Verdict(
             ABORT,
             f"shadow gate: only {h.compared} live inputs compared within the wave timeout (need {gates.shadow_min_compared})"
-            + _share_text(h, " — the devices' serving.shadow_budget sampled the rest out"),
+            + _share_text(h, " — the devices' serving.shadow_budget sampled the rest out (a tenth of it while a device is busy)"),
         )
     if h.errors and h.errors / (h.errors + h.compared) > gates.max_error_rate_increase:
         return Verdict(ABORT, f"shadow gate: {version} failed {h.errors} calls in shadow against {h.compared} compared")
