@@ -13,6 +13,10 @@ The price of a shadow (issue 18): a second agent process on the same broker runs
 version with a second one in shadow; its requests/s against the agent without one, in
 alternating rounds (goal: >= 0.9x).
 
+The harness's own error: the echo against a second, identical echo process in the same alternating rounds (tiny
+model's payload, JSON). Nothing differs, so how far its ratio lands from 1 is how far any row's can move by the
+measurement alone (no goal).
+
 The local-broker rows (issue 17): one agent serving on the fleet's broker and one taking inference on a second,
 device-local mosquitto (``[serving.broker]``: a second connection, presence and telemetry stay on the fleet's), both
 on loopback, in alternating rounds; each pair's ratio local/fleet, the median and the spread over the pairs.
@@ -152,7 +156,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 PAYLOADS = {"JSON": False, "binary": True}
 # The echo devices and how the tables name them: stock paho (the goal's baseline), and the agent's own client
 # (``agent.mqtt.ReadAheadClient``), which costs less per message: against it the ratio is the agent's own work alone.
-ECHOES = {"echo": "echo", "echo-own": "echo on the agent's client"}
+ECHOES = {"echo": "echo", "echo-own": "echo on the agent's client", "echo-again": "a second, identical echo"}
 THROUGHPUT_GOAL, P50_GOAL_MS, SHADOW_GOAL = 0.9, 0.3, 0.9
 QUICK_PLAN, FULL_PLAN = Plan(6, 12, 6.0), Plan(8, 30, 8.0)
 
@@ -315,6 +319,9 @@ def _mqtt_rows(work: Path, host: str, port: int, labels: list[str], load: Load, 
                         if label == "default" and own_echo:  # the agent's work alone: an echo on the agent's own MQTT client
                             rps, p50 = _pairs(client, ("echo-own", "bench"), x, binary, load, plan)
                             rows.append(_row(model, label, payload, ECHOES["echo-own"], rps, p50))
+                    if label == "default" and model == next(iter(MODELS)):  # the harness's own error: echo against echo
+                        rps, p50 = _pairs(client, ("echo", "echo-again"), x, False, load, plan)
+                        rows.append(_row(model, "none: the same echo again", "JSON", "echo", rps, p50, judged=False))
                     if shadow:
                         _wait_shadow(mwork / "state-shadow" / "agent.db")
                         _wait_model(client, x, shadow)
@@ -347,11 +354,12 @@ def _pairs(client: Client, devices: tuple[str, str], x: list[list[float]], binar
     return rps, p50
 
 
-def _row(model: str, label: str, payload: str, baseline: str, rps: Paired, p50: Paired) -> dict[str, Any]:
-    """One result row: the baseline's and the agent's figures per pair, and whether the issue 18 goals hold."""
+def _row(model: str, label: str, payload: str, baseline: str, rps: Paired, p50: Paired, judged: bool = True) -> dict[str, Any]:
+    """One result row: the baseline's and the agent's figures per pair, and whether the issue 18 goals hold. Not
+    ``judged``: a row with no goal (the echo against itself: how far from 1 the harness lands when nothing differs)."""
     added = [s - b for b, s in zip(p50.baseline, p50.subject)]
     shadow = baseline not in ECHOES.values()
-    judged = baseline != ECHOES["echo-own"]  # against the agent's own client: what the agent's work costs, no goal
+    judged = judged and baseline != ECHOES["echo-own"]  # against the agent's own client: what the agent's work costs, no goal
     return {
         "model": model,
         "serving": label,

@@ -367,3 +367,37 @@ def test_large_requests_do_not_hold_up_another_clients_small_ones(rig: Rig, mqtt
         assert p99 < 0.25, (p99, len(latencies))
     finally:
         agent.stop()
+
+
+def test_json_lists_take_the_runtimes_checked_once_path_and_answer_as_binary_does(models: ModelFiles) -> None:
+    """JSON numbers decode as float64; the serving path gives a float32 model its own float32 copy, so from the second
+    request of a shape on the runtime skips its checks (a remembered signature) — and the answer is the binary one's,
+    the request's own arrays left as they came, a value past float32's range still refused as non-finite."""
+    from agent.runtimes import get_runtime
+    from agent.serve.host import ModelHost, ServingModel
+    from agent.serve.serving import Serving
+    from agent.wire.inference import encode_request
+
+    rt = get_runtime("onnx")()
+    rt.load(models.path("mlp.onnx"))
+    host = ModelHost()
+    host.swap(ServingModel("m", "1", "onnx-fp32", "0" * 64, rt))
+    sent: list[bytes] = []
+    serving = Serving("dev-1", host, lambda topic, payload, qos: sent.append(payload), inline_below_ms=1.0)
+    serving._call_s["m"] = 0.0  # answered on the calling thread: no worker needed
+    x = np.random.default_rng(5).uniform(-1, 1, (2, 64)).astype(np.float32)
+    as_json = json.dumps({"request_id": "j", "inputs": {"x": x.tolist()}}).encode()
+    serving.submit("m", as_json)
+    assert (2, 64) in rt._signatures  # the converted copy was the runtime's to remember (float64 never is)
+    serving.submit("m", as_json)
+    serving.submit("m", encode_request("b", {"x": x}, binary=True))
+    replies = [decode_reply(p) for p in sent]
+    assert [r.error_code for r in replies] == ["", "", ""]
+    for r in replies[:2]:
+        np.testing.assert_array_equal(r.outputs["y"], replies[2].outputs["y"])
+    req = decode_request(as_json, 1 << 20)
+    assert isinstance(req.inputs, dict) and req.inputs["x"].dtype == np.float64
+    assert serving._inputs("m", req)["x"].dtype == np.float32 and req.inputs["x"].dtype == np.float64  # not changed
+    sent.clear()
+    serving.submit("m", json.dumps({"request_id": "big", "inputs": {"x": [[1e300] * 64] * 2}}).encode())
+    assert decode_reply(sent[0]).error_code == "bad_request" and "NaN or infinity" in (decode_reply(sent[0]).error_message or "")

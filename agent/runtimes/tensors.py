@@ -136,7 +136,7 @@ def _validate_array(spec: TensorSpec, value: object) -> np.ndarray:
     if type(value) is np.ndarray and ((dt := value.dtype) is spec.accepts or dt == spec.accepts) and value.flags.c_contiguous:
         arr = value  # (a builtin dtype is one object: ``is`` saves the comparison's conversion machinery)
     else:
-        arr = _convert(spec, value)
+        arr = as_accepted(spec, value)
     shape = arr.shape
     if shape != spec.shape and not (spec._fitting.get(shape) or spec.fits(shape)):
         want = "x".join("?" if d < 0 else str(d) for d in spec.shape)
@@ -194,7 +194,9 @@ def all_finite(arr: np.ndarray) -> bool:
     return math.isfinite(total) or bool(np.isfinite(arr).all())
 
 
-def _convert(spec: TensorSpec, value: object) -> np.ndarray:
+def as_accepted(spec: TensorSpec, value: object) -> np.ndarray:
+    """``value`` as a C-contiguous array of the dtype the runtime takes for ``spec`` (a copy when it was not one);
+    DtypeMismatch where that would lose values."""
     if isinstance(value, np.ndarray):
         arr = value
     else:

@@ -24,6 +24,7 @@ import numpy as np
 
 from agent import logs
 from agent.errors import EdgefleetError
+from agent.runtimes.tensors import as_accepted
 from agent.serve import batching
 from agent.serve.host import ModelHost, UnknownModel
 from agent.serve.ratelimit import ClientBuckets
@@ -272,11 +273,14 @@ class Serving:
             if len(specs) != 1:
                 raise PayloadError(f"the model has inputs {list(specs)}: give them by name", req.request_id)
             inputs = {next(iter(specs)): req.inputs}
+        json_lists = not req.binary and not req.b64
         for name, arr in inputs.items():
             spec = specs.get(name)
             axis = spec.batch_axis if spec is not None else 0
             if axis is not None and arr.ndim > axis and arr.shape[axis] > self.max_batch_rows:
                 raise PayloadError(f"input {name!r} has {arr.shape[axis]} rows; at most {self.max_batch_rows} per request", req.request_id)
+            if json_lists and spec is not None and arr.dtype is _FLOAT64 and spec.accepts is not _FLOAT64:
+                inputs = _with(inputs, name, as_accepted(spec, arr))
         return inputs
 
     def _run_one(self, item: _Item, req: Request) -> None:
@@ -367,6 +371,14 @@ class Serving:
         reply = Reply(request_id, error_code=code, error_message=message[:500])
         binary = bool(req and req.binary)
         self.publish(self._topic(model, req), encode_reply(reply, binary), qos)
+
+
+_FLOAT64 = np.dtype(np.float64)
+
+
+def _with(inputs: dict[str, np.ndarray], name: str, arr: np.ndarray) -> dict[str, np.ndarray]:
+    """A copy of ``inputs`` with ``name`` replaced (the request's own dict is left as it came)."""
+    return {**inputs, name: arr}
 
 
 def _safe_model(model: str) -> bool:
