@@ -124,6 +124,46 @@ def test_a_burst_of_every_kind_arrives_as_sent(broker: RunningBroker, version: s
             c.disconnect()
 
 
+def test_per_topic_callbacks_and_a_failing_on_message_behave_as_in_stock_paho(broker: RunningBroker) -> None:
+    """The client skips paho's per-topic matching while no per-topic callback is registered; once one is, its topic's
+    messages go to it and the rest to ``on_message``, as paho does. A failing ``on_message`` is logged and the loop
+    goes on (``suppress_exceptions``), and raises out of the loop otherwise."""
+    cid = "filtered"
+    publisher = _publisher(broker, "5")
+    receiver, got = _receiver(broker, "5", cid)
+    filtered: queue.Queue[str] = queue.Queue()
+    try:
+        publisher.publish(f"t/{cid}/a/1", b"1", qos=1).wait_for_publish(10)
+        assert _take(got, 1)[0].topic == f"t/{cid}/a/1"  # no per-topic callback: on_message
+        receiver.message_callback_add(f"t/{cid}/a/+", lambda client, userdata, msg: filtered.put(msg.topic))
+        for topic in (f"t/{cid}/a/2", f"t/{cid}/b/3"):
+            publisher.publish(topic, b"x", qos=1).wait_for_publish(10)
+        assert filtered.get(timeout=10) == f"t/{cid}/a/2"
+        assert _take(got, 1)[0].topic == f"t/{cid}/b/3" and filtered.empty()
+        receiver.message_callback_remove(f"t/{cid}/a/+")
+        receiver.suppress_exceptions = True
+        failed = threading.Event()
+
+        def failing(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            failed.set()
+            raise ValueError("a bug")
+
+        receiver.on_message = failing
+        publisher.publish(f"t/{cid}/a/4", b"x", qos=1).wait_for_publish(10)
+        assert failed.wait(10)
+        receiver.on_message = lambda client, userdata, msg: got.put(msg)
+        publisher.publish(f"t/{cid}/a/5", b"x", qos=1).wait_for_publish(10)
+        assert _take(got, 1)[0].topic == f"t/{cid}/a/5"  # the loop lived on
+    finally:
+        for c in (receiver, publisher):
+            c.loop_stop()
+            c.disconnect()
+    raising = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2)
+    raising.on_message = lambda client, userdata, msg: (_ for _ in ()).throw(ValueError("a bug"))
+    with pytest.raises(ValueError, match="a bug"):
+        raising._handle_on_message(mqtt.MQTTMessage(topic=b"t"))
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_ack_many_acknowledges_exactly_what_it_names(broker: RunningBroker, version: str) -> None:
     """Manual acknowledgement, persistent session: 100 messages in, 60 acknowledged in one ``ack_many``, the connection
