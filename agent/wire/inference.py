@@ -219,8 +219,17 @@ def _sniff_string(payload: bytes, key: bytes, limit: int) -> str | None:
 def _tensor_json(arr: np.ndarray, b64: bool) -> Any:
     if b64:
         arr = np.ascontiguousarray(arr)
-        return {"dtype": arr.dtype.name, "shape": list(arr.shape), "b64": base64.b64encode(arr.tobytes()).decode()}
+        return {"dtype": _dtype_name(arr.dtype), "shape": list(arr.shape), "b64": base64.b64encode(arr.tobytes()).decode()}
     return arr.tolist()
+
+
+_DTYPE_NAMES = {np.dtype(name): name for name in DTYPES}
+
+
+def _dtype_name(dtype: np.dtype[Any]) -> str:
+    """``dtype.name`` by a dict look-up: numpy computes the name in Python on every access (microseconds a reply)."""
+    name = _DTYPE_NAMES.get(dtype)
+    return name if name is not None else dtype.name
 
 
 def encode_reply(reply: Reply, binary: bool = False, b64: bool = False) -> bytes:
@@ -234,7 +243,7 @@ def encode_reply(reply: Reply, binary: bool = False, b64: bool = False) -> bytes
             head["outputs"] = {k: _tensor_json(v, b64) for k, v in reply.outputs.items()}
         return json.dumps(head, allow_nan=True).encode()
     arrays = [np.ascontiguousarray(v) for v in reply.outputs.values()] if not reply.error_code else []
-    head["tensors"] = [{"name": k, "dtype": a.dtype.name, "shape": list(a.shape)} for k, a in zip(reply.outputs, arrays)]
+    head["tensors"] = [{"name": k, "dtype": _dtype_name(a.dtype), "shape": list(a.shape)} for k, a in zip(reply.outputs, arrays)]
     h = json.dumps(head).encode()
     return b"".join([BINARY_MAGIC, struct.pack(">I", len(h)), h, *(a.tobytes() for a in arrays)])
 
