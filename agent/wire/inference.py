@@ -38,6 +38,7 @@ __all__ = ["BINARY_MAGIC", "DTYPES", "PayloadError", "Reply", "Request", "decode
 BINARY_MAGIC = b"EFB1"
 DTYPES = frozenset({"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"})
 MAX_DIMS = 8
+_DTYPES_BY_NAME = {name: np.dtype(name) for name in DTYPES}
 MAX_REQUEST_ID = 64
 
 
@@ -85,9 +86,10 @@ def _shape(value: object, rid: str) -> tuple[int, ...]:
 
 
 def _dtype(value: object, rid: str) -> np.dtype[Any]:
-    if not isinstance(value, str) or value not in DTYPES:
+    dtype = _DTYPES_BY_NAME.get(value) if isinstance(value, str) else None  # (np.dtype(str) parses the name each call)
+    if dtype is None:
         raise PayloadError(f"dtype must be one of {sorted(DTYPES)}", rid)
-    return np.dtype(value)
+    return dtype
 
 
 def _from_bytes(raw: bytes | memoryview, dtype: np.dtype[Any], shape: tuple[int, ...], rid: str, name: str) -> np.ndarray:
