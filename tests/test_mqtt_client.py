@@ -132,14 +132,19 @@ def test_per_topic_callbacks_and_a_failing_on_message_behave_as_in_stock_paho(br
     publisher = _publisher(broker, "5")
     receiver, got = _receiver(broker, "5", cid)
     filtered: queue.Queue[str] = queue.Queue()
+    matcher, matched = receiver._on_message_filtered, []  # paho's per-topic matcher, watched: is it consulted?
+    real_match = matcher.iter_match
+    matcher.iter_match = lambda topic: matched.append(topic) or real_match(topic)  # type: ignore[method-assign]
     try:
         publisher.publish(f"t/{cid}/a/1", b"1", qos=1).wait_for_publish(10)
         assert _take(got, 1)[0].topic == f"t/{cid}/a/1"  # no per-topic callback: on_message
+        assert matched == []  # ... and the matcher was skipped
         receiver.message_callback_add(f"t/{cid}/a/+", lambda client, userdata, msg: filtered.put(msg.topic))
         for topic in (f"t/{cid}/a/2", f"t/{cid}/b/3"):
             publisher.publish(topic, b"x", qos=1).wait_for_publish(10)
         assert filtered.get(timeout=10) == f"t/{cid}/a/2"
         assert _take(got, 1)[0].topic == f"t/{cid}/b/3" and filtered.empty()
+        assert matched == [f"t/{cid}/a/2", f"t/{cid}/b/3"]
         receiver.message_callback_remove(f"t/{cid}/a/+")
         receiver.suppress_exceptions = True
         failed = threading.Event()

@@ -369,7 +369,7 @@ def test_large_requests_do_not_hold_up_another_clients_small_ones(rig: Rig, mqtt
         agent.stop()
 
 
-def test_json_lists_take_the_runtimes_checked_once_path_and_answer_as_binary_does(models: ModelFiles) -> None:
+def test_json_lists_take_the_runtimes_remembered_path_and_answer_as_binary_does(models: ModelFiles) -> None:
     """JSON numbers decode as float64; the serving path gives a float32 model its own float32 copy, so from the second
     request of a shape on the runtime skips its checks (a remembered signature) — and the answer is the binary one's,
     the request's own arrays left as they came, a value past float32's range still refused as non-finite."""
@@ -398,6 +398,8 @@ def test_json_lists_take_the_runtimes_checked_once_path_and_answer_as_binary_doe
     req = decode_request(as_json, 1 << 20)
     assert isinstance(req.inputs, dict) and req.inputs["x"].dtype == np.float64
     assert serving._inputs("m", req)["x"].dtype == np.float32 and req.inputs["x"].dtype == np.float64  # not changed
+    integers = decode_request(json.dumps({"request_id": "i", "inputs": {"x": [[1] * 64]}}).encode(), 1 << 20)
+    assert serving._inputs("m", integers)["x"].dtype == np.float32  # JSON integers (pixel values) likewise
     sent.clear()
     serving.submit("m", json.dumps({"request_id": "big", "inputs": {"x": [[1e300] * 64] * 2}}).encode())
     assert decode_reply(sent[0]).error_code == "bad_request" and "NaN or infinity" in (decode_reply(sent[0]).error_message or "")

@@ -110,6 +110,9 @@ class ModelHost:
         # No lock: asked on every answered call, and one dict lookup is atomic in CPython; writers still hold it.
         return self._shadows.get(name)
 
+    def has_shadows(self) -> bool:
+        return bool(self._shadows)  # no lock: one read of a dict's size (the shadow thread asks 10 times a second)
+
     def shadows(self) -> dict[str, ServingModel]:
         with self._lock:
             return dict(self._shadows)

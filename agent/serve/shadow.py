@@ -19,10 +19,10 @@ against the serving version's and the shadow gate's latency check refused a good
 candidate — the shadow must be timed under the serving path's conditions.)
 
 The budget is for spare CPU only: every 0.1 s the shadow thread samples the machine's
-idle time and the CPU the rest of the agent used (``SpareCpu``); while less than
-``spare_cores`` of a core was idle or serving used ``busy_cores`` of one or more, the
-budget runs at a tenth of its rate with a tenth of its burst (a trickle, so that the
-shadow gate of a device that is always busy still fills, slowly).
+idle time and the share of the time serving was busy answering (``SpareCpu``); while
+less than ``spare_cores`` of a core was idle or serving was busy ``busy_share`` of the
+time or more, the budget runs at a tenth of its rate with a tenth of its burst (a
+trickle, so that the shadow gate of a device that is always busy still fills, slowly).
 
 Agreement is per row: for a class-score output (last dimension 2 or more) the top
 class must be the same (top-1 agreement); otherwise every value must be within
@@ -177,13 +177,12 @@ class CpuBudget:
         return self.cost_s
 
     def throttle(self, busy: bool, share: float = 0.1) -> None:
-        """While the machine is busy, ``share`` of the rate and of the burst; the whole of both when it is not. The
-        credit is cut to the smaller burst at once: credit saved while idle must not be spent on a busy machine."""
+        """While the machine is busy, ``share`` of the rate and of the burst; the whole of both when it is not. (``admit``
+        caps the credit at the burst in force, so credit saved while idle is not spent on a busy machine.)"""
         fraction, burst = self.full
         if busy and fraction < 1.0:
             fraction, burst = fraction * share, burst * share
         self.fraction, self.burst_s = fraction, burst
-        self._credit = min(self._credit, burst)
 
     def cancel(self, reserved: float) -> None:
         """An admitted call that was not run after all: its reservation goes back."""
@@ -205,55 +204,63 @@ def idle_cpu_seconds() -> float:
     return float(t.idle + getattr(t, "iowait", 0.0))
 
 
-def others_cpu_seconds() -> float:
-    """CPU seconds this process has used in every thread but the calling one (called by the shadow thread: the
-    serving path's CPU, with the runtimes' own threads)."""
-    return time.process_time() - time.thread_time()
-
-
 class SpareCpu:
-    """Whether there is CPU to spare for the shadow: at least ``idle_cores`` of a core idle machine-wide, and the rest of
-    this process (serving) using less than ``serving_cores`` of one, over the last ``interval_s`` or more.
+    """Whether there is CPU to spare for the shadow: at least ``idle_cores`` of a core idle machine-wide, and the serving
+    path busy answering requests less than ``busy_share`` of the time, over the last ``interval_s`` or more.
 
     Why both: the shadow's cost lands on whatever else runs (the broker, the application beside the agent) — a busy
     core is busy whoever holds it; and inside the agent the shadow's Python steps hold the interpreter lock the serving
     path needs, so a busy serving path pays for them even on a machine with idle cores (measured: at 5 % of a core
-    the shadow cost a saturated agent 5-10 % of its requests/s with half a core idle). ``sample`` is called by the
-    shadow thread, never on the serving path; until its first sample it says spare."""
+    the shadow cost a saturated agent 5-10 % of its requests/s with half a core idle). Serving's share is its own
+    account of the wall time it spent answering (``Serving.busy_s``), not the process's CPU: that would count the
+    shadow's own runtime threads, and the agent's other work, as serving. The shadow's own time (``sample``'s
+    ``shadow_s``) counts as idle: without the shadow it would be. In a container ``/proc/stat`` is the host's: there
+    set ``idle_cores`` to 0 and let serving's share decide. ``sample`` is called by the shadow thread, never on the
+    serving path; until it has two samples it says spare."""
 
     def __init__(
         self,
         idle_cores: float = 0.5,
-        serving_cores: float = 0.25,
+        busy_share: float = 0.25,
         interval_s: float = 0.1,
         idle: Callable[[], float] = idle_cpu_seconds,
-        serving: Callable[[], float] = others_cpu_seconds,
+        serving: Callable[[], float] = lambda: 0.0,
         clock: Any = time.monotonic,
     ) -> None:
-        self.idle_limit, self.serving_limit, self.interval_s = idle_cores, serving_cores, interval_s
+        self.idle_limit, self.busy_limit, self.interval_s = idle_cores, busy_share, interval_s
         self._idle, self._serving, self._clock = idle, serving, clock
         self._at: float | None = None
-        self._last = (0.0, 0.0)
+        self._last = (0.0, 0.0, 0.0)
+        self._unreadable = False  # logged once until a read works again
         self.spare = True
-        self.idle_cores = self.serving_cores = 0.0  # the last sample's figures
+        self.idle_cores = self.busy_share = 0.0  # the last sample's figures
 
-    def sample(self) -> bool:
-        """True when the answer changed (a sample is taken at most every ``interval_s``)."""
+    def reset(self) -> None:
+        """Forget the baseline (no shadow for a while: the next sample must not average over the gap)."""
+        self._at = None
+
+    def sample(self, shadow_s: float = 0.0) -> bool:
+        """True when the answer changed (a sample is taken at most every ``interval_s``); ``shadow_s``: the seconds the
+        shadow has spent, all told."""
         now = self._clock()
         if self._at is not None and now - self._at < self.interval_s:
             return False
         try:
             idle, serving = self._idle(), self._serving()
-        except (OSError, RuntimeError) as exc:  # /proc unreadable (a sandbox): keep the last answer
-            logs.event(log, "shadow.spare_cpu_unreadable", logging.WARNING, reason=str(exc)[:200])
-            self._at = now
+        except (OSError, RuntimeError) as exc:  # /proc unreadable (a sandbox): keep the last answer, start afresh
+            if not self._unreadable:
+                logs.event(log, "shadow.spare_cpu_unreadable", logging.WARNING, reason=str(exc)[:200])
+            self._unreadable, self._at = True, None
             return False
-        at, (last_idle, last_serving) = self._at, self._last
-        self._at, self._last = now, (idle, serving)
+        self._unreadable = False
+        at, (last_idle, last_serving, last_shadow) = self._at, self._last
+        self._at, self._last = now, (idle, serving, shadow_s)
         if at is None:
             return False
-        self.idle_cores, self.serving_cores = (idle - last_idle) / (now - at), (serving - last_serving) / (now - at)
-        spare, self.spare = self.spare, self.idle_cores >= self.idle_limit and self.serving_cores < self.serving_limit
+        span = now - at
+        self.idle_cores = (idle - last_idle + shadow_s - last_shadow) / span
+        self.busy_share = (serving - last_serving) / span
+        spare, self.spare = self.spare, self.idle_cores >= self.idle_limit and self.busy_share < self.busy_limit
         return spare != self.spare
 
 
@@ -311,10 +318,16 @@ class ShadowRunner:
                 self._window(active.name, shadow.version).skipped += _rows_of(outputs)
 
     def _follow_spare_cpu(self) -> None:
-        """Sample the spare CPU while a shadow is loaded (none: nothing to throttle, and no reason to read /proc)."""
-        if self.host.shadows() and self._spare.sample():
-            with self._lock:
-                self._budget.throttle(busy=not self._spare.spare)
+        """Sample the spare CPU while a shadow is loaded (none: nothing to throttle, and no reason to read /proc).
+        Whatever goes wrong here costs the throttle one sample, never the thread (its death stops the watchdog)."""
+        try:
+            if not self.host.has_shadows():
+                self._spare.reset()
+            elif self._spare.sample(self._budget.spent_s):
+                with self._lock:
+                    self._budget.throttle(busy=not self._spare.spare)
+        except Exception as exc:
+            logs.event(log, "shadow.spare_cpu_failed", logging.ERROR, reason=f"{type(exc).__name__}: {exc}"[:300])
 
     def _window(self, model: str, version: str) -> _Window:
         w = self._windows.get(model)
@@ -325,7 +338,7 @@ class ShadowRunner:
     def _work(self) -> None:
         while True:
             try:
-                item = self._queue.get(timeout=self._spare.interval_s)
+                item = self._queue.get(timeout=self._spare.interval_s if self.host.has_shadows() else 1.0)
             except queue.Empty:
                 self._follow_spare_cpu()
                 continue
