@@ -65,7 +65,7 @@ class Agent:
             sv.shadow_rtol,
             sv.shadow_atol,
             sv.shadow_budget,
-            SpareCpu(sv.shadow_spare_cores, sv.shadow_busy_share, serving=lambda: self.serving.busy_s),
+            SpareCpu(sv.shadow_spare_cores, sv.shadow_busy_cores, serving=lambda: self.serving.cpu_s()),
         )
         health = _health_policy(rs)
         self.installer = Installer(

@@ -169,10 +169,10 @@ class ServingSettings(BaseModel):
     # The shadow's CPU budget, a fraction of one core's wall time; calls beyond it are sampled out (1.0: every call).
     shadow_budget: Annotated[float, Field(gt=0, le=1)] = 0.05
     # The budget is for spare CPU: while less than shadow_spare_cores of a core is idle machine-wide (0: not asked; in a
-    # container /proc/stat is the host's), or serving was busy answering shadow_busy_share of the time or more, the
-    # shadow runs at a tenth of its budget (spare 0 and busy above the workers' count: never throttled).
+    # container /proc/stat is the host's), or the threads answering requests use shadow_busy_cores of one or more, the
+    # shadow runs at a tenth of its budget (spare 0 and busy 1024: never throttled).
     shadow_spare_cores: Annotated[float, Field(ge=0, le=1024)] = 0.5
-    shadow_busy_share: Annotated[float, Field(gt=0, le=1024)] = 0.25
+    shadow_busy_cores: Annotated[float, Field(gt=0, le=1024)] = 0.25
     # A broker of the device's own (a mosquitto on the device or at the site) for inference alone: requests are taken
     # and answered there, over a second connection; presence, commands, updates and telemetry stay on [broker].
     # None: inference on the fleet's broker. In agent.toml: a [serving.broker] table, the same keys as [broker].

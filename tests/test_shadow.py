@@ -310,13 +310,13 @@ def test_a_call_dearer_than_the_whole_burst_is_still_compared_now_and_then() -> 
 
 
 def test_a_busy_serving_path_throttles_the_shadow_to_a_trickle_and_a_quiet_one_lifts_it(models: ModelFiles) -> None:
-    """Real serving path, real threads: while requests are answered back to back on this thread, the shadow thread sees
-    serving busy nearly all the time and runs at a tenth of its budget; once serving stops, its whole budget is back.
+    """Real serving path, real threads and CPU clocks: while requests are answered back to back on this thread, the shadow
+    thread sees serving use most of a core and runs at a tenth of its budget; once serving stops, its whole budget is back.
     The machine-wide idle condition is off here (``idle_cores=0``): a loaded test machine must not decide it."""
     host = ModelHost()
     serving = Serving("dev-1", host, lambda topic, payload, qos: None, inline_below_ms=1.0)
     serving._call_s["mlp.onnx"] = 0.0  # answered on this thread
-    spare = SpareCpu(idle_cores=0.0, busy_share=0.25, interval_s=0.05, serving=lambda: serving.busy_s)
+    spare = SpareCpu(idle_cores=0.0, busy_cores=0.25, interval_s=0.05, serving=serving.cpu_s)
     runner = ShadowRunner(host, queue_size=64, budget=0.05, spare=spare).start()
     host.on_served = runner.offer
     host.swap(loaded(models, "mlp.onnx", "1"))
@@ -329,10 +329,10 @@ def test_a_busy_serving_path_throttles_the_shadow_to_a_trickle_and_a_quiet_one_l
         if time.perf_counter() - t0 > 1.0 and not seen_busy:  # still serving: the shadow thread cannot have seen it stop
             budget = runner._budget
             seen_busy = not spare.spare and budget.fraction == pytest.approx(0.005) and budget.burst_s == pytest.approx(0.005)
-            busy_share = spare.busy_share
+            serving_cores = spare.serving_cores
     elapsed = time.perf_counter() - t0
-    assert seen_busy, f"throttled while serving (busy share {spare.busy_share:.2f})"
-    assert busy_share > 0.5
+    assert seen_busy, f"throttled while serving (serving used {spare.serving_cores:.2f} of a core)"
+    assert serving_cores > 0.5
     wait_for(runner.idle, 10, "the admitted comparisons")
     budget = runner._budget
     # Before the first two samples (0.05 s apart) the shadow had its whole 50 ms burst; after them a tenth of the rate
@@ -350,16 +350,16 @@ def test_spare_cpu_needs_idle_cores_and_a_quiet_serving_path() -> None:
     now, idle, serving = [0.0], [0.0], [0.0]
     spare = SpareCpu(0.5, 0.25, 0.1, idle=lambda: idle[0], serving=lambda: serving[0], clock=lambda: now[0])
 
-    def step(seconds: float, idle_cores: float, busy_share: float, shadow_s: float = 0.0) -> bool:
+    def step(seconds: float, idle_cores: float, serving_cores: float, shadow_s: float = 0.0) -> bool:
         now[0] += seconds
         idle[0] += idle_cores * seconds
-        serving[0] += busy_share * seconds
+        serving[0] += serving_cores * seconds
         return spare.sample(shadow_s)
 
     assert spare.sample() is False and spare.spare  # the first sample only sets the baseline
     assert step(0.05, 0.0, 1.0) is False and spare.spare  # within the interval: not sampled
-    assert step(0.1, 0.0, 0.0) is True and not spare.spare  # 0.15 s, 0.05 s of it serving: a third of the time
-    assert (spare.idle_cores, spare.busy_share) == pytest.approx((0.0, 1 / 3))
+    assert step(0.1, 0.0, 0.0) is True and not spare.spare  # 0.15 s, 0.05 s of CPU serving: a third of a core
+    assert (spare.idle_cores, spare.serving_cores) == pytest.approx((0.0, 1 / 3))
     assert step(0.2, 1.5, 0.1) is True and spare.spare
     assert step(0.2, 1.5, 0.3) is True and not spare.spare  # serving busy, idle cores or not
     assert step(0.2, 1.5, 0.2) is True and spare.spare

@@ -19,10 +19,10 @@ against the serving version's and the shadow gate's latency check refused a good
 candidate — the shadow must be timed under the serving path's conditions.)
 
 The budget is for spare CPU only: every 0.1 s the shadow thread samples the machine's
-idle time and the share of the time serving was busy answering (``SpareCpu``); while
-less than ``spare_cores`` of a core was idle or serving was busy ``busy_share`` of the
-time or more, the budget runs at a tenth of its rate with a tenth of its burst (a
-trickle, so that the shadow gate of a device that is always busy still fills, slowly).
+idle time and the CPU of the threads that answer requests (``SpareCpu``); while less
+than ``spare_cores`` of a core was idle or serving used ``busy_cores`` of one or more,
+the budget runs at a tenth of its rate with a tenth of its burst (a trickle, so that
+the shadow gate of a device that is always busy still fills, slowly).
 
 Agreement is per row: for a class-score output (last dimension 2 or more) the top
 class must be the same (top-1 agreement); otherwise every value must be within
@@ -205,15 +205,15 @@ def idle_cpu_seconds() -> float:
 
 
 class SpareCpu:
-    """Whether there is CPU to spare for the shadow: at least ``idle_cores`` of a core idle machine-wide, and the serving
-    path busy answering requests less than ``busy_share`` of the time, over the last ``interval_s`` or more.
+    """Whether there is CPU to spare for the shadow: at least ``idle_cores`` of a core idle machine-wide, and the threads
+    that answer requests using less than ``busy_cores`` of one, over the last ``interval_s`` or more.
 
     Why both: the shadow's cost lands on whatever else runs (the broker, the application beside the agent) — a busy
     core is busy whoever holds it; and inside the agent the shadow's Python steps hold the interpreter lock the serving
     path needs, so a busy serving path pays for them even on a machine with idle cores (measured: at 5 % of a core
-    the shadow cost a saturated agent 5-10 % of its requests/s with half a core idle). Serving's share is its own
-    account of the wall time it spent answering (``Serving.busy_s``), not the process's CPU: that would count the
-    shadow's own runtime threads, and the agent's other work, as serving. The shadow's own time (``sample``'s
+    the shadow cost a saturated agent 5-10 % of its requests/s with half a core idle). Serving's CPU is that of the
+    threads that answer requests (``Serving.cpu_s``: paho's network thread, the workers), not the process's: that
+    would count the shadow's own runtime threads, and the agent's other work, as serving. The shadow's own time (``sample``'s
     ``shadow_s``) counts as idle: without the shadow it would be. In a container ``/proc/stat`` is the host's: there
     set ``idle_cores`` to 0 and let serving's share decide. ``sample`` is called by the shadow thread, never on the
     serving path; until it has two samples it says spare."""
@@ -221,19 +221,19 @@ class SpareCpu:
     def __init__(
         self,
         idle_cores: float = 0.5,
-        busy_share: float = 0.25,
+        busy_cores: float = 0.25,
         interval_s: float = 0.1,
         idle: Callable[[], float] = idle_cpu_seconds,
         serving: Callable[[], float] = lambda: 0.0,
         clock: Any = time.monotonic,
     ) -> None:
-        self.idle_limit, self.busy_limit, self.interval_s = idle_cores, busy_share, interval_s
+        self.idle_limit, self.busy_limit, self.interval_s = idle_cores, busy_cores, interval_s
         self._idle, self._serving, self._clock = idle, serving, clock
         self._at: float | None = None
         self._last = (0.0, 0.0, 0.0)
         self._unreadable = False  # logged once until a read works again
         self.spare = True
-        self.idle_cores = self.busy_share = 0.0  # the last sample's figures
+        self.idle_cores = self.serving_cores = 0.0  # the last sample's figures
 
     def reset(self) -> None:
         """Forget the baseline (no shadow for a while: the next sample must not average over the gap)."""
@@ -259,8 +259,8 @@ class SpareCpu:
             return False
         span = now - at
         self.idle_cores = (idle - last_idle + shadow_s - last_shadow) / span
-        self.busy_share = (serving - last_serving) / span
-        spare, self.spare = self.spare, self.idle_cores >= self.idle_limit and self.busy_share < self.busy_limit
+        self.serving_cores = (serving - last_serving) / span
+        spare, self.spare = self.spare, self.idle_cores >= self.idle_limit and self.serving_cores < self.busy_limit
         return spare != self.spare
 
 
