@@ -6,8 +6,10 @@ the serving version, one trained differently that does not), the real daemon cla
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -314,25 +316,24 @@ def test_a_busy_serving_path_throttles_the_shadow_to_a_trickle_and_a_quiet_one_l
     thread sees serving use most of a core and runs at a tenth of its budget; once serving stops, its whole budget is back.
     The machine-wide idle condition is off here (``idle_cores=0``): a loaded test machine must not decide it."""
     host = ModelHost()
-    serving = Serving("dev-1", host, lambda topic, payload, qos: None, inline_below_ms=1.0)
-    serving._call_s["mlp.onnx"] = 0.0  # answered on this thread
+    serving = Serving("dev-1", host, lambda topic, payload, qos: None, inline_below_ms=1e6)  # every request on this thread
     spare = SpareCpu(idle_cores=0.0, busy_cores=0.25, interval_s=0.05, serving=serving.cpu_s)
     runner = ShadowRunner(host, queue_size=64, budget=0.05, spare=spare).start()
     host.on_served = runner.offer
     host.swap(loaded(models, "mlp.onnx", "1"))
     host.set_shadow(loaded(models, "mlp.onnx", "2"))
     payload = encode_request("r", inputs(2, 0), binary=True)
-    seen_busy = False
+    seen_busy, submitted = False, 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 1.5:  # busy: every request answered on this thread, back to back
         serving.submit("mlp.onnx", payload)
+        submitted += 1
         if time.perf_counter() - t0 > 1.0 and not seen_busy:  # still serving: the shadow thread cannot have seen it stop
             budget = runner._budget
             seen_busy = not spare.spare and budget.fraction == pytest.approx(0.005) and budget.burst_s == pytest.approx(0.005)
-            serving_cores = spare.serving_cores
     elapsed = time.perf_counter() - t0
+    assert serving.inline_served == submitted and sum(serving.stats.errors.values()) == 0  # served, none refused
     assert seen_busy, f"throttled while serving (serving used {spare.serving_cores:.2f} of a core)"
-    assert serving_cores > 0.5
     wait_for(runner.idle, 10, "the admitted comparisons")
     budget = runner._budget
     # Before the first two samples (0.05 s apart) the shadow had its whole 50 ms burst; after them a tenth of the rate
@@ -344,6 +345,70 @@ def test_a_busy_serving_path_throttles_the_shadow_to_a_trickle_and_a_quiet_one_l
     assert budget.fraction == 0.05 and budget.burst_s == 0.05
     runner.stop()
     host.close()
+
+
+def test_the_agents_other_work_and_the_shadows_own_are_not_serving(models: ModelFiles) -> None:
+    """Serving's CPU is that of the threads that take requests in or answer them, nothing else: the agent hashing a
+    download on another thread, or the shadow comparing flat out, leaves the shadow its whole budget. (Counting the
+    process's CPU, the first version of this throttle slowed the shadow down for its own work and for any of the
+    agent's.)"""
+    host = ModelHost()
+    serving = Serving("dev-1", host, lambda topic, payload, qos: None, inline_below_ms=1e6)
+    spare = SpareCpu(idle_cores=0.0, busy_cores=0.25, interval_s=0.05, serving=serving.cpu_s)
+    runner = ShadowRunner(host, queue_size=64, budget=0.5, spare=spare).start()  # half a core for the shadow
+    host.on_served = runner.offer
+    host.swap(loaded(models, "mlp.onnx", "1"))
+    host.set_shadow(loaded(models, "mlp.onnx", "2"))
+    big = encode_request("r", inputs(128, 0), binary=True)  # 128 rows (answered inline: under 64 KiB); comparing them is the larger work
+    stop = threading.Event()
+
+    def other_work() -> None:  # the agent hashing a download, on a thread of its own
+        while not stop.is_set():
+            hashlib.sha256(bytes(1 << 20)).digest()
+
+    hashing = threading.Thread(target=other_work)
+    hashing.start()
+    t0 = time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < 1.0:
+            serving.submit("mlp.onnx", big)  # a request now and then
+            wait_for(runner.idle, 10, "the comparison")
+            time.sleep(0.01)  # the gap between two requests (not waiting for a condition)
+    finally:
+        stop.set()
+        hashing.join()
+    assert runner.take()["mlp.onnx"]["compared"] > 0
+    assert spare.busy_samples == 0 and spare.spare, f"serving used {spare.serving_cores:.2f} of a core"
+    runner.stop()
+    host.close()
+
+
+def test_serving_cpu_counts_threads_that_only_take_requests_in_and_threads_that_ended() -> None:
+    """A thread that only queues requests for the workers (a slow model, or a flood refused as overloaded) is serving's
+    too; what a thread used before it ended stays counted, and a new thread is counted whatever id it reuses."""
+    serving = Serving("dev-1", ModelHost(), lambda topic, payload, qos: None, inline_below_ms=0.0, queue_size=1)
+    counted = threading.Event()
+
+    def take_in_and_burn(burned: threading.Event) -> None:
+        for _ in range(50):
+            serving.submit("m", b"{}")  # queued, then refused: the queue holds one and no worker runs
+        t = time.thread_time()
+        while time.thread_time() - t < 0.3:
+            pass
+        burned.set()
+        counted.wait(10)  # alive until its CPU has been read once
+
+    for _ in range(2):  # the second may reuse the first's ids
+        burned = threading.Event()
+        counted.clear()
+        thread = threading.Thread(target=take_in_and_burn, args=(burned,))
+        thread.start()
+        assert burned.wait(10)
+        serving.cpu_s()
+        counted.set()
+        thread.join()
+    assert 0.55 <= serving.cpu_s() < 1.0  # both threads' 0.3 s each
+    assert serving.stats.errors["overloaded"] == 99
 
 
 def test_spare_cpu_needs_idle_cores_and_a_quiet_serving_path() -> None:

@@ -148,7 +148,8 @@ class Serving:
         self.rate_limited = 0  # requests answered `overloaded` because their client was past its rate
         self.inline_served = 0
         self.busy_s = 0.0  # wall seconds spent answering requests (decode, run, reply), all told
-        self._clocks: dict[int, int | None] = {}  # every thread that has answered a request: its CPU clock
+        self._clocks: dict[int, int] = {}  # by kernel thread id, every thread that takes requests or answers them
+        self._wall_only = False  # no per-thread CPU clocks here: cpu_s() gives busy_s
         self._cpu_last: dict[int, float] = {}
         self._cpu_total = 0.0
         self.reply_prefix = device_topic(device_id, "pred") + "/"
@@ -185,6 +186,8 @@ class Serving:
     def submit(self, model: str, payload: bytes, qos: int = 1, client: str = "", sink: Sink | None = None) -> None:
         """Called from paho's thread for ``dev/{id}/infer/{model}[/{client}]`` (or the HTTP endpoint's, with its
         ``sink``): enqueue, or answer ``overloaded`` now (the queue is full, or ``client`` is past its rate)."""
+        if threading.get_native_id() not in self._clocks and not self._wall_only:
+            self._count_this_thread()  # it takes requests in (paho's, the endpoint's): its CPU is serving's
         if not self.buckets.take(client):
             self.stats.error(model, self._version(model), "overloaded")
             self.rate_limited += 1
@@ -216,6 +219,7 @@ class Serving:
     # -- workers ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        self._count_this_thread()
         held: collections.deque[_Item] = collections.deque()
         while True:
             item = held.popleft() if held else self._queue.get()
@@ -243,9 +247,6 @@ class Serving:
             batch.append(nxt)
 
     def _serve(self, items: list[_Item]) -> None:
-        ident = threading.get_ident()
-        if ident not in self._clocks:  # a thread answering requests (paho's, a worker, the endpoint's): its CPU is serving's
-            self._clocks[ident] = _cpu_clock(ident)
         started = time.perf_counter()
         try:
             self._serve_items(items)
@@ -254,20 +255,32 @@ class Serving:
             # lose one addition, rarely: an estimate, not worth a lock on every request.
             self.busy_s += time.perf_counter() - started
 
+    def _count_this_thread(self) -> None:
+        """Count the calling thread's CPU as serving's from now on (it takes requests in or answers them). Keyed by the
+        kernel's thread id: ``get_ident`` values are reused by new threads, whose clocks differ."""
+        clock = _cpu_clock(threading.get_ident())
+        if clock is None:
+            self._wall_only = True
+            return
+        tid = threading.get_native_id()
+        self._cpu_last[tid] = time.thread_time()  # from here (before the clock, which the shadow thread reads)
+        self._clocks[tid] = clock
+
     def cpu_s(self) -> float:
-        """CPU seconds used by the threads that answer requests, all told — everything they do, reading MQTT included
-        (what the shadow yields to; called by its thread alone). Without per-thread CPU clocks: the wall time spent
-        answering (``busy_s``), which misses the reading and writing around each request."""
-        for ident, clock in list(self._clocks.items()):
-            if clock is None:
-                return self.busy_s
+        """CPU seconds used by the threads that take requests in or answer them, all told — everything they do, reading
+        and writing MQTT included (what the shadow yields to; called by its thread alone). Where threads have no CPU
+        clocks (macOS, Windows): the wall time spent answering (``busy_s``), which misses the reading and writing."""
+        if self._wall_only:
+            return self.busy_s
+        for tid, clock in list(self._clocks.items()):
             try:
                 now = time.clock_gettime(clock)
-            except OSError:  # the thread is gone
+            except OSError:  # the thread has ended: what it used is counted; its id may come back for another thread
+                self._clocks.pop(tid, None)
+                self._cpu_last.pop(tid, None)
                 continue
-            last = self._cpu_last.get(ident, now)
-            self._cpu_total += max(0.0, now - last)  # (lower: the id was reused by a new thread, counted from here)
-            self._cpu_last[ident] = now
+            self._cpu_total += max(0.0, now - self._cpu_last.get(tid, now))
+            self._cpu_last[tid] = now
         return self._cpu_total
 
     def _serve_items(self, items: list[_Item]) -> None:

@@ -215,7 +215,9 @@ class SpareCpu:
     threads that answer requests (``Serving.cpu_s``: paho's network thread, the workers), not the process's: that
     would count the shadow's own runtime threads, and the agent's other work, as serving. The shadow's own time (``sample``'s
     ``shadow_s``) counts as idle: without the shadow it would be. In a container ``/proc/stat`` is the host's: there
-    set ``idle_cores`` to 0 and let serving's share decide. ``sample`` is called by the shadow thread, never on the
+    set ``idle_cores`` to 0 (not read then) and let serving's CPU decide. Two approximations: the shadow's time is wall
+    time (its runtime's threads may use more CPU, or less on a contended core), and the runtimes' own worker threads
+    are counted as neither serving nor shadow. ``sample`` is called by the shadow thread, never on the
     serving path; until it has two samples it says spare."""
 
     def __init__(
@@ -234,6 +236,7 @@ class SpareCpu:
         self._unreadable = False  # logged once until a read works again
         self.spare = True
         self.idle_cores = self.serving_cores = 0.0  # the last sample's figures
+        self.busy_samples = 0  # samples that said busy, all told
 
     def reset(self) -> None:
         """Forget the baseline (no shadow for a while: the next sample must not average over the gap)."""
@@ -246,7 +249,7 @@ class SpareCpu:
         if self._at is not None and now - self._at < self.interval_s:
             return False
         try:
-            idle, serving = self._idle(), self._serving()
+            idle, serving = (self._idle() if self.idle_limit > 0 else 0.0), self._serving()
         except (OSError, RuntimeError) as exc:  # /proc unreadable (a sandbox): keep the last answer, start afresh
             if not self._unreadable:
                 logs.event(log, "shadow.spare_cpu_unreadable", logging.WARNING, reason=str(exc)[:200])
@@ -261,6 +264,7 @@ class SpareCpu:
         self.idle_cores = (idle - last_idle + shadow_s - last_shadow) / span
         self.serving_cores = (serving - last_serving) / span
         spare, self.spare = self.spare, self.idle_cores >= self.idle_limit and self.serving_cores < self.busy_limit
+        self.busy_samples += not self.spare
         return spare != self.spare
 
 
