@@ -153,6 +153,8 @@ def test_a_shadow_runs_on_live_inputs_answers_nobody_and_is_promoted_without_rel
 
     versions = send(d, 40, rows=2)
     assert versions == ["1.0.0"] * 40
+    spare = d.agent.shadow._spare  # the daemon's wiring: the settings' limits, and serving's threads as the agent's
+    assert (spare.idle_limit, spare.busy_limit) == (0.5, 0.25) and spare._serving() > 0  # (MQTT thread took them in)
     wait_for(lambda: shadow_totals(d)["compared"] + shadow_totals(d)["skipped"] == 80, 20, "every call compared or skipped")
     totals = shadow_totals(d)
     assert len(d.replies()) == 40  # one answer per request: the shadow published nothing
