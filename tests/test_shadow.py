@@ -374,8 +374,7 @@ def test_the_agents_other_work_and_the_shadows_own_are_not_serving(models: Model
     try:
         while time.perf_counter() - t0 < 1.0:
             serving.submit("mlp.onnx", big)  # a request now and then
-            wait_for(runner.idle, 10, "the comparison")
-            time.sleep(0.01)  # the gap between two requests (not waiting for a condition)
+            wait_for(runner.idle, 10, "the comparison")  # (its polling is the gap between two requests)
     finally:
         stop.set()
         hashing.join()

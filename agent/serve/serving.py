@@ -147,9 +147,8 @@ class Serving:
         self._call_s: dict[str, float] = {}  # moving average of each model's runtime call
         self.rate_limited = 0  # requests answered `overloaded` because their client was past its rate
         self.inline_served = 0
-        self.busy_s = 0.0  # wall seconds spent answering requests (decode, run, reply), all told
         self._clocks: dict[int, int] = {}  # by kernel thread id, every thread that takes requests or answers them
-        self._wall_only = False  # no per-thread CPU clocks here: cpu_s() gives busy_s
+        self._wall_only = False  # no per-thread CPU clocks here (macOS, Windows): cpu_s() is always 0
         self._cpu_last: dict[int, float] = {}
         self._cpu_total = 0.0
         self.reply_prefix = device_topic(device_id, "pred") + "/"
@@ -246,15 +245,6 @@ class Serving:
                 return
             batch.append(nxt)
 
-    def _serve(self, items: list[_Item]) -> None:
-        started = time.perf_counter()
-        try:
-            self._serve_items(items)
-        finally:
-            # Where threads have no CPU clocks, the wall time spent answering stands in. Two workers adding at once may
-            # lose one addition, rarely: an estimate, not worth a lock on every request.
-            self.busy_s += time.perf_counter() - started
-
     def _count_this_thread(self) -> None:
         """Count the calling thread's CPU as serving's from now on (it takes requests in or answers them). Keyed by the
         kernel's thread id: ``get_ident`` values are reused by new threads, whose clocks differ."""
@@ -269,9 +259,10 @@ class Serving:
     def cpu_s(self) -> float:
         """CPU seconds used by the threads that take requests in or answer them, all told — everything they do, reading
         and writing MQTT included (what the shadow yields to; called by its thread alone). Where threads have no CPU
-        clocks (macOS, Windows): the wall time spent answering (``busy_s``), which misses the reading and writing."""
+        clocks (macOS, Windows): 0, and the machine's idle time alone decides for the shadow (timing each request
+        instead would add to every request what only such hosts could use)."""
         if self._wall_only:
-            return self.busy_s
+            return 0.0
         for tid, clock in list(self._clocks.items()):
             try:
                 now = time.clock_gettime(clock)
@@ -283,7 +274,7 @@ class Serving:
             self._cpu_last[tid] = now
         return self._cpu_total
 
-    def _serve_items(self, items: list[_Item]) -> None:
+    def _serve(self, items: list[_Item]) -> None:
         ready: list[tuple[_Item, Request]] = []
         for item in items:
             try:
@@ -329,8 +320,8 @@ class Serving:
             # inputs have no such path; converting them here would change which input's error is reported first.
             ((name, arr),) = inputs.items()
             spec = specs.get(name)
-            if spec is not None:
-                converted = as_accepted(spec, arr)  # the same array when it already was (no copy)
+            if spec is not None and arr.dtype is not spec.accepts:  # (a binary request's usually is: nothing to do)
+                converted = as_accepted(spec, arr)
                 if converted is not arr:
                     inputs = {name: converted}
         return inputs
