@@ -170,7 +170,8 @@ class ServingSettings(BaseModel):
     shadow_budget: Annotated[float, Field(gt=0, le=1)] = 0.05
     # The budget is for spare CPU: while less than shadow_spare_cores of a core is idle machine-wide (0: not asked; in a
     # container /proc/stat is the host's), or the threads answering requests use shadow_busy_cores of one or more, the
-    # shadow runs at a tenth of its budget (spare 0 and busy 1024: never throttled).
+    # shadow runs at a tenth of its budget (spare 0 and busy 1024: never throttled; a budget of 1.0 is never throttled
+    # either). A spare figure above the machine's cores less a quarter is capped to that, with a warning.
     shadow_spare_cores: Annotated[float, Field(ge=0, le=1024)] = 0.5
     shadow_busy_cores: Annotated[float, Field(gt=0, le=1024)] = 0.25
     # A broker of the device's own (a mosquitto on the device or at the site) for inference alone: requests are taken

@@ -47,9 +47,7 @@ def reference(telemetry: list[TelemetryRow], predictions: list[PredictionRow], w
         elif len(classes) == len(r.classes):
             classes = [a + b for a, b in zip(classes, r.classes)]
     return {
-        "telemetry": (len(t), sum(r.requests for r in t), sum(r.server_errors for r in t), sum(r.client_errors for r in t))
-        if t
-        else None,
+        "telemetry": (len(t), sum(r.requests for r in t), sum(r.server_errors for r in t), sum(r.client_errors for r in t)) if t else None,
         "p95_ms": statistics.median(p95s) if p95s else None,
         "predictions": (len(p), sum(r.rows for r in p), sum(r.values for r in p), sum(r.total for r in p), sum(r.total_sq for r in p))
         if p

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -374,7 +375,7 @@ def test_json_lists_take_the_runtimes_remembered_path_and_answer_as_binary_does(
     request of a shape on the runtime skips its checks (a remembered signature) — and the answer is the binary one's,
     the request's own arrays left as they came, a value past float32's range still refused as non-finite."""
     from agent.runtimes import get_runtime
-    from agent.serve.host import ModelHost, ServingModel
+    from agent.serve.host import ModelHost, ServingModel, _as_model_takes
     from agent.serve.serving import Serving
     from agent.wire.inference import encode_request
 
@@ -397,9 +398,45 @@ def test_json_lists_take_the_runtimes_remembered_path_and_answer_as_binary_does(
         np.testing.assert_array_equal(r.outputs["y"], replies[2].outputs["y"])
     req = decode_request(as_json, 1 << 20)
     assert isinstance(req.inputs, dict) and req.inputs["x"].dtype == np.float64
-    assert serving._inputs("m", req)["x"].dtype == np.float32 and req.inputs["x"].dtype == np.float64  # not changed
+    seen: list[Mapping[str, object]] = []
+    host.on_served = lambda m, inputs, out, took: seen.append(inputs)
+    host.infer("m", req.inputs)
+    assert seen[0]["x"] is req.inputs["x"]  # the request's own arrays, not changed
     integers = decode_request(json.dumps({"request_id": "i", "inputs": {"x": [[1] * 64]}}).encode(), 1 << 20)
-    assert serving._inputs("m", integers)["x"].dtype == np.float32  # JSON integers (pixel values) likewise
+    assert _as_model_takes(rt, integers.inputs)["x"].dtype == np.float32  # JSON integers (pixel values) likewise
     sent.clear()
     serving.submit("m", json.dumps({"request_id": "big", "inputs": {"x": [[1e300] * 64] * 2}}).encode())
     assert decode_reply(sent[0]).error_code == "bad_request" and "NaN or infinity" in (decode_reply(sent[0]).error_message or "")
+
+
+def test_a_shadow_sees_the_request_as_sent_not_rounded_for_the_active_model(tmp_path: Path) -> None:
+    """The active model takes float16: its call gets the request rounded to float16, but what ``on_served`` hands the
+    shadow and the statistics is the request as the client sent it — a float32 candidate must be judged on the values
+    it will get once promoted, not on values rounded for the model it replaces."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from agent.runtimes import get_runtime
+    from agent.serve.host import ModelHost, ServingModel
+    from agent.serve.serving import Serving
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "widen", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "fp16.onnx"))
+    rt = get_runtime("onnx")()
+    rt.load(tmp_path / "fp16.onnx")
+    host = ModelHost()
+    host.swap(ServingModel("m", "1", "onnx-fp16", "0" * 64, rt))
+    seen: list[Mapping[str, object]] = []
+    host.on_served = lambda m, inputs, out, took: seen.append(inputs)
+    sent: list[bytes] = []
+    serving = Serving("dev-1", host, lambda topic, payload, qos: sent.append(payload), inline_below_ms=1.0)
+    serving._call_s["m"] = 0.0
+    serving.submit("m", json.dumps({"request_id": "r", "inputs": {"x": [[1.0001, 2049.0]]}}).encode())
+    reply = decode_reply(sent[0])
+    assert reply.error_code == "" and reply.outputs["y"].tolist() == [[1.0, 2048.0]]  # the active model's own rounding
+    offered = seen[0]["x"]
+    assert isinstance(offered, np.ndarray) and offered.dtype == np.float64 and offered.tolist() == [[1.0001, 2049.0]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -386,29 +387,43 @@ def test_the_agents_other_work_and_the_shadows_own_are_not_serving(models: Model
 
 def test_serving_cpu_counts_threads_that_only_take_requests_in_and_threads_that_ended() -> None:
     """A thread that only queues requests for the workers (a slow model, or a flood refused as overloaded) is serving's
-    too; what a thread used before it ended stays counted, and a new thread is counted whatever id it reuses."""
+    too; what a thread used stays counted when it ends, what it used after the last read included; and an ended
+    thread's entry goes with it, so a later thread that gets its kernel id back is not read as serving's."""
     serving = Serving("dev-1", ModelHost(), lambda topic, payload, qos: None, inline_below_ms=0.0, queue_size=1)
-    counted = threading.Event()
+    read_once = threading.Event()
 
-    def take_in_and_burn(burned: threading.Event) -> None:
+    def burn(seconds: float) -> None:
+        t = time.thread_time()
+        while time.thread_time() - t < seconds:
+            pass
+
+    def take_in_and_burn(burned: threading.Event, then: float) -> None:
         for _ in range(50):
             serving.submit("m", b"{}")  # queued, then refused: the queue holds one and no worker runs
-        t = time.thread_time()
-        while time.thread_time() - t < 0.3:
-            pass
+        burn(0.3)
         burned.set()
-        counted.wait(10)  # alive until its CPU has been read once
+        if then:
+            read_once.wait(10)
+            burn(then)  # after the last read, then the thread ends
 
-    for _ in range(2):  # the second may reuse the first's ids
-        burned = threading.Event()
-        counted.clear()
-        thread = threading.Thread(target=take_in_and_burn, args=(burned,))
-        thread.start()
-        assert burned.wait(10)
-        serving.cpu_s()
-        counted.set()
-        thread.join()
-    assert 0.55 <= serving.cpu_s() < 1.0  # both threads' 0.3 s each
+    burned = threading.Event()
+    first = threading.Thread(target=take_in_and_burn, args=(burned, 0.2))
+    first.start()
+    assert burned.wait(10)
+    assert 0.25 <= serving.cpu_s() < 0.5
+    read_once.set()
+    first.join()
+    second = threading.Thread(target=take_in_and_burn, args=(threading.Event(), 0.0))  # never read while it ran
+    second.start()
+    second.join()
+    assert not serving._thread_cpu.counted  # both ended: their entries went with them
+    assert 0.75 <= serving.cpu_s() < 1.2  # 0.3 + 0.2 + 0.3
+    others = [threading.Thread(target=burn, args=(0.05,)) for _ in range(4)]  # not serving's, whatever ids they get
+    for t in others:
+        t.start()
+        t.join()
+    total = serving.cpu_s()
+    assert 0.75 <= total < 1.2 and serving.cpu_s() == total
     assert serving.stats.errors["overloaded"] == 99
 
 
@@ -447,10 +462,55 @@ def test_spare_cpu_needs_idle_cores_and_a_quiet_serving_path() -> None:
     assert blind.sample() is False
     failing[0] = False
     now[0] += 0.25
-    assert blind.sample() is False  # a fresh baseline after the failure: no average over the time it could not read
+    assert blind.sample() is False  # no idle baseline yet: no average over the time it could not read
+    assert math.isnan(blind.idle_cores)
     now[0] += 0.25
     idle[0] += 0.25
     assert blind.sample() is False and blind.idle_cores == pytest.approx(1.0)
+
+
+def test_without_the_machines_idle_time_a_busy_serving_path_still_throttles_and_a_quiet_one_lifts_it() -> None:
+    """A sandbox's unreadable /proc (or ``idle_cores`` 0) leaves serving's own CPU to decide — it must not freeze the
+    last answer, busy or spare, for as long as /proc stays unreadable."""
+    now, idle, serving, readable = [0.0], [0.0], [0.0], [True]
+
+    def idle_seconds() -> float:
+        if not readable[0]:
+            raise OSError("no /proc here")
+        return idle[0]
+
+    spare = SpareCpu(0.5, 0.25, 0.1, idle=idle_seconds, serving=lambda: serving[0], clock=lambda: now[0])
+
+    def step(idle_cores: float, serving_cores: float) -> bool:
+        now[0] += 0.2
+        idle[0] += idle_cores * 0.2
+        serving[0] += serving_cores * 0.2
+        return spare.sample()
+
+    spare.sample()
+    assert step(1.0, 1.0) is True and not spare.spare  # busy, /proc readable
+    readable[0] = False
+    assert step(0.0, 1.0) is False and not spare.spare  # still busy: serving's CPU alone says so
+    assert step(0.0, 0.0) is True and spare.spare  # quiet serving lifts it though /proc stays unreadable
+    assert step(0.0, 1.0) is True and not spare.spare
+    assert spare.reset() is True and spare.spare  # no shadow any more: the next one starts on its whole budget
+    assert spare.reset() is False
+    asked_never = SpareCpu(0.0, 0.25, 0.1, idle=idle_seconds, serving=lambda: serving[0], clock=lambda: now[0])
+    asked_never.sample()
+    now[0] += 0.2
+    serving[0] += 0.2
+    assert asked_never.sample() is True and not asked_never.spare  # idle_cores 0: /proc never read, serving decides
+
+
+def test_more_idle_cores_asked_than_the_machine_can_have_are_capped(caplog: pytest.LogCaptureFixture) -> None:
+    now, idle = [0.0], [0.0]
+    cores = float(os.cpu_count() or 1)
+    spare = SpareCpu(cores * 4, 0.25, 0.1, idle=lambda: idle[0], clock=lambda: now[0])
+    assert spare.idle_limit == cores - 0.25 and "shadow.spare_cores_capped" in caplog.text
+    spare.sample()
+    now[0] += 0.2
+    idle[0] += (cores - 0.1) * 0.2  # nearly every core idle: spare (the agent itself always uses some)
+    assert spare.sample() is False and spare.spare
 
 
 def test_throttling_cuts_rate_and_burst_and_the_credit_saved_while_idle() -> None:

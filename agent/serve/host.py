@@ -25,6 +25,7 @@ import numpy as np
 from agent import logs
 from agent.errors import EdgefleetError, InvalidInput
 from agent.runtimes.base import Runtime
+from agent.runtimes.tensors import as_accepted
 
 __all__ = ["ModelHost", "ServedHook", "ServingModel", "UnknownModel"]
 
@@ -87,8 +88,9 @@ class ModelHost:
                 raise UnknownModel(f"no model {name!r} on this device")
             m.inflight += 1
         try:
+            accepted = _as_model_takes(m.runtime, inputs)
             t0 = time.perf_counter()
-            out = m.runtime.infer(inputs)
+            out = m.runtime.infer(accepted)
             took = time.perf_counter() - t0
         except InvalidInput:
             raise  # the caller's mistake, not the model's
@@ -207,3 +209,22 @@ class ModelHost:
             self.remove_shadow(name, drain_timeout=5.0)
         for name in list(self.models()):
             self.remove(name, drain_timeout=5.0)
+
+
+def _as_model_takes(runtime: Runtime, inputs: Mapping[str, object]) -> Mapping[str, object]:
+    """A one-input request's array in the dtype ``runtime`` takes (JSON numbers decode as float64 or int64: a copy of our
+    own), so the runtime remembers its kind and skips its checks from the next request on; anything else as it came.
+
+    Why here and not where the request is decoded: the spec is the model's that runs the call (a hot swap may have put
+    in a version that takes another dtype), and ``on_served`` still gets the request as sent (a shadow of another dtype
+    must not judge inputs rounded for the active model). Several inputs have no such path: converting them here would
+    change which input's error is reported first."""
+    specs = runtime.inputs
+    if len(inputs) != 1 or len(specs) != 1:
+        return inputs
+    ((name, arr),) = inputs.items()
+    spec = specs[0]
+    if type(arr) is not np.ndarray or name != spec.name or arr.dtype is spec.accepts:  # (a binary request's usually is)
+        return inputs
+    converted = as_accepted(spec, arr)
+    return inputs if converted is arr else {name: converted}

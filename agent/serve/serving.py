@@ -24,10 +24,10 @@ import numpy as np
 
 from agent import logs
 from agent.errors import EdgefleetError
-from agent.runtimes.tensors import as_accepted
 from agent.serve import batching
 from agent.serve.host import ModelHost, UnknownModel
 from agent.serve.ratelimit import ClientBuckets
+from agent.serve.thread_cpu import ThreadCpu
 from agent.wire import ROOT, device_topic
 from agent.wire.inference import PayloadError, Reply, Request, decode_request, encode_reply, peek_request
 
@@ -147,10 +147,8 @@ class Serving:
         self._call_s: dict[str, float] = {}  # moving average of each model's runtime call
         self.rate_limited = 0  # requests answered `overloaded` because their client was past its rate
         self.inline_served = 0
-        self._clocks: dict[int, int] = {}  # by kernel thread id, every thread that takes requests or answers them
-        self._wall_only = False  # no per-thread CPU clocks here (macOS, Windows): cpu_s() is always 0
-        self._cpu_last: dict[int, float] = {}
-        self._cpu_total = 0.0
+        self._thread_cpu = ThreadCpu()  # every thread that takes requests in or answers them
+        self._counted = self._thread_cpu.counted  # (one dict, changed in place: the check on every request is one lookup)
         self.reply_prefix = device_topic(device_id, "pred") + "/"
         # A SimpleQueue (C) and a bound of our own: queue.Queue's Condition allocates a lock per wait and hands a
         # request to a worker 5-8 us slower (measured: 33 -> 17-27 us a round trip between two threads). The bound is
@@ -185,8 +183,8 @@ class Serving:
     def submit(self, model: str, payload: bytes, qos: int = 1, client: str = "", sink: Sink | None = None) -> None:
         """Called from paho's thread for ``dev/{id}/infer/{model}[/{client}]`` (or the HTTP endpoint's, with its
         ``sink``): enqueue, or answer ``overloaded`` now (the queue is full, or ``client`` is past its rate)."""
-        if threading.get_native_id() not in self._clocks and not self._wall_only:
-            self._count_this_thread()  # it takes requests in (paho's, the endpoint's): its CPU is serving's
+        if threading.get_native_id() not in self._counted and not self._thread_cpu.unavailable:
+            self._thread_cpu.count_this_thread()  # it takes requests in (paho's, the endpoint's): its CPU is serving's
         if not self.buckets.take(client):
             self.stats.error(model, self._version(model), "overloaded")
             self.rate_limited += 1
@@ -218,7 +216,7 @@ class Serving:
     # -- workers ---------------------------------------------------------------------------
 
     def _work(self) -> None:
-        self._count_this_thread()
+        self._thread_cpu.count_this_thread()
         held: collections.deque[_Item] = collections.deque()
         while True:
             item = held.popleft() if held else self._queue.get()
@@ -245,34 +243,12 @@ class Serving:
                 return
             batch.append(nxt)
 
-    def _count_this_thread(self) -> None:
-        """Count the calling thread's CPU as serving's from now on (it takes requests in or answers them). Keyed by the
-        kernel's thread id: ``get_ident`` values are reused by new threads, whose clocks differ."""
-        clock = _cpu_clock(threading.get_ident())
-        if clock is None:
-            self._wall_only = True
-            return
-        tid = threading.get_native_id()
-        self._cpu_last[tid] = time.thread_time()  # from here (before the clock, which the shadow thread reads)
-        self._clocks[tid] = clock
-
     def cpu_s(self) -> float:
         """CPU seconds used by the threads that take requests in or answer them, all told — everything they do, reading
-        and writing MQTT included (what the shadow yields to; called by its thread alone). Where threads have no CPU
+        and writing MQTT included (what the shadow yields to; see ``agent.serve.thread_cpu``). Where threads have no CPU
         clocks (macOS, Windows): 0, and the machine's idle time alone decides for the shadow (timing each request
         instead would add to every request what only such hosts could use)."""
-        if self._wall_only:
-            return 0.0
-        for tid, clock in list(self._clocks.items()):
-            try:
-                now = time.clock_gettime(clock)
-            except OSError:  # the thread has ended: what it used is counted; its id may come back for another thread
-                self._clocks.pop(tid, None)
-                self._cpu_last.pop(tid, None)
-                continue
-            self._cpu_total += max(0.0, now - self._cpu_last.get(tid, now))
-            self._cpu_last[tid] = now
-        return self._cpu_total
+        return self._thread_cpu.seconds()
 
     def _serve(self, items: list[_Item]) -> None:
         ready: list[tuple[_Item, Request]] = []
@@ -314,16 +290,6 @@ class Serving:
             axis = spec.batch_axis if spec is not None else 0
             if axis is not None and arr.ndim > axis and arr.shape[axis] > self.max_batch_rows:
                 raise PayloadError(f"input {name!r} has {arr.shape[axis]} rows; at most {self.max_batch_rows} per request", req.request_id)
-        if len(inputs) == 1 and len(specs) == 1:
-            # A one-input model's request in the dtype the runtime takes (JSON numbers decode as float64 or int64: a
-            # copy of our own), so the runtime remembers its kind and skips its checks from the next one on. Several
-            # inputs have no such path; converting them here would change which input's error is reported first.
-            ((name, arr),) = inputs.items()
-            spec = specs.get(name)
-            if spec is not None and arr.dtype is not spec.accepts:  # (a binary request's usually is: nothing to do)
-                converted = as_accepted(spec, arr)
-                if converted is not arr:
-                    inputs = {name: converted}
         return inputs
 
     def _run_one(self, item: _Item, req: Request) -> None:
@@ -414,15 +380,6 @@ class Serving:
         reply = Reply(request_id, error_code=code, error_message=message[:500])
         binary = bool(req and req.binary)
         self.publish(self._topic(model, req), encode_reply(reply, binary), qos)
-
-
-def _cpu_clock(ident: int) -> int | None:
-    """The CPU clock of the thread ``ident`` (None where the platform has none: not Linux or another Unix)."""
-    get = getattr(time, "pthread_getcpuclockid", None)
-    try:
-        return int(get(ident)) if get is not None else None
-    except OSError:
-        return None
 
 
 def _safe_model(model: str) -> bool:

@@ -33,6 +33,7 @@ disagrees on every row.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -218,7 +219,8 @@ class SpareCpu:
     set ``idle_cores`` to 0 (not read then) and let serving's CPU decide. Two approximations: the shadow's time is wall
     time (its runtime's threads may use more CPU, or less on a contended core), and the runtimes' own worker threads
     are counted as neither serving nor shadow. ``sample`` is called by the shadow thread, never on the
-    serving path; until it has two samples it says spare."""
+    serving path; until it has two samples (after ``reset`` too) it says spare. ``idle_cores`` above the machine's
+    cores less a quarter is capped to that (with a warning): more could never be met."""
 
     def __init__(
         self,
@@ -229,18 +231,40 @@ class SpareCpu:
         serving: Callable[[], float] = lambda: 0.0,
         clock: Any = time.monotonic,
     ) -> None:
+        reachable = float(os.cpu_count() or 1) - 0.25  # every core idle but a quarter of one: the agent runs too
+        if idle_cores > reachable:  # a limit that can never be met would throttle the shadow for good
+            logs.event(log, "shadow.spare_cores_capped", logging.WARNING, asked=idle_cores, capped_to=reachable)
+            idle_cores = reachable
         self.idle_limit, self.busy_limit, self.interval_s = idle_cores, busy_cores, interval_s
         self._idle, self._serving, self._clock = idle, serving, clock
         self._at: float | None = None
-        self._last = (0.0, 0.0, 0.0)
-        self._unreadable = False  # logged once until a read works again
+        self._last: tuple[float | None, float, float] = (None, 0.0, 0.0)
+        self._unreadable = self._serving_unreadable = False  # each logged once until a read works again
         self.spare = True
-        self.idle_cores = self.serving_cores = 0.0  # the last sample's figures
+        self.idle_cores = self.serving_cores = 0.0  # the last sample's figures (idle NaN: not measured)
         self.busy_samples = 0  # samples that said busy, all told
 
-    def reset(self) -> None:
-        """Forget the baseline (no shadow for a while: the next sample must not average over the gap)."""
+    def reset(self) -> bool:
+        """Forget the baseline and say spare (no shadow for a while: the next sample must not average over the gap, and
+        the next shadow starts on its whole budget, as the first does); True when the answer changed."""
         self._at = None
+        changed, self.spare = not self.spare, True
+        return changed
+
+    def _idle_seconds(self) -> float | None:
+        """The machine's idle seconds; None when not asked (``idle_cores`` 0) or unreadable (a sandbox's /proc: logged
+        once until a read works again), and then serving's CPU decides alone."""
+        if self.idle_limit <= 0:
+            return None
+        try:
+            idle = self._idle()
+        except (OSError, RuntimeError) as exc:
+            if not self._unreadable:
+                logs.event(log, "shadow.spare_cpu_unreadable", logging.WARNING, reason=str(exc)[:200])
+            self._unreadable = True
+            return None
+        self._unreadable = False
+        return idle
 
     def sample(self, shadow_s: float = 0.0) -> bool:
         """True when the answer changed (a sample is taken at most every ``interval_s``); ``shadow_s``: the seconds the
@@ -248,22 +272,28 @@ class SpareCpu:
         now = self._clock()
         if self._at is not None and now - self._at < self.interval_s:
             return False
+        idle = self._idle_seconds()
         try:
-            idle, serving = (self._idle() if self.idle_limit > 0 else 0.0), self._serving()
-        except (OSError, RuntimeError) as exc:  # /proc unreadable (a sandbox): keep the last answer, start afresh
-            if not self._unreadable:
-                logs.event(log, "shadow.spare_cpu_unreadable", logging.WARNING, reason=str(exc)[:200])
-            self._unreadable, self._at = True, None
+            serving = self._serving()
+        except (OSError, RuntimeError) as exc:  # serving's clocks unreadable: keep the last answer, start afresh
+            if not self._serving_unreadable:
+                logs.event(log, "shadow.serving_cpu_unreadable", logging.WARNING, reason=str(exc)[:200])
+            self._serving_unreadable, self._at = True, None
             return False
-        self._unreadable = False
+        self._serving_unreadable = False
         at, (last_idle, last_serving, last_shadow) = self._at, self._last
         self._at, self._last = now, (idle, serving, shadow_s)
         if at is None:
             return False
         span = now - at
-        self.idle_cores = (idle - last_idle + shadow_s - last_shadow) / span
+        if idle is None or last_idle is None:  # not asked, or unreadable: serving's own CPU decides alone
+            self.idle_cores = float("nan")
+            idle_enough = True
+        else:
+            self.idle_cores = (idle - last_idle + shadow_s - last_shadow) / span
+            idle_enough = self.idle_cores >= self.idle_limit
         self.serving_cores = (serving - last_serving) / span
-        spare, self.spare = self.spare, self.idle_cores >= self.idle_limit and self.serving_cores < self.busy_limit
+        spare, self.spare = self.spare, idle_enough and self.serving_cores < self.busy_limit
         self.busy_samples += not self.spare
         return spare != self.spare
 
@@ -325,9 +355,8 @@ class ShadowRunner:
         """Sample the spare CPU while a shadow is loaded (none: nothing to throttle, and no reason to read /proc).
         Whatever goes wrong here costs the throttle one sample, never the thread (its death stops the watchdog)."""
         try:
-            if not self.host.has_shadows():
-                self._spare.reset()
-            elif self._spare.sample(self._budget.spent_s):
+            changed = self._spare.reset() if not self.host.has_shadows() else self._spare.sample(self._budget.spent_s)
+            if changed:
                 with self._lock:
                     self._budget.throttle(busy=not self._spare.spare)
         except Exception as exc:
