@@ -12,6 +12,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -545,6 +546,38 @@ def test_prediction_sums_add_up_and_leave_non_finite_values_out() -> None:
     assert one["classes"] == [2, 2, 0]  # the NaN row is not given a class
     assert "classes" not in w[("m", "2")] and w[("m", "2")]["rows"] == 2
     assert stats.take() == {}
+
+
+def test_prediction_sums_of_many_calls_equal_the_sums_written_out_call_by_call() -> None:
+    """Small outputs are summed in batches (``PENDING_CALLS``): the window must be what summing each call alone gives —
+    shapes changing midway, a NaN in one call of a batch (only that call's rows go without a class), a large output
+    (summed at once, never kept)."""
+    rng = np.random.default_rng(7)
+    calls = [rng.standard_normal((1, 4)).astype(np.float32) for _ in range(150)]
+    calls += [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(70)]  # batches of 3 rows
+    calls[100][0, 2] = np.nan
+    big = rng.standard_normal((300, 4)).astype(np.float32)  # 4.8 KB: past PENDING_BYTES
+    stats = PredictionStats()
+    for i, out in enumerate(calls):
+        stats.add("m", "1", {"y": out})
+        if i == 160:
+            stats.add("m", "1", {"y": big})
+    everything = [*calls, big.copy()]
+    big_ref = weakref.ref(big)
+    del big
+    assert big_ref() is None  # summed at once, not kept
+    window = stats.take()[("m", "1")]
+    values = np.concatenate([c.reshape(-1) for c in everything]).astype(np.float64)
+    kept = values[np.isfinite(values)]
+    assert window["rows"] == sum(c.shape[0] for c in everything)
+    assert window["nonfinite"] == 1 and window["values"] == kept.size
+    assert math.isclose(window["sum"], float(kept.sum()), rel_tol=1e-9, abs_tol=1e-9)
+    assert math.isclose(window["sumsq"], float(kept @ kept), rel_tol=1e-9)
+    tops = np.concatenate([c.argmax(axis=1) for c in everything if np.isfinite(c).all()])
+    assert window["classes"] == np.bincount(tops, minlength=4).tolist()
+    stats.add("m", "1", {"y": np.ones((1, 4), np.float32)})
+    stats.add("m", "1", {"z": np.ones((1, 2), np.float32)})  # the output changed its name: the window follows it
+    assert stats.take()[("m", "1")]["output"] == "z"
 
 
 def test_comparison_rules() -> None:
