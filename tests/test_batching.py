@@ -8,6 +8,7 @@ client reads them. ``Serving._serve`` is called with the batch directly: which r
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,36 @@ def test_requests_are_not_stacked_on_a_static_batch_dimension() -> None:
     out_specs = {"y": TensorSpec("y", (4, 2), np.dtype(np.float32), batch_axis=0)}
     with pytest.raises(ValueError):
         batching.split(out_specs, {"y": np.zeros((4, 2), np.float32)}, [2, 2])
+
+
+def test_requests_in_other_number_dtypes_share_one_call_and_the_shadow_sees_them_as_sent(models: Path) -> None:
+    """JSON floats decode as float64, whole numbers as int64, a binary request is float32: for a float model each alone
+    is converted to float32, so together they share a call (they did before the conversion moved into the model host),
+    and ``on_served`` gets the merged values as sent, not rounded to the model's dtype."""
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+    served = Served(_save(helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "g", [x], [y], [two]), models / "mixed.onnx"))
+    seen: list[Mapping[str, object]] = []
+    served.host.on_served = lambda m, inputs, out, took: seen.append(inputs)
+    calls = served.host.get("m").served  # type: ignore[union-attr]
+    as_json_floats = np.array([[0.1, 1e-9]], np.float64)
+    replies = served.batch({"x": as_json_floats}, {"x": np.array([[5, 6]], np.int64)}, {"x": np.full((2, 2), 0.5, np.float32)})
+    assert served.host.get("m").served == calls + 1  # type: ignore[union-attr]
+    np.testing.assert_array_equal(replies["r0"].outputs["y"], 2 * as_json_floats.astype(np.float32))  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(replies["r1"].outputs["y"], [[10.0, 12.0]])  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(replies["r2"].outputs["y"], np.ones((2, 2)))  # type: ignore[attr-defined]
+    merged = seen[0]["x"]
+    assert isinstance(merged, np.ndarray) and merged.dtype == np.float64 and merged[0, 1] == 1e-9
+
+
+def test_a_quantized_input_never_merges_integers_with_floats() -> None:
+    """Integers sent to a quantized input are taken as already quantized, floats are quantized: joined, the integers
+    would become floats and be quantized again."""
+    specs = {"x": TensorSpec("x", (-1, 2), np.dtype(np.int8), quantization=(0.5, 0), batch_axis=0)}
+    assert batching.merge(specs, [{"x": np.ones((1, 2), np.int64)}, {"x": np.ones((1, 2), np.float32)}]) is None
+    floats = {"x": TensorSpec("x", (-1, 2), np.dtype(np.float32), batch_axis=0)}
+    assert batching.merge(floats, [{"x": np.ones((1, 2), np.int64)}, {"x": np.array([["a", "b"]])}]) is None  # not numbers
 
 
 _SPECS = {

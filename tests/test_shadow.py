@@ -32,6 +32,7 @@ from agent.serve.host import ModelHost, ServingModel
 from agent.serve.predictions import PredictionStats
 from agent.serve.serving import Serving
 from agent.serve.shadow import CpuBudget, ShadowRunner, SpareCpu, compare_outputs
+from agent.serve.thread_cpu import ThreadCpu
 from agent.settings import load_settings
 from agent.wire import device_topic
 from agent.wire.inference import encode_request
@@ -426,6 +427,46 @@ def test_serving_cpu_counts_threads_that_only_take_requests_in_and_threads_that_
     total = serving.cpu_s()
     assert 0.75 <= total < 1.2 and serving.cpu_s() == total
     assert serving.stats.errors["overloaded"] == 99
+
+
+def test_a_thread_counted_twice_keeps_what_it_used_before() -> None:
+    cpu = ThreadCpu()
+
+    def burn_registered_twice() -> None:
+        cpu.count_this_thread()
+        _burn(0.2)
+        cpu.count_this_thread()
+        _burn(0.2)
+
+    thread = threading.Thread(target=burn_registered_twice)
+    thread.start()
+    thread.join()
+    assert not cpu.counted and 0.35 <= cpu.seconds() < 0.8
+
+
+def _burn(seconds: float) -> None:
+    t = time.thread_time()
+    while time.thread_time() - t < seconds:
+        pass
+
+
+def test_the_shadow_is_timed_on_the_model_call_alone(models: ModelFiles) -> None:
+    """The shadow gets the request as sent (JSON numbers are float64): converted to its dtype before its call is timed,
+    as the active model's is, so it takes the runtime's remembered path and the gate compares like with like."""
+    from agent.runtimes import get_runtime
+
+    host = ModelHost()
+    active, shadow = get_runtime("onnx")(), get_runtime("onnx")()
+    active.load(models.path("mlp.onnx"))
+    shadow.load(models.path("mlp.onnx"))
+    host.swap(ServingModel("m", "1", "onnx-fp32", "0" * 64, active))
+    host.set_shadow(ServingModel("m", "2", "onnx-fp32", "1" * 64, shadow))
+    as_sent = {"x": np.random.default_rng(3).uniform(-1, 1, (1, 64))}  # float64
+    for _ in range(2):
+        result = host.infer_shadow("m", "2", as_sent)
+        assert result is not None
+    assert (1, 64) in shadow._signatures  # converted before the runtime: its fast path, as the active model's
+    np.testing.assert_allclose(result[0]["y"], host.infer("m", as_sent)["y"], rtol=1e-6)
 
 
 def test_spare_cpu_needs_idle_cores_and_a_quiet_serving_path() -> None:

@@ -35,12 +35,21 @@ def request_rows(specs: Mapping[str, TensorSpec], inputs: Mapping[str, np.ndarra
     return rows.pop() if len(rows) == 1 and 0 not in rows else None
 
 
-def _same_but_axis(a: np.ndarray, b: np.ndarray, axis: int | None) -> bool:
-    if a.dtype != b.dtype or a.ndim != b.ndim:
+def _same_but_axis(a: np.ndarray, b: np.ndarray, spec: TensorSpec) -> bool:
+    if a.ndim != b.ndim or not (a.dtype == b.dtype or _both_become_float(a, b, spec)):
         return False
+    axis = spec.batch_axis
     if axis is None:
         return a.shape == b.shape and bool(np.array_equal(a, b))
     return a.shape[:axis] == b.shape[:axis] and a.shape[axis + 1 :] == b.shape[axis + 1 :]
+
+
+def _both_become_float(a: np.ndarray, b: np.ndarray, spec: TensorSpec) -> bool:
+    """Numbers in two dtypes for a float input that is not quantized: each request alone would be converted to the model's
+    dtype (JSON floats decode as float64, whole numbers as int64, a binary request is float32), so they may share a
+    call; joined, numpy's common dtype keeps each value as sent (integers exactly up to 2**53), and the model host
+    converts the merged call. A quantized input takes integers as already quantized and floats to quantize: not mixed."""
+    return spec.quantization is None and spec.dtype.kind == "f" and a.dtype.kind in "biuf" and b.dtype.kind in "biuf"
 
 
 def merge(specs: Mapping[str, TensorSpec], requests: list[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]] | None:
@@ -51,7 +60,7 @@ def merge(specs: Mapping[str, TensorSpec], requests: list[Mapping[str, np.ndarra
         n = request_rows(specs, inputs)
         if n is None or inputs.keys() != first.keys():
             return None
-        if any(not _same_but_axis(arr, first[k], specs[k].batch_axis) for k, arr in inputs.items()):
+        if any(not _same_but_axis(arr, first[k], specs[k]) for k, arr in inputs.items()):
             return None
         rows.append(n)
     joined = {}

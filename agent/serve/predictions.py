@@ -81,8 +81,42 @@ class _Pending:
     arrays: list[np.ndarray] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Summed:
+    """What one or more calls of one output add to a window, computed without the lock."""
+
+    output: str
+    rows: int
+    values: int
+    total: float
+    total_sq: float
+    nonfinite: int
+    width: int
+    top: int | np.ndarray | None  # the top class of a one-row call, or class counts
+
+
+def _summed(output: str, arrays: list[np.ndarray]) -> list[_Summed]:
+    """Calls' outputs of one shape and dtype, summed at once while every value is finite, else call by call (a call
+    with a NaN gives none of its rows a class, the others' rows keep theirs)."""
+    first = arrays[0]
+    stacked = first if len(arrays) == 1 else np.stack(arrays)
+    total, total_sq, nonfinite, values = _sums(stacked)
+    if nonfinite and len(arrays) > 1:
+        return [part for arr in arrays for part in _summed(output, [arr])]
+    width = first.shape[-1] if first.ndim >= 2 else 0
+    top: int | np.ndarray | None = None
+    if 2 <= width <= MAX_CLASSES and not nonfinite:
+        rows_top = stacked.reshape(-1, width).argmax(axis=1)
+        top = int(rows_top[0]) if rows_top.size == 1 else np.bincount(rows_top, minlength=width)
+    rows = (int(first.shape[0]) if first.ndim else 1) * len(arrays)
+    return [_Summed(output, rows, values, total, total_sq, nonfinite, width, top)]
+
+
 class PredictionStats:
-    """Per (model, version): added to on every answered call, taken (and reset) once per telemetry window."""
+    """Per (model, version): added to on every answered call, taken (and reset) once per telemetry window.
+
+    The lock guards only lists and sums: numpy runs outside it (a large output's sums take milliseconds, and other
+    serving threads add meanwhile), except in ``take``, once a window, for what is still pending."""
 
     def __init__(self) -> None:
         self._windows: dict[tuple[str, str], _Window] = {}
@@ -98,58 +132,54 @@ class PredictionStats:
         if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiub" or arr.size == 0:
             return  # strings, objects, nothing: nothing to sum
         key = (model, version)
+        if arr.nbytes > PENDING_BYTES:
+            summed = _summed(name, [arr])
+            with self._lock:
+                full = self._pending.pop(key, None)  # what came before it first: a window's output follows the calls
+            self._add(key, full, summed)
+            return
+        full = None
         with self._lock:
-            if arr.nbytes > PENDING_BYTES:
-                self._flush(key)  # what came before it first: a window's output name follows the calls' order
-                self._fold(key, name, [arr])
-                return
             pending = self._pending.get(key)
             if pending is None or pending.shape != arr.shape or pending.dtype != arr.dtype or pending.output != name:
-                self._flush(key)
+                full = self._pending.pop(key, None)
                 pending = self._pending[key] = _Pending(name, arr.shape, arr.dtype)
             pending.arrays.append(arr)
-            if len(pending.arrays) >= PENDING_CALLS:
-                self._flush(key)
+            if len(pending.arrays) >= PENDING_CALLS and full is None:
+                full = self._pending.pop(key)
+        if full is not None:
+            self._add(key, full, [])
 
     def take(self) -> dict[tuple[str, str], dict[str, Any]]:
         with self._lock:
-            for key in list(self._pending):
-                self._flush(key)
+            for key, pending in self._pending.items():
+                self._apply(key, _summed(pending.output, pending.arrays))
+            self._pending = {}
             windows, self._windows = self._windows, {}
         return {key: w.to_json() for key, w in windows.items()}
 
-    def _flush(self, key: tuple[str, str]) -> None:
-        """Sum what is pending for ``key`` (under the lock)."""
-        pending = self._pending.pop(key, None)
-        if pending is not None and pending.arrays:
-            self._fold(key, pending.output, pending.arrays)
+    def _add(self, key: tuple[str, str], full: _Pending | None, then: list[_Summed]) -> None:
+        """Sum ``full`` (a pending list taken out), then apply it and ``then`` in that order."""
+        summed = _summed(full.output, full.arrays) if full is not None else []
+        with self._lock:
+            self._apply(key, summed + then)
 
-    def _fold(self, key: tuple[str, str], name: str, arrays: list[np.ndarray]) -> None:
-        """Add calls' outputs of one shape to ``key``'s window (under the lock): all at once while every value is
-        finite, else call by call, so a call with a NaN still gives none of its rows a class."""
-        first = arrays[0]
-        stacked = first if len(arrays) == 1 else np.stack(arrays)
-        total, total_sq, nonfinite, values = _sums(stacked)
-        if nonfinite and len(arrays) > 1:
-            for arr in arrays:
-                self._fold(key, name, [arr])
-            return
-        width = first.shape[-1] if first.ndim >= 2 else 0
-        top: int | np.ndarray | None = None
-        if 2 <= width <= MAX_CLASSES and not nonfinite:
-            rows_top = stacked.reshape(-1, width).argmax(axis=1)
-            top = int(rows_top[0]) if rows_top.size == 1 else np.bincount(rows_top, minlength=width)
-        w = self._windows.get(key)
-        if w is None or w.output != name:
-            w = self._windows[key] = _Window(name)
-        w.rows += (int(first.shape[0]) if first.ndim else 1) * len(arrays)
-        w.values += values
-        w.total += total
-        w.total_sq += total_sq
-        w.nonfinite += nonfinite
-        if top is not None:
-            if w.classes is None or w.classes.shape != (width,):
-                w.classes = np.zeros(width, dtype=np.int64)
+    def _apply(self, key: tuple[str, str], parts: list[_Summed]) -> None:
+        """Add sums to ``key``'s window (under the lock); a new output name starts the window afresh."""
+        for part in parts:
+            w = self._windows.get(key)
+            if w is None or w.output != part.output:
+                w = self._windows[key] = _Window(part.output)
+            w.rows += part.rows
+            w.values += part.values
+            w.total += part.total
+            w.total_sq += part.total_sq
+            w.nonfinite += part.nonfinite
+            top = part.top
+            if top is None:
+                continue
+            if w.classes is None or w.classes.shape != (part.width,):
+                w.classes = np.zeros(part.width, dtype=np.int64)
             if isinstance(top, int):
                 w.classes[top] += 1
             else:

@@ -48,6 +48,9 @@ class ThreadCpu:
         tid = threading.get_native_id()
         counted = _Counted(clock, time.clock_gettime(clock))
         with self._lock:
+            before = self.counted.get(tid)
+            if before is not None:  # registered again: what it used so far stays counted
+                self._take(before)
             self.counted[tid] = counted
         self._local.at_end = _AtThreadEnd(weakref.ref(self), tid, counted)
 
