@@ -112,6 +112,9 @@ class FleetMetrics:
             "edgefleet_store_duplicate_batches", "Telemetry batches received again and not stored twice", value=self.store.duplicates
         )
         yield CounterMetricFamily(
+            "edgefleet_store_stale_reports", "Device reports older than the one held, not taken", value=self.store.stale_reports
+        )
+        yield CounterMetricFamily(
             "edgefleet_store_rejected_messages", "Messages the store could not take (skipped)", value=self.store.rejected
         )
         if c is not None:

@@ -360,7 +360,7 @@ def test_a_sqlite_store_made_before_schema_versions_is_upgraded_and_keeps_its_ro
     finally:
         fs.close()
     again = FleetStore(path)  # opening an up-to-date store changes nothing
-    assert [r["version"] for r in again.db.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4, 5]
+    assert [r["version"] for r in again.db.query("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4, 5, 6]
     again.close()
 
 
@@ -594,6 +594,62 @@ def test_an_upgrade_waits_for_no_controller_of_an_earlier_release_and_changes_no
         FleetStore(store_location).close()  # nothing to upgrade: a running controller is no reason to refuse
     finally:
         again.release()
+
+
+def test_an_older_report_of_the_same_run_does_not_write_over_a_newer_one(store: FleetStore) -> None:
+    """A broker handing back a device's older retained ``reported`` after its newer one (a cluster node killed, the
+    controller subscribed again elsewhere) leaves the registry on the newer one, counted; a new run of the agent
+    (a higher status session) is believed whatever its clock says; a clock that ran ahead counts only up to the
+    report's receive time."""
+    now = time.time()
+
+    def report(version: str, ts: float) -> tuple[str, wire.WireModel, float]:
+        model = {"version": version, "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx", "device": "CPU"}
+        return msg("a", "reported", {**reported("a", {"m": model}), "ts": ts})
+
+    def version() -> str:
+        d = store.device("a")
+        assert d is not None
+        return str(d.models["m"]["version"])
+
+    def status(session: int) -> tuple[str, wire.WireModel, float]:
+        return msg("a", "status", {"state": "ready", "session": session, "ts": now})
+
+    store.ingest([status(1), report("1.0.0", now - 60), report("2.0.0", now - 10)])
+    assert version() == "2.0.0"
+    assert store.ingest([report("1.0.0", now - 60)]) == 0 and version() == "2.0.0" and store.stale_reports == 1
+    store.ingest([status(2), report("1.5.0", now - 3600)])  # rebooted with its clock an hour behind
+    assert version() == "1.5.0" and store.stale_reports == 1
+    store.ingest([report("3.0.0", now + 3600)])  # its clock an hour ahead
+    store.ingest([report("3.1.0", now + 5)])  # set right, then reporting again
+    assert version() == "3.1.0" and store.stale_reports == 1
+
+
+def test_a_store_at_version_5_gains_the_order_of_reports_and_keeps_its_devices(store_location: Path | str) -> None:
+    """A registry written before version 6 (no report times): its devices keep their records, and the next report of
+    each is taken, whatever its time."""
+    from fleet.store import open_database, schema
+
+    db = open_database(store_location)
+    assert schema.upgrade(db, to=5) == 5
+    for column in schema.REPORT_ORDER.columns:  # version 1 made the table as this release has it: as 5 had it
+        db.execute(f'ALTER TABLE devices DROP COLUMN "{column}"')
+    db.execute(
+        "INSERT INTO devices (id, online, session, last_seen, hardware, runtimes, models, tags, \"update\", preferred_variants)"
+        """ VALUES ('a', 1, 3, 1.0, 'x86_64', '{}', '{"m": {"version": "1.0.0"}}', '{"site": "x"}', '{}', '[]')"""
+    )
+    db.close()
+    fs = FleetStore(store_location)
+    try:
+        assert schema.version(fs.db) == schema.LATEST
+        d = fs.device("a")
+        assert d is not None and d.models["m"]["version"] == "1.0.0" and d.tags == {"site": "x"} and d.reported_ts == 0.0
+        model = {"version": "2.0.0", "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx", "device": "CPU"}
+        assert fs.ingest([msg("a", "reported", {**reported("a", {"m": model}), "ts": 1.0})]) == 1
+        d = fs.device("a")
+        assert d is not None and d.models["m"]["version"] == "2.0.0" and (d.reported_ts, d.reported_session) == (1.0, 3)
+    finally:
+        fs.close()
 
 
 def test_a_job_never_moves_back_when_its_updates_arrive_out_of_order(store: FleetStore) -> None:

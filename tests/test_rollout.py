@@ -867,6 +867,88 @@ def test_a_device_whose_job_spoke_since_it_was_told_is_not_told_again() -> None:
     assert judge_assigned(seen, members, set(), told, 55.1, 10.0)[1] == ["busy", "stale", "quiet"]  # 20 s after its job's last word
 
 
+def test_a_job_that_ended_active_since_the_assignment_counts_as_moved() -> None:
+    """The device's own word on its install: ACTIVE (SHADOW in a shadow phase) on the new version since its assignment
+    moves it even where its ``reported`` still names the old version; a job from before the assignment, or one that
+    ended otherwise, does not."""
+    from fleet.rollout.engine import Observation, judge_reports
+    from fleet.store import Device, Job, RolloutDevice
+
+    spec = RolloutSpec(MODEL, "1.1.0", wave_timeout_s=3600)
+    path = f"{MODEL}/1.1.0/onnx-fp32.tar"
+    names = ("done", "old-job", "shadow-only", "rolled-back", "reported", "failed")
+    members = [RolloutDevice(d, 0, "assigned", "1.0.0", "onnx-fp32", 100.0, "", "x86_64") for d in names]
+    registry = {d: Device(d, True, models={MODEL: {"version": "1.1.0" if d == "reported" else "1.0.0"}}) for d in names}
+    jobs = {
+        "done": Job("j1", path, "ACTIVE", "", 101.0),
+        "old-job": Job("j2", path, "ACTIVE", "", 50.0),  # an earlier rollout's
+        "shadow-only": Job("j3", path, "SHADOW", "", 101.0),
+        "rolled-back": Job("j4", path, "ROLLED_BACK", "", 102.0),
+        "failed": Job("j5", path, "REJECTED", "health check", 101.0),
+    }
+    running = Rollout(1, spec.to_json(), "running", 0, "", 0.0, 0.0, 0.0, 0.0, "")
+    changes = {c.device: c.state for c in judge_reports(Observation(running, spec, members, registry, jobs))}
+    assert changes == {"done": "active", "reported": "active", "failed": "failed"}
+    shadowing = Rollout(1, spec.to_json(), "running", 0, "", 0.0, 0.0, 0.0, 0.0, "shadow")
+    changes = {c.device: c.state for c in judge_reports(Observation(shadowing, spec, members, registry, jobs))}
+    assert changes == {"shadow-only": "shadowing", "failed": "failed"}
+
+
+def test_a_stale_retained_report_replayed_after_the_move_neither_moves_the_device_back_nor_holds_the_wave(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """Seen on a NATS cluster with a node killed mid-wave: the controller was handed a device's older retained
+    ``reported`` (the old version) after its install job had ended ACTIVE; written over the newer one, the registry
+    named the old version and the wave waited for the device, done and silent, until its timeout. Here such a
+    replay is published for a device that has moved, before the engine looks (it ticks by hand): the store keeps the
+    newer report (the replay counted as stale), and the rollout finishes."""
+    import paho.mqtt.client as mqtt
+
+    from agent import wire
+    from agent.wire import device_topic
+
+    store = FleetStore(tmp_path / "fleet.db")
+    ingest = Ingestor(store, rig.broker.host, rig.broker.port, client_id="ingest-stale").start()
+    engine = RolloutEngine(store, rig.image, rig.director, rig.keys, rig.broker.host, rig.broker.port)
+    sims = fleet_of(rig, 1, "stale")
+    replay = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="stale-replay")
+    try:
+        wait_for(lambda: [d.id for d in store.devices() if d.online and d.models] == ["stale-0000"], 60, "the device registered")
+        old = store.device("stale-0000")
+        assert old is not None and old.models[MODEL]["version"] == "1.0.0"
+        rid = engine.start(RolloutSpec(MODEL, "1.1.0", selector="device=stale-*", waves=["100%"], soak_s=0))
+        engine.tick()  # assigns and announces
+        wait_for(lambda: (store.device("stale-0000") or old).models[MODEL]["version"] == "1.1.0", 60, "the device on 1.1.0")
+        stale = wire.Reported(
+            device_id="stale-0000",
+            agent_version="sim",
+            hardware=old.hardware,
+            runtimes=old.runtimes,
+            preferred_variants=old.preferred_variants,
+            models={MODEL: wire.ReportedModel(**old.models[MODEL])},
+            installed=[],
+            ts=old.reported_ts,  # the report it made before the move, as the broker kept it
+        )
+        replay.connect(rig.broker.host, rig.broker.port)
+        replay.loop_start()
+        replay.publish(device_topic("stale-0000", "reported"), wire.encode(stale), qos=1, retain=True).wait_for_publish(5)
+        wait_for(lambda: store.stale_reports == 1, 30, "the replay taken as stale")
+        assert (store.device("stale-0000") or old).models[MODEL]["version"] == "1.1.0"
+        deadline = time.monotonic() + 30
+        while store.rollout(rid).state == "running" and time.monotonic() < deadline:  # type: ignore[union-attr]
+            engine.tick()
+            time.sleep(0.1)  # the tick period of fleet serve's loop (a condition is checked above)
+        r = store.rollout(rid)
+        assert r is not None and r.state == "done", (r, store.rollout_devices(rid))
+        assert [m.state for m in store.rollout_devices(rid)] == ["active"]
+    finally:
+        replay.disconnect()
+        replay.loop_stop()
+        sims.stop()
+        ingest.stop()
+        store.close()
+
+
 def test_an_announcement_the_broker_did_not_take_does_not_push_the_next_one_back(rig: Rig, tmp_path: Path) -> None:
     """With the broker away, telling a device fails; that failure must not count as a telling, or the device would be
     told again only after the backoff's longer wait once the broker is back."""

@@ -424,20 +424,28 @@ def applied(members: list[RolloutDevice], changes: list[DeviceChange]) -> list[R
 
 
 def judge_reports(seen: Observation) -> list[DeviceChange]:
-    """What the wave's assigned devices say: running the new version (active, or shadowing it), or their install failed."""
+    """What the wave's assigned devices say: running the new version (active, or shadowing it), or their install failed.
+
+    A device runs the new version when its retained ``reported`` names it, or when its install job on it, since its
+    assignment, ended ACTIVE (SHADOW in a shadow phase): the device's own word, published just before that
+    ``reported``. Why both: a device that is done never reports again, and its ``reported`` can go missing on the
+    controller's side (seen once on a 3-node NATS cluster with a node killed mid-wave: 50 jobs ACTIVE, 48 devices
+    counted moved, the wave waiting for the other two until its timeout). Job updates only move forward (the store
+    keeps a job's furthest state), so a late or repeated one cannot undo this; a rollback after it is ROLLED_BACK."""
     changes = []
+    done = "SHADOW" if seen.shadow else "ACTIVE"
     for m in seen.members:
         d = seen.registry.get(m.device)
         if m.state != "assigned" or d is None:
             continue
         running = d.models.get(seen.spec.model, {})
         reports = (running.get("shadow") or {}) if seen.shadow else running
-        if reports.get("version") == seen.spec.version:
-            changes.append(DeviceChange(m.device, "shadowing" if seen.shadow else "active"))
-            continue
         job = seen.jobs.get(m.device)
-        if job and job.state in ("REJECTED", "FAILED") and job.ts >= m.assigned_at - 1:
-            changes.append(DeviceChange(m.device, "failed", f"{job.state}: {job.reason}"[:300]))
+        since = job if job is not None and job.ts >= m.assigned_at - 1 else None
+        if reports.get("version") == seen.spec.version or (since and since.state == done):
+            changes.append(DeviceChange(m.device, "shadowing" if seen.shadow else "active"))
+        elif since and since.state in ("REJECTED", "FAILED"):
+            changes.append(DeviceChange(m.device, "failed", f"{since.state}: {since.reason}"[:300]))
     return changes
 
 

@@ -78,6 +78,7 @@ class FleetStore:
         self._registry = threading.RLock()
         self.duplicates = 0  # telemetry batches received again (same device, session, seq) and not stored twice
         self.rejected = 0  # messages the store could not take (the wire let them through): skipped, counted
+        self.stale_reports = 0  # a device's ``reported`` older than the one held, from the same run: not taken
         self.last_rejection = ""
         self._devices, self._telemetry, self._rollouts = Devices(self.db), Telemetry(self.db), Rollouts(self.db)
         self._director = DirectorFiles(self.db)
@@ -149,6 +150,9 @@ class FleetStore:
             self._devices.write_job(device, message, received)
             return True
         d = changed.get(device) or self._devices.get(device) or Device(device)
+        if isinstance(message, wire.Reported) and registry.stale_report(d, message):
+            self.stale_reports += 1
+            return False
         if not registry.apply(d, message, received):
             return False
         changed[device] = d

@@ -32,6 +32,8 @@ class Device:
     tags: dict[str, str] = field(default_factory=dict)
     update: dict[str, Any] = field(default_factory=dict)
     preferred_variants: list[str] = field(default_factory=list)  # what the device says it runs best, best first
+    reported_ts: float = 0.0  # the held ``reported``'s own time, at most its receive time (``stale_report``)
+    reported_session: int = 0  # the device's session (its ``status``) when that ``reported`` was taken
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -56,7 +58,9 @@ _JSON_FIELDS = ("runtimes", "models", "tags", "update", "preferred_variants")
 
 def _device(row: dict[str, Any]) -> Device:
     decoded = {name: json.loads(row[name] or "[]") if name == "preferred_variants" else json.loads(row[name]) for name in _JSON_FIELDS}
-    return Device(row["id"], bool(row["online"]), int(row["session"]), float(row["last_seen"]), row["hardware"], **decoded)
+    d = Device(row["id"], bool(row["online"]), int(row["session"]), float(row["last_seen"]), row["hardware"], **decoded)
+    d.reported_ts, d.reported_session = float(row.get("reported_ts") or 0.0), int(row.get("reported_session") or 0)
+    return d
 
 
 def _row(d: Device) -> dict[str, Any]:
@@ -66,14 +70,30 @@ def _row(d: Device) -> dict[str, Any]:
     return row
 
 
+def stale_report(d: Device, message: wire.Reported) -> bool:
+    """``message`` is older than the ``reported`` ``d`` holds, from the same run of the device's agent.
+
+    Why: a broker can hand the controller a device's older retained ``reported`` after its newer one (seen on a NATS
+    cluster when a node is killed and the controller resubscribes elsewhere); written over the newer one, the registry
+    would name a version the device left, until the device reports again, which a device that is done may never do.
+    Ordered by the device's own clock only within one run of its agent (one status ``session``): a new run's first
+    report is taken whatever its clock says (a Pi without a clock battery may boot behind its last report), and the
+    held time is capped at its receive time, so a device whose clock ran ahead and was set right is not ignored."""
+    return d.reported_session == d.session and message.ts < d.reported_ts
+
+
 def apply(d: Device, message: wire.WireModel, received: float) -> bool:
-    """``message`` (a status or reported) into ``d``; False when it says nothing new (a late will of an earlier session)."""
+    """``message`` (a status or reported) into ``d``; False when it says nothing new (a late will of an earlier session,
+    a ``reported`` older than the one held: ``stale_report``)."""
     if isinstance(message, wire.Status):
         if message.state == "lost" and message.session < d.session:
             return False  # a late will of an earlier session: the device is back already
         d.session = max(d.session, message.session)
         d.online = message.state == "ready"
     elif isinstance(message, wire.Reported):
+        if stale_report(d, message):
+            return False
+        d.reported_ts, d.reported_session = min(message.ts, received), d.session
         d.hardware, d.runtimes = message.hardware, dict(message.runtimes)
         d.models = {name: m.model_dump(exclude_none=True) for name, m in message.models.items()}
         d.update = message.update.model_dump(exclude_none=True) if message.update else {}

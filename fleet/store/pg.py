@@ -357,4 +357,11 @@ def _v5(db: PostgreSQL) -> None:
     db.execute(schema.SEED_TOTALS)
 
 
-MIGRATIONS: dict[int, Callable[[PostgreSQL], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
+def _v6(db: PostgreSQL) -> None:
+    """Each device's last report's time and session (``schema.REPORT_ORDER``; a store made since has them)."""
+    added = schema.REPORT_ORDER
+    for name, kind in added.columns.items():
+        db.execute(f'ALTER TABLE "{added.table}" ADD COLUMN IF NOT EXISTS "{name}" {_TYPES[kind]} NOT NULL DEFAULT {added.default!r}')
+
+
+MIGRATIONS: dict[int, Callable[[PostgreSQL], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}

@@ -205,4 +205,9 @@ def _v5(db: SQLite) -> None:
     db.execute(schema.SEED_TOTALS)
 
 
-MIGRATIONS: dict[int, Callable[[SQLite], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
+def _v6(db: SQLite) -> None:
+    """Each device's last report's time and session (``schema.REPORT_ORDER``; a store made since has them)."""
+    _add_columns(db, schema.REPORT_ORDER)
+
+
+MIGRATIONS: dict[int, Callable[[SQLite], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
