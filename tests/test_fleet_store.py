@@ -596,11 +596,11 @@ def test_an_upgrade_waits_for_no_controller_of_an_earlier_release_and_changes_no
         again.release()
 
 
-def test_an_older_report_of_the_same_run_does_not_write_over_a_newer_one(store: FleetStore) -> None:
-    """A broker handing back a device's older retained ``reported`` after its newer one (a cluster node killed, the
-    controller subscribed again elsewhere) leaves the registry on the newer one, counted; a new run of the agent
-    (a higher status session) is believed whatever its clock says; a clock that ran ahead counts only up to the
-    report's receive time."""
+def test_a_replayed_older_report_does_not_write_over_a_newer_one_and_a_live_one_always_counts(store: FleetStore) -> None:
+    """A broker replaying a device's older retained ``reported`` after its newer one (a cluster node behind, the
+    controller subscribed again on it) leaves the registry on the newer one, counted once the batch is stored; a
+    replay of the report held, or of a newer one, is taken; a live report always counts, whatever the device's
+    clock says (a Pi rebooted or reflashed with its clock behind), and a replay is then judged against it."""
     now = time.time()
 
     def report(version: str, ts: float) -> tuple[str, wire.WireModel, float]:
@@ -612,22 +612,52 @@ def test_an_older_report_of_the_same_run_does_not_write_over_a_newer_one(store: 
         assert d is not None
         return str(d.models["m"]["version"])
 
-    def status(session: int) -> tuple[str, wire.WireModel, float]:
-        return msg("a", "status", {"state": "ready", "session": session, "ts": now})
-
-    store.ingest([status(1), report("1.0.0", now - 60), report("2.0.0", now - 10)])
+    store.ingest([report("1.0.0", now - 60), report("2.0.0", now - 10)])
     assert version() == "2.0.0"
-    assert store.ingest([report("1.0.0", now - 60)]) == 0 and version() == "2.0.0" and store.stale_reports == 1
-    store.ingest([status(2), report("1.5.0", now - 3600)])  # rebooted with its clock an hour behind
+    assert store.ingest([report("1.0.0", now - 60)], replayed={0}) == 0 and version() == "2.0.0" and store.stale_reports == 1
+    assert store.ingest([report("2.0.0", now - 10), report("2.1.0", now - 5)], replayed={0, 1}) == 2 and version() == "2.1.0"
+    store.ingest([report("1.5.0", now - 86400 * 365)])  # live, its clock a year behind: what the device runs now
     assert version() == "1.5.0" and store.stale_reports == 1
-    store.ingest([report("3.0.0", now + 3600)])  # its clock an hour ahead
-    store.ingest([report("3.1.0", now + 5)])  # set right, then reporting again
-    assert version() == "3.1.0" and store.stale_reports == 1
+    store.ingest([report("1.4.0", now - 86400 * 366)], replayed={0})  # a replay older still
+    assert version() == "1.5.0" and store.stale_reports == 2
+    store.ingest([report("2.1.0", now - 5)], replayed={0})  # the previous run's, replayed late: taken (its clock says newer)...
+    store.ingest([report("1.5.0", now - 86400 * 365 + 60)])  # ... until the device's next live word
+    assert version() == "1.5.0" and store.stale_reports == 2
+
+
+def test_the_ingest_marks_retained_and_resent_reports_as_replays(tmp_path: Path) -> None:
+    """What the broker hands the ingest tells it apart: a message retained at a subscription (retain flag) or a QoS 1
+    message sent again after a reconnect (dup flag) is a replay, judged against the report held; a live one is not.
+    (The ingest is not connected here: its acknowledgements fail, logged, and the store is the point.)"""
+    import paho.mqtt.client as mqtt
+
+    from fleet.transport.ingest import Ingestor
+
+    fs = FleetStore(tmp_path / "fleet.db")
+    ingest = Ingestor(fs, "127.0.0.1", 1)
+    now = time.time()
+
+    def deliver(version: str, ts: float, retain: bool = False, dup: bool = False) -> None:
+        model = {"version": version, "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx", "device": "CPU"}
+        m = mqtt.MQTTMessage(mid=1, topic=wire.device_topic("a", "reported").encode())
+        m.payload, m.qos, m.retain, m.dup = json.dumps({**reported("a", {"m": model}), "ts": ts}).encode(), 1, retain, dup
+        ingest._on_message(ingest._client, None, m)
+        ingest.flush()
+
+    try:
+        deliver("2.0.0", now)
+        deliver("1.0.0", now - 60, retain=True)
+        deliver("1.0.0", now - 60, dup=True)
+        assert fs.stale_reports == 2 and (d := fs.device("a")) is not None and d.models["m"]["version"] == "2.0.0"
+        deliver("1.0.0", now - 60)  # live: what the device says now
+        assert fs.stale_reports == 2 and (d := fs.device("a")) is not None and d.models["m"]["version"] == "1.0.0"
+    finally:
+        fs.close()
 
 
 def test_a_store_at_version_5_gains_the_order_of_reports_and_keeps_its_devices(store_location: Path | str) -> None:
     """A registry written before version 6 (no report times): its devices keep their records, and the next report of
-    each is taken, whatever its time."""
+    each is taken, a replay too, whatever its time."""
     from fleet.store import open_database, schema
 
     db = open_database(store_location)
@@ -645,9 +675,9 @@ def test_a_store_at_version_5_gains_the_order_of_reports_and_keeps_its_devices(s
         d = fs.device("a")
         assert d is not None and d.models["m"]["version"] == "1.0.0" and d.tags == {"site": "x"} and d.reported_ts == 0.0
         model = {"version": "2.0.0", "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx", "device": "CPU"}
-        assert fs.ingest([msg("a", "reported", {**reported("a", {"m": model}), "ts": 1.0})]) == 1
+        assert fs.ingest([msg("a", "reported", {**reported("a", {"m": model}), "ts": 1.0})], replayed={0}) == 1
         d = fs.device("a")
-        assert d is not None and d.models["m"]["version"] == "2.0.0" and (d.reported_ts, d.reported_session) == (1.0, 3)
+        assert d is not None and d.models["m"]["version"] == "2.0.0" and d.reported_ts == 1.0
     finally:
         fs.close()
 
@@ -686,6 +716,30 @@ def test_a_job_never_moves_back_when_its_updates_arrive_out_of_order(store: Flee
     assert [j.state for j in store.jobs("a")] == ["ROLLED_BACK"]
     store.ingest([("a", update("ACTIVE", "SUCCEEDED"), now + 5)])  # the rollback is the job's last word
     assert [j.state for j in store.jobs("a")] == ["ROLLED_BACK"]
+
+
+def test_a_job_end_sent_again_keeps_the_time_it_ended(store: FleetStore) -> None:
+    """An end received again (a QoS 1 message sent again, a dead controller's session drained by the leader) does not
+    re-date the job: a rollout that assigned the device after that end must not take it for the device's word on
+    the new assignment. Progress of a job under way still moves its time (a long download keeps speaking)."""
+    path = "m/1.1.0/onnx-fp32.tar"
+
+    def update(job: str, state: str, offset: int = 0) -> wire.WireModel:
+        status = {"ACTIVE": "SUCCEEDED", "REJECTED": "REJECTED"}.get(state, "IN_PROGRESS")
+        body = {
+            "id": job, "target_path": path, "model": "m", "version": "1.1.0", "variant": "onnx-fp32", "release_counter": 2,
+            "length": 10, "sha256": "ab", "state": state, "status": status, "offset": offset, "reason": "", "attempts": 1,
+            "created": 1.0, "updated": 2.0, "shadow": 0,
+        }  # fmt: skip
+        topic = wire.parse_device_topic(wire.device_topic("a", "jobs", job))
+        return wire.decode_device_message(topic, json.dumps(body).encode())
+
+    store.ingest([("a", update("j1", "ACTIVE"), 100.0), ("a", update("j2", "DOWNLOADING"), 201.0)])
+    store.ingest([("a", update("j1", "ACTIVE"), 210.0), ("a", update("j2", "DOWNLOADING", 5), 215.0)])
+    assert {j.job: (j.state, j.ts) for j in store.jobs("a")} == {"j1": ("ACTIVE", 100.0), "j2": ("DOWNLOADING", 215.0)}
+    assert store.last_jobs({"a": path})["a"].job == "j2"
+    store.ingest([("a", update("j2", "REJECTED"), 220.0), ("a", update("j2", "REJECTED"), 230.0)])
+    assert {j.job: (j.state, j.ts) for j in store.jobs("a")}["j2"] == ("REJECTED", 220.0)
 
 
 def test_on_postgresql_a_director_read_does_not_wait_behind_a_blocked_ingest() -> None:

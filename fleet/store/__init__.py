@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +96,14 @@ class FleetStore:
 
     # -- ingest: one transaction per batch ------------------------------------------------
 
-    def ingest(self, messages: Iterable[tuple[str, wire.WireModel, float]]) -> int:
+    def ingest(self, messages: Iterable[tuple[str, wire.WireModel, float]], replayed: Collection[int] = ()) -> int:
         """(device, decoded message, receive time) — decoded by ``wire.decode_device_message``; returns how many were stored.
 
         One transaction for the batch. A telemetry batch already stored (same device, session and
         seq: re-sent after a lost acknowledgement) is counted in ``duplicates`` and not stored again.
+        ``replayed``: the positions in ``messages`` of retained messages the broker replayed at a subscription (not
+        sent live); such a ``reported`` older than the one a device's record holds is counted in ``stale_reports`` and
+        not taken (``devices.stale_replay``).
         """
         items = list(messages)
         batches: list[Batch] = [(d, m, r) for d, m, r in items if isinstance(m, wire.TelemetryBatch)]
@@ -110,18 +113,23 @@ class FleetStore:
                 stored = self._add_batches(batches)
                 n, duplicates = stored.count(True), stored.count(False)
                 changed: dict[str, Device] = {}  # the registry's records this batch changed, written once each
-                for device, message, received in items:
+                stale = 0
+                for i, (device, message, received) in enumerate(items):
                     if isinstance(message, wire.TelemetryBatch):
                         continue
                     try:
                         with self.db.savepoint():
-                            n += self._one(changed, device, message, received)
+                            outcome = self._one(changed, device, message, received, replay=i in replayed)
                     except self.db.record_errors as exc:  # one message's trouble is not the batch's
                         self._reject(device, exc)
+                        continue
+                    n += outcome == "stored"
+                    stale += outcome == "stale"
                 for d in changed.values():
                     self._devices.write(d)
                 self._telemetry.add_totals(b for (_, b, _), ok in zip(batches, stored) if ok)
             self.duplicates += duplicates  # counted once the transaction holds
+            self.stale_reports += stale
         return n
 
     def _add_batches(self, batches: Sequence[Batch]) -> list[bool | None]:
@@ -145,18 +153,18 @@ class FleetStore:
         self.rejected += 1
         self.last_rejection = f"{device}: {type(exc).__name__}: {exc}"[:300]
 
-    def _one(self, changed: dict[str, Device], device: str, message: wire.WireModel, received: float) -> bool:
+    def _one(self, changed: dict[str, Device], device: str, message: wire.WireModel, received: float, replay: bool) -> str:
+        """One message into the store: "stored", "stale" (a replayed older report) or "unchanged" (a late will)."""
         if isinstance(message, (wire.JobUpdate, wire.UpdateCheck)):
             self._devices.write_job(device, message, received)
-            return True
+            return "stored"
         d = changed.get(device) or self._devices.get(device) or Device(device)
-        if isinstance(message, wire.Reported) and registry.stale_report(d, message):
-            self.stale_reports += 1
-            return False
+        if replay and isinstance(message, wire.Reported) and registry.stale_replay(d, message):
+            return "stale"
         if not registry.apply(d, message, received):
-            return False
+            return "unchanged"
         changed[device] = d
-        return True
+        return "stored"
 
     def prune_telemetry(self, keep_s: float) -> int:
         """Telemetry received more than ``keep_s`` ago goes (PostgreSQL: whole days' partitions are dropped); how many

@@ -32,8 +32,7 @@ class Device:
     tags: dict[str, str] = field(default_factory=dict)
     update: dict[str, Any] = field(default_factory=dict)
     preferred_variants: list[str] = field(default_factory=list)  # what the device says it runs best, best first
-    reported_ts: float = 0.0  # the held ``reported``'s own time, at most its receive time (``stale_report``)
-    reported_session: int = 0  # the device's session (its ``status``) when that ``reported`` was taken
+    reported_ts: float = 0.0  # the held ``reported``'s own time (the device's clock): ``stale_replay``
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -59,7 +58,7 @@ _JSON_FIELDS = ("runtimes", "models", "tags", "update", "preferred_variants")
 def _device(row: dict[str, Any]) -> Device:
     decoded = {name: json.loads(row[name] or "[]") if name == "preferred_variants" else json.loads(row[name]) for name in _JSON_FIELDS}
     d = Device(row["id"], bool(row["online"]), int(row["session"]), float(row["last_seen"]), row["hardware"], **decoded)
-    d.reported_ts, d.reported_session = float(row.get("reported_ts") or 0.0), int(row.get("reported_session") or 0)
+    d.reported_ts = float(row.get("reported_ts") or 0.0)
     return d
 
 
@@ -70,30 +69,28 @@ def _row(d: Device) -> dict[str, Any]:
     return row
 
 
-def stale_report(d: Device, message: wire.Reported) -> bool:
-    """``message`` is older than the ``reported`` ``d`` holds, from the same run of the device's agent.
+def stale_replay(d: Device, message: wire.Reported) -> bool:
+    """``message``, a ``reported`` the broker replayed (retained, at a subscription; or a QoS 1 message sent again
+    after a reconnect), is older than the one ``d`` holds.
 
-    Why: a broker can hand the controller a device's older retained ``reported`` after its newer one (seen on a NATS
-    cluster when a node is killed and the controller resubscribes elsewhere); written over the newer one, the registry
-    would name a version the device left, until the device reports again, which a device that is done may never do.
-    Ordered by the device's own clock only within one run of its agent (one status ``session``): a new run's first
-    report is taken whatever its clock says (a Pi without a clock battery may boot behind its last report), and the
-    held time is capped at its receive time, so a device whose clock ran ahead and was set right is not ignored."""
-    return d.reported_session == d.session and message.ts < d.reported_ts
+    Why: a controller subscribes again on every reconnect (on a cluster, to another node), and the broker then hands
+    it every retained message again; a node behind on a device's newest ``reported`` hands out an older one, which,
+    written over the newer, would name a version the device left until it reports again — which a device that is
+    done may never do. Only replays are judged, and by the device's own clock (the two reports are the same
+    device's): a report that arrives live is what the device says now and is always taken, so a device whose clock
+    went back (a Pi without a clock battery, rebooted or reflashed) is never ignored."""
+    return message.ts < d.reported_ts
 
 
 def apply(d: Device, message: wire.WireModel, received: float) -> bool:
-    """``message`` (a status or reported) into ``d``; False when it says nothing new (a late will of an earlier session,
-    a ``reported`` older than the one held: ``stale_report``)."""
+    """``message`` (a status or reported) into ``d``; False when it says nothing new (a late will of an earlier session)."""
     if isinstance(message, wire.Status):
         if message.state == "lost" and message.session < d.session:
             return False  # a late will of an earlier session: the device is back already
         d.session = max(d.session, message.session)
         d.online = message.state == "ready"
     elif isinstance(message, wire.Reported):
-        if stale_report(d, message):
-            return False
-        d.reported_ts, d.reported_session = min(message.ts, received), d.session
+        d.reported_ts = message.ts
         d.hardware, d.runtimes = message.hardware, dict(message.runtimes)
         d.models = {name: m.model_dump(exclude_none=True) for name, m in message.models.items()}
         d.update = message.update.model_dump(exclude_none=True) if message.update else {}
@@ -104,18 +101,24 @@ def apply(d: Device, message: wire.WireModel, received: float) -> bool:
     return True
 
 
+_JOB_STEPS = ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK"]
+_JOB_ENDS = 6  # the rank of every end (ACTIVE, SHADOW, FAILED, REJECTED); ROLLED_BACK is 7
+
+
 def _job_rank(column: str) -> str:
     """SQL for a job state's place in the update machine (agent/update/jobs.py): ends after every step, a rollback last."""
-    order = ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK"]
-    steps = " ".join(f"WHEN '{state}' THEN {rank}" for rank, state in enumerate(order))
-    return f"(CASE {column} {steps} WHEN 'ROLLED_BACK' THEN 7 ELSE 6 END)"
+    steps = " ".join(f"WHEN '{state}' THEN {rank}" for rank, state in enumerate(_JOB_STEPS))
+    return f"(CASE {column} {steps} WHEN 'ROLLED_BACK' THEN {_JOB_ENDS + 1} ELSE {_JOB_ENDS} END)"
 
 
-# the same SQL on SQLite (3.24+) and PostgreSQL: an update that would move the job back is left out
+# the same SQL on SQLite (3.24+) and PostgreSQL: an update that would move the job back is left out, and so is one
+# that repeats an end (a QoS 1 message sent again, a dead controller's session drained): its receive time would
+# re-date a job that ended long ago, and a rollout judges a device by the job's end since its assignment
 _FORWARD_ONLY_JOB = (
     "INSERT INTO jobs (device, job, target, state, reason, ts) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (device, job) DO UPDATE SET target = excluded.target, state = excluded.state, reason = excluded.reason, "
-    f"ts = excluded.ts WHERE {_job_rank('excluded.state')} >= {_job_rank('jobs.state')}"
+    f"ts = excluded.ts WHERE {_job_rank('excluded.state')} > {_job_rank('jobs.state')} "
+    f"OR ({_job_rank('excluded.state')} = {_job_rank('jobs.state')} AND {_job_rank('jobs.state')} < {_JOB_ENDS})"
 )
 
 

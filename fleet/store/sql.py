@@ -206,7 +206,7 @@ def _v5(db: SQLite) -> None:
 
 
 def _v6(db: SQLite) -> None:
-    """Each device's last report's time and session (``schema.REPORT_ORDER``; a store made since has them)."""
+    """Each device's held report's time (``schema.REPORT_ORDER``; a store made since has it)."""
     _add_columns(db, schema.REPORT_ORDER)
 
 

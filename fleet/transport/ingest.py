@@ -69,6 +69,7 @@ class Ingestor:
         self.new_devices_per_minute = new_devices_per_minute
         self._minute, self._new_this_minute = 0, 0
         self._buffer: list[tuple[str, wire.WireModel, float]] = []
+        self._replayed: list[bool] = []  # beside the buffer: each message one the broker replayed (not live): ``flush``
         self._acks: list[tuple[int, int]] = []  # (mid, qos) of every message in the buffer: acknowledged once stored
         self._lock = threading.Lock()
         self._full = threading.Event()
@@ -135,6 +136,7 @@ class Ingestor:
             self.ended.set()
             with self._lock:
                 self._buffer.clear()  # not acknowledged: the broker hands them to the owner's session
+                self._replayed.clear()
                 self._acks.clear()
             client.disconnect()  # paho's loop stops reconnecting
             logs.event(log, "ingest.adoption_ended", client_id=self.client_id, reason=str(reason))
@@ -168,6 +170,7 @@ class Ingestor:
             return False
         with self._lock:
             self._buffer.append((topic.device, message, now))
+            self._replayed.append(bool(msg.retain or msg.dup))  # retained at a subscription, or sent again
             self._acks.append((msg.mid, msg.qos))
             full = len(self._buffer) >= self.batch
         self.counters[topic.kind] += 1
@@ -221,14 +224,16 @@ class Ingestor:
         killed in between has them sent again, and the store keeps each telemetry batch once)."""
         with self._lock:
             batch, self._buffer = self._buffer, []
+            replayed, self._replayed = self._replayed, []
             acks, self._acks = self._acks, []
         if not batch:
             return 0
-        try:
-            n = self.store.ingest(batch)
+        try:  # a replay (retained at a subscription, or a QoS 1 message sent again) may be older than what is held
+            n = self.store.ingest(batch, {i for i, r in enumerate(replayed) if r})
         except Exception:
             with self._lock:
                 self._buffer[:0] = batch  # back to the front, in order
+                self._replayed[:0] = replayed
                 self._acks[:0] = acks
             raise
         self._ack(acks)
