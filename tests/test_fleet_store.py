@@ -600,7 +600,8 @@ def test_a_replayed_older_report_does_not_write_over_a_newer_one_and_a_live_one_
     """A broker replaying a device's older retained ``reported`` after its newer one (a cluster node behind, the
     controller subscribed again on it) leaves the registry on the newer one, counted once the batch is stored; a
     replay of the report held, or of a newer one, is taken; a live report always counts, whatever the device's
-    clock says (a Pi rebooted or reflashed with its clock behind), and a replay is then judged against it."""
+    clock says (a Pi rebooted or reflashed with its clock behind), and a replay is then judged against it; once the
+    device has started again (a higher status session), its first replayed report is taken, whatever its clock says."""
     now = time.time()
 
     def report(version: str, ts: float) -> tuple[str, wire.WireModel, float]:
@@ -623,6 +624,11 @@ def test_a_replayed_older_report_does_not_write_over_a_newer_one_and_a_live_one_
     store.ingest([report("2.1.0", now - 5)], replayed={0})  # the previous run's, replayed late: taken (its clock says newer)...
     store.ingest([report("1.5.0", now - 86400 * 365 + 60)])  # ... until the device's next live word
     assert version() == "1.5.0" and store.stale_reports == 2
+    started_again = msg("a", "status", {"state": "ready", "session": 2, "ts": now})
+    store.ingest([started_again, report("1.3.0", now - 86400 * 400)], replayed={1})  # reflashed, only seen replayed
+    assert version() == "1.3.0" and store.stale_reports == 2
+    store.ingest([report("1.2.0", now - 86400 * 401)], replayed={0})  # an older replay of that run: refused
+    assert version() == "1.3.0" and store.stale_reports == 3
 
 
 def test_the_ingest_marks_retained_and_resent_reports_as_replays(tmp_path: Path) -> None:
@@ -677,7 +683,7 @@ def test_a_store_at_version_5_gains_the_order_of_reports_and_keeps_its_devices(s
         model = {"version": "2.0.0", "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx", "device": "CPU"}
         assert fs.ingest([msg("a", "reported", {**reported("a", {"m": model}), "ts": 1.0})], replayed={0}) == 1
         d = fs.device("a")
-        assert d is not None and d.models["m"]["version"] == "2.0.0" and d.reported_ts == 1.0
+        assert d is not None and d.models["m"]["version"] == "2.0.0" and (d.reported_ts, d.reported_session) == (1.0, 3)
     finally:
         fs.close()
 

@@ -916,8 +916,8 @@ class OneDeviceRollout:
         self.engine.tick()  # assigns and announces
         wait_for(lambda: self.version() == "1.1.0", 60, "the device on 1.1.0")
 
-    def old_report(self) -> bytes:
-        """The device's ``reported`` from before its move, as a broker kept it."""
+    def old_report(self, ts: float | None = None) -> bytes:
+        """The device's ``reported`` from before its move, as a broker kept it (``ts``: another time on it)."""
         from agent import wire
 
         old = self.before
@@ -931,11 +931,11 @@ class OneDeviceRollout:
                 preferred_variants=old.preferred_variants,
                 models={MODEL: wire.ReportedModel(**old.models[MODEL])},
                 installed=[],
-                ts=old.reported_ts,
+                ts=old.reported_ts if ts is None else ts,
             )
         )
 
-    def publish_retained(self, payload: bytes) -> None:
+    def publish_retained(self, payload: bytes, kind: str = "reported") -> None:
         import paho.mqtt.client as mqtt
 
         from agent.wire import device_topic
@@ -944,7 +944,7 @@ class OneDeviceRollout:
         c.connect(self.rig.broker.host, self.rig.broker.port)
         c.loop_start()
         try:
-            c.publish(device_topic(self.device, "reported"), payload, qos=1, retain=True).wait_for_publish(5)
+            c.publish(device_topic(self.device, kind), payload, qos=1, retain=True).wait_for_publish(5)
         finally:
             c.disconnect()
             c.loop_stop()
@@ -979,6 +979,29 @@ def test_an_older_retained_report_replayed_at_a_resubscription_is_not_taken(rig:
         wait_for(lambda: t.store.stale_reports == 1, 30, "the replay taken as stale")
         assert t.version() == "1.1.0"
         assert t.finish() == ["active"]
+    finally:
+        t.close()
+
+
+def test_a_reflashed_device_seen_only_through_retained_messages_is_taken_whatever_its_clock(rig: Rig, tmp_path: Path) -> None:
+    """The other side of refusing older replays: while the controller's ingest is away (stopped cleanly: it
+    unsubscribes, so nothing is queued for it), a device starts again — reflashed with 1.0.0, its clock an hour
+    behind its last report — and says so in its retained status (a new session) and ``reported``. The controller
+    comes back and gets both only as replays: the report is taken (the device started again since the one held)."""
+    from agent import wire
+
+    t = OneDeviceRollout(rig, tmp_path, "reflash")
+    try:
+        t.move()
+        moved = t.store.device(t.device)
+        assert moved is not None
+        t.ingest.stop()  # the controller goes away; the device starts again (published here as the device would)
+        status = wire.Status(state="ready", session=moved.session + 1, ts=time.time() - 3600)  # type: ignore[arg-type]
+        t.publish_retained(wire.encode(status), "status")
+        t.publish_retained(t.old_report(ts=moved.reported_ts - 3600))
+        t.ingest = Ingestor(t.store, rig.broker.host, rig.broker.port, client_id="ingest-reflash").start()
+        wait_for(lambda: t.version() == "1.0.0", 30, "the reflashed device's report taken")
+        assert t.store.stale_reports == 0
     finally:
         t.close()
 

@@ -78,7 +78,7 @@ class FleetStore:
         self._registry = threading.RLock()
         self.duplicates = 0  # telemetry batches received again (same device, session, seq) and not stored twice
         self.rejected = 0  # messages the store could not take (the wire let them through): skipped, counted
-        self.stale_reports = 0  # a device's ``reported`` older than the one held, from the same run: not taken
+        self.stale_reports = 0  # a replayed ``reported`` older than the one held, of the same run: not taken
         self.last_rejection = ""
         self._devices, self._telemetry, self._rollouts = Devices(self.db), Telemetry(self.db), Rollouts(self.db)
         self._director = DirectorFiles(self.db)
@@ -101,9 +101,9 @@ class FleetStore:
 
         One transaction for the batch. A telemetry batch already stored (same device, session and
         seq: re-sent after a lost acknowledgement) is counted in ``duplicates`` and not stored again.
-        ``replayed``: the positions in ``messages`` of retained messages the broker replayed at a subscription (not
-        sent live); such a ``reported`` older than the one a device's record holds is counted in ``stale_reports`` and
-        not taken (``devices.stale_replay``).
+        ``replayed``: the positions in ``messages`` of messages the broker replayed (retained at a subscription, or
+        sent again after a reconnect), not sent live; such a ``reported`` older than the one a device's record holds,
+        of the same run of its agent, is counted in ``stale_reports`` and not taken (``devices.stale_replay``).
         """
         items = list(messages)
         batches: list[Batch] = [(d, m, r) for d, m, r in items if isinstance(m, wire.TelemetryBatch)]

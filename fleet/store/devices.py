@@ -33,6 +33,7 @@ class Device:
     update: dict[str, Any] = field(default_factory=dict)
     preferred_variants: list[str] = field(default_factory=list)  # what the device says it runs best, best first
     reported_ts: float = 0.0  # the held ``reported``'s own time (the device's clock): ``stale_replay``
+    reported_session: int = 0  # the device's session (its last ``status``) when that ``reported`` was taken
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -58,7 +59,7 @@ _JSON_FIELDS = ("runtimes", "models", "tags", "update", "preferred_variants")
 def _device(row: dict[str, Any]) -> Device:
     decoded = {name: json.loads(row[name] or "[]") if name == "preferred_variants" else json.loads(row[name]) for name in _JSON_FIELDS}
     d = Device(row["id"], bool(row["online"]), int(row["session"]), float(row["last_seen"]), row["hardware"], **decoded)
-    d.reported_ts = float(row.get("reported_ts") or 0.0)
+    d.reported_ts, d.reported_session = float(row.get("reported_ts") or 0.0), int(row.get("reported_session") or 0)
     return d
 
 
@@ -71,15 +72,18 @@ def _row(d: Device) -> dict[str, Any]:
 
 def stale_replay(d: Device, message: wire.Reported) -> bool:
     """``message``, a ``reported`` the broker replayed (retained, at a subscription; or a QoS 1 message sent again
-    after a reconnect), is older than the one ``d`` holds.
+    after a reconnect), is older than the one ``d`` holds, and the device's agent has not started again since.
 
     Why: a controller subscribes again on every reconnect (on a cluster, to another node), and the broker then hands
     it every retained message again; a node behind on a device's newest ``reported`` hands out an older one, which,
     written over the newer, would name a version the device left until it reports again — which a device that is
-    done may never do. Only replays are judged, and by the device's own clock (the two reports are the same
-    device's): a report that arrives live is what the device says now and is always taken, so a device whose clock
-    went back (a Pi without a clock battery, rebooted or reflashed) is never ignored."""
-    return message.ts < d.reported_ts
+    done may never do. Only replays are judged, by the device's own clock (the two reports are the same device's),
+    and only within one run of its agent (one status ``session``): a report that arrives live is what the device
+    says now and is always taken, and so is a replay once the device has started again (a Pi rebooted or reflashed
+    with its clock behind: its newest report can reach a controller that was away only as a replay). Where a broker
+    replays a new run's ``reported`` before its ``status`` (the ingest subscribes to status first; mosquitto sends
+    each filter's retained messages in that order), such a report is still refused, until the device's next one."""
+    return d.reported_session == d.session and message.ts < d.reported_ts
 
 
 def apply(d: Device, message: wire.WireModel, received: float) -> bool:
@@ -90,7 +94,7 @@ def apply(d: Device, message: wire.WireModel, received: float) -> bool:
         d.session = max(d.session, message.session)
         d.online = message.state == "ready"
     elif isinstance(message, wire.Reported):
-        d.reported_ts = message.ts
+        d.reported_ts, d.reported_session = message.ts, d.session
         d.hardware, d.runtimes = message.hardware, dict(message.runtimes)
         d.models = {name: m.model_dump(exclude_none=True) for name, m in message.models.items()}
         d.update = message.update.model_dump(exclude_none=True) if message.update else {}

@@ -358,7 +358,7 @@ def _v5(db: PostgreSQL) -> None:
 
 
 def _v6(db: PostgreSQL) -> None:
-    """Each device's held report's time (``schema.REPORT_ORDER``; a store made since has it)."""
+    """Each device's held report's time and session (``schema.REPORT_ORDER``; a store made since has them)."""
     added = schema.REPORT_ORDER
     for name, kind in added.columns.items():
         db.execute(f'ALTER TABLE "{added.table}" ADD COLUMN IF NOT EXISTS "{name}" {_TYPES[kind]} NOT NULL DEFAULT {added.default!r}')

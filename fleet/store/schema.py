@@ -82,7 +82,8 @@ TABLES = (
             "tags": str,  # JSON
             "update": str,  # JSON
             "preferred_variants": str,  # JSON
-            "reported_ts": float,  # version 6: the held report's own time, against replays (devices.stale_replay)
+            "reported_ts": float,  # version 6: the held report's own time and session, against replays (devices.stale_replay)
+            "reported_session": int,
         },
         pk="id",
     ),
@@ -213,7 +214,7 @@ ADDED_COLUMNS = (
 )
 
 # Version 6: the time of the ``reported`` each device's record holds (records from before: 0, older than any).
-REPORT_ORDER = AddedColumns("devices", {"reported_ts": float}, why="the order of reports", default=0)
+REPORT_ORDER = AddedColumns("devices", {"reported_ts": float, "reported_session": int}, why="the order of reports", default=0)
 
 # The append-only tables of telemetry: PostgreSQL partitions them by day of ``ts`` (the receive time) and retention
 # drops whole days; SQLite keeps one table each and deletes old rows.
@@ -227,7 +228,7 @@ VERSIONS = (
     (3, "the director's metadata and the controllers, so that several controllers serve one fleet"),
     (4, "telemetry and predictions indexed by device, model, version and receive time: the health gate's windows"),
     (5, "each model version's totals of answered calls and errors, kept by the ingest (the /metrics counters)"),
-    (6, "each device's held report's time: a replayed older report no longer writes over a newer one"),
+    (6, "each device's held report's time and session: a replayed older report no longer writes over a newer one"),
 )
 # Indexes a version replaced (dropped where present). Why version 4: with (device, model, ts) PostgreSQL planned
 # the gate's window query on (model, version, ts) while a day's partition had no statistics yet, scanning every

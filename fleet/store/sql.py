@@ -206,7 +206,7 @@ def _v5(db: SQLite) -> None:
 
 
 def _v6(db: SQLite) -> None:
-    """Each device's held report's time (``schema.REPORT_ORDER``; a store made since has it)."""
+    """Each device's held report's time and session (``schema.REPORT_ORDER``; a store made since has them)."""
     _add_columns(db, schema.REPORT_ORDER)
 
 
