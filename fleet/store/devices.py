@@ -81,8 +81,8 @@ def stale_replay(d: Device, message: wire.Reported) -> bool:
     and only within one run of its agent (one status ``session``): a report that arrives live is what the device
     says now and is always taken, and so is a replay once the device has started again (a Pi rebooted or reflashed
     with its clock behind: its newest report can reach a controller that was away only as a replay). Where a broker
-    replays a new run's ``reported`` before its ``status`` (the ingest subscribes to status first; mosquitto sends
-    each filter's retained messages in that order), such a report is still refused, until the device's next one."""
+    replays a new run's ``reported`` before its ``status``, such a report is still refused until the device's next one
+    (the ingest subscribes to status first; mosquitto and nats-server replay every retained status first then)."""
     return d.reported_session == d.session and message.ts < d.reported_ts
 
 
