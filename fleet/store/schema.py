@@ -213,7 +213,7 @@ ADDED_COLUMNS = (
     AddedColumns("rollout_devices", {"hardware": str}, why="a store from before per-device gates", default=""),
 )
 
-# Version 6: the time of the ``reported`` each device's record holds (records from before: 0, older than any).
+# Version 6: the time and session of the ``reported`` each device's record holds (records from before: 0, older than any).
 REPORT_ORDER = AddedColumns("devices", {"reported_ts": float, "reported_session": int}, why="the order of reports", default=0)
 
 # The append-only tables of telemetry: PostgreSQL partitions them by day of ``ts`` (the receive time) and retention
