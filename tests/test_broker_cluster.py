@@ -191,3 +191,54 @@ def test_the_cluster_benchmark_runs_small_and_loses_nothing(tmp_path: Path) -> N
     assert killed["devices_on_node1"] >= 5 and killed["reconnects"] >= killed["devices_on_node1"] and killed["devices_back_s"] > 0, r
     assert r["lost"]["telemetry_acknowledged"] > 0 and r["lost"]["telemetry_lost"] == 0 and r["lost"]["jobs_not_active"] == 0, r
     assert "| 3-wave rollout, 30 devices" in (tmp_path / "broker_cluster.md").read_text()
+
+
+def test_on_nats_an_older_retained_report_replayed_to_a_controller_on_another_node_is_not_taken(nats: NatsCluster, tmp_path: Path) -> None:
+    """The registry's guard against replays on the broker that showed the stall: a device reports 1.0.0, then 1.1.0
+    (retained, through node 2); the controller's ingest leaves; the device's retained report goes back to 1.0.0 (as
+    a node behind would hold it); the ingest comes back through node 3 and subscribes: nats-server replays the report
+    with the retain flag, and the store keeps 1.1.0, counting the replay as stale."""
+    import time
+
+    import paho.mqtt.client as mqtt
+
+    from agent import wire
+    from fleet.store import FleetStore
+    from fleet.transport.ingest import Ingestor
+
+    now = time.time()
+
+    def report(version: str, ts: float) -> bytes:
+        model = wire.ReportedModel(version=version, variant="onnx-fp32", sha256="ab", runtime="onnx", device="CPU")
+        body = wire.Reported(
+            device_id="n-1", agent_version="t", hardware="x86_64", runtimes={"onnx": "1"}, preferred_variants=[],
+            models={"m": model}, installed=[], ts=ts,
+        )  # fmt: skip
+        return wire.encode(body)
+
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="n-1", protocol=mqtt.MQTTv311)
+    host, port = nats.addresses[1].rsplit(":", 1)
+    device.connect(host, int(port))
+    device.loop_start()
+
+    def publish(kind: str, payload: bytes) -> None:
+        device.publish(wire.device_topic("n-1", kind), payload, qos=1, retain=True).wait_for_publish(10)
+
+    store = FleetStore(tmp_path / "fleet.db")
+    ingest = Ingestor(store, broker=nats.broker_settings(0), client_id="ingest-nats-1").start()
+    try:
+        publish("status", wire.encode(wire.Status(state="ready", session=1, ts=now)))  # type: ignore[arg-type]
+        publish("reported", report("1.0.0", now - 60))
+        publish("reported", report("1.1.0", now))
+        wait_for(lambda: (d := store.device("n-1")) is not None and d.models.get("m", {}).get("version") == "1.1.0", 30, "1.1.0")
+        ingest.stop()
+        publish("reported", report("1.0.0", now - 60))
+        ingest = Ingestor(store, broker=nats.broker_settings(2), client_id="ingest-nats-2").start()
+        wait_for(lambda: store.stale_reports == 1, 30, "the replay counted as stale")
+        d = store.device("n-1")
+        assert d is not None and d.models["m"]["version"] == "1.1.0"
+    finally:
+        ingest.stop()
+        store.close()
+        device.disconnect()
+        device.loop_stop()

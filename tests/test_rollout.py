@@ -951,10 +951,16 @@ class OneDeviceRollout:
 
     def finish(self) -> list[str]:
         """Tick as ``fleet serve`` does until the rollout ends (30 s at most); the devices' states."""
-        deadline = time.monotonic() + 30
-        while (r := self.store.rollout(self.rid)) is not None and r.state == "running" and time.monotonic() < deadline:
+
+        def ended() -> bool:
             self.engine.tick()
-            time.sleep(0.1)  # the tick period of fleet serve's loop (a condition is checked above)
+            r = self.store.rollout(self.rid)
+            return r is not None and r.state != "running"
+
+        try:
+            wait_for(ended, 30, "the rollout ended")
+        except AssertionError:
+            pass  # said below, with the rollout's devices
         r = self.store.rollout(self.rid)
         assert r is not None and r.state == "done", (r, self.store.rollout_devices(self.rid))
         return [m.state for m in self.store.rollout_devices(self.rid)]
