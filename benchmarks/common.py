@@ -154,6 +154,21 @@ def alternating(baseline: Callable[[], float], subject: Callable[[], float]) -> 
     return pair
 
 
+def paired_rounds(round_of: Callable[[bool], tuple[float, float]], plan: Plan) -> tuple[Paired, Paired]:
+    """Pairs of rounds that each give two figures (requests/s and p50, say): ``round_of(False)`` runs the baseline's
+    round, ``round_of(True)`` the subject's, alternating as ``alternating`` does, as the plan allows. Returns the
+    pairs of the first figure and those of the second, taken in the same rounds."""
+    second: dict[bool, list[float]] = {False: [], True: []}
+
+    def side(subject: bool) -> float:
+        a, b = round_of(subject)
+        second[subject].append(b)
+        return a
+
+    first = pairs(alternating(lambda: side(False), lambda: side(True)), plan)
+    return first, Paired(tuple(second[False]), tuple(second[True]), first.seconds)
+
+
 def timed_pairs(baseline: Callable[[], object], subject: Callable[[], object], calls: int, plan: Plan) -> Paired:
     """Per-call seconds of two functions in alternating rounds of ``calls`` calls each (both warmed first)."""
     per_call_seconds(baseline, max(1, calls // 4))

@@ -51,7 +51,7 @@ from agent.settings import write_config
 from agent.wire import device_topic
 from agent.wire.inference import BINARY_MAGIC, encode_request
 from benchmarks import serving_oip
-from benchmarks.common import Paired, Plan, arguments, machine, write, yes_no
+from benchmarks.common import Paired, Plan, arguments, machine, paired_rounds, write, yes_no
 
 MODELS = {"tiny": [4, 4], "medium": [64, 128, 128, 10]}
 
@@ -75,7 +75,7 @@ c.loop_forever()
 """
 
 
-def _request_id(payload: bytes) -> str:
+def _request_id(payload: bytes | bytearray) -> str:
     """The request id of a reply (or of a request the echo sent back), JSON or binary (EFB1 header)."""
     if payload[:4] == BINARY_MAGIC:
         (n,) = struct.unpack(">I", payload[4:8])
@@ -257,9 +257,9 @@ def main() -> None:
                 labels = ["default"] if args.quick else list(CONFIGS)
                 rows = _mqtt_rows(work, broker.host, broker.port, labels, Load(n_tp, n_lat, window), plan, own_echo=not args.quick)
             if args.part in ("all", "oip"):
-                oip_rows = serving_oip.oip_rows(work, broker.host, broker.port, args.quick, _fleet, MODELS)
+                oip_rows = serving_oip.oip_rows(work, broker.host, broker.port, args.quick, _fleet, MODELS, args.repeat)
             if args.part == "local" or (args.part == "all" and not args.quick):
-                local = local_broker_rows(work / "local", broker.host, broker.port, n_tp, n_lat, window, 4 if args.quick else 8)
+                local = local_broker_rows(work / "local", broker.host, broker.port, Load(n_tp, n_lat, window), plan)
         finally:
             broker.stop()
     _report(rows, window, n_tp, oip_rows, local)
@@ -340,18 +340,14 @@ def _pairs(client: Client, devices: tuple[str, str], x: list[list[float]], binar
     """Requests/s and p50 of two devices in alternating rounds (A B, B A, ...) as the plan allows: (rps, p50 ms)."""
     for d in devices:
         client.run(d, x, max(1, load.requests // 4), load.window, binary)  # warm: lazy paths, the broker's routes
-    got: dict[str, list[tuple[float, float]]] = {d: [] for d in devices}
-    t0 = time.monotonic()
-    while len(got[devices[0]]) < plan.max_pairs and (len(got[devices[0]]) < plan.min_pairs or time.monotonic() - t0 < plan.budget_s):
-        for d in devices if len(got[devices[0]]) % 2 == 0 else devices[::-1]:
-            rps, _ = client.run(d, x, load.requests, load.window, binary)
-            _, rtts = client.run(d, x, load.latency_requests, 1, binary)
-            got[d].append((rps, statistics.median(rtts)))
-    seconds = time.monotonic() - t0
-    base, subject = got[devices[0]], got[devices[1]]
-    rps = Paired(tuple(b[0] for b in base), tuple(s[0] for s in subject), seconds)
-    p50 = Paired(tuple(b[1] for b in base), tuple(s[1] for s in subject), seconds)
-    return rps, p50
+    return paired_rounds(lambda subject: _round(client, devices[subject], x, binary, load), plan)
+
+
+def _round(client: Client, device: str, x: list[list[float]], binary: bool, load: Load) -> tuple[float, float]:
+    """One device's round: (requests/s with ``load.window`` in flight, p50 ms one at a time)."""
+    rps, _ = client.run(device, x, load.requests, load.window, binary)
+    _, rtts = client.run(device, x, load.latency_requests, 1, binary)
+    return rps, statistics.median(rtts)
 
 
 def _row(model: str, label: str, payload: str, baseline: str, rps: Paired, p50: Paired, judged: bool = True) -> dict[str, Any]:
@@ -408,10 +404,10 @@ def _report(
 # -- inference on a device-local broker against the fleet's (issue 17) -------------------------------------------
 
 
-def local_broker_rows(work: Path, host: str, port: int, n_tp: int, n_lat: int, window: int, rounds: int) -> list[dict[str, Any]]:
+def local_broker_rows(work: Path, host: str, port: int, load: Load, plan: Plan) -> list[dict[str, Any]]:
     """Per model: an agent serving on the fleet's broker ("bench") and one whose inference is on a second mosquitto
-    ("bench-local", ``[serving.broker]``), both up at once, measured in alternating rounds (fleet, local; then local,
-    fleet), the same client code on each broker. Each pair gives a ratio local/fleet; the median and the extremes."""
+    ("bench-local", ``[serving.broker]``), both up at once, measured in alternating pairs as the MQTT rows are (fleet,
+    local; then local, fleet), the same client code on each broker. Each pair gives a ratio local/fleet."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -440,7 +436,7 @@ def local_broker_rows(work: Path, host: str, port: int, n_tp: int, n_lat: int, w
             agents = [subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(c)]) for c in (config, local_config)]
             clients = {"fleet": (Client(host, port), "bench"), "local": (Client(local.host, local.port), "bench-local")}
             try:
-                out.append(_local_pairs(model, clients, n_tp, n_lat, window, rounds))
+                out.append(_local_pairs(model, clients, load, plan))
             finally:
                 for c, _ in clients.values():
                     c.close()
@@ -453,49 +449,32 @@ def local_broker_rows(work: Path, host: str, port: int, n_tp: int, n_lat: int, w
     return out
 
 
-def _local_pairs(model: str, clients: dict[str, tuple[Client, str]], n_tp: int, n_lat: int, window: int, rounds: int) -> dict[str, Any]:
+def _local_pairs(model: str, clients: dict[str, tuple[Client, str]], load: Load, plan: Plan) -> dict[str, Any]:
     x = np.random.default_rng(0).uniform(-1, 1, (1, MODELS[model][0])).astype(np.float32).tolist()
     for client, device in clients.values():
         _wait_model(client, x, device)
-        client.run(device, x, max(1, n_tp // 10), window)  # warm: the first calls load lazy paths
-    got: dict[str, list[tuple[float, float]]] = {"fleet": [], "local": []}
-    for r in range(rounds):
-        for side in ("fleet", "local") if r % 2 == 0 else ("local", "fleet"):
-            client, device = clients[side]
-            rps, _ = client.run(device, x, n_tp, window)
-            _, rtts = client.run(device, x, n_lat, 1)
-            got[side].append((rps, statistics.median(rtts)))
-    rps_ratio = [lo[0] / fl[0] for fl, lo in zip(got["fleet"], got["local"])]
-    p50_ratio = [lo[1] / fl[1] for fl, lo in zip(got["fleet"], got["local"])]
-    return {
-        "model": model,
-        "rounds": rounds,
-        "fleet_rps": round(statistics.median(f[0] for f in got["fleet"])),
-        "local_rps": round(statistics.median(lo[0] for lo in got["local"])),
-        "rps_ratio": round(statistics.median(rps_ratio), 3),
-        "rps_ratio_range": [round(min(rps_ratio), 3), round(max(rps_ratio), 3)],
-        "fleet_p50_ms": round(statistics.median(f[1] for f in got["fleet"]), 3),
-        "local_p50_ms": round(statistics.median(lo[1] for lo in got["local"]), 3),
-        "p50_ratio": round(statistics.median(p50_ratio), 3),
-        "p50_ratio_range": [round(min(p50_ratio), 3), round(max(p50_ratio), 3)],
-    }
+        client.run(device, x, max(1, load.requests // 10), load.window)  # warm: the first calls load lazy paths
+    rps, p50 = paired_rounds(lambda local: _round(*clients["local" if local else "fleet"], x, False, load), plan)
+    return {"model": model, "throughput": rps.to_json(), "p50_ms": p50.to_json()}
 
 
 def _local_table(rows: list[dict[str, Any]]) -> str:
-    header = ["model", "rounds", "fleet req/s", "local req/s", "ratio (min-max)", "fleet p50 ms", "local p50 ms", "p50 ratio (min-max)"]
+    header = ["model", "fleet req/s", "local req/s", "ratio", "spread [min, max]", "pairs", "fleet p50 ms", "local p50 ms"]
+    header += ["p50 ratio", "p50 spread [min, max]"]
     md = [
         "",
         "Inference on a device-local broker (`[serving.broker]`) against the fleet's broker, both mosquitto on loopback,",
-        "alternating rounds; ratio = local / fleet per pair, median (min-max):",
+        "alternating pairs; ratio = local / fleet per pair, its median, ± half the interquartile range, [lowest, highest]:",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for r in rows:
-        rr, pr = r["rps_ratio_range"], r["p50_ratio_range"]
-        cells = [r["model"], str(r["rounds"]), str(r["fleet_rps"]), str(r["local_rps"])]
-        cells += [f"{r['rps_ratio']:.2f} ({rr[0]:.2f}-{rr[1]:.2f})", f"{r['fleet_p50_ms']:.3f}", f"{r['local_p50_ms']:.3f}"]
-        cells.append(f"{r['p50_ratio']:.2f} ({pr[0]:.2f}-{pr[1]:.2f})")
+        t, lat = r["throughput"], r["p50_ms"]
+        cells = [r["model"], f"{t['baseline_median']:.0f}", f"{t['subject_median']:.0f}", f"{t['ratio_median']:.3f}"]
+        cells += [f"±{t['ratio_spread']:.3f} [{t['ratio_min']:.3f}, {t['ratio_max']:.3f}]", str(t["pairs"])]
+        cells += [f"{lat['baseline_median']:.3f}", f"{lat['subject_median']:.3f}", f"{lat['ratio_median']:.3f}"]
+        cells.append(f"±{lat['ratio_spread']:.3f} [{lat['ratio_min']:.3f}, {lat['ratio_max']:.3f}]")
         md.append("| " + " | ".join(cells) + " |")
     return "\n".join(md) + "\n"
 

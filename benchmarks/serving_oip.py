@@ -5,7 +5,11 @@ built on: HTTP parsing and answering, nothing else. Contender: ``edge-agent run`
 ``serving.http``, serving the model. The same client (``benchmarks.http_client``: geventhttpclient, tritonclient's
 transport) posts the same OIP infer body to both, JSON tensors or binary ones, in alternating rounds: requests/s
 with a window in flight, p50 one at a time. Per round pair: the ratio of requests/s and the p50 difference; the
-row reports their median and spread. Goals (issue 17): >= 0.8x the echo's requests/s, p50 within 0.5 ms.
+row reports their median, the ratio's spread (± half the interquartile range) and its lowest and highest pair, as
+every table of ``benchmarks.common``. Goals (issue 17): >= 0.8x the echo's requests/s, p50 within 0.5 ms. How many
+pairs: ``REST_FULL`` / ``REST_QUICK`` (at least ``min_pairs``, more while the budget lasts; ``--repeat`` multiplies
+both) of short rounds, because a REST row's pairs spread from 0.6 to 1.2 on this machine and eight long ones moved
+the median by ±0.1 between runs; the gRPC rows, with no goal, run ``min_pairs`` pairs.
 
 gRPC rows (no goal: a measurement): the agent's ``serving.grpc`` endpoint against a bare grpc.aio server (the
 endpoint's stack) whose ModelInfer returns the request's bytes, both called with the same ModelInferRequest bytes on one grpcio channel
@@ -21,16 +25,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.http_client import HttpLoad, p50, pair_ratios, summary
+from benchmarks.common import Paired, Plan, paired_rounds, yes_no
+from benchmarks.http_client import HttpLoad, p50
 from benchmarks.http_stacks import start as start_echo
 from fleet.dev.broker import free_port
 
 ECHO_STACK = "uvicorn + httptools (raw ASGI)"
+REST_QUICK, REST_FULL = Plan(6, 16, 3.0), Plan(12, 48, 10.0)  # a REST pair of 1,000 requests: about 0.5 s here
+THROUGHPUT_GOAL, P50_GOAL_MS = 0.8, 0.5
 Fleet = Callable[..., tuple[Any, Path]]  # benchmarks.serving._fleet
 
 
@@ -66,9 +74,14 @@ def _wait_ready(port: int, timeout: float = 120.0) -> None:
     raise RuntimeError("the agent's OIP endpoint never served the model")
 
 
-def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models: dict[str, list[int]]) -> list[dict[str, Any]]:
-    """One agent per model with ``serving.http``; the echo beside it; every body form raced in alternating rounds."""
-    n_tp, n_lat, window, rounds = (1000, 200, 16, 4) if quick else (2000, 500, 16, 8)
+def oip_rows(
+    work: Path, host: str, port: int, quick: bool, fleet: Fleet, models: dict[str, list[int]], repeat: int = 1
+) -> list[dict[str, Any]]:
+    """One agent per model with ``serving.http``; the echo beside it; every body form raced in alternating rounds:
+    the REST rows as ``REST_PLAN`` allows, the gRPC rows (no goal: a measurement) in its ``min_pairs``."""
+    n_tp, n_lat, window = (500, 120, 16) if quick else (1000, 250, 16)
+    rest = (REST_QUICK if quick else REST_FULL).scaled(max(1, repeat))
+    grpc_plan = Plan(rest.min_pairs // 2, rest.min_pairs // 2, 0.0)
     echo, echo_port = start_echo(ECHO_STACK)
     grpc_echo = subprocess.Popen([sys.executable, "-c", GRPC_ECHO], stdout=subprocess.PIPE, text=True)
     assert grpc_echo.stdout is not None
@@ -90,12 +103,12 @@ def oip_rows(work: Path, host: str, port: int, quick: bool, fleet: Fleet, models
                 loads = {"echo": HttpLoad("127.0.0.1", echo_port, window), "agent": HttpLoad("127.0.0.1", http_port, window)}
                 cost = app_cost(mwork, sizes[0])
                 for form, (body, headers) in bodies(sizes[0]).items():
-                    figures = _race(loads, body, headers, n_tp, n_lat, window, rounds)
-                    rows.append({**_oip_row(model, form, figures), "in_process": cost})
+                    rps, lat = _race(loads, body, headers, n_tp, n_lat, window, rest)
+                    rows.append({**_oip_row(model, form, rps, lat), "in_process": cost})
                 for load in loads.values():
                     load.close()
                 forms = ["gRPC raw"] if quick else None  # --quick: the form tritonclient sends (5 minutes in all)
-                rows += _grpc_rows(model, sizes[0], grpc_echo_port, grpc_port, n_tp, n_lat, window, rounds, forms)
+                rows += _grpc_rows(model, sizes[0], grpc_echo_port, grpc_port, n_tp, n_lat, window, grpc_plan, forms)
             finally:
                 agent.send_signal(signal.SIGTERM)
                 agent.wait(30)
@@ -191,7 +204,7 @@ def _grpc_rows(
     n_tp: int,
     n_lat: int,
     window: int,
-    rounds: int,
+    plan: Plan,
     forms: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The agent's gRPC endpoint against a bare grpcio echo, alternating rounds as REST's (no goal set: a measurement)."""
@@ -201,14 +214,10 @@ def _grpc_rows(
         for form, body in grpc_bodies(width).items():
             if forms is not None and form not in forms:
                 continue
-            out: dict[str, dict[str, list[float]]] = {k: {"rps": [], "p50": []} for k in loads}
             for load in loads.values():
                 load.run(body, 200, window)  # warm up
-            for r in range(rounds):
-                for target in ("echo", "agent") if r % 2 == 0 else ("agent", "echo"):
-                    out[target]["rps"].append(loads[target].run(body, n_tp, window)[0])
-                    out[target]["p50"].append(p50(loads[target].run(body, n_lat, 1)[1]))
-            rows.append({**_oip_row(model, form, out, goals=False), "in_process": None})
+            rps, lat = paired_rounds(_rounds(loads, n_tp, n_lat, window, body), plan)
+            rows.append({**_oip_row(model, form, rps, lat, goals=False), "in_process": None})
     finally:
         for load in loads.values():
             load.close()
@@ -216,61 +225,67 @@ def _grpc_rows(
 
 
 def _race(
-    loads: dict[str, HttpLoad], body: bytes, headers: dict[str, str], n_tp: int, n_lat: int, window: int, rounds: int
-) -> dict[str, dict[str, list[float]]]:
-    """Per target, the requests/s and p50 of each round; echo and agent alternate, first one then the other."""
+    loads: dict[str, HttpLoad], body: bytes, headers: dict[str, str], n_tp: int, n_lat: int, window: int, plan: Plan
+) -> tuple[Paired, Paired]:
+    """Requests/s and p50 of the echo (baseline) and the agent in alternating rounds, as ``plan`` allows."""
     path = "/v2/models/m/infer"
-    out: dict[str, dict[str, list[float]]] = {k: {"rps": [], "p50": []} for k in loads}
     for load in loads.values():
         load.run(path, body, 200, window, headers)  # warm up: connections, caches, the agent's measured call time
-    for r in range(rounds):
-        for target in ("echo", "agent") if r % 2 == 0 else ("agent", "echo"):
-            out[target]["rps"].append(loads[target].run(path, body, n_tp, window, headers)[0])
-            out[target]["p50"].append(p50(loads[target].run(path, body, n_lat, 1, headers)[1]))
-    return out
+    return paired_rounds(_rounds(loads, n_tp, n_lat, window, path, body, headers=headers), plan)
 
 
-def _oip_row(model: str, form: str, f: dict[str, dict[str, list[float]]], goals: bool = True) -> dict[str, Any]:
-    e, a = f["echo"], f["agent"]
-    ratio = pair_ratios(a["rps"], e["rps"])
-    added = [x - y for x, y in zip(a["p50"], e["p50"])]
+def _rounds(loads: dict[str, Any], n_tp: int, n_lat: int, window: int, *head: Any, **tail: Any) -> Callable[[bool], tuple[float, float]]:
+    """A round of the echo (False) or the agent (True): (requests/s with ``window`` in flight, p50 ms one at a time);
+    ``head`` and ``tail``: what the load's ``run`` takes before and after its count and window."""
+
+    def round_of(agent: bool) -> tuple[float, float]:
+        run = partial(loads["agent" if agent else "echo"].run, *head)
+        return run(n_tp, window, **tail)[0], p50(run(n_lat, 1, **tail)[1])
+
+    return round_of
+
+
+def _oip_row(model: str, form: str, rps: Paired, lat: Paired, goals: bool = True) -> dict[str, Any]:
+    added = [a - e for e, a in zip(lat.baseline, lat.subject)]
     return {
         "model": model,
         "tensors": form,
-        "echo": summary(e["rps"], e["p50"]),
-        "agent": summary(a["rps"], a["p50"]),
-        "throughput_ratio": ratio,
+        "throughput": rps.to_json(),
+        "p50_ms": lat.to_json(),
         "p50_added_ms": {"median": round(statistics.median(added), 3), "spread": [round(min(added), 3), round(max(added), 3)]},
-        "throughput_goal_met": ratio["median"] >= 0.8 if goals else None,
-        "latency_goal_met": statistics.median(added) <= 0.5 if goals else None,
+        "throughput_goal_met": rps.ratio >= THROUGHPUT_GOAL if goals else None,
+        "latency_goal_met": statistics.median(added) <= P50_GOAL_MS if goals else None,
     }
 
 
 def oip_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The header and cells of the OIP table (rendered by benchmarks/serving.py next to the MQTT one)."""
-    header = ["model", "tensors", "echo req/s", "OIP req/s", "ratio (goal >= 0.8)", "echo p50 ms", "OIP p50 ms", "added (goal <= 0.5 ms)"]
+    header = ["model", "tensors", "echo req/s", "OIP req/s", "ratio", "spread [min, max]", "pairs", "goal", "met"]
+    header += ["echo p50 ms", "OIP p50 ms", f"added ms [min, max] (goal <= {P50_GOAL_MS})", "met"]
     header += ["in-process µs: echo app / OIP app (JSON)"]
     cells = []
     for r in rows:
-        t, d = r["throughput_ratio"], r["p50_added_ms"]
+        t, lat, d = r["throughput"], r["p50_ms"], r["p50_added_ms"]
+        judged = r["throughput_goal_met"] is not None
         cells.append(
             [
                 r["model"],
                 r["tensors"],
-                str(r["echo"]["rps"]),
-                str(r["agent"]["rps"]),
-                f"{t['median']:.2f} ({t['spread'][0]:.2f}..{t['spread'][1]:.2f}) {_met(r['throughput_goal_met'])}",
-                f"{r['echo']['p50_ms']:.3f}",
-                f"{r['agent']['p50_ms']:.3f}",
-                f"{d['median']:.3f} ({d['spread'][0]:.3f}..{d['spread'][1]:.3f}) {_met(r['latency_goal_met'])}",
+                f"{t['baseline_median']:.0f}",
+                f"{t['subject_median']:.0f}",
+                f"{t['ratio_median']:.3f}",
+                f"±{t['ratio_spread']:.3f} [{t['ratio_min']:.3f}, {t['ratio_max']:.3f}]",
+                str(t["pairs"]),
+                f">= {THROUGHPUT_GOAL}" if judged else "-",
+                yes_no(r["throughput_goal_met"]),
+                f"{lat['baseline_median']:.3f}",
+                f"{lat['subject_median']:.3f}",
+                f"{d['median']:.3f} [{d['spread'][0]:.3f}, {d['spread'][1]:.3f}]",
+                yes_no(r["latency_goal_met"]),
                 "-" if r["in_process"] is None else f"{r['in_process']['echo app_us']:.1f} / {r['in_process']['OIP app_us']:.1f}",
             ]
         )
     return header, cells
-
-
-def _met(goal: bool | None) -> str:
-    return "-" if goal is None else "yes" if goal else "NO"
 
 
 def app_cost(work: Path, width: int, calls: int = 3000, rounds: int = 4) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.common import Paired, Plan, alternating, pairs
+from benchmarks.common import Paired, Plan, alternating, paired_rounds, pairs
 
 
 def test_pairs_alternate_which_side_runs_first_and_keep_baseline_and_subject_apart() -> None:
@@ -36,3 +36,23 @@ def test_plan_runs_min_pairs_past_the_budget_and_never_more_than_max() -> None:
     assert len(pairs(lambda i: (1.0, 1.0), Plan(min_pairs=3, max_pairs=10, budget_s=0)).ratios) == 3
     assert len(pairs(lambda i: (1.0, 1.0), Plan(min_pairs=3, max_pairs=10, budget_s=60)).ratios) == 10
     assert Plan(3, 10, 5.0).scaled(2) == Plan(6, 20, 10.0)
+
+
+def test_paired_rounds_keep_both_figures_of_a_round_in_the_same_pair() -> None:
+    # Each round gives requests/s and a p50; the p50 pairs must come from the same rounds as the requests/s pairs,
+    # in the same alternation (the serving, OIP and local-broker rows all take their figures this way).
+    order: list[str] = []
+    calls = {False: 0, True: 0}
+
+    def round_of(subject: bool) -> tuple[float, float]:
+        order.append("s" if subject else "b")
+        calls[subject] += 1
+        n = calls[subject]
+        return (100.0 * n, 1.0 * n) if not subject else (90.0 * n, 1.5 * n)
+
+    rps, p50 = paired_rounds(round_of, Plan(min_pairs=3, max_pairs=3, budget_s=60))
+    assert order == ["b", "s", "s", "b", "b", "s"]
+    assert rps.baseline == (100.0, 200.0, 300.0) and rps.subject == (90.0, 180.0, 270.0)
+    assert p50.baseline == (1.0, 2.0, 3.0) and p50.subject == (1.5, 3.0, 4.5)
+    assert rps.ratio == pytest.approx(0.9) and p50.ratio == pytest.approx(1.5)
+    assert p50.seconds == rps.seconds
