@@ -307,9 +307,9 @@ def _ingested(db: Path, host: str, port: int, n: int, devices: int) -> tuple[int
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="200 devices and 20,000 messages")
+    ap.add_argument("--quick", action="store_true", help="200 devices and 10,000 messages")
     ap.add_argument("--devices", type=int, help="simulated devices (default 1,000; --quick 200)")
-    ap.add_argument("--messages", type=int, help="telemetry messages per ingest round and side (default 40,000; --quick 20,000)")
+    ap.add_argument("--messages", type=int, help="telemetry messages per ingest round and side (default 40,000; --quick 10,000)")
     ap.add_argument("--rounds", type=int, help="alternating ingest rounds (default 7; --quick 5): more, a tighter median")
     ap.add_argument("--publish", nargs=5, help=argparse.SUPPRESS)  # internal: one publisher process
     args = ap.parse_args()
@@ -322,7 +322,7 @@ def main() -> None:
     print(json.dumps(r), flush=True)
     # Rounds: 3 once; on this 2-core box one round's ratio moves by ±0.1 (0.78-1.14 in three rounds of one run), so
     # three gave a median that moved by as much between runs.
-    i = ingest(args.messages or (20_000 if args.quick else 40_000), devices, args.rounds or (5 if args.quick else 7))
+    i = ingest(args.messages or (10_000 if args.quick else 40_000), devices, args.rounds or (5 if args.quick else 7))
     print(json.dumps(i), flush=True)
     yes = {True: "yes", False: "NO"}
     moved = f"{r['rollout_s']} s ({r['devices_on_new_version']} moved, {r['state']})"

@@ -78,7 +78,7 @@ def oip_rows(
     work: Path, host: str, port: int, quick: bool, fleet: Fleet, models: dict[str, list[int]], repeat: int = 1
 ) -> list[dict[str, Any]]:
     """One agent per model with ``serving.http``; the echo beside it; every body form raced in alternating rounds:
-    the REST rows as ``REST_PLAN`` allows, the gRPC rows (no goal: a measurement) in its ``min_pairs``."""
+    the REST rows as ``REST_FULL`` or ``REST_QUICK`` allows, the gRPC rows (no goal: a measurement) in half its ``min_pairs``."""
     n_tp, n_lat, window = (500, 120, 16) if quick else (1000, 250, 16)
     rest = (REST_QUICK if quick else REST_FULL).scaled(max(1, repeat))
     grpc_plan = Plan(rest.min_pairs // 2, rest.min_pairs // 2, 0.0)
