@@ -671,7 +671,7 @@ def test_a_store_at_version_5_gains_the_order_of_reports_and_keeps_its_devices(s
     for column in schema.REPORT_ORDER.columns:  # version 1 made the table as this release has it: as 5 had it
         db.execute(f'ALTER TABLE devices DROP COLUMN "{column}"')
     db.execute(
-        "INSERT INTO devices (id, online, session, last_seen, hardware, runtimes, models, tags, \"update\", preferred_variants)"
+        'INSERT INTO devices (id, online, session, last_seen, hardware, runtimes, models, tags, "update", preferred_variants)'
         """ VALUES ('a', 1, 3, 1.0, 'x86_64', '{}', '{"m": {"version": "1.0.0"}}', '{"site": "x"}', '{}', '[]')"""
     )
     db.close()
@@ -777,6 +777,44 @@ def test_on_postgresql_a_director_read_does_not_wait_behind_a_blocked_ingest() -
             flush.join(10)
             reader.join(10)
             assert stored == [1]
+        finally:
+            store.close()
+
+
+def test_on_postgresql_a_replay_waits_for_the_newer_report_another_controller_is_writing() -> None:
+    """Two controllers on one PostgreSQL database each store every device's retained reports. One is writing a
+    device's newer report (its transaction open); the other is handed an older one replayed (it subscribed again, on a
+    cluster node behind). The replay's read must wait for that write and then refuse the replay: read before the
+    commit, it passed the check, and its whole-row write landed after the newer report, leaving the registry on the
+    older version until the device's next report (which a device that is done never sends)."""
+    import threading
+
+    import psycopg
+    from conftest import fresh_postgres
+    from update_rig import wait_for
+
+    now = time.time()
+
+    def model(version: str) -> dict[str, Any]:
+        return {"m": {"version": version, "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx", "device": "CPU"}}
+
+    def report(version: str, ts: float) -> tuple[str, wire.WireModel, float]:
+        return msg("a", "reported", {**reported("a", model(version)), "ts": ts})
+
+    with fresh_postgres() as url:
+        store = FleetStore(url)
+        try:
+            store.ingest([msg("a", "status", {"state": "ready", "session": 1, "ts": now - 100}), report("1.0.0", now - 60)])
+            done: list[int] = []
+            with psycopg.connect(url, autocommit=True) as other, other.transaction():  # the other controller's write, open
+                other.execute("UPDATE devices SET reported_ts = %s, models = %s WHERE id = 'a'", [now - 10, json.dumps(model("2.0.0"))])
+                replay = threading.Thread(target=lambda: done.append(store.ingest([report("1.5.0", now - 30)], replayed={0})))
+                replay.start()
+                wait_for(lambda: other.execute("SELECT 1 FROM pg_locks WHERE NOT granted").fetchall(), 10, "the replay at the record")
+            replay.join(10)
+            d = store.device("a")
+            assert d is not None and d.models["m"]["version"] == "2.0.0"
+            assert done == [0] and store.stale_reports == 1
         finally:
             store.close()
 

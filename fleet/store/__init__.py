@@ -104,6 +104,8 @@ class FleetStore:
         ``replayed``: the positions in ``messages`` of messages the broker replayed (retained at a subscription, or
         sent again after a reconnect), not sent live; such a ``reported`` older than the one a device's record holds,
         of the same run of its agent, is counted in ``stale_reports`` and not taken (``devices.stale_replay``).
+        The records the batch's status and reports touch are locked first (PostgreSQL, ``Devices.lock``): another
+        controller writing the same record meanwhile is waited for and read, never written over.
         """
         items = list(messages)
         batches: list[Batch] = [(d, m, r) for d, m, r in items if isinstance(m, wire.TelemetryBatch)]
@@ -113,6 +115,7 @@ class FleetStore:
                 stored = self._add_batches(batches)
                 n, duplicates = stored.count(True), stored.count(False)
                 changed: dict[str, Device] = {}  # the registry's records this batch changed, written once each
+                self._devices.lock(d for d, m, _ in items if isinstance(m, (wire.Status, wire.Reported)))
                 stale = 0
                 for i, (device, message, received) in enumerate(items):
                     if isinstance(message, wire.TelemetryBatch):

@@ -161,6 +161,19 @@ class Devices:
     def all(self) -> list[Device]:
         return [_device(row) for row in self.db.query("SELECT * FROM devices ORDER BY id")]
 
+    def lock(self, device_ids: Iterable[str]) -> None:
+        """PostgreSQL: hold these devices' records (``FOR UPDATE``, in id order, so that two batches cannot deadlock)
+        until the transaction ends. Why: the ingest reads a record, judges a message against it (``stale_replay``) and
+        writes the whole row back; another controller's write committed between that read and this write would be
+        written over, and a replay judged against the older read would pass. Locked first, the read waits for that
+        write and sees it. SQLite: nothing to do (one write transaction at a time); a record not there yet: nothing
+        to lock (a second insert of the same id waits on the key)."""
+        if self.db.dialect != "postgresql":
+            return
+        for part in self.db.chunks(sorted(set(device_ids))):
+            where, args = self.db.in_list("id", part)
+            self.db.query(f"SELECT id FROM devices WHERE {where} ORDER BY id FOR UPDATE", args)
+
     def write(self, d: Device) -> None:
         """What the device said (the ingest's write): every column but ``tags``, which only ``set_tags`` changes once
         the record exists, so a tag an operator committed while a flush held the record in hand is not written over
