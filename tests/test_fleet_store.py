@@ -783,38 +783,53 @@ def test_on_postgresql_a_director_read_does_not_wait_behind_a_blocked_ingest() -
 
 def test_on_postgresql_a_replay_waits_for_the_newer_report_another_controller_is_writing() -> None:
     """Two controllers on one PostgreSQL database each store every device's retained reports. One is writing a
-    device's newer report (its transaction open); the other is handed an older one replayed (it subscribed again, on a
-    cluster node behind). The replay's read must wait for that write and then refuse the replay: read before the
-    commit, it passed the check, and its whole-row write landed after the newer report, leaving the registry on the
-    older version until the device's next report (which a device that is done never sends)."""
+    device's newer report (its transaction open, holding the device's lock as every ingest does); the other is handed
+    an older one replayed (it subscribed again, on a cluster node behind). The replay's read must wait for that write
+    and then refuse the replay: read before the commit, it passed the check, and its whole-row write landed after the
+    newer report, leaving the registry on the older version until the device's next report (which a device that is
+    done never sends). And a device not stored yet is locked the same way (no row to lock: the lock is by its id)."""
     import threading
 
     import psycopg
     from conftest import fresh_postgres
     from update_rig import wait_for
 
+    from fleet.store.devices import DEVICE_LOCKS, device_lock_key
+
     now = time.time()
 
     def model(version: str) -> dict[str, Any]:
         return {"m": {"version": version, "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx", "device": "CPU"}}
 
-    def report(version: str, ts: float) -> tuple[str, wire.WireModel, float]:
-        return msg("a", "reported", {**reported("a", model(version)), "ts": ts})
+    def report(device: str, version: str, ts: float) -> tuple[str, wire.WireModel, float]:
+        return msg(device, "reported", {**reported(device, model(version)), "ts": ts})
 
     with fresh_postgres() as url:
         store = FleetStore(url)
         try:
-            store.ingest([msg("a", "status", {"state": "ready", "session": 1, "ts": now - 100}), report("1.0.0", now - 60)])
+            store.ingest([msg("a", "status", {"state": "ready", "session": 1, "ts": now - 100}), report("a", "1.0.0", now - 60)])
             done: list[int] = []
-            with psycopg.connect(url, autocommit=True) as other, other.transaction():  # the other controller's write, open
-                other.execute("UPDATE devices SET reported_ts = %s, models = %s WHERE id = 'a'", [now - 10, json.dumps(model("2.0.0"))])
-                replay = threading.Thread(target=lambda: done.append(store.ingest([report("1.5.0", now - 30)], replayed={0})))
-                replay.start()
-                wait_for(lambda: other.execute("SELECT 1 FROM pg_locks WHERE NOT granted").fetchall(), 10, "the replay at the record")
-            replay.join(10)
-            d = store.device("a")
-            assert d is not None and d.models["m"]["version"] == "2.0.0"
-            assert done == [0] and store.stale_reports == 1
+            with psycopg.connect(url, autocommit=True) as other:
+                waiting = "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'advisory'"
+                with other.transaction():  # the other controller's ingest, its write made, not committed yet
+                    other.execute("SELECT pg_advisory_xact_lock(%s, %s)", [DEVICE_LOCKS, device_lock_key("a")])
+                    other.execute("UPDATE devices SET reported_ts = %s, models = %s WHERE id = 'a'", [now - 10, json.dumps(model("2.0.0"))])
+                    replay = threading.Thread(target=lambda: done.append(store.ingest([report("a", "1.5.0", now - 30)], replayed={0})))
+                    replay.start()
+                    wait_for(lambda: other.execute(waiting).fetchall(), 10, "the replay waiting for the other controller")
+                replay.join(10)
+                d = store.device("a")
+                assert d is not None and d.models["m"]["version"] == "2.0.0"
+                assert done == [0] and store.stale_reports == 1
+
+                with other.transaction():  # a device no controller has stored yet: the second to store it waits too
+                    other.execute("SELECT pg_advisory_xact_lock(%s, %s)", [DEVICE_LOCKS, device_lock_key("new")])
+                    hello = msg("new", "status", {"state": "ready", "session": 1, "ts": now})
+                    first = threading.Thread(target=lambda: store.ingest([hello]))
+                    first.start()
+                    wait_for(lambda: other.execute(waiting).fetchall(), 10, "the new device's first write waiting")
+                first.join(10)
+                assert not first.is_alive() and store.device("new") is not None
         finally:
             store.close()
 

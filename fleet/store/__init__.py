@@ -104,7 +104,7 @@ class FleetStore:
         ``replayed``: the positions in ``messages`` of messages the broker replayed (retained at a subscription, or
         sent again after a reconnect), not sent live; such a ``reported`` older than the one a device's record holds,
         of the same run of its agent, is counted in ``stale_reports`` and not taken (``devices.stale_replay``).
-        The records the batch's status and reports touch are locked first (PostgreSQL, ``Devices.lock``): another
+        The devices the batch's status and reports touch are locked first (PostgreSQL, ``Devices.lock``): another
         controller writing the same record meanwhile is waited for and read, never written over.
         """
         items = list(messages)

@@ -8,6 +8,7 @@ Nothing here locks or opens transactions: ``FleetStore`` does, around these call
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -137,6 +138,17 @@ def _write_reported_sql() -> str:
 
 
 _WRITE_REPORTED = _write_reported_sql()
+# The first key of the two-key advisory locks on device records ("edev"); the store's other advisory locks (schema,
+# roots, leader) use the one-bigint form, a key space PostgreSQL keeps apart from the two-key one.
+DEVICE_LOCKS = 0x65646576
+
+
+def device_lock_key(device_id: str) -> int:
+    """A device's advisory lock key: 32 bits of a BLAKE2b hash of its id, the same in every controller (Python's own
+    ``hash`` is salted per process). Two ids sharing a key only wait for each other."""
+    return int.from_bytes(hashlib.blake2b(device_id.encode(), digest_size=4).digest(), "big", signed=True)
+
+
 _TAG_TRIES = 100
 
 
@@ -162,17 +174,19 @@ class Devices:
         return [_device(row) for row in self.db.query("SELECT * FROM devices ORDER BY id")]
 
     def lock(self, device_ids: Iterable[str]) -> None:
-        """PostgreSQL: hold these devices' records (``FOR UPDATE``, in id order, so that two batches cannot deadlock)
-        until the transaction ends. Why: the ingest reads a record, judges a message against it (``stale_replay``) and
-        writes the whole row back; another controller's write committed between that read and this write would be
-        written over, and a replay judged against the older read would pass. Locked first, the read waits for that
-        write and sees it. SQLite: nothing to do (one write transaction at a time); a record not there yet: nothing
-        to lock (a second insert of the same id waits on the key)."""
+        """PostgreSQL: hold a transaction-scoped advisory lock on each of these devices (``device_lock_key``, taken in
+        key order, so that two batches cannot deadlock) until the transaction ends. Why: the ingest reads a record,
+        judges a message against it (``stale_replay``) and writes the whole row back; another controller's write
+        committed between that read and this write would be written over, and a replay judged against the older read
+        would pass. Locked first, the read waits for that controller's transaction and sees its write. An advisory lock
+        and not ``FOR UPDATE`` on the rows: a record not stored yet is locked too, and the order is the keys', not a
+        collation's. SQLite: nothing to do (one write transaction at a time)."""
         if self.db.dialect != "postgresql":
             return
-        for part in self.db.chunks(sorted(set(device_ids))):
-            where, args = self.db.in_list("id", part)
-            self.db.query(f"SELECT id FROM devices WHERE {where} ORDER BY id FOR UPDATE", args)
+        for part in self.db.chunks(sorted({device_lock_key(d) for d in device_ids})):
+            values = ", ".join("(CAST(? AS integer))" for _ in part)
+            # PostgreSQL evaluates a volatile output function after the ORDER BY sort (9.6+): the locks go in key order
+            self.db.query(f"SELECT pg_advisory_xact_lock({DEVICE_LOCKS}, k) FROM (VALUES {values}) AS t(k) ORDER BY k", list(part))
 
     def write(self, d: Device) -> None:
         """What the device said (the ingest's write): every column but ``tags``, which only ``set_tags`` changes once
