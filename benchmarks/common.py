@@ -16,7 +16,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,16 @@ class Paired:
     def cells(self, digits: int = 3) -> tuple[str, str]:
         """(the median ratio, "±spread [min, max]") for a table."""
         r = self.ratios
-        return f"{self.ratio:.{digits}f}", f"±{self.spread:.{digits}f} [{min(r):.{digits}f}, {max(r):.{digits}f}]"
+        return f"{self.ratio:.{digits}f}", _spread(self.spread, min(r), max(r), digits)
+
+
+def spread_cell(paired: Mapping[str, Any], digits: int = 3) -> str:
+    """ "±spread [min, max]" of a ``Paired.to_json()`` (a table made from a benchmark's JSON rows)."""
+    return _spread(paired["ratio_spread"], paired["ratio_min"], paired["ratio_max"], digits)
+
+
+def _spread(spread: float, low: float, high: float, digits: int) -> str:
+    return f"±{spread:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def pairs(pair: Callable[[int], tuple[float, float]], plan: Plan) -> Paired:

@@ -51,7 +51,7 @@ from agent.settings import write_config
 from agent.wire import device_topic
 from agent.wire.inference import BINARY_MAGIC, encode_request
 from benchmarks import serving_oip
-from benchmarks.common import Paired, Plan, arguments, machine, paired_rounds, write, yes_no
+from benchmarks.common import Paired, Plan, arguments, machine, paired_rounds, spread_cell, write, yes_no
 
 MODELS = {"tiny": [4, 4], "medium": [64, 128, 128, 10]}
 
@@ -384,7 +384,7 @@ def _report(
     for r in rows:
         t, lat = r["throughput"], r["p50_ms"]
         ratio = f"{t['ratio_median']:.3f}"
-        spread = f"±{t['ratio_spread']:.3f} [{t['ratio_min']:.3f}, {t['ratio_max']:.3f}]"
+        spread = spread_cell(t)
         cells = [r["model"], r["serving"], r["payload"], r["baseline"], f"{t['baseline_median']:.0f}", f"{t['subject_median']:.0f}"]
         goal = f">= {r['throughput_goal']}" if r["throughput_goal_met"] is not None else "-"
         cells += [ratio, spread, goal, yes_no(r["throughput_goal_met"])]
@@ -472,9 +472,9 @@ def _local_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         t, lat = r["throughput"], r["p50_ms"]
         cells = [r["model"], f"{t['baseline_median']:.0f}", f"{t['subject_median']:.0f}", f"{t['ratio_median']:.3f}"]
-        cells += [f"±{t['ratio_spread']:.3f} [{t['ratio_min']:.3f}, {t['ratio_max']:.3f}]", str(t["pairs"])]
+        cells += [spread_cell(t), str(t["pairs"])]
         cells += [f"{lat['baseline_median']:.3f}", f"{lat['subject_median']:.3f}", f"{lat['ratio_median']:.3f}"]
-        cells.append(f"±{lat['ratio_spread']:.3f} [{lat['ratio_min']:.3f}, {lat['ratio_max']:.3f}]")
+        cells.append(spread_cell(lat))
         md.append("| " + " | ".join(cells) + " |")
     return "\n".join(md) + "\n"
 

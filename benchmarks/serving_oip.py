@@ -9,7 +9,7 @@ row reports their median, the ratio's spread (± half the interquartile range) a
 every table of ``benchmarks.common``. Goals (issue 17): >= 0.8x the echo's requests/s, p50 within 0.5 ms. How many
 pairs: ``REST_FULL`` / ``REST_QUICK`` (at least ``min_pairs``, more while the budget lasts; ``--repeat`` multiplies
 both) of short rounds, because a REST row's pairs spread from 0.6 to 1.2 on this machine and eight long ones moved
-the median by ±0.1 between runs; the gRPC rows, with no goal, run ``min_pairs`` pairs.
+the median by ±0.1 between runs; the gRPC rows, with no goal, run half of its ``min_pairs``.
 
 gRPC rows (no goal: a measurement): the agent's ``serving.grpc`` endpoint against a bare grpc.aio server (the
 endpoint's stack) whose ModelInfer returns the request's bytes, both called with the same ModelInferRequest bytes on one grpcio channel
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Paired, Plan, paired_rounds, yes_no
+from benchmarks.common import Paired, Plan, paired_rounds, spread_cell, yes_no
 from benchmarks.http_client import HttpLoad, p50
 from benchmarks.http_stacks import start as start_echo
 from fleet.dev.broker import free_port
@@ -274,7 +274,7 @@ def oip_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 f"{t['baseline_median']:.0f}",
                 f"{t['subject_median']:.0f}",
                 f"{t['ratio_median']:.3f}",
-                f"±{t['ratio_spread']:.3f} [{t['ratio_min']:.3f}, {t['ratio_max']:.3f}]",
+                spread_cell(t),
                 str(t["pairs"]),
                 f">= {THROUGHPUT_GOAL}" if judged else "-",
                 yes_no(r["throughput_goal_met"]),

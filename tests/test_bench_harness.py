@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.common import Paired, Plan, alternating, paired_rounds, pairs
+from benchmarks.common import Paired, Plan, alternating, paired_rounds, pairs, spread_cell
 
 
 def test_pairs_alternate_which_side_runs_first_and_keep_baseline_and_subject_apart() -> None:
@@ -28,6 +28,7 @@ def test_ratio_is_the_median_of_per_pair_ratios_with_spread_and_range() -> None:
     assert paired.spread == pytest.approx((1.2 - 1.1) / 2)  # half the interquartile range: the outlier does not widen it
     ratio, spread = paired.cells()
     assert ratio == "1.100" and spread == "±0.050 [1.000, 3.000]"
+    assert spread_cell(paired.to_json()) == spread  # the same cell when a table is made from the JSON rows
     data = paired.to_json()
     assert data["pairs"] == 5 and data["ratio_min"] == 1.0 and data["ratio_max"] == 3.0
 
