@@ -1,7 +1,8 @@
 """The agent's MQTT session: one paho client, its presence, its subscriptions and the one path every publish takes.
 
 Why one place: the will (``lost``), the retained ``ready``/``disconnected`` status and the session
-number they carry must agree, subscriptions must be renewed on every reconnect, and paho is not
+number they carry must agree (a late will of this run's earlier connection is answered with ``ready``
+again: the session reads its own status), subscriptions must be renewed on every reconnect, and paho is not
 safe to publish from many threads at once — serving, telemetry, the worker and paho's own thread
 all publish, so they all go through ``publish_raw`` and its lock.
 
@@ -75,6 +76,8 @@ class Session:
         self.broker, self.device_id, self.number = broker, device_id, number
         self.client_id, self.presence = client_id or device_id, presence
         self.routes = {r.kind: r for r in routes}
+        if presence:  # our own status: a late will of an earlier connection is answered with ``ready`` again
+            self.routes["status"] = Route("status", self._on_own_status)
         self.on_connected = on_connected
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -171,6 +174,21 @@ class Session:
         self._subscribed.clear()
         if not self._closing.is_set():
             logs.event(log, "agent.disconnected", logging.WARNING, broker=self._client.address, client=self.client_id, reason=str(reason))
+
+    def _on_own_status(self, rest: tuple[str, ...], payload: bytes, qos: int) -> None:
+        """Our retained status says this run is gone while we are connected: the will of an earlier connection of this
+        run, landed after this connection's ``ready``. On a broker cluster the node that dropped the old connection
+        publishes its will on its own time (measured on NATS: 9-12 s after another node stored our ``ready``, or 90 s
+        when it waited out the old connection's keepalive); the registry would then keep the device offline, and a
+        rollout would never assign it. Say ``ready`` again: it lands after the will. (The retained ``lost`` a reconnect
+        after an unclean drop replays is answered the same way: one status more, harmless.)"""
+        try:
+            status = wire.decode(wire.Status, payload)
+        except wire.WireError:
+            return  # not ours to judge: the registry refuses and counts it
+        if status.denies(self.number) and self._connected.is_set() and not self._closing.is_set():
+            logs.event(log, "agent.presence_restored", state=status.state, broker=self._client.address)
+            self.publish("status", self.status("ready"), retain=True)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Route by topic, decode nothing here. Nothing may raise (paho re-raises and its thread dies)."""

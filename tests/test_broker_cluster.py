@@ -147,9 +147,22 @@ def test_a_node_killed_during_a_rollout_loses_nothing(nats: NatsCluster, models:
         try:
             wait_for(lambda: getattr(store.rollout(rid), "state", "") == "done", 180, "the rollout done across the failover")
         except AssertionError as exc:  # say where it stood
-            states = sorted(f"{d.device}:{d.state}:{d.reason}" for d in store.rollout_devices(rid) if d.state != "active")
-            raise AssertionError(f"{exc}; {store.rollout(rid)}; not active: {states}; versions: {versions()}") from None
+            stuck = [d for d in store.rollout_devices(rid) if d.state != "active"]
+            states = sorted(f"{d.device}:{d.state}:{d.reason}" for d in stuck)
+            records = [(d.id, d.online, d.session, d.last_seen) for d in store.devices_of(m.device for m in stuck)]
+            simulated = [(d.id, d.id in sim._online, d.address) for d in sim.devices if d.id in {m.device for m in stuck}]
+            raise AssertionError(
+                f"{exc}; {store.rollout(rid)}; not active: {states}; their records: {records}; the simulator's view: {simulated}; "
+                f"versions: {versions()}"
+            ) from None
         assert set(versions().values()) == {"1.1.0"}
+
+        def offline() -> list[str]:
+            return sorted(d.id for d in store.devices() if d.id.startswith("cl-") and not d.online)
+
+        # a will of a device's earlier connection lands seconds after its new ``ready`` (measured: 9-12 s, or 90 s
+        # when the node waited out the old connection's keepalive); each device answers it with ``ready`` again
+        wait_for(lambda: not offline(), 30, "every device online in the registry after the failover")
         wait_for(lambda: "event=host.swapped model=mlp version=1.1.0" in agent.text(), 60, "the real agent on 1.1.0")
         assert "event=agent.connected" in agent.text().split("event=agent.disconnected", 1)[-1], "the agent came back"
         agent.stop()  # its last batch and the rest of its outbox go out before it exits

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 from pydantic import BaseModel
-from update_rig import MODEL, Rig, Subscriber, wait_for
+from update_rig import MODEL, AgentProcess, Rig, Subscriber, wait_for
 
 from agent import wire
 from agent.client import EdgeClient, RemoteError
@@ -116,6 +118,58 @@ def test_the_agent_and_the_simulator_speak_the_same_wire(rig: Rig, tmp_path: Pat
     finally:
         stop.set()
         loader.join(10)
+        agent.stop()
+        sims.stop()
+        watch.close()
+
+
+def test_the_agent_and_the_simulator_answer_a_late_will_of_their_own_run_with_ready(rig: Rig, tmp_path: Path) -> None:
+    """On a broker cluster the will of a device's earlier connection can land after its new connection's ``ready`` (the
+    node that held the old connection learns of the takeover late): the registry would keep the device offline, and a
+    rollout would wait for it until its wave timed out (seen on a 3-node NATS cluster with a node killed). Both read
+    their own status and say ``ready`` again; a will of an earlier run is none of theirs. The wills are published as
+    a broker would: retained, by another client."""
+    agent_id, sim_id = "late-will-agent", "late-will-sim-0000"
+    topics = [wire.device_topic(d, "status") for d in (agent_id, sim_id)]
+    watch = Subscriber(rig.broker, topics, "watch-late-will")
+    agent = AgentProcess(rig.write_config(agent_id), tmp_path / "agent.log")
+    sim = Simulator(rig.broker.host, rig.broker.port, 1, "late-will-sim", telemetry_s=5.0, initial={MODEL: "1.0.0"})
+    sims = SimulatorThread(sim).start()
+    broker = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="late-will-broker")
+    broker.connect(rig.broker.host, rig.broker.port)
+    broker.loop_start()
+    try:
+        sessions = {}
+        for topic in topics:  # a ``ready`` seen: the device's own subscriptions were made before it (same connection)
+            said = wait_for(lambda t=topic: [s for s in watch.json(t) if s["state"] == "ready"], 30, f"ready on {topic}")
+            sessions[topic] = said[0]["session"]
+        assert sessions[topics[1]] == sim.session
+        for topic, session in sessions.items():
+            for late in (session - 1, session):  # an earlier run's will first: not answered
+                will = wire.encode(wire.Status(state="lost", session=late, ts=time.time()))
+                broker.publish(topic, will, qos=1, retain=True).wait_for_publish(5)
+
+        def answered(topic: str) -> bool:
+            after = [s for s in watch.json(topic)]
+            last_lost = max(i for i, s in enumerate(after) if s["state"] == "lost")
+            return any(s["state"] == "ready" and s["session"] == sessions[topic] for s in after[last_lost:])
+
+        for topic in topics:
+            wait_for(lambda t=topic: answered(t), 30, f"ready again on {topic}")
+        # each answered the will of its own run once: the earlier run's will, handled first, was not answered
+        wait_for(lambda: "event=agent.presence_restored" in agent.text(), 10, "the agent's log")
+        assert agent.text().count("event=agent.presence_restored") == 1
+        assert sim.presence_restored == 1
+        retained = Subscriber(rig.broker, topics, "watch-late-will-retained")  # what the registry reads after a restart
+        try:
+            for topic in topics:
+                wait_for(lambda t=topic: retained.json(t), 10, f"the retained status of {topic}")
+                assert retained.json(topic)[-1] == {**retained.json(topic)[-1], "state": "ready", "session": sessions[topic]}
+        finally:
+            retained.close()
+    finally:
+        broker.disconnect()
+        broker.loop_stop()
         agent.stop()
         sims.stop()
         watch.close()

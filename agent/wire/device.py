@@ -22,6 +22,12 @@ class Status(WireModel):
     session: Session
     ts: Timestamp | None = None
 
+    def denies(self, session: int) -> bool:
+        """This is the will of the run ``session``. Read by that run while it is still connected, it is the will of
+        one of its earlier connections that landed after its ``ready``. (``disconnected`` is only ever said by the
+        run itself as it stops: not a contradiction.)"""
+        return self.session == session and self.state == "lost"
+
 
 class UpdateState(WireModel):
     """The last update round's outcome, as the device saw it."""

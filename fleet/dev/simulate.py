@@ -161,6 +161,7 @@ class Simulator:
         self.sent = {"telemetry": 0, "jobs": 0}
         self.connected = 0  # devices connected now
         self.reconnects = 0  # connections lost (each followed by attempts at the next address)
+        self.presence_restored = 0  # own status read as gone while connected, answered with ``ready``
         self._online: set[str] = set()
         self._seen: set[str] = set()  # connected at least once
         self._stop = asyncio.Event()
@@ -237,9 +238,19 @@ class Simulator:
         status = device_topic(d.id, "status")
         replies: dict[str, asyncio.Future[RepoReply]] = {}
         updates: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)  # one check waiting at most: see _on_message
+
+        def restore(state: str) -> None:  # as the agent: a will of an earlier connection landed after our ``ready``
+            self.presence_restored += 1
+            asyncio.get_running_loop().call_soon(say_ready)  # after paho's read that called us, not inside it
+
+        def say_ready() -> None:
+            with contextlib.suppress(ConnectionLost):  # lost meanwhile: the next connection says ``ready`` anyway
+                client.publish(status, _status("ready", self.session), qos=1, retain=True)
+
+        presence = Presence(status, self.session, restore)
         client = group.client(
             d.id,
-            lambda topic, payload: _on_message(topic, payload, replies, updates),
+            lambda topic, payload: _on_message(topic, payload, replies, updates, presence),
             username=d.id if d.id in self.passwords else self.broker.username,
             password=self.passwords[d.id] if d.id in self.passwords else self._broker_password,
             will=Will(status, _status("lost", self.session)),
@@ -251,7 +262,8 @@ class Simulator:
         try:
             await client.connect(host, port)
             await _subscribe(
-                client, [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)]
+                client,
+                [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1), (status, 1)],
             )
             await client.publish_acknowledged(status, _status("ready", self.session), retain=True)
             await self._report(client, d)
@@ -492,11 +504,30 @@ class Simulator:
         )
 
 
-def _on_message(topic: str, payload: bytes, replies: dict[str, asyncio.Future[RepoReply]], updates: asyncio.Queue[bytes]) -> None:
+@dataclass(frozen=True)
+class Presence:
+    """A connection's own status topic, the run's session, and how to say ``ready`` again (``Session._on_own_status``)."""
+
+    topic: str
+    session: int
+    restore: Callable[[str], None]
+
+
+def _on_message(
+    topic: str, payload: bytes, replies: dict[str, asyncio.Future[RepoReply]], updates: asyncio.Queue[bytes], presence: Presence
+) -> None:
     """A device's incoming message, on the loop as it is read: a repository reply wakes its request; a director message
     becomes the one check waiting (as the agent: a hint while a check already waits replaces it, so a device told
-    again while busy fetches once more, not once per announcement). Anything unreadable is dropped."""
-    if topic.endswith("/repo/reply"):
+    again while busy fetches once more, not once per announcement); its own status saying this run is gone is
+    answered with ``ready`` (as the agent). Anything unreadable is dropped."""
+    if topic == presence.topic:
+        try:
+            said = wire.decode(wire.Status, payload)
+        except wire.WireError:
+            return
+        if said.denies(presence.session):
+            presence.restore(said.state)
+    elif topic.endswith("/repo/reply"):
         try:
             reply = RepoReply.decode(payload)
         except ValueError:

@@ -249,6 +249,6 @@ def shadow_gate(gates: Gates, version: str, shadowing: int, h: ShadowHealth, wai
 
 
 def _share_text(h: ShadowHealth, why: str = "") -> str:
-    """", 12.5% of the live rows" when the shadow compared a sample of what was served."""
+    """ ", 12.5% of the live rows" when the shadow compared a sample of what was served."""
     share = h.share
     return f", {share:.1%} of the live rows{why}" if share is not None and share < 1.0 else ""

@@ -44,7 +44,6 @@ class DeviceStats:
         mean = self.mean
         return max(self.total_sq / self.values - mean * mean, 0.0) ** 0.5 if mean is not None else None
 
-
     @classmethod
     def of(cls, telemetry: WindowTelemetry | None, predictions: WindowPredictions | None) -> DeviceStats:
         """A window's statistics from its telemetry and prediction sums (None: no rows of that kind in it)."""
