@@ -177,11 +177,11 @@ class Session:
 
     def _on_own_status(self, rest: tuple[str, ...], payload: bytes, qos: int) -> None:
         """Our retained status says this run is gone while we are connected: the will of an earlier connection of this
-        run, landed after this connection's ``ready``. On a broker cluster the node that dropped the old connection
-        publishes its will on its own time (measured on NATS: 9-12 s after another node stored our ``ready``, or 90 s
-        when it waited out the old connection's keepalive); the registry would then keep the device offline, and a
-        rollout would never assign it. Say ``ready`` again: it lands after the will. (The retained ``lost`` a reconnect
-        after an unclean drop replays is answered the same way: one status more, harmless.)"""
+        run, landed after this connection's ``ready``. On a broker cluster the will and the ``ready`` are stored by
+        different nodes, and the registry can get them in that order (seen once in CI on NATS with a node killed: the
+        device stayed offline in the registry and a rollout never assigned it). The broker delivers the will to us as
+        to the registry, so our ``ready`` said again lands after it. (The retained ``lost`` a reconnect after an
+        unclean drop replays is answered the same way: one status more, harmless.)"""
         try:
             status = wire.decode(wire.Status, payload)
         except wire.WireError:
