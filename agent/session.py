@@ -76,7 +76,9 @@ class Session:
         self.broker, self.device_id, self.number = broker, device_id, number
         self.client_id, self.presence = client_id or device_id, presence
         self.routes = {r.kind: r for r in routes}
-        if presence:  # our own status: a late will of an earlier connection is answered with ``ready`` again
+        self._status_topic = device_topic(device_id, "status")
+        if presence:  # our own status: a late will of an earlier connection is answered with ``ready`` again. Never
+            # subscribe to it with MQTT 5's no-local: a real will carries our client id, and the broker would drop it.
             self.routes["status"] = Route("status", self._on_own_status)
         self.on_connected = on_connected
         self._lock = threading.Lock()
@@ -129,9 +131,12 @@ class Session:
 
     def close(self) -> None:
         """Say ``disconnected`` (retained; the will only fires on an unclean drop), then leave."""
-        self._closing.set()
-        if self._connected.is_set() and self.presence:
-            info = self.publish("status", self.status("disconnected"), retain=True)
+        info = None
+        with self._lock:  # one step with the flag: a late will answered at this moment says ``ready`` before this, not after
+            self._closing.set()
+            if self._connected.is_set() and self.presence:
+                info = self._client.publish(self._status_topic, wire.encode(self.status("disconnected")), qos=1, retain=True)
+        if info is not None:
             info.wait_for_publish(timeout=2)
         self._client.disconnect()
         self._client.loop_stop()
@@ -179,16 +184,22 @@ class Session:
         """Our retained status says this run is gone while we are connected: the will of an earlier connection of this
         run, landed after this connection's ``ready``. On a broker cluster the will and the ``ready`` are stored by
         different nodes, and the registry can get them in that order (seen once in CI on NATS with a node killed: the
-        device stayed offline in the registry and a rollout never assigned it). The broker delivers the will to us as
-        to the registry, so our ``ready`` said again lands after it. (The retained ``lost`` a reconnect after an
+        device stayed offline in the registry and a rollout never assigned it). The will reaches us too (our
+        subscription is persistent), and the ``ready`` said again is published after we read it: a broker that keeps
+        one topic's messages in the order it stored them then hands the registry the two in that order (NATS stores
+        both in one JetStream stream; other clusters are not tested). (The retained ``lost`` a reconnect after an
         unclean drop replays is answered the same way: one status more, harmless.)"""
         try:
             status = wire.decode(wire.Status, payload)
         except wire.WireError:
             return  # not ours to judge: the registry refuses and counts it
-        if status.denies(self.number) and self._connected.is_set() and not self._closing.is_set():
-            logs.event(log, "agent.presence_restored", state=status.state, broker=self._client.address)
-            self.publish("status", self.status("ready"), retain=True)
+        if not status.denies(self.number):
+            return
+        with self._lock:  # the check and the publish in one step with ``close``: never a ``ready`` after ``disconnected``
+            if not self._connected.is_set() or self._closing.is_set():
+                return
+            self._client.publish(self._status_topic, wire.encode(self.status("ready")), qos=1, retain=True)
+        logs.event(log, "agent.presence_restored", session=status.session, broker=self._client.address)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Route by topic, decode nothing here. Nothing may raise (paho re-raises and its thread dies)."""

@@ -162,7 +162,10 @@ def test_a_node_killed_during_a_rollout_loses_nothing(nats: NatsCluster, models:
 
         # a will of a device's earlier connection can reach the registry after its new ``ready`` (the nodes store each
         # on their own time): each device answers its run's ``lost`` with ``ready`` again, so none stays offline
-        wait_for(lambda: not offline(), 30, "every device online in the registry after the failover")
+        try:
+            wait_for(lambda: not offline(), 30, "every device online in the registry after the failover")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {offline()}; wills the simulator answered: {len(sim.presence_restored)}") from None
         wait_for(lambda: "event=host.swapped model=mlp version=1.1.0" in agent.text(), 60, "the real agent on 1.1.0")
         assert "event=agent.connected" in agent.text().split("event=agent.disconnected", 1)[-1], "the agent came back"
         agent.stop()  # its last batch and the rest of its outbox go out before it exits

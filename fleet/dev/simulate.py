@@ -161,7 +161,7 @@ class Simulator:
         self.sent = {"telemetry": 0, "jobs": 0}
         self.connected = 0  # devices connected now
         self.reconnects = 0  # connections lost (each followed by attempts at the next address)
-        self.presence_restored = 0  # own status read as gone while connected, answered with ``ready``
+        self.presence_restored: list[int] = []  # the session of each own will read while connected and answered with ``ready``
         self._online: set[str] = set()
         self._seen: set[str] = set()  # connected at least once
         self._stop = asyncio.Event()
@@ -239,13 +239,15 @@ class Simulator:
         replies: dict[str, asyncio.Future[RepoReply]] = {}
         updates: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)  # one check waiting at most: see _on_message
 
-        def restore(state: str) -> None:  # as the agent: a will of an earlier connection landed after our ``ready``
-            self.presence_restored += 1
-            asyncio.get_running_loop().call_soon(say_ready)  # after paho's read that called us, not inside it
+        def restore(will_session: int) -> None:  # as the agent: a will of an earlier connection landed after our ``ready``
+            asyncio.get_running_loop().call_soon(say_ready, will_session)  # after paho's read that called us, not inside it
 
-        def say_ready() -> None:
+        def say_ready(will_session: int) -> None:
+            if self._stop.is_set():  # stopping: ``disconnected`` is (or is about to be) the last word, never a ``ready`` after it
+                return
             with contextlib.suppress(ConnectionLost):  # lost meanwhile: the next connection says ``ready`` anyway
                 client.publish(status, _status("ready", self.session), qos=1, retain=True)
+                self.presence_restored.append(will_session)
 
         presence = Presence(status, self.session, restore)
         client = group.client(
@@ -510,7 +512,7 @@ class Presence:
 
     topic: str
     session: int
-    restore: Callable[[str], None]
+    restore: Callable[[int], None]
 
 
 def _on_message(
@@ -526,7 +528,7 @@ def _on_message(
         except wire.WireError:
             return
         if said.denies(presence.session):
-            presence.restore(said.state)
+            presence.restore(said.session)
     elif topic.endswith("/repo/reply"):
         try:
             reply = RepoReply.decode(payload)
