@@ -11,13 +11,15 @@ and ``--devices`` simulated devices spread over the three nodes (one connection 
 
 Figures: both rollout times and their ratio; seconds from the kill until every simulated device was connected
 again; telemetry lost (every batch the cluster acknowledged to a simulated device, over both rollouts, must be in the
-store by (device, seq)); jobs for 3.0.0 not ``ACTIVE``. Goal (issue 16): the rollout finishes across the kill and
-nothing is lost. One pair only: a killed node cannot be unkilled within the run.
+store by (device, seq)); jobs for 3.0.0 not ``ACTIVE``; devices the registry holds offline once every device is
+connected again (a will of a device's own run that reached the registry after its ``ready``, unanswered). Goal
+(issue 16): the rollout finishes across the kill and nothing is lost. One pair only: a killed node cannot be unkilled within the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import threading
@@ -66,6 +68,11 @@ def _rollout(controller: Any, version: str, kill: Callable[[], None] | None) -> 
     return out
 
 
+def _offline(store: Any) -> list[str]:
+    """Devices the registry holds offline (all of them are connected by then: a late will nobody answered)."""
+    return [d.id for d in store.devices() if not d.online]
+
+
 def run(n: int) -> dict[str, Any]:
     from fleet.controller import Controller
     from fleet.dev.nats import start_nats_cluster
@@ -89,7 +96,14 @@ def run(n: int) -> dict[str, Any]:
                     return sum(1 for d in store.devices() if d.online and d.models) >= n
 
                 out: dict[str, Any] = {"devices": n, "nodes": len(cluster.nodes)}
-                out["registered_s"] = round(wait_until(online, 300, "every device registered"), 1)
+                try:
+                    out["registered_s"] = round(wait_until(online, 300, "every device registered"), 1)
+                except TimeoutError as exc:  # say where it stood
+                    held = sum(1 for d in store.devices() if d.online and d.models)
+                    raise TimeoutError(
+                        f"{exc}: {held} of {n} online with models in the registry; the simulator: {sim.connected} connected, "
+                        f"{sim.reconnects} reconnections, {len(sim.presence_restored)} wills answered"
+                    ) from None
                 out["baseline"] = _rollout(controller, "2.0.0", None)
                 back: list[float] = []
                 node1: list[int] = []  # the devices connected to node 1 at the kill, and the reconnections before it
@@ -106,6 +120,9 @@ def run(n: int) -> dict[str, Any]:
                 out["killed"] = _rollout(controller, "3.0.0", kill)
                 wait_until(lambda: bool(back), 300, "every device of node 1 connected again")
                 out["killed"].update(devices_back_s=round(back[0], 1), devices_on_node1=node1[0], reconnects=sim.reconnects - node1[1])
+                with contextlib.suppress(TimeoutError):  # whoever is still offline in the registry then is counted below
+                    wait_until(lambda: not _offline(store), 30, "every device online in the registry")
+                out["presence"] = {"offline_in_registry": len(_offline(store)), "wills_answered": len(sim.presence_restored)}
             finally:
                 sims.stop()
             target = variant_target_path("m", "3.0.0", "onnx-fp32")
@@ -137,7 +154,7 @@ def run(n: int) -> dict[str, Any]:
 
 def table(r: dict[str, Any]) -> str:
     yes = {True: "yes", False: "NO"}
-    b, k, lost = r["baseline"], r["killed"], r["lost"]
+    b, k, lost, presence = r["baseline"], r["killed"], r["lost"], r["presence"]
     ratio = round(k["rollout_s"] / b["rollout_s"], 2) if b["rollout_s"] else None
     done = all(x["state"] == "done" and x["devices_moved"] == r["devices"] for x in (b, k))
     met = done and "killed_at_s" in k and lost["telemetry_lost"] == 0 and lost["jobs_not_active"] == 0
@@ -152,6 +169,9 @@ def table(r: dict[str, Any]) -> str:
         f"| telemetry acknowledged to the devices over both rollouts, lost | {lost['telemetry_lost']} of "
         f"{lost['telemetry_acknowledged']} | - | - | 0 | {yes[lost['telemetry_lost'] == 0]} |",
         f"| jobs for 3.0.0 not ACTIVE | {lost['jobs_not_active']} | - | - | 0 | {yes[lost['jobs_not_active'] == 0]} |",
+        f"| devices offline in the registry once every device is connected again (wills of their own run read and "
+        f"answered with `ready`: {presence['wills_answered']}) | {presence['offline_in_registry']} | - | - | 0 | "
+        f"{yes[presence['offline_in_registry'] == 0]} |",
     ]
     return "\n".join(rows) + "\n"
 

@@ -206,6 +206,7 @@ def test_the_cluster_benchmark_runs_small_and_loses_nothing(tmp_path: Path) -> N
     assert moving.get("assigned", 0) + moving.get("active", 0) > 0, r
     assert killed["devices_on_node1"] >= 5 and killed["reconnects"] >= killed["devices_on_node1"] and killed["devices_back_s"] > 0, r
     assert r["lost"]["telemetry_acknowledged"] > 0 and r["lost"]["telemetry_lost"] == 0 and r["lost"]["jobs_not_active"] == 0, r
+    assert r["presence"]["offline_in_registry"] == 0, r
     assert "| 3-wave rollout, 30 devices" in (tmp_path / "broker_cluster.md").read_text()
 
 
