@@ -115,6 +115,11 @@ class FleetMetrics:
             "edgefleet_store_stale_reports", "Device reports older than the one held, not taken", value=self.store.stale_reports
         )
         yield CounterMetricFamily(
+            "edgefleet_store_newer_runs",
+            "Devices put online by telemetry of a run whose ready status never reached the registry",
+            value=self.store.newer_runs,
+        )
+        yield CounterMetricFamily(
             "edgefleet_store_rejected_messages", "Messages the store could not take (skipped)", value=self.store.rejected
         )
         if c is not None:

@@ -865,3 +865,37 @@ def test_a_sqlite_store_that_cannot_be_opened_is_a_typed_error(tmp_path: Path) -
     for bad in (tmp_path, tmp_path / ("a" * 100_000), tmp_path / "plain" / "fleet.db"):
         with pytest.raises(StoreUnreachable, match="SQLite store"):
             FleetStore(bad)
+
+
+def test_telemetry_of_a_run_the_registry_never_saw_start_puts_the_device_online_on_it(store: FleetStore) -> None:
+    """A device's ``ready`` that never reached the registry (a nats-server cluster lost one at the first connection of
+    100 devices) left it offline with its models for good, and a rollout never assigned it. Telemetry of a run newer
+    than the record's puts the device online on that run, counted; telemetry of the record's own run after its will
+    (sent before the drop, delivered late) or of an earlier run changes nothing."""
+    now = time.time()
+
+    def status(state: str, session: int) -> tuple[str, wire.WireModel, float]:
+        return msg("a", "status", {"state": state, "session": session, "ts": now})
+
+    def batch(session: int, seq: int) -> tuple[str, wire.WireModel, float]:
+        return msg("a", "telemetry", {**telemetry(seq), "session": session})
+
+    def online() -> tuple[bool, int]:
+        d = store.device("a")
+        assert d is not None
+        return d.online, d.session
+
+    store.ingest([msg("a", "reported", reported("a", {}))])  # its report came, its ``ready`` never did
+    assert online() == (False, 0)
+    store.ingest([batch(7, 1)])
+    assert online() == (True, 7) and store.newer_runs == 1
+    store.ingest([status("lost", 7)])  # that run's will
+    store.ingest([batch(7, 2)])  # a batch of that run delivered after its will: not a sign of life
+    assert online() == (False, 7) and store.newer_runs == 1
+    store.ingest([batch(6, 1)])  # an earlier run's batch, re-sent from the outbox by a later run
+    assert online() == (False, 7) and store.newer_runs == 1
+    store.ingest([status("ready", 8), batch(8, 1)])  # the usual order: its status first, then the batch changes nothing
+    assert online() == (True, 8) and store.newer_runs == 1
+    store.ingest([batch(9, 1), status("lost", 9)])  # a batch and the run's will in one flush: the will is the last word
+    assert online() == (False, 9) and store.newer_runs == 1
+    assert store.duplicates == 0 and store.rejected == 0  # every batch was stored as telemetry all the same

@@ -140,29 +140,33 @@ def test_the_agent_and_the_simulator_answer_a_late_will_of_their_own_run_with_re
     broker.loop_start()
     try:
         sessions = {}
-        for topic in topics:  # a ``ready`` seen: the device's own subscriptions were made before it (same connection)
+        for topic in topics:
             said = wait_for(lambda t=topic: [s for s in watch.json(t) if s["state"] == "ready"], 30, f"ready on {topic}")
             sessions[topic] = said[0]["session"]
         assert sessions[topics[1]] == sim.session
-        for topic, session in sessions.items():
-            for late in (session - 1, session):  # an earlier run's will first: not answered
-                will = wire.encode(wire.Status(state="lost", session=late, ts=time.time()))
-                broker.publish(topic, will, qos=1, retain=True).wait_for_publish(5)
-
-        def answered(topic: str) -> bool:
-            said = watch.json(topic)
-            last_lost = max((i for i, s in enumerate(said) if s["state"] == "lost"), default=None)
-            return last_lost is not None and any(s["state"] == "ready" and s["session"] == sessions[topic] for s in said[last_lost:])
-
-        for topic in topics:
-            wait_for(lambda t=topic: answered(t), 30, f"ready again on {topic}")
-        # Each answered the will of its own run, and only that: each reads its messages in order, so once the answer to
-        # its own run's will is on record, the earlier run's will (sent first) was read, and an answer to it would be too.
         own = sessions[topics[0]]
-        wait_for(lambda: f"event=agent.presence_restored session={own} " in agent.text(), 10, "the agent's log")
-        assert agent.text().count("event=agent.presence_restored") == 1
-        wait_for(lambda: sim.session in sim.presence_restored, 10, "the simulator's answer counted")
-        assert sim.presence_restored == [sim.session]
+
+        def will(topic: str, session: int) -> None:
+            lost = wire.encode(wire.Status(state="lost", session=session, ts=time.time()))
+            broker.publish(topic, lost, qos=1, retain=True).wait_for_publish(5)
+
+        # a will of the device's own run: answered (read live, or from the retained store when the device subscribes to
+        # its status: it does once the broker took its ``ready``), which also shows its subscription is in place
+        for topic in topics:
+            will(topic, sessions[topic])
+        for topic in topics:
+            wait_for(lambda t=topic: _answered(watch.json(t), sessions[t]) >= 1, 30, f"ready again on {topic}")
+        # an earlier run's will, then one of its own run's again: only the second is answered. Each device reads its
+        # messages in order, so once its second answer is on record it has read the earlier run's will too.
+        for topic in topics:
+            will(topic, sessions[topic] - 1)
+            will(topic, sessions[topic])
+        for topic in topics:
+            wait_for(lambda t=topic: _answered(watch.json(t), sessions[t]) >= 2, 30, f"ready again on {topic}")
+        wait_for(lambda: agent.text().count(f"event=agent.presence_restored session={own} ") == 2, 10, "the agent's log")
+        assert agent.text().count("event=agent.presence_restored") == 2
+        wait_for(lambda: len(sim.presence_restored) >= 2, 10, "the simulator's answers counted")
+        assert sim.presence_restored == [sim.session, sim.session]
         retained = Subscriber(rig.broker, topics, "watch-late-will-retained")  # what the registry reads after a restart
         try:
             for topic in topics:
@@ -176,3 +180,14 @@ def test_the_agent_and_the_simulator_answer_a_late_will_of_their_own_run_with_re
         agent.stop()
         sims.stop()
         watch.close()
+
+
+def _answered(said: list[dict[str, object]], session: int) -> int:
+    """How many ``lost`` of run ``session`` on a status topic were followed by a ``ready`` of that run (before the next will)."""
+    out, waiting = 0, False
+    for s in said:
+        if s["state"] == "lost" and s["session"] == session:
+            waiting = True
+        elif s["state"] == "ready" and s["session"] == session and waiting:
+            out, waiting = out + 1, False
+    return out

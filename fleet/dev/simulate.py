@@ -265,10 +265,11 @@ class Simulator:
             await client.connect(host, port)
             await _subscribe(
                 client,
-                [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1), (status, 1)],
+                [(device_topic(d.id, "director", "#"), 1), (repo_reply_topic(d.id), 1), (device_topic(d.id, "cmd"), 1)],
             )
             await client.publish_acknowledged(status, _status("ready", self.session), retain=True)
             await self._report(client, d)
+            await _subscribe(client, [(status, 1)])  # after ``ready`` was taken (Session._on_connect says why)
             on_connected()
             await self._connected(client, d, status, replies, updates)
         finally:

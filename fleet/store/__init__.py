@@ -80,6 +80,10 @@ class FleetStore:
         self.rejected = 0  # messages the store could not take (the wire let them through): skipped, counted
         self.stale_reports = 0  # a replayed ``reported`` older than the one held, of the same run: not taken
         self.last_rejection = ""
+        self.newer_runs = 0  # devices put online by telemetry of a run whose ``ready`` never reached the registry
+        # each device's run as this store last read or wrote it: a hint that keeps the registry out of the telemetry
+        # path (a batch of a run not newer than this needs no look), never the truth (another controller may be ahead)
+        self._sessions: dict[str, int] = {}
         self._devices, self._telemetry, self._rollouts = Devices(self.db), Telemetry(self.db), Rollouts(self.db)
         self._director = DirectorFiles(self.db)
         from fleet.leader import running_controllers  # here: fleet.leader imports this package's url module
@@ -115,7 +119,8 @@ class FleetStore:
                 stored = self._add_batches(batches)
                 n, duplicates = stored.count(True), stored.count(False)
                 changed: dict[str, Device] = {}  # the registry's records this batch changed, written once each
-                self._devices.lock(d for d, m, _ in items if isinstance(m, (wire.Status, wire.Reported)))
+                runs = self._runs_to_check(batches, stored)
+                self._devices.lock([*(d for d, m, _ in items if isinstance(m, (wire.Status, wire.Reported))), *runs])
                 stale = 0
                 for i, (device, message, received) in enumerate(items):
                     if isinstance(message, wire.TelemetryBatch):
@@ -128,12 +133,37 @@ class FleetStore:
                         continue
                     n += outcome == "stored"
                     stale += outcome == "stale"
+                newer = self._newer_runs(changed, runs)
                 for d in changed.values():
                     self._devices.write(d)
                 self._telemetry.add_totals(b for (_, b, _), ok in zip(batches, stored) if ok)
             self.duplicates += duplicates  # counted once the transaction holds
             self.stale_reports += stale
+            self.newer_runs += newer
+            self._sessions.update((d.id, d.session) for d in changed.values())
         return n
+
+    def _runs_to_check(self, batches: Sequence[Batch], stored: Sequence[bool | None]) -> dict[str, tuple[int, float]]:
+        """The devices whose stored telemetry names a run newer than this store last knew them on: (run, received)."""
+        runs: dict[str, tuple[int, float]] = {}
+        known = self._sessions
+        for (device, batch, received), ok in zip(batches, stored):
+            if ok and batch.session > known.get(device, -1) and batch.session > runs.get(device, (-1, 0.0))[0]:
+                runs[device] = (batch.session, received)
+        return runs
+
+    def _newer_runs(self, changed: dict[str, Device], runs: Mapping[str, tuple[int, float]]) -> int:
+        """After the batch's status and reports: each device whose telemetry names a run newer than its record's is
+        online on that run (``heard_from_newer_run``); how many were. The others' runs become this store's hint."""
+        newer = 0
+        for device, (session, received) in runs.items():
+            d = changed.get(device) or self._devices.get(device) or Device(device)
+            if registry.heard_from_newer_run(d, session, received):
+                changed[device] = d
+                newer += 1
+            else:
+                self._sessions[device] = d.session
+        return newer
 
     def _add_batches(self, batches: Sequence[Batch]) -> list[bool | None]:
         """Every batch in one go; when that fails on a record, each alone, so only the bad one is refused (None)."""

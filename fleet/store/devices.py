@@ -106,6 +106,19 @@ def apply(d: Device, message: wire.WireModel, received: float) -> bool:
     return True
 
 
+def heard_from_newer_run(d: Device, session: int, received: float) -> bool:
+    """A telemetry batch of ``session``, a run newer than the record's: the device is up on a run whose ``ready`` the
+    registry never got, so ``d`` becomes online on it. Seen on a 3-node NATS cluster: a device's ``ready``, published
+    as the controller's subscription was being made on another node, reached neither the subscription nor its
+    retained replay; the record stayed offline, with its models, for good, and a rollout never assigned the device.
+    The run's will, when it goes, names this run and is taken (``apply``); a batch of the record's own run or an
+    older one changes nothing (it may have been sent before that run's will)."""
+    if session <= d.session:
+        return False
+    d.session, d.online, d.last_seen = session, True, received
+    return True
+
+
 _JOB_STEPS = ["IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK"]
 _JOB_ENDS = 6  # the rank of every end (ACTIVE, SHADOW, FAILED, REJECTED); ROLLED_BACK is 7
 
