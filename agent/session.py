@@ -85,6 +85,7 @@ class Session:
         # will carries our client id, and the broker would drop it.
         self._own_status = Route("status", self._on_own_status) if presence else None
         self._ready_mid: int | None = None  # this connection's ``ready``: its PUBACK subscribes to our own status
+        self._status_sub_mid: int | None = None  # that subscription's SUBACK is not the one ``wait_connected`` waits for
         self.on_connected = on_connected
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -178,14 +179,21 @@ class Session:
         logs.event(log, "agent.connected", broker=self._client.address, client=self.client_id)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
-        """Our one subscribe per connection was answered (``FailoverClient`` calls this after its retries of refused topics)."""
-        self._subscribed.set()
+        """The routes' subscribe of this connection was answered (``FailoverClient`` calls this after its retries of
+        refused topics); the own status's, asked for after ``ready``, is not what ``wait_connected`` waits for."""
+        if mid != self._status_sub_mid:
+            self._subscribed.set()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        """The broker took this connection's ``ready``: now subscribe to our own status (see ``__init__``)."""
-        if mid == self._ready_mid and self._own_status is not None:
-            self._ready_mid = None
-            client.subscribe([(self._own_status.topic(self.device_id), 1)])
+        """The broker took this connection's ``ready``: now subscribe to our own status (see ``__init__``). On a
+        connection that found its session, the broker already holds that subscription; asking again changes nothing."""
+        if mid != self._ready_mid or self._own_status is None:
+            return
+        self._ready_mid = None
+        if getattr(reason, "is_failure", False):  # MQTT 5: refused (an ACL): the status is not ours to watch either
+            logs.event(log, "agent.ready_refused", logging.ERROR, reason=str(reason))
+            return
+        self._status_sub_mid = client.subscribe([(self._own_status.topic(self.device_id), 1)])[1]
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._connected.clear()

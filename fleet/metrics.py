@@ -116,7 +116,7 @@ class FleetMetrics:
         )
         yield CounterMetricFamily(
             "edgefleet_store_newer_runs",
-            "Devices put online by telemetry of a run whose ready status never reached the registry",
+            "Devices put online by telemetry of a run before its ready status reached the registry (lost, or late)",
             value=self.store.newer_runs,
         )
         yield CounterMetricFamily(

@@ -899,3 +899,27 @@ def test_telemetry_of_a_run_the_registry_never_saw_start_puts_the_device_online_
     store.ingest([batch(9, 1), status("lost", 9)])  # a batch and the run's will in one flush: the will is the last word
     assert online() == (False, 9) and store.newer_runs == 1
     assert store.duplicates == 0 and store.rejected == 0  # every batch was stored as telemetry all the same
+
+
+def test_a_controller_whose_run_hint_is_behind_reads_the_record_before_it_decides(store_location: Path | str) -> None:
+    """Two controllers on one store: the one that last saw run 7 gets a batch of run 8 after the other stored run 8's
+    ``ready`` and then its will. Its hint is only a lower bound: it reads the record, and the device stays offline."""
+    now = time.time()
+    first, second = FleetStore(store_location), FleetStore(store_location)
+    try:
+
+        def batch(session: int, seq: int) -> tuple[str, wire.WireModel, float]:
+            return msg("a", "telemetry", {**telemetry(seq), "session": session})
+
+        first.ingest([msg("a", "status", {"state": "ready", "session": 7, "ts": now}), batch(7, 1)])
+        second.ingest([msg("a", "status", {"state": "ready", "session": 8, "ts": now})])
+        second.ingest([msg("a", "status", {"state": "lost", "session": 8, "ts": now})])
+        first.ingest([batch(8, 1)])  # sent before run 8's will, delivered to the first controller after it
+        d = first.device("a")
+        assert d is not None and (d.online, d.session) == (False, 8) and first.newer_runs == 0
+        first.ingest([batch(9, 1)])  # a run neither saw start: online on it
+        d = second.device("a")
+        assert d is not None and (d.online, d.session) == (True, 9) and first.newer_runs == 1
+    finally:
+        first.close()
+        second.close()

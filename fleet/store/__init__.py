@@ -80,7 +80,7 @@ class FleetStore:
         self.rejected = 0  # messages the store could not take (the wire let them through): skipped, counted
         self.stale_reports = 0  # a replayed ``reported`` older than the one held, of the same run: not taken
         self.last_rejection = ""
-        self.newer_runs = 0  # devices put online by telemetry of a run whose ``ready`` never reached the registry
+        self.newer_runs = 0  # devices put online by telemetry of a run before its ``ready`` reached the registry (lost, or late)
         # each device's run as this store last read or wrote it: a hint that keeps the registry out of the telemetry
         # path (a batch of a run not newer than this needs no look), never the truth (another controller may be ahead)
         self._sessions: dict[str, int] = {}
@@ -119,8 +119,9 @@ class FleetStore:
                 stored = self._add_batches(batches)
                 n, duplicates = stored.count(True), stored.count(False)
                 changed: dict[str, Device] = {}  # the registry's records this batch changed, written once each
-                runs = self._runs_to_check(batches, stored)
+                runs = self._runs_to_check(batches, stored, items)
                 self._devices.lock([*(d for d, m, _ in items if isinstance(m, (wire.Status, wire.Reported))), *runs])
+                newer, seen = self._newer_runs(changed, runs)  # first: a report in this flush then belongs to the new run
                 stale = 0
                 for i, (device, message, received) in enumerate(items):
                     if isinstance(message, wire.TelemetryBatch):
@@ -133,37 +134,46 @@ class FleetStore:
                         continue
                     n += outcome == "stored"
                     stale += outcome == "stale"
-                newer = self._newer_runs(changed, runs)
                 for d in changed.values():
                     self._devices.write(d)
                 self._telemetry.add_totals(b for (_, b, _), ok in zip(batches, stored) if ok)
             self.duplicates += duplicates  # counted once the transaction holds
             self.stale_reports += stale
             self.newer_runs += newer
+            self._sessions.update(seen)  # once the transaction holds: a rolled-back flush teaches the hint nothing
             self._sessions.update((d.id, d.session) for d in changed.values())
         return n
 
-    def _runs_to_check(self, batches: Sequence[Batch], stored: Sequence[bool | None]) -> dict[str, tuple[int, float]]:
-        """The devices whose stored telemetry names a run newer than this store last knew them on: (run, received)."""
+    def _runs_to_check(
+        self, batches: Sequence[Batch], stored: Sequence[bool | None], items: Sequence[tuple[str, wire.WireModel, float]]
+    ) -> dict[str, tuple[int, float]]:
+        """The devices whose stored telemetry names a run newer than this store last knew them on and than any status
+        of theirs in this flush (which says it itself): (run, received)."""
         runs: dict[str, tuple[int, float]] = {}
-        known = self._sessions
+        known, said = self._sessions, dict[str, int]()
+        for device, message, _ in items:
+            if isinstance(message, wire.Status) and message.session > said.get(device, -1):
+                said[device] = message.session
         for (device, batch, received), ok in zip(batches, stored):
-            if ok and batch.session > known.get(device, -1) and batch.session > runs.get(device, (-1, 0.0))[0]:
-                runs[device] = (batch.session, received)
+            session = batch.session
+            if ok and session > known.get(device, -1) and session > said.get(device, -1) and session > runs.get(device, (-1, 0.0))[0]:
+                runs[device] = (session, received)
         return runs
 
-    def _newer_runs(self, changed: dict[str, Device], runs: Mapping[str, tuple[int, float]]) -> int:
-        """After the batch's status and reports: each device whose telemetry names a run newer than its record's is
-        online on that run (``heard_from_newer_run``); how many were. The others' runs become this store's hint."""
-        newer = 0
+    def _newer_runs(self, changed: dict[str, Device], runs: Mapping[str, tuple[int, float]]) -> tuple[int, dict[str, int]]:
+        """Before the batch's status and reports (which then have the last word, a will included): each device whose
+        telemetry names a run newer than its record's is online on that run (``heard_from_newer_run``, into
+        ``changed``). How many were, and the runs of the records that were not newer (for the hint). One read."""
+        newer, seen = 0, {}
+        records = {d.id: d for d in self._devices.some(runs)} if runs else {}
         for device, (session, received) in runs.items():
-            d = changed.get(device) or self._devices.get(device) or Device(device)
+            d = records.get(device) or Device(device)
             if registry.heard_from_newer_run(d, session, received):
                 changed[device] = d
                 newer += 1
             else:
-                self._sessions[device] = d.session
-        return newer
+                seen[device] = d.session
+        return newer, seen
 
     def _add_batches(self, batches: Sequence[Batch]) -> list[bool | None]:
         """Every batch in one go; when that fails on a record, each alone, so only the bad one is refused (None)."""

@@ -112,7 +112,9 @@ def heard_from_newer_run(d: Device, session: int, received: float) -> bool:
     as the controller's subscription was being made on another node, reached neither the subscription nor its
     retained replay; the record stayed offline, with its models, for good, and a rollout never assigned the device.
     The run's will, when it goes, names this run and is taken (``apply``); a batch of the record's own run or an
-    older one changes nothing (it may have been sent before that run's will)."""
+    older one changes nothing (it may have been sent before that run's will). Left as it was: ``reported_session``,
+    so a report of the new run stored before this (while the record was on the earlier run) does not guard the
+    run against replays of older reports (``stale_replay``): a report names no run."""
     if session <= d.session:
         return False
     d.session, d.online, d.last_seen = session, True, received
