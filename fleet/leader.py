@@ -89,6 +89,11 @@ class Leadership:
 
     def release(self) -> None:
         """Stop leading (idempotent): the lock's connection closes, or the file is unlocked."""
+        if self._conn is not None and self._locked:
+            try:  # unlocked now: a closed connection's session (and lock) ends only when the server gets to it
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+            except Exception:  # a broken connection: closing it below ends the session all the same
+                pass
         self._close_conn()
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
