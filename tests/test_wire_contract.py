@@ -20,6 +20,7 @@ from agent import wire
 from agent.client import EdgeClient, RemoteError
 from agent.daemon import Agent
 from agent.settings import load_settings
+from fleet.dev.broker import start_broker
 from fleet.dev.simulate import Simulator, SimulatorThread
 
 OPTIONAL_BY_HARDWARE = {"system.temperature_c"}  # only where the machine has thermal sensors
@@ -180,6 +181,46 @@ def test_the_agent_and_the_simulator_answer_a_late_will_of_their_own_run_with_re
         agent.stop()
         sims.stop()
         watch.close()
+
+
+def test_the_agent_watches_its_status_again_on_a_broker_that_lost_its_session(rig: Rig, tmp_path: Path) -> None:
+    """The agent subscribes to its own status once the broker took a connection's ``ready``, and stops listening for
+    PUBACKs after that (paho calls the callback for every reply's). A broker restarted without persistence has lost
+    the subscription with the session: the new connection's ``ready`` must subscribe again, or a late will of the
+    run after the restart would leave the device offline in the registry."""
+    broker = start_broker(tmp_path / "broker")
+    device = "late-will-restart"
+    topic = wire.device_topic(device, "status")
+    config = rig.write_config(device)
+    config.write_text(config.read_text().replace(f"port = {rig.broker.port}", f"port = {broker.port}"))
+    agent = AgentProcess(config, tmp_path / "agent.log")
+    owner = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="late-will-restart-broker")
+    owner.reconnect_delay_set(1, 2)
+    owner.connect(broker.host, broker.port)
+    owner.loop_start()
+    watchers: list[Subscriber] = []
+    try:
+        for connection in (1, 2):
+            if connection == 2:
+                broker.start_again()  # every session and retained message gone; the agent reconnects
+            watch = Subscriber(broker, [topic], f"watch-late-will-restart-{connection}")
+            watchers.append(watch)
+            said = wait_for(lambda w=watch: [s for s in w.json(topic) if s["state"] == "ready"], 30, f"ready on connection {connection}")
+            session = said[0]["session"]
+            wait_for(owner.is_connected, 10, "the will's publisher connected")
+            lost = wire.encode(wire.Status(state="lost", session=session, ts=time.time()))
+            owner.publish(topic, lost, qos=1, retain=True).wait_for_publish(5)
+            wait_for(lambda w=watch, s=session: _answered(w.json(topic), s) >= 1, 30, f"ready again on connection {connection}")
+        # answered on the connection after the restart (mosquitto stopping also sends the agent its own will, which
+        # it answers as the broker goes: how many answers in all is the broker's business)
+        assert f"event=agent.presence_restored session={session} " in agent.text().split("event=agent.connected")[-1]
+    finally:
+        owner.disconnect()
+        owner.loop_stop()
+        agent.stop()
+        for watch in watchers:
+            watch.close()
+        broker.stop()
 
 
 def _answered(said: list[dict[str, object]], session: int) -> int:
