@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import struct
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import EdgefleetError
+from agent.wire import fastjson
 
 __all__ = ["BINARY_MAGIC", "DTYPES", "PayloadError", "Reply", "Request", "decode_request", "encode_reply", "encode_request"]
 
@@ -129,7 +129,7 @@ def decode_request(payload: bytes, max_bytes: int) -> Request:
     if payload[:4] == BINARY_MAGIC:
         return _decode_binary(payload)
     try:
-        data = json.loads(payload)
+        data = fastjson.loads(payload)
     except UnicodeDecodeError:
         raise PayloadError("payload is neither UTF-8 JSON nor binary (EFB1)") from None
     except ValueError as exc:
@@ -175,7 +175,7 @@ def _decode_binary(payload: bytes) -> Request:
     if hlen > len(payload) - 8 or hlen > 65536:
         raise PayloadError("binary header length runs past the payload")
     try:
-        header = json.loads(payload[8 : 8 + hlen])
+        header = fastjson.loads(payload[8 : 8 + hlen])
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise PayloadError("binary header is not JSON") from None
     if not isinstance(header, dict):
@@ -222,7 +222,7 @@ def _tensor_json(arr: np.ndarray, b64: bool) -> Any:
     if b64:
         arr = np.ascontiguousarray(arr)
         return {"dtype": _dtype_name(arr.dtype), "shape": list(arr.shape), "b64": base64.b64encode(arr.tobytes()).decode()}
-    return arr.tolist()
+    return fastjson.tensor(arr)
 
 
 _DTYPE_NAMES = {np.dtype(name): name for name in DTYPES}
@@ -243,10 +243,10 @@ def encode_reply(reply: Reply, binary: bool = False, b64: bool = False) -> bytes
     if not binary:
         if not reply.error_code:
             head["outputs"] = {k: _tensor_json(v, b64) for k, v in reply.outputs.items()}
-        return json.dumps(head, allow_nan=True).encode()
+        return fastjson.dumps(head)
     arrays = [np.ascontiguousarray(v) for v in reply.outputs.values()] if not reply.error_code else []
     head["tensors"] = [{"name": k, "dtype": _dtype_name(a.dtype), "shape": list(a.shape)} for k, a in zip(reply.outputs, arrays)]
-    h = json.dumps(head).encode()
+    h = fastjson.dumps(head)
     return b"".join([BINARY_MAGIC, struct.pack(">I", len(h)), h, *(a.tobytes() for a in arrays)])
 
 
@@ -269,12 +269,12 @@ def encode_request(
             head["inputs"] = {k: _tensor_json(np.asarray(v), b64) for k, v in inputs.items()}
         else:  # the model's only input
             head["inputs"] = _tensor_json(np.asarray(inputs), b64)
-        return json.dumps(head).encode()
+        return fastjson.dumps(head)
     if not isinstance(inputs, dict):
         raise ValueError("the binary form names every tensor: pass a dict")
     arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
     head["tensors"] = [{"name": k, "dtype": a.dtype.name, "shape": list(a.shape)} for k, a in arrays.items()]
-    h = json.dumps(head).encode()
+    h = fastjson.dumps(head)
     return b"".join([BINARY_MAGIC, struct.pack(">I", len(h)), h, *(a.tobytes() for a in arrays.values())])
 
 
@@ -294,7 +294,7 @@ def peek_request(payload: bytes) -> Request:
         header: Any = None
         if hlen <= 4096:
             try:
-                header = json.loads(payload[8 : 8 + hlen])
+                header = fastjson.loads(payload[8 : 8 + hlen])
             except (ValueError, UnicodeDecodeError, RecursionError):
                 header = None
         if isinstance(header, dict):
@@ -313,7 +313,7 @@ def peek_request(payload: bytes) -> Request:
 def _decode_reply(payload: bytes) -> Reply:
     if payload[:4] == BINARY_MAGIC:
         (hlen,) = struct.unpack(">I", payload[4:8])
-        head = json.loads(payload[8 : 8 + hlen])
+        head = fastjson.loads(payload[8 : 8 + hlen])
         body, offset, outputs = memoryview(payload)[8 + hlen :], 0, {}
         for t in head.get("tensors", []):
             dtype, shape = np.dtype(t["dtype"]), tuple(t["shape"])
@@ -321,7 +321,7 @@ def _decode_reply(payload: bytes) -> Reply:
             outputs[t["name"]] = np.frombuffer(body[offset : offset + n], dtype=dtype).reshape(shape)
             offset += n
     else:
-        head = json.loads(payload)
+        head = fastjson.loads(payload)
         outputs = {}
         for k, v in head.get("outputs", {}).items():
             if isinstance(v, dict):
