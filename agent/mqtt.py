@@ -83,6 +83,7 @@ class ReadAheadClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._read_buffer = b""
         self._read_at = 0
+        self._write_lock = threading.Lock()  # one writer at a time: the loop's thread, or another sending directly
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._read_at >= len(self._read_buffer):
@@ -109,8 +110,14 @@ class ReadAheadClient(mqtt.Client):
         self, command: int, packet: bytes | bytearray, mid: int, qos: int, info: mqtt.MQTTMessageInfo | None = None
     ) -> MQTTErrorCode:
         """paho wakes its loop through a socket pair for every packet queued; the loop's own thread (a callback
-        acknowledging or answering) needs no waking: ``loop_read`` writes what was queued once the reads are done."""
-        if self._thread is None or threading.get_ident() != self._thread.ident:
+        acknowledging or answering) needs no waking: ``loop_read`` writes what was queued once the reads are done.
+        Beside a loop on its own thread (``loop_start``), another thread (a serving worker answering) sends a QoS 1 or 2
+        PUBLISH itself when nothing is queued before it and no one is writing (``_send_now``): the loop is woken only
+        for what that thread could not send."""
+        thread = self._thread
+        if thread is None or threading.get_ident() != thread.ident:
+            if thread is not None and command & 0xF0 == mqtt.PUBLISH and qos and self._send_now(packet, mid, qos, info):
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
             return super()._packet_queue(command, packet, mid, qos, info)
         wake, self._sockpairW = self._sockpairW, None  # another thread queuing meanwhile is written by this loop too
         try:
@@ -118,11 +125,45 @@ class ReadAheadClient(mqtt.Client):
         finally:
             self._sockpairW = wake
 
+    def _send_now(self, packet: bytes | bytearray, mid: int, qos: int, info: mqtt.MQTTMessageInfo | None) -> bool:
+        """Send ``packet`` from this thread; False (nothing sent) where the loop must: TLS (one SSL connection must not
+        be read and written by two threads at once) or websockets, packets already queued (their order), or the loop
+        writing now. What the socket did not take is queued, and the loop woken to write it.
+
+        Why: an answer made on a worker thread otherwise costs a wake of paho's loop, a switch to its thread and one
+        round of its loop before it leaves; on a fast model that is a large part of a queued request's cost."""
+        if self._ssl or self._transport != "tcp" or self._out_packet or not self._write_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._out_packet:  # queued by another thread after the first look
+                return False
+            try:
+                sent = self._sock_send(packet)
+            except (AttributeError, ValueError, OSError):  # no socket, or it failed: the loop writes and finds out
+                return False
+            with self._msgtime_mutex:
+                self._last_msg_out = mqtt.time_func()
+            if sent < len(packet):
+                rest = {"command": mqtt.PUBLISH, "mid": mid, "qos": qos, "pos": sent, "to_process": len(packet) - sent}
+                self._out_packet.append({**rest, "packet": packet, "info": info})  # type: ignore[arg-type,typeddict-item]
+        finally:
+            self._write_lock.release()
+        if self._out_packet and self._sockpairW is not None:
+            try:
+                self._sockpairW.send(b"0")
+            except (BlockingIOError, OSError):
+                pass
+        return True
+
     def _packet_write(self) -> MQTTErrorCode:
         """Small packets queued since the last write go out in one ``send`` where paho has nothing to do after writing
         them (all but QoS 0 PUBLISH, whose callback fires once written, and DISCONNECT). Large ones go alone: paho
         copies what is left of a packet at every partial send, so a merged 2 MB write of 256 KiB chunks cost the
-        repository server a fifth of its throughput."""
+        repository server a fifth of its throughput. One writer at a time (``_send_now``)."""
+        with self._write_lock:
+            return self._write_queued()
+
+    def _write_queued(self) -> MQTTErrorCode:
         out = self._out_packet
         if len(out) > 1 and _mergeable(out[0]) and _mergeable(out[1]):
             merged, size = [out.popleft()], 0

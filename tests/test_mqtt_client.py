@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -253,6 +254,80 @@ def test_what_it_publishes_arrives_and_is_acknowledged_once(broker: RunningBroke
         assert all_acked.wait(10), f"{len(acked)} of 600 reported published"  # QoS 0 once written, 1 and 2 once acknowledged
         assert len(acked) == 600 and len({mid for mid, _ in acked}) == 600
         assert not any(failed for _, failed in acked)
+        assert sink.empty()
+    finally:
+        for c in (ours, stock):
+            c.loop_stop()
+            c.disconnect()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_threads_sending_beside_the_loop_lose_nothing_and_keep_their_order(broker: RunningBroker, version: str) -> None:
+    """A QoS 1 or 2 PUBLISH from another thread is sent by that thread when nothing is queued and the loop is not
+    writing (``_send_now``); what the socket does not take is queued for the loop. Messages of up to 4 MiB one at a
+    time, then four threads at once (up to 150 KB) while the loop answers a stock client's messages from its own
+    thread, through a socket that takes about 32 KiB at a time: every message arrives whole, once, and each thread's
+    in the order it sent them."""
+    cid = f"threads-{version}"
+    settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=version)  # type: ignore[arg-type]
+    sink: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    stock = _publisher(broker, version)
+    stock.on_message = lambda c, u, m: sink.put(m)
+    subscribed = threading.Event()
+    stock.on_subscribe = lambda *a: subscribed.set()
+    stock.subscribe(f"t/{cid}/out/#", qos=2)
+    assert subscribed.wait(10)
+    ours = transport.client(settings, cid)
+    opened = ours.on_socket_open
+
+    def small_send_buffer(client: Any, userdata: Any, sock: Any) -> None:  # partial sends from 32 KiB on
+        if opened is not None:
+            opened(client, userdata, sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+
+    ours.on_socket_open = small_send_buffer
+    ours.on_message = lambda c, u, m: c.publish(f"t/{cid}/out/loop", m.payload, qos=1)
+    ready = threading.Event()
+    ours.on_subscribe = lambda *a: ready.set()
+    transport.connect(ours, settings)
+    ours.loop_start()
+    ours.subscribe(f"t/{cid}/in", qos=1)
+    assert ready.wait(10)
+    sizes = [10, 200, 5_000, 70_000, 150_000]  # (paho copies what is left of a packet at each partial send: no MiBs here)
+    per_thread = 100
+
+    def send(thread: int) -> None:
+        for i in range(per_thread):
+            head = f"{thread}:{i}:".encode()
+            qos = 1 + i % 2  # each QoS on its own topic: a broker orders messages within one QoS, not across them
+            ours.publish(f"t/{cid}/out/{thread}/{qos}", head + os.urandom(8) * (sizes[(i * 7 + thread) % len(sizes)] // 8), qos=qos)
+
+    try:
+        # one at a time from another thread, each sent by that thread (nothing queued): most more than the socket
+        # takes at once, so the rest goes to the loop
+        for i, size in enumerate([100, 64 << 10, 1 << 20, 4 << 20, 3 << 20, 10]):
+            body = f"alone:{i}:".encode() + os.urandom(size)
+            threading.Thread(target=ours.publish, args=(f"t/{cid}/out/alone", body, 1)).start()
+            assert bytes(_take(sink, 1)[0].payload) == body
+        threads = [threading.Thread(target=send, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for i in range(200):
+            stock.publish(f"t/{cid}/in", f"loop:{i}:".encode(), qos=1)
+        for t in threads:
+            t.join(60)
+        got = _take(sink, 4 * per_thread + 200, timeout=60)
+        order: dict[str, list[int]] = {}
+        for m in got:
+            name, index, _ = bytes(m.payload).split(b":", 2)
+            order.setdefault(m.topic, []).append(int(index))
+            if name != b"loop":
+                expected = sizes[(int(index) * 7 + int(name)) % len(sizes)] // 8 * 8 + len(name) + len(index) + 2
+                assert len(m.payload) == expected, (m.topic, int(index), len(m.payload))
+        for t in range(4):  # whole, once, in order
+            assert order[f"t/{cid}/out/{t}/1"] == list(range(0, per_thread, 2))
+            assert order[f"t/{cid}/out/{t}/2"] == list(range(1, per_thread, 2))
+        assert sorted(order[f"t/{cid}/out/loop"]) == list(range(200))
         assert sink.empty()
     finally:
         for c in (ours, stock):
