@@ -83,7 +83,9 @@ class ReadAheadClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._read_buffer = b""
         self._read_at = 0
-        self._write_lock = threading.Lock()  # one writer at a time: the loop's thread, or another sending directly
+        # One writer at a time: the loop's thread, or another sending directly (``_send_now``); held by ``reconnect`` too.
+        # Reentrant: a client without a loop thread of its own writes from inside paho's calls that may hold it.
+        self._write_lock = threading.RLock()
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._read_at >= len(self._read_buffer):
@@ -132,20 +134,24 @@ class ReadAheadClient(mqtt.Client):
 
         Why: an answer made on a worker thread otherwise costs a wake of paho's loop, a switch to its thread and one
         round of its loop before it leaves; on a fast model that is a large part of a queued request's cost."""
-        if self._ssl or self._transport != "tcp" or self._out_packet or not self._write_lock.acquire(blocking=False):
+        if self._ssl or self._transport != "tcp" or self._out_packet or not self.is_connected():
+            return False  # (not connected: a reconnect is replacing the socket, and its CONNECT goes first)
+        if not self._write_lock.acquire(blocking=False):
             return False
         try:
-            if self._out_packet:  # queued by another thread after the first look
+            sock = self._sock
+            if self._out_packet or sock is None:  # queued by another thread after the first look; or no socket now
                 return False
             try:
-                sent = self._sock_send(packet)
-            except (AttributeError, ValueError, OSError):  # no socket, or it failed: the loop writes and finds out
+                sent = sock.send(packet)
+            except (ValueError, OSError):  # it would block, or failed: the loop writes it and finds out
                 return False
             with self._msgtime_mutex:
                 self._last_msg_out = mqtt.time_func()
-            if sent < len(packet):
+            if sent < len(packet) and self._sock is sock:  # (a socket closed meanwhile: paho sends it again on the next)
                 rest = {"command": mqtt.PUBLISH, "mid": mid, "qos": qos, "pos": sent, "to_process": len(packet) - sent}
-                self._out_packet.append({**rest, "packet": packet, "info": info})  # type: ignore[arg-type,typeddict-item]
+                # First in the queue, before anything queued meanwhile: its first bytes are on the wire already
+                self._out_packet.appendleft({**rest, "packet": packet, "info": info})  # type: ignore[arg-type,typeddict-item]
         finally:
             self._write_lock.release()
         if self._out_packet and self._sockpairW is not None:
@@ -154,6 +160,12 @@ class ReadAheadClient(mqtt.Client):
             except (BlockingIOError, OSError):
                 pass
         return True
+
+    def reconnect(self) -> MQTTErrorCode:
+        """paho's, holding the write lock: no thread sends directly, or queues the rest of a send, while paho replaces
+        the socket and empties the queue (it iterates the queue: a packet put in meanwhile would end its thread)."""
+        with self._write_lock:
+            return super().reconnect()
 
     def _packet_write(self) -> MQTTErrorCode:
         """Small packets queued since the last write go out in one ``send`` where paho has nothing to do after writing

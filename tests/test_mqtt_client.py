@@ -335,6 +335,64 @@ def test_threads_sending_beside_the_loop_lose_nothing_and_keep_their_order(broke
             c.disconnect()
 
 
+class _OneShortSend:
+    """The client's socket, whose first large send takes only part of the packet after another thread has queued a
+    packet of its own (the moment a worker's direct send can meet another thread's): everything else as the socket."""
+
+    def __init__(self, sock: socket.socket, meanwhile: Any) -> None:
+        self._sock, self._meanwhile, self.done = sock, meanwhile, False
+
+    def send(self, data: Any) -> int:
+        if len(data) > 100_000 and not self.done:
+            self.done = True
+            other = threading.Thread(target=self._meanwhile)
+            other.start()
+            other.join(10)
+            return self._sock.send(bytes(data[:30_000]))
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_rest_of_a_short_direct_send_goes_before_what_was_queued_meanwhile(broker: RunningBroker, version: str) -> None:
+    """A red-team read found it: the rest of a PUBLISH whose first bytes a thread sent went to the back of the queue,
+    behind a packet another thread queued meanwhile, whose bytes then landed inside the first message's."""
+    cid = f"short-{version}"
+    settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=version)  # type: ignore[arg-type]
+    sink: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    stock = _publisher(broker, version)
+    stock.on_message = lambda c, u, m: sink.put(m)
+    subscribed = threading.Event()
+    stock.on_subscribe = lambda *a: subscribed.set()
+    stock.subscribe(f"t/{cid}/#", qos=1)
+    assert subscribed.wait(10)
+    ours = transport.client(settings, cid)
+    connected, dropped = threading.Event(), threading.Event()
+    ours.on_connect = lambda *a: connected.set()
+    ours.on_disconnect = lambda *a: dropped.set()  # a corrupted stream: the broker closes it, paho sends the first again
+    transport.connect(ours, settings)
+    ours.loop_start()
+    try:
+        assert connected.wait(10)
+        # QoS 0 (a QoS 1 or 2 publish waits for paho's message lock, which the sender holds; an acknowledgement or a
+        # ping the loop queues does not either)
+        short = _OneShortSend(ours._sock, lambda: ours.publish(f"t/{cid}/second", b"second", qos=0))
+        ours._sock = short
+        big = os.urandom(200_000)
+        first = ours.publish(f"t/{cid}/first", big, qos=1)
+        first.wait_for_publish(10)
+        assert short.done and first.is_published()
+        got = [(m.topic, bytes(m.payload)) for m in _take(sink, 2)]
+        assert sorted(got) == [(f"t/{cid}/first", big), (f"t/{cid}/second", b"second")]
+        assert not dropped.is_set() and ours.is_connected()
+    finally:
+        for c in (ours, stock):
+            c.loop_stop()
+            c.disconnect()
+
+
 def _outcome(client: mqtt.Client, header: int, packet: bytes) -> tuple[Any, ...]:
     """What a client makes of one PUBLISH packet from the broker: the message its callback got, or the error."""
     got: list[mqtt.MQTTMessage] = []
