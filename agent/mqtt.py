@@ -117,10 +117,17 @@ class ReadAheadClient(mqtt.Client):
         PUBLISH itself when nothing is queued before it and no one is writing (``_send_now``): the loop is woken only
         for what that thread could not send."""
         thread = self._thread
-        if thread is None or threading.get_ident() != thread.ident:
-            if thread is not None and command & 0xF0 == mqtt.PUBLISH and qos and self._send_now(packet, mid, qos, info):
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if thread is None:
             return super()._packet_queue(command, packet, mid, qos, info)
+        if threading.get_ident() != thread.ident:
+            if command & 0xF0 == mqtt.PUBLISH and qos and self._send_now(packet, mid, qos, info):
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            self._out_packet.append(
+                {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet), "packet": packet, "info": info}
+            )
+            self._wake_loop()  # (paho's own reads the socket pair twice: the loop's thread may set it to None between)
+            self._call_socket_register_write()
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
         wake, self._sockpairW = self._sockpairW, None  # another thread queuing meanwhile is written by this loop too
         try:
             return super()._packet_queue(command, packet, mid, qos, info)
@@ -154,16 +161,28 @@ class ReadAheadClient(mqtt.Client):
                 self._out_packet.appendleft({**rest, "packet": packet, "info": info})  # type: ignore[arg-type,typeddict-item]
         finally:
             self._write_lock.release()
-        if self._out_packet and self._sockpairW is not None:
-            try:
-                self._sockpairW.send(b"0")
-            except (BlockingIOError, OSError):
-                pass
+        if self._out_packet:
+            self._wake_loop()
         return True
 
+    def _wake_loop(self) -> None:
+        """One byte on the socket pair wakes the loop's ``select``. None while the loop's own thread queues (see above):
+        that thread writes what is queued once it is done, so no wake is needed then."""
+        wake = self._sockpairW
+        if wake is not None:
+            try:
+                wake.send(b"0")
+            except OSError:  # full (the loop has wakes to read already) or closed (it is stopping)
+                pass
+
     def reconnect(self) -> MQTTErrorCode:
-        """paho's, holding the write lock: no thread sends directly, or queues the rest of a send, while paho replaces
-        the socket and empties the queue (it iterates the queue: a packet put in meanwhile would end its thread)."""
+        """paho's, holding the write lock where there may be direct sends (a loop thread of its own): no thread sends
+        directly, or queues the rest of a send, while paho replaces the socket and empties the queue. (A packet another
+        thread queues in that moment is paho's own race, as in stock paho.) Without a loop thread no one sends directly,
+        and the lock is not taken: a thread publishing there writes itself, holding paho's message lock, which
+        ``reconnect`` takes too."""
+        if self._thread is None:
+            return super().reconnect()
         with self._write_lock:
             return super().reconnect()
 
@@ -171,7 +190,10 @@ class ReadAheadClient(mqtt.Client):
         """Small packets queued since the last write go out in one ``send`` where paho has nothing to do after writing
         them (all but QoS 0 PUBLISH, whose callback fires once written, and DISCONNECT). Large ones go alone: paho
         copies what is left of a packet at every partial send, so a merged 2 MB write of 256 KiB chunks cost the
-        repository server a fifth of its throughput. One writer at a time (``_send_now``)."""
+        repository server a fifth of its throughput. One writer at a time where another thread may send directly
+        (``_send_now``: only beside a loop thread of its own)."""
+        if self._thread is None:
+            return self._write_queued()
         with self._write_lock:
             return self._write_queued()
 
