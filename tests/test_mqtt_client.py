@@ -69,6 +69,28 @@ def _publisher(broker: RunningBroker, version: str) -> mqtt.Client:
     return p
 
 
+def _stock_sink(broker: RunningBroker, version: str, topics: str, qos: int) -> tuple[mqtt.Client, queue.Queue[mqtt.MQTTMessage]]:
+    """A stock paho client subscribed to ``topics``, and the queue its messages go to."""
+    sink: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    stock = _publisher(broker, version)
+    stock.on_message = lambda c, u, m: sink.put(m)
+    subscribed = threading.Event()
+    stock.on_subscribe = lambda *a: subscribed.set()
+    stock.subscribe(topics, qos=qos)
+    assert subscribed.wait(10), "no SUBACK"
+    return stock, sink
+
+
+def _connect_subscribed(client: mqtt.Client, settings: BrokerSettings, topic: str, qos: int) -> None:
+    """Connect ``client``, start its loop, subscribe it to ``topic`` and wait for the SUBACK."""
+    ready = threading.Event()
+    client.on_subscribe = lambda *a: ready.set()
+    transport.connect(client, settings)
+    client.loop_start()
+    client.subscribe(topic, qos=qos)
+    assert ready.wait(10), "no SUBACK"
+
+
 def _props(**values: Any) -> Properties:
     p = Properties(PacketTypes.PUBLISH)
     for name, value in values.items():
@@ -211,13 +233,7 @@ def test_what_it_publishes_arrives_and_is_acknowledged_once(broker: RunningBroke
     QoS 1 and 2 message is acknowledged to the publisher once, as a success."""
     cid = f"pub-{version}"
     settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=version)  # type: ignore[arg-type]
-    sink: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-    stock = _publisher(broker, version)  # a stock paho client: subscribes, and triggers the callback replies
-    stock.on_message = lambda c, u, m: sink.put(m)
-    subscribed = threading.Event()
-    stock.on_subscribe = lambda *a: subscribed.set()
-    stock.subscribe(f"t/{cid}/out/#", qos=2)
-    assert subscribed.wait(10)
+    stock, sink = _stock_sink(broker, version, f"t/{cid}/out/#", 2)  # a stock paho client: subscribes, and triggers the callback replies
     ours = transport.client(settings, cid)
     acked: list[tuple[int, bool]] = []
     all_acked = threading.Event()
@@ -229,12 +245,7 @@ def test_what_it_publishes_arrives_and_is_acknowledged_once(broker: RunningBroke
 
     ours.on_publish = on_publish
     ours.on_message = lambda c, u, m: c.publish(f"t/{cid}/out/reply", m.payload, qos=m.qos)  # an inline answer
-    ours_ready = threading.Event()
-    ours.on_subscribe = lambda *a: ours_ready.set()
-    transport.connect(ours, settings)
-    ours.loop_start()
-    ours.subscribe(f"t/{cid}/in", qos=2)
-    assert ours_ready.wait(10)
+    _connect_subscribed(ours, settings, f"t/{cid}/in", 2)
     try:
         expected: list[bytes] = []
         infos = []
@@ -270,13 +281,7 @@ def test_threads_sending_beside_the_loop_lose_nothing_and_keep_their_order(broke
     in the order it sent them."""
     cid = f"threads-{version}"
     settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=version)  # type: ignore[arg-type]
-    sink: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-    stock = _publisher(broker, version)
-    stock.on_message = lambda c, u, m: sink.put(m)
-    subscribed = threading.Event()
-    stock.on_subscribe = lambda *a: subscribed.set()
-    stock.subscribe(f"t/{cid}/out/#", qos=2)
-    assert subscribed.wait(10)
+    stock, sink = _stock_sink(broker, version, f"t/{cid}/out/#", 2)
     ours = transport.client(settings, cid)
     opened = ours.on_socket_open
 
@@ -287,12 +292,7 @@ def test_threads_sending_beside_the_loop_lose_nothing_and_keep_their_order(broke
 
     ours.on_socket_open = small_send_buffer
     ours.on_message = lambda c, u, m: c.publish(f"t/{cid}/out/loop", m.payload, qos=1)
-    ready = threading.Event()
-    ours.on_subscribe = lambda *a: ready.set()
-    transport.connect(ours, settings)
-    ours.loop_start()
-    ours.subscribe(f"t/{cid}/in", qos=1)
-    assert ready.wait(10)
+    _connect_subscribed(ours, settings, f"t/{cid}/in", 1)
     sizes = [10, 200, 5_000, 70_000, 150_000]  # (paho copies what is left of a packet at each partial send: no MiBs here)
     per_thread = 100
 
@@ -361,13 +361,7 @@ def test_the_rest_of_a_short_direct_send_goes_before_what_was_queued_meanwhile(b
     behind a packet another thread queued meanwhile, whose bytes then landed inside the first message's."""
     cid = f"short-{version}"
     settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=version)  # type: ignore[arg-type]
-    sink: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-    stock = _publisher(broker, version)
-    stock.on_message = lambda c, u, m: sink.put(m)
-    subscribed = threading.Event()
-    stock.on_subscribe = lambda *a: subscribed.set()
-    stock.subscribe(f"t/{cid}/#", qos=1)
-    assert subscribed.wait(10)
+    stock, sink = _stock_sink(broker, version, f"t/{cid}/#", 1)
     ours = transport.client(settings, cid)
     connected, dropped = threading.Event(), threading.Event()
     ours.on_connect = lambda *a: connected.set()
