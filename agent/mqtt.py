@@ -122,9 +122,7 @@ class ReadAheadClient(mqtt.Client):
         if threading.get_ident() != thread.ident:
             if command & 0xF0 == mqtt.PUBLISH and qos and self._send_now(packet, mid, qos, info):
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
-            self._out_packet.append(
-                {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet), "packet": packet, "info": info}
-            )
+            self._out_packet.append(_out_packet(command, mid, qos, packet, info))
             self._wake_loop()  # (paho's own reads the socket pair twice: the loop's thread may set it to None between)
             self._call_socket_register_write()
             return MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -156,9 +154,8 @@ class ReadAheadClient(mqtt.Client):
             with self._msgtime_mutex:
                 self._last_msg_out = mqtt.time_func()
             if sent < len(packet) and self._sock is sock:  # (a socket closed meanwhile: paho sends it again on the next)
-                rest = {"command": mqtt.PUBLISH, "mid": mid, "qos": qos, "pos": sent, "to_process": len(packet) - sent}
                 # First in the queue, before anything queued meanwhile: its first bytes are on the wire already
-                self._out_packet.appendleft({**rest, "packet": packet, "info": info})  # type: ignore[arg-type,typeddict-item]
+                self._out_packet.appendleft(_out_packet(mqtt.PUBLISH, mid, qos, packet, info, sent))
         finally:
             self._write_lock.release()
         if self._out_packet:
@@ -205,7 +202,7 @@ class ReadAheadClient(mqtt.Client):
                 size += out[0]["to_process"]
                 merged.append(out.popleft())
             data = b"".join(bytes(m["packet"][m["pos"] :]) for m in merged)
-            out.appendleft({"command": _PUBACK_TYPE, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data), "packet": data, "info": None})
+            out.appendleft(_out_packet(_PUBACK_TYPE, 0, 0, data, None))
         return super()._packet_write()
 
     def _handle_publish(self) -> MQTTErrorCode:
@@ -292,6 +289,11 @@ def _no_properties(template: Properties = _EMPTY_PUBLISH_PROPERTIES) -> Properti
 
 
 MERGE_MAX_BYTES = 16384  # packets merged into one send: acknowledgements, requests, small replies
+
+
+def _out_packet(command: int, mid: int, qos: int, packet: bytes | bytearray, info: Any, pos: int = 0) -> Any:
+    """A packet for paho's write queue (its ``_OutPacket``), ``pos`` bytes of it already sent."""
+    return {"command": command, "mid": mid, "qos": qos, "pos": pos, "to_process": len(packet) - pos, "packet": packet, "info": info}
 
 
 def _mergeable(packet: Any) -> bool:

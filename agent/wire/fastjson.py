@@ -8,9 +8,11 @@ itself, without a list of Python floats in between.
 The same messages are accepted and refused either way: where orjson refuses a text the stdlib reads (NaN and
 Infinity literals, lone surrogates, UTF-16, nesting past 1024) the stdlib reads it again and decides, with its own
 error; where orjson would write what the stdlib does not (``null`` for NaN or infinity, which the stdlib writes as
-``NaN`` and ``Infinity``), the stdlib writes the message. Two differences remain, both of number text: a float32
-array is written with the shortest digits that read back as the same float32 (``0.20693526``, where the stdlib
-wrote the float64 ``0.20693525671958923`` of the same value), and an integer past 64 bits is read as a float.
+``NaN`` and ``Infinity``), the stdlib writes the message. What remains differs in how values are written: a float32 (or
+float16) array is written with the shortest digits that read back as the same float32 (``0.20693526``, where the
+stdlib wrote the float64 ``0.20693525671958923`` of the same value; a float16 0.1 as ``0.099975586``, not
+``0.0999755859375``), an integer past 64 bits is read as a float, and non-ASCII text is written as UTF-8, not
+``\\uXXXX`` escapes.
 Without orjson (it is a dependency of the agent on the platforms it has wheels for) the stdlib does it all.
 """
 
