@@ -81,6 +81,10 @@ class ReadAheadClient(mqtt.Client):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # True: ``on_message`` gets a payload as a memoryview into the packet read, not a copy (a bulk transfer's 256 KiB
+        # chunks: the update fetcher), where ``_handle_publish`` decodes it (QoS 0 and 1 without properties; paho's own
+        # decoding gives bytes). The view is the receiver's alone: paho reads the next packet into a new buffer.
+        self.payload_views = False
         self._read_buffer = b""
         self._read_at = 0
         # One writer at a time: the loop's thread, or another sending directly (``_send_now``); held by ``reconnect`` too.
@@ -220,7 +224,7 @@ class ReadAheadClient(mqtt.Client):
         )
         message.dup, message.qos, message.retain = bool(header & 0x08), qos, bool(header & 0x01)
         message.properties = _no_properties() if v5 else None
-        message.payload = packet[body:]
+        message.payload = memoryview(packet)[body:] if self.payload_views else packet[body:]  # type: ignore[assignment]
         message.timestamp = time.monotonic()
         self._handle_on_message(message)
         if qos == 1 and not self._manual_ack:

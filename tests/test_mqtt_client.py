@@ -412,7 +412,9 @@ def test_any_publish_packet_is_taken_as_stock_paho_takes_it(version: str, header
     protocol = protocol_of(version)
     ours = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
     stock = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
-    assert _outcome(ours, header, packet) == _outcome(stock, header, packet)
+    viewing = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    viewing.payload_views = True
+    assert _outcome(ours, header, packet) == _outcome(stock, header, packet) == _outcome(viewing, header, packet)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -428,4 +430,31 @@ def test_well_formed_publishes_are_taken_as_stock_paho_takes_them(version: str, 
     protocol = protocol_of(version)
     ours = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
     stock = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
-    assert _outcome(ours, header, packet) == _outcome(stock, header, packet)
+    viewing = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    viewing.payload_views = True
+    assert _outcome(ours, header, packet) == _outcome(stock, header, packet) == _outcome(viewing, header, packet)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_payload_views_kept_past_their_callback_stay_what_was_sent(broker: RunningBroker, version: str) -> None:
+    """``payload_views``: each payload is a view into the packet it came in, never into a buffer a later packet is
+    read into. Views kept while 40 more messages arrive (small ones several to a read, large ones over several reads,
+    at every QoS) each still read as what was published."""
+    settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=version)  # type: ignore[arg-type]
+    ours = transport.client(settings, f"views-{version}")
+    ours.payload_views = True
+    kept: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    ours.on_message = lambda c, u, m: kept.put(m)
+    _connect_subscribed(ours, settings, f"t/views-{version}/#", qos=2)
+    publisher = _publisher(broker, version)
+    try:
+        sent = [os.urandom([10, 3000, 70_000, 300_000][i % 4]) for i in range(40)]
+        for i, payload in enumerate(sent):
+            publisher.publish(f"t/views-{version}/{i}", payload, qos=i % 3)
+        got = _take(kept, len(sent))
+        assert all(isinstance(m.payload, memoryview) for m in got if m.qos < 2)  # QoS 2: paho's own decoding, bytes
+        assert sorted((m.topic, bytes(m.payload)) for m in got) == sorted((f"t/views-{version}/{i}", p) for i, p in enumerate(sent))
+    finally:
+        for c in (ours, publisher):
+            c.loop_stop()
+            c.disconnect()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -16,7 +18,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import Updater
 
 from agent.update.fetch import MqttFetcher
-from agent.wire import RepoRequest, WireError, repo_reply_topic, repo_request_topic
+from agent.wire import RepoReply, RepoRequest, WireError, repo_reply_topic, repo_request_topic
 from converters.build import build
 from fleet.dev.broker import RunningBroker
 from fleet.transport.repo_server import RepositoryServer
@@ -206,6 +208,58 @@ def test_replies_go_to_the_asking_devices_own_topic_whatever_the_payload_says(
         finally:
             victim.close()
             mallory.close()
+
+
+def test_duplicate_stray_and_garbage_replies_change_nothing_a_download_gets(mqtt_broker: RunningBroker) -> None:
+    """A peer on the device's reply topic (here an unmodified paho client standing in for the server) answers every
+    request twice, adds a reply to a request id nobody sent and a payload that is no reply: the fetcher takes each
+    chunk once, in order, drops the rest, and awaits nothing afterwards."""
+    content = os.urandom(40 * 1024 + 123)
+    answered = threading.Event()
+
+    def serve(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        req = RepoRequest.decode(msg.payload)
+        data = content[req.offset : req.offset + req.length]
+        reply = RepoReply(req.request_id, 200, len(content), req.offset, data).encode()
+        topic = repo_reply_topic("dup")
+        for payload in (reply, RepoReply("nobody-asked", 200, len(content), req.offset, b"x" * len(data)).encode(), b"\x00garbage", reply):
+            client.publish(topic, payload, qos=1)
+        answered.set()
+
+    peer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dup-peer")
+    subscribed = threading.Event()
+    peer.on_message = serve
+    peer.on_subscribe = lambda *a: subscribed.set()
+    peer.connect(mqtt_broker.host, mqtt_broker.port)
+    peer.loop_start()
+    peer.subscribe(repo_request_topic("dup"), qos=1)
+    assert subscribed.wait(10)
+    fetcher = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dup", BASE, chunk_size=4096, window=3, timeout=5)
+    try:
+        got = b"".join(bytes(c) for c in fetcher.read_range(IMG + "targets/x.bin", 0, len(content)))
+        assert got == content and answered.is_set()
+        assert fetcher._replies == {}  # nothing left awaited: late duplicates have nowhere to go
+    finally:
+        fetcher.close()
+        peer.loop_stop()
+        peer.disconnect()
+
+
+def test_a_file_cut_short_while_read_gives_a_short_chunk(tmp_path: Path) -> None:
+    """The server reads a chunk straight into its reply (``RepoReply.with_room``); a file shorter than its size said
+    (cut while being served) gives the bytes that are there, which the device refuses by length and asks again."""
+    from fleet.transport.repo_server import _read_reply
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"a" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        whole = _read_reply(fd, RepoRequest("r", "image/f.bin", 10, 50), 100)
+        assert (whole.status, bytes(whole.data), whole.encode()) == (200, b"a" * 50, RepoReply("r", 200, 100, 10, b"a" * 50).encode())
+        short = _read_reply(fd, RepoRequest("r", "image/f.bin", 60, 256), 300)  # fstat said 300 bytes; 100 are there
+        assert (short.status, bytes(short.data), short.total) == (200, b"a" * 40, 300)
+    finally:
+        os.close(fd)
 
 
 def test_a_flooding_device_gets_its_share_and_others_are_served(released: ImageRepository, mqtt_broker: RunningBroker) -> None:

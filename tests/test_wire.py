@@ -153,3 +153,25 @@ def test_a_good_message_round_trips() -> None:
     assert isinstance(batch, wire.TelemetryBatch) and batch.models[0].errors == {"internal": 1}
     assert decode_on("telemetry", wire.encode(batch)) == batch
     assert wire.telemetry.server_errors({"internal": 2, "bad_request": 5, "overloaded": 1}) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rid=st.text(max_size=64),
+    total=st.integers(0, 2**40),
+    offset=st.integers(0, 2**40),
+    data=st.binary(max_size=2048),
+)
+def test_a_reply_read_into_its_room_is_the_plain_reply_and_decodes_from_any_buffer(rid: str, total: int, offset: int, data: bytes) -> None:
+    """``RepoReply.with_room`` (the repository server reads a chunk straight into it): once its room is filled it
+    encodes to the very bytes of the same reply made plainly, and the reply decodes the same from bytes, a bytearray
+    (a payload as ``ReadAheadClient`` gives it) or a memoryview (``payload_views``), as a copy or as a view."""
+    room = wire.RepoReply.with_room(rid, total, offset, len(data))
+    room.data[:] = data  # type: ignore[index]
+    plain = wire.RepoReply(rid, 200, total, offset, data)
+    assert room == plain and room.encode() == plain.encode()
+    encoded = plain.encode()
+    for payload in (encoded, bytearray(encoded), memoryview(bytearray(encoded))):
+        for view in (False, True):
+            got = wire.RepoReply.decode(payload, view=view)
+            assert got == plain and isinstance(got.data, memoryview if view else bytes)

@@ -21,6 +21,7 @@ mirror at fault is refused instead — the repository over MQTT finishes what th
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import queue
@@ -40,7 +41,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from agent import logs
 from agent.chunks import ChunkManifest
 from agent.errors import EdgefleetError
-from agent.mqtt import tcp_nodelay
+from agent.mqtt import ReadAheadClient, tcp_nodelay
 from agent.update.mirrors import Sources
 from agent.update.verify import RepositoryUnreachable, UpdateRejected, VerifiedUpdate
 from agent.wire import MAX_CHUNK, RepoReply, RepoRequest, WireError, repo_reply_topic, repo_request_topic
@@ -77,14 +78,21 @@ class MqttFetcher(FetcherInterface):
         self.window, self.timeout, self.retries = max(1, window), timeout, retries
         self.window_max = max(self.window, window_max or self.window)
         self.last_window = self.window  # where the latest stream's window settled (benchmarks, logs)
-        self._pending: dict[str, queue.Queue[RepoReply]] = {}
+        # Request id -> its reply once arrived (None until then), for the requests still awaited; one condition for all:
+        # a queue per request cost more than the rest of sending it (benchmarks/transfer.py).
+        self._replies: dict[str, RepoReply | None] = {}
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:16]  # this fetcher's: a late reply to another fetcher's request never matches
         self._ready = threading.Event()
         # A client made by agent.mqtt.make_client carries the device's credentials and TLS.
         self._client = client or mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device_id}-fetch", protocol=protocol)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_socket_open = tcp_nodelay
+        if isinstance(self._client, ReadAheadClient):
+            self._client.payload_views = True  # a reply's chunk is a view into the packet paho read: never copied
         self._client.connect(host, port, keepalive=30)
         self._client.loop_start()
         if not self._ready.wait(timeout):
@@ -105,40 +113,49 @@ class MqttFetcher(FetcherInterface):
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            reply = RepoReply.decode(bytes(msg.payload), view=True)  # bytes() of bytes is no copy; the chunk is a view
+            reply = RepoReply.decode(msg.payload, view=True)  # a view into the packet paho read (``payload_views``)
         except WireError:
             return  # not ours to answer; the request it belonged to will time out and be retried
-        with self._lock:
-            waiter = self._pending.get(reply.request_id)
-        if waiter is not None:
-            try:
-                waiter.put_nowait(reply)  # never block paho's network thread: a duplicate (QoS 1 redelivery) is dropped
-            except queue.Full:
-                pass
+        with self._lock:  # never blocks paho's network thread for long; a duplicate (QoS 1 redelivery) is dropped
+            if reply.request_id in self._replies and self._replies[reply.request_id] is None:
+                self._replies[reply.request_id] = reply
+                self._arrived.notify_all()
 
-    def _send(self, path: str, offset: int) -> tuple[str, queue.Queue[RepoReply]]:
-        rid = uuid.uuid4().hex
-        waiter: queue.Queue[RepoReply] = queue.Queue(maxsize=1)
+    def _send(self, path: str, offset: int) -> str:
+        """Ask for the chunk of ``path`` at ``offset``; the request id to await."""
+        rid = f"{self._id_prefix}{next(self._ids):x}"
         with self._lock:
-            self._pending[rid] = waiter
+            self._replies[rid] = None
         req = RepoRequest(rid, path, offset, self.chunk_size)
         self._client.publish(self.request_topic, req.encode(), qos=1)
-        return rid, waiter
+        return rid
 
-    def _await(self, path: str, offset: int, sent: tuple[str, queue.Queue[RepoReply]]) -> RepoReply:
-        rid, waiter = sent
-        for attempt in range(self.retries + 1):
-            try:
-                reply = waiter.get(timeout=self.timeout)
-                break
-            except queue.Empty:
-                with self._lock:
-                    self._pending.pop(rid, None)
-                if attempt == self.retries:
-                    raise tuf_errors.DownloadError(f"no reply for {path} at offset {offset} after {self.retries + 1} tries") from None
-                rid, waiter = self._send(path, offset)
+    def _wait(self, rid: str) -> RepoReply | None:
+        """The reply to ``rid``, or None after ``timeout`` seconds; either way ``rid`` is no longer awaited."""
+        deadline = time.monotonic() + self.timeout
         with self._lock:
-            self._pending.pop(rid, None)
+            while (reply := self._replies.get(rid)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._arrived.wait(left):
+                    reply = self._replies.get(rid)
+                    break
+            self._replies.pop(rid, None)
+        return reply
+
+    def _forget(self, rids: Iterator[str]) -> None:
+        """Stop awaiting ``rids``: a late reply to one of them is dropped."""
+        with self._lock:
+            for rid in rids:
+                self._replies.pop(rid, None)
+
+    def _await(self, path: str, offset: int, rid: str) -> RepoReply:
+        reply = self._wait(rid)
+        for _ in range(self.retries):
+            if reply is not None:
+                break
+            reply = self._wait(self._send(path, offset))
+        if reply is None:
+            raise tuf_errors.DownloadError(f"no reply for {path} at offset {offset} after {self.retries + 1} tries")
         if reply.status == 404:
             raise tuf_errors.DownloadHTTPError(f"{path}: not found", 404)
         if reply.status != 200:
@@ -168,7 +185,7 @@ class MqttFetcher(FetcherInterface):
     def _stream(self, path: str, first: RepoReply, total: int) -> Iterator[Chunk]:
         yield first.data
         offset = first.offset + len(first.data)
-        inflight: deque[tuple[int, tuple[str, queue.Queue[RepoReply]]]] = deque()
+        inflight: deque[tuple[int, str]] = deque()
         next_offset = offset
         window = AdaptiveWindow(self.window, self.window_max)
         try:
@@ -185,9 +202,7 @@ class MqttFetcher(FetcherInterface):
                 yield reply.data
         finally:  # an abandoned stream (length cap hit, error) must not leave waiters for late replies
             self.last_window = window.size
-            with self._lock:
-                for _, (rid, _waiter) in inflight:
-                    self._pending.pop(rid, None)
+            self._forget(rid for _, rid in inflight)
 
 
 class AdaptiveWindow:
