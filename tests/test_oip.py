@@ -543,18 +543,18 @@ DATATYPES |= {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 
 @pytest.fixture(params=["orjson", "stdlib json"])
 def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """The OIP codec as it loads with orjson (the `http` extra) and without it (the stdlib's json)."""
+    """The OIP codec with orjson and without it (``agent.wire.fastjson`` loaded where ``import orjson`` fails)."""
     import importlib
 
     import agent.serve.oip.codec as module
+    import agent.wire.fastjson as fastjson
 
     if request.param == "stdlib json":
         monkeypatch.setitem(sys.modules, "orjson", None)  # import orjson raises ImportError
-    reloaded = importlib.reload(module)
-    assert ("orjson" in reloaded._dumps.__code__.co_names) == (request.param == "orjson")
-    yield reloaded
+    assert importlib.reload(fastjson).FAST == (request.param == "orjson")
+    yield module
     monkeypatch.undo()
-    importlib.reload(module)
+    importlib.reload(fastjson)
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -609,3 +609,17 @@ def test_an_endless_request_head_is_cut_off_with_431_not_buffered(agent: Agent, 
     assert sent < 8 << 20 and psutil.Process().memory_info().rss - rss < 20 << 20
     assert wait_for(lambda: agent.serving.stats.errors.get("bad_request", 0) > before, 10, "the refusal counted")
     assert raw(agent, "GET", "/v2/health/ready")[0] == 200  # and it serves on
+
+
+def test_non_finite_outputs_read_back_through_tritonclient_with_or_without_orjson(codec: Any) -> None:
+    """A NaN or an infinity in an output is written as the stdlib writes it (``NaN``, ``Infinity``), whichever JSON
+    library is installed, and tritonclient's own parser reads the same values back (orjson alone wrote ``null``, which
+    ``as_numpy`` cannot take: a TypeError in the client)."""
+    y = np.array([[np.nan, np.inf, -np.inf, 1.5]], np.float32)
+    inp = triton.InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 4), np.float32), binary_data=False)
+    body, json_size = triton.InferenceServerClient.generate_request_body([inp], [triton.InferRequestedOutput("y", binary_data=False)])
+    answer, header = codec.encode_infer(codec.decode_infer(body, json_size, 1 << 20), "m", "1", {"y": y})
+    assert header is None and b"NaN" in answer and b"null" not in answer
+    out = triton.InferResult.from_response_body(answer, header_length=header).as_numpy("y")
+    assert out.dtype == np.float32 and np.array_equal(out, y, equal_nan=True)
