@@ -124,7 +124,7 @@ class ReadAheadClient(mqtt.Client):
         if thread is None:
             return super()._packet_queue(command, packet, mid, qos, info)
         if threading.get_ident() != thread.ident:
-            if command & 0xF0 == mqtt.PUBLISH and qos and self._send_now(packet, mid, qos, info):
+            if command & 0xF0 == mqtt.PUBLISH and qos and self._send_now((packet,), mid, qos, info):
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
             self._out_packet.append(_out_packet(command, mid, qos, packet, info))
             self._wake_loop()  # (paho's own reads the socket pair twice: the loop's thread may set it to None between)
@@ -136,10 +136,11 @@ class ReadAheadClient(mqtt.Client):
         finally:
             self._sockpairW = wake
 
-    def _send_now(self, packet: bytes | bytearray, mid: int, qos: int, info: mqtt.MQTTMessageInfo | None) -> bool:
-        """Send ``packet`` from this thread; False (nothing sent) where the loop must: TLS (one SSL connection must not
-        be read and written by two threads at once) or websockets, packets already queued (their order), or the loop
-        writing now. What the socket did not take is queued, and the loop woken to write it.
+    def _send_now(self, parts: Sequence[bytes | bytearray], mid: int, qos: int, info: mqtt.MQTTMessageInfo | None) -> bool:
+        """Send the packet made of ``parts`` (the whole packet, or a PUBLISH's header and payload) from this thread;
+        False (nothing sent) where the loop must: TLS (one SSL connection must not be read and written by two threads
+        at once) or websockets, packets already queued (their order), or the loop writing now. What the socket did not
+        take is queued, and the loop woken to write it.
 
         Why: an answer made on a worker thread otherwise costs a wake of paho's loop, a switch to its thread and one
         round of its loop before it leaves; on a fast model that is a large part of a queued request's cost."""
@@ -152,19 +153,70 @@ class ReadAheadClient(mqtt.Client):
             if self._out_packet or sock is None:  # queued by another thread after the first look; or no socket now
                 return False
             try:
-                sent = sock.send(packet)
-            except (ValueError, OSError):  # it would block, or failed: the loop writes it and finds out
+                sent = sock.send(parts[0]) if len(parts) == 1 else sock.sendmsg(parts)  # type: ignore[attr-defined]
+            except (ValueError, OSError, AttributeError):  # it would block, or failed (or no sendmsg): the loop writes it
                 return False
             with self._msgtime_mutex:
                 self._last_msg_out = mqtt.time_func()
-            if sent < len(packet) and self._sock is sock:  # (a socket closed meanwhile: paho sends it again on the next)
+            if sent < sum(map(len, parts)) and self._sock is sock:  # (a socket closed meanwhile: paho sends it again)
                 # First in the queue, before anything queued meanwhile: its first bytes are on the wire already
-                self._out_packet.appendleft(_out_packet(mqtt.PUBLISH, mid, qos, packet, info, sent))
+                self._out_packet.appendleft(_out_packet(mqtt.PUBLISH, mid, qos, _unsent(parts, sent), info))
         finally:
             self._write_lock.release()
         if self._out_packet:
             self._wake_loop()
         return True
+
+    def _send_publish(
+        self,
+        mid: int,
+        topic: bytes,
+        payload: bytes | bytearray = b"",
+        qos: int = 0,
+        retain: bool = False,
+        dup: bool = False,
+        info: mqtt.MQTTMessageInfo | None = None,
+        properties: Properties | None = None,
+    ) -> MQTTErrorCode:
+        """A large QoS 1/2 PUBLISH that another thread may send itself (``_send_now``) goes out as its header and its
+        payload in one ``sendmsg``, without paho's copy of the payload into a new packet: a 256 KiB chunk of the
+        repository server's, once per chunk, on a thread holding the GIL. Anything else, or what cannot be sent now,
+        is paho's (which copies, queues and tries the direct send again)."""
+        thread = self._thread
+        if (
+            qos
+            and len(payload) >= GATHER_MIN_BYTES
+            and thread is not None
+            and threading.get_ident() != thread.ident
+            and isinstance(topic, bytes)
+            and isinstance(payload, (bytes, bytearray))
+            and hasattr(self._sock, "sendmsg")
+        ):
+            header = self._publish_header(mid, topic, len(payload), qos, retain, dup, properties)
+            if self._send_now((header, payload), mid, qos, info):
+                self._easy_log(
+                    mqtt.MQTT_LOG_DEBUG,
+                    "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', ... (%d bytes)",
+                    dup,
+                    qos,
+                    retain,
+                    mid,
+                    topic,
+                    len(payload),
+                )
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
+
+    def _publish_header(
+        self, mid: int, topic: bytes, payload_length: int, qos: int, retain: bool, dup: bool, properties: Properties | None
+    ) -> bytearray:
+        """What paho's ``_send_publish`` writes before the payload of a QoS 1/2 PUBLISH, with paho's own helpers."""
+        packed = (properties.pack() if properties is not None else b"\x00") if self._protocol == mqtt.MQTTv5 else b""
+        header = bytearray([mqtt.PUBLISH | ((dup & 0x1) << 3) | (qos << 1) | retain])
+        self._pack_remaining_length(header, 2 + len(topic) + 2 + len(packed) + payload_length)
+        self._pack_str16(header, topic)
+        header += mid.to_bytes(2, "big") + packed
+        return header
 
     def _wake_loop(self) -> None:
         """One byte on the socket pair wakes the loop's ``select``. None while the loop's own thread queues (see above):
@@ -293,9 +345,22 @@ def _no_properties(template: Properties = _EMPTY_PUBLISH_PROPERTIES) -> Properti
 
 
 MERGE_MAX_BYTES = 16384  # packets merged into one send: acknowledgements, requests, small replies
+GATHER_MIN_BYTES = 65536  # a PUBLISH payload from this size on is sent beside its header, not copied into one packet
 
 
-def _out_packet(command: int, mid: int, qos: int, packet: bytes | bytearray, info: Any, pos: int = 0) -> Any:
+def _unsent(parts: Sequence[bytes | bytearray], sent: int) -> bytes | bytearray | memoryview:
+    """What is left of ``parts`` after their first ``sent`` bytes went out: a view where one part is left (the payload,
+    once its header went), the rest joined where more are (a header cut short: rare and small)."""
+    for i, part in enumerate(parts):
+        if sent < len(part):
+            if i == len(parts) - 1:
+                return memoryview(part)[sent:] if sent else part
+            return b"".join([memoryview(part)[sent:], *parts[i + 1 :]])
+        sent -= len(part)
+    return b""
+
+
+def _out_packet(command: int, mid: int, qos: int, packet: bytes | bytearray | memoryview, info: Any, pos: int = 0) -> Any:
     """A packet for paho's write queue (its ``_OutPacket``), ``pos`` bytes of it already sent."""
     return {"command": command, "mid": mid, "qos": qos, "pos": pos, "to_process": len(packet) - pos, "packet": packet, "info": info}
 

@@ -339,16 +339,20 @@ class _OneShortSend:
     """The client's socket, whose first large send takes only part of the packet after another thread has queued a
     packet of its own (the moment a worker's direct send can meet another thread's): everything else as the socket."""
 
-    def __init__(self, sock: socket.socket, meanwhile: Any) -> None:
-        self._sock, self._meanwhile, self.done = sock, meanwhile, False
+    def __init__(self, sock: socket.socket, meanwhile: Any, takes: int = 30_000) -> None:
+        self._sock, self._meanwhile, self.done, self.takes = sock, meanwhile, False, takes
 
     def send(self, data: Any) -> int:
+        return self.sendmsg([data])
+
+    def sendmsg(self, buffers: Any) -> int:  # a large PUBLISH from a thread goes out as header + payload (``_send_publish``)
+        data = b"".join(buffers)
         if len(data) > 100_000 and not self.done:
             self.done = True
             other = threading.Thread(target=self._meanwhile)
             other.start()
             other.join(10)
-            return self._sock.send(bytes(data[:30_000]))
+            return self._sock.send(data[: self.takes])
         return self._sock.send(data)
 
     def __getattr__(self, name: str) -> Any:
@@ -356,10 +360,12 @@ class _OneShortSend:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_the_rest_of_a_short_direct_send_goes_before_what_was_queued_meanwhile(broker: RunningBroker, version: str) -> None:
+@pytest.mark.parametrize("takes", [5, 30_000])
+def test_the_rest_of_a_short_direct_send_goes_before_what_was_queued_meanwhile(broker: RunningBroker, version: str, takes: int) -> None:
     """A red-team read found it: the rest of a PUBLISH whose first bytes a thread sent went to the back of the queue,
-    behind a packet another thread queued meanwhile, whose bytes then landed inside the first message's."""
-    cid = f"short-{version}"
+    behind a packet another thread queued meanwhile, whose bytes then landed inside the first message's. The socket
+    takes 5 bytes (the send cut inside the PUBLISH's header, sent beside its payload) or 30,000 (inside the payload)."""
+    cid = f"short-{version}-{takes}"
     settings = BrokerSettings(host=broker.host, port=broker.port, mqtt_version=version)  # type: ignore[arg-type]
     stock, sink = _stock_sink(broker, version, f"t/{cid}/#", 1)
     ours = transport.client(settings, cid)
@@ -372,7 +378,7 @@ def test_the_rest_of_a_short_direct_send_goes_before_what_was_queued_meanwhile(b
         assert connected.wait(10)
         # QoS 0 (a QoS 1 or 2 publish waits for paho's message lock, which the sender holds; an acknowledgement or a
         # ping the loop queues does not either)
-        short = _OneShortSend(ours._sock, lambda: ours.publish(f"t/{cid}/second", b"second", qos=0))
+        short = _OneShortSend(ours._sock, lambda: ours.publish(f"t/{cid}/second", b"second", qos=0), takes)
         ours._sock = short
         big = os.urandom(200_000)
         first = ours.publish(f"t/{cid}/first", big, qos=1)
@@ -458,3 +464,45 @@ def test_payload_views_kept_past_their_callback_stay_what_was_sent(broker: Runni
         for c in (ours, publisher):
             c.loop_stop()
             c.disconnect()
+
+
+class _Capture:
+    """A socket that takes every byte written to it: what a client sends, as bytes."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def send(self, data: Any) -> int:
+        self.data += data
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@given(
+    topic=st.binary(min_size=1, max_size=300),
+    length=st.sampled_from([0, 1, 100, 127, 128, 16_383, 16_384, 65_536, 262_144, 2_097_151, 2_097_152]) | st.integers(0, 300_000),
+    qos=st.sampled_from([1, 2]),
+    retain=st.booleans(),
+    dup=st.booleans(),
+    mid=st.integers(1, 65535),
+    expiry=st.none() | st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_gathered_publish_header_is_the_one_paho_writes(
+    version: str, topic: bytes, length: int, qos: int, retain: bool, dup: bool, mid: int, expiry: int | None
+) -> None:
+    """``_send_publish`` sends a large PUBLISH from a thread as its header beside the payload: header and payload are
+    byte for byte what stock paho writes (remaining lengths of one to four bytes, MQTT 5 properties or none)."""
+    protocol = protocol_of(version)
+    properties = _props(MessageExpiryInterval=expiry) if expiry is not None and version == "5" else None
+    payload = os.urandom(length)
+    header = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)._publish_header(
+        mid, topic, length, qos, retain, dup, properties
+    )
+    stock = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    stock._sock = capture = _Capture()  # type: ignore[assignment]
+    stock._send_publish(mid, topic, payload, qos, retain, dup, None, properties)
+    assert bytes(capture.data) == bytes(header) + payload
