@@ -185,6 +185,7 @@ class ReadAheadClient(mqtt.Client):
         thread = self._thread
         if (
             qos
+            and not self._ssl
             and len(payload) >= GATHER_MIN_BYTES
             and thread is not None
             and threading.get_ident() != thread.ident
@@ -348,12 +349,14 @@ MERGE_MAX_BYTES = 16384  # packets merged into one send: acknowledgements, reque
 GATHER_MIN_BYTES = 65536  # a PUBLISH payload from this size on is sent beside its header, not copied into one packet
 
 
-def _unsent(parts: Sequence[bytes | bytearray], sent: int) -> bytes | bytearray | memoryview:
-    """What is left of ``parts`` after their first ``sent`` bytes went out: a view where one part is left (the payload,
-    once its header went), the rest joined where more are (a header cut short: rare and small)."""
+def _unsent(parts: Sequence[bytes | bytearray], sent: int) -> bytes | memoryview:
+    """What is left of ``parts`` after their first ``sent`` bytes went out, for the queue: a view of the payload where
+    only it is left and it is ``bytes`` (immutable); a copy of a ``bytearray``'s rest (the caller may change or resize
+    its buffer once ``publish`` returned, as it may with stock paho, which copies at once); the rest joined where more
+    than one part is left (a header cut short: rare, and the copy paho would have made)."""
     for i, part in enumerate(parts):
         if sent < len(part):
-            if i == len(parts) - 1:
+            if i == len(parts) - 1 and isinstance(part, bytes):
                 return memoryview(part)[sent:] if sent else part
             return b"".join([memoryview(part)[sent:], *parts[i + 1 :]])
         sent -= len(part)

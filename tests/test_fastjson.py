@@ -152,3 +152,22 @@ def test_requests_decode_alike_with_and_without_orjson() -> None:
         theirs = decode_reply(stdlib_reply.encode("latin-1"))
         assert ours.request_id == theirs.request_id == req.request_id
         np.testing.assert_array_equal(ours.outputs["x"], theirs.outputs["x"])
+
+
+@pytest.mark.skipif(not fastjson.FAST, reason="orjson is not installed on this platform: the stdlib writes everything")
+def test_a_null_in_the_text_alone_keeps_orjsons_writing() -> None:
+    """The stdlib writes a message only where orjson wrote a non-finite float as ``null``: a request id "null" or a
+    None (which a client chooses) keep orjson's text, float32 digits and all; a NaN anywhere still goes the stdlib's way."""
+    big = np.linspace(0, 1, 100_000, dtype=np.float32)
+    for message in ({"id": "null", "data": big}, {"id": None, "data": big, "latency_ms": 1.5}):
+        out = fastjson.dumps(message)
+        assert out == orjson_dumps(message) and b"0.1" in out
+        assert json.loads(out)["id"] == message["id"]
+    for nan_at in ({"id": "null", "data": np.array([1.0, np.nan], np.float32)}, {"v": [1.0, [float("-inf")]]}, {"v": np.float64("nan")}):
+        assert fastjson.dumps(nan_at) == json.dumps(nan_at, separators=(",", ":"), default=lambda a: a.tolist()).encode()
+
+
+def orjson_dumps(obj: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -506,3 +506,23 @@ def test_a_gathered_publish_header_is_the_one_paho_writes(
     stock._sock = capture = _Capture()  # type: ignore[assignment]
     stock._send_publish(mid, topic, payload, qos, retain, dup, None, properties)
     assert bytes(capture.data) == bytes(header) + payload
+
+
+def test_the_queued_rest_of_a_gathered_send_never_shares_a_bytearray_with_the_caller() -> None:
+    """What a partial ``sendmsg`` leaves is queued for the loop after ``publish`` returned: a ``bytearray`` payload's
+    rest is a copy (the caller may change or resize its buffer then, as stock paho, which copies at once, allows); a
+    ``bytes`` payload's a view (it cannot change); a header cut short is joined with the payload."""
+    from agent.mqtt import _unsent
+
+    header = b"HEAD"
+    for sent in (0, 4, 7):
+        payload = bytearray(b"payload-bytes")
+        expected = (header + payload)[sent:]
+        rest = _unsent((header, payload), sent)
+        payload[:] = b"X" * len(payload)  # the caller reuses its buffer
+        payload.extend(b"+")  # and resizes it (a BufferError while a view of it is exported)
+        assert bytes(rest) == expected
+    frozen = b"payload-bytes"
+    rest = _unsent((header, frozen), 6)
+    assert isinstance(rest, memoryview) and rest.obj is frozen and bytes(rest) == frozen[2:]
+    assert _unsent((header, frozen), 2) == b"AD" + frozen

@@ -175,3 +175,17 @@ def test_a_reply_read_into_its_room_is_the_plain_reply_and_decodes_from_any_buff
         for view in (False, True):
             got = wire.RepoReply.decode(payload, view=view)
             assert got == plain and isinstance(got.data, memoryview if view else bytes)
+
+
+def test_a_framed_reply_copied_with_other_fields_encodes_as_itself() -> None:
+    """``dataclasses.replace`` on a reply read into its room keeps the frame object; ``encode`` sends the frame only
+    while it still is that reply's header and data. Replies hash without their (possibly writable) data."""
+    import dataclasses
+
+    room = wire.RepoReply.with_room("r1", 100, 0, 4)
+    room.data[:] = b"abcd"  # type: ignore[index]
+    assert room.encode() is room.frame
+    for changed in (dataclasses.replace(room, status=500, error="x"), dataclasses.replace(room, data=b"wxyz")):
+        plain = wire.RepoReply(changed.request_id, changed.status, changed.total, changed.offset, bytes(changed.data), changed.error)
+        assert changed.encode() == plain.encode()
+    assert hash(room) == hash(wire.RepoReply("r1", 200, 100, 0, b"other"))

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -127,7 +127,11 @@ class MqttFetcher(FetcherInterface):
         with self._lock:
             self._replies[rid] = None
         req = RepoRequest(rid, path, offset, self.chunk_size)
-        self._client.publish(self.request_topic, req.encode(), qos=1)
+        try:
+            self._client.publish(self.request_topic, req.encode(), qos=1)
+        except BaseException:
+            self._forget([rid])
+            raise
         return rid
 
     def _wait(self, rid: str) -> RepoReply | None:
@@ -142,7 +146,7 @@ class MqttFetcher(FetcherInterface):
             self._replies.pop(rid, None)
         return reply
 
-    def _forget(self, rids: Iterator[str]) -> None:
+    def _forget(self, rids: Iterable[str]) -> None:
         """Stop awaiting ``rids``: a late reply to one of them is dropped."""
         with self._lock:
             for rid in rids:

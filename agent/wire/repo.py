@@ -72,7 +72,7 @@ class RepoReply:
     status: int  # 200, 400, 404, 416 (offset past the end), 500
     total: int = 0  # file size
     offset: int = 0
-    data: bytes | memoryview = b""  # a memoryview into the payload when decoded with ``view=True``
+    data: bytes | memoryview = field(default=b"", hash=False)  # a memoryview into the payload with ``view=True``
     error: str = ""
     # The encoded reply, when ``data`` is the room at its end (``with_room``): what ``encode`` returns, as it is.
     frame: bytearray | None = field(default=None, repr=False, compare=False)
@@ -88,9 +88,12 @@ class RepoReply:
         return cls(request_id, 200, total, offset, memoryview(frame)[len(header) :], frame=frame)
 
     def encode(self) -> bytes | bytearray:
-        if self.frame is not None:
-            return self.frame
-        return self._header() + self.data
+        header = self._header()
+        frame = self.frame  # as it is, while it still is this reply (not one copied with another header or data)
+        if frame is not None and isinstance(self.data, memoryview) and self.data.obj is frame and frame.startswith(header):
+            if len(frame) == len(header) + len(self.data):
+                return frame
+        return header + self.data
 
     def _header(self) -> bytes:
         header = {"request_id": self.request_id, "status": self.status, "total": self.total, "offset": self.offset, "error": self.error}
