@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.chunks import ChunkManifest
+from agent.chunks import ChunkManifest, ReceivedChunk
 from agent.update.fetch import AdaptiveWindow, MqttFetcher, download
 from agent.update.verify import UpdateRejected, VerifiedUpdate
 from agent.wire import RepoRequest
@@ -124,6 +124,50 @@ def test_a_tampered_chunk_mid_window_is_refused_and_nothing_after_it_is_kept(
         download(update, fetcher, dest, 0, durable_prefix_checker(dest, data, seen), sync_bytes=2 * CHUNK)
     assert dest.read_bytes() == data[: 17 * CHUNK]
     assert max(seen) == 17 * CHUNK
+
+
+def test_each_reply_is_hashed_on_arrival_from_its_own_bytes(fetcher: MqttFetcher, artifact: tuple[Path, bytes, VerifiedUpdate]) -> None:
+    """The fetcher yields every chunk with the sha256 it computed from the bytes it yields (``ReceivedChunk``): the
+    digest the writer then trusts is the chunk's, and matches the signed list."""
+    _, data, update = artifact
+    got = list(fetcher.read_range(update.url, 0, len(data)))
+    assert all(isinstance(c, ReceivedChunk) for c in got) and len(got) == len(update.chunks.sha256)
+    assert [c.sha256 for c in got] == [hashlib.sha256(c.data).hexdigest() for c in got] == list(update.chunks.sha256)
+    assert b"".join(c.data for c in got) == data
+
+
+def test_a_received_chunk_is_checked_by_its_length_and_digest() -> None:
+    manifest = ChunkManifest.of(b"a" * CHUNK + b"b" * 10, CHUNK)
+    assert manifest.check(0, ReceivedChunk.of(b"a" * CHUNK)) and manifest.check(1, ReceivedChunk.of(b"b" * 10))
+    assert not manifest.check(0, ReceivedChunk.of(b"c" * CHUNK))  # other bytes hash to another digest
+    assert not manifest.check(1, ReceivedChunk(b"b" * 11, manifest.sha256[1]))  # a digest never covers a wrong length
+
+
+@pytest.mark.parametrize("tampered_at", [None, 17 * CHUNK + 5])
+def test_replies_that_split_chunks_are_put_together_and_hashed_by_the_writer(
+    mqtt_broker: RunningBroker, artifact: tuple[Path, bytes, VerifiedUpdate], tmp_path: Path, tampered_at: int | None
+) -> None:
+    """Replies smaller than a chunk and not dividing it (a broker's packet limit does that): no reply's digest is a
+    chunk's, so the chunks are assembled and the writer hashes them — the file is whole, and a tampered byte is still
+    refused at its chunk."""
+    root, data, update = artifact
+    if tampered_at is not None:
+        tampered = bytearray(data)
+        tampered[tampered_at] ^= 0x01
+        (root / "image" / "targets" / "a.tar").write_bytes(tampered)
+    dest = tmp_path / "a.part"
+    with RepositoryServer(root, mqtt_broker.host, mqtt_broker.port, client_id="split-repo"):
+        f = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "split-dev", "repo://", CHUNK * 2 // 3, window=4, timeout=5)
+        try:
+            if tampered_at is None:
+                download(update, f, dest, 0, lambda offset: None)
+                assert dest.read_bytes() == data
+            else:
+                with pytest.raises(UpdateRejected, match=f"offset {17 * CHUNK} failed its signed sha256"):
+                    download(update, f, dest, 0, lambda offset: None)
+                assert dest.read_bytes() == data[: 17 * CHUNK]
+        finally:
+            f.close()
 
 
 def test_resume_from_a_saved_offset_rewrites_nothing_before_it(

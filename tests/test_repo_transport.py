@@ -173,7 +173,7 @@ def test_chunks_fit_the_brokers_maximum_packet_size(released: ImageRepository, t
             try:
                 assert fetcher.chunk_size <= 16384 - 1024
                 target = next((released.targets_dir / "mlp" / "1.0.0").glob("*.openvino-fp32.tar"))
-                data = b"".join(fetcher.read_range(IMG + "targets/mlp/1.0.0/" + target.name, 0, target.stat().st_size))
+                data = b"".join(c.data for c in fetcher.read_range(IMG + "targets/mlp/1.0.0/" + target.name, 0, target.stat().st_size))
                 assert data == target.read_bytes() and len(data) > 16384
             finally:
                 fetcher.close()
@@ -236,7 +236,7 @@ def test_duplicate_stray_and_garbage_replies_change_nothing_a_download_gets(mqtt
     assert subscribed.wait(10)
     fetcher = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "dup", BASE, chunk_size=4096, window=3, timeout=5)
     try:
-        got = b"".join(bytes(c) for c in fetcher.read_range(IMG + "targets/x.bin", 0, len(content)))
+        got = b"".join(c.data for c in fetcher.read_range(IMG + "targets/x.bin", 0, len(content)))
         assert got == content and answered.is_set()
         assert fetcher._replies == {}  # nothing left awaited: late duplicates have nowhere to go
     finally:

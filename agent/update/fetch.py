@@ -3,7 +3,7 @@
 ``MqttFetcher`` is a python-tuf fetcher that pulls repository files over MQTT, a window of chunks at a time:
 ``tuf.ngclient.Updater`` asks for URLs; this maps ``base_url + path`` to repository requests (see
 ``agent.wire.repo``), keeps a window of chunk requests in flight (``AdaptiveWindow``: it grows while that pays),
-yields the bytes in order (memoryviews into the replies, never copied) and turns a
+yields the bytes in order (memoryviews into the replies, never copied, each hashed as it arrived) and turns a
 missing file into ``DownloadHTTPError(404)`` as the Updater expects. A lost reply (broker restart) is
 re-requested. ``DirectoryFetcher`` serves the same from a local directory.
 
@@ -31,6 +31,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -39,7 +40,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent import logs
-from agent.chunks import ChunkManifest
+from agent.chunks import Chunk, ChunkManifest, ReceivedChunk
 from agent.errors import EdgefleetError
 from agent.mqtt import ReadAheadClient, tcp_nodelay
 from agent.update.mirrors import Sources
@@ -50,8 +51,13 @@ __all__ = ["AdaptiveWindow", "Chunk", "ChunkSource", "DirectoryFetcher", "DiskFu
 
 log = logging.getLogger("edgefleet.download")
 
-Chunk = bytes | memoryview  # a memoryview into the MQTT payload: the 256 KiB chunks are never copied on the way
 REPLY_OVERHEAD = 1024  # MQTT fixed header + topic + properties + our JSON reply header, with room to spare
+
+
+@dataclass(frozen=True, slots=True)
+class _Arrival:
+    reply: RepoReply
+    chunk: ReceivedChunk  # the reply's data (a view into the packet read) with its sha256, hashed on arrival
 
 
 class MqttFetcher(FetcherInterface):
@@ -80,7 +86,7 @@ class MqttFetcher(FetcherInterface):
         self.last_window = self.window  # where the latest stream's window settled (benchmarks, logs)
         # Request id -> its reply once arrived (None until then), for the requests still awaited; one condition for all:
         # a queue per request cost more than the rest of sending it (benchmarks/transfer.py).
-        self._replies: dict[str, RepoReply | None] = {}
+        self._replies: dict[str, _Arrival | None] = {}
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._ids = itertools.count()
@@ -116,9 +122,14 @@ class MqttFetcher(FetcherInterface):
             reply = RepoReply.decode(msg.payload, view=True)  # a view into the packet paho read (``payload_views``)
         except WireError:
             return  # not ours to answer; the request it belonged to will time out and be retried
+        if reply.request_id not in self._replies:
+            return  # stray or late: not worth hashing (and checked again under the lock)
+        # Hashed here, on paho's thread, while the bytes just read are in this core's caches: cheaper than on the
+        # writer's thread later (ReceivedChunk); the lock is not held meanwhile.
+        arrival = _Arrival(reply, ReceivedChunk.of(reply.data))
         with self._lock:  # never blocks paho's network thread for long; a duplicate (QoS 1 redelivery) is dropped
             if reply.request_id in self._replies and self._replies[reply.request_id] is None:
-                self._replies[reply.request_id] = reply
+                self._replies[reply.request_id] = arrival
                 self._arrived.notify_all()
 
     def _send(self, path: str, offset: int) -> str:
@@ -134,7 +145,7 @@ class MqttFetcher(FetcherInterface):
             raise
         return rid
 
-    def _wait(self, rid: str) -> RepoReply | None:
+    def _wait(self, rid: str) -> _Arrival | None:
         """The reply to ``rid``, or None after ``timeout`` seconds; either way ``rid`` is no longer awaited."""
         deadline = time.monotonic() + self.timeout
         with self._lock:
@@ -152,21 +163,22 @@ class MqttFetcher(FetcherInterface):
             for rid in rids:
                 self._replies.pop(rid, None)
 
-    def _await(self, path: str, offset: int, rid: str) -> RepoReply:
-        reply = self._wait(rid)
+    def _await(self, path: str, offset: int, rid: str) -> _Arrival:
+        arrival = self._wait(rid)
         for _ in range(self.retries):
-            if reply is not None:
+            if arrival is not None:
                 break
-            reply = self._wait(self._send(path, offset))
-        if reply is None:
+            arrival = self._wait(self._send(path, offset))
+        if arrival is None:
             raise tuf_errors.DownloadError(f"no reply for {path} at offset {offset} after {self.retries + 1} tries")
+        reply = arrival.reply
         if reply.status == 404:
             raise tuf_errors.DownloadHTTPError(f"{path}: not found", 404)
         if reply.status != 200:
             raise tuf_errors.DownloadHTTPError(f"{path}: {reply.error or 'error'}", reply.status)
         if reply.offset != offset:
             raise tuf_errors.DownloadError(f"{path}: reply for offset {reply.offset}, expected {offset}")
-        return reply
+        return arrival
 
     def _path(self, url: str) -> str:
         if not url.startswith(self.base_url):
@@ -176,19 +188,19 @@ class MqttFetcher(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:
         path = self._path(url)
         first = self._await(path, 0, self._send(path, 0))
-        return (bytes(block) for block in self._stream(path, first, first.total))  # metadata: small, python-tuf's bytes
+        return (bytes(block.data) for block in self._stream(path, first, first.reply.total))  # metadata: python-tuf's bytes
 
-    def read_range(self, url: str, offset: int, size: int) -> Iterator[Chunk]:
+    def read_range(self, url: str, offset: int, size: int) -> Iterator[ReceivedChunk]:
         """Bytes ``offset..size`` of a file whose signed length is ``size``; another size on the server is an error."""
         path = self._path(url)
         first = self._await(path, offset, self._send(path, offset))
-        if first.total != size:
-            raise tuf_errors.DownloadLengthMismatchError(f"{path}: {first.total} bytes on the server, the signed length is {size}")
+        if first.reply.total != size:
+            raise tuf_errors.DownloadLengthMismatchError(f"{path}: {first.reply.total} bytes on the server, the signed length is {size}")
         return self._stream(path, first, size)
 
-    def _stream(self, path: str, first: RepoReply, total: int) -> Iterator[Chunk]:
-        yield first.data
-        offset = first.offset + len(first.data)
+    def _stream(self, path: str, first: _Arrival, total: int) -> Iterator[ReceivedChunk]:
+        yield first.chunk
+        offset = first.reply.offset + len(first.reply.data)
         inflight: deque[tuple[int, str]] = deque()
         next_offset = offset
         window = AdaptiveWindow(self.window, self.window_max)
@@ -198,12 +210,13 @@ class MqttFetcher(FetcherInterface):
                     inflight.append((next_offset, self._send(path, next_offset)))
                     next_offset += self.chunk_size
                 chunk_offset, sent = inflight.popleft()
-                reply = self._await(path, chunk_offset, sent)
+                arrival = self._await(path, chunk_offset, sent)
+                reply = arrival.reply
                 if len(reply.data) != min(self.chunk_size, total - chunk_offset) or reply.total != total:
                     raise tuf_errors.DownloadError(f"{path}: chunk at {chunk_offset} has {len(reply.data)} bytes (file {reply.total})")
                 offset = chunk_offset + len(reply.data)
                 window.arrived(len(reply.data))
-                yield reply.data
+                yield arrival.chunk
         finally:  # an abandoned stream (length cap hit, error) must not leave waiters for late replies
             self.last_window = window.size
             self._forget(rid for _, rid in inflight)
@@ -359,8 +372,9 @@ class _ChunkWriter:
             self._sync()
             self.bad = self.offset
             return
-        self.f.write(chunk)
-        self.offset += len(chunk)
+        data = chunk.data if isinstance(chunk, ReceivedChunk) else chunk
+        self.f.write(data)
+        self.offset += len(data)
         if self.offset - self.durable >= self.sync_bytes:
             self._sync()
 
@@ -498,10 +512,12 @@ def _fill(
 
 
 def _whole_chunks(chunks: ChunkManifest, index: int, data: Chunk, pending: bytearray) -> list[Chunk]:
-    """The chunks ``data`` completes from chunk ``index`` on; the rest waits in ``pending`` for the next block."""
-    if not pending and index < len(chunks.sha256) and len(data) == chunks.chunk_length(index):
+    """The chunks ``data`` completes from chunk ``index`` on; the rest waits in ``pending`` for the next block (and a
+    chunk put together from several blocks is hashed by the writer, not on arrival)."""
+    whole = data.data if isinstance(data, ReceivedChunk) else data
+    if not pending and index < len(chunks.sha256) and len(whole) == chunks.chunk_length(index):
         return [data]  # the usual case: one reply is one chunk, no copying
-    pending += data
+    pending += whole
     ready: list[Chunk] = []
     while index + len(ready) < len(chunks.sha256) and len(pending) >= chunks.chunk_length(index + len(ready)):
         n = chunks.chunk_length(index + len(ready))

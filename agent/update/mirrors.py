@@ -32,6 +32,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent import logs
+from agent.chunks import Chunk
 
 __all__ = ["MAX_MIRRORS", "HttpFetcher", "Sources", "valid_mirrors"]
 
@@ -205,10 +206,10 @@ class Sources(FetcherInterface):
             self.refuse(last[0], last[1], reason)
         return last is not None
 
-    def read_range(self, url: str, offset: int, size: int) -> Iterator[bytes | memoryview]:
+    def read_range(self, url: str, offset: int, size: int) -> Iterator[Chunk]:
         """The last source's bytes (``download`` asks the mirrors itself, one at a time, to refuse them singly); from
-        the MQTT repository, memoryviews into the replies."""
-        read: Iterator[bytes | memoryview] = self.last.read_range(url, offset, size)  # type: ignore[attr-defined]
+        the MQTT repository, memoryviews into the replies, each with the sha256 computed on arrival."""
+        read: Iterator[Chunk] = self.last.read_range(url, offset, size)  # type: ignore[attr-defined]
         return read
 
 
