@@ -9,7 +9,8 @@ by one client and received by another, no requests, no hashing, no disk. The two
 alternating pairs on one broker; the ratio is taken per pair. Goal (issue 18; 0.5 in
 issue 7): a median of at least 0.8 of the baseline's throughput. The repository's file is written once, before the
 pairs: written before each round (as until 2026-12-05), its 50 MiB were still going to disk during the download
-(0.76-0.80 then, 0.83-0.84 without, the same code in one hour).
+(0.76-0.80 then, 0.83-0.84 without, the same code in one hour). Each reply is hashed as it arrives since the evening
+of 2026-12-05 (README, "Pitfalls found": 0.76-0.79 -> 0.82-0.85 on that machine).
 
 Run: ``python -m benchmarks.transfer [--quick] [--repeat N] [--mib 50] [--window 8] [--window-max 32]`` (the windows
 default to the agent's settings: ``update.window`` to start, doubling while that pays up to ``update.window_max``).
