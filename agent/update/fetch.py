@@ -313,8 +313,9 @@ WRITE_QUEUE = 2
 class _ChunkWriter:
     """Checks each chunk against the signed list, writes it and fsyncs every ``sync_bytes``, on its own thread.
 
-    Why a thread: with sha256, the write and the fsync on the thread that reads the replies, no request went out
-    while they ran and the window drained (an fsync of 4 MiB is milliseconds). ``progress`` is told each offset
+    Why a thread: with the write and the fsync on the thread that consumes the replies, no request went out while
+    they ran and the window drained (an fsync of 4 MiB is milliseconds). The sha256 of an MQTT reply is computed
+    earlier, as it arrives (``ReceivedChunk``: cheaper there); a chunk from any other source is hashed here. ``progress`` is told each offset
     right after its fsync, from this thread, so the resume offset never covers a byte not fsynced and verified
     (the job store is shared by the agent's threads behind a lock). After a bad chunk or an error the writer takes
     (and drops) whatever is still queued, so a caller never blocks on a full queue; the caller learns of it at its
