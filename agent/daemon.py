@@ -310,7 +310,9 @@ class Agent:
 
     def _reported(self) -> wire.Reported:
         installed = self.store.installed()
-        return report.reported(self.device_id, self.profile, self.host, installed, self.settings.runtime.enabled, self.last_check)
+        return report.reported(
+            self.device_id, self.profile, self.host, installed, self.settings.runtime.enabled, self.last_check, self.session.number
+        )
 
     def _report_job(self, job: Job) -> None:
         self.last_check = wire.UpdateState(

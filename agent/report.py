@@ -38,6 +38,7 @@ def reported(
     installed: Iterable[InstalledModel],
     enabled: Iterable[str] | None,
     update: wire.UpdateState,
+    session: int,
 ) -> wire.Reported:
     """The retained ``reported`` document: what runs (and what was passed over, and why), what is installed, which
     runtimes and variants this device would take. Raises ValueError past the wire's bounds."""
@@ -55,6 +56,7 @@ def reported(
             "installed": [{"model": m.model, "version": m.version, "variant": m.variant, "status": m.status} for m in installed],
             "update": update,
             "ts": time.time(),
+            "session": session,
         }
     )
 

@@ -631,6 +631,38 @@ def test_a_replayed_older_report_does_not_write_over_a_newer_one_and_a_live_one_
     assert version() == "1.3.0" and store.stale_reports == 3
 
 
+def test_a_report_naming_its_run_is_ordered_by_run_then_by_the_devices_clock(store: FleetStore) -> None:
+    """Reports that name their agent's run (``session``): a later run's report replayed before that run's status is
+    taken, whatever its clock says; an earlier run's replayed after it is refused, whatever its clock says; within
+    a run the device's clock decides; a report of a run the record has not heard of yet guards that run against
+    replays of its older reports once its status comes; a live report is always taken."""
+    now = time.time()
+
+    def report(version: str, ts: float, session: int) -> tuple[str, wire.WireModel, float]:
+        model = {"version": version, "variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx", "device": "CPU"}
+        return msg("a", "reported", {**reported("a", {"m": model}), "ts": ts, "session": session})
+
+    def version() -> str:
+        d = store.device("a")
+        assert d is not None
+        return str(d.models["m"]["version"])
+
+    def status(session: int) -> tuple[str, wire.WireModel, float]:
+        return msg("a", "status", {"state": "ready", "session": session, "ts": now})
+
+    store.ingest([status(5), report("1.0.0", now - 60, 5)])
+    assert store.ingest([report("2.0.0", now - 3600, 6)], replayed={0}) == 1 and version() == "2.0.0"  # run 6, clock behind
+    assert store.ingest([report("1.0.0", now + 3600, 5)], replayed={0}) == 0 and version() == "2.0.0"  # run 5, clock ahead
+    assert store.stale_reports == 1
+    assert store.ingest([report("1.9.0", now - 7200, 6)], replayed={0}) == 0 and store.stale_reports == 2  # older, same run
+    assert store.ingest([report("2.1.0", now - 1800, 6)], replayed={0}) == 1 and version() == "2.1.0"  # newer, same run
+    store.ingest([report("3.0.0", now - 30, 7)])  # live, of run 7, before run 7's status reached the record
+    store.ingest([status(7)])
+    assert store.ingest([report("2.9.0", now - 40, 7)], replayed={0}) == 0 and version() == "3.0.0" and store.stale_reports == 3
+    store.ingest([report("0.9.0", now - 86400, 4)])  # live: what the device says now, whichever run it names
+    assert version() == "0.9.0" and store.stale_reports == 3
+
+
 def test_the_ingest_marks_retained_and_resent_reports_as_replays(tmp_path: Path) -> None:
     """What the broker hands the ingest tells it apart: a message retained at a subscription (retain flag) or a QoS 1
     message sent again after a reconnect (dup flag) is a replay, judged against the report held; a live one is not.

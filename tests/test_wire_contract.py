@@ -94,7 +94,7 @@ def test_the_agent_and_the_simulator_speak_the_same_wire(rig: Rig, tmp_path: Pat
 
         required = {
             "telemetry": {"models[].predictions.sum", "models[].errors", "models[].p95_ms", "update.job"},
-            "reported": {"models.*.sha256", "installed[].status", "preferred_variants"},
+            "reported": {"models.*.sha256", "installed[].status", "preferred_variants", "session"},
         }
 
         def differences() -> list[str]:
@@ -109,6 +109,12 @@ def test_the_agent_and_the_simulator_speak_the_same_wire(rig: Rig, tmp_path: Pat
         with contextlib.suppress(AssertionError):  # telemetry windows keep coming: until both have said everything once
             wait_for(lambda: not differences(), 30, "the same fields from both")
         assert differences() == []  # and if not, which ones
+        reports = [
+            wire.decode_device_message(wire.parse_device_topic(topic), payload)
+            for topic, payload in list(watch.messages)
+            if payload and topic == wire.device_topic(agent_id, "reported")
+        ]
+        assert reports and {getattr(r, "session", None) for r in reports} == {agent.session.number}  # each names its run
         requests: dict[str, int] = {}
         for topic, payload in list(watch.messages):
             if topic.startswith(wire.REPO_REQUESTS[:-1]):

@@ -315,11 +315,12 @@ class _ChunkWriter:
 
     Why a thread: with the write and the fsync on the thread that consumes the replies, no request went out while
     they ran and the window drained (an fsync of 4 MiB is milliseconds). The sha256 of an MQTT reply is computed
-    earlier, as it arrives (``ReceivedChunk``: cheaper there); a chunk from any other source is hashed here. ``progress`` is told each offset
-    right after its fsync, from this thread, so the resume offset never covers a byte not fsynced and verified
-    (the job store is shared by the agent's threads behind a lock). After a bad chunk or an error the writer takes
-    (and drops) whatever is still queued, so a caller never blocks on a full queue; the caller learns of it at its
-    next ``put`` (or at ``finish``), having received at most a few more chunks, none of them written."""
+    earlier, as it arrives (``ReceivedChunk``: cheaper there); a chunk from any other source is hashed here.
+    ``progress`` is told each offset right after its fsync, from this thread, so the resume offset never covers a
+    byte not fsynced and verified (the job store is shared by the agent's threads behind a lock). After a bad
+    chunk or an error the writer takes (and drops) whatever is still queued, so a caller never blocks on a full
+    queue; the caller learns of it at its next ``put`` (or at ``finish``), having received at most a few more
+    chunks, none of them written."""
 
     def __init__(self, chunks: ChunkManifest, f: BinaryIO, offset: int, sync_bytes: int, progress: Progress) -> None:
         self.chunks, self.f, self.sync_bytes, self.progress = chunks, f, sync_bytes, progress

@@ -76,6 +76,10 @@ class Reported(WireModel):
     installed: Annotated[list[InstalledVersion], Field(max_length=512)]
     update: UpdateState | None = None
     ts: Timestamp
+    # The run of the agent that took it (its status ``session``): the registry orders a device's reports by (session,
+    # ts), so a replay of an earlier run's report never writes over a later run's, whatever the clocks say, and a
+    # later run's report replayed before its status is not taken for an old one. None from agents before 2026-12-05.
+    session: Session | None = None
 
 
 class JobUpdate(WireModel):

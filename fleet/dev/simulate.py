@@ -319,6 +319,7 @@ class Simulator:
             ],
             update=d.update,
             ts=time.time(),
+            session=self.session,
         )
         await client.publish_acknowledged(device_topic(d.id, "reported"), wire.encode(body), retain=True)
 

@@ -34,7 +34,7 @@ class Device:
     update: dict[str, Any] = field(default_factory=dict)
     preferred_variants: list[str] = field(default_factory=list)  # what the device says it runs best, best first
     reported_ts: float = 0.0  # the held ``reported``'s own time (the device's clock): ``stale_replay``
-    reported_session: int = 0  # the device's session (its last ``status``) when that ``reported`` was taken
+    reported_session: int = 0  # the run the held ``reported`` names; from an agent naming none, the record's run then
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -73,7 +73,8 @@ def _row(d: Device) -> dict[str, Any]:
 
 def stale_replay(d: Device, message: wire.Reported) -> bool:
     """``message``, a ``reported`` the broker replayed (retained, at a subscription; or a QoS 1 message sent again
-    after a reconnect), is older than the one ``d`` holds, and the device's agent has not started again since.
+    after a reconnect), is older than the one ``d`` holds: of an earlier run of the device's agent, or of the same
+    run and older by the device's own clock.
 
     Why: a controller subscribes again on every reconnect (on a cluster, to another node), and the broker then hands
     it every retained message again; a node behind on a device's newest ``reported`` hands out an older one, which,
@@ -81,9 +82,14 @@ def stale_replay(d: Device, message: wire.Reported) -> bool:
     done may never do. Only replays are judged, by the device's own clock (the two reports are the same device's),
     and only within one run of its agent (one status ``session``): a report that arrives live is what the device
     says now and is always taken, and so is a replay once the device has started again (a Pi rebooted or reflashed
-    with its clock behind: its newest report can reach a controller that was away only as a replay). Where a broker
-    replays a new run's ``reported`` before its ``status``, such a report is still refused until the device's next one
-    (the ingest subscribes to status first; mosquitto and nats-server replay every retained status first then)."""
+    with its clock behind: its newest report can reach a controller that was away only as a replay).
+
+    A report names its run (``session``, agents since 2026-12-05): then (run, clock) decides, so a later run's report
+    replayed before that run's status is taken, and an earlier run's replayed after a later run's is refused whatever
+    its clock says. A report that names none (an earlier agent) is judged as before: against the record's run, so
+    such a report replayed before its run's status is refused until the device's next one."""
+    if message.session is not None:
+        return (message.session, message.ts) < (d.reported_session, d.reported_ts)
     return d.reported_session == d.session and message.ts < d.reported_ts
 
 
@@ -95,7 +101,7 @@ def apply(d: Device, message: wire.WireModel, received: float) -> bool:
         d.session = max(d.session, message.session)
         d.online = message.state == "ready"
     elif isinstance(message, wire.Reported):
-        d.reported_ts, d.reported_session = message.ts, d.session
+        d.reported_ts, d.reported_session = message.ts, d.session if message.session is None else message.session
         d.hardware, d.runtimes = message.hardware, dict(message.runtimes)
         d.models = {name: m.model_dump(exclude_none=True) for name, m in message.models.items()}
         d.update = message.update.model_dump(exclude_none=True) if message.update else {}
@@ -112,9 +118,9 @@ def heard_from_newer_run(d: Device, session: int, received: float) -> bool:
     as the controller's subscription was being made on another node, reached neither the subscription nor its
     retained replay; the record stayed offline, with its models, for good, and a rollout never assigned the device.
     The run's will, when it goes, names this run and is taken (``apply``); a batch of the record's own run or an
-    older one changes nothing (it may have been sent before that run's will). Left as it was: ``reported_session``,
-    so a report of the new run stored before this (while the record was on the earlier run) does not guard the
-    run against replays of older reports (``stale_replay``): a report names no run."""
+    older one changes nothing (it may have been sent before that run's will). ``reported_session`` is left as it
+    was: a report names its own run (``stale_replay``); one from an earlier agent that names none, stored before
+    this while the record was on the earlier run, does not guard the new run against replays of older reports."""
     if session <= d.session:
         return False
     d.session, d.online, d.last_seen = session, True, received
