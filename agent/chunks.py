@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.errors import EdgefleetError
 
@@ -28,20 +28,19 @@ class ChunkManifestError(EdgefleetError):
 
 @dataclass(frozen=True, slots=True)
 class ReceivedChunk:
-    """A chunk's bytes with the sha256 this device computed from them as they arrived (``of``).
+    """A chunk's bytes with the sha256 this device computed from them as they arrived.
 
     Why: hashed where it is received, while its bytes are still in that core's caches, a 256 KiB chunk cost the
     download less than hashed again on the writer's thread (verified download 0.78-0.80 of raw pub/sub hashed on the
-    writer, 0.82-0.86 hashed on arrival: benchmarks/transfer.py). The digest is never a peer's claim: only ``of``,
-    holding the bytes, makes one, and the bytes must not change after it (the MQTT fetcher's are a view into a packet
-    no one else holds)."""
+    writer, 0.82-0.86 hashed on arrival: benchmarks/transfer.py). The digest is never a peer's claim nor a caller's:
+    it is computed here, from the bytes held, and those must not change after it (the MQTT fetcher's are a read-only
+    view into a packet no one else holds)."""
 
     data: bytes | memoryview
-    sha256: str
+    sha256: str = field(init=False)
 
-    @classmethod
-    def of(cls, data: bytes | memoryview) -> ReceivedChunk:
-        return cls(data, hashlib.sha256(data).hexdigest())
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha256", hashlib.sha256(self.data).hexdigest())
 
 
 Chunk = bytes | memoryview | ReceivedChunk  # what a download's sources yield: MQTT replies arrive as ReceivedChunks

@@ -277,7 +277,8 @@ class ReadAheadClient(mqtt.Client):
         )
         message.dup, message.qos, message.retain = bool(header & 0x08), qos, bool(header & 0x01)
         message.properties = _no_properties() if v5 else None
-        message.payload = memoryview(packet)[body:] if self.payload_views else packet[body:]  # type: ignore[assignment]
+        # A read-only view: the fetcher hashes it on arrival and writes it later, so nothing may write through it.
+        message.payload = memoryview(packet)[body:].toreadonly() if self.payload_views else packet[body:]  # type: ignore[assignment]
         message.timestamp = time.monotonic()
         self._handle_on_message(message)
         if qos == 1 and not self._manual_ack:

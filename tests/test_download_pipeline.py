@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.chunks import ChunkManifest, ReceivedChunk
+from agent.mqtt import make_client
+from agent.settings import BrokerSettings
 from agent.update.fetch import AdaptiveWindow, MqttFetcher, download
 from agent.update.verify import UpdateRejected, VerifiedUpdate
 from agent.wire import RepoRequest
@@ -92,7 +94,10 @@ def durable_prefix_checker(dest: Path, data: bytes, seen: list[int]) -> Callable
 @pytest.fixture
 def fetcher(mqtt_broker: RunningBroker, artifact: tuple[Path, bytes, VerifiedUpdate]) -> Iterator[MqttFetcher]:
     with RepositoryServer(artifact[0], mqtt_broker.host, mqtt_broker.port, client_id="pipeline-repo"):
-        f = MqttFetcher(mqtt_broker.host, mqtt_broker.port, "pipeline-dev", "repo://", CHUNK, window=2, window_max=8, timeout=5)
+        client = make_client(BrokerSettings(host=mqtt_broker.host, port=mqtt_broker.port), "pipeline-dev-fetch")  # as round.py
+        f = MqttFetcher(
+            mqtt_broker.host, mqtt_broker.port, "pipeline-dev", "repo://", CHUNK, window=2, window_max=8, timeout=5, client=client
+        )
         try:
             yield f
         finally:
@@ -132,15 +137,18 @@ def test_each_reply_is_hashed_on_arrival_from_its_own_bytes(fetcher: MqttFetcher
     _, data, update = artifact
     got = list(fetcher.read_range(update.url, 0, len(data)))
     assert all(isinstance(c, ReceivedChunk) for c in got) and len(got) == len(update.chunks.sha256)
+    assert all(isinstance(c.data, memoryview) and c.data.readonly for c in got)  # no one can write through what was hashed
     assert [c.sha256 for c in got] == [hashlib.sha256(c.data).hexdigest() for c in got] == list(update.chunks.sha256)
     assert b"".join(c.data for c in got) == data
 
 
 def test_a_received_chunk_is_checked_by_its_length_and_digest() -> None:
     manifest = ChunkManifest.of(b"a" * CHUNK + b"b" * 10, CHUNK)
-    assert manifest.check(0, ReceivedChunk.of(b"a" * CHUNK)) and manifest.check(1, ReceivedChunk.of(b"b" * 10))
-    assert not manifest.check(0, ReceivedChunk.of(b"c" * CHUNK))  # other bytes hash to another digest
-    assert not manifest.check(1, ReceivedChunk(b"b" * 11, manifest.sha256[1]))  # a digest never covers a wrong length
+    assert manifest.check(0, ReceivedChunk(b"a" * CHUNK)) and manifest.check(1, ReceivedChunk(b"b" * 10))
+    assert not manifest.check(0, ReceivedChunk(b"c" * CHUNK))  # other bytes hash to another digest
+    assert not manifest.check(1, ReceivedChunk(b"b" * 11))  # nor does a chunk of the wrong length pass
+    with pytest.raises(TypeError):
+        ReceivedChunk(b"c" * CHUNK, manifest.sha256[0])  # type: ignore[call-arg]  # a digest is never handed in
 
 
 @pytest.mark.parametrize("tampered_at", [None, 17 * CHUNK + 5])

@@ -663,6 +663,24 @@ def test_a_report_naming_its_run_is_ordered_by_run_then_by_the_devices_clock(sto
     assert version() == "0.9.0" and store.stale_reports == 3
 
 
+def test_an_earlier_agents_report_replayed_after_its_upgrade_is_refused(store: FleetStore) -> None:
+    """Run 5 of an earlier agent reported without naming its run; the upgraded agent's run 6 reports (naming it)
+    before run 6's status reaches the record; the earlier agent's report, replayed then by a node behind, is older by
+    the device's clock and is not taken — nor is a run-5 report naming its run."""
+    now = time.time()
+    model = {"variant": "onnx-fp32", "sha256": "ab", "runtime": "onnx", "device": "CPU"}
+
+    def report(version: str, ts: float, **session: int) -> tuple[str, wire.WireModel, float]:
+        return msg("a", "reported", {**reported("a", {"m": {**model, "version": version}}), "ts": ts, **session})
+
+    store.ingest([msg("a", "status", {"state": "ready", "session": 5, "ts": now}), report("1.0.0", now - 60)])
+    store.ingest([report("2.0.0", now - 10, session=6)])
+    assert store.ingest([report("1.0.0", now - 60)], replayed={0}) == 0 and store.stale_reports == 1
+    assert store.ingest([report("1.0.0", now - 60, session=5)], replayed={0}) == 0 and store.stale_reports == 2
+    d = store.device("a")
+    assert d is not None and d.models["m"]["version"] == "2.0.0"
+
+
 def test_the_ingest_marks_retained_and_resent_reports_as_replays(tmp_path: Path) -> None:
     """What the broker hands the ingest tells it apart: a message retained at a subscription (retain flag) or a QoS 1
     message sent again after a reconnect (dup flag) is a replay, judged against the report held; a live one is not.

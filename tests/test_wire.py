@@ -175,6 +175,7 @@ def test_a_reply_read_into_its_room_is_the_plain_reply_and_decodes_from_any_buff
         for view in (False, True):
             got = wire.RepoReply.decode(payload, view=view)
             assert got == plain and isinstance(got.data, memoryview if view else bytes)
+            assert not view or got.data.readonly  # type: ignore[union-attr]
 
 
 def test_a_framed_reply_copied_with_other_fields_encodes_as_itself() -> None:

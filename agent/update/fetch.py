@@ -51,13 +51,14 @@ __all__ = ["AdaptiveWindow", "Chunk", "ChunkSource", "DirectoryFetcher", "DiskFu
 
 log = logging.getLogger("edgefleet.download")
 
+_ANSWERED = object()  # what ``_replies`` gives for a request id no longer awaited
 REPLY_OVERHEAD = 1024  # MQTT fixed header + topic + properties + our JSON reply header, with room to spare
 
 
 @dataclass(frozen=True, slots=True)
 class _Arrival:
     reply: RepoReply
-    chunk: ReceivedChunk  # the reply's data (a view into the packet read) with its sha256, hashed on arrival
+    chunk: ReceivedChunk | None  # the reply's data (a view into the packet read) with its sha256, hashed on arrival
 
 
 class MqttFetcher(FetcherInterface):
@@ -122,11 +123,13 @@ class MqttFetcher(FetcherInterface):
             reply = RepoReply.decode(msg.payload, view=True)  # a view into the packet paho read (``payload_views``)
         except WireError:
             return  # not ours to answer; the request it belonged to will time out and be retried
-        if reply.request_id not in self._replies:
-            return  # stray or late: not worth hashing (and checked again under the lock)
+        if self._replies.get(reply.request_id, _ANSWERED) is not None:
+            return  # stray, late or a duplicate: not worth hashing (and checked again under the lock)
         # Hashed here, on paho's thread, while the bytes just read are in this core's caches: cheaper than on the
-        # writer's thread later (ReceivedChunk); the lock is not held meanwhile.
-        arrival = _Arrival(reply, ReceivedChunk.of(reply.data))
+        # writer's thread later (ReceivedChunk); the lock is not held meanwhile. Only what can be a chunk: an error
+        # or an oversized reply is refused by ``_await`` or ``_stream`` and never written.
+        chunk = ReceivedChunk(reply.data) if reply.status == 200 and len(reply.data) <= MAX_CHUNK else None
+        arrival = _Arrival(reply, chunk)
         with self._lock:  # never blocks paho's network thread for long; a duplicate (QoS 1 redelivery) is dropped
             if reply.request_id in self._replies and self._replies[reply.request_id] is None:
                 self._replies[reply.request_id] = arrival
@@ -199,7 +202,7 @@ class MqttFetcher(FetcherInterface):
         return self._stream(path, first, size)
 
     def _stream(self, path: str, first: _Arrival, total: int) -> Iterator[ReceivedChunk]:
-        yield first.chunk
+        yield first.chunk or ReceivedChunk(first.reply.data)  # an oversized first reply: hashed here, refused by length
         offset = first.reply.offset + len(first.reply.data)
         inflight: deque[tuple[int, str]] = deque()
         next_offset = offset
@@ -216,7 +219,7 @@ class MqttFetcher(FetcherInterface):
                     raise tuf_errors.DownloadError(f"{path}: chunk at {chunk_offset} has {len(reply.data)} bytes (file {reply.total})")
                 offset = chunk_offset + len(reply.data)
                 window.arrived(len(reply.data))
-                yield arrival.chunk
+                yield arrival.chunk or ReceivedChunk(reply.data)  # (never None: its length was just checked)
         finally:  # an abandoned stream (length cap hit, error) must not leave waiters for late replies
             self.last_window = window.size
             self._forget(rid for _, rid in inflight)

@@ -101,13 +101,14 @@ class RepoReply:
 
     @classmethod
     def decode(cls, payload: bytes | bytearray | memoryview, view: bool = False) -> RepoReply:
-        """``view``: the data is a memoryview into ``payload`` instead of a copy (a 256 KiB chunk, per chunk)."""
+        """``view``: the data is a read-only memoryview into ``payload`` instead of a copy (a 256 KiB chunk, per chunk):
+        the fetcher hashes it on arrival and writes it later, so nothing may write through it."""
         head = bytes(payload[: MAX_REPLY_HEADER + 1])  # where the header must end: a copy of 4 KiB at most
         end = head.find(b"\n")
         if end < 0:
             raise WireError("reply without header" if len(payload) <= MAX_REPLY_HEADER else f"reply header over {MAX_REPLY_HEADER} bytes")
         head = head[:end]
-        data = memoryview(payload)[end + 1 :] if view else bytes(payload[end + 1 :])
+        data = memoryview(payload).toreadonly()[end + 1 :] if view else bytes(payload[end + 1 :])
         h: Any = load_json(head, MAX_REPLY_HEADER)
         try:
             reply = cls(

@@ -106,8 +106,9 @@ class FleetStore:
         One transaction for the batch. A telemetry batch already stored (same device, session and
         seq: re-sent after a lost acknowledgement) is counted in ``duplicates`` and not stored again.
         ``replayed``: the positions in ``messages`` of messages the broker replayed (retained at a subscription, or
-        sent again after a reconnect), not sent live; such a ``reported`` older than the one a device's record holds,
-        of the same run of its agent, is counted in ``stale_reports`` and not taken (``devices.stale_replay``).
+        sent again after a reconnect), not sent live; such a ``reported`` older than the one a device's record holds
+        (of an earlier run of its agent, or of the same run and older by its clock) is counted in ``stale_reports``
+        and not taken (``devices.stale_replay``).
         The devices the batch's status and reports touch are locked first (PostgreSQL, ``Devices.lock``): another
         controller writing the same record meanwhile is waited for and read, never written over.
         """

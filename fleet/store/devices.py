@@ -90,7 +90,9 @@ def stale_replay(d: Device, message: wire.Reported) -> bool:
     such a report replayed before its run's status is refused until the device's next one."""
     if message.session is not None:
         return (message.session, message.ts) < (d.reported_session, d.reported_ts)
-    return d.reported_session == d.session and message.ts < d.reported_ts
+    # ``>=``: the held report may name a run the record's status has not reached yet (it came first); a report that
+    # names none is older than that one when its clock says so, as within one run.
+    return d.reported_session >= d.session and message.ts < d.reported_ts
 
 
 def apply(d: Device, message: wire.WireModel, received: float) -> bool:
