@@ -2,8 +2,11 @@
 
 ONNX Runtime's worker threads busy-wait for the next parallel section by default; OpenVINO's CPU plugin keeps its
 threads awake between calls too. An agent whose requests come a few hundred microseconds apart then takes a whole
-core from the application it serves. The agent turns ONNX Runtime's spinning off (``allow_spinning = false``);
-OpenVINO has no such switch, and ``num_threads = 1`` is the option that keeps it to one core.
+core from the application it serves. The agent bounds ONNX Runtime's spinning (``spin_us = 20``: a worker waits that
+long for the next section, then sleeps), which keeps the sections of one call from waking a sleeping worker each
+time without spinning between requests; a second row sets it against never spinning (``spin_us = 0``, the agent's
+default before 2026-12-05). OpenVINO has no such switch, and ``num_threads = 1`` is the option that keeps it to one
+core.
 
 Rows, on the medium model of ``runtime_overhead`` (512-wide MLP) through ``Runtime.infer``, two loaded copies
 in one process: the runtime's own default (baseline) against the setting named in the row (subject), in alternating
@@ -32,11 +35,12 @@ from benchmarks.runtime_overhead import MODELS, _model_files
 CALLS, GAP_S, SETTLE_S = 100, 0.0003, 0.05
 QUICK = Plan(min_pairs=3, max_pairs=5, budget_s=3.0)
 FULL = Plan(min_pairs=5, max_pairs=11, budget_s=6.0)
-# runtime -> (what the row calls the baseline, its options; what it calls the subject, its options)
-ROWS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
-    "onnx": ("spinning (onnxruntime's default)", {"allow_spinning": True}, "allow_spinning = false (the agent's default)", {}),
-    "openvino": ("all cores (OpenVINO's default)", {}, "num_threads = 1", {"num_threads": 1}),
-}
+# (runtime, what the row calls the baseline, its options, what it calls the subject, its options)
+ROWS: list[tuple[str, str, dict[str, Any], str, dict[str, Any]]] = [
+    ("onnx", "spinning for ever (onnxruntime's default)", {"allow_spinning": True}, "spin_us = 20 (the agent's default)", {}),
+    ("onnx", "spin_us = 0 (never spins)", {"spin_us": 0}, "spin_us = 20 (the agent's default)", {}),
+    ("openvino", "all cores (OpenVINO's default)", {}, "num_threads = 1", {"num_threads": 1}),
+]
 
 
 def _round(rt: Runtime, feed: dict[str, np.ndarray]) -> tuple[float, float, float]:
@@ -56,8 +60,8 @@ def _round(rt: Runtime, feed: dict[str, np.ndarray]) -> tuple[float, float, floa
     return cpu, spent / CALLS * 1e6, (time.perf_counter() - t0) / CALLS * 1e6
 
 
-def _measure(runtime: str, path: Path, x: np.ndarray, plan: Plan) -> dict[str, Any]:
-    base_label, base_opts, subj_label, subj_opts = ROWS[runtime]
+def _measure(row: tuple[str, str, dict[str, Any], str, dict[str, Any]], path: Path, x: np.ndarray, plan: Plan) -> dict[str, Any]:
+    runtime, base_label, base_opts, subj_label, subj_opts = row
     loaded = []
     for opts in (base_opts, subj_opts):
         rt = get_runtime(runtime)()
@@ -91,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         files = _model_files(Path(d), "medium", widths)
-        for runtime in ROWS:
+        for row in ROWS:
+            runtime = row[0]
             if not probes[runtime].available:
                 print(f"skip {runtime}: {probes[runtime].reason}", file=sys.stderr)
                 continue
-            rows.append(_measure(runtime, files[runtime], x, plan))
+            rows.append(_measure(row, files[runtime], x, plan))
     headers = ["runtime", "baseline", "subject", "CPU µs/call, 0.3 ms apart: baseline / subject", "ratio", "spread [min, max]"]
     headers += ["call µs 0.3 ms apart: baseline / subject", "ratio", "back to back µs: baseline / subject", "ratio", "pairs"]
     cells = []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -266,16 +268,63 @@ def test_unknown_options_are_refused_by_name(models: ModelFiles) -> None:
         load("openvino", models.path("tiny.xml"), performance_hint="FAST")
 
 
-def test_onnx_worker_threads_do_not_spin_between_requests_unless_asked(models: ModelFiles) -> None:
-    """onnxruntime's workers busy-wait between calls by default, taking a core from the device's application; the
-    agent turns that off, and ``allow_spinning = true`` turns it back on. Read back from the session onnxruntime built."""
-    for options, expected in (({}, "0"), ({"allow_spinning": True}, "1"), ({"allow_spinning": False}, "0")):
+def test_onnx_worker_threads_spin_briefly_then_sleep(models: ModelFiles) -> None:
+    """A worker busy-waits ``spin_us`` (20 us by default) for the next parallel section, then sleeps; ``spin_us = 0``
+    sleeps at once; ``allow_spinning = true`` is onnxruntime's unbounded spinning. Read back from the session
+    onnxruntime built."""
+    cases = (
+        ({}, "1", "20", "20 us"),
+        ({"spin_us": 100}, "1", "100", "100 us"),
+        ({"spin_us": 0}, "0", None, "off"),
+        ({"allow_spinning": True}, "1", None, "unbounded"),
+    )
+    for options, allow, duration, said in cases:
         rt = load("onnx", models.path("mlp.onnx"), intra_op_threads=2, **options)
         built = rt._session.get_session_options()  # type: ignore[attr-defined]
-        assert built.get_session_config_entry("session.intra_op.allow_spinning") == expected
-        assert built.get_session_config_entry("session.inter_op.allow_spinning") == expected
-        assert rt.describe().details["allow_spinning"] is (expected == "1")
+        for pool in ("intra_op", "inter_op"):
+            assert built.get_session_config_entry(f"session.{pool}.allow_spinning") == allow
+            assert _config_entry(built, f"session.{pool}.spin_duration_us") == duration
+        assert rt.describe().details["spin"] == said
         rt.close()
+    with pytest.raises(InvalidOptions, match="spin_us"):
+        load("onnx", models.path("mlp.onnx"), spin_us=-1)
+
+
+def _config_entry(options: Any, key: str) -> str | None:
+    try:
+        return options.get_session_config_entry(key)  # type: ignore[no-any-return]
+    except RuntimeError:  # onnxruntime's answer for a key never set
+        return None
+
+
+def test_onnx_before_bounded_spinning_sleeps_at_once() -> None:
+    """onnxruntime before 1.26 does not know a spin duration and would spin for ever: there the workers never spin."""
+    from agent.runtimes.onnx import OnnxOptions, spin_config
+
+    off = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+    assert spin_config(OnnxOptions(), "1.25.1") == off
+    assert spin_config(OnnxOptions(), "garbage") == off
+    assert spin_config(OnnxOptions(), "1.26.0")["session.intra_op.spin_duration_us"] == "20"
+    assert spin_config(OnnxOptions(), "2.0.0.dev20270101")["session.intra_op.allow_spinning"] == "1"
+
+
+def test_onnx_idle_workers_take_no_core_after_a_request(models: ModelFiles) -> None:
+    """After a burst of requests the agent's default leaves the worker threads asleep: the process spends next to no
+    CPU while it waits (onnxruntime's unbounded spinning, the control, spends milliseconds)."""
+
+    def idle_cpu_ms(**options: Any) -> float:
+        rt = load("onnx", models.path("mlp.onnx"), intra_op_threads=2, **options)
+        x = np.ones((1, 64), np.float32)
+        for _ in range(20):
+            rt.infer({"x": x})
+        cpu0 = time.process_time()
+        time.sleep(0.3)
+        spent = (time.process_time() - cpu0) * 1e3
+        rt.close()
+        return spent
+
+    assert idle_cpu_ms() < 5.0
+    assert idle_cpu_ms(allow_spinning=True) > 10.0
 
 
 def test_unavailable_device_is_a_clear_error(models: ModelFiles) -> None:

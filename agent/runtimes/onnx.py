@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from agent.errors import RuntimeUnavailable
 from agent.runtimes import register
@@ -52,11 +53,16 @@ _ORT_TYPES = {
 class OnnxOptions(RuntimeOptions):
     providers: list[str] | None = None  # an explicit provider list overrides the device
     intra_op_threads: int = 0  # 0: onnxruntime's default
-    # Worker threads busy-wait for the next parallel section when True (onnxruntime's own default). Off by default
-    # here: the agent shares its device with the application, and between requests a spinning worker takes a core
-    # from it (benchmarks/idle_cores.py, 512-wide MLP, two threads, one request every 0.3 ms: 671 us of CPU per 144 us
-    # call spinning, 280 us per 190 us call without; back to back 91 us a call spinning, 124 us without). On for a
-    # device that runs nothing but back-to-back inference.
+    # How long an idle worker thread busy-waits for the next parallel section before it sleeps (onnxruntime 1.26 and
+    # later; earlier ones cannot bound it, and their workers then sleep at once). Why bounded: a model's call is a
+    # series of parallel sections microseconds apart, and a worker that sleeps between them is woken again for each;
+    # one that spins for ever takes a core from the device's application between requests. Measured on 2 cores,
+    # 512-wide MLP, two threads (benchmarks/idle_cores.py): back to back 35 us a call with 10-20 us of spin, 37 us
+    # spinning for ever, 136-144 us never spinning; one request every 0.3 ms: 98-101 us a call for 197-219 us of CPU
+    # with 10-20 us, 131-141 us for 195-204 us never spinning, 56 us for 518 us for ever; every 5 ms, for ever took
+    # 5.3 ms of CPU a call. 0: never spin.
+    spin_us: int = Field(default=20, ge=0, le=1_000_000)
+    # True: onnxruntime's own unbounded spinning, for a device that runs nothing but back-to-back inference.
     allow_spinning: bool = False
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
@@ -100,6 +106,44 @@ def _fits_hardware(provider: str, profile: HardwareProfile | None) -> bool:
     if provider == "OpenVINOExecutionProvider":
         return profile.intel_npu or profile.intel_gpu or "intel" in profile.cpu.model.lower()
     return True
+
+
+BOUNDED_SPIN_SINCE = (1, 26)  # the first onnxruntime with session.intra_op.spin_duration_us
+
+
+def spin_config(opts: OnnxOptions, version: str) -> dict[str, str]:
+    """The session config entries for the options' spinning on this onnxruntime ``version``: planned, not applied.
+
+    An onnxruntime before 1.26 ignores a spin duration it does not know and would spin for ever, so there the
+    workers sleep at once instead."""
+    if opts.allow_spinning:
+        return {"session.intra_op.allow_spinning": "1", "session.inter_op.allow_spinning": "1"}
+    if opts.spin_us == 0 or _release(version) < BOUNDED_SPIN_SINCE:
+        return {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+    us = str(opts.spin_us)
+    return {
+        "session.intra_op.allow_spinning": "1",
+        "session.inter_op.allow_spinning": "1",
+        "session.intra_op.spin_duration_us": us,
+        "session.inter_op.spin_duration_us": us,
+    }
+
+
+def spin_said(config: dict[str, str]) -> str:
+    """What ``spin_config`` chose, as ``describe()`` reports it: ``20 us``, ``unbounded`` or ``off``."""
+    if config["session.intra_op.allow_spinning"] == "0":
+        return "off"
+    duration = config.get("session.intra_op.spin_duration_us")
+    return f"{duration} us" if duration else "unbounded"
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as ``1.26.0`` or ``1.27.0.dev20260401``; (0, 0) when unreadable."""
+    try:
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0
 
 
 @register
@@ -146,9 +190,9 @@ class OnnxRuntime(Runtime):
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.intra_op_threads
         so.log_severity_level = 3
-        spin = "1" if opts.allow_spinning else "0"
-        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        spin = spin_config(opts, ort.__version__)
+        for key, value in spin.items():
+            so.add_session_config_entry(key, value)
         levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[opts.graph_optimization])
         sess = ort.InferenceSession(str(path), so, providers=providers)
@@ -159,7 +203,7 @@ class OnnxRuntime(Runtime):
         self._out_names = [s.name for s in self._outputs]
         used = sess.get_providers()
         self._device = used[0] if used else CPU
-        self._details = {"providers": used, "requested_device": device or "AUTO", "allow_spinning": opts.allow_spinning}
+        self._details = {"providers": used, "requested_device": device or "AUTO", "spin": spin_said(spin)}
         # The bound fast path (see _Bound) on the CPU provider alone: elsewhere host buffers would add device copies.
         self._bindings: dict[tuple[tuple[int, ...], ...], _Bound] | None = {} if used == [CPU] else None
 
