@@ -37,7 +37,7 @@ QUICK = Plan(min_pairs=3, max_pairs=5, budget_s=3.0)
 FULL = Plan(min_pairs=5, max_pairs=11, budget_s=6.0)
 # (runtime, what the row calls the baseline, its options, what it calls the subject, its options)
 ROWS: list[tuple[str, str, dict[str, Any], str, dict[str, Any]]] = [
-    ("onnx", "spinning for ever (onnxruntime's default)", {"allow_spinning": True}, "spin_us = 20 (the agent's default)", {}),
+    ("onnx", "onnxruntime's own spin (its default)", {"allow_spinning": True}, "spin_us = 20 (the agent's default)", {}),
     ("onnx", "spin_us = 0 (never spins)", {"spin_us": 0}, "spin_us = 20 (the agent's default)", {}),
     ("openvino", "all cores (OpenVINO's default)", {}, "num_threads = 1", {"num_threads": 1}),
 ]

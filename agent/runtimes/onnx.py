@@ -54,15 +54,15 @@ class OnnxOptions(RuntimeOptions):
     providers: list[str] | None = None  # an explicit provider list overrides the device
     intra_op_threads: int = 0  # 0: onnxruntime's default
     # How long an idle worker thread busy-waits for the next parallel section before it sleeps (onnxruntime 1.26 and
-    # later; earlier ones cannot bound it, and their workers then sleep at once). Why bounded: a model's call is a
-    # series of parallel sections microseconds apart, and a worker that sleeps between them is woken again for each;
-    # one that spins for ever takes a core from the device's application between requests. Measured on 2 cores,
-    # 512-wide MLP, two threads (benchmarks/idle_cores.py): back to back 35 us a call with 10-20 us of spin, 37 us
-    # spinning for ever, 136-144 us never spinning; one request every 0.3 ms: 98-101 us a call for 197-219 us of CPU
-    # with 10-20 us, 131-141 us for 195-204 us never spinning, 56 us for 518 us for ever; every 5 ms, for ever took
-    # 5.3 ms of CPU a call. 0: never spin.
-    spin_us: int = Field(default=20, ge=0, le=1_000_000)
-    # True: onnxruntime's own unbounded spinning, for a device that runs nothing but back-to-back inference.
+    # later turn it into a count of pause instructions, so it is approximate; earlier ones cannot bound it, and their
+    # workers then sleep at once). Why bounded: a model's call is a series of parallel sections microseconds apart,
+    # and a worker that sleeps between them is woken again for each; onnxruntime's own spin (2^20 pauses, about 24 ms
+    # on the machine measured) takes a core from the device's application between requests. Measured on 2 cores,
+    # 512-wide MLP, two threads (benchmarks/idle_cores.py): back to back 35-39 us a call with 20 us of spin, 35-36
+    # with onnxruntime's, 136-175 never spinning; one request every 0.3 ms: 122-129 us a call for 248-256 us of CPU
+    # with 20 us, 158-162 for 230-231 never spinning, 72-74 for 544-564 with onnxruntime's. 0: never spin.
+    spin_us: int = Field(default=20, ge=0, le=1_000_000, strict=True)
+    # True: onnxruntime's own spin (``spin_us`` then does not apply), for a device that runs nothing but inference.
     allow_spinning: bool = False
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
@@ -114,8 +114,8 @@ BOUNDED_SPIN_SINCE = (1, 26)  # the first onnxruntime with session.intra_op.spin
 def spin_config(opts: OnnxOptions, version: str) -> dict[str, str]:
     """The session config entries for the options' spinning on this onnxruntime ``version``: planned, not applied.
 
-    An onnxruntime before 1.26 ignores a spin duration it does not know and would spin for ever, so there the
-    workers sleep at once instead."""
+    An onnxruntime before 1.26 ignores a spin duration it does not know and would spin its own long spin, so there
+    the workers sleep at once instead."""
     if opts.allow_spinning:
         return {"session.intra_op.allow_spinning": "1", "session.inter_op.allow_spinning": "1"}
     if opts.spin_us == 0 or _release(version) < BOUNDED_SPIN_SINCE:
@@ -129,12 +129,16 @@ def spin_config(opts: OnnxOptions, version: str) -> dict[str, str]:
     }
 
 
-def spin_said(config: dict[str, str]) -> str:
-    """What ``spin_config`` chose, as ``describe()`` reports it: ``20 us``, ``unbounded`` or ``off``."""
-    if config["session.intra_op.allow_spinning"] == "0":
+def spin_said(opts: OnnxOptions, version: str) -> str:
+    """What ``spin_config`` chooses, as ``describe()`` reports it: ``20 us``, ``onnxruntime's own``, ``off``, or why
+    it is off where a bounded spin was asked of an onnxruntime that cannot bound it."""
+    if opts.allow_spinning:
+        return "onnxruntime's own"
+    if opts.spin_us == 0:
         return "off"
-    duration = config.get("session.intra_op.spin_duration_us")
-    return f"{duration} us" if duration else "unbounded"
+    if _release(version) < BOUNDED_SPIN_SINCE:
+        return f"off: onnxruntime {version} cannot bound a spin (1.26 can)"
+    return f"{opts.spin_us} us"
 
 
 def _release(version: str) -> tuple[int, int]:
@@ -190,8 +194,7 @@ class OnnxRuntime(Runtime):
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.intra_op_threads
         so.log_severity_level = 3
-        spin = spin_config(opts, ort.__version__)
-        for key, value in spin.items():
+        for key, value in spin_config(opts, ort.__version__).items():
             so.add_session_config_entry(key, value)
         levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[opts.graph_optimization])
@@ -203,7 +206,7 @@ class OnnxRuntime(Runtime):
         self._out_names = [s.name for s in self._outputs]
         used = sess.get_providers()
         self._device = used[0] if used else CPU
-        self._details = {"providers": used, "requested_device": device or "AUTO", "spin": spin_said(spin)}
+        self._details = {"providers": used, "requested_device": device or "AUTO", "spin": spin_said(opts, ort.__version__)}
         # The bound fast path (see _Bound) on the CPU provider alone: elsewhere host buffers would add device copies.
         self._bindings: dict[tuple[tuple[int, ...], ...], _Bound] | None = {} if used == [CPU] else None
 
