@@ -191,3 +191,30 @@ def test_a_model_from_the_wild_runs_builds_installs_and_serves(name: str, tmp_pa
     finally:
         app.close()
         agent.stop()
+
+
+def test_silero_vad_runs_with_the_bounded_spin_and_answers_as_plain_onnxruntime(tmp_path: Path) -> None:
+    """The published silero-vad model on the agent's ONNX Runtime with its default threading (two workers, a bounded
+    spin): the session is built with the spin the plan names, and a stream of calls answers what plain onnxruntime,
+    whose workers never spin, answers."""
+    from agent.runtimes import get_runtime
+    from agent.runtimes.onnx import OnnxOptions, spin_plan
+
+    path = silero_vad(tmp_path)
+    rt = get_runtime("onnx")()
+    rt.load(path, options={"intra_op_threads": 2})
+    planned = spin_plan(OnnxOptions(), ort.__version__)
+    built = rt._session.get_session_options()  # type: ignore[attr-defined]
+    assert built.get_session_config_entry("session.intra_op.allow_spinning") == planned.entries["session.intra_op.allow_spinning"]
+    assert rt.describe().details["spin"] == planned.said
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for seed in range(20):
+        one = silero_samples(1, seed=seed)
+        ours = rt.infer(one)
+        want = plain.run(None, one)
+        for name, expected in zip(rt.describe().to_json()["outputs"], want):
+            np.testing.assert_allclose(ours[name["name"]], expected, rtol=1e-5, atol=1e-6)
+    rt.close()

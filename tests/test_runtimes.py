@@ -271,18 +271,19 @@ def test_unknown_options_are_refused_by_name(models: ModelFiles) -> None:
 def test_onnx_worker_threads_spin_briefly_then_sleep(models: ModelFiles) -> None:
     """A worker busy-waits ``spin_us`` (20 us by default) for the next parallel section, then sleeps; ``spin_us = 0``
     sleeps at once; ``allow_spinning = true`` is onnxruntime's own spin. Read back from the session onnxruntime built:
-    what ``spin_config`` plans (pinned below) is what the session gets."""
+    what ``spin_plan`` plans (pinned below) is what the session gets."""
     import onnxruntime
 
-    from agent.runtimes.onnx import OnnxOptions, spin_config
+    from agent.runtimes.onnx import OnnxOptions, spin_plan
 
     for options in ({}, {"spin_us": 100}, {"spin_us": 0}, {"allow_spinning": True}):
-        planned = spin_config(OnnxOptions(**options), onnxruntime.__version__)
+        planned = spin_plan(OnnxOptions(**options), onnxruntime.__version__)
         rt = load("onnx", models.path("mlp.onnx"), intra_op_threads=2, **options)
         built = rt._session.get_session_options()  # type: ignore[attr-defined]
         for pool in ("intra_op", "inter_op"):
             for key in (f"session.{pool}.allow_spinning", f"session.{pool}.spin_duration_us"):
-                assert _config_entry(built, key) == planned.get(key), key
+                assert _config_entry(built, key) == planned.entries.get(key), key
+        assert rt.describe().details["spin"] == planned.said
         rt.close()
     for bad in ({"spin_us": -1}, {"spin_us": "20"}, {"spin_us": True}):
         with pytest.raises(InvalidOptions, match="spin_us"):
@@ -299,19 +300,19 @@ def _config_entry(options: Any, key: str) -> str | None:
 def test_onnx_spin_plan_by_version() -> None:
     """onnxruntime before 1.26 does not know a spin duration and would spin its own long spin: there the workers never
     spin, and ``describe()`` says why."""
-    from agent.runtimes.onnx import OnnxOptions, spin_config, spin_said
+    from agent.runtimes.onnx import OnnxOptions, spin_plan
 
     off = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
     bounded = {**{k: "1" for k in off}, "session.intra_op.spin_duration_us": "20", "session.inter_op.spin_duration_us": "20"}
     for version in ("1.26.0", "1.32.0+cu12", "1.27.0.dev20260401", "2.0.0"):
-        assert spin_config(OnnxOptions(), version) == bounded, version
-        assert spin_said(OnnxOptions(), version) == "20 us"
+        assert spin_plan(OnnxOptions(), version).entries == bounded, version
+        assert spin_plan(OnnxOptions(), version).said == "20 us"
     for version in ("1.25.1", "1.17.0", "garbage", ""):
-        assert spin_config(OnnxOptions(), version) == off, version
-        assert spin_said(OnnxOptions(), version).startswith("off: onnxruntime")
-    assert spin_config(OnnxOptions(spin_us=0), "1.32.0") == off
-    assert spin_said(OnnxOptions(spin_us=0), "1.32.0") == "off"
-    assert spin_config(OnnxOptions(allow_spinning=True), "1.25.1") == {k: "1" for k in off}
+        assert spin_plan(OnnxOptions(), version).entries == off, version
+        assert spin_plan(OnnxOptions(), version).said.startswith("off: onnxruntime")
+    assert spin_plan(OnnxOptions(spin_us=0), "1.32.0") == spin_plan(OnnxOptions(spin_us=0), "1.25.1")
+    assert spin_plan(OnnxOptions(spin_us=0), "1.32.0").said == "off"
+    assert spin_plan(OnnxOptions(allow_spinning=True), "1.25.1").entries == {k: "1" for k in off}
 
 
 def test_onnx_before_bounded_spinning_workers_sleep_at_once(models: ModelFiles, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -354,7 +355,7 @@ def test_onnx_idle_workers_take_no_core_after_a_request(models: ModelFiles) -> N
         for _ in range(20):
             rt.infer({"x": x})
         start = {tid: ns for tid, ns in _thread_cpu_ns().items() if tid not in before}
-        time.sleep(0.3)
+        time.sleep(0.3)  # not a wait for a condition: the idle stretch whose worker CPU is measured
         end = _thread_cpu_ns()
         rt.close()
         assert start, "the session started no worker thread"

@@ -11,6 +11,7 @@ Placement: on CUDA after TensorRT (no engine build); the fallback on every CPU.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -111,34 +112,31 @@ def _fits_hardware(provider: str, profile: HardwareProfile | None) -> bool:
 BOUNDED_SPIN_SINCE = (1, 26)  # the first onnxruntime with session.intra_op.spin_duration_us
 
 
-def spin_config(opts: OnnxOptions, version: str) -> dict[str, str]:
-    """The session config entries for the options' spinning on this onnxruntime ``version``: planned, not applied.
+@dataclass(frozen=True)
+class SpinPlan:
+    """The session config entries for the options' spinning on one onnxruntime version, and what ``describe()`` says
+    of them: planned, not applied."""
 
-    An onnxruntime before 1.26 ignores a spin duration it does not know and would spin its own long spin, so there
+    entries: dict[str, str]
+    said: str  # "20 us", "onnxruntime's own", "off", or why it is off
+
+
+def spin_plan(opts: OnnxOptions, version: str) -> SpinPlan:
+    """An onnxruntime before 1.26 ignores a spin duration it does not know and would spin its own long spin, so there
     the workers sleep at once instead."""
     if opts.allow_spinning:
-        return {"session.intra_op.allow_spinning": "1", "session.inter_op.allow_spinning": "1"}
-    if opts.spin_us == 0 or _release(version) < BOUNDED_SPIN_SINCE:
-        return {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-    us = str(opts.spin_us)
-    return {
-        "session.intra_op.allow_spinning": "1",
-        "session.inter_op.allow_spinning": "1",
-        "session.intra_op.spin_duration_us": us,
-        "session.inter_op.spin_duration_us": us,
-    }
-
-
-def spin_said(opts: OnnxOptions, version: str) -> str:
-    """What ``spin_config`` chooses, as ``describe()`` reports it: ``20 us``, ``onnxruntime's own``, ``off``, or why
-    it is off where a bounded spin was asked of an onnxruntime that cannot bound it."""
-    if opts.allow_spinning:
-        return "onnxruntime's own"
+        return SpinPlan(_spinning("1"), "onnxruntime's own")
     if opts.spin_us == 0:
-        return "off"
+        return SpinPlan(_spinning("0"), "off")
     if _release(version) < BOUNDED_SPIN_SINCE:
-        return f"off: onnxruntime {version} cannot bound a spin (1.26 can)"
-    return f"{opts.spin_us} us"
+        return SpinPlan(_spinning("0"), f"off: onnxruntime {version} cannot bound a spin (1.26 can)")
+    us = str(opts.spin_us)
+    bounded = {"session.intra_op.spin_duration_us": us, "session.inter_op.spin_duration_us": us}
+    return SpinPlan(_spinning("1") | bounded, f"{us} us")
+
+
+def _spinning(allow: str) -> dict[str, str]:
+    return {"session.intra_op.allow_spinning": allow, "session.inter_op.allow_spinning": allow}
 
 
 def _release(version: str) -> tuple[int, int]:
@@ -194,7 +192,8 @@ class OnnxRuntime(Runtime):
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.intra_op_threads
         so.log_severity_level = 3
-        for key, value in spin_config(opts, ort.__version__).items():
+        spin = spin_plan(opts, ort.__version__)
+        for key, value in spin.entries.items():
             so.add_session_config_entry(key, value)
         levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[opts.graph_optimization])
@@ -206,7 +205,7 @@ class OnnxRuntime(Runtime):
         self._out_names = [s.name for s in self._outputs]
         used = sess.get_providers()
         self._device = used[0] if used else CPU
-        self._details = {"providers": used, "requested_device": device or "AUTO", "spin": spin_said(opts, ort.__version__)}
+        self._details = {"providers": used, "requested_device": device or "AUTO", "spin": spin.said}
         # The bound fast path (see _Bound) on the CPU provider alone: elsewhere host buffers would add device copies.
         self._bindings: dict[tuple[tuple[int, ...], ...], _Bound] | None = {} if used == [CPU] else None
 
