@@ -178,6 +178,24 @@ def paired_rounds(round_of: Callable[[bool], tuple[float, float]], plan: Plan) -
     return first, Paired(tuple(second[False]), tuple(second[True]), first.seconds)
 
 
+def timed_rounds(sides: Sequence[Callable[[], object]], calls: int, plan: Plan) -> list[tuple[float, ...]]:
+    """Per-call seconds of several functions, every one of them in every round, as the plan allows: first to last in
+    even rounds, last to first in odd ones. One list per function, its figure of each round; ``Paired(a, b)`` of any
+    two is then a pair per round, as ``timed_pairs`` gives for two.
+
+    Why all in one round rather than ``timed_pairs`` twice: a ratio between two subjects each paired with the same
+    baseline would come from different rounds, on a machine whose load moves within seconds."""
+    for fn in sides:
+        per_call_seconds(fn, max(1, calls // 4))
+    columns: list[list[float]] = [[] for _ in sides]
+    t0 = time.monotonic()
+    order = list(range(len(sides)))
+    while len(columns[0]) < plan.max_pairs and (len(columns[0]) < plan.min_pairs or time.monotonic() - t0 < plan.budget_s):
+        for i in order if len(columns[0]) % 2 == 0 else reversed(order):
+            columns[i].append(per_call_seconds(sides[i], calls))
+    return [tuple(c) for c in columns]
+
+
 def timed_pairs(baseline: Callable[[], object], subject: Callable[[], object], calls: int, plan: Plan) -> Paired:
     """Per-call seconds of two functions in alternating rounds of ``calls`` calls each (both warmed first)."""
     per_call_seconds(baseline, max(1, calls // 4))

@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.scale import BROKER_CONFIG, WAVES, _repositories, _shards, fresh_database, wait_until
+from benchmarks.scale import BROKER_CONFIG, WAVES, _shards, fresh_database, repositories, wait_until
 from benchmarks.scale_procs import simulator_process
 
 PROFILE = cProfile.Profile()
@@ -85,7 +85,7 @@ def run(n: int, out: Path) -> dict[str, Any]:
         broker = start_broker(work / "broker", extra_config=BROKER_CONFIG)
         sims = []
         try:
-            keys, image = _repositories(work, [f"{p}-{i:04d}" for p, c in _shards(n) for i in range(c)])
+            keys, image = repositories(work, [f"{p}-{i:04d}" for p, c in _shards(n) for i in range(c)])
             for p, c in _shards(n):
                 sims.append(simulator_process(broker.host, broker.port, p, c, 10.0, work / f"sim-{p}.json"))
                 wait_until(lambda p=p: (work / f"sim-{p}.json").exists(), 600, "simulated devices connected")  # type: ignore[misc]

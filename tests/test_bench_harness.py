@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable
 
-from benchmarks.common import Paired, Plan, alternating, paired_rounds, pairs, spread_cell
+import numpy as np
+import pytest
+from conftest import ModelFiles
+
+from agent.runtimes import get_runtime
+from benchmarks.common import Paired, Plan, alternating, paired_rounds, pairs, spread_cell, timed_rounds
+from benchmarks.runtime_overhead import FLOOR
 
 
 def test_pairs_alternate_which_side_runs_first_and_keep_baseline_and_subject_apart() -> None:
@@ -39,6 +45,22 @@ def test_plan_runs_min_pairs_past_the_budget_and_never_more_than_max() -> None:
     assert Plan(3, 10, 5.0).scaled(2) == Plan(6, 20, 10.0)
 
 
+def test_timed_rounds_run_every_side_in_every_round_forward_then_backward() -> None:
+    # Three sides (raw call, safe floor, ours in runtime_overhead): each round runs all three, first to last, then
+    # last to first, so a ratio between any two of them comes from the same rounds.
+    order: list[str] = []
+
+    def side(name: str) -> Callable[[], None]:
+        return lambda: order.append(name)
+
+    columns = timed_rounds([side("a"), side("b"), side("c")], calls=1, plan=Plan(min_pairs=3, max_pairs=3, budget_s=60))
+    warm, rounds = ["a", "b", "c"], ["a", "b", "c", "c", "b", "a", "a", "b", "c"]  # one warm-up call each, then 3 rounds
+    assert order == [*warm, *rounds]
+    assert [len(c) for c in columns] == [3, 3, 3]
+    assert all(t >= 0 for c in columns for t in c)
+    assert len(timed_rounds([side("a"), side("b")], 1, Plan(min_pairs=2, max_pairs=50, budget_s=0))[0]) == 2
+
+
 def test_paired_rounds_keep_both_figures_of_a_round_in_the_same_pair() -> None:
     # Each round gives requests/s and a p50; the p50 pairs must come from the same rounds as the requests/s pairs,
     # in the same alternation (the serving, OIP and local-broker rows all take their figures this way).
@@ -57,3 +79,29 @@ def test_paired_rounds_keep_both_figures_of_a_round_in_the_same_pair() -> None:
     assert p50.baseline == (1.0, 2.0, 3.0) and p50.subject == (1.5, 3.0, 4.5)
     assert rps.ratio == pytest.approx(0.9) and p50.ratio == pytest.approx(1.5)
     assert p50.seconds == rps.seconds
+
+
+@pytest.mark.parametrize(("runtime", "suffix"), [("litert", "tflite"), ("openvino", "xml"), ("onnx", "onnx")])
+def test_runtime_overhead_safe_floor_answers_as_ours_copies_both_ways_and_refuses_non_finite_input(
+    models: ModelFiles, runtime: str, suffix: str
+) -> None:
+    # The floor is what the benchmark says the safety steps alone cost: it must do those steps, or its ratio to the
+    # raw call would understate them (a floor that handed out the runtime's own output buffer, say).
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    rt = get_runtime(runtime)()
+    rt.load(models.path(f"mlp.{suffix}"), device="CPU" if runtime == "openvino" else None)
+    try:
+        floor = FLOOR[runtime](rt, x)
+        first = floor()
+        assert isinstance(first, np.ndarray)
+        np.testing.assert_allclose(first, rt.infer({"x": x})["y"], rtol=1e-6)
+        kept = first.copy()
+        x[...] = 0  # the caller writes its array again, as a request's buffer is reused: the next call sees it
+        second = floor()
+        np.testing.assert_allclose(second, rt.infer({"x": x})["y"], rtol=1e-6)
+        np.testing.assert_array_equal(first, kept)  # an earlier answer is never written over by a later call
+        x[0, 3] = np.nan
+        with pytest.raises(ValueError, match="non-finite"):
+            floor()
+    finally:
+        rt.close()
