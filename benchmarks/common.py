@@ -178,22 +178,28 @@ def paired_rounds(round_of: Callable[[bool], tuple[float, float]], plan: Plan) -
     return first, Paired(tuple(second[False]), tuple(second[True]), first.seconds)
 
 
-def timed_rounds(sides: Sequence[Callable[[], object]], calls: int, plan: Plan) -> list[tuple[float, ...]]:
-    """Per-call seconds of several functions, every one of them in every round, as the plan allows: first to last in
-    even rounds, last to first in odd ones. One list per function, its figure of each round; ``Paired(a, b)`` of any
-    two is then a pair per round, as ``timed_pairs`` gives for two.
+def timed_rounds(sides: Sequence[Callable[[], object]], calls: int, plan: Plan) -> tuple[list[tuple[float, ...]], float]:
+    """Per-call seconds of several functions, every one of them in every round, as the plan allows; one tuple per
+    function (its figure of each round) and the seconds the rounds took. ``Paired(a, b)`` of any two is then a pair per
+    round, as ``timed_pairs`` gives for two.
 
-    Why all in one round rather than ``timed_pairs`` twice: a ratio between two subjects each paired with the same
-    baseline would come from different rounds, on a machine whose load moves within seconds."""
+    The order moves every round: reversed in odd rounds (A B, B A, as ``alternating``), and rotated by one every two
+    rounds, so with three sides the six rounds run all six orders and none of them is always in the middle or always
+    after the same one. Why all in one round rather than ``timed_pairs`` twice: a ratio between two subjects each
+    paired with the same baseline would come from different rounds, on a machine whose load moves within seconds."""
+    if not sides:
+        raise ValueError("timed_rounds needs at least one function")
     for fn in sides:
         per_call_seconds(fn, max(1, calls // 4))
+    n = len(sides)
     columns: list[list[float]] = [[] for _ in sides]
     t0 = time.monotonic()
-    order = list(range(len(sides)))
     while len(columns[0]) < plan.max_pairs and (len(columns[0]) < plan.min_pairs or time.monotonic() - t0 < plan.budget_s):
-        for i in order if len(columns[0]) % 2 == 0 else reversed(order):
+        r = len(columns[0])
+        order = [(k + r // 2) % n for k in range(n)]
+        for i in reversed(order) if r % 2 else order:
             columns[i].append(per_call_seconds(sides[i], calls))
-    return [tuple(c) for c in columns]
+    return [tuple(c) for c in columns], time.monotonic() - t0
 
 
 def timed_pairs(baseline: Callable[[], object], subject: Callable[[], object], calls: int, plan: Plan) -> Paired:

@@ -45,20 +45,23 @@ def test_plan_runs_min_pairs_past_the_budget_and_never_more_than_max() -> None:
     assert Plan(3, 10, 5.0).scaled(2) == Plan(6, 20, 10.0)
 
 
-def test_timed_rounds_run_every_side_in_every_round_forward_then_backward() -> None:
-    # Three sides (raw call, safe floor, ours in runtime_overhead): each round runs all three, first to last, then
-    # last to first, so a ratio between any two of them comes from the same rounds.
+def test_timed_rounds_run_every_side_in_every_round_in_every_order() -> None:
+    # Three sides (raw call, safe floor, ours in runtime_overhead): each round runs all three, so a ratio between any
+    # two comes from the same rounds; six rounds run the six orders, so none is always first, last or in the middle.
     order: list[str] = []
 
     def side(name: str) -> Callable[[], None]:
         return lambda: order.append(name)
 
-    columns = timed_rounds([side("a"), side("b"), side("c")], calls=1, plan=Plan(min_pairs=3, max_pairs=3, budget_s=60))
-    warm, rounds = ["a", "b", "c"], ["a", "b", "c", "c", "b", "a", "a", "b", "c"]  # one warm-up call each, then 3 rounds
-    assert order == [*warm, *rounds]
-    assert [len(c) for c in columns] == [3, 3, 3]
-    assert all(t >= 0 for c in columns for t in c)
-    assert len(timed_rounds([side("a"), side("b")], 1, Plan(min_pairs=2, max_pairs=50, budget_s=0))[0]) == 2
+    columns, seconds = timed_rounds([side("a"), side("b"), side("c")], calls=1, plan=Plan(min_pairs=6, max_pairs=6, budget_s=60))
+    assert order[:3] == ["a", "b", "c"]  # one warm-up call each
+    rounds = ["".join(order[i : i + 3]) for i in range(3, len(order), 3)]
+    assert rounds == ["abc", "cba", "bca", "acb", "cab", "bac"]
+    assert [len(c) for c in columns] == [6, 6, 6] and seconds >= 0
+    two, _ = timed_rounds([side("a"), side("b")], 1, Plan(min_pairs=2, max_pairs=50, budget_s=0))
+    assert [len(c) for c in two] == [2, 2]  # the plan's minimum, past a spent budget
+    with pytest.raises(ValueError, match="at least one"):
+        timed_rounds([], 1, Plan(1, 1, 1.0))
 
 
 def test_paired_rounds_keep_both_figures_of_a_round_in_the_same_pair() -> None:
@@ -91,7 +94,10 @@ def test_runtime_overhead_safe_floor_answers_as_ours_copies_both_ways_and_refuse
     rt = get_runtime(runtime)()
     rt.load(models.path(f"mlp.{suffix}"), device="CPU" if runtime == "openvino" else None)
     try:
-        floor = FLOOR[runtime](rt, x)
+        floor, buffer = FLOOR[runtime](rt, x)
+        # The runtime never holds the caller's array: the floor binds a buffer of its own (LiteRT's set_tensor copies).
+        assert (buffer is None) == (runtime == "litert")
+        assert buffer is None or not np.shares_memory(buffer, x)
         first = floor()
         assert isinstance(first, np.ndarray)
         np.testing.assert_allclose(first, rt.infer({"x": x})["y"], rtol=1e-6)
