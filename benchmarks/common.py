@@ -181,11 +181,11 @@ def paired_rounds(round_of: Callable[[bool], tuple[float, float]], plan: Plan) -
 def timed_rounds(sides: Sequence[Callable[[], object]], calls: int, plan: Plan) -> tuple[list[tuple[float, ...]], float]:
     """Per-call seconds of several functions, every one of them in every round, as the plan allows; one tuple per
     function (its figure of each round) and the seconds the rounds took. ``Paired(a, b)`` of any two is then a pair per
-    round, as ``timed_pairs`` gives for two.
+    round.
 
     The order moves every round: reversed in odd rounds (A B, B A, as ``alternating``), and rotated by one every two
     rounds, so with three sides the six rounds run all six orders and none of them is always in the middle or always
-    after the same one. Why all in one round rather than ``timed_pairs`` twice: a ratio between two subjects each
+    after the same one. Why all in one round rather than two sets of pairs: a ratio between two subjects each
     paired with the same baseline would come from different rounds, on a machine whose load moves within seconds."""
     if not sides:
         raise ValueError("timed_rounds needs at least one function")
@@ -200,13 +200,6 @@ def timed_rounds(sides: Sequence[Callable[[], object]], calls: int, plan: Plan) 
         for i in reversed(order) if r % 2 else order:
             columns[i].append(per_call_seconds(sides[i], calls))
     return [tuple(c) for c in columns], time.monotonic() - t0
-
-
-def timed_pairs(baseline: Callable[[], object], subject: Callable[[], object], calls: int, plan: Plan) -> Paired:
-    """Per-call seconds of two functions in alternating rounds of ``calls`` calls each (both warmed first)."""
-    per_call_seconds(baseline, max(1, calls // 4))
-    per_call_seconds(subject, max(1, calls // 4))
-    return pairs(alternating(lambda: per_call_seconds(baseline, calls), lambda: per_call_seconds(subject, calls)), plan)
 
 
 # -- command line ------------------------------------------------------------------------------
